@@ -1,0 +1,10 @@
+//! The public contract of the control plane: the `Route` custom resource and its status conditions.
+
+mod conditions;
+mod route;
+
+pub use conditions::{Outcome, Reason, ready_condition};
+pub use route::{
+    AccessRule, Limit, LimitKey, ModelSpec, Provider, RenewalPeriod, Route, RouteSpec, RouteStatus, RouteType,
+    SecretKeyRef, DEFAULT_SECRET_KEY,
+};

@@ -1,0 +1,227 @@
+//! The control loop: watches Routes and Secret metadata, rebuilds the routing table from the
+//! reflector stores after every change, and hands the outcomes to the status writer.
+//!
+//! The table is rebuilt from the stores (the desired state), never patched event by event, so a
+//! deletion missed while a watch was down (a relist after 410 Gone) cannot leave a stale route.
+//! While the API server is unreachable the stores keep their contents and the last table serves.
+
+mod backoff;
+pub mod reconcile;
+mod secrets;
+pub mod status;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{ListParams, PartialObjectMeta};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::api::Route;
+use crate::table::SharedTable;
+use backoff::RetryBackoff;
+use reconcile::reconcile;
+use secrets::SecretCache;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error("the Route CRD (routes.portcullis.dev) is not installed; apply crds/route.yaml first")]
+    CrdMissing,
+    #[error("cannot reach the Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    /// Watch one namespace, or all when `None`.
+    pub namespace: Option<String>,
+    /// How long to gather bursts of watch events into one rebuild.
+    pub debounce: Duration,
+    /// Upper bound of the watch reconnect backoff.
+    pub max_backoff: Duration,
+    /// Shown as the reporting instance of Events.
+    pub instance: String,
+}
+
+/// What the controller shares with the rest of the process.
+pub struct ControllerHandles {
+    pub table: SharedTable,
+    /// Set once the first table built from a complete sync is published.
+    pub ready: Arc<AtomicBool>,
+}
+
+fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Runs until `shutdown` is cancelled.
+pub async fn run(
+    client: Client,
+    config: ControllerConfig,
+    handles: ControllerHandles,
+    shutdown: CancellationToken,
+) -> Result<(), ControllerError> {
+    let routes: Api<Route> = api(&client, config.namespace.as_deref());
+    // Fail fast with a clear message when the CRD is missing, as controller-rs does.
+    if let Err(e) = routes.list(&ListParams::default().limit(1)).await {
+        return Err(match e {
+            kube::Error::Api(s) if s.code == 404 => ControllerError::CrdMissing,
+            other => ControllerError::Kube(other),
+        });
+    }
+    // Metadata only: unrelated Secret contents never enter this process.
+    let secrets: Api<PartialObjectMeta<Secret>> = api(&client, config.namespace.as_deref());
+
+    let (route_store, route_writer) = reflector::store::<Route>();
+    let (secret_store, secret_writer) = reflector::store();
+    let watch_backoff = || RetryBackoff::new(Duration::from_millis(250), config.max_backoff);
+    let route_events = watcher(routes, watcher::Config::default())
+        .backoff(watch_backoff())
+        .modify(|r: &mut Route| r.managed_fields_mut().clear())
+        .reflect(route_writer)
+        .map(|e| (Source::Routes, e.map(Signal::from)));
+    let secret_events = watcher(secrets, watcher::Config::default())
+        .backoff(watch_backoff())
+        .modify(|s| {
+            s.managed_fields_mut().clear();
+            s.annotations_mut().clear();
+        })
+        .reflect(secret_writer)
+        .map(|e| (Source::Secrets, e.map(Signal::from)));
+
+    let (outcomes_tx, outcomes_rx) = watch::channel(Arc::new(Vec::new()));
+    let recorder = Recorder::new(client.clone(), Reporter { controller: "portcullis".into(), instance: Some(config.instance.clone()) });
+    let writer = tokio::spawn(status::run_writer(client.clone(), route_store.clone(), outcomes_rx, recorder, shutdown.clone()));
+
+    let mut loop_state = Loop {
+        client,
+        route_store,
+        secret_store,
+        secret_cache: SecretCache::default(),
+        handles,
+        outcomes: outcomes_tx,
+        retry: RetryBackoff::new(Duration::from_millis(250), config.max_backoff),
+    };
+    loop_state.run(futures::stream::select(route_events, secret_events), config.debounce, shutdown).await;
+    let _ = writer.await;
+    Ok(())
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Source {
+    Routes,
+    Secrets,
+}
+
+enum Signal {
+    Changed,
+    /// A (re)list finished: the store now holds the complete current state.
+    Synced,
+}
+
+impl<K> From<watcher::Event<K>> for Signal {
+    fn from(e: watcher::Event<K>) -> Self {
+        match e {
+            watcher::Event::InitDone => Signal::Synced,
+            _ => Signal::Changed,
+        }
+    }
+}
+
+struct Loop {
+    client: Client,
+    route_store: Store<Route>,
+    secret_store: Store<PartialObjectMeta<Secret>>,
+    secret_cache: SecretCache,
+    handles: ControllerHandles,
+    outcomes: watch::Sender<Arc<Vec<RouteOutcome>>>,
+    retry: RetryBackoff,
+}
+
+use reconcile::RouteOutcome;
+
+impl Loop {
+    async fn run(
+        &mut self,
+        events: impl Stream<Item = (Source, Result<Signal, watcher::Error>)>,
+        debounce: Duration,
+        shutdown: CancellationToken,
+    ) {
+        let mut events = std::pin::pin!(events);
+        let (mut routes_synced, mut secrets_synced) = (false, false);
+        let mut rebuild_at: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                event = events.next() => match event {
+                    None => return,
+                    Some((source, Ok(signal))) => {
+                        if let Signal::Synced = signal {
+                            debug!(?source, "watch (re)synced");
+                            match source {
+                                Source::Routes => routes_synced = true,
+                                Source::Secrets => secrets_synced = true,
+                            }
+                        }
+                        rebuild_at.get_or_insert_with(|| Instant::now() + debounce);
+                    }
+                    Some((source, Err(e))) => {
+                        warn!(?source, error = %e, "watch failed; reconnecting with backoff and serving the last good table");
+                    }
+                },
+                _ = sleep_until(rebuild_at), if rebuild_at.is_some() && routes_synced && secrets_synced => {
+                    rebuild_at = None;
+                    if !self.rebuild().await {
+                        rebuild_at = Some(Instant::now() + self.retry.next_delay());
+                    } else {
+                        self.retry.reset();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Rebuilds and publishes the table; false if a Secret read failed and a retry is due.
+    async fn rebuild(&mut self) -> bool {
+        let started = std::time::Instant::now();
+        let routes = self.route_store.state();
+        let wanted: HashSet<(String, String)> = routes
+            .iter()
+            .filter_map(|r| Some((r.namespace()?, r.spec.model.secret_ref.as_ref()?.name.clone())))
+            .collect();
+        let complete = self.secret_cache.refresh(&self.client, wanted, &self.secret_store).await;
+        let reconciled = reconcile(&routes, &self.secret_cache);
+        let (total, serving) = (reconciled.outcomes.len(), reconciled.outcomes.iter().filter(|o| o.outcome.is_ready()).count());
+        self.handles.table.store(Arc::new(reconciled.table));
+        if !self.handles.ready.swap(true, Ordering::AcqRel) {
+            info!(routes = total, ready = serving, "first complete sync; routing table published");
+        }
+        debug!(routes = total, ready = serving, elapsed_us = started.elapsed().as_micros() as u64, "routing table rebuilt");
+        self.outcomes.send_replace(Arc::new(reconciled.outcomes));
+        complete
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => futures::future::pending().await,
+    }
+}

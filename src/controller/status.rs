@@ -1,0 +1,175 @@
+//! Route status: computed purely from the reconcile outcome, written with server-side apply only
+//! when it differs from what the API server already has, with an Event on every Ready transition.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Api, Client, Resource};
+use serde_json::json;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::backoff::RetryBackoff;
+use super::reconcile::RouteOutcome;
+use crate::api::{Outcome, Route, RouteStatus, ready_condition};
+
+/// The field manager of every status write; never shared with kubectl or GitOps tools.
+pub const FIELD_MANAGER: &str = "portcullis-controller";
+
+/// The status `route` should have for `outcome`.
+pub fn desired_status(route: &Route, outcome: &Outcome, now: Timestamp) -> RouteStatus {
+    let generation = route.metadata.generation;
+    let name = route.metadata.name.as_deref().unwrap_or_default();
+    RouteStatus {
+        observed_generation: generation,
+        url: Some(format!("/gateway/{name}/invocations")),
+        conditions: vec![ready_condition(outcome, generation, current_ready(route), now)],
+    }
+}
+
+fn current_ready(route: &Route) -> Option<&Condition> {
+    route.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+}
+
+/// Whether the fields this controller owns already hold `desired` (other managers' conditions are ignored).
+pub fn status_is_current(route: &Route, desired: &RouteStatus) -> bool {
+    let Some(current) = &route.status else { return false };
+    current.observed_generation == desired.observed_generation
+        && current.url == desired.url
+        && current_ready(route) == desired.conditions.first()
+}
+
+/// Writes statuses for the latest outcomes; retries failures with backoff until they succeed or
+/// newer outcomes arrive.
+pub async fn run_writer(
+    client: Client,
+    routes: Store<Route>,
+    mut outcomes: watch::Receiver<Arc<Vec<RouteOutcome>>>,
+    recorder: Recorder,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = RetryBackoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    loop {
+        let latest = outcomes.borrow_and_update().clone();
+        let failures = write_all(&client, &routes, &latest, &recorder).await;
+        let wait = if failures == 0 {
+            backoff.reset();
+            None
+        } else {
+            let delay = backoff.next_delay();
+            warn!(failures, retry_in_ms = delay.as_millis() as u64, "some Route status writes failed; will retry");
+            Some(delay)
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = outcomes.changed() => if changed.is_err() { return },
+            _ = sleep_or_forever(wait) => {}
+        }
+    }
+}
+
+async fn sleep_or_forever(wait: Option<Duration>) {
+    match wait {
+        Some(d) => tokio::time::sleep(d).await,
+        None => futures::future::pending().await,
+    }
+}
+
+async fn write_all(client: &Client, routes: &Store<Route>, outcomes: &[RouteOutcome], recorder: &Recorder) -> usize {
+    let now = Timestamp::now();
+    let writes: Vec<_> = outcomes
+        .iter()
+        .filter_map(|o| {
+            let route = routes.get(&ObjectRef::new(&o.name).within(&o.namespace))?;
+            let desired = desired_status(&route, &o.outcome, now);
+            (!status_is_current(&route, &desired)).then_some((route, desired))
+        })
+        .collect();
+    futures::stream::iter(writes)
+        .map(|(route, desired)| write_one(client, recorder, route, desired))
+        .buffer_unordered(8)
+        .filter(|ok| futures::future::ready(!ok))
+        .count()
+        .await
+}
+
+async fn write_one(client: &Client, recorder: &Recorder, route: Arc<Route>, desired: RouteStatus) -> bool {
+    let namespace = route.metadata.namespace.clone().unwrap_or_default();
+    let name = route.metadata.name.clone().unwrap_or_default();
+    let api: Api<Route> = Api::namespaced(client.clone(), &namespace);
+    let patch = json!({"apiVersion": "portcullis.dev/v1alpha1", "kind": "Route", "status": desired});
+    if let Err(e) = api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await {
+        // A Route deleted since the outcome was computed is not a failure.
+        if matches!(&e, kube::Error::Api(s) if s.code == 404) {
+            return true;
+        }
+        warn!(route = %name, namespace = %namespace, error = %e, "writing Route status failed");
+        return false;
+    }
+    let (Some(new), old) = (desired.conditions.first(), current_ready(&route)) else { return true };
+    if old.map(|c| (&c.status, &c.reason)) != Some((&new.status, &new.reason)) {
+        info!(route = %name, namespace = %namespace, ready = %new.status, reason = %new.reason, "Route readiness changed");
+        let event = Event {
+            type_: if new.status == "True" { EventType::Normal } else { EventType::Warning },
+            reason: new.reason.clone(),
+            note: Some(new.message.chars().take(1000).collect()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = recorder.publish(&event, &route.object_ref(&())).await {
+            debug!(route = %name, error = %e, "publishing an Event failed");
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{ModelSpec, Provider, Reason, RouteSpec, RouteType};
+
+    fn route(generation: i64) -> Route {
+        let mut r = Route::new(
+            "chat",
+            RouteSpec {
+                route_type: RouteType::Chat,
+                model: ModelSpec { provider: Provider::Openai, name: "m".into(), api_base: None, secret_ref: None, config: Default::default() },
+                limits: vec![],
+                access: None,
+            },
+        );
+        r.metadata.namespace = Some("ns".into());
+        r.metadata.generation = Some(generation);
+        r
+    }
+
+    #[test]
+    fn unchanged_outcome_needs_no_write() {
+        let mut r = route(1);
+        let t0 = Timestamp::from_second(10).unwrap();
+        let first = desired_status(&r, &Outcome::ready(), t0);
+        assert!(!status_is_current(&r, &first));
+        assert_eq!(first.url.as_deref(), Some("/gateway/chat/invocations"));
+        r.status = Some(first);
+        let later = desired_status(&r, &Outcome::ready(), Timestamp::from_second(99).unwrap());
+        assert!(status_is_current(&r, &later));
+    }
+
+    #[test]
+    fn new_generation_or_new_reason_needs_a_write() {
+        let mut r = route(1);
+        r.status = Some(desired_status(&r, &Outcome::ready(), Timestamp::from_second(10).unwrap()));
+        r.metadata.generation = Some(2);
+        assert!(!status_is_current(&r, &desired_status(&r, &Outcome::ready(), Timestamp::from_second(11).unwrap())));
+        r.metadata.generation = Some(1);
+        let lost = Outcome::not_ready(Reason::SecretNotFound, "gone");
+        assert!(!status_is_current(&r, &desired_status(&r, &lost, Timestamp::from_second(11).unwrap())));
+    }
+}

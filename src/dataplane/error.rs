@@ -1,0 +1,207 @@
+//! Every way a data-plane request can fail, and the one place that maps each to a status code.
+//! Each API surface renders the same error in its own body shape.
+
+use axum::Json;
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode, header};
+use serde_json::json;
+
+use crate::api::{Reason, RouteType};
+use crate::providers::ProviderError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("{message}")]
+    BadRequest { message: String, param: Option<&'static str> },
+    #[error("{0}")]
+    Unprocessable(String),
+    #[error("route {0:?} does not exist")]
+    UnknownRoute(String),
+    #[error("route {route:?} serves {actual}, not {requested}")]
+    WrongRouteType { route: String, actual: RouteType, requested: RouteType },
+    #[error("no such path: {0}")]
+    NoSuchPath(String),
+    #[error("method not allowed for this path")]
+    MethodNotAllowed,
+    #[error("the request body is larger than the limit of {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("route {route:?} is not ready ({}): {message}", reason.as_str())]
+    RouteNotReady { route: String, reason: Reason, message: String },
+    /// The provider rejected or failed the call; `message` is already stripped of credentials.
+    #[error("{message}")]
+    Upstream { status: StatusCode, message: String, retry_after: Option<u64> },
+    #[error("upstream provider returned a malformed response: {0}")]
+    UpstreamMalformed(String),
+    #[error("{0}")]
+    UpstreamUnreachable(String),
+    #[error("upstream provider did not answer within {0} seconds")]
+    UpstreamTimeout(u64),
+}
+
+impl GatewayError {
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        GatewayError::BadRequest { message: message.into(), param: None }
+    }
+
+    pub fn bad_param(param: &'static str, message: impl Into<String>) -> Self {
+        GatewayError::BadRequest { message: message.into(), param: Some(param) }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            GatewayError::BadRequest { .. } | GatewayError::WrongRouteType { .. } => StatusCode::BAD_REQUEST,
+            GatewayError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            GatewayError::UnknownRoute(_) | GatewayError::NoSuchPath(_) => StatusCode::NOT_FOUND,
+            GatewayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            GatewayError::RouteNotReady { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::Upstream { status, .. } => upstream_status(*status),
+            GatewayError::UpstreamMalformed(_) | GatewayError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
+            GatewayError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// A stable, machine-readable code (OpenAI's `code`, metrics labels).
+    pub fn code(&self) -> &'static str {
+        match self {
+            GatewayError::BadRequest { .. } => "invalid_request",
+            GatewayError::Unprocessable(_) => "invalid_schema",
+            GatewayError::UnknownRoute(_) => "route_not_found",
+            GatewayError::WrongRouteType { .. } => "wrong_route_type",
+            GatewayError::NoSuchPath(_) => "not_found",
+            GatewayError::MethodNotAllowed => "method_not_allowed",
+            GatewayError::PayloadTooLarge { .. } => "payload_too_large",
+            GatewayError::UnsupportedMediaType(_) => "unsupported_media_type",
+            GatewayError::RouteNotReady { .. } => "route_not_ready",
+            GatewayError::Upstream { .. } => "upstream_error",
+            GatewayError::UpstreamMalformed(_) => "upstream_malformed_response",
+            GatewayError::UpstreamUnreachable(_) => "upstream_unreachable",
+            GatewayError::UpstreamTimeout(_) => "upstream_timeout",
+        }
+    }
+
+    pub fn param(&self) -> Option<&'static str> {
+        match self {
+            GatewayError::BadRequest { param, .. } => *param,
+            _ => None,
+        }
+    }
+
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            GatewayError::Upstream { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// Maps a provider failure; the caller has already removed credential echoes from messages.
+    pub fn from_provider(err: ProviderError) -> Self {
+        match err {
+            ProviderError::Unsupported(message) => GatewayError::bad_request(message),
+            ProviderError::MalformedResponse(message) => GatewayError::UpstreamMalformed(message),
+            ProviderError::Upstream { status, message, retry_after } => GatewayError::Upstream { status, message, retry_after },
+        }
+    }
+}
+
+/// Upstream 4xx (429 included) keep their status so callers can act on them; upstream overload
+/// stays 503 (Anthropic's 529 included); any other upstream failure is the gateway's 502.
+fn upstream_status(status: StatusCode) -> StatusCode {
+    match status.as_u16() {
+        400..=499 => status,
+        503 | 529 => StatusCode::SERVICE_UNAVAILABLE,
+        504 => StatusCode::GATEWAY_TIMEOUT,
+        _ => StatusCode::BAD_GATEWAY,
+    }
+}
+
+/// OpenAI's error type word for a status.
+fn openai_type(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        429 => "rate_limit_error",
+        400..=499 => "invalid_request_error",
+        _ => "api_error",
+    }
+}
+
+fn with_retry_after(mut response: Response, retry_after: Option<u64>) -> Response {
+    if let Some(secs) = retry_after {
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    response
+}
+
+/// The error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
+pub struct OpenAiError(pub GatewayError);
+
+impl From<GatewayError> for OpenAiError {
+    fn from(e: GatewayError) -> Self {
+        OpenAiError(e)
+    }
+}
+
+impl IntoResponse for OpenAiError {
+    fn into_response(self) -> Response {
+        let status = self.0.status();
+        let body = json!({"error": {
+            "message": self.0.to_string(),
+            "type": openai_type(status),
+            "param": self.0.param(),
+            "code": self.0.code(),
+        }});
+        with_retry_after((status, Json(body)).into_response(), self.0.retry_after())
+    }
+}
+
+/// The error in MLflow's shape: `{"detail": "..."}`.
+pub struct MlflowError(pub GatewayError);
+
+impl From<GatewayError> for MlflowError {
+    fn from(e: GatewayError) -> Self {
+        MlflowError(e)
+    }
+}
+
+impl IntoResponse for MlflowError {
+    fn into_response(self) -> Response {
+        let status = self.0.status();
+        with_retry_after((status, Json(json!({"detail": self.0.to_string()}))).into_response(), self.0.retry_after())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_statuses_map_per_contract() {
+        let up = |s: u16| GatewayError::Upstream { status: StatusCode::from_u16(s).unwrap(), message: String::new(), retry_after: None }.status().as_u16();
+        assert_eq!(up(400), 400);
+        assert_eq!(up(401), 401);
+        assert_eq!(up(429), 429);
+        assert_eq!(up(500), 502);
+        assert_eq!(up(503), 503);
+        assert_eq!(up(529), 503);
+    }
+
+    #[test]
+    fn deterministic_errors_never_use_retryable_statuses() {
+        let retryable = [429, 500, 502, 503];
+        for e in [
+            GatewayError::bad_request("x"),
+            GatewayError::Unprocessable("x".into()),
+            GatewayError::UnknownRoute("r".into()),
+            GatewayError::PayloadTooLarge { limit: 1 },
+            GatewayError::UnsupportedMediaType("x".into()),
+            GatewayError::MethodNotAllowed,
+        ] {
+            assert!(!retryable.contains(&e.status().as_u16()), "{e:?}");
+        }
+    }
+}

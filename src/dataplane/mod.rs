@@ -1,0 +1,60 @@
+//! The data plane: an axum router serving the standard LLM API from the current routing table.
+//!
+//! A request flows: surface handler (`openai.rs`, ...) parses its dialect into the unified model ->
+//! `forward.rs` looks the route up in the table and calls the provider adapter -> the handler renders
+//! the answer back in its dialect. Errors are `GatewayError`, rendered per surface in `error.rs`.
+
+mod body;
+pub mod error;
+mod forward;
+mod health;
+mod openai;
+mod request;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::OriginalUri;
+use axum::routing::{get, post};
+
+use crate::table::SharedTable;
+use error::{GatewayError, OpenAiError};
+
+/// Everything a handler needs, passed explicitly as axum state.
+pub struct AppState {
+    pub table: SharedTable,
+    /// One pooled client for every upstream call.
+    pub http: reqwest::Client,
+    /// True once the controller has published a table built from a complete sync.
+    pub ready: Arc<AtomicBool>,
+    pub body_limit: usize,
+    pub upstream_timeout: Duration,
+}
+
+/// The upstream HTTP client: pooled connections, bounded connect and read times.
+pub fn http_client(upstream_timeout: Duration) -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .read_timeout(upstream_timeout)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(256)
+        .tcp_nodelay(true)
+        .build()
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/embeddings", post(openai::embeddings))
+        .route("/v1/models", get(openai::list_models))
+        .route("/v1/models/{name}", get(openai::get_model))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/health", get(health::health))
+        .method_not_allowed_fallback(|| async { OpenAiError(GatewayError::MethodNotAllowed) })
+        .fallback(|OriginalUri(uri): OriginalUri| async move { OpenAiError(GatewayError::NoSuchPath(uri.path().to_string())) })
+        .with_state(state)
+}

@@ -1,0 +1,258 @@
+//! The OpenAI-compatible surface: `/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `/v1/models`.
+//! The body's `model` names the route. The response shapes here are shared with the MLflow
+//! deployments surface, which speaks OpenAI's shapes on per-route paths.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use bytes::{BufMut, Bytes, BytesMut};
+use futures::{Stream, StreamExt};
+use http::{HeaderMap, HeaderValue, header};
+use serde_json::{Map, Value, json};
+
+use super::body::read_json_object;
+use super::error::{GatewayError, OpenAiError};
+use super::forward::{self, ServingRoute};
+use super::request::{require_string, take_messages, take_params, take_stream, take_string};
+use super::AppState;
+use crate::api::RouteType;
+use crate::llm::{
+    ChatRequest, CompletionsRequest, Embeddings, EmbeddingsRequest, Generation, LlmRequest, LlmResponse, StreamDelta,
+    StreamOptions, Usage, unix_now,
+};
+
+type Result<T, E = OpenAiError> = std::result::Result<T, E>;
+
+pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Result<Response> {
+    let mut body = read_json_object(&headers, body, state.body_limit).await?;
+    let route = forward::lookup(&state, &require_string(&mut body, "model")?, RouteType::Chat)?;
+    let request = parse_chat(body)?;
+    Ok(respond(&state, &route, request, true).await?)
+}
+
+pub async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Result<Response> {
+    let mut body = read_json_object(&headers, body, state.body_limit).await?;
+    let route = forward::lookup(&state, &require_string(&mut body, "model")?, RouteType::Completions)?;
+    let request = parse_completions(body)?;
+    Ok(respond(&state, &route, request, true).await?)
+}
+
+pub async fn embeddings(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Result<Response> {
+    let mut body = read_json_object(&headers, body, state.body_limit).await?;
+    let route = forward::lookup(&state, &require_string(&mut body, "model")?, RouteType::Embeddings)?;
+    let request = parse_embeddings(body, "input")?;
+    Ok(respond(&state, &route, request, true).await?)
+}
+
+pub async fn list_models(State(state): State<Arc<AppState>>) -> Json<Value> {
+    let table = state.table.load();
+    let data: Vec<Value> = table.routes().iter().map(|e| model_object(&e.name, e.provider.as_str())).collect();
+    Json(json!({"object": "list", "data": data}))
+}
+
+pub async fn get_model(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Result<Json<Value>> {
+    let table = state.table.load();
+    let entry = table.get(&name).ok_or(GatewayError::UnknownRoute(name))?;
+    Ok(Json(model_object(&entry.name, entry.provider.as_str())))
+}
+
+fn model_object(name: &str, provider: &str) -> Value {
+    json!({"id": name, "object": "model", "created": 0, "owned_by": provider})
+}
+
+/// OpenAI chat body (without `model`) to the unified request.
+pub fn parse_chat(mut body: Map<String, Value>) -> Result<LlmRequest, GatewayError> {
+    Ok(LlmRequest::Chat(ChatRequest {
+        messages: take_messages(&mut body)?,
+        params: take_params(&mut body, "n", 2.0)?,
+        stream: take_stream(&mut body)?,
+        extra: body,
+    }))
+}
+
+pub fn parse_completions(mut body: Map<String, Value>) -> Result<LlmRequest, GatewayError> {
+    let prompt = match body.remove("prompt") {
+        Some(Value::String(s)) => s,
+        Some(Value::Array(items)) if items.len() == 1 && items[0].is_string() => {
+            items[0].as_str().unwrap_or_default().to_string()
+        }
+        None | Some(Value::Null) => return Err(GatewayError::bad_param("prompt", "'prompt' is required")),
+        Some(_) => return Err(GatewayError::bad_param("prompt", "'prompt' must be a string")),
+    };
+    Ok(LlmRequest::Completions(CompletionsRequest {
+        prompt,
+        params: take_params(&mut body, "n", 2.0)?,
+        stream: take_stream(&mut body)?,
+        extra: body,
+    }))
+}
+
+/// Embeddings input from `field`: a string or a non-empty list of strings.
+pub fn parse_embeddings(mut body: Map<String, Value>, field: &'static str) -> Result<LlmRequest, GatewayError> {
+    let input = match body.remove(field) {
+        Some(Value::String(s)) => vec![s],
+        Some(Value::Array(items)) if !items.is_empty() => items
+            .into_iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s),
+                _ => Err(GatewayError::bad_param(field, format!("'{field}' must be a string or a list of strings"))),
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        Some(Value::Array(_)) => return Err(GatewayError::bad_param(field, format!("'{field}' must not be empty"))),
+        None | Some(Value::Null) => return Err(GatewayError::bad_param(field, format!("'{field}' is required"))),
+        Some(_) => return Err(GatewayError::bad_param(field, format!("'{field}' must be a string or a list of strings"))),
+    };
+    let _ = take_string(&mut body, "encoding_format")?;
+    Ok(LlmRequest::Embeddings(EmbeddingsRequest { input, extra: body }))
+}
+
+/// Calls the route and answers in OpenAI's shapes, streaming when asked. `done_marker` ends a
+/// stream with `data: [DONE]`, as OpenAI does.
+pub async fn respond(
+    state: &AppState,
+    route: &ServingRoute,
+    request: LlmRequest,
+    done_marker: bool,
+) -> Result<Response, GatewayError> {
+    let stream = request.stream();
+    if stream.stream {
+        let deltas = forward::invoke_stream(state, route, &request).await?;
+        return Ok(sse_response(openai_stream(deltas, route, request.route_type(), stream, done_marker)));
+    }
+    let answer = forward::invoke(state, route, &request).await?;
+    Ok(Json(render(&answer, route)).into_response())
+}
+
+/// A non-streaming answer in OpenAI's shape.
+pub fn render(answer: &LlmResponse, route: &ServingRoute) -> Value {
+    match answer {
+        LlmResponse::Generation(g) => render_generation(g, route),
+        LlmResponse::Embeddings(e) => render_embeddings(e, route),
+    }
+}
+
+fn model_name<'a>(reported: &'a str, route: &'a ServingRoute) -> &'a str {
+    if reported.is_empty() { &route.entry.model } else { reported }
+}
+
+fn render_generation(g: &Generation, route: &ServingRoute) -> Value {
+    let chat = route.entry.route_type == RouteType::Chat;
+    let choices: Vec<Value> = g
+        .choices
+        .iter()
+        .map(|c| {
+            if chat {
+                let mut message = Map::new();
+                message.insert("role".into(), json!("assistant"));
+                message.insert("content".into(), json!(c.text));
+                message.extend(c.message_extra.clone());
+                json!({"index": c.index, "message": message, "finish_reason": c.finish_reason})
+            } else {
+                json!({"index": c.index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": null})
+            }
+        })
+        .collect();
+    json!({
+        "id": if g.id.is_empty() { response_id(chat) } else { g.id.clone() },
+        "object": if chat { "chat.completion" } else { "text_completion" },
+        "created": g.created,
+        "model": model_name(&g.model, route),
+        "choices": choices,
+        "usage": usage_json(&g.usage),
+    })
+}
+
+fn render_embeddings(e: &Embeddings, route: &ServingRoute) -> Value {
+    let data: Vec<Value> = e
+        .data
+        .iter()
+        .enumerate()
+        .map(|(i, v)| json!({"object": "embedding", "index": i, "embedding": v}))
+        .collect();
+    json!({"object": "list", "data": data, "model": model_name(&e.model, route), "usage": usage_json(&e.usage)})
+}
+
+pub fn usage_json(u: &Usage) -> Value {
+    json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens})
+}
+
+fn response_id(chat: bool) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    if chat { format!("chatcmpl-portcullis-{n}") } else { format!("cmpl-portcullis-{n}") }
+}
+
+pub fn sse_response(body: impl Stream<Item = Bytes> + Send + 'static) -> Response {
+    let mut response = Response::new(Body::from_stream(body.map(Ok::<_, std::convert::Infallible>)));
+    let h = response.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
+}
+
+fn push_event(buf: &mut BytesMut, value: &Value) {
+    buf.put_slice(b"data: ");
+    // Writing into BytesMut cannot fail.
+    let _ = serde_json::to_writer((&mut *buf).writer(), value);
+    buf.put_slice(b"\n\n");
+}
+
+/// Re-frames unified deltas as OpenAI chunks, one output write per upstream read.
+fn openai_stream(
+    deltas: impl Stream<Item = Result<Vec<StreamDelta>, GatewayError>> + Send + 'static,
+    route: &ServingRoute,
+    route_type: RouteType,
+    options: StreamOptions,
+    done_marker: bool,
+) -> impl Stream<Item = Bytes> + Send + 'static {
+    let chat = route_type == RouteType::Chat;
+    let fallback_id = response_id(chat);
+    let fallback_model = route.entry.model.clone();
+    let created = unix_now();
+    let object = if chat { "chat.completion.chunk" } else { "text_completion" };
+    let frames = deltas.map(move |item| {
+        let mut buf = BytesMut::new();
+        match item {
+            Ok(deltas) => {
+                for d in deltas {
+                    let id = d.id.as_deref().filter(|s| !s.is_empty()).unwrap_or(&fallback_id);
+                    let model = d.model.as_deref().filter(|s| !s.is_empty()).unwrap_or(&fallback_model);
+                    let created = d.created.unwrap_or(created);
+                    if d.role.is_some() || d.text.is_some() || d.finish_reason.is_some() {
+                        let choice = if chat {
+                            let mut delta = Map::new();
+                            if let Some(role) = &d.role {
+                                delta.insert("role".into(), json!(role));
+                            }
+                            if let Some(text) = &d.text {
+                                delta.insert("content".into(), json!(text));
+                            }
+                            json!({"index": d.index, "delta": delta, "finish_reason": d.finish_reason})
+                        } else {
+                            json!({"index": d.index, "text": d.text.clone().unwrap_or_default(), "finish_reason": d.finish_reason, "logprobs": null})
+                        };
+                        push_event(&mut buf, &json!({"id": id, "object": object, "created": created, "model": model, "choices": [choice]}));
+                    }
+                    if let (Some(usage), true) = (d.usage, options.include_usage) {
+                        push_event(
+                            &mut buf,
+                            &json!({"id": id, "object": object, "created": created, "model": model, "choices": [], "usage": usage_json(&usage)}),
+                        );
+                    }
+                }
+            }
+            Err(e) => {
+                let OpenAiError(e) = OpenAiError(e);
+                push_event(&mut buf, &json!({"error": {"message": e.to_string(), "type": "api_error", "param": null, "code": e.code()}}));
+            }
+        }
+        buf.freeze()
+    });
+    let done = futures::stream::iter(done_marker.then(|| Bytes::from_static(b"data: [DONE]\n\n")));
+    frames.chain(done).filter(|b| futures::future::ready(!b.is_empty()))
+}

@@ -1,0 +1,29 @@
+//! Portcullis: a Kubernetes-native LLM gateway.
+//!
+//! `api` (the Route resource) -> `controller` (watches, reconcile, status) -> `table` (the routing
+//! snapshot) <- `dataplane` (the HTTP surfaces) -> `providers` (one adapter per LLM provider).
+
+pub mod api;
+pub mod controller;
+pub mod dataplane;
+pub mod llm;
+pub mod providers;
+pub mod table;
+pub mod telemetry;
+
+/// The CRD manifest as checked in under `crds/`.
+pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
+    use kube::CustomResourceExt;
+    serde_yaml::to_string(&api::Route::crd())
+}
+
+#[cfg(test)]
+mod tests {
+    /// The checked-in CRD must match the Rust types; `make crds` regenerates it.
+    #[test]
+    fn checked_in_crd_is_current() {
+        let generated = super::crd_yaml().unwrap();
+        let checked_in = include_str!("../crds/route.yaml");
+        assert!(generated == checked_in, "crds/route.yaml is stale: run `make crds` and commit the result");
+    }
+}

@@ -1,0 +1,177 @@
+//! The unified request/response model: every API surface maps into it, every provider maps out of it.
+//!
+//! Field names follow OpenAI's, the lingua franca of the surfaces; anything a surface does not model
+//! explicitly rides along in `extra` so providers that understand it can pass it on.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::api::RouteType;
+
+/// Sampling and length parameters shared by chat and completions.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Params {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n: Option<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    /// A string, or OpenAI's list of content parts; `null` for some assistant tool-call turns.
+    #[serde(default)]
+    pub content: Value,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl ChatMessage {
+    /// The message's text: the string content, or its text parts joined.
+    pub fn text(&self) -> String {
+        match &self.content {
+            Value::String(s) => s.clone(),
+            Value::Array(parts) => parts
+                .iter()
+                .filter_map(|p| p.get("text").and_then(Value::as_str))
+                .collect::<Vec<_>>()
+                .join(""),
+            _ => String::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct StreamOptions {
+    pub stream: bool,
+    /// The caller asked for a final usage chunk (`stream_options.include_usage`).
+    pub include_usage: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChatRequest {
+    pub messages: Vec<ChatMessage>,
+    pub params: Params,
+    pub stream: StreamOptions,
+    pub extra: Map<String, Value>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct CompletionsRequest {
+    pub prompt: String,
+    pub params: Params,
+    pub stream: StreamOptions,
+    pub extra: Map<String, Value>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct EmbeddingsRequest {
+    pub input: Vec<String>,
+    pub extra: Map<String, Value>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum LlmRequest {
+    Chat(ChatRequest),
+    Completions(CompletionsRequest),
+    Embeddings(EmbeddingsRequest),
+}
+
+impl LlmRequest {
+    pub fn route_type(&self) -> RouteType {
+        match self {
+            LlmRequest::Chat(_) => RouteType::Chat,
+            LlmRequest::Completions(_) => RouteType::Completions,
+            LlmRequest::Embeddings(_) => RouteType::Embeddings,
+        }
+    }
+
+    pub fn stream(&self) -> StreamOptions {
+        match self {
+            LlmRequest::Chat(r) => r.stream.clone(),
+            LlmRequest::Completions(r) => r.stream.clone(),
+            LlmRequest::Embeddings(_) => StreamOptions::default(),
+        }
+    }
+}
+
+/// Token counts; a provider may not report all three.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: Option<u64>,
+    pub completion_tokens: Option<u64>,
+    pub total_tokens: Option<u64>,
+}
+
+impl Usage {
+    pub fn new(prompt: Option<u64>, completion: Option<u64>) -> Self {
+        let total = match (prompt, completion) {
+            (Some(p), Some(c)) => Some(p + c),
+            _ => None,
+        };
+        Usage { prompt_tokens: prompt, completion_tokens: completion, total_tokens: total }
+    }
+}
+
+/// One generated alternative: a chat message's text or a completion's text.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Choice {
+    pub index: u32,
+    pub text: String,
+    /// Normalised: `stop`, `length`, `content_filter`, `tool_calls`, or the provider's own word.
+    pub finish_reason: Option<String>,
+    /// Provider fields of the chat message beyond role/content (for example `tool_calls`).
+    pub message_extra: Map<String, Value>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Generation {
+    pub id: String,
+    pub created: i64,
+    pub model: String,
+    pub choices: Vec<Choice>,
+    pub usage: Usage,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Embeddings {
+    pub model: String,
+    /// In request order.
+    pub data: Vec<Vec<f64>>,
+    pub usage: Usage,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum LlmResponse {
+    Generation(Generation),
+    Embeddings(Embeddings),
+}
+
+/// One increment of a streamed answer.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct StreamDelta {
+    pub id: Option<String>,
+    pub model: Option<String>,
+    pub created: Option<i64>,
+    pub index: u32,
+    pub role: Option<String>,
+    pub text: Option<String>,
+    pub finish_reason: Option<String>,
+    /// Present on the chunk that reports usage (often the last).
+    pub usage: Option<Usage>,
+}
+
+/// Unix seconds now, for response ids and `created` fields.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default()
+}

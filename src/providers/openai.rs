@@ -1,0 +1,398 @@
+//! OpenAI's Chat Completions, Completions and Embeddings APIs.
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use super::sse::{SseEvent, SseParser};
+use super::{
+    API_KEY, CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder, Target, UpstreamRequest, error_message,
+    fallback_message, retry_after_secs,
+};
+use crate::api::{Provider, RouteType};
+use crate::llm::{
+    ChatRequest, Choice, CompletionsRequest, Embeddings, EmbeddingsRequest, Generation, LlmRequest, LlmResponse,
+    Params, StreamDelta, StreamOptions, Usage, unix_now,
+};
+
+pub struct OpenAi;
+
+impl ProviderAdapter for OpenAi {
+    fn provider(&self) -> Provider {
+        Provider::Openai
+    }
+
+    fn route_types(&self) -> &'static [RouteType] {
+        &[RouteType::Chat, RouteType::Completions, RouteType::Embeddings]
+    }
+
+    fn credential_keys(&self) -> CredentialKeys {
+        CredentialKeys::ApiKey { required: true }
+    }
+
+    fn default_api_base(&self) -> Option<&'static str> {
+        Some("https://api.openai.com/v1")
+    }
+
+    fn build_request(&self, target: &Target, request: &LlmRequest) -> Result<UpstreamRequest, ProviderError> {
+        let (path, body) = request_body(&target.model, request);
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Some(key) = target.credentials.get(API_KEY) {
+            let value = HeaderValue::from_str(&format!("Bearer {key}"))
+                .map_err(|_| ProviderError::Unsupported("the API key holds characters not allowed in a header".into()))?;
+            headers.insert(header::AUTHORIZATION, sensitive(value));
+        }
+        for (config_key, header_name) in [("organization", "openai-organization"), ("project", "openai-project")] {
+            if let Some(v) = target.config.get(config_key).and_then(|v| HeaderValue::from_str(v).ok()) {
+                headers.insert(header_name, v);
+            }
+        }
+        Ok(UpstreamRequest {
+            method: Method::POST,
+            url: format!("{}{}", target.api_base, path),
+            headers,
+            body: Bytes::from(body.to_string()),
+        })
+    }
+
+    fn parse_response(&self, _target: &Target, route_type: RouteType, body: &[u8]) -> Result<LlmResponse, ProviderError> {
+        parse_response(route_type, body)
+    }
+
+    fn parse_error(&self, status: StatusCode, headers: &HeaderMap, body: &[u8]) -> ProviderError {
+        ProviderError::Upstream {
+            status,
+            message: error_message(body).unwrap_or_else(|| fallback_message(status, body)),
+            retry_after: retry_after_secs(headers),
+        }
+    }
+
+    fn stream_decoder(&self, route_type: RouteType) -> Box<dyn StreamDecoder> {
+        Box::new(OpenAiStream { sse: SseParser::default(), events: Vec::new(), route_type })
+    }
+}
+
+/// Marks an auth header so hyper's and reqwest's debug output hide it.
+pub(super) fn sensitive(mut value: HeaderValue) -> HeaderValue {
+    value.set_sensitive(true);
+    value
+}
+
+/// The OpenAI request body for `request` and the path it goes to; shared with OpenAI-compatible servers.
+pub(super) fn request_body(model: &str, request: &LlmRequest) -> (&'static str, Value) {
+    match request {
+        LlmRequest::Chat(ChatRequest { messages, params, stream, extra }) => {
+            let mut body = base_body(model, extra, params, stream);
+            body.insert("messages".into(), json!(messages));
+            ("/chat/completions", Value::Object(body))
+        }
+        LlmRequest::Completions(CompletionsRequest { prompt, params, stream, extra }) => {
+            let mut body = base_body(model, extra, params, stream);
+            body.insert("prompt".into(), json!(prompt));
+            ("/completions", Value::Object(body))
+        }
+        LlmRequest::Embeddings(EmbeddingsRequest { input, extra }) => {
+            let mut body = extra.clone();
+            body.insert("model".into(), json!(model));
+            body.insert("input".into(), json!(input));
+            ("/embeddings", Value::Object(body))
+        }
+    }
+}
+
+fn base_body(model: &str, extra: &Map<String, Value>, params: &Params, stream: &StreamOptions) -> Map<String, Value> {
+    let mut body = extra.clone();
+    body.insert("model".into(), json!(model));
+    if let Ok(Value::Object(p)) = serde_json::to_value(params) {
+        body.extend(p);
+    }
+    if stream.stream {
+        body.insert("stream".into(), json!(true));
+        // Always ask for usage: token accounting needs it even when the caller did not.
+        body.insert("stream_options".into(), json!({"include_usage": true}));
+    }
+    body
+}
+
+#[derive(Deserialize)]
+struct WireUsage {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    total_tokens: Option<u64>,
+}
+
+impl From<WireUsage> for Usage {
+    fn from(u: WireUsage) -> Self {
+        let mut usage = Usage::new(u.prompt_tokens, u.completion_tokens);
+        usage.total_tokens = u.total_tokens.or(usage.total_tokens);
+        usage
+    }
+}
+
+#[derive(Deserialize)]
+struct WireGeneration {
+    #[serde(default)]
+    id: String,
+    #[serde(default)]
+    created: Option<i64>,
+    #[serde(default)]
+    model: String,
+    choices: Vec<WireChoice>,
+    usage: Option<WireUsage>,
+}
+
+#[derive(Deserialize)]
+struct WireChoice {
+    #[serde(default)]
+    index: u32,
+    message: Option<WireMessage>,
+    text: Option<String>,
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct WireMessage {
+    #[serde(default)]
+    content: Option<String>,
+    #[serde(flatten)]
+    extra: Map<String, Value>,
+}
+
+#[derive(Deserialize)]
+struct WireEmbeddings {
+    #[serde(default)]
+    model: String,
+    data: Vec<WireEmbedding>,
+    usage: Option<WireUsage>,
+}
+
+#[derive(Deserialize)]
+struct WireEmbedding {
+    #[serde(default)]
+    index: usize,
+    embedding: Vec<f64>,
+}
+
+/// Parses an OpenAI-shaped answer; shared with OpenAI-compatible servers.
+pub(super) fn parse_response(route_type: RouteType, body: &[u8]) -> Result<LlmResponse, ProviderError> {
+    let malformed = |e: serde_json::Error| ProviderError::MalformedResponse(e.to_string());
+    match route_type {
+        RouteType::Embeddings => {
+            let mut wire: WireEmbeddings = serde_json::from_slice(body).map_err(malformed)?;
+            wire.data.sort_by_key(|e| e.index);
+            Ok(LlmResponse::Embeddings(Embeddings {
+                model: wire.model,
+                data: wire.data.into_iter().map(|e| e.embedding).collect(),
+                usage: wire.usage.map(Usage::from).unwrap_or_default(),
+            }))
+        }
+        RouteType::Chat | RouteType::Completions => {
+            let wire: WireGeneration = serde_json::from_slice(body).map_err(malformed)?;
+            let choices = wire
+                .choices
+                .into_iter()
+                .map(|c| {
+                    let (text, message_extra) = match c.message {
+                        Some(mut m) => {
+                            m.extra.remove("role");
+                            (m.content.unwrap_or_default(), m.extra)
+                        }
+                        None => (c.text.unwrap_or_default(), Map::new()),
+                    };
+                    Choice { index: c.index, text, finish_reason: c.finish_reason, message_extra }
+                })
+                .collect();
+            Ok(LlmResponse::Generation(Generation {
+                id: wire.id,
+                created: wire.created.unwrap_or_else(unix_now),
+                model: wire.model,
+                choices,
+                usage: wire.usage.map(Usage::from).unwrap_or_default(),
+            }))
+        }
+    }
+}
+
+struct OpenAiStream {
+    sse: SseParser,
+    events: Vec<SseEvent>,
+    route_type: RouteType,
+}
+
+#[derive(Deserialize)]
+struct WireChunk {
+    id: Option<String>,
+    model: Option<String>,
+    created: Option<i64>,
+    #[serde(default)]
+    choices: Vec<WireChunkChoice>,
+    usage: Option<WireUsage>,
+}
+
+#[derive(Deserialize)]
+struct WireChunkChoice {
+    #[serde(default)]
+    index: u32,
+    delta: Option<WireDelta>,
+    text: Option<String>,
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct WireDelta {
+    role: Option<String>,
+    content: Option<String>,
+}
+
+impl OpenAiStream {
+    fn drain(&mut self, out: &mut Vec<StreamDelta>) -> Result<(), ProviderError> {
+        for event in self.events.drain(..) {
+            if event.data == "[DONE]" {
+                continue;
+            }
+            let chunk: WireChunk =
+                serde_json::from_str(&event.data).map_err(|e| ProviderError::MalformedResponse(e.to_string()))?;
+            if let Some(err) = serde_json::from_str::<Value>(&event.data).ok().and_then(|v| v.get("error").cloned()) {
+                let message = err.get("message").and_then(Value::as_str).unwrap_or("upstream stream error");
+                return Err(ProviderError::Upstream {
+                    status: StatusCode::BAD_GATEWAY,
+                    message: message.to_string(),
+                    retry_after: None,
+                });
+            }
+            let usage = chunk.usage.map(Usage::from);
+            if chunk.choices.is_empty() {
+                if usage.is_some() {
+                    out.push(StreamDelta { id: chunk.id, model: chunk.model, created: chunk.created, usage, ..Default::default() });
+                }
+                continue;
+            }
+            for c in chunk.choices {
+                let (role, text) = match (self.route_type, c.delta) {
+                    (RouteType::Chat, Some(d)) => (d.role, d.content),
+                    _ => (None, c.text),
+                };
+                out.push(StreamDelta {
+                    id: chunk.id.clone(),
+                    model: chunk.model.clone(),
+                    created: chunk.created,
+                    index: c.index,
+                    role,
+                    text,
+                    finish_reason: c.finish_reason,
+                    usage,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl StreamDecoder for OpenAiStream {
+    fn feed(&mut self, bytes: &[u8], out: &mut Vec<StreamDelta>) -> Result<(), ProviderError> {
+        self.sse.feed(bytes, &mut self.events);
+        self.drain(out)
+    }
+
+    fn finish(&mut self, out: &mut Vec<StreamDelta>) -> Result<(), ProviderError> {
+        self.sse.finish(&mut self.events);
+        self.drain(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::llm::ChatMessage;
+    use crate::providers::{Credentials, SecretValue};
+
+    fn target() -> Target {
+        let mut credentials = Credentials::default();
+        credentials.insert(API_KEY, SecretValue::new("sk-test"));
+        Target {
+            model: "gpt-4o-mini".into(),
+            api_base: "http://upstream/v1".into(),
+            credentials,
+            config: Default::default(),
+        }
+    }
+
+    fn chat(stream: bool) -> LlmRequest {
+        let mut extra = Map::new();
+        extra.insert("user".into(), json!("u1"));
+        LlmRequest::Chat(ChatRequest {
+            messages: vec![ChatMessage { role: "user".into(), content: json!("hi"), extra: Map::new() }],
+            params: Params { temperature: Some(0.5), max_tokens: Some(10), ..Default::default() },
+            stream: StreamOptions { stream, include_usage: false },
+            extra,
+        })
+    }
+
+    #[test]
+    fn chat_request_carries_model_key_params_and_extras() {
+        let req = OpenAi.build_request(&target(), &chat(false)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(req.url, "http://upstream/v1/chat/completions");
+        assert_eq!(req.headers[header::AUTHORIZATION], "Bearer sk-test");
+        let body: Value = serde_json::from_slice(&req.body).unwrap_or_default();
+        assert_eq!(
+            body,
+            json!({"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}],"temperature":0.5,"max_tokens":10,"user":"u1"})
+        );
+    }
+
+    #[test]
+    fn streaming_request_always_asks_for_usage() {
+        let req = OpenAi.build_request(&target(), &chat(true)).unwrap_or_else(|e| panic!("{e}"));
+        let body: Value = serde_json::from_slice(&req.body).unwrap_or_default();
+        assert_eq!(body["stream"], json!(true));
+        assert_eq!(body["stream_options"], json!({"include_usage": true}));
+    }
+
+    #[test]
+    fn parses_chat_completion() {
+        let body = br#"{"id":"c1","object":"chat.completion","created":7,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"hello"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
+        let LlmResponse::Generation(g) = OpenAi.parse_response(&target(), RouteType::Chat, body).unwrap_or_else(|e| panic!("{e}")) else {
+            panic!("not a generation")
+        };
+        assert_eq!(g.choices[0].text, "hello");
+        assert_eq!(g.choices[0].finish_reason.as_deref(), Some("stop"));
+        assert_eq!(g.usage, Usage { prompt_tokens: Some(3), completion_tokens: Some(1), total_tokens: Some(4) });
+    }
+
+    #[test]
+    fn malformed_body_is_reported_as_such() {
+        let err = OpenAi.parse_response(&target(), RouteType::Chat, b"<html>").err();
+        assert!(matches!(err, Some(ProviderError::MalformedResponse(_))));
+    }
+
+    #[test]
+    fn error_keeps_status_message_and_retry_after() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::RETRY_AFTER, HeaderValue::from_static("7"));
+        let err = OpenAi.parse_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            &headers,
+            br#"{"error":{"message":"Rate limit reached","type":"requests","code":"rate_limit_exceeded"}}"#,
+        );
+        assert_eq!(
+            err,
+            ProviderError::Upstream { status: StatusCode::TOO_MANY_REQUESTS, message: "Rate limit reached".into(), retry_after: Some(7) }
+        );
+    }
+
+    #[test]
+    fn stream_decoder_yields_deltas_and_usage() {
+        let mut d = OpenAi.stream_decoder(RouteType::Chat);
+        let mut out = Vec::new();
+        let wire = b"data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"He\"}}]}\n\ndata: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"llo\"},\"finish_reason\":\"stop\"}]}\n\ndata: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":2,\"completion_tokens\":2,\"total_tokens\":4}}\n\ndata: [DONE]\n\n";
+        for piece in wire.chunks(5) {
+            d.feed(piece, &mut out).unwrap_or_else(|e| panic!("{e}"));
+        }
+        d.finish(&mut out).unwrap_or_else(|e| panic!("{e}"));
+        let text: String = out.iter().filter_map(|d| d.text.clone()).collect();
+        assert_eq!(text, "Hello");
+        assert_eq!(out.last().and_then(|d| d.usage).and_then(|u| u.total_tokens), Some(4));
+    }
+}

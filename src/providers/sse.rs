@@ -1,0 +1,131 @@
+//! An incremental Server-Sent Events parser (WHATWG framing), fed with bytes split anywhere.
+
+/// One dispatched event.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct SseEvent {
+    pub event: Option<String>,
+    pub data: String,
+}
+
+#[derive(Debug, Default)]
+pub struct SseParser {
+    buf: Vec<u8>,
+    event: Option<String>,
+    data: Option<String>,
+}
+
+impl SseParser {
+    /// Appends complete events found in `bytes` to `out`; keeps any partial line for the next call.
+    pub fn feed(&mut self, bytes: &[u8], out: &mut Vec<SseEvent>) {
+        self.buf.extend_from_slice(bytes);
+        let mut start = 0;
+        let mut i = 0;
+        while i < self.buf.len() {
+            let b = self.buf[i];
+            if b == b'\n' || b == b'\r' {
+                // A lone '\r' at the end may be the first half of "\r\n": wait for more bytes.
+                if b == b'\r' && i + 1 == self.buf.len() {
+                    break;
+                }
+                let line = String::from_utf8_lossy(&self.buf[start..i]).into_owned();
+                self.line(&line, out);
+                i += if b == b'\r' && self.buf.get(i + 1) == Some(&b'\n') { 2 } else { 1 };
+                start = i;
+            } else {
+                i += 1;
+            }
+        }
+        self.buf.drain(..start);
+    }
+
+    /// End of stream: a final event without its blank line is still delivered.
+    pub fn finish(&mut self, out: &mut Vec<SseEvent>) {
+        if !self.buf.is_empty() {
+            let line = String::from_utf8_lossy(&self.buf).into_owned();
+            self.buf.clear();
+            self.line(&line, out);
+        }
+        self.dispatch(out);
+    }
+
+    fn line(&mut self, line: &str, out: &mut Vec<SseEvent>) {
+        if line.is_empty() {
+            self.dispatch(out);
+            return;
+        }
+        if line.starts_with(':') {
+            return;
+        }
+        let (field, value) = match line.split_once(':') {
+            Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
+            None => (line, ""),
+        };
+        match field {
+            "event" => self.event = Some(value.to_string()),
+            "data" => match &mut self.data {
+                Some(d) => {
+                    d.push('\n');
+                    d.push_str(value);
+                }
+                None => self.data = Some(value.to_string()),
+            },
+            _ => {}
+        }
+    }
+
+    fn dispatch(&mut self, out: &mut Vec<SseEvent>) {
+        let event = self.event.take();
+        if let Some(data) = self.data.take() {
+            out.push(SseEvent { event, data });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_in_pieces(input: &[u8], cuts: &[usize]) -> Vec<SseEvent> {
+        let mut p = SseParser::default();
+        let mut out = Vec::new();
+        let mut last = 0;
+        for &c in cuts {
+            p.feed(&input[last..c], &mut out);
+            last = c;
+        }
+        p.feed(&input[last..], &mut out);
+        p.finish(&mut out);
+        out
+    }
+
+    const SAMPLE: &[u8] =
+        b": keep-alive\r\nevent: message_start\r\ndata: {\"a\":1}\r\n\r\ndata: line1\ndata: line2\n\ndata: [DONE]\n\n";
+
+    #[test]
+    fn parses_events_and_multiline_data() {
+        let events = parse_in_pieces(SAMPLE, &[]);
+        assert_eq!(
+            events,
+            vec![
+                SseEvent { event: Some("message_start".into()), data: "{\"a\":1}".into() },
+                SseEvent { event: None, data: "line1\nline2".into() },
+                SseEvent { event: None, data: "[DONE]".into() },
+            ]
+        );
+    }
+
+    #[test]
+    fn same_result_for_every_split_point() {
+        let whole = parse_in_pieces(SAMPLE, &[]);
+        for a in 0..=SAMPLE.len() {
+            for b in a..=SAMPLE.len() {
+                assert_eq!(parse_in_pieces(SAMPLE, &[a, b]), whole, "cut at {a},{b}");
+            }
+        }
+    }
+
+    #[test]
+    fn final_event_without_blank_line_is_delivered() {
+        assert_eq!(parse_in_pieces(b"data: tail", &[]), vec![SseEvent { event: None, data: "tail".into() }]);
+    }
+}
