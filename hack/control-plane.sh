@@ -3,7 +3,8 @@
 #
 #   hack/control-plane.sh build            build kube-apiserver, kubectl, etcd into the cache (once per version)
 #   hack/control-plane.sh bin-dir          print the folder holding the binaries (builds on a miss)
-#   hack/control-plane.sh start DIR        start etcd + kube-apiserver with state in DIR; writes DIR/kubeconfig
+#   hack/control-plane.sh start DIR [PID]  start etcd + kube-apiserver with state in DIR; writes DIR/kubeconfig;
+#                                          with PID, both stop by themselves once that process has exited
 #   hack/control-plane.sh stop DIR         stop both
 #   hack/control-plane.sh stop-apiserver DIR / start-apiserver DIR   for outage tests (same port, same certs)
 #
@@ -163,6 +164,11 @@ case "$cmd" in
     prepare "$d"
     start_etcd "$d"
     start_apiserver "$d"
+    if [ -n "${3:-}" ]; then
+      owner=$3
+      # Detached watchdog: tests that leak a control plane (a killed test binary) do not leak processes.
+      nohup bash -c "while kill -0 $owner 2>/dev/null; do sleep 1; done; '$0' stop '$d'" >/dev/null 2>&1 &
+    fi
     say "control plane ready; KUBECONFIG=$d/kubeconfig"
     ;;
   stop) d=${2:?usage: stop DIR}; stop_pid "$d/apiserver.pid"; stop_pid "$d/etcd.pid" ;;

@@ -24,6 +24,9 @@ mod tests {
     fn checked_in_crd_is_current() {
         let generated = super::crd_yaml().unwrap();
         let checked_in = include_str!("../crds/route.yaml");
-        assert!(generated == checked_in, "crds/route.yaml is stale: run `make crds` and commit the result");
+        assert!(
+            generated == checked_in,
+            "crds/route.yaml is stale: run `make crds` and commit the result"
+        );
     }
 }

@@ -116,7 +116,11 @@ impl Usage {
             (Some(p), Some(c)) => Some(p + c),
             _ => None,
         };
-        Usage { prompt_tokens: prompt, completion_tokens: completion, total_tokens: total }
+        Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            total_tokens: total,
+        }
     }
 }
 

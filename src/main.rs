@@ -14,7 +14,11 @@ use portcullis::table::RoutingTable;
 use portcullis::telemetry::{self, LogFormat};
 
 #[derive(Parser)]
-#[command(name = "portcullis", version, about = "A Kubernetes-native LLM gateway")]
+#[command(
+    name = "portcullis",
+    version,
+    about = "A Kubernetes-native LLM gateway"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -36,7 +40,12 @@ struct RunArgs {
     /// Watch Routes and Secrets in this namespace only (default: all namespaces).
     #[arg(long, env = "PORTCULLIS_NAMESPACE")]
     namespace: Option<String>,
-    #[arg(long, env = "PORTCULLIS_LOG_FORMAT", value_enum, default_value = "text")]
+    #[arg(
+        long,
+        env = "PORTCULLIS_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
     log_format: LogFormat,
     /// Largest accepted request body, in bytes.
     #[arg(long, env = "PORTCULLIS_BODY_LIMIT", default_value_t = 10 * 1024 * 1024)]
@@ -64,7 +73,10 @@ fn main() -> ExitCode {
         },
         Command::Run(args) => {
             telemetry::init_logging(args.log_format);
-            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     error!(error = %e, "cannot start the async runtime");
@@ -100,12 +112,20 @@ async fn run(args: RunArgs) -> Result<(), StartError> {
     // kube and reqwest share rustls; pick its crypto provider once, before either builds a client.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let secs = |v: f64, flag: &str| {
-        Duration::try_from_secs_f64(v).ok().filter(|d| !d.is_zero()).ok_or_else(|| StartError::Config(format!("--{flag} must be a positive number of seconds")))
+        Duration::try_from_secs_f64(v)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                StartError::Config(format!("--{flag} must be a positive number of seconds"))
+            })
     };
     let upstream_timeout = secs(args.upstream_timeout, "upstream-timeout")?;
     let max_backoff = secs(args.max_watch_backoff, "max-watch-backoff")?;
-    let http = dataplane::http_client(upstream_timeout).map_err(|e| StartError::Config(e.to_string()))?;
-    let client = kube::Client::try_default().await.map_err(|e| StartError::KubeConfig(e.to_string()))?;
+    let http =
+        dataplane::http_client(upstream_timeout).map_err(|e| StartError::Config(e.to_string()))?;
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| StartError::KubeConfig(e.to_string()))?;
 
     let table = RoutingTable::default().shared();
     let ready = Arc::new(AtomicBool::new(false));
@@ -116,8 +136,12 @@ async fn run(args: RunArgs) -> Result<(), StartError> {
         body_limit: args.body_limit,
         upstream_timeout,
     });
-    let listener = tokio::net::TcpListener::bind(args.listen).await.map_err(|e| StartError::Bind(args.listen, e))?;
-    let bound = listener.local_addr().map_err(|e| StartError::Bind(args.listen, e))?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| StartError::Bind(args.listen, e))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| StartError::Bind(args.listen, e))?;
     info!(
         listen = %bound,
         namespace = args.namespace.as_deref().unwrap_or("<all>"),
@@ -134,8 +158,14 @@ async fn run(args: RunArgs) -> Result<(), StartError> {
         max_backoff,
         instance: std::env::var("HOSTNAME").unwrap_or_else(|_| "portcullis".into()),
     };
-    let controller = tokio::spawn(controller::run(client, config, ControllerHandles { table, ready }, shutdown.clone()));
-    let server = axum::serve(listener, dataplane::router(state)).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let controller = tokio::spawn(controller::run(
+        client,
+        config,
+        ControllerHandles { table, ready },
+        shutdown.clone(),
+    ));
+    let server = axum::serve(listener, dataplane::router(state))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
 
     tokio::select! {
         served = server => served.map_err(StartError::Serve)?,

@@ -36,7 +36,10 @@ pub struct RouteEntry {
 pub enum RouteState {
     Ready(Arc<Upstream>),
     /// The Route exists but cannot serve; requests get 503 with this reason.
-    NotReady { reason: Reason, message: String },
+    NotReady {
+        reason: Reason,
+        message: String,
+    },
 }
 
 pub struct Upstream {
@@ -60,7 +63,10 @@ impl RoutingTable {
     pub fn new(entries: impl IntoIterator<Item = RouteEntry>) -> Self {
         let mut sorted: Vec<Arc<RouteEntry>> = entries.into_iter().map(Arc::new).collect();
         sorted.sort_by(|a, b| a.name.cmp(&b.name));
-        let by_name = sorted.iter().map(|e| (e.name.clone(), Arc::clone(e))).collect();
+        let by_name = sorted
+            .iter()
+            .map(|e| (e.name.clone(), Arc::clone(e)))
+            .collect();
         RoutingTable { by_name, sorted }
     }
 
@@ -98,14 +104,23 @@ mod tests {
             provider: Provider::Openai,
             model: "m".into(),
             limits: vec![],
-            state: RouteState::NotReady { reason: Reason::SecretNotFound, message: "x".into() },
+            state: RouteState::NotReady {
+                reason: Reason::SecretNotFound,
+                message: "x".into(),
+            },
         }
     }
 
     #[test]
     fn lookup_and_sorted_listing() {
         let t = RoutingTable::new([entry("b"), entry("a"), entry("c")]);
-        assert_eq!(t.routes().iter().map(|e| e.name.as_str()).collect::<Vec<_>>(), ["a", "b", "c"]);
+        assert_eq!(
+            t.routes()
+                .iter()
+                .map(|e| e.name.as_str())
+                .collect::<Vec<_>>(),
+            ["a", "b", "c"]
+        );
         assert!(t.get("b").is_some());
         assert!(t.get("z").is_none());
         assert_eq!(t.len(), 3);

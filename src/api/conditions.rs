@@ -45,11 +45,17 @@ pub struct Outcome {
 
 impl Outcome {
     pub fn ready() -> Self {
-        Outcome { reason: Reason::Resolved, message: "route is serving".to_string() }
+        Outcome {
+            reason: Reason::Resolved,
+            message: "route is serving".to_string(),
+        }
     }
 
     pub fn not_ready(reason: Reason, message: impl Into<String>) -> Self {
-        Outcome { reason, message: message.into() }
+        Outcome {
+            reason,
+            message: message.into(),
+        }
     }
 
     pub fn is_ready(&self) -> bool {
@@ -59,7 +65,12 @@ impl Outcome {
 
 /// The `Ready` condition for `outcome`, keeping `lastTransitionTime` from `previous` unless the
 /// status flipped, so an unchanged outcome produces a byte-identical status (no write, no churn).
-pub fn ready_condition(outcome: &Outcome, generation: Option<i64>, previous: Option<&Condition>, now: Timestamp) -> Condition {
+pub fn ready_condition(
+    outcome: &Outcome,
+    generation: Option<i64>,
+    previous: Option<&Condition>,
+    now: Timestamp,
+) -> Condition {
     let status = if outcome.is_ready() { "True" } else { "False" };
     let last_transition_time = match previous {
         Some(prev) if prev.status == status => prev.last_transition_time.clone(),
@@ -99,8 +110,18 @@ mod tests {
     fn reason_change_without_status_flip_keeps_transition_time() {
         let t0 = Timestamp::from_second(1_000).unwrap_or(Timestamp::UNIX_EPOCH);
         let t1 = Timestamp::from_second(2_000).unwrap_or(Timestamp::UNIX_EPOCH);
-        let a = ready_condition(&Outcome::not_ready(Reason::SecretNotFound, "a"), Some(1), None, t0);
-        let b = ready_condition(&Outcome::not_ready(Reason::SecretKeyMissing, "b"), Some(1), Some(&a), t1);
+        let a = ready_condition(
+            &Outcome::not_ready(Reason::SecretNotFound, "a"),
+            Some(1),
+            None,
+            t0,
+        );
+        let b = ready_condition(
+            &Outcome::not_ready(Reason::SecretKeyMissing, "b"),
+            Some(1),
+            Some(&a),
+            t1,
+        );
         assert_eq!(b.last_transition_time, Time(t0));
     }
 }

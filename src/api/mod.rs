@@ -5,6 +5,6 @@ mod route;
 
 pub use conditions::{Outcome, Reason, ready_condition};
 pub use route::{
-    AccessRule, Limit, LimitKey, ModelSpec, Provider, RenewalPeriod, Route, RouteSpec, RouteStatus, RouteType,
-    SecretKeyRef, DEFAULT_SECRET_KEY,
+    AccessRule, DEFAULT_SECRET_KEY, Limit, LimitKey, ModelSpec, Provider, RenewalPeriod, Route,
+    RouteSpec, RouteStatus, RouteType, SecretKeyRef,
 };

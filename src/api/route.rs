@@ -18,9 +18,24 @@ pub const DEFAULT_SECRET_KEY: &str = "apiKey";
     namespaced,
     status = "RouteStatus",
     category = "portcullis",
-    printcolumn(name = "Type", type_ = "string", json_path = ".spec.routeType", description = "Task type served"),
-    printcolumn(name = "Provider", type_ = "string", json_path = ".spec.model.provider", description = "LLM provider"),
-    printcolumn(name = "Model", type_ = "string", json_path = ".spec.model.name", description = "Provider model"),
+    printcolumn(
+        name = "Type",
+        type_ = "string",
+        json_path = ".spec.routeType",
+        description = "Task type served"
+    ),
+    printcolumn(
+        name = "Provider",
+        type_ = "string",
+        json_path = ".spec.model.provider",
+        description = "LLM provider"
+    ),
+    printcolumn(
+        name = "Model",
+        type_ = "string",
+        json_path = ".spec.model.name",
+        description = "Provider model"
+    ),
     printcolumn(
         name = "Ready",
         type_ = "string",
@@ -33,7 +48,11 @@ pub const DEFAULT_SECRET_KEY: &str = "apiKey";
         json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
         priority = "1"
     ),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct RouteSpec {

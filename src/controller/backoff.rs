@@ -13,7 +13,11 @@ pub struct RetryBackoff {
 
 impl RetryBackoff {
     pub fn new(min: Duration, max: Duration) -> Self {
-        RetryBackoff { min, max, next: min }
+        RetryBackoff {
+            min,
+            max,
+            next: min,
+        }
     }
 
     pub fn next_delay(&mut self) -> Duration {

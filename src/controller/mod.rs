@@ -107,8 +107,20 @@ pub async fn run(
         .map(|e| (Source::Secrets, e.map(Signal::from)));
 
     let (outcomes_tx, outcomes_rx) = watch::channel(Arc::new(Vec::new()));
-    let recorder = Recorder::new(client.clone(), Reporter { controller: "portcullis".into(), instance: Some(config.instance.clone()) });
-    let writer = tokio::spawn(status::run_writer(client.clone(), route_store.clone(), outcomes_rx, recorder, shutdown.clone()));
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "portcullis".into(),
+            instance: Some(config.instance.clone()),
+        },
+    );
+    let writer = tokio::spawn(status::run_writer(
+        client.clone(),
+        route_store.clone(),
+        outcomes_rx,
+        recorder,
+        shutdown.clone(),
+    ));
 
     let mut loop_state = Loop {
         client,
@@ -119,7 +131,13 @@ pub async fn run(
         outcomes: outcomes_tx,
         retry: RetryBackoff::new(Duration::from_millis(250), config.max_backoff),
     };
-    loop_state.run(futures::stream::select(route_events, secret_events), config.debounce, shutdown).await;
+    loop_state
+        .run(
+            futures::stream::select(route_events, secret_events),
+            config.debounce,
+            shutdown,
+        )
+        .await;
     let _ = writer.await;
     Ok(())
 }
@@ -204,16 +222,40 @@ impl Loop {
         let routes = self.route_store.state();
         let wanted: HashSet<(String, String)> = routes
             .iter()
-            .filter_map(|r| Some((r.namespace()?, r.spec.model.secret_ref.as_ref()?.name.clone())))
+            .filter_map(|r| {
+                Some((
+                    r.namespace()?,
+                    r.spec.model.secret_ref.as_ref()?.name.clone(),
+                ))
+            })
             .collect();
-        let complete = self.secret_cache.refresh(&self.client, wanted, &self.secret_store).await;
+        let complete = self
+            .secret_cache
+            .refresh(&self.client, wanted, &self.secret_store)
+            .await;
         let reconciled = reconcile(&routes, &self.secret_cache);
-        let (total, serving) = (reconciled.outcomes.len(), reconciled.outcomes.iter().filter(|o| o.outcome.is_ready()).count());
+        let (total, serving) = (
+            reconciled.outcomes.len(),
+            reconciled
+                .outcomes
+                .iter()
+                .filter(|o| o.outcome.is_ready())
+                .count(),
+        );
         self.handles.table.store(Arc::new(reconciled.table));
         if !self.handles.ready.swap(true, Ordering::AcqRel) {
-            info!(routes = total, ready = serving, "first complete sync; routing table published");
+            info!(
+                routes = total,
+                ready = serving,
+                "first complete sync; routing table published"
+            );
         }
-        debug!(routes = total, ready = serving, elapsed_us = started.elapsed().as_micros() as u64, "routing table rebuilt");
+        debug!(
+            routes = total,
+            ready = serving,
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "routing table rebuilt"
+        );
         self.outcomes.send_replace(Arc::new(reconciled.outcomes));
         complete
     }

@@ -21,7 +21,8 @@ pub trait SecretLookup {
 
 impl SecretLookup for HashMap<(String, String), Arc<SecretData>> {
     fn secret(&self, namespace: &str, name: &str) -> Option<&SecretData> {
-        self.get(&(namespace.to_string(), name.to_string())).map(|d| d.as_ref())
+        self.get(&(namespace.to_string(), name.to_string()))
+            .map(|d| d.as_ref())
     }
 }
 
@@ -46,14 +47,22 @@ pub struct Reconciled {
 pub fn reconcile(routes: &[Arc<Route>], secrets: &impl SecretLookup) -> Reconciled {
     let mut by_name: BTreeMap<&str, Vec<&Arc<Route>>> = BTreeMap::new();
     for route in routes {
-        by_name.entry(route.metadata.name.as_deref().unwrap_or_default()).or_default().push(route);
+        by_name
+            .entry(route.metadata.name.as_deref().unwrap_or_default())
+            .or_default()
+            .push(route);
     }
 
     let mut entries = Vec::with_capacity(by_name.len());
     let mut outcomes = Vec::with_capacity(routes.len());
     for (name, mut claimants) in by_name {
         claimants.sort_by(|a, b| {
-            let key = |r: &Route| (r.metadata.creation_timestamp.clone().map(|t| t.0), r.namespace().unwrap_or_default());
+            let key = |r: &Route| {
+                (
+                    r.metadata.creation_timestamp.clone().map(|t| t.0),
+                    r.namespace().unwrap_or_default(),
+                )
+            };
             // Missing timestamps (never from a real API server) sort last.
             match (key(a), key(b)) {
                 ((Some(ta), na), (Some(tb), nb)) => (ta, na).cmp(&(tb, nb)),
@@ -67,9 +76,15 @@ pub fn reconcile(routes: &[Arc<Route>], secrets: &impl SecretLookup) -> Reconcil
         let state = resolve(winner, secrets);
         let outcome = match &state {
             RouteState::Ready(_) => Outcome::ready(),
-            RouteState::NotReady { reason, message } => Outcome::not_ready(*reason, message.clone()),
+            RouteState::NotReady { reason, message } => {
+                Outcome::not_ready(*reason, message.clone())
+            }
         };
-        outcomes.push(RouteOutcome { namespace: winner_ns.clone(), name: name.to_string(), outcome });
+        outcomes.push(RouteOutcome {
+            namespace: winner_ns.clone(),
+            name: name.to_string(),
+            outcome,
+        });
         for loser in &claimants[1..] {
             outcomes.push(RouteOutcome {
                 namespace: loser.namespace().unwrap_or_default(),
@@ -91,7 +106,10 @@ pub fn reconcile(routes: &[Arc<Route>], secrets: &impl SecretLookup) -> Reconcil
         });
     }
     outcomes.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-    Reconciled { table: RoutingTable::new(entries), outcomes }
+    Reconciled {
+        table: RoutingTable::new(entries),
+        outcomes,
+    }
 }
 
 fn resolve(route: &Route, secrets: &impl SecretLookup) -> RouteState {
@@ -105,13 +123,20 @@ fn try_resolve(route: &Route, secrets: &impl SecretLookup) -> Result<Upstream, O
     let spec = &route.spec;
     let provider = spec.model.provider;
     let adapter = adapter_for(provider).ok_or_else(|| {
-        Outcome::not_ready(Reason::ProviderUnsupported, format!("provider {provider} is not supported by this gateway version"))
+        Outcome::not_ready(
+            Reason::ProviderUnsupported,
+            format!("provider {provider} is not supported by this gateway version"),
+        )
     })?;
     if !adapter.route_types().contains(&spec.route_type) {
         let supported: Vec<&str> = adapter.route_types().iter().map(|t| t.as_str()).collect();
         return Err(Outcome::not_ready(
             Reason::ProviderUnsupported,
-            format!("provider {provider} cannot serve {}; it serves {}", spec.route_type, supported.join(", ")),
+            format!(
+                "provider {provider} cannot serve {}; it serves {}",
+                spec.route_type,
+                supported.join(", ")
+            ),
         ));
     }
     let api_base = spec
@@ -119,7 +144,12 @@ fn try_resolve(route: &Route, secrets: &impl SecretLookup) -> Result<Upstream, O
         .api_base
         .as_deref()
         .or(adapter.default_api_base())
-        .ok_or_else(|| Outcome::not_ready(Reason::InvalidSpec, format!("provider {provider} needs spec.model.apiBase")))?
+        .ok_or_else(|| {
+            Outcome::not_ready(
+                Reason::InvalidSpec,
+                format!("provider {provider} needs spec.model.apiBase"),
+            )
+        })?
         .trim_end_matches('/')
         .to_string();
 
@@ -127,7 +157,12 @@ fn try_resolve(route: &Route, secrets: &impl SecretLookup) -> Result<Upstream, O
     let credentials = resolve_credentials(route, &namespace, adapter.credential_keys(), secrets)?;
     Ok(Upstream {
         adapter,
-        target: Target { model: spec.model.name.clone(), api_base, credentials, config: spec.model.config.clone() },
+        target: Target {
+            model: spec.model.name.clone(),
+            api_base,
+            credentials,
+            config: spec.model.config.clone(),
+        },
     })
 }
 
@@ -142,11 +177,17 @@ fn resolve_credentials(
     let Some(secret_ref) = &route.spec.model.secret_ref else {
         return match keys {
             CredentialKeys::ApiKey { required: false } => Ok(credentials),
-            _ => Err(Outcome::not_ready(Reason::InvalidSpec, format!("provider {provider} needs spec.model.secretRef"))),
+            _ => Err(Outcome::not_ready(
+                Reason::InvalidSpec,
+                format!("provider {provider} needs spec.model.secretRef"),
+            )),
         };
     };
     let data = secrets.secret(namespace, &secret_ref.name).ok_or_else(|| {
-        Outcome::not_ready(Reason::SecretNotFound, format!("Secret {namespace}/{} not found", secret_ref.name))
+        Outcome::not_ready(
+            Reason::SecretNotFound,
+            format!("Secret {namespace}/{} not found", secret_ref.name),
+        )
     })?;
     let read = |key: &str| -> Result<Option<SecretValue>, Outcome> {
         match data.get(key) {
@@ -155,13 +196,19 @@ fn resolve_credentials(
                 Ok(v) if !v.is_empty() => Ok(Some(SecretValue::new(v))),
                 _ => Err(Outcome::not_ready(
                     Reason::SecretKeyMissing,
-                    format!("key {key:?} of Secret {namespace}/{} is empty or not UTF-8 text", secret_ref.name),
+                    format!(
+                        "key {key:?} of Secret {namespace}/{} is empty or not UTF-8 text",
+                        secret_ref.name
+                    ),
                 )),
             },
         }
     };
     let missing = |key: &str| {
-        Outcome::not_ready(Reason::SecretKeyMissing, format!("Secret {namespace}/{} has no key {key:?}", secret_ref.name))
+        Outcome::not_ready(
+            Reason::SecretKeyMissing,
+            format!("Secret {namespace}/{} has no key {key:?}", secret_ref.name),
+        )
     };
     match keys {
         CredentialKeys::ApiKey { .. } => {
@@ -198,7 +245,10 @@ mod tests {
                     provider,
                     name: "gpt-4o-mini".into(),
                     api_base: None,
-                    secret_ref: Some(SecretKeyRef { name: "openai".into(), key: "apiKey".into() }),
+                    secret_ref: Some(SecretKeyRef {
+                        name: "openai".into(),
+                        key: "apiKey".into(),
+                    }),
                     config: Default::default(),
                 },
                 limits: vec![],
@@ -221,14 +271,23 @@ mod tests {
     }
 
     fn outcome_of<'a>(r: &'a Reconciled, ns: &str) -> &'a Outcome {
-        &r.outcomes.iter().find(|o| o.namespace == ns).unwrap().outcome
+        &r.outcomes
+            .iter()
+            .find(|o| o.namespace == ns)
+            .unwrap()
+            .outcome
     }
 
     #[test]
     fn resolved_route_carries_key_model_and_default_base() {
-        let r = reconcile(&[route("a", "chat", 1, Provider::Openai)], &secrets(&[("a", "openai", "apiKey", "sk-1\n")]));
+        let r = reconcile(
+            &[route("a", "chat", 1, Provider::Openai)],
+            &secrets(&[("a", "openai", "apiKey", "sk-1\n")]),
+        );
         assert_eq!(outcome_of(&r, "a").reason, Reason::Resolved);
-        let RouteState::Ready(up) = &r.table.get("chat").unwrap().state else { panic!("not ready") };
+        let RouteState::Ready(up) = &r.table.get("chat").unwrap().state else {
+            panic!("not ready")
+        };
         assert_eq!(up.target.credentials.get(API_KEY), Some("sk-1"));
         assert_eq!(up.target.api_base, "https://api.openai.com/v1");
         assert_eq!(up.target.model, "gpt-4o-mini");
@@ -238,9 +297,18 @@ mod tests {
     fn missing_secret_and_missing_key() {
         let r = reconcile(&[route("a", "chat", 1, Provider::Openai)], &secrets(&[]));
         assert_eq!(outcome_of(&r, "a").reason, Reason::SecretNotFound);
-        assert!(matches!(r.table.get("chat").unwrap().state, RouteState::NotReady { reason: Reason::SecretNotFound, .. }));
+        assert!(matches!(
+            r.table.get("chat").unwrap().state,
+            RouteState::NotReady {
+                reason: Reason::SecretNotFound,
+                ..
+            }
+        ));
 
-        let r = reconcile(&[route("a", "chat", 1, Provider::Openai)], &secrets(&[("a", "openai", "other", "x")]));
+        let r = reconcile(
+            &[route("a", "chat", 1, Provider::Openai)],
+            &secrets(&[("a", "openai", "other", "x")]),
+        );
         let o = outcome_of(&r, "a");
         assert_eq!(o.reason, Reason::SecretKeyMissing);
         assert_eq!(o.message, "Secret a/openai has no key \"apiKey\"");
@@ -248,14 +316,25 @@ mod tests {
 
     #[test]
     fn secret_in_another_namespace_does_not_count() {
-        let r = reconcile(&[route("a", "chat", 1, Provider::Openai)], &secrets(&[("b", "openai", "apiKey", "sk")]));
+        let r = reconcile(
+            &[route("a", "chat", 1, Provider::Openai)],
+            &secrets(&[("b", "openai", "apiKey", "sk")]),
+        );
         assert_eq!(outcome_of(&r, "a").reason, Reason::SecretNotFound);
     }
 
     #[test]
     fn oldest_route_wins_a_name_conflict_then_lexical_namespace() {
-        let s = secrets(&[("a", "openai", "apiKey", "k"), ("b", "openai", "apiKey", "k"), ("c", "openai", "apiKey", "k")]);
-        let routes = [route("b", "chat", 5, Provider::Openai), route("c", "chat", 5, Provider::Openai), route("a", "chat", 9, Provider::Openai)];
+        let s = secrets(&[
+            ("a", "openai", "apiKey", "k"),
+            ("b", "openai", "apiKey", "k"),
+            ("c", "openai", "apiKey", "k"),
+        ]);
+        let routes = [
+            route("b", "chat", 5, Provider::Openai),
+            route("c", "chat", 5, Provider::Openai),
+            route("a", "chat", 9, Provider::Openai),
+        ];
         let r = reconcile(&routes, &s);
         assert_eq!(r.table.get("chat").unwrap().namespace, "b");
         assert_eq!(outcome_of(&r, "b").reason, Reason::Resolved);
@@ -270,8 +349,17 @@ mod tests {
     #[test]
     fn unsupported_provider_does_not_affect_others() {
         let s = secrets(&[("a", "openai", "apiKey", "k")]);
-        let r = reconcile(&[route("a", "good", 1, Provider::Openai), route("a", "bad", 1, Provider::Bedrock)], &s);
-        assert!(matches!(r.table.get("good").unwrap().state, RouteState::Ready(_)));
+        let r = reconcile(
+            &[
+                route("a", "good", 1, Provider::Openai),
+                route("a", "bad", 1, Provider::Bedrock),
+            ],
+            &s,
+        );
+        assert!(matches!(
+            r.table.get("good").unwrap().state,
+            RouteState::Ready(_)
+        ));
         let bad = r.outcomes.iter().find(|o| o.name == "bad").unwrap();
         assert_eq!(bad.outcome.reason, Reason::ProviderUnsupported);
     }
@@ -279,7 +367,10 @@ mod tests {
     #[test]
     fn credential_values_never_appear_in_outcomes() {
         let s = secrets(&[("a", "openai", "apiKey", "sk-topsecret")]);
-        let routes = [route("a", "x", 1, Provider::Openai), route("b", "x", 2, Provider::Openai)];
+        let routes = [
+            route("a", "x", 1, Provider::Openai),
+            route("b", "x", 2, Provider::Openai),
+        ];
         let r = reconcile(&routes, &s);
         for o in &r.outcomes {
             assert!(!o.outcome.message.contains("topsecret"));

@@ -25,14 +25,21 @@ pub struct SecretCache {
 
 impl SecretLookup for SecretCache {
     fn secret(&self, namespace: &str, name: &str) -> Option<&SecretData> {
-        self.entries.get(&(namespace.to_string(), name.to_string())).map(|(_, d)| d.as_ref())
+        self.entries
+            .get(&(namespace.to_string(), name.to_string()))
+            .map(|(_, d)| d.as_ref())
     }
 }
 
 impl SecretCache {
     /// Brings the cache in line with `wanted` and the metadata store. Returns false if some read
     /// failed (the old copy, if any, stays in use and the caller retries later).
-    pub async fn refresh(&mut self, client: &Client, wanted: HashSet<Key>, meta: &Store<PartialObjectMeta<Secret>>) -> bool {
+    pub async fn refresh(
+        &mut self,
+        client: &Client,
+        wanted: HashSet<Key>,
+        meta: &Store<PartialObjectMeta<Secret>>,
+    ) -> bool {
         self.entries.retain(|k, _| wanted.contains(k));
         let mut stale = Vec::new();
         for key in wanted {

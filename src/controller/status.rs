@@ -30,17 +30,27 @@ pub fn desired_status(route: &Route, outcome: &Outcome, now: Timestamp) -> Route
     RouteStatus {
         observed_generation: generation,
         url: Some(format!("/gateway/{name}/invocations")),
-        conditions: vec![ready_condition(outcome, generation, current_ready(route), now)],
+        conditions: vec![ready_condition(
+            outcome,
+            generation,
+            current_ready(route),
+            now,
+        )],
     }
 }
 
 fn current_ready(route: &Route) -> Option<&Condition> {
-    route.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+    route
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
 }
 
 /// Whether the fields this controller owns already hold `desired` (other managers' conditions are ignored).
 pub fn status_is_current(route: &Route, desired: &RouteStatus) -> bool {
-    let Some(current) = &route.status else { return false };
+    let Some(current) = &route.status else {
+        return false;
+    };
     current.observed_generation == desired.observed_generation
         && current.url == desired.url
         && current_ready(route) == desired.conditions.first()
@@ -64,7 +74,11 @@ pub async fn run_writer(
             None
         } else {
             let delay = backoff.next_delay();
-            warn!(failures, retry_in_ms = delay.as_millis() as u64, "some Route status writes failed; will retry");
+            warn!(
+                failures,
+                retry_in_ms = delay.as_millis() as u64,
+                "some Route status writes failed; will retry"
+            );
             Some(delay)
         };
         tokio::select! {
@@ -82,7 +96,12 @@ async fn sleep_or_forever(wait: Option<Duration>) {
     }
 }
 
-async fn write_all(client: &Client, routes: &Store<Route>, outcomes: &[RouteOutcome], recorder: &Recorder) -> usize {
+async fn write_all(
+    client: &Client,
+    routes: &Store<Route>,
+    outcomes: &[RouteOutcome],
+    recorder: &Recorder,
+) -> usize {
     let now = Timestamp::now();
     let writes: Vec<_> = outcomes
         .iter()
@@ -100,12 +119,25 @@ async fn write_all(client: &Client, routes: &Store<Route>, outcomes: &[RouteOutc
         .await
 }
 
-async fn write_one(client: &Client, recorder: &Recorder, route: Arc<Route>, desired: RouteStatus) -> bool {
+async fn write_one(
+    client: &Client,
+    recorder: &Recorder,
+    route: Arc<Route>,
+    desired: RouteStatus,
+) -> bool {
     let namespace = route.metadata.namespace.clone().unwrap_or_default();
     let name = route.metadata.name.clone().unwrap_or_default();
     let api: Api<Route> = Api::namespaced(client.clone(), &namespace);
-    let patch = json!({"apiVersion": "portcullis.dev/v1alpha1", "kind": "Route", "status": desired});
-    if let Err(e) = api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await {
+    let patch =
+        json!({"apiVersion": "portcullis.dev/v1alpha1", "kind": "Route", "status": desired});
+    if let Err(e) = api
+        .patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+    {
         // A Route deleted since the outcome was computed is not a failure.
         if matches!(&e, kube::Error::Api(s) if s.code == 404) {
             return true;
@@ -113,11 +145,17 @@ async fn write_one(client: &Client, recorder: &Recorder, route: Arc<Route>, desi
         warn!(route = %name, namespace = %namespace, error = %e, "writing Route status failed");
         return false;
     }
-    let (Some(new), old) = (desired.conditions.first(), current_ready(&route)) else { return true };
+    let (Some(new), old) = (desired.conditions.first(), current_ready(&route)) else {
+        return true;
+    };
     if old.map(|c| (&c.status, &c.reason)) != Some((&new.status, &new.reason)) {
         info!(route = %name, namespace = %namespace, ready = %new.status, reason = %new.reason, "Route readiness changed");
         let event = Event {
-            type_: if new.status == "True" { EventType::Normal } else { EventType::Warning },
+            type_: if new.status == "True" {
+                EventType::Normal
+            } else {
+                EventType::Warning
+            },
             reason: new.reason.clone(),
             note: Some(new.message.chars().take(1000).collect()),
             action: "Reconcile".into(),
@@ -140,7 +178,13 @@ mod tests {
             "chat",
             RouteSpec {
                 route_type: RouteType::Chat,
-                model: ModelSpec { provider: Provider::Openai, name: "m".into(), api_base: None, secret_ref: None, config: Default::default() },
+                model: ModelSpec {
+                    provider: Provider::Openai,
+                    name: "m".into(),
+                    api_base: None,
+                    secret_ref: None,
+                    config: Default::default(),
+                },
                 limits: vec![],
                 access: None,
             },
@@ -165,11 +209,21 @@ mod tests {
     #[test]
     fn new_generation_or_new_reason_needs_a_write() {
         let mut r = route(1);
-        r.status = Some(desired_status(&r, &Outcome::ready(), Timestamp::from_second(10).unwrap()));
+        r.status = Some(desired_status(
+            &r,
+            &Outcome::ready(),
+            Timestamp::from_second(10).unwrap(),
+        ));
         r.metadata.generation = Some(2);
-        assert!(!status_is_current(&r, &desired_status(&r, &Outcome::ready(), Timestamp::from_second(11).unwrap())));
+        assert!(!status_is_current(
+            &r,
+            &desired_status(&r, &Outcome::ready(), Timestamp::from_second(11).unwrap())
+        ));
         r.metadata.generation = Some(1);
         let lost = Outcome::not_ready(Reason::SecretNotFound, "gone");
-        assert!(!status_is_current(&r, &desired_status(&r, &lost, Timestamp::from_second(11).unwrap())));
+        assert!(!status_is_current(
+            &r,
+            &desired_status(&r, &lost, Timestamp::from_second(11).unwrap())
+        ));
     }
 }

@@ -6,7 +6,11 @@ use serde_json::{Map, Value};
 
 use super::error::GatewayError;
 
-pub async fn read_json_object(headers: &HeaderMap, body: Body, limit: usize) -> Result<Map<String, Value>, GatewayError> {
+pub async fn read_json_object(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<Map<String, Value>, GatewayError> {
     if let Some(ct) = headers.get(header::CONTENT_TYPE) {
         let ct = ct.to_str().unwrap_or_default().to_ascii_lowercase();
         let essence = ct.split(';').next().unwrap_or_default().trim();
@@ -24,7 +28,8 @@ pub async fn read_json_object(headers: &HeaderMap, body: Body, limit: usize) -> 
         return Err(GatewayError::PayloadTooLarge { limit });
     }
     let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
-        if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>()) {
+        if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+        {
             GatewayError::PayloadTooLarge { limit }
         } else {
             GatewayError::bad_request("could not read the request body")
@@ -35,15 +40,24 @@ pub async fn read_json_object(headers: &HeaderMap, body: Body, limit: usize) -> 
 
 pub fn parse_json_object(bytes: &[u8]) -> Result<Map<String, Value>, GatewayError> {
     let text = std::str::from_utf8(bytes).map_err(|e| {
-        GatewayError::bad_request(format!("the request body is not valid UTF-8 (invalid byte at offset {})", e.valid_up_to()))
+        GatewayError::bad_request(format!(
+            "the request body is not valid UTF-8 (invalid byte at offset {})",
+            e.valid_up_to()
+        ))
     })?;
     if text.trim().is_empty() {
-        return Err(GatewayError::bad_request("the request body is empty; expected a JSON object"));
+        return Err(GatewayError::bad_request(
+            "the request body is empty; expected a JSON object",
+        ));
     }
     match serde_json::from_str::<Value>(text) {
         Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => Err(GatewayError::bad_request("the request body must be a JSON object")),
-        Err(e) => Err(GatewayError::bad_request(format!("the request body is not valid JSON: {e}"))),
+        Ok(_) => Err(GatewayError::bad_request(
+            "the request body must be a JSON object",
+        )),
+        Err(e) => Err(GatewayError::bad_request(format!(
+            "the request body is not valid JSON: {e}"
+        ))),
     }
 }
 
@@ -53,7 +67,12 @@ mod tests {
 
     #[test]
     fn rejects_bad_bodies_with_clear_messages() {
-        let msg = |b: &[u8]| parse_json_object(b).err().map(|e| e.to_string()).unwrap_or_default();
+        let msg = |b: &[u8]| {
+            parse_json_object(b)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
         assert!(msg(b"\xff\xfe").contains("UTF-8"));
         assert!(msg(b"{").contains("not valid JSON"));
         assert!(msg(b"[1]").contains("JSON object"));

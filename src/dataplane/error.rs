@@ -12,13 +12,20 @@ use crate::providers::ProviderError;
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
     #[error("{message}")]
-    BadRequest { message: String, param: Option<&'static str> },
+    BadRequest {
+        message: String,
+        param: Option<&'static str>,
+    },
     #[error("{0}")]
     Unprocessable(String),
     #[error("route {0:?} does not exist")]
     UnknownRoute(String),
     #[error("route {route:?} serves {actual}, not {requested}")]
-    WrongRouteType { route: String, actual: RouteType, requested: RouteType },
+    WrongRouteType {
+        route: String,
+        actual: RouteType,
+        requested: RouteType,
+    },
     #[error("no such path: {0}")]
     NoSuchPath(String),
     #[error("method not allowed for this path")]
@@ -28,10 +35,18 @@ pub enum GatewayError {
     #[error("{0}")]
     UnsupportedMediaType(String),
     #[error("route {route:?} is not ready ({}): {message}", reason.as_str())]
-    RouteNotReady { route: String, reason: Reason, message: String },
+    RouteNotReady {
+        route: String,
+        reason: Reason,
+        message: String,
+    },
     /// The provider rejected or failed the call; `message` is already stripped of credentials.
     #[error("{message}")]
-    Upstream { status: StatusCode, message: String, retry_after: Option<u64> },
+    Upstream {
+        status: StatusCode,
+        message: String,
+        retry_after: Option<u64>,
+    },
     #[error("upstream provider returned a malformed response: {0}")]
     UpstreamMalformed(String),
     #[error("{0}")]
@@ -42,16 +57,24 @@ pub enum GatewayError {
 
 impl GatewayError {
     pub fn bad_request(message: impl Into<String>) -> Self {
-        GatewayError::BadRequest { message: message.into(), param: None }
+        GatewayError::BadRequest {
+            message: message.into(),
+            param: None,
+        }
     }
 
     pub fn bad_param(param: &'static str, message: impl Into<String>) -> Self {
-        GatewayError::BadRequest { message: message.into(), param: Some(param) }
+        GatewayError::BadRequest {
+            message: message.into(),
+            param: Some(param),
+        }
     }
 
     pub fn status(&self) -> StatusCode {
         match self {
-            GatewayError::BadRequest { .. } | GatewayError::WrongRouteType { .. } => StatusCode::BAD_REQUEST,
+            GatewayError::BadRequest { .. } | GatewayError::WrongRouteType { .. } => {
+                StatusCode::BAD_REQUEST
+            }
             GatewayError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             GatewayError::UnknownRoute(_) | GatewayError::NoSuchPath(_) => StatusCode::NOT_FOUND,
             GatewayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -59,7 +82,9 @@ impl GatewayError {
             GatewayError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             GatewayError::RouteNotReady { .. } => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::Upstream { status, .. } => upstream_status(*status),
-            GatewayError::UpstreamMalformed(_) | GatewayError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
+            GatewayError::UpstreamMalformed(_) | GatewayError::UpstreamUnreachable(_) => {
+                StatusCode::BAD_GATEWAY
+            }
             GatewayError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -102,7 +127,15 @@ impl GatewayError {
         match err {
             ProviderError::Unsupported(message) => GatewayError::bad_request(message),
             ProviderError::MalformedResponse(message) => GatewayError::UpstreamMalformed(message),
-            ProviderError::Upstream { status, message, retry_after } => GatewayError::Upstream { status, message, retry_after },
+            ProviderError::Upstream {
+                status,
+                message,
+                retry_after,
+            } => GatewayError::Upstream {
+                status,
+                message,
+                retry_after,
+            },
         }
     }
 }
@@ -132,7 +165,9 @@ fn openai_type(status: StatusCode) -> &'static str {
 
 fn with_retry_after(mut response: Response, retry_after: Option<u64>) -> Response {
     if let Some(secs) = retry_after {
-        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
     response
 }
@@ -171,7 +206,10 @@ impl From<GatewayError> for MlflowError {
 impl IntoResponse for MlflowError {
     fn into_response(self) -> Response {
         let status = self.0.status();
-        with_retry_after((status, Json(json!({"detail": self.0.to_string()}))).into_response(), self.0.retry_after())
+        with_retry_after(
+            (status, Json(json!({"detail": self.0.to_string()}))).into_response(),
+            self.0.retry_after(),
+        )
     }
 }
 
@@ -181,7 +219,15 @@ mod tests {
 
     #[test]
     fn upstream_statuses_map_per_contract() {
-        let up = |s: u16| GatewayError::Upstream { status: StatusCode::from_u16(s).unwrap(), message: String::new(), retry_after: None }.status().as_u16();
+        let up = |s: u16| {
+            GatewayError::Upstream {
+                status: StatusCode::from_u16(s).unwrap(),
+                message: String::new(),
+                retry_after: None,
+            }
+            .status()
+            .as_u16()
+        };
         assert_eq!(up(400), 400);
         assert_eq!(up(401), 401);
         assert_eq!(up(429), 429);

@@ -20,25 +20,47 @@ pub struct ServingRoute {
 }
 
 /// Finds `name` in the current table and checks it can serve `route_type`.
-pub fn lookup(state: &AppState, name: &str, route_type: RouteType) -> Result<ServingRoute, GatewayError> {
+pub fn lookup(
+    state: &AppState,
+    name: &str,
+    route_type: RouteType,
+) -> Result<ServingRoute, GatewayError> {
     let table = state.table.load();
-    let entry = table.get(name).ok_or_else(|| GatewayError::UnknownRoute(name.to_string()))?;
+    let entry = table
+        .get(name)
+        .ok_or_else(|| GatewayError::UnknownRoute(name.to_string()))?;
     if entry.route_type != route_type {
-        return Err(GatewayError::WrongRouteType { route: name.to_string(), actual: entry.route_type, requested: route_type });
+        return Err(GatewayError::WrongRouteType {
+            route: name.to_string(),
+            actual: entry.route_type,
+            requested: route_type,
+        });
     }
     match &entry.state {
-        RouteState::Ready(upstream) => Ok(ServingRoute { entry: Arc::clone(entry), upstream: Arc::clone(upstream) }),
-        RouteState::NotReady { reason, message } => {
-            Err(GatewayError::RouteNotReady { route: name.to_string(), reason: *reason, message: message.clone() })
-        }
+        RouteState::Ready(upstream) => Ok(ServingRoute {
+            entry: Arc::clone(entry),
+            upstream: Arc::clone(upstream),
+        }),
+        RouteState::NotReady { reason, message } => Err(GatewayError::RouteNotReady {
+            route: name.to_string(),
+            reason: *reason,
+            message: message.clone(),
+        }),
     }
 }
 
 /// Non-streaming call: one request, one parsed answer.
-pub async fn invoke(state: &AppState, route: &ServingRoute, request: &LlmRequest) -> Result<LlmResponse, GatewayError> {
+pub async fn invoke(
+    state: &AppState,
+    route: &ServingRoute,
+    request: &LlmRequest,
+) -> Result<LlmResponse, GatewayError> {
     let upstream = &route.upstream;
     let response = send(state, upstream, request, Some(state.upstream_timeout)).await?;
-    let body = response.bytes().await.map_err(|e| transport_error(upstream, state.upstream_timeout, &e))?;
+    let body = response
+        .bytes()
+        .await
+        .map_err(|e| transport_error(upstream, state.upstream_timeout, &e))?;
     upstream
         .adapter
         .parse_response(&upstream.target, route.entry.route_type, &body)
@@ -51,9 +73,13 @@ pub async fn invoke_stream(
     state: &AppState,
     route: &ServingRoute,
     request: &LlmRequest,
-) -> Result<impl Stream<Item = Result<Vec<StreamDelta>, GatewayError>> + Send + 'static, GatewayError> {
+) -> Result<impl Stream<Item = Result<Vec<StreamDelta>, GatewayError>> + Send + 'static, GatewayError>
+{
     let response = send(state, &route.upstream, request, None).await?;
-    let decoder = route.upstream.adapter.stream_decoder(route.entry.route_type);
+    let decoder = route
+        .upstream
+        .adapter
+        .stream_decoder(route.entry.route_type);
     let upstream = Arc::clone(&route.upstream);
     let timeout = state.upstream_timeout;
     let bytes = response.bytes_stream();
@@ -69,7 +95,9 @@ pub async fn invoke_stream(
                         Ok(()) => return Some((Ok(out), Some((bytes, decoder, upstream)))),
                         Err(e) => return Some((Err(provider_error(&upstream, e)), None)),
                     },
-                    Some(Err(e)) => return Some((Err(transport_error(&upstream, timeout, &e)), None)),
+                    Some(Err(e)) => {
+                        return Some((Err(transport_error(&upstream, timeout, &e)), None));
+                    }
                     None => {
                         return match finish(decoder.as_mut(), &mut out) {
                             Ok(()) if out.is_empty() => None,
@@ -83,7 +111,10 @@ pub async fn invoke_stream(
     ))
 }
 
-fn finish(decoder: &mut dyn StreamDecoder, out: &mut Vec<StreamDelta>) -> Result<(), ProviderError> {
+fn finish(
+    decoder: &mut dyn StreamDecoder,
+    out: &mut Vec<StreamDelta>,
+) -> Result<(), ProviderError> {
     decoder.finish(out)
 }
 
@@ -93,19 +124,32 @@ async fn send(
     request: &LlmRequest,
     timeout: Option<Duration>,
 ) -> Result<reqwest::Response, GatewayError> {
-    let built = upstream.adapter.build_request(&upstream.target, request).map_err(|e| provider_error(upstream, e))?;
-    let mut call = state.http.request(built.method, built.url).headers(built.headers).body(built.body);
+    let built = upstream
+        .adapter
+        .build_request(&upstream.target, request)
+        .map_err(|e| provider_error(upstream, e))?;
+    let mut call = state
+        .http
+        .request(built.method, built.url)
+        .headers(built.headers)
+        .body(built.body);
     if let Some(t) = timeout {
         call = call.timeout(t);
     }
-    let response = call.send().await.map_err(|e| transport_error(upstream, state.upstream_timeout, &e))?;
+    let response = call
+        .send()
+        .await
+        .map_err(|e| transport_error(upstream, state.upstream_timeout, &e))?;
     let status = response.status();
     if status.is_success() {
         return Ok(response);
     }
     let headers = response.headers().clone();
     let body: Bytes = response.bytes().await.unwrap_or_default();
-    Err(provider_error(upstream, upstream.adapter.parse_error(status, &headers, &body)))
+    Err(provider_error(
+        upstream,
+        upstream.adapter.parse_error(status, &headers, &body),
+    ))
 }
 
 /// Provider errors with any echo of the route's credentials removed.
@@ -114,9 +158,15 @@ fn provider_error(upstream: &Upstream, err: ProviderError) -> GatewayError {
     GatewayError::from_provider(match err {
         ProviderError::Unsupported(m) => ProviderError::Unsupported(redact(m)),
         ProviderError::MalformedResponse(m) => ProviderError::MalformedResponse(redact(m)),
-        ProviderError::Upstream { status, message, retry_after } => {
-            ProviderError::Upstream { status, message: redact(message), retry_after }
-        }
+        ProviderError::Upstream {
+            status,
+            message,
+            retry_after,
+        } => ProviderError::Upstream {
+            status,
+            message: redact(message),
+            retry_after,
+        },
     })
 }
 
@@ -128,7 +178,9 @@ fn transport_error(upstream: &Upstream, timeout: Duration, err: &reqwest::Error)
     } else if err.is_connect() {
         GatewayError::UpstreamUnreachable(format!("could not connect to the {provider} provider"))
     } else if err.is_body() || err.is_decode() {
-        GatewayError::UpstreamUnreachable(format!("the connection to the {provider} provider broke while reading its answer"))
+        GatewayError::UpstreamUnreachable(format!(
+            "the connection to the {provider} provider broke while reading its answer"
+        ))
     } else {
         GatewayError::UpstreamUnreachable(format!("the request to the {provider} provider failed"))
     }

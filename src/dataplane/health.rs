@@ -21,7 +21,10 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, &'static
     if state.ready.load(Ordering::Acquire) {
         (StatusCode::OK, "ok")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "waiting for the first complete sync of Routes and Secrets")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "waiting for the first complete sync of Routes and Secrets",
+        )
     }
 }
 

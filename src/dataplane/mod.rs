@@ -55,6 +55,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/readyz", get(health::readyz))
         .route("/health", get(health::health))
         .method_not_allowed_fallback(|| async { OpenAiError(GatewayError::MethodNotAllowed) })
-        .fallback(|OriginalUri(uri): OriginalUri| async move { OpenAiError(GatewayError::NoSuchPath(uri.path().to_string())) })
+        .fallback(|OriginalUri(uri): OriginalUri| async move {
+            OpenAiError(GatewayError::NoSuchPath(uri.path().to_string()))
+        })
         .with_state(state)
 }

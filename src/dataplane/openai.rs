@@ -13,47 +13,78 @@ use futures::{Stream, StreamExt};
 use http::{HeaderMap, HeaderValue, header};
 use serde_json::{Map, Value, json};
 
+use super::AppState;
 use super::body::read_json_object;
 use super::error::{GatewayError, OpenAiError};
 use super::forward::{self, ServingRoute};
 use super::request::{require_string, take_messages, take_params, take_stream, take_string};
-use super::AppState;
 use crate::api::RouteType;
 use crate::llm::{
-    ChatRequest, CompletionsRequest, Embeddings, EmbeddingsRequest, Generation, LlmRequest, LlmResponse, StreamDelta,
-    StreamOptions, Usage, unix_now,
+    ChatRequest, CompletionsRequest, Embeddings, EmbeddingsRequest, Generation, LlmRequest,
+    LlmResponse, StreamDelta, StreamOptions, Usage, unix_now,
 };
 
 type Result<T, E = OpenAiError> = std::result::Result<T, E>;
 
-pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Result<Response> {
+pub async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response> {
     let mut body = read_json_object(&headers, body, state.body_limit).await?;
-    let route = forward::lookup(&state, &require_string(&mut body, "model")?, RouteType::Chat)?;
+    let route = forward::lookup(
+        &state,
+        &require_string(&mut body, "model")?,
+        RouteType::Chat,
+    )?;
     let request = parse_chat(body)?;
     Ok(respond(&state, &route, request, true).await?)
 }
 
-pub async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Result<Response> {
+pub async fn completions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response> {
     let mut body = read_json_object(&headers, body, state.body_limit).await?;
-    let route = forward::lookup(&state, &require_string(&mut body, "model")?, RouteType::Completions)?;
+    let route = forward::lookup(
+        &state,
+        &require_string(&mut body, "model")?,
+        RouteType::Completions,
+    )?;
     let request = parse_completions(body)?;
     Ok(respond(&state, &route, request, true).await?)
 }
 
-pub async fn embeddings(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Result<Response> {
+pub async fn embeddings(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response> {
     let mut body = read_json_object(&headers, body, state.body_limit).await?;
-    let route = forward::lookup(&state, &require_string(&mut body, "model")?, RouteType::Embeddings)?;
+    let route = forward::lookup(
+        &state,
+        &require_string(&mut body, "model")?,
+        RouteType::Embeddings,
+    )?;
     let request = parse_embeddings(body, "input")?;
     Ok(respond(&state, &route, request, true).await?)
 }
 
 pub async fn list_models(State(state): State<Arc<AppState>>) -> Json<Value> {
     let table = state.table.load();
-    let data: Vec<Value> = table.routes().iter().map(|e| model_object(&e.name, e.provider.as_str())).collect();
+    let data: Vec<Value> = table
+        .routes()
+        .iter()
+        .map(|e| model_object(&e.name, e.provider.as_str()))
+        .collect();
     Json(json!({"object": "list", "data": data}))
 }
 
-pub async fn get_model(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Result<Json<Value>> {
+pub async fn get_model(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>> {
     let table = state.table.load();
     let entry = table.get(&name).ok_or(GatewayError::UnknownRoute(name))?;
     Ok(Json(model_object(&entry.name, entry.provider.as_str())))
@@ -79,8 +110,15 @@ pub fn parse_completions(mut body: Map<String, Value>) -> Result<LlmRequest, Gat
         Some(Value::Array(items)) if items.len() == 1 && items[0].is_string() => {
             items[0].as_str().unwrap_or_default().to_string()
         }
-        None | Some(Value::Null) => return Err(GatewayError::bad_param("prompt", "'prompt' is required")),
-        Some(_) => return Err(GatewayError::bad_param("prompt", "'prompt' must be a string")),
+        None | Some(Value::Null) => {
+            return Err(GatewayError::bad_param("prompt", "'prompt' is required"));
+        }
+        Some(_) => {
+            return Err(GatewayError::bad_param(
+                "prompt",
+                "'prompt' must be a string",
+            ));
+        }
     };
     Ok(LlmRequest::Completions(CompletionsRequest {
         prompt,
@@ -91,22 +129,46 @@ pub fn parse_completions(mut body: Map<String, Value>) -> Result<LlmRequest, Gat
 }
 
 /// Embeddings input from `field`: a string or a non-empty list of strings.
-pub fn parse_embeddings(mut body: Map<String, Value>, field: &'static str) -> Result<LlmRequest, GatewayError> {
+pub fn parse_embeddings(
+    mut body: Map<String, Value>,
+    field: &'static str,
+) -> Result<LlmRequest, GatewayError> {
     let input = match body.remove(field) {
         Some(Value::String(s)) => vec![s],
         Some(Value::Array(items)) if !items.is_empty() => items
             .into_iter()
             .map(|v| match v {
                 Value::String(s) => Ok(s),
-                _ => Err(GatewayError::bad_param(field, format!("'{field}' must be a string or a list of strings"))),
+                _ => Err(GatewayError::bad_param(
+                    field,
+                    format!("'{field}' must be a string or a list of strings"),
+                )),
             })
             .collect::<Result<Vec<_>, _>>()?,
-        Some(Value::Array(_)) => return Err(GatewayError::bad_param(field, format!("'{field}' must not be empty"))),
-        None | Some(Value::Null) => return Err(GatewayError::bad_param(field, format!("'{field}' is required"))),
-        Some(_) => return Err(GatewayError::bad_param(field, format!("'{field}' must be a string or a list of strings"))),
+        Some(Value::Array(_)) => {
+            return Err(GatewayError::bad_param(
+                field,
+                format!("'{field}' must not be empty"),
+            ));
+        }
+        None | Some(Value::Null) => {
+            return Err(GatewayError::bad_param(
+                field,
+                format!("'{field}' is required"),
+            ));
+        }
+        Some(_) => {
+            return Err(GatewayError::bad_param(
+                field,
+                format!("'{field}' must be a string or a list of strings"),
+            ));
+        }
     };
     let _ = take_string(&mut body, "encoding_format")?;
-    Ok(LlmRequest::Embeddings(EmbeddingsRequest { input, extra: body }))
+    Ok(LlmRequest::Embeddings(EmbeddingsRequest {
+        input,
+        extra: body,
+    }))
 }
 
 /// Calls the route and answers in OpenAI's shapes, streaming when asked. `done_marker` ends a
@@ -120,7 +182,13 @@ pub async fn respond(
     let stream = request.stream();
     if stream.stream {
         let deltas = forward::invoke_stream(state, route, &request).await?;
-        return Ok(sse_response(openai_stream(deltas, route, request.route_type(), stream, done_marker)));
+        return Ok(sse_response(openai_stream(
+            deltas,
+            route,
+            request.route_type(),
+            stream,
+            done_marker,
+        )));
     }
     let answer = forward::invoke(state, route, &request).await?;
     Ok(Json(render(&answer, route)).into_response())
@@ -135,7 +203,11 @@ pub fn render(answer: &LlmResponse, route: &ServingRoute) -> Value {
 }
 
 fn model_name<'a>(reported: &'a str, route: &'a ServingRoute) -> &'a str {
-    if reported.is_empty() { &route.entry.model } else { reported }
+    if reported.is_empty() {
+        &route.entry.model
+    } else {
+        reported
+    }
 }
 
 fn render_generation(g: &Generation, route: &ServingRoute) -> Value {
@@ -183,13 +255,22 @@ fn response_id(chat: bool) -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(1);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    if chat { format!("chatcmpl-portcullis-{n}") } else { format!("cmpl-portcullis-{n}") }
+    if chat {
+        format!("chatcmpl-portcullis-{n}")
+    } else {
+        format!("cmpl-portcullis-{n}")
+    }
 }
 
 pub fn sse_response(body: impl Stream<Item = Bytes> + Send + 'static) -> Response {
-    let mut response = Response::new(Body::from_stream(body.map(Ok::<_, std::convert::Infallible>)));
+    let mut response = Response::new(Body::from_stream(
+        body.map(Ok::<_, std::convert::Infallible>),
+    ));
     let h = response.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     response
@@ -214,7 +295,11 @@ fn openai_stream(
     let fallback_id = response_id(chat);
     let fallback_model = route.entry.model.clone();
     let created = unix_now();
-    let object = if chat { "chat.completion.chunk" } else { "text_completion" };
+    let object = if chat {
+        "chat.completion.chunk"
+    } else {
+        "text_completion"
+    };
     let frames = deltas.map(move |item| {
         let mut buf = BytesMut::new();
         match item {
@@ -254,5 +339,7 @@ fn openai_stream(
         buf.freeze()
     });
     let done = futures::stream::iter(done_marker.then(|| Bytes::from_static(b"data: [DONE]\n\n")));
-    frames.chain(done).filter(|b| futures::future::ready(!b.is_empty()))
+    frames
+        .chain(done)
+        .filter(|b| futures::future::ready(!b.is_empty()))
 }

@@ -54,7 +54,10 @@ impl Credentials {
             out = out.replace(secret, "[REDACTED]");
             if secret.len() >= FRAGMENT && secret.is_char_boundary(FRAGMENT) {
                 let leaks = |word: &str| {
-                    secret.as_bytes().windows(FRAGMENT).any(|w| word.as_bytes().windows(FRAGMENT).any(|x| x == w))
+                    secret
+                        .as_bytes()
+                        .windows(FRAGMENT)
+                        .any(|w| word.as_bytes().windows(FRAGMENT).any(|x| x == w))
                 };
                 if out.split_whitespace().any(|w| leaks(w)) {
                     out = out
@@ -85,8 +88,14 @@ mod tests {
     fn redacts_whole_and_partial_echoes() {
         let mut c = Credentials::default();
         c.insert("apiKey", SecretValue::new("sk-abcdefghijklmnop"));
-        assert_eq!(c.redact("bad key sk-abcdefghijklmnop here"), "bad key [REDACTED] here");
-        assert_eq!(c.redact("Incorrect API key provided: sk-abcdefgh****mnop."), "Incorrect API key provided: [REDACTED]");
+        assert_eq!(
+            c.redact("bad key sk-abcdefghijklmnop here"),
+            "bad key [REDACTED] here"
+        );
+        assert_eq!(
+            c.redact("Incorrect API key provided: sk-abcdefgh****mnop."),
+            "Incorrect API key provided: [REDACTED]"
+        );
         assert_eq!(c.redact("nothing to see"), "nothing to see");
     }
 }

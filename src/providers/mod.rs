@@ -43,7 +43,10 @@ pub enum CredentialKeys {
     /// One API key, read from `secretRef.key`; `required: false` for servers that may run without one.
     ApiKey { required: bool },
     /// Fixed, well-known keys (for example AWS access keys).
-    Named { required: &'static [&'static str], optional: &'static [&'static str] },
+    Named {
+        required: &'static [&'static str],
+        optional: &'static [&'static str],
+    },
 }
 
 /// The name under which a single API key is held in `Credentials`.
@@ -59,7 +62,11 @@ pub enum ProviderError {
     MalformedResponse(String),
     /// The provider answered with an error status.
     #[error("{message}")]
-    Upstream { status: StatusCode, message: String, retry_after: Option<u64> },
+    Upstream {
+        status: StatusCode,
+        message: String,
+        retry_after: Option<u64>,
+    },
 }
 
 /// One provider's wire format.
@@ -70,8 +77,17 @@ pub trait ProviderAdapter: Send + Sync + 'static {
     fn credential_keys(&self) -> CredentialKeys;
     /// Used when the Route has no `apiBase`; `None` makes `apiBase` required.
     fn default_api_base(&self) -> Option<&'static str>;
-    fn build_request(&self, target: &Target, request: &LlmRequest) -> Result<UpstreamRequest, ProviderError>;
-    fn parse_response(&self, target: &Target, route_type: RouteType, body: &[u8]) -> Result<LlmResponse, ProviderError>;
+    fn build_request(
+        &self,
+        target: &Target,
+        request: &LlmRequest,
+    ) -> Result<UpstreamRequest, ProviderError>;
+    fn parse_response(
+        &self,
+        target: &Target,
+        route_type: RouteType,
+        body: &[u8],
+    ) -> Result<LlmResponse, ProviderError>;
     /// Maps a non-success answer; `retry_after` comes from the response headers when present.
     fn parse_error(&self, status: StatusCode, headers: &HeaderMap, body: &[u8]) -> ProviderError;
     /// A fresh incremental parser for one streamed answer.
@@ -111,7 +127,10 @@ pub fn error_message(body: &[u8]) -> Option<String> {
         value.get("detail"),
         value.get("error"),
     ];
-    candidates.into_iter().flatten().find_map(|v| v.as_str().map(str::to_string))
+    candidates
+        .into_iter()
+        .flatten()
+        .find_map(|v| v.as_str().map(str::to_string))
 }
 
 /// Status text fallback when a provider error body has no usable message.

@@ -7,13 +7,13 @@ use serde_json::{Map, Value, json};
 
 use super::sse::{SseEvent, SseParser};
 use super::{
-    API_KEY, CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder, Target, UpstreamRequest, error_message,
-    fallback_message, retry_after_secs,
+    API_KEY, CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder, Target,
+    UpstreamRequest, error_message, fallback_message, retry_after_secs,
 };
 use crate::api::{Provider, RouteType};
 use crate::llm::{
-    ChatRequest, Choice, CompletionsRequest, Embeddings, EmbeddingsRequest, Generation, LlmRequest, LlmResponse,
-    Params, StreamDelta, StreamOptions, Usage, unix_now,
+    ChatRequest, Choice, CompletionsRequest, Embeddings, EmbeddingsRequest, Generation, LlmRequest,
+    LlmResponse, Params, StreamDelta, StreamOptions, Usage, unix_now,
 };
 
 pub struct OpenAi;
@@ -24,7 +24,11 @@ impl ProviderAdapter for OpenAi {
     }
 
     fn route_types(&self) -> &'static [RouteType] {
-        &[RouteType::Chat, RouteType::Completions, RouteType::Embeddings]
+        &[
+            RouteType::Chat,
+            RouteType::Completions,
+            RouteType::Embeddings,
+        ]
     }
 
     fn credential_keys(&self) -> CredentialKeys {
@@ -35,17 +39,34 @@ impl ProviderAdapter for OpenAi {
         Some("https://api.openai.com/v1")
     }
 
-    fn build_request(&self, target: &Target, request: &LlmRequest) -> Result<UpstreamRequest, ProviderError> {
+    fn build_request(
+        &self,
+        target: &Target,
+        request: &LlmRequest,
+    ) -> Result<UpstreamRequest, ProviderError> {
         let (path, body) = request_body(&target.model, request);
         let mut headers = HeaderMap::new();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         if let Some(key) = target.credentials.get(API_KEY) {
-            let value = HeaderValue::from_str(&format!("Bearer {key}"))
-                .map_err(|_| ProviderError::Unsupported("the API key holds characters not allowed in a header".into()))?;
+            let value = HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| {
+                ProviderError::Unsupported(
+                    "the API key holds characters not allowed in a header".into(),
+                )
+            })?;
             headers.insert(header::AUTHORIZATION, sensitive(value));
         }
-        for (config_key, header_name) in [("organization", "openai-organization"), ("project", "openai-project")] {
-            if let Some(v) = target.config.get(config_key).and_then(|v| HeaderValue::from_str(v).ok()) {
+        for (config_key, header_name) in [
+            ("organization", "openai-organization"),
+            ("project", "openai-project"),
+        ] {
+            if let Some(v) = target
+                .config
+                .get(config_key)
+                .and_then(|v| HeaderValue::from_str(v).ok())
+            {
                 headers.insert(header_name, v);
             }
         }
@@ -57,7 +78,12 @@ impl ProviderAdapter for OpenAi {
         })
     }
 
-    fn parse_response(&self, _target: &Target, route_type: RouteType, body: &[u8]) -> Result<LlmResponse, ProviderError> {
+    fn parse_response(
+        &self,
+        _target: &Target,
+        route_type: RouteType,
+        body: &[u8],
+    ) -> Result<LlmResponse, ProviderError> {
         parse_response(route_type, body)
     }
 
@@ -70,7 +96,11 @@ impl ProviderAdapter for OpenAi {
     }
 
     fn stream_decoder(&self, route_type: RouteType) -> Box<dyn StreamDecoder> {
-        Box::new(OpenAiStream { sse: SseParser::default(), events: Vec::new(), route_type })
+        Box::new(OpenAiStream {
+            sse: SseParser::default(),
+            events: Vec::new(),
+            route_type,
+        })
     }
 }
 
@@ -83,12 +113,22 @@ pub(super) fn sensitive(mut value: HeaderValue) -> HeaderValue {
 /// The OpenAI request body for `request` and the path it goes to; shared with OpenAI-compatible servers.
 pub(super) fn request_body(model: &str, request: &LlmRequest) -> (&'static str, Value) {
     match request {
-        LlmRequest::Chat(ChatRequest { messages, params, stream, extra }) => {
+        LlmRequest::Chat(ChatRequest {
+            messages,
+            params,
+            stream,
+            extra,
+        }) => {
             let mut body = base_body(model, extra, params, stream);
             body.insert("messages".into(), json!(messages));
             ("/chat/completions", Value::Object(body))
         }
-        LlmRequest::Completions(CompletionsRequest { prompt, params, stream, extra }) => {
+        LlmRequest::Completions(CompletionsRequest {
+            prompt,
+            params,
+            stream,
+            extra,
+        }) => {
             let mut body = base_body(model, extra, params, stream);
             body.insert("prompt".into(), json!(prompt));
             ("/completions", Value::Object(body))
@@ -102,7 +142,12 @@ pub(super) fn request_body(model: &str, request: &LlmRequest) -> (&'static str, 
     }
 }
 
-fn base_body(model: &str, extra: &Map<String, Value>, params: &Params, stream: &StreamOptions) -> Map<String, Value> {
+fn base_body(
+    model: &str,
+    extra: &Map<String, Value>,
+    params: &Params,
+    stream: &StreamOptions,
+) -> Map<String, Value> {
     let mut body = extra.clone();
     body.insert("model".into(), json!(model));
     if let Ok(Value::Object(p)) = serde_json::to_value(params) {
@@ -176,7 +221,10 @@ struct WireEmbedding {
 }
 
 /// Parses an OpenAI-shaped answer; shared with OpenAI-compatible servers.
-pub(super) fn parse_response(route_type: RouteType, body: &[u8]) -> Result<LlmResponse, ProviderError> {
+pub(super) fn parse_response(
+    route_type: RouteType,
+    body: &[u8],
+) -> Result<LlmResponse, ProviderError> {
     let malformed = |e: serde_json::Error| ProviderError::MalformedResponse(e.to_string());
     match route_type {
         RouteType::Embeddings => {
@@ -201,7 +249,12 @@ pub(super) fn parse_response(route_type: RouteType, body: &[u8]) -> Result<LlmRe
                         }
                         None => (c.text.unwrap_or_default(), Map::new()),
                     };
-                    Choice { index: c.index, text, finish_reason: c.finish_reason, message_extra }
+                    Choice {
+                        index: c.index,
+                        text,
+                        finish_reason: c.finish_reason,
+                        message_extra,
+                    }
                 })
                 .collect();
             Ok(LlmResponse::Generation(Generation {
@@ -252,10 +305,16 @@ impl OpenAiStream {
             if event.data == "[DONE]" {
                 continue;
             }
-            let chunk: WireChunk =
-                serde_json::from_str(&event.data).map_err(|e| ProviderError::MalformedResponse(e.to_string()))?;
-            if let Some(err) = serde_json::from_str::<Value>(&event.data).ok().and_then(|v| v.get("error").cloned()) {
-                let message = err.get("message").and_then(Value::as_str).unwrap_or("upstream stream error");
+            let chunk: WireChunk = serde_json::from_str(&event.data)
+                .map_err(|e| ProviderError::MalformedResponse(e.to_string()))?;
+            if let Some(err) = serde_json::from_str::<Value>(&event.data)
+                .ok()
+                .and_then(|v| v.get("error").cloned())
+            {
+                let message = err
+                    .get("message")
+                    .and_then(Value::as_str)
+                    .unwrap_or("upstream stream error");
                 return Err(ProviderError::Upstream {
                     status: StatusCode::BAD_GATEWAY,
                     message: message.to_string(),
@@ -265,7 +324,13 @@ impl OpenAiStream {
             let usage = chunk.usage.map(Usage::from);
             if chunk.choices.is_empty() {
                 if usage.is_some() {
-                    out.push(StreamDelta { id: chunk.id, model: chunk.model, created: chunk.created, usage, ..Default::default() });
+                    out.push(StreamDelta {
+                        id: chunk.id,
+                        model: chunk.model,
+                        created: chunk.created,
+                        usage,
+                        ..Default::default()
+                    });
                 }
                 continue;
             }
@@ -323,16 +388,29 @@ mod tests {
         let mut extra = Map::new();
         extra.insert("user".into(), json!("u1"));
         LlmRequest::Chat(ChatRequest {
-            messages: vec![ChatMessage { role: "user".into(), content: json!("hi"), extra: Map::new() }],
-            params: Params { temperature: Some(0.5), max_tokens: Some(10), ..Default::default() },
-            stream: StreamOptions { stream, include_usage: false },
+            messages: vec![ChatMessage {
+                role: "user".into(),
+                content: json!("hi"),
+                extra: Map::new(),
+            }],
+            params: Params {
+                temperature: Some(0.5),
+                max_tokens: Some(10),
+                ..Default::default()
+            },
+            stream: StreamOptions {
+                stream,
+                include_usage: false,
+            },
             extra,
         })
     }
 
     #[test]
     fn chat_request_carries_model_key_params_and_extras() {
-        let req = OpenAi.build_request(&target(), &chat(false)).unwrap_or_else(|e| panic!("{e}"));
+        let req = OpenAi
+            .build_request(&target(), &chat(false))
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(req.url, "http://upstream/v1/chat/completions");
         assert_eq!(req.headers[header::AUTHORIZATION], "Bearer sk-test");
         let body: Value = serde_json::from_slice(&req.body).unwrap_or_default();
@@ -344,7 +422,9 @@ mod tests {
 
     #[test]
     fn streaming_request_always_asks_for_usage() {
-        let req = OpenAi.build_request(&target(), &chat(true)).unwrap_or_else(|e| panic!("{e}"));
+        let req = OpenAi
+            .build_request(&target(), &chat(true))
+            .unwrap_or_else(|e| panic!("{e}"));
         let body: Value = serde_json::from_slice(&req.body).unwrap_or_default();
         assert_eq!(body["stream"], json!(true));
         assert_eq!(body["stream_options"], json!({"include_usage": true}));
@@ -353,17 +433,29 @@ mod tests {
     #[test]
     fn parses_chat_completion() {
         let body = br#"{"id":"c1","object":"chat.completion","created":7,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"hello"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
-        let LlmResponse::Generation(g) = OpenAi.parse_response(&target(), RouteType::Chat, body).unwrap_or_else(|e| panic!("{e}")) else {
+        let LlmResponse::Generation(g) = OpenAi
+            .parse_response(&target(), RouteType::Chat, body)
+            .unwrap_or_else(|e| panic!("{e}"))
+        else {
             panic!("not a generation")
         };
         assert_eq!(g.choices[0].text, "hello");
         assert_eq!(g.choices[0].finish_reason.as_deref(), Some("stop"));
-        assert_eq!(g.usage, Usage { prompt_tokens: Some(3), completion_tokens: Some(1), total_tokens: Some(4) });
+        assert_eq!(
+            g.usage,
+            Usage {
+                prompt_tokens: Some(3),
+                completion_tokens: Some(1),
+                total_tokens: Some(4)
+            }
+        );
     }
 
     #[test]
     fn malformed_body_is_reported_as_such() {
-        let err = OpenAi.parse_response(&target(), RouteType::Chat, b"<html>").err();
+        let err = OpenAi
+            .parse_response(&target(), RouteType::Chat, b"<html>")
+            .err();
         assert!(matches!(err, Some(ProviderError::MalformedResponse(_))));
     }
 
@@ -378,7 +470,11 @@ mod tests {
         );
         assert_eq!(
             err,
-            ProviderError::Upstream { status: StatusCode::TOO_MANY_REQUESTS, message: "Rate limit reached".into(), retry_after: Some(7) }
+            ProviderError::Upstream {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                message: "Rate limit reached".into(),
+                retry_after: Some(7)
+            }
         );
     }
 
@@ -393,6 +489,11 @@ mod tests {
         d.finish(&mut out).unwrap_or_else(|e| panic!("{e}"));
         let text: String = out.iter().filter_map(|d| d.text.clone()).collect();
         assert_eq!(text, "Hello");
-        assert_eq!(out.last().and_then(|d| d.usage).and_then(|u| u.total_tokens), Some(4));
+        assert_eq!(
+            out.last()
+                .and_then(|d| d.usage)
+                .and_then(|u| u.total_tokens),
+            Some(4)
+        );
     }
 }

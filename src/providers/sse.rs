@@ -29,7 +29,11 @@ impl SseParser {
                 }
                 let line = String::from_utf8_lossy(&self.buf[start..i]).into_owned();
                 self.line(&line, out);
-                i += if b == b'\r' && self.buf.get(i + 1) == Some(&b'\n') { 2 } else { 1 };
+                i += if b == b'\r' && self.buf.get(i + 1) == Some(&b'\n') {
+                    2
+                } else {
+                    1
+                };
                 start = i;
             } else {
                 i += 1;
@@ -107,9 +111,18 @@ mod tests {
         assert_eq!(
             events,
             vec![
-                SseEvent { event: Some("message_start".into()), data: "{\"a\":1}".into() },
-                SseEvent { event: None, data: "line1\nline2".into() },
-                SseEvent { event: None, data: "[DONE]".into() },
+                SseEvent {
+                    event: Some("message_start".into()),
+                    data: "{\"a\":1}".into()
+                },
+                SseEvent {
+                    event: None,
+                    data: "line1\nline2".into()
+                },
+                SseEvent {
+                    event: None,
+                    data: "[DONE]".into()
+                },
             ]
         );
     }
@@ -126,6 +139,12 @@ mod tests {
 
     #[test]
     fn final_event_without_blank_line_is_delivered() {
-        assert_eq!(parse_in_pieces(b"data: tail", &[]), vec![SseEvent { event: None, data: "tail".into() }]);
+        assert_eq!(
+            parse_in_pieces(b"data: tail", &[]),
+            vec![SseEvent {
+                event: None,
+                data: "tail".into()
+            }]
+        );
     }
 }

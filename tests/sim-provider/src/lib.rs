@@ -1,0 +1,230 @@
+//! Simulated LLM providers. Only the providers are simulated in Portcullis tests: each one here
+//! answers in its provider's documented wire format and records every request it receives, so
+//! tests can assert on exactly what the gateway sent upstream.
+
+mod openai;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Request, State};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use parking_lot::Mutex;
+use serde_json::Value;
+
+/// One request as the simulated provider received it.
+#[derive(Clone, Debug)]
+pub struct RecordedRequest {
+    pub method: String,
+    pub path: String,
+    pub query: Option<String>,
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+}
+
+impl RecordedRequest {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+}
+
+/// How the provider misbehaves for the next requests (until changed).
+#[derive(Clone, Debug, Default)]
+pub enum Fault {
+    #[default]
+    None,
+    /// Answer with this status and raw body (and `Retry-After` when given).
+    Status {
+        status: u16,
+        body: String,
+        retry_after: Option<u64>,
+    },
+    /// Wait this long before answering.
+    Delay(Duration),
+    /// Answer 200 with a body that is not the provider's format.
+    Malformed,
+}
+
+#[derive(Clone, Debug)]
+pub struct Behaviour {
+    pub fault: Fault,
+    /// Pause between streamed chunks.
+    pub chunk_delay: Duration,
+    /// Words in a streamed or plain answer (each streamed word is one chunk).
+    pub answer_words: usize,
+}
+
+impl Default for Behaviour {
+    fn default() -> Self {
+        Behaviour {
+            fault: Fault::None,
+            chunk_delay: Duration::ZERO,
+            answer_words: 20,
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct Shared {
+    pub requests: Mutex<Vec<RecordedRequest>>,
+    pub behaviour: Mutex<Behaviour>,
+    /// Recording costs a copy per request; the benchmark turns it off.
+    pub record: std::sync::atomic::AtomicBool,
+}
+
+/// A running simulated provider on loopback.
+pub struct SimProvider {
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SimProvider {
+    /// Starts every simulated provider on one loopback port; each lives under its own path prefix.
+    pub async fn start() -> std::io::Result<SimProvider> {
+        Self::start_on("127.0.0.1:0".parse().map_err(std::io::Error::other)?, true).await
+    }
+
+    pub async fn start_on(addr: SocketAddr, record: bool) -> std::io::Result<SimProvider> {
+        let shared = Arc::new(Shared::default());
+        shared
+            .record
+            .store(record, std::sync::atomic::Ordering::Relaxed);
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let app = router(shared.clone());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(SimProvider { addr, shared, task })
+    }
+
+    /// Base URL of the OpenAI simulation, as a Route's `apiBase`.
+    pub fn openai_base(&self) -> String {
+        format!("http://{}/openai/v1", self.addr)
+    }
+
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.shared.requests.lock().clone()
+    }
+
+    pub fn last_request(&self) -> Option<RecordedRequest> {
+        self.shared.requests.lock().last().cloned()
+    }
+
+    pub fn clear(&self) {
+        self.shared.requests.lock().clear();
+    }
+
+    pub fn set_fault(&self, fault: Fault) {
+        self.shared.behaviour.lock().fault = fault;
+    }
+
+    pub fn set_behaviour(&self, behaviour: Behaviour) {
+        *self.shared.behaviour.lock() = behaviour;
+    }
+}
+
+impl Drop for SimProvider {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .nest("/openai/v1", openai::router())
+        .layer(middleware::from_fn_with_state(
+            shared.clone(),
+            record_and_fault,
+        ))
+        .with_state(shared)
+}
+
+/// Records the request, then applies the configured fault before the provider handler runs.
+async fn record_and_fault(
+    State(shared): State<Arc<Shared>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let (parts, body) = request.into_parts();
+    let bytes = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .unwrap_or_default();
+    if shared.record.load(std::sync::atomic::Ordering::Relaxed) {
+        shared.requests.lock().push(RecordedRequest {
+            method: parts.method.to_string(),
+            path: parts.uri.path().to_string(),
+            query: parts.uri.query().map(str::to_string),
+            headers: parts
+                .headers
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.to_string(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect(),
+            body: bytes.clone(),
+        });
+    }
+    let fault = shared.behaviour.lock().fault.clone();
+    match fault {
+        Fault::None => {}
+        Fault::Delay(d) => tokio::time::sleep(d).await,
+        Fault::Status {
+            status,
+            body,
+            retry_after,
+        } => {
+            let mut response = Response::new(axum::body::Body::from(body));
+            *response.status_mut() = http::StatusCode::from_u16(status)
+                .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            if let Some(secs) = retry_after {
+                response
+                    .headers_mut()
+                    .insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
+            }
+            return response;
+        }
+        Fault::Malformed => return Response::new(axum::body::Body::from("<html>surprise</html>")),
+    }
+    next.run(axum::extract::Request::from_parts(
+        parts,
+        axum::body::Body::from(bytes),
+    ))
+    .await
+}
+
+/// Deterministic filler text: "word1 word2 ...".
+pub fn answer_text(words: usize) -> Vec<String> {
+    (1..=words).map(|i| format!("word{i}")).collect()
+}
+
+/// A rough token count: whitespace-separated words.
+pub fn count_tokens(text: &str) -> u64 {
+    text.split_whitespace().count() as u64
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}

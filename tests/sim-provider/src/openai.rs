@@ -1,0 +1,259 @@
+//! OpenAI's API as documented: Bearer auth, chat.completion / text_completion / embedding list
+//! shapes, `data: {chunk}\n\n` streaming ended by `data: [DONE]`, and `{"error": {...}}` errors.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use bytes::Bytes;
+use serde_json::{Value, json};
+
+use crate::{Shared, answer_text, count_tokens, unix_now};
+
+pub fn router() -> Router<Arc<Shared>> {
+    Router::new()
+        .route("/chat/completions", post(chat))
+        .route("/completions", post(completions))
+        .route("/embeddings", post(embeddings))
+}
+
+pub fn error(status: StatusCode, message: &str, kind: &str, code: Option<&str>) -> Response {
+    (
+        status,
+        axum::Json(
+            json!({"error": {"message": message, "type": kind, "param": null, "code": code}}),
+        ),
+    )
+        .into_response()
+}
+
+fn check(headers: &HeaderMap, body: &Bytes) -> Result<Value, Response> {
+    let auth = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if !auth.starts_with("Bearer ") || auth.len() <= 7 {
+        return Err(error(
+            StatusCode::UNAUTHORIZED,
+            "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+            "invalid_request_error",
+            None,
+        ));
+    }
+    let value: Value = serde_json::from_slice(body).map_err(|_| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "We could not parse the JSON body of your request.",
+            "invalid_request_error",
+            None,
+        )
+    })?;
+    if value.get("model").and_then(Value::as_str).is_none() {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "you must provide a model parameter",
+            "invalid_request_error",
+            None,
+        ));
+    }
+    Ok(value)
+}
+
+/// The answer's words, cut at `max_tokens` (then finish_reason is "length").
+fn answer(shared: &Shared, req: &Value) -> (Vec<String>, &'static str) {
+    let mut words = answer_text(shared.behaviour.lock().answer_words);
+    match req.get("max_tokens").and_then(Value::as_u64) {
+        Some(max) if (max as usize) < words.len() => {
+            words.truncate(max as usize);
+            (words, "length")
+        }
+        _ => (words, "stop"),
+    }
+}
+
+fn prompt_tokens(req: &Value) -> u64 {
+    match (req.get("messages"), req.get("prompt")) {
+        (Some(Value::Array(msgs)), _) => msgs
+            .iter()
+            .filter_map(|m| m.get("content")?.as_str())
+            .map(count_tokens)
+            .sum(),
+        (_, Some(Value::String(p))) => count_tokens(p),
+        _ => 0,
+    }
+}
+
+fn usage(prompt: u64, completion: u64) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    generate(shared, headers, body, true).await
+}
+
+async fn completions(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    generate(shared, headers, body, false).await
+}
+
+async fn generate(shared: Arc<Shared>, headers: HeaderMap, body: Bytes, chat: bool) -> Response {
+    let req = match check(&headers, &body) {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    let model = req["model"].as_str().unwrap_or_default().to_string();
+    let (words, finish) = answer(&shared, &req);
+    let prompt = prompt_tokens(&req);
+    let n = req.get("n").and_then(Value::as_u64).unwrap_or(1);
+    let id = if chat { "chatcmpl-sim" } else { "cmpl-sim" };
+    let created = unix_now();
+    if req.get("stream").and_then(Value::as_bool) == Some(true) {
+        let include_usage = req
+            .pointer("/stream_options/include_usage")
+            .and_then(Value::as_bool)
+            == Some(true);
+        let delay = shared.behaviour.lock().chunk_delay;
+        return stream(
+            id,
+            created,
+            model,
+            words,
+            finish,
+            prompt,
+            chat,
+            include_usage,
+            delay,
+        );
+    }
+    let text = words.join(" ");
+    let choices: Vec<Value> = (0..n)
+        .map(|i| {
+            if chat {
+                json!({"index": i, "message": {"role": "assistant", "content": text, "refusal": null}, "logprobs": null, "finish_reason": finish})
+            } else {
+                json!({"index": i, "text": text, "logprobs": null, "finish_reason": finish})
+            }
+        })
+        .collect();
+    let completion = words.len() as u64 * n;
+    axum::Json(json!({
+        "id": id,
+        "object": if chat { "chat.completion" } else { "text_completion" },
+        "created": created,
+        "model": model,
+        "system_fingerprint": "fp_sim",
+        "choices": choices,
+        "usage": usage(prompt, completion),
+    }))
+    .into_response()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn stream(
+    id: &'static str,
+    created: u64,
+    model: String,
+    words: Vec<String>,
+    finish: &'static str,
+    prompt: u64,
+    chat: bool,
+    include_usage: bool,
+    delay: std::time::Duration,
+) -> Response {
+    let object = if chat {
+        "chat.completion.chunk"
+    } else {
+        "text_completion"
+    };
+    let completion = words.len() as u64;
+    let usage_field = if include_usage {
+        Some(Value::Null)
+    } else {
+        None
+    };
+    let chunk = move |choice: Value| {
+        let mut c = json!({"id": id, "object": object, "created": created, "model": model, "system_fingerprint": "fp_sim", "choices": [choice]});
+        if let Some(u) = &usage_field {
+            c["usage"] = u.clone();
+        }
+        format!("data: {c}\n\n")
+    };
+    let mut frames: Vec<String> = Vec::with_capacity(words.len() + 3);
+    if chat {
+        frames.push(chunk(json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null})));
+    }
+    let n = words.len();
+    for (i, w) in words.into_iter().enumerate() {
+        let text = if i + 1 < n { format!("{w} ") } else { w };
+        frames.push(if chat {
+            chunk(json!({"index": 0, "delta": {"content": text}, "logprobs": null, "finish_reason": null}))
+        } else {
+            chunk(json!({"index": 0, "text": text, "logprobs": null, "finish_reason": null}))
+        });
+    }
+    frames.push(if chat {
+        chunk(json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": finish}))
+    } else {
+        chunk(json!({"index": 0, "text": "", "logprobs": null, "finish_reason": finish}))
+    });
+    if include_usage {
+        let u = json!({"id": id, "object": object, "created": created, "choices": [], "usage": usage(prompt, completion)});
+        frames.push(format!("data: {u}\n\n"));
+    }
+    frames.push("data: [DONE]\n\n".to_string());
+    let body = futures::stream::unfold(frames.into_iter(), move |mut it| async move {
+        let frame = it.next()?;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        Some((Ok::<_, std::convert::Infallible>(Bytes::from(frame)), it))
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/event-stream; charset=utf-8")
+        .body(Body::from_stream(body))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+async fn embeddings(headers: HeaderMap, body: Bytes) -> Response {
+    let req = match check(&headers, &body) {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    let inputs: Vec<String> = match req.get("input") {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect(),
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "'input' is a required property",
+                "invalid_request_error",
+                None,
+            );
+        }
+    };
+    let data: Vec<Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, text)| json!({"object": "embedding", "index": i, "embedding": embed(text)}))
+        .collect();
+    let tokens: u64 = inputs.iter().map(|t| count_tokens(t)).sum();
+    axum::Json(json!({"object": "list", "data": data, "model": req["model"], "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}))
+        .into_response()
+}
+
+/// A deterministic 8-dimensional vector derived from the text, so tests can check order.
+pub fn embed(text: &str) -> Vec<f64> {
+    let len = text.len() as f64;
+    (0..8).map(|i| ((len + i as f64) * 0.125).fract()).collect()
+}

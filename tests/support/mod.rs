@@ -1,0 +1,451 @@
+//! End-to-end test harness: a real etcd + kube-apiserver (started by `hack/control-plane.sh`),
+//! real `kubectl`, the real `portcullis` binary, and simulated providers on loopback.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use serde_json::Value;
+
+pub use portcullis_sim::{Fault, SimProvider};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A running control plane; stopped on drop when this test started it.
+pub struct ControlPlane {
+    pub dir: PathBuf,
+    owned: bool,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl ControlPlane {
+    /// A private control plane, for tests that stop or restart parts of it.
+    pub fn start_private() -> ControlPlane {
+        Self::start_with_args("")
+    }
+
+    pub fn start_with_args(apiserver_args: &str) -> ControlPlane {
+        let tmp = tempfile::Builder::new()
+            .prefix("portcullis-cp-")
+            .tempdir()
+            .expect("temp dir");
+        let dir = tmp.path().to_path_buf();
+        let status = Command::new(repo().join("hack/control-plane.sh"))
+            .args([
+                "start",
+                dir.to_str().unwrap_or_default(),
+                &std::process::id().to_string(),
+            ])
+            .env("PORTCULLIS_APISERVER_ARGS", apiserver_args)
+            .status()
+            .expect("run hack/control-plane.sh");
+        assert!(status.success(), "the control plane did not start");
+        let cp = ControlPlane {
+            dir,
+            owned: true,
+            _tmp: Some(tmp),
+        };
+        cp.install_crds();
+        cp
+    }
+
+    /// One control plane per test binary; `make test` passes a running one in PORTCULLIS_TEST_CONTROL_PLANE.
+    pub fn shared() -> &'static ControlPlane {
+        static SHARED: OnceLock<ControlPlane> = OnceLock::new();
+        SHARED.get_or_init(|| match std::env::var("PORTCULLIS_TEST_CONTROL_PLANE") {
+            Ok(dir) if !dir.is_empty() => {
+                let cp = ControlPlane {
+                    dir: PathBuf::from(dir),
+                    owned: false,
+                    _tmp: None,
+                };
+                cp.install_crds();
+                cp
+            }
+            _ => {
+                let mut cp = Self::start_private();
+                // Statics are never dropped: the script's watchdog stops it when this process exits.
+                cp.owned = false;
+                cp
+            }
+        })
+    }
+
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.join("kubeconfig")
+    }
+
+    fn script(&self, verb: &str) {
+        let status = Command::new(repo().join("hack/control-plane.sh"))
+            .args([verb, self.dir.to_str().unwrap_or_default()])
+            .status()
+            .expect("run hack/control-plane.sh");
+        assert!(status.success(), "control-plane.sh {verb} failed");
+    }
+
+    pub fn stop_apiserver(&self) {
+        self.script("stop-apiserver");
+    }
+
+    pub fn start_apiserver(&self) {
+        self.script("start-apiserver");
+    }
+
+    fn install_crds(&self) {
+        let out = self.kubectl(&[
+            "apply",
+            "-f",
+            repo().join("crds").to_str().unwrap_or_default(),
+        ]);
+        assert!(
+            out.status.success(),
+            "kubectl apply -f crds/: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = self.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "crd/routes.portcullis.dev",
+            "--timeout=60s",
+        ]);
+        assert!(
+            out.status.success(),
+            "CRD not established: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub fn bin_dir() -> PathBuf {
+        static BIN: OnceLock<PathBuf> = OnceLock::new();
+        BIN.get_or_init(|| {
+            let out = Command::new(repo().join("hack/control-plane.sh"))
+                .arg("bin-dir")
+                .output()
+                .expect("bin-dir");
+            assert!(out.status.success(), "control-plane binaries unavailable");
+            PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+        })
+        .clone()
+    }
+
+    /// Runs the real kubectl against this control plane.
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        self.kubectl_stdin(args, "")
+    }
+
+    pub fn kubectl_stdin(&self, args: &[&str], stdin: &str) -> Output {
+        use std::io::Write;
+        let mut child = Command::new(Self::bin_dir().join("kubectl"))
+            .args(args)
+            .env("KUBECONFIG", self.kubeconfig())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn kubectl");
+        if let Some(mut input) = child.stdin.take() {
+            let _ = input.write_all(stdin.as_bytes());
+        }
+        child.wait_with_output().expect("kubectl output")
+    }
+
+    /// `kubectl apply -f -` that must succeed.
+    pub fn apply(&self, yaml: &str) {
+        let out = self.kubectl_stdin(&["apply", "-f", "-"], yaml);
+        assert!(
+            out.status.success(),
+            "kubectl apply failed: {}\n{yaml}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// kubectl that must succeed; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.kubectl(args);
+        assert!(
+            out.status.success(),
+            "kubectl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["-o", "json"]);
+        serde_json::from_str(&self.ok(&all)).expect("kubectl json")
+    }
+
+    /// A fresh namespace (namespaces never finish deleting without a controller-manager, so each test gets its own).
+    pub fn namespace(&self, prefix: &str) -> String {
+        let name = unique(prefix);
+        self.ok(&["create", "namespace", &name]);
+        name
+    }
+
+    pub fn wait_ready(&self, ns: &str, route: &str) {
+        self.ok(&[
+            "wait",
+            "-n",
+            ns,
+            "--for=condition=Ready",
+            &format!("route.portcullis.dev/{route}"),
+            "--timeout=30s",
+        ]);
+    }
+
+    /// The Ready condition's reason, once the controller wrote one.
+    pub fn ready_reason(&self, ns: &str, route: &str) -> Option<String> {
+        let v = self.json(&["get", "-n", ns, "route.portcullis.dev", route]);
+        v.pointer("/status/conditions")?
+            .as_array()?
+            .iter()
+            .find(|c| c["type"] == "Ready")
+            .and_then(|c| c["reason"].as_str().map(str::to_string))
+    }
+
+    pub fn wait_reason(&self, ns: &str, route: &str, reason: &str) {
+        eventually(Duration::from_secs(30), || {
+            self.ready_reason(ns, route).as_deref() == Some(reason)
+        })
+        .unwrap_or_else(|_| {
+            panic!(
+                "route {ns}/{route} never reached reason {reason}; last: {:?}",
+                self.ready_reason(ns, route)
+            )
+        });
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        if self.owned {
+            self.script("stop");
+        }
+    }
+}
+
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "{prefix}-{}-{n}-{:x}",
+        std::process::id() % 10000,
+        nanos % 0xffff
+    )
+}
+
+/// Polls `check` until it is true or `timeout` passes.
+pub fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> Result<Duration, ()> {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if check() {
+            return Ok(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(())
+}
+
+/// The gateway binary running against a control plane; killed on drop. Its log is kept for assertions.
+pub struct Gateway {
+    child: Child,
+    pub addr: String,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Gateway {
+    pub fn start(cp: &ControlPlane, extra: &[&str]) -> Gateway {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .args([
+                "run",
+                "--listen",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+                "--max-watch-backoff",
+                "2",
+            ])
+            .args(extra)
+            .env("KUBECONFIG", cp.kubeconfig())
+            .env("RUST_LOG", "info,portcullis=debug")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn portcullis");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    if v["message"] == "data plane listening" {
+                        let _ = tx.send(v["listen"].as_str().unwrap_or_default().to_string());
+                    }
+                }
+                sink.lock().push(line);
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the gateway did not report its address");
+        let gw = Gateway { child, addr, log };
+        let ready = eventually(Duration::from_secs(30), || gw.get_status("/readyz") == 200);
+        assert!(
+            ready.is_ok(),
+            "gateway never became ready; log:\n{}",
+            gw.log()
+        );
+        gw
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().join("\n")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn get_status(&self, path: &str) -> u16 {
+        http_blocking("GET", &self.url(path), None).0
+    }
+
+    /// POST a JSON body; returns status and parsed body (Null when not JSON).
+    pub fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let (status, text) = http_blocking("POST", &self.url(path), Some(&body.to_string()));
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    pub fn post_raw(&self, path: &str, body: &str) -> (u16, String) {
+        http_blocking("POST", &self.url(path), Some(body))
+    }
+
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        let (status, text) = http_blocking("GET", &self.url(path), None);
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    pub fn chat(&self, route: &str) -> (u16, Value) {
+        self.post("/v1/chat/completions", &serde_json::json!({"model": route, "messages": [{"role": "user", "content": "hello there"}]}))
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The blocking HTTP client the tests call the gateway with.
+pub fn client() -> &'static reqwest::blocking::Client {
+    static CLIENT: OnceLock<reqwest::blocking::Client> = OnceLock::new();
+    CLIENT.get_or_init(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .expect("http client")
+    })
+}
+
+pub fn http_blocking(method: &str, url: &str, body: Option<&str>) -> (u16, String) {
+    http_request(method, url, body, &[("content-type", "application/json")])
+}
+
+/// Status 0 means the connection failed.
+pub fn http_request(
+    method: &str,
+    url: &str,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+    let mut req = client().request(method, url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    if let Some(b) = body {
+        req = req.body(b.to_string());
+    }
+    match req.send() {
+        Ok(resp) => {
+            let status = resp.status().as_u16();
+            (status, resp.text().unwrap_or_default())
+        }
+        Err(_) => (0, String::new()),
+    }
+}
+
+/// A Secret plus a chat Route pointing at the simulated OpenAI provider.
+pub fn openai_manifests(
+    ns: &str,
+    route: &str,
+    secret: &str,
+    key: &str,
+    sim: &SimProvider,
+) -> String {
+    format!(
+        "{}---\n{}",
+        secret_manifest(ns, secret, "apiKey", key),
+        route_manifest(ns, route, "llm/v1/chat", secret, &sim.openai_base())
+    )
+}
+
+pub fn secret_manifest(ns: &str, name: &str, key: &str, value: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {ns}\nstringData:\n  {key}: {value}\n"
+    )
+}
+
+pub fn route_manifest(
+    ns: &str,
+    name: &str,
+    route_type: &str,
+    secret: &str,
+    api_base: &str,
+) -> String {
+    format!(
+        "apiVersion: portcullis.dev/v1alpha1\nkind: Route\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  routeType: {route_type}\n  model:\n    provider: openai\n    name: gpt-4o-mini\n    apiBase: {api_base}\n    secretRef:\n      name: {secret}\n"
+    )
+}
+
+/// Runs async code (the simulated provider) from a plain #[test].
+pub fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime")
+    })
+}
+
+pub fn sim() -> SimProvider {
+    let rt = runtime();
+    let _guard = rt.enter();
+    rt.block_on(SimProvider::start())
+        .expect("start simulated provider")
+}
+
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap_or_default()
+}
