@@ -1,3 +1,6 @@
+// The printcolumn(..) lists of the kube derive repeat keys by design.
+#![allow(clippy::duplicated_attributes)]
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;

@@ -59,7 +59,7 @@ impl Credentials {
                         .windows(FRAGMENT)
                         .any(|w| word.as_bytes().windows(FRAGMENT).any(|x| x == w))
                 };
-                if out.split_whitespace().any(|w| leaks(w)) {
+                if out.split_whitespace().any(&leaks) {
                     out = out
                         .split(' ')
                         .map(|w| if leaks(w) { "[REDACTED]" } else { w })

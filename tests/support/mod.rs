@@ -1,6 +1,6 @@
 //! End-to-end test harness: a real etcd + kube-apiserver (started by `hack/control-plane.sh`),
 //! real `kubectl`, the real `portcullis` binary, and simulated providers on loopback.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports, clippy::expect_used, clippy::unwrap_used)] // test harness: failing loudly is the point
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -95,6 +95,35 @@ impl ControlPlane {
 
     pub fn start_apiserver(&self) {
         self.script("start-apiserver");
+    }
+
+    /// Compacts etcd at its current revision, so watches resuming from older revisions get 410 Gone.
+    pub fn compact_etcd(&self) {
+        let ports = std::fs::read_to_string(self.dir.join("ports")).expect("ports file");
+        let port = ports
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix("ETCD_PORT="))
+            .expect("etcd port")
+            .to_string();
+        let etcdctl = Self::bin_dir().join("etcdctl");
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let out = Command::new(&etcdctl)
+            .args(["--endpoints", &endpoint, "endpoint", "status", "-w", "json"])
+            .output()
+            .expect("etcdctl");
+        let status: Value = serde_json::from_slice(&out.stdout).expect("etcdctl json");
+        let rev = status[0]["Status"]["header"]["revision"]
+            .as_i64()
+            .expect("revision");
+        let out = Command::new(&etcdctl)
+            .args(["--endpoints", &endpoint, "compact", &rev.to_string()])
+            .output()
+            .expect("etcdctl");
+        assert!(
+            out.status.success(),
+            "etcd compaction failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     fn install_crds(&self) {
@@ -290,10 +319,10 @@ impl Gateway {
         let sink = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                    if v["message"] == "data plane listening" {
-                        let _ = tx.send(v["listen"].as_str().unwrap_or_default().to_string());
-                    }
+                if let Ok(v) = serde_json::from_str::<Value>(&line)
+                    && v["message"] == "data plane listening"
+                {
+                    let _ = tx.send(v["listen"].as_str().unwrap_or_default().to_string());
                 }
                 sink.lock().push(line);
             }

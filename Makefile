@@ -1,0 +1,40 @@
+# Portcullis: `make run` brings up a local control plane, a simulated provider and the gateway;
+# `make test` runs every test. Both install what they need (the control-plane binaries are built
+# once into ~/.cache/portcullis and reused).
+
+CARGO ?= cargo
+export CARGO_TERM_COLOR ?= never
+
+.PHONY: run test unit-test e2e-test control-plane crds lint fmt build clean-cache
+
+build:
+	$(CARGO) build --workspace
+
+control-plane:
+	hack/control-plane.sh build
+
+run: control-plane
+	$(CARGO) build --workspace --release
+	hack/run-local.sh
+
+test: control-plane lint
+	$(CARGO) test --workspace --no-fail-fast
+
+unit-test:
+	$(CARGO) test --workspace --lib --bins
+
+e2e-test: control-plane
+	$(CARGO) test --workspace --tests
+
+crds:
+	$(CARGO) run --quiet -- crd > crds/route.yaml
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+clean-cache:
+	rm -rf $(HOME)/.cache/portcullis
