@@ -8,6 +8,7 @@ mod body;
 pub mod error;
 mod forward;
 mod health;
+mod observe;
 mod openai;
 mod request;
 
@@ -20,6 +21,7 @@ use axum::extract::OriginalUri;
 use axum::routing::{get, post};
 
 use crate::table::SharedTable;
+use crate::telemetry::metrics::Metrics;
 use error::{GatewayError, OpenAiError};
 
 /// Everything a handler needs, passed explicitly as axum state.
@@ -31,6 +33,9 @@ pub struct AppState {
     pub ready: Arc<AtomicBool>,
     pub body_limit: usize,
     pub upstream_timeout: Duration,
+    pub metrics: Arc<Metrics>,
+    /// Set on shutdown: readiness fails at once so load balancers stop sending new requests.
+    pub draining: Arc<AtomicBool>,
 }
 
 /// The upstream HTTP client: pooled connections, bounded connect and read times.
@@ -58,5 +63,28 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(|OriginalUri(uri): OriginalUri| async move {
             OpenAiError(GatewayError::NoSuchPath(uri.path().to_string()))
         })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            observe::middleware,
+        ))
         .with_state(state)
+}
+
+/// The metrics endpoint, served on its own port so it is never exposed with the data plane.
+pub fn metrics_router(metrics: Arc<Metrics>) -> Router {
+    Router::new().route(
+        "/metrics",
+        get(move || {
+            let metrics = metrics.clone();
+            async move {
+                (
+                    [(
+                        http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    metrics.encode(),
+                )
+            }
+        }),
+    )
 }

@@ -1,5 +1,7 @@
-//! Logging setup. Nothing logged anywhere carries a credential: secret values only exist inside
-//! `SecretValue`, whose `Debug`/`Display` print a redaction.
+//! Logs and metrics. Nothing logged or exported carries a credential: secret values only exist
+//! inside `SecretValue`, whose `Debug`/`Display` print a redaction, and no prompt is logged.
+
+pub mod metrics;
 
 use tracing_subscriber::EnvFilter;
 
