@@ -28,6 +28,7 @@ e2e-test: control-plane
 
 crds:
 	$(CARGO) run --quiet -- crd > crds/route.yaml
+	cp crds/route.yaml deploy/base/crd.yaml
 
 lint:
 	$(CARGO) fmt --all -- --check

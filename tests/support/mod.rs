@@ -218,6 +218,28 @@ impl ControlPlane {
         name
     }
 
+    /// A kubeconfig that authenticates as a ServiceAccount, with a token from the TokenRequest API.
+    pub fn service_account_kubeconfig(&self, namespace: &str, name: &str, path: &Path) -> PathBuf {
+        let token = self.ok(&["create", "token", name, "-n", namespace, "--duration=1h"]);
+        let admin = std::fs::read_to_string(self.kubeconfig()).expect("kubeconfig");
+        let field = |key: &str| {
+            admin
+                .lines()
+                .find_map(|l| l.trim().strip_prefix(key))
+                .expect("kubeconfig field")
+                .trim()
+                .to_string()
+        };
+        let config = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {}\n    certificate-authority: {}\ncontexts:\n- name: sa\n  context:\n    cluster: c\n    user: sa\ncurrent-context: sa\nusers:\n- name: sa\n  user:\n    token: {}\n",
+            field("server:"),
+            field("certificate-authority:"),
+            token.trim()
+        );
+        std::fs::write(path, config).expect("write kubeconfig");
+        path.to_path_buf()
+    }
+
     pub fn wait_ready(&self, ns: &str, route: &str) {
         self.ok(&[
             "wait",
@@ -297,6 +319,11 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn start(cp: &ControlPlane, extra: &[&str]) -> Gateway {
+        Self::start_with_kubeconfig(&cp.kubeconfig(), extra)
+    }
+
+    /// Runs the gateway with other credentials (for example a ServiceAccount token).
+    pub fn start_with_kubeconfig(kubeconfig: &Path, extra: &[&str]) -> Gateway {
         let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
             .args([
                 "run",
@@ -310,7 +337,7 @@ impl Gateway {
                 "2",
             ])
             .args(extra)
-            .env("KUBECONFIG", cp.kubeconfig())
+            .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info,portcullis=debug")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
