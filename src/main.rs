@@ -85,6 +85,9 @@ struct RunArgs {
     /// On SIGTERM: seconds to keep accepting connections after readiness turns false (endpoint propagation).
     #[arg(long, default_value_t = 5.0)]
     shutdown_delay: f64,
+    /// OTLP/HTTP traces endpoint (for example http://otel-collector:4318/v1/traces); no export when unset.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     /// On SIGTERM: longest wait for in-flight requests and open streams to finish (seconds).
     #[arg(long, default_value_t = 60.0)]
     drain_timeout: f64,
@@ -104,7 +107,15 @@ fn main() -> ExitCode {
             }
         },
         Command::Run(args) => {
-            telemetry::init_logging(args.log_format);
+            // kube, reqwest and the OTLP exporter share rustls; pick its crypto provider before any client exists.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let _telemetry = match telemetry::init(args.log_format, args.otlp_endpoint.as_deref()) {
+                Ok(guard) => guard,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(64);
+                }
+            };
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -141,8 +152,6 @@ enum StartError {
 }
 
 async fn run(args: RunArgs) -> Result<(), StartError> {
-    // kube and reqwest share rustls; pick its crypto provider once, before either builds a client.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     // Configuration is checked before any port is bound.
     let secs = |v: f64, flag: &str| {
         Duration::try_from_secs_f64(v)

@@ -255,3 +255,95 @@ fn two_replicas_serve_one_leader_writes_status_and_leadership_moves_when_it_dies
     assert!(survivor.log().contains("wrote Route status"));
     assert_eq!(survivor.chat(&second).0, 200);
 }
+
+#[test]
+fn traceparent_reaches_the_provider_and_spans_are_exported_over_otlp() {
+    let cp = ControlPlane::shared();
+    let sim = sim();
+    let collector = support::sim(); // records every POST, so it doubles as an OTLP/HTTP receiver
+    let ns = cp.namespace("trace");
+    let route = unique("chat");
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller = format!("00-{trace_id}-00f067aa0ba902b7-01");
+    let call = |gw: &Gateway| {
+        let resp = client()
+            .post(gw.url("/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .header("traceparent", &caller)
+            .body(
+                json!({"model": route, "messages": [{"role": "user", "content": "hi"}]})
+                    .to_string(),
+            )
+            .send()
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        sim.last_request()
+            .unwrap()
+            .header("traceparent")
+            .map(str::to_string)
+    };
+    // Without an exporter the caller's context is passed on as it came.
+    let plain = Gateway::start(cp, &["--namespace", &ns]);
+    cp.apply(&openai_manifests(&ns, &route, "openai", "sk-trace", &sim));
+    cp.wait_ready(&ns, &route);
+    eventually(Duration::from_secs(5), || plain.chat(&route).0 == 200).expect("route never served");
+    assert_eq!(call(&plain).as_deref(), Some(caller.as_str()));
+    drop(plain);
+
+    // With OTLP on: same trace, a new parent span (the gateway's), and spans exported at shutdown.
+    let endpoint = format!("http://{}/v1/traces", collector.addr);
+    let mut gw = Gateway::start(
+        cp,
+        &[
+            "--namespace",
+            &ns,
+            "--otlp-endpoint",
+            &endpoint,
+            "--shutdown-delay",
+            "0",
+        ],
+    );
+    eventually(Duration::from_secs(5), || gw.chat(&route).0 == 200).expect("route never served");
+    let sent = call(&gw).expect("no traceparent sent upstream");
+    let parts: Vec<&str> = sent.split('-').collect();
+    assert_eq!(parts[1], trace_id, "the trace id must be kept");
+    assert_ne!(
+        parts[2], "00f067aa0ba902b7",
+        "the upstream call is a child span of the gateway"
+    );
+    gw.terminate();
+    assert!(
+        gw.wait_exit(Duration::from_secs(20))
+            .is_some_and(|s| s.success())
+    );
+    let exported = collector
+        .requests()
+        .into_iter()
+        .find(|r| r.path == "/v1/traces")
+        .expect("no spans exported");
+    assert_eq!(
+        exported.header("content-type"),
+        Some("application/x-protobuf")
+    );
+    let body = exported.body.to_vec();
+    let contains = |needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
+    let raw_trace_id: Vec<u8> = (0..16)
+        .map(|i| u8::from_str_radix(&trace_id[2 * i..2 * i + 2], 16).unwrap())
+        .collect();
+    assert!(
+        contains(&raw_trace_id),
+        "exported spans are not in the caller's trace"
+    );
+    for attribute in [
+        "gen_ai.operation.name",
+        "gen_ai.provider.name",
+        "gen_ai.request.model",
+        "gen_ai.usage.output_tokens",
+    ] {
+        assert!(
+            contains(attribute.as_bytes()),
+            "missing span attribute {attribute}"
+        );
+    }
+    assert!(!contains(b"sk-trace"), "a credential was exported");
+}

@@ -15,6 +15,8 @@ use crate::llm::{LlmRequest, LlmResponse, StreamDelta};
 use crate::providers::{ProviderError, StreamDecoder};
 use crate::table::{RouteEntry, RouteState, Upstream};
 use crate::telemetry::metrics::{ErrorLabels, Metrics, RouteLabels, TokenLabels};
+use crate::telemetry::tracecontext;
+use tracing::{Instrument, Span};
 
 /// A route looked up for serving: the entry is held by `Arc`, so a table swap during the call is harmless.
 pub struct ServingRoute {
@@ -35,6 +37,8 @@ pub fn lookup(
     observe::note(|c| {
         c.route = Some(entry.name.clone());
         c.provider = Some(entry.provider.as_str());
+        c.model = Some(entry.model.clone());
+        c.operation = Some(operation(entry.route_type));
     });
     if entry.route_type != route_type {
         return Err(GatewayError::WrongRouteType {
@@ -153,6 +157,22 @@ pub async fn invoke_stream(
     }))
 }
 
+/// A client span for the provider call, only when traces are exported.
+fn upstream_span(upstream: &Upstream, request: &LlmRequest) -> Span {
+    if !tracecontext::exporting() {
+        return Span::none();
+    }
+    let operation = operation(request.route_type());
+    tracing::info_span!(
+        "gen_ai upstream",
+        otel.name = %format!("{operation} {}", upstream.target.model),
+        otel.kind = "client",
+        gen_ai.operation.name = operation,
+        gen_ai.provider.name = upstream.adapter.provider().as_str(),
+        gen_ai.request.model = %upstream.target.model,
+    )
+}
+
 fn operation(route_type: RouteType) -> &'static str {
     match route_type {
         RouteType::Chat => "chat",
@@ -267,10 +287,12 @@ async fn send(
     request: &LlmRequest,
     timeout: Option<Duration>,
 ) -> Result<reqwest::Response, GatewayError> {
-    let built = upstream
+    let mut built = upstream
         .adapter
         .build_request(&upstream.target, request)
         .map_err(|e| provider_error(upstream, e))?;
+    let span = upstream_span(upstream, request);
+    tracecontext::inject(&span, &mut built.headers, observe::caller_traceparent());
     let mut call = state
         .http
         .request(built.method, built.url)
@@ -281,6 +303,7 @@ async fn send(
     }
     let response = call
         .send()
+        .instrument(span)
         .await
         .map_err(|e| transport_error(upstream, state.upstream_timeout, &e))?;
     let status = response.status();

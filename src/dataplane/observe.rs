@@ -11,11 +11,13 @@ use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 use http::HeaderValue;
-use tracing::{debug, info};
+use tracing::field::Empty;
+use tracing::{Instrument, Span, debug, info};
 
 use super::AppState;
 use crate::llm::Usage;
 use crate::telemetry::metrics::RequestLabels;
+use crate::telemetry::tracecontext::{self, TRACEPARENT};
 
 pub const REQUEST_ID: &str = "x-request-id";
 
@@ -26,6 +28,11 @@ pub struct CallInfo {
     pub provider: Option<&'static str>,
     pub usage: Option<Usage>,
     pub consumer: Option<String>,
+    pub model: Option<String>,
+    /// The OpenTelemetry GenAI operation name: chat, text_completion, embeddings.
+    pub operation: Option<&'static str>,
+    /// Passed on to the provider when no span of ours is exported.
+    pub caller_traceparent: Option<HeaderValue>,
 }
 
 tokio::task_local! {
@@ -43,6 +50,13 @@ pub fn consumer() -> String {
         .ok()
         .flatten()
         .unwrap_or_default()
+}
+
+/// The caller's `traceparent`, if any.
+pub fn caller_traceparent() -> Option<HeaderValue> {
+    CALL.try_with(|c| c.borrow().caller_traceparent.clone())
+        .ok()
+        .flatten()
 }
 
 /// The API surface a path belongs to (a bounded metric label).
@@ -79,11 +93,20 @@ pub async fn middleware(State(state): State<Arc<AppState>>, req: Request, next: 
     let surface = surface(req.uri().path());
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    let span = request_span(&req, surface);
+    let call = CallInfo {
+        caller_traceparent: req.headers().get(TRACEPARENT).cloned(),
+        ..Default::default()
+    };
     let (mut response, call) = CALL
-        .scope(RefCell::new(CallInfo::default()), async move {
-            let response = next.run(req).await;
-            (response, CALL.with(|c| c.take()))
-        })
+        .scope(
+            RefCell::new(call),
+            async move {
+                let response = next.run(req).await;
+                (response, CALL.with(|c| c.take()))
+            }
+            .instrument(span.clone()),
+        )
         .await;
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
@@ -106,6 +129,15 @@ pub async fn middleware(State(state): State<Arc<AppState>>, req: Request, next: 
         .observe(elapsed.as_secs_f64());
     state.metrics.requests.get_or_create(&labels).inc();
     let usage = call.usage.unwrap_or_default();
+    if !span.is_disabled() {
+        span.record("http.response.status_code", status);
+        span.record("gen_ai.operation.name", call.operation);
+        span.record("gen_ai.provider.name", call.provider);
+        span.record("gen_ai.request.model", call.model.as_deref());
+        span.record("gen_ai.usage.input_tokens", usage.prompt_tokens);
+        span.record("gen_ai.usage.output_tokens", usage.completion_tokens);
+        span.record("portcullis.route", call.route.as_deref());
+    }
     info!(
         request_id,
         %method,
@@ -121,4 +153,27 @@ pub async fn middleware(State(state): State<Arc<AppState>>, req: Request, next: 
         "request"
     );
     response
+}
+
+/// A server span for the request, only when traces are exported: span bookkeeping is not free.
+fn request_span(req: &Request, surface: &'static str) -> Span {
+    if !tracecontext::exporting() || surface == "health" {
+        return Span::none();
+    }
+    let span = tracing::info_span!(
+        "gen_ai request",
+        otel.name = %format!("{} {}", req.method(), req.uri().path()),
+        otel.kind = "server",
+        http.request.method = %req.method(),
+        url.path = %req.uri().path(),
+        http.response.status_code = Empty,
+        gen_ai.operation.name = Empty,
+        gen_ai.provider.name = Empty,
+        gen_ai.request.model = Empty,
+        gen_ai.usage.input_tokens = Empty,
+        gen_ai.usage.output_tokens = Empty,
+        portcullis.route = Empty,
+    );
+    tracecontext::adopt_parent(&span, req.headers());
+    span
 }

@@ -217,7 +217,10 @@ mod tests {
             .set(1);
         let text = m.encode();
         assert!(text.contains("portcullis_requests_total{route=\"chat\",gen_ai_provider_name=\"openai\",surface=\"openai\",status=\"200\"} 1"), "{text}");
-        assert!(!text.contains("gen_ai_server_request_duration_seconds_count"), "empty families print no samples");
+        assert!(
+            !text.contains("gen_ai_server_request_duration_seconds_count"),
+            "empty families print no samples"
+        );
         assert!(text.contains("portcullis_routes{reason=\"Resolved\"} 1"));
     }
 }
