@@ -3,9 +3,11 @@
 //! `api` (the Route resource) -> `controller` (watches, reconcile, status) -> `table` (the routing
 //! snapshot) <- `dataplane` (the HTTP surfaces) -> `providers` (one adapter per LLM provider).
 
+pub mod access;
 pub mod api;
 pub mod controller;
 pub mod dataplane;
+pub mod limits;
 pub mod llm;
 pub mod providers;
 pub mod table;

@@ -8,9 +8,12 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use portcullis::access::{Authenticator, CacheTtl, DefaultAccess, TokenReviewer};
+use portcullis::controller::consumers::KubeTokenReviewer;
 use portcullis::controller::leader::LeaderConfig;
 use portcullis::controller::{self, ControllerConfig, ControllerHandles};
 use portcullis::dataplane::{self, AppState};
+use portcullis::limits::Limiter;
 use portcullis::table::RoutingTable;
 use portcullis::telemetry::metrics::Metrics;
 use portcullis::telemetry::{self, LogFormat};
@@ -91,6 +94,32 @@ struct RunArgs {
     /// On SIGTERM: longest wait for in-flight requests and open streams to finish (seconds).
     #[arg(long, default_value_t = 60.0)]
     drain_timeout: f64,
+    /// Who may call Routes without `access`: allow-all (anyone, as MLflow's gateway) or authenticated
+    /// (any valid ServiceAccount token or API key).
+    #[arg(
+        long,
+        env = "PORTCULLIS_DEFAULT_ACCESS",
+        value_enum,
+        default_value = "allow-all"
+    )]
+    default_access: DefaultAccess,
+    /// The audience ServiceAccount tokens must be issued for.
+    #[arg(long, env = "PORTCULLIS_TOKEN_AUDIENCE", default_value = "portcullis")]
+    token_audience: String,
+    /// Seconds a valid ServiceAccount token is trusted without asking the API server again.
+    #[arg(long, default_value_t = 30.0)]
+    token_cache_ttl: f64,
+    /// Seconds an invalid token is remembered as invalid.
+    #[arg(long, default_value_t = 5.0)]
+    negative_token_cache_ttl: f64,
+    /// Share limits across replicas through this Redis (redis://[:password@]host:port[/db]);
+    /// without it each replica counts alone.
+    #[arg(long, env = "PORTCULLIS_LIMITS_STORE")]
+    limits_store: Option<String>,
+    /// Replicas serving together: while counting alone (no store, or the store is unreachable),
+    /// each replica enforces 1/N of every limit.
+    #[arg(long, env = "PORTCULLIS_REPLICAS", default_value_t = 1)]
+    replicas: u32,
 }
 
 fn main() -> ExitCode {
@@ -164,6 +193,19 @@ async fn run(args: RunArgs) -> Result<(), StartError> {
     let upstream_timeout = secs(args.upstream_timeout, "upstream-timeout")?;
     let max_backoff = secs(args.max_watch_backoff, "max-watch-backoff")?;
     let drain_timeout = secs(args.drain_timeout, "drain-timeout")?;
+    let token_ttl = CacheTtl {
+        positive: secs(args.token_cache_ttl, "token-cache-ttl")?,
+        negative: secs(args.negative_token_cache_ttl, "negative-token-cache-ttl")?,
+        ..CacheTtl::default()
+    };
+    if args.replicas == 0 {
+        return Err(StartError::Config("--replicas must be at least 1".into()));
+    }
+    if args.token_audience.is_empty() {
+        return Err(StartError::Config(
+            "--token-audience must not be empty".into(),
+        ));
+    }
     let shutdown_delay = Duration::try_from_secs_f64(args.shutdown_delay)
         .map_err(|_| StartError::Config("--shutdown-delay must be a number of seconds".into()))?;
     let identity = args.identity.clone().unwrap_or_else(|| {
@@ -187,6 +229,23 @@ async fn run(args: RunArgs) -> Result<(), StartError> {
         .map_err(|e| StartError::KubeConfig(e.to_string()))?;
 
     let metrics = Arc::new(Metrics::new());
+    let limits = Arc::new(match &args.limits_store {
+        Some(url) => Limiter::shared(metrics.clone(), args.replicas, url)
+            .map_err(|e| StartError::Config(e.to_string()))?,
+        None => Limiter::local(metrics.clone(), args.replicas),
+    });
+    let api_keys = portcullis::access::SharedApiKeys::default();
+    let reviewer: Arc<dyn TokenReviewer> = Arc::new(KubeTokenReviewer::new(
+        client.clone(),
+        args.token_audience.clone(),
+        metrics.clone(),
+    ));
+    let auth = Arc::new(Authenticator::new(
+        api_keys.clone(),
+        Some(reviewer),
+        token_ttl,
+        args.default_access,
+    ));
     let table = RoutingTable::default().shared();
     let ready = Arc::new(AtomicBool::new(false));
     let draining = Arc::new(AtomicBool::new(false));
@@ -198,6 +257,8 @@ async fn run(args: RunArgs) -> Result<(), StartError> {
         upstream_timeout,
         metrics: metrics.clone(),
         draining: draining.clone(),
+        auth,
+        limits,
     });
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -219,6 +280,10 @@ async fn run(args: RunArgs) -> Result<(), StartError> {
         leader_election = args.leader_election,
         body_limit = args.body_limit,
         upstream_timeout_s = upstream_timeout.as_secs_f64(),
+        default_access = ?args.default_access,
+        token_audience = %args.token_audience,
+        limits_store = if args.limits_store.is_some() { "redis" } else { "local" },
+        replicas = args.replicas,
         "data plane listening"
     );
 
@@ -256,6 +321,7 @@ async fn run(args: RunArgs) -> Result<(), StartError> {
             table,
             ready,
             metrics: metrics.clone(),
+            api_keys,
         },
         stop_controller.clone(),
     ));

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use crate::api::{Limit, Provider, Reason, RouteType};
+use crate::api::{AccessRule, Limit, LimitKey, Provider, Reason, RenewalPeriod, RouteType};
 use crate::providers::{ProviderAdapter, Target};
 
 /// The table shared by the controller (writer) and the data plane (readers).
@@ -30,7 +30,30 @@ pub struct RouteEntry {
     pub provider: Provider,
     pub model: String,
     pub limits: Vec<Limit>,
+    /// Who may call; `None`: the gateway-wide default.
+    pub access: Option<Vec<AccessRule>>,
     pub state: RouteState,
+}
+
+/// The `limit` of a route on the MLflow listings: its first calls-limit.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct MlflowLimit {
+    pub calls: u64,
+    pub key: LimitKey,
+    pub renewal_period: RenewalPeriod,
+}
+
+impl RouteEntry {
+    /// The first calls-limit as MLflow's listings show it (`{calls, key, renewal_period}`), or None.
+    pub fn mlflow_limit(&self) -> Option<MlflowLimit> {
+        self.limits.iter().find_map(|l| {
+            Some(MlflowLimit {
+                calls: l.calls?,
+                key: l.key,
+                renewal_period: l.renewal_period,
+            })
+        })
+    }
 }
 
 pub enum RouteState {
@@ -104,6 +127,7 @@ mod tests {
             provider: Provider::Openai,
             model: "m".into(),
             limits: vec![],
+            access: None,
             state: RouteState::NotReady {
                 reason: Reason::SecretNotFound,
                 message: "x".into(),
@@ -124,6 +148,28 @@ mod tests {
         assert!(t.get("b").is_some());
         assert!(t.get("z").is_none());
         assert_eq!(t.len(), 3);
+    }
+
+    #[test]
+    fn mlflow_limit_is_the_first_calls_limit() {
+        let mut e = entry("a");
+        assert_eq!(e.mlflow_limit(), None);
+        let limit = |calls, tokens, key| Limit {
+            renewal_period: RenewalPeriod::Minute,
+            calls,
+            tokens,
+            key,
+        };
+        e.limits = vec![
+            limit(None, Some(10), LimitKey::Route),
+            limit(Some(5), None, LimitKey::Consumer),
+            limit(Some(7), None, LimitKey::Route),
+        ];
+        let shown = e.mlflow_limit().unwrap();
+        assert_eq!(
+            serde_json::to_value(&shown).unwrap(),
+            serde_json::json!({"calls": 5, "key": "consumer", "renewal_period": "minute"})
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! While the API server is unreachable the stores keep their contents and the last table serves.
 
 mod backoff;
+pub mod consumers;
 pub mod leader;
 pub mod reconcile;
 mod secrets;
@@ -63,6 +64,8 @@ pub struct ControllerHandles {
     /// Set once the first table built from a complete sync is published.
     pub ready: Arc<AtomicBool>,
     pub metrics: Arc<Metrics>,
+    /// Published digests of the API-key consumers' keys.
+    pub api_keys: crate::access::SharedApiKeys,
 }
 
 fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
@@ -91,6 +94,13 @@ pub async fn run(
             other => ControllerError::Kube(other),
         });
     }
+    let api_keys = tokio::spawn(consumers::run_api_keys(
+        client.clone(),
+        config.namespace.clone(),
+        handles.api_keys.clone(),
+        config.max_backoff,
+        shutdown.clone(),
+    ));
     // Metadata only: unrelated Secret contents never enter this process.
     let secrets: Api<PartialObjectMeta<Secret>> = api(&client, config.namespace.as_deref());
 
@@ -146,6 +156,7 @@ pub async fn run(
         )
         .await;
     let _ = writer.await;
+    let _ = api_keys.await;
     Ok(())
 }
 

@@ -102,6 +102,7 @@ pub fn reconcile(routes: &[Arc<Route>], secrets: &impl SecretLookup) -> Reconcil
             provider: winner.spec.model.provider,
             model: winner.spec.model.name.clone(),
             limits: winner.spec.limits.clone(),
+            access: winner.spec.access.clone(),
             state,
         });
     }

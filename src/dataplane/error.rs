@@ -7,6 +7,7 @@ use http::{HeaderValue, StatusCode, header};
 use serde_json::json;
 
 use crate::api::{Reason, RouteType};
+use crate::limits::{RateLimited, WindowState};
 use crate::providers::ProviderError;
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +54,16 @@ pub enum GatewayError {
     UpstreamUnreachable(String),
     #[error("upstream provider did not answer within {0} seconds")]
     UpstreamTimeout(u64),
+    #[error(
+        "missing or invalid credentials: send a ServiceAccount token or an API key as 'Authorization: Bearer <credential>'"
+    )]
+    Unauthenticated,
+    #[error("the caller may not use route {0:?}")]
+    Forbidden(String),
+    #[error("the caller's credentials cannot be checked right now; retry shortly")]
+    AuthUnavailable,
+    #[error("{}", .0.message)]
+    RateLimited(Box<RateLimited>),
 }
 
 impl GatewayError {
@@ -86,6 +97,10 @@ impl GatewayError {
                 StatusCode::BAD_GATEWAY
             }
             GatewayError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            GatewayError::Unauthenticated => StatusCode::UNAUTHORIZED,
+            GatewayError::Forbidden(_) => StatusCode::FORBIDDEN,
+            GatewayError::AuthUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -105,6 +120,10 @@ impl GatewayError {
             GatewayError::UpstreamMalformed(_) => "upstream_malformed_response",
             GatewayError::UpstreamUnreachable(_) => "upstream_unreachable",
             GatewayError::UpstreamTimeout(_) => "upstream_timeout",
+            GatewayError::Unauthenticated => "unauthenticated",
+            GatewayError::Forbidden(_) => "forbidden",
+            GatewayError::AuthUnavailable => "auth_unavailable",
+            GatewayError::RateLimited(_) => "rate_limit_exceeded",
         }
     }
 
@@ -118,6 +137,8 @@ impl GatewayError {
     pub fn retry_after(&self) -> Option<u64> {
         match self {
             GatewayError::Upstream { retry_after, .. } => *retry_after,
+            GatewayError::RateLimited(limited) => Some(limited.retry_after),
+            GatewayError::AuthUnavailable => Some(1),
             _ => None,
         }
     }
@@ -163,13 +184,58 @@ fn openai_type(status: StatusCode) -> &'static str {
     }
 }
 
-fn with_retry_after(mut response: Response, retry_after: Option<u64>) -> Response {
-    if let Some(secs) = retry_after {
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+/// The headers that go with an error: `Retry-After`, OpenAI's `x-ratelimit-*` on 429, and the
+/// auth scheme on 401.
+fn with_headers(mut response: Response, err: &GatewayError) -> Response {
+    let headers = response.headers_mut();
+    if let Some(secs) = err.retry_after() {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    match err {
+        GatewayError::Unauthenticated => {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        GatewayError::RateLimited(limited) => {
+            for (suffix, window) in [("requests", limited.requests), ("tokens", limited.tokens)] {
+                let Some(WindowState {
+                    limit,
+                    remaining,
+                    reset,
+                }) = window
+                else {
+                    continue;
+                };
+                for (name, value) in [
+                    ("limit", limit.to_string()),
+                    ("remaining", remaining.to_string()),
+                    ("reset", reset_text(reset)),
+                ] {
+                    if let (Ok(n), Ok(v)) = (
+                        http::HeaderName::try_from(format!("x-ratelimit-{name}-{suffix}")),
+                        HeaderValue::try_from(value),
+                    ) {
+                        headers.insert(n, v);
+                    }
+                }
+            }
+        }
+        _ => {}
     }
     response
+}
+
+/// A duration as OpenAI writes `x-ratelimit-reset-*`: `20ms`, `59s`, `6m0s`, `1h2m3s`.
+fn reset_text(d: std::time::Duration) -> String {
+    if d < std::time::Duration::from_secs(1) {
+        return format!("{}ms", d.as_millis());
+    }
+    let secs = d.as_secs_f64().ceil() as u64;
+    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    match (h, m) {
+        (0, 0) => format!("{s}s"),
+        (0, _) => format!("{m}m{s}s"),
+        _ => format!("{h}h{m}m{s}s"),
+    }
 }
 
 /// The error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
@@ -190,7 +256,7 @@ impl IntoResponse for OpenAiError {
             "param": self.0.param(),
             "code": self.0.code(),
         }});
-        with_retry_after((status, Json(body)).into_response(), self.0.retry_after())
+        with_headers((status, Json(body)).into_response(), &self.0)
     }
 }
 
@@ -206,9 +272,9 @@ impl From<GatewayError> for MlflowError {
 impl IntoResponse for MlflowError {
     fn into_response(self) -> Response {
         let status = self.0.status();
-        with_retry_after(
+        with_headers(
             (status, Json(json!({"detail": self.0.to_string()}))).into_response(),
-            self.0.retry_after(),
+            &self.0,
         )
     }
 }
@@ -246,8 +312,44 @@ mod tests {
             GatewayError::PayloadTooLarge { limit: 1 },
             GatewayError::UnsupportedMediaType("x".into()),
             GatewayError::MethodNotAllowed,
+            GatewayError::Unauthenticated,
+            GatewayError::Forbidden("r".into()),
         ] {
             assert!(!retryable.contains(&e.status().as_u16()), "{e:?}");
         }
+    }
+
+    #[test]
+    fn rate_limited_renders_openai_headers() {
+        let err = GatewayError::RateLimited(Box::new(RateLimited {
+            message: "rate limit exceeded".into(),
+            retry_after: 42,
+            requests: Some(WindowState {
+                limit: 10,
+                remaining: 0,
+                reset: std::time::Duration::from_secs(42),
+            }),
+            tokens: None,
+        }));
+        let response = OpenAiError(err).into_response();
+        assert_eq!(response.status(), 429);
+        let h = response.headers();
+        assert_eq!(h["retry-after"], "42");
+        assert_eq!(h["x-ratelimit-limit-requests"], "10");
+        assert_eq!(h["x-ratelimit-remaining-requests"], "0");
+        assert_eq!(h["x-ratelimit-reset-requests"], "42s");
+        assert!(h.get("x-ratelimit-limit-tokens").is_none());
+        let mlflow = MlflowError(GatewayError::Unauthenticated).into_response();
+        assert_eq!(mlflow.status(), 401);
+        assert_eq!(mlflow.headers()["www-authenticate"], "Bearer");
+    }
+
+    #[test]
+    fn reset_texts_follow_openai() {
+        let t = |ms: u64| reset_text(std::time::Duration::from_millis(ms));
+        assert_eq!(t(20), "20ms");
+        assert_eq!(t(59_000), "59s");
+        assert_eq!(t(360_000), "6m0s");
+        assert_eq!(t(3_723_000), "1h2m3s");
     }
 }

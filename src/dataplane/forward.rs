@@ -7,11 +7,14 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 
 use super::AppState;
+use super::admission::{self, Admission};
 use super::error::GatewayError;
 use super::observe;
 use crate::api::RouteType;
 use crate::llm::Usage;
-use crate::llm::{LlmRequest, LlmResponse, StreamDelta};
+use crate::llm::{
+    Embeddings as LlmEmbeddings, Generation as LlmGeneration, LlmRequest, LlmResponse, StreamDelta,
+};
 use crate::providers::{ProviderError, StreamDecoder};
 use crate::table::{RouteEntry, RouteState, Upstream};
 use crate::telemetry::metrics::{ErrorLabels, Metrics, RouteLabels, TokenLabels};
@@ -66,6 +69,7 @@ pub async fn invoke(
     route: &ServingRoute,
     request: &LlmRequest,
 ) -> Result<LlmResponse, GatewayError> {
+    let admission = admission::admit(state, &route.entry, request).await?;
     let started = Instant::now();
     let upstream = &route.upstream;
     let result = async {
@@ -87,13 +91,15 @@ pub async fn invoke(
         .get_or_create(&labels)
         .observe(started.elapsed().as_secs_f64());
     match &result {
-        Ok(LlmResponse::Generation(g)) => {
-            record_usage(&state.metrics, &route.entry, &observe::consumer(), &g.usage)
+        Ok(LlmResponse::Generation(LlmGeneration { usage, .. }))
+        | Ok(LlmResponse::Embeddings(LlmEmbeddings { usage, .. })) => {
+            record_usage(&state.metrics, &route.entry, &observe::consumer(), usage);
+            admission.settle_usage(usage);
         }
-        Ok(LlmResponse::Embeddings(e)) => {
-            record_usage(&state.metrics, &route.entry, &observe::consumer(), &e.usage)
+        Err(e) => {
+            record_error(&state.metrics, &route.entry, e);
+            admission.settle(0);
         }
-        Err(e) => record_error(&state.metrics, &route.entry, e),
     }
     result
 }
@@ -106,10 +112,16 @@ pub async fn invoke_stream(
     request: &LlmRequest,
 ) -> Result<impl Stream<Item = Result<Vec<StreamDelta>, GatewayError>> + Send + 'static, GatewayError>
 {
+    let admission = admission::admit(state, &route.entry, request).await?;
     let started = Instant::now();
-    let response = send(state, &route.upstream, request, None)
-        .await
-        .inspect_err(|e| record_error(&state.metrics, &route.entry, e))?;
+    let response = match send(state, &route.upstream, request, None).await {
+        Ok(response) => response,
+        Err(e) => {
+            record_error(&state.metrics, &route.entry, &e);
+            admission.settle(0);
+            return Err(e);
+        }
+    };
     let decoder = route
         .upstream
         .adapter
@@ -150,6 +162,8 @@ pub async fn invoke_stream(
         started,
         first_chunk: None,
         usage: None,
+        streamed_chars: 0,
+        admission: Some(admission),
     };
     Ok(deltas.scan(observer, |observer, item| {
         observer.see(&item);
@@ -228,6 +242,9 @@ struct StreamObserver {
     started: Instant,
     first_chunk: Option<Instant>,
     usage: Option<Usage>,
+    /// Text seen so far: what an early-ended stream is charged when no usage arrived.
+    streamed_chars: usize,
+    admission: Option<Admission>,
 }
 
 impl StreamObserver {
@@ -243,6 +260,11 @@ impl StreamObserver {
                         .get_or_create(&route_labels(&self.entry))
                         .observe(ttft);
                 }
+                self.streamed_chars += deltas
+                    .iter()
+                    .filter_map(|d| d.text.as_ref())
+                    .map(String::len)
+                    .sum::<usize>();
                 if let Some(usage) = deltas.iter().rev().find_map(|d| d.usage) {
                     self.usage = Some(usage);
                 }
@@ -261,6 +283,17 @@ impl Drop for StreamObserver {
             .observe(self.started.elapsed().as_secs_f64());
         if let Some(usage) = self.usage {
             record_usage(&self.metrics, &self.entry, &self.consumer, &usage);
+        }
+        if let Some(admission) = self.admission.take() {
+            // A stream cut short has no usage report: charge the prompt and the text sent so far.
+            let used = self
+                .usage
+                .as_ref()
+                .and_then(admission::used_tokens)
+                .unwrap_or(
+                    admission.prompt_estimate + admission::tokens_for_chars(self.streamed_chars),
+                );
+            admission.settle(used);
         }
         tracing::info!(
             route = %self.entry.name,

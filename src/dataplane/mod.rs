@@ -4,6 +4,7 @@
 //! `forward.rs` looks the route up in the table and calls the provider adapter -> the handler renders
 //! the answer back in its dialect. Errors are `GatewayError`, rendered per surface in `error.rs`.
 
+pub mod admission;
 mod body;
 pub mod error;
 mod forward;
@@ -20,6 +21,8 @@ use axum::Router;
 use axum::extract::OriginalUri;
 use axum::routing::{get, post};
 
+use crate::access::Authenticator;
+use crate::limits::Limiter;
 use crate::table::SharedTable;
 use crate::telemetry::metrics::Metrics;
 use error::{GatewayError, OpenAiError};
@@ -36,6 +39,9 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Set on shutdown: readiness fails at once so load balancers stop sending new requests.
     pub draining: Arc<AtomicBool>,
+    /// Who is calling (API keys, cached TokenReviews) and the gateway-wide default access.
+    pub auth: Arc<Authenticator>,
+    pub limits: Arc<Limiter>,
 }
 
 /// The upstream HTTP client: pooled connections, bounded connect and read times.

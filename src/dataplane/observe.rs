@@ -15,6 +15,7 @@ use tracing::field::Empty;
 use tracing::{Instrument, Span, debug, info};
 
 use super::AppState;
+use crate::access::Bearer;
 use crate::llm::Usage;
 use crate::telemetry::metrics::RequestLabels;
 use crate::telemetry::tracecontext::{self, TRACEPARENT};
@@ -33,6 +34,8 @@ pub struct CallInfo {
     pub operation: Option<&'static str>,
     /// Passed on to the provider when no span of ours is exported.
     pub caller_traceparent: Option<HeaderValue>,
+    /// The caller's credential, taken once by admission; never logged.
+    pub bearer: Option<Bearer>,
 }
 
 tokio::task_local! {
@@ -50,6 +53,13 @@ pub fn consumer() -> String {
         .ok()
         .flatten()
         .unwrap_or_default()
+}
+
+/// Takes the caller's bearer credential out of the call, so it is held no longer than needed.
+pub fn take_bearer() -> Option<Bearer> {
+    CALL.try_with(|c| c.borrow_mut().bearer.take())
+        .ok()
+        .flatten()
 }
 
 /// The caller's `traceparent`, if any.
@@ -96,6 +106,10 @@ pub async fn middleware(State(state): State<Arc<AppState>>, req: Request, next: 
     let span = request_span(&req, surface);
     let call = CallInfo {
         caller_traceparent: req.headers().get(TRACEPARENT).cloned(),
+        bearer: req
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| Bearer::from_header(v.as_bytes())),
         ..Default::default()
     };
     let (mut response, call) = CALL

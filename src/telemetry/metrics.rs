@@ -71,6 +71,15 @@ pub struct Metrics {
     pub reconcile_errors: Counter,
     pub reconcile_duration: Histogram,
     pub watch_restarts: Family<ResourceLabels, Counter>,
+    /// 1 while limits are counted locally because the shared store does not answer.
+    pub limits_fallback: Gauge,
+    pub limits_store_errors: Counter,
+    pub token_reviews: Family<OutcomeLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
 }
 
 fn latency_histogram() -> Histogram {
@@ -105,6 +114,24 @@ impl Metrics {
         let reconcile_errors = Counter::default();
         let reconcile_duration = latency_histogram();
         let watch_restarts = Family::<ResourceLabels, Counter>::default();
+        let limits_fallback = Gauge::default();
+        let limits_store_errors = Counter::default();
+        let token_reviews = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "portcullis_limits_fallback",
+            "1 while this replica enforces limits locally (1/N each) because the shared limits store is unreachable",
+            limits_fallback.clone(),
+        );
+        registry.register(
+            "portcullis_limits_store_errors",
+            "Failed or timed-out calls to the shared limits store",
+            limits_store_errors.clone(),
+        );
+        registry.register(
+            "portcullis_token_reviews",
+            "TokenReview API calls by outcome (authenticated, rejected, error); cached tokens make none",
+            token_reviews.clone(),
+        );
 
         registry.register(
             "portcullis_requests",
@@ -185,6 +212,9 @@ impl Metrics {
             reconcile_errors,
             reconcile_duration,
             watch_restarts,
+            limits_fallback,
+            limits_store_errors,
+            token_reviews,
         }
     }
 

@@ -1,0 +1,490 @@
+//! Who is calling, and whether they may call a route.
+//!
+//! A caller presents `Authorization: Bearer <credential>`: either an API key (matched against the
+//! digests of the labelled Secrets the controller publishes) or a projected ServiceAccount token
+//! (validated by a [`TokenReviewer`], the controller's TokenReview client). Results are cached by
+//! the credential's digest, so a cached caller costs no API-server call and no credential is kept
+//! in memory in the clear beyond the request that carried it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use futures::future::BoxFuture;
+use parking_lot::Mutex;
+use sha2::{Digest as _, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::api::AccessRule;
+
+/// The label that marks a Secret as an API-key consumer.
+pub const API_KEY_LABEL: &str = "portcullis.dev/api-key";
+/// The Secret data key holding the API key.
+pub const API_KEY_FIELD: &str = "apiKey";
+
+/// An authenticated caller.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Identity {
+    /// A Kubernetes ServiceAccount, from a TokenReview.
+    ServiceAccount { namespace: String, name: String },
+    /// An API-key consumer, named after its Secret.
+    Consumer { namespace: String, name: String },
+}
+
+impl Identity {
+    /// `namespace/name`: the consumer name in logs, metrics and per-consumer limits.
+    pub fn name(&self) -> String {
+        let (Identity::ServiceAccount { namespace, name } | Identity::Consumer { namespace, name }) =
+            self;
+        format!("{namespace}/{name}")
+    }
+
+    /// Parses a TokenReview username (`system:serviceaccount:NS:NAME`).
+    pub fn from_service_account_username(username: &str) -> Option<Identity> {
+        let rest = username.strip_prefix("system:serviceaccount:")?;
+        let (namespace, name) = rest.split_once(':')?;
+        (!namespace.is_empty() && !name.is_empty() && !name.contains(':')).then(|| {
+            Identity::ServiceAccount {
+                namespace: namespace.into(),
+                name: name.into(),
+            }
+        })
+    }
+}
+
+/// The policy for Routes without `access`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum DefaultAccess {
+    /// Anyone may call (MLflow's unauthenticated gateway behaves so).
+    #[default]
+    AllowAll,
+    /// Any valid ServiceAccount token or API key may call.
+    Authenticated,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Allow,
+    /// No or invalid credentials where some are needed: 401.
+    Unauthenticated,
+    /// A valid caller that this route does not admit: 403.
+    Forbidden,
+}
+
+/// Whether `caller` may call a route with these `access` rules.
+pub fn decide(
+    access: Option<&[AccessRule]>,
+    default: DefaultAccess,
+    caller: Option<&Identity>,
+) -> Decision {
+    let Some(rules) = access else {
+        return match (default, caller) {
+            (DefaultAccess::AllowAll, _) | (DefaultAccess::Authenticated, Some(_)) => {
+                Decision::Allow
+            }
+            (DefaultAccess::Authenticated, None) => Decision::Unauthenticated,
+        };
+    };
+    let Some(caller) = caller else {
+        return Decision::Unauthenticated;
+    };
+    if rules.iter().any(|rule| grants(rule, caller)) {
+        Decision::Allow
+    } else {
+        Decision::Forbidden
+    }
+}
+
+fn grants(rule: &AccessRule, caller: &Identity) -> bool {
+    let is = |qualified: &Option<String>, namespace: &str, name: &str| {
+        qualified
+            .as_deref()
+            .and_then(|q| q.split_once('/'))
+            .is_some_and(|(ns, n)| ns == namespace && n == name)
+    };
+    match caller {
+        Identity::ServiceAccount { namespace, name } => {
+            is(&rule.service_account, namespace, name)
+                || rule.namespace.as_deref() == Some(namespace.as_str())
+        }
+        Identity::Consumer { namespace, name } => is(&rule.consumer, namespace, name),
+    }
+}
+
+/// A bearer credential as presented; never printed.
+#[derive(Clone)]
+pub struct Bearer(String);
+
+impl Bearer {
+    /// From an `Authorization` header value; `None` unless it is a non-empty Bearer credential.
+    pub fn from_header(value: &[u8]) -> Option<Bearer> {
+        let value = std::str::from_utf8(value).ok()?.trim();
+        let (scheme, credential) = value.split_once(' ')?;
+        let credential = credential.trim();
+        (scheme.eq_ignore_ascii_case("bearer") && !credential.is_empty())
+            .then(|| Bearer(credential.to_string()))
+    }
+
+    pub fn digest(&self) -> Digest {
+        digest(self.0.as_bytes())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// ServiceAccount tokens are JWTs; anything else is not worth a TokenReview.
+    fn looks_like_jwt(&self) -> bool {
+        self.0.len() <= 16 * 1024
+            && self.0.split('.').count() == 3
+            && self
+                .0
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'='))
+    }
+}
+
+impl std::fmt::Debug for Bearer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Bearer(<redacted>)")
+    }
+}
+
+pub type Digest = [u8; 32];
+
+pub fn digest(bytes: &[u8]) -> Digest {
+    Sha256::digest(bytes).into()
+}
+
+/// The API-key consumers, held only as digests of their keys.
+#[derive(Default)]
+pub struct ApiKeys {
+    keys: Vec<(Digest, Identity)>,
+}
+
+pub type SharedApiKeys = Arc<ArcSwap<ApiKeys>>;
+
+impl ApiKeys {
+    pub fn new(keys: impl IntoIterator<Item = (Digest, Identity)>) -> Self {
+        ApiKeys {
+            keys: keys.into_iter().collect(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// Compares against every key in constant time, so timing reveals neither which key matched
+    /// nor how much of a digest did.
+    pub fn find(&self, presented: &Digest) -> Option<&Identity> {
+        let mut found = None;
+        for (digest, identity) in &self.keys {
+            if bool::from(digest.ct_eq(presented)) {
+                found = Some(identity);
+            }
+        }
+        found
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReviewError {
+    #[error("the TokenReview API call failed: {0}")]
+    Unavailable(String),
+}
+
+/// Validates a ServiceAccount token; `Ok(None)` means the token is not valid.
+pub trait TokenReviewer: Send + Sync {
+    fn review<'a>(&'a self, token: &'a str)
+    -> BoxFuture<'a, Result<Option<Identity>, ReviewError>>;
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AuthError {
+    #[error("the credential is not valid")]
+    Invalid,
+    #[error("the credential cannot be checked right now")]
+    Unavailable,
+}
+
+/// Cache lifetimes of token reviews.
+#[derive(Clone, Copy, Debug)]
+pub struct CacheTtl {
+    pub positive: Duration,
+    pub negative: Duration,
+    pub capacity: usize,
+}
+
+impl Default for CacheTtl {
+    fn default() -> Self {
+        CacheTtl {
+            positive: Duration::from_secs(30),
+            negative: Duration::from_secs(5),
+            capacity: 10_000,
+        }
+    }
+}
+
+/// Token review results by token digest, with a bounded size and lifetime. A plain map behind a
+/// short lock: a hit is one hash lookup, and the lock is never held across an await.
+struct ReviewCache {
+    ttl: CacheTtl,
+    entries: Mutex<HashMap<Digest, (Option<Identity>, Instant)>>,
+}
+
+impl ReviewCache {
+    fn get(&self, key: &Digest) -> Option<Option<Identity>> {
+        let entries = self.entries.lock();
+        let (identity, expires) = entries.get(key)?;
+        (Instant::now() < *expires).then(|| identity.clone())
+    }
+
+    fn put(&self, key: Digest, identity: Option<Identity>) {
+        let now = Instant::now();
+        let ttl = if identity.is_some() {
+            self.ttl.positive
+        } else {
+            self.ttl.negative
+        };
+        let mut entries = self.entries.lock();
+        if entries.len() >= self.ttl.capacity {
+            entries.retain(|_, (_, expires)| *expires > now);
+            if entries.len() >= self.ttl.capacity {
+                // A flood of distinct tokens: start over rather than grow without bound.
+                entries.clear();
+            }
+        }
+        entries.insert(key, (identity, now + ttl));
+    }
+}
+
+/// Turns a presented credential into an identity.
+pub struct Authenticator {
+    api_keys: SharedApiKeys,
+    reviewer: Option<Arc<dyn TokenReviewer>>,
+    cache: ReviewCache,
+    pub default_access: DefaultAccess,
+}
+
+impl Authenticator {
+    pub fn new(
+        api_keys: SharedApiKeys,
+        reviewer: Option<Arc<dyn TokenReviewer>>,
+        ttl: CacheTtl,
+        default_access: DefaultAccess,
+    ) -> Self {
+        Authenticator {
+            api_keys,
+            reviewer,
+            cache: ReviewCache {
+                ttl,
+                entries: Mutex::new(HashMap::new()),
+            },
+            default_access,
+        }
+    }
+
+    /// Anyone may call when nothing is configured; for tests and local use.
+    pub fn allow_all() -> Self {
+        Self::new(
+            Arc::default(),
+            None,
+            CacheTtl::default(),
+            DefaultAccess::AllowAll,
+        )
+    }
+
+    /// The caller behind `bearer`; `Ok(None)` for anonymous calls.
+    pub async fn authenticate(
+        &self,
+        bearer: Option<&Bearer>,
+    ) -> Result<Option<Identity>, AuthError> {
+        let Some(bearer) = bearer else {
+            return Ok(None);
+        };
+        let key = bearer.digest();
+        // API keys are never cached: deleting the Secret must revoke the key at once.
+        if let Some(identity) = self.api_keys.load().find(&key) {
+            return Ok(Some(identity.clone()));
+        }
+        if let Some(cached) = self.cache.get(&key) {
+            return cached.map(Some).ok_or(AuthError::Invalid);
+        }
+        let reviewed = match &self.reviewer {
+            Some(reviewer) if bearer.looks_like_jwt() => {
+                reviewer.review(bearer.expose()).await.map_err(|e| {
+                    tracing::warn!(error = %e, "cannot validate a ServiceAccount token");
+                    AuthError::Unavailable
+                })?
+            }
+            _ => None,
+        };
+        self.cache.put(key, reviewed.clone());
+        reviewed.map(Some).ok_or(AuthError::Invalid)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn sa(ns: &str, name: &str) -> Identity {
+        Identity::ServiceAccount {
+            namespace: ns.into(),
+            name: name.into(),
+        }
+    }
+
+    fn consumer(ns: &str, name: &str) -> Identity {
+        Identity::Consumer {
+            namespace: ns.into(),
+            name: name.into(),
+        }
+    }
+
+    fn rule(sa: Option<&str>, ns: Option<&str>, consumer: Option<&str>) -> AccessRule {
+        AccessRule {
+            service_account: sa.map(Into::into),
+            namespace: ns.map(Into::into),
+            consumer: consumer.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn default_policy_applies_without_access() {
+        use DefaultAccess::*;
+        assert_eq!(decide(None, AllowAll, None), Decision::Allow);
+        assert_eq!(decide(None, Authenticated, None), Decision::Unauthenticated);
+        assert_eq!(
+            decide(None, Authenticated, Some(&sa("a", "b"))),
+            Decision::Allow
+        );
+    }
+
+    #[test]
+    fn access_rules_match_service_accounts_namespaces_and_consumers() {
+        let rules = [
+            rule(Some("team-a/notebook"), None, None),
+            rule(None, Some("team-b"), None),
+            rule(None, None, Some("partner-x/key-1")),
+        ];
+        let d = |c: &Identity| decide(Some(&rules), DefaultAccess::AllowAll, Some(c));
+        assert_eq!(d(&sa("team-a", "notebook")), Decision::Allow);
+        assert_eq!(d(&sa("team-a", "other")), Decision::Forbidden);
+        assert_eq!(d(&sa("team-b", "anything")), Decision::Allow);
+        assert_eq!(d(&consumer("partner-x", "key-1")), Decision::Allow);
+        // A consumer is not a ServiceAccount of its Secret's namespace.
+        assert_eq!(d(&consumer("team-b", "key")), Decision::Forbidden);
+        assert_eq!(d(&sa("partner-x", "key-1")), Decision::Forbidden);
+        assert_eq!(
+            decide(Some(&rules), DefaultAccess::AllowAll, None),
+            Decision::Unauthenticated
+        );
+        assert_eq!(
+            decide(Some(&[]), DefaultAccess::AllowAll, Some(&sa("a", "b"))),
+            Decision::Forbidden
+        );
+    }
+
+    #[test]
+    fn service_account_usernames_parse() {
+        assert_eq!(
+            Identity::from_service_account_username("system:serviceaccount:ns:sa"),
+            Some(sa("ns", "sa"))
+        );
+        assert_eq!(Identity::from_service_account_username("admin"), None);
+        assert_eq!(
+            Identity::from_service_account_username("system:serviceaccount:ns:"),
+            None
+        );
+        assert_eq!(sa("ns", "sa").name(), "ns/sa");
+    }
+
+    #[test]
+    fn bearer_parsing_and_redaction() {
+        assert!(Bearer::from_header(b"Bearer abc").is_some());
+        assert!(Bearer::from_header(b"bearer   abc ").is_some());
+        assert!(Bearer::from_header(b"Basic abc").is_none());
+        assert!(Bearer::from_header(b"Bearer ").is_none());
+        let b = Bearer::from_header(b"Bearer sk-secret").unwrap();
+        assert!(!format!("{b:?}").contains("sk-secret"));
+    }
+
+    struct CountingReviewer(AtomicUsize);
+
+    impl TokenReviewer for CountingReviewer {
+        fn review<'a>(
+            &'a self,
+            token: &'a str,
+        ) -> BoxFuture<'a, Result<Option<Identity>, ReviewError>> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            let ok = token.starts_with("good.");
+            Box::pin(async move { Ok(ok.then(|| sa("ns", "sa"))) })
+        }
+    }
+
+    #[tokio::test]
+    async fn reviews_are_cached_and_api_keys_win() {
+        let reviewer = Arc::new(CountingReviewer(AtomicUsize::new(0)));
+        let keys: SharedApiKeys = Arc::new(ArcSwap::from_pointee(ApiKeys::new([(
+            digest(b"sk-key"),
+            consumer("p", "k"),
+        )])));
+        let auth = Authenticator::new(
+            keys.clone(),
+            Some(reviewer.clone()),
+            CacheTtl::default(),
+            DefaultAccess::Authenticated,
+        );
+        let bearer = |s: &str| Bearer::from_header(format!("Bearer {s}").as_bytes()).unwrap();
+        for _ in 0..3 {
+            assert_eq!(
+                auth.authenticate(Some(&bearer("good.a.b"))).await,
+                Ok(Some(sa("ns", "sa")))
+            );
+            assert_eq!(
+                auth.authenticate(Some(&bearer("bad.a.b"))).await,
+                Err(AuthError::Invalid)
+            );
+        }
+        assert_eq!(reviewer.0.load(Ordering::SeqCst), 2);
+        // Garbage never reaches the API server.
+        assert_eq!(
+            auth.authenticate(Some(&bearer("not a jwt"))).await,
+            Err(AuthError::Invalid)
+        );
+        assert_eq!(reviewer.0.load(Ordering::SeqCst), 2);
+        assert_eq!(
+            auth.authenticate(Some(&bearer("sk-key"))).await,
+            Ok(Some(consumer("p", "k")))
+        );
+        keys.store(Arc::default());
+        assert_eq!(
+            auth.authenticate(Some(&bearer("sk-key"))).await,
+            Err(AuthError::Invalid)
+        );
+        assert_eq!(auth.authenticate(None).await, Ok(None));
+    }
+
+    #[test]
+    fn review_cache_is_bounded() {
+        let cache = ReviewCache {
+            ttl: CacheTtl {
+                capacity: 4,
+                ..Default::default()
+            },
+            entries: Mutex::new(HashMap::new()),
+        };
+        for i in 0..100u8 {
+            cache.put([i; 32], None);
+        }
+        assert!(cache.entries.lock().len() <= 4);
+    }
+}

@@ -1,0 +1,152 @@
+//! Before the upstream call: who is calling, may they use this route, and is there room left in
+//! its limits. After it: settle the token charge to what was really used.
+
+use crate::access::{AuthError, Decision, Identity, decide};
+use crate::limits::Reservation;
+use crate::llm::{LlmRequest, Usage};
+use crate::table::RouteEntry;
+
+use super::AppState;
+use super::error::GatewayError;
+use super::observe;
+
+/// Completion tokens assumed for a request without `max_tokens`.
+const DEFAULT_COMPLETION_ESTIMATE: u64 = 256;
+
+/// An admitted call; settle it with the real usage once known (dropping it keeps the estimate).
+#[derive(Debug, Default)]
+pub struct Admission {
+    reservation: Option<Reservation>,
+    /// The prompt-size estimate, for streams that end before reporting usage.
+    pub prompt_estimate: u64,
+}
+
+impl Admission {
+    pub fn settle(self, used: u64) {
+        if let Some(r) = self.reservation {
+            r.settle(used);
+        }
+    }
+
+    /// Settles with the reported usage, or keeps the up-front charge when none was reported.
+    pub fn settle_usage(self, usage: &Usage) {
+        if let Some(used) = used_tokens(usage) {
+            self.settle(used);
+        }
+    }
+}
+
+pub fn used_tokens(usage: &Usage) -> Option<u64> {
+    usage
+        .total_tokens
+        .or(match (usage.prompt_tokens, usage.completion_tokens) {
+            (None, None) => None,
+            (p, c) => Some(p.unwrap_or(0) + c.unwrap_or(0)),
+        })
+}
+
+/// The caller of this request, authenticated once (credentials are taken out of the call).
+pub async fn authenticate(state: &AppState) -> Result<Option<Identity>, AuthError> {
+    let bearer = observe::take_bearer();
+    let identity = state.auth.authenticate(bearer.as_ref()).await?;
+    if let Some(id) = &identity {
+        let name = id.name();
+        observe::note(|c| c.consumer = Some(name));
+    }
+    Ok(identity)
+}
+
+/// For listings: the caller, or anonymous when the credentials are missing or invalid.
+pub async fn listing_caller(state: &AppState) -> Option<Identity> {
+    authenticate(state).await.ok().flatten()
+}
+
+/// Whether a listing shows `entry` to `caller`: only routes the caller may use.
+pub fn may_see(state: &AppState, entry: &RouteEntry, caller: Option<&Identity>) -> bool {
+    decide(entry.access.as_deref(), state.auth.default_access, caller) == Decision::Allow
+}
+
+/// Authenticates the caller, checks the route's access rules, and counts the call against its limits.
+pub async fn admit(
+    state: &AppState,
+    entry: &RouteEntry,
+    request: &LlmRequest,
+) -> Result<Admission, GatewayError> {
+    let caller = match authenticate(state).await {
+        Ok(caller) => caller,
+        // Invalid credentials matter only where credentials are needed.
+        Err(AuthError::Invalid) => None,
+        Err(AuthError::Unavailable) => return Err(GatewayError::AuthUnavailable),
+    };
+    match decide(
+        entry.access.as_deref(),
+        state.auth.default_access,
+        caller.as_ref(),
+    ) {
+        Decision::Allow => {}
+        Decision::Unauthenticated => return Err(GatewayError::Unauthenticated),
+        Decision::Forbidden => return Err(GatewayError::Forbidden(entry.name.clone())),
+    }
+    let prompt_estimate = prompt_estimate(request);
+    if entry.limits.is_empty() {
+        return Ok(Admission {
+            reservation: None,
+            prompt_estimate,
+        });
+    }
+    let consumer = caller.as_ref().map(Identity::name).unwrap_or_default();
+    let reservation = state
+        .limits
+        .admit(
+            entry,
+            &consumer,
+            prompt_estimate + completion_estimate(request),
+        )
+        .await
+        .map_err(|limited| GatewayError::RateLimited(Box::new(limited)))?;
+    Ok(Admission {
+        reservation,
+        prompt_estimate,
+    })
+}
+
+/// Roughly four characters per token, as OpenAI's rule of thumb has it.
+pub fn tokens_for_chars(chars: usize) -> u64 {
+    (chars as u64).div_ceil(4)
+}
+
+fn prompt_estimate(request: &LlmRequest) -> u64 {
+    let chars = match request {
+        LlmRequest::Chat(c) => c.messages.iter().map(|m| m.text().len()).sum(),
+        LlmRequest::Completions(c) => c.prompt.len(),
+        LlmRequest::Embeddings(e) => e.input.iter().map(String::len).sum(),
+    };
+    tokens_for_chars(chars)
+}
+
+fn completion_estimate(request: &LlmRequest) -> u64 {
+    let params = match request {
+        LlmRequest::Chat(c) => &c.params,
+        LlmRequest::Completions(c) => &c.params,
+        LlmRequest::Embeddings(_) => return 0,
+    };
+    let per_choice = params
+        .max_tokens
+        .map_or(DEFAULT_COMPLETION_ESTIMATE, u64::from);
+    per_choice * u64::from(params.n.unwrap_or(1).max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_totals() {
+        assert_eq!(used_tokens(&Usage::default()), None);
+        assert_eq!(used_tokens(&Usage::new(Some(3), Some(4))), Some(7));
+        let mut u = Usage::new(Some(3), None);
+        assert_eq!(used_tokens(&u), Some(3));
+        u.total_tokens = Some(9);
+        assert_eq!(used_tokens(&u), Some(9));
+    }
+}
