@@ -78,6 +78,48 @@ fn deploy_manifests_apply_and_their_rbac_is_exactly_enough() {
         gw.log()
     );
 
+    // TokenReview: a caller's projected ServiceAccount token is checked with exactly this RBAC.
+    cp.ok(&["create", "serviceaccount", "caller", "-n", &ns]);
+    let token = cp.ok(&[
+        "create",
+        "token",
+        "caller",
+        "-n",
+        &ns,
+        "--audience",
+        "portcullis",
+        "--duration",
+        "10m",
+    ]);
+    cp.apply(&format!(
+        "{}  access:\n    - serviceAccount: {ns}/caller\n",
+        route_manifest(
+            &ns,
+            "rbac-restricted",
+            "llm/v1/chat",
+            "openai",
+            &sim.openai_base()
+        )
+    ));
+    cp.wait_ready(&ns, "rbac-restricted");
+    let body = r#"{"model":"rbac-restricted","messages":[{"role":"user","content":"hi"}]}"#;
+    let auth = format!("Bearer {}", token.trim());
+    let call = |headers: &[(&str, &str)]| {
+        http_request("POST", &gw.url("/v1/chat/completions"), Some(body), headers).0
+    };
+    let json = ("content-type", "application/json");
+    eventually(Duration::from_secs(5), || {
+        call(&[json, ("authorization", &auth)]) == 200
+    })
+    .unwrap_or_else(|_| {
+        panic!(
+            "a valid ServiceAccount token was not accepted:\n{}",
+            gw.log()
+        )
+    });
+    assert_eq!(call(&[json]), 401);
+    assert!(!gw.log().contains(token.trim()), "a token reached the log");
+
     // Take away the status permission: the gateway keeps serving and says exactly what is missing.
     let rules = cp.json(&["get", "clusterrole", "portcullis"])["rules"].clone();
     let status_rule = rules

@@ -257,6 +257,11 @@ pub struct RouteStatus {
     /// The MLflow gateway invocation path of this route.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
+    /// The limits the gateway enforces for this route (its accepted spec.limits; empty while the
+    /// route does not serve). With a shared limits store they hold across all replicas together;
+    /// otherwise each of N replicas enforces 1/N of each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub limits: Vec<Limit>,
     /// Current state; Ready is the summary condition.
     #[serde(default)]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]

@@ -30,6 +30,11 @@ pub fn desired_status(route: &Route, outcome: &Outcome, now: Timestamp) -> Route
     RouteStatus {
         observed_generation: generation,
         url: Some(format!("/gateway/{name}/invocations")),
+        limits: if outcome.is_ready() {
+            route.spec.limits.clone()
+        } else {
+            Vec::new()
+        },
         conditions: vec![ready_condition(
             outcome,
             generation,
@@ -53,6 +58,7 @@ pub fn status_is_current(route: &Route, desired: &RouteStatus) -> bool {
     };
     current.observed_generation == desired.observed_generation
         && current.url == desired.url
+        && current.limits == desired.limits
         && current_ready(route) == desired.conditions.first()
 }
 
@@ -213,6 +219,30 @@ mod tests {
         r.status = Some(first);
         let later = desired_status(&r, &Outcome::ready(), Timestamp::from_second(99).unwrap());
         assert!(status_is_current(&r, &later));
+    }
+
+    #[test]
+    fn status_reports_the_enforced_limits_of_serving_routes() {
+        use crate::api::{Limit, LimitKey, RenewalPeriod};
+        let mut r = route(1);
+        r.spec.limits = vec![Limit {
+            renewal_period: RenewalPeriod::Minute,
+            calls: Some(10),
+            tokens: None,
+            key: LimitKey::Consumer,
+        }];
+        let t = Timestamp::from_second(10).unwrap();
+        assert_eq!(
+            desired_status(&r, &Outcome::ready(), t).limits,
+            r.spec.limits
+        );
+        let lost = Outcome::not_ready(Reason::SecretNotFound, "gone");
+        assert!(desired_status(&r, &lost, t).limits.is_empty());
+        r.status = Some(desired_status(&r, &lost, t));
+        assert!(!status_is_current(
+            &r,
+            &desired_status(&r, &Outcome::ready(), t)
+        ));
     }
 
     #[test]

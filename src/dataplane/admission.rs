@@ -72,11 +72,11 @@ pub async fn admit(
     entry: &RouteEntry,
     request: &LlmRequest,
 ) -> Result<Admission, GatewayError> {
-    let caller = match authenticate(state).await {
-        Ok(caller) => caller,
-        // Invalid credentials matter only where credentials are needed.
-        Err(AuthError::Invalid) => None,
-        Err(AuthError::Unavailable) => return Err(GatewayError::AuthUnavailable),
+    // Credentials that are invalid or cannot be checked matter only where credentials are needed.
+    let (caller, unchecked) = match authenticate(state).await {
+        Ok(caller) => (caller, false),
+        Err(AuthError::Invalid) => (None, false),
+        Err(AuthError::Unavailable) => (None, true),
     };
     match decide(
         entry.access.as_deref(),
@@ -84,6 +84,7 @@ pub async fn admit(
         caller.as_ref(),
     ) {
         Decision::Allow => {}
+        Decision::Unauthenticated if unchecked => return Err(GatewayError::AuthUnavailable),
         Decision::Unauthenticated => return Err(GatewayError::Unauthenticated),
         Decision::Forbidden => return Err(GatewayError::Forbidden(entry.name.clone())),
     }
