@@ -5,7 +5,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: run test unit-test e2e-test control-plane crds lint fmt build clean-cache
+.PHONY: run test unit-test e2e-test control-plane redis crds lint fmt build clean-cache
 
 build:
 	$(CARGO) build --workspace
@@ -13,17 +13,22 @@ build:
 control-plane:
 	hack/control-plane.sh build
 
+# The limits tests start their own redis-server on a free loopback port; install it once (as root).
+redis:
+	@command -v redis-server >/dev/null 2>&1 || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
+
 run: control-plane
 	$(CARGO) build --workspace --release
 	hack/run-local.sh
 
-test: control-plane lint
+test: control-plane redis lint
 	$(CARGO) test --workspace --no-fail-fast
 
 unit-test:
 	$(CARGO) test --workspace --lib --bins
 
-e2e-test: control-plane
+e2e-test: control-plane redis
 	$(CARGO) test --workspace --tests
 
 crds:

@@ -1,0 +1,629 @@
+//! Consumer identity, per-route access, rate limits and token budgets, end to end: real
+//! ServiceAccount tokens checked by a real kube-apiserver, API-key Secrets, the real gateway binary,
+//! and (for limits shared across replicas) a real redis-server on loopback.
+
+mod support;
+
+use std::io::Read;
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::*;
+
+/// One call with an optional bearer credential: status, headers, JSON body (Null when not JSON).
+fn call(
+    gw: &Gateway,
+    bearer: Option<&str>,
+    body: &Value,
+) -> (u16, reqwest::header::HeaderMap, Value) {
+    let mut req = client()
+        .post(gw.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(body.to_string());
+    if let Some(b) = bearer {
+        req = req.header("authorization", format!("Bearer {b}"));
+    }
+    let resp = req.send().expect("request");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let text = resp.text().unwrap_or_default();
+    (
+        status,
+        headers,
+        serde_json::from_str(&text).unwrap_or(Value::Null),
+    )
+}
+
+fn chat_body(route: &str) -> Value {
+    json!({"model": route, "messages": [{"role": "user", "content": "hello there"}]})
+}
+
+fn status(gw: &Gateway, route: &str, bearer: Option<&str>) -> u16 {
+    call(gw, bearer, &chat_body(route)).0
+}
+
+/// A chat Route on the simulated provider with extra `spec` YAML (indented two spaces).
+fn route_with(ns: &str, name: &str, secret: &str, sim: &SimProvider, spec_extra: &str) -> String {
+    format!(
+        "{}{spec_extra}",
+        route_manifest(ns, name, "llm/v1/chat", secret, &sim.openai_base())
+    )
+}
+
+fn api_key_secret(ns: &str, name: &str, key: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels:\n    portcullis.dev/api-key: \"true\"\nstringData:\n  apiKey: {key}\n"
+    )
+}
+
+fn token(cp: &ControlPlane, ns: &str, sa: &str, audience: &str) -> String {
+    cp.ok(&[
+        "create",
+        "token",
+        sa,
+        "-n",
+        ns,
+        "--audience",
+        audience,
+        "--duration",
+        "10m",
+    ])
+    .trim()
+    .to_string()
+}
+
+/// The value of a metric line starting with `prefix` (0 when absent).
+fn metric(gw: &Gateway, prefix: &str) -> f64 {
+    gw.metrics()
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn assert_no_credentials(gw: &Gateway, secrets: &[&str]) {
+    let (log, metrics) = (gw.log(), gw.metrics());
+    for s in secrets {
+        assert!(!log.contains(s), "a credential reached the log");
+        assert!(!metrics.contains(s), "a credential reached the metrics");
+    }
+}
+
+#[test]
+fn service_account_tokens_are_reviewed_cached_and_checked_against_access() {
+    let cp = ControlPlane::shared();
+    let sim = sim();
+    let ns = cp.namespace("gov-sa");
+    let other_ns = cp.namespace("gov-sa-b");
+    for (n, sa) in [
+        (&ns, "notebook"),
+        (&ns, "intruder"),
+        (&ns, "ghost"),
+        (&other_ns, "batch"),
+    ] {
+        cp.ok(&["create", "serviceaccount", sa, "-n", n]);
+    }
+    let restricted = unique("restricted");
+    let open = unique("open");
+    cp.apply(&secret_manifest(&ns, "openai", "apiKey", "sk-upstream"));
+    cp.apply(&route_with(
+        &ns,
+        &restricted,
+        "openai",
+        &sim,
+        &format!("  access:\n    - serviceAccount: {ns}/notebook\n    - namespace: {other_ns}\n"),
+    ));
+    cp.apply(&route_with(&ns, &open, "openai", &sim, ""));
+    cp.wait_ready(&ns, &restricted);
+    cp.wait_ready(&ns, &open);
+    let gw = Gateway::start(cp, &["--default-access", "authenticated"]);
+
+    let notebook = token(cp, &ns, "notebook", "portcullis");
+    let intruder = token(cp, &ns, "intruder", "portcullis");
+    let batch = token(cp, &other_ns, "batch", "portcullis");
+    let wrong_audience = token(cp, &ns, "notebook", "someone-else");
+    // A token whose ServiceAccount was deleted and recreated: same name, new uid, so it is rejected.
+    let ghost = token(cp, &ns, "ghost", "portcullis");
+    cp.ok(&["delete", "serviceaccount", "ghost", "-n", &ns]);
+    cp.ok(&["create", "serviceaccount", "ghost", "-n", &ns]);
+
+    eventually(Duration::from_secs(10), || {
+        status(&gw, &restricted, Some(&notebook)) == 200
+    })
+    .unwrap_or_else(|_| panic!("the allowed ServiceAccount was refused:\n{}", gw.log()));
+    assert_eq!(
+        status(&gw, &restricted, Some(&batch)),
+        200,
+        "namespace grant"
+    );
+    assert_eq!(
+        status(&gw, &open, Some(&intruder)),
+        200,
+        "default: any valid caller"
+    );
+
+    let (code, headers, body) = call(&gw, Some(&intruder), &chat_body(&restricted));
+    assert_eq!(code, 403, "{body}");
+    assert_eq!(body["error"]["code"], "forbidden");
+    assert_eq!(body["error"]["type"], "permission_error");
+    assert!(headers.get("retry-after").is_none());
+
+    for (what, bearer) in [
+        ("no token", None),
+        ("wrong audience", Some(wrong_audience.as_str())),
+        ("recreated ServiceAccount", Some(ghost.as_str())),
+        ("garbage", Some("not-a-token")),
+        ("garbage JWT", Some("eyJhbGciOi.eyJzdWIiOi.c2lnbmF0dXJl")),
+    ] {
+        for route in [&restricted, &open] {
+            let (code, headers, body) = call(&gw, bearer, &chat_body(route));
+            assert_eq!(code, 401, "{what} on {route}: {body}");
+            assert_eq!(body["error"]["type"], "authentication_error");
+            assert_eq!(headers["www-authenticate"], "Bearer");
+        }
+    }
+
+    // Cached: repeating known tokens, good or bad, makes no further TokenReview call.
+    let reviews = |outcome: &str| {
+        metric(
+            &gw,
+            &format!("portcullis_token_reviews_total{{outcome=\"{outcome}\"}}"),
+        )
+    };
+    let (ok_before, bad_before) = (reviews("authenticated"), reviews("rejected"));
+    assert!(ok_before >= 3.0 && bad_before >= 2.0, "{}", gw.metrics());
+    for _ in 0..20 {
+        assert_eq!(status(&gw, &restricted, Some(&notebook)), 200);
+        assert_eq!(status(&gw, &restricted, Some(&wrong_audience)), 401);
+    }
+    assert_eq!(reviews("authenticated"), ok_before);
+    assert_eq!(reviews("rejected"), bad_before);
+    assert_eq!(reviews("error"), 0.0);
+
+    // The caller's identity is the consumer in the log and the token metrics.
+    let consumer = format!("{ns}/notebook");
+    assert!(gw.log().contains(&format!("\"consumer\":\"{consumer}\"")));
+    assert!(
+        gw.metrics().contains(&format!("consumer=\"{consumer}\"")),
+        "{}",
+        gw.metrics()
+    );
+    assert_no_credentials(
+        &gw,
+        &[&notebook, &intruder, &batch, &ghost, &wrong_audience],
+    );
+    // The upstream credential is the route's, never the caller's.
+    let upstream = sim.last_request().unwrap();
+    assert_eq!(upstream.header("authorization"), Some("Bearer sk-upstream"));
+}
+
+#[test]
+fn api_keys_are_accepted_and_revoked_within_a_second() {
+    let cp = ControlPlane::shared();
+    let sim = sim();
+    let ns = cp.namespace("gov-key");
+    let route = unique("keyed");
+    cp.apply(&secret_manifest(&ns, "openai", "apiKey", "sk-upstream"));
+    cp.apply(&route_with(
+        &ns,
+        &route,
+        "openai",
+        &sim,
+        &format!("  access:\n    - consumer: {ns}/partner\n"),
+    ));
+    cp.wait_ready(&ns, &route);
+    // An unlabelled Secret with an apiKey field is not a consumer.
+    cp.apply(&secret_manifest(
+        &ns,
+        "partner-unlabelled",
+        "apiKey",
+        "pk-unlabelled-1",
+    ));
+    cp.apply(&api_key_secret(&ns, "partner", "pk-partner-first-1"));
+    let gw = Gateway::start(cp, &[]);
+
+    eventually(Duration::from_secs(10), || {
+        status(&gw, &route, Some("pk-partner-first-1")) == 200
+    })
+    .unwrap_or_else(|_| panic!("the API key was not accepted:\n{}", gw.log()));
+    assert!(gw.log().contains(&format!("\"consumer\":\"{ns}/partner\"")));
+    assert_eq!(status(&gw, &route, Some("pk-unlabelled-1")), 401);
+    assert_eq!(status(&gw, &route, Some("pk-partner-wrong")), 401);
+    assert_eq!(status(&gw, &route, None), 401);
+
+    // Rotation: the old key stops working within a second, the new one works.
+    cp.apply(&api_key_secret(&ns, "partner", "pk-partner-second-2"));
+    let revoked = eventually(Duration::from_secs(1), || {
+        status(&gw, &route, Some("pk-partner-first-1")) == 401
+    })
+    .expect("the old key still works a second after the Secret changed");
+    eventually(Duration::from_secs(1), || {
+        status(&gw, &route, Some("pk-partner-second-2")) == 200
+    })
+    .expect("the new key is not accepted");
+
+    // Deletion revokes within a second.
+    cp.ok(&["delete", "secret", "partner", "-n", &ns]);
+    let deleted = eventually(Duration::from_secs(1), || {
+        status(&gw, &route, Some("pk-partner-second-2")) == 401
+    })
+    .expect("the key still works a second after its Secret was deleted");
+    println!("API key revoked {revoked:?} after a change, {deleted:?} after deletion");
+    assert_no_credentials(
+        &gw,
+        &[
+            "pk-partner-first-1",
+            "pk-partner-second-2",
+            "pk-unlabelled-1",
+            "sk-upstream",
+        ],
+    );
+}
+
+fn assert_rate_limited(headers: &reqwest::header::HeaderMap, body: &Value, kind: &str) {
+    assert_eq!(body["error"]["type"], "rate_limit_error", "{body}");
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("rate limit exceeded")
+    );
+    let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=86_400).contains(&retry));
+    for name in ["limit", "remaining", "reset"] {
+        assert!(
+            headers.contains_key(format!("x-ratelimit-{name}-{kind}").as_str()),
+            "x-ratelimit-{name}-{kind} missing: {headers:?}"
+        );
+    }
+}
+
+#[test]
+fn calls_are_limited_per_route_and_per_consumer() {
+    let cp = ControlPlane::shared();
+    let sim = sim();
+    let ns = cp.namespace("gov-calls");
+    let per_route = unique("per-route");
+    let per_consumer = unique("per-consumer");
+    cp.apply(&secret_manifest(&ns, "openai", "apiKey", "sk-upstream"));
+    cp.apply(&api_key_secret(&ns, "alice", "pk-alice-1"));
+    cp.apply(&api_key_secret(&ns, "bob", "pk-bob-1"));
+    cp.apply(&route_with(
+        &ns,
+        &per_route,
+        "openai",
+        &sim,
+        "  limits:\n    - renewalPeriod: day\n      calls: 3\n",
+    ));
+    cp.apply(&route_with(
+        &ns,
+        &per_consumer,
+        "openai",
+        &sim,
+        &format!(
+            "  limits:\n    - renewalPeriod: day\n      calls: 2\n      key: consumer\n  access:\n    - consumer: {ns}/alice\n    - consumer: {ns}/bob\n"
+        ),
+    ));
+    cp.wait_ready(&ns, &per_route);
+    cp.wait_ready(&ns, &per_consumer);
+    // Status reports what is enforced.
+    let st = cp.json(&["get", "-n", &ns, "route.portcullis.dev", &per_consumer]);
+    eventually(Duration::from_secs(10), || {
+        cp.json(&["get", "-n", &ns, "route.portcullis.dev", &per_consumer])
+            .pointer("/status/limits/0/calls")
+            == Some(&json!(2))
+    })
+    .unwrap_or_else(|_| panic!("status does not report the limits: {st}"));
+
+    let gw = Gateway::start(cp, &[]);
+    eventually(Duration::from_secs(10), || {
+        status(&gw, &per_consumer, Some("pk-alice-1")) == 200
+    })
+    .expect("the API key never worked");
+    sim.clear();
+
+    let codes: Vec<u16> = (0..5).map(|_| status(&gw, &per_route, None)).collect();
+    assert_eq!(codes, [200, 200, 200, 429, 429]);
+    let (code, headers, body) = call(&gw, None, &chat_body(&per_route));
+    assert_eq!(code, 429);
+    assert_rate_limited(&headers, &body, "requests");
+    assert_eq!(headers["x-ratelimit-limit-requests"], "3");
+    assert_eq!(headers["x-ratelimit-remaining-requests"], "0");
+    // Limited calls never reach the provider.
+    assert_eq!(sim.requests().len(), 3);
+
+    // Alice used one of her two calls above; Bob's count is his own.
+    assert_eq!(status(&gw, &per_consumer, Some("pk-alice-1")), 200);
+    let (code, headers, body) = call(&gw, Some("pk-alice-1"), &chat_body(&per_consumer));
+    assert_eq!(code, 429);
+    assert_rate_limited(&headers, &body, "requests");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("per consumer")
+    );
+    assert_eq!(status(&gw, &per_consumer, Some("pk-bob-1")), 200);
+    assert_eq!(status(&gw, &per_consumer, Some("pk-bob-1")), 200);
+    assert_eq!(status(&gw, &per_consumer, Some("pk-bob-1")), 429);
+    assert!(
+        metric(
+            &gw,
+            &format!("portcullis_rate_limited_total{{route=\"{per_route}\",limit=\"calls\"}}")
+        ) >= 3.0,
+        "{}",
+        gw.metrics()
+    );
+    assert_no_credentials(&gw, &["pk-alice-1", "pk-bob-1"]);
+}
+
+fn total_tokens(body: &Value) -> u64 {
+    body["usage"]["total_tokens"].as_u64().expect("usage")
+}
+
+/// Reads an SSE answer to the end; returns the usage chunk's total.
+fn stream_call(gw: &Gateway, route: &str, max_tokens: u64) -> (u16, Option<u64>) {
+    let body = json!({"model": route, "stream": true, "max_tokens": max_tokens,
+        "stream_options": {"include_usage": true},
+        "messages": [{"role": "user", "content": "hello there"}]});
+    let resp = client()
+        .post(gw.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .expect("request");
+    let status = resp.status().as_u16();
+    let text = resp.text().unwrap_or_default();
+    let usage = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .find_map(|v| v["usage"]["total_tokens"].as_u64());
+    (status, usage)
+}
+
+#[test]
+fn token_budgets_charge_up_front_and_settle_to_real_usage() {
+    let cp = ControlPlane::shared();
+    let sim = sim();
+    let ns = cp.namespace("gov-tokens");
+    let plain = unique("budget-plain");
+    let streamed = unique("budget-stream");
+    let budget = "  limits:\n    - renewalPeriod: day\n      tokens: 100\n";
+    cp.apply(&secret_manifest(&ns, "openai", "apiKey", "sk-upstream"));
+    cp.apply(&route_with(&ns, &plain, "openai", &sim, budget));
+    cp.apply(&route_with(&ns, &streamed, "openai", &sim, budget));
+    cp.wait_ready(&ns, &plain);
+    cp.wait_ready(&ns, &streamed);
+    let gw = Gateway::start(cp, &[]);
+
+    // Each call reserves about 63 tokens (prompt estimate + max_tokens 60) and really uses 22
+    // (the simulated answer has 20 words). Without settling, the second call would not fit.
+    let body = json!({"model": plain, "max_tokens": 60, "messages": [{"role": "user", "content": "hello there"}]});
+    let (c1, _, b1) = call(&gw, None, &body);
+    let (c2, _, b2) = call(&gw, None, &body);
+    assert_eq!((c1, c2), (200, 200), "{b1} {b2}");
+    let used = total_tokens(&b1) + total_tokens(&b2);
+    assert!(used < 60, "the simulated answers are short: {used}");
+    let (code, headers, body3) = call(&gw, None, &body);
+    assert_eq!(code, 429, "{body3}");
+    assert_rate_limited(&headers, &body3, "tokens");
+    assert_eq!(headers["x-ratelimit-limit-tokens"], "100");
+    assert_eq!(
+        headers["x-ratelimit-remaining-tokens"],
+        (100 - used).to_string().as_str()
+    );
+    // A smaller request still fits in what is left.
+    let small = json!({"model": plain, "max_tokens": 10, "messages": [{"role": "user", "content": "hello there"}]});
+    assert_eq!(call(&gw, None, &small).0, 200);
+
+    // Streaming: settled from the final usage chunk.
+    let (s1, u1) = stream_call(&gw, &streamed, 60);
+    assert_eq!(s1, 200);
+    let u1 = u1.expect("usage chunk");
+    std::thread::sleep(Duration::from_millis(200));
+    let (s2, u2) = stream_call(&gw, &streamed, 60);
+    assert_eq!(s2, 200, "a streamed answer was not settled to its usage");
+    std::thread::sleep(Duration::from_millis(200));
+    let (code, headers, body) = call(
+        &gw,
+        None,
+        &json!({"model": streamed, "max_tokens": 60, "messages": [{"role": "user", "content": "hello there"}]}),
+    );
+    assert_eq!(code, 429);
+    assert_eq!(
+        headers["x-ratelimit-remaining-tokens"],
+        (100 - u1 - u2.unwrap()).to_string().as_str(),
+        "{body}"
+    );
+}
+
+#[test]
+fn a_stream_that_ends_early_is_charged_what_it_used() {
+    let cp = ControlPlane::shared();
+    let sim = sim();
+    sim.set_behaviour(portcullis_sim::Behaviour {
+        chunk_delay: Duration::from_millis(150),
+        answer_words: 200,
+        ..Default::default()
+    });
+    let ns = cp.namespace("gov-early");
+    let route = unique("budget-early");
+    cp.apply(&secret_manifest(&ns, "openai", "apiKey", "sk-upstream"));
+    cp.apply(&route_with(
+        &ns,
+        &route,
+        "openai",
+        &sim,
+        "  limits:\n    - renewalPeriod: day\n      tokens: 1000\n",
+    ));
+    cp.wait_ready(&ns, &route);
+    let gw = Gateway::start(cp, &[]);
+
+    // Reserve 903 tokens, read the first chunk, hang up.
+    let body = json!({"model": route, "stream": true, "max_tokens": 900,
+        "messages": [{"role": "user", "content": "hello there"}]});
+    let mut resp = client()
+        .post(gw.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+    let mut buf = [0u8; 64];
+    let n = resp.read(&mut buf).expect("first chunk");
+    assert!(n > 0);
+    drop(resp);
+
+    // Once the gateway notices, the charge drops to the prompt and the few words sent, so a
+    // request reserving 503 fits again (it would not next to 903).
+    let fits = json!({"model": route, "max_tokens": 500, "stream": true,
+        "messages": [{"role": "user", "content": "hello there"}]});
+    let started = Instant::now();
+    eventually(Duration::from_secs(5), || {
+        let resp = client()
+            .post(gw.url("/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body(fits.to_string())
+            .send()
+            .expect("request");
+        resp.status() == 200
+    })
+    .unwrap_or_else(|_| panic!("the early-ended stream was never settled:\n{}", gw.log()));
+    println!("early-ended stream settled after {:?}", started.elapsed());
+}
+
+/// A redis-server on a free loopback port, killed on drop.
+struct Redis {
+    child: Child,
+    port: u16,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (make redis installs it)");
+        eventually(Duration::from_secs(10), || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        })
+        .expect("redis-server did not start");
+        Redis { child, port }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[test]
+fn two_replicas_share_one_limit_through_redis_and_survive_its_loss() {
+    let cp = ControlPlane::shared();
+    let sim = sim();
+    let mut redis = Redis::start();
+    let ns = cp.namespace("gov-redis");
+    let limited = unique("shared-limit");
+    let roomy = unique("roomy");
+    cp.apply(&secret_manifest(&ns, "openai", "apiKey", "sk-upstream"));
+    cp.apply(&route_with(
+        &ns,
+        &limited,
+        "openai",
+        &sim,
+        "  limits:\n    - renewalPeriod: day\n      calls: 40\n",
+    ));
+    cp.apply(&route_with(
+        &ns,
+        &roomy,
+        "openai",
+        &sim,
+        "  limits:\n    - renewalPeriod: day\n      calls: 100000\n      tokens: 10000000\n",
+    ));
+    cp.wait_ready(&ns, &limited);
+    cp.wait_ready(&ns, &roomy);
+    let url = redis.url();
+    let flags = ["--limits-store", url.as_str(), "--replicas", "2"];
+    let a = Gateway::start(cp, &flags);
+    let b = Gateway::start(cp, &flags);
+
+    // 120 calls from 4 threads spread over both replicas: one limit of 40 in all, not 40 each.
+    let ok = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            let (a, b, ok, limited) = (&a, &b, &ok, &limited);
+            s.spawn(move || {
+                for i in 0..30 {
+                    let gw = if (t + i) % 2 == 0 { a } else { b };
+                    match status(gw, limited, None) {
+                        200 => {
+                            ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        429 => {}
+                        other => panic!("unexpected status {other}"),
+                    }
+                }
+            });
+        }
+    });
+    let ok = ok.into_inner();
+    assert!(
+        (38..=42).contains(&ok),
+        "{ok} calls passed a shared limit of 40"
+    );
+    assert_eq!(ok, 40, "the Lua script admits exactly the limit");
+    for gw in [&a, &b] {
+        assert_eq!(metric(gw, "portcullis_limits_fallback "), 0.0);
+    }
+
+    // Redis goes away mid-test: both replicas keep serving, counting locally, and say so.
+    redis.kill();
+    for _ in 0..10 {
+        assert_eq!(status(&a, &roomy, None), 200);
+        assert_eq!(status(&b, &roomy, None), 200);
+    }
+    for gw in [&a, &b] {
+        assert_eq!(
+            metric(gw, "portcullis_limits_fallback "),
+            1.0,
+            "{}",
+            gw.metrics()
+        );
+        assert!(metric(gw, "portcullis_limits_store_errors_total ") >= 1.0);
+        assert!(
+            gw.log().contains("enforcing limits locally"),
+            "no log line reports the fallback:\n{}",
+            gw.log()
+        );
+    }
+}
