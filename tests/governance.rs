@@ -97,6 +97,7 @@ fn service_account_tokens_are_reviewed_cached_and_checked_against_access() {
     let sim = sim();
     let ns = cp.namespace("gov-sa");
     let other_ns = cp.namespace("gov-sa-b");
+    let gw = Gateway::start(cp, &["--default-access", "authenticated"]);
     for (n, sa) in [
         (&ns, "notebook"),
         (&ns, "intruder"),
@@ -118,7 +119,6 @@ fn service_account_tokens_are_reviewed_cached_and_checked_against_access() {
     cp.apply(&route_with(&ns, &open, "openai", &sim, ""));
     cp.wait_ready(&ns, &restricted);
     cp.wait_ready(&ns, &open);
-    let gw = Gateway::start(cp, &["--default-access", "authenticated"]);
 
     let notebook = token(cp, &ns, "notebook", "portcullis");
     let intruder = token(cp, &ns, "intruder", "portcullis");
@@ -204,6 +204,7 @@ fn api_keys_are_accepted_and_revoked_within_a_second() {
     let cp = ControlPlane::shared();
     let sim = sim();
     let ns = cp.namespace("gov-key");
+    let gw = Gateway::start(cp, &[]);
     let route = unique("keyed");
     cp.apply(&secret_manifest(&ns, "openai", "apiKey", "sk-upstream"));
     cp.apply(&route_with(
@@ -222,7 +223,6 @@ fn api_keys_are_accepted_and_revoked_within_a_second() {
         "pk-unlabelled-1",
     ));
     cp.apply(&api_key_secret(&ns, "partner", "pk-partner-first-1"));
-    let gw = Gateway::start(cp, &[]);
 
     eventually(Duration::from_secs(10), || {
         status(&gw, &route, Some("pk-partner-first-1")) == 200
@@ -286,6 +286,7 @@ fn calls_are_limited_per_route_and_per_consumer() {
     let cp = ControlPlane::shared();
     let sim = sim();
     let ns = cp.namespace("gov-calls");
+    let gw = Gateway::start(cp, &[]);
     let per_route = unique("per-route");
     let per_consumer = unique("per-consumer");
     cp.apply(&secret_manifest(&ns, "openai", "apiKey", "sk-upstream"));
@@ -318,7 +319,6 @@ fn calls_are_limited_per_route_and_per_consumer() {
     })
     .unwrap_or_else(|_| panic!("status does not report the limits: {st}"));
 
-    let gw = Gateway::start(cp, &[]);
     eventually(Duration::from_secs(10), || {
         status(&gw, &per_consumer, Some("pk-alice-1")) == 200
     })
@@ -390,6 +390,7 @@ fn token_budgets_charge_up_front_and_settle_to_real_usage() {
     let cp = ControlPlane::shared();
     let sim = sim();
     let ns = cp.namespace("gov-tokens");
+    let gw = Gateway::start(cp, &[]);
     let plain = unique("budget-plain");
     let streamed = unique("budget-stream");
     let budget = "  limits:\n    - renewalPeriod: day\n      tokens: 100\n";
@@ -398,7 +399,6 @@ fn token_budgets_charge_up_front_and_settle_to_real_usage() {
     cp.apply(&route_with(&ns, &streamed, "openai", &sim, budget));
     cp.wait_ready(&ns, &plain);
     cp.wait_ready(&ns, &streamed);
-    let gw = Gateway::start(cp, &[]);
 
     // Each call reserves about 63 tokens (prompt estimate + max_tokens 60) and really uses 22
     // (the simulated answer has 20 words). Without settling, the second call would not fit.
@@ -451,6 +451,7 @@ fn a_stream_that_ends_early_is_charged_what_it_used() {
         ..Default::default()
     });
     let ns = cp.namespace("gov-early");
+    let gw = Gateway::start(cp, &[]);
     let route = unique("budget-early");
     cp.apply(&secret_manifest(&ns, "openai", "apiKey", "sk-upstream"));
     cp.apply(&route_with(
@@ -461,7 +462,6 @@ fn a_stream_that_ends_early_is_charged_what_it_used() {
         "  limits:\n    - renewalPeriod: day\n      tokens: 1000\n",
     ));
     cp.wait_ready(&ns, &route);
-    let gw = Gateway::start(cp, &[]);
 
     // Reserve 903 tokens, read the first chunk, hang up.
     let body = json!({"model": route, "stream": true, "max_tokens": 900,
@@ -553,6 +553,10 @@ fn two_replicas_share_one_limit_through_redis_and_survive_its_loss() {
     let sim = sim();
     let mut redis = Redis::start();
     let ns = cp.namespace("gov-redis");
+    let url = redis.url();
+    let flags = ["--limits-store", url.as_str(), "--replicas", "2"];
+    let a = Gateway::start(cp, &flags);
+    let b = Gateway::start(cp, &flags);
     let limited = unique("shared-limit");
     let roomy = unique("roomy");
     cp.apply(&secret_manifest(&ns, "openai", "apiKey", "sk-upstream"));
@@ -572,10 +576,6 @@ fn two_replicas_share_one_limit_through_redis_and_survive_its_loss() {
     ));
     cp.wait_ready(&ns, &limited);
     cp.wait_ready(&ns, &roomy);
-    let url = redis.url();
-    let flags = ["--limits-store", url.as_str(), "--replicas", "2"];
-    let a = Gateway::start(cp, &flags);
-    let b = Gateway::start(cp, &flags);
 
     // 120 calls from 4 threads spread over both replicas: one limit of 40 in all, not 40 each.
     let ok = std::sync::atomic::AtomicUsize::new(0);
