@@ -1,6 +1,7 @@
 //! Consumer identity, per-route access, rate limits and token budgets, end to end: real
 //! ServiceAccount tokens checked by a real kube-apiserver, API-key Secrets, the real gateway binary,
 //! and (for limits shared across replicas) a real redis-server on loopback.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: failing loudly is the point
 
 mod support;
 
