@@ -120,6 +120,9 @@ struct RunArgs {
     /// each replica enforces 1/N of every limit.
     #[arg(long, env = "PORTCULLIS_REPLICAS", default_value_t = 1)]
     replicas: u32,
+    /// Take N from the ready endpoints of this Service (in the pod's namespace) instead of --replicas.
+    #[arg(long, env = "PORTCULLIS_REPLICAS_SERVICE")]
+    replicas_service: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -258,7 +261,7 @@ async fn run(args: RunArgs) -> Result<(), StartError> {
         metrics: metrics.clone(),
         draining: draining.clone(),
         auth,
-        limits,
+        limits: limits.clone(),
     });
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -284,6 +287,7 @@ async fn run(args: RunArgs) -> Result<(), StartError> {
         token_audience = %args.token_audience,
         limits_store = if args.limits_store.is_some() { "redis" } else { "local" },
         replicas = args.replicas,
+        replicas_service = args.replicas_service.as_deref().unwrap_or_default(),
         "data plane listening"
     );
 
@@ -307,6 +311,16 @@ async fn run(args: RunArgs) -> Result<(), StartError> {
         }
     });
 
+    if let Some(service) = args.replicas_service.clone() {
+        tokio::spawn(controller::replicas::run(
+            client.clone(),
+            args.lease_namespace.clone(),
+            service,
+            move |n| limits.set_replicas(n),
+            max_backoff,
+            stop_controller.clone(),
+        ));
+    }
     let config = ControllerConfig {
         namespace: args.namespace,
         debounce: Duration::from_millis(5),

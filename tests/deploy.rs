@@ -45,6 +45,8 @@ fn deploy_manifests_apply_and_their_rbac_is_exactly_enough() {
             "portcullis-system",
             "--identity",
             "rbac-test",
+            "--replicas-service",
+            "portcullis",
         ],
     );
 
@@ -72,6 +74,10 @@ fn deploy_manifests_apply_and_their_rbac_is_exactly_enough() {
         cp.ok(&["get", "events", "-n", &ns]).contains("Resolved")
     })
     .expect("no Event recorded");
+    eventually(Duration::from_secs(5), || {
+        gw.log().contains("replica count for local limit shares")
+    })
+    .unwrap_or_else(|_| panic!("the EndpointSlice watch never synced:\n{}", gw.log()));
     assert!(
         !gw.log().contains("forbidden"),
         "the shipped RBAC is not enough:\n{}",

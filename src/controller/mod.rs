@@ -9,6 +9,7 @@ mod backoff;
 pub mod consumers;
 pub mod leader;
 pub mod reconcile;
+pub mod replicas;
 mod secrets;
 pub mod status;
 
