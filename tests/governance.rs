@@ -230,6 +230,10 @@ fn api_keys_are_accepted_and_revoked_within_a_second() {
     })
     .unwrap_or_else(|_| panic!("the API key was not accepted:\n{}", gw.log()));
     assert!(gw.log().contains(&format!("\"consumer\":\"{ns}/partner\"")));
+    // A replica that starts later turns ready only once it knows the keys.
+    let late = Gateway::start(cp, &[]);
+    assert_eq!(status(&late, &route, Some("pk-partner-first-1")), 200);
+    drop(late);
     assert_eq!(status(&gw, &route, Some("pk-unlabelled-1")), 401);
     assert_eq!(status(&gw, &route, Some("pk-partner-wrong")), 401);
     assert_eq!(status(&gw, &route, None), 401);

@@ -122,6 +122,7 @@ pub async fn run_api_keys(
     client: Client,
     namespace: Option<String>,
     keys: SharedApiKeys,
+    on_synced: impl Fn() + Send + 'static,
     max_backoff: Duration,
     shutdown: CancellationToken,
 ) {
@@ -151,6 +152,7 @@ pub async fn run_api_keys(
             Ok(watcher::Event::InitDone) => {
                 current = relisting.take().unwrap_or_default();
                 publish(&keys, &current);
+                on_synced();
                 info!(consumers = current.len(), "API-key consumers loaded");
             }
             Ok(watcher::Event::Apply(s)) => {

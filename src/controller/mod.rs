@@ -62,7 +62,7 @@ pub struct ControllerConfig {
 /// What the controller shares with the rest of the process.
 pub struct ControllerHandles {
     pub table: SharedTable,
-    /// Set once the first table built from a complete sync is published.
+    /// Set once the first table built from a complete sync is published and the API keys are loaded.
     pub ready: Arc<AtomicBool>,
     pub metrics: Arc<Metrics>,
     /// Published digests of the API-key consumers' keys.
@@ -95,10 +95,19 @@ pub async fn run(
             other => ControllerError::Kube(other),
         });
     }
+    let gate = Arc::new(ReadyGate {
+        table: AtomicBool::new(false),
+        keys: AtomicBool::new(false),
+        ready: handles.ready.clone(),
+    });
     let api_keys = tokio::spawn(consumers::run_api_keys(
         client.clone(),
         config.namespace.clone(),
         handles.api_keys.clone(),
+        {
+            let gate = gate.clone();
+            move || gate.mark(&gate.keys)
+        },
         config.max_backoff,
         shutdown.clone(),
     ));
@@ -146,6 +155,7 @@ pub async fn run(
         secret_store,
         secret_cache: SecretCache::default(),
         handles,
+        gate,
         outcomes: outcomes_tx,
         retry: RetryBackoff::new(Duration::from_millis(250), config.max_backoff),
     };
@@ -188,11 +198,29 @@ struct Loop {
     secret_store: Store<PartialObjectMeta<Secret>>,
     secret_cache: SecretCache,
     handles: ControllerHandles,
+    gate: Arc<ReadyGate>,
     outcomes: watch::Sender<Arc<Vec<RouteOutcome>>>,
     retry: RetryBackoff,
 }
 
 use reconcile::RouteOutcome;
+
+/// Readiness waits for the routing table and the API keys both, so a new replica never turns away
+/// a valid key it has not loaded yet.
+struct ReadyGate {
+    table: AtomicBool,
+    keys: AtomicBool,
+    ready: Arc<AtomicBool>,
+}
+
+impl ReadyGate {
+    fn mark(&self, part: &AtomicBool) {
+        part.store(true, Ordering::Release);
+        if self.table.load(Ordering::Acquire) && self.keys.load(Ordering::Acquire) {
+            self.ready.store(true, Ordering::Release);
+        }
+    }
+}
 
 impl Loop {
     async fn run(
@@ -285,7 +313,8 @@ impl Loop {
                 })
                 .set(n as i64);
         }
-        if !self.handles.ready.swap(true, Ordering::AcqRel) {
+        if !self.gate.table.load(Ordering::Acquire) {
+            self.gate.mark(&self.gate.table);
             info!(
                 routes = total,
                 ready = serving,
