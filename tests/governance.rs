@@ -53,6 +53,26 @@ fn route_with(ns: &str, name: &str, secret: &str, sim: &SimProvider, spec_extra:
     )
 }
 
+/// The provider Secret plus one chat Route per `(name prefix, extra spec YAML)` in `ns`, each
+/// waited for until Ready; returns the Routes' unique names.
+fn serve<const N: usize>(
+    cp: &ControlPlane,
+    ns: &str,
+    sim: &SimProvider,
+    routes: [(&str, &str); N],
+) -> [String; N] {
+    cp.apply(&secret_manifest(ns, "openai", "apiKey", "sk-upstream"));
+    let names = routes.map(|(prefix, extra)| {
+        let name = unique(prefix);
+        cp.apply(&route_with(ns, &name, "openai", sim, extra));
+        name
+    });
+    for name in &names {
+        cp.wait_ready(ns, name);
+    }
+    names
+}
+
 fn api_key_secret(ns: &str, name: &str, key: &str) -> String {
     format!(
         "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels:\n    portcullis.dev/api-key: \"true\"\nstringData:\n  apiKey: {key}\n"
@@ -107,19 +127,9 @@ fn service_account_tokens_are_reviewed_cached_and_checked_against_access() {
     ] {
         cp.ok(&["create", "serviceaccount", sa, "-n", n]);
     }
-    let restricted = unique("restricted");
-    let open = unique("open");
-    cp.apply(&secret_manifest(&ns, "openai", "apiKey", "sk-upstream"));
-    cp.apply(&route_with(
-        &ns,
-        &restricted,
-        "openai",
-        &sim,
-        &format!("  access:\n    - serviceAccount: {ns}/notebook\n    - namespace: {other_ns}\n"),
-    ));
-    cp.apply(&route_with(&ns, &open, "openai", &sim, ""));
-    cp.wait_ready(&ns, &restricted);
-    cp.wait_ready(&ns, &open);
+    let access =
+        format!("  access:\n    - serviceAccount: {ns}/notebook\n    - namespace: {other_ns}\n");
+    let [restricted, open] = serve(cp, &ns, &sim, [("restricted", &access), ("open", "")]);
 
     let notebook = token(cp, &ns, "notebook", "portcullis");
     let intruder = token(cp, &ns, "intruder", "portcullis");
@@ -206,16 +216,8 @@ fn api_keys_are_accepted_and_revoked_within_a_second() {
     let sim = sim();
     let ns = cp.namespace("gov-key");
     let gw = Gateway::start(cp, &[]);
-    let route = unique("keyed");
-    cp.apply(&secret_manifest(&ns, "openai", "apiKey", "sk-upstream"));
-    cp.apply(&route_with(
-        &ns,
-        &route,
-        "openai",
-        &sim,
-        &format!("  access:\n    - consumer: {ns}/partner\n"),
-    ));
-    cp.wait_ready(&ns, &route);
+    let access = format!("  access:\n    - consumer: {ns}/partner\n");
+    let [route] = serve(cp, &ns, &sim, [("keyed", &access)]);
     // An unlabelled Secret with an apiKey field is not a consumer.
     cp.apply(&secret_manifest(
         &ns,
@@ -292,29 +294,23 @@ fn calls_are_limited_per_route_and_per_consumer() {
     let sim = sim();
     let ns = cp.namespace("gov-calls");
     let gw = Gateway::start(cp, &[]);
-    let per_route = unique("per-route");
-    let per_consumer = unique("per-consumer");
-    cp.apply(&secret_manifest(&ns, "openai", "apiKey", "sk-upstream"));
     cp.apply(&api_key_secret(&ns, "alice", "pk-alice-1"));
     cp.apply(&api_key_secret(&ns, "bob", "pk-bob-1"));
-    cp.apply(&route_with(
+    let consumer_limit = format!(
+        "  limits:\n    - renewalPeriod: day\n      calls: 2\n      key: consumer\n  access:\n    - consumer: {ns}/alice\n    - consumer: {ns}/bob\n"
+    );
+    let [per_route, per_consumer] = serve(
+        cp,
         &ns,
-        &per_route,
-        "openai",
         &sim,
-        "  limits:\n    - renewalPeriod: day\n      calls: 3\n",
-    ));
-    cp.apply(&route_with(
-        &ns,
-        &per_consumer,
-        "openai",
-        &sim,
-        &format!(
-            "  limits:\n    - renewalPeriod: day\n      calls: 2\n      key: consumer\n  access:\n    - consumer: {ns}/alice\n    - consumer: {ns}/bob\n"
-        ),
-    ));
-    cp.wait_ready(&ns, &per_route);
-    cp.wait_ready(&ns, &per_consumer);
+        [
+            (
+                "per-route",
+                "  limits:\n    - renewalPeriod: day\n      calls: 3\n",
+            ),
+            ("per-consumer", &consumer_limit),
+        ],
+    );
     // Status reports what is enforced.
     let st = cp.json(&["get", "-n", &ns, "route.portcullis.dev", &per_consumer]);
     eventually(Duration::from_secs(10), || {
@@ -396,14 +392,13 @@ fn token_budgets_charge_up_front_and_settle_to_real_usage() {
     let sim = sim();
     let ns = cp.namespace("gov-tokens");
     let gw = Gateway::start(cp, &[]);
-    let plain = unique("budget-plain");
-    let streamed = unique("budget-stream");
     let budget = "  limits:\n    - renewalPeriod: day\n      tokens: 100\n";
-    cp.apply(&secret_manifest(&ns, "openai", "apiKey", "sk-upstream"));
-    cp.apply(&route_with(&ns, &plain, "openai", &sim, budget));
-    cp.apply(&route_with(&ns, &streamed, "openai", &sim, budget));
-    cp.wait_ready(&ns, &plain);
-    cp.wait_ready(&ns, &streamed);
+    let [plain, streamed] = serve(
+        cp,
+        &ns,
+        &sim,
+        [("budget-plain", budget), ("budget-stream", budget)],
+    );
 
     // Each call reserves about 63 tokens (prompt estimate + max_tokens 60) and really uses 22
     // (the simulated answer has 20 words). Without settling, the second call would not fit.
@@ -457,16 +452,15 @@ fn a_stream_that_ends_early_is_charged_what_it_used() {
     });
     let ns = cp.namespace("gov-early");
     let gw = Gateway::start(cp, &[]);
-    let route = unique("budget-early");
-    cp.apply(&secret_manifest(&ns, "openai", "apiKey", "sk-upstream"));
-    cp.apply(&route_with(
+    let [route] = serve(
+        cp,
         &ns,
-        &route,
-        "openai",
         &sim,
-        "  limits:\n    - renewalPeriod: day\n      tokens: 1000\n",
-    ));
-    cp.wait_ready(&ns, &route);
+        [(
+            "budget-early",
+            "  limits:\n    - renewalPeriod: day\n      tokens: 1000\n",
+        )],
+    );
 
     // Reserve 903 tokens, read the first chunk, hang up.
     let body = json!({"model": route, "stream": true, "max_tokens": 900,
@@ -562,25 +556,21 @@ fn two_replicas_share_one_limit_through_redis_and_survive_its_loss() {
     let flags = ["--limits-store", url.as_str(), "--replicas", "2"];
     let a = Gateway::start(cp, &flags);
     let b = Gateway::start(cp, &flags);
-    let limited = unique("shared-limit");
-    let roomy = unique("roomy");
-    cp.apply(&secret_manifest(&ns, "openai", "apiKey", "sk-upstream"));
-    cp.apply(&route_with(
+    let [limited, roomy] = serve(
+        cp,
         &ns,
-        &limited,
-        "openai",
         &sim,
-        "  limits:\n    - renewalPeriod: day\n      calls: 40\n",
-    ));
-    cp.apply(&route_with(
-        &ns,
-        &roomy,
-        "openai",
-        &sim,
-        "  limits:\n    - renewalPeriod: day\n      calls: 100000\n      tokens: 10000000\n",
-    ));
-    cp.wait_ready(&ns, &limited);
-    cp.wait_ready(&ns, &roomy);
+        [
+            (
+                "shared-limit",
+                "  limits:\n    - renewalPeriod: day\n      calls: 40\n",
+            ),
+            (
+                "roomy",
+                "  limits:\n    - renewalPeriod: day\n      calls: 100000\n      tokens: 10000000\n",
+            ),
+        ],
+    );
 
     // 120 calls from 4 threads spread over both replicas: one limit of 40 in all, not 40 each.
     let ok = std::sync::atomic::AtomicUsize::new(0);
