@@ -149,7 +149,20 @@ pub fn router(shared: Arc<Shared>) -> Router {
             shared.clone(),
             record_and_fault,
         ))
+        // Outside the recording layer: lets `make bench` see which key the gateway last used.
+        .route(
+            "/_sim/last-authorization",
+            axum::routing::get(last_authorization),
+        )
         .with_state(shared)
+}
+
+async fn last_authorization(State(shared): State<Arc<Shared>>) -> String {
+    let requests = shared.requests.lock();
+    requests
+        .last()
+        .and_then(|r| r.header("authorization").map(str::to_string))
+        .unwrap_or_default()
 }
 
 /// Records the request, then applies the configured fault before the provider handler runs.
