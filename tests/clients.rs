@@ -260,26 +260,36 @@ fn bad_input_gets_a_clear_error_in_each_surface_dialect() {
     let f = fixture();
     let json_ct = Some("application/json");
     let msgs = json!([{"role": "user", "content": "hi"}]);
-    // Per surface: the chat path, how a body names the route, the status of a schema violation,
-    // the sample-count field and the temperature ceiling.
+    // Per surface: where a route is called, the status of a schema violation (FastAPI's 422 on
+    // MLflow's surfaces, OpenAI's 400), the sample-count field and the temperature ceiling.
     struct Surface {
         name: &'static str,
         shape: Shape,
-        path: Box<dyn Fn(&str) -> String>,
-        body: Box<dyn Fn(&str, Value) -> Value>,
+        /// `/{prefix}/{route}/invocations`; `None`: `/v1/chat/completions` with the route as `model`.
+        prefix: Option<&'static str>,
         schema: u16,
         n_field: &'static str,
         too_hot: f64,
     }
-    let per_route = |prefix: &'static str| -> Box<dyn Fn(&str) -> String> {
-        Box::new(move |r: &str| format!("/{prefix}/{r}/invocations"))
-    };
+    impl Surface {
+        fn path(&self, route: &str) -> String {
+            match self.prefix {
+                Some(p) => format!("/{p}/{route}/invocations"),
+                None => "/v1/chat/completions".to_string(),
+            }
+        }
+        fn body(&self, route: &str, mut body: Value) -> Value {
+            if self.prefix.is_none() {
+                body["model"] = json!(route);
+            }
+            body
+        }
+    }
     let surfaces = [
         Surface {
             name: "mlflow 2.5",
             shape: Shape::Mlflow,
-            path: per_route("gateway"),
-            body: Box::new(|_, b| b),
+            prefix: Some("gateway"),
             schema: 422,
             n_field: "candidate_count",
             too_hot: 1.5,
@@ -287,8 +297,7 @@ fn bad_input_gets_a_clear_error_in_each_surface_dialect() {
         Surface {
             name: "deployments",
             shape: Shape::Mlflow,
-            path: per_route("endpoints"),
-            body: Box::new(|_, b| b),
+            prefix: Some("endpoints"),
             schema: 422,
             n_field: "n",
             too_hot: 2.5,
@@ -296,11 +305,7 @@ fn bad_input_gets_a_clear_error_in_each_surface_dialect() {
         Surface {
             name: "openai",
             shape: Shape::OpenAi,
-            path: Box::new(|_| "/v1/chat/completions".to_string()),
-            body: Box::new(|r, mut b| {
-                b["model"] = json!(r);
-                b
-            }),
+            prefix: None,
             schema: 400,
             n_field: "n",
             too_hot: 2.5,
@@ -308,13 +313,13 @@ fn bad_input_gets_a_clear_error_in_each_surface_dialect() {
     ];
     let mut checked = 0;
     for s in &surfaces {
-        let chat_path = (s.path)(&f.chat);
+        let chat_path = s.path(&f.chat);
         let with = |extra: Value| {
             let mut b = json!({"messages": msgs});
             if let (Some(o), Value::Object(e)) = (b.as_object_mut(), extra) {
                 o.extend(e);
             }
-            (s.body)(&f.chat, b)
+            s.body(&f.chat, b)
         };
         let mut check = |what: &str, (status, body): (u16, Value), want: u16| {
             assert_eq!(status, want, "{} / {what}: {body}", s.name);
@@ -329,24 +334,24 @@ fn bad_input_gets_a_clear_error_in_each_surface_dialect() {
         assert_eq!(status, 200, "{}: a good request must pass: {body}", s.name);
         check(
             "missing messages",
-            post(&chat_path, &(s.body)(&f.chat, json!({"temperature": 0.5}))),
+            post(&chat_path, &s.body(&f.chat, json!({"temperature": 0.5}))),
             s.schema,
         );
         check(
             "messages of the wrong type",
-            post(&chat_path, &(s.body)(&f.chat, json!({"messages": "hi"}))),
+            post(&chat_path, &s.body(&f.chat, json!({"messages": "hi"}))),
             s.schema,
         );
         check(
             "empty messages",
-            post(&chat_path, &(s.body)(&f.chat, json!({"messages": []}))),
+            post(&chat_path, &s.body(&f.chat, json!({"messages": []}))),
             s.schema,
         );
         check(
             "message without a role",
             post(
                 &chat_path,
-                &(s.body)(&f.chat, json!({"messages": [{"content": "x"}]})),
+                &s.body(&f.chat, json!({"messages": [{"content": "x"}]})),
             ),
             s.schema,
         );
@@ -393,16 +398,16 @@ fn bad_input_gets_a_clear_error_in_each_surface_dialect() {
         check(
             "chat body to an embeddings route",
             post(
-                &(s.path)(&f.embeddings),
-                &(s.body)(&f.embeddings, json!({"messages": msgs})),
+                &s.path(&f.embeddings),
+                &s.body(&f.embeddings, json!({"messages": msgs})),
             ),
             400,
         );
         check(
             "unknown route",
             post(
-                &(s.path)("no-such-route"),
-                &(s.body)("no-such-route", json!({"messages": msgs})),
+                &s.path("no-such-route"),
+                &s.body("no-such-route", json!({"messages": msgs})),
             ),
             404,
         );
