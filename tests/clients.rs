@@ -200,12 +200,24 @@ fn mlflow_25_gateway_client() {
     assert_eq!(sent["max_tokens"], 5, "{sent}");
     assert_eq!(sent["stop"], json!(["END"]), "{sent}");
     assert_eq!(sent["top_p"], 0.9, "{sent}");
+    assert_eq!(sent["user"], "passed-through", "{sent}");
     assert!(sent.get("candidate_count").is_none(), "{sent}");
 }
 
 #[test]
 fn mlflow_3_deployments_client_and_openai_sdk() {
     pytest("mlflow3", "mlflow3");
+    // Deployments bodies are OpenAI's: no rescaling, extras passed through.
+    let sent = fixture()
+        .sim
+        .requests()
+        .into_iter()
+        .map(|r| r.json())
+        .find(|b| b["user"] == "deployments-extra")
+        .expect("the deployments chat call reached the provider");
+    assert_eq!(sent["temperature"], 0.7, "{sent}");
+    assert_eq!(sent["n"], 2, "{sent}");
+    assert_eq!(sent["model"], "gpt-4o-mini", "{sent}");
 }
 
 /// Status and body shape of one call.

@@ -40,6 +40,7 @@ def test_chat_query_with_25_parameters(routes):
             "max_tokens": 5,
             "stop": ["END"],
             "top_p": 0.9,
+            "user": "passed-through",
         },
     )
     assert len(response["candidates"]) == 2

@@ -38,7 +38,9 @@ def test_get_endpoint(client, routes, gateway_url):
 
 
 def test_predict_chat(client, routes):
-    response = client.predict(endpoint=routes["chat"], inputs={**CHAT, "temperature": 0.7, "n": 2})
+    response = client.predict(
+        endpoint=routes["chat"], inputs={**CHAT, "temperature": 0.7, "n": 2, "user": "deployments-extra"}
+    )
     assert response["object"] == "chat.completion"
     assert len(response["choices"]) == 2
     assert response["choices"][0]["message"]["role"] == "assistant"
