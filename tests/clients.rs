@@ -344,69 +344,38 @@ fn bad_input_gets_a_clear_error_in_each_surface_dialect() {
 
         let (status, body) = post(&chat_path, &with(json!({})));
         assert_eq!(status, 200, "{}: a good request must pass: {body}", s.name);
-        check(
-            "missing messages",
-            post(&chat_path, &s.body(&f.chat, json!({"temperature": 0.5}))),
-            s.schema,
-        );
-        check(
-            "messages of the wrong type",
-            post(&chat_path, &s.body(&f.chat, json!({"messages": "hi"}))),
-            s.schema,
-        );
-        check(
-            "empty messages",
-            post(&chat_path, &s.body(&f.chat, json!({"messages": []}))),
-            s.schema,
-        );
-        check(
-            "message without a role",
-            post(
-                &chat_path,
-                &s.body(&f.chat, json!({"messages": [{"content": "x"}]})),
+        let schema_violations = [
+            (
+                "missing messages",
+                s.body(&f.chat, json!({"temperature": 0.5})),
             ),
-            s.schema,
-        );
-        check(
-            "temperature too high",
-            post(&chat_path, &with(json!({"temperature": s.too_hot}))),
-            s.schema,
-        );
-        check(
-            "temperature below 0",
-            post(&chat_path, &with(json!({"temperature": -0.1}))),
-            s.schema,
-        );
-        check(
-            "temperature as a string",
-            post(&chat_path, &with(json!({"temperature": "hot"}))),
-            s.schema,
-        );
-        check(
-            "zero samples",
-            post(&chat_path, &with(json!({s.n_field: 0}))),
-            s.schema,
-        );
-        check(
-            "fractional samples",
-            post(&chat_path, &with(json!({s.n_field: 1.5}))),
-            s.schema,
-        );
-        check(
-            "max_tokens 0",
-            post(&chat_path, &with(json!({"max_tokens": 0}))),
-            s.schema,
-        );
-        check(
-            "max_tokens negative",
-            post(&chat_path, &with(json!({"max_tokens": -5}))),
-            s.schema,
-        );
-        check(
-            "stop of the wrong type",
-            post(&chat_path, &with(json!({"stop": 3}))),
-            s.schema,
-        );
+            (
+                "messages of the wrong type",
+                s.body(&f.chat, json!({"messages": "hi"})),
+            ),
+            ("empty messages", s.body(&f.chat, json!({"messages": []}))),
+            (
+                "message without a role",
+                s.body(&f.chat, json!({"messages": [{"content": "x"}]})),
+            ),
+            (
+                "temperature too high",
+                with(json!({"temperature": s.too_hot})),
+            ),
+            ("temperature below 0", with(json!({"temperature": -0.1}))),
+            (
+                "temperature as a string",
+                with(json!({"temperature": "hot"})),
+            ),
+            ("zero samples", with(json!({s.n_field: 0}))),
+            ("fractional samples", with(json!({s.n_field: 1.5}))),
+            ("max_tokens 0", with(json!({"max_tokens": 0}))),
+            ("max_tokens negative", with(json!({"max_tokens": -5}))),
+            ("stop of the wrong type", with(json!({"stop": 3}))),
+        ];
+        for (what, body) in &schema_violations {
+            check(what, post(&chat_path, body), s.schema);
+        }
         check(
             "chat body to an embeddings route",
             post(
@@ -424,37 +393,27 @@ fn bad_input_gets_a_clear_error_in_each_surface_dialect() {
             404,
         );
         check("wrong method", call("GET", &chat_path, None, b""), 405);
-        check(
-            "not JSON",
-            call("POST", &chat_path, json_ct, b"{not json"),
-            400,
-        );
-        check(
-            "a JSON array",
-            call("POST", &chat_path, json_ct, b"[1, 2]"),
-            400,
-        );
-        check("empty body", call("POST", &chat_path, json_ct, b""), 400);
-        check(
-            "invalid UTF-8",
-            call("POST", &chat_path, json_ct, b"{\"messages\": \"\xff\xfe\"}"),
-            400,
-        );
-        check(
-            "wrong content type",
-            call("POST", &chat_path, Some("text/plain"), b"hello"),
-            415,
-        );
-        check(
-            "form content type",
-            call(
-                "POST",
-                &chat_path,
+        let raw_bodies: [(&str, Option<&str>, &[u8], u16); 6] = [
+            ("not JSON", json_ct, b"{not json", 400),
+            ("a JSON array", json_ct, b"[1, 2]", 400),
+            ("empty body", json_ct, b"", 400),
+            (
+                "invalid UTF-8",
+                json_ct,
+                b"{\"messages\": \"\xff\xfe\"}",
+                400,
+            ),
+            ("wrong content type", Some("text/plain"), b"hello", 415),
+            (
+                "form content type",
                 Some("application/x-www-form-urlencoded"),
                 b"a=b",
+                415,
             ),
-            415,
-        );
+        ];
+        for (what, content_type, body, want) in raw_bodies {
+            check(what, call("POST", &chat_path, content_type, body), want);
+        }
         check(
             "oversize body",
             post(&chat_path, &with(json!({"user": big}))),
@@ -480,187 +439,237 @@ fn bad_input_gets_a_clear_error_in_each_surface_dialect() {
         }
     }
 
-    let mlflow = |what: &str, (status, body): (u16, Value), want: u16| {
-        assert_eq!(status, want, "{what}: {body}");
-        assert_shape(Shape::Mlflow, &body, what);
-    };
-    let openai = |what: &str, (status, body): (u16, Value), want: u16| {
-        assert_eq!(status, want, "{what}: {body}");
-        assert_shape(Shape::OpenAi, &body, what);
-    };
-    let post = |path: &str, body: Value| call("POST", path, json_ct, body.to_string().as_bytes());
+    // Cases particular to one surface: shape, what, method, path, body (empty: none), status.
     let gw_chat = format!("/gateway/{}/invocations", f.chat);
-    mlflow(
-        "2.5: n instead of candidate_count",
-        post(&gw_chat, json!({"messages": msgs, "n": 2})),
-        400,
-    );
-    mlflow(
-        "2.5: stream",
-        post(&gw_chat, json!({"messages": msgs, "stream": true})),
-        400,
-    );
-    mlflow(
-        "2.5: candidate_count above 5",
-        post(&gw_chat, json!({"messages": msgs, "candidate_count": 6})),
-        422,
-    );
-    mlflow(
-        "2.5: embeddings text of the wrong type",
-        post(
-            &format!("/gateway/{}/invocations", f.embeddings),
-            json!({"text": [1, 2]}),
+    let dep = |r: &str| format!("/endpoints/{r}/invocations");
+    let body = |v: Value| v.to_string();
+    let (mlflow, openai) = (Shape::Mlflow, Shape::OpenAi);
+    let cases: Vec<(Shape, &str, &str, String, String, u16)> = vec![
+        (
+            mlflow,
+            "2.5: n instead of candidate_count",
+            "POST",
+            gw_chat.clone(),
+            body(json!({"messages": msgs, "n": 2})),
+            400,
         ),
-        422,
-    );
-    mlflow(
-        "deployments: empty embeddings input",
-        post(
-            &format!("/endpoints/{}/invocations", f.embeddings),
-            json!({"input": []}),
+        (
+            mlflow,
+            "2.5: stream",
+            "POST",
+            gw_chat.clone(),
+            body(json!({"messages": msgs, "stream": true})),
+            400,
         ),
-        422,
-    );
-    mlflow(
-        "deployments: prompt to a chat route",
-        post(
-            &format!("/endpoints/{}/invocations", f.chat),
-            json!({"prompt": "x"}),
+        (
+            mlflow,
+            "2.5: candidate_count above 5",
+            "POST",
+            gw_chat.clone(),
+            body(json!({"messages": msgs, "candidate_count": 6})),
+            422,
         ),
-        400,
-    );
-    mlflow(
-        "unknown route on the 2.5 listing",
-        call("GET", "/api/2.0/gateway/routes/no-such-route", None, b""),
-        404,
-    );
-    mlflow(
-        "unknown endpoint",
-        call("GET", "/api/2.0/endpoints/no-such-route", None, b""),
-        404,
-    );
-    mlflow(
-        "a bad page token",
-        call("GET", "/api/2.0/gateway/routes/?page_token=zz", None, b""),
-        400,
-    );
-    mlflow(
-        "a bad endpoints page token",
-        call("GET", "/api/2.0/endpoints/?page_token=abc", None, b""),
-        400,
-    );
-    mlflow(
-        "POST on the route listing",
-        call("POST", "/api/2.0/gateway/routes/", json_ct, b"{}"),
-        405,
-    );
-    mlflow(
-        "DELETE on a route",
-        call(
+        (
+            mlflow,
+            "2.5: embeddings text of the wrong type",
+            "POST",
+            format!("/gateway/{}/invocations", f.embeddings),
+            body(json!({"text": [1, 2]})),
+            422,
+        ),
+        (
+            mlflow,
+            "deployments: empty embeddings input",
+            "POST",
+            dep(&f.embeddings),
+            body(json!({"input": []})),
+            422,
+        ),
+        (
+            mlflow,
+            "deployments: prompt to a chat route",
+            "POST",
+            dep(&f.chat),
+            body(json!({"prompt": "x"})),
+            400,
+        ),
+        (
+            mlflow,
+            "unknown route on the 2.5 listing",
+            "GET",
+            "/api/2.0/gateway/routes/no-such-route".into(),
+            String::new(),
+            404,
+        ),
+        (
+            mlflow,
+            "unknown endpoint",
+            "GET",
+            "/api/2.0/endpoints/no-such-route".into(),
+            String::new(),
+            404,
+        ),
+        (
+            mlflow,
+            "a bad page token",
+            "GET",
+            "/api/2.0/gateway/routes/?page_token=zz".into(),
+            String::new(),
+            400,
+        ),
+        (
+            mlflow,
+            "a bad endpoints page token",
+            "GET",
+            "/api/2.0/endpoints/?page_token=abc".into(),
+            String::new(),
+            400,
+        ),
+        (
+            mlflow,
+            "POST on the route listing",
+            "POST",
+            "/api/2.0/gateway/routes/".into(),
+            "{}".into(),
+            405,
+        ),
+        (
+            mlflow,
+            "DELETE on a route",
             "DELETE",
-            &format!("/api/2.0/gateway/routes/{}", f.chat),
-            None,
-            b"",
+            format!("/api/2.0/gateway/routes/{}", f.chat),
+            String::new(),
+            405,
         ),
-        405,
-    );
-    mlflow(
-        "unknown path under /api/2.0",
-        call("GET", "/api/2.0/gateway/limits/x", None, b""),
-        404,
-    );
-    mlflow(
-        "unknown path under /gateway",
-        call("POST", "/gateway/x/y", json_ct, b"{}"),
-        404,
-    );
-    openai(
-        "unknown path under /v1",
-        call("GET", "/v1/nothing", None, b""),
-        404,
-    );
-    openai(
-        "wrong method on /v1",
-        call("GET", "/v1/embeddings", None, b""),
-        405,
-    );
-    openai(
-        "/v1 completions: prompt of the wrong type",
-        post(
-            "/v1/completions",
-            json!({"model": f.completions, "prompt": 5}),
+        (
+            mlflow,
+            "unknown path under /api/2.0",
+            "GET",
+            "/api/2.0/gateway/limits/x".into(),
+            String::new(),
+            404,
         ),
-        400,
-    );
-    openai(
-        "/v1 embeddings: input of the wrong type",
-        post(
-            "/v1/embeddings",
-            json!({"model": f.embeddings, "input": {"a": 1}}),
+        (
+            mlflow,
+            "unknown path under /gateway",
+            "POST",
+            "/gateway/x/y".into(),
+            "{}".into(),
+            404,
         ),
-        400,
-    );
-    openai(
-        "/v1 stream_options of the wrong type",
-        post(
-            "/v1/chat/completions",
-            json!({"model": f.chat, "messages": msgs, "stream": true, "stream_options": 1}),
+        (
+            openai,
+            "unknown path under /v1",
+            "GET",
+            "/v1/nothing".into(),
+            String::new(),
+            404,
         ),
-        400,
+        (
+            openai,
+            "wrong method on /v1",
+            "GET",
+            "/v1/embeddings".into(),
+            String::new(),
+            405,
+        ),
+        (
+            openai,
+            "/v1 completions: prompt of the wrong type",
+            "POST",
+            "/v1/completions".into(),
+            body(json!({"model": f.completions, "prompt": 5})),
+            400,
+        ),
+        (
+            openai,
+            "/v1 embeddings: input of the wrong type",
+            "POST",
+            "/v1/embeddings".into(),
+            body(json!({"model": f.embeddings, "input": {"a": 1}})),
+            400,
+        ),
+        (
+            openai,
+            "/v1 stream_options of the wrong type",
+            "POST",
+            "/v1/chat/completions".into(),
+            body(json!({"model": f.chat, "messages": msgs, "stream": true, "stream_options": 1})),
+            400,
+        ),
+    ];
+    for (shape, what, method, path, body, want) in &cases {
+        let content_type = (!body.is_empty()).then_some("application/json");
+        let (status, got) = call(method, path, content_type, body.as_bytes());
+        assert_eq!(status, *want, "{what}: {got}");
+        assert_shape(*shape, &got, what);
+    }
+    eprintln!(
+        "{checked} table rows and {} surface-specific cases checked",
+        cases.len()
     );
-    eprintln!("{checked} table rows plus the surface-specific cases checked");
 }
 
-#[test]
-fn upstream_failures_keep_their_meaning_on_every_surface() {
-    let f = fixture();
+/// A chat call to `route` on each surface, with the error shape it answers in.
+fn chat_on_every_surface(route: &str) -> [(Shape, String, Value); 3] {
     let msgs = json!([{"role": "user", "content": "hi"}]);
-    let paths = [
+    [
         (
             Shape::Mlflow,
-            format!("/gateway/{}/invocations", f.faulty_chat),
+            format!("/gateway/{route}/invocations"),
             json!({"messages": msgs}),
         ),
         (
             Shape::Mlflow,
-            format!("/endpoints/{}/invocations", f.faulty_chat),
+            format!("/endpoints/{route}/invocations"),
             json!({"messages": msgs}),
         ),
         (
             Shape::OpenAi,
             "/v1/chat/completions".to_string(),
-            json!({"model": f.faulty_chat, "messages": msgs}),
+            json!({"model": route, "messages": msgs}),
         ),
-    ];
-    let send = |path: &str, body: &Value| {
-        client()
-            .post(f.gw.url(path))
-            .header("content-type", "application/json")
-            .body(body.to_string())
-            .send()
-            .unwrap()
+    ]
+}
+
+fn error_message(shape: Shape, body: &Value) -> String {
+    match shape {
+        Shape::Mlflow => body["detail"].as_str(),
+        Shape::OpenAi => body["error"]["message"].as_str(),
+    }
+    .unwrap_or_default()
+    .to_string()
+}
+
+#[test]
+fn upstream_failures_keep_their_meaning_on_every_surface() {
+    let f = fixture();
+    let post = |path: &str, body: &Value| {
+        call(
+            "POST",
+            path,
+            Some("application/json"),
+            body.to_string().as_bytes(),
+        )
     };
-    let message = |shape: Shape, body: &Value| {
-        match shape {
-            Shape::Mlflow => body["detail"].as_str(),
-            Shape::OpenAi => body["error"]["message"].as_str(),
-        }
-        .unwrap_or_default()
-        .to_string()
-    };
-    for (shape, path, body) in &paths {
+    for (shape, path, body) in &chat_on_every_surface(&f.faulty_chat) {
         f.faulty.set_fault(Fault::Status {
             status: 429,
             body: json!({"error": {"message": "Rate limit reached for gpt-4o-mini", "type": "requests"}}).to_string(),
             retry_after: Some(7),
         });
-        let resp = send(path, body);
+        let resp = client()
+            .post(f.gw.url(path))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .unwrap();
         assert_eq!(resp.status().as_u16(), 429, "{path}");
         assert_eq!(resp.headers()["retry-after"], "7", "{path}");
         let b: Value = serde_json::from_str(&resp.text().unwrap()).unwrap();
         assert_shape(*shape, &b, path);
         assert!(
-            message(*shape, &b).contains("Rate limit reached for gpt-4o-mini"),
+            error_message(*shape, &b).contains("Rate limit reached for gpt-4o-mini"),
             "{b}"
         );
 
@@ -669,64 +678,32 @@ fn upstream_failures_keep_their_meaning_on_every_surface() {
             body: json!({"error": {"message": "This model's maximum context length is 8 tokens", "type": "invalid_request_error"}}).to_string(),
             retry_after: None,
         });
-        let (status, b) = call(
-            "POST",
-            path,
-            Some("application/json"),
-            body.to_string().as_bytes(),
-        );
+        let (status, b) = post(path, body);
         assert_eq!(status, 400, "{path}: {b}");
         assert!(
-            message(*shape, &b).contains("maximum context length"),
+            error_message(*shape, &b).contains("maximum context length"),
             "{b}"
         );
 
         f.faulty.set_fault(Fault::Malformed);
-        let (status, b) = call(
-            "POST",
-            path,
-            Some("application/json"),
-            body.to_string().as_bytes(),
-        );
+        let (status, b) = post(path, body);
         assert_eq!(status, 502, "{path}: {b}");
-        assert!(message(*shape, &b).contains("malformed"), "{b}");
+        assert!(error_message(*shape, &b).contains("malformed"), "{b}");
 
         f.faulty.set_fault(Fault::Delay(Duration::from_secs(3)));
-        let (status, b) = call(
-            "POST",
-            path,
-            Some("application/json"),
-            body.to_string().as_bytes(),
-        );
+        let (status, b) = post(path, body);
         assert_eq!(status, 504, "{path}: {b}");
         assert_shape(*shape, &b, path);
     }
     f.faulty.set_fault(Fault::None);
-    for (shape, path, body) in [
-        (
-            Shape::Mlflow,
-            format!("/gateway/{}/invocations", f.dead),
-            json!({"messages": msgs}),
-        ),
-        (
-            Shape::Mlflow,
-            format!("/endpoints/{}/invocations", f.dead),
-            json!({"messages": msgs}),
-        ),
-        (
-            Shape::OpenAi,
-            "/v1/chat/completions".to_string(),
-            json!({"model": f.dead, "messages": msgs}),
-        ),
-    ] {
-        let (status, b) = call(
-            "POST",
-            &path,
-            Some("application/json"),
-            body.to_string().as_bytes(),
-        );
+    for (shape, path, body) in &chat_on_every_surface(&f.dead) {
+        let (status, b) = post(path, body);
         assert_eq!(status, 502, "{path}: {b}");
-        assert_shape(shape, &b, &path);
+        assert_shape(*shape, &b, path);
+        assert!(
+            error_message(*shape, &b).contains("could not connect"),
+            "{b}"
+        );
     }
 }
 

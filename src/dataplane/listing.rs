@@ -5,13 +5,15 @@
 
 use std::sync::Arc;
 
-use axum::extract::Query;
-use axum::extract::rejection::QueryRejection;
+use axum::Json;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::AppState;
-use super::error::GatewayError;
+use super::error::{GatewayError, MlflowError};
+use super::request::route_name;
 use crate::table::RouteEntry;
 
 #[derive(Deserialize)]
@@ -19,8 +21,35 @@ pub struct PageQuery {
     page_token: Option<String>,
 }
 
+/// How one MLflow surface shows routes: the listing's key and the object per route.
+pub trait Listed {
+    const KEY: &'static str;
+    fn object(entry: &RouteEntry) -> Value;
+}
+
+/// `GET` of a listing: `{<KEY>: [...], "next_page_token": ...}`.
+pub async fn list<L: Listed>(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<PageQuery>, QueryRejection>,
+) -> Result<Json<Value>, MlflowError> {
+    let (page, next) = page(&state, query)?;
+    let objects: Vec<Value> = page.iter().map(|e| L::object(e)).collect();
+    Ok(Json(json!({L::KEY: objects, "next_page_token": next})))
+}
+
+/// `GET` of one route by name.
+pub async fn get<L: Listed>(
+    State(state): State<Arc<AppState>>,
+    name: Result<Path<String>, PathRejection>,
+) -> Result<Json<Value>, MlflowError> {
+    let name = route_name(name)?;
+    let table = state.table.load();
+    let entry = table.get(&name).ok_or(GatewayError::UnknownRoute(name))?;
+    Ok(Json(L::object(entry)))
+}
+
 /// One page of routes and the token of the next, `None` on the last page.
-pub fn page(
+fn page(
     state: &AppState,
     query: Result<Query<PageQuery>, QueryRejection>,
 ) -> Result<(Vec<Arc<RouteEntry>>, Option<String>), GatewayError> {

@@ -4,10 +4,9 @@
 
 use std::sync::Arc;
 
-use axum::Json;
 use axum::body::Body;
-use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
 use axum::response::Response;
 use http::HeaderMap;
 use serde_json::{Value, json};
@@ -16,33 +15,12 @@ use super::AppState;
 use super::body::read_json_object;
 use super::error::{GatewayError, MlflowError};
 use super::forward;
-use super::listing::{self, PageQuery};
+use super::listing::{self, Listed};
 use super::openai::respond;
 use super::request::{OPENAI, check_body_kind, parse_request, reject_model, route_name};
 use crate::table::RouteEntry;
 
 type Result<T, E = MlflowError> = std::result::Result<T, E>;
-
-pub async fn list_endpoints(
-    State(state): State<Arc<AppState>>,
-    query: std::result::Result<Query<PageQuery>, QueryRejection>,
-) -> Result<Json<Value>> {
-    let (page, next) = listing::page(&state, query)?;
-    let endpoints: Vec<Value> = page.iter().map(|e| endpoint_object(e)).collect();
-    Ok(Json(
-        json!({"endpoints": endpoints, "next_page_token": next}),
-    ))
-}
-
-pub async fn get_endpoint(
-    State(state): State<Arc<AppState>>,
-    name: std::result::Result<Path<String>, PathRejection>,
-) -> Result<Json<Value>> {
-    let name = route_name(name)?;
-    let table = state.table.load();
-    let entry = table.get(&name).ok_or(GatewayError::UnknownRoute(name))?;
-    Ok(Json(endpoint_object(entry)))
-}
 
 /// Streams when asked, like `/v1`, but without OpenAI's `data: [DONE]`: MLflow's streams just end.
 pub async fn invoke(
@@ -62,14 +40,20 @@ pub async fn invoke(
     Ok(respond(&state, &route, request, false).await?)
 }
 
-/// `{name, endpoint_type, model: {name, provider}, endpoint_url, limit}`; MLflow 3's client
-/// requires the `limit` key even when it is null.
-fn endpoint_object(entry: &RouteEntry) -> Value {
-    json!({
+/// The deployments listing: `{"endpoints": [...]}` of `{name, endpoint_type, model: {name, provider},
+/// endpoint_url, limit}`; MLflow 3's client requires the `limit` key even when it is null.
+pub struct Endpoints;
+
+impl Listed for Endpoints {
+    const KEY: &'static str = "endpoints";
+
+    fn object(entry: &RouteEntry) -> Value {
+        json!({
         "name": entry.name,
         "endpoint_type": entry.route_type.as_str(),
         "model": {"name": entry.model, "provider": entry.provider.as_str()},
         "endpoint_url": format!("/endpoints/{}/invocations", entry.name),
         "limit": listing::limit(entry),
-    })
+        })
+    }
 }

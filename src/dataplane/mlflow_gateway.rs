@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
 use http::HeaderMap;
 use serde_json::{Map, Value, json};
 
@@ -15,7 +15,7 @@ use super::AppState;
 use super::body::read_json_object;
 use super::error::{GatewayError, MlflowError};
 use super::forward;
-use super::listing::{self, PageQuery};
+use super::listing::{self, Listed};
 use super::openai::model_name;
 use super::request::{Dialect, check_body_kind, parse_request, reject_model, route_name};
 use crate::api::{Provider, RouteType};
@@ -31,25 +31,6 @@ const MLFLOW_25: Dialect = Dialect {
     input_field: "text",
 };
 
-pub async fn list_routes(
-    State(state): State<Arc<AppState>>,
-    query: std::result::Result<Query<PageQuery>, QueryRejection>,
-) -> Result<Json<Value>> {
-    let (page, next) = listing::page(&state, query)?;
-    let routes: Vec<Value> = page.iter().map(|e| route_object(e)).collect();
-    Ok(Json(json!({"routes": routes, "next_page_token": next})))
-}
-
-pub async fn get_route(
-    State(state): State<Arc<AppState>>,
-    name: std::result::Result<Path<String>, PathRejection>,
-) -> Result<Json<Value>> {
-    let name = route_name(name)?;
-    let table = state.table.load();
-    let entry = table.get(&name).ok_or(GatewayError::UnknownRoute(name))?;
-    Ok(Json(route_object(entry)))
-}
-
 pub async fn invoke(
     State(state): State<Arc<AppState>>,
     name: std::result::Result<Path<String>, PathRejection>,
@@ -64,15 +45,21 @@ pub async fn invoke(
     Ok(Json(render(&answer, &route.entry)))
 }
 
-/// `{name, route_type, model: {name, provider}, route_url, limit}`.
-fn route_object(entry: &RouteEntry) -> Value {
-    json!({
+/// The 2.5 listing: `{"routes": [...]}` of `{name, route_type, model: {name, provider}, route_url, limit}`.
+pub struct Routes;
+
+impl Listed for Routes {
+    const KEY: &'static str = "routes";
+
+    fn object(entry: &RouteEntry) -> Value {
+        json!({
         "name": entry.name,
         "route_type": entry.route_type.as_str(),
         "model": {"name": entry.model, "provider": listed_provider(entry.provider)},
         "route_url": format!("/gateway/{}/invocations", entry.name),
         "limit": listing::limit(entry),
-    })
+        })
+    }
 }
 
 /// The 2.5 client validates `model.provider` against the four providers it knew, and one unknown

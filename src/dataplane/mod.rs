@@ -25,6 +25,8 @@ use axum::routing::{get, post};
 
 use crate::table::SharedTable;
 use error::GatewayError;
+use mlflow_deployments::Endpoints;
+use mlflow_gateway::Routes;
 
 /// Everything a handler needs, passed explicitly as axum state.
 pub struct AppState {
@@ -52,25 +54,16 @@ pub fn http_client(upstream_timeout: Duration) -> reqwest::Result<reqwest::Clien
 
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
-        .route("/api/2.0/gateway/routes/", get(mlflow_gateway::list_routes))
-        .route("/api/2.0/gateway/routes", get(mlflow_gateway::list_routes))
+        .route("/api/2.0/gateway/routes/", get(listing::list::<Routes>))
+        .route("/api/2.0/gateway/routes", get(listing::list::<Routes>))
         .route(
             "/api/2.0/gateway/routes/{name}",
-            get(mlflow_gateway::get_route),
+            get(listing::get::<Routes>),
         )
         .route("/gateway/{name}/invocations", post(mlflow_gateway::invoke))
-        .route(
-            "/api/2.0/endpoints/",
-            get(mlflow_deployments::list_endpoints),
-        )
-        .route(
-            "/api/2.0/endpoints",
-            get(mlflow_deployments::list_endpoints),
-        )
-        .route(
-            "/api/2.0/endpoints/{name}",
-            get(mlflow_deployments::get_endpoint),
-        )
+        .route("/api/2.0/endpoints/", get(listing::list::<Endpoints>))
+        .route("/api/2.0/endpoints", get(listing::list::<Endpoints>))
+        .route("/api/2.0/endpoints/{name}", get(listing::get::<Endpoints>))
         .route(
             "/endpoints/{name}/invocations",
             post(mlflow_deployments::invoke),
