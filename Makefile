@@ -32,6 +32,7 @@ e2e-test: control-plane python-env
 
 crds:
 	$(CARGO) run --quiet -- crd > crds/route.yaml
+	cp crds/route.yaml deploy/base/crd.yaml
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -12,6 +12,7 @@ mod health;
 mod listing;
 mod mlflow_deployments;
 mod mlflow_gateway;
+mod observe;
 mod openai;
 mod request;
 
@@ -24,6 +25,7 @@ use axum::extract::OriginalUri;
 use axum::routing::{get, post};
 
 use crate::table::SharedTable;
+use crate::telemetry::metrics::Metrics;
 use error::GatewayError;
 use mlflow_deployments::Endpoints;
 use mlflow_gateway::Routes;
@@ -39,6 +41,9 @@ pub struct AppState {
     pub upstream_timeout: Duration,
     /// Routes per page of the MLflow listings.
     pub page_size: usize,
+    pub metrics: Arc<Metrics>,
+    /// Set on shutdown: readiness fails at once so load balancers stop sending new requests.
+    pub draining: Arc<AtomicBool>,
 }
 
 /// The upstream HTTP client: pooled connections, bounded connect and read times.
@@ -82,5 +87,28 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(|OriginalUri(uri): OriginalUri| async move {
             error::for_path(uri.path(), GatewayError::NoSuchPath(uri.path().to_string()))
         })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            observe::middleware,
+        ))
         .with_state(state)
+}
+
+/// The metrics endpoint, served on its own port so it is never exposed with the data plane.
+pub fn metrics_router(metrics: Arc<Metrics>) -> Router {
+    Router::new().route(
+        "/metrics",
+        get(move || {
+            let metrics = metrics.clone();
+            async move {
+                (
+                    [(
+                        http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    metrics.encode(),
+                )
+            }
+        }),
+    )
 }

@@ -212,7 +212,9 @@ fn stream(
     };
     let mut frames: Vec<String> = Vec::with_capacity(words.len() + 3);
     if chat {
-        frames.push(chunk(json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null})));
+        frames.push(chunk(
+            json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}),
+        ));
     }
     let n = words.len();
     for (i, w) in words.into_iter().enumerate() {
