@@ -53,11 +53,11 @@ impl Listed for Routes {
 
     fn object(entry: &RouteEntry) -> Value {
         json!({
-        "name": entry.name,
-        "route_type": entry.route_type.as_str(),
-        "model": {"name": entry.model, "provider": listed_provider(entry.provider)},
-        "route_url": format!("/gateway/{}/invocations", entry.name),
-        "limit": listing::limit(entry),
+            "name": entry.name,
+            "route_type": entry.route_type.as_str(),
+            "model": {"name": entry.model, "provider": listed_provider(entry.provider)},
+            "route_url": format!("/gateway/{}/invocations", entry.name),
+            "limit": listing::limit(entry),
         })
     }
 }
