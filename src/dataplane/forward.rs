@@ -30,6 +30,19 @@ pub fn lookup(
     name: &str,
     route_type: RouteType,
 ) -> Result<ServingRoute, GatewayError> {
+    resolve(state, name, Some(route_type))
+}
+
+/// Finds `name` for a per-route path, where the route's own type decides the request shape.
+pub fn lookup_route(state: &AppState, name: &str) -> Result<ServingRoute, GatewayError> {
+    resolve(state, name, None)
+}
+
+fn resolve(
+    state: &AppState,
+    name: &str,
+    route_type: Option<RouteType>,
+) -> Result<ServingRoute, GatewayError> {
     let table = state.table.load();
     let entry = table
         .get(name)
@@ -40,11 +53,11 @@ pub fn lookup(
         c.model = Some(entry.model.clone());
         c.operation = Some(operation(entry.route_type));
     });
-    if entry.route_type != route_type {
+    if let Some(requested) = route_type.filter(|t| *t != entry.route_type) {
         return Err(GatewayError::WrongRouteType {
             route: name.to_string(),
             actual: entry.route_type,
-            requested: route_type,
+            requested,
         });
     }
     match &entry.state {

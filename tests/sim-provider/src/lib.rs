@@ -81,6 +81,8 @@ pub struct Shared {
     pub behaviour: Mutex<Behaviour>,
     /// Recording costs a copy per request; the benchmark turns it off.
     pub record: std::sync::atomic::AtomicBool,
+    /// Streams whose client went away before the last chunk.
+    pub cancelled_streams: std::sync::atomic::AtomicUsize,
 }
 
 /// A running simulated provider on loopback.
@@ -121,6 +123,13 @@ impl SimProvider {
 
     pub fn last_request(&self) -> Option<RecordedRequest> {
         self.shared.requests.lock().last().cloned()
+    }
+
+    /// How many streamed answers were cut off by the client closing the connection.
+    pub fn cancelled_streams(&self) -> usize {
+        self.shared
+            .cancelled_streams
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn clear(&self) {

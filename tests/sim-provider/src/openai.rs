@@ -122,6 +122,7 @@ async fn generate(shared: Arc<Shared>, headers: HeaderMap, body: Bytes, chat: bo
             == Some(true);
         let delay = shared.behaviour.lock().chunk_delay;
         return stream(
+            shared.clone(),
             id,
             created,
             model,
@@ -156,8 +157,31 @@ async fn generate(shared: Arc<Shared>, headers: HeaderMap, body: Bytes, chat: bo
     .into_response()
 }
 
+/// Counts a stream as cancelled when its body is dropped before the last chunk was taken.
+struct StreamGuard {
+    shared: Arc<Shared>,
+    finished: bool,
+}
+
+impl StreamGuard {
+    fn finish(mut self) {
+        self.finished = true;
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.shared
+                .cancelled_streams
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn stream(
+    shared: Arc<Shared>,
     id: &'static str,
     created: u64,
     model: String,
@@ -211,13 +235,26 @@ fn stream(
         frames.push(format!("data: {u}\n\n"));
     }
     frames.push("data: [DONE]\n\n".to_string());
-    let body = futures::stream::unfold(frames.into_iter(), move |mut it| async move {
-        let frame = it.next()?;
-        if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
-        }
-        Some((Ok::<_, std::convert::Infallible>(Bytes::from(frame)), it))
-    });
+    let guard = StreamGuard {
+        shared,
+        finished: false,
+    };
+    let body = futures::stream::unfold(
+        (frames.into_iter(), guard),
+        move |(mut it, guard)| async move {
+            let Some(frame) = it.next() else {
+                guard.finish();
+                return None;
+            };
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            Some((
+                Ok::<_, std::convert::Infallible>(Bytes::from(frame)),
+                (it, guard),
+            ))
+        },
+    );
     Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "text/event-stream; charset=utf-8")
