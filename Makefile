@@ -33,13 +33,13 @@ e2e-test: control-plane python-env
 # Gateway cost against calling the provider directly; writes bench/results/latest.md. Not a test.
 bench: control-plane
 	$(CARGO) build --workspace --release
-	ulimit -n 65536; python3 bench/run.py --oha "$$(hack/tools.sh oha)" \
+	ulimit -n "$$(ulimit -Hn)"; python3 bench/run.py --oha "$$(hack/tools.sh oha)" \
 	  --kubectl "$$(hack/control-plane.sh bin-dir)/kubectl" --control-plane hack/control-plane.sh
 
 # The same harness with small counts, to check it works (writes to bench/results/quick.md).
 bench-quick: control-plane
 	$(CARGO) build --workspace --release
-	ulimit -n 65536; python3 bench/run.py --quick --reps 3 --out bench/results/quick.md --oha "$$(hack/tools.sh oha)" \
+	ulimit -n "$$(ulimit -Hn)"; python3 bench/run.py --quick --reps 3 --out bench/results/quick.md --oha "$$(hack/tools.sh oha)" \
 	  --kubectl "$$(hack/control-plane.sh bin-dir)/kubectl" --control-plane hack/control-plane.sh
 
 crds:

@@ -118,14 +118,24 @@ def route_yaml(ns, name, route_type, api_base, secret="bench-key"):
 
 # --- load generation ---------------------------------------------------------------------------
 
+# Callers of the provider itself must authenticate; callers of the gateway never send a key.
+DIRECT_AUTH = "authorization: Bearer sk-bench-direct"
+
+
 def oha(oha_bin, url, body, concurrency, n=None, duration=None):
     args = [oha_bin, "--no-tui", "--output-format", "json", "-m", "POST", "-T", "application/json",
             "-d", body, "-c", str(concurrency)]
+    if "/openai/v1/" in url:
+        args += ["-H", DIRECT_AUTH]
     args += ["-n", str(n)] if n else ["-z", duration]
     out = subprocess.run(args + [url], capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"oha failed: {out.stderr}")
-    return json.loads(out.stdout)
+    result = json.loads(out.stdout)
+    codes = result.get("statusCodeDistribution", {})
+    if set(codes) - {"200"}:
+        raise RuntimeError(f"non-200 answers from {url}: {codes}")
+    return result
 
 
 def oha_ok(result):
@@ -159,7 +169,8 @@ def median_of(pairs, side, key):
 def stream_once(host, port, path, body):
     """Returns (time to first data byte, total time, number of reads that delivered a data frame)."""
     payload = body.encode()
-    request = (f"POST {path} HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: application/json\r\n"
+    auth = f"{DIRECT_AUTH}\r\n" if path.startswith("/openai/") else ""
+    request = (f"POST {path} HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: application/json\r\n{auth}"
                f"content-length: {len(payload)}\r\nconnection: close\r\n\r\n").encode() + payload
     with socket.create_connection((host, port)) as s:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -310,7 +321,9 @@ def main():
         for i in range(n_stream):
             d = stream_once("127.0.0.1", stream_sim_port, "/openai/v1/chat/completions", stream_body)
             g = stream_once("127.0.0.1", gw_port, "/v1/chat/completions", stream_body)
-            stream_pairs.append((d, g) if i % 2 == 0 else (d, g))
+            if d[0] is None or g[0] is None:
+                raise RuntimeError("a stream delivered no data")
+            stream_pairs.append((d, g))
         ttfb_added = statistics.median((g[0] - d[0]) * 1e6 for d, g in stream_pairs)
         total_added = statistics.median((g[1] - d[1]) * 1e6 for d, g in stream_pairs)
         separate = min(g[2] for _, g in stream_pairs)
