@@ -215,6 +215,19 @@ fn resolve_credentials(
             let value = read(&secret_ref.key)?.ok_or_else(|| missing(&secret_ref.key))?;
             credentials.insert(API_KEY, value);
         }
+        CredentialKeys::ApiKeyOr { alternatives } => {
+            if let Some(value) = read(&secret_ref.key)? {
+                credentials.insert(API_KEY, value);
+            }
+            for key in alternatives {
+                if let Some(value) = read(key)? {
+                    credentials.insert(*key, value);
+                }
+            }
+            if credentials == Credentials::default() {
+                return Err(missing(&secret_ref.key));
+            }
+        }
         CredentialKeys::Named { required, optional } => {
             for key in required {
                 credentials.insert(*key, read(key)?.ok_or_else(|| missing(key))?);

@@ -10,7 +10,7 @@ use super::AppState;
 use super::error::GatewayError;
 use crate::api::RouteType;
 use crate::llm::{LlmRequest, LlmResponse, StreamDelta};
-use crate::providers::{ProviderError, StreamDecoder};
+use crate::providers::{ProviderError, StreamDecoder, join_embeddings, split_inputs};
 use crate::table::{RouteEntry, RouteState, Upstream};
 
 /// A route looked up for serving: the entry is held by `Arc`, so a table swap during the call is harmless.
@@ -49,8 +49,30 @@ pub fn lookup(
     }
 }
 
-/// Non-streaming call: one request, one parsed answer.
+/// Non-streaming call: one parsed answer. Providers that take few embeddings inputs per call
+/// (Titan) get one call per batch, sent concurrently and joined in order.
 pub async fn invoke(
+    state: &AppState,
+    route: &ServingRoute,
+    request: &LlmRequest,
+) -> Result<LlmResponse, GatewayError> {
+    let upstream = &route.upstream;
+    let split = upstream
+        .adapter
+        .max_inputs_per_call(&upstream.target, route.entry.route_type)
+        .and_then(|max| split_inputs(request, max));
+    match split {
+        Some(parts) => {
+            let answers =
+                futures::future::try_join_all(parts.iter().map(|p| invoke_one(state, route, p)))
+                    .await?;
+            join_embeddings(answers).map_err(|e| provider_error(upstream, e))
+        }
+        None => invoke_one(state, route, request).await,
+    }
+}
+
+async fn invoke_one(
     state: &AppState,
     route: &ServingRoute,
     request: &LlmRequest,

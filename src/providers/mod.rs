@@ -3,19 +3,30 @@
 //! Adapters do no I/O. The data plane sends what `build_request` returns with its shared HTTP client
 //! and hands the answer back to `parse_response`, `parse_error` or a `StreamDecoder`.
 
+mod anthropic;
+mod azure;
+mod bedrock;
+mod cohere;
+mod compat;
 mod credentials;
+mod eventstream;
+mod gemini;
+mod mlflow;
 mod openai;
 pub mod sse;
+mod tgi;
 
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, StatusCode};
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 
 pub use credentials::{Credentials, SecretValue};
 
 use crate::api::{Provider, RouteType};
-use crate::llm::{LlmRequest, LlmResponse, StreamDelta};
+use crate::llm::{
+    Embeddings, EmbeddingsRequest, LlmRequest, LlmResponse, Params, StreamDelta, Usage,
+};
 
 /// Where and as whom a route calls its provider: everything an adapter needs besides the request.
 #[derive(Clone, Debug)]
@@ -42,6 +53,11 @@ pub struct UpstreamRequest {
 pub enum CredentialKeys {
     /// One API key, read from `secretRef.key`; `required: false` for servers that may run without one.
     ApiKey { required: bool },
+    /// An API key from `secretRef.key` or, instead, one of `alternatives` (held under its own name),
+    /// for providers with a second kind of credential such as Azure's Entra ID token.
+    ApiKeyOr {
+        alternatives: &'static [&'static str],
+    },
     /// Fixed, well-known keys (for example AWS access keys).
     Named {
         required: &'static [&'static str],
@@ -92,6 +108,11 @@ pub trait ProviderAdapter: Send + Sync + 'static {
     fn parse_error(&self, status: StatusCode, headers: &HeaderMap, body: &[u8]) -> ProviderError;
     /// A fresh incremental parser for one streamed answer.
     fn stream_decoder(&self, route_type: RouteType) -> Box<dyn StreamDecoder>;
+    /// How many embeddings inputs one upstream call takes, when the provider limits it (Titan: one).
+    /// The data plane then sends one call per batch and joins the answers in order.
+    fn max_inputs_per_call(&self, _target: &Target, _route_type: RouteType) -> Option<usize> {
+        None
+    }
 }
 
 /// Incremental parser of a provider's streaming framing; bytes may be split anywhere.
@@ -103,10 +124,157 @@ pub trait StreamDecoder: Send {
 
 /// The adapter for `provider`, or `None` while this gateway does not speak it yet.
 pub fn adapter_for(provider: Provider) -> Option<&'static dyn ProviderAdapter> {
-    match provider {
-        Provider::Openai => Some(&openai::OpenAi),
+    Some(match provider {
+        Provider::Openai => &openai::OpenAi,
+        Provider::AzureOpenai => &azure::AzureOpenAi,
+        Provider::Anthropic => &anthropic::Anthropic,
+        Provider::Cohere => &cohere::Cohere,
+        Provider::Gemini => &gemini::Gemini,
+        Provider::Bedrock => &bedrock::Bedrock,
+        Provider::HuggingfaceTgi => &tgi::Tgi,
+        Provider::DatabricksModelServing => &compat::DATABRICKS,
+        Provider::MlflowModelServing => &mlflow::MlflowModelServing,
+        Provider::Mistral => &compat::MISTRAL,
+        Provider::Ai21 => &compat::AI21,
+        Provider::Together => &compat::TOGETHER,
+        Provider::Groq => &compat::GROQ,
+        Provider::Deepseek => &compat::DEEPSEEK,
+        Provider::Ollama => &compat::OLLAMA,
+        Provider::OpenaiCompatible => &compat::OPENAI_COMPATIBLE,
+    })
+}
+
+/// Splits an embeddings request into requests of at most `max` inputs each, when it has more.
+pub fn split_inputs(request: &LlmRequest, max: usize) -> Option<Vec<LlmRequest>> {
+    match request {
+        LlmRequest::Embeddings(e) if max > 0 && e.input.len() > max => Some(
+            e.input
+                .chunks(max)
+                .map(|inputs| {
+                    LlmRequest::Embeddings(EmbeddingsRequest {
+                        input: inputs.to_vec(),
+                        extra: e.extra.clone(),
+                    })
+                })
+                .collect(),
+        ),
         _ => None,
     }
+}
+
+/// Joins the answers to split embeddings requests, in order; usage is summed.
+pub fn join_embeddings(parts: Vec<LlmResponse>) -> Result<LlmResponse, ProviderError> {
+    let mut joined = Embeddings {
+        model: String::new(),
+        data: Vec::new(),
+        usage: Usage::default(),
+    };
+    let add = |a: Option<u64>, b: Option<u64>| match (a, b) {
+        (None, None) => None,
+        (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
+    };
+    for part in parts {
+        let LlmResponse::Embeddings(e) = part else {
+            return Err(ProviderError::MalformedResponse(
+                "expected embeddings".into(),
+            ));
+        };
+        if joined.model.is_empty() {
+            joined.model = e.model;
+        }
+        joined.data.extend(e.data);
+        joined.usage = Usage {
+            prompt_tokens: add(joined.usage.prompt_tokens, e.usage.prompt_tokens),
+            completion_tokens: add(joined.usage.completion_tokens, e.usage.completion_tokens),
+            total_tokens: add(joined.usage.total_tokens, e.usage.total_tokens),
+        };
+    }
+    Ok(LlmResponse::Embeddings(joined))
+}
+
+/// Headers of a JSON request.
+pub(crate) fn json_headers() -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers
+}
+
+/// Adds a credential header, marked sensitive so hyper's and reqwest's debug output hide it.
+pub(crate) fn insert_secret(
+    headers: &mut HeaderMap,
+    name: impl header::IntoHeaderName,
+    value: &str,
+) -> Result<(), ProviderError> {
+    let mut value = HeaderValue::from_str(value).map_err(|_| {
+        ProviderError::Unsupported("the credential holds characters not allowed in a header".into())
+    })?;
+    value.set_sensitive(true);
+    headers.insert(name, value);
+    Ok(())
+}
+
+/// For providers without candidate counts: one answer is all they can give.
+pub(crate) fn reject_n(provider: Provider, params: &Params) -> Result<(), ProviderError> {
+    match params.n {
+        Some(n) if n > 1 => Err(ProviderError::Unsupported(format!(
+            "provider {provider} does not support n > 1"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+pub(crate) fn malformed(e: impl std::fmt::Display) -> ProviderError {
+    ProviderError::MalformedResponse(e.to_string())
+}
+
+/// The usual mapping of an error answer: the provider's message (or a status fallback) and `Retry-After`.
+pub(crate) fn upstream_error(
+    status: StatusCode,
+    headers: &HeaderMap,
+    message: Option<String>,
+    body: &[u8],
+) -> ProviderError {
+    ProviderError::Upstream {
+        status,
+        message: message
+            .filter(|m| !m.trim().is_empty())
+            .unwrap_or_else(|| fallback_message(status, body)),
+        retry_after: retry_after_secs(headers),
+    }
+}
+
+/// A provider's finish reason in OpenAI's words (`stop`, `length`, `tool_calls`, `content_filter`);
+/// a word with no OpenAI equivalent is kept, lower-cased. Empty means "not finished".
+pub fn normalize_finish_reason(raw: &str) -> Option<String> {
+    let word = match raw {
+        "" => return None,
+        "stop" | "end_turn" | "stop_sequence" | "pause_turn" | "STOP" | "COMPLETE"
+        | "STOP_SEQUENCE" | "USER_CANCEL" | "eos" | "eos_token" => "stop",
+        "length"
+        | "max_tokens"
+        | "MAX_TOKENS"
+        | "model_length"
+        | "model_context_window_exceeded" => "length",
+        "tool_calls" | "tool_use" | "TOOL_CALL" | "function_call" => "tool_calls",
+        "content_filter"
+        | "refusal"
+        | "SAFETY"
+        | "RECITATION"
+        | "BLOCKLIST"
+        | "PROHIBITED_CONTENT"
+        | "SPII"
+        | "IMAGE_SAFETY"
+        | "IMAGE_PROHIBITED_CONTENT"
+        | "IMAGE_RECITATION"
+        | "guardrail_intervened"
+        | "content_filtered"
+        | "ERROR_TOXIC" => "content_filter",
+        other => return Some(other.to_ascii_lowercase()),
+    };
+    Some(word.to_string())
 }
 
 /// `Retry-After` in seconds, when the header holds a number.
@@ -140,5 +308,36 @@ pub fn fallback_message(status: StatusCode, body: &[u8]) -> String {
         format!("upstream answered {status}")
     } else {
         format!("upstream answered {status}: {}", snippet.trim())
+    }
+}
+
+/// Test helpers shared by the adapters' unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// Decodes `bytes` fed in pieces cut at `cuts` (any order, any values up to the length).
+    pub fn decode_split(
+        adapter: &dyn ProviderAdapter,
+        route_type: RouteType,
+        bytes: &[u8],
+        mut cuts: Vec<usize>,
+    ) -> Result<Vec<StreamDelta>, ProviderError> {
+        cuts.sort_unstable();
+        let mut decoder = adapter.stream_decoder(route_type);
+        let mut out = Vec::new();
+        let mut last = 0;
+        for c in cuts.into_iter().map(|c| c.min(bytes.len())) {
+            decoder.feed(&bytes[last..c], &mut out)?;
+            last = c;
+        }
+        decoder.feed(&bytes[last..], &mut out)?;
+        decoder.finish(&mut out)?;
+        Ok(out)
+    }
+
+    /// The text of a decoded stream, joined.
+    pub fn text(deltas: &[StreamDelta]) -> String {
+        deltas.iter().filter_map(|d| d.text.as_deref()).collect()
     }
 }

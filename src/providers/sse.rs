@@ -1,4 +1,8 @@
-//! An incremental Server-Sent Events parser (WHATWG framing), fed with bytes split anywhere.
+//! Incremental stream framings fed with bytes split anywhere: Server-Sent Events (WHATWG framing)
+//! and newline-delimited JSON, plus the decoder shell every SSE-speaking provider shares.
+
+use super::{ProviderError, StreamDecoder};
+use crate::llm::StreamDelta;
 
 /// One dispatched event.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
@@ -85,6 +89,85 @@ impl SseParser {
     }
 }
 
+/// What one provider makes of each SSE event; `SseDecoder` does the framing around it.
+pub trait SseHandler: Send {
+    fn event(&mut self, event: SseEvent, out: &mut Vec<StreamDelta>) -> Result<(), ProviderError>;
+    /// The connection closed, with or without the provider's own end marker.
+    fn end(&mut self, _out: &mut Vec<StreamDelta>) -> Result<(), ProviderError> {
+        Ok(())
+    }
+}
+
+/// A `StreamDecoder` for SSE providers: frames with `SseParser`, translates with the handler.
+pub struct SseDecoder<H> {
+    parser: SseParser,
+    events: Vec<SseEvent>,
+    handler: H,
+}
+
+impl<H: SseHandler + 'static> SseDecoder<H> {
+    pub fn boxed(handler: H) -> Box<dyn StreamDecoder> {
+        Box::new(SseDecoder {
+            parser: SseParser::default(),
+            events: Vec::new(),
+            handler,
+        })
+    }
+
+    fn drain(&mut self, out: &mut Vec<StreamDelta>) -> Result<(), ProviderError> {
+        for event in self.events.drain(..) {
+            self.handler.event(event, out)?;
+        }
+        Ok(())
+    }
+}
+
+impl<H: SseHandler + 'static> StreamDecoder for SseDecoder<H> {
+    fn feed(&mut self, bytes: &[u8], out: &mut Vec<StreamDelta>) -> Result<(), ProviderError> {
+        self.parser.feed(bytes, &mut self.events);
+        self.drain(out)
+    }
+
+    fn finish(&mut self, out: &mut Vec<StreamDelta>) -> Result<(), ProviderError> {
+        self.parser.finish(&mut self.events);
+        self.drain(out)?;
+        self.handler.end(out)
+    }
+}
+
+/// Newline-delimited JSON framing (Cohere v1 streams): one non-empty line per value.
+#[derive(Debug, Default)]
+pub struct JsonLines {
+    buf: Vec<u8>,
+}
+
+impl JsonLines {
+    pub fn feed(&mut self, bytes: &[u8], out: &mut Vec<String>) {
+        self.buf.extend_from_slice(bytes);
+        if let Some(last) = self.buf.iter().rposition(|b| *b == b'\n') {
+            let rest = self.buf.split_off(last + 1);
+            let complete = std::mem::replace(&mut self.buf, rest);
+            Self::lines(&complete, out);
+        }
+    }
+
+    /// End of stream: a last line without its newline still counts.
+    pub fn finish(&mut self, out: &mut Vec<String>) {
+        let rest = std::mem::take(&mut self.buf);
+        Self::lines(&rest, out);
+    }
+
+    fn lines(bytes: &[u8], out: &mut Vec<String>) {
+        for line in bytes.split(|b| *b == b'\n') {
+            let line = String::from_utf8_lossy(line);
+            let line = line.trim();
+            if !line.is_empty() {
+                out.push(line.to_string());
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,5 +229,26 @@ mod tests {
                 data: "tail".into()
             }]
         );
+    }
+
+    #[test]
+    fn json_lines_survive_any_split() {
+        let input = b"{\"a\":1}\n\n{\"b\":\"x\\ny\"}\r\n{\"c\":3}";
+        let whole = {
+            let mut p = JsonLines::default();
+            let mut out = Vec::new();
+            p.feed(input, &mut out);
+            p.finish(&mut out);
+            out
+        };
+        assert_eq!(whole, ["{\"a\":1}", "{\"b\":\"x\\ny\"}", "{\"c\":3}"]);
+        for cut in 0..=input.len() {
+            let mut p = JsonLines::default();
+            let mut out = Vec::new();
+            p.feed(&input[..cut], &mut out);
+            p.feed(&input[cut..], &mut out);
+            p.finish(&mut out);
+            assert_eq!(out, whole, "cut at {cut}");
+        }
     }
 }
