@@ -1,9 +1,11 @@
 //! OpenAI's API as documented: Bearer auth, chat.completion / text_completion / embedding list
 //! shapes, `data: {chunk}\n\n` streaming ended by `data: [DONE]`, and `{"error": {...}}` errors.
+//! The OpenAI-compatible servers (Mistral, Groq, Ollama, ...) are this simulation with a `Flavor`.
 #![allow(clippy::result_large_err)] // handlers return ready responses as errors
 
 use std::sync::Arc;
 
+use axum::Extension;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
@@ -15,11 +17,46 @@ use serde_json::{Value, json};
 
 use crate::{Shared, answer_text, count_tokens, unix_now};
 
+/// Where an OpenAI-compatible server departs from OpenAI, as far as the gateway must care.
+#[derive(Clone, Copy, Debug)]
+pub struct Flavor {
+    pub require_key: bool,
+    /// Mistral: 422 on `stream_options`, and stream usage sent without it.
+    pub mistral: bool,
+    /// Groq: 400 unless `n` is 1.
+    pub single_choice: bool,
+}
+
+impl Flavor {
+    pub const OPENAI: Flavor = Flavor {
+        require_key: true,
+        mistral: false,
+        single_choice: false,
+    };
+    pub const MISTRAL: Flavor = Flavor {
+        mistral: true,
+        ..Flavor::OPENAI
+    };
+    pub const GROQ: Flavor = Flavor {
+        single_choice: true,
+        ..Flavor::OPENAI
+    };
+    pub const KEYLESS: Flavor = Flavor {
+        require_key: false,
+        ..Flavor::OPENAI
+    };
+}
+
 pub fn router() -> Router<Arc<Shared>> {
+    flavored(Flavor::OPENAI)
+}
+
+pub fn flavored(flavor: Flavor) -> Router<Arc<Shared>> {
     Router::new()
         .route("/chat/completions", post(chat))
         .route("/completions", post(completions))
         .route("/embeddings", post(embeddings))
+        .layer(Extension(flavor))
 }
 
 pub fn error(status: StatusCode, message: &str, kind: &str, code: Option<&str>) -> Response {
@@ -32,12 +69,12 @@ pub fn error(status: StatusCode, message: &str, kind: &str, code: Option<&str>) 
         .into_response()
 }
 
-fn check(headers: &HeaderMap, body: &Bytes) -> Result<Value, Response> {
+fn check(flavor: Flavor, headers: &HeaderMap, body: &Bytes) -> Result<Value, Response> {
     let auth = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    if !auth.starts_with("Bearer ") || auth.len() <= 7 {
+    if flavor.require_key && (!auth.starts_with("Bearer ") || auth.len() <= 7) {
         return Err(error(
             StatusCode::UNAUTHORIZED,
             "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
@@ -53,6 +90,21 @@ fn check(headers: &HeaderMap, body: &Bytes) -> Result<Value, Response> {
             None,
         )
     })?;
+    if flavor.mistral && value.get("stream_options").is_some() {
+        return Err((
+            StatusCode::UNPROCESSABLE_ENTITY,
+            axum::Json(json!({"detail": [{"type": "extra_forbidden", "loc": ["body", "stream_options"], "msg": "Extra inputs are not permitted", "input": value["stream_options"]}]})),
+        )
+            .into_response());
+    }
+    if flavor.single_choice && value.get("n").and_then(Value::as_u64).unwrap_or(1) != 1 {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "'n' : number must be at most 1",
+            "invalid_request_error",
+            None,
+        ));
+    }
     if value.get("model").and_then(Value::as_str).is_none() {
         return Err(error(
             StatusCode::BAD_REQUEST,
@@ -92,20 +144,32 @@ fn usage(prompt: u64, completion: u64) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
 
-async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
-    generate(shared, headers, body, true).await
+async fn chat(
+    State(shared): State<Arc<Shared>>,
+    Extension(flavor): Extension<Flavor>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    generate(shared, flavor, headers, body, true).await
 }
 
 async fn completions(
     State(shared): State<Arc<Shared>>,
+    Extension(flavor): Extension<Flavor>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    generate(shared, headers, body, false).await
+    generate(shared, flavor, headers, body, false).await
 }
 
-async fn generate(shared: Arc<Shared>, headers: HeaderMap, body: Bytes, chat: bool) -> Response {
-    let req = match check(&headers, &body) {
+pub async fn generate(
+    shared: Arc<Shared>,
+    flavor: Flavor,
+    headers: HeaderMap,
+    body: Bytes,
+    chat: bool,
+) -> Response {
+    let req = match check(flavor, &headers, &body) {
         Ok(r) => r,
         Err(resp) => return resp,
     };
@@ -116,10 +180,11 @@ async fn generate(shared: Arc<Shared>, headers: HeaderMap, body: Bytes, chat: bo
     let id = if chat { "chatcmpl-sim" } else { "cmpl-sim" };
     let created = unix_now();
     if req.get("stream").and_then(Value::as_bool) == Some(true) {
-        let include_usage = req
-            .pointer("/stream_options/include_usage")
-            .and_then(Value::as_bool)
-            == Some(true);
+        let include_usage = flavor.mistral
+            || req
+                .pointer("/stream_options/include_usage")
+                .and_then(Value::as_bool)
+                == Some(true);
         let delay = shared.behaviour.lock().chunk_delay;
         return stream(
             id,
@@ -223,8 +288,12 @@ fn stream(
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
-async fn embeddings(headers: HeaderMap, body: Bytes) -> Response {
-    let req = match check(&headers, &body) {
+pub async fn embeddings(
+    Extension(flavor): Extension<Flavor>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let req = match check(flavor, &headers, &body) {
         Ok(r) => r,
         Err(resp) => return resp,
     };
