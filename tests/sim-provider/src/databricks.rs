@@ -56,8 +56,8 @@ async fn invocations(
     };
     let body = Bytes::from(Value::Object(req).to_string());
     match kind {
-        "chat" => openai::generate(shared, Flavor::OPENAI, headers, body, true).await,
-        "completions" => openai::generate(shared, Flavor::OPENAI, headers, body, false).await,
+        "chat" => openai::generate(shared, Flavor::DATABRICKS, headers, body, true).await,
+        "completions" => openai::generate(shared, Flavor::DATABRICKS, headers, body, false).await,
         _ => openai::embeddings(Extension(Flavor::OPENAI), headers, body).await,
     }
 }

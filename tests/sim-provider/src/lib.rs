@@ -10,6 +10,8 @@ mod databricks;
 mod gemini;
 mod mlflow;
 mod openai;
+
+pub use openai::embed;
 mod tgi;
 
 use std::net::SocketAddr;
@@ -176,6 +178,11 @@ impl SimProvider {
 
     pub fn mlflow_base(&self) -> String {
         self.base("mlflow-model-serving")
+    }
+
+    /// The MLflow scoring server that hosts an embedding model.
+    pub fn mlflow_embedder_base(&self) -> String {
+        format!("http://{}/mlflow/embedder", self.addr)
     }
 
     pub fn requests(&self) -> Vec<RecordedRequest> {

@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use axum::Extension;
 use axum::Router;
-use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -15,7 +14,7 @@ use axum::routing::post;
 use bytes::Bytes;
 use serde_json::{Value, json};
 
-use crate::{Shared, answer_text, count_tokens, unix_now};
+use crate::{Shared, answer_text, count_tokens, pieces, stream_response, unix_now};
 
 /// Where an OpenAI-compatible server departs from OpenAI, as far as the gateway must care.
 #[derive(Clone, Copy, Debug)]
@@ -25,6 +24,8 @@ pub struct Flavor {
     pub mistral: bool,
     /// Groq: 400 unless `n` is 1.
     pub single_choice: bool,
+    /// Databricks: cumulative usage on every stream chunk, asked for or not.
+    pub usage_every_chunk: bool,
 }
 
 impl Flavor {
@@ -32,6 +33,7 @@ impl Flavor {
         require_key: true,
         mistral: false,
         single_choice: false,
+        usage_every_chunk: false,
     };
     pub const MISTRAL: Flavor = Flavor {
         mistral: true,
@@ -43,6 +45,10 @@ impl Flavor {
     };
     pub const KEYLESS: Flavor = Flavor {
         require_key: false,
+        ..Flavor::OPENAI
+    };
+    pub const DATABRICKS: Flavor = Flavor {
+        usage_every_chunk: true,
         ..Flavor::OPENAI
     };
 }
@@ -185,17 +191,15 @@ pub async fn generate(
                 .pointer("/stream_options/include_usage")
                 .and_then(Value::as_bool)
                 == Some(true);
-        let delay = shared.behaviour.lock().chunk_delay;
+        let usage_mode = if flavor.usage_every_chunk {
+            UsageMode::EveryChunk
+        } else if include_usage {
+            UsageMode::FinalChunk
+        } else {
+            UsageMode::None
+        };
         return stream(
-            id,
-            created,
-            model,
-            words,
-            finish,
-            prompt,
-            chat,
-            include_usage,
-            delay,
+            &shared, id, created, model, words, finish, prompt, chat, usage_mode,
         );
     }
     let text = words.join(" ");
@@ -221,8 +225,18 @@ pub async fn generate(
     .into_response()
 }
 
+#[derive(Clone, Copy, PartialEq)]
+enum UsageMode {
+    None,
+    /// OpenAI with `include_usage`: `"usage": null` on every chunk, then a `choices: []` usage chunk.
+    FinalChunk,
+    /// Databricks: the running total on every chunk.
+    EveryChunk,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn stream(
+    shared: &Shared,
     id: &'static str,
     created: u64,
     model: String,
@@ -230,8 +244,7 @@ fn stream(
     finish: &'static str,
     prompt: u64,
     chat: bool,
-    include_usage: bool,
-    delay: std::time::Duration,
+    usage_mode: UsageMode,
 ) -> Response {
     let object = if chat {
         "chat.completion.chunk"
@@ -239,53 +252,43 @@ fn stream(
         "text_completion"
     };
     let completion = words.len() as u64;
-    let usage_field = if include_usage {
-        Some(Value::Null)
-    } else {
-        None
-    };
-    let chunk = move |choice: Value| {
+    let chunk = |choice: Value, so_far: u64| {
         let mut c = json!({"id": id, "object": object, "created": created, "model": model, "system_fingerprint": "fp_sim", "choices": [choice]});
-        if let Some(u) = &usage_field {
-            c["usage"] = u.clone();
+        match usage_mode {
+            UsageMode::None => {}
+            UsageMode::FinalChunk => c["usage"] = Value::Null,
+            UsageMode::EveryChunk => c["usage"] = usage(prompt, so_far),
         }
-        format!("data: {c}\n\n")
+        Bytes::from(format!("data: {c}\n\n"))
     };
-    let mut frames: Vec<String> = Vec::with_capacity(words.len() + 3);
+    let mut frames: Vec<Bytes> = Vec::with_capacity(words.len() + 3);
     if chat {
-        frames.push(chunk(json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null})));
+        frames.push(chunk(json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}), 0));
     }
-    let n = words.len();
-    for (i, w) in words.into_iter().enumerate() {
-        let text = if i + 1 < n { format!("{w} ") } else { w };
+    for (i, text) in pieces(&words).into_iter().enumerate() {
         frames.push(if chat {
-            chunk(json!({"index": 0, "delta": {"content": text}, "logprobs": null, "finish_reason": null}))
+            chunk(json!({"index": 0, "delta": {"content": text}, "logprobs": null, "finish_reason": null}), i as u64 + 1)
         } else {
-            chunk(json!({"index": 0, "text": text, "logprobs": null, "finish_reason": null}))
+            chunk(json!({"index": 0, "text": text, "logprobs": null, "finish_reason": null}), i as u64 + 1)
         });
     }
     frames.push(if chat {
-        chunk(json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": finish}))
+        chunk(
+            json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": finish}),
+            completion,
+        )
     } else {
-        chunk(json!({"index": 0, "text": "", "logprobs": null, "finish_reason": finish}))
+        chunk(
+            json!({"index": 0, "text": "", "logprobs": null, "finish_reason": finish}),
+            completion,
+        )
     });
-    if include_usage {
+    if usage_mode == UsageMode::FinalChunk {
         let u = json!({"id": id, "object": object, "created": created, "choices": [], "usage": usage(prompt, completion)});
-        frames.push(format!("data: {u}\n\n"));
+        frames.push(Bytes::from(format!("data: {u}\n\n")));
     }
-    frames.push("data: [DONE]\n\n".to_string());
-    let body = futures::stream::unfold(frames.into_iter(), move |mut it| async move {
-        let frame = it.next()?;
-        if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
-        }
-        Some((Ok::<_, std::convert::Infallible>(Bytes::from(frame)), it))
-    });
-    Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "text/event-stream; charset=utf-8")
-        .body(Body::from_stream(body))
-        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+    frames.push(Bytes::from_static(b"data: [DONE]\n\n"));
+    stream_response(shared, "text/event-stream; charset=utf-8", frames)
 }
 
 pub async fn embeddings(

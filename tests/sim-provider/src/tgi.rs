@@ -1,6 +1,6 @@
 //! Text Generation Inference's native API: `/generate` and `/generate_stream` (SSE without a
 //! terminator; the last event carries `generated_text` and `details`), TGI's parameter validation
-//! and `{"error","error_type"}` errors. Auth is only checked when a key is sent.
+//! and `{"error","error_type"}` errors. Like a default TGI launch, it checks no credential.
 
 #![allow(clippy::result_large_err)] // handlers return ready responses as errors
 
@@ -88,7 +88,7 @@ async fn generate_stream(State(shared): State<Arc<Shared>>, body: Bytes) -> Resp
         .map(|(i, p)| Bytes::from(format!("data:{}\n\n", json!({"index": i + 1, "token": {"id": i, "text": p, "logprob": -0.1, "special": false}, "generated_text": null, "details": null}))))
         .collect();
     frames.insert(1.min(frames.len()), Bytes::from_static(b":keep-alive\n\n"));
-    let details = json!({"finish_reason": if cut { "length" } else { "eos_token" }, "generated_tokens": n + 1, "seed": null, "input_length": count_tokens(&inputs)});
+    let details = json!({"finish_reason": if cut { "length" } else { "eos_token" }, "generated_tokens": n, "seed": null, "input_length": count_tokens(&inputs)});
     frames.push(Bytes::from(format!(
         "data:{}\n\n",
         json!({"index": n + 1, "token": {"id": 2, "text": "</s>", "logprob": -0.1, "special": true}, "generated_text": words.join(" "), "details": details})
