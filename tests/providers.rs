@@ -946,3 +946,50 @@ fn bedrock_stream_with_a_corrupt_frame_ends_with_an_error_not_a_short_answer() {
     let chunks = sse_chunks(&text);
     assert!(chunks.iter().any(|c| c.get("error").is_some()), "{text}");
 }
+
+/// Every example manifest passes the CRD's schema, and there is one per provider.
+#[test]
+fn provider_examples_are_valid_routes() {
+    let cp = ControlPlane::shared();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/providers");
+    let mut providers = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let out = cp.kubectl(&["apply", "--dry-run=server", "-f", path_str(&path)]);
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let yaml = std::fs::read_to_string(&path).unwrap();
+        assert!(yaml.contains("kubectl create secret") || !yaml.contains("secretRef"));
+        providers.push(path.file_stem().unwrap().to_string_lossy().into_owned());
+    }
+    providers.sort();
+    let crd = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("crds/route.yaml"),
+    )
+    .unwrap();
+    for p in [
+        "openai",
+        "azure-openai",
+        "anthropic",
+        "cohere",
+        "gemini",
+        "bedrock",
+        "mistral",
+        "huggingface-tgi",
+        "databricks-model-serving",
+        "mlflow-model-serving",
+        "ai21",
+        "together",
+        "groq",
+        "deepseek",
+        "ollama",
+        "openai-compatible",
+    ] {
+        assert!(crd.contains(&format!("- {p}")), "{p} is not a CRD provider");
+        assert!(providers.iter().any(|x| x == p), "no example for {p}");
+    }
+}
