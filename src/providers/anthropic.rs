@@ -1,16 +1,15 @@
 //! Anthropic's Messages API: top-level `system`, required `max_tokens`, content blocks, and
 //! named SSE events (`message_start` ... `message_stop`).
 
-use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use http::{HeaderValue, StatusCode};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::sse::{SseDecoder, SseEvent, SseHandler};
 use super::{
     API_KEY, CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder, Target,
-    UpstreamRequest, error_message, insert_secret, json_headers, malformed,
-    normalize_finish_reason, reject_n, upstream_error,
+    UpstreamRequest, insert_secret, json_headers, malformed, normalize_finish_reason, post_json,
+    push_turn, reject_n, tool_calls_extra,
 };
 use crate::api::{Provider, RouteType};
 use crate::llm::{
@@ -69,12 +68,11 @@ impl ProviderAdapter for Anthropic {
         {
             headers.insert("anthropic-beta", beta);
         }
-        Ok(UpstreamRequest {
-            method: Method::POST,
-            url: format!("{}/v1/messages", target.api_base),
+        Ok(post_json(
+            format!("{}/v1/messages", target.api_base),
             headers,
-            body: Bytes::from(body.to_string()),
-        })
+            &body,
+        ))
     }
 
     fn parse_response(
@@ -97,10 +95,7 @@ impl ProviderAdapter for Anthropic {
                 _ => {}
             }
         }
-        let mut message_extra = Map::new();
-        if !tool_calls.is_empty() {
-            message_extra.insert("tool_calls".into(), Value::Array(tool_calls));
-        }
+        let message_extra = tool_calls_extra(tool_calls);
         Ok(LlmResponse::Generation(Generation {
             id: wire.id,
             created: unix_now(),
@@ -118,10 +113,6 @@ impl ProviderAdapter for Anthropic {
         }))
     }
 
-    fn parse_error(&self, status: StatusCode, headers: &HeaderMap, body: &[u8]) -> ProviderError {
-        upstream_error(status, headers, error_message(body), body)
-    }
-
     fn stream_decoder(&self, _route_type: RouteType) -> Box<dyn StreamDecoder> {
         SseDecoder::boxed(AnthropicStream::default())
     }
@@ -137,14 +128,15 @@ fn request_body(target: &Target, chat: &ChatRequest) -> Result<Value, ProviderEr
             "tool" => push_turn(
                 &mut messages,
                 "user",
+                "content",
                 vec![json!({
                     "type": "tool_result",
                     "tool_use_id": m.extra.get("tool_call_id").cloned().unwrap_or(Value::Null),
                     "content": m.text(),
                 })],
             ),
-            "assistant" => push_turn(&mut messages, "assistant", assistant_blocks(m)),
-            _ => push_turn(&mut messages, "user", content_blocks(&m.content)),
+            "assistant" => push_turn(&mut messages, "assistant", "content", assistant_blocks(m)),
+            _ => push_turn(&mut messages, "user", "content", content_blocks(&m.content)),
         }
     }
     let max_tokens = chat
@@ -189,18 +181,6 @@ fn request_body(target: &Target, chat: &ChatRequest) -> Result<Value, ProviderEr
         body.insert("tools".into(), Value::Array(tools));
     }
     Ok(Value::Object(body))
-}
-
-/// Consecutive turns of one role become one turn: the API wants them alternating.
-fn push_turn(messages: &mut Vec<Value>, role: &str, blocks: Vec<Value>) {
-    if let Some(last) = messages.last_mut()
-        && last["role"] == role
-        && let Some(content) = last["content"].as_array_mut()
-    {
-        content.extend(blocks);
-        return;
-    }
-    messages.push(json!({"role": role, "content": blocks}));
 }
 
 fn content_blocks(content: &Value) -> Vec<Value> {
@@ -402,6 +382,7 @@ mod tests {
     use crate::llm::{Params, StreamOptions};
     use crate::providers::testing::decode_split;
     use crate::providers::{Credentials, SecretValue};
+    use http::HeaderMap;
     use proptest::prelude::*;
 
     fn target() -> Target {

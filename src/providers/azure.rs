@@ -1,13 +1,12 @@
 //! Azure OpenAI: OpenAI's bodies on deployment-scoped URLs with a dated `api-version`, and an
 //! `api-key` header (or a Microsoft Entra ID bearer token).
 
-use bytes::Bytes;
-use http::{HeaderMap, Method, StatusCode, header};
+use http::header;
 use serde_json::Value;
 
 use super::{
-    API_KEY, CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder, Target,
-    UpstreamRequest, error_message, insert_secret, json_headers, openai, upstream_error,
+    ALL_ROUTE_TYPES, API_KEY, CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder,
+    Target, UpstreamRequest, insert_secret, json_headers, openai, post_json,
 };
 use crate::api::{Provider, RouteType};
 use crate::llm::{LlmRequest, LlmResponse};
@@ -25,11 +24,7 @@ impl ProviderAdapter for AzureOpenAi {
     }
 
     fn route_types(&self) -> &'static [RouteType] {
-        &[
-            RouteType::Chat,
-            RouteType::Completions,
-            RouteType::Embeddings,
-        ]
+        ALL_ROUTE_TYPES
     }
 
     fn credential_keys(&self) -> CredentialKeys {
@@ -88,12 +83,7 @@ impl ProviderAdapter for AzureOpenAi {
             (None, Some(key)) => insert_secret(&mut headers, "api-key", key)?,
             (None, None) => {}
         }
-        Ok(UpstreamRequest {
-            method: Method::POST,
-            url,
-            headers,
-            body: Bytes::from(body.to_string()),
-        })
+        Ok(post_json(url, headers, &body))
     }
 
     fn parse_response(
@@ -105,10 +95,6 @@ impl ProviderAdapter for AzureOpenAi {
         openai::parse_response(route_type, body)
     }
 
-    fn parse_error(&self, status: StatusCode, headers: &HeaderMap, body: &[u8]) -> ProviderError {
-        upstream_error(status, headers, error_message(body), body)
-    }
-
     fn stream_decoder(&self, route_type: RouteType) -> Box<dyn StreamDecoder> {
         openai::stream_decoder(route_type)
     }
@@ -116,6 +102,7 @@ impl ProviderAdapter for AzureOpenAi {
 
 #[cfg(test)]
 mod tests {
+    use http::{HeaderMap, StatusCode};
     use serde_json::{Map, json};
 
     use super::*;

@@ -13,9 +13,9 @@ use serde_json::{Map, Value, json};
 
 use super::eventstream::{Frame, FrameParser};
 use super::{
-    CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder, Target, UpstreamRequest,
-    error_message, insert_secret, json_headers, malformed, normalize_finish_reason, reject_n,
-    upstream_error,
+    ALL_ROUTE_TYPES, CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder, Target,
+    UpstreamRequest, error_message, insert_secret, json_headers, malformed,
+    normalize_finish_reason, present_fields, push_turn, reject_n, tool_calls_extra, upstream_error,
 };
 use crate::api::{Provider, RouteType};
 use crate::llm::{
@@ -39,11 +39,7 @@ impl ProviderAdapter for Bedrock {
     }
 
     fn route_types(&self) -> &'static [RouteType] {
-        &[
-            RouteType::Chat,
-            RouteType::Completions,
-            RouteType::Embeddings,
-        ]
+        ALL_ROUTE_TYPES
     }
 
     fn credential_keys(&self) -> CredentialKeys {
@@ -90,10 +86,7 @@ impl ProviderAdapter for Bedrock {
             .filter_map(|b| b.get("toolUse"))
             .map(|t| json!({"id": t["toolUseId"], "type": "function", "function": {"name": t["name"], "arguments": t["input"].to_string()}}))
             .collect();
-        let mut message_extra = Map::new();
-        if !calls.is_empty() {
-            message_extra.insert("tool_calls".into(), Value::Array(calls));
-        }
+        let message_extra = tool_calls_extra(calls);
         Ok(LlmResponse::Generation(Generation {
             id: String::new(),
             created: unix_now(),
@@ -346,28 +339,14 @@ fn converse_body(messages: &[ChatMessage], params: &Params, extra: &Map<String, 
             "assistant" => "assistant",
             _ => "user",
         };
-        let block = json!({"text": m.text()});
-        match turns.last_mut() {
-            // Converse wants user and assistant turns alternating: merge neighbours of one role.
-            Some(last) if last["role"] == role => {
-                if let Some(content) = last["content"].as_array_mut() {
-                    content.push(block);
-                }
-            }
-            _ => turns.push(json!({"role": role, "content": [block]})),
-        }
+        push_turn(&mut turns, role, "content", vec![json!({"text": m.text()})]);
     }
-    let mut inference = Map::new();
-    for (key, value) in [
+    let inference = present_fields([
         ("maxTokens", params.max_tokens.map(|v| json!(v))),
         ("temperature", params.temperature.map(|v| json!(v))),
         ("topP", params.top_p.map(|v| json!(v))),
         ("stopSequences", params.stop.as_ref().map(|v| json!(v))),
-    ] {
-        if let Some(v) = value {
-            inference.insert(key.into(), v);
-        }
-    }
+    ]);
     let mut body = Map::new();
     if !system.is_empty() {
         body.insert("system".into(), Value::Array(system));
@@ -560,9 +539,9 @@ mod tests {
 
     use super::*;
     use crate::llm::{ChatRequest, EmbeddingsRequest, StreamOptions};
-    use crate::providers::eventstream::encode;
     use crate::providers::testing::{decode_split, text};
     use crate::providers::{Credentials, SecretValue, join_embeddings, split_inputs};
+    use portcullis_sim::encode_frame as encode;
     use proptest::prelude::*;
 
     fn target(model: &str, token: Option<&str>) -> Target {

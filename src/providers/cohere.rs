@@ -1,14 +1,14 @@
 //! Cohere: v2 Chat (typed SSE events), v2 Embed, and v1 Generate for completions (NDJSON streams).
 
-use bytes::Bytes;
-use http::{HeaderMap, Method, StatusCode};
+use http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::sse::{JsonLines, SseDecoder, SseEvent, SseHandler};
 use super::{
-    CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder, Target, UpstreamRequest,
-    error_message, malformed, normalize_finish_reason, openai, reject_n, upstream_error,
+    ALL_ROUTE_TYPES, CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder, Target,
+    UpstreamRequest, malformed, normalize_finish_reason, openai, post_json, present_fields,
+    reject_n,
 };
 use crate::api::{Provider, RouteType};
 use crate::llm::{
@@ -27,11 +27,7 @@ impl ProviderAdapter for Cohere {
     }
 
     fn route_types(&self) -> &'static [RouteType] {
-        &[
-            RouteType::Chat,
-            RouteType::Completions,
-            RouteType::Embeddings,
-        ]
+        ALL_ROUTE_TYPES
     }
 
     fn credential_keys(&self) -> CredentialKeys {
@@ -52,12 +48,11 @@ impl ProviderAdapter for Cohere {
             LlmRequest::Completions(c) => ("/v1/generate", generate_body(target, c)),
             LlmRequest::Embeddings(e) => ("/v2/embed", embed_body(target, e)),
         };
-        Ok(UpstreamRequest {
-            method: Method::POST,
-            url: format!("{}{path}", target.api_base),
-            headers: openai::bearer_headers(target)?,
-            body: Bytes::from(body.to_string()),
-        })
+        Ok(post_json(
+            format!("{}{path}", target.api_base),
+            openai::bearer_headers(target)?,
+            &body,
+        ))
     }
 
     fn parse_response(
@@ -88,10 +83,6 @@ impl ProviderAdapter for Cohere {
         }
     }
 
-    fn parse_error(&self, status: StatusCode, headers: &HeaderMap, body: &[u8]) -> ProviderError {
-        upstream_error(status, headers, error_message(body), body)
-    }
-
     fn stream_decoder(&self, route_type: RouteType) -> Box<dyn StreamDecoder> {
         match route_type {
             RouteType::Completions => Box::new(GenerateStream::default()),
@@ -101,18 +92,12 @@ impl ProviderAdapter for Cohere {
 }
 
 fn sampling(body: &mut Map<String, Value>, params: &Params) {
-    if let Some(v) = params.max_tokens {
-        body.insert("max_tokens".into(), json!(v));
-    }
-    if let Some(v) = params.temperature {
-        body.insert("temperature".into(), json!(v));
-    }
-    if let Some(v) = params.top_p {
-        body.insert("p".into(), json!(v));
-    }
-    if let Some(v) = &params.stop {
-        body.insert("stop_sequences".into(), json!(v));
-    }
+    body.extend(present_fields([
+        ("max_tokens", params.max_tokens.map(|v| json!(v))),
+        ("temperature", params.temperature.map(|v| json!(v))),
+        ("p", params.top_p.map(|v| json!(v))),
+        ("stop_sequences", params.stop.as_ref().map(|v| json!(v))),
+    ]));
 }
 
 /// Caller fields Cohere understands under the same name.
@@ -477,6 +462,7 @@ mod tests {
     use crate::llm::{ChatMessage, StreamOptions};
     use crate::providers::testing::{decode_split, text};
     use crate::providers::{API_KEY, Credentials, SecretValue};
+    use http::HeaderMap;
     use proptest::prelude::*;
 
     fn target() -> Target {

@@ -1,22 +1,16 @@
 //! The OpenAI-compatible family: servers that speak OpenAI's API, each with a few documented quirks.
 //! One adapter serves them all; a provider is a row of `Quirks`, not a copy of the OpenAI code.
 
-use bytes::Bytes;
-use http::{HeaderMap, Method, StatusCode};
+use http::StatusCode;
 use serde_json::Value;
 
 use super::{
-    CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder, Target, UpstreamRequest,
-    error_message, openai, reject_n, upstream_error,
+    ALL_ROUTE_TYPES, CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder, Target,
+    UpstreamRequest, openai, post_json, reject_n,
 };
 use crate::api::{Provider, RouteType};
 use crate::llm::{LlmRequest, LlmResponse};
 
-const ALL: &[RouteType] = &[
-    RouteType::Chat,
-    RouteType::Completions,
-    RouteType::Embeddings,
-];
 const CHAT: &[RouteType] = &[RouteType::Chat];
 const CHAT_EMBEDDINGS: &[RouteType] = &[RouteType::Chat, RouteType::Embeddings];
 
@@ -40,7 +34,7 @@ const DEFAULTS: OpenAiCompatible = OpenAiCompatible {
     provider: Provider::OpenaiCompatible,
     default_api_base: None,
     key_required: true,
-    route_types: ALL,
+    route_types: ALL_ROUTE_TYPES,
     stream_options: true,
     single_choice: false,
     renames: &[],
@@ -157,12 +151,7 @@ impl ProviderAdapter for OpenAiCompatible {
         } else {
             format!("{}{}", target.api_base, path)
         };
-        Ok(UpstreamRequest {
-            method: Method::POST,
-            url,
-            headers: openai::bearer_headers(target)?,
-            body: Bytes::from(body.to_string()),
-        })
+        Ok(post_json(url, openai::bearer_headers(target)?, &body))
     }
 
     fn parse_response(
@@ -190,10 +179,6 @@ impl ProviderAdapter for OpenAiCompatible {
         Ok(answer)
     }
 
-    fn parse_error(&self, status: StatusCode, headers: &HeaderMap, body: &[u8]) -> ProviderError {
-        upstream_error(status, headers, error_message(body), body)
-    }
-
     fn stream_decoder(&self, route_type: RouteType) -> Box<dyn StreamDecoder> {
         openai::stream_decoder(route_type)
     }
@@ -201,6 +186,7 @@ impl ProviderAdapter for OpenAiCompatible {
 
 #[cfg(test)]
 mod tests {
+    use http::{HeaderMap, Method};
     use serde_json::{Map, json};
 
     use super::*;

@@ -132,33 +132,10 @@ fn parse_headers(mut b: &[u8]) -> Result<Vec<(String, String)>, FrameError> {
     Ok(headers)
 }
 
-/// Encodes a frame with string headers (tests build upstream streams with it).
-#[cfg(test)]
-pub fn encode(headers: &[(&str, &str)], payload: &[u8]) -> Vec<u8> {
-    let mut h = Vec::new();
-    for (name, value) in headers {
-        h.push(name.len() as u8);
-        h.extend_from_slice(name.as_bytes());
-        h.push(7);
-        h.extend_from_slice(&(value.len() as u16).to_be_bytes());
-        h.extend_from_slice(value.as_bytes());
-    }
-    let total = (PRELUDE + h.len() + payload.len() + 4) as u32;
-    let mut out = Vec::new();
-    out.extend_from_slice(&total.to_be_bytes());
-    out.extend_from_slice(&(h.len() as u32).to_be_bytes());
-    let prelude_crc = crc32fast::hash(&out);
-    out.extend_from_slice(&prelude_crc.to_be_bytes());
-    out.extend_from_slice(&h);
-    out.extend_from_slice(payload);
-    let crc = crc32fast::hash(&out);
-    out.extend_from_slice(&crc.to_be_bytes());
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use portcullis_sim::encode_frame as encode;
     use proptest::prelude::*;
 
     fn parse(bytes: &[u8], cuts: &[usize]) -> Result<Vec<Frame>, FrameError> {

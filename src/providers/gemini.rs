@@ -1,16 +1,16 @@
 //! Google Gemini (Developer API): generateContent, streamGenerateContent with `alt=sse`,
 //! embedContent and batchEmbedContents. The key travels in `x-goog-api-key`, never in the URL.
 
-use bytes::Bytes;
-use http::{HeaderMap, Method, StatusCode};
+use http::{HeaderMap, StatusCode};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::sse::{SseDecoder, SseEvent, SseHandler};
 use super::{
-    API_KEY, CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder, Target,
-    UpstreamRequest, error_message, insert_secret, json_headers, malformed,
-    normalize_finish_reason, upstream_error,
+    ALL_ROUTE_TYPES, API_KEY, CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder,
+    Target, UpstreamRequest, error_message, insert_secret, json_headers, malformed,
+    normalize_finish_reason, post_json, present_fields, push_turn, tool_calls_extra,
+    upstream_error,
 };
 use crate::api::{Provider, RouteType};
 use crate::llm::{
@@ -26,11 +26,7 @@ impl ProviderAdapter for Gemini {
     }
 
     fn route_types(&self) -> &'static [RouteType] {
-        &[
-            RouteType::Chat,
-            RouteType::Completions,
-            RouteType::Embeddings,
-        ]
+        ALL_ROUTE_TYPES
     }
 
     fn credential_keys(&self) -> CredentialKeys {
@@ -101,12 +97,7 @@ impl ProviderAdapter for Gemini {
         if let Some(key) = target.credentials.get(API_KEY) {
             insert_secret(&mut headers, "x-goog-api-key", key)?;
         }
-        Ok(UpstreamRequest {
-            method: Method::POST,
-            url,
-            headers,
-            body: Bytes::from(body.to_string()),
-        })
+        Ok(post_json(url, headers, &body))
     }
 
     fn parse_response(
@@ -135,15 +126,11 @@ impl ProviderAdapter for Gemini {
             .enumerate()
             .map(|(i, c)| {
                 let (text, calls) = candidate_parts(c);
-                let mut message_extra = Map::new();
-                if !calls.is_empty() {
-                    message_extra.insert("tool_calls".into(), Value::Array(calls));
-                }
                 Choice {
                     index: c.index.unwrap_or(i as u32),
                     text,
                     finish_reason: finish_reason(c),
-                    message_extra,
+                    message_extra: tool_calls_extra(calls),
                 }
             })
             .collect();
@@ -201,19 +188,14 @@ fn generate(
             "assistant" => "model",
             _ => "user",
         };
-        let part = json!({"text": m.text()});
-        match contents.last_mut() {
-            // Consecutive turns of one role are merged: the API wants user and model alternating.
-            Some(last) if last["role"] == role => {
-                if let Some(parts) = last["parts"].as_array_mut() {
-                    parts.push(part);
-                }
-            }
-            _ => contents.push(json!({"role": role, "parts": [part]})),
-        }
+        push_turn(
+            &mut contents,
+            role,
+            "parts",
+            vec![json!({"text": m.text()})],
+        );
     }
-    let mut config = Map::new();
-    for (key, value) in [
+    let config = present_fields([
         ("temperature", params.temperature.map(|v| json!(v))),
         ("topP", params.top_p.map(|v| json!(v))),
         ("maxOutputTokens", params.max_tokens.map(|v| json!(v))),
@@ -223,11 +205,7 @@ fn generate(
         ("presencePenalty", extra.get("presence_penalty").cloned()),
         ("frequencyPenalty", extra.get("frequency_penalty").cloned()),
         ("topK", extra.get("top_k").cloned()),
-    ] {
-        if let Some(v) = value {
-            config.insert(key.into(), v);
-        }
-    }
+    ]);
     let mut body = Map::new();
     if !system.is_empty() {
         body.insert("systemInstruction".into(), json!({"parts": system}));

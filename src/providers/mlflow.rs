@@ -1,14 +1,12 @@
 //! MLflow model serving (`mlflow models serve`, or any server with its scoring protocol):
 //! `POST {apiBase}/invocations` with `{"inputs": [...], "params": {...}}`, answering `{"predictions": [...]}`.
 
-use bytes::Bytes;
-use http::{HeaderMap, Method, StatusCode};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::{
-    CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder, Target, UpstreamRequest,
-    error_message, malformed, openai, upstream_error,
+    ALL_ROUTE_TYPES, CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder, Target,
+    UpstreamRequest, malformed, openai, post_json,
 };
 use crate::api::{Provider, RouteType};
 use crate::llm::{
@@ -23,11 +21,7 @@ impl ProviderAdapter for MlflowModelServing {
     }
 
     fn route_types(&self) -> &'static [RouteType] {
-        &[
-            RouteType::Chat,
-            RouteType::Completions,
-            RouteType::Embeddings,
-        ]
+        ALL_ROUTE_TYPES
     }
 
     /// A model server usually runs without auth; a key, when given, is sent as a bearer token.
@@ -63,12 +57,11 @@ impl ProviderAdapter for MlflowModelServing {
             LlmRequest::Completions(c) => with_params(json!([c.prompt]), &c.params),
             LlmRequest::Embeddings(e) => json!({"inputs": e.input}),
         };
-        Ok(UpstreamRequest {
-            method: Method::POST,
-            url: format!("{}/invocations", target.api_base),
-            headers: openai::bearer_headers(target)?,
-            body: Bytes::from(body.to_string()),
-        })
+        Ok(post_json(
+            format!("{}/invocations", target.api_base),
+            openai::bearer_headers(target)?,
+            &body,
+        ))
     }
 
     fn parse_response(
@@ -123,10 +116,6 @@ impl ProviderAdapter for MlflowModelServing {
         }))
     }
 
-    fn parse_error(&self, status: StatusCode, headers: &HeaderMap, body: &[u8]) -> ProviderError {
-        upstream_error(status, headers, error_message(body), body)
-    }
-
     fn stream_decoder(&self, _route_type: RouteType) -> Box<dyn StreamDecoder> {
         Box::new(NoStream)
     }
@@ -166,6 +155,7 @@ mod tests {
         ChatMessage, ChatRequest, CompletionsRequest, EmbeddingsRequest, StreamOptions,
     };
     use crate::providers::Credentials;
+    use http::{HeaderMap, StatusCode};
 
     fn target() -> Target {
         Target {

@@ -105,7 +105,10 @@ pub trait ProviderAdapter: Send + Sync + 'static {
         body: &[u8],
     ) -> Result<LlmResponse, ProviderError>;
     /// Maps a non-success answer; `retry_after` comes from the response headers when present.
-    fn parse_error(&self, status: StatusCode, headers: &HeaderMap, body: &[u8]) -> ProviderError;
+    /// The default reads the common JSON error shapes (see `error_message`).
+    fn parse_error(&self, status: StatusCode, headers: &HeaderMap, body: &[u8]) -> ProviderError {
+        upstream_error(status, headers, error_message(body), body)
+    }
     /// A fresh incremental parser for one streamed answer.
     fn stream_decoder(&self, route_type: RouteType) -> Box<dyn StreamDecoder>;
     /// How many embeddings inputs one upstream call takes, when the provider limits it (Titan: one).
@@ -190,6 +193,69 @@ pub fn join_embeddings(parts: Vec<LlmResponse>) -> Result<LlmResponse, ProviderE
         };
     }
     Ok(LlmResponse::Embeddings(joined))
+}
+
+/// Every route type, for providers that serve them all.
+pub(crate) const ALL_ROUTE_TYPES: &[RouteType] = &[
+    RouteType::Chat,
+    RouteType::Completions,
+    RouteType::Embeddings,
+];
+
+/// A JSON POST.
+pub(crate) fn post_json(
+    url: String,
+    headers: HeaderMap,
+    body: &serde_json::Value,
+) -> UpstreamRequest {
+    UpstreamRequest {
+        method: Method::POST,
+        url,
+        headers,
+        body: Bytes::from(body.to_string()),
+    }
+}
+
+/// `message_extra` carrying OpenAI-shaped `tool_calls`, when there are any.
+pub(crate) fn tool_calls_extra(
+    calls: Vec<serde_json::Value>,
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut extra = serde_json::Map::new();
+    if !calls.is_empty() {
+        extra.insert("tool_calls".into(), serde_json::Value::Array(calls));
+    }
+    extra
+}
+
+/// Appends a turn of `blocks` under `field`, merging with the previous turn of the same role:
+/// Anthropic, Gemini and Bedrock want user and assistant turns alternating.
+pub(crate) fn push_turn(
+    turns: &mut Vec<serde_json::Value>,
+    role: &str,
+    field: &str,
+    blocks: Vec<serde_json::Value>,
+) {
+    if let Some(last) = turns.last_mut()
+        && last["role"] == role
+        && let Some(existing) = last[field].as_array_mut()
+    {
+        existing.extend(blocks);
+        return;
+    }
+    let mut turn = serde_json::Map::new();
+    turn.insert("role".into(), serde_json::Value::from(role));
+    turn.insert(field.into(), serde_json::Value::Array(blocks));
+    turns.push(serde_json::Value::Object(turn));
+}
+
+/// The fields among `pairs` that have a value.
+pub(crate) fn present_fields<const N: usize>(
+    pairs: [(&str, Option<serde_json::Value>); N],
+) -> serde_json::Map<String, serde_json::Value> {
+    pairs
+        .into_iter()
+        .filter_map(|(k, v)| Some((k.to_string(), v?)))
+        .collect()
 }
 
 /// Headers of a JSON request.

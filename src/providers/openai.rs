@@ -1,15 +1,14 @@
 //! OpenAI's Chat Completions, Completions and Embeddings APIs.
 
-use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use http::{HeaderMap, HeaderValue, StatusCode, header};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::sse::{SseDecoder, SseEvent, SseHandler};
 use super::{
-    API_KEY, CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder, Target,
-    UpstreamRequest, error_message, insert_secret, json_headers, malformed,
-    normalize_finish_reason, upstream_error,
+    ALL_ROUTE_TYPES, API_KEY, CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder,
+    Target, UpstreamRequest, insert_secret, json_headers, malformed, normalize_finish_reason,
+    post_json,
 };
 use crate::api::{Provider, RouteType};
 use crate::llm::{
@@ -25,11 +24,7 @@ impl ProviderAdapter for OpenAi {
     }
 
     fn route_types(&self) -> &'static [RouteType] {
-        &[
-            RouteType::Chat,
-            RouteType::Completions,
-            RouteType::Embeddings,
-        ]
+        ALL_ROUTE_TYPES
     }
 
     fn credential_keys(&self) -> CredentialKeys {
@@ -59,12 +54,11 @@ impl ProviderAdapter for OpenAi {
                 headers.insert(header_name, v);
             }
         }
-        Ok(UpstreamRequest {
-            method: Method::POST,
-            url: format!("{}{}", target.api_base, path),
+        Ok(post_json(
+            format!("{}{}", target.api_base, path),
             headers,
-            body: Bytes::from(body.to_string()),
-        })
+            &body,
+        ))
     }
 
     fn parse_response(
@@ -74,10 +68,6 @@ impl ProviderAdapter for OpenAi {
         body: &[u8],
     ) -> Result<LlmResponse, ProviderError> {
         parse_response(route_type, body)
-    }
-
-    fn parse_error(&self, status: StatusCode, headers: &HeaderMap, body: &[u8]) -> ProviderError {
-        upstream_error(status, headers, error_message(body), body)
     }
 
     fn stream_decoder(&self, route_type: RouteType) -> Box<dyn StreamDecoder> {

@@ -1,15 +1,14 @@
 //! Hugging Face Text Generation Inference, native API: `/generate` and `/generate_stream` (SSE that
 //! ends by connection close, the last event carrying `details`).
 
-use bytes::Bytes;
-use http::{HeaderMap, Method, StatusCode};
+use http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::sse::{SseDecoder, SseEvent, SseHandler};
 use super::{
     CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder, Target, UpstreamRequest,
-    error_message, malformed, normalize_finish_reason, openai, reject_n, upstream_error,
+    malformed, normalize_finish_reason, openai, post_json, reject_n,
 };
 use crate::api::{Provider, RouteType};
 use crate::llm::{Choice, Generation, LlmRequest, LlmResponse, StreamDelta, Usage, unix_now};
@@ -86,12 +85,11 @@ impl ProviderAdapter for Tgi {
         } else {
             "/generate"
         };
-        Ok(UpstreamRequest {
-            method: Method::POST,
-            url: format!("{}{path}", target.api_base),
-            headers: openai::bearer_headers(target)?,
-            body: Bytes::from(body.to_string()),
-        })
+        Ok(post_json(
+            format!("{}{path}", target.api_base),
+            openai::bearer_headers(target)?,
+            &body,
+        ))
     }
 
     fn parse_response(
@@ -118,10 +116,6 @@ impl ProviderAdapter for Tgi {
             }],
             usage: Usage::new(prompt, details.generated_tokens),
         }))
-    }
-
-    fn parse_error(&self, status: StatusCode, headers: &HeaderMap, body: &[u8]) -> ProviderError {
-        upstream_error(status, headers, error_message(body), body)
     }
 
     fn stream_decoder(&self, _route_type: RouteType) -> Box<dyn StreamDecoder> {
@@ -205,6 +199,7 @@ mod tests {
     use crate::llm::{CompletionsRequest, Params, StreamOptions};
     use crate::providers::testing::{decode_split, text};
     use crate::providers::{API_KEY, Credentials, SecretValue};
+    use http::HeaderMap;
     use proptest::prelude::*;
 
     fn target(key: Option<&str>) -> Target {

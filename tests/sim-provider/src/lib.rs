@@ -11,6 +11,7 @@ mod gemini;
 mod mlflow;
 mod openai;
 
+pub use bedrock::encode_frame;
 pub use openai::embed;
 mod tgi;
 
