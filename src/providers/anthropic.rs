@@ -9,13 +9,10 @@ use super::sse::{SseDecoder, SseEvent, SseHandler};
 use super::{
     API_KEY, CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder, Target,
     UpstreamRequest, insert_secret, json_headers, malformed, normalize_finish_reason, post_json,
-    push_turn, reject_n, tool_calls_extra,
+    push_turn, reject_n, single_choice, tool_calls_extra,
 };
 use crate::api::{Provider, RouteType};
-use crate::llm::{
-    ChatMessage, ChatRequest, Choice, Generation, LlmRequest, LlmResponse, StreamDelta, Usage,
-    unix_now,
-};
+use crate::llm::{ChatMessage, ChatRequest, LlmRequest, LlmResponse, StreamDelta, Usage};
 
 pub const API_VERSION: &str = "2023-06-01";
 /// Anthropic requires `max_tokens`; this is used when neither the caller nor `config.maxTokens` sets it.
@@ -96,21 +93,14 @@ impl ProviderAdapter for Anthropic {
             }
         }
         let message_extra = tool_calls_extra(tool_calls);
-        Ok(LlmResponse::Generation(Generation {
-            id: wire.id,
-            created: unix_now(),
-            model: wire.model,
-            choices: vec![Choice {
-                index: 0,
-                text,
-                finish_reason: wire
-                    .stop_reason
-                    .as_deref()
-                    .and_then(normalize_finish_reason),
-                message_extra,
-            }],
-            usage: wire.usage.map(|u| u.into_usage(None)).unwrap_or_default(),
-        }))
+        Ok(single_choice(
+            wire.id,
+            wire.model,
+            text,
+            wire.stop_reason.as_deref(),
+            message_extra,
+            wire.usage.map(|u| u.into_usage(None)).unwrap_or_default(),
+        ))
     }
 
     fn stream_decoder(&self, _route_type: RouteType) -> Box<dyn StreamDecoder> {

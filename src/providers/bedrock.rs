@@ -15,13 +15,11 @@ use super::eventstream::{Frame, FrameParser};
 use super::{
     ALL_ROUTE_TYPES, CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder, Target,
     UpstreamRequest, error_message, insert_secret, json_headers, malformed,
-    normalize_finish_reason, present_fields, push_turn, reject_n, tool_calls_extra, upstream_error,
+    normalize_finish_reason, present_fields, push_turn, reject_n, single_choice, tool_calls_extra,
+    upstream_error,
 };
 use crate::api::{Provider, RouteType};
-use crate::llm::{
-    ChatMessage, Choice, Embeddings, Generation, LlmRequest, LlmResponse, Params, StreamDelta,
-    Usage, unix_now,
-};
+use crate::llm::{ChatMessage, Embeddings, LlmRequest, LlmResponse, Params, StreamDelta, Usage};
 
 pub const ACCESS_KEY_ID: &str = "awsAccessKeyId";
 pub const SECRET_ACCESS_KEY: &str = "awsSecretAccessKey";
@@ -87,21 +85,14 @@ impl ProviderAdapter for Bedrock {
             .map(|t| json!({"id": t["toolUseId"], "type": "function", "function": {"name": t["name"], "arguments": t["input"].to_string()}}))
             .collect();
         let message_extra = tool_calls_extra(calls);
-        Ok(LlmResponse::Generation(Generation {
-            id: String::new(),
-            created: unix_now(),
-            model: target.model.clone(),
-            choices: vec![Choice {
-                index: 0,
-                text,
-                finish_reason: wire
-                    .stop_reason
-                    .as_deref()
-                    .and_then(normalize_finish_reason),
-                message_extra,
-            }],
-            usage: wire.usage.map(WireUsage::usage).unwrap_or_default(),
-        }))
+        Ok(single_choice(
+            String::new(),
+            target.model.clone(),
+            text,
+            wire.stop_reason.as_deref(),
+            message_extra,
+            wire.usage.map(WireUsage::usage).unwrap_or_default(),
+        ))
     }
 
     fn parse_error(&self, status: StatusCode, headers: &HeaderMap, body: &[u8]) -> ProviderError {

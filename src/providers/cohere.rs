@@ -8,7 +8,7 @@ use super::sse::{JsonLines, SseDecoder, SseEvent, SseHandler};
 use super::{
     ALL_ROUTE_TYPES, CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder, Target,
     UpstreamRequest, malformed, normalize_finish_reason, openai, post_json, present_fields,
-    reject_n,
+    reject_n, single_choice,
 };
 use crate::api::{Provider, RouteType};
 use crate::llm::{
@@ -242,21 +242,14 @@ fn parse_chat(body: &[u8]) -> Result<LlmResponse, ProviderError> {
     if let Some(calls) = wire.message.tool_calls.filter(|c| !c.is_null()) {
         message_extra.insert("tool_calls".into(), calls);
     }
-    Ok(LlmResponse::Generation(Generation {
-        id: wire.id,
-        created: unix_now(),
-        model: String::new(),
-        choices: vec![Choice {
-            index: 0,
-            text,
-            finish_reason: wire
-                .finish_reason
-                .as_deref()
-                .and_then(normalize_finish_reason),
-            message_extra,
-        }],
-        usage: wire.usage.map(WireUsage::usage).unwrap_or_default(),
-    }))
+    Ok(single_choice(
+        wire.id,
+        String::new(),
+        text,
+        wire.finish_reason.as_deref(),
+        message_extra,
+        wire.usage.map(WireUsage::usage).unwrap_or_default(),
+    ))
 }
 
 #[derive(Deserialize)]

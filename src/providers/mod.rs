@@ -216,6 +216,29 @@ pub(crate) fn post_json(
     }
 }
 
+/// An answer with a single choice, as from every provider without candidate counts.
+pub(crate) fn single_choice(
+    id: String,
+    model: String,
+    text: String,
+    finish_reason: Option<&str>,
+    message_extra: serde_json::Map<String, serde_json::Value>,
+    usage: Usage,
+) -> LlmResponse {
+    LlmResponse::Generation(crate::llm::Generation {
+        id,
+        created: crate::llm::unix_now(),
+        model,
+        choices: vec![crate::llm::Choice {
+            index: 0,
+            text,
+            finish_reason: finish_reason.and_then(normalize_finish_reason),
+            message_extra,
+        }],
+        usage,
+    })
+}
+
 /// `message_extra` carrying OpenAI-shaped `tool_calls`, when there are any.
 pub(crate) fn tool_calls_extra(
     calls: Vec<serde_json::Value>,

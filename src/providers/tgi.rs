@@ -8,10 +8,10 @@ use serde_json::{Map, Value, json};
 use super::sse::{SseDecoder, SseEvent, SseHandler};
 use super::{
     CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder, Target, UpstreamRequest,
-    malformed, normalize_finish_reason, openai, post_json, reject_n,
+    malformed, normalize_finish_reason, openai, post_json, reject_n, single_choice,
 };
 use crate::api::{Provider, RouteType};
-use crate::llm::{Choice, Generation, LlmRequest, LlmResponse, StreamDelta, Usage, unix_now};
+use crate::llm::{LlmRequest, LlmResponse, StreamDelta, Usage};
 
 pub struct Tgi;
 
@@ -101,21 +101,14 @@ impl ProviderAdapter for Tgi {
         let wire: WireGenerate = serde_json::from_slice(body).map_err(malformed)?;
         let details = wire.details.unwrap_or_default();
         let prompt = details.prefill.as_ref().map(|p| p.len() as u64);
-        Ok(LlmResponse::Generation(Generation {
-            id: String::new(),
-            created: unix_now(),
-            model: String::new(),
-            choices: vec![Choice {
-                index: 0,
-                text: wire.generated_text,
-                finish_reason: details
-                    .finish_reason
-                    .as_deref()
-                    .and_then(normalize_finish_reason),
-                message_extra: Map::new(),
-            }],
-            usage: Usage::new(prompt, details.generated_tokens),
-        }))
+        Ok(single_choice(
+            String::new(),
+            String::new(),
+            wire.generated_text,
+            details.finish_reason.as_deref(),
+            Map::new(),
+            Usage::new(prompt, details.generated_tokens),
+        ))
     }
 
     fn stream_decoder(&self, _route_type: RouteType) -> Box<dyn StreamDecoder> {
