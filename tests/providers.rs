@@ -993,3 +993,37 @@ fn provider_examples_are_valid_routes() {
         assert!(providers.iter().any(|x| x == p), "no example for {p}");
     }
 }
+
+/// Anthropic's 529 (overloaded across all customers) reaches clients as a retryable 503.
+#[test]
+fn anthropic_overloaded_becomes_503_with_the_message() {
+    let cp = ControlPlane::shared();
+    let sim = sim();
+    let ns = cp.namespace("overloaded");
+    let gw = Gateway::start(cp, &["--namespace", &ns]);
+    let route = unique("claude");
+    cp.apply(&format!(
+        "{}---\n{}",
+        secret_with(&ns, "k", &[("apiKey", "sk-ant-sim-0123456789")]),
+        provider_route(
+            &ns,
+            &route,
+            CHAT,
+            "anthropic",
+            "claude-sonnet-4-5",
+            &sim.anthropic_base(),
+            Some("k"),
+            &[]
+        )
+    ));
+    cp.wait_ready(&ns, &route);
+    sim.set_fault(Fault::Status {
+        status: 529,
+        body: r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#
+            .into(),
+        retry_after: None,
+    });
+    let (status, body) = gw.post("/v1/chat/completions", &chat_request(&route, true, false));
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["message"], "Overloaded");
+}

@@ -5,7 +5,7 @@ use http::{HeaderMap, StatusCode};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::sse::{SseDecoder, SseEvent, SseHandler};
+use super::sse::{SseDecoder, SseEvent, SseHandler, SseParser};
 use super::{
     ALL_ROUTE_TYPES, API_KEY, CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder,
     Target, UpstreamRequest, error_message, insert_secret, json_headers, malformed,
@@ -166,7 +166,7 @@ impl ProviderAdapter for Gemini {
     }
 
     fn stream_decoder(&self, _route_type: RouteType) -> Box<dyn StreamDecoder> {
-        SseDecoder::boxed(GeminiStream::default())
+        SseDecoder::with_parser(SseParser::with_bare_json(), GeminiStream::default())
     }
 }
 
@@ -576,6 +576,24 @@ mod tests {
             out.iter().filter_map(|d| d.usage).collect::<Vec<_>>(),
             vec![Usage::new(Some(8), Some(2))]
         );
+    }
+
+    #[test]
+    fn bare_json_error_after_200_is_a_stream_error() {
+        let wire = format!(
+            "{STREAM}{{\n  \"error\": {{\n    \"code\": 503,\n    \"message\": \"The model is overloaded.\",\n    \"status\": \"UNAVAILABLE\"\n  }}\n}}\n"
+        );
+        for cut in [0, STREAM.len() + 3, wire.len() - 2] {
+            let err = decode_split(&Gemini, RouteType::Chat, wire.as_bytes(), vec![cut]).err();
+            assert_eq!(
+                err,
+                Some(ProviderError::Upstream {
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    message: "The model is overloaded.".into(),
+                    retry_after: None
+                })
+            );
+        }
     }
 
     proptest! {

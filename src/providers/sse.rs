@@ -16,9 +16,20 @@ pub struct SseParser {
     buf: Vec<u8>,
     event: Option<String>,
     data: Option<String>,
+    /// Gemini may send an error after HTTP 200 as bare (often multi-line) JSON, without `data:`.
+    bare_json: bool,
+    bare: String,
 }
 
 impl SseParser {
+    /// A parser that also delivers bare JSON objects between events, as data-only events.
+    pub fn with_bare_json() -> Self {
+        SseParser {
+            bare_json: true,
+            ..Default::default()
+        }
+    }
+
     /// Appends complete events found in `bytes` to `out`; keeps any partial line for the next call.
     pub fn feed(&mut self, bytes: &[u8], out: &mut Vec<SseEvent>) {
         self.buf.extend_from_slice(bytes);
@@ -46,7 +57,8 @@ impl SseParser {
         self.buf.drain(..start);
     }
 
-    /// End of stream: a final event without its blank line is still delivered.
+    /// End of stream: a final event without its blank line is still delivered, and so is an
+    /// unfinished bare JSON text (its parse error then reports the truncation).
     pub fn finish(&mut self, out: &mut Vec<SseEvent>) {
         if !self.buf.is_empty() {
             let line = String::from_utf8_lossy(&self.buf).into_owned();
@@ -54,9 +66,26 @@ impl SseParser {
             self.line(&line, out);
         }
         self.dispatch(out);
+        if !self.bare.is_empty() {
+            out.push(SseEvent {
+                event: None,
+                data: std::mem::take(&mut self.bare),
+            });
+        }
     }
 
     fn line(&mut self, line: &str, out: &mut Vec<SseEvent>) {
+        if self.bare_json && (!self.bare.is_empty() || line.trim_start().starts_with('{')) {
+            self.bare.push_str(line);
+            self.bare.push('\n');
+            if serde_json::from_str::<serde::de::IgnoredAny>(&self.bare).is_ok() {
+                out.push(SseEvent {
+                    event: None,
+                    data: std::mem::take(&mut self.bare),
+                });
+            }
+            return;
+        }
         if line.is_empty() {
             self.dispatch(out);
             return;
@@ -107,8 +136,12 @@ pub struct SseDecoder<H> {
 
 impl<H: SseHandler + 'static> SseDecoder<H> {
     pub fn boxed(handler: H) -> Box<dyn StreamDecoder> {
+        Self::with_parser(SseParser::default(), handler)
+    }
+
+    pub fn with_parser(parser: SseParser, handler: H) -> Box<dyn StreamDecoder> {
         Box::new(SseDecoder {
-            parser: SseParser::default(),
+            parser,
             events: Vec::new(),
             handler,
         })
@@ -250,5 +283,29 @@ mod tests {
             p.finish(&mut out);
             assert_eq!(out, whole, "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn bare_json_between_events_is_delivered_when_asked_for() {
+        let input = b"data: {\"a\":1}\n\n{\n  \"error\": {\n    \"code\": 503,\n    \"message\": \"overloaded\"\n  }\n}\n";
+        for cut in 0..=input.len() {
+            let mut p = SseParser::with_bare_json();
+            let mut out = Vec::new();
+            p.feed(&input[..cut], &mut out);
+            p.feed(&input[cut..], &mut out);
+            p.finish(&mut out);
+            assert_eq!(out.len(), 2, "cut at {cut}");
+            assert_eq!(out[0].data, "{\"a\":1}");
+            let err: serde_json::Value = serde_json::from_str(&out[1].data).unwrap_or_default();
+            assert_eq!(err["error"]["code"], 503);
+        }
+        let mut plain = SseParser::default();
+        let mut out = Vec::new();
+        plain.feed(b"{\"x\": 1}\n\n", &mut out);
+        plain.finish(&mut out);
+        assert!(
+            out.is_empty(),
+            "plain SSE ignores lines that are not fields"
+        );
     }
 }

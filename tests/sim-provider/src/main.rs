@@ -30,11 +30,27 @@ async fn main() -> std::io::Result<()> {
         answer_words: args.words,
         ..Default::default()
     });
-    eprintln!(
-        "simulated providers listening on {} (OpenAI at {})",
-        sim.addr,
-        sim.openai_base()
-    );
+    eprintln!("simulated providers listening on {}", sim.addr);
+    for provider in [
+        "openai",
+        "azure-openai",
+        "anthropic",
+        "cohere",
+        "gemini",
+        "bedrock",
+        "mistral",
+        "huggingface-tgi",
+        "databricks-model-serving",
+        "mlflow-model-serving",
+        "ai21",
+        "together",
+        "groq",
+        "deepseek",
+        "ollama",
+        "openai-compatible",
+    ] {
+        eprintln!("  {provider:<26} {}", sim.base(provider));
+    }
     tokio::signal::ctrl_c().await?;
     Ok(())
 }
