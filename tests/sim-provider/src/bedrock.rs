@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::{OriginalUri, Path, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::routing::post;
@@ -31,9 +31,22 @@ pub fn error(status: u16, kind: &'static str, message: &str) -> Response {
     response
 }
 
+fn bad_signature() -> Response {
+    error(
+        403,
+        "InvalidSignatureException",
+        "The request signature we calculated does not match the signature you provided. Check your AWS Secret Access Key and signing method. Consult the service documentation for details.",
+    )
+}
+
 /// Checks the SigV4 shape: algorithm, a credential scoped to the `bedrock` service, signed headers
-/// including host and x-amz-date, and a hex signature.
-fn check_signature(headers: &HeaderMap) -> Result<(), Response> {
+/// including host and x-amz-date, and a hex signature; with a known secret, the signature itself.
+fn check_signature(
+    shared: &Shared,
+    uri: &http::Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(), Response> {
     let auth = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
@@ -65,24 +78,89 @@ fn check_signature(headers: &HeaderMap) -> Result<(), Response> {
         && signed.split(';').any(|h| h == "x-amz-date")
         && signature.len() == 64
         && signature.bytes().all(|b| b.is_ascii_hexdigit());
-    if well_formed {
+    if !well_formed {
+        return Err(bad_signature());
+    }
+    let Some(secret) = shared.aws_secret.lock().clone() else {
+        return Ok(());
+    };
+    let expected = resign(uri, headers, body, &scope, signed, &secret, date);
+    if expected.as_deref() == Some(auth) {
         Ok(())
     } else {
-        Err(error(
-            403,
-            "InvalidSignatureException",
-            "The request signature we calculated does not match the signature you provided. Check your AWS Secret Access Key and signing method. Consult the service documentation for details.",
-        ))
+        Err(bad_signature())
     }
+}
+
+/// Signs the request as received (its wire path, the signed headers as they arrived, the body)
+/// with the known secret, the way the service checks a signature.
+#[allow(clippy::too_many_arguments)]
+fn resign(
+    uri: &http::Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+    scope: &[&str],
+    signed: &str,
+    secret: &str,
+    date: &str,
+) -> Option<String> {
+    use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
+    let host = headers.get("host")?.to_str().ok()?;
+    let url = format!("http://{host}{}", uri.path_and_query()?.as_str());
+    let token = headers
+        .get("x-amz-security-token")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let identity: aws_smithy_runtime_api::client::identity::Identity =
+        aws_credential_types::Credentials::new(scope[0], secret, token, None, "sim").into();
+    let params = aws_sigv4::sign::v4::SigningParams::builder()
+        .identity(&identity)
+        .region(scope[2])
+        .name(scope[3])
+        .time(parse_amz_date(date)?)
+        .settings(SigningSettings::default())
+        .build()
+        .ok()?
+        .into();
+    let pass: Vec<(&str, &str)> = signed
+        .split(';')
+        .filter(|h| !matches!(*h, "x-amz-date" | "x-amz-security-token" | "host"))
+        .filter_map(|h| Some((h, headers.get(h)?.to_str().ok()?)))
+        .collect();
+    let request =
+        SignableRequest::new("POST", url, pass.into_iter(), SignableBody::Bytes(body)).ok()?;
+    let (instructions, _) = sign(request, &params).ok()?.into_parts();
+    instructions
+        .headers()
+        .find(|(k, _)| *k == "authorization")
+        .map(|(_, v)| v.to_string())
+}
+
+/// `YYYYMMDDTHHMMSSZ` as a time.
+fn parse_amz_date(date: &str) -> Option<std::time::SystemTime> {
+    let num = |r: std::ops::Range<usize>| date.get(r)?.parse::<i64>().ok();
+    let (y, m, d) = (num(0..4)?, num(4..6)?, num(6..8)?);
+    let (hh, mm, ss) = (num(9..11)?, num(11..13)?, num(13..15)?);
+    // Days from the civil calendar (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + hh * 3600 + mm * 60 + ss;
+    Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::try_from(secs).ok()?))
 }
 
 async fn model(
     State(shared): State<Arc<Shared>>,
     Path((model, operation)): Path<(String, String)>,
+    OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(e) = check_signature(&headers) {
+    if let Err(e) = check_signature(&shared, &uri, &headers, &body) {
         return e;
     }
     let Ok(req) = serde_json::from_slice::<Value>(&body) else {

@@ -92,6 +92,8 @@ pub struct Shared {
     pub behaviour: Mutex<Behaviour>,
     /// Recording costs a copy per request; the benchmark turns it off.
     pub record: std::sync::atomic::AtomicBool,
+    /// When set, the Bedrock simulation verifies SigV4 signatures made with this secret key.
+    pub aws_secret: Mutex<Option<String>>,
 }
 
 /// A running simulated provider on loopback.
@@ -200,6 +202,11 @@ impl SimProvider {
 
     pub fn set_fault(&self, fault: Fault) {
         self.shared.behaviour.lock().fault = fault;
+    }
+
+    /// Makes the Bedrock simulation check signatures against this secret access key, as AWS does.
+    pub fn set_aws_secret(&self, secret: &str) {
+        *self.shared.aws_secret.lock() = Some(secret.to_string());
     }
 
     pub fn set_behaviour(&self, behaviour: Behaviour) {
