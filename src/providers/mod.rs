@@ -430,3 +430,120 @@ pub(crate) mod testing {
         deltas.iter().filter_map(|d| d.text.as_deref()).collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Map, json};
+
+    use super::*;
+    use crate::llm::{ChatMessage, ChatRequest, CompletionsRequest, StreamOptions};
+
+    const ALL_PROVIDERS: [Provider; 16] = [
+        Provider::Openai,
+        Provider::AzureOpenai,
+        Provider::Anthropic,
+        Provider::Cohere,
+        Provider::Gemini,
+        Provider::Bedrock,
+        Provider::Mistral,
+        Provider::HuggingfaceTgi,
+        Provider::DatabricksModelServing,
+        Provider::MlflowModelServing,
+        Provider::Ai21,
+        Provider::Together,
+        Provider::Groq,
+        Provider::Deepseek,
+        Provider::Ollama,
+        Provider::OpenaiCompatible,
+    ];
+
+    fn request(route_type: RouteType) -> LlmRequest {
+        match route_type {
+            RouteType::Chat => LlmRequest::Chat(ChatRequest {
+                messages: vec![ChatMessage {
+                    role: "user".into(),
+                    content: json!("hi"),
+                    extra: Map::new(),
+                }],
+                params: Params::default(),
+                stream: StreamOptions::default(),
+                extra: Map::new(),
+            }),
+            RouteType::Completions => LlmRequest::Completions(CompletionsRequest {
+                prompt: "hi".into(),
+                params: Params::default(),
+                stream: StreamOptions::default(),
+                extra: Map::new(),
+            }),
+            RouteType::Embeddings => LlmRequest::Embeddings(EmbeddingsRequest {
+                input: vec!["hi".into()],
+                extra: Map::new(),
+            }),
+        }
+    }
+
+    #[test]
+    fn every_provider_has_an_adapter_and_hides_credentials_in_requests() {
+        for provider in ALL_PROVIDERS {
+            let adapter = adapter_for(provider).unwrap_or_else(|| panic!("{provider}"));
+            assert_eq!(adapter.provider(), provider);
+            let mut credentials = Credentials::default();
+            for key in [
+                API_KEY,
+                "azureAdToken",
+                "awsAccessKeyId",
+                "awsSecretAccessKey",
+                "awsSessionToken",
+            ] {
+                credentials.insert(key, SecretValue::new(format!("SECRET-{key}-0123456789")));
+            }
+            let target = Target {
+                model: "m".into(),
+                api_base: adapter
+                    .default_api_base()
+                    .unwrap_or("https://upstream.example")
+                    .into(),
+                credentials,
+                config: Default::default(),
+            };
+            for route_type in adapter.route_types() {
+                let req = adapter
+                    .build_request(&target, &request(*route_type))
+                    .unwrap_or_else(|e| panic!("{provider} {route_type}: {e}"));
+                let shown = format!("{req:?}");
+                assert!(!shown.contains("SECRET"), "{provider}: {shown}");
+                assert!(!req.url.contains("SECRET"), "{provider}: {}", req.url);
+                assert!(!String::from_utf8_lossy(&req.body).contains("SECRET"));
+                let auth = req.headers.iter().filter(|(_, v)| v.is_sensitive()).count();
+                assert!(auth >= 1, "{provider} sent no credential header");
+            }
+        }
+    }
+
+    #[test]
+    fn split_and_join_keep_embeddings_in_order() {
+        let request = LlmRequest::Embeddings(EmbeddingsRequest {
+            input: vec!["a".into(), "b".into(), "c".into()],
+            extra: Map::new(),
+        });
+        assert!(split_inputs(&request, 3).is_none());
+        let parts = split_inputs(&request, 2).unwrap_or_default();
+        assert_eq!(parts.len(), 2);
+        let answer = |data: Vec<Vec<f64>>, tokens| {
+            LlmResponse::Embeddings(Embeddings {
+                model: "m".into(),
+                data,
+                usage: Usage::new(Some(tokens), None),
+            })
+        };
+        let joined = join_embeddings(vec![
+            answer(vec![vec![1.0], vec![2.0]], 2),
+            answer(vec![vec![3.0]], 1),
+        ]);
+        let Ok(LlmResponse::Embeddings(e)) = joined else {
+            panic!("embeddings")
+        };
+        assert_eq!(e.data, vec![vec![1.0], vec![2.0], vec![3.0]]);
+        assert_eq!(e.usage.prompt_tokens, Some(3));
+    }
+}
