@@ -1,16 +1,18 @@
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
+use portcullis::controller::leader::LeaderConfig;
 use portcullis::controller::{self, ControllerConfig, ControllerHandles};
 use portcullis::dataplane::{self, AppState};
 use portcullis::table::RoutingTable;
+use portcullis::telemetry::metrics::Metrics;
 use portcullis::telemetry::{self, LogFormat};
 
 #[derive(Parser)]
@@ -27,7 +29,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the controller and the data plane against a cluster (in-cluster config or KUBECONFIG).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the Route CRD as YAML.
     Crd,
 }
@@ -53,9 +55,45 @@ struct RunArgs {
     /// Longest wait for a provider: the whole answer, or between two chunks of a stream (seconds).
     #[arg(long, env = "PORTCULLIS_UPSTREAM_TIMEOUT", default_value_t = 600.0)]
     upstream_timeout: f64,
+    /// Routes per page of the MLflow route and endpoint listings (MLflow's own page size).
+    #[arg(long, env = "PORTCULLIS_PAGE_SIZE", default_value_t = 3000, value_parser = clap::value_parser!(u32).range(1..))]
+    page_size: u32,
     /// Upper bound of the reconnect backoff after the API server went away (seconds).
     #[arg(long, default_value_t = 10.0)]
     max_watch_backoff: f64,
+    /// Address of the Prometheus `/metrics` endpoint (a separate port from the data plane).
+    #[arg(
+        long,
+        env = "PORTCULLIS_METRICS_LISTEN",
+        default_value = "0.0.0.0:9464"
+    )]
+    metrics_listen: SocketAddr,
+    /// Elect a leader through a Lease so that only one replica writes Route status and Events.
+    #[arg(long, env = "PORTCULLIS_LEADER_ELECTION")]
+    leader_election: bool,
+    /// Namespace of the leader-election Lease (defaults to the pod's namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    #[arg(long, default_value = "portcullis-leader")]
+    lease_name: String,
+    /// Seconds a leader's lease stays valid without renewal; a dead leader is replaced within this.
+    #[arg(long, default_value_t = 15)]
+    lease_duration: u64,
+    /// Seconds before expiry at which the leader renews.
+    #[arg(long, default_value_t = 5)]
+    lease_grace: u64,
+    /// This replica's identity in the Lease and in Events (defaults to the pod name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// On SIGTERM: seconds to keep accepting connections after readiness turns false (endpoint propagation).
+    #[arg(long, default_value_t = 5.0)]
+    shutdown_delay: f64,
+    /// OTLP/HTTP traces endpoint (for example http://otel-collector:4318/v1/traces); no export when unset.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// On SIGTERM: longest wait for in-flight requests and open streams to finish (seconds).
+    #[arg(long, default_value_t = 60.0)]
+    drain_timeout: f64,
 }
 
 fn main() -> ExitCode {
@@ -72,7 +110,15 @@ fn main() -> ExitCode {
             }
         },
         Command::Run(args) => {
-            telemetry::init_logging(args.log_format);
+            // kube, reqwest and the OTLP exporter share rustls; pick its crypto provider before any client exists.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let _telemetry = match telemetry::init(args.log_format, args.otlp_endpoint.as_deref()) {
+                Ok(guard) => guard,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(64);
+                }
+            };
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -83,7 +129,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(run(args)) {
+            match runtime.block_on(run(*args)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     error!("{e}");
@@ -109,8 +155,7 @@ enum StartError {
 }
 
 async fn run(args: RunArgs) -> Result<(), StartError> {
-    // kube and reqwest share rustls; pick its crypto provider once, before either builds a client.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    // Configuration is checked before any port is bound.
     let secs = |v: f64, flag: &str| {
         Duration::try_from_secs_f64(v)
             .ok()
@@ -121,20 +166,42 @@ async fn run(args: RunArgs) -> Result<(), StartError> {
     };
     let upstream_timeout = secs(args.upstream_timeout, "upstream-timeout")?;
     let max_backoff = secs(args.max_watch_backoff, "max-watch-backoff")?;
+    let drain_timeout = secs(args.drain_timeout, "drain-timeout")?;
+    let shutdown_delay = Duration::try_from_secs_f64(args.shutdown_delay)
+        .map_err(|_| StartError::Config("--shutdown-delay must be a number of seconds".into()))?;
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "portcullis".into());
+        format!("{host}-{}", std::process::id())
+    });
+    let leader = args.leader_election.then(|| LeaderConfig {
+        lease_name: args.lease_name.clone(),
+        namespace: args.lease_namespace.clone(),
+        identity: identity.clone(),
+        duration_secs: args.lease_duration,
+        grace_secs: args.lease_grace,
+    });
+    if let Some(l) = &leader {
+        l.validate().map_err(StartError::Config)?;
+    }
     let http =
         dataplane::http_client(upstream_timeout).map_err(|e| StartError::Config(e.to_string()))?;
     let client = kube::Client::try_default()
         .await
         .map_err(|e| StartError::KubeConfig(e.to_string()))?;
 
+    let metrics = Arc::new(Metrics::new());
     let table = RoutingTable::default().shared();
     let ready = Arc::new(AtomicBool::new(false));
+    let draining = Arc::new(AtomicBool::new(false));
     let state = Arc::new(AppState {
         table: table.clone(),
         http,
         ready: ready.clone(),
         body_limit: args.body_limit,
         upstream_timeout,
+        page_size: args.page_size as usize,
+        metrics: metrics.clone(),
+        draining: draining.clone(),
     });
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -142,42 +209,92 @@ async fn run(args: RunArgs) -> Result<(), StartError> {
     let bound = listener
         .local_addr()
         .map_err(|e| StartError::Bind(args.listen, e))?;
+    let metrics_listener = tokio::net::TcpListener::bind(args.metrics_listen)
+        .await
+        .map_err(|e| StartError::Bind(args.metrics_listen, e))?;
+    let metrics_bound = metrics_listener
+        .local_addr()
+        .map_err(|e| StartError::Bind(args.metrics_listen, e))?;
     info!(
         listen = %bound,
+        metrics_listen = %metrics_bound,
         namespace = args.namespace.as_deref().unwrap_or("<all>"),
+        identity = %identity,
+        leader_election = args.leader_election,
         body_limit = args.body_limit,
         upstream_timeout_s = upstream_timeout.as_secs_f64(),
         "data plane listening"
     );
 
-    let shutdown = CancellationToken::new();
-    tokio::spawn(signal_shutdown(shutdown.clone()));
+    // SIGTERM: readiness fails at once; connections are still accepted for `shutdown_delay`, then
+    // the listener closes and in-flight requests and streams drain for up to `drain_timeout`.
+    let signalled = CancellationToken::new();
+    let stop_accepting = CancellationToken::new();
+    let stop_controller = CancellationToken::new();
+    tokio::spawn(signal_shutdown(signalled.clone()));
+    tokio::spawn({
+        let (signalled, stop_accepting) = (signalled.clone(), stop_accepting.clone());
+        async move {
+            signalled.cancelled().await;
+            draining.store(true, Ordering::Release);
+            info!(
+                delay_s = shutdown_delay.as_secs_f64(),
+                "shutting down: readiness is false; draining"
+            );
+            tokio::time::sleep(shutdown_delay).await;
+            stop_accepting.cancel();
+        }
+    });
+
     let config = ControllerConfig {
         namespace: args.namespace,
         debounce: Duration::from_millis(5),
         max_backoff,
-        instance: std::env::var("HOSTNAME").unwrap_or_else(|_| "portcullis".into()),
+        instance: identity,
+        leader,
     };
-    let controller = tokio::spawn(controller::run(
+    let mut controller = tokio::spawn(controller::run(
         client,
         config,
-        ControllerHandles { table, ready },
-        shutdown.clone(),
+        ControllerHandles {
+            table,
+            ready,
+            metrics: metrics.clone(),
+        },
+        stop_controller.clone(),
     ));
     let server = axum::serve(listener, dataplane::router(state))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-
-    tokio::select! {
-        served = server => served.map_err(StartError::Serve)?,
-        finished = controller => {
-            shutdown.cancel();
-            match finished {
-                Ok(result) => result?,
-                Err(e) => return Err(StartError::Config(format!("the controller task failed: {e}"))),
-            }
+        .with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
+    let metrics_server = axum::serve(metrics_listener, dataplane::metrics_router(metrics))
+        .with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
+    tokio::spawn(async move {
+        if let Err(e) = metrics_server.await {
+            warn!(error = %e, "the metrics endpoint stopped");
         }
-    }
-    Ok(())
+    });
+    let drain_deadline = async {
+        stop_accepting.cancelled().await;
+        tokio::time::sleep(drain_timeout).await;
+    };
+
+    let result = tokio::select! {
+        served = server => served.map_err(StartError::Serve),
+        _ = drain_deadline => {
+            warn!(timeout_s = drain_timeout.as_secs_f64(), "drain timeout reached; closing the remaining connections");
+            Ok(())
+        }
+        finished = &mut controller => {
+            return match finished {
+                Ok(result) => result.map_err(StartError::from),
+                Err(e) => Err(StartError::Config(format!("the controller task failed: {e}"))),
+            };
+        }
+    };
+    // The controller outlives the drain so late table changes still apply; stopping it releases the Lease.
+    stop_controller.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), controller).await;
+    info!("stopped");
+    result
 }
 
 async fn signal_shutdown(token: CancellationToken) {

@@ -6,6 +6,7 @@
 //! While the API server is unreachable the stores keep their contents and the last table serves.
 
 mod backoff;
+pub mod leader;
 pub mod reconcile;
 mod secrets;
 pub mod status;
@@ -27,8 +28,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::api::Route;
+use crate::api::{Reason, Route};
 use crate::table::SharedTable;
+use crate::telemetry::metrics::{Metrics, ReasonLabels, ResourceLabels};
 use backoff::RetryBackoff;
 use reconcile::reconcile;
 use secrets::SecretCache;
@@ -51,6 +53,8 @@ pub struct ControllerConfig {
     pub max_backoff: Duration,
     /// Shown as the reporting instance of Events.
     pub instance: String,
+    /// Lease-based leader election for status writes; `None`: this replica always writes.
+    pub leader: Option<leader::LeaderConfig>,
 }
 
 /// What the controller shares with the rest of the process.
@@ -58,6 +62,7 @@ pub struct ControllerHandles {
     pub table: SharedTable,
     /// Set once the first table built from a complete sync is published.
     pub ready: Arc<AtomicBool>,
+    pub metrics: Arc<Metrics>,
 }
 
 fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
@@ -114,10 +119,12 @@ pub async fn run(
             instance: Some(config.instance.clone()),
         },
     );
+    let leading = leader::elect(client.clone(), config.leader.clone(), shutdown.clone()).await;
     let writer = tokio::spawn(status::run_writer(
         client.clone(),
         route_store.clone(),
         outcomes_rx,
+        leading,
         recorder,
         shutdown.clone(),
     ));
@@ -202,6 +209,8 @@ impl Loop {
                     }
                     Some((source, Err(e))) => {
                         warn!(?source, error = %e, "watch failed; reconnecting with backoff and serving the last good table");
+                        let resource = match source { Source::Routes => "routes", Source::Secrets => "secrets" };
+                        self.handles.metrics.watch_restarts.get_or_create(&ResourceLabels { resource }).inc();
                     }
                 },
                 _ = sleep_until(rebuild_at), if rebuild_at.is_some() && routes_synced && secrets_synced => {
@@ -243,6 +252,27 @@ impl Loop {
                 .count(),
         );
         self.handles.table.store(Arc::new(reconciled.table));
+        let metrics = &self.handles.metrics;
+        metrics.reconciles.inc();
+        metrics
+            .reconcile_duration
+            .observe(started.elapsed().as_secs_f64());
+        if !complete {
+            metrics.reconcile_errors.inc();
+        }
+        for reason in Reason::ALL {
+            let n = reconciled
+                .outcomes
+                .iter()
+                .filter(|o| o.outcome.reason == reason)
+                .count();
+            metrics
+                .routes
+                .get_or_create(&ReasonLabels {
+                    reason: reason.as_str(),
+                })
+                .set(n as i64);
+        }
         if !self.handles.ready.swap(true, Ordering::AcqRel) {
             info!(
                 routes = total,

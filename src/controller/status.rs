@@ -58,17 +58,24 @@ pub fn status_is_current(route: &Route, desired: &RouteStatus) -> bool {
 
 /// Writes statuses for the latest outcomes; retries failures with backoff until they succeed or
 /// newer outcomes arrive.
+/// Only writes while `leader` is true.
 pub async fn run_writer(
     client: Client,
     routes: Store<Route>,
     mut outcomes: watch::Receiver<Arc<Vec<RouteOutcome>>>,
+    mut leader: watch::Receiver<bool>,
     recorder: Recorder,
     shutdown: CancellationToken,
 ) {
     let mut backoff = RetryBackoff::new(Duration::from_millis(500), Duration::from_secs(30));
     loop {
         let latest = outcomes.borrow_and_update().clone();
-        let failures = write_all(&client, &routes, &latest, &recorder).await;
+        let leading = *leader.borrow_and_update();
+        let failures = if leading {
+            write_all(&client, &routes, &latest, &recorder).await
+        } else {
+            0
+        };
         let wait = if failures == 0 {
             backoff.reset();
             None
@@ -84,6 +91,7 @@ pub async fn run_writer(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             changed = outcomes.changed() => if changed.is_err() { return },
+            changed = leader.changed() => if changed.is_err() { return },
             _ = sleep_or_forever(wait) => {}
         }
     }
@@ -145,6 +153,7 @@ async fn write_one(
         warn!(route = %name, namespace = %namespace, error = %e, "writing Route status failed");
         return false;
     }
+    debug!(route = %name, namespace = %namespace, "wrote Route status");
     let (Some(new), old) = (desired.conditions.first(), current_ready(&route)) else {
         return true;
     };

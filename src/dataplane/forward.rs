@@ -1,17 +1,22 @@
 //! Forwarding a unified request to a route's provider and back: the only place that talks upstream.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 
 use super::AppState;
 use super::error::GatewayError;
+use super::observe;
 use crate::api::RouteType;
+use crate::llm::Usage;
 use crate::llm::{LlmRequest, LlmResponse, StreamDelta};
 use crate::providers::{ProviderError, StreamDecoder, join_embeddings, split_inputs};
 use crate::table::{RouteEntry, RouteState, Upstream};
+use crate::telemetry::metrics::{ErrorLabels, Metrics, RouteLabels, TokenLabels};
+use crate::telemetry::tracecontext;
+use tracing::{Instrument, Span};
 
 /// A route looked up for serving: the entry is held by `Arc`, so a table swap during the call is harmless.
 pub struct ServingRoute {
@@ -25,15 +30,34 @@ pub fn lookup(
     name: &str,
     route_type: RouteType,
 ) -> Result<ServingRoute, GatewayError> {
+    resolve(state, name, Some(route_type))
+}
+
+/// Finds `name` for a per-route path, where the route's own type decides the request shape.
+pub fn lookup_route(state: &AppState, name: &str) -> Result<ServingRoute, GatewayError> {
+    resolve(state, name, None)
+}
+
+fn resolve(
+    state: &AppState,
+    name: &str,
+    route_type: Option<RouteType>,
+) -> Result<ServingRoute, GatewayError> {
     let table = state.table.load();
     let entry = table
         .get(name)
         .ok_or_else(|| GatewayError::UnknownRoute(name.to_string()))?;
-    if entry.route_type != route_type {
+    observe::note(|c| {
+        c.route = Some(entry.name.clone());
+        c.provider = Some(entry.provider.as_str());
+        c.model = Some(entry.model.clone());
+        c.operation = Some(operation(entry.route_type));
+    });
+    if let Some(requested) = route_type.filter(|t| *t != entry.route_type) {
         return Err(GatewayError::WrongRouteType {
             route: name.to_string(),
             actual: entry.route_type,
-            requested: route_type,
+            requested,
         });
     }
     match &entry.state {
@@ -56,20 +80,38 @@ pub async fn invoke(
     route: &ServingRoute,
     request: &LlmRequest,
 ) -> Result<LlmResponse, GatewayError> {
+    let started = Instant::now();
     let upstream = &route.upstream;
     let split = upstream
         .adapter
         .max_inputs_per_call(&upstream.target, route.entry.route_type)
         .and_then(|max| split_inputs(request, max));
-    match split {
+    let result = match split {
         Some(parts) => {
-            let answers =
-                futures::future::try_join_all(parts.iter().map(|p| invoke_one(state, route, p)))
-                    .await?;
-            join_embeddings(answers).map_err(|e| provider_error(upstream, e))
+            futures::future::try_join_all(parts.iter().map(|p| invoke_one(state, route, p)))
+                .await
+                .and_then(|answers| {
+                    join_embeddings(answers).map_err(|e| provider_error(upstream, e))
+                })
         }
         None => invoke_one(state, route, request).await,
+    };
+    let labels = route_labels(&route.entry);
+    state
+        .metrics
+        .upstream_duration
+        .get_or_create(&labels)
+        .observe(started.elapsed().as_secs_f64());
+    match &result {
+        Ok(LlmResponse::Generation(g)) => {
+            record_usage(&state.metrics, &route.entry, &observe::consumer(), &g.usage)
+        }
+        Ok(LlmResponse::Embeddings(e)) => {
+            record_usage(&state.metrics, &route.entry, &observe::consumer(), &e.usage)
+        }
+        Err(e) => record_error(&state.metrics, &route.entry, e),
     }
+    result
 }
 
 async fn invoke_one(
@@ -97,7 +139,10 @@ pub async fn invoke_stream(
     request: &LlmRequest,
 ) -> Result<impl Stream<Item = Result<Vec<StreamDelta>, GatewayError>> + Send + 'static, GatewayError>
 {
-    let response = send(state, &route.upstream, request, None).await?;
+    let started = Instant::now();
+    let response = send(state, &route.upstream, request, None)
+        .await
+        .inspect_err(|e| record_error(&state.metrics, &route.entry, e))?;
     let decoder = route
         .upstream
         .adapter
@@ -105,7 +150,7 @@ pub async fn invoke_stream(
     let upstream = Arc::clone(&route.upstream);
     let timeout = state.upstream_timeout;
     let bytes = response.bytes_stream();
-    Ok(futures::stream::unfold(
+    let deltas = futures::stream::unfold(
         Some((bytes.boxed(), decoder, upstream)),
         move |st| async move {
             let (mut bytes, mut decoder, upstream) = st?;
@@ -130,7 +175,136 @@ pub async fn invoke_stream(
                 }
             }
         },
-    ))
+    );
+    let observer = StreamObserver {
+        metrics: Arc::clone(&state.metrics),
+        entry: Arc::clone(&route.entry),
+        consumer: observe::consumer(),
+        started,
+        first_chunk: None,
+        usage: None,
+    };
+    Ok(deltas.scan(observer, |observer, item| {
+        observer.see(&item);
+        futures::future::ready(Some(item))
+    }))
+}
+
+/// A client span for the provider call, only when traces are exported.
+fn upstream_span(upstream: &Upstream, request: &LlmRequest) -> Span {
+    if !tracecontext::exporting() {
+        return Span::none();
+    }
+    let operation = operation(request.route_type());
+    tracing::info_span!(
+        "gen_ai upstream",
+        otel.name = %format!("{operation} {}", upstream.target.model),
+        otel.kind = "client",
+        gen_ai.operation.name = operation,
+        gen_ai.provider.name = upstream.adapter.provider().as_str(),
+        gen_ai.request.model = %upstream.target.model,
+    )
+}
+
+fn operation(route_type: RouteType) -> &'static str {
+    match route_type {
+        RouteType::Chat => "chat",
+        RouteType::Completions => "text_completion",
+        RouteType::Embeddings => "embeddings",
+    }
+}
+
+fn route_labels(entry: &RouteEntry) -> RouteLabels {
+    RouteLabels {
+        route: entry.name.clone(),
+        gen_ai_provider_name: entry.provider.as_str().to_string(),
+        gen_ai_operation_name: operation(entry.route_type),
+    }
+}
+
+/// Token counters, and the usage fields of the request log line.
+fn record_usage(metrics: &Metrics, entry: &RouteEntry, consumer: &str, usage: &Usage) {
+    for (kind, count) in [
+        ("input", usage.prompt_tokens),
+        ("output", usage.completion_tokens),
+    ] {
+        if let Some(n) = count {
+            let labels = TokenLabels {
+                route: entry.name.clone(),
+                gen_ai_provider_name: entry.provider.as_str().to_string(),
+                gen_ai_request_model: entry.model.clone(),
+                consumer: consumer.to_string(),
+                gen_ai_token_type: kind,
+            };
+            metrics.tokens.get_or_create(&labels).inc_by(n);
+        }
+    }
+    let usage = *usage;
+    observe::note(|c| c.usage = Some(usage));
+}
+
+fn record_error(metrics: &Metrics, entry: &RouteEntry, err: &GatewayError) {
+    let labels = ErrorLabels {
+        route: entry.name.clone(),
+        gen_ai_provider_name: entry.provider.as_str().to_string(),
+        error_type: err.code(),
+    };
+    metrics.upstream_errors.get_or_create(&labels).inc();
+}
+
+/// Records a stream's metrics as it passes: time to first token, usage, errors, and the total
+/// upstream time when the stream ends or the client goes away (on drop).
+struct StreamObserver {
+    metrics: Arc<Metrics>,
+    entry: Arc<RouteEntry>,
+    consumer: String,
+    started: Instant,
+    first_chunk: Option<Instant>,
+    usage: Option<Usage>,
+}
+
+impl StreamObserver {
+    fn see(&mut self, item: &Result<Vec<StreamDelta>, GatewayError>) {
+        match item {
+            Ok(deltas) => {
+                if self.first_chunk.is_none() {
+                    let now = Instant::now();
+                    self.first_chunk = Some(now);
+                    let ttft = now.duration_since(self.started).as_secs_f64();
+                    self.metrics
+                        .time_to_first_token
+                        .get_or_create(&route_labels(&self.entry))
+                        .observe(ttft);
+                }
+                if let Some(usage) = deltas.iter().rev().find_map(|d| d.usage) {
+                    self.usage = Some(usage);
+                }
+            }
+            Err(e) => record_error(&self.metrics, &self.entry, e),
+        }
+    }
+}
+
+impl Drop for StreamObserver {
+    fn drop(&mut self) {
+        let labels = route_labels(&self.entry);
+        self.metrics
+            .upstream_duration
+            .get_or_create(&labels)
+            .observe(self.started.elapsed().as_secs_f64());
+        if let Some(usage) = self.usage {
+            record_usage(&self.metrics, &self.entry, &self.consumer, &usage);
+        }
+        tracing::info!(
+            route = %self.entry.name,
+            provider = self.entry.provider.as_str(),
+            ttft_ms = self.first_chunk.map(|t| t.duration_since(self.started).as_secs_f64() * 1000.0),
+            duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+            prompt_tokens = self.usage.and_then(|u| u.prompt_tokens),
+            completion_tokens = self.usage.and_then(|u| u.completion_tokens),
+            "stream finished"
+        );
+    }
 }
 
 fn finish(
@@ -146,10 +320,12 @@ async fn send(
     request: &LlmRequest,
     timeout: Option<Duration>,
 ) -> Result<reqwest::Response, GatewayError> {
-    let built = upstream
+    let mut built = upstream
         .adapter
         .build_request(&upstream.target, request)
         .map_err(|e| provider_error(upstream, e))?;
+    let span = upstream_span(upstream, request);
+    tracecontext::inject(&span, &mut built.headers, observe::caller_traceparent());
     let mut call = state
         .http
         .request(built.method, built.url)
@@ -160,6 +336,7 @@ async fn send(
     }
     let response = call
         .send()
+        .instrument(span)
         .await
         .map_err(|e| transport_error(upstream, state.upstream_timeout, &e))?;
     let status = response.status();

@@ -18,7 +18,9 @@ pub async fn healthz() -> &'static str {
 /// Ready once the first complete sync has produced a table; stays ready while the API server is
 /// unreachable, because the last good table keeps serving.
 pub async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, &'static str) {
-    if state.ready.load(Ordering::Acquire) {
+    if state.draining.load(Ordering::Acquire) {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down")
+    } else if state.ready.load(Ordering::Acquire) {
         (StatusCode::OK, "ok")
     } else {
         (

@@ -218,6 +218,28 @@ impl ControlPlane {
         name
     }
 
+    /// A kubeconfig that authenticates as a ServiceAccount, with a token from the TokenRequest API.
+    pub fn service_account_kubeconfig(&self, namespace: &str, name: &str, path: &Path) -> PathBuf {
+        let token = self.ok(&["create", "token", name, "-n", namespace, "--duration=1h"]);
+        let admin = std::fs::read_to_string(self.kubeconfig()).expect("kubeconfig");
+        let field = |key: &str| {
+            admin
+                .lines()
+                .find_map(|l| l.trim().strip_prefix(key))
+                .expect("kubeconfig field")
+                .trim()
+                .to_string()
+        };
+        let config = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {}\n    certificate-authority: {}\ncontexts:\n- name: sa\n  context:\n    cluster: c\n    user: sa\ncurrent-context: sa\nusers:\n- name: sa\n  user:\n    token: {}\n",
+            field("server:"),
+            field("certificate-authority:"),
+            token.trim()
+        );
+        std::fs::write(path, config).expect("write kubeconfig");
+        path.to_path_buf()
+    }
+
     pub fn wait_ready(&self, ns: &str, route: &str) {
         self.ok(&[
             "wait",
@@ -291,15 +313,23 @@ pub fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> Result<
 pub struct Gateway {
     child: Child,
     pub addr: String,
+    pub metrics_addr: String,
     log: Arc<Mutex<Vec<String>>>,
 }
 
 impl Gateway {
     pub fn start(cp: &ControlPlane, extra: &[&str]) -> Gateway {
+        Self::start_with_kubeconfig(&cp.kubeconfig(), extra)
+    }
+
+    /// Runs the gateway with other credentials (for example a ServiceAccount token).
+    pub fn start_with_kubeconfig(kubeconfig: &Path, extra: &[&str]) -> Gateway {
         let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
             .args([
                 "run",
                 "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
                 "127.0.0.1:0",
                 "--log-format",
                 "json",
@@ -307,7 +337,7 @@ impl Gateway {
                 "2",
             ])
             .args(extra)
-            .env("KUBECONFIG", cp.kubeconfig())
+            .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info,portcullis=debug")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -322,15 +352,29 @@ impl Gateway {
                 if let Ok(v) = serde_json::from_str::<Value>(&line)
                     && v["message"] == "data plane listening"
                 {
-                    let _ = tx.send(v["listen"].as_str().unwrap_or_default().to_string());
+                    let _ = tx.send((
+                        v["listen"].as_str().unwrap_or_default().to_string(),
+                        v["metrics_listen"].as_str().unwrap_or_default().to_string(),
+                    ));
                 }
                 sink.lock().push(line);
             }
         });
-        let addr = rx
+        let (addr, metrics_addr) = rx
             .recv_timeout(Duration::from_secs(30))
-            .expect("the gateway did not report its address");
-        let gw = Gateway { child, addr, log };
+            .unwrap_or_else(|_| {
+                std::thread::sleep(Duration::from_millis(200));
+                panic!(
+                    "the gateway did not report its address; log:\n{}",
+                    log.lock().join("\n")
+                )
+            });
+        let gw = Gateway {
+            child,
+            addr,
+            metrics_addr,
+            log,
+        };
         let ready = eventually(Duration::from_secs(30), || gw.get_status("/readyz") == 200);
         assert!(
             ready.is_ok(),
@@ -344,12 +388,43 @@ impl Gateway {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// The Prometheus exposition from the metrics port.
+    pub fn metrics(&self) -> String {
+        http_blocking(
+            "GET",
+            &format!("http://{}/metrics", self.metrics_addr),
+            None,
+        )
+        .1
+    }
+
     pub fn log(&self) -> String {
         self.log.lock().join("\n")
     }
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Sends SIGTERM (a graceful shutdown), as Kubernetes does.
+    pub fn terminate(&self) {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .map(|s| s.success());
+        assert!(matches!(ok, Ok(true)), "kill -TERM failed");
+    }
+
+    /// Waits for the process to exit; `None` if it is still running after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
     }
 
     fn get_status(&self, path: &str) -> u16 {
@@ -372,7 +447,10 @@ impl Gateway {
     }
 
     pub fn chat(&self, route: &str) -> (u16, Value) {
-        self.post("/v1/chat/completions", &serde_json::json!({"model": route, "messages": [{"role": "user", "content": "hello there"}]}))
+        self.post(
+            "/v1/chat/completions",
+            &serde_json::json!({"model": route, "messages": [{"role": "user", "content": "hello there"}]}),
+        )
     }
 }
 

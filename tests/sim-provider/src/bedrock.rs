@@ -179,7 +179,7 @@ async fn model(
     }
 }
 
-fn converse(shared: &Shared, model: &str, req: &Value, stream: bool) -> Response {
+fn converse(shared: &Arc<Shared>, model: &str, req: &Value, stream: bool) -> Response {
     let Some(messages) = req.get("messages").and_then(Value::as_array) else {
         return error(
             400,

@@ -96,7 +96,7 @@ async fn model_action(
     }
 }
 
-fn generate(shared: &Shared, model: &str, req: &Value, stream: bool, sse: bool) -> Response {
+fn generate(shared: &Arc<Shared>, model: &str, req: &Value, stream: bool, sse: bool) -> Response {
     let Some(contents) = req.get("contents").and_then(Value::as_array) else {
         return error(
             400,

@@ -94,6 +94,8 @@ pub struct Shared {
     pub record: std::sync::atomic::AtomicBool,
     /// When set, the Bedrock simulation verifies SigV4 signatures made with this secret key.
     pub aws_secret: Mutex<Option<String>>,
+    /// Streams whose client went away before the last chunk.
+    pub cancelled_streams: std::sync::atomic::AtomicUsize,
 }
 
 /// A running simulated provider on loopback.
@@ -196,6 +198,13 @@ impl SimProvider {
         self.shared.requests.lock().last().cloned()
     }
 
+    /// How many streamed answers were cut off by the client closing the connection.
+    pub fn cancelled_streams(&self) -> usize {
+        self.shared
+            .cancelled_streams
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn clear(&self) {
         self.shared.requests.lock().clear();
     }
@@ -242,7 +251,20 @@ pub fn router(shared: Arc<Shared>) -> Router {
             shared.clone(),
             record_and_fault,
         ))
+        // Outside the recording layer: lets `make bench` see which key the gateway last used.
+        .route(
+            "/_sim/last-authorization",
+            axum::routing::get(last_authorization),
+        )
         .with_state(shared)
+}
+
+async fn last_authorization(State(shared): State<Arc<Shared>>) -> String {
+    let requests = shared.requests.lock();
+    requests
+        .last()
+        .and_then(|r| r.header("authorization").map(str::to_string))
+        .unwrap_or_default()
 }
 
 /// Records the request, then applies the configured fault before the provider handler runs.
@@ -333,20 +355,53 @@ pub fn pieces(words: &[String]) -> Vec<String> {
         .collect()
 }
 
-/// A 200 streaming `frames` one by one, pausing `chunk_delay` before each.
+/// Counts a stream as cancelled when its body is dropped before the last chunk was taken.
+struct StreamGuard {
+    shared: Arc<Shared>,
+    finished: bool,
+}
+
+impl StreamGuard {
+    fn finish(mut self) {
+        self.finished = true;
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.shared
+                .cancelled_streams
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+/// A 200 streaming `frames` one by one, pausing `chunk_delay` before each; a stream the client
+/// leaves early counts in `cancelled_streams`.
 pub fn stream_response(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     content_type: &'static str,
     frames: Vec<Bytes>,
 ) -> Response {
     let delay = shared.behaviour.lock().chunk_delay;
-    let body = futures::stream::unfold(frames.into_iter(), move |mut it| async move {
-        let frame = it.next()?;
-        if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
-        }
-        Some((Ok::<_, std::convert::Infallible>(frame), it))
-    });
+    let guard = StreamGuard {
+        shared: Arc::clone(shared),
+        finished: false,
+    };
+    let body = futures::stream::unfold(
+        (frames.into_iter(), guard),
+        move |(mut it, guard)| async move {
+            let Some(frame) = it.next() else {
+                guard.finish();
+                return None;
+            };
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            Some((Ok::<_, std::convert::Infallible>(frame), (it, guard)))
+        },
+    );
     let mut response = Response::new(axum::body::Body::from_stream(body));
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,

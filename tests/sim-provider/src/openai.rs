@@ -236,7 +236,7 @@ enum UsageMode {
 
 #[allow(clippy::too_many_arguments)]
 fn stream(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     id: &'static str,
     created: u64,
     model: String,

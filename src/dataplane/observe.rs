@@ -1,0 +1,179 @@
+//! Per-request observability: the request id (honoured from `x-request-id` or generated, and
+//! always returned), one structured log line, and the request metrics. Handlers deep in the call
+//! note what they learn (route, provider, tokens) in a task-local, so no handler signature changes.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use http::HeaderValue;
+use tracing::field::Empty;
+use tracing::{Instrument, Span, debug, info};
+
+use super::AppState;
+use crate::llm::Usage;
+use crate::telemetry::metrics::RequestLabels;
+use crate::telemetry::tracecontext::{self, TRACEPARENT};
+
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// What the handlers learned about one call.
+#[derive(Default)]
+pub struct CallInfo {
+    pub route: Option<String>,
+    pub provider: Option<&'static str>,
+    pub usage: Option<Usage>,
+    pub consumer: Option<String>,
+    pub model: Option<String>,
+    /// The OpenTelemetry GenAI operation name: chat, text_completion, embeddings.
+    pub operation: Option<&'static str>,
+    /// Passed on to the provider when no span of ours is exported.
+    pub caller_traceparent: Option<HeaderValue>,
+}
+
+tokio::task_local! {
+    static CALL: RefCell<CallInfo>;
+}
+
+/// Records something about the current call; a no-op outside a request.
+pub fn note(f: impl FnOnce(&mut CallInfo)) {
+    let _ = CALL.try_with(|c| f(&mut c.borrow_mut()));
+}
+
+/// The caller's identity, or "" for anonymous calls (a bounded label: identities come from configuration).
+pub fn consumer() -> String {
+    CALL.try_with(|c| c.borrow().consumer.clone())
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+}
+
+/// The caller's `traceparent`, if any.
+pub fn caller_traceparent() -> Option<HeaderValue> {
+    CALL.try_with(|c| c.borrow().caller_traceparent.clone())
+        .ok()
+        .flatten()
+}
+
+/// The API surface a path belongs to (a bounded metric label).
+pub fn surface(path: &str) -> &'static str {
+    if path.starts_with("/v1/") {
+        "openai"
+    } else if path.starts_with("/gateway/") || path.starts_with("/api/2.0/gateway/") {
+        "mlflow-gateway"
+    } else if path.starts_with("/endpoints/") || path.starts_with("/api/2.0/endpoints/") {
+        "mlflow-deployments"
+    } else if matches!(path, "/health" | "/healthz" | "/readyz") {
+        "health"
+    } else {
+        "other"
+    }
+}
+
+fn request_id(req: &Request) -> HeaderValue {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    req.headers()
+        .get(REQUEST_ID)
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .cloned()
+        .unwrap_or_else(|| {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            HeaderValue::from_str(&format!("pc-{:08x}-{n}", std::process::id()))
+                .unwrap_or(HeaderValue::from_static("pc"))
+        })
+}
+
+pub async fn middleware(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let id = request_id(&req);
+    let surface = surface(req.uri().path());
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let span = request_span(&req, surface);
+    let call = CallInfo {
+        caller_traceparent: req.headers().get(TRACEPARENT).cloned(),
+        ..Default::default()
+    };
+    let (mut response, call) = CALL
+        .scope(
+            RefCell::new(call),
+            async move {
+                let response = next.run(req).await;
+                (response, CALL.with(|c| c.take()))
+            }
+            .instrument(span.clone()),
+        )
+        .await;
+    let status = response.status().as_u16();
+    let elapsed = started.elapsed();
+    let request_id = id.to_str().unwrap_or_default().to_string();
+    response.headers_mut().insert(REQUEST_ID, id);
+    if surface == "health" {
+        debug!(request_id, %method, path, status, "health check");
+        return response;
+    }
+    let labels = RequestLabels {
+        route: call.route.clone().unwrap_or_default(),
+        gen_ai_provider_name: call.provider.unwrap_or_default().to_string(),
+        surface,
+        status,
+    };
+    state
+        .metrics
+        .request_duration
+        .get_or_create(&labels)
+        .observe(elapsed.as_secs_f64());
+    state.metrics.requests.get_or_create(&labels).inc();
+    let usage = call.usage.unwrap_or_default();
+    if !span.is_disabled() {
+        span.record("http.response.status_code", status);
+        span.record("gen_ai.operation.name", call.operation);
+        span.record("gen_ai.provider.name", call.provider);
+        span.record("gen_ai.request.model", call.model.as_deref());
+        span.record("gen_ai.usage.input_tokens", usage.prompt_tokens);
+        span.record("gen_ai.usage.output_tokens", usage.completion_tokens);
+        span.record("portcullis.route", call.route.as_deref());
+    }
+    info!(
+        request_id,
+        %method,
+        path,
+        surface,
+        route = call.route.as_deref().unwrap_or_default(),
+        provider = call.provider.unwrap_or_default(),
+        consumer = call.consumer.as_deref().unwrap_or_default(),
+        status,
+        latency_ms = elapsed.as_secs_f64() * 1000.0,
+        prompt_tokens = usage.prompt_tokens,
+        completion_tokens = usage.completion_tokens,
+        "request"
+    );
+    response
+}
+
+/// A server span for the request, only when traces are exported: span bookkeeping is not free.
+fn request_span(req: &Request, surface: &'static str) -> Span {
+    if !tracecontext::exporting() || surface == "health" {
+        return Span::none();
+    }
+    let span = tracing::info_span!(
+        "gen_ai request",
+        otel.name = %format!("{} {}", req.method(), req.uri().path()),
+        otel.kind = "server",
+        http.request.method = %req.method(),
+        url.path = %req.uri().path(),
+        http.response.status_code = Empty,
+        gen_ai.operation.name = Empty,
+        gen_ai.provider.name = Empty,
+        gen_ai.request.model = Empty,
+        gen_ai.usage.input_tokens = Empty,
+        gen_ai.usage.output_tokens = Empty,
+        portcullis.route = Empty,
+    );
+    tracecontext::adopt_parent(&span, req.headers());
+    span
+}

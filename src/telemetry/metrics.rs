@@ -1,0 +1,226 @@
+//! Prometheus metrics. Names follow the OpenTelemetry GenAI semantic conventions where they exist
+//! (`gen_ai.server.request.duration`, `gen_ai.server.time_to_first_token`,
+//! `gen_ai.client.operation.duration`, `gen_ai.client.token.usage`). Every label value comes from
+//! configuration (route names, providers, reasons) or a fixed set, never from request input.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: String,
+    pub gen_ai_provider_name: String,
+    pub surface: &'static str,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: String,
+    pub gen_ai_provider_name: String,
+    pub gen_ai_operation_name: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    pub route: String,
+    pub gen_ai_provider_name: String,
+    pub gen_ai_request_model: String,
+    pub consumer: String,
+    pub gen_ai_token_type: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub route: String,
+    pub gen_ai_provider_name: String,
+    pub error_type: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    pub route: String,
+    pub limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResourceLabels {
+    pub resource: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Family<RequestLabels, Histogram>,
+    pub upstream_duration: Family<RouteLabels, Histogram>,
+    pub time_to_first_token: Family<RouteLabels, Histogram>,
+    pub tokens: Family<TokenLabels, Counter>,
+    pub rate_limited: Family<LimitLabels, Counter>,
+    pub upstream_errors: Family<ErrorLabels, Counter>,
+    pub routes: Family<ReasonLabels, Gauge>,
+    pub reconciles: Counter,
+    pub reconcile_errors: Counter,
+    pub reconcile_duration: Histogram,
+    pub watch_restarts: Family<ResourceLabels, Counter>,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 µs .. ~100 s: gateway overhead at the low end, long generations at the top.
+    Histogram::new(exponential_buckets(0.0001, 2.5, 16))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        let request_duration = Family::<RequestLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        let upstream_duration = Family::<RouteLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        let time_to_first_token = Family::<RouteLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        let tokens = Family::<TokenLabels, Counter>::default();
+        let rate_limited = Family::<LimitLabels, Counter>::default();
+        let upstream_errors = Family::<ErrorLabels, Counter>::default();
+        let routes = Family::<ReasonLabels, Gauge>::default();
+        let reconciles = Counter::default();
+        let reconcile_errors = Counter::default();
+        let reconcile_duration = latency_histogram();
+        let watch_restarts = Family::<ResourceLabels, Counter>::default();
+
+        registry.register(
+            "portcullis_requests",
+            "Data-plane requests by route, provider, API surface and status",
+            requests.clone(),
+        );
+        registry.register_with_unit(
+            "gen_ai_server_request_duration",
+            "Time from request to the end of the response head, by route, provider, surface and status",
+            Unit::Seconds,
+            request_duration.clone(),
+        );
+        registry.register_with_unit(
+            "gen_ai_client_operation_duration",
+            "Duration of upstream provider calls",
+            Unit::Seconds,
+            upstream_duration.clone(),
+        );
+        registry.register_with_unit(
+            "gen_ai_server_time_to_first_token",
+            "Time from request to the first streamed chunk",
+            Unit::Seconds,
+            time_to_first_token.clone(),
+        );
+        registry.register(
+            "gen_ai_client_token_usage",
+            "Tokens used, by route, provider, model, consumer and type (input/output)",
+            tokens.clone(),
+        );
+        registry.register(
+            "portcullis_rate_limited",
+            "Requests refused by a route limit",
+            rate_limited.clone(),
+        );
+        registry.register(
+            "portcullis_upstream_errors",
+            "Failed upstream calls by kind",
+            upstream_errors.clone(),
+        );
+        registry.register(
+            "portcullis_routes",
+            "Routes by Ready reason",
+            routes.clone(),
+        );
+        registry.register(
+            "portcullis_reconciles",
+            "Routing-table rebuilds",
+            reconciles.clone(),
+        );
+        registry.register(
+            "portcullis_reconcile_errors",
+            "Routing-table rebuilds that must be retried",
+            reconcile_errors.clone(),
+        );
+        registry.register_with_unit(
+            "portcullis_reconcile_duration",
+            "Routing-table rebuild time",
+            Unit::Seconds,
+            reconcile_duration.clone(),
+        );
+        registry.register(
+            "portcullis_watch_restarts",
+            "Watch failures that forced a reconnect",
+            watch_restarts.clone(),
+        );
+
+        Metrics {
+            registry,
+            requests,
+            request_duration,
+            upstream_duration,
+            time_to_first_token,
+            tokens,
+            rate_limited,
+            upstream_errors,
+            routes,
+            reconciles,
+            reconcile_errors,
+            reconcile_duration,
+            watch_restarts,
+        }
+    }
+
+    /// The Prometheus/OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_uses_genai_names() {
+        let m = Metrics::new();
+        m.requests
+            .get_or_create(&RequestLabels {
+                route: "chat".into(),
+                gen_ai_provider_name: "openai".into(),
+                surface: "openai",
+                status: 200,
+            })
+            .inc();
+        m.routes
+            .get_or_create(&ReasonLabels { reason: "Resolved" })
+            .set(1);
+        let text = m.encode();
+        assert!(text.contains("portcullis_requests_total{route=\"chat\",gen_ai_provider_name=\"openai\",surface=\"openai\",status=\"200\"} 1"), "{text}");
+        assert!(
+            !text.contains("gen_ai_server_request_duration_seconds_count"),
+            "empty families print no samples"
+        );
+        assert!(text.contains("portcullis_routes{reason=\"Resolved\"} 1"));
+    }
+}
