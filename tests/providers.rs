@@ -1004,24 +1004,7 @@ fn provider_examples_are_valid_routes() {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("crds/route.yaml"),
     )
     .unwrap();
-    for p in [
-        "openai",
-        "azure-openai",
-        "anthropic",
-        "cohere",
-        "gemini",
-        "bedrock",
-        "mistral",
-        "huggingface-tgi",
-        "databricks-model-serving",
-        "mlflow-model-serving",
-        "ai21",
-        "together",
-        "groq",
-        "deepseek",
-        "ollama",
-        "openai-compatible",
-    ] {
+    for p in portcullis_sim::PROVIDERS {
         assert!(crd.contains(&format!("- {p}")), "{p} is not a CRD provider");
         assert!(providers.iter().any(|x| x == p), "no example for {p}");
     }

@@ -98,6 +98,26 @@ pub struct Shared {
     pub cancelled_streams: std::sync::atomic::AtomicUsize,
 }
 
+/// Every simulated provider, by its `spec.model.provider` value.
+pub const PROVIDERS: [&str; 16] = [
+    "openai",
+    "azure-openai",
+    "anthropic",
+    "cohere",
+    "gemini",
+    "bedrock",
+    "mistral",
+    "huggingface-tgi",
+    "databricks-model-serving",
+    "mlflow-model-serving",
+    "ai21",
+    "together",
+    "groq",
+    "deepseek",
+    "ollama",
+    "openai-compatible",
+];
+
 /// A running simulated provider on loopback.
 pub struct SimProvider {
     pub addr: SocketAddr,

@@ -31,24 +31,7 @@ async fn main() -> std::io::Result<()> {
         ..Default::default()
     });
     eprintln!("simulated providers listening on {}", sim.addr);
-    for provider in [
-        "openai",
-        "azure-openai",
-        "anthropic",
-        "cohere",
-        "gemini",
-        "bedrock",
-        "mistral",
-        "huggingface-tgi",
-        "databricks-model-serving",
-        "mlflow-model-serving",
-        "ai21",
-        "together",
-        "groq",
-        "deepseek",
-        "ollama",
-        "openai-compatible",
-    ] {
+    for provider in portcullis_sim::PROVIDERS {
         eprintln!("  {provider:<26} {}", sim.base(provider));
     }
     tokio::signal::ctrl_c().await?;
