@@ -9,7 +9,7 @@ use super::{
     UpstreamRequest, openai, post_json, reject_n,
 };
 use crate::api::{Provider, RouteType};
-use crate::llm::{LlmRequest, LlmResponse};
+use crate::llm::{ChatRequest, CompletionsRequest, LlmRequest, LlmResponse};
 
 const CHAT: &[RouteType] = &[RouteType::Chat];
 const CHAT_EMBEDDINGS: &[RouteType] = &[RouteType::Chat, RouteType::Embeddings];
@@ -23,7 +23,7 @@ pub struct OpenAiCompatible {
     /// Whether `stream_options.include_usage` may be sent; servers that reject it report usage anyway.
     stream_options: bool,
     /// Whether `n > 1` is refused upstream (then the gateway refuses it first, with a clear message).
-    single_choice: bool,
+    n_must_be_one: bool,
     /// Fields the server spells differently: (OpenAI name, server name).
     renames: &'static [(&'static str, &'static str)],
     /// Databricks serving endpoints: `/serving-endpoints/{name}/invocations`, the endpoint fixes the model.
@@ -36,7 +36,7 @@ const DEFAULTS: OpenAiCompatible = OpenAiCompatible {
     key_required: true,
     route_types: ALL_ROUTE_TYPES,
     stream_options: true,
-    single_choice: false,
+    n_must_be_one: false,
     renames: &[],
     serving_endpoint: false,
 };
@@ -56,7 +56,7 @@ pub static GROQ: OpenAiCompatible = OpenAiCompatible {
     provider: Provider::Groq,
     default_api_base: Some("https://api.groq.com/openai/v1"),
     route_types: CHAT_EMBEDDINGS,
-    single_choice: true,
+    n_must_be_one: true,
     ..DEFAULTS
 };
 
@@ -121,13 +121,11 @@ impl ProviderAdapter for OpenAiCompatible {
         target: &Target,
         request: &LlmRequest,
     ) -> Result<UpstreamRequest, ProviderError> {
-        if self.single_choice {
-            if let LlmRequest::Chat(r) = request {
-                reject_n(self.provider, &r.params)?;
-            }
-            if let LlmRequest::Completions(r) = request {
-                reject_n(self.provider, &r.params)?;
-            }
+        if self.n_must_be_one
+            && let LlmRequest::Chat(ChatRequest { params, .. })
+            | LlmRequest::Completions(CompletionsRequest { params, .. }) = request
+        {
+            reject_n(self.provider, params)?;
         }
         let (path, mut body) = openai::request_body(&target.model, request);
         if let Value::Object(fields) = &mut body {
