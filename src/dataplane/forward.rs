@@ -12,7 +12,7 @@ use super::observe;
 use crate::api::RouteType;
 use crate::llm::Usage;
 use crate::llm::{LlmRequest, LlmResponse, StreamDelta};
-use crate::providers::{ProviderError, StreamDecoder};
+use crate::providers::{ProviderError, StreamDecoder, join_embeddings, split_inputs};
 use crate::table::{RouteEntry, RouteState, Upstream};
 use crate::telemetry::metrics::{ErrorLabels, Metrics, RouteLabels, TokenLabels};
 use crate::telemetry::tracecontext;
@@ -73,7 +73,8 @@ fn resolve(
     }
 }
 
-/// Non-streaming call: one request, one parsed answer.
+/// Non-streaming call: one parsed answer. Providers that take few embeddings inputs per call
+/// (Titan) get one call per batch, sent concurrently and joined in order.
 pub async fn invoke(
     state: &AppState,
     route: &ServingRoute,
@@ -81,18 +82,20 @@ pub async fn invoke(
 ) -> Result<LlmResponse, GatewayError> {
     let started = Instant::now();
     let upstream = &route.upstream;
-    let result = async {
-        let response = send(state, upstream, request, Some(state.upstream_timeout)).await?;
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| transport_error(upstream, state.upstream_timeout, &e))?;
-        upstream
-            .adapter
-            .parse_response(&upstream.target, route.entry.route_type, &body)
-            .map_err(|e| provider_error(upstream, e))
-    }
-    .await;
+    let split = upstream
+        .adapter
+        .max_inputs_per_call(&upstream.target, route.entry.route_type)
+        .and_then(|max| split_inputs(request, max));
+    let result = match split {
+        Some(parts) => {
+            futures::future::try_join_all(parts.iter().map(|p| invoke_one(state, route, p)))
+                .await
+                .and_then(|answers| {
+                    join_embeddings(answers).map_err(|e| provider_error(upstream, e))
+                })
+        }
+        None => invoke_one(state, route, request).await,
+    };
     let labels = route_labels(&route.entry);
     state
         .metrics
@@ -109,6 +112,23 @@ pub async fn invoke(
         Err(e) => record_error(&state.metrics, &route.entry, e),
     }
     result
+}
+
+async fn invoke_one(
+    state: &AppState,
+    route: &ServingRoute,
+    request: &LlmRequest,
+) -> Result<LlmResponse, GatewayError> {
+    let upstream = &route.upstream;
+    let response = send(state, upstream, request, Some(state.upstream_timeout)).await?;
+    let body = response
+        .bytes()
+        .await
+        .map_err(|e| transport_error(upstream, state.upstream_timeout, &e))?;
+    upstream
+        .adapter
+        .parse_response(&upstream.target, route.entry.route_type, &body)
+        .map_err(|e| provider_error(upstream, e))
 }
 
 /// Streaming call: yields the deltas decoded from each upstream read as soon as it arrives.
