@@ -58,6 +58,9 @@ struct RunArgs {
     /// Longest wait for a provider: the whole answer, or between two chunks of a stream (seconds).
     #[arg(long, env = "PORTCULLIS_UPSTREAM_TIMEOUT", default_value_t = 600.0)]
     upstream_timeout: f64,
+    /// Routes per page of the MLflow route and endpoint listings (MLflow's own page size).
+    #[arg(long, env = "PORTCULLIS_PAGE_SIZE", default_value_t = 3000, value_parser = clap::value_parser!(u32).range(1..))]
+    page_size: u32,
     /// Upper bound of the reconnect backoff after the API server went away (seconds).
     #[arg(long, default_value_t = 10.0)]
     max_watch_backoff: f64,
@@ -258,6 +261,7 @@ async fn run(args: RunArgs) -> Result<(), StartError> {
         ready: ready.clone(),
         body_limit: args.body_limit,
         upstream_timeout,
+        page_size: args.page_size as usize,
         metrics: metrics.clone(),
         draining: draining.clone(),
         auth,

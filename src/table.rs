@@ -151,28 +151,6 @@ mod tests {
     }
 
     #[test]
-    fn mlflow_limit_is_the_first_calls_limit() {
-        let mut e = entry("a");
-        assert_eq!(e.mlflow_limit(), None);
-        let limit = |calls, tokens, key| Limit {
-            renewal_period: RenewalPeriod::Minute,
-            calls,
-            tokens,
-            key,
-        };
-        e.limits = vec![
-            limit(None, Some(10), LimitKey::Route),
-            limit(Some(5), None, LimitKey::Consumer),
-            limit(Some(7), None, LimitKey::Route),
-        ];
-        let shown = e.mlflow_limit().unwrap();
-        assert_eq!(
-            serde_json::to_value(&shown).unwrap(),
-            serde_json::json!({"calls": 5, "key": "consumer", "renewal_period": "minute"})
-        );
-    }
-
-    #[test]
     fn swap_keeps_old_snapshot_alive_for_readers() {
         let shared = RoutingTable::new([entry("a")]).shared();
         let held = shared.load_full();

@@ -216,6 +216,19 @@ fn resolve_credentials(
             let value = read(&secret_ref.key)?.ok_or_else(|| missing(&secret_ref.key))?;
             credentials.insert(API_KEY, value);
         }
+        CredentialKeys::ApiKeyOr { alternatives } => {
+            if let Some(value) = read(&secret_ref.key)? {
+                credentials.insert(API_KEY, value);
+            }
+            for key in alternatives {
+                if let Some(value) = read(key)? {
+                    credentials.insert(*key, value);
+                }
+            }
+            if credentials == Credentials::default() {
+                return Err(missing(&secret_ref.key));
+            }
+        }
         CredentialKeys::Named { required, optional } => {
             for key in required {
                 credentials.insert(*key, read(key)?.ok_or_else(|| missing(key))?);
@@ -348,13 +361,12 @@ mod tests {
     }
 
     #[test]
-    fn unsupported_provider_does_not_affect_others() {
+    fn unsupported_route_type_does_not_affect_others() {
         let s = secrets(&[("a", "openai", "apiKey", "k")]);
+        let mut bad = (*route("a", "bad", 1, Provider::Anthropic)).clone();
+        bad.spec.route_type = RouteType::Embeddings;
         let r = reconcile(
-            &[
-                route("a", "good", 1, Provider::Openai),
-                route("a", "bad", 1, Provider::Bedrock),
-            ],
+            &[route("a", "good", 1, Provider::Openai), Arc::new(bad)],
             &s,
         );
         assert!(matches!(
@@ -363,6 +375,26 @@ mod tests {
         ));
         let bad = r.outcomes.iter().find(|o| o.name == "bad").unwrap();
         assert_eq!(bad.outcome.reason, Reason::ProviderUnsupported);
+        assert_eq!(
+            bad.outcome.message,
+            "provider anthropic cannot serve llm/v1/embeddings; it serves llm/v1/chat"
+        );
+    }
+
+    #[test]
+    fn azure_accepts_an_entra_token_instead_of_a_key() {
+        let s = secrets(&[("a", "openai", "azureAdToken", "eyJ0")]);
+        let mut azure = (*route("a", "az", 1, Provider::AzureOpenai)).clone();
+        azure.spec.model.api_base = Some("https://res.openai.azure.com".into());
+        let r = reconcile(&[Arc::new(azure.clone())], &s);
+        let RouteState::Ready(up) = &r.table.get("az").unwrap().state else {
+            panic!("not ready: {:?}", r.outcomes)
+        };
+        assert_eq!(up.target.credentials.get("azureAdToken"), Some("eyJ0"));
+        assert_eq!(up.target.credentials.get(API_KEY), None);
+        let empty = secrets(&[("a", "openai", "other", "x")]);
+        let r = reconcile(&[Arc::new(azure)], &empty);
+        assert_eq!(r.outcomes[0].outcome.reason, Reason::SecretKeyMissing);
     }
 
     #[test]

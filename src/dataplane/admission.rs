@@ -1,7 +1,7 @@
 //! Before the upstream call: who is calling, may they use this route, and is there room left in
 //! its limits. After it: settle the token charge to what was really used.
 
-use crate::access::{AuthError, Decision, Identity, decide};
+use crate::access::{AuthError, Decision, DefaultAccess, Identity, decide};
 use crate::limits::Reservation;
 use crate::llm::{LlmRequest, Usage};
 use crate::table::RouteEntry;
@@ -56,14 +56,25 @@ pub async fn authenticate(state: &AppState) -> Result<Option<Identity>, AuthErro
     Ok(identity)
 }
 
-/// For listings: the caller, or anonymous when the credentials are missing or invalid.
-pub async fn listing_caller(state: &AppState) -> Option<Identity> {
-    authenticate(state).await.ok().flatten()
+/// Which routes a listing shows its caller: only those the caller may use, so a route's existence
+/// is not revealed to callers it does not admit.
+pub struct Visibility {
+    caller: Option<Identity>,
+    default: DefaultAccess,
 }
 
-/// Whether a listing shows `entry` to `caller`: only routes the caller may use.
-pub fn may_see(state: &AppState, entry: &RouteEntry, caller: Option<&Identity>) -> bool {
-    decide(entry.access.as_deref(), state.auth.default_access, caller) == Decision::Allow
+impl Visibility {
+    /// The caller of this listing request; missing or invalid credentials list as anonymous.
+    pub async fn of_caller(state: &AppState) -> Visibility {
+        Visibility {
+            caller: authenticate(state).await.ok().flatten(),
+            default: state.auth.default_access,
+        }
+    }
+
+    pub fn shows(&self, entry: &RouteEntry) -> bool {
+        decide(entry.access.as_deref(), self.default, self.caller.as_ref()) == Decision::Allow
+    }
 }
 
 /// Authenticates the caller, checks the route's access rules, and counts the call against its limits.

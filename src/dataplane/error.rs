@@ -81,6 +81,15 @@ impl GatewayError {
         }
     }
 
+    /// FastAPI, hence MLflow, answers 422 for a body that breaks the request schema (a missing,
+    /// mistyped or out-of-range field); the MLflow surfaces keep that, OpenAI's keeps 400.
+    pub fn schema_violation(self) -> Self {
+        match self {
+            GatewayError::BadRequest { message, .. } => GatewayError::Unprocessable(message),
+            other => other,
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             GatewayError::BadRequest { .. } | GatewayError::WrongRouteType { .. } => {
@@ -279,6 +288,18 @@ impl IntoResponse for MlflowError {
     }
 }
 
+/// Which body shape errors take on a path: MLflow's under its prefixes, OpenAI's elsewhere.
+pub fn for_path(path: &str, err: GatewayError) -> Response {
+    if ["/api/", "/gateway/", "/endpoints/"]
+        .iter()
+        .any(|p| path.starts_with(p))
+    {
+        MlflowError(err).into_response()
+    } else {
+        OpenAiError(err).into_response()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -351,5 +372,38 @@ mod tests {
         assert_eq!(t(59_000), "59s");
         assert_eq!(t(360_000), "6m0s");
         assert_eq!(t(3_723_000), "1h2m3s");
+    }
+
+    #[test]
+    fn errors_answer_in_the_dialect_of_the_path() {
+        let body = |path: &str| {
+            let response = for_path(path, GatewayError::MethodNotAllowed);
+            assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+            futures::executor::block_on(axum::body::to_bytes(response.into_body(), 1 << 16))
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default()
+        };
+        for path in [
+            "/api/2.0/gateway/routes/",
+            "/gateway/x/invocations",
+            "/endpoints/x/invocations",
+        ] {
+            assert!(body(path).starts_with(r#"{"detail":"#), "{path}");
+        }
+        assert!(body("/v1/models").starts_with(r#"{"error":"#));
+        assert!(body("/nowhere").starts_with(r#"{"error":"#));
+    }
+
+    #[test]
+    fn schema_violations_become_422_and_keep_their_message() {
+        let e = GatewayError::bad_param("n", "'n' must be an integer").schema_violation();
+        assert_eq!(e.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(e.to_string(), "'n' must be an integer");
+        assert_eq!(
+            GatewayError::UnknownRoute("r".into())
+                .schema_violation()
+                .status(),
+            404
+        );
     }
 }

@@ -15,7 +15,7 @@ use crate::llm::Usage;
 use crate::llm::{
     Embeddings as LlmEmbeddings, Generation as LlmGeneration, LlmRequest, LlmResponse, StreamDelta,
 };
-use crate::providers::{ProviderError, StreamDecoder};
+use crate::providers::{ProviderError, StreamDecoder, join_embeddings, split_inputs};
 use crate::table::{RouteEntry, RouteState, Upstream};
 use crate::telemetry::metrics::{ErrorLabels, Metrics, RouteLabels, TokenLabels};
 use crate::telemetry::tracecontext;
@@ -33,6 +33,19 @@ pub fn lookup(
     name: &str,
     route_type: RouteType,
 ) -> Result<ServingRoute, GatewayError> {
+    resolve(state, name, Some(route_type))
+}
+
+/// Finds `name` for a per-route path, where the route's own type decides the request shape.
+pub fn lookup_route(state: &AppState, name: &str) -> Result<ServingRoute, GatewayError> {
+    resolve(state, name, None)
+}
+
+fn resolve(
+    state: &AppState,
+    name: &str,
+    route_type: Option<RouteType>,
+) -> Result<ServingRoute, GatewayError> {
     let table = state.table.load();
     let entry = table
         .get(name)
@@ -43,11 +56,11 @@ pub fn lookup(
         c.model = Some(entry.model.clone());
         c.operation = Some(operation(entry.route_type));
     });
-    if entry.route_type != route_type {
+    if let Some(requested) = route_type.filter(|t| *t != entry.route_type) {
         return Err(GatewayError::WrongRouteType {
             route: name.to_string(),
             actual: entry.route_type,
-            requested: route_type,
+            requested,
         });
     }
     match &entry.state {
@@ -63,7 +76,8 @@ pub fn lookup(
     }
 }
 
-/// Non-streaming call: one request, one parsed answer.
+/// Non-streaming call: one parsed answer. Providers that take few embeddings inputs per call
+/// (Titan) get one call per batch, sent concurrently and joined in order.
 pub async fn invoke(
     state: &AppState,
     route: &ServingRoute,
@@ -72,18 +86,20 @@ pub async fn invoke(
     let admission = admission::admit(state, &route.entry, request).await?;
     let started = Instant::now();
     let upstream = &route.upstream;
-    let result = async {
-        let response = send(state, upstream, request, Some(state.upstream_timeout)).await?;
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| transport_error(upstream, state.upstream_timeout, &e))?;
-        upstream
-            .adapter
-            .parse_response(&upstream.target, route.entry.route_type, &body)
-            .map_err(|e| provider_error(upstream, e))
-    }
-    .await;
+    let split = upstream
+        .adapter
+        .max_inputs_per_call(&upstream.target, route.entry.route_type)
+        .and_then(|max| split_inputs(request, max));
+    let result = match split {
+        Some(parts) => {
+            futures::future::try_join_all(parts.iter().map(|p| invoke_one(state, route, p)))
+                .await
+                .and_then(|answers| {
+                    join_embeddings(answers).map_err(|e| provider_error(upstream, e))
+                })
+        }
+        None => invoke_one(state, route, request).await,
+    };
     let labels = route_labels(&route.entry);
     state
         .metrics
@@ -102,6 +118,23 @@ pub async fn invoke(
         }
     }
     result
+}
+
+async fn invoke_one(
+    state: &AppState,
+    route: &ServingRoute,
+    request: &LlmRequest,
+) -> Result<LlmResponse, GatewayError> {
+    let upstream = &route.upstream;
+    let response = send(state, upstream, request, Some(state.upstream_timeout)).await?;
+    let body = response
+        .bytes()
+        .await
+        .map_err(|e| transport_error(upstream, state.upstream_timeout, &e))?;
+    upstream
+        .adapter
+        .parse_response(&upstream.target, route.entry.route_type, &body)
+        .map_err(|e| provider_error(upstream, e))
 }
 
 /// Streaming call: yields the deltas decoded from each upstream read as soon as it arrives.

@@ -1,6 +1,7 @@
 //! The data plane: an axum router serving the standard LLM API from the current routing table.
 //!
-//! A request flows: surface handler (`openai.rs`, ...) parses its dialect into the unified model ->
+//! Surfaces: `mlflow_gateway.rs` (MLflow 2.5), `mlflow_deployments.rs` (MLflow 2.9+), `openai.rs`.
+//! A request flows: surface handler parses its dialect into the unified model ->
 //! `forward.rs` looks the route up in the table and calls the provider adapter -> the handler renders
 //! the answer back in its dialect. Errors are `GatewayError`, rendered per surface in `error.rs`.
 
@@ -9,6 +10,9 @@ mod body;
 pub mod error;
 mod forward;
 mod health;
+mod listing;
+mod mlflow_deployments;
+mod mlflow_gateway;
 mod observe;
 mod openai;
 mod request;
@@ -25,7 +29,9 @@ use crate::access::Authenticator;
 use crate::limits::Limiter;
 use crate::table::SharedTable;
 use crate::telemetry::metrics::Metrics;
-use error::{GatewayError, OpenAiError};
+use error::GatewayError;
+use mlflow_deployments::Endpoints;
+use mlflow_gateway::Routes;
 
 /// Everything a handler needs, passed explicitly as axum state.
 pub struct AppState {
@@ -36,6 +42,8 @@ pub struct AppState {
     pub ready: Arc<AtomicBool>,
     pub body_limit: usize,
     pub upstream_timeout: Duration,
+    /// Routes per page of the MLflow listings.
+    pub page_size: usize,
     pub metrics: Arc<Metrics>,
     /// Set on shutdown: readiness fails at once so load balancers stop sending new requests.
     pub draining: Arc<AtomicBool>,
@@ -57,6 +65,20 @@ pub fn http_client(upstream_timeout: Duration) -> reqwest::Result<reqwest::Clien
 
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
+        .route("/api/2.0/gateway/routes/", get(listing::list::<Routes>))
+        .route("/api/2.0/gateway/routes", get(listing::list::<Routes>))
+        .route(
+            "/api/2.0/gateway/routes/{name}",
+            get(listing::get::<Routes>),
+        )
+        .route("/gateway/{name}/invocations", post(mlflow_gateway::invoke))
+        .route("/api/2.0/endpoints/", get(listing::list::<Endpoints>))
+        .route("/api/2.0/endpoints", get(listing::list::<Endpoints>))
+        .route("/api/2.0/endpoints/{name}", get(listing::get::<Endpoints>))
+        .route(
+            "/endpoints/{name}/invocations",
+            post(mlflow_deployments::invoke),
+        )
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/embeddings", post(openai::embeddings))
@@ -65,9 +87,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/health", get(health::health))
-        .method_not_allowed_fallback(|| async { OpenAiError(GatewayError::MethodNotAllowed) })
+        .method_not_allowed_fallback(|OriginalUri(uri): OriginalUri| async move {
+            error::for_path(uri.path(), GatewayError::MethodNotAllowed)
+        })
         .fallback(|OriginalUri(uri): OriginalUri| async move {
-            OpenAiError(GatewayError::NoSuchPath(uri.path().to_string()))
+            error::for_path(uri.path(), GatewayError::NoSuchPath(uri.path().to_string()))
         })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

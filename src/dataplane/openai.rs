@@ -14,14 +14,14 @@ use http::{HeaderMap, HeaderValue, header};
 use serde_json::{Map, Value, json};
 
 use super::AppState;
+use super::admission::Visibility;
 use super::body::read_json_object;
 use super::error::{GatewayError, OpenAiError};
 use super::forward::{self, ServingRoute};
-use super::request::{require_string, take_messages, take_params, take_stream, take_string};
+use super::request::{OPENAI, parse_request, require_string};
 use crate::api::RouteType;
 use crate::llm::{
-    ChatRequest, CompletionsRequest, Embeddings, EmbeddingsRequest, Generation, LlmRequest,
-    LlmResponse, StreamDelta, StreamOptions, Usage, unix_now,
+    Embeddings, Generation, LlmRequest, LlmResponse, StreamDelta, StreamOptions, Usage, unix_now,
 };
 
 type Result<T, E = OpenAiError> = std::result::Result<T, E>;
@@ -31,14 +31,7 @@ pub async fn chat_completions(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response> {
-    let mut body = read_json_object(&headers, body, state.body_limit).await?;
-    let route = forward::lookup(
-        &state,
-        &require_string(&mut body, "model")?,
-        RouteType::Chat,
-    )?;
-    let request = parse_chat(body)?;
-    Ok(respond(&state, &route, request, true).await?)
+    handle(&state, &headers, body, RouteType::Chat).await
 }
 
 pub async fn completions(
@@ -46,14 +39,7 @@ pub async fn completions(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response> {
-    let mut body = read_json_object(&headers, body, state.body_limit).await?;
-    let route = forward::lookup(
-        &state,
-        &require_string(&mut body, "model")?,
-        RouteType::Completions,
-    )?;
-    let request = parse_completions(body)?;
-    Ok(respond(&state, &route, request, true).await?)
+    handle(&state, &headers, body, RouteType::Completions).await
 }
 
 pub async fn embeddings(
@@ -61,21 +47,28 @@ pub async fn embeddings(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response> {
-    let mut body = read_json_object(&headers, body, state.body_limit).await?;
-    let route = forward::lookup(
-        &state,
-        &require_string(&mut body, "model")?,
-        RouteType::Embeddings,
-    )?;
-    let request = parse_embeddings(body, "input")?;
-    Ok(respond(&state, &route, request, true).await?)
+    handle(&state, &headers, body, RouteType::Embeddings).await
+}
+
+async fn handle(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    route_type: RouteType,
+) -> Result<Response> {
+    let mut body = read_json_object(headers, body, state.body_limit).await?;
+    let route = forward::lookup(state, &require_string(&mut body, "model")?, route_type)?;
+    let request = parse_request(route_type, body, &OPENAI)?;
+    Ok(respond(state, &route, request, true).await?)
 }
 
 pub async fn list_models(State(state): State<Arc<AppState>>) -> Json<Value> {
+    let visible = Visibility::of_caller(&state).await;
     let table = state.table.load();
     let data: Vec<Value> = table
         .routes()
         .iter()
+        .filter(|e| visible.shows(e))
         .map(|e| model_object(&e.name, e.provider.as_str()))
         .collect();
     Json(json!({"object": "list", "data": data}))
@@ -85,90 +78,17 @@ pub async fn get_model(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
 ) -> Result<Json<Value>> {
+    let visible = Visibility::of_caller(&state).await;
     let table = state.table.load();
-    let entry = table.get(&name).ok_or(GatewayError::UnknownRoute(name))?;
+    let entry = table
+        .get(&name)
+        .filter(|e| visible.shows(e))
+        .ok_or(GatewayError::UnknownRoute(name))?;
     Ok(Json(model_object(&entry.name, entry.provider.as_str())))
 }
 
 fn model_object(name: &str, provider: &str) -> Value {
     json!({"id": name, "object": "model", "created": 0, "owned_by": provider})
-}
-
-/// OpenAI chat body (without `model`) to the unified request.
-pub fn parse_chat(mut body: Map<String, Value>) -> Result<LlmRequest, GatewayError> {
-    Ok(LlmRequest::Chat(ChatRequest {
-        messages: take_messages(&mut body)?,
-        params: take_params(&mut body, "n", 2.0)?,
-        stream: take_stream(&mut body)?,
-        extra: body,
-    }))
-}
-
-pub fn parse_completions(mut body: Map<String, Value>) -> Result<LlmRequest, GatewayError> {
-    let prompt = match body.remove("prompt") {
-        Some(Value::String(s)) => s,
-        Some(Value::Array(items)) if items.len() == 1 && items[0].is_string() => {
-            items[0].as_str().unwrap_or_default().to_string()
-        }
-        None | Some(Value::Null) => {
-            return Err(GatewayError::bad_param("prompt", "'prompt' is required"));
-        }
-        Some(_) => {
-            return Err(GatewayError::bad_param(
-                "prompt",
-                "'prompt' must be a string",
-            ));
-        }
-    };
-    Ok(LlmRequest::Completions(CompletionsRequest {
-        prompt,
-        params: take_params(&mut body, "n", 2.0)?,
-        stream: take_stream(&mut body)?,
-        extra: body,
-    }))
-}
-
-/// Embeddings input from `field`: a string or a non-empty list of strings.
-pub fn parse_embeddings(
-    mut body: Map<String, Value>,
-    field: &'static str,
-) -> Result<LlmRequest, GatewayError> {
-    let input = match body.remove(field) {
-        Some(Value::String(s)) => vec![s],
-        Some(Value::Array(items)) if !items.is_empty() => items
-            .into_iter()
-            .map(|v| match v {
-                Value::String(s) => Ok(s),
-                _ => Err(GatewayError::bad_param(
-                    field,
-                    format!("'{field}' must be a string or a list of strings"),
-                )),
-            })
-            .collect::<Result<Vec<_>, _>>()?,
-        Some(Value::Array(_)) => {
-            return Err(GatewayError::bad_param(
-                field,
-                format!("'{field}' must not be empty"),
-            ));
-        }
-        None | Some(Value::Null) => {
-            return Err(GatewayError::bad_param(
-                field,
-                format!("'{field}' is required"),
-            ));
-        }
-        Some(_) => {
-            return Err(GatewayError::bad_param(
-                field,
-                format!("'{field}' must be a string or a list of strings"),
-            ));
-        }
-    };
-    let _ = take_string(&mut body, "encoding_format")?;
-    Ok(LlmRequest::Embeddings(EmbeddingsRequest {
-        input,
-        extra: body,
-    }))
 }
 
 /// Calls the route and answers in OpenAI's shapes, streaming when asked. `done_marker` ends a
@@ -202,9 +122,10 @@ pub fn render(answer: &LlmResponse, route: &ServingRoute) -> Value {
     }
 }
 
-fn model_name<'a>(reported: &'a str, route: &'a ServingRoute) -> &'a str {
+/// The model the provider reported, else the route's configured one.
+pub fn model_name<'a>(reported: &'a str, configured: &'a str) -> &'a str {
     if reported.is_empty() {
-        &route.entry.model
+        configured
     } else {
         reported
     }
@@ -231,7 +152,7 @@ fn render_generation(g: &Generation, route: &ServingRoute) -> Value {
         "id": if g.id.is_empty() { response_id(chat) } else { g.id.clone() },
         "object": if chat { "chat.completion" } else { "text_completion" },
         "created": g.created,
-        "model": model_name(&g.model, route),
+        "model": model_name(&g.model, &route.entry.model),
         "choices": choices,
         "usage": usage_json(&g.usage),
     })
@@ -244,7 +165,7 @@ fn render_embeddings(e: &Embeddings, route: &ServingRoute) -> Value {
         .enumerate()
         .map(|(i, v)| json!({"object": "embedding", "index": i, "embedding": v}))
         .collect();
-    json!({"object": "list", "data": data, "model": model_name(&e.model, route), "usage": usage_json(&e.usage)})
+    json!({"object": "list", "data": data, "model": model_name(&e.model, &route.entry.model), "usage": usage_json(&e.usage)})
 }
 
 pub fn usage_json(u: &Usage) -> Value {

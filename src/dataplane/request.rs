@@ -4,9 +4,72 @@
 use serde_json::{Map, Value};
 
 use super::error::GatewayError;
-use crate::llm::{ChatMessage, Params, StreamOptions};
+use crate::api::RouteType;
+use crate::llm::{
+    ChatMessage, ChatRequest, CompletionsRequest, EmbeddingsRequest, LlmRequest, Params,
+    StreamOptions,
+};
 
 type Body = Map<String, Value>;
+
+/// The `{name}` of a per-route path; axum's own rejection would answer in plain text.
+pub fn route_name(
+    path: Result<axum::extract::Path<String>, axum::extract::rejection::PathRejection>,
+) -> Result<String, GatewayError> {
+    path.map(|p| p.0)
+        .map_err(|e| GatewayError::bad_request(e.body_text()))
+}
+
+/// What differs between the surfaces' request bodies: names and ranges of a few fields.
+pub struct Dialect {
+    /// The number of alternatives: OpenAI's `n`, MLflow 2.5's `candidate_count`.
+    pub n_field: &'static str,
+    pub n_max: u64,
+    pub temperature_max: f64,
+    /// The embeddings input: OpenAI's `input`, MLflow 2.5's `text`.
+    pub input_field: &'static str,
+}
+
+/// OpenAI's API, also spoken by MLflow's deployments surface.
+pub const OPENAI: Dialect = Dialect {
+    n_field: "n",
+    n_max: 128,
+    temperature_max: 2.0,
+    input_field: "input",
+};
+
+/// A body (without `model`) for a route of `route_type`, in the unified model; unknown fields stay in `extra`.
+pub fn parse_request(
+    route_type: RouteType,
+    mut body: Body,
+    dialect: &Dialect,
+) -> Result<LlmRequest, GatewayError> {
+    Ok(match route_type {
+        RouteType::Chat => {
+            let messages = take_messages(&mut body)?;
+            LlmRequest::Chat(ChatRequest {
+                messages,
+                params: take_params(&mut body, dialect)?,
+                stream: take_stream(&mut body)?,
+                extra: body,
+            })
+        }
+        RouteType::Completions => {
+            let prompt = take_prompt(&mut body)?;
+            LlmRequest::Completions(CompletionsRequest {
+                prompt,
+                params: take_params(&mut body, dialect)?,
+                stream: take_stream(&mut body)?,
+                extra: body,
+            })
+        }
+        RouteType::Embeddings => {
+            let input = take_input(&mut body, dialect.input_field)?;
+            let _ = take_string(&mut body, "encoding_format")?;
+            LlmRequest::Embeddings(EmbeddingsRequest { input, extra: body })
+        }
+    })
+}
 
 pub fn take_string(body: &mut Body, field: &'static str) -> Result<Option<String>, GatewayError> {
     match body.remove(field) {
@@ -88,19 +151,98 @@ pub fn take_stop(body: &mut Body) -> Result<Option<Vec<String>>, GatewayError> {
     }
 }
 
-/// The OpenAI-style sampling parameters; `temperature_max` differs per surface.
-pub fn take_params(
-    body: &mut Body,
-    n_field: &'static str,
-    temperature_max: f64,
-) -> Result<Params, GatewayError> {
+/// The OpenAI-style sampling parameters, with the surface's name and ranges where they differ.
+pub fn take_params(body: &mut Body, dialect: &Dialect) -> Result<Params, GatewayError> {
     Ok(Params {
-        temperature: take_number(body, "temperature", 0.0, temperature_max)?,
+        temperature: take_number(body, "temperature", 0.0, dialect.temperature_max)?,
         top_p: take_number(body, "top_p", 0.0, 1.0)?,
         max_tokens: take_count(body, "max_tokens", 1, u32::MAX as u64)?,
         stop: take_stop(body)?,
-        n: take_count(body, n_field, 1, 128)?,
+        n: take_count(body, dialect.n_field, 1, dialect.n_max)?,
     })
+}
+
+/// `prompt`: a string (or OpenAI's list holding one string).
+pub fn take_prompt(body: &mut Body) -> Result<String, GatewayError> {
+    match body.remove("prompt") {
+        Some(Value::String(s)) => Ok(s),
+        Some(Value::Array(mut items)) if items.len() == 1 && items[0].is_string() => {
+            match items.pop() {
+                Some(Value::String(s)) => Ok(s),
+                _ => Ok(String::new()),
+            }
+        }
+        None | Some(Value::Null) => Err(GatewayError::bad_param("prompt", "'prompt' is required")),
+        Some(other) => Err(wrong_type("prompt", "a string", &other)),
+    }
+}
+
+/// Embeddings input from `field`: a string or a non-empty list of strings.
+pub fn take_input(body: &mut Body, field: &'static str) -> Result<Vec<String>, GatewayError> {
+    let expected = "a string or a list of strings";
+    match body.remove(field) {
+        Some(Value::String(s)) => Ok(vec![s]),
+        Some(Value::Array(items)) if items.is_empty() => Err(GatewayError::bad_param(
+            field,
+            format!("'{field}' must not be empty"),
+        )),
+        Some(Value::Array(items)) => items
+            .into_iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s),
+                other => Err(wrong_type(field, expected, &other)),
+            })
+            .collect(),
+        None | Some(Value::Null) => Err(GatewayError::bad_param(
+            field,
+            format!("'{field}' is required"),
+        )),
+        Some(other) => Err(wrong_type(field, expected, &other)),
+    }
+}
+
+/// Per-route paths: the route defines the model, so a `model` key is refused (422), as MLflow does.
+pub fn reject_model(body: &Body) -> Result<(), GatewayError> {
+    if body.contains_key("model") {
+        return Err(GatewayError::Unprocessable(
+            "The parameter 'model' is not permitted to be passed. The route being queried already defines a model instance."
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// A body written for another route type (chat `messages` sent to an embeddings route, ...) is a
+/// mistake about the route, not a malformed body: 400 naming both types, before field validation.
+pub fn check_body_kind(
+    route: &str,
+    route_type: RouteType,
+    body: &Body,
+    input_field: &'static str,
+) -> Result<(), GatewayError> {
+    let key = |t: RouteType| match t {
+        RouteType::Chat => "messages",
+        RouteType::Completions => "prompt",
+        RouteType::Embeddings => input_field,
+    };
+    if body.contains_key(key(route_type)) {
+        return Ok(());
+    }
+    let written_for = [
+        RouteType::Chat,
+        RouteType::Completions,
+        RouteType::Embeddings,
+    ]
+    .into_iter()
+    .find(|t| body.contains_key(key(*t)));
+    match written_for {
+        Some(requested) => Err(GatewayError::WrongRouteType {
+            route: route.to_string(),
+            actual: route_type,
+            requested,
+        }),
+        None => Ok(()),
+    }
 }
 
 pub fn take_stream(body: &mut Body) -> Result<StreamOptions, GatewayError> {
@@ -207,7 +349,7 @@ mod tests {
     fn params_are_validated_and_removed() {
         let mut b =
             body(json!({"temperature": 0.3, "max_tokens": 5, "stop": "x", "n": 2, "seed": 1}));
-        let p = take_params(&mut b, "n", 2.0).unwrap();
+        let p = take_params(&mut b, &OPENAI).unwrap();
         assert_eq!(p.temperature, Some(0.3));
         assert_eq!(p.stop, Some(vec!["x".to_string()]));
         assert_eq!(b, body(json!({"seed": 1})));
@@ -216,7 +358,7 @@ mod tests {
     #[test]
     fn out_of_range_and_wrong_types_name_the_field() {
         let err = |v: Value| {
-            take_params(&mut body(v), "n", 2.0)
+            take_params(&mut body(v), &OPENAI)
                 .err()
                 .map(|e| e.to_string())
                 .unwrap_or_default()

@@ -3,19 +3,30 @@
 //! Adapters do no I/O. The data plane sends what `build_request` returns with its shared HTTP client
 //! and hands the answer back to `parse_response`, `parse_error` or a `StreamDecoder`.
 
+mod anthropic;
+mod azure;
+mod bedrock;
+mod cohere;
+mod compat;
 mod credentials;
+mod eventstream;
+mod gemini;
+mod mlflow;
 mod openai;
 pub mod sse;
+mod tgi;
 
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, StatusCode};
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 
 pub use credentials::{Credentials, SecretValue};
 
 use crate::api::{Provider, RouteType};
-use crate::llm::{LlmRequest, LlmResponse, StreamDelta};
+use crate::llm::{
+    Embeddings, EmbeddingsRequest, LlmRequest, LlmResponse, Params, StreamDelta, Usage,
+};
 
 /// Where and as whom a route calls its provider: everything an adapter needs besides the request.
 #[derive(Clone, Debug)]
@@ -42,6 +53,11 @@ pub struct UpstreamRequest {
 pub enum CredentialKeys {
     /// One API key, read from `secretRef.key`; `required: false` for servers that may run without one.
     ApiKey { required: bool },
+    /// An API key from `secretRef.key` or, instead, one of `alternatives` (held under its own name),
+    /// for providers with a second kind of credential such as Azure's Entra ID token.
+    ApiKeyOr {
+        alternatives: &'static [&'static str],
+    },
     /// Fixed, well-known keys (for example AWS access keys).
     Named {
         required: &'static [&'static str],
@@ -89,9 +105,17 @@ pub trait ProviderAdapter: Send + Sync + 'static {
         body: &[u8],
     ) -> Result<LlmResponse, ProviderError>;
     /// Maps a non-success answer; `retry_after` comes from the response headers when present.
-    fn parse_error(&self, status: StatusCode, headers: &HeaderMap, body: &[u8]) -> ProviderError;
+    /// The default reads the common JSON error shapes (see `error_message`).
+    fn parse_error(&self, status: StatusCode, headers: &HeaderMap, body: &[u8]) -> ProviderError {
+        upstream_error(status, headers, error_message(body), body)
+    }
     /// A fresh incremental parser for one streamed answer.
     fn stream_decoder(&self, route_type: RouteType) -> Box<dyn StreamDecoder>;
+    /// How many embeddings inputs one upstream call takes, when the provider limits it (Titan: one).
+    /// The data plane then sends one call per batch and joins the answers in order.
+    fn max_inputs_per_call(&self, _target: &Target, _route_type: RouteType) -> Option<usize> {
+        None
+    }
 }
 
 /// Incremental parser of a provider's streaming framing; bytes may be split anywhere.
@@ -103,10 +127,243 @@ pub trait StreamDecoder: Send {
 
 /// The adapter for `provider`, or `None` while this gateway does not speak it yet.
 pub fn adapter_for(provider: Provider) -> Option<&'static dyn ProviderAdapter> {
-    match provider {
-        Provider::Openai => Some(&openai::OpenAi),
+    Some(match provider {
+        Provider::Openai => &openai::OpenAi,
+        Provider::AzureOpenai => &azure::AzureOpenAi,
+        Provider::Anthropic => &anthropic::Anthropic,
+        Provider::Cohere => &cohere::Cohere,
+        Provider::Gemini => &gemini::Gemini,
+        Provider::Bedrock => &bedrock::Bedrock,
+        Provider::HuggingfaceTgi => &tgi::Tgi,
+        Provider::DatabricksModelServing => &compat::DATABRICKS,
+        Provider::MlflowModelServing => &mlflow::MlflowModelServing,
+        Provider::Mistral => &compat::MISTRAL,
+        Provider::Ai21 => &compat::AI21,
+        Provider::Together => &compat::TOGETHER,
+        Provider::Groq => &compat::GROQ,
+        Provider::Deepseek => &compat::DEEPSEEK,
+        Provider::Ollama => &compat::OLLAMA,
+        Provider::OpenaiCompatible => &compat::OPENAI_COMPATIBLE,
+    })
+}
+
+/// Splits an embeddings request into requests of at most `max` inputs each, when it has more.
+pub fn split_inputs(request: &LlmRequest, max: usize) -> Option<Vec<LlmRequest>> {
+    match request {
+        LlmRequest::Embeddings(e) if max > 0 && e.input.len() > max => Some(
+            e.input
+                .chunks(max)
+                .map(|inputs| {
+                    LlmRequest::Embeddings(EmbeddingsRequest {
+                        input: inputs.to_vec(),
+                        extra: e.extra.clone(),
+                    })
+                })
+                .collect(),
+        ),
         _ => None,
     }
+}
+
+/// Joins the answers to split embeddings requests, in order; usage is summed.
+pub fn join_embeddings(parts: Vec<LlmResponse>) -> Result<LlmResponse, ProviderError> {
+    let mut joined = Embeddings {
+        model: String::new(),
+        data: Vec::new(),
+        usage: Usage::default(),
+    };
+    let add = |a: Option<u64>, b: Option<u64>| match (a, b) {
+        (None, None) => None,
+        (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
+    };
+    for part in parts {
+        let LlmResponse::Embeddings(e) = part else {
+            return Err(ProviderError::MalformedResponse(
+                "expected embeddings".into(),
+            ));
+        };
+        if joined.model.is_empty() {
+            joined.model = e.model;
+        }
+        joined.data.extend(e.data);
+        joined.usage = Usage {
+            prompt_tokens: add(joined.usage.prompt_tokens, e.usage.prompt_tokens),
+            completion_tokens: add(joined.usage.completion_tokens, e.usage.completion_tokens),
+            total_tokens: add(joined.usage.total_tokens, e.usage.total_tokens),
+        };
+    }
+    Ok(LlmResponse::Embeddings(joined))
+}
+
+/// Every route type, for providers that serve them all.
+pub(crate) const ALL_ROUTE_TYPES: &[RouteType] = &[
+    RouteType::Chat,
+    RouteType::Completions,
+    RouteType::Embeddings,
+];
+
+/// A JSON POST.
+pub(crate) fn post_json(
+    url: String,
+    headers: HeaderMap,
+    body: &serde_json::Value,
+) -> UpstreamRequest {
+    UpstreamRequest {
+        method: Method::POST,
+        url,
+        headers,
+        body: Bytes::from(body.to_string()),
+    }
+}
+
+/// An answer with a single choice, as from every provider without candidate counts.
+pub(crate) fn single_choice(
+    id: String,
+    model: String,
+    text: String,
+    finish_reason: Option<&str>,
+    message_extra: serde_json::Map<String, serde_json::Value>,
+    usage: Usage,
+) -> LlmResponse {
+    LlmResponse::Generation(crate::llm::Generation {
+        id,
+        created: crate::llm::unix_now(),
+        model,
+        choices: vec![crate::llm::Choice {
+            index: 0,
+            text,
+            finish_reason: finish_reason.and_then(normalize_finish_reason),
+            message_extra,
+        }],
+        usage,
+    })
+}
+
+/// `message_extra` carrying OpenAI-shaped `tool_calls`, when there are any.
+pub(crate) fn tool_calls_extra(
+    calls: Vec<serde_json::Value>,
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut extra = serde_json::Map::new();
+    if !calls.is_empty() {
+        extra.insert("tool_calls".into(), serde_json::Value::Array(calls));
+    }
+    extra
+}
+
+/// Appends a turn of `blocks` under `field`, merging with the previous turn of the same role:
+/// Anthropic, Gemini and Bedrock want user and assistant turns alternating.
+pub(crate) fn push_turn(
+    turns: &mut Vec<serde_json::Value>,
+    role: &str,
+    field: &str,
+    blocks: Vec<serde_json::Value>,
+) {
+    if let Some(last) = turns.last_mut()
+        && last["role"] == role
+        && let Some(existing) = last[field].as_array_mut()
+    {
+        existing.extend(blocks);
+        return;
+    }
+    let mut turn = serde_json::Map::new();
+    turn.insert("role".into(), serde_json::Value::from(role));
+    turn.insert(field.into(), serde_json::Value::Array(blocks));
+    turns.push(serde_json::Value::Object(turn));
+}
+
+/// The fields among `pairs` that have a value.
+pub(crate) fn present_fields<const N: usize>(
+    pairs: [(&str, Option<serde_json::Value>); N],
+) -> serde_json::Map<String, serde_json::Value> {
+    pairs
+        .into_iter()
+        .filter_map(|(k, v)| Some((k.to_string(), v?)))
+        .collect()
+}
+
+/// Headers of a JSON request.
+pub(crate) fn json_headers() -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers
+}
+
+/// Adds a credential header, marked sensitive so hyper's and reqwest's debug output hide it.
+pub(crate) fn insert_secret(
+    headers: &mut HeaderMap,
+    name: impl header::IntoHeaderName,
+    value: &str,
+) -> Result<(), ProviderError> {
+    let mut value = HeaderValue::from_str(value).map_err(|_| {
+        ProviderError::Unsupported("the credential holds characters not allowed in a header".into())
+    })?;
+    value.set_sensitive(true);
+    headers.insert(name, value);
+    Ok(())
+}
+
+/// For providers without candidate counts: one answer is all they can give.
+pub(crate) fn reject_n(provider: Provider, params: &Params) -> Result<(), ProviderError> {
+    match params.n {
+        Some(n) if n > 1 => Err(ProviderError::Unsupported(format!(
+            "provider {provider} does not support n > 1"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+pub(crate) fn malformed(e: impl std::fmt::Display) -> ProviderError {
+    ProviderError::MalformedResponse(e.to_string())
+}
+
+/// The usual mapping of an error answer: the provider's message (or a status fallback) and `Retry-After`.
+pub(crate) fn upstream_error(
+    status: StatusCode,
+    headers: &HeaderMap,
+    message: Option<String>,
+    body: &[u8],
+) -> ProviderError {
+    ProviderError::Upstream {
+        status,
+        message: message
+            .filter(|m| !m.trim().is_empty())
+            .unwrap_or_else(|| fallback_message(status, body)),
+        retry_after: retry_after_secs(headers),
+    }
+}
+
+/// A provider's finish reason in OpenAI's words (`stop`, `length`, `tool_calls`, `content_filter`);
+/// a word with no OpenAI equivalent is kept, lower-cased. Empty means "not finished".
+pub fn normalize_finish_reason(raw: &str) -> Option<String> {
+    let word = match raw {
+        "" => return None,
+        "stop" | "end_turn" | "stop_sequence" | "pause_turn" | "STOP" | "COMPLETE"
+        | "STOP_SEQUENCE" | "USER_CANCEL" | "eos" | "eos_token" => "stop",
+        "length"
+        | "max_tokens"
+        | "MAX_TOKENS"
+        | "model_length"
+        | "model_context_window_exceeded" => "length",
+        "tool_calls" | "tool_use" | "TOOL_CALL" | "function_call" => "tool_calls",
+        "content_filter"
+        | "refusal"
+        | "SAFETY"
+        | "RECITATION"
+        | "BLOCKLIST"
+        | "PROHIBITED_CONTENT"
+        | "SPII"
+        | "IMAGE_SAFETY"
+        | "IMAGE_PROHIBITED_CONTENT"
+        | "IMAGE_RECITATION"
+        | "guardrail_intervened"
+        | "content_filtered"
+        | "ERROR_TOXIC" => "content_filter",
+        other => return Some(other.to_ascii_lowercase()),
+    };
+    Some(word.to_string())
 }
 
 /// `Retry-After` in seconds, when the header holds a number.
@@ -140,5 +397,153 @@ pub fn fallback_message(status: StatusCode, body: &[u8]) -> String {
         format!("upstream answered {status}")
     } else {
         format!("upstream answered {status}: {}", snippet.trim())
+    }
+}
+
+/// Test helpers shared by the adapters' unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// Decodes `bytes` fed in pieces cut at `cuts` (any order, any values up to the length).
+    pub fn decode_split(
+        adapter: &dyn ProviderAdapter,
+        route_type: RouteType,
+        bytes: &[u8],
+        mut cuts: Vec<usize>,
+    ) -> Result<Vec<StreamDelta>, ProviderError> {
+        cuts.sort_unstable();
+        let mut decoder = adapter.stream_decoder(route_type);
+        let mut out = Vec::new();
+        let mut last = 0;
+        for c in cuts.into_iter().map(|c| c.min(bytes.len())) {
+            decoder.feed(&bytes[last..c], &mut out)?;
+            last = c;
+        }
+        decoder.feed(&bytes[last..], &mut out)?;
+        decoder.finish(&mut out)?;
+        Ok(out)
+    }
+
+    /// The text of a decoded stream, joined.
+    pub fn text(deltas: &[StreamDelta]) -> String {
+        deltas.iter().filter_map(|d| d.text.as_deref()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Map, json};
+
+    use super::*;
+    use crate::llm::{ChatMessage, ChatRequest, CompletionsRequest, StreamOptions};
+
+    const ALL_PROVIDERS: [Provider; 16] = [
+        Provider::Openai,
+        Provider::AzureOpenai,
+        Provider::Anthropic,
+        Provider::Cohere,
+        Provider::Gemini,
+        Provider::Bedrock,
+        Provider::Mistral,
+        Provider::HuggingfaceTgi,
+        Provider::DatabricksModelServing,
+        Provider::MlflowModelServing,
+        Provider::Ai21,
+        Provider::Together,
+        Provider::Groq,
+        Provider::Deepseek,
+        Provider::Ollama,
+        Provider::OpenaiCompatible,
+    ];
+
+    fn request(route_type: RouteType) -> LlmRequest {
+        match route_type {
+            RouteType::Chat => LlmRequest::Chat(ChatRequest {
+                messages: vec![ChatMessage {
+                    role: "user".into(),
+                    content: json!("hi"),
+                    extra: Map::new(),
+                }],
+                params: Params::default(),
+                stream: StreamOptions::default(),
+                extra: Map::new(),
+            }),
+            RouteType::Completions => LlmRequest::Completions(CompletionsRequest {
+                prompt: "hi".into(),
+                params: Params::default(),
+                stream: StreamOptions::default(),
+                extra: Map::new(),
+            }),
+            RouteType::Embeddings => LlmRequest::Embeddings(EmbeddingsRequest {
+                input: vec!["hi".into()],
+                extra: Map::new(),
+            }),
+        }
+    }
+
+    #[test]
+    fn every_provider_has_an_adapter_and_hides_credentials_in_requests() {
+        for provider in ALL_PROVIDERS {
+            let adapter = adapter_for(provider).unwrap_or_else(|| panic!("{provider}"));
+            assert_eq!(adapter.provider(), provider);
+            let mut credentials = Credentials::default();
+            for key in [
+                API_KEY,
+                "azureAdToken",
+                "awsAccessKeyId",
+                "awsSecretAccessKey",
+                "awsSessionToken",
+            ] {
+                credentials.insert(key, SecretValue::new(format!("SECRET-{key}-0123456789")));
+            }
+            let target = Target {
+                model: "m".into(),
+                api_base: adapter
+                    .default_api_base()
+                    .unwrap_or("https://upstream.example")
+                    .into(),
+                credentials,
+                config: Default::default(),
+            };
+            for route_type in adapter.route_types() {
+                let req = adapter
+                    .build_request(&target, &request(*route_type))
+                    .unwrap_or_else(|e| panic!("{provider} {route_type}: {e}"));
+                let shown = format!("{req:?}");
+                assert!(!shown.contains("SECRET"), "{provider}: {shown}");
+                assert!(!req.url.contains("SECRET"), "{provider}: {}", req.url);
+                assert!(!String::from_utf8_lossy(&req.body).contains("SECRET"));
+                let auth = req.headers.iter().filter(|(_, v)| v.is_sensitive()).count();
+                assert!(auth >= 1, "{provider} sent no credential header");
+            }
+        }
+    }
+
+    #[test]
+    fn split_and_join_keep_embeddings_in_order() {
+        let request = LlmRequest::Embeddings(EmbeddingsRequest {
+            input: vec!["a".into(), "b".into(), "c".into()],
+            extra: Map::new(),
+        });
+        assert!(split_inputs(&request, 3).is_none());
+        let parts = split_inputs(&request, 2).unwrap_or_default();
+        assert_eq!(parts.len(), 2);
+        let answer = |data: Vec<Vec<f64>>, tokens| {
+            LlmResponse::Embeddings(Embeddings {
+                model: "m".into(),
+                data,
+                usage: Usage::new(Some(tokens), None),
+            })
+        };
+        let joined = join_embeddings(vec![
+            answer(vec![vec![1.0], vec![2.0]], 2),
+            answer(vec![vec![3.0]], 1),
+        ]);
+        let Ok(LlmResponse::Embeddings(e)) = joined else {
+            panic!("embeddings")
+        };
+        assert_eq!(e.data, vec![vec![1.0], vec![2.0], vec![3.0]]);
+        assert_eq!(e.usage.prompt_tokens, Some(3));
     }
 }

@@ -1,14 +1,14 @@
 //! OpenAI's Chat Completions, Completions and Embeddings APIs.
 
-use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use http::{HeaderMap, HeaderValue, StatusCode, header};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::sse::{SseEvent, SseParser};
+use super::sse::{SseDecoder, SseEvent, SseHandler};
 use super::{
-    API_KEY, CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder, Target,
-    UpstreamRequest, error_message, fallback_message, retry_after_secs,
+    ALL_ROUTE_TYPES, API_KEY, CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder,
+    Target, UpstreamRequest, insert_secret, json_headers, malformed, normalize_finish_reason,
+    post_json,
 };
 use crate::api::{Provider, RouteType};
 use crate::llm::{
@@ -24,11 +24,7 @@ impl ProviderAdapter for OpenAi {
     }
 
     fn route_types(&self) -> &'static [RouteType] {
-        &[
-            RouteType::Chat,
-            RouteType::Completions,
-            RouteType::Embeddings,
-        ]
+        ALL_ROUTE_TYPES
     }
 
     fn credential_keys(&self) -> CredentialKeys {
@@ -45,19 +41,7 @@ impl ProviderAdapter for OpenAi {
         request: &LlmRequest,
     ) -> Result<UpstreamRequest, ProviderError> {
         let (path, body) = request_body(&target.model, request);
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        if let Some(key) = target.credentials.get(API_KEY) {
-            let value = HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| {
-                ProviderError::Unsupported(
-                    "the API key holds characters not allowed in a header".into(),
-                )
-            })?;
-            headers.insert(header::AUTHORIZATION, sensitive(value));
-        }
+        let mut headers = bearer_headers(target)?;
         for (config_key, header_name) in [
             ("organization", "openai-organization"),
             ("project", "openai-project"),
@@ -70,12 +54,11 @@ impl ProviderAdapter for OpenAi {
                 headers.insert(header_name, v);
             }
         }
-        Ok(UpstreamRequest {
-            method: Method::POST,
-            url: format!("{}{}", target.api_base, path),
+        Ok(post_json(
+            format!("{}{}", target.api_base, path),
             headers,
-            body: Bytes::from(body.to_string()),
-        })
+            &body,
+        ))
     }
 
     fn parse_response(
@@ -87,27 +70,30 @@ impl ProviderAdapter for OpenAi {
         parse_response(route_type, body)
     }
 
-    fn parse_error(&self, status: StatusCode, headers: &HeaderMap, body: &[u8]) -> ProviderError {
-        ProviderError::Upstream {
-            status,
-            message: error_message(body).unwrap_or_else(|| fallback_message(status, body)),
-            retry_after: retry_after_secs(headers),
-        }
-    }
-
     fn stream_decoder(&self, route_type: RouteType) -> Box<dyn StreamDecoder> {
-        Box::new(OpenAiStream {
-            sse: SseParser::default(),
-            events: Vec::new(),
-            route_type,
-        })
+        stream_decoder(route_type)
     }
 }
 
-/// Marks an auth header so hyper's and reqwest's debug output hide it.
-pub(super) fn sensitive(mut value: HeaderValue) -> HeaderValue {
-    value.set_sensitive(true);
-    value
+/// JSON headers plus `Authorization: Bearer <key>` when the route has a key.
+pub(super) fn bearer_headers(target: &Target) -> Result<HeaderMap, ProviderError> {
+    let mut headers = json_headers();
+    if let Some(key) = target.credentials.get(API_KEY) {
+        insert_secret(
+            &mut headers,
+            header::AUTHORIZATION,
+            &format!("Bearer {key}"),
+        )?;
+    }
+    Ok(headers)
+}
+
+/// A decoder for OpenAI's `data: {chunk}` streams; shared with OpenAI-compatible servers.
+pub(super) fn stream_decoder(route_type: RouteType) -> Box<dyn StreamDecoder> {
+    SseDecoder::boxed(OpenAiStream {
+        route_type,
+        usage: None,
+    })
 }
 
 /// The OpenAI request body for `request` and the path it goes to; shared with OpenAI-compatible servers.
@@ -199,8 +185,9 @@ struct WireChoice {
 
 #[derive(Deserialize)]
 struct WireMessage {
+    /// A string, or (Databricks reasoning models) a list of typed parts.
     #[serde(default)]
-    content: Option<String>,
+    content: Option<Value>,
     #[serde(flatten)]
     extra: Map<String, Value>,
 }
@@ -225,7 +212,6 @@ pub(super) fn parse_response(
     route_type: RouteType,
     body: &[u8],
 ) -> Result<LlmResponse, ProviderError> {
-    let malformed = |e: serde_json::Error| ProviderError::MalformedResponse(e.to_string());
     match route_type {
         RouteType::Embeddings => {
             let mut wire: WireEmbeddings = serde_json::from_slice(body).map_err(malformed)?;
@@ -245,14 +231,14 @@ pub(super) fn parse_response(
                     let (text, message_extra) = match c.message {
                         Some(mut m) => {
                             m.extra.remove("role");
-                            (m.content.unwrap_or_default(), m.extra)
+                            (content_text(m.content.as_ref()), m.extra)
                         }
                         None => (c.text.unwrap_or_default(), Map::new()),
                     };
                     Choice {
                         index: c.index,
                         text,
-                        finish_reason: c.finish_reason,
+                        finish_reason: c.finish_reason.as_deref().and_then(normalize_finish_reason),
                         message_extra,
                     }
                 })
@@ -268,10 +254,23 @@ pub(super) fn parse_response(
     }
 }
 
+/// Text of a message `content`: the string, or the `text` parts of a list (reasoning parts skipped).
+fn content_text(content: Option<&Value>) -> String {
+    match content {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .filter(|p| p.get("type").and_then(Value::as_str).unwrap_or("text") == "text")
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect(),
+        _ => String::new(),
+    }
+}
+
 struct OpenAiStream {
-    sse: SseParser,
-    events: Vec<SseEvent>,
     route_type: RouteType,
+    /// Reported once at the end: some servers repeat a cumulative usage on every chunk.
+    usage: Option<Usage>,
 }
 
 #[derive(Deserialize)]
@@ -281,6 +280,14 @@ struct WireChunk {
     created: Option<i64>,
     #[serde(default)]
     choices: Vec<WireChunkChoice>,
+    usage: Option<WireUsage>,
+    /// Groq reports stream usage here.
+    x_groq: Option<WireGroq>,
+    error: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct WireGroq {
     usage: Option<WireUsage>,
 }
 
@@ -296,74 +303,71 @@ struct WireChunkChoice {
 #[derive(Deserialize)]
 struct WireDelta {
     role: Option<String>,
-    content: Option<String>,
+    content: Option<Value>,
 }
 
 impl OpenAiStream {
-    fn drain(&mut self, out: &mut Vec<StreamDelta>) -> Result<(), ProviderError> {
-        for event in self.events.drain(..) {
-            if event.data == "[DONE]" {
-                continue;
-            }
-            let chunk: WireChunk = serde_json::from_str(&event.data)
-                .map_err(|e| ProviderError::MalformedResponse(e.to_string()))?;
-            if let Some(err) = serde_json::from_str::<Value>(&event.data)
-                .ok()
-                .and_then(|v| v.get("error").cloned())
-            {
-                let message = err
-                    .get("message")
-                    .and_then(Value::as_str)
-                    .unwrap_or("upstream stream error");
-                return Err(ProviderError::Upstream {
-                    status: StatusCode::BAD_GATEWAY,
-                    message: message.to_string(),
-                    retry_after: None,
-                });
-            }
-            let usage = chunk.usage.map(Usage::from);
-            if chunk.choices.is_empty() {
-                if usage.is_some() {
-                    out.push(StreamDelta {
-                        id: chunk.id,
-                        model: chunk.model,
-                        created: chunk.created,
-                        usage,
-                        ..Default::default()
-                    });
-                }
-                continue;
-            }
-            for c in chunk.choices {
-                let (role, text) = match (self.route_type, c.delta) {
-                    (RouteType::Chat, Some(d)) => (d.role, d.content),
-                    _ => (None, c.text),
-                };
-                out.push(StreamDelta {
-                    id: chunk.id.clone(),
-                    model: chunk.model.clone(),
-                    created: chunk.created,
-                    index: c.index,
-                    role,
-                    text,
-                    finish_reason: c.finish_reason,
-                    usage,
-                });
-            }
+    fn flush_usage(&mut self, out: &mut Vec<StreamDelta>) {
+        if let Some(usage) = self.usage.take() {
+            out.push(StreamDelta {
+                usage: Some(usage),
+                ..Default::default()
+            });
         }
-        Ok(())
     }
 }
 
-impl StreamDecoder for OpenAiStream {
-    fn feed(&mut self, bytes: &[u8], out: &mut Vec<StreamDelta>) -> Result<(), ProviderError> {
-        self.sse.feed(bytes, &mut self.events);
-        self.drain(out)
+impl SseHandler for OpenAiStream {
+    fn event(&mut self, event: SseEvent, out: &mut Vec<StreamDelta>) -> Result<(), ProviderError> {
+        if event.data == "[DONE]" {
+            self.flush_usage(out);
+            return Ok(());
+        }
+        let chunk: WireChunk = serde_json::from_str(&event.data).map_err(malformed)?;
+        if let Some(err) = chunk.error {
+            let message = err
+                .get("message")
+                .and_then(Value::as_str)
+                .or(err.as_str())
+                .unwrap_or("upstream stream error");
+            return Err(ProviderError::Upstream {
+                status: StatusCode::BAD_GATEWAY,
+                message: message.to_string(),
+                retry_after: None,
+            });
+        }
+        if let Some(u) = chunk.usage.or(chunk.x_groq.and_then(|g| g.usage)) {
+            self.usage = Some(u.into());
+        }
+        for c in chunk.choices {
+            let (role, text) = match (self.route_type, c.delta) {
+                (RouteType::Chat, Some(d)) => (d.role, d.content.map(|v| content_text(Some(&v)))),
+                _ => (None, c.text),
+            };
+            let finish_reason = c.finish_reason.as_deref().and_then(normalize_finish_reason);
+            if role.is_none()
+                && text.as_deref().is_none_or(str::is_empty)
+                && finish_reason.is_none()
+            {
+                continue;
+            }
+            out.push(StreamDelta {
+                id: chunk.id.clone(),
+                model: chunk.model.clone(),
+                created: chunk.created,
+                index: c.index,
+                role,
+                text,
+                finish_reason,
+                usage: None,
+            });
+        }
+        Ok(())
     }
 
-    fn finish(&mut self, out: &mut Vec<StreamDelta>) -> Result<(), ProviderError> {
-        self.sse.finish(&mut self.events);
-        self.drain(out)
+    fn end(&mut self, out: &mut Vec<StreamDelta>) -> Result<(), ProviderError> {
+        self.flush_usage(out);
+        Ok(())
     }
 }
 

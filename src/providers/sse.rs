@@ -1,4 +1,8 @@
-//! An incremental Server-Sent Events parser (WHATWG framing), fed with bytes split anywhere.
+//! Incremental stream framings fed with bytes split anywhere: Server-Sent Events (WHATWG framing)
+//! and newline-delimited JSON, plus the decoder shell every SSE-speaking provider shares.
+
+use super::{ProviderError, StreamDecoder};
+use crate::llm::StreamDelta;
 
 /// One dispatched event.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
@@ -12,9 +16,20 @@ pub struct SseParser {
     buf: Vec<u8>,
     event: Option<String>,
     data: Option<String>,
+    /// Gemini may send an error after HTTP 200 as bare (often multi-line) JSON, without `data:`.
+    bare_json: bool,
+    bare: String,
 }
 
 impl SseParser {
+    /// A parser that also delivers bare JSON objects between events, as data-only events.
+    pub fn with_bare_json() -> Self {
+        SseParser {
+            bare_json: true,
+            ..Default::default()
+        }
+    }
+
     /// Appends complete events found in `bytes` to `out`; keeps any partial line for the next call.
     pub fn feed(&mut self, bytes: &[u8], out: &mut Vec<SseEvent>) {
         self.buf.extend_from_slice(bytes);
@@ -42,7 +57,8 @@ impl SseParser {
         self.buf.drain(..start);
     }
 
-    /// End of stream: a final event without its blank line is still delivered.
+    /// End of stream: a final event without its blank line is still delivered, and so is an
+    /// unfinished bare JSON text (its parse error then reports the truncation).
     pub fn finish(&mut self, out: &mut Vec<SseEvent>) {
         if !self.buf.is_empty() {
             let line = String::from_utf8_lossy(&self.buf).into_owned();
@@ -50,9 +66,26 @@ impl SseParser {
             self.line(&line, out);
         }
         self.dispatch(out);
+        if !self.bare.is_empty() {
+            out.push(SseEvent {
+                event: None,
+                data: std::mem::take(&mut self.bare),
+            });
+        }
     }
 
     fn line(&mut self, line: &str, out: &mut Vec<SseEvent>) {
+        if self.bare_json && (!self.bare.is_empty() || line.trim_start().starts_with('{')) {
+            self.bare.push_str(line);
+            self.bare.push('\n');
+            if serde_json::from_str::<serde::de::IgnoredAny>(&self.bare).is_ok() {
+                out.push(SseEvent {
+                    event: None,
+                    data: std::mem::take(&mut self.bare),
+                });
+            }
+            return;
+        }
         if line.is_empty() {
             self.dispatch(out);
             return;
@@ -81,6 +114,89 @@ impl SseParser {
         let event = self.event.take();
         if let Some(data) = self.data.take() {
             out.push(SseEvent { event, data });
+        }
+    }
+}
+
+/// What one provider makes of each SSE event; `SseDecoder` does the framing around it.
+pub trait SseHandler: Send {
+    fn event(&mut self, event: SseEvent, out: &mut Vec<StreamDelta>) -> Result<(), ProviderError>;
+    /// The connection closed, with or without the provider's own end marker.
+    fn end(&mut self, _out: &mut Vec<StreamDelta>) -> Result<(), ProviderError> {
+        Ok(())
+    }
+}
+
+/// A `StreamDecoder` for SSE providers: frames with `SseParser`, translates with the handler.
+pub struct SseDecoder<H> {
+    parser: SseParser,
+    events: Vec<SseEvent>,
+    handler: H,
+}
+
+impl<H: SseHandler + 'static> SseDecoder<H> {
+    pub fn boxed(handler: H) -> Box<dyn StreamDecoder> {
+        Self::with_parser(SseParser::default(), handler)
+    }
+
+    pub fn with_parser(parser: SseParser, handler: H) -> Box<dyn StreamDecoder> {
+        Box::new(SseDecoder {
+            parser,
+            events: Vec::new(),
+            handler,
+        })
+    }
+
+    fn drain(&mut self, out: &mut Vec<StreamDelta>) -> Result<(), ProviderError> {
+        for event in self.events.drain(..) {
+            self.handler.event(event, out)?;
+        }
+        Ok(())
+    }
+}
+
+impl<H: SseHandler + 'static> StreamDecoder for SseDecoder<H> {
+    fn feed(&mut self, bytes: &[u8], out: &mut Vec<StreamDelta>) -> Result<(), ProviderError> {
+        self.parser.feed(bytes, &mut self.events);
+        self.drain(out)
+    }
+
+    fn finish(&mut self, out: &mut Vec<StreamDelta>) -> Result<(), ProviderError> {
+        self.parser.finish(&mut self.events);
+        self.drain(out)?;
+        self.handler.end(out)
+    }
+}
+
+/// Newline-delimited JSON framing (Cohere v1 streams): one non-empty line per value.
+#[derive(Debug, Default)]
+pub struct JsonLines {
+    buf: Vec<u8>,
+}
+
+impl JsonLines {
+    pub fn feed(&mut self, bytes: &[u8], out: &mut Vec<String>) {
+        self.buf.extend_from_slice(bytes);
+        if let Some(last) = self.buf.iter().rposition(|b| *b == b'\n') {
+            let rest = self.buf.split_off(last + 1);
+            let complete = std::mem::replace(&mut self.buf, rest);
+            Self::lines(&complete, out);
+        }
+    }
+
+    /// End of stream: a last line without its newline still counts.
+    pub fn finish(&mut self, out: &mut Vec<String>) {
+        let rest = std::mem::take(&mut self.buf);
+        Self::lines(&rest, out);
+    }
+
+    fn lines(bytes: &[u8], out: &mut Vec<String>) {
+        for line in bytes.split(|b| *b == b'\n') {
+            let line = String::from_utf8_lossy(line);
+            let line = line.trim();
+            if !line.is_empty() {
+                out.push(line.to_string());
+            }
         }
     }
 }
@@ -145,6 +261,51 @@ mod tests {
                 event: None,
                 data: "tail".into()
             }]
+        );
+    }
+
+    #[test]
+    fn json_lines_survive_any_split() {
+        let input = b"{\"a\":1}\n\n{\"b\":\"x\\ny\"}\r\n{\"c\":3}";
+        let whole = {
+            let mut p = JsonLines::default();
+            let mut out = Vec::new();
+            p.feed(input, &mut out);
+            p.finish(&mut out);
+            out
+        };
+        assert_eq!(whole, ["{\"a\":1}", "{\"b\":\"x\\ny\"}", "{\"c\":3}"]);
+        for cut in 0..=input.len() {
+            let mut p = JsonLines::default();
+            let mut out = Vec::new();
+            p.feed(&input[..cut], &mut out);
+            p.feed(&input[cut..], &mut out);
+            p.finish(&mut out);
+            assert_eq!(out, whole, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn bare_json_between_events_is_delivered_when_asked_for() {
+        let input = b"data: {\"a\":1}\n\n{\n  \"error\": {\n    \"code\": 503,\n    \"message\": \"overloaded\"\n  }\n}\n";
+        for cut in 0..=input.len() {
+            let mut p = SseParser::with_bare_json();
+            let mut out = Vec::new();
+            p.feed(&input[..cut], &mut out);
+            p.feed(&input[cut..], &mut out);
+            p.finish(&mut out);
+            assert_eq!(out.len(), 2, "cut at {cut}");
+            assert_eq!(out[0].data, "{\"a\":1}");
+            let err: serde_json::Value = serde_json::from_str(&out[1].data).unwrap_or_default();
+            assert_eq!(err["error"]["code"], 503);
+        }
+        let mut plain = SseParser::default();
+        let mut out = Vec::new();
+        plain.feed(b"{\"x\": 1}\n\n", &mut out);
+        plain.finish(&mut out);
+        assert!(
+            out.is_empty(),
+            "plain SSE ignores lines that are not fields"
         );
     }
 }

@@ -17,12 +17,15 @@ pub enum LogFormat {
     Json,
 }
 
-/// Flushes exported spans on drop (at shutdown).
-pub struct TelemetryGuard(Option<SdkTracerProvider>);
+/// Flushes exported spans and buffered log lines on drop (at shutdown).
+pub struct TelemetryGuard {
+    traces: Option<SdkTracerProvider>,
+    _logs: tracing_appender::non_blocking::WorkerGuard,
+}
 
 impl Drop for TelemetryGuard {
     fn drop(&mut self) {
-        if let Some(provider) = self.0.take() {
+        if let Some(provider) = self.traces.take() {
             let _ = provider.shutdown();
         }
     }
@@ -42,7 +45,15 @@ pub fn init(
     );
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,kube=warn,hyper=warn"));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Writing to stderr blocks; a worker thread does it so request handlers never wait on it.
+    let (writer, log_guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        // Buffered: the worker flushes once per batch of queued lines, not once per line.
+        .finish(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::io::stderr(),
+        ));
+    let fmt = tracing_subscriber::fmt::layer().with_writer(writer);
     let fmt = match format {
         LogFormat::Text => fmt.boxed(),
         LogFormat::Json => fmt
@@ -80,5 +91,8 @@ pub fn init(
         .with(fmt)
         .with(otel)
         .init();
-    Ok(TelemetryGuard(provider))
+    Ok(TelemetryGuard {
+        traces: provider,
+        _logs: log_guard,
+    })
 }

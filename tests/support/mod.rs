@@ -556,3 +556,67 @@ pub fn sim() -> SimProvider {
 pub fn path_str(p: &Path) -> &str {
     p.to_str().unwrap_or_default()
 }
+
+/// A Secret holding several keys.
+pub fn secret_with(ns: &str, name: &str, data: &[(&str, &str)]) -> String {
+    let mut yaml = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {ns}\nstringData:\n"
+    );
+    for (k, v) in data {
+        yaml.push_str(&format!("  {k}: {v:?}\n"));
+    }
+    yaml
+}
+
+/// A Route for any provider; `secret` and `config` are optional.
+#[allow(clippy::too_many_arguments)] // mirrors the Route fields one to one
+pub fn provider_route(
+    ns: &str,
+    name: &str,
+    route_type: &str,
+    provider: &str,
+    model: &str,
+    api_base: &str,
+    secret: Option<&str>,
+    config: &[(&str, &str)],
+) -> String {
+    let mut yaml = format!(
+        "apiVersion: portcullis.dev/v1alpha1\nkind: Route\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  routeType: {route_type}\n  model:\n    provider: {provider}\n    name: {model:?}\n    apiBase: {api_base}\n"
+    );
+    if let Some(s) = secret {
+        yaml.push_str(&format!("    secretRef:\n      name: {s}\n"));
+    }
+    if !config.is_empty() {
+        yaml.push_str("    config:\n");
+        for (k, v) in config {
+            yaml.push_str(&format!("      {k}: {v:?}\n"));
+        }
+    }
+    yaml
+}
+
+/// Status, response headers (lower-case names) and body text.
+pub fn http_full(url: &str, body: &str) -> (u16, Vec<(String, String)>, String) {
+    let resp = client()
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .expect("request");
+    let status = resp.status().as_u16();
+    let headers = resp
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_string()))
+        .collect();
+    (status, headers, resp.text().unwrap_or_default())
+}
+
+/// The JSON chunks of an SSE body (`data: ...` lines), without the `[DONE]` marker.
+pub fn sse_chunks(body: &str) -> Vec<Value> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).expect("chunk json"))
+        .collect()
+}

@@ -2,7 +2,18 @@
 //! answers in its provider's documented wire format and records every request it receives, so
 //! tests can assert on exactly what the gateway sent upstream.
 
+mod anthropic;
+mod azure;
+mod bedrock;
+mod cohere;
+mod databricks;
+mod gemini;
+mod mlflow;
 mod openai;
+
+pub use bedrock::encode_frame;
+pub use openai::embed;
+mod tgi;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -81,7 +92,31 @@ pub struct Shared {
     pub behaviour: Mutex<Behaviour>,
     /// Recording costs a copy per request; the benchmark turns it off.
     pub record: std::sync::atomic::AtomicBool,
+    /// When set, the Bedrock simulation verifies SigV4 signatures made with this secret key.
+    pub aws_secret: Mutex<Option<String>>,
+    /// Streams whose client went away before the last chunk.
+    pub cancelled_streams: std::sync::atomic::AtomicUsize,
 }
+
+/// Every simulated provider, by its `spec.model.provider` value.
+pub const PROVIDERS: [&str; 16] = [
+    "openai",
+    "azure-openai",
+    "anthropic",
+    "cohere",
+    "gemini",
+    "bedrock",
+    "mistral",
+    "huggingface-tgi",
+    "databricks-model-serving",
+    "mlflow-model-serving",
+    "ai21",
+    "together",
+    "groq",
+    "deepseek",
+    "ollama",
+    "openai-compatible",
+];
 
 /// A running simulated provider on loopback.
 pub struct SimProvider {
@@ -115,6 +150,66 @@ impl SimProvider {
         format!("http://{}/openai/v1", self.addr)
     }
 
+    /// Base URL of the simulation of `provider` (a `spec.model.provider` value), as a Route's `apiBase`.
+    pub fn base(&self, provider: &str) -> String {
+        let path = match provider {
+            "openai" => "/openai/v1",
+            "azure-openai" => "/azure",
+            "anthropic" => "/anthropic",
+            "cohere" => "/cohere",
+            "gemini" => "/gemini",
+            "bedrock" => "/bedrock",
+            "huggingface-tgi" => "/tgi",
+            "databricks-model-serving" => "/databricks",
+            "mlflow-model-serving" => "/mlflow/generator",
+            "mistral" => "/mistral/v1",
+            "ai21" => "/ai21/studio/v1",
+            "together" => "/together/v1",
+            "groq" => "/groq/openai/v1",
+            "deepseek" => "/deepseek",
+            "ollama" => "/ollama/v1",
+            _ => "/compatible/v1",
+        };
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn anthropic_base(&self) -> String {
+        self.base("anthropic")
+    }
+
+    pub fn azure_base(&self) -> String {
+        self.base("azure-openai")
+    }
+
+    pub fn cohere_base(&self) -> String {
+        self.base("cohere")
+    }
+
+    pub fn gemini_base(&self) -> String {
+        self.base("gemini")
+    }
+
+    pub fn bedrock_base(&self) -> String {
+        self.base("bedrock")
+    }
+
+    pub fn tgi_base(&self) -> String {
+        self.base("huggingface-tgi")
+    }
+
+    pub fn databricks_base(&self) -> String {
+        self.base("databricks-model-serving")
+    }
+
+    pub fn mlflow_base(&self) -> String {
+        self.base("mlflow-model-serving")
+    }
+
+    /// The MLflow scoring server that hosts an embedding model.
+    pub fn mlflow_embedder_base(&self) -> String {
+        format!("http://{}/mlflow/embedder", self.addr)
+    }
+
     pub fn requests(&self) -> Vec<RecordedRequest> {
         self.shared.requests.lock().clone()
     }
@@ -123,12 +218,24 @@ impl SimProvider {
         self.shared.requests.lock().last().cloned()
     }
 
+    /// How many streamed answers were cut off by the client closing the connection.
+    pub fn cancelled_streams(&self) -> usize {
+        self.shared
+            .cancelled_streams
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn clear(&self) {
         self.shared.requests.lock().clear();
     }
 
     pub fn set_fault(&self, fault: Fault) {
         self.shared.behaviour.lock().fault = fault;
+    }
+
+    /// Makes the Bedrock simulation check signatures against this secret access key, as AWS does.
+    pub fn set_aws_secret(&self, secret: &str) {
+        *self.shared.aws_secret.lock() = Some(secret.to_string());
     }
 
     pub fn set_behaviour(&self, behaviour: Behaviour) {
@@ -145,11 +252,39 @@ impl Drop for SimProvider {
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .nest("/openai/v1", openai::router())
+        .nest("/mistral/v1", openai::flavored(openai::Flavor::MISTRAL))
+        .nest("/ai21/studio/v1", openai::router())
+        .nest("/together/v1", openai::router())
+        .nest("/groq/openai/v1", openai::flavored(openai::Flavor::GROQ))
+        .nest("/deepseek", openai::router())
+        .nest("/ollama/v1", openai::flavored(openai::Flavor::KEYLESS))
+        .nest("/compatible/v1", openai::flavored(openai::Flavor::KEYLESS))
+        .nest("/azure", azure::router())
+        .nest("/anthropic", anthropic::router())
+        .nest("/cohere", cohere::router())
+        .nest("/gemini", gemini::router())
+        .nest("/bedrock", bedrock::router())
+        .nest("/tgi", tgi::router())
+        .nest("/databricks", databricks::router())
+        .nest("/mlflow", mlflow::router())
         .layer(middleware::from_fn_with_state(
             shared.clone(),
             record_and_fault,
         ))
+        // Outside the recording layer: lets `make bench` see which key the gateway last used.
+        .route(
+            "/_sim/last-authorization",
+            axum::routing::get(last_authorization),
+        )
         .with_state(shared)
+}
+
+async fn last_authorization(State(shared): State<Arc<Shared>>) -> String {
+    let requests = shared.requests.lock();
+    requests
+        .last()
+        .and_then(|r| r.header("authorization").map(str::to_string))
+        .unwrap_or_default()
 }
 
 /// Records the request, then applies the configured fault before the provider handler runs.
@@ -210,6 +345,114 @@ async fn record_and_fault(
         axum::body::Body::from(bytes),
     ))
     .await
+}
+
+/// The answer's words, cut at `max` tokens when given (then the answer was cut for length).
+pub fn answer_words(shared: &Shared, max: Option<u64>) -> (Vec<String>, bool) {
+    let mut words = answer_text(shared.behaviour.lock().answer_words);
+    match max {
+        Some(max) if (max as usize) < words.len() => {
+            words.truncate(max as usize);
+            (words, true)
+        }
+        _ => (words, false),
+    }
+}
+
+/// The word pieces a stream sends: every word but the last followed by a space.
+pub fn pieces(words: &[String]) -> Vec<String> {
+    let n = words.len();
+    words
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            if i + 1 < n {
+                format!("{w} ")
+            } else {
+                w.clone()
+            }
+        })
+        .collect()
+}
+
+/// Counts a stream as cancelled when its body is dropped before the last chunk was taken.
+struct StreamGuard {
+    shared: Arc<Shared>,
+    finished: bool,
+}
+
+impl StreamGuard {
+    fn finish(mut self) {
+        self.finished = true;
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.shared
+                .cancelled_streams
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+/// A 200 streaming `frames` one by one, pausing `chunk_delay` before each; a stream the client
+/// leaves early counts in `cancelled_streams`.
+pub fn stream_response(
+    shared: &Arc<Shared>,
+    content_type: &'static str,
+    frames: Vec<Bytes>,
+) -> Response {
+    let delay = shared.behaviour.lock().chunk_delay;
+    let guard = StreamGuard {
+        shared: Arc::clone(shared),
+        finished: false,
+    };
+    let body = futures::stream::unfold(
+        (frames.into_iter(), guard),
+        move |(mut it, guard)| async move {
+            let Some(frame) = it.next() else {
+                guard.finish();
+                return None;
+            };
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            Some((Ok::<_, std::convert::Infallible>(frame), (it, guard)))
+        },
+    );
+    let mut response = Response::new(axum::body::Body::from_stream(body));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    response
+}
+
+/// A JSON answer with the given status.
+pub fn json_response(status: u16, body: Value) -> Response {
+    let mut response = Response::new(axum::body::Body::from(body.to_string()));
+    *response.status_mut() =
+        http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// The text of a message `content`: a string or text parts.
+pub fn content_text(content: &Value) -> String {
+    match content {
+        Value::String(s) => s.clone(),
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join(" "),
+        _ => String::new(),
+    }
 }
 
 /// Deterministic filler text: "word1 word2 ...".

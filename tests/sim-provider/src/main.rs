@@ -30,11 +30,10 @@ async fn main() -> std::io::Result<()> {
         answer_words: args.words,
         ..Default::default()
     });
-    eprintln!(
-        "simulated providers listening on {} (OpenAI at {})",
-        sim.addr,
-        sim.openai_base()
-    );
+    eprintln!("simulated providers listening on {}", sim.addr);
+    for provider in portcullis_sim::PROVIDERS {
+        eprintln!("  {provider:<26} {}", sim.base(provider));
+    }
     tokio::signal::ctrl_c().await?;
     Ok(())
 }

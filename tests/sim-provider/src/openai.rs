@@ -1,11 +1,12 @@
 //! OpenAI's API as documented: Bearer auth, chat.completion / text_completion / embedding list
 //! shapes, `data: {chunk}\n\n` streaming ended by `data: [DONE]`, and `{"error": {...}}` errors.
+//! The OpenAI-compatible servers (Mistral, Groq, Ollama, ...) are this simulation with a `Flavor`.
 #![allow(clippy::result_large_err)] // handlers return ready responses as errors
 
 use std::sync::Arc;
 
+use axum::Extension;
 use axum::Router;
-use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -13,13 +14,55 @@ use axum::routing::post;
 use bytes::Bytes;
 use serde_json::{Value, json};
 
-use crate::{Shared, answer_text, count_tokens, unix_now};
+use crate::{Shared, answer_text, count_tokens, pieces, stream_response, unix_now};
+
+/// Where an OpenAI-compatible server departs from OpenAI, as far as the gateway must care.
+#[derive(Clone, Copy, Debug)]
+pub struct Flavor {
+    pub require_key: bool,
+    /// Mistral: 422 on `stream_options`, and stream usage sent without it.
+    pub mistral: bool,
+    /// Groq: 400 unless `n` is 1.
+    pub single_choice: bool,
+    /// Databricks: cumulative usage on every stream chunk, asked for or not.
+    pub usage_every_chunk: bool,
+}
+
+impl Flavor {
+    pub const OPENAI: Flavor = Flavor {
+        require_key: true,
+        mistral: false,
+        single_choice: false,
+        usage_every_chunk: false,
+    };
+    pub const MISTRAL: Flavor = Flavor {
+        mistral: true,
+        ..Flavor::OPENAI
+    };
+    pub const GROQ: Flavor = Flavor {
+        single_choice: true,
+        ..Flavor::OPENAI
+    };
+    pub const KEYLESS: Flavor = Flavor {
+        require_key: false,
+        ..Flavor::OPENAI
+    };
+    pub const DATABRICKS: Flavor = Flavor {
+        usage_every_chunk: true,
+        ..Flavor::OPENAI
+    };
+}
 
 pub fn router() -> Router<Arc<Shared>> {
+    flavored(Flavor::OPENAI)
+}
+
+pub fn flavored(flavor: Flavor) -> Router<Arc<Shared>> {
     Router::new()
         .route("/chat/completions", post(chat))
         .route("/completions", post(completions))
         .route("/embeddings", post(embeddings))
+        .layer(Extension(flavor))
 }
 
 pub fn error(status: StatusCode, message: &str, kind: &str, code: Option<&str>) -> Response {
@@ -32,12 +75,12 @@ pub fn error(status: StatusCode, message: &str, kind: &str, code: Option<&str>) 
         .into_response()
 }
 
-fn check(headers: &HeaderMap, body: &Bytes) -> Result<Value, Response> {
+fn check(flavor: Flavor, headers: &HeaderMap, body: &Bytes) -> Result<Value, Response> {
     let auth = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    if !auth.starts_with("Bearer ") || auth.len() <= 7 {
+    if flavor.require_key && (!auth.starts_with("Bearer ") || auth.len() <= 7) {
         return Err(error(
             StatusCode::UNAUTHORIZED,
             "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
@@ -53,6 +96,21 @@ fn check(headers: &HeaderMap, body: &Bytes) -> Result<Value, Response> {
             None,
         )
     })?;
+    if flavor.mistral && value.get("stream_options").is_some() {
+        return Err((
+            StatusCode::UNPROCESSABLE_ENTITY,
+            axum::Json(json!({"detail": [{"type": "extra_forbidden", "loc": ["body", "stream_options"], "msg": "Extra inputs are not permitted", "input": value["stream_options"]}]})),
+        )
+            .into_response());
+    }
+    if flavor.single_choice && value.get("n").and_then(Value::as_u64).unwrap_or(1) != 1 {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "'n' : number must be at most 1",
+            "invalid_request_error",
+            None,
+        ));
+    }
     if value.get("model").and_then(Value::as_str).is_none() {
         return Err(error(
             StatusCode::BAD_REQUEST,
@@ -92,20 +150,32 @@ fn usage(prompt: u64, completion: u64) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
 
-async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
-    generate(shared, headers, body, true).await
+async fn chat(
+    State(shared): State<Arc<Shared>>,
+    Extension(flavor): Extension<Flavor>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    generate(shared, flavor, headers, body, true).await
 }
 
 async fn completions(
     State(shared): State<Arc<Shared>>,
+    Extension(flavor): Extension<Flavor>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    generate(shared, headers, body, false).await
+    generate(shared, flavor, headers, body, false).await
 }
 
-async fn generate(shared: Arc<Shared>, headers: HeaderMap, body: Bytes, chat: bool) -> Response {
-    let req = match check(&headers, &body) {
+pub async fn generate(
+    shared: Arc<Shared>,
+    flavor: Flavor,
+    headers: HeaderMap,
+    body: Bytes,
+    chat: bool,
+) -> Response {
+    let req = match check(flavor, &headers, &body) {
         Ok(r) => r,
         Err(resp) => return resp,
     };
@@ -116,21 +186,20 @@ async fn generate(shared: Arc<Shared>, headers: HeaderMap, body: Bytes, chat: bo
     let id = if chat { "chatcmpl-sim" } else { "cmpl-sim" };
     let created = unix_now();
     if req.get("stream").and_then(Value::as_bool) == Some(true) {
-        let include_usage = req
-            .pointer("/stream_options/include_usage")
-            .and_then(Value::as_bool)
-            == Some(true);
-        let delay = shared.behaviour.lock().chunk_delay;
+        let include_usage = flavor.mistral
+            || req
+                .pointer("/stream_options/include_usage")
+                .and_then(Value::as_bool)
+                == Some(true);
+        let usage_mode = if flavor.usage_every_chunk {
+            UsageMode::EveryChunk
+        } else if include_usage {
+            UsageMode::FinalChunk
+        } else {
+            UsageMode::None
+        };
         return stream(
-            id,
-            created,
-            model,
-            words,
-            finish,
-            prompt,
-            chat,
-            include_usage,
-            delay,
+            &shared, id, created, model, words, finish, prompt, chat, usage_mode,
         );
     }
     let text = words.join(" ");
@@ -156,8 +225,18 @@ async fn generate(shared: Arc<Shared>, headers: HeaderMap, body: Bytes, chat: bo
     .into_response()
 }
 
+#[derive(Clone, Copy, PartialEq)]
+enum UsageMode {
+    None,
+    /// OpenAI with `include_usage`: `"usage": null` on every chunk, then a `choices: []` usage chunk.
+    FinalChunk,
+    /// Databricks: the running total on every chunk.
+    EveryChunk,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn stream(
+    shared: &Arc<Shared>,
     id: &'static str,
     created: u64,
     model: String,
@@ -165,8 +244,7 @@ fn stream(
     finish: &'static str,
     prompt: u64,
     chat: bool,
-    include_usage: bool,
-    delay: std::time::Duration,
+    usage_mode: UsageMode,
 ) -> Response {
     let object = if chat {
         "chat.completion.chunk"
@@ -174,59 +252,51 @@ fn stream(
         "text_completion"
     };
     let completion = words.len() as u64;
-    let usage_field = if include_usage {
-        Some(Value::Null)
-    } else {
-        None
-    };
-    let chunk = move |choice: Value| {
+    let chunk = |choice: Value, so_far: u64| {
         let mut c = json!({"id": id, "object": object, "created": created, "model": model, "system_fingerprint": "fp_sim", "choices": [choice]});
-        if let Some(u) = &usage_field {
-            c["usage"] = u.clone();
+        match usage_mode {
+            UsageMode::None => {}
+            UsageMode::FinalChunk => c["usage"] = Value::Null,
+            UsageMode::EveryChunk => c["usage"] = usage(prompt, so_far),
         }
-        format!("data: {c}\n\n")
+        Bytes::from(format!("data: {c}\n\n"))
     };
-    let mut frames: Vec<String> = Vec::with_capacity(words.len() + 3);
+    let mut frames: Vec<Bytes> = Vec::with_capacity(words.len() + 3);
     if chat {
-        frames.push(chunk(
-            json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}),
-        ));
+        frames.push(chunk(json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}), 0));
     }
-    let n = words.len();
-    for (i, w) in words.into_iter().enumerate() {
-        let text = if i + 1 < n { format!("{w} ") } else { w };
+    for (i, text) in pieces(&words).into_iter().enumerate() {
         frames.push(if chat {
-            chunk(json!({"index": 0, "delta": {"content": text}, "logprobs": null, "finish_reason": null}))
+            chunk(json!({"index": 0, "delta": {"content": text}, "logprobs": null, "finish_reason": null}), i as u64 + 1)
         } else {
-            chunk(json!({"index": 0, "text": text, "logprobs": null, "finish_reason": null}))
+            chunk(json!({"index": 0, "text": text, "logprobs": null, "finish_reason": null}), i as u64 + 1)
         });
     }
     frames.push(if chat {
-        chunk(json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": finish}))
+        chunk(
+            json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": finish}),
+            completion,
+        )
     } else {
-        chunk(json!({"index": 0, "text": "", "logprobs": null, "finish_reason": finish}))
+        chunk(
+            json!({"index": 0, "text": "", "logprobs": null, "finish_reason": finish}),
+            completion,
+        )
     });
-    if include_usage {
+    if usage_mode == UsageMode::FinalChunk {
         let u = json!({"id": id, "object": object, "created": created, "choices": [], "usage": usage(prompt, completion)});
-        frames.push(format!("data: {u}\n\n"));
+        frames.push(Bytes::from(format!("data: {u}\n\n")));
     }
-    frames.push("data: [DONE]\n\n".to_string());
-    let body = futures::stream::unfold(frames.into_iter(), move |mut it| async move {
-        let frame = it.next()?;
-        if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
-        }
-        Some((Ok::<_, std::convert::Infallible>(Bytes::from(frame)), it))
-    });
-    Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "text/event-stream; charset=utf-8")
-        .body(Body::from_stream(body))
-        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+    frames.push(Bytes::from_static(b"data: [DONE]\n\n"));
+    stream_response(shared, "text/event-stream; charset=utf-8", frames)
 }
 
-async fn embeddings(headers: HeaderMap, body: Bytes) -> Response {
-    let req = match check(&headers, &body) {
+pub async fn embeddings(
+    Extension(flavor): Extension<Flavor>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let req = match check(flavor, &headers, &body) {
         Ok(r) => r,
         Err(resp) => return resp,
     };

@@ -1,0 +1,582 @@
+//! Anthropic's Messages API: top-level `system`, required `max_tokens`, content blocks, and
+//! named SSE events (`message_start` ... `message_stop`).
+
+use http::{HeaderValue, StatusCode};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use super::sse::{SseDecoder, SseEvent, SseHandler};
+use super::{
+    API_KEY, CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder, Target,
+    UpstreamRequest, insert_secret, json_headers, malformed, normalize_finish_reason, post_json,
+    push_turn, reject_n, single_choice, tool_calls_extra,
+};
+use crate::api::{Provider, RouteType};
+use crate::llm::{ChatMessage, ChatRequest, LlmRequest, LlmResponse, StreamDelta, Usage};
+
+pub const API_VERSION: &str = "2023-06-01";
+/// Anthropic requires `max_tokens`; this is used when neither the caller nor `config.maxTokens` sets it.
+pub const DEFAULT_MAX_TOKENS: u32 = 1024;
+
+pub struct Anthropic;
+
+impl ProviderAdapter for Anthropic {
+    fn provider(&self) -> Provider {
+        Provider::Anthropic
+    }
+
+    fn route_types(&self) -> &'static [RouteType] {
+        &[RouteType::Chat]
+    }
+
+    fn credential_keys(&self) -> CredentialKeys {
+        CredentialKeys::ApiKey { required: true }
+    }
+
+    fn default_api_base(&self) -> Option<&'static str> {
+        Some("https://api.anthropic.com")
+    }
+
+    fn build_request(
+        &self,
+        target: &Target,
+        request: &LlmRequest,
+    ) -> Result<UpstreamRequest, ProviderError> {
+        let LlmRequest::Chat(chat) = request else {
+            return Err(ProviderError::Unsupported(
+                "provider anthropic serves only chat".into(),
+            ));
+        };
+        let body = request_body(target, chat)?;
+        let mut headers = json_headers();
+        if let Some(key) = target.credentials.get(API_KEY) {
+            insert_secret(&mut headers, "x-api-key", key)?;
+        }
+        let version = target
+            .config
+            .get("anthropicVersion")
+            .and_then(|v| HeaderValue::from_str(v).ok())
+            .unwrap_or(HeaderValue::from_static(API_VERSION));
+        headers.insert("anthropic-version", version);
+        if let Some(beta) = target
+            .config
+            .get("anthropicBeta")
+            .and_then(|v| HeaderValue::from_str(v).ok())
+        {
+            headers.insert("anthropic-beta", beta);
+        }
+        Ok(post_json(
+            format!("{}/v1/messages", target.api_base),
+            headers,
+            &body,
+        ))
+    }
+
+    fn parse_response(
+        &self,
+        _target: &Target,
+        _route_type: RouteType,
+        body: &[u8],
+    ) -> Result<LlmResponse, ProviderError> {
+        let wire: WireMessage = serde_json::from_slice(body).map_err(malformed)?;
+        let mut text = String::new();
+        let mut tool_calls = Vec::new();
+        for block in &wire.content {
+            match block.get("type").and_then(Value::as_str) {
+                Some("text") => text.push_str(block["text"].as_str().unwrap_or_default()),
+                Some("tool_use") => tool_calls.push(json!({
+                    "id": block["id"],
+                    "type": "function",
+                    "function": {"name": block["name"], "arguments": block["input"].to_string()},
+                })),
+                _ => {}
+            }
+        }
+        let message_extra = tool_calls_extra(tool_calls);
+        Ok(single_choice(
+            wire.id,
+            wire.model,
+            text,
+            wire.stop_reason.as_deref(),
+            message_extra,
+            wire.usage.map(|u| u.into_usage(None)).unwrap_or_default(),
+        ))
+    }
+
+    fn stream_decoder(&self, _route_type: RouteType) -> Box<dyn StreamDecoder> {
+        SseDecoder::boxed(AnthropicStream::default())
+    }
+}
+
+fn request_body(target: &Target, chat: &ChatRequest) -> Result<Value, ProviderError> {
+    reject_n(Provider::Anthropic, &chat.params)?;
+    let mut system = Vec::new();
+    let mut messages: Vec<Value> = Vec::new();
+    for m in &chat.messages {
+        match m.role.as_str() {
+            "system" | "developer" => system.push(m.text()),
+            "tool" => push_turn(
+                &mut messages,
+                "user",
+                "content",
+                vec![json!({
+                    "type": "tool_result",
+                    "tool_use_id": m.extra.get("tool_call_id").cloned().unwrap_or(Value::Null),
+                    "content": m.text(),
+                })],
+            ),
+            "assistant" => push_turn(&mut messages, "assistant", "content", assistant_blocks(m)),
+            _ => push_turn(&mut messages, "user", "content", content_blocks(&m.content)),
+        }
+    }
+    let max_tokens = chat
+        .params
+        .max_tokens
+        .or_else(|| target.config.get("maxTokens").and_then(|v| v.parse().ok()))
+        .unwrap_or(DEFAULT_MAX_TOKENS);
+    let mut body = Map::new();
+    body.insert("model".into(), json!(target.model));
+    body.insert("max_tokens".into(), json!(max_tokens));
+    if !system.is_empty() {
+        body.insert("system".into(), json!(system.join("\n\n")));
+    }
+    body.insert("messages".into(), Value::Array(messages));
+    // Anthropic's scale ends at 1, and newer models refuse temperature and top_p together.
+    match (chat.params.temperature, chat.params.top_p) {
+        (Some(t), _) => {
+            body.insert("temperature".into(), json!(t.min(1.0)));
+        }
+        (None, Some(p)) => {
+            body.insert("top_p".into(), json!(p));
+        }
+        (None, None) => {}
+    }
+    if let Some(stop) = &chat.params.stop {
+        body.insert("stop_sequences".into(), json!(stop));
+    }
+    if chat.stream.stream {
+        body.insert("stream".into(), json!(true));
+    }
+    for key in ["top_k", "metadata"] {
+        if let Some(v) = chat.extra.get(key) {
+            body.insert(key.into(), v.clone());
+        }
+    }
+    if let Some(Value::Array(tools)) = chat.extra.get("tools") {
+        let tools: Vec<Value> = tools
+            .iter()
+            .filter_map(|t| t.get("function"))
+            .map(|f| json!({"name": f["name"], "description": f.get("description").cloned().unwrap_or(json!("")), "input_schema": f.get("parameters").cloned().unwrap_or(json!({"type": "object"}))}))
+            .collect();
+        body.insert("tools".into(), Value::Array(tools));
+    }
+    Ok(Value::Object(body))
+}
+
+fn content_blocks(content: &Value) -> Vec<Value> {
+    match content {
+        Value::String(s) => vec![json!({"type": "text", "text": s})],
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| match p.get("type").and_then(Value::as_str) {
+                Some("text") => Some(json!({"type": "text", "text": p["text"]})),
+                Some("image_url") => {
+                    let url = p.pointer("/image_url/url")?.as_str()?;
+                    Some(match url.strip_prefix("data:").and_then(|r| r.split_once(";base64,")) {
+                        Some((media_type, data)) => json!({"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}),
+                        None => json!({"type": "image", "source": {"type": "url", "url": url}}),
+                    })
+                }
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn assistant_blocks(m: &ChatMessage) -> Vec<Value> {
+    let mut blocks = content_blocks(&m.content);
+    if let Some(Value::Array(calls)) = m.extra.get("tool_calls") {
+        for call in calls {
+            let input = call
+                .pointer("/function/arguments")
+                .and_then(Value::as_str)
+                .and_then(|a| serde_json::from_str::<Value>(a).ok())
+                .unwrap_or(json!({}));
+            blocks.push(json!({"type": "tool_use", "id": call["id"], "name": call.pointer("/function/name"), "input": input}));
+        }
+    }
+    blocks
+}
+
+#[derive(Deserialize)]
+struct WireMessage {
+    #[serde(default)]
+    id: String,
+    #[serde(default)]
+    model: String,
+    content: Vec<Value>,
+    stop_reason: Option<String>,
+    usage: Option<WireUsage>,
+}
+
+#[derive(Deserialize, Default, Clone, Copy)]
+struct WireUsage {
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    cache_creation_input_tokens: Option<u64>,
+    cache_read_input_tokens: Option<u64>,
+}
+
+impl WireUsage {
+    /// Input counts cache writes and reads too; `input` overrides with an earlier report (streams).
+    fn into_usage(self, input: Option<u64>) -> Usage {
+        let prompt = input.or_else(|| {
+            self.input_tokens.map(|i| {
+                i + self.cache_creation_input_tokens.unwrap_or(0)
+                    + self.cache_read_input_tokens.unwrap_or(0)
+            })
+        });
+        Usage::new(prompt, self.output_tokens)
+    }
+}
+
+#[derive(Default)]
+struct AnthropicStream {
+    id: Option<String>,
+    model: Option<String>,
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    usage_sent: bool,
+}
+
+#[derive(Deserialize)]
+struct WireEvent {
+    #[serde(rename = "type")]
+    kind: String,
+    message: Option<WireStart>,
+    delta: Option<Value>,
+    usage: Option<WireUsage>,
+    error: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct WireStart {
+    id: Option<String>,
+    model: Option<String>,
+    usage: Option<WireUsage>,
+}
+
+impl AnthropicStream {
+    fn delta(&self) -> StreamDelta {
+        StreamDelta {
+            id: self.id.clone(),
+            model: self.model.clone(),
+            ..Default::default()
+        }
+    }
+
+    fn send_usage(&mut self, out: &mut Vec<StreamDelta>) {
+        if self.usage_sent || (self.input_tokens.is_none() && self.output_tokens.is_none()) {
+            return;
+        }
+        self.usage_sent = true;
+        out.push(StreamDelta {
+            usage: Some(Usage::new(self.input_tokens, self.output_tokens)),
+            ..self.delta()
+        });
+    }
+}
+
+impl SseHandler for AnthropicStream {
+    fn event(&mut self, event: SseEvent, out: &mut Vec<StreamDelta>) -> Result<(), ProviderError> {
+        let wire: WireEvent = serde_json::from_str(&event.data).map_err(malformed)?;
+        match event.event.as_deref().unwrap_or(&wire.kind) {
+            "message_start" => {
+                if let Some(m) = wire.message {
+                    self.id = m.id;
+                    self.model = m.model;
+                    if let Some(u) = m.usage {
+                        self.input_tokens = u.into_usage(None).prompt_tokens;
+                        self.output_tokens = u.output_tokens;
+                    }
+                }
+                out.push(StreamDelta {
+                    role: Some("assistant".into()),
+                    ..self.delta()
+                });
+            }
+            "content_block_delta" => {
+                if let Some(text) = wire
+                    .delta
+                    .as_ref()
+                    .filter(|d| d["type"] == "text_delta")
+                    .and_then(|d| d["text"].as_str())
+                {
+                    out.push(StreamDelta {
+                        text: Some(text.to_string()),
+                        ..self.delta()
+                    });
+                }
+            }
+            "message_delta" => {
+                // Output usage here is cumulative: the last report wins.
+                if let Some(u) = wire.usage {
+                    self.output_tokens = u.output_tokens.or(self.output_tokens);
+                }
+                if let Some(reason) = wire
+                    .delta
+                    .as_ref()
+                    .and_then(|d| d["stop_reason"].as_str())
+                    .and_then(normalize_finish_reason)
+                {
+                    out.push(StreamDelta {
+                        finish_reason: Some(reason),
+                        ..self.delta()
+                    });
+                }
+            }
+            "message_stop" => self.send_usage(out),
+            "error" => {
+                let err = wire.error.unwrap_or_default();
+                let status = match err["type"].as_str() {
+                    Some("overloaded_error") => {
+                        StatusCode::from_u16(529).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
+                    }
+                    Some("rate_limit_error") => StatusCode::TOO_MANY_REQUESTS,
+                    _ => StatusCode::BAD_GATEWAY,
+                };
+                return Err(ProviderError::Upstream {
+                    status,
+                    message: err["message"]
+                        .as_str()
+                        .unwrap_or("upstream stream error")
+                        .to_string(),
+                    retry_after: None,
+                });
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn end(&mut self, out: &mut Vec<StreamDelta>) -> Result<(), ProviderError> {
+        self.send_usage(out);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::llm::{Params, StreamOptions};
+    use crate::providers::testing::decode_split;
+    use crate::providers::{Credentials, SecretValue};
+    use http::HeaderMap;
+    use proptest::prelude::*;
+
+    fn target() -> Target {
+        let mut credentials = Credentials::default();
+        credentials.insert(API_KEY, SecretValue::new("sk-ant-1"));
+        Target {
+            model: "claude-sonnet-4-5".into(),
+            api_base: "https://api.anthropic.com".into(),
+            credentials,
+            config: Default::default(),
+        }
+    }
+
+    fn msg(role: &str, content: Value) -> ChatMessage {
+        ChatMessage {
+            role: role.into(),
+            content,
+            extra: Map::new(),
+        }
+    }
+
+    fn chat(params: Params, stream: bool) -> LlmRequest {
+        LlmRequest::Chat(ChatRequest {
+            messages: vec![
+                msg("system", json!("Be terse.")),
+                msg("user", json!("Name a prime.")),
+            ],
+            params,
+            stream: StreamOptions {
+                stream,
+                include_usage: false,
+            },
+            extra: Map::new(),
+        })
+    }
+
+    #[test]
+    fn request_lifts_system_defaults_max_tokens_and_sets_headers() {
+        let req = Anthropic
+            .build_request(
+                &target(),
+                &chat(
+                    Params {
+                        temperature: Some(1.6),
+                        top_p: Some(0.9),
+                        stop: Some(vec!["\n\nHuman:".into()]),
+                        ..Default::default()
+                    },
+                    true,
+                ),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(req.url, "https://api.anthropic.com/v1/messages");
+        assert_eq!(req.headers["x-api-key"], "sk-ant-1");
+        assert!(req.headers["x-api-key"].is_sensitive());
+        assert_eq!(req.headers["anthropic-version"], "2023-06-01");
+        assert!(req.headers.get("authorization").is_none());
+        let body: Value = serde_json::from_slice(&req.body).unwrap_or_default();
+        assert_eq!(
+            body,
+            json!({"model":"claude-sonnet-4-5","max_tokens":1024,"system":"Be terse.",
+                   "messages":[{"role":"user","content":[{"type":"text","text":"Name a prime."}]}],
+                   "temperature":1.0,"stop_sequences":["\n\nHuman:"],"stream":true})
+        );
+    }
+
+    #[test]
+    fn n_above_one_is_refused_and_tool_turns_become_blocks() {
+        let err = Anthropic
+            .build_request(
+                &target(),
+                &chat(
+                    Params {
+                        n: Some(2),
+                        ..Default::default()
+                    },
+                    false,
+                ),
+            )
+            .err();
+        assert_eq!(
+            err,
+            Some(ProviderError::Unsupported(
+                "provider anthropic does not support n > 1".into()
+            ))
+        );
+        let mut call = msg("assistant", Value::Null);
+        call.extra.insert(
+            "tool_calls".into(),
+            json!([{"id":"t1","type":"function","function":{"name":"f","arguments":"{\"a\":1}"}}]),
+        );
+        let mut result = msg("tool", json!("42"));
+        result.extra.insert("tool_call_id".into(), json!("t1"));
+        let req = LlmRequest::Chat(ChatRequest {
+            messages: vec![msg("user", json!("go")), call, result],
+            params: Params {
+                max_tokens: Some(5),
+                ..Default::default()
+            },
+            stream: StreamOptions::default(),
+            extra: Map::new(),
+        });
+        let built = Anthropic
+            .build_request(&target(), &req)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let body: Value = serde_json::from_slice(&built.body).unwrap_or_default();
+        assert_eq!(body["max_tokens"], 5);
+        assert_eq!(
+            body["messages"],
+            json!([{"role":"user","content":[{"type":"text","text":"go"}]},
+                   {"role":"assistant","content":[{"type":"tool_use","id":"t1","name":"f","input":{"a":1}}]},
+                   {"role":"user","content":[{"type":"tool_result","tool_use_id":"t1","content":"42"}]}])
+        );
+    }
+
+    #[test]
+    fn response_text_finish_reason_usage_and_tool_calls() {
+        let body = br#"{"id":"msg_01X","type":"message","role":"assistant","model":"claude-sonnet-4-5-20250929","content":[{"type":"thinking","thinking":"hm"},{"type":"text","text":"7"},{"type":"tool_use","id":"t","name":"f","input":{"x":1}}],"stop_reason":"tool_use","stop_sequence":null,"usage":{"input_tokens":12,"output_tokens":5,"cache_creation_input_tokens":2,"cache_read_input_tokens":1}}"#;
+        let Ok(LlmResponse::Generation(g)) =
+            Anthropic.parse_response(&target(), RouteType::Chat, body)
+        else {
+            panic!("not a generation")
+        };
+        assert_eq!(g.id, "msg_01X");
+        assert_eq!(g.choices[0].text, "7");
+        assert_eq!(g.choices[0].finish_reason.as_deref(), Some("tool_calls"));
+        assert_eq!(
+            g.choices[0].message_extra["tool_calls"][0]["function"]["arguments"],
+            "{\"x\":1}"
+        );
+        assert_eq!(g.usage, Usage::new(Some(15), Some(5)));
+        for (raw, want) in [
+            ("end_turn", "stop"),
+            ("max_tokens", "length"),
+            ("stop_sequence", "stop"),
+            ("refusal", "content_filter"),
+        ] {
+            assert_eq!(normalize_finish_reason(raw).as_deref(), Some(want));
+        }
+    }
+
+    #[test]
+    fn errors_keep_message_status_and_retry_after() {
+        let mut h = HeaderMap::new();
+        h.insert(http::header::RETRY_AFTER, HeaderValue::from_static("30"));
+        let err = Anthropic.parse_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            &h,
+            br#"{"type":"error","error":{"type":"rate_limit_error","message":"Number of request tokens has exceeded your per-minute rate limit"},"request_id":"req_1"}"#,
+        );
+        assert_eq!(
+            err,
+            ProviderError::Upstream {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                message: "Number of request tokens has exceeded your per-minute rate limit".into(),
+                retry_after: Some(30)
+            }
+        );
+    }
+
+    const STREAM: &str = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"m\",\"content\":[],\"stop_reason\":null,\"stop_sequence\":null,\"usage\":{\"input_tokens\":12,\"output_tokens\":1}}}\n\nevent: ping\ndata: {\"type\":\"ping\"}\n\nevent: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\nevent: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hé\"}}\n\nevent: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"llo\"}}\n\nevent: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":5}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+
+    fn decode(bytes: &[u8]) -> Result<Vec<StreamDelta>, ProviderError> {
+        decode_split(&Anthropic, RouteType::Chat, bytes, vec![])
+    }
+
+    #[test]
+    fn stream_yields_role_text_finish_and_one_usage() {
+        let out = decode(STREAM.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+        let text: String = out.iter().filter_map(|d| d.text.clone()).collect();
+        assert_eq!(text, "Héllo");
+        assert_eq!(out[0].role.as_deref(), Some("assistant"));
+        assert_eq!(out[0].id.as_deref(), Some("msg_1"));
+        assert!(
+            out.iter()
+                .any(|d| d.finish_reason.as_deref() == Some("stop"))
+        );
+        let usages: Vec<Usage> = out.iter().filter_map(|d| d.usage).collect();
+        assert_eq!(usages, vec![Usage::new(Some(12), Some(5))]);
+    }
+
+    #[test]
+    fn stream_without_message_stop_still_reports_usage() {
+        let cut = STREAM.find("event: message_stop").unwrap_or(STREAM.len());
+        let out = decode(&STREAM.as_bytes()[..cut]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            out.iter().filter_map(|d| d.usage).collect::<Vec<_>>(),
+            vec![Usage::new(Some(12), Some(5))]
+        );
+    }
+
+    #[test]
+    fn error_event_after_200_is_a_stream_error() {
+        let err = decode(b"event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n").err();
+        assert!(
+            matches!(err, Some(ProviderError::Upstream { status, ref message, .. }) if status.as_u16() == 529 && message == "Overloaded")
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn stream_is_the_same_however_it_is_cut(cuts in proptest::collection::vec(0..STREAM.len(), 0..8)) {
+            let whole = decode(STREAM.as_bytes());
+            prop_assert_eq!(decode_split(&Anthropic, RouteType::Chat, STREAM.as_bytes(), cuts), whole);
+        }
+    }
+}

@@ -1,0 +1,436 @@
+//! The OpenAI-compatible family: servers that speak OpenAI's API, each with a few documented quirks.
+//! One adapter serves them all; a provider is a row of `Quirks`, not a copy of the OpenAI code.
+
+use http::StatusCode;
+use serde_json::Value;
+
+use super::{
+    ALL_ROUTE_TYPES, CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder, Target,
+    UpstreamRequest, openai, post_json, reject_n,
+};
+use crate::api::{Provider, RouteType};
+use crate::llm::{ChatRequest, CompletionsRequest, LlmRequest, LlmResponse};
+
+const CHAT: &[RouteType] = &[RouteType::Chat];
+const CHAT_EMBEDDINGS: &[RouteType] = &[RouteType::Chat, RouteType::Embeddings];
+
+/// How one OpenAI-compatible server departs from OpenAI.
+pub struct OpenAiCompatible {
+    provider: Provider,
+    default_api_base: Option<&'static str>,
+    key_required: bool,
+    route_types: &'static [RouteType],
+    /// Whether `stream_options.include_usage` may be sent; servers that reject it report usage anyway.
+    stream_options: bool,
+    /// Whether `n > 1` is refused upstream (then the gateway refuses it first, with a clear message).
+    n_must_be_one: bool,
+    /// Fields the server spells differently: (OpenAI name, server name).
+    renames: &'static [(&'static str, &'static str)],
+    /// Databricks serving endpoints: `/serving-endpoints/{name}/invocations`, the endpoint fixes the model.
+    serving_endpoint: bool,
+}
+
+const DEFAULTS: OpenAiCompatible = OpenAiCompatible {
+    provider: Provider::OpenaiCompatible,
+    default_api_base: None,
+    key_required: true,
+    route_types: ALL_ROUTE_TYPES,
+    stream_options: true,
+    n_must_be_one: false,
+    renames: &[],
+    serving_endpoint: false,
+};
+
+pub static OPENAI_COMPATIBLE: OpenAiCompatible = OpenAiCompatible {
+    key_required: false,
+    ..DEFAULTS
+};
+
+pub static TOGETHER: OpenAiCompatible = OpenAiCompatible {
+    provider: Provider::Together,
+    default_api_base: Some("https://api.together.xyz/v1"),
+    ..DEFAULTS
+};
+
+pub static GROQ: OpenAiCompatible = OpenAiCompatible {
+    provider: Provider::Groq,
+    default_api_base: Some("https://api.groq.com/openai/v1"),
+    route_types: CHAT_EMBEDDINGS,
+    n_must_be_one: true,
+    ..DEFAULTS
+};
+
+pub static DEEPSEEK: OpenAiCompatible = OpenAiCompatible {
+    provider: Provider::Deepseek,
+    default_api_base: Some("https://api.deepseek.com"),
+    route_types: CHAT,
+    ..DEFAULTS
+};
+
+pub static OLLAMA: OpenAiCompatible = OpenAiCompatible {
+    provider: Provider::Ollama,
+    default_api_base: Some("http://localhost:11434/v1"),
+    key_required: false,
+    ..DEFAULTS
+};
+
+pub static MISTRAL: OpenAiCompatible = OpenAiCompatible {
+    provider: Provider::Mistral,
+    default_api_base: Some("https://api.mistral.ai/v1"),
+    route_types: CHAT_EMBEDDINGS,
+    stream_options: false,
+    renames: &[("seed", "random_seed")],
+    ..DEFAULTS
+};
+
+pub static AI21: OpenAiCompatible = OpenAiCompatible {
+    provider: Provider::Ai21,
+    default_api_base: Some("https://api.ai21.com/studio/v1"),
+    route_types: CHAT,
+    ..DEFAULTS
+};
+
+pub static DATABRICKS: OpenAiCompatible = OpenAiCompatible {
+    provider: Provider::DatabricksModelServing,
+    stream_options: false,
+    serving_endpoint: true,
+    ..DEFAULTS
+};
+
+impl ProviderAdapter for OpenAiCompatible {
+    fn provider(&self) -> Provider {
+        self.provider
+    }
+
+    fn route_types(&self) -> &'static [RouteType] {
+        self.route_types
+    }
+
+    fn credential_keys(&self) -> CredentialKeys {
+        CredentialKeys::ApiKey {
+            required: self.key_required,
+        }
+    }
+
+    fn default_api_base(&self) -> Option<&'static str> {
+        self.default_api_base
+    }
+
+    fn build_request(
+        &self,
+        target: &Target,
+        request: &LlmRequest,
+    ) -> Result<UpstreamRequest, ProviderError> {
+        if self.n_must_be_one
+            && let LlmRequest::Chat(ChatRequest { params, .. })
+            | LlmRequest::Completions(CompletionsRequest { params, .. }) = request
+        {
+            reject_n(self.provider, params)?;
+        }
+        let (path, mut body) = openai::request_body(&target.model, request);
+        if let Value::Object(fields) = &mut body {
+            if !self.stream_options {
+                fields.remove("stream_options");
+            }
+            for (from, to) in self.renames {
+                if let Some(v) = fields.remove(*from) {
+                    fields.insert((*to).to_string(), v);
+                }
+            }
+        }
+        let url = if self.serving_endpoint {
+            if let Value::Object(fields) = &mut body {
+                fields.remove("model");
+            }
+            format!(
+                "{}/serving-endpoints/{}/invocations",
+                target.api_base, target.model
+            )
+        } else {
+            format!("{}{}", target.api_base, path)
+        };
+        Ok(post_json(url, openai::bearer_headers(target)?, &body))
+    }
+
+    fn parse_response(
+        &self,
+        _target: &Target,
+        route_type: RouteType,
+        body: &[u8],
+    ) -> Result<LlmResponse, ProviderError> {
+        let answer = openai::parse_response(route_type, body)?;
+        // DeepSeek's "the server ran out of capacity mid-answer" is a retryable failure, not an answer.
+        if let LlmResponse::Generation(g) = &answer
+            && g.choices
+                .iter()
+                .any(|c| c.finish_reason.as_deref() == Some("insufficient_system_resource"))
+        {
+            return Err(ProviderError::Upstream {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                message: format!(
+                    "provider {} stopped generating: insufficient system resource",
+                    self.provider
+                ),
+                retry_after: None,
+            });
+        }
+        Ok(answer)
+    }
+
+    fn stream_decoder(&self, route_type: RouteType) -> Box<dyn StreamDecoder> {
+        openai::stream_decoder(route_type)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::{HeaderMap, Method};
+    use serde_json::{Map, json};
+
+    use super::*;
+    use crate::llm::{
+        ChatMessage, ChatRequest, EmbeddingsRequest, LlmResponse, Params, StreamOptions,
+    };
+    use crate::providers::{API_KEY, Credentials, SecretValue, adapter_for};
+
+    fn target(key: Option<&str>) -> Target {
+        let mut credentials = Credentials::default();
+        if let Some(k) = key {
+            credentials.insert(API_KEY, SecretValue::new(k));
+        }
+        Target {
+            model: "m1".into(),
+            api_base: "http://sim/base".into(),
+            credentials,
+            config: Default::default(),
+        }
+    }
+
+    fn chat(n: Option<u32>, stream: bool, extra: Map<String, Value>) -> LlmRequest {
+        LlmRequest::Chat(ChatRequest {
+            messages: vec![ChatMessage {
+                role: "user".into(),
+                content: json!("hi"),
+                extra: Map::new(),
+            }],
+            params: Params {
+                max_tokens: Some(5),
+                n,
+                ..Default::default()
+            },
+            stream: StreamOptions {
+                stream,
+                include_usage: false,
+            },
+            extra,
+        })
+    }
+
+    fn body(req: &UpstreamRequest) -> Value {
+        serde_json::from_slice(&req.body).unwrap_or_default()
+    }
+
+    #[test]
+    fn every_family_member_sends_openai_chat_with_bearer_key() {
+        for p in [
+            &TOGETHER,
+            &GROQ,
+            &DEEPSEEK,
+            &OLLAMA,
+            &OPENAI_COMPATIBLE,
+            &MISTRAL,
+            &AI21,
+        ] {
+            let req = p
+                .build_request(&target(Some("k-1")), &chat(None, false, Map::new()))
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(req.method, Method::POST);
+            assert_eq!(
+                req.url, "http://sim/base/chat/completions",
+                "{}",
+                p.provider
+            );
+            assert_eq!(req.headers["authorization"], "Bearer k-1");
+            assert!(req.headers["authorization"].is_sensitive());
+            assert_eq!(
+                body(&req),
+                json!({"model":"m1","messages":[{"role":"user","content":"hi"}],"max_tokens":5})
+            );
+        }
+    }
+
+    #[test]
+    fn keyless_servers_get_no_auth_header() {
+        let req = OLLAMA
+            .build_request(&target(None), &chat(None, false, Map::new()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(req.headers.get("authorization").is_none());
+        assert_eq!(
+            OLLAMA.credential_keys(),
+            CredentialKeys::ApiKey { required: false }
+        );
+        assert_eq!(
+            GROQ.credential_keys(),
+            CredentialKeys::ApiKey { required: true }
+        );
+    }
+
+    #[test]
+    fn groq_refuses_n_above_one_and_others_pass_it() {
+        let err = GROQ
+            .build_request(&target(Some("k")), &chat(Some(2), false, Map::new()))
+            .err();
+        assert_eq!(
+            err,
+            Some(ProviderError::Unsupported(
+                "provider groq does not support n > 1".into()
+            ))
+        );
+        let req = TOGETHER
+            .build_request(&target(Some("k")), &chat(Some(2), false, Map::new()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(body(&req)["n"], 2);
+    }
+
+    #[test]
+    fn mistral_gets_random_seed_and_no_stream_options() {
+        let mut extra = Map::new();
+        extra.insert("seed".into(), json!(7));
+        let req = MISTRAL
+            .build_request(&target(Some("k")), &chat(None, true, extra.clone()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let b = body(&req);
+        assert_eq!(b["random_seed"], 7);
+        assert!(b.get("seed").is_none() && b.get("stream_options").is_none());
+        assert_eq!(b["stream"], true);
+        let req = DEEPSEEK
+            .build_request(&target(Some("k")), &chat(None, true, extra))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(body(&req)["stream_options"], json!({"include_usage": true}));
+        assert_eq!(body(&req)["seed"], 7);
+    }
+
+    #[test]
+    fn databricks_posts_to_the_serving_endpoint_without_model() {
+        let req = DATABRICKS
+            .build_request(&target(Some("dapi-1")), &chat(None, true, Map::new()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(req.url, "http://sim/base/serving-endpoints/m1/invocations");
+        assert_eq!(req.headers["authorization"], "Bearer dapi-1");
+        assert_eq!(
+            body(&req),
+            json!({"messages":[{"role":"user","content":"hi"}],"max_tokens":5,"stream":true})
+        );
+        let emb = LlmRequest::Embeddings(EmbeddingsRequest {
+            input: vec!["a".into()],
+            extra: Map::new(),
+        });
+        let req = DATABRICKS
+            .build_request(&target(Some("d")), &emb)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(body(&req), json!({"input":["a"]}));
+    }
+
+    #[test]
+    fn databricks_array_content_and_quirky_finish_reasons_are_normalised() {
+        let body = br#"{"id":"x","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":[{"type":"reasoning","summary":[]},{"type":"text","text":"7"}]},"finish_reason":"eos"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
+        let Ok(LlmResponse::Generation(g)) =
+            DATABRICKS.parse_response(&target(None), RouteType::Chat, body)
+        else {
+            panic!("not a generation")
+        };
+        assert_eq!(g.choices[0].text, "7");
+        assert_eq!(g.choices[0].finish_reason.as_deref(), Some("stop"));
+        for (raw, want) in [
+            ("model_length", "length"),
+            ("stop_sequence", "stop"),
+            ("tool_calls", "tool_calls"),
+        ] {
+            let body = format!(
+                r#"{{"choices":[{{"index":0,"message":{{"content":"x"}},"finish_reason":"{raw}"}}]}}"#
+            );
+            let Ok(LlmResponse::Generation(g)) =
+                MISTRAL.parse_response(&target(None), RouteType::Chat, body.as_bytes())
+            else {
+                panic!("not a generation")
+            };
+            assert_eq!(g.choices[0].finish_reason.as_deref(), Some(want));
+        }
+    }
+
+    #[test]
+    fn deepseek_resource_exhaustion_is_a_retryable_error() {
+        let body = br#"{"choices":[{"index":0,"message":{"content":""},"finish_reason":"insufficient_system_resource"}]}"#;
+        let err = DEEPSEEK
+            .parse_response(&target(None), RouteType::Chat, body)
+            .err();
+        assert!(matches!(
+            err,
+            Some(ProviderError::Upstream { status, .. }) if status == StatusCode::SERVICE_UNAVAILABLE
+        ));
+    }
+
+    #[test]
+    fn error_shapes_of_the_family_keep_their_message() {
+        let h = HeaderMap::new();
+        for (p, body, want) in [
+            (
+                &MISTRAL,
+                r#"{"object":"error","message":"Rate limit exceeded","type":"rate_limited","param":null,"code":"1300"}"#,
+                "Rate limit exceeded",
+            ),
+            (
+                &OLLAMA,
+                r#"{"error":"model 'x' not found"}"#,
+                "model 'x' not found",
+            ),
+            (
+                &DATABRICKS,
+                r#"{"error_code":"REQUEST_LIMIT_EXCEEDED","message":"slow down"}"#,
+                "slow down",
+            ),
+            (
+                &GROQ,
+                r#"{"error":{"message":"Rate limit reached","type":"tokens","code":"rate_limit_exceeded"}}"#,
+                "Rate limit reached",
+            ),
+        ] {
+            let ProviderError::Upstream { message, .. } =
+                p.parse_error(StatusCode::TOO_MANY_REQUESTS, &h, body.as_bytes())
+            else {
+                panic!("not upstream")
+            };
+            assert_eq!(message, want);
+        }
+    }
+
+    #[test]
+    fn groq_stream_usage_and_databricks_cumulative_usage_are_reported_once() {
+        let wire = "data: {\"id\":\"g\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"a\"},\"finish_reason\":null}],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":1,\"total_tokens\":2}}\n\ndata: {\"id\":\"g\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"x_groq\":{\"id\":\"g\",\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2,\"total_tokens\":3}}}\n\n";
+        let mut d = GROQ.stream_decoder(RouteType::Chat);
+        let mut out = Vec::new();
+        d.feed(wire.as_bytes(), &mut out)
+            .unwrap_or_else(|e| panic!("{e}"));
+        d.finish(&mut out).unwrap_or_else(|e| panic!("{e}"));
+        let usages: Vec<_> = out.iter().filter_map(|d| d.usage).collect();
+        assert_eq!(usages.len(), 1);
+        assert_eq!(usages[0].total_tokens, Some(3));
+        assert_eq!(out[1].finish_reason.as_deref(), Some("stop"));
+    }
+
+    #[test]
+    fn registry_serves_each_member_with_its_route_types() {
+        assert_eq!(
+            adapter_for(Provider::Deepseek).map(|a| a.route_types()),
+            Some(CHAT)
+        );
+        assert_eq!(
+            adapter_for(Provider::Together).map(|a| a.default_api_base()),
+            Some(Some("https://api.together.xyz/v1"))
+        );
+        assert_eq!(
+            adapter_for(Provider::OpenaiCompatible).map(|a| a.default_api_base()),
+            Some(None)
+        );
+    }
+}

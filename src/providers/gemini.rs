@@ -1,0 +1,606 @@
+//! Google Gemini (Developer API): generateContent, streamGenerateContent with `alt=sse`,
+//! embedContent and batchEmbedContents. The key travels in `x-goog-api-key`, never in the URL.
+
+use http::{HeaderMap, StatusCode};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use super::sse::{SseDecoder, SseEvent, SseHandler, SseParser};
+use super::{
+    ALL_ROUTE_TYPES, API_KEY, CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder,
+    Target, UpstreamRequest, error_message, insert_secret, json_headers, malformed,
+    normalize_finish_reason, post_json, present_fields, push_turn, tool_calls_extra,
+    upstream_error,
+};
+use crate::api::{Provider, RouteType};
+use crate::llm::{
+    ChatMessage, Choice, Embeddings, Generation, LlmRequest, LlmResponse, Params, StreamDelta,
+    Usage, unix_now,
+};
+
+pub struct Gemini;
+
+impl ProviderAdapter for Gemini {
+    fn provider(&self) -> Provider {
+        Provider::Gemini
+    }
+
+    fn route_types(&self) -> &'static [RouteType] {
+        ALL_ROUTE_TYPES
+    }
+
+    fn credential_keys(&self) -> CredentialKeys {
+        CredentialKeys::ApiKey { required: true }
+    }
+
+    fn default_api_base(&self) -> Option<&'static str> {
+        Some("https://generativelanguage.googleapis.com")
+    }
+
+    fn build_request(
+        &self,
+        target: &Target,
+        request: &LlmRequest,
+    ) -> Result<UpstreamRequest, ProviderError> {
+        let version = target
+            .config
+            .get("apiVersion")
+            .map(String::as_str)
+            .unwrap_or("v1beta");
+        let model = target.model.trim_start_matches("models/");
+        let base = format!("{}/{version}/models/{model}", target.api_base);
+        let (url, body) = match request {
+            LlmRequest::Chat(c) => {
+                generate(&base, &c.messages, &c.params, c.stream.stream, &c.extra)
+            }
+            LlmRequest::Completions(c) => {
+                let prompt = ChatMessage {
+                    role: "user".into(),
+                    content: json!(c.prompt),
+                    extra: Map::new(),
+                };
+                generate(&base, &[prompt], &c.params, c.stream.stream, &c.extra)
+            }
+            LlmRequest::Embeddings(e) => {
+                let task = e
+                    .extra
+                    .get("task_type")
+                    .cloned()
+                    .or_else(|| target.config.get("taskType").map(|t| json!(t)));
+                let dims = e.extra.get("dimensions").cloned();
+                let entry = |text: &str| {
+                    let mut req = Map::new();
+                    req.insert("model".into(), json!(format!("models/{model}")));
+                    req.insert("content".into(), json!({"parts": [{"text": text}]}));
+                    if let Some(t) = &task {
+                        req.insert("taskType".into(), t.clone());
+                    }
+                    if let Some(d) = &dims {
+                        req.insert("outputDimensionality".into(), d.clone());
+                    }
+                    req
+                };
+                match e.input.as_slice() {
+                    [one] => {
+                        let mut req = entry(one);
+                        req.remove("model");
+                        (format!("{base}:embedContent"), Value::Object(req))
+                    }
+                    many => (
+                        format!("{base}:batchEmbedContents"),
+                        json!({"requests": many.iter().map(|t| Value::Object(entry(t))).collect::<Vec<_>>()}),
+                    ),
+                }
+            }
+        };
+        let mut headers = json_headers();
+        if let Some(key) = target.credentials.get(API_KEY) {
+            insert_secret(&mut headers, "x-goog-api-key", key)?;
+        }
+        Ok(post_json(url, headers, &body))
+    }
+
+    fn parse_response(
+        &self,
+        _target: &Target,
+        route_type: RouteType,
+        body: &[u8],
+    ) -> Result<LlmResponse, ProviderError> {
+        if route_type == RouteType::Embeddings {
+            let wire: WireEmbeddings = serde_json::from_slice(body).map_err(malformed)?;
+            let data = match (wire.embedding, wire.embeddings) {
+                (Some(one), _) => vec![one.values],
+                (None, Some(many)) => many.into_iter().map(|e| e.values).collect(),
+                (None, None) => return Err(malformed("no embedding in the answer")),
+            };
+            return Ok(LlmResponse::Embeddings(Embeddings {
+                model: String::new(),
+                data,
+                usage: Usage::default(),
+            }));
+        }
+        let wire: WireResponse = serde_json::from_slice(body).map_err(malformed)?;
+        let mut choices: Vec<Choice> = wire
+            .candidates
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let (text, calls) = candidate_parts(c);
+                Choice {
+                    index: c.index.unwrap_or(i as u32),
+                    text,
+                    finish_reason: finish_reason(c),
+                    message_extra: tool_calls_extra(calls),
+                }
+            })
+            .collect();
+        if choices.is_empty() && wire.prompt_feedback.is_some() {
+            choices.push(Choice {
+                index: 0,
+                text: String::new(),
+                finish_reason: Some("content_filter".into()),
+                message_extra: Map::new(),
+            });
+        }
+        Ok(LlmResponse::Generation(Generation {
+            id: wire.response_id.unwrap_or_default(),
+            created: unix_now(),
+            model: wire.model_version.unwrap_or_default(),
+            choices,
+            usage: wire
+                .usage_metadata
+                .map(WireUsage::usage)
+                .unwrap_or_default(),
+        }))
+    }
+
+    fn parse_error(&self, status: StatusCode, headers: &HeaderMap, body: &[u8]) -> ProviderError {
+        let mut err = upstream_error(status, headers, error_message(body), body);
+        // Gemini says how long to wait in the body (RetryInfo), not always in a header.
+        if let ProviderError::Upstream { retry_after, .. } = &mut err
+            && retry_after.is_none()
+        {
+            *retry_after = retry_delay(body);
+        }
+        err
+    }
+
+    fn stream_decoder(&self, _route_type: RouteType) -> Box<dyn StreamDecoder> {
+        SseDecoder::with_parser(SseParser::with_bare_json(), GeminiStream::default())
+    }
+}
+
+fn generate(
+    base: &str,
+    messages: &[ChatMessage],
+    params: &Params,
+    stream: bool,
+    extra: &Map<String, Value>,
+) -> (String, Value) {
+    let mut system = Vec::new();
+    let mut contents: Vec<Value> = Vec::new();
+    for m in messages {
+        let role = match m.role.as_str() {
+            "system" | "developer" => {
+                system.push(json!({"text": m.text()}));
+                continue;
+            }
+            "assistant" => "model",
+            _ => "user",
+        };
+        push_turn(
+            &mut contents,
+            role,
+            "parts",
+            vec![json!({"text": m.text()})],
+        );
+    }
+    let config = present_fields([
+        ("temperature", params.temperature.map(|v| json!(v))),
+        ("topP", params.top_p.map(|v| json!(v))),
+        ("maxOutputTokens", params.max_tokens.map(|v| json!(v))),
+        ("stopSequences", params.stop.as_ref().map(|v| json!(v))),
+        ("candidateCount", params.n.map(|v| json!(v))),
+        ("seed", extra.get("seed").cloned()),
+        ("presencePenalty", extra.get("presence_penalty").cloned()),
+        ("frequencyPenalty", extra.get("frequency_penalty").cloned()),
+        ("topK", extra.get("top_k").cloned()),
+    ]);
+    let mut body = Map::new();
+    if !system.is_empty() {
+        body.insert("systemInstruction".into(), json!({"parts": system}));
+    }
+    body.insert("contents".into(), Value::Array(contents));
+    if !config.is_empty() {
+        body.insert("generationConfig".into(), Value::Object(config));
+    }
+    if let Some(s) = extra.get("safetySettings") {
+        body.insert("safetySettings".into(), s.clone());
+    }
+    let url = if stream {
+        format!("{base}:streamGenerateContent?alt=sse")
+    } else {
+        format!("{base}:generateContent")
+    };
+    (url, Value::Object(body))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct WireResponse {
+    #[serde(default)]
+    candidates: Vec<WireCandidate>,
+    prompt_feedback: Option<Value>,
+    usage_metadata: Option<WireUsage>,
+    model_version: Option<String>,
+    response_id: Option<String>,
+    error: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WireCandidate {
+    content: Option<WireContent>,
+    finish_reason: Option<String>,
+    index: Option<u32>,
+}
+
+#[derive(Deserialize)]
+struct WireContent {
+    #[serde(default)]
+    parts: Vec<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WireUsage {
+    prompt_token_count: Option<u64>,
+    candidates_token_count: Option<u64>,
+    total_token_count: Option<u64>,
+    thoughts_token_count: Option<u64>,
+    tool_use_prompt_token_count: Option<u64>,
+}
+
+impl WireUsage {
+    fn usage(self) -> Usage {
+        let add = |a: Option<u64>, b: Option<u64>| a.map(|a| a + b.unwrap_or(0));
+        let mut usage = Usage::new(
+            add(self.prompt_token_count, self.tool_use_prompt_token_count),
+            add(self.candidates_token_count, self.thoughts_token_count),
+        );
+        usage.total_tokens = self.total_token_count.or(usage.total_tokens);
+        usage
+    }
+}
+
+#[derive(Deserialize)]
+struct WireEmbeddings {
+    embedding: Option<WireValues>,
+    embeddings: Option<Vec<WireValues>>,
+}
+
+#[derive(Deserialize)]
+struct WireValues {
+    values: Vec<f64>,
+}
+
+/// A candidate's text (thought summaries skipped) and its function calls as OpenAI tool calls.
+fn candidate_parts(c: &WireCandidate) -> (String, Vec<Value>) {
+    let mut text = String::new();
+    let mut calls = Vec::new();
+    for part in c.content.iter().flat_map(|c| &c.parts) {
+        if part["thought"] == true {
+            continue;
+        }
+        if let Some(t) = part["text"].as_str() {
+            text.push_str(t);
+        }
+        if let Some(call) = part.get("functionCall") {
+            calls.push(json!({
+                "id": format!("call_{}", calls.len()),
+                "type": "function",
+                "function": {"name": call["name"], "arguments": call.get("args").cloned().unwrap_or(json!({})).to_string()},
+            }));
+        }
+    }
+    (text, calls)
+}
+
+/// Gemini has no tool finish reason: a function call ends with STOP.
+fn finish_reason(c: &WireCandidate) -> Option<String> {
+    let has_call = c
+        .content
+        .iter()
+        .flat_map(|c| &c.parts)
+        .any(|p| p.get("functionCall").is_some());
+    let reason = c
+        .finish_reason
+        .as_deref()
+        .and_then(normalize_finish_reason)?;
+    Some(if has_call && reason == "stop" {
+        "tool_calls".into()
+    } else {
+        reason
+    })
+}
+
+/// `RetryInfo.retryDelay` ("38s") from a google.rpc.Status body.
+fn retry_delay(body: &[u8]) -> Option<u64> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    v.pointer("/error/details")?
+        .as_array()?
+        .iter()
+        .find_map(|d| d["retryDelay"].as_str())?
+        .trim_end_matches('s')
+        .parse::<f64>()
+        .ok()
+        .map(|s| s.ceil() as u64)
+}
+
+/// Each event is a whole GenerateContentResponse with the new parts; no terminator.
+#[derive(Default)]
+struct GeminiStream {
+    started: Vec<u32>,
+    usage: Option<Usage>,
+}
+
+impl SseHandler for GeminiStream {
+    fn event(&mut self, event: SseEvent, out: &mut Vec<StreamDelta>) -> Result<(), ProviderError> {
+        let wire: WireResponse = serde_json::from_str(&event.data).map_err(malformed)?;
+        if let Some(err) = wire.error {
+            return Err(ProviderError::Upstream {
+                status: err["code"]
+                    .as_u64()
+                    .and_then(|c| StatusCode::from_u16(c as u16).ok())
+                    .unwrap_or(StatusCode::BAD_GATEWAY),
+                message: err["message"]
+                    .as_str()
+                    .unwrap_or("upstream stream error")
+                    .to_string(),
+                retry_after: None,
+            });
+        }
+        if let Some(u) = wire.usage_metadata {
+            self.usage = Some(u.usage());
+        }
+        if wire.candidates.is_empty() && wire.prompt_feedback.is_some() {
+            out.push(StreamDelta {
+                finish_reason: Some("content_filter".into()),
+                ..Default::default()
+            });
+        }
+        for (i, c) in wire.candidates.iter().enumerate() {
+            let index = c.index.unwrap_or(i as u32);
+            let role = (!self.started.contains(&index)).then(|| {
+                self.started.push(index);
+                "assistant".to_string()
+            });
+            let (text, _) = candidate_parts(c);
+            out.push(StreamDelta {
+                id: wire.response_id.clone(),
+                model: wire.model_version.clone(),
+                index,
+                role,
+                text: Some(text).filter(|t| !t.is_empty()),
+                finish_reason: finish_reason(c),
+                ..Default::default()
+            });
+        }
+        Ok(())
+    }
+
+    fn end(&mut self, out: &mut Vec<StreamDelta>) -> Result<(), ProviderError> {
+        if let Some(usage) = self.usage.take() {
+            out.push(StreamDelta {
+                usage: Some(usage),
+                ..Default::default()
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::llm::{ChatRequest, EmbeddingsRequest, StreamOptions};
+    use crate::providers::testing::{decode_split, text};
+    use crate::providers::{Credentials, SecretValue};
+    use proptest::prelude::*;
+
+    fn target() -> Target {
+        let mut credentials = Credentials::default();
+        credentials.insert(API_KEY, SecretValue::new("AIza-key"));
+        Target {
+            model: "gemini-2.5-flash".into(),
+            api_base: "https://generativelanguage.googleapis.com".into(),
+            credentials,
+            config: Default::default(),
+        }
+    }
+
+    fn chat(stream: bool, n: Option<u32>) -> LlmRequest {
+        let m = |role: &str, text: &str| ChatMessage {
+            role: role.into(),
+            content: json!(text),
+            extra: Map::new(),
+        };
+        LlmRequest::Chat(ChatRequest {
+            messages: vec![
+                m("system", "Be terse."),
+                m("user", "Name a prime."),
+                m("assistant", "7"),
+                m("user", "Another."),
+            ],
+            params: Params {
+                temperature: Some(0.2),
+                top_p: Some(0.9),
+                max_tokens: Some(50),
+                stop: Some(vec!["\n\n".into()]),
+                n,
+            },
+            stream: StreamOptions {
+                stream,
+                include_usage: false,
+            },
+            extra: Map::new(),
+        })
+    }
+
+    fn body(req: &UpstreamRequest) -> Value {
+        serde_json::from_slice(&req.body).unwrap_or_default()
+    }
+
+    #[test]
+    fn chat_request_url_header_and_body() {
+        let req = Gemini
+            .build_request(&target(), &chat(false, Some(2)))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            req.url,
+            "https://generativelanguage.googleapis.com/v1beta/models/gemini-2.5-flash:generateContent"
+        );
+        assert!(!req.url.contains("key="));
+        assert_eq!(req.headers["x-goog-api-key"], "AIza-key");
+        assert!(req.headers["x-goog-api-key"].is_sensitive());
+        assert_eq!(
+            body(&req),
+            json!({"systemInstruction":{"parts":[{"text":"Be terse."}]},
+                   "contents":[{"role":"user","parts":[{"text":"Name a prime."}]},{"role":"model","parts":[{"text":"7"}]},{"role":"user","parts":[{"text":"Another."}]}],
+                   "generationConfig":{"temperature":0.2,"topP":0.9,"maxOutputTokens":50,"stopSequences":["\n\n"],"candidateCount":2}})
+        );
+        let req = Gemini
+            .build_request(&target(), &chat(true, None))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            req.url,
+            "https://generativelanguage.googleapis.com/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"
+        );
+    }
+
+    #[test]
+    fn embeddings_use_embed_content_for_one_and_batch_for_many() {
+        let emb = |input: &[&str]| {
+            LlmRequest::Embeddings(EmbeddingsRequest {
+                input: input.iter().map(|s| s.to_string()).collect(),
+                extra: Map::new(),
+            })
+        };
+        let req = Gemini
+            .build_request(&target(), &emb(&["a"]))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            req.url
+                .ends_with("/v1beta/models/gemini-2.5-flash:embedContent")
+        );
+        assert_eq!(body(&req), json!({"content":{"parts":[{"text":"a"}]}}));
+        let req = Gemini
+            .build_request(&target(), &emb(&["a", "b"]))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(req.url.ends_with(":batchEmbedContents"));
+        assert_eq!(
+            body(&req),
+            json!({"requests":[{"model":"models/gemini-2.5-flash","content":{"parts":[{"text":"a"}]}},{"model":"models/gemini-2.5-flash","content":{"parts":[{"text":"b"}]}}]})
+        );
+        let Ok(LlmResponse::Embeddings(e)) = Gemini.parse_response(
+            &target(),
+            RouteType::Embeddings,
+            br#"{"embeddings":[{"values":[1.0]},{"values":[2.0]}]}"#,
+        ) else {
+            panic!("embeddings")
+        };
+        assert_eq!(e.data, vec![vec![1.0], vec![2.0]]);
+    }
+
+    #[test]
+    fn response_candidates_usage_tool_calls_and_blocked_prompts() {
+        let body = br#"{"candidates":[{"content":{"role":"model","parts":[{"text":"hm","thought":true},{"text":"7"}]},"finishReason":"STOP","index":0},{"content":{"role":"model","parts":[{"functionCall":{"name":"f","args":{"a":1}}}]},"finishReason":"STOP","index":1},{"finishReason":"SAFETY","index":2}],"usageMetadata":{"promptTokenCount":8,"candidatesTokenCount":1,"totalTokenCount":30,"thoughtsTokenCount":21},"modelVersion":"gemini-2.5-flash","responseId":"abc"}"#;
+        let Ok(LlmResponse::Generation(g)) =
+            Gemini.parse_response(&target(), RouteType::Chat, body)
+        else {
+            panic!("generation")
+        };
+        assert_eq!(g.choices[0].text, "7");
+        assert_eq!(g.choices[0].finish_reason.as_deref(), Some("stop"));
+        assert_eq!(g.choices[1].finish_reason.as_deref(), Some("tool_calls"));
+        assert_eq!(
+            g.choices[1].message_extra["tool_calls"][0]["function"]["arguments"],
+            "{\"a\":1}"
+        );
+        assert_eq!(
+            g.choices[2].finish_reason.as_deref(),
+            Some("content_filter")
+        );
+        assert_eq!(g.usage.prompt_tokens, Some(8));
+        assert_eq!(g.usage.completion_tokens, Some(22));
+        assert_eq!(g.usage.total_tokens, Some(30));
+        let blocked = br#"{"promptFeedback":{"blockReason":"SAFETY"}}"#;
+        let Ok(LlmResponse::Generation(g)) =
+            Gemini.parse_response(&target(), RouteType::Chat, blocked)
+        else {
+            panic!("generation")
+        };
+        assert_eq!(
+            g.choices[0].finish_reason.as_deref(),
+            Some("content_filter")
+        );
+    }
+
+    #[test]
+    fn quota_error_takes_retry_delay_from_the_body() {
+        let err = Gemini.parse_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            &HeaderMap::new(),
+            br#"{"error":{"code":429,"message":"You exceeded your current quota","status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"38s"}]}}"#,
+        );
+        assert_eq!(
+            err,
+            ProviderError::Upstream {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                message: "You exceeded your current quota".into(),
+                retry_after: Some(38)
+            }
+        );
+    }
+
+    const STREAM: &str = "data: {\"candidates\":[{\"content\":{\"role\":\"model\",\"parts\":[{\"text\":\"Hel\"}]},\"index\":0}],\"usageMetadata\":{\"promptTokenCount\":8},\"modelVersion\":\"gemini-2.5-flash\",\"responseId\":\"r1\"}\r\n\r\ndata: {\"candidates\":[{\"content\":{\"role\":\"model\",\"parts\":[{\"text\":\"lo\"}]},\"finishReason\":\"MAX_TOKENS\",\"index\":0}],\"usageMetadata\":{\"promptTokenCount\":8,\"candidatesTokenCount\":2,\"totalTokenCount\":10},\"modelVersion\":\"gemini-2.5-flash\",\"responseId\":\"r1\"}\r\n\r\n";
+
+    #[test]
+    fn stream_ends_cleanly_at_close_with_last_usage() {
+        let out = decode_split(&Gemini, RouteType::Chat, STREAM.as_bytes(), vec![])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(text(&out), "Hello");
+        assert_eq!(out[0].role.as_deref(), Some("assistant"));
+        assert_eq!(out[1].finish_reason.as_deref(), Some("length"));
+        assert_eq!(
+            out.iter().filter_map(|d| d.usage).collect::<Vec<_>>(),
+            vec![Usage::new(Some(8), Some(2))]
+        );
+    }
+
+    #[test]
+    fn bare_json_error_after_200_is_a_stream_error() {
+        let wire = format!(
+            "{STREAM}{{\n  \"error\": {{\n    \"code\": 503,\n    \"message\": \"The model is overloaded.\",\n    \"status\": \"UNAVAILABLE\"\n  }}\n}}\n"
+        );
+        for cut in [0, STREAM.len() + 3, wire.len() - 2] {
+            let err = decode_split(&Gemini, RouteType::Chat, wire.as_bytes(), vec![cut]).err();
+            assert_eq!(
+                err,
+                Some(ProviderError::Upstream {
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    message: "The model is overloaded.".into(),
+                    retry_after: None
+                })
+            );
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn stream_is_the_same_however_it_is_cut(cuts in proptest::collection::vec(0..STREAM.len(), 0..8)) {
+            let whole = decode_split(&Gemini, RouteType::Chat, STREAM.as_bytes(), vec![]);
+            prop_assert_eq!(decode_split(&Gemini, RouteType::Chat, STREAM.as_bytes(), cuts), whole);
+        }
+    }
+}

@@ -1,0 +1,84 @@
+"""MLflow 3's `mlflow.deployments` client against the deployments surface."""
+
+import mlflow
+import pytest
+import requests
+from mlflow.deployments import get_deploy_client
+
+CHAT = {"messages": [{"role": "user", "content": "hello"}]}
+
+
+@pytest.fixture
+def client(gateway_url):
+    return get_deploy_client(gateway_url)
+
+
+def test_is_mlflow_3():
+    assert mlflow.__version__.startswith("3.")
+
+
+def test_list_endpoints_follows_every_page(client, routes):
+    endpoints = client.list_endpoints()
+    assert sorted(e.name for e in endpoints) == sorted(routes["all"])
+    by_name = {e.name: e for e in endpoints}
+    chat = by_name[routes["chat"]]
+    assert chat.endpoint_type == "llm/v1/chat"
+    assert chat.model.provider == "openai"
+    assert chat.limit.calls == 100
+    assert chat.limit.renewal_period == "minute"
+    assert by_name[routes["embeddings"]].limit is None
+
+
+def test_get_endpoint(client, routes, gateway_url):
+    endpoint = client.get_endpoint(routes["completions"])
+    assert endpoint.name == routes["completions"]
+    assert endpoint.endpoint_type == "llm/v1/completions"
+    assert endpoint.model.name == "gpt-4o-mini"
+    assert endpoint.endpoint_url == f"{gateway_url}/endpoints/{routes['completions']}/invocations"
+
+
+def test_predict_chat(client, routes):
+    response = client.predict(
+        endpoint=routes["chat"], inputs={**CHAT, "temperature": 0.7, "n": 2, "user": "deployments-extra"}
+    )
+    assert response["object"] == "chat.completion"
+    assert len(response["choices"]) == 2
+    assert response["choices"][0]["message"]["role"] == "assistant"
+    assert response["choices"][0]["message"]["content"].startswith("word1")
+    assert response["usage"]["completion_tokens"] == 40
+
+
+def test_predict_completions(client, routes):
+    response = client.predict(endpoint=routes["completions"], inputs={"prompt": "Say hi", "max_tokens": 3})
+    assert response["object"] == "text_completion"
+    assert response["choices"][0]["text"] == "word1 word2 word3"
+    assert response["choices"][0]["finish_reason"] == "length"
+
+
+def test_predict_embeddings(client, routes):
+    response = client.predict(endpoint=routes["embeddings"], inputs={"input": ["a", "bb"]})
+    assert [d["index"] for d in response["data"]] == [0, 1]
+    assert len(response["data"][0]["embedding"]) == 8
+    assert response["usage"]["prompt_tokens"] == 2
+
+
+def test_errors_carry_the_gateway_message(client, routes):
+    with pytest.raises(Exception) as err:
+        client.get_endpoint("no-such-route")
+    assert "404" in str(err.value) and "does not exist" in str(err.value)
+
+    with pytest.raises(requests.HTTPError) as err:
+        client.predict(endpoint=routes["chat"], inputs={**CHAT, "model": "gpt-4"})
+    assert err.value.response.status_code == 422
+    assert "'model' is not permitted" in err.value.response.json()["detail"]
+
+    with pytest.raises(requests.HTTPError) as err:
+        client.predict(endpoint=routes["chat"], inputs={"messages": []})
+    assert err.value.response.status_code == 422
+
+
+def test_upstream_rate_limit_surfaces_as_429(client, routes):
+    with pytest.raises(Exception) as err:
+        client.predict(endpoint=routes["limited"], inputs=CHAT)
+    assert "429" in str(err.value)
+    assert "Rate limit reached" in str(err.value)
