@@ -37,6 +37,20 @@ fn call(
     )
 }
 
+/// A GET with an optional bearer credential: status and JSON body.
+fn get(gw: &Gateway, path: &str, bearer: Option<&str>) -> (u16, Value) {
+    let mut req = client().get(gw.url(path));
+    if let Some(b) = bearer {
+        req = req.header("authorization", format!("Bearer {b}"));
+    }
+    let resp = req.send().expect("request");
+    let status = resp.status().as_u16();
+    (
+        status,
+        serde_json::from_str(&resp.text().unwrap_or_default()).unwrap_or(Value::Null),
+    )
+}
+
 fn chat_body(route: &str) -> Value {
     json!({"model": route, "messages": [{"role": "user", "content": "hello there"}]})
 }
@@ -176,6 +190,57 @@ fn service_account_tokens_are_reviewed_cached_and_checked_against_access() {
         }
     }
 
+    // Listings show a caller only the routes it may use; a hidden route is not found by name either.
+    let listed = |path: &str, key: &str, field: &str, bearer: Option<&str>| -> Vec<String> {
+        let (code, body) = get(&gw, path, bearer);
+        assert_eq!(code, 200, "{path}: {body}");
+        body[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o[field].as_str().unwrap().to_string())
+            .collect()
+    };
+    for (path, key, field) in [
+        ("/v1/models", "data", "id"),
+        ("/api/2.0/endpoints/", "endpoints", "name"),
+        ("/api/2.0/gateway/routes/", "routes", "name"),
+    ] {
+        let mine = listed(path, key, field, Some(&notebook));
+        assert!(mine.contains(&restricted) && mine.contains(&open), "{path}");
+        let theirs = listed(path, key, field, Some(&intruder));
+        assert!(
+            !theirs.contains(&restricted) && theirs.contains(&open),
+            "{path}"
+        );
+        assert!(
+            listed(path, key, field, None).is_empty(),
+            "{path}: anonymous"
+        );
+    }
+    assert_eq!(
+        get(
+            &gw,
+            &format!("/api/2.0/endpoints/{restricted}"),
+            Some(&intruder)
+        )
+        .0,
+        404
+    );
+    assert_eq!(
+        get(&gw, &format!("/v1/models/{restricted}"), Some(&intruder)).0,
+        404
+    );
+    assert_eq!(
+        get(
+            &gw,
+            &format!("/api/2.0/endpoints/{restricted}"),
+            Some(&notebook)
+        )
+        .0,
+        200
+    );
+
     // Cached: repeating known tokens, good or bad, makes no further TokenReview call.
     let reviews = |outcome: &str| {
         metric(
@@ -195,7 +260,12 @@ fn service_account_tokens_are_reviewed_cached_and_checked_against_access() {
 
     // The caller's identity is the consumer in the log and the token metrics.
     let consumer = format!("{ns}/notebook");
-    assert!(gw.log().contains(&format!("\"consumer\":\"{consumer}\"")));
+    // Log lines are written by a background thread: give it a moment.
+    let logged = |who: &str| {
+        let field = format!("\"consumer\":\"{who}\"");
+        eventually(Duration::from_secs(2), || gw.log().contains(&field)).is_ok()
+    };
+    assert!(logged(&consumer), "{}", gw.log());
     assert!(
         gw.metrics().contains(&format!("consumer=\"{consumer}\"")),
         "{}",
@@ -231,7 +301,9 @@ fn api_keys_are_accepted_and_revoked_within_a_second() {
         status(&gw, &route, Some("pk-partner-first-1")) == 200
     })
     .unwrap_or_else(|_| panic!("the API key was not accepted:\n{}", gw.log()));
-    assert!(gw.log().contains(&format!("\"consumer\":\"{ns}/partner\"")));
+    let field = format!("\"consumer\":\"{ns}/partner\"");
+    eventually(Duration::from_secs(2), || gw.log().contains(&field))
+        .unwrap_or_else(|_| panic!("the consumer is not logged:\n{}", gw.log()));
     // A replica that starts later turns ready only once it knows the keys.
     let late = Gateway::start(cp, &[]);
     assert_eq!(status(&late, &route, Some("pk-partner-first-1")), 200);
@@ -350,6 +422,31 @@ fn calls_are_limited_per_route_and_per_consumer() {
     assert_eq!(status(&gw, &per_consumer, Some("pk-bob-1")), 200);
     assert_eq!(status(&gw, &per_consumer, Some("pk-bob-1")), 200);
     assert_eq!(status(&gw, &per_consumer, Some("pk-bob-1")), 429);
+    // The MLflow surfaces answer a 429 in their own shape, with the same headers.
+    let resp = client()
+        .post(gw.url(&format!("/endpoints/{per_route}/invocations")))
+        .header("content-type", "application/json")
+        .body(json!({"messages": [{"role": "user", "content": "hi"}]}).to_string())
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 429);
+    let headers = resp.headers().clone();
+    let body: Value = serde_json::from_str(&resp.text().unwrap()).unwrap();
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("rate limit exceeded"),
+        "{body}"
+    );
+    assert!(
+        headers.contains_key("retry-after")
+            && headers.contains_key("x-ratelimit-remaining-requests")
+    );
+    assert_eq!(
+        gw.get(&format!("/api/2.0/endpoints/{per_route}")).1["limit"],
+        json!({"calls": 3, "key": "route", "renewal_period": "day"})
+    );
     assert!(
         metric(
             &gw,
