@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use futures::future::BoxFuture;
@@ -245,13 +245,15 @@ impl ReviewCache {
         (Instant::now() < *expires).then(|| identity.clone())
     }
 
-    fn put(&self, key: Digest, identity: Option<Identity>) {
+    /// Caches a review; `lifetime` caps the entry at the token's own expiry.
+    fn put(&self, key: Digest, identity: Option<Identity>, lifetime: Option<Duration>) {
         let now = Instant::now();
         let ttl = if identity.is_some() {
             self.ttl.positive
         } else {
             self.ttl.negative
         };
+        let ttl = lifetime.map_or(ttl, |l| ttl.min(l));
         let mut entries = self.entries.lock();
         if entries.len() >= self.ttl.capacity {
             entries.retain(|_, (_, expires)| *expires > now);
@@ -325,9 +327,29 @@ impl Authenticator {
             }
             _ => None,
         };
-        self.cache.put(key, reviewed.clone());
+        let lifetime = reviewed
+            .as_ref()
+            .and_then(|_| token_lifetime(bearer.expose()));
+        self.cache.put(key, reviewed.clone(), lifetime);
         reviewed.map(Some).ok_or(AuthError::Invalid)
     }
+}
+
+/// Time left until a JWT's `exp`. The claims are read without checking the signature: only for a
+/// token the API server has just accepted, to keep its cache entry from outliving it.
+fn token_lifetime(token: &str) -> Option<Duration> {
+    use base64::Engine as _;
+    #[derive(serde::Deserialize)]
+    struct Claims {
+        exp: Option<u64>,
+    }
+    let payload = token.split('.').nth(1)?.trim_end_matches('=');
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    let exp = serde_json::from_slice::<Claims>(&bytes).ok()?.exp?;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs();
+    Some(Duration::from_secs(exp.saturating_sub(now)))
 }
 
 #[cfg(test)]
@@ -474,6 +496,37 @@ mod tests {
     }
 
     #[test]
+    fn cache_entries_never_outlive_their_token() {
+        use base64::Engine as _;
+        let jwt = |claims: &str| {
+            let enc = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+            format!("{}.{}.sig", enc(r#"{"alg":"RS256"}"#), enc(claims))
+        };
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let left = token_lifetime(&jwt(&format!(r#"{{"exp":{}}}"#, now + 10))).unwrap();
+        assert!(left <= Duration::from_secs(10) && left >= Duration::from_secs(8));
+        assert_eq!(token_lifetime(&jwt(r#"{"exp":1}"#)), Some(Duration::ZERO));
+        assert_eq!(token_lifetime(&jwt(r#"{"sub":"x"}"#)), None);
+        assert_eq!(token_lifetime("garbage"), None);
+        let cache = ReviewCache {
+            ttl: CacheTtl::default(),
+            entries: Mutex::new(HashMap::new()),
+        };
+        cache.put(
+            [1; 32],
+            Some(Identity::ServiceAccount {
+                namespace: "a".into(),
+                name: "b".into(),
+            }),
+            Some(Duration::ZERO),
+        );
+        assert_eq!(cache.get(&[1; 32]), None);
+    }
+
+    #[test]
     fn review_cache_is_bounded() {
         let cache = ReviewCache {
             ttl: CacheTtl {
@@ -483,7 +536,7 @@ mod tests {
             entries: Mutex::new(HashMap::new()),
         };
         for i in 0..100u8 {
-            cache.put([i; 32], None);
+            cache.put([i; 32], None, None);
         }
         assert!(cache.entries.lock().len() <= 4);
     }
