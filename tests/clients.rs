@@ -32,6 +32,8 @@ struct Fixture {
     slow_chat: String,
     faulty_chat: String,
     dead: String,
+    /// The gateway's own limit: one call per second.
+    throttled: String,
     all: Vec<String>,
 }
 
@@ -77,6 +79,7 @@ fn fixture() -> &'static Fixture {
         let (chat, completions, embeddings) = (name("chat"), name("completions"), name("emb"));
         let (limited, slow_chat, faulty_chat, dead) =
             (name("limited"), name("slow"), name("faulty"), name("dead"));
+        let throttled = name("throttled");
         let calls_limit =
             "  limits:\n    - renewalPeriod: day\n      tokens: 5000\n    - renewalPeriod: minute\n      calls: 100\n";
         let mut docs = vec![
@@ -89,6 +92,13 @@ fn fixture() -> &'static Fixture {
             route(&ns, &faulty_chat, "llm/v1/chat", &faulty.openai_base(), ""),
             // Nothing listens on port 9 of loopback.
             route(&ns, &dead, "llm/v1/chat", "http://127.0.0.1:9/v1", ""),
+            route(
+                &ns,
+                &throttled,
+                "llm/v1/chat",
+                &sim.openai_base(),
+                "  limits:\n    - renewalPeriod: second\n      calls: 1\n",
+            ),
         ];
         let mut all = vec![
             chat.clone(),
@@ -98,6 +108,7 @@ fn fixture() -> &'static Fixture {
             slow_chat.clone(),
             faulty_chat.clone(),
             dead.clone(),
+            throttled.clone(),
         ];
         for _ in 0..2 {
             let filler = name("filler");
@@ -127,6 +138,7 @@ fn fixture() -> &'static Fixture {
             slow_chat,
             faulty_chat,
             dead,
+            throttled,
             all,
         }
     })
@@ -150,7 +162,7 @@ fn pytest(venv: &str, dir: &str) {
     eprintln!("venv {venv} ready after {:?}", started.elapsed());
     let routes = json!({
         "chat": f.chat, "completions": f.completions, "embeddings": f.embeddings,
-        "limited": f.limited, "all": f.all, "page_size": PAGE_SIZE,
+        "limited": f.limited, "throttled": f.throttled, "all": f.all, "page_size": PAGE_SIZE,
     });
     let started = Instant::now();
     let out = Command::new(&python)

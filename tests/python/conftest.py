@@ -21,5 +21,6 @@ def gateway_url():
 
 @pytest.fixture(scope="session")
 def routes():
-    """chat, completions, embeddings, limited (upstream answers 429), all (every route name), page_size."""
+    """chat, completions, embeddings, limited (upstream answers 429), throttled (the gateway's own
+    limit: one call per second), all (every route name), page_size."""
     return json.loads(_env("PORTCULLIS_ROUTES"))

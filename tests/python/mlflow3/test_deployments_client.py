@@ -1,5 +1,7 @@
 """MLflow 3's `mlflow.deployments` client against the deployments surface."""
 
+import time
+
 import mlflow
 import pytest
 import requests
@@ -82,3 +84,14 @@ def test_upstream_rate_limit_surfaces_as_429(client, routes):
         client.predict(endpoint=routes["limited"], inputs=CHAT)
     assert "429" in str(err.value)
     assert "Rate limit reached" in str(err.value)
+
+
+def test_gateway_rate_limit_is_retried_after_retry_after(client, routes, monkeypatch):
+    # One call per second: the client's automatic 429 retries, waiting Retry-After (1 s), get each
+    # through. The runner turns retries off for speed; this test turns them back on.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5")
+    started = time.monotonic()
+    for _ in range(3):
+        response = client.predict(endpoint=routes["throttled"], inputs=CHAT)
+        assert response["choices"][0]["message"]["content"]
+    assert time.monotonic() - started >= 1.0

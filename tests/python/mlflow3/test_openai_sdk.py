@@ -77,3 +77,28 @@ def test_errors_carry_the_gateway_message(client, routes):
         client.chat.completions.create(model=routes["limited"], messages=MESSAGES)
     assert "Rate limit reached" in err.value.message
     assert err.value.response.headers["retry-after"] == "7"
+
+
+def test_gateway_rate_limit_is_a_rate_limit_error_with_openai_headers(client, routes):
+    # Three calls within about a second hit a one-call-per-second limit at least once.
+    errors = []
+    for _ in range(3):
+        try:
+            client.chat.completions.create(model=routes["throttled"], messages=MESSAGES)
+        except openai.RateLimitError as e:
+            errors.append(e)
+    assert errors
+    err = errors[0]
+    assert err.code == "rate_limit_exceeded"
+    assert "rate limit exceeded" in err.message
+    headers = err.response.headers
+    assert headers["x-ratelimit-limit-requests"] == "1"
+    assert headers["x-ratelimit-remaining-requests"] == "0"
+    assert int(headers["retry-after"]) == 1
+
+
+def test_sdk_retries_honour_retry_after(gateway_url, routes):
+    retrying = OpenAI(base_url=f"{gateway_url}/v1", api_key="unused", max_retries=5, timeout=30)
+    for _ in range(3):
+        response = retrying.chat.completions.create(model=routes["throttled"], messages=MESSAGES)
+        assert response.choices[0].message.content == ANSWER
