@@ -160,31 +160,46 @@ pub fn digest(bytes: &[u8]) -> Digest {
 /// The API-key consumers, held only as digests of their keys.
 #[derive(Default)]
 pub struct ApiKeys {
-    keys: Vec<(Digest, Identity)>,
+    /// By the first eight bytes of the digest: a lookup costs the same with ten keys or ten thousand.
+    buckets: HashMap<u64, Vec<(Digest, Identity)>>,
+    len: usize,
 }
 
 pub type SharedApiKeys = Arc<ArcSwap<ApiKeys>>;
 
+fn bucket(digest: &Digest) -> u64 {
+    let mut prefix = [0u8; 8];
+    prefix.copy_from_slice(&digest[..8]);
+    u64::from_le_bytes(prefix)
+}
+
 impl ApiKeys {
     pub fn new(keys: impl IntoIterator<Item = (Digest, Identity)>) -> Self {
-        ApiKeys {
-            keys: keys.into_iter().collect(),
+        let mut out = ApiKeys::default();
+        for (digest, identity) in keys {
+            out.buckets
+                .entry(bucket(&digest))
+                .or_default()
+                .push((digest, identity));
+            out.len += 1;
         }
+        out
     }
 
     pub fn len(&self) -> usize {
-        self.keys.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
+        self.len == 0
     }
 
-    /// Compares against every key in constant time, so timing reveals neither which key matched
-    /// nor how much of a digest did.
+    /// Finds the key by a digest prefix, then compares whole digests in constant time. Timing can
+    /// reveal at most whether some key's digest shares a prefix with the presented one's, which
+    /// tells nothing about any key (finding such a presented key takes a SHA-256 preimage).
     pub fn find(&self, presented: &Digest) -> Option<&Identity> {
         let mut found = None;
-        for (digest, identity) in &self.keys {
+        for (digest, identity) in self.buckets.get(&bucket(presented))? {
             if bool::from(digest.ct_eq(presented)) {
                 found = Some(identity);
             }
@@ -524,6 +539,23 @@ mod tests {
             Some(Duration::ZERO),
         );
         assert_eq!(cache.get(&[1; 32]), None);
+    }
+
+    #[test]
+    fn api_keys_match_whole_digests_only() {
+        let keys = ApiKeys::new((0..1000u32).map(|i| {
+            (
+                digest(format!("pk-{i}").as_bytes()),
+                consumer("p", &format!("k{i}")),
+            )
+        }));
+        assert_eq!(keys.len(), 1000);
+        assert_eq!(keys.find(&digest(b"pk-7")), Some(&consumer("p", "k7")));
+        assert_eq!(keys.find(&digest(b"pk-1000")), None);
+        // Same bucket, different digest.
+        let mut near = digest(b"pk-7");
+        near[31] ^= 1;
+        assert_eq!(keys.find(&near), None);
     }
 
     #[test]
