@@ -605,6 +605,10 @@ impl Redis {
             .local_addr()
             .unwrap()
             .port();
+        Self::start_on(port)
+    }
+
+    fn start_on(port: u16) -> Redis {
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -712,10 +716,22 @@ fn two_replicas_share_one_limit_through_redis_and_survive_its_loss() {
             gw.metrics()
         );
         assert!(metric(gw, "portcullis_limits_store_errors_total ") >= 1.0);
-        assert!(
-            gw.log().contains("enforcing limits locally"),
-            "no log line reports the fallback:\n{}",
-            gw.log()
-        );
+        eventually(Duration::from_secs(2), || {
+            gw.log().contains("enforcing limits locally")
+        })
+        .unwrap_or_else(|_| panic!("no log line reports the fallback:\n{}", gw.log()));
     }
+
+    // Redis comes back (empty): within the retry interval both replicas share counts again.
+    let _redis = Redis::start_on(redis.port);
+    for gw in [&a, &b] {
+        eventually(Duration::from_secs(5), || {
+            status(gw, &roomy, None) == 200 && metric(gw, "portcullis_limits_fallback ") == 0.0
+        })
+        .unwrap_or_else(|_| panic!("never went back to the shared store:\n{}", gw.log()));
+    }
+    let ok = (0..50)
+        .filter(|i| status(if i % 2 == 0 { &a } else { &b }, &limited, None) == 200)
+        .count();
+    assert_eq!(ok, 40, "a fresh Redis window admits the whole limit once");
 }
