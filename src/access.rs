@@ -220,7 +220,7 @@ pub trait TokenReviewer: Send + Sync {
     -> BoxFuture<'a, Result<Option<Identity>, ReviewError>>;
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
     #[error("the credential is not valid")]
     Invalid,
@@ -286,8 +286,11 @@ pub struct Authenticator {
     api_keys: SharedApiKeys,
     reviewer: Option<Arc<dyn TokenReviewer>>,
     cache: ReviewCache,
+    in_flight: Mutex<HashMap<Digest, Arc<InFlight>>>,
     pub default_access: DefaultAccess,
 }
+
+type InFlight = tokio::sync::OnceCell<Result<Option<Identity>, AuthError>>;
 
 impl Authenticator {
     pub fn new(
@@ -303,6 +306,7 @@ impl Authenticator {
                 ttl,
                 entries: Mutex::new(HashMap::new()),
             },
+            in_flight: Mutex::new(HashMap::new()),
             default_access,
         }
     }
@@ -333,6 +337,27 @@ impl Authenticator {
         if let Some(cached) = self.cache.get(&key) {
             return cached.map(Some).ok_or(AuthError::Invalid);
         }
+        // Concurrent first requests with one new token share a single TokenReview.
+        let review = {
+            let mut in_flight = self.in_flight.lock();
+            if in_flight.len() >= self.cache.ttl.capacity {
+                // Reviews whose callers all went away leave their entry behind: drop those.
+                in_flight.retain(|_, r| Arc::strong_count(r) > 1);
+            }
+            Arc::clone(in_flight.entry(key).or_default())
+        };
+        let outcome = review
+            .get_or_init(|| self.review(bearer, key))
+            .await
+            .clone();
+        let mut in_flight = self.in_flight.lock();
+        if in_flight.get(&key).is_some_and(|r| Arc::ptr_eq(r, &review)) {
+            in_flight.remove(&key);
+        }
+        outcome?.map(Some).ok_or(AuthError::Invalid)
+    }
+
+    async fn review(&self, bearer: &Bearer, key: Digest) -> Result<Option<Identity>, AuthError> {
         let reviewed = match &self.reviewer {
             Some(reviewer) if bearer.looks_like_jwt() => {
                 reviewer.review(bearer.expose()).await.map_err(|e| {
@@ -346,7 +371,7 @@ impl Authenticator {
             .as_ref()
             .and_then(|_| token_lifetime(bearer.expose()));
         self.cache.put(key, reviewed.clone(), lifetime);
-        reviewed.map(Some).ok_or(AuthError::Invalid)
+        Ok(reviewed)
     }
 }
 
@@ -556,6 +581,38 @@ mod tests {
         let mut near = digest(b"pk-7");
         near[31] ^= 1;
         assert_eq!(keys.find(&near), None);
+    }
+
+    struct SlowReviewer(AtomicUsize);
+
+    impl TokenReviewer for SlowReviewer {
+        fn review<'a>(
+            &'a self,
+            _: &'a str,
+        ) -> BoxFuture<'a, Result<Option<Identity>, ReviewError>> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Ok(Some(sa("ns", "sa")))
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_first_uses_of_a_token_share_one_review() {
+        let reviewer = Arc::new(SlowReviewer(AtomicUsize::new(0)));
+        let auth = Authenticator::new(
+            Arc::default(),
+            Some(reviewer.clone()),
+            CacheTtl::default(),
+            DefaultAccess::Authenticated,
+        );
+        let bearer = Bearer::from_header(b"Bearer a.b.c").unwrap();
+        let all =
+            futures::future::join_all((0..20).map(|_| auth.authenticate(Some(&bearer)))).await;
+        assert!(all.iter().all(|r| *r == Ok(Some(sa("ns", "sa")))));
+        assert_eq!(reviewer.0.load(Ordering::SeqCst), 1);
+        assert!(auth.in_flight.lock().is_empty());
     }
 
     #[test]
