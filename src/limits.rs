@@ -480,22 +480,12 @@ fn rejection(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{Limit, Provider, Reason, RouteType};
-    use crate::table::RouteState;
+    use crate::api::Limit;
 
-    pub(crate) fn entry(limits: Vec<Limit>) -> RouteEntry {
+    fn entry(limits: Vec<Limit>) -> RouteEntry {
         RouteEntry {
-            name: "r".into(),
-            namespace: "ns".into(),
-            route_type: RouteType::Chat,
-            provider: Provider::Openai,
-            model: "m".into(),
             limits,
-            access: None,
-            state: RouteState::NotReady {
-                reason: Reason::SecretNotFound,
-                message: "x".into(),
-            },
+            ..RouteEntry::not_ready("r")
         }
     }
 

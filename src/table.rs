@@ -116,10 +116,9 @@ impl RoutingTable {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn entry(name: &str) -> RouteEntry {
+impl RouteEntry {
+    /// A chat route in namespace "ns" that does not serve; tests override the fields they need.
+    pub fn not_ready(name: &str) -> RouteEntry {
         RouteEntry {
             name: name.into(),
             namespace: "ns".into(),
@@ -133,6 +132,15 @@ mod tests {
                 message: "x".into(),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(name: &str) -> RouteEntry {
+        RouteEntry::not_ready(name)
     }
 
     #[test]

@@ -110,8 +110,7 @@ fn decode_token(token: &str) -> Result<String, GatewayError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{Limit, LimitKey, Provider, Reason, RenewalPeriod, RouteType};
-    use crate::table::RouteState;
+    use crate::api::{Limit, LimitKey, RenewalPeriod};
 
     #[test]
     fn tokens_round_trip_and_garbage_is_rejected() {
@@ -125,17 +124,8 @@ mod tests {
     fn limit_is_the_first_calls_limit() {
         let limit_of = |limits: Vec<Limit>| {
             limit(&RouteEntry {
-                name: "r".into(),
-                namespace: "ns".into(),
-                route_type: RouteType::Chat,
-                provider: Provider::Openai,
-                model: "m".into(),
                 limits,
-                access: None,
-                state: RouteState::NotReady {
-                    reason: Reason::SecretNotFound,
-                    message: String::new(),
-                },
+                ..RouteEntry::not_ready("r")
             })
         };
         let l = |calls, tokens, period| Limit {
