@@ -479,7 +479,8 @@ mod tests {
         assert!(!format!("{b:?}").contains("sk-secret"));
     }
 
-    struct CountingReviewer(AtomicUsize);
+    /// Accepts tokens starting with "good." after `1` of delay; counts its calls in `0`.
+    struct CountingReviewer(AtomicUsize, Duration);
 
     impl TokenReviewer for CountingReviewer {
         fn review<'a>(
@@ -488,13 +489,16 @@ mod tests {
         ) -> BoxFuture<'a, Result<Option<Identity>, ReviewError>> {
             self.0.fetch_add(1, Ordering::SeqCst);
             let ok = token.starts_with("good.");
-            Box::pin(async move { Ok(ok.then(|| sa("ns", "sa"))) })
+            Box::pin(async move {
+                tokio::time::sleep(self.1).await;
+                Ok(ok.then(|| sa("ns", "sa")))
+            })
         }
     }
 
     #[tokio::test]
     async fn reviews_are_cached_and_api_keys_win() {
-        let reviewer = Arc::new(CountingReviewer(AtomicUsize::new(0)));
+        let reviewer = Arc::new(CountingReviewer(AtomicUsize::new(0), Duration::ZERO));
         let keys: SharedApiKeys = Arc::new(ArcSwap::from_pointee(ApiKeys::new([(
             digest(b"sk-key"),
             consumer("p", "k"),
@@ -583,31 +587,19 @@ mod tests {
         assert_eq!(keys.find(&near), None);
     }
 
-    struct SlowReviewer(AtomicUsize);
-
-    impl TokenReviewer for SlowReviewer {
-        fn review<'a>(
-            &'a self,
-            _: &'a str,
-        ) -> BoxFuture<'a, Result<Option<Identity>, ReviewError>> {
-            self.0.fetch_add(1, Ordering::SeqCst);
-            Box::pin(async {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                Ok(Some(sa("ns", "sa")))
-            })
-        }
-    }
-
     #[tokio::test]
     async fn concurrent_first_uses_of_a_token_share_one_review() {
-        let reviewer = Arc::new(SlowReviewer(AtomicUsize::new(0)));
+        let reviewer = Arc::new(CountingReviewer(
+            AtomicUsize::new(0),
+            Duration::from_millis(50),
+        ));
         let auth = Authenticator::new(
             Arc::default(),
             Some(reviewer.clone()),
             CacheTtl::default(),
             DefaultAccess::Authenticated,
         );
-        let bearer = Bearer::from_header(b"Bearer a.b.c").unwrap();
+        let bearer = Bearer::from_header(b"Bearer good.b.c").unwrap();
         let all =
             futures::future::join_all((0..20).map(|_| auth.authenticate(Some(&bearer)))).await;
         assert!(all.iter().all(|r| *r == Ok(Some(sa("ns", "sa")))));
