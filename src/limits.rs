@@ -124,8 +124,12 @@ impl Reservation {
         if self.shared
             && let Some(shared) = &self.limiter.shared
         {
+            // A stream can be dropped while the runtime shuts down; a lost settlement is harmless then.
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                return;
+            };
             let shared = Arc::clone(shared);
-            tokio::spawn(async move {
+            runtime.spawn(async move {
                 if let Err(e) = tokio::time::timeout(STORE_TIMEOUT, shared.settle(&deltas)).await {
                     debug!(error = %e, "settling a token charge in the shared store timed out");
                 }
