@@ -657,7 +657,7 @@ fn two_replicas_share_one_limit_through_redis_and_survive_its_loss() {
     let flags = ["--limits-store", url.as_str(), "--replicas", "2"];
     let a = Gateway::start(cp, &flags);
     let b = Gateway::start(cp, &flags);
-    let [limited, roomy] = serve(
+    let [limited, roomy, budget] = serve(
         cp,
         &ns,
         &sim,
@@ -669,6 +669,10 @@ fn two_replicas_share_one_limit_through_redis_and_survive_its_loss() {
             (
                 "roomy",
                 "  limits:\n    - renewalPeriod: day\n      calls: 100000\n      tokens: 10000000\n",
+            ),
+            (
+                "shared-budget",
+                "  limits:\n    - renewalPeriod: day\n      tokens: 100\n",
             ),
         ],
     );
@@ -701,6 +705,22 @@ fn two_replicas_share_one_limit_through_redis_and_survive_its_loss() {
     for gw in [&a, &b] {
         assert_eq!(metric(gw, "portcullis_limits_fallback "), 0.0);
     }
+
+    // A token budget is charged and settled in Redis: what one replica's answers used is what the
+    // other sees left (each call reserves about 63 and uses 22).
+    let body = json!({"model": budget, "max_tokens": 60, "messages": [{"role": "user", "content": "hello there"}]});
+    let (c1, _, b1) = call(&a, None, &body);
+    std::thread::sleep(Duration::from_millis(100));
+    let (c2, _, b2) = call(&b, None, &body);
+    assert_eq!((c1, c2), (200, 200), "{b1} {b2}");
+    let used = total_tokens(&b1) + total_tokens(&b2);
+    std::thread::sleep(Duration::from_millis(100));
+    let (code, headers, refused) = call(&a, None, &body);
+    assert_eq!(code, 429, "{refused}");
+    assert_eq!(
+        headers["x-ratelimit-remaining-tokens"],
+        (100 - used).to_string().as_str()
+    );
 
     // Redis goes away mid-test: both replicas keep serving, counting locally, and say so.
     redis.kill();
