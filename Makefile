@@ -23,7 +23,7 @@ python-env:
 	hack/python-env.sh ensure mlflow25 mlflow3 >/dev/null
 
 run: control-plane
-	$(CARGO) build --workspace --release
+	$(CARGO) build --workspace
 	hack/run-local.sh
 
 test: control-plane python-env redis lint

@@ -20,9 +20,9 @@ export KUBECONFIG=$STATE/control-plane/kubeconfig
 "$KUBECTL" apply -f crds/
 "$KUBECTL" wait --for=condition=Established crd/routes.portcullis.dev --timeout=60s
 
-target/release/portcullis-sim --listen 127.0.0.1:9090 --chunk-delay-ms 50 > "$STATE/sim.log" 2>&1 &
+target/debug/portcullis-sim --listen 127.0.0.1:9090 --chunk-delay-ms 50 > "$STATE/sim.log" 2>&1 &
 SIM_PID=$!
-target/release/portcullis run --listen "127.0.0.1:$PORT" > "$STATE/gateway.log" 2>&1 &
+target/debug/portcullis run --listen "127.0.0.1:$PORT" > "$STATE/gateway.log" 2>&1 &
 GW_PID=$!
 for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
 

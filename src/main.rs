@@ -18,6 +18,9 @@ use portcullis::table::RoutingTable;
 use portcullis::telemetry::metrics::Metrics;
 use portcullis::telemetry::{self, LogFormat};
 
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "portcullis",
