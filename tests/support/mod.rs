@@ -369,6 +369,19 @@ impl Gateway {
                     log.lock().join("\n")
                 )
             });
+        // A gateway held in a static (shared by a test binary) is never dropped: a detached
+        // watchdog kills it once this test process is gone.
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "while kill -0 {} 2>/dev/null; do sleep 1; done; kill -9 {} 2>/dev/null",
+                std::process::id(),
+                child.id()
+            ))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
         let gw = Gateway {
             child,
             addr,
