@@ -346,6 +346,10 @@ async fn run(args: RunArgs) -> Result<(), StartError> {
         },
         stop_controller.clone(),
     ));
+    // Small SSE frames must leave at once, not wait behind Nagle for the previous write's ACK.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+        let _ = tcp.set_nodelay(true);
+    });
     let server = axum::serve(listener, dataplane::router(state))
         .with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
     let metrics_server = axum::serve(metrics_listener, dataplane::metrics_router(metrics))

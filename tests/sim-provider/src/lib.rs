@@ -140,6 +140,11 @@ impl SimProvider {
         let addr = listener.local_addr()?;
         let app = router(shared.clone());
         let task = tokio::spawn(async move {
+            // Like the providers' own front ends: small stream frames leave at once.
+            let listener =
+                axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+                    let _ = tcp.set_nodelay(true);
+                });
             let _ = axum::serve(listener, app).await;
         });
         Ok(SimProvider { addr, shared, task })
