@@ -109,6 +109,40 @@ fn token(cp: &ControlPlane, ns: &str, sa: &str, audience: &str) -> String {
     .to_string()
 }
 
+/// `token` re-signed with the control plane's own ServiceAccount key after moving its expiry an hour
+/// into the past: a genuinely expired token (the TokenRequest API will not issue one shorter than 10 min).
+fn expired_copy(cp: &ControlPlane, token: &str) -> String {
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    use std::io::Write;
+    let parts: Vec<&str> = token.split('.').collect();
+    let mut claims: Value = serde_json::from_slice(&B64.decode(parts[1]).unwrap()).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    claims["iat"] = json!(now - 7200);
+    claims["nbf"] = json!(now - 7200);
+    claims["exp"] = json!(now - 3600);
+    let signing_input = format!("{}.{}", parts[0], B64.encode(claims.to_string()));
+    let key = cp.dir.join("pki/sa.key");
+    let mut openssl = std::process::Command::new("openssl")
+        .args(["dgst", "-sha256", "-binary", "-sign", key.to_str().unwrap()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    openssl
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(signing_input.as_bytes())
+        .unwrap();
+    let signature = openssl.wait_with_output().unwrap();
+    assert!(signature.status.success(), "openssl could not sign");
+    format!("{signing_input}.{}", B64.encode(signature.stdout))
+}
+
 /// The value of a metric line starting with `prefix` (0 when absent).
 fn metric(gw: &Gateway, prefix: &str) -> f64 {
     gw.metrics()
@@ -149,6 +183,7 @@ fn service_account_tokens_are_reviewed_cached_and_checked_against_access() {
     let intruder = token(cp, &ns, "intruder", "portcullis");
     let batch = token(cp, &other_ns, "batch", "portcullis");
     let wrong_audience = token(cp, &ns, "notebook", "someone-else");
+    let expired = expired_copy(cp, &token(cp, &ns, "notebook", "portcullis"));
     // A token whose ServiceAccount was deleted and recreated: same name, new uid, so it is rejected.
     let ghost = token(cp, &ns, "ghost", "portcullis");
     cp.ok(&["delete", "serviceaccount", "ghost", "-n", &ns]);
@@ -178,6 +213,7 @@ fn service_account_tokens_are_reviewed_cached_and_checked_against_access() {
     for (what, bearer) in [
         ("no token", None),
         ("wrong audience", Some(wrong_audience.as_str())),
+        ("expired", Some(expired.as_str())),
         ("recreated ServiceAccount", Some(ghost.as_str())),
         ("garbage", Some("not-a-token")),
         ("garbage JWT", Some("eyJhbGciOi.eyJzdWIiOi.c2lnbmF0dXJl")),
@@ -273,7 +309,14 @@ fn service_account_tokens_are_reviewed_cached_and_checked_against_access() {
     );
     assert_no_credentials(
         &gw,
-        &[&notebook, &intruder, &batch, &ghost, &wrong_audience],
+        &[
+            &notebook,
+            &intruder,
+            &batch,
+            &ghost,
+            &wrong_audience,
+            &expired,
+        ],
     );
     // The upstream credential is the route's, never the caller's.
     let upstream = sim.last_request().unwrap();
