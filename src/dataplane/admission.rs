@@ -5,6 +5,7 @@ use crate::access::{AuthError, Decision, DefaultAccess, Identity, decide};
 use crate::limits::Reservation;
 use crate::llm::{LlmRequest, Usage};
 use crate::table::RouteEntry;
+use std::sync::Arc;
 
 use super::AppState;
 use super::error::GatewayError;
@@ -74,6 +75,17 @@ impl Visibility {
 
     pub fn shows(&self, entry: &RouteEntry) -> bool {
         decide(entry.access.as_deref(), self.default, self.caller.as_ref()) == Decision::Allow
+    }
+
+    /// The named route if this caller may see it; a hidden route is as unknown as a missing one.
+    pub async fn find(state: &AppState, name: String) -> Result<Arc<RouteEntry>, GatewayError> {
+        let visible = Self::of_caller(state).await;
+        let table = state.table.load();
+        table
+            .get(&name)
+            .filter(|e| visible.shows(e))
+            .cloned()
+            .ok_or(GatewayError::UnknownRoute(name))
     }
 }
 

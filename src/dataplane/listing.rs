@@ -44,14 +44,8 @@ pub async fn get<L: Listed>(
     State(state): State<Arc<AppState>>,
     name: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Value>, MlflowError> {
-    let name = route_name(name)?;
-    let visible = Visibility::of_caller(&state).await;
-    let table = state.table.load();
-    let entry = table
-        .get(&name)
-        .filter(|e| visible.shows(e))
-        .ok_or(GatewayError::UnknownRoute(name))?;
-    Ok(Json(L::object(entry)))
+    let entry = Visibility::find(&state, route_name(name)?).await?;
+    Ok(Json(L::object(&entry)))
 }
 
 /// One page of routes and the token of the next, `None` on the last page.

@@ -78,12 +78,7 @@ pub async fn get_model(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
 ) -> Result<Json<Value>> {
-    let visible = Visibility::of_caller(&state).await;
-    let table = state.table.load();
-    let entry = table
-        .get(&name)
-        .filter(|e| visible.shows(e))
-        .ok_or(GatewayError::UnknownRoute(name))?;
+    let entry = Visibility::find(&state, name).await?;
     Ok(Json(model_object(&entry.name, entry.provider.as_str())))
 }
 
