@@ -7,9 +7,11 @@ pub mod access;
 pub mod api;
 pub mod controller;
 pub mod dataplane;
+pub mod files;
 pub mod limits;
 pub mod llm;
 pub mod providers;
+pub mod server;
 pub mod table;
 pub mod telemetry;
 

@@ -1,21 +1,18 @@
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
-use portcullis::access::{Authenticator, CacheTtl, DefaultAccess, TokenReviewer};
+use portcullis::access::TokenReviewer;
 use portcullis::controller::consumers::KubeTokenReviewer;
 use portcullis::controller::leader::LeaderConfig;
 use portcullis::controller::{self, ControllerConfig, ControllerHandles};
-use portcullis::dataplane::{self, AppState};
-use portcullis::limits::Limiter;
-use portcullis::table::RoutingTable;
-use portcullis::telemetry::metrics::Metrics;
+use portcullis::files;
+use portcullis::server::{DataPlane, DataPlaneArgs, StartError, positive_secs};
 use portcullis::telemetry::{self, LogFormat};
 
 #[global_allocator]
@@ -36,6 +33,10 @@ struct Cli {
 enum Command {
     /// Run the controller and the data plane against a cluster (in-cluster config or KUBECONFIG).
     Run(Box<RunArgs>),
+    /// Serve Route and Secret manifests, or an MLflow gateway config, from files: no cluster needed.
+    Serve(Box<files::serve::ServeArgs>),
+    /// Print Route and Secret manifests converted from an MLflow gateway or LiteLLM proxy config.
+    Import(files::import::ImportArgs),
     /// Print the Route CRD as YAML.
     Crd,
 }
@@ -45,28 +46,6 @@ struct RunArgs {
     /// Address the data plane listens on (port 0 picks a free port; the bound address is logged).
     #[arg(long, env = "PORTCULLIS_LISTEN", default_value = "0.0.0.0:8080")]
     listen: SocketAddr,
-    /// Watch Routes and Secrets in this namespace only (default: all namespaces).
-    #[arg(long, env = "PORTCULLIS_NAMESPACE")]
-    namespace: Option<String>,
-    #[arg(
-        long,
-        env = "PORTCULLIS_LOG_FORMAT",
-        value_enum,
-        default_value = "text"
-    )]
-    log_format: LogFormat,
-    /// Largest accepted request body, in bytes.
-    #[arg(long, env = "PORTCULLIS_BODY_LIMIT", default_value_t = 10 * 1024 * 1024)]
-    body_limit: usize,
-    /// Longest wait for a provider: the whole answer, or between two chunks of a stream (seconds).
-    #[arg(long, env = "PORTCULLIS_UPSTREAM_TIMEOUT", default_value_t = 600.0)]
-    upstream_timeout: f64,
-    /// Routes per page of the MLflow route and endpoint listings (MLflow's own page size).
-    #[arg(long, env = "PORTCULLIS_PAGE_SIZE", default_value_t = 3000, value_parser = clap::value_parser!(u32).range(1..))]
-    page_size: u32,
-    /// Upper bound of the reconnect backoff after the API server went away (seconds).
-    #[arg(long, default_value_t = 10.0)]
-    max_watch_backoff: f64,
     /// Address of the Prometheus `/metrics` endpoint (a separate port from the data plane).
     #[arg(
         long,
@@ -74,6 +53,14 @@ struct RunArgs {
         default_value = "0.0.0.0:9464"
     )]
     metrics_listen: SocketAddr,
+    #[command(flatten)]
+    dataplane: DataPlaneArgs,
+    /// Watch Routes and Secrets in this namespace only (default: all namespaces).
+    #[arg(long, env = "PORTCULLIS_NAMESPACE")]
+    namespace: Option<String>,
+    /// Upper bound of the reconnect backoff after the API server went away (seconds).
+    #[arg(long, default_value_t = 10.0)]
+    max_watch_backoff: f64,
     /// Elect a leader through a Lease so that only one replica writes Route status and Events.
     #[arg(long, env = "PORTCULLIS_LEADER_ELECTION")]
     leader_election: bool,
@@ -91,41 +78,6 @@ struct RunArgs {
     /// This replica's identity in the Lease and in Events (defaults to the pod name).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
-    /// On SIGTERM: seconds to keep accepting connections after readiness turns false (endpoint propagation).
-    #[arg(long, default_value_t = 5.0)]
-    shutdown_delay: f64,
-    /// OTLP/HTTP traces endpoint (for example http://otel-collector:4318/v1/traces); no export when unset.
-    #[arg(long, env = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")]
-    otlp_endpoint: Option<String>,
-    /// On SIGTERM: longest wait for in-flight requests and open streams to finish (seconds).
-    #[arg(long, default_value_t = 60.0)]
-    drain_timeout: f64,
-    /// Who may call Routes without `access`: allow-all (anyone, as MLflow's gateway) or authenticated
-    /// (any valid ServiceAccount token or API key).
-    #[arg(
-        long,
-        env = "PORTCULLIS_DEFAULT_ACCESS",
-        value_enum,
-        default_value = "allow-all"
-    )]
-    default_access: DefaultAccess,
-    /// The audience ServiceAccount tokens must be issued for.
-    #[arg(long, env = "PORTCULLIS_TOKEN_AUDIENCE", default_value = "portcullis")]
-    token_audience: String,
-    /// Seconds a valid ServiceAccount token is trusted without asking the API server again.
-    #[arg(long, default_value_t = 30.0)]
-    token_cache_ttl: f64,
-    /// Seconds an invalid token is remembered as invalid.
-    #[arg(long, default_value_t = 5.0)]
-    negative_token_cache_ttl: f64,
-    /// Share limits across replicas through this Redis (redis://[:password@]host:port[/db]);
-    /// without it each replica counts alone.
-    #[arg(long, env = "PORTCULLIS_LIMITS_STORE")]
-    limits_store: Option<String>,
-    /// Replicas serving together: while counting alone (no store, or the store is unreachable),
-    /// each replica enforces 1/N of every limit.
-    #[arg(long, env = "PORTCULLIS_REPLICAS", default_value_t = 1)]
-    replicas: u32,
     /// Take N from the ready endpoints of this Service (in the pod's namespace) instead of --replicas.
     #[arg(long, env = "PORTCULLIS_REPLICAS_SERVICE")]
     replicas_service: Option<String>,
@@ -145,78 +97,61 @@ fn main() -> ExitCode {
             }
         },
         Command::Run(args) => {
-            // kube, reqwest and the OTLP exporter share rustls; pick its crypto provider before any client exists.
-            let _ = rustls::crypto::ring::default_provider().install_default();
-            let _telemetry = match telemetry::init(args.log_format, args.otlp_endpoint.as_deref()) {
-                Ok(guard) => guard,
-                Err(e) => {
-                    eprintln!("{e}");
-                    return ExitCode::from(64);
-                }
-            };
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    error!(error = %e, "cannot start the async runtime");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match runtime.block_on(run(*args)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    error!("{e}");
-                    ExitCode::FAILURE
-                }
-            }
+            let (format, otlp) = (
+                args.dataplane.log_format,
+                args.dataplane.otlp_endpoint.clone(),
+            );
+            in_runtime(format, otlp.as_deref(), run(*args))
+        }
+        Command::Serve(args) => {
+            let (format, otlp) = (
+                args.dataplane.log_format,
+                args.dataplane.otlp_endpoint.clone(),
+            );
+            in_runtime(format, otlp.as_deref(), files::serve::serve(*args))
+        }
+        Command::Import(args) => files::import::main(&args),
+    }
+}
+
+/// Starts telemetry and the async runtime, then runs a serving command to its end.
+fn in_runtime(
+    log_format: LogFormat,
+    otlp_endpoint: Option<&str>,
+    command: impl Future<Output = Result<(), StartError>>,
+) -> ExitCode {
+    // kube, reqwest and the OTLP exporter share rustls; pick its crypto provider before any client exists.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let _telemetry = match telemetry::init(log_format, otlp_endpoint) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(64);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!(error = %e, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            e.exit_code()
         }
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-enum StartError {
-    #[error("invalid configuration: {0}")]
-    Config(String),
-    #[error("cannot load the Kubernetes client configuration: {0}")]
-    KubeConfig(String),
-    #[error("cannot listen on {0}: {1}")]
-    Bind(SocketAddr, std::io::Error),
-    #[error(transparent)]
-    Controller(#[from] controller::ControllerError),
-    #[error("the data plane stopped: {0}")]
-    Serve(std::io::Error),
-}
-
 async fn run(args: RunArgs) -> Result<(), StartError> {
     // Configuration is checked before any port is bound.
-    let secs = |v: f64, flag: &str| {
-        Duration::try_from_secs_f64(v)
-            .ok()
-            .filter(|d| !d.is_zero())
-            .ok_or_else(|| {
-                StartError::Config(format!("--{flag} must be a positive number of seconds"))
-            })
-    };
-    let upstream_timeout = secs(args.upstream_timeout, "upstream-timeout")?;
-    let max_backoff = secs(args.max_watch_backoff, "max-watch-backoff")?;
-    let drain_timeout = secs(args.drain_timeout, "drain-timeout")?;
-    let token_ttl = CacheTtl {
-        positive: secs(args.token_cache_ttl, "token-cache-ttl")?,
-        negative: secs(args.negative_token_cache_ttl, "negative-token-cache-ttl")?,
-        ..CacheTtl::default()
-    };
-    if args.replicas == 0 {
-        return Err(StartError::Config("--replicas must be at least 1".into()));
-    }
-    if args.token_audience.is_empty() {
-        return Err(StartError::Config(
-            "--token-audience must not be empty".into(),
-        ));
-    }
-    let shutdown_delay = Duration::try_from_secs_f64(args.shutdown_delay)
-        .map_err(|_| StartError::Config("--shutdown-delay must be a number of seconds".into()))?;
+    let settings = args.dataplane.check()?;
+    let max_backoff = positive_secs(args.max_watch_backoff, "max-watch-backoff")?;
     let identity = args.identity.clone().unwrap_or_else(|| {
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "portcullis".into());
         format!("{host}-{}", std::process::id())
@@ -231,94 +166,35 @@ async fn run(args: RunArgs) -> Result<(), StartError> {
     if let Some(l) = &leader {
         l.validate().map_err(StartError::Config)?;
     }
-    let http =
-        dataplane::http_client(upstream_timeout).map_err(|e| StartError::Config(e.to_string()))?;
     let client = kube::Client::try_default()
         .await
         .map_err(|e| StartError::KubeConfig(e.to_string()))?;
-
-    let metrics = Arc::new(Metrics::new());
-    let limits = Arc::new(match &args.limits_store {
-        Some(url) => Limiter::shared(metrics.clone(), args.replicas, url)
-            .map_err(|e| StartError::Config(e.to_string()))?,
-        None => Limiter::local(metrics.clone(), args.replicas),
-    });
-    let api_keys = portcullis::access::SharedApiKeys::default();
-    let reviewer: Arc<dyn TokenReviewer> = Arc::new(KubeTokenReviewer::new(
-        client.clone(),
-        args.token_audience.clone(),
-        metrics.clone(),
-    ));
-    let auth = Arc::new(Authenticator::new(
-        api_keys.clone(),
-        Some(reviewer),
-        token_ttl,
-        args.default_access,
-    ));
-    let table = RoutingTable::default().shared();
-    let ready = Arc::new(AtomicBool::new(false));
-    let draining = Arc::new(AtomicBool::new(false));
-    let state = Arc::new(AppState {
-        table: table.clone(),
-        http,
-        ready: ready.clone(),
-        body_limit: args.body_limit,
-        upstream_timeout,
-        page_size: args.page_size as usize,
-        metrics: metrics.clone(),
-        draining: draining.clone(),
-        auth,
-        limits: limits.clone(),
-    });
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .map_err(|e| StartError::Bind(args.listen, e))?;
-    let bound = listener
-        .local_addr()
-        .map_err(|e| StartError::Bind(args.listen, e))?;
-    let metrics_listener = tokio::net::TcpListener::bind(args.metrics_listen)
-        .await
-        .map_err(|e| StartError::Bind(args.metrics_listen, e))?;
-    let metrics_bound = metrics_listener
-        .local_addr()
-        .map_err(|e| StartError::Bind(args.metrics_listen, e))?;
     info!(
-        listen = %bound,
-        metrics_listen = %metrics_bound,
         namespace = args.namespace.as_deref().unwrap_or("<all>"),
         identity = %identity,
         leader_election = args.leader_election,
-        body_limit = args.body_limit,
-        upstream_timeout_s = upstream_timeout.as_secs_f64(),
-        default_access = ?args.default_access,
-        token_audience = %args.token_audience,
-        limits_store = if args.limits_store.is_some() { "redis" } else { "local" },
-        replicas = args.replicas,
         replicas_service = args.replicas_service.as_deref().unwrap_or_default(),
-        "data plane listening"
+        "watching the cluster for Routes"
     );
-
-    // SIGTERM: readiness fails at once; connections are still accepted for `shutdown_delay`, then
-    // the listener closes and in-flight requests and streams drain for up to `drain_timeout`.
-    let signalled = CancellationToken::new();
-    let stop_accepting = CancellationToken::new();
+    let dataplane = DataPlane::bind(
+        &args.dataplane,
+        settings,
+        args.listen,
+        args.metrics_listen,
+        |metrics| {
+            Some(Arc::new(KubeTokenReviewer::new(
+                client.clone(),
+                args.dataplane.token_audience.clone(),
+                metrics,
+            )) as Arc<dyn TokenReviewer>)
+        },
+        None,
+    )
+    .await?;
+    let handles = dataplane.source_handles();
     let stop_controller = CancellationToken::new();
-    tokio::spawn(signal_shutdown(signalled.clone()));
-    tokio::spawn({
-        let (signalled, stop_accepting) = (signalled.clone(), stop_accepting.clone());
-        async move {
-            signalled.cancelled().await;
-            draining.store(true, Ordering::Release);
-            info!(
-                delay_s = shutdown_delay.as_secs_f64(),
-                "shutting down: readiness is false; draining"
-            );
-            tokio::time::sleep(shutdown_delay).await;
-            stop_accepting.cancel();
-        }
-    });
-
     if let Some(service) = args.replicas_service.clone() {
+        let limits = handles.limits.clone();
         tokio::spawn(controller::replicas::run(
             client.clone(),
             args.lease_namespace.clone(),
@@ -335,70 +211,23 @@ async fn run(args: RunArgs) -> Result<(), StartError> {
         instance: identity,
         leader,
     };
-    let mut controller = tokio::spawn(controller::run(
-        client,
-        config,
-        ControllerHandles {
-            table,
-            ready,
-            metrics: metrics.clone(),
-            api_keys,
-        },
-        stop_controller.clone(),
-    ));
-    // Small SSE frames must leave at once, not wait behind Nagle for the previous write's ACK.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let server = axum::serve(listener, dataplane::router(state))
-        .with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
-    let metrics_server = axum::serve(metrics_listener, dataplane::metrics_router(metrics))
-        .with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
-    tokio::spawn(async move {
-        if let Err(e) = metrics_server.await {
-            warn!(error = %e, "the metrics endpoint stopped");
+    let controller = tokio::spawn({
+        let stop = stop_controller.clone();
+        async move {
+            controller::run(
+                client,
+                config,
+                ControllerHandles {
+                    table: handles.table,
+                    ready: handles.ready,
+                    metrics: handles.metrics,
+                    api_keys: handles.api_keys,
+                },
+                stop,
+            )
+            .await
+            .map_err(StartError::from)
         }
     });
-    let drain_deadline = async {
-        stop_accepting.cancelled().await;
-        tokio::time::sleep(drain_timeout).await;
-    };
-
-    let result = tokio::select! {
-        served = server => served.map_err(StartError::Serve),
-        _ = drain_deadline => {
-            warn!(timeout_s = drain_timeout.as_secs_f64(), "drain timeout reached; closing the remaining connections");
-            Ok(())
-        }
-        finished = &mut controller => {
-            return match finished {
-                Ok(result) => result.map_err(StartError::from),
-                Err(e) => Err(StartError::Config(format!("the controller task failed: {e}"))),
-            };
-        }
-    };
-    // The controller outlives the drain so late table changes still apply; stopping it releases the Lease.
-    stop_controller.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(5), controller).await;
-    info!("stopped");
-    result
-}
-
-async fn signal_shutdown(token: CancellationToken) {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => futures::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
-    }
-    info!("shutdown signal received");
-    token.cancel();
+    dataplane.serve(controller, stop_controller).await
 }

@@ -94,8 +94,8 @@ impl TokenReviewer for KubeTokenReviewer {
 
 type Key = (String, String);
 
-/// The digest of a Secret's API key; `None` when it has no usable key.
-fn key_digest(secret: &Secret) -> Option<Digest> {
+/// The digest of a Secret's API key; `None` when it has no usable key. Shared with `serve`.
+pub fn key_digest(secret: &Secret) -> Option<Digest> {
     let value = secret.data.as_ref()?.get(API_KEY_FIELD)?;
     let trimmed = value.0.trim_ascii();
     (!trimmed.is_empty()).then(|| digest(trimmed))

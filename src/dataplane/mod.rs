@@ -30,6 +30,7 @@ use crate::limits::Limiter;
 use crate::table::SharedTable;
 use crate::telemetry::metrics::Metrics;
 use error::GatewayError;
+pub use health::ConfigStatus;
 use mlflow_deployments::Endpoints;
 use mlflow_gateway::Routes;
 
@@ -50,6 +51,8 @@ pub struct AppState {
     /// Who is calling (API keys, cached TokenReviews) and the gateway-wide default access.
     pub auth: Arc<Authenticator>,
     pub limits: Arc<Limiter>,
+    /// Served from files: the loaded configuration's generation and last reload error (in /readyz).
+    pub config: Option<Arc<ConfigStatus>>,
 }
 
 /// The upstream HTTP client: pooled connections, bounded connect and read times.

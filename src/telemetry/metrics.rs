@@ -75,6 +75,11 @@ pub struct Metrics {
     pub limits_fallback: Gauge,
     pub limits_store_errors: Counter,
     pub token_reviews: Family<OutcomeLabels, Counter>,
+    /// Served from files: the generation of the configuration serving now.
+    pub config_generation: Gauge,
+    /// Served from files: 1 while the latest reload failed (the last good version serves).
+    pub config_reload_failing: Gauge,
+    pub config_reload_failures: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -117,6 +122,24 @@ impl Metrics {
         let limits_fallback = Gauge::default();
         let limits_store_errors = Counter::default();
         let token_reviews = Family::<OutcomeLabels, Counter>::default();
+        let config_generation = Gauge::default();
+        let config_reload_failing = Gauge::default();
+        let config_reload_failures = Counter::default();
+        registry.register(
+            "portcullis_config_generation",
+            "portcullis serve: generation of the configuration files serving now (1 at start, +1 per applied reload)",
+            config_generation.clone(),
+        );
+        registry.register(
+            "portcullis_config_reload_failing",
+            "portcullis serve: 1 while the latest reload failed and the last good configuration serves",
+            config_reload_failing.clone(),
+        );
+        registry.register(
+            "portcullis_config_reload_failures",
+            "portcullis serve: configuration files that could not be loaded on a reload",
+            config_reload_failures.clone(),
+        );
         registry.register(
             "portcullis_limits_fallback",
             "1 while this replica enforces limits locally (1/N each) because the shared limits store is unreachable",
@@ -215,6 +238,9 @@ impl Metrics {
             limits_fallback,
             limits_store_errors,
             token_reviews,
+            config_generation,
+            config_reload_failing,
+            config_reload_failures,
         }
     }
 

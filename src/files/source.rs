@@ -1,0 +1,425 @@
+//! The file source: reads the configured files, builds the routing table with the controller's
+//! `reconcile`, and keeps it current.
+//!
+//! Hot reload polls (every 200 ms by default) instead of using inotify (`notify`): editors replace
+//! files by rename, Kubernetes ConfigMap volumes swap a `..data` symlink, and network or container
+//! filesystems may deliver no events at all; reading a few small files' bytes and comparing digests
+//! sees every one of these the same way, needs no new dependency, and still applies a change in
+//! well under a second. A change is applied once the bytes are the same on two consecutive looks,
+//! so a file caught half-written is never served, and a file must be gone on two looks to count as
+//! removed (an editor's save-by-rename is not a removal). SIGHUP re-reads everything at once.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
+use tracing::{debug, info, warn};
+
+use super::load::{self, FileContents, FileError, Origin};
+use crate::access::{API_KEY_LABEL, ApiKeys, Digest, Identity, digest};
+use crate::api::{Reason, Route};
+use crate::controller::consumers::key_digest;
+use crate::controller::reconcile::{SecretData, reconcile};
+use crate::dataplane::ConfigStatus;
+use crate::server::{SourceHandles, StartError};
+use crate::telemetry::metrics::ReasonLabels;
+
+/// File names read from a configured directory.
+const EXTENSIONS: [&str; 3] = ["yaml", "yml", "json"];
+
+/// What wakes the reload loop besides its timer.
+pub enum Wake {
+    /// SIGHUP: re-read every file now.
+    Reload,
+    Stop,
+}
+
+pub struct FileSource {
+    paths: Vec<PathBuf>,
+    namespace: String,
+    /// Per file: the digest of the bytes last parsed, and the last version that parsed.
+    files: BTreeMap<PathBuf, Tracked>,
+    /// Per file: the digest seen on the previous look (`None`: absent), to let changes settle.
+    previous_look: HashMap<PathBuf, Option<Digest>>,
+    generation: u64,
+    handles: SourceHandles,
+    status: Arc<ConfigStatus>,
+}
+
+struct Tracked {
+    /// `None`: the file could not be read.
+    parsed: Option<Digest>,
+    good: Option<Arc<FileContents>>,
+    /// Why the latest bytes were not applied.
+    error: Option<String>,
+}
+
+/// The configured paths expanded to files: a directory gives its `.yaml`, `.yml` and `.json`
+/// files (not hidden ones, not subdirectories), a file gives itself; missing paths are listed apart.
+pub fn expand(paths: &[PathBuf]) -> (Vec<PathBuf>, Vec<PathBuf>) {
+    let mut files = Vec::new();
+    let mut missing = Vec::new();
+    for path in paths {
+        if path.is_dir() {
+            let Ok(entries) = std::fs::read_dir(path) else {
+                missing.push(path.clone());
+                continue;
+            };
+            let mut found: Vec<PathBuf> = entries
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| {
+                    let name = p.file_name().and_then(|n| n.to_str()).unwrap_or(".");
+                    let ext = p.extension().and_then(|e| e.to_str()).unwrap_or_default();
+                    !name.starts_with('.') && EXTENSIONS.contains(&ext) && p.is_file()
+                })
+                .collect();
+            found.sort();
+            files.extend(found);
+        } else if path.is_file() {
+            files.push(path.clone());
+        } else {
+            missing.push(path.clone());
+        }
+    }
+    files.dedup();
+    (files, missing)
+}
+
+impl FileSource {
+    pub fn new(
+        paths: Vec<PathBuf>,
+        namespace: String,
+        handles: SourceHandles,
+        status: Arc<ConfigStatus>,
+    ) -> Self {
+        FileSource {
+            paths,
+            namespace,
+            files: BTreeMap::new(),
+            previous_look: HashMap::new(),
+            generation: 0,
+            handles,
+            status,
+        }
+    }
+
+    /// The first load: every file must be usable and some Route must serve, else the process
+    /// exits 2 with the reasons.
+    pub fn load_initial(&mut self) -> Result<(), StartError> {
+        let (files, missing) = expand(&self.paths);
+        let mut errors: Vec<String> = missing
+            .iter()
+            .map(|p| format!("{}: no such file or directory", p.display()))
+            .collect();
+        if files.is_empty() && errors.is_empty() {
+            errors.push(format!(
+                "no .yaml, .yml or .json files in {}",
+                self.paths
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        for path in files {
+            match load::read(&path) {
+                Ok(bytes) => {
+                    let d = digest(&bytes);
+                    self.previous_look.insert(path.clone(), Some(d));
+                    match load::parse(&path, &bytes, &self.namespace) {
+                        Ok(contents) => {
+                            self.files.insert(
+                                path,
+                                Tracked {
+                                    parsed: Some(d),
+                                    good: Some(Arc::new(contents)),
+                                    error: None,
+                                },
+                            );
+                        }
+                        Err(e) => errors.push(e.to_string()),
+                    }
+                }
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(StartError::Files(format!(
+                "the configuration cannot be served:\n{}",
+                errors.join("\n")
+            )));
+        }
+        let (total, serving) = self.publish();
+        if serving == 0 {
+            return Err(StartError::Files(format!(
+                "nothing to serve: none of the {total} Routes in the configuration is valid (the reasons are logged above)"
+            )));
+        }
+        self.status.set_last_error(None);
+        self.handles.ready.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Looks at the files until `Stop`: every `interval` (none when `None`) and on `Reload`.
+    pub fn run(mut self, interval: Option<Duration>, wake: mpsc::Receiver<Wake>) {
+        loop {
+            let woken = match interval {
+                Some(every) => wake.recv_timeout(every),
+                None => wake
+                    .recv()
+                    .map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+            };
+            match woken {
+                Ok(Wake::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                Ok(Wake::Reload) => {
+                    info!("SIGHUP: reloading every configuration file");
+                    self.look(true);
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => self.look(false),
+            }
+        }
+    }
+
+    /// One look at the files; `force` re-parses all of them at once.
+    pub fn look(&mut self, force: bool) {
+        let (present, _) = expand(&self.paths);
+        let mut now: HashMap<PathBuf, Result<Vec<u8>, FileError>> = HashMap::new();
+        for path in present {
+            let read = load::read(&path);
+            now.insert(path, read);
+        }
+        let seen = |r: &Result<Vec<u8>, FileError>| r.as_ref().ok().map(|b| digest(b));
+        let mut changed = false;
+        let mut failed = false;
+
+        // Removed: tracked, absent now and on the previous look.
+        let gone: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|p| {
+                !now.contains_key(*p)
+                    && (force || matches!(self.previous_look.get(*p), Some(None) | None))
+            })
+            .cloned()
+            .collect();
+        for path in gone {
+            info!(file = %path.display(), "configuration file removed; its Routes and Secrets are gone");
+            self.files.remove(&path);
+            changed = true;
+        }
+
+        let mut paths: Vec<&PathBuf> = now.keys().collect();
+        paths.sort();
+        for path in paths {
+            let result = &now[path];
+            let digest_now = seen(result);
+            let settled = force || self.previous_look.get(path).copied().flatten() == digest_now;
+            let tracked = self.files.get(path);
+            let is_new = tracked.is_none_or(|t| t.parsed != digest_now);
+            if !(settled && (is_new || force)) {
+                continue;
+            }
+            let parsed = match result {
+                Ok(bytes) => load::parse(path, bytes, &self.namespace),
+                Err(e) => Err(FileError::Read {
+                    path: path.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                }),
+            };
+            match parsed {
+                Ok(contents) => {
+                    info!(file = %path.display(), "configuration file loaded");
+                    self.files.insert(
+                        path.clone(),
+                        Tracked {
+                            parsed: digest_now,
+                            good: Some(Arc::new(contents)),
+                            error: None,
+                        },
+                    );
+                    changed = true;
+                }
+                Err(e) => {
+                    let keeps = tracked.is_some_and(|t| t.good.is_some());
+                    warn!(
+                        file = %path.display(),
+                        error = %e,
+                        "configuration file not applied; {}",
+                        if keeps { "its last good version keeps serving" } else { "it has no good version yet" }
+                    );
+                    self.handles.metrics.config_reload_failures.inc();
+                    failed = true;
+                    let good = self.files.get(path).and_then(|t| t.good.clone());
+                    self.files.insert(
+                        path.clone(),
+                        Tracked {
+                            parsed: digest_now,
+                            good,
+                            error: Some(e.to_string()),
+                        },
+                    );
+                }
+            }
+        }
+        self.previous_look = now.iter().map(|(p, r)| (p.clone(), seen(r))).collect();
+
+        if changed || failed || force {
+            // Every file whose latest version is not serving, until it is fixed or removed.
+            let errors: Vec<&str> = self
+                .files
+                .values()
+                .filter_map(|t| t.error.as_deref())
+                .collect();
+            let failing = !errors.is_empty();
+            self.status
+                .set_last_error(failing.then(|| errors.join("\n")));
+            self.handles
+                .metrics
+                .config_reload_failing
+                .set(i64::from(failing));
+        }
+        if changed || force {
+            self.publish();
+        }
+    }
+
+    /// Builds and publishes the table from the last good version of every file.
+    fn publish(&mut self) -> (usize, usize) {
+        let started = Instant::now();
+        let mut routes: Vec<Arc<Route>> = Vec::new();
+        let mut route_origin: HashMap<(String, String), Origin> = HashMap::new();
+        let mut secrets: HashMap<(String, String), Arc<SecretData>> = HashMap::new();
+        let mut secret_origin: HashMap<(String, String), Origin> = HashMap::new();
+        let mut consumers: Vec<(Digest, Identity)> = Vec::new();
+        for contents in self.files.values().filter_map(|t| t.good.as_ref()) {
+            for problem in &contents.problems {
+                warn!(
+                    file = %problem.origin.file.display(),
+                    document = problem.origin.document,
+                    entry = problem.origin.entry.as_deref().unwrap_or_default(),
+                    reason = %problem.reason,
+                    "left out of the configuration: {}: {}", problem.origin, problem.reason
+                );
+            }
+            for (origin, route) in &contents.routes {
+                let key = (route.namespace().unwrap_or_default(), route.name_any());
+                if let Some(first) = route_origin.get(&key) {
+                    warn!(
+                        file = %origin.file.display(),
+                        document = origin.document,
+                        reason = "Duplicate",
+                        "left out of the configuration: {origin}: Route {}/{} is already defined in {first}",
+                        key.0, key.1
+                    );
+                    continue;
+                }
+                route_origin.insert(key, origin.clone());
+                routes.push(route.clone());
+            }
+            for (origin, secret) in &contents.secrets {
+                let key = (secret.namespace().unwrap_or_default(), secret.name_any());
+                if let Some(first) = secret_origin.get(&key) {
+                    warn!(
+                        file = %origin.file.display(),
+                        document = origin.document,
+                        reason = "Duplicate",
+                        "left out of the configuration: {origin}: Secret {}/{} is already defined in {first}",
+                        key.0, key.1
+                    );
+                    continue;
+                }
+                if let Some(d) = api_key_consumer(secret) {
+                    consumers.push((
+                        d,
+                        Identity::Consumer {
+                            namespace: key.0.clone(),
+                            name: key.1.clone(),
+                        },
+                    ));
+                }
+                let data: SecretData = secret.data.clone().unwrap_or_default();
+                secret_origin.insert(key.clone(), origin.clone());
+                secrets.insert(key, Arc::new(data));
+            }
+        }
+        let reconciled = reconcile(&routes, &secrets);
+        for o in reconciled.outcomes.iter().filter(|o| !o.outcome.is_ready()) {
+            let origin = route_origin.get(&(o.namespace.clone(), o.name.clone()));
+            warn!(
+                file = %origin.map(|o| o.file.display().to_string()).unwrap_or_default(),
+                document = origin.map(|o| o.document).unwrap_or_default(),
+                entry = origin.and_then(|o| o.entry.as_deref()).unwrap_or_default(),
+                route = %format!("{}/{}", o.namespace, o.name),
+                reason = o.outcome.reason.as_str(),
+                "route does not serve: {}: {}",
+                origin.map(ToString::to_string).unwrap_or_default(),
+                o.outcome.message
+            );
+        }
+        let consumers_n = consumers.len();
+        self.handles
+            .api_keys
+            .store(Arc::new(ApiKeys::new(consumers)));
+        let (total, serving) = (
+            reconciled.outcomes.len(),
+            reconciled
+                .outcomes
+                .iter()
+                .filter(|o| o.outcome.is_ready())
+                .count(),
+        );
+        self.handles.table.store(Arc::new(reconciled.table));
+        let metrics = &self.handles.metrics;
+        metrics.reconciles.inc();
+        metrics
+            .reconcile_duration
+            .observe(started.elapsed().as_secs_f64());
+        for reason in Reason::ALL {
+            let n = reconciled
+                .outcomes
+                .iter()
+                .filter(|o| o.outcome.reason == reason)
+                .count();
+            metrics
+                .routes
+                .get_or_create(&ReasonLabels {
+                    reason: reason.as_str(),
+                })
+                .set(n as i64);
+        }
+        self.generation += 1;
+        self.status.set_generation(self.generation);
+        self.handles
+            .metrics
+            .config_generation
+            .set(self.generation as i64);
+        info!(
+            generation = self.generation,
+            files = self.files.len(),
+            routes = total,
+            ready = serving,
+            consumers = consumers_n,
+            "configuration applied"
+        );
+        debug!(
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "routing table rebuilt from files"
+        );
+        (total, serving)
+    }
+}
+
+/// The key digest of a Secret labelled as an API-key consumer.
+fn api_key_consumer(secret: &Secret) -> Option<Digest> {
+    let labelled = secret
+        .labels()
+        .get(API_KEY_LABEL)
+        .is_some_and(|v| v == "true");
+    if labelled { key_digest(secret) } else { None }
+}

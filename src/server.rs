@@ -1,0 +1,348 @@
+//! Start-up and shutdown of the data plane, shared by `run` (Routes from a cluster) and `serve`
+//! (Routes from files): the common flags, the listeners, and the drain on SIGTERM. Where the
+//! routing table comes from is the caller's business; it gets the handles to fill it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::access::{Authenticator, CacheTtl, DefaultAccess, SharedApiKeys, TokenReviewer};
+use crate::dataplane::{self, AppState, ConfigStatus};
+use crate::limits::Limiter;
+use crate::table::{RoutingTable, SharedTable};
+use crate::telemetry::LogFormat;
+use crate::telemetry::metrics::Metrics;
+
+/// Flags of the data plane, the same for `run` and `serve`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct DataPlaneArgs {
+    #[arg(
+        long,
+        env = "PORTCULLIS_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+    /// Largest accepted request body, in bytes.
+    #[arg(long, env = "PORTCULLIS_BODY_LIMIT", default_value_t = 10 * 1024 * 1024)]
+    pub body_limit: usize,
+    /// Longest wait for a provider: the whole answer, or between two chunks of a stream (seconds).
+    #[arg(long, env = "PORTCULLIS_UPSTREAM_TIMEOUT", default_value_t = 600.0)]
+    pub upstream_timeout: f64,
+    /// Routes per page of the MLflow route and endpoint listings (MLflow's own page size).
+    #[arg(long, env = "PORTCULLIS_PAGE_SIZE", default_value_t = 3000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub page_size: u32,
+    /// On SIGTERM: seconds to keep accepting connections after readiness turns false (endpoint propagation).
+    #[arg(long, default_value_t = 5.0)]
+    pub shutdown_delay: f64,
+    /// OTLP/HTTP traces endpoint (for example http://otel-collector:4318/v1/traces); no export when unset.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// On SIGTERM: longest wait for in-flight requests and open streams to finish (seconds).
+    #[arg(long, default_value_t = 60.0)]
+    pub drain_timeout: f64,
+    /// Who may call Routes without `access`: allow-all (anyone, as MLflow's gateway) or authenticated
+    /// (any valid ServiceAccount token or API key).
+    #[arg(
+        long,
+        env = "PORTCULLIS_DEFAULT_ACCESS",
+        value_enum,
+        default_value = "allow-all"
+    )]
+    pub default_access: DefaultAccess,
+    /// The audience ServiceAccount tokens must be issued for.
+    #[arg(long, env = "PORTCULLIS_TOKEN_AUDIENCE", default_value = "portcullis")]
+    pub token_audience: String,
+    /// Seconds a valid ServiceAccount token is trusted without asking the API server again.
+    #[arg(long, default_value_t = 30.0)]
+    pub token_cache_ttl: f64,
+    /// Seconds an invalid token is remembered as invalid.
+    #[arg(long, default_value_t = 5.0)]
+    pub negative_token_cache_ttl: f64,
+    /// Share limits across replicas through this Redis (redis://[:password@]host:port[/db]);
+    /// without it each replica counts alone.
+    #[arg(long, env = "PORTCULLIS_LIMITS_STORE")]
+    pub limits_store: Option<String>,
+    /// Replicas serving together: while counting alone (no store, or the store is unreachable),
+    /// each replica enforces 1/N of every limit.
+    #[arg(long, env = "PORTCULLIS_REPLICAS", default_value_t = 1)]
+    pub replicas: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("cannot load the Kubernetes client configuration: {0}")]
+    KubeConfig(String),
+    #[error("cannot listen on {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+    #[error(transparent)]
+    Controller(#[from] crate::controller::ControllerError),
+    #[error("the data plane stopped: {0}")]
+    Serve(std::io::Error),
+    /// The configuration files hold nothing that can serve, or keys that cannot be honoured.
+    #[error("{0}")]
+    Files(String),
+}
+
+impl StartError {
+    /// 2 for configuration files that cannot serve (as `mlflow gateway start` exits on a bad
+    /// config), 1 for everything else.
+    pub fn exit_code(&self) -> std::process::ExitCode {
+        match self {
+            StartError::Files(_) => std::process::ExitCode::from(2),
+            _ => std::process::ExitCode::FAILURE,
+        }
+    }
+}
+
+/// A positive number of seconds from a flag, or a start-up error naming the flag.
+pub fn positive_secs(v: f64, flag: &str) -> Result<Duration, StartError> {
+    Duration::try_from_secs_f64(v)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| StartError::Config(format!("--{flag} must be a positive number of seconds")))
+}
+
+/// The data-plane flags, checked before any port is bound.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub upstream_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub shutdown_delay: Duration,
+    pub token_ttl: CacheTtl,
+}
+
+impl DataPlaneArgs {
+    pub fn check(&self) -> Result<Settings, StartError> {
+        let token_ttl = CacheTtl {
+            positive: positive_secs(self.token_cache_ttl, "token-cache-ttl")?,
+            negative: positive_secs(self.negative_token_cache_ttl, "negative-token-cache-ttl")?,
+            ..CacheTtl::default()
+        };
+        if self.replicas == 0 {
+            return Err(StartError::Config("--replicas must be at least 1".into()));
+        }
+        if self.token_audience.is_empty() {
+            return Err(StartError::Config(
+                "--token-audience must not be empty".into(),
+            ));
+        }
+        Ok(Settings {
+            upstream_timeout: positive_secs(self.upstream_timeout, "upstream-timeout")?,
+            drain_timeout: positive_secs(self.drain_timeout, "drain-timeout")?,
+            shutdown_delay: Duration::try_from_secs_f64(self.shutdown_delay).map_err(|_| {
+                StartError::Config("--shutdown-delay must be a number of seconds".into())
+            })?,
+            token_ttl,
+        })
+    }
+}
+
+/// What a route source (the controller, or the file loader) fills for the data plane.
+pub struct SourceHandles {
+    pub table: SharedTable,
+    /// Set once the source has published its first complete table.
+    pub ready: Arc<AtomicBool>,
+    pub metrics: Arc<Metrics>,
+    pub api_keys: SharedApiKeys,
+    pub limits: Arc<Limiter>,
+}
+
+/// A bound, not yet serving data plane.
+pub struct DataPlane {
+    state: Arc<AppState>,
+    api_keys: SharedApiKeys,
+    listener: tokio::net::TcpListener,
+    metrics_listener: tokio::net::TcpListener,
+    pub bound: SocketAddr,
+    pub metrics_bound: SocketAddr,
+    settings: Settings,
+}
+
+impl DataPlane {
+    /// Builds the shared state and binds both ports. `reviewer` gets the metrics so TokenReview
+    /// calls are counted; `None` means bearer tokens other than API keys are never valid.
+    pub async fn bind(
+        args: &DataPlaneArgs,
+        settings: Settings,
+        listen: SocketAddr,
+        metrics_listen: SocketAddr,
+        reviewer: impl FnOnce(Arc<Metrics>) -> Option<Arc<dyn TokenReviewer>>,
+        config: Option<Arc<ConfigStatus>>,
+    ) -> Result<DataPlane, StartError> {
+        let http = dataplane::http_client(settings.upstream_timeout)
+            .map_err(|e| StartError::Config(e.to_string()))?;
+        let metrics = Arc::new(Metrics::new());
+        let limits = Arc::new(match &args.limits_store {
+            Some(url) => Limiter::shared(metrics.clone(), args.replicas, url)
+                .map_err(|e| StartError::Config(e.to_string()))?,
+            None => Limiter::local(metrics.clone(), args.replicas),
+        });
+        let api_keys = SharedApiKeys::default();
+        let auth = Arc::new(Authenticator::new(
+            api_keys.clone(),
+            reviewer(metrics.clone()),
+            settings.token_ttl,
+            args.default_access,
+        ));
+        let state = Arc::new(AppState {
+            table: RoutingTable::default().shared(),
+            http,
+            ready: Arc::new(AtomicBool::new(false)),
+            body_limit: args.body_limit,
+            upstream_timeout: settings.upstream_timeout,
+            page_size: args.page_size as usize,
+            metrics,
+            draining: Arc::new(AtomicBool::new(false)),
+            auth,
+            limits,
+            config,
+        });
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| StartError::Bind(listen, e))?;
+        let bound = listener
+            .local_addr()
+            .map_err(|e| StartError::Bind(listen, e))?;
+        let metrics_listener = tokio::net::TcpListener::bind(metrics_listen)
+            .await
+            .map_err(|e| StartError::Bind(metrics_listen, e))?;
+        let metrics_bound = metrics_listener
+            .local_addr()
+            .map_err(|e| StartError::Bind(metrics_listen, e))?;
+        info!(
+            listen = %bound,
+            metrics_listen = %metrics_bound,
+            body_limit = args.body_limit,
+            upstream_timeout_s = settings.upstream_timeout.as_secs_f64(),
+            default_access = ?args.default_access,
+            token_audience = %args.token_audience,
+            limits_store = if args.limits_store.is_some() { "redis" } else { "local" },
+            replicas = args.replicas,
+            "data plane listening"
+        );
+        Ok(DataPlane {
+            state,
+            api_keys,
+            listener,
+            metrics_listener,
+            bound,
+            metrics_bound,
+            settings,
+        })
+    }
+
+    /// The handles a route source publishes through.
+    pub fn source_handles(&self) -> SourceHandles {
+        SourceHandles {
+            table: self.state.table.clone(),
+            ready: self.state.ready.clone(),
+            metrics: self.state.metrics.clone(),
+            api_keys: self.api_keys.clone(),
+            limits: self.state.limits.clone(),
+        }
+    }
+
+    /// Serves until SIGTERM/SIGINT and the drain are over, or until `source` ends by itself (its
+    /// result is returned then). `stop_source` is cancelled after the drain, so late table
+    /// changes still apply while in-flight requests finish.
+    pub async fn serve(
+        self,
+        mut source: JoinHandle<Result<(), StartError>>,
+        stop_source: CancellationToken,
+    ) -> Result<(), StartError> {
+        let DataPlane {
+            state,
+            listener,
+            metrics_listener,
+            settings,
+            ..
+        } = self;
+        let (shutdown_delay, drain_timeout) = (settings.shutdown_delay, settings.drain_timeout);
+        let metrics = state.metrics.clone();
+        let draining = state.draining.clone();
+
+        // SIGTERM: readiness fails at once; connections are still accepted for `shutdown_delay`, then
+        // the listener closes and in-flight requests and streams drain for up to `drain_timeout`.
+        let signalled = CancellationToken::new();
+        let stop_accepting = CancellationToken::new();
+        tokio::spawn(signal_shutdown(signalled.clone()));
+        tokio::spawn({
+            let (signalled, stop_accepting) = (signalled.clone(), stop_accepting.clone());
+            async move {
+                signalled.cancelled().await;
+                draining.store(true, Ordering::Release);
+                info!(
+                    delay_s = shutdown_delay.as_secs_f64(),
+                    "shutting down: readiness is false; draining"
+                );
+                tokio::time::sleep(shutdown_delay).await;
+                stop_accepting.cancel();
+            }
+        });
+
+        // Small SSE frames must leave at once, not wait behind Nagle for the previous write's ACK.
+        let listener =
+            axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+                let _ = tcp.set_nodelay(true);
+            });
+        let server = axum::serve(listener, dataplane::router(state))
+            .with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
+        let metrics_server = axum::serve(metrics_listener, dataplane::metrics_router(metrics))
+            .with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
+        tokio::spawn(async move {
+            if let Err(e) = metrics_server.await {
+                warn!(error = %e, "the metrics endpoint stopped");
+            }
+        });
+        let drain_deadline = async {
+            stop_accepting.cancelled().await;
+            tokio::time::sleep(drain_timeout).await;
+        };
+
+        let result = tokio::select! {
+            served = server => served.map_err(StartError::Serve),
+            _ = drain_deadline => {
+                warn!(timeout_s = drain_timeout.as_secs_f64(), "drain timeout reached; closing the remaining connections");
+                Ok(())
+            }
+            finished = &mut source => {
+                return match finished {
+                    Ok(result) => result,
+                    Err(e) => Err(StartError::Config(format!("the route source task failed: {e}"))),
+                };
+            }
+        };
+        // The source outlives the drain so late table changes still apply; stopping it releases the Lease.
+        stop_source.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), source).await;
+        info!("stopped");
+        result
+    }
+}
+
+async fn signal_shutdown(token: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => futures::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+    info!("shutdown signal received");
+    token.cancel();
+}
