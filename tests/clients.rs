@@ -6,7 +6,6 @@
 mod support;
 
 use std::io::Read;
-use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -147,52 +146,12 @@ fn fixture() -> &'static Fixture {
 /// Runs pytest on `dir` (under tests/python) with the venv `venv`; fails with its output.
 fn pytest(venv: &str, dir: &str) {
     let f = fixture();
-    let repo = env!("CARGO_MANIFEST_DIR");
-    let started = Instant::now();
-    let ensured = Command::new(format!("{repo}/hack/python-env.sh"))
-        .args(["ensure", venv])
-        .output()
-        .expect("run hack/python-env.sh");
-    assert!(
-        ensured.status.success(),
-        "python-env.sh ensure {venv} failed:\n{}",
-        String::from_utf8_lossy(&ensured.stderr)
-    );
-    let python = String::from_utf8_lossy(&ensured.stdout).trim().to_string();
-    eprintln!("venv {venv} ready after {:?}", started.elapsed());
     let routes = json!({
         "chat": f.chat, "completions": f.completions, "embeddings": f.embeddings,
         "limited": f.limited, "throttled": f.throttled, "all": f.all, "page_size": PAGE_SIZE,
     });
-    let started = Instant::now();
-    let out = Command::new(&python)
-        .args(["-m", "pytest", "-v", &format!("tests/python/{dir}")])
-        .current_dir(repo)
-        .env("PORTCULLIS_URL", format!("http://{}", f.gw.addr))
-        .env("PORTCULLIS_ROUTES", routes.to_string())
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        // The clients retry 429/5xx with backoff by default; one try keeps failures quick.
-        .env("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        .env("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-        .env("MLFLOW_DISABLE_TELEMETRY", "true")
-        .env("DO_NOT_TRACK", "true")
-        .output()
-        .expect("run pytest");
-    let output = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!(
-        "pytest {dir} ({venv}) took {:?}:\n{output}",
-        started.elapsed()
-    );
-    assert!(
-        out.status.success(),
-        "pytest {dir} failed ({}); gateway log:\n{}",
-        out.status,
-        f.gw.log()
-    );
+    let (passed, _) = support::pytest(venv, dir, &format!("http://{}", f.gw.addr), &routes);
+    assert!(passed, "pytest {dir} failed; gateway log:\n{}", f.gw.log());
 }
 
 #[test]

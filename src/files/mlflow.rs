@@ -213,11 +213,9 @@ fn target(provider: Provider, key: &str) -> Option<Target> {
         (Anthropic, "anthropic_version") => Target::Config("anthropicVersion"),
         (Anthropic, "anthropic_api_base") => Target::ApiBase,
         (Cohere, "cohere_api_key") => Target::Secret(DEFAULT_SECRET_KEY),
-        (Cohere, "cohere_api_base") => Target::ApiBase,
         (Gemini, "gemini_api_key") => Target::Secret(DEFAULT_SECRET_KEY),
         (Bedrock, "aws_config") => Target::Aws,
         (Mistral, "mistral_api_key") => Target::Secret(DEFAULT_SECRET_KEY),
-        (Mistral, "mistral_api_base") => Target::ApiBase,
         (HuggingfaceTgi, "hf_server_url") => Target::ApiBase,
         (DatabricksModelServing, "host" | "databricks_workspace_url") => Target::ApiBase,
         (DatabricksModelServing, "token" | "databricks_api_token") => {

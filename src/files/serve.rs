@@ -9,7 +9,7 @@ use std::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::source::{FileSource, Wake};
+use super::source::{FileSource, Sink, Wake};
 use crate::access::TokenReviewer;
 use crate::controller::consumers::KubeTokenReviewer;
 use crate::dataplane::ConfigStatus;
@@ -55,6 +55,11 @@ pub async fn serve(args: ServeArgs) -> Result<(), StartError> {
         None => None,
         Some(path) => Some(kube_client(path).await?),
     };
+    // The files are read and checked before any port is bound, on a blocking thread.
+    let mut source = FileSource::new(args.config.clone(), args.namespace.clone());
+    let mut source = tokio::task::spawn_blocking(move || source.load_initial().map(|()| source))
+        .await
+        .map_err(|e| StartError::Config(format!("the file loader failed: {e}")))??;
     let status = Arc::new(ConfigStatus::default());
     let dataplane = DataPlane::bind(
         &args.dataplane,
@@ -80,16 +85,10 @@ pub async fn serve(args: ServeArgs) -> Result<(), StartError> {
         service_account_tokens = args.kubeconfig.is_some(),
         "serving from files"
     );
-    let mut source = FileSource::new(
-        args.config.clone(),
-        args.namespace.clone(),
-        dataplane.source_handles(),
+    source.attach(Sink {
+        handles: dataplane.source_handles(),
         status,
-    );
-    // Files are read on a blocking thread, never on the async workers.
-    let source = tokio::task::spawn_blocking(move || source.load_initial().map(|()| source))
-        .await
-        .map_err(|e| StartError::Config(format!("the file loader failed: {e}")))??;
+    });
 
     let (wake_tx, wake_rx) = mpsc::channel();
     let stop = CancellationToken::new();

@@ -47,8 +47,14 @@ pub struct FileSource {
     /// Per file: the digest seen on the previous look (`None`: absent), to let changes settle.
     previous_look: HashMap<PathBuf, Option<Digest>>,
     generation: u64,
-    handles: SourceHandles,
-    status: Arc<ConfigStatus>,
+    /// Where the table goes; `None` during the start-up check, before any port is bound.
+    sink: Option<Sink>,
+}
+
+/// The data plane's side: the table and keys to publish, and the status to report.
+pub struct Sink {
+    pub handles: SourceHandles,
+    pub status: Arc<ConfigStatus>,
 }
 
 struct Tracked {
@@ -92,25 +98,19 @@ pub fn expand(paths: &[PathBuf]) -> (Vec<PathBuf>, Vec<PathBuf>) {
 }
 
 impl FileSource {
-    pub fn new(
-        paths: Vec<PathBuf>,
-        namespace: String,
-        handles: SourceHandles,
-        status: Arc<ConfigStatus>,
-    ) -> Self {
+    pub fn new(paths: Vec<PathBuf>, namespace: String) -> Self {
         FileSource {
             paths,
             namespace,
             files: BTreeMap::new(),
             previous_look: HashMap::new(),
             generation: 0,
-            handles,
-            status,
+            sink: None,
         }
     }
 
-    /// The first load: every file must be usable and some Route must serve, else the process
-    /// exits 2 with the reasons.
+    /// The first load, before any port is bound: every file must be usable and some Route must
+    /// serve, else the process exits 2 with the reasons (each invalid Route is logged).
     pub fn load_initial(&mut self) -> Result<(), StartError> {
         let (files, missing) = expand(&self.paths);
         let mut errors: Vec<String> = missing
@@ -155,15 +155,22 @@ impl FileSource {
                 errors.join("\n")
             )));
         }
-        let (total, serving) = self.publish();
+        let (total, serving) = self.publish(true);
         if serving == 0 {
             return Err(StartError::Files(format!(
                 "nothing to serve: none of the {total} Routes in the configuration is valid (the reasons are logged above)"
             )));
         }
-        self.status.set_last_error(None);
-        self.handles.ready.store(true, Ordering::Release);
         Ok(())
+    }
+
+    /// Publishes the loaded configuration to the data plane, which is ready from then on.
+    pub fn attach(&mut self, sink: Sink) {
+        sink.status.set_last_error(None);
+        let ready = sink.handles.ready.clone();
+        self.sink = Some(sink);
+        self.publish(false);
+        ready.store(true, Ordering::Release);
     }
 
     /// Looks at the files until `Stop`: every `interval` (none when `None`) and on `Reload`.
@@ -253,7 +260,9 @@ impl FileSource {
                         "configuration file not applied; {}",
                         if keeps { "its last good version keeps serving" } else { "it has no good version yet" }
                     );
-                    self.handles.metrics.config_reload_failures.inc();
+                    if let Some(sink) = &self.sink {
+                        sink.handles.metrics.config_reload_failures.inc();
+                    }
                     failed = true;
                     let good = self.files.get(path).and_then(|t| t.good.clone());
                     self.files.insert(
@@ -277,20 +286,23 @@ impl FileSource {
                 .filter_map(|t| t.error.as_deref())
                 .collect();
             let failing = !errors.is_empty();
-            self.status
-                .set_last_error(failing.then(|| errors.join("\n")));
-            self.handles
-                .metrics
-                .config_reload_failing
-                .set(i64::from(failing));
+            if let Some(sink) = &self.sink {
+                sink.status
+                    .set_last_error(failing.then(|| errors.join("\n")));
+                sink.handles
+                    .metrics
+                    .config_reload_failing
+                    .set(i64::from(failing));
+            }
         }
         if changed || force {
-            self.publish();
+            self.publish(true);
         }
     }
 
-    /// Builds and publishes the table from the last good version of every file.
-    fn publish(&mut self) -> (usize, usize) {
+    /// Builds the table from the last good version of every file and publishes it (when attached);
+    /// `report` logs each left-out document and each Route that does not serve, with its origin.
+    fn publish(&mut self, report: bool) -> (usize, usize) {
         let started = Instant::now();
         let mut routes: Vec<Arc<Route>> = Vec::new();
         let mut route_origin: HashMap<(String, String), Origin> = HashMap::new();
@@ -298,7 +310,7 @@ impl FileSource {
         let mut secret_origin: HashMap<(String, String), Origin> = HashMap::new();
         let mut consumers: Vec<(Digest, Identity)> = Vec::new();
         for contents in self.files.values().filter_map(|t| t.good.as_ref()) {
-            for problem in &contents.problems {
+            for problem in contents.problems.iter().filter(|_| report) {
                 warn!(
                     file = %problem.origin.file.display(),
                     document = problem.origin.document,
@@ -310,13 +322,15 @@ impl FileSource {
             for (origin, route) in &contents.routes {
                 let key = (route.namespace().unwrap_or_default(), route.name_any());
                 if let Some(first) = route_origin.get(&key) {
-                    warn!(
-                        file = %origin.file.display(),
-                        document = origin.document,
-                        reason = "Duplicate",
-                        "left out of the configuration: {origin}: Route {}/{} is already defined in {first}",
-                        key.0, key.1
-                    );
+                    if report {
+                        warn!(
+                            file = %origin.file.display(),
+                            document = origin.document,
+                            reason = "Duplicate",
+                            "left out of the configuration: {origin}: Route {}/{} is already defined in {first}",
+                            key.0, key.1
+                        );
+                    }
                     continue;
                 }
                 route_origin.insert(key, origin.clone());
@@ -325,13 +339,15 @@ impl FileSource {
             for (origin, secret) in &contents.secrets {
                 let key = (secret.namespace().unwrap_or_default(), secret.name_any());
                 if let Some(first) = secret_origin.get(&key) {
-                    warn!(
-                        file = %origin.file.display(),
-                        document = origin.document,
-                        reason = "Duplicate",
-                        "left out of the configuration: {origin}: Secret {}/{} is already defined in {first}",
-                        key.0, key.1
-                    );
+                    if report {
+                        warn!(
+                            file = %origin.file.display(),
+                            document = origin.document,
+                            reason = "Duplicate",
+                            "left out of the configuration: {origin}: Secret {}/{} is already defined in {first}",
+                            key.0, key.1
+                        );
+                    }
                     continue;
                 }
                 if let Some(d) = api_key_consumer(secret) {
@@ -349,7 +365,11 @@ impl FileSource {
             }
         }
         let reconciled = reconcile(&routes, &secrets);
-        for o in reconciled.outcomes.iter().filter(|o| !o.outcome.is_ready()) {
+        for o in reconciled
+            .outcomes
+            .iter()
+            .filter(|o| report && !o.outcome.is_ready())
+        {
             let origin = route_origin.get(&(o.namespace.clone(), o.name.clone()));
             warn!(
                 file = %origin.map(|o| o.file.display().to_string()).unwrap_or_default(),
@@ -363,9 +383,6 @@ impl FileSource {
             );
         }
         let consumers_n = consumers.len();
-        self.handles
-            .api_keys
-            .store(Arc::new(ApiKeys::new(consumers)));
         let (total, serving) = (
             reconciled.outcomes.len(),
             reconciled
@@ -374,8 +391,14 @@ impl FileSource {
                 .filter(|o| o.outcome.is_ready())
                 .count(),
         );
-        self.handles.table.store(Arc::new(reconciled.table));
-        let metrics = &self.handles.metrics;
+        let Some(sink) = &self.sink else {
+            return (total, serving);
+        };
+        sink.handles
+            .api_keys
+            .store(Arc::new(ApiKeys::new(consumers)));
+        sink.handles.table.store(Arc::new(reconciled.table));
+        let metrics = &sink.handles.metrics;
         metrics.reconciles.inc();
         metrics
             .reconcile_duration
@@ -394,11 +417,8 @@ impl FileSource {
                 .set(n as i64);
         }
         self.generation += 1;
-        self.status.set_generation(self.generation);
-        self.handles
-            .metrics
-            .config_generation
-            .set(self.generation as i64);
+        sink.status.set_generation(self.generation);
+        metrics.config_generation.set(self.generation as i64);
         info!(
             generation = self.generation,
             files = self.files.len(),

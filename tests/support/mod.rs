@@ -324,20 +324,71 @@ impl Gateway {
 
     /// Runs the gateway with other credentials (for example a ServiceAccount token).
     pub fn start_with_kubeconfig(kubeconfig: &Path, extra: &[&str]) -> Gateway {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
-            .args([
-                "run",
-                "--listen",
-                "127.0.0.1:0",
-                "--metrics-listen",
-                "127.0.0.1:0",
-                "--log-format",
-                "json",
-                "--max-watch-backoff",
-                "2",
-            ])
-            .args(extra)
-            .env("KUBECONFIG", kubeconfig)
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_portcullis"));
+        cmd.args([
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--max-watch-backoff",
+            "2",
+        ])
+        .args(extra)
+        .env("KUBECONFIG", kubeconfig);
+        Self::spawn(cmd)
+    }
+
+    /// `portcullis serve` on files (each `--config`), with `env` set for the process (the
+    /// variables an MLflow config names). No control plane involved.
+    pub fn serve(configs: &[&Path], extra: &[&str], env: &[(&str, &str)]) -> Gateway {
+        Self::spawn(Self::serve_command(configs, extra, env))
+    }
+
+    /// `portcullis serve` that must stop at start-up: its exit code and its log.
+    pub fn serve_refused(
+        configs: &[&Path],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> (Option<i32>, String) {
+        let out = Self::serve_command(configs, extra, env)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn portcullis")
+            .wait_with_output()
+            .expect("portcullis output");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn serve_command(configs: &[&Path], extra: &[&str], env: &[(&str, &str)]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_portcullis"));
+        cmd.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ]);
+        for c in configs {
+            cmd.arg("--config").arg(c);
+        }
+        cmd.args(extra).env_remove("KUBECONFIG");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    fn spawn(mut cmd: Command) -> Gateway {
+        let mut child = cmd
             .env("RUST_LOG", "info,portcullis=debug")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -419,6 +470,15 @@ impl Gateway {
         self.child.id()
     }
 
+    /// Sends SIGHUP (`serve` reloads its files).
+    pub fn hangup(&self) {
+        let ok = Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status()
+            .map(|s| s.success());
+        assert!(matches!(ok, Ok(true)), "kill -HUP failed");
+    }
+
     /// Sends SIGTERM (a graceful shutdown), as Kubernetes does.
     pub fn terminate(&self) {
         let ok = Command::new("kill")
@@ -472,6 +532,49 @@ impl Drop for Gateway {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Runs pytest on `tests/python/{dir}` with the venv `venv` of `hack/python-env.sh` against the
+/// gateway at `url`; `routes` is the JSON the suites read (see tests/python/conftest.py).
+/// Returns whether it passed and its output.
+pub fn pytest(venv: &str, dir: &str, url: &str, routes: &Value) -> (bool, String) {
+    let repo = env!("CARGO_MANIFEST_DIR");
+    let started = Instant::now();
+    let ensured = Command::new(format!("{repo}/hack/python-env.sh"))
+        .args(["ensure", venv])
+        .output()
+        .expect("run hack/python-env.sh");
+    assert!(
+        ensured.status.success(),
+        "python-env.sh ensure {venv} failed:\n{}",
+        String::from_utf8_lossy(&ensured.stderr)
+    );
+    let python = String::from_utf8_lossy(&ensured.stdout).trim().to_string();
+    eprintln!("venv {venv} ready after {:?}", started.elapsed());
+    let started = Instant::now();
+    let out = Command::new(&python)
+        .args(["-m", "pytest", "-v", &format!("tests/python/{dir}")])
+        .current_dir(repo)
+        .env("PORTCULLIS_URL", url)
+        .env("PORTCULLIS_ROUTES", routes.to_string())
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        // The clients retry 429/5xx with backoff by default; one try keeps failures quick.
+        .env("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        .env("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        .env("MLFLOW_DISABLE_TELEMETRY", "true")
+        .env("DO_NOT_TRACK", "true")
+        .output()
+        .expect("run pytest");
+    let output = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!(
+        "pytest {dir} ({venv}) took {:?}:\n{output}",
+        started.elapsed()
+    );
+    (out.status.success(), output)
 }
 
 /// The blocking HTTP client the tests call the gateway with.
