@@ -376,7 +376,7 @@ fn api_key_consumers_come_from_labelled_secrets_in_the_files() {
 struct Load {
     stop: Arc<AtomicBool>,
     ok: Arc<AtomicUsize>,
-    failed: Arc<std::sync::Mutex<Vec<String>>>,
+    failed: Arc<parking_lot::Mutex<Vec<String>>>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -384,7 +384,7 @@ impl Load {
     fn start(url: String, route: &str) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let ok = Arc::new(AtomicUsize::new(0));
-        let failed = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let failed = Arc::new(parking_lot::Mutex::new(Vec::new()));
         let body =
             json!({"model": route, "messages": [{"role": "user", "content": "hi"}]}).to_string();
         let threads = (0..2)
@@ -402,7 +402,7 @@ impl Load {
                         if status == 200 {
                             ok.fetch_add(1, Ordering::Relaxed);
                         } else {
-                            failed.lock().unwrap().push(format!("{status}: {text}"));
+                            failed.lock().push(format!("{status}: {text}"));
                         }
                     }
                 })
@@ -421,7 +421,7 @@ impl Load {
         for t in self.threads {
             t.join().unwrap();
         }
-        let failed = self.failed.lock().unwrap().clone();
+        let failed = self.failed.lock().clone();
         (self.ok.load(Ordering::Relaxed), failed)
     }
 }

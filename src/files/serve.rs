@@ -47,9 +47,13 @@ pub struct ServeArgs {
 
 pub async fn serve(args: ServeArgs) -> Result<(), StartError> {
     let settings = args.dataplane.check()?;
-    let interval = match args.reload_interval {
-        v if v == 0.0 => None,
-        v => Some(crate::server::positive_secs(v, "reload-interval")?),
+    let interval = if args.reload_interval == 0.0 {
+        None
+    } else {
+        Some(crate::server::positive_secs(
+            args.reload_interval,
+            "reload-interval",
+        )?)
     };
     let reviewer = match &args.kubeconfig {
         None => None,
