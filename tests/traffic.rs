@@ -4,8 +4,10 @@
 
 mod support;
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use portcullis::api::{OutlierDetection, Provider, RetryPolicy, RouteSpec, RouteType};
@@ -30,6 +32,9 @@ fn pool_spec(backends: Vec<portcullis::api::BackendSpec>) -> RouteSpec {
     spec.backends = backends;
     spec
 }
+
+/// Puts a simulated provider into a failure mode.
+type Inject<'a> = Box<dyn Fn() + 'a>;
 
 fn no_ejection() -> Option<OutlierDetection> {
     Some(OutlierDetection {
@@ -176,7 +181,7 @@ fn fallback_to_another_provider_hides_429_500_timeouts_and_refused_connections()
     spec.outlier_detection = no_ejection();
     apply_route(cp, &ns, "resilient", spec);
 
-    let faults: [(&str, Box<dyn Fn()>); 5] = [
+    let faults: [(&str, Inject); 5] = [
         (
             "429",
             Box::new(|| {
@@ -291,7 +296,12 @@ fn a_stream_that_fails_after_its_first_chunk_ends_with_an_error_not_a_clean_end(
             ),
         ]),
     );
-    primary.set_fault(Fault::CutStream { after_frames: 3 });
+    // Paced, so the first frames surely leave before the cut.
+    primary.set_behaviour(portcullis_sim::Behaviour {
+        fault: Fault::CutStream { after_frames: 3 },
+        chunk_delay: Duration::from_millis(30),
+        ..Default::default()
+    });
     let (status, _, text) = post_full(&gw.url("/v1/chat/completions"), &chat_body("cut", true));
     assert_eq!(status, 200);
     assert!(text.contains("word1"), "{text}");
@@ -431,7 +441,7 @@ fn a_provider_outage_under_load_fails_no_request() {
                     if status == 200 {
                         ok.fetch_add(1, Ordering::Relaxed);
                     } else {
-                        failed.lock().unwrap().push((status, text));
+                        failed.lock().push((status, text));
                     }
                 }
             })
@@ -445,7 +455,7 @@ fn a_provider_outage_under_load_fails_no_request() {
     for w in workers {
         w.join().expect("worker");
     }
-    let failed = failed.lock().unwrap();
+    let failed = failed.lock();
     assert!(
         failed.is_empty(),
         "failed requests: {:?}",
