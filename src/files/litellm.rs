@@ -390,10 +390,8 @@ fn one_route_per_deployment(
             }
         }
         let spec = RouteSpec {
-            route_type: d.route_type,
-            model: d.model,
             limits: limits(d.rpm, d.tpm),
-            access: None,
+            ..RouteSpec::new(d.route_type, d.model)
         };
         out.routes.push((d.path, route(&name, namespace, spec)));
     }

@@ -173,7 +173,11 @@ fn from_mlflow(
         let users: Vec<&String> = converted
             .routes
             .iter()
-            .filter(|(_, r)| r.spec.model.secret_ref.as_ref().map(|s| &s.name) == Some(&plan.name))
+            .filter(|(_, r)| {
+                r.spec
+                    .models()
+                    .any(|m| m.secret_ref.as_ref().map(|s| &s.name) == Some(&plan.name))
+            })
             .map(|(entry, _)| entry)
             .collect();
         let mut data = BTreeMap::new();

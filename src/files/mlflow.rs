@@ -148,10 +148,8 @@ fn endpoint(
     let mut route = Route::new(
         &name,
         RouteSpec {
-            route_type,
-            model: model_spec,
             limits,
-            access: None,
+            ..RouteSpec::new(route_type, model_spec)
         },
     );
     route.metadata.namespace = namespace.map(str::to_string);
@@ -444,13 +442,16 @@ routes:
         assert_eq!(path, "routes[0]");
         assert_eq!(r.metadata.name.as_deref(), Some("completions"));
         assert_eq!(r.spec.route_type, RouteType::Completions);
-        assert_eq!(r.spec.model.provider, Provider::Openai);
-        let secret = r.spec.model.secret_ref.as_ref().unwrap();
+        assert_eq!(r.spec.model.as_ref().unwrap().provider, Provider::Openai);
+        let secret = r.spec.model.as_ref().unwrap().secret_ref.as_ref().unwrap();
         assert_eq!(
             (secret.name.as_str(), secret.key.as_str()),
             ("openai-api-key", "apiKey")
         );
-        assert_eq!(c.routes[1].1.spec.model.provider, Provider::Anthropic);
+        assert_eq!(
+            c.routes[1].1.spec.model.as_ref().unwrap().provider,
+            Provider::Anthropic
+        );
         assert_eq!(
             c.secrets[0].data["apiKey"],
             KeyRef::Env("OPENAI_API_KEY".into())
@@ -489,17 +490,17 @@ endpoints:
         assert_eq!(c.unsupported, Vec::<String>::new());
         let chat = &c.routes[0].1.spec;
         assert_eq!(
-            chat.model.api_base.as_deref(),
+            chat.model.as_ref().unwrap().api_base.as_deref(),
             Some("http://127.0.0.1:9/v1")
         );
         assert_eq!(chat.limits[0].calls, Some(10));
         assert_eq!(chat.limits[0].renewal_period, RenewalPeriod::Minute);
-        let azure = &c.routes[1].1.spec.model;
+        let azure = c.routes[1].1.spec.model.as_ref().unwrap();
         assert_eq!(azure.provider, Provider::AzureOpenai);
         assert_eq!(azure.name, "my-deployment");
         assert_eq!(azure.config["apiVersion"], "2024-02-01");
         assert_eq!(azure.config["authType"], "azureAd");
-        let bedrock = &c.routes[2].1.spec.model;
+        let bedrock = c.routes[2].1.spec.model.as_ref().unwrap();
         assert_eq!(bedrock.provider, Provider::Bedrock);
         assert_eq!(bedrock.config["region"], "eu-west-1");
         let plan = c

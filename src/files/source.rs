@@ -24,9 +24,10 @@ use super::load::{self, FileContents, FileError, Origin};
 use crate::access::{API_KEY_LABEL, ApiKeys, Digest, Identity, digest};
 use crate::api::{Reason, Route};
 use crate::controller::consumers::key_digest;
-use crate::controller::reconcile::{SecretData, reconcile};
+use crate::controller::reconcile::{SecretData, reconcile_after};
 use crate::dataplane::ConfigStatus;
 use crate::server::{SourceHandles, StartError};
+use crate::table::RoutingTable;
 use crate::telemetry::metrics::ReasonLabels;
 
 /// File names read from a configured directory.
@@ -364,7 +365,11 @@ impl FileSource {
                 secrets.insert(key, Arc::new(data));
             }
         }
-        let reconciled = reconcile(&routes, &secrets);
+        // Backend health (ejections) carries over from the table serving now, as in the controller.
+        let reconciled = match &self.sink {
+            Some(sink) => reconcile_after(&routes, &secrets, &sink.handles.table.load()),
+            None => reconcile_after(&routes, &secrets, &RoutingTable::default()),
+        };
         for o in reconciled
             .outcomes
             .iter()
