@@ -1,6 +1,7 @@
 //! LiteLLM proxy configs (`litellm --config config.yaml`): every `model_list` entry is a
-//! deployment of its `model_name`. Deployments become Routes; what LiteLLM does that a Route
-//! cannot say is listed in `Converted::unsupported` (and in a comment on the Route it concerns).
+//! deployment of its `model_name`, and each `model_name` becomes one Route whose backends are its
+//! deployments (weights from `weight`, fallbacks from `fallbacks` as higher priorities). What
+//! LiteLLM does that a Route cannot say is listed in `Converted::unsupported`.
 
 use std::collections::BTreeMap;
 
@@ -9,9 +10,10 @@ use serde_yaml::Value;
 use super::convert::{Converted, KeyRef, k8s_name};
 use super::yaml::{Fields, kind};
 use crate::api::{
-    DEFAULT_SECRET_KEY, Limit, LimitKey, ModelSpec, Provider, RenewalPeriod, Route, RouteSpec,
-    RouteType, SecretKeyRef,
+    BackendSpec, DEFAULT_SECRET_KEY, Limit, LimitKey, ModelSpec, OutlierDetection, Provider,
+    RenewalPeriod, RetryPolicy, Route, RouteSpec, RouteType, SecretKeyRef,
 };
+use crate::traffic::MAX_BACKENDS;
 
 /// Whether a parsed YAML document looks like a LiteLLM proxy config.
 pub fn is_litellm(doc: &Value) -> bool {
@@ -87,8 +89,7 @@ fn provider_of(model: &str) -> Option<(Provider, String, Option<&'static str>)> 
     Some((provider, rest, base))
 }
 
-/// Converts a LiteLLM proxy config: one Route per `model_list` entry (the first deployment of a
-/// `model_name` keeps the name, the others get `-2`, `-3`...).
+/// Converts a LiteLLM proxy config: one Route per `model_name`.
 pub fn convert(doc: Value, namespace: Option<&str>) -> Converted {
     let mut out = Converted::default();
     let Some(mut top) = Fields::of("", doc, &mut out.unsupported) else {
@@ -96,12 +97,26 @@ pub fn convert(doc: Value, namespace: Option<&str>) -> Converted {
     };
     let list = top.take("model_list");
     let mut fallbacks: Vec<(String, Vec<String>)> = Vec::new();
+    let mut policy = RouterPolicy::default();
     for section in ["router_settings", "litellm_settings"] {
         if let Some(mut s) = top.take_map(section, &mut out.unsupported) {
+            let u = &mut out.unsupported;
             if let Some(f) = s.take("fallbacks") {
-                fallbacks.extend(parse_fallbacks(&s.at("fallbacks"), f, &mut out.unsupported));
+                fallbacks.extend(parse_fallbacks(&s.at("fallbacks"), f, u));
             }
-            s.finish(&mut out.unsupported);
+            policy.num_retries = s.take_u64("num_retries", u).or(policy.num_retries);
+            policy.allowed_fails = s.take_u64("allowed_fails", u).or(policy.allowed_fails);
+            policy.cooldown_time = s.take_u64("cooldown_time", u).or(policy.cooldown_time);
+            // Weighted random choice is what backends' weights do.
+            if let Some(strategy) = s.take_str("routing_strategy", u)
+                && strategy != "simple-shuffle"
+            {
+                u.push(format!(
+                    "{}: {strategy:?} is not carried over; backends are chosen at random by weight (simple-shuffle)",
+                    s.at("routing_strategy")
+                ));
+            }
+            s.finish(u);
         }
     }
     top.finish(&mut out.unsupported);
@@ -122,7 +137,7 @@ pub fn convert(doc: Value, namespace: Option<&str>) -> Converted {
             deployments.push(d);
         }
     }
-    one_route_per_deployment(deployments, &fallbacks, namespace, &mut out);
+    routes_per_model_name(deployments, &fallbacks, &policy, namespace, &mut out);
     out
 }
 
@@ -320,81 +335,157 @@ fn route(name: &str, namespace: Option<&str>, spec: RouteSpec) -> Route {
     route
 }
 
-/// Before Routes had several backends: each deployment is its own Route, and the comment on
-/// each names what LiteLLM did with the group that a Route cannot.
-fn one_route_per_deployment(
+/// What `router_settings` says about retries and cooldowns, carried into each multi-backend Route.
+#[derive(Default)]
+struct RouterPolicy {
+    num_retries: Option<u64>,
+    allowed_fails: Option<u64>,
+    cooldown_time: Option<u64>,
+}
+
+/// One Route per `model_name`. A name with one deployment and no fallbacks is a `model` Route;
+/// otherwise each deployment is a priority-0 backend (weighted by `weight`), and the deployments
+/// of each fallback name follow at priority 1, 2, ... in the order `fallbacks` lists them.
+fn routes_per_model_name(
     deployments: Vec<Deployment>,
     fallbacks: &[(String, Vec<String>)],
+    policy: &RouterPolicy,
     namespace: Option<&str>,
     out: &mut Converted,
 ) {
-    let mut per_name: BTreeMap<String, usize> = BTreeMap::new();
-    for d in &deployments {
-        *per_name.entry(d.model_name.clone()).or_default() += 1;
-    }
-    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
-    let mut taken: Vec<String> = Vec::new();
+    let mut groups: Vec<(String, Vec<Deployment>)> = Vec::new();
     for d in deployments {
-        let n = {
-            let n = seen.entry(d.model_name.clone()).or_default();
-            *n += 1;
-            *n
-        };
-        let total = per_name[&d.model_name];
-        let base = k8s_name(&d.model_name);
-        let mut name = if n == 1 {
-            base.clone()
-        } else {
-            format!("{base}-{n}")
-        };
+        match groups.iter_mut().find(|(name, _)| *name == d.model_name) {
+            Some((_, group)) => group.push(d),
+            None => groups.push((d.model_name.clone(), vec![d])),
+        }
+    }
+    let mut taken: Vec<String> = Vec::new();
+    for (model_name, group) in &groups {
+        let mut name = k8s_name(model_name);
         while taken.contains(&name) {
             name.push_str("-x");
         }
         taken.push(name.clone());
-        if name != d.model_name {
+        if name != *model_name {
             out.comment(
                 &name,
-                format!(
-                    "LiteLLM model_name {:?} is called {name:?} here",
-                    d.model_name
-                ),
+                format!("LiteLLM model_name {model_name:?} is called {name:?} here"),
             );
         }
-        if total > 1 {
+        let route_type = group[0].route_type;
+        let paths: Vec<&str> = group.iter().map(|d| d.path.as_str()).collect();
+        let chain: Vec<&String> = fallbacks
+            .iter()
+            .filter(|(from, _)| from == model_name)
+            .flat_map(|(_, to)| to)
+            .collect();
+        let limits = limits(
+            sum(group.iter().map(|d| d.rpm)),
+            sum(group.iter().map(|d| d.tpm)),
+        );
+        if group.len() > 1 && !limits.is_empty() {
             out.comment(
                 &name,
-                format!(
-                    "deployment {n} of {total} of model_name {:?}: load balancing across them{} is not carried over (one Route each)",
-                    d.model_name,
-                    if d.weight.is_some() { " and weight" } else { "" }
-                ),
+                "limits: the sum of the deployments' rpm/tpm, for the route as a whole".into(),
             );
-            if n == 1 {
+        }
+        if group.len() == 1 && chain.is_empty() {
+            let spec = RouteSpec {
+                limits,
+                ..RouteSpec::new(route_type, group[0].model.clone())
+            };
+            out.routes
+                .push((paths.join(", "), route(&name, namespace, spec)));
+            continue;
+        }
+        let mut backends = Vec::new();
+        for d in group {
+            if d.route_type != route_type {
                 out.unsupported.push(format!(
-                    "model_list: {total} deployments of {:?} became {total} Routes; load balancing between them is not carried over",
-                    d.model_name
+                    "{}: a {} deployment of {model_name:?}, whose first deployment is {}; left out",
+                    d.path, d.route_type, route_type
                 ));
+                continue;
             }
+            backends.push(backend(d, 0));
         }
-        if let Some((_, to)) = fallbacks.iter().find(|(from, _)| *from == d.model_name) {
+        for (i, fallback) in chain.iter().enumerate() {
+            let priority = (i + 1).min(15) as u32;
+            let Some((_, fallback_group)) = groups.iter().find(|(n, _)| n == *fallback) else {
+                out.unsupported.push(format!(
+                    "fallbacks: {model_name:?} -> {fallback:?}: no model_list entry is named {fallback:?}"
+                ));
+                continue;
+            };
+            for d in fallback_group {
+                if d.route_type != route_type {
+                    out.unsupported.push(format!(
+                        "fallbacks: {model_name:?} -> {fallback:?}: {} is a {} deployment, {model_name:?} serves {route_type}; left out",
+                        d.path, d.route_type
+                    ));
+                    continue;
+                }
+                backends.push(backend(d, priority));
+            }
             out.comment(
                 &name,
-                format!("fallbacks to {} are not carried over", to.join(", ")),
+                format!("priority {priority}: the fallback to {fallback:?}"),
             );
-            if n == 1 {
-                out.unsupported.push(format!(
-                    "fallbacks: {:?} -> {}: not carried over (one Route per deployment)",
-                    d.model_name,
-                    to.join(", ")
-                ));
-            }
         }
+        if backends.len() > MAX_BACKENDS {
+            out.unsupported.push(format!(
+                "model_list: {model_name:?} has {} deployments and fallbacks; a Route takes {MAX_BACKENDS}, the rest are left out",
+                backends.len()
+            ));
+            backends.truncate(MAX_BACKENDS);
+        }
+        let mixed = route_type == RouteType::Embeddings
+            && backends
+                .windows(2)
+                .any(|w| w[0].model.name != w[1].model.name);
+        if mixed {
+            out.comment(
+                &name,
+                "allowMixedModels: LiteLLM mixes these embedding models; their vectors are not comparable".into(),
+            );
+        }
+        let retry = policy.num_retries.map(|n| RetryPolicy {
+            attempts: Some((n + 1).min(10) as u32),
+            ..Default::default()
+        });
+        let outlier_detection = (policy.allowed_fails.is_some() || policy.cooldown_time.is_some())
+            .then(|| OutlierDetection {
+                consecutive_failures: policy.allowed_fails.map(|n| n.min(1000) as u32),
+                base_ejection_time: policy.cooldown_time.map(|s| format!("{}s", s.min(999_999))),
+                ..Default::default()
+            });
         let spec = RouteSpec {
-            limits: limits(d.rpm, d.tpm),
-            ..RouteSpec::new(d.route_type, d.model)
+            route_type,
+            model: None,
+            backends,
+            retry,
+            outlier_detection,
+            allow_mixed_models: mixed,
+            limits,
+            access: None,
         };
-        out.routes.push((d.path, route(&name, namespace, spec)));
+        out.routes
+            .push((paths.join(", "), route(&name, namespace, spec)));
     }
+}
+
+fn backend(d: &Deployment, priority: u32) -> BackendSpec {
+    BackendSpec {
+        model: d.model.clone(),
+        weight: d.weight,
+        priority: (priority > 0).then_some(priority),
+    }
+}
+
+/// The sum of the values that are set; `None` when none is.
+fn sum(values: impl Iterator<Item = Option<u64>>) -> Option<u64> {
+    values.flatten().reduce(|a, b| a.saturating_add(b))
 }
 
 #[cfg(test)]
@@ -403,6 +494,14 @@ mod tests {
 
     fn convert_str(yaml: &str) -> Converted {
         convert(serde_yaml::from_str(yaml).unwrap(), None)
+    }
+
+    fn spec(c: &Converted, name: &str) -> RouteSpec {
+        c.routes
+            .iter()
+            .find(|(_, r)| r.metadata.name.as_deref() == Some(name))
+            .map(|(_, r)| r.spec.clone())
+            .unwrap()
     }
 
     #[test]
@@ -424,35 +523,26 @@ model_list:
 "#,
         );
         assert_eq!(c.unsupported, Vec::<String>::new());
-        let by = |n: &str| {
-            c.routes
-                .iter()
-                .find(|(_, r)| r.metadata.name.as_deref() == Some(n))
-                .map(|(_, r)| r.spec.clone())
-                .unwrap()
-        };
-        let gpt = by("gpt-4o");
-        assert_eq!(gpt.model.provider, Provider::Openai);
-        assert_eq!(gpt.model.name, "gpt-4o");
+        let model = |n: &str| spec(&c, n).model.unwrap();
+        let gpt = spec(&c, "gpt-4o");
         assert_eq!(gpt.limits[0].calls, Some(60));
         assert_eq!(gpt.limits[0].tokens, Some(10000));
+        assert_eq!(model("gpt-4o").provider, Provider::Openai);
+        assert_eq!(model("gpt-4o").name, "gpt-4o");
+        assert_eq!(model("gpt-4o").secret_ref.unwrap().name, "openai-api-key");
+        assert_eq!(spec(&c, "embed").route_type, RouteType::Embeddings);
+        let embed = model("embed");
+        assert_eq!(embed.provider, Provider::AzureOpenai);
+        assert_eq!(embed.name, "my-embedding-deployment");
+        assert_eq!(embed.config["apiVersion"], "2024-02-01");
+        let titan = model("titan");
+        assert_eq!(titan.config["region"], "us-west-2");
+        assert_eq!(titan.secret_ref.unwrap().name, "titan-aws");
         assert_eq!(
-            gpt.model.secret_ref.as_ref().unwrap().name,
-            "openai-api-key"
-        );
-        let embed = by("embed");
-        assert_eq!(embed.route_type, RouteType::Embeddings);
-        assert_eq!(embed.model.provider, Provider::AzureOpenai);
-        assert_eq!(embed.model.name, "my-embedding-deployment");
-        assert_eq!(embed.model.config["apiVersion"], "2024-02-01");
-        let titan = by("titan");
-        assert_eq!(titan.model.config["region"], "us-west-2");
-        assert_eq!(titan.model.secret_ref.as_ref().unwrap().name, "titan-aws");
-        assert_eq!(
-            by("local").model.api_base.as_deref(),
+            model("local").api_base.as_deref(),
             Some("http://localhost:11434/v1")
         );
-        assert_eq!(by("claude").model.provider, Provider::Anthropic);
+        assert_eq!(model("claude").provider, Provider::Anthropic);
     }
 
     #[test]
@@ -466,6 +556,7 @@ model_list:
     litellm_params: {model: vertex_ai/gemini-pro}
 litellm_settings: {drop_params: true}
 general_settings: {master_key: sk-1234}
+router_settings: {routing_strategy: latency-based-routing}
 "#,
         );
         let all = c.unsupported.join("\n");
@@ -475,6 +566,7 @@ general_settings: {master_key: sk-1234}
             "model_list[1].litellm_params.model: \"vertex_ai/gemini-pro\"",
             "litellm_settings.drop_params: not supported",
             "general_settings: not supported",
+            "router_settings.routing_strategy: \"latency-based-routing\" is not carried over",
         ] {
             assert!(all.contains(needle), "{needle} missing from:\n{all}");
         }
@@ -483,34 +575,68 @@ general_settings: {master_key: sk-1234}
     }
 
     #[test]
-    fn several_deployments_of_one_name_are_one_route_each_with_a_comment() {
+    fn deployments_of_one_name_are_weighted_backends_and_fallbacks_follow_by_priority() {
         let c = convert_str(
             r#"
 model_list:
   - model_name: gpt-4o
-    litellm_params: {model: azure/gpt-4o-eu, api_base: "https://eu.openai.azure.com", api_key: os.environ/AZURE_EU, weight: 2}
+    litellm_params: {model: azure/gpt-4o-eu, api_base: "https://eu.openai.azure.com", api_key: os.environ/AZURE_EU, weight: 3, rpm: 100}
   - model_name: gpt-4o
-    litellm_params: {model: openai/gpt-4o, api_key: os.environ/OPENAI_API_KEY, weight: 1}
+    litellm_params: {model: openai/gpt-4o, api_key: os.environ/OPENAI_API_KEY, weight: 1, rpm: 50}
   - model_name: claude
     litellm_params: {model: anthropic/claude-3-5-haiku-latest, api_key: os.environ/ANTHROPIC_API_KEY}
+  - model_name: mini
+    litellm_params: {model: openai/gpt-4o-mini, api_key: os.environ/OPENAI_API_KEY}
 router_settings:
-  fallbacks: [{gpt-4o: [claude]}]
+  fallbacks: [{gpt-4o: [claude, mini]}]
+  num_retries: 2
+  allowed_fails: 3
+  cooldown_time: 45
 "#,
         );
+        assert_eq!(c.unsupported, Vec::<String>::new());
         let names: Vec<_> = c
             .routes
             .iter()
             .map(|(_, r)| r.metadata.name.clone().unwrap())
             .collect();
-        assert_eq!(names, ["gpt-4o", "gpt-4o-2", "claude"]);
-        assert!(
-            c.comments["gpt-4o-2"]
-                .iter()
-                .any(|l| l.contains("deployment 2 of 2")),
-            "{:?}",
-            c.comments
+        assert_eq!(names, ["gpt-4o", "claude", "mini"]);
+        let gpt = spec(&c, "gpt-4o");
+        assert!(gpt.model.is_none());
+        let summary: Vec<_> = gpt
+            .backends
+            .iter()
+            .map(|b| {
+                (
+                    b.model.provider,
+                    b.model.name.as_str(),
+                    b.weight,
+                    b.priority,
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (Provider::AzureOpenai, "gpt-4o-eu", Some(3), None),
+                (Provider::Openai, "gpt-4o", Some(1), None),
+                (
+                    Provider::Anthropic,
+                    "claude-3-5-haiku-latest",
+                    None,
+                    Some(1)
+                ),
+                (Provider::Openai, "gpt-4o-mini", None, Some(2)),
+            ]
         );
-        let all = c.unsupported.join("\n");
-        assert!(all.contains("fallbacks: \"gpt-4o\" -> claude"), "{all}");
+        assert_eq!(gpt.limits[0].calls, Some(150));
+        assert_eq!(gpt.retry.unwrap().attempts, Some(3));
+        let od = gpt.outlier_detection.unwrap();
+        assert_eq!(od.consecutive_failures, Some(3));
+        assert_eq!(od.base_ejection_time.as_deref(), Some("45s"));
+        assert!(
+            spec(&c, "claude").model.is_some(),
+            "no fallbacks of its own"
+        );
     }
 }

@@ -217,7 +217,7 @@ mod tests {
 
     #[test]
     fn manifests_with_a_bad_document_keep_the_good_ones() {
-        let yaml = "apiVersion: v1\nkind: Secret\nmetadata: {name: k}\nstringData: {apiKey: sk-1}\n---\n---\napiVersion: portcullis.dev/v1alpha1\nkind: Route\nmetadata: {name: bad}\nspec: {routeType: llm/v1/chat}\n---\napiVersion: portcullis.dev/v1alpha1\nkind: Route\nmetadata: {name: chat}\nspec: {routeType: llm/v1/chat, model: {provider: openai, name: m, secretRef: {name: k}}}\n";
+        let yaml = "apiVersion: v1\nkind: Secret\nmetadata: {name: k}\nstringData: {apiKey: sk-1}\n---\n---\napiVersion: portcullis.dev/v1alpha1\nkind: Route\nmetadata: {name: bad}\nspec: {routeType: llm/v9/chat}\n---\napiVersion: portcullis.dev/v1alpha1\nkind: Route\nmetadata: {name: chat}\nspec: {routeType: llm/v1/chat, model: {provider: openai, name: m, secretRef: {name: k}}}\n";
         let c = parse(Path::new("x.yaml"), yaml.as_bytes(), "default").unwrap();
         assert_eq!(c.routes.len(), 1);
         assert_eq!(c.routes[0].0.document, 4);
@@ -225,7 +225,7 @@ mod tests {
         assert_eq!(c.problems.len(), 1);
         assert_eq!(c.problems[0].origin.to_string(), "x.yaml document 3");
         assert!(
-            c.problems[0].reason.contains("model"),
+            c.problems[0].reason.contains("llm/v9/chat"),
             "{}",
             c.problems[0].reason
         );

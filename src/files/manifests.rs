@@ -93,7 +93,17 @@ mod tests {
         .unwrap();
         let Object::Route(r) = &objs[0] else { panic!() };
         assert_eq!(r.metadata.namespace.as_deref(), Some("default"));
-        assert_eq!(r.spec.model.secret_ref.as_ref().unwrap().key, "apiKey");
+        assert_eq!(
+            r.spec
+                .model
+                .as_ref()
+                .unwrap()
+                .secret_ref
+                .as_ref()
+                .unwrap()
+                .key,
+            "apiKey"
+        );
     }
 
     #[test]
