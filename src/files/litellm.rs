@@ -211,9 +211,7 @@ fn deployment(path: &str, entry: Value, out: &mut Converted) -> Option<Deploymen
     let weight = p.take_u64("weight", u).map(|w| w.min(10_000) as u32);
     p.finish(u);
     let mode = info.as_mut().and_then(|i| i.take_str("mode", u));
-    if let Some(mut i) = info {
-        // An id names the deployment inside LiteLLM only.
-        let _ = i.take("id");
+    if let Some(i) = info {
         i.finish(u);
     }
 
