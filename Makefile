@@ -1,11 +1,12 @@
 # Portcullis: `make run` brings up a local control plane, a simulated provider and the gateway;
-# `make test` runs every test. Both install what they need (the control-plane binaries are built
-# once into ~/.cache/portcullis and reused).
+# `make run-standalone` serves the same examples from files, without Kubernetes; `make test` runs
+# every test. They install what they need (the control-plane binaries are built once into
+# ~/.cache/portcullis and reused).
 
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: run test unit-test e2e-test control-plane python-env redis crds lint fmt build bench bench-quick clean-cache
+.PHONY: run run-standalone test unit-test e2e-test control-plane python-env redis crds lint fmt build bench bench-quick clean-cache
 
 build:
 	$(CARGO) build --workspace
@@ -25,6 +26,11 @@ python-env:
 run: control-plane
 	$(CARGO) build --workspace
 	hack/run-local.sh
+
+# The same gateway without Kubernetes: `portcullis serve` on examples/, no control-plane build.
+run-standalone:
+	$(CARGO) build --workspace
+	hack/run-standalone.sh
 
 test: control-plane python-env redis lint
 	$(CARGO) test --workspace --no-fail-fast
