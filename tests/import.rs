@@ -419,6 +419,13 @@ fn the_readme_migration_commands_work_on_the_examples() {
     let cp = ControlPlane::shared();
     let sim = sim();
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(repo.join("README.md")).unwrap();
+    for command in [
+        "portcullis import mlflow examples/migrate/mlflow-gateway.yaml --with-secrets | kubectl apply -f -",
+        "portcullis import litellm examples/migrate/litellm-config.yaml --with-secrets | kubectl apply -f -",
+    ] {
+        assert!(readme.contains(command), "README lost {command:?}");
+    }
     let dir = tempfile::tempdir().unwrap();
     for (format, example, route) in [
         (

@@ -557,3 +557,64 @@ fn hot_reload_under_a_request_loop() {
     let log = gw.log();
     assert!(!log.contains("sk-added"), "keys must never be logged");
 }
+
+/// The commands of the README's "Run without Kubernetes" section (what `make run-standalone`
+/// runs), on copies of examples/ pointed at this test's simulated provider instead of the fixed
+/// port of `make run`.
+#[test]
+fn the_readme_run_without_kubernetes_commands_work_on_the_examples() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(repo.join("README.md")).unwrap();
+    let script = std::fs::read_to_string(repo.join("hack/run-standalone.sh")).unwrap();
+    for command in [
+        "portcullis serve --config examples/",
+        "--config examples/migrate/mlflow-gateway.yaml",
+    ] {
+        assert!(readme.contains(command), "README lost {command:?}");
+        assert!(
+            script.contains(command),
+            "hack/run-standalone.sh lost {command:?}"
+        );
+    }
+    let sim = support::sim();
+    let addr = sim.openai_base().trim_end_matches("/openai/v1").to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let examples = dir.path().join("examples");
+    std::fs::create_dir_all(examples.join("migrate")).unwrap();
+    let copy = |from: &Path, to: &Path| {
+        let text = std::fs::read_to_string(from).unwrap();
+        std::fs::write(to, text.replace("http://127.0.0.1:9090", &addr)).unwrap();
+    };
+    for entry in std::fs::read_dir(repo.join("examples")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            copy(&path, &examples.join(path.file_name().unwrap()));
+        }
+    }
+    let mlflow = examples.join("migrate/mlflow-gateway.yaml");
+    copy(&repo.join("examples/migrate/mlflow-gateway.yaml"), &mlflow);
+    let gw = Gateway::serve(
+        &[&examples, &mlflow],
+        &[],
+        &[("OPENAI_API_KEY", "sk-local-demo-key")],
+    );
+    for route in ["chat", "mlflow-chat"] {
+        let (status, body) = gw.chat(route);
+        assert_eq!(status, 200, "{route}: {body}");
+    }
+    let (status, body) = gw.post(
+        "/endpoints/mlflow-chat/invocations",
+        &json!({"messages": [{"role": "user", "content": "Hello!"}]}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        gw.get("/readyz").1,
+        json!({"status": "ok", "configGeneration": 1, "lastReloadError": null})
+    );
+    let models = gw.get("/v1/models").1["data"].as_array().unwrap().len();
+    assert_eq!(
+        models, 5,
+        "chat, completions, embeddings, mlflow-chat, mlflow-embeddings"
+    );
+    assert_key(&sim, "sk-local-demo-key");
+}
