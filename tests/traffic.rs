@@ -527,6 +527,11 @@ fn status_reports_each_backend_and_degraded() {
             .contains("anthropic/claude-sonnet-4-5"),
         "{degraded}"
     );
+    // Listings name the first-choice backend as the route's model.
+    let (status, endpoint) = gw.get("/api/2.0/endpoints/half");
+    assert_eq!(status, 200);
+    assert_eq!(endpoint["model"]["name"], "gpt-4o-mini");
+    assert_eq!(endpoint["model"]["provider"], "openai");
     cp.ok(&[
         "wait",
         "-n",
