@@ -181,7 +181,7 @@ fn fallback_to_another_provider_hides_429_500_timeouts_and_refused_connections()
     spec.outlier_detection = no_ejection();
     apply_route(cp, &ns, "resilient", spec);
 
-    let faults: [(&str, Inject); 5] = [
+    let faults: [(&str, Inject); 6] = [
         (
             "429",
             Box::new(|| {
@@ -198,6 +198,16 @@ fn fallback_to_another_provider_hides_429_500_timeouts_and_refused_connections()
                 primary.set_fault(Fault::Status {
                     status: 500,
                     body: r#"{"error":{"message":"boom","type":"server_error"}}"#.into(),
+                    retry_after: None,
+                })
+            }),
+        ),
+        (
+            "529",
+            Box::new(|| {
+                primary.set_fault(Fault::Status {
+                    status: 529,
+                    body: r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#.into(),
                     retry_after: None,
                 })
             }),
@@ -470,7 +480,7 @@ fn a_provider_outage_under_load_fails_no_request() {
 
 #[test]
 fn status_reports_each_backend_and_degraded() {
-    let (cp, ns, _gw) = setup("status");
+    let (cp, ns, gw) = setup("status");
     let sim = sim();
     apply_route(
         cp,
@@ -517,6 +527,11 @@ fn status_reports_each_backend_and_degraded() {
             .contains("anthropic/claude-sonnet-4-5"),
         "{degraded}"
     );
+    // Listings name the first-choice backend as the route's model.
+    let (status, endpoint) = gw.get("/api/2.0/endpoints/half");
+    assert_eq!(status, 200);
+    assert_eq!(endpoint["model"]["name"], "gpt-4o-mini");
+    assert_eq!(endpoint["model"]["provider"], "openai");
     cp.ok(&[
         "wait",
         "-n",
@@ -535,6 +550,14 @@ fn status_reports_each_backend_and_degraded() {
         "route.portcullis.dev/half",
         "--timeout=30s",
     ]);
+}
+
+#[test]
+fn the_traffic_policy_example_is_a_valid_route() {
+    let cp = ControlPlane::shared();
+    let example =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/traffic-policy.yaml");
+    cp.ok(&["apply", "--dry-run=server", "-f", example.to_str().unwrap()]);
 }
 
 #[test]
@@ -592,4 +615,79 @@ fn the_schema_refuses_both_model_and_backends_and_unknown_failure_classes() {
         !out.status.success(),
         "model names are restricted to a sane character set"
     );
+}
+
+#[test]
+fn one_chat_route_may_fall_back_to_any_provider_and_answers_in_the_callers_dialect() {
+    let (cp, ns, gw) = setup("mix");
+    let sim = sim();
+    cp.apply(&secret_with(
+        &ns,
+        "aws",
+        &[
+            ("awsAccessKeyId", "AKIDSIM"),
+            ("awsSecretAccessKey", "aws-secret"),
+        ],
+    ));
+    // Nothing listens on port 1: the primary always refuses the connection.
+    let dead = model(
+        Provider::Openai,
+        "gpt-4o-mini",
+        "http://127.0.0.1:1/v1",
+        "key-a",
+    );
+    let fallbacks = [
+        (Provider::AzureOpenai, "gpt-4o-prod", "key-b", "apiVersion"),
+        (Provider::Gemini, "gemini-2.0-flash", "key-b", ""),
+        (
+            Provider::Bedrock,
+            "anthropic.claude-3-haiku-20240307-v1:0",
+            "aws",
+            "region",
+        ),
+        (Provider::Anthropic, "claude-sonnet-4-5", "anthropic", ""),
+    ];
+    for (provider, name, secret, config) in fallbacks {
+        let mut fallback = model(provider, name, &sim.base(provider.as_str()), secret);
+        match config {
+            "apiVersion" => fallback.config.insert(config.into(), "2024-10-21".into()),
+            "region" => fallback.config.insert(config.into(), "us-east-1".into()),
+            _ => None,
+        };
+        let route = format!("mix-{provider}");
+        apply_route(
+            cp,
+            &ns,
+            &route,
+            pool_spec(vec![backend(dead.clone(), 1, 0), backend(fallback, 1, 1)]),
+        );
+        for stream in [false, true] {
+            let (status, headers, text) =
+                post_full(&gw.url("/v1/chat/completions"), &chat_body(&route, stream));
+            assert_eq!(status, 200, "{provider} stream={stream}: {text}");
+            assert_eq!(
+                header(&headers, "x-portcullis-backend"),
+                Some(format!("{provider}/{name}").as_str())
+            );
+            assert_eq!(header(&headers, "x-portcullis-attempts"), Some("2"));
+            if stream {
+                let chunks = sse_chunks(&text);
+                assert!(
+                    chunks
+                        .iter()
+                        .all(|c| c["object"] == "chat.completion.chunk")
+                );
+                assert!(text.trim_end().ends_with("data: [DONE]"));
+            } else {
+                let body: Value = serde_json::from_str(&text).unwrap();
+                assert_eq!(body["object"], "chat.completion", "{provider}");
+                assert!(
+                    body["choices"][0]["message"]["content"]
+                        .as_str()
+                        .unwrap()
+                        .starts_with("word1")
+                );
+            }
+        }
+    }
 }

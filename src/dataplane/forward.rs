@@ -122,13 +122,19 @@ impl<'a> Tries<'a> {
     }
 
     /// The backend for the next try and the time it may take.
-    fn next(&mut self) -> (&'a Backend, Duration) {
+    fn next(&mut self) -> Result<(&'a Backend, Duration), GatewayError> {
         let list = &self.route.backends.list;
-        // Reconcile publishes only routes with a backend of positive weight; index 0 otherwise.
-        let index = traffic::pick(list, self.tried, traffic::now_ms()).unwrap_or(0);
+        // Reconcile publishes a route as ready only with a backend of positive weight.
+        let Some((index, backend)) = traffic::pick(list, self.tried, traffic::now_ms())
+            .and_then(|i| Some((i, list.get(i)?)))
+        else {
+            return Err(GatewayError::UpstreamUnreachable(format!(
+                "route {:?} has no backend that can take calls",
+                self.route.entry.name
+            )));
+        };
         self.tried |= 1 << index;
         self.count += 1;
-        let backend = &list[index];
         backend
             .metrics(&self.route.entry.name, &self.state.metrics)
             .requests
@@ -140,7 +146,7 @@ impl<'a> Tries<'a> {
             .policy
             .per_try_timeout
             .map_or(remaining, |t| t.min(remaining));
-        (backend, timeout)
+        Ok((backend, timeout))
     }
 
     /// Records how a try ended; `Continue` when the call is to be tried again.
@@ -219,7 +225,10 @@ pub async fn invoke(
     let started = Instant::now();
     let mut tries = Tries::new(state, route);
     let result = loop {
-        let (backend, timeout) = tries.next();
+        let (backend, timeout) = match tries.next() {
+            Ok(next) => next,
+            Err(e) => break Err(e),
+        };
         let answer = call_backend(state, route.entry.route_type, backend, request, timeout).await;
         if let ControlFlow::Break(result) = tries.settle(backend, answer) {
             break result;
@@ -326,7 +335,10 @@ pub async fn invoke_stream(
     let started = Instant::now();
     let mut tries = Tries::new(state, route);
     let opened = loop {
-        let (backend, timeout) = tries.next();
+        let (backend, timeout) = match tries.next() {
+            Ok(next) => next,
+            Err(e) => break Err(e),
+        };
         let opened = match tokio::time::timeout(
             timeout,
             open_stream(state, route.entry.route_type, backend, request),
