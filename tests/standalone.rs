@@ -636,3 +636,128 @@ fn the_readme_run_without_kubernetes_commands_work_on_the_examples() {
     );
     assert_key(&sim, "sk-local-demo-key");
 }
+
+/// `--limits-store`: two `serve` processes on the same files share one limit through Redis.
+#[test]
+fn two_serve_processes_share_a_limit_through_redis() {
+    let sim = support::sim();
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "routes.yaml",
+        &[
+            secret_manifest("default", "openai", "apiKey", "sk-1"),
+            manifest_route(
+                "chat",
+                "llm/v1/chat",
+                &sim.openai_base(),
+                "openai",
+                "  limits:\n    - renewalPeriod: minute\n      calls: 4\n",
+            ),
+        ]
+        .join("---\n"),
+    );
+    let args = ["--limits-store", &redis.url(), "--replicas", "2"];
+    let (a, b) = (
+        Gateway::serve(&[&file], &args, &[]),
+        Gateway::serve(&[&file], &args, &[]),
+    );
+    let statuses: Vec<u16> = (0..6)
+        .map(|i| if i % 2 == 0 { &a } else { &b }.chat("chat").0)
+        .collect();
+    assert_eq!(statuses, [200, 200, 200, 200, 429, 429], "{}", a.log());
+}
+
+/// ServiceAccount tokens are accepted only when `--kubeconfig` names a cluster to review them;
+/// nothing else of the cluster is used (the Routes still come from the files).
+#[test]
+fn service_account_tokens_only_with_a_kubeconfig() {
+    let cp = ControlPlane::shared();
+    let ns = cp.namespace("serve-sa");
+    cp.ok(&["create", "serviceaccount", "notebook", "-n", &ns]);
+    let token = cp
+        .ok(&[
+            "create",
+            "token",
+            "notebook",
+            "-n",
+            &ns,
+            "--audience",
+            "portcullis",
+            "--duration",
+            "10m",
+        ])
+        .trim()
+        .to_string();
+    let sim = support::sim();
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "routes.yaml",
+        &[
+            secret_manifest("default", "openai", "apiKey", "sk-1"),
+            manifest_route(
+                "chat",
+                "llm/v1/chat",
+                &sim.openai_base(),
+                "openai",
+                &format!("  access:\n    - serviceAccount: {ns}/notebook\n"),
+            ),
+        ]
+        .join("---\n"),
+    );
+    let body =
+        json!({"model": "chat", "messages": [{"role": "user", "content": "hi"}]}).to_string();
+    let call = |gw: &Gateway| {
+        let bearer = format!("Bearer {token}");
+        http_request(
+            "POST",
+            &gw.url("/v1/chat/completions"),
+            Some(&body),
+            &[
+                ("content-type", "application/json"),
+                ("authorization", &bearer),
+            ],
+        )
+        .0
+    };
+    let kubeconfig = cp.kubeconfig();
+    let with = Gateway::serve(&[&file], &["--kubeconfig", path_str(&kubeconfig)], &[]);
+    assert_eq!(call(&with), 200, "{}", with.log());
+    let without = Gateway::serve(&[&file], &[], &[]);
+    assert_eq!(call(&without), 401);
+    assert!(!with.log().contains(&token) && !without.log().contains(&token));
+}
+
+/// An MLflow config edited to hold a setting Portcullis cannot honour: the last good version keeps
+/// serving, /readyz names the setting, and the fixed file applies.
+#[test]
+fn an_mlflow_config_edit_with_an_unsupported_key_keeps_the_last_good_version() {
+    let sim = support::sim();
+    let dir = tempfile::tempdir().unwrap();
+    let config = |extra: &str| {
+        format!(
+            "endpoints:\n  - name: chat\n    endpoint_type: llm/v1/chat\n    model:\n      provider: openai\n      name: gpt-4o-mini\n      config:\n        openai_api_key: $PORTCULLIS_TEST_KEY\n        openai_api_base: {}\n{extra}",
+            sim.openai_base()
+        )
+    };
+    let file = write(dir.path(), "gateway.yaml", &config(""));
+    let gw = Gateway::serve(&[&file], &[], &[("PORTCULLIS_TEST_KEY", "sk-1")]);
+    std::fs::write(&file, config("        openai_proxy: http://proxy:3128\n")).unwrap();
+    within_a_second("an unsupported key", &gw, || {
+        gw.get("/readyz").1["lastReloadError"]
+            .as_str()
+            .is_some_and(|e| e.contains("endpoints[0].model.config.openai_proxy: not supported"))
+    });
+    assert_eq!(gw.chat("chat").0, 200);
+    std::fs::write(
+        &file,
+        config("    limit: {renewal_period: minute, calls: 1}\n"),
+    )
+    .unwrap();
+    within_a_second("the fixed config", &gw, || {
+        gw.get("/api/2.0/endpoints/chat").1["limit"]["calls"] == 1
+    });
+    assert_eq!(gw.get("/readyz").1["lastReloadError"], Value::Null);
+}
