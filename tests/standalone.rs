@@ -761,3 +761,39 @@ fn an_mlflow_config_edit_with_an_unsupported_key_keeps_the_last_good_version() {
     });
     assert_eq!(gw.get("/readyz").1["lastReloadError"], Value::Null);
 }
+
+/// `mlflow gateway start --config-path FILE --host H --port P` works with `portcullis serve`.
+#[test]
+fn mlflow_gateway_start_flags_are_accepted() {
+    let sim = support::sim();
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "config.yaml",
+        &format!(
+            "routes:\n  - name: chat\n    route_type: llm/v1/chat\n    model: {{provider: openai, name: gpt-4o-mini, config: {{openai_api_key: sk-literal, openai_api_base: \"{}\"}}}}\n",
+            sim.openai_base()
+        ),
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let gw = Gateway::serve(
+        &[],
+        &[
+            "--config-path",
+            path_str(&file),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+        ],
+        &[],
+    );
+    assert_eq!(gw.addr, format!("127.0.0.1:{port}"));
+    assert_eq!(gw.get("/health").1, json!({"status": "OK"}));
+    assert_eq!(gw.chat("chat").0, 200);
+    assert_key(&sim, "sk-literal");
+}

@@ -24,6 +24,11 @@ pub struct ServeArgs {
     /// Address the data plane listens on; MLflow's gateway default, so its clients need no change.
     #[arg(long, env = "PORTCULLIS_LISTEN", default_value = "127.0.0.1:5000")]
     pub listen: SocketAddr,
+    /// `mlflow gateway start`'s flags, for a drop-in: the host and the port of `--listen`.
+    #[arg(long)]
+    pub host: Option<std::net::IpAddr>,
+    #[arg(long)]
+    pub port: Option<u16>,
     /// Address of the Prometheus `/metrics` endpoint.
     #[arg(
         long,
@@ -47,6 +52,13 @@ pub struct ServeArgs {
 
 pub async fn serve(args: ServeArgs) -> Result<(), StartError> {
     let settings = args.dataplane.check()?;
+    let mut listen = args.listen;
+    if let Some(host) = args.host {
+        listen.set_ip(host);
+    }
+    if let Some(port) = args.port {
+        listen.set_port(port);
+    }
     let interval = if args.reload_interval == 0.0 {
         None
     } else {
@@ -68,7 +80,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), StartError> {
     let dataplane = DataPlane::bind(
         &args.dataplane,
         settings,
-        args.listen,
+        listen,
         args.metrics_listen,
         |metrics| {
             reviewer.map(|client| {

@@ -234,11 +234,8 @@ impl FileSource {
                 continue;
             }
             let parsed = match result {
-                Ok(bytes) => load::parse(path, bytes, &self.namespace),
-                Err(e) => Err(FileError::Read {
-                    path: path.clone(),
-                    source: std::io::Error::other(e.to_string()),
-                }),
+                Ok(bytes) => load::parse(path, bytes, &self.namespace).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
             };
             match parsed {
                 Ok(contents) => {
@@ -271,7 +268,7 @@ impl FileSource {
                         Tracked {
                             parsed: digest_now,
                             good,
-                            error: Some(e.to_string()),
+                            error: Some(e),
                         },
                     );
                 }
