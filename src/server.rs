@@ -146,6 +146,7 @@ impl DataPlaneArgs {
 }
 
 /// What a route source (the controller, or the file loader) fills for the data plane.
+#[derive(Clone)]
 pub struct SourceHandles {
     pub table: SharedTable,
     /// Set once the source has published its first complete table.

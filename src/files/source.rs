@@ -445,3 +445,156 @@ fn api_key_consumer(secret: &Secret) -> Option<Digest> {
         .is_some_and(|v| v == "true");
     if labelled { key_digest(secret) } else { None }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limits::Limiter;
+    use crate::telemetry::metrics::Metrics;
+
+    const SECRET: &str =
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: k}\nstringData: {apiKey: sk-1}\n";
+
+    fn route(name: &str) -> String {
+        format!(
+            "apiVersion: portcullis.dev/v1alpha1\nkind: Route\nmetadata: {{name: {name}}}\nspec: {{routeType: llm/v1/chat, model: {{provider: openai, name: m, secretRef: {{name: k}}}}}}\n"
+        )
+    }
+
+    fn attached(dir: &std::path::Path) -> (FileSource, SourceHandles, Arc<ConfigStatus>) {
+        let mut source = FileSource::new(vec![dir.to_path_buf()], "default".into());
+        source.load_initial().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let handles = SourceHandles {
+            table: crate::table::RoutingTable::default().shared(),
+            ready: Default::default(),
+            metrics: metrics.clone(),
+            api_keys: Default::default(),
+            limits: Arc::new(Limiter::local(metrics, 1)),
+        };
+        let status = Arc::new(ConfigStatus::default());
+        source.attach(Sink {
+            handles: handles.clone(),
+            status: status.clone(),
+        });
+        (source, handles, status)
+    }
+
+    fn names(handles: &SourceHandles) -> Vec<String> {
+        handles
+            .table
+            .load()
+            .routes()
+            .iter()
+            .map(|r| r.name.clone())
+            .collect()
+    }
+
+    #[test]
+    fn directories_give_their_config_files_only() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["b.yaml", "a.yml", "c.json", "notes.md", ".hidden.yaml"] {
+            std::fs::write(dir.path().join(name), "").unwrap();
+        }
+        std::fs::create_dir(dir.path().join("sub.yaml")).unwrap();
+        let missing = dir.path().join("nope.yaml");
+        let (files, gone) = expand(&[dir.path().to_path_buf(), missing.clone()]);
+        let names: Vec<_> = files
+            .iter()
+            .map(|p| p.file_name().unwrap().to_str().unwrap())
+            .collect();
+        assert_eq!(names, ["a.yml", "b.yaml", "c.json"]);
+        assert_eq!(gone, [missing]);
+    }
+
+    #[test]
+    fn changes_apply_once_settled_and_removals_once_confirmed() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("a.yaml"),
+            [SECRET, &route("one")].join("---\n"),
+        )
+        .unwrap();
+        let (mut source, handles, status) = attached(dir.path());
+        assert_eq!(names(&handles), ["one"]);
+        assert_eq!(status.generation(), 1);
+        assert!(handles.ready.load(Ordering::Acquire));
+
+        std::fs::write(dir.path().join("b.yaml"), route("two")).unwrap();
+        source.look(false);
+        assert_eq!(names(&handles), ["one"], "not settled after one look");
+        source.look(false);
+        assert_eq!(names(&handles), ["one", "two"]);
+        assert_eq!(status.generation(), 2);
+        source.look(false);
+        assert_eq!(status.generation(), 2, "nothing changed, nothing published");
+
+        std::fs::remove_file(dir.path().join("b.yaml")).unwrap();
+        source.look(false);
+        assert_eq!(names(&handles), ["one", "two"], "gone on one look only");
+        source.look(false);
+        assert_eq!(names(&handles), ["one"]);
+    }
+
+    #[test]
+    fn a_broken_file_keeps_its_last_good_version_until_fixed() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a.yaml");
+        std::fs::write(&file, [SECRET, &route("one")].join("---\n")).unwrap();
+        let (mut source, handles, status) = attached(dir.path());
+        std::fs::write(&file, "routes: [\n").unwrap();
+        source.look(false);
+        source.look(false);
+        assert_eq!(names(&handles), ["one"]);
+        let error = status.last_error().unwrap();
+        assert!(error.contains("a.yaml is not valid YAML"), "{error}");
+        assert_eq!(handles.metrics.config_reload_failing.get(), 1);
+        source.look(false);
+        assert_eq!(
+            handles.metrics.config_reload_failures.get(),
+            1,
+            "reported once"
+        );
+
+        std::fs::write(&file, [SECRET, &route("fixed")].join("---\n")).unwrap();
+        source.look(false);
+        source.look(false);
+        assert_eq!(names(&handles), ["fixed"]);
+        assert_eq!(status.last_error(), None);
+        assert_eq!(handles.metrics.config_reload_failing.get(), 0);
+    }
+
+    #[test]
+    fn a_forced_reload_applies_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("a.yaml"),
+            [SECRET, &route("one")].join("---\n"),
+        )
+        .unwrap();
+        let (mut source, handles, status) = attached(dir.path());
+        std::fs::write(dir.path().join("b.yaml"), route("two")).unwrap();
+        source.look(true);
+        assert_eq!(names(&handles), ["one", "two"]);
+        assert_eq!(status.generation(), 2);
+    }
+
+    #[test]
+    fn nothing_valid_is_refused_at_start_up() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), route("orphan")).unwrap();
+        let err = FileSource::new(vec![dir.path().to_path_buf()], "default".into())
+            .load_initial()
+            .unwrap_err();
+        assert!(err.to_string().contains("nothing to serve"), "{err}");
+        assert_eq!(err.exit_code(), std::process::ExitCode::from(2));
+        let empty = tempfile::tempdir().unwrap();
+        let err = FileSource::new(vec![empty.path().to_path_buf()], "default".into())
+            .load_initial()
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("no .yaml, .yml or .json files"),
+            "{err}"
+        );
+    }
+}
