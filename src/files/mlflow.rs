@@ -573,6 +573,17 @@ endpoints:
     }
 
     #[test]
+    fn provider_config_blocks_are_read_like_config() {
+        let c = convert_str(
+            "endpoints:\n  - name: chat\n    endpoint_type: llm/v1/chat\n    model:\n      provider: openai\n      name: gpt-4o\n      openai_config: {openai_api_key: $OPENAI_API_KEY, openai_api_base: \"http://127.0.0.1:9/v1\"}\n",
+        );
+        assert_eq!(c.unsupported, Vec::<String>::new());
+        let model = c.routes[0].1.spec.model.clone().unwrap();
+        assert_eq!(model.api_base.as_deref(), Some("http://127.0.0.1:9/v1"));
+        assert_eq!(model.secret_ref.unwrap().name, "openai-api-key");
+    }
+
+    #[test]
     fn recognises_mlflow_configs() {
         assert!(is_mlflow(&serde_yaml::from_str("endpoints: []").unwrap()));
         assert!(!is_mlflow(
