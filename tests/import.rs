@@ -131,6 +131,11 @@ fn an_mlflow_config_with_every_provider_imports_applies_and_serves() {
       name: amazon.nova-lite-v1:0
       config:
         aws_config: {{aws_region: us-west-2, aws_access_key_id: $T_AWS_ID, aws_secret_access_key: $T_AWS_SECRET}}
+routes:
+  - name: split
+    task_type: llm/v1/chat
+    destinations: [{{name: chat, traffic_percentage: 70}}, {{name: claude, traffic_percentage: 30}}]
+    routing_strategy: TRAFFIC_SPLIT
 "#,
         openai = sim.openai_base(),
         azure = b("azure-openai"),
@@ -206,6 +211,7 @@ fn an_mlflow_config_with_every_provider_imports_applies_and_serves() {
         ("deepseek-chat", "chat", "value-of-t_deepseek_key"),
         ("ollama-chat", "chat", ""),
         ("grok-chat", "chat", "value-of-t_xai_key"),
+        ("split", "chat", ""),
     ];
     // These have no base URL in MLflow's config: they point at the real provider, so they are
     // only checked to resolve (Secret found, provider serves the type).
@@ -237,6 +243,14 @@ fn an_mlflow_config_with_every_provider_imports_applies_and_serves() {
         chat["spec"]["limits"][0],
         json!({"renewalPeriod": "minute", "calls": 100, "key": "route"})
     );
+    let split = cp.json(&["get", "-n", &ns, "route.portcullis.dev", "split"]);
+    let weights: Vec<(&str, &Value)> = split["spec"]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| (b["provider"].as_str().unwrap(), &b["weight"]))
+        .collect();
+    assert_eq!(weights, [("openai", &json!(70)), ("anthropic", &json!(30))]);
     let azure = cp.json(&["get", "-n", &ns, "route.portcullis.dev", "azure-chat"]);
     assert_eq!(azure["spec"]["model"]["name"], "my-deployment");
     assert_eq!(azure["spec"]["model"]["config"]["apiVersion"], "2024-10-21");

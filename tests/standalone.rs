@@ -235,12 +235,17 @@ fn an_mlflow_endpoints_config_serves_the_deployments_client_and_the_openai_sdk()
     ] {
         config.push_str(&endpoint(name, t, b, limit));
     }
+    // MLflow 3's traffic routes: a split across two endpoints.
+    config.push_str(
+        "routes:\n  - name: split\n    task_type: llm/v1/chat\n    destinations:\n      - {name: chat, traffic_percentage: 50}\n      - {name: filler-1, traffic_percentage: 50}\n    routing_strategy: TRAFFIC_SPLIT\n",
+    );
     let file = write(dir.path(), "gateway.yaml", &config);
     let gw = Gateway::serve(
         &[&file],
         &["--page-size", "3"],
         &[("PORTCULLIS_TEST_OPENAI_KEY", "sk-endpoints")],
     );
+    assert_eq!(gw.chat("split").0, 200, "{}", gw.log());
     let all = [
         "chat",
         "completions",
@@ -249,6 +254,7 @@ fn an_mlflow_endpoints_config_serves_the_deployments_client_and_the_openai_sdk()
         "throttled",
         "filler-1",
         "filler-2",
+        "split",
     ];
     run_suites(
         &gw,

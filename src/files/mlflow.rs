@@ -10,8 +10,8 @@ use serde_yaml::Value;
 use super::convert::{Converted, KeyRef};
 use super::yaml::{Fields, kind, scalar};
 use crate::api::{
-    DEFAULT_SECRET_KEY, Limit, LimitKey, ModelSpec, Provider, RenewalPeriod, Route, RouteSpec,
-    RouteType, SecretKeyRef,
+    BackendSpec, DEFAULT_SECRET_KEY, Limit, LimitKey, ModelSpec, Provider, RenewalPeriod, Route,
+    RouteSpec, RouteType, SecretKeyRef,
 };
 
 /// Whether a parsed YAML document looks like an MLflow gateway config.
@@ -41,13 +41,6 @@ pub fn convert(doc: Value, namespace: Option<&str>) -> Converted {
             return out;
         }
     };
-    if traffic.is_some() {
-        out.unsupported.push(
-            "routes: traffic routes (destinations split by traffic_percentage) are not supported; \
-             give each destination its own endpoint"
-                .into(),
-        );
-    }
     top.finish(&mut out.unsupported);
     let Value::Sequence(entries) = entries else {
         out.unsupported.push(format!(
@@ -69,7 +62,127 @@ pub fn convert(doc: Value, namespace: Option<&str>) -> Converted {
             out.routes.push((path, route));
         }
     }
+    if let Some(traffic) = traffic {
+        traffic_routes(traffic, namespace, &mut names, &mut out);
+    }
     out
+}
+
+/// MLflow 3's traffic routes (`routes:` next to `endpoints:`): each destination endpoint's model
+/// becomes a backend weighted by its `traffic_percentage`, as MLflow picks one per request.
+fn traffic_routes(
+    traffic: Value,
+    namespace: Option<&str>,
+    names: &mut HashSet<String>,
+    out: &mut Converted,
+) {
+    let Value::Sequence(entries) = traffic else {
+        out.unsupported
+            .push(format!("routes: expected a list, found {}", kind(&traffic)));
+        return;
+    };
+    for (i, entry) in entries.into_iter().enumerate() {
+        let path = format!("routes[{i}]");
+        let Some(mut f) = Fields::of(&path, entry, &mut out.unsupported) else {
+            continue;
+        };
+        let name = f.take_str("name", &mut out.unsupported);
+        let task_type = f.take_str("task_type", &mut out.unsupported);
+        let destinations = f.take("destinations");
+        if let Some(strategy) = f.take_str("routing_strategy", &mut out.unsupported)
+            && strategy != "TRAFFIC_SPLIT"
+        {
+            out.unsupported.push(format!(
+                "{path}.routing_strategy: {strategy:?} is not supported (TRAFFIC_SPLIT)"
+            ));
+        }
+        f.finish(&mut out.unsupported);
+        let (Some(name), Some(task_type)) = (name, task_type) else {
+            out.unsupported
+                .push(format!("{path}: a traffic route needs name and task_type"));
+            continue;
+        };
+        if !valid_name(&name) || !names.insert(name.clone()) {
+            out.unsupported.push(format!(
+                "{path}.name: {name:?} is not a valid name or is used by an earlier entry"
+            ));
+            continue;
+        }
+        let Some(route_type) = route_type_of(&task_type) else {
+            out.unsupported
+                .push(format!("{path}.task_type: {task_type:?} is not supported"));
+            continue;
+        };
+        let Some(Value::Sequence(destinations)) = destinations else {
+            out.unsupported
+                .push(format!("{path}.destinations: expected a list"));
+            continue;
+        };
+        let mut backends = Vec::new();
+        for (j, d) in destinations.into_iter().enumerate() {
+            let dpath = format!("{path}.destinations[{j}]");
+            let Some(mut d) = Fields::of(&dpath, d, &mut out.unsupported) else {
+                continue;
+            };
+            let target = d.take_str("name", &mut out.unsupported);
+            let percentage = d.take_u64("traffic_percentage", &mut out.unsupported);
+            d.finish(&mut out.unsupported);
+            let Some(target) = target else {
+                out.unsupported.push(format!("{dpath}.name is missing"));
+                continue;
+            };
+            let endpoint = out
+                .routes
+                .iter()
+                .map(|(_, r)| r)
+                .find(|r| r.metadata.name.as_deref() == Some(target.as_str()));
+            match endpoint.and_then(|r| Some((r.spec.route_type, r.spec.model.clone()?))) {
+                Some((t, model)) if t == route_type => backends.push(BackendSpec {
+                    model,
+                    weight: Some(percentage.unwrap_or(0).min(10_000) as u32),
+                    priority: None,
+                }),
+                Some((t, _)) => out.unsupported.push(format!(
+                    "{dpath}: endpoint {target:?} serves {t}, the route {route_type}"
+                )),
+                None => out
+                    .unsupported
+                    .push(format!("{dpath}: no endpoint is named {target:?}")),
+            }
+        }
+        if backends.is_empty() {
+            continue;
+        }
+        // MLflow mixes embedding models in a split as asked; say so rather than refuse it.
+        let mixed = route_type == RouteType::Embeddings
+            && backends
+                .windows(2)
+                .any(|w| w[0].model.name != w[1].model.name);
+        let mut route = Route::new(
+            &name,
+            RouteSpec {
+                route_type,
+                model: None,
+                backends,
+                retry: None,
+                outlier_detection: None,
+                allow_mixed_models: mixed,
+                limits: Vec::new(),
+                access: None,
+            },
+        );
+        route.metadata.namespace = namespace.map(str::to_string);
+        out.routes.push((path, route));
+    }
+}
+
+fn route_type_of(text: &str) -> Option<RouteType> {
+    match text {
+        "llm/v1/chat" => Some(RouteType::Chat),
+        "llm/v1/completions" => Some(RouteType::Completions),
+        "llm/v1/embeddings" => Some(RouteType::Embeddings),
+        _ => None,
+    }
 }
 
 /// The gateway's name rule (`[\w\-\.]+`): a name must be usable in a URL path.
@@ -125,16 +238,12 @@ fn endpoint(
         ));
         return None;
     }
-    let route_type = match route_type.as_deref()? {
-        "llm/v1/chat" => RouteType::Chat,
-        "llm/v1/completions" => RouteType::Completions,
-        "llm/v1/embeddings" => RouteType::Embeddings,
-        other => {
-            out.unsupported.push(format!(
-                "{path}.endpoint_type: {other:?} is not one of llm/v1/chat, llm/v1/completions, llm/v1/embeddings"
-            ));
-            return None;
-        }
+    let route_type = route_type.as_deref()?;
+    let Some(route_type) = route_type_of(route_type) else {
+        out.unsupported.push(format!(
+            "{path}.endpoint_type: {route_type:?} is not one of llm/v1/chat, llm/v1/completions, llm/v1/embeddings"
+        ));
+        return None;
     };
     let Some(model) = model else {
         out.unsupported.push(format!("{path}.model is missing"));
@@ -529,7 +638,7 @@ endpoints:
     model: {provider: openai, name: gpt-4o, config: {openai_api_key: $K, openai_proxy: http://x}}
     limit: {renewal_period: 5 minutes, calls: 3}
 routes:
-  - {name: split, task_type: llm/v1/chat, destinations: [{name: chat, traffic_percentage: 100}]}
+  - {name: split, task_type: llm/v1/embeddings, destinations: [{name: chat2, traffic_percentage: 100}]}
 "#,
         );
         let all = c.unsupported.join("\n");
@@ -538,7 +647,7 @@ routes:
             "endpoints[1].extra_field: not supported",
             "endpoints[1].model.config.openai_proxy: not supported",
             "endpoints[1].limit.renewal_period: \"5 minutes\"",
-            "routes: traffic routes",
+            "routes[0].destinations[0]: endpoint \"chat2\" serves llm/v1/chat, the route llm/v1/embeddings",
         ] {
             assert!(all.contains(needle), "{needle} missing from:\n{all}");
         }
@@ -569,6 +678,37 @@ endpoints:
         assert!(
             all.contains("endpoints[3].name: \"dup\" is used by an earlier entry"),
             "{all}"
+        );
+    }
+
+    #[test]
+    fn traffic_routes_split_by_weight() {
+        let c = convert_str(
+            r#"
+endpoints:
+  - {name: a, endpoint_type: llm/v1/chat, model: {provider: openai, name: gpt-4o, config: {openai_api_key: $K}}}
+  - {name: b, endpoint_type: llm/v1/chat, model: {provider: anthropic, name: claude, config: {anthropic_api_key: $A}}}
+routes:
+  - name: split
+    task_type: llm/v1/chat
+    destinations: [{name: a, traffic_percentage: 80}, {name: b, traffic_percentage: 20}]
+    routing_strategy: TRAFFIC_SPLIT
+"#,
+        );
+        assert_eq!(c.unsupported, Vec::<String>::new());
+        let split = &c.routes[2].1.spec;
+        assert!(split.model.is_none());
+        let backends: Vec<_> = split
+            .backends
+            .iter()
+            .map(|b| (b.model.provider, b.weight))
+            .collect();
+        assert_eq!(
+            backends,
+            [
+                (Provider::Openai, Some(80)),
+                (Provider::Anthropic, Some(20))
+            ]
         );
     }
 
