@@ -94,7 +94,9 @@ pub fn expand(paths: &[PathBuf]) -> (Vec<PathBuf>, Vec<PathBuf>) {
             missing.push(path.clone());
         }
     }
-    files.dedup();
+    // A file named directly and through its directory is read once.
+    let mut seen = std::collections::HashSet::new();
+    files.retain(|f| seen.insert(f.canonicalize().unwrap_or_else(|_| f.clone())));
     (files, missing)
 }
 
