@@ -61,6 +61,12 @@ struct RunArgs {
     /// Longest wait for a provider: the whole answer, or between two chunks of a stream (seconds).
     #[arg(long, env = "PORTCULLIS_UPSTREAM_TIMEOUT", default_value_t = 600.0)]
     upstream_timeout: f64,
+    /// Largest non-streaming provider answer read (bytes); a larger one fails the call with a 502.
+    #[arg(long, env = "PORTCULLIS_MAX_UPSTREAM_BODY", default_value_t = 64 * 1024 * 1024)]
+    max_upstream_body: usize,
+    /// A provider stream that sends nothing for this long ends with an error event (seconds).
+    #[arg(long, env = "PORTCULLIS_STREAM_IDLE_TIMEOUT", default_value_t = 60.0)]
+    stream_idle_timeout: f64,
     /// Routes per page of the MLflow route and endpoint listings (MLflow's own page size).
     #[arg(long, env = "PORTCULLIS_PAGE_SIZE", default_value_t = 3000, value_parser = clap::value_parser!(u32).range(1..))]
     page_size: u32,
@@ -269,6 +275,11 @@ async fn run(args: RunArgs) -> Result<(), StartError> {
         draining: draining.clone(),
         auth,
         limits: limits.clone(),
+        upstream_limits: dataplane::UpstreamLimits {
+            max_body: args.max_upstream_body,
+            stream_idle: secs(args.stream_idle_timeout, "stream-idle-timeout")?,
+            ..Default::default()
+        },
     });
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

@@ -50,6 +50,28 @@ pub struct AppState {
     /// Who is calling (API keys, cached TokenReviews) and the gateway-wide default access.
     pub auth: Arc<Authenticator>,
     pub limits: Arc<Limiter>,
+    pub upstream_limits: UpstreamLimits,
+}
+
+/// Bounds on what a provider may send back: nothing from outside is trusted to be small or quick.
+#[derive(Clone, Copy, Debug)]
+pub struct UpstreamLimits {
+    /// Largest non-streaming answer read, in bytes.
+    pub max_body: usize,
+    /// Largest error body read (only its message is used), in bytes.
+    pub max_error_body: usize,
+    /// A stream that sends nothing for this long ends with an error.
+    pub stream_idle: Duration,
+}
+
+impl Default for UpstreamLimits {
+    fn default() -> Self {
+        UpstreamLimits {
+            max_body: 64 * 1024 * 1024,
+            max_error_body: 1024 * 1024,
+            stream_idle: Duration::from_secs(60),
+        }
+    }
 }
 
 /// The upstream HTTP client: pooled connections, bounded connect and read times.
