@@ -280,6 +280,7 @@ async fn run(args: RunArgs) -> Result<(), StartError> {
             stream_idle: secs(args.stream_idle_timeout, "stream-idle-timeout")?,
             ..Default::default()
         },
+        via: dataplane::via::Via::for_namespace(&args.lease_namespace),
     });
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

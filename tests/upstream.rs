@@ -144,3 +144,28 @@ fn an_answer_larger_than_the_limit_is_a_502_that_says_so() {
     sim.set_behaviour(Behaviour::default());
     assert_eq!(gw.chat("gpt").0, 200);
 }
+
+#[test]
+fn a_route_pointing_back_at_the_gateway_is_refused_after_one_hop() {
+    let cp = ControlPlane::shared();
+    let ns = cp.namespace("loop");
+    let gw = Gateway::start(cp, &["--namespace", &ns]);
+    cp.apply(&format!(
+        "{}---\n{}",
+        secret_manifest(&ns, "openai", "apiKey", "sk-loop"),
+        route_manifest(&ns, "ouroboros", "llm/v1/chat", "openai", &gw.url("/v1")),
+    ));
+    cp.wait_ready(&ns, "ouroboros");
+    let started = Instant::now();
+    let (status, body) = gw.chat("ouroboros");
+    assert_eq!(status, 502, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("request loop"), "{message}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let refusals = gw
+        .log()
+        .lines()
+        .filter(|l| l.contains("request loop refused"))
+        .count();
+    assert_eq!(refusals, 1, "exactly one extra hop");
+}

@@ -27,6 +27,10 @@ pub enum GatewayError {
         actual: RouteType,
         requested: RouteType,
     },
+    #[error(
+        "request loop: this request already passed through gateway {0:?}; a Route's apiBase points back at the gateway"
+    )]
+    LoopDetected(String),
     #[error("no such path: {0}")]
     NoSuchPath(String),
     #[error("method not allowed for this path")]
@@ -108,6 +112,7 @@ impl GatewayError {
             GatewayError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             GatewayError::UnknownRoute(_) | GatewayError::NoSuchPath(_) => StatusCode::NOT_FOUND,
             GatewayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            GatewayError::LoopDetected(_) => StatusCode::LOOP_DETECTED,
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             GatewayError::RouteNotReady { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -134,6 +139,7 @@ impl GatewayError {
             GatewayError::WrongRouteType { .. } => "wrong_route_type",
             GatewayError::NoSuchPath(_) => "not_found",
             GatewayError::MethodNotAllowed => "method_not_allowed",
+            GatewayError::LoopDetected(_) => "loop_detected",
             GatewayError::PayloadTooLarge { .. } => "payload_too_large",
             GatewayError::UnsupportedMediaType(_) => "unsupported_media_type",
             GatewayError::RouteNotReady { .. } => "route_not_ready",

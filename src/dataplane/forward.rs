@@ -626,6 +626,10 @@ async fn send(
         .map_err(|e| provider_error(upstream, e))?;
     let span = upstream_span(upstream, request);
     tracecontext::inject(&span, &mut built.headers, observe::caller_traceparent());
+    built.headers.insert(
+        super::via::VIA,
+        state.via.upstream_value(observe::caller_via().as_ref()),
+    );
     let mut call = state
         .http
         .request(built.method, built.url)

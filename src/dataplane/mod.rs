@@ -16,6 +16,7 @@ mod mlflow_gateway;
 mod observe;
 mod openai;
 mod request;
+pub mod via;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -51,6 +52,8 @@ pub struct AppState {
     pub auth: Arc<Authenticator>,
     pub limits: Arc<Limiter>,
     pub upstream_limits: UpstreamLimits,
+    /// This gateway's name in `x-portcullis-via`, shared by its replicas.
+    pub via: via::Via,
 }
 
 /// Bounds on what a provider may send back: nothing from outside is trusted to be small or quick.
@@ -115,6 +118,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(|OriginalUri(uri): OriginalUri| async move {
             error::for_path(uri.path(), GatewayError::NoSuchPath(uri.path().to_string()))
         })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            via::refuse_loops,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             observe::middleware,
