@@ -11,6 +11,7 @@ use portcullis::access::TokenReviewer;
 use portcullis::controller::consumers::KubeTokenReviewer;
 use portcullis::controller::leader::LeaderConfig;
 use portcullis::controller::{self, ControllerConfig, ControllerHandles};
+use portcullis::dataplane::via::Via;
 use portcullis::files;
 use portcullis::server::{DataPlane, DataPlaneArgs, StartError, positive_secs};
 use portcullis::telemetry::{self, LogFormat};
@@ -181,6 +182,7 @@ async fn run(args: RunArgs) -> Result<(), StartError> {
         settings,
         args.listen,
         args.metrics_listen,
+        Via::for_namespace(&args.lease_namespace),
         |metrics| {
             Some(Arc::new(KubeTokenReviewer::new(
                 client.clone(),

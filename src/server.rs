@@ -12,7 +12,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::access::{Authenticator, CacheTtl, DefaultAccess, SharedApiKeys, TokenReviewer};
-use crate::dataplane::{self, AppState, ConfigStatus};
+use crate::dataplane::via::Via;
+use crate::dataplane::{self, AppState, ConfigStatus, UpstreamLimits};
 use crate::limits::Limiter;
 use crate::table::{RoutingTable, SharedTable};
 use crate::telemetry::LogFormat;
@@ -34,6 +35,12 @@ pub struct DataPlaneArgs {
     /// Longest wait for a provider: the whole answer, or between two chunks of a stream (seconds).
     #[arg(long, env = "PORTCULLIS_UPSTREAM_TIMEOUT", default_value_t = 600.0)]
     pub upstream_timeout: f64,
+    /// Largest non-streaming provider answer read (bytes); a larger one fails the call with a 502.
+    #[arg(long, env = "PORTCULLIS_MAX_UPSTREAM_BODY", default_value_t = 64 * 1024 * 1024)]
+    pub max_upstream_body: usize,
+    /// A provider stream that sends nothing for this long ends with an error event (seconds).
+    #[arg(long, env = "PORTCULLIS_STREAM_IDLE_TIMEOUT", default_value_t = 60.0)]
+    pub stream_idle_timeout: f64,
     /// Routes per page of the MLflow route and endpoint listings (MLflow's own page size).
     #[arg(long, env = "PORTCULLIS_PAGE_SIZE", default_value_t = 3000, value_parser = clap::value_parser!(u32).range(1..))]
     pub page_size: u32,
@@ -114,6 +121,7 @@ pub fn positive_secs(v: f64, flag: &str) -> Result<Duration, StartError> {
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub upstream_timeout: Duration,
+    pub upstream_limits: UpstreamLimits,
     pub drain_timeout: Duration,
     pub shutdown_delay: Duration,
     pub token_ttl: CacheTtl,
@@ -136,6 +144,11 @@ impl DataPlaneArgs {
         }
         Ok(Settings {
             upstream_timeout: positive_secs(self.upstream_timeout, "upstream-timeout")?,
+            upstream_limits: UpstreamLimits {
+                max_body: self.max_upstream_body,
+                stream_idle: positive_secs(self.stream_idle_timeout, "stream-idle-timeout")?,
+                ..Default::default()
+            },
             drain_timeout: positive_secs(self.drain_timeout, "drain-timeout")?,
             shutdown_delay: Duration::try_from_secs_f64(self.shutdown_delay).map_err(|_| {
                 StartError::Config("--shutdown-delay must be a number of seconds".into())
@@ -170,11 +183,13 @@ pub struct DataPlane {
 impl DataPlane {
     /// Builds the shared state and binds both ports. `reviewer` gets the metrics so TokenReview
     /// calls are counted; `None` means bearer tokens other than API keys are never valid.
+    #[allow(clippy::too_many_arguments)] // each is one start-up choice of the caller
     pub async fn bind(
         args: &DataPlaneArgs,
         settings: Settings,
         listen: SocketAddr,
         metrics_listen: SocketAddr,
+        via: Via,
         reviewer: impl FnOnce(Arc<Metrics>) -> Option<Arc<dyn TokenReviewer>>,
         config: Option<Arc<ConfigStatus>>,
     ) -> Result<DataPlane, StartError> {
@@ -205,6 +220,8 @@ impl DataPlane {
             auth,
             limits,
             config,
+            upstream_limits: settings.upstream_limits,
+            via,
         });
         let listener = tokio::net::TcpListener::bind(listen)
             .await

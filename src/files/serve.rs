@@ -13,6 +13,7 @@ use super::source::{FileSource, Sink, Wake};
 use crate::access::TokenReviewer;
 use crate::controller::consumers::KubeTokenReviewer;
 use crate::dataplane::ConfigStatus;
+use crate::dataplane::via::Via;
 use crate::server::{DataPlane, DataPlaneArgs, StartError};
 
 #[derive(clap::Args, Debug)]
@@ -82,6 +83,8 @@ pub async fn serve(args: ServeArgs) -> Result<(), StartError> {
         settings,
         listen,
         args.metrics_listen,
+        // Not `run`'s name: a file-served gateway in front of a cluster one is no loop.
+        Via::new(&format!("portcullis-serve.{}", args.namespace)),
         |metrics| {
             reviewer.map(|client| {
                 Arc::new(KubeTokenReviewer::new(
