@@ -471,3 +471,32 @@ fn the_readme_migration_commands_work_on_the_examples() {
         );
     }
 }
+
+#[test]
+fn a_file_of_the_wrong_format_or_nothing_importable_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let litellm = dir.path().join("litellm.yaml");
+    std::fs::write(
+        &litellm,
+        "model_list:\n  - {model_name: x, litellm_params: {model: vertex_ai/gemini-pro}}\n",
+    )
+    .unwrap();
+    let (code, out, err) = import(&["mlflow", path_str(&litellm)], &[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(out.is_empty());
+    assert!(err.contains("is not an MLflow gateway config"), "{err}");
+    let (code, out, err) = import(&["litellm", path_str(&litellm)], &[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(out.is_empty());
+    assert!(
+        err.contains("\"vertex_ai/gemini-pro\": the provider is not supported"),
+        "{err}"
+    );
+    assert!(err.contains("nothing to import"), "{err}");
+    let (code, _, err) = import(&["litellm", "/nonexistent/config.yaml"], &[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("cannot read /nonexistent/config.yaml"),
+        "{err}"
+    );
+}

@@ -22,6 +22,7 @@ pub enum Format {
 #[derive(clap::Args, Debug)]
 pub struct ImportArgs {
     pub format: Format,
+    /// The config file to convert.
     pub file: PathBuf,
     /// Namespace written into the manifests (default: none, so kubectl's current namespace).
     #[arg(long)]
@@ -34,18 +35,18 @@ pub struct ImportArgs {
 }
 
 pub fn main(args: &ImportArgs) -> ExitCode {
-    let bytes = match load::read(&args.file).and_then(|b| {
-        load::documents(&args.file, &b)
-            .map(|docs| docs.into_iter().map(|(_, d)| d).collect::<Vec<_>>())
-    }) {
+    let docs = match load::read(&args.file).and_then(|b| load::documents(&args.file, &b)) {
         Ok(docs) => docs,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(2);
         }
     };
-    let [doc] =
-        <[serde_yaml::Value; 1]>::try_from(bytes).unwrap_or_else(|_| [serde_yaml::Value::Null]);
+    // A foreign config is one YAML document; anything else fails the format check below.
+    let doc = match <[(usize, serde_yaml::Value); 1]>::try_from(docs) {
+        Ok([(_, doc)]) => doc,
+        Err(_) => serde_yaml::Value::Null,
+    };
     let converted = match args.format {
         Format::Mlflow if mlflow::is_mlflow(&doc) => {
             mlflow::convert(doc, args.namespace.as_deref())

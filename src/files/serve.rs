@@ -25,9 +25,10 @@ pub struct ServeArgs {
     /// Address the data plane listens on; MLflow's gateway default, so its clients need no change.
     #[arg(long, env = "PORTCULLIS_LISTEN", default_value = "127.0.0.1:5000")]
     pub listen: SocketAddr,
-    /// `mlflow gateway start`'s flags, for a drop-in: the host and the port of `--listen`.
+    /// The host of `--listen` (`mlflow gateway start --host`, for a drop-in).
     #[arg(long)]
     pub host: Option<std::net::IpAddr>,
+    /// The port of `--listen` (`mlflow gateway start --port`).
     #[arg(long)]
     pub port: Option<u16>,
     /// Address of the Prometheus `/metrics` endpoint.
