@@ -169,3 +169,62 @@ fn a_route_pointing_back_at_the_gateway_is_refused_after_one_hop() {
         .count();
     assert_eq!(refusals, 1, "exactly one extra hop");
 }
+
+#[test]
+fn a_fanned_out_embeddings_request_is_capped_and_charged_per_upstream_call() {
+    let cp = ControlPlane::shared();
+    let ns = cp.namespace("fanout");
+    let sim = sim();
+    let gw = Gateway::start(cp, &["--namespace", &ns]);
+    cp.apply(&format!(
+        "{}---\n{}  limits:\n    - renewalPeriod: minute\n      calls: 10\n",
+        secret_with(
+            &ns,
+            "aws",
+            &[("awsAccessKeyId", "AKID"), ("awsSecretAccessKey", "s3cr3t")]
+        ),
+        provider_route(
+            &ns,
+            "titan",
+            "llm/v1/embeddings",
+            "bedrock",
+            "amazon.titan-embed-text-v2:0",
+            &sim.bedrock_base(),
+            Some("aws"),
+            &[("region", "us-east-1")]
+        ),
+    ));
+    cp.wait_ready(&ns, "titan");
+    // Over the cap: a 400 in each surface's shape, and nothing sent upstream.
+    let many: Vec<String> = (0..129).map(|i| format!("text {i}")).collect();
+    let (status, body) = gw.post("/v1/embeddings", &json!({"model": "titan", "input": many}));
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["param"], "input");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("at most 128 inputs")
+    );
+    let (status, body) = gw.post("/endpoints/titan/invocations", &json!({"input": many}));
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("at most 128 inputs")
+    );
+    assert!(sim.requests().is_empty());
+
+    // Four inputs are four Titan calls, charged as four against the 10-calls limit.
+    let four = json!({"model": "titan", "input": ["a", "b", "c", "d"]});
+    for _ in 0..2 {
+        let (status, body) = gw.post("/v1/embeddings", &four);
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["data"].as_array().unwrap().len(), 4);
+    }
+    assert_eq!(sim.requests().len(), 8);
+    let (status, body) = gw.post("/v1/embeddings", &four);
+    assert_eq!(status, 429, "8 + 4 calls exceed 10: {body}");
+    assert_eq!(sim.requests().len(), 8);
+}
