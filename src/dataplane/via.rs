@@ -123,7 +123,7 @@ mod tests {
             HeaderValue::from_static("portcullis.edge, portcullis.team-a"),
         );
         assert!(via.is_loop(&h));
-        let long = vec!["g"; 9].join(",");
+        let long = ["g"; 9].join(",");
         h.insert(VIA, HeaderValue::from_str(&long).unwrap());
         assert!(via.is_loop(&h), "too many hops");
         assert_eq!(
