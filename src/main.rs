@@ -59,6 +59,11 @@ struct RunArgs {
     /// Watch Routes and Secrets in this namespace only (default: all namespaces).
     #[arg(long, env = "PORTCULLIS_NAMESPACE")]
     namespace: Option<String>,
+    /// Only Secrets matching this label selector may back a Route (for example
+    /// `portcullis.dev/provider-key=true`); a Route referencing another is not ready, and nothing
+    /// is read from that Secret. Default: any Secret of the Route's namespace.
+    #[arg(long, env = "PORTCULLIS_SECRET_SELECTOR")]
+    secret_selector: Option<String>,
     /// Upper bound of the reconnect backoff after the API server went away (seconds).
     #[arg(long, default_value_t = 10.0)]
     max_watch_backoff: f64,
@@ -152,6 +157,13 @@ fn in_runtime(
 async fn run(args: RunArgs) -> Result<(), StartError> {
     // Configuration is checked before any port is bound.
     let settings = args.dataplane.check()?;
+    let egress = settings.egress.clone();
+    let secret_selector = args
+        .secret_selector
+        .as_deref()
+        .map(controller::policy::parse_selector)
+        .transpose()
+        .map_err(StartError::Config)?;
     let max_backoff = positive_secs(args.max_watch_backoff, "max-watch-backoff")?;
     let identity = args.identity.clone().unwrap_or_else(|| {
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "portcullis".into());
@@ -206,12 +218,22 @@ async fn run(args: RunArgs) -> Result<(), StartError> {
             stop_controller.clone(),
         ));
     }
+    let policy = controller::policy::OperatorPolicy {
+        secret_selector,
+        egress,
+        self_addresses: controller::policy::self_addresses(
+            dataplane.bound,
+            args.replicas_service.as_deref().unwrap_or("portcullis"),
+            &args.lease_namespace,
+        ),
+    };
     let config = ControllerConfig {
         namespace: args.namespace,
         debounce: Duration::from_millis(5),
         max_backoff,
         instance: identity,
         leader,
+        policy,
     };
     let controller = tokio::spawn({
         let stop = stop_controller.clone();

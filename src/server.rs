@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::access::{Authenticator, CacheTtl, DefaultAccess, SharedApiKeys, TokenReviewer};
+use crate::controller::policy::Egress;
 use crate::dataplane::via::Via;
 use crate::dataplane::{self, AppState, ConfigStatus, UpstreamLimits};
 use crate::limits::Limiter;
@@ -41,6 +42,11 @@ pub struct DataPlaneArgs {
     /// A provider stream that sends nothing for this long ends with an error event (seconds).
     #[arg(long, env = "PORTCULLIS_STREAM_IDLE_TIMEOUT", default_value_t = 60.0)]
     pub stream_idle_timeout: f64,
+    /// Upstream hosts Routes may call: names (`api.openai.com`), wildcards (`*.openai.azure.com`),
+    /// addresses and CIDRs, comma-separated. Default: any host but link-local and cloud metadata
+    /// addresses (which must be listed here explicitly to be reachable).
+    #[arg(long, env = "PORTCULLIS_ALLOWED_UPSTREAM_HOSTS", value_delimiter = ',')]
+    pub allowed_upstream_hosts: Vec<String>,
     /// Routes per page of the MLflow route and endpoint listings (MLflow's own page size).
     #[arg(long, env = "PORTCULLIS_PAGE_SIZE", default_value_t = 3000, value_parser = clap::value_parser!(u32).range(1..))]
     pub page_size: u32,
@@ -121,6 +127,8 @@ pub fn positive_secs(v: f64, flag: &str) -> Result<Duration, StartError> {
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub upstream_timeout: Duration,
+    /// The upstream hosts Routes may call (`--allowed-upstream-hosts`), checked by reconcile.
+    pub egress: Egress,
     pub upstream_limits: UpstreamLimits,
     pub drain_timeout: Duration,
     pub shutdown_delay: Duration,
@@ -144,6 +152,7 @@ impl DataPlaneArgs {
         }
         Ok(Settings {
             upstream_timeout: positive_secs(self.upstream_timeout, "upstream-timeout")?,
+            egress: Egress::parse(&self.allowed_upstream_hosts).map_err(StartError::Config)?,
             upstream_limits: UpstreamLimits {
                 max_body: self.max_upstream_body,
                 stream_idle: positive_secs(self.stream_idle_timeout, "stream-idle-timeout")?,

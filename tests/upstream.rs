@@ -148,6 +148,7 @@ fn an_answer_larger_than_the_limit_is_a_502_that_says_so() {
 #[test]
 fn a_route_pointing_back_at_the_gateway_is_refused_after_one_hop() {
     let cp = ControlPlane::shared();
+    // Seen statically: an apiBase at the gateway's own address is not ready, and says why.
     let ns = cp.namespace("loop");
     let gw = Gateway::start(cp, &["--namespace", &ns]);
     cp.apply(&format!(
@@ -155,17 +156,95 @@ fn a_route_pointing_back_at_the_gateway_is_refused_after_one_hop() {
         secret_manifest(&ns, "openai", "apiKey", "sk-loop"),
         route_manifest(&ns, "ouroboros", "llm/v1/chat", "openai", &gw.url("/v1")),
     ));
-    cp.wait_ready(&ns, "ouroboros");
+    cp.wait_reason(&ns, "ouroboros", "InvalidSpec");
+    let route = cp.json(&["get", "-n", &ns, "route.portcullis.dev", "ouroboros"]);
+    assert!(
+        route["status"]["conditions"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("points at this gateway itself"),
+        "{route}"
+    );
+
+    // Not seen statically (another replica of the same gateway): refused after one hop.
+    let other_ns = cp.namespace("loop-replica");
+    let replica = Gateway::start(cp, &["--namespace", &other_ns]);
+    cp.apply(&route_manifest(
+        &ns,
+        "via-replica",
+        "llm/v1/chat",
+        "openai",
+        &replica.url("/v1"),
+    ));
+    cp.wait_ready(&ns, "via-replica");
     let started = Instant::now();
-    let (status, body) = gw.chat("ouroboros");
+    let (status, body) = gw.chat("via-replica");
     assert_eq!(status, 502, "{body}");
     let message = body["error"]["message"].as_str().unwrap();
     assert!(message.contains("request loop"), "{message}");
     assert!(started.elapsed() < Duration::from_secs(5));
-    let refusals = gw
-        .log()
-        .lines()
-        .filter(|l| l.contains("request loop refused"))
-        .count();
-    assert_eq!(refusals, 1, "exactly one extra hop");
+    eventually(Duration::from_secs(2), || {
+        replica.log().contains("request loop refused")
+    })
+    .expect("the replica refused it");
+    assert!(!replica.log().contains("sk-loop"));
+}
+
+#[test]
+fn a_fanned_out_embeddings_request_is_capped_and_charged_per_upstream_call() {
+    let cp = ControlPlane::shared();
+    let ns = cp.namespace("fanout");
+    let sim = sim();
+    let gw = Gateway::start(cp, &["--namespace", &ns]);
+    cp.apply(&format!(
+        "{}---\n{}  limits:\n    - renewalPeriod: minute\n      calls: 10\n",
+        secret_with(
+            &ns,
+            "aws",
+            &[("awsAccessKeyId", "AKID"), ("awsSecretAccessKey", "s3cr3t")]
+        ),
+        provider_route(
+            &ns,
+            "titan",
+            "llm/v1/embeddings",
+            "bedrock",
+            "amazon.titan-embed-text-v2:0",
+            &sim.bedrock_base(),
+            Some("aws"),
+            &[("region", "us-east-1")]
+        ),
+    ));
+    cp.wait_ready(&ns, "titan");
+    // Over the cap: a 400 in each surface's shape, and nothing sent upstream.
+    let many: Vec<String> = (0..129).map(|i| format!("text {i}")).collect();
+    let (status, body) = gw.post("/v1/embeddings", &json!({"model": "titan", "input": many}));
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["param"], "input");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("at most 128 inputs")
+    );
+    let (status, body) = gw.post("/endpoints/titan/invocations", &json!({"input": many}));
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("at most 128 inputs")
+    );
+    assert!(sim.requests().is_empty());
+
+    // Four inputs are four Titan calls, charged as four against the 10-calls limit.
+    let four = json!({"model": "titan", "input": ["a", "b", "c", "d"]});
+    for _ in 0..2 {
+        let (status, body) = gw.post("/v1/embeddings", &four);
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["data"].as_array().unwrap().len(), 4);
+    }
+    assert_eq!(sim.requests().len(), 8);
+    let (status, body) = gw.post("/v1/embeddings", &four);
+    assert_eq!(status, 429, "8 + 4 calls exceed 10: {body}");
+    assert_eq!(sim.requests().len(), 8);
 }

@@ -124,12 +124,13 @@ pub async fn authorize(
     }
 }
 
-/// Counts an authorized call against its route's limits.
+/// Counts an authorized call, costing `calls` upstream calls, against its route's limits.
 pub async fn admit(
     state: &AppState,
     entry: &RouteEntry,
     caller: Option<&Identity>,
     request: &LlmRequest,
+    calls: u64,
 ) -> Result<Admission, GatewayError> {
     let prompt_estimate = prompt_estimate(request);
     if entry.limits.is_empty() {
@@ -141,10 +142,11 @@ pub async fn admit(
     let consumer = caller.map(Identity::name).unwrap_or_default();
     let reservation = state
         .limits
-        .admit(
+        .admit_calls(
             entry,
             &consumer,
-            prompt_estimate + completion_estimate(request),
+            calls,
+            prompt_estimate.saturating_add(completion_estimate(request)),
         )
         .await
         .map_err(|limited| GatewayError::RateLimited(Box::new(limited)))?;

@@ -225,7 +225,9 @@ pub async fn invoke(
     route: &ServingRoute,
     request: &LlmRequest,
 ) -> Result<LlmResponse, GatewayError> {
-    let admission = admission::admit(state, &route.entry, route.caller.as_ref(), request).await?;
+    let calls = fan_out(route, request)?;
+    let admission =
+        admission::admit(state, &route.entry, route.caller.as_ref(), request, calls).await?;
     let started = Instant::now();
     let mut tries = Tries::new(state, route);
     let result = loop {
@@ -258,8 +260,44 @@ pub async fn invoke(
     result
 }
 
+/// Most embeddings inputs one request may have when a backend takes few per call (Titan: one),
+/// so that one request cannot become an unbounded number of upstream calls.
+pub const MAX_FAN_OUT_INPUTS: usize = 128;
+/// Upstream calls of one fanned-out request in flight at once.
+const FAN_OUT_CONCURRENCY: usize = 8;
+
+/// How many upstream calls `request` costs at most on this route's backends (the calls charged
+/// against its limits); a 400 when it has more inputs than a fanned-out request may.
+fn fan_out(route: &ServingRoute, request: &LlmRequest) -> Result<u64, GatewayError> {
+    let LlmRequest::Embeddings(e) = request else {
+        return Ok(1);
+    };
+    let per_call = route
+        .backends
+        .list
+        .iter()
+        .filter_map(|b| {
+            b.upstream
+                .adapter
+                .max_inputs_per_call(&b.upstream.target, route.entry.route_type)
+        })
+        .min();
+    let Some(per_call) = per_call.filter(|n| *n > 0) else {
+        return Ok(1);
+    };
+    if e.input.len() > per_call && e.input.len() > MAX_FAN_OUT_INPUTS {
+        return Err(GatewayError::bad_param(
+            "input",
+            format!(
+                "this route's provider takes {per_call} input(s) per call; send at most {MAX_FAN_OUT_INPUTS} inputs per request"
+            ),
+        ));
+    }
+    Ok(e.input.len().div_ceil(per_call).max(1) as u64)
+}
+
 /// One try on one backend. Providers that take few embeddings inputs per call (Titan) get one
-/// call per batch, sent concurrently and joined in order.
+/// call per batch, a few at a time, joined in order.
 async fn call_backend(
     state: &AppState,
     route_type: RouteType,
@@ -273,13 +311,16 @@ async fn call_backend(
         .max_inputs_per_call(&upstream.target, route_type)
         .and_then(|max| split_inputs(request, max));
     let mut answer = match split {
-        Some(parts) => futures::future::try_join_all(
-            parts
-                .iter()
-                .map(|p| call_once(state, route_type, upstream, p, timeout)),
-        )
-        .await
-        .and_then(|answers| join_embeddings(answers).map_err(|e| provider_error(upstream, e)))?,
+        Some(parts) => {
+            let mut answers = Vec::with_capacity(parts.len());
+            for batch in parts.chunks(FAN_OUT_CONCURRENCY) {
+                let calls = batch
+                    .iter()
+                    .map(|p| call_once(state, route_type, upstream, p, timeout));
+                answers.extend(futures::future::try_join_all(calls).await?);
+            }
+            join_embeddings(answers).map_err(|e| provider_error(upstream, e))?
+        }
         None => call_once(state, route_type, upstream, request, timeout).await?,
     };
     // Answers that do not name their model are named after the backend's.
@@ -334,7 +375,8 @@ pub async fn invoke_stream(
     ),
     GatewayError,
 > {
-    let admission = admission::admit(state, &route.entry, route.caller.as_ref(), request).await?;
+    let admission =
+        admission::admit(state, &route.entry, route.caller.as_ref(), request, 1).await?;
     let started = Instant::now();
     let mut tries = Tries::new(state, route);
     let opened = loop {

@@ -12,6 +12,7 @@ use tracing::{info, warn};
 use super::source::{FileSource, Sink, Wake};
 use crate::access::TokenReviewer;
 use crate::controller::consumers::KubeTokenReviewer;
+use crate::controller::policy::{OperatorPolicy, self_addresses};
 use crate::dataplane::ConfigStatus;
 use crate::dataplane::via::Via;
 use crate::server::{DataPlane, DataPlaneArgs, StartError};
@@ -74,7 +75,14 @@ pub async fn serve(args: ServeArgs) -> Result<(), StartError> {
         Some(path) => Some(kube_client(path).await?),
     };
     // The files are read and checked before any port is bound, on a blocking thread.
-    let mut source = FileSource::new(args.config.clone(), args.namespace.clone());
+    let egress = settings.egress.clone();
+    let policy = |bound| OperatorPolicy {
+        // Every Secret in the files is the operator's own: no selector among them.
+        secret_selector: None,
+        egress: egress.clone(),
+        self_addresses: self_addresses(bound, "portcullis", &args.namespace),
+    };
+    let mut source = FileSource::new(args.config.clone(), args.namespace.clone(), policy(listen));
     let mut source = tokio::task::spawn_blocking(move || source.load_initial().map(|()| source))
         .await
         .map_err(|e| StartError::Config(format!("the file loader failed: {e}")))??;
@@ -105,10 +113,13 @@ pub async fn serve(args: ServeArgs) -> Result<(), StartError> {
         service_account_tokens = args.kubeconfig.is_some(),
         "serving from files"
     );
-    source.attach(Sink {
-        handles: dataplane.source_handles(),
-        status,
-    });
+    source.attach(
+        Sink {
+            handles: dataplane.source_handles(),
+            status,
+        },
+        policy(dataplane.bound),
+    );
 
     let (wake_tx, wake_rx) = mpsc::channel();
     let stop = CancellationToken::new();

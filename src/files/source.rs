@@ -24,6 +24,7 @@ use super::load::{self, FileContents, FileError, Origin};
 use crate::access::{API_KEY_LABEL, ApiKeys, Digest, Identity, digest};
 use crate::api::{Reason, Route};
 use crate::controller::consumers::key_digest;
+use crate::controller::policy::OperatorPolicy;
 use crate::controller::reconcile::{SecretData, reconcile_after};
 use crate::dataplane::ConfigStatus;
 use crate::server::{SourceHandles, StartError};
@@ -48,6 +49,8 @@ pub struct FileSource {
     /// Per file: the digest seen on the previous look (`None`: absent), to let changes settle.
     previous_look: HashMap<PathBuf, Option<Digest>>,
     generation: u64,
+    /// The operator's egress rules and this gateway's own addresses, applied by reconcile.
+    policy: OperatorPolicy,
     /// Where the table goes; `None` during the start-up check, before any port is bound.
     sink: Option<Sink>,
 }
@@ -101,13 +104,14 @@ pub fn expand(paths: &[PathBuf]) -> (Vec<PathBuf>, Vec<PathBuf>) {
 }
 
 impl FileSource {
-    pub fn new(paths: Vec<PathBuf>, namespace: String) -> Self {
+    pub fn new(paths: Vec<PathBuf>, namespace: String, policy: OperatorPolicy) -> Self {
         FileSource {
             paths,
             namespace,
             files: BTreeMap::new(),
             previous_look: HashMap::new(),
             generation: 0,
+            policy,
             sink: None,
         }
     }
@@ -167,8 +171,10 @@ impl FileSource {
         Ok(())
     }
 
-    /// Publishes the loaded configuration to the data plane, which is ready from then on.
-    pub fn attach(&mut self, sink: Sink) {
+    /// Publishes the loaded configuration to the data plane, which is ready from then on; the
+    /// policy now knows the bound address (an `apiBase` there would loop).
+    pub fn attach(&mut self, sink: Sink, policy: OperatorPolicy) {
+        self.policy = policy;
         sink.status.set_last_error(None);
         let ready = sink.handles.ready.clone();
         self.sink = Some(sink);
@@ -366,8 +372,10 @@ impl FileSource {
         }
         // Backend health (ejections) carries over from the table serving now, as in the controller.
         let reconciled = match &self.sink {
-            Some(sink) => reconcile_after(&routes, &secrets, &sink.handles.table.load()),
-            None => reconcile_after(&routes, &secrets, &RoutingTable::default()),
+            Some(sink) => {
+                reconcile_after(&routes, &secrets, &sink.handles.table.load(), &self.policy)
+            }
+            None => reconcile_after(&routes, &secrets, &RoutingTable::default(), &self.policy),
         };
         for o in reconciled
             .outcomes
@@ -464,7 +472,11 @@ mod tests {
     }
 
     fn attached(dir: &std::path::Path) -> (FileSource, SourceHandles, Arc<ConfigStatus>) {
-        let mut source = FileSource::new(vec![dir.to_path_buf()], "default".into());
+        let mut source = FileSource::new(
+            vec![dir.to_path_buf()],
+            "default".into(),
+            OperatorPolicy::default(),
+        );
         source.load_initial().unwrap();
         let metrics = Arc::new(Metrics::new());
         let handles = SourceHandles {
@@ -475,10 +487,13 @@ mod tests {
             limits: Arc::new(Limiter::local(metrics, 1)),
         };
         let status = Arc::new(ConfigStatus::default());
-        source.attach(Sink {
-            handles: handles.clone(),
-            status: status.clone(),
-        });
+        source.attach(
+            Sink {
+                handles: handles.clone(),
+                status: status.clone(),
+            },
+            OperatorPolicy::default(),
+        );
         (source, handles, status)
     }
 
@@ -585,15 +600,23 @@ mod tests {
     fn nothing_valid_is_refused_at_start_up() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("a.yaml"), route("orphan")).unwrap();
-        let err = FileSource::new(vec![dir.path().to_path_buf()], "default".into())
-            .load_initial()
-            .unwrap_err();
+        let err = FileSource::new(
+            vec![dir.path().to_path_buf()],
+            "default".into(),
+            OperatorPolicy::default(),
+        )
+        .load_initial()
+        .unwrap_err();
         assert!(err.to_string().contains("nothing to serve"), "{err}");
         assert_eq!(err.exit_code(), std::process::ExitCode::from(2));
         let empty = tempfile::tempdir().unwrap();
-        let err = FileSource::new(vec![empty.path().to_path_buf()], "default".into())
-            .load_initial()
-            .unwrap_err();
+        let err = FileSource::new(
+            vec![empty.path().to_path_buf()],
+            "default".into(),
+            OperatorPolicy::default(),
+        )
+        .load_initial()
+        .unwrap_err();
         assert!(
             err.to_string().contains("no .yaml, .yml or .json files"),
             "{err}"
