@@ -279,11 +279,16 @@ fn an_invalid_route_is_reported_with_its_file_and_document_and_the_others_serve(
             // Document 3: valid, but its Secret does not exist: reported by reconcile, 503.
             manifest_route("orphan", "llm/v1/chat", &base, "missing", ""),
             manifest_route("chat", "llm/v1/chat", &base, "openai", ""),
+            // Document 5: the cloud metadata address, refused by the operator's egress policy.
+            manifest_route("metadata", "llm/v1/chat", "http://169.254.169.254/v1", "openai", ""),
         ]
         .join("---\n"),
     );
     let gw = Gateway::serve(&[&file], &[], &[]);
     assert_eq!(gw.chat("chat").0, 200);
+    let (status, body) = gw.chat("metadata");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.to_string().contains("EgressDenied"), "{body}");
     let (status, body) = gw.chat("orphan");
     assert_eq!(status, 503, "{body}");
     assert!(body.to_string().contains("SecretNotFound"), "{body}");
@@ -301,6 +306,9 @@ fn an_invalid_route_is_reported_with_its_file_and_document_and_the_others_serve(
     let orphan = line("Secret default/missing not found");
     assert_eq!(orphan["document"], 3, "{orphan}");
     assert_eq!(orphan["reason"], "SecretNotFound", "{orphan}");
+    let metadata = line("169.254.169.254");
+    assert_eq!(metadata["document"], 5, "{metadata}");
+    assert_eq!(metadata["reason"], "EgressDenied", "{metadata}");
 
     // Nothing valid: exit 2 at start-up, with the reason.
     let bad = write(
