@@ -341,6 +341,16 @@ fn mlflow_settings_portcullis_cannot_honour_stop_the_start_with_exit_2() {
         "{log}"
     );
     assert!(!log.contains("sk-literal-secret"), "{log}");
+
+    // A LiteLLM config is imported, not served.
+    let litellm = write(
+        dir.path(),
+        "litellm.yaml",
+        "model_list:\n  - {model_name: a, litellm_params: {model: openai/gpt-4o}}\n",
+    );
+    let (code, log) = Gateway::serve_refused(&[&litellm], &[], &[]);
+    assert_eq!(code, Some(2), "{log}");
+    assert!(log.contains("portcullis import litellm"), "{log}");
 }
 
 #[test]

@@ -181,6 +181,19 @@ mod tests {
     }
 
     #[test]
+    fn an_existing_file_path_is_read_as_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("openai.key");
+        std::fs::write(&path, "sk-from-file").unwrap();
+        let key = KeyRef::mlflow(path.to_str().unwrap());
+        assert_eq!(key, KeyRef::File(path.clone()));
+        assert_eq!(key.resolve().unwrap(), "sk-from-file");
+        std::fs::remove_file(&path).unwrap();
+        let err = key.resolve().unwrap_err();
+        assert!(err.contains("cannot read the key file"), "{err}");
+    }
+
+    #[test]
     fn secrets_are_shared_per_variable_and_never_clash() {
         let mut c = Converted::default();
         let a = c.add_key_secret("chat", "apiKey", KeyRef::Env("OPENAI_API_KEY".into()));
