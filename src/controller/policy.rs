@@ -39,7 +39,7 @@ impl OperatorPolicy {
             Ok(IpAddr::V6(ip)) => format!("[{ip}]:{port}"),
             _ => format!("{host}:{port}"),
         };
-        if self.self_addresses.iter().any(|a| *a == address) {
+        if self.self_addresses.contains(&address) {
             return Some(format!(
                 "apiBase {api_base:?} points at this gateway itself; a call would loop"
             ));
