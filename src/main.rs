@@ -77,6 +77,15 @@ struct RunArgs {
     /// addresses (which must be listed here explicitly to be reachable).
     #[arg(long, env = "PORTCULLIS_ALLOWED_UPSTREAM_HOSTS", value_delimiter = ',')]
     allowed_upstream_hosts: Vec<String>,
+    /// Namespaces whose Routes also get their one-word name (`*`: all). Every Route is callable as
+    /// `namespace/name`; on a multi-tenant cluster list only the namespaces trusted to own names.
+    #[arg(
+        long,
+        env = "PORTCULLIS_PUBLIC_NAMESPACES",
+        value_delimiter = ',',
+        default_value = "*"
+    )]
+    public_namespaces: Vec<String>,
     /// Routes per page of the MLflow route and endpoint listings (MLflow's own page size).
     #[arg(long, env = "PORTCULLIS_PAGE_SIZE", default_value_t = 3000, value_parser = clap::value_parser!(u32).range(1..))]
     page_size: u32,
@@ -359,6 +368,13 @@ async fn run(args: RunArgs) -> Result<(), StartError> {
             .map_err(StartError::Config)?,
         egress: controller::policy::Egress::parse(&args.allowed_upstream_hosts)
             .map_err(StartError::Config)?,
+        public_namespaces: (!args.public_namespaces.iter().any(|n| n == "*")).then(|| {
+            args.public_namespaces
+                .iter()
+                .map(|n| n.trim().to_string())
+                .filter(|n| !n.is_empty())
+                .collect()
+        }),
         self_addresses: controller::policy::self_addresses(
             bound,
             args.replicas_service.as_deref().unwrap_or("portcullis"),

@@ -337,6 +337,10 @@ impl Loop {
             elapsed_us = started.elapsed().as_micros() as u64,
             "routing table rebuilt"
         );
+        for change in &reconciled.short_name_changes {
+            metrics.short_name_changes.inc();
+            warn!(name = %change.name, from = %change.from, to = %change.to, "the one-word route name changed owner: its callers now reach another namespace's Route");
+        }
         self.outcomes.send_replace(Arc::new(reconciled.outcomes));
         complete
     }

@@ -99,6 +99,8 @@ pub struct Metrics {
     pub limits_store_errors: Counter,
     pub token_reviews: Family<OutcomeLabels, Counter>,
     pub backend_requests: Family<BackendLabels, Counter>,
+    /// One-word route names that moved to another namespace's Route.
+    pub short_name_changes: Counter,
     pub backend_errors: Family<BackendErrorLabels, Counter>,
     pub backend_retries: Family<BackendLabels, Counter>,
     pub backend_ejections: Family<BackendLabels, Counter>,
@@ -146,6 +148,12 @@ impl Metrics {
         let limits_store_errors = Counter::default();
         let token_reviews = Family::<OutcomeLabels, Counter>::default();
         let backend_requests = Family::<BackendLabels, Counter>::default();
+        let short_name_changes = Counter::default();
+        registry.register(
+            "portcullis_short_name_changes",
+            "Times a one-word route name moved to a Route in another namespace",
+            short_name_changes.clone(),
+        );
         let backend_errors = Family::<BackendErrorLabels, Counter>::default();
         let backend_retries = Family::<BackendLabels, Counter>::default();
         let backend_ejections = Family::<BackendLabels, Counter>::default();
@@ -274,6 +282,7 @@ impl Metrics {
             limits_store_errors,
             token_reviews,
             backend_requests,
+            short_name_changes,
             backend_errors,
             backend_retries,
             backend_ejections,
