@@ -5,6 +5,7 @@
 //! deletion missed while a watch was down (a relist after 410 Gone) cannot leave a stale route.
 //! While the API server is unreachable the stores keep their contents and the last table serves.
 
+pub mod alarms;
 mod backoff;
 pub mod consumers;
 pub mod leader;
@@ -143,6 +144,12 @@ pub async fn run(
         },
     );
     let leading = leader::elect(client.clone(), config.leader.clone(), shutdown.clone()).await;
+    let alarms = tokio::spawn(alarms::run(
+        handles.table.clone(),
+        recorder.clone(),
+        leading.clone(),
+        shutdown.clone(),
+    ));
     let writer = tokio::spawn(status::run_writer(
         client.clone(),
         route_store.clone(),
@@ -171,6 +178,7 @@ pub async fn run(
         )
         .await;
     let _ = writer.await;
+    let _ = alarms.await;
     let _ = api_keys.await;
     Ok(())
 }
