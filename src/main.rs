@@ -64,6 +64,15 @@ struct RunArgs {
     /// is read from that Secret. Default: any Secret of the Route's namespace.
     #[arg(long, env = "PORTCULLIS_SECRET_SELECTOR")]
     secret_selector: Option<String>,
+    /// Namespaces whose Routes also get their one-word name (`*`: all). Every Route is callable as
+    /// `namespace/name`; on a multi-tenant cluster list only the namespaces trusted to own names.
+    #[arg(
+        long,
+        env = "PORTCULLIS_PUBLIC_NAMESPACES",
+        value_delimiter = ',',
+        default_value = "*"
+    )]
+    public_namespaces: Vec<String>,
     /// Upper bound of the reconnect backoff after the API server went away (seconds).
     #[arg(long, default_value_t = 10.0)]
     max_watch_backoff: f64,
@@ -164,6 +173,13 @@ async fn run(args: RunArgs) -> Result<(), StartError> {
         .map(controller::policy::parse_selector)
         .transpose()
         .map_err(StartError::Config)?;
+    let public_namespaces = (!args.public_namespaces.iter().any(|n| n == "*")).then(|| {
+        args.public_namespaces
+            .iter()
+            .map(|n| n.trim().to_string())
+            .filter(|n| !n.is_empty())
+            .collect()
+    });
     let max_backoff = positive_secs(args.max_watch_backoff, "max-watch-backoff")?;
     let identity = args.identity.clone().unwrap_or_else(|| {
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "portcullis".into());
@@ -221,6 +237,7 @@ async fn run(args: RunArgs) -> Result<(), StartError> {
     let policy = controller::policy::OperatorPolicy {
         secret_selector,
         egress,
+        public_namespaces,
         self_addresses: controller::policy::self_addresses(
             dataplane.bound,
             args.replicas_service.as_deref().unwrap_or("portcullis"),

@@ -5,6 +5,7 @@
 //! deletion missed while a watch was down (a relist after 410 Gone) cannot leave a stale route.
 //! While the API server is unreachable the stores keep their contents and the last table serves.
 
+pub mod alarms;
 mod backoff;
 pub mod consumers;
 pub mod leader;
@@ -143,6 +144,12 @@ pub async fn run(
         },
     );
     let leading = leader::elect(client.clone(), config.leader.clone(), shutdown.clone()).await;
+    let alarms = tokio::spawn(alarms::run(
+        handles.table.clone(),
+        recorder.clone(),
+        leading.clone(),
+        shutdown.clone(),
+    ));
     let writer = tokio::spawn(status::run_writer(
         client.clone(),
         route_store.clone(),
@@ -171,6 +178,7 @@ pub async fn run(
         )
         .await;
     let _ = writer.await;
+    let _ = alarms.await;
     let _ = api_keys.await;
     Ok(())
 }
@@ -337,6 +345,10 @@ impl Loop {
             elapsed_us = started.elapsed().as_micros() as u64,
             "routing table rebuilt"
         );
+        for change in &reconciled.short_name_changes {
+            metrics.short_name_changes.inc();
+            warn!(name = %change.name, from = %change.from, to = %change.to, "the one-word route name changed owner: its callers now reach another namespace's Route");
+        }
         self.outcomes.send_replace(Arc::new(reconciled.outcomes));
         complete
     }

@@ -179,6 +179,9 @@ impl<'a> Tries<'a> {
                 error_type: err.code(),
             })
             .inc();
+        if matches!(err, GatewayError::CredentialRejected { .. }) {
+            backend.health.credential_rejected();
+        }
         let Some(class) = failure_class(&err) else {
             self.note_answered(backend);
             return ControlFlow::Break(Err(err));

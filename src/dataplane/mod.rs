@@ -99,12 +99,29 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/api/2.0/gateway/routes/{name}",
             get(listing::get::<Routes>),
         )
+        // A qualified name `namespace/name` also works unencoded, as two path segments.
+        .route(
+            "/api/2.0/gateway/routes/{namespace}/{name}",
+            get(listing::get::<Routes>),
+        )
         .route("/gateway/{name}/invocations", post(mlflow_gateway::invoke))
+        .route(
+            "/gateway/{namespace}/{name}/invocations",
+            post(mlflow_gateway::invoke),
+        )
         .route("/api/2.0/endpoints/", get(listing::list::<Endpoints>))
         .route("/api/2.0/endpoints", get(listing::list::<Endpoints>))
         .route("/api/2.0/endpoints/{name}", get(listing::get::<Endpoints>))
         .route(
+            "/api/2.0/endpoints/{namespace}/{name}",
+            get(listing::get::<Endpoints>),
+        )
+        .route(
             "/endpoints/{name}/invocations",
+            post(mlflow_deployments::invoke),
+        )
+        .route(
+            "/endpoints/{namespace}/{name}/invocations",
             post(mlflow_deployments::invoke),
         )
         .route("/v1/chat/completions", post(openai::chat_completions))
@@ -112,6 +129,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/embeddings", post(openai::embeddings))
         .route("/v1/models", get(openai::list_models))
         .route("/v1/models/{name}", get(openai::get_model))
+        .route("/v1/models/{namespace}/{name}", get(openai::get_model))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/health", get(health::health))

@@ -80,6 +80,8 @@ pub async fn serve(args: ServeArgs) -> Result<(), StartError> {
         // Every Secret in the files is the operator's own: no selector among them.
         secret_selector: None,
         egress: egress.clone(),
+        // One operator owns every file: every Route keeps its one-word name.
+        public_namespaces: None,
         self_addresses: self_addresses(bound, "portcullis", &args.namespace),
     };
     let mut source = FileSource::new(args.config.clone(), args.namespace.clone(), policy(listen));

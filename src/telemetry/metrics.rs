@@ -104,6 +104,8 @@ pub struct Metrics {
     pub config_reload_failing: Gauge,
     pub config_reload_failures: Counter,
     pub backend_requests: Family<BackendLabels, Counter>,
+    /// One-word route names that moved to another namespace's Route.
+    pub short_name_changes: Counter,
     pub backend_errors: Family<BackendErrorLabels, Counter>,
     pub backend_retries: Family<BackendLabels, Counter>,
     pub backend_ejections: Family<BackendLabels, Counter>,
@@ -169,6 +171,12 @@ impl Metrics {
             config_reload_failures.clone(),
         );
         let backend_requests = Family::<BackendLabels, Counter>::default();
+        let short_name_changes = Counter::default();
+        registry.register(
+            "portcullis_short_name_changes",
+            "Times a one-word route name moved to a Route in another namespace",
+            short_name_changes.clone(),
+        );
         let backend_errors = Family::<BackendErrorLabels, Counter>::default();
         let backend_retries = Family::<BackendLabels, Counter>::default();
         let backend_ejections = Family::<BackendLabels, Counter>::default();
@@ -300,6 +308,7 @@ impl Metrics {
             config_reload_failing,
             config_reload_failures,
             backend_requests,
+            short_name_changes,
             backend_errors,
             backend_retries,
             backend_ejections,
