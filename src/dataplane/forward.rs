@@ -155,10 +155,11 @@ pub async fn invoke_stream(
             return Err(e);
         }
     };
-    let decoder = route
+    let mut decoder = route
         .upstream
         .adapter
         .stream_decoder(route.entry.route_type);
+    decoder.set_max_frame(state.max_stream_frame);
     let upstream = Arc::clone(&route.upstream);
     let timeout = state.upstream_timeout;
     let bytes = response.bytes_stream();

@@ -10,6 +10,7 @@ mod body;
 pub mod error;
 mod forward;
 mod health;
+pub mod listener;
 mod listing;
 mod mlflow_deployments;
 mod mlflow_gateway;
@@ -42,6 +43,8 @@ pub struct AppState {
     pub ready: Arc<AtomicBool>,
     pub body_limit: usize,
     pub upstream_timeout: Duration,
+    /// Largest single upstream stream event (SSE event, NDJSON line, event-stream frame).
+    pub max_stream_frame: usize,
     /// Routes per page of the MLflow listings.
     pub page_size: usize,
     pub metrics: Arc<Metrics>,

@@ -75,6 +75,8 @@ pub struct Metrics {
     pub limits_fallback: Gauge,
     pub limits_store_errors: Counter,
     pub token_reviews: Family<OutcomeLabels, Counter>,
+    /// Requests refused with 503 because the gateway was at its in-flight cap.
+    pub requests_shed: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -117,6 +119,12 @@ impl Metrics {
         let limits_fallback = Gauge::default();
         let limits_store_errors = Counter::default();
         let token_reviews = Family::<OutcomeLabels, Counter>::default();
+        let requests_shed = Counter::default();
+        registry.register(
+            "portcullis_requests_shed",
+            "Requests refused with 503 because the gateway was at --max-in-flight",
+            requests_shed.clone(),
+        );
         registry.register(
             "portcullis_limits_fallback",
             "1 while this replica enforces limits locally (1/N each) because the shared limits store is unreachable",
@@ -215,6 +223,7 @@ impl Metrics {
             limits_fallback,
             limits_store_errors,
             token_reviews,
+            requests_shed,
         }
     }
 

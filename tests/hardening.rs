@@ -1,0 +1,122 @@
+//! Hostile callers against the real gateway binary: slow and stalled clients never stop normal
+//! traffic, and are cut at the listener's timeouts.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use support::*;
+
+const TRICKLERS: usize = 300;
+const STALLED_BODIES: usize = 100;
+
+#[test]
+fn slowloris_and_stalled_bodies_do_not_stop_a_normal_request_loop() {
+    let cp = ControlPlane::shared();
+    let sim = sim();
+    let ns = cp.namespace("slowloris");
+    let gw = Gateway::start(
+        cp,
+        &[
+            "--namespace",
+            &ns,
+            "--header-read-timeout",
+            "3",
+            "--body-read-timeout",
+            "3",
+            "--idle-timeout",
+            "5",
+        ],
+    );
+    cp.apply(&openai_manifests(&ns, "chat", "openai", "sk-1", &sim));
+    cp.wait_ready(&ns, "chat");
+    eventually(Duration::from_secs(10), || gw.chat("chat").0 == 200).expect("route never served");
+
+    let addr = gw.addr.clone();
+    let cut = Arc::new(AtomicUsize::new(0));
+    let timed_out = Arc::new(AtomicUsize::new(0));
+    let rt = runtime();
+    let mut attackers = Vec::new();
+    for _ in 0..TRICKLERS {
+        let (addr, cut) = (addr.clone(), cut.clone());
+        // One header byte per second; the server must close the connection by itself.
+        attackers.push(rt.spawn(async move {
+            let Ok(mut tcp) = TcpStream::connect(&addr).await else {
+                return;
+            };
+            let head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: gateway\r\nx-slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n";
+            for b in head {
+                if tcp.write_all(&[*b]).await.is_err() {
+                    cut.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                let mut probe = [0u8; 64];
+                match tokio::time::timeout(Duration::from_secs(1), tcp.read(&mut probe)).await {
+                    Ok(Ok(_)) | Ok(Err(_)) => {
+                        cut.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                    Err(_) => {}
+                }
+            }
+        }));
+    }
+    for _ in 0..STALLED_BODIES {
+        let (addr, timed_out) = (addr.clone(), timed_out.clone());
+        // A complete head, half the announced body, then silence.
+        attackers.push(rt.spawn(async move {
+            let Ok(mut tcp) = TcpStream::connect(&addr).await else {
+                return;
+            };
+            let raw = "POST /v1/chat/completions HTTP/1.1\r\nhost: gateway\r\ncontent-type: application/json\r\ncontent-length: 200\r\n\r\n{\"model\":\"chat\",\"messages\":[{\"role\":\"user\",\"content\":\"hello";
+            if tcp.write_all(raw.as_bytes()).await.is_err() {
+                return;
+            }
+            let mut answer = Vec::new();
+            let _ =
+                tokio::time::timeout(Duration::from_secs(30), tcp.read_to_end(&mut answer)).await;
+            if answer.starts_with(b"HTTP/1.1 408") {
+                timed_out.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+
+    // Normal callers, meanwhile: every request succeeds, and quickly.
+    let started = Instant::now();
+    let mut served = 0;
+    let mut slowest = Duration::ZERO;
+    while started.elapsed() < Duration::from_secs(8) {
+        let t = Instant::now();
+        let (status, body) = gw.chat("chat");
+        assert_eq!(status, 200, "a normal request failed under attack: {body}");
+        slowest = slowest.max(t.elapsed());
+        served += 1;
+    }
+    assert!(served > 20, "only {served} requests in 8 s");
+    assert!(
+        slowest < Duration::from_secs(2),
+        "a normal request took {slowest:?}"
+    );
+
+    rt.block_on(async {
+        for a in attackers {
+            let _ = a.await;
+        }
+    });
+    assert_eq!(
+        cut.load(Ordering::Relaxed),
+        TRICKLERS,
+        "every trickling connection is closed by the gateway before its head is complete"
+    );
+    assert_eq!(
+        timed_out.load(Ordering::Relaxed),
+        STALLED_BODIES,
+        "every stalled body ends with 408"
+    );
+    assert_eq!(gw.chat("chat").0, 200);
+}
