@@ -120,3 +120,121 @@ fn slowloris_and_stalled_bodies_do_not_stop_a_normal_request_loop() {
     );
     assert_eq!(gw.chat("chat").0, 200);
 }
+
+fn mint_token(cp: &ControlPlane, ns: &str, sa: &str) -> String {
+    cp.ok(&["create", "serviceaccount", sa, "-n", ns]);
+    cp.ok(&[
+        "create",
+        "token",
+        sa,
+        "-n",
+        ns,
+        "--audience",
+        "portcullis",
+        "--duration",
+        "10m",
+    ])
+    .trim()
+    .to_string()
+}
+
+/// Status, `Retry-After` and how long a chat call with `token` took.
+fn chat_as(gw: &Gateway, token: &str) -> (u16, Option<String>, Duration) {
+    let started = Instant::now();
+    let resp = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(token)
+        .header("content-type", "application/json")
+        .body(r#"{"model": "chat", "messages": [{"role": "user", "content": "hi"}]}"#)
+        .send();
+    let took = started.elapsed();
+    match resp {
+        Ok(r) => (
+            r.status().as_u16(),
+            r.headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .map(String::from),
+            took,
+        ),
+        Err(_) => (0, None, took),
+    }
+}
+
+fn signal_apiserver(cp: &ControlPlane, sig: &str) {
+    let pid = std::fs::read_to_string(cp.dir.join("apiserver.pid"))
+        .unwrap_or_else(|e| panic!("apiserver pid: {e}"));
+    let ok = std::process::Command::new("kill")
+        .args([sig, pid.trim()])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "kill {sig} apiserver");
+}
+
+#[test]
+fn a_hanging_or_stopped_api_server_never_hangs_callers_and_cached_identities_keep_working() {
+    let cp = ControlPlane::start_private();
+    let sim = sim();
+    let ns = cp.namespace("apiserver-faults");
+    let known = mint_token(&cp, &ns, "known");
+    let newcomer = mint_token(&cp, &ns, "newcomer");
+    let late = mint_token(&cp, &ns, "late");
+    let gw = Gateway::start(
+        &cp,
+        &[
+            "--namespace",
+            &ns,
+            "--default-access",
+            "authenticated",
+            "--token-cache-ttl",
+            "1",
+        ],
+    );
+    cp.apply(&openai_manifests(&ns, "chat", "openai", "sk-1", &sim));
+    cp.wait_ready(&ns, "chat");
+    eventually(Duration::from_secs(10), || chat_as(&gw, &known).0 == 200)
+        .expect("the known caller was never served");
+
+    // Frozen: connections are accepted, nothing answers.
+    signal_apiserver(&cp, "-STOP");
+    std::thread::sleep(Duration::from_millis(1500));
+    let (status, _, took) = chat_as(&gw, &known);
+    assert_eq!(status, 200, "a cached identity stopped working");
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    let (status, retry_after, took) = chat_as(&gw, &newcomer);
+    assert_eq!(status, 503, "a token that cannot be reviewed");
+    assert!(retry_after.is_some(), "503 without Retry-After");
+    assert!(
+        took < Duration::from_secs(10),
+        "the caller hung for {took:?}"
+    );
+    // After the first failure callers are not made to wait out the deadline again and again.
+    for _ in 0..5 {
+        let (status, _, took) = chat_as(&gw, &known);
+        assert_eq!(status, 200);
+        assert!(took < Duration::from_secs(2), "took {took:?}");
+        let (status, _, took) = chat_as(&gw, &newcomer);
+        assert_eq!(status, 503);
+        assert!(took < Duration::from_secs(6), "took {took:?}");
+    }
+    assert_eq!(gw.get("/readyz").0, 200);
+
+    // Stopped: connections are refused.
+    signal_apiserver(&cp, "-CONT");
+    cp.stop_apiserver();
+    let (status, retry_after, took) = chat_as(&gw, &late);
+    assert_eq!(status, 503);
+    assert!(retry_after.is_some());
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        chat_as(&gw, &known).0,
+        200,
+        "a cached identity stopped working"
+    );
+
+    cp.start_apiserver();
+    eventually(Duration::from_secs(30), || chat_as(&gw, &late).0 == 200)
+        .expect("reviews never came back after the API server did");
+}
