@@ -7,6 +7,8 @@
 
 pub mod admission;
 mod body;
+#[cfg(test)]
+mod fuzz;
 pub mod error;
 mod forward;
 mod health;
