@@ -7,10 +7,10 @@
 
 pub mod admission;
 mod body;
-#[cfg(test)]
-mod fuzz;
 pub mod error;
 mod forward;
+#[cfg(test)]
+mod fuzz;
 mod health;
 pub mod listener;
 mod listing;
