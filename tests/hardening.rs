@@ -238,3 +238,57 @@ fn a_hanging_or_stopped_api_server_never_hangs_callers_and_cached_identities_kee
     eventually(Duration::from_secs(30), || chat_as(&gw, &late).0 == 200)
         .expect("reviews never came back after the API server did");
 }
+
+#[test]
+fn requests_beyond_the_in_flight_cap_are_shed_with_503_retry_after_and_a_metric() {
+    let cp = ControlPlane::shared();
+    let sim = sim();
+    let ns = cp.namespace("shed");
+    let gw = Gateway::start(cp, &["--namespace", &ns, "--max-in-flight", "3"]);
+    cp.apply(&openai_manifests(&ns, "chat", "openai", "sk-1", &sim));
+    cp.wait_ready(&ns, "chat");
+    eventually(Duration::from_secs(10), || gw.chat("chat").0 == 200).expect("route never served");
+
+    sim.set_fault(portcullis_sim::Fault::Delay(Duration::from_secs(3)));
+    let busy: Vec<_> = (0..3)
+        .map(|_| {
+            let url = gw.url("/v1/chat/completions");
+            std::thread::spawn(move || {
+                http_blocking(
+                    "POST",
+                    &url,
+                    Some(r#"{"model":"chat","messages":[{"role":"user","content":"hi"}]}"#),
+                )
+                .0
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(800));
+    let body = r#"{"model":"chat","messages":[{"role":"user","content":"hi"}]}"#;
+    let (status, headers, text) = http_full(&gw.url("/v1/chat/completions"), body);
+    assert_eq!(status, 503, "{text}");
+    assert!(
+        headers.iter().any(|(k, v)| k == "retry-after" && v == "1"),
+        "{headers:?}"
+    );
+    let error: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    assert_eq!(error["error"]["code"], "overloaded", "{text}");
+    let (status, _, text) = http_full(
+        &gw.url("/gateway/chat/invocations"),
+        r#"{"messages":[{"role":"user","content":"hi"}]}"#,
+    );
+    assert_eq!(status, 503);
+    assert!(text.starts_with(r#"{"detail":"#), "MLflow's shape: {text}");
+    assert_eq!(gw.get("/readyz").0, 200, "probes are never shed");
+    assert!(
+        gw.metrics().contains("portcullis_requests_shed_total 2"),
+        "{}",
+        gw.metrics()
+    );
+
+    for b in busy {
+        assert_eq!(b.join().unwrap_or_default(), 200);
+    }
+    sim.set_fault(portcullis_sim::Fault::None);
+    assert_eq!(gw.chat("chat").0, 200, "slots come back");
+}
