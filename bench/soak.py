@@ -91,8 +91,6 @@ def main():
         for name, route_type in [("chat", "llm/v1/chat"), ("stream", "llm/v1/chat"), ("embed", "llm/v1/embeddings")]:
             manifests += "---\n" + bench.route_yaml("soak", name, route_type, base)
         kubectl.run("apply", "-f", "-", stdin=manifests)
-        for name in ["chat", "stream", "embed"]:
-            kubectl.run("wait", "-n", "soak", "--for=condition=Ready", f"route.portcullis.dev/{name}", "--timeout=60s")
 
         port, mport = bench.free_port(), bench.free_port()
         env = {**os.environ, "KUBECONFIG": kubeconfig, "RUST_LOG": "warn"}
@@ -101,6 +99,8 @@ def main():
                             "--body-limit", str(BODY_LIMIT)], env=env, log_path=work / "gateway.log")
         procs.append(gw)
         bench.wait_http(f"http://127.0.0.1:{port}/readyz", timeout=60)
+        for name in ["chat", "stream", "embed"]:
+            kubectl.run("wait", "-n", "soak", "--for=condition=Ready", f"route.portcullis.dev/{name}", "--timeout=60s")
 
         counts = {name: 0 for name, _, _ in KINDS}
         unexpected = {}
