@@ -128,6 +128,17 @@ def reconcile_totals(metrics_url):
     return count, total
 
 
+def wait_quiet(metrics_url, quiet=3.0, timeout=180.0):
+    """Waits until no table rebuild happened for `quiet` seconds (status writes after a sync settle)."""
+    deadline = time.monotonic() + timeout
+    last, since = reconcile_totals(metrics_url)[0], time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - since < quiet:
+        time.sleep(0.5)
+        now = reconcile_totals(metrics_url)[0]
+        if now != last:
+            last, since = now, time.monotonic()
+
+
 def pool_yaml(ns, name, api_base, secret="bench-key"):
     """A chat Route with two equal backends on the same provider: the policy layer's healthy path."""
     backend = (f"  - provider: openai\n    name: gpt-4o-mini\n    apiBase: {api_base}\n"
@@ -449,7 +460,8 @@ def main():
         # 6d. Rebuild cost under a burst of Secret churn no Route references (created, then changed).
         n_churn = 50 if quick else 500
         log(f"scenario 6d: {2 * n_churn} unrelated Secret changes with {n_routes} Routes")
-        rebuilds_before, rebuild_s_before = reconcile_totals(gw6.metrics_url)
+        wait_quiet(gw6.metrics_url)
+        rebuilds_before, _ = reconcile_totals(gw6.metrics_url)
         cpu_before = gw6.cpu_seconds()
         for round_ in range(2):
             churn = "---\n".join(secret_yaml("many", f"unrelated-{i:04d}", f"v{round_}") for i in range(n_churn))

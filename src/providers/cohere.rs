@@ -390,7 +390,10 @@ impl GenerateStream {
             let v: Value = serde_json::from_str(&line).map_err(malformed)?;
             match v["event_type"].as_str() {
                 Some("text-generation") => out.push(StreamDelta {
-                    index: v["index"].as_u64().unwrap_or(0) as u32,
+                    index: v["index"]
+                        .as_u64()
+                        .and_then(|i| u32::try_from(i).ok())
+                        .unwrap_or(0),
                     text: v["text"].as_str().map(str::to_string),
                     ..Default::default()
                 }),

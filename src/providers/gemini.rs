@@ -344,7 +344,7 @@ fn retry_delay(body: &[u8]) -> Option<u64> {
         .trim_end_matches('s')
         .parse::<f64>()
         .ok()
-        .map(|s| s.ceil() as u64)
+        .and_then(super::retry_secs)
 }
 
 /// Each event is a whole GenerateContentResponse with the new parts; no terminator.
@@ -361,7 +361,8 @@ impl SseHandler for GeminiStream {
             return Err(ProviderError::Upstream {
                 status: err["code"]
                     .as_u64()
-                    .and_then(|c| StatusCode::from_u16(c as u16).ok())
+                    .and_then(|c| u16::try_from(c).ok())
+                    .and_then(|c| StatusCode::from_u16(c).ok())
                     .unwrap_or(StatusCode::BAD_GATEWAY),
                 message: err["message"]
                     .as_str()

@@ -404,7 +404,16 @@ pub fn retry_after_secs(headers: &HeaderMap) -> Option<u64> {
         .get(http::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<f64>().ok())
-        .map(|s| s.ceil().max(0.0) as u64)
+        .and_then(retry_secs)
+}
+
+/// The longest `Retry-After` passed on: a day. A provider's figure is not trusted beyond it.
+const MAX_RETRY_AFTER: u64 = 86_400;
+
+/// Seconds from a provider's retry hint, rounded up and clamped; `None` for NaN or infinity.
+pub(crate) fn retry_secs(secs: f64) -> Option<u64> {
+    secs.is_finite()
+        .then(|| (secs.ceil().max(0.0) as u64).min(MAX_RETRY_AFTER))
 }
 
 /// Error text from a JSON error body: the common `error.message`, `message`, `detail` or `error` shapes.
@@ -806,6 +815,22 @@ mod tests {
                 g.usage
             );
         }
+    }
+
+    #[test]
+    fn retry_hints_from_providers_are_clamped() {
+        let hint = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::RETRY_AFTER, HeaderValue::from_str(v).unwrap());
+            retry_after_secs(&h)
+        };
+        assert_eq!(hint("2.5"), Some(3));
+        assert_eq!(hint("-4"), Some(0));
+        assert_eq!(hint("1e308"), Some(86_400));
+        assert_eq!(hint("18446744073709551616"), Some(86_400));
+        assert_eq!(hint("inf"), None);
+        assert_eq!(hint("NaN"), None);
+        assert_eq!(hint("Wed, 21 Oct 2015 07:28:00 GMT"), None);
     }
 
     #[test]
