@@ -65,6 +65,12 @@ struct RunArgs {
     /// bytes; a larger one ends the stream with an error (502 before the first byte was sent).
     #[arg(long, env = "PORTCULLIS_MAX_STREAM_EVENT", default_value_t = portcullis::providers::sse::DEFAULT_MAX_FRAME)]
     max_stream_event: usize,
+    /// Largest non-streaming provider answer read (bytes); a larger one fails the call with a 502.
+    #[arg(long, env = "PORTCULLIS_MAX_UPSTREAM_BODY", default_value_t = 64 * 1024 * 1024)]
+    max_upstream_body: usize,
+    /// A provider stream that sends nothing for this long ends with an error event (seconds).
+    #[arg(long, env = "PORTCULLIS_STREAM_IDLE_TIMEOUT", default_value_t = 60.0)]
+    stream_idle_timeout: f64,
     /// Routes per page of the MLflow route and endpoint listings (MLflow's own page size).
     #[arg(long, env = "PORTCULLIS_PAGE_SIZE", default_value_t = 3000, value_parser = clap::value_parser!(u32).range(1..))]
     page_size: u32,
@@ -276,12 +282,18 @@ async fn run(args: RunArgs) -> Result<(), StartError> {
         ready: ready.clone(),
         body_limit: args.body_limit,
         upstream_timeout,
-        max_stream_frame: args.max_stream_event,
         page_size: args.page_size as usize,
         metrics: metrics.clone(),
         draining: draining.clone(),
         auth,
         limits: limits.clone(),
+        upstream_limits: dataplane::UpstreamLimits {
+            max_body: args.max_upstream_body,
+            stream_idle: secs(args.stream_idle_timeout, "stream-idle-timeout")?,
+            max_stream_event: args.max_stream_event,
+            ..Default::default()
+        },
+        via: dataplane::via::Via::for_namespace(&args.lease_namespace),
     });
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

@@ -19,6 +19,7 @@ mod mlflow_gateway;
 mod observe;
 mod openai;
 mod request;
+pub mod via;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -45,8 +46,6 @@ pub struct AppState {
     pub ready: Arc<AtomicBool>,
     pub body_limit: usize,
     pub upstream_timeout: Duration,
-    /// Largest single upstream stream event (SSE event, NDJSON line, event-stream frame).
-    pub max_stream_frame: usize,
     /// Routes per page of the MLflow listings.
     pub page_size: usize,
     pub metrics: Arc<Metrics>,
@@ -55,6 +54,33 @@ pub struct AppState {
     /// Who is calling (API keys, cached TokenReviews) and the gateway-wide default access.
     pub auth: Arc<Authenticator>,
     pub limits: Arc<Limiter>,
+    pub upstream_limits: UpstreamLimits,
+    /// This gateway's name in `x-portcullis-via`, shared by its replicas.
+    pub via: via::Via,
+}
+
+/// Bounds on what a provider may send back: nothing from outside is trusted to be small or quick.
+#[derive(Clone, Copy, Debug)]
+pub struct UpstreamLimits {
+    /// Largest non-streaming answer read, in bytes.
+    pub max_body: usize,
+    /// Largest error body read (only its message is used), in bytes.
+    pub max_error_body: usize,
+    /// A stream that sends nothing for this long ends with an error.
+    pub stream_idle: Duration,
+    /// Largest single stream event (SSE event, NDJSON line, event-stream frame), in bytes.
+    pub max_stream_event: usize,
+}
+
+impl Default for UpstreamLimits {
+    fn default() -> Self {
+        UpstreamLimits {
+            max_body: 64 * 1024 * 1024,
+            max_error_body: 1024 * 1024,
+            stream_idle: Duration::from_secs(60),
+            max_stream_event: crate::providers::sse::DEFAULT_MAX_FRAME,
+        }
+    }
 }
 
 /// The upstream HTTP client: pooled connections, bounded connect and read times.
@@ -98,6 +124,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(|OriginalUri(uri): OriginalUri| async move {
             error::for_path(uri.path(), GatewayError::NoSuchPath(uri.path().to_string()))
         })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            via::refuse_loops,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             observe::middleware,
