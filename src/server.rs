@@ -13,6 +13,7 @@ use tracing::{info, warn};
 
 use crate::access::{Authenticator, CacheTtl, DefaultAccess, SharedApiKeys, TokenReviewer};
 use crate::controller::policy::Egress;
+use crate::dataplane::listener::{ListenerArgs, ListenerLimits};
 use crate::dataplane::via::Via;
 use crate::dataplane::{self, AppState, ConfigStatus, UpstreamLimits};
 use crate::limits::Limiter;
@@ -36,6 +37,10 @@ pub struct DataPlaneArgs {
     /// Longest wait for a provider: the whole answer, or between two chunks of a stream (seconds).
     #[arg(long, env = "PORTCULLIS_UPSTREAM_TIMEOUT", default_value_t = 600.0)]
     pub upstream_timeout: f64,
+    /// Largest single event of an upstream stream (SSE event, NDJSON line, event-stream frame), in
+    /// bytes; a larger one ends the stream with an error (502 before the first byte was sent).
+    #[arg(long, env = "PORTCULLIS_MAX_STREAM_EVENT", default_value_t = crate::providers::sse::DEFAULT_MAX_FRAME)]
+    pub max_stream_event: usize,
     /// Largest non-streaming provider answer read (bytes); a larger one fails the call with a 502.
     #[arg(long, env = "PORTCULLIS_MAX_UPSTREAM_BODY", default_value_t = 64 * 1024 * 1024)]
     pub max_upstream_body: usize,
@@ -85,6 +90,8 @@ pub struct DataPlaneArgs {
     /// each replica enforces 1/N of every limit.
     #[arg(long, env = "PORTCULLIS_REPLICAS", default_value_t = 1)]
     pub replicas: u32,
+    #[command(flatten)]
+    pub listener: ListenerArgs,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +134,7 @@ pub fn positive_secs(v: f64, flag: &str) -> Result<Duration, StartError> {
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub upstream_timeout: Duration,
+    pub listener_limits: ListenerLimits,
     /// The upstream hosts Routes may call (`--allowed-upstream-hosts`), checked by reconcile.
     pub egress: Egress,
     pub upstream_limits: UpstreamLimits,
@@ -145,6 +153,11 @@ impl DataPlaneArgs {
         if self.replicas == 0 {
             return Err(StartError::Config("--replicas must be at least 1".into()));
         }
+        if self.max_stream_event == 0 {
+            return Err(StartError::Config(
+                "--max-stream-event must be at least 1".into(),
+            ));
+        }
         if self.token_audience.is_empty() {
             return Err(StartError::Config(
                 "--token-audience must not be empty".into(),
@@ -152,10 +165,12 @@ impl DataPlaneArgs {
         }
         Ok(Settings {
             upstream_timeout: positive_secs(self.upstream_timeout, "upstream-timeout")?,
+            listener_limits: self.listener.limits().map_err(StartError::Config)?,
             egress: Egress::parse(&self.allowed_upstream_hosts).map_err(StartError::Config)?,
             upstream_limits: UpstreamLimits {
                 max_body: self.max_upstream_body,
                 stream_idle: positive_secs(self.stream_idle_timeout, "stream-idle-timeout")?,
+                max_stream_event: self.max_stream_event,
                 ..Default::default()
             },
             drain_timeout: positive_secs(self.drain_timeout, "drain-timeout")?,
@@ -253,6 +268,7 @@ impl DataPlane {
             token_audience = %args.token_audience,
             limits_store = if args.limits_store.is_some() { "redis" } else { "local" },
             replicas = args.replicas,
+            listener_limits = ?settings.listener_limits,
             "data plane listening"
         );
         Ok(DataPlane {
@@ -315,13 +331,13 @@ impl DataPlane {
             }
         });
 
-        // Small SSE frames must leave at once, not wait behind Nagle for the previous write's ACK.
-        let listener =
-            axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
-                let _ = tcp.set_nodelay(true);
-            });
-        let server = axum::serve(listener, dataplane::router(state))
-            .with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
+        let server = dataplane::listener::serve(
+            listener,
+            dataplane::router(state),
+            settings.listener_limits,
+            metrics.clone(),
+            stop_accepting.clone(),
+        );
         let metrics_server = axum::serve(metrics_listener, dataplane::metrics_router(metrics))
             .with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
         tokio::spawn(async move {

@@ -254,14 +254,13 @@ async fn write_one(
     let api: Api<Route> = Api::namespaced(client.clone(), &namespace);
     let patch =
         json!({"apiVersion": "portcullis.dev/v1alpha1", "kind": "Route", "status": desired});
-    if let Err(e) = api
-        .patch_status(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await
-    {
+    let (params, patch) = (
+        PatchParams::apply(FIELD_MANAGER).force(),
+        Patch::Apply(&patch),
+    );
+    let write = api.patch_status(&name, &params, &patch);
+    let written = tokio::time::timeout(super::API_CALL_TIMEOUT, write).await;
+    if let Err(e) = written.unwrap_or_else(|_| Err(kube::Error::Service("timed out".into()))) {
         // A Route deleted since the outcome was computed is not a failure.
         if matches!(&e, kube::Error::Api(s) if s.code == 404) {
             return true;

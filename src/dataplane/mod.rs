@@ -9,7 +9,10 @@ pub mod admission;
 mod body;
 pub mod error;
 mod forward;
+#[cfg(test)]
+mod fuzz;
 mod health;
+pub mod listener;
 mod listing;
 mod mlflow_deployments;
 mod mlflow_gateway;
@@ -68,6 +71,8 @@ pub struct UpstreamLimits {
     pub max_error_body: usize,
     /// A stream that sends nothing for this long ends with an error.
     pub stream_idle: Duration,
+    /// Largest single stream event (SSE event, NDJSON line, event-stream frame), in bytes.
+    pub max_stream_event: usize,
 }
 
 impl Default for UpstreamLimits {
@@ -76,6 +81,7 @@ impl Default for UpstreamLimits {
             max_body: 64 * 1024 * 1024,
             max_error_body: 1024 * 1024,
             stream_idle: Duration::from_secs(60),
+            max_stream_event: crate::providers::sse::DEFAULT_MAX_FRAME,
         }
     }
 }

@@ -103,6 +103,8 @@ pub struct Metrics {
     /// Served from files: 1 while the latest reload failed (the last good version serves).
     pub config_reload_failing: Gauge,
     pub config_reload_failures: Counter,
+    /// Requests refused with 503 because the gateway was at its in-flight cap.
+    pub requests_shed: Counter,
     pub backend_requests: Family<BackendLabels, Counter>,
     /// One-word route names that moved to another namespace's Route.
     pub short_name_changes: Counter,
@@ -169,6 +171,12 @@ impl Metrics {
             "portcullis_config_reload_failures",
             "portcullis serve: configuration files that could not be loaded on a reload",
             config_reload_failures.clone(),
+        );
+        let requests_shed = Counter::default();
+        registry.register(
+            "portcullis_requests_shed",
+            "Requests refused with 503 because the gateway was at --max-in-flight",
+            requests_shed.clone(),
         );
         let backend_requests = Family::<BackendLabels, Counter>::default();
         let short_name_changes = Counter::default();
@@ -307,6 +315,7 @@ impl Metrics {
             config_generation,
             config_reload_failing,
             config_reload_failures,
+            requests_shed,
             backend_requests,
             short_name_changes,
             backend_errors,
