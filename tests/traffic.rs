@@ -43,6 +43,32 @@ fn no_ejection() -> Option<OutlierDetection> {
     })
 }
 
+/// Two OpenAI backends of equal weight and priority (keys a and b), each tried once per call.
+fn equal_pair(
+    (a, model_a): (&SimProvider, &str),
+    (b, model_b): (&SimProvider, &str),
+    outlier: OutlierDetection,
+) -> RouteSpec {
+    let mut spec = pool_spec(vec![
+        backend(
+            model(Provider::Openai, model_a, &a.openai_base(), "key-a"),
+            1,
+            0,
+        ),
+        backend(
+            model(Provider::Openai, model_b, &b.openai_base(), "key-b"),
+            1,
+            0,
+        ),
+    ]);
+    spec.retry = Some(RetryPolicy {
+        attempts: Some(2),
+        ..Default::default()
+    });
+    spec.outlier_detection = Some(outlier);
+    spec
+}
+
 /// A namespace with the Secrets `key-a`, `key-b` and `anthropic`, and a gateway.
 fn setup(prefix: &str) -> (&'static ControlPlane, String, Gateway) {
     let cp = ControlPlane::shared();
@@ -331,27 +357,15 @@ fn outlier_ejection_keeps_a_failing_backend_out_then_lets_it_back() {
     let (cp, ns, gw) = setup("eject");
     let bad = sim();
     let good = sim();
-    let mut spec = pool_spec(vec![
-        backend(
-            model(Provider::Openai, "gpt-4o-mini", &bad.openai_base(), "key-a"),
-            1,
-            0,
-        ),
-        backend(
-            model(Provider::Openai, "gpt-4o", &good.openai_base(), "key-b"),
-            1,
-            0,
-        ),
-    ]);
-    spec.retry = Some(RetryPolicy {
-        attempts: Some(2),
-        ..Default::default()
-    });
-    spec.outlier_detection = Some(OutlierDetection {
-        consecutive_failures: Some(3),
-        base_ejection_time: Some("1500ms".into()),
-        ..Default::default()
-    });
+    let spec = equal_pair(
+        (&bad, "gpt-4o-mini"),
+        (&good, "gpt-4o"),
+        OutlierDetection {
+            consecutive_failures: Some(3),
+            base_ejection_time: Some("1500ms".into()),
+            ..Default::default()
+        },
+    );
     apply_route(cp, &ns, "eject", spec);
     bad.set_fault(Fault::Status {
         status: 503,
@@ -414,27 +428,15 @@ fn a_provider_outage_under_load_fails_no_request() {
     let (cp, ns, gw) = setup("outage");
     let one = sim();
     let two = sim();
-    let mut spec = pool_spec(vec![
-        backend(
-            model(Provider::Openai, "gpt-4o-mini", &one.openai_base(), "key-a"),
-            1,
-            0,
-        ),
-        backend(
-            model(Provider::Openai, "gpt-4o-mini", &two.openai_base(), "key-b"),
-            1,
-            0,
-        ),
-    ]);
-    spec.retry = Some(RetryPolicy {
-        attempts: Some(2),
-        ..Default::default()
-    });
-    spec.outlier_detection = Some(OutlierDetection {
-        base_ejection_time: Some("1s".into()),
-        max_ejection_time: Some("1s".into()),
-        ..Default::default()
-    });
+    let spec = equal_pair(
+        (&one, "gpt-4o-mini"),
+        (&two, "gpt-4o-mini"),
+        OutlierDetection {
+            base_ejection_time: Some("1s".into()),
+            max_ejection_time: Some("1s".into()),
+            ..Default::default()
+        },
+    );
     apply_route(cp, &ns, "steady", spec);
 
     let url = gw.url("/v1/chat/completions");

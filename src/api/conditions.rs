@@ -71,8 +71,7 @@ impl Outcome {
     }
 }
 
-/// The `Ready` condition for `outcome`, keeping `lastTransitionTime` from `previous` unless the
-/// status flipped, so an unchanged outcome produces a byte-identical status (no write, no churn).
+/// The `Ready` condition for `outcome` (see `condition`).
 pub fn ready_condition(
     outcome: &Outcome,
     generation: Option<i64>,
@@ -80,15 +79,34 @@ pub fn ready_condition(
     now: Timestamp,
 ) -> Condition {
     let status = if outcome.is_ready() { "True" } else { "False" };
+    condition(
+        "Ready",
+        (status, outcome.reason.as_str(), outcome.message.clone()),
+        generation,
+        previous,
+        now,
+    )
+}
+
+/// A condition of `type_` with `(status, reason, message)`, keeping `lastTransitionTime` from
+/// `previous` unless the status flipped, so an unchanged outcome produces a byte-identical status
+/// (no write, no churn).
+pub fn condition(
+    type_: &str,
+    (status, reason, message): (&str, &str, String),
+    generation: Option<i64>,
+    previous: Option<&Condition>,
+    now: Timestamp,
+) -> Condition {
     let last_transition_time = match previous {
         Some(prev) if prev.status == status => prev.last_transition_time.clone(),
         _ => Time(now),
     };
     Condition {
-        type_: "Ready".to_string(),
+        type_: type_.to_string(),
         status: status.to_string(),
-        reason: outcome.reason.as_str().to_string(),
-        message: outcome.message.clone(),
+        reason: reason.to_string(),
+        message,
         observed_generation: generation,
         last_transition_time,
     }

@@ -3,7 +3,7 @@
 mod conditions;
 mod route;
 
-pub use conditions::{Outcome, Reason, ready_condition};
+pub use conditions::{Outcome, Reason, condition, ready_condition};
 pub use route::{
     AccessRule, BackendSpec, BackendStatus, DEFAULT_SECRET_KEY, Limit, LimitKey, ModelSpec,
     OutlierDetection, Provider, RenewalPeriod, RetryOn, RetryPolicy, Route, RouteSpec, RouteStatus,

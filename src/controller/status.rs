@@ -18,8 +18,7 @@ use tracing::{debug, info, warn};
 
 use super::backoff::RetryBackoff;
 use super::reconcile::{RouteOutcome, ShortName};
-use crate::api::{BackendStatus, Route, RouteStatus, ready_condition};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use crate::api::{BackendStatus, Route, RouteStatus, condition, ready_condition};
 
 /// The field manager of every status write; never shared with kubectl or GitOps tools.
 pub const FIELD_MANAGER: &str = "portcullis-controller";
@@ -82,7 +81,7 @@ fn degraded_condition(
             )
         })
         .collect();
-    let (status, reason, message) = if failed.is_empty() {
+    let state = if failed.is_empty() {
         (
             "False",
             "AllBackendsResolved",
@@ -91,18 +90,7 @@ fn degraded_condition(
     } else {
         ("True", "BackendsUnresolved", failed.join("; "))
     };
-    let last_transition_time = match previous {
-        Some(prev) if prev.status == status => prev.last_transition_time.clone(),
-        _ => Time(now),
-    };
-    Condition {
-        type_: "Degraded".into(),
-        status: status.into(),
-        reason: reason.into(),
-        message,
-        observed_generation: generation,
-        last_transition_time,
-    }
+    condition("Degraded", state, generation, previous, now)
 }
 
 /// `ShortName`: whether callers may use the one-word name, or only `namespace/name`.
@@ -113,7 +101,7 @@ fn short_name_condition(
     now: Timestamp,
 ) -> Condition {
     let (name, ns) = (&outcome.name, &outcome.namespace);
-    let (status, reason, message) = match &outcome.short_name {
+    let state = match &outcome.short_name {
         ShortName::Owned => (
             "True",
             "Owned",
@@ -136,18 +124,7 @@ fn short_name_condition(
             ),
         ),
     };
-    let last_transition_time = match previous {
-        Some(prev) if prev.status == status => prev.last_transition_time.clone(),
-        _ => Time(now),
-    };
-    Condition {
-        type_: "ShortName".into(),
-        status: status.into(),
-        reason: reason.into(),
-        message,
-        observed_generation: generation,
-        last_transition_time,
-    }
+    condition("ShortName", state, generation, previous, now)
 }
 
 fn current<'a>(route: &'a Route, type_: &str) -> Option<&'a Condition> {
