@@ -34,12 +34,17 @@ fn sims() -> Sims {
     Sims { sim, limited }
 }
 
-/// The route names the Python suites read (tests/python/conftest.py).
+/// The route names the Python suites read (tests/python/conftest.py); `resilient` (two backends,
+/// the first unreachable) only where the config can say so.
 fn suite_routes(all: &[&str]) -> Value {
-    json!({
+    let mut routes = json!({
         "chat": "chat", "completions": "completions", "embeddings": "embeddings",
         "limited": "limited", "throttled": "throttled", "all": all, "page_size": PAGE_SIZE,
-    })
+    });
+    if all.contains(&"resilient") {
+        routes["resilient"] = json!("resilient");
+    }
+    routes
 }
 
 fn run_suites(gw: &Gateway, suites: &[(&str, &str)], all: &[&str]) {
@@ -62,7 +67,11 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
 
 /// Every request the simulated OpenAI provider got carried this bearer key.
 fn assert_key(sim: &SimProvider, key: &str) {
-    let requests = sim.requests();
+    let requests: Vec<_> = sim
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.starts_with("/openai/"))
+        .collect();
     assert!(!requests.is_empty(), "no request reached the provider");
     for r in requests {
         assert_eq!(
@@ -110,6 +119,15 @@ fn manifests_serve_the_mlflow_25_mlflow_3_and_openai_clients() {
         // "sk-files" in base64, as `kubectl create secret` writes it.
         "apiVersion: v1\nkind: Secret\nmetadata:\n  name: openai\ndata:\n  apiKey: c2stZmlsZXM=\n",
     );
+    // Two backends, the first refusing connections: every call falls back to Anthropic.
+    write(
+        dir.path(),
+        "resilient.yaml",
+        &format!(
+            "apiVersion: portcullis.dev/v1alpha1\nkind: Route\nmetadata:\n  name: resilient\nspec:\n  routeType: llm/v1/chat\n  backends:\n    - {{provider: openai, name: gpt-4o-mini, apiBase: \"http://127.0.0.1:9/v1\", secretRef: {{name: openai}}}}\n    - {{provider: anthropic, name: claude-sonnet-4-5, apiBase: \"{}\", secretRef: {{name: openai}}, priority: 1}}\n",
+            s.sim.anthropic_base()
+        ),
+    );
     write(
         dir.path(),
         "filler.yaml",
@@ -129,6 +147,7 @@ fn manifests_serve_the_mlflow_25_mlflow_3_and_openai_clients() {
         "throttled",
         "filler-1",
         "filler-2",
+        "resilient",
     ];
     run_suites(
         &gw,
@@ -146,7 +165,7 @@ fn manifests_serve_the_mlflow_25_mlflow_3_and_openai_clients() {
         "{metrics}"
     );
     assert!(
-        metrics.contains("portcullis_routes{reason=\"Resolved\"} 7"),
+        metrics.contains("portcullis_routes{reason=\"Resolved\"} 8"),
         "{metrics}"
     );
     assert!(
