@@ -771,16 +771,19 @@ fn step6_status_writes_resume_after_the_leader_is_killed() {
 fn step7_namespaced_overlay_installs_and_serves() {
     deployed();
     let ns = "team-gw";
-    let dir = tempfile::tempdir().expect("tempdir");
+    // A team installs the overlay into its own namespace by wrapping it with the same transformer
+    // the overlay uses (kustomize takes relative paths only, so the wrapper sits inside the repo).
+    let dir = repo().join("target/cluster-namespaced");
+    std::fs::create_dir_all(&dir).expect("kustomization dir");
     std::fs::write(
-        dir.path().join("kustomization.yaml"),
+        dir.join("kustomization.yaml"),
         format!(
-            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: {ns}\nresources:\n  - {}\n",
-            repo().join("deploy/overlays/namespaced").display()
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - ../../deploy/overlays/namespaced\ntransformers:\n  - |-\n    apiVersion: builtin\n    kind: NamespaceTransformer\n    metadata:\n      name: team-namespace\n      namespace: {ns}\n    setRoleBindingSubjects: allServiceAccounts\n"
         ),
     )
     .expect("kustomization");
-    let kdir = dir.path().to_str().unwrap().to_string();
+    k(&["create", "namespace", ns]);
+    let kdir = dir.to_str().unwrap().to_string();
     k(&["apply", "-k", &kdir]);
     k(&[
         "-n",
