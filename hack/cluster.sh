@@ -232,6 +232,9 @@ state = "$RUN/containerd"
   # Every image is built here and imported; nothing is ever pulled.
   sandbox_image = "$PAUSE_IMAGE"
   enable_selinux = false
+  # Where root lacks CAP_SYS_RESOURCE (sandboxed machines), nobody may lower an OOM score below
+  # containerd's own: clamp the kubelet's negative scores instead of failing every sandbox.
+  restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
     default_runtime_name = "runc"
