@@ -444,6 +444,11 @@ down() {
     for n in relay-out kubelet kube-proxy coredns kube-scheduler kube-controller-manager; do stop_pid "$d/pids/$n"; done
     if [ -S "$RUN/containerd.sock" ]; then
       local ids
+      # Pod network namespaces (CNI's, pinned under /var/run/netns): removed once containerd is gone.
+      for n in $(ctr --address "$RUN/containerd.sock" -n k8s.io containers ls -q 2>/dev/null || true); do
+        ctr --address "$RUN/containerd.sock" -n k8s.io containers info "$n" 2>/dev/null \
+          | grep -o '"path": "/var/run/netns/cni-[0-9a-f-]*"' | cut -d'"' -f4 >> "$d/pod-netns" || true
+      done
       ids=$(ctr --address "$RUN/containerd.sock" -n k8s.io tasks ls -q 2>/dev/null || true)
       for n in $ids; do ctr --address "$RUN/containerd.sock" -n k8s.io tasks kill -s SIGKILL "$n" >/dev/null 2>&1 || true; done
       sleep 1
@@ -461,6 +466,10 @@ down() {
     done || true
   fi
   grep -o " $RUN/[^ ]*" /proc/self/mounts 2>/dev/null | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done || true
+  if [ -f "$d/pod-netns" ]; then
+    for n in $(sort -u "$d/pod-netns"); do ip netns del "$(basename "$n")" 2>/dev/null || true; done
+    rm -f "$d/pod-netns"
+  fi
   ip netns del "$NETNS" 2>/dev/null || true
   rm -rf "$RUN"
 }
