@@ -787,12 +787,16 @@ fn step6_status_writes_resume_after_the_leader_is_killed() {
     );
     let elapsed = killed.elapsed();
     eprintln!(
-        "status writes resumed {elapsed:?} after the leader was killed (new leader {holder})"
+        "status writes resumed {elapsed:?} after the leader was killed (new leader {holder}, {})",
+        if holder == survivor {
+            "the surviving replica"
+        } else {
+            "its replacement"
+        }
     );
     assert_ne!(holder, leader);
     // Lease duration 15 s, plus the survivor's retry period and one reconcile.
     assert!(elapsed < Duration::from_secs(25), "took {elapsed:?}");
-    let _ = survivor;
     cluster().wait_ready(TEAM_NS, "after-failover");
     rollout_status(SYSTEM_NS);
 }
