@@ -116,6 +116,14 @@ def route_yaml(ns, name, route_type, api_base, secret="bench-key"):
             f"    apiBase: {api_base}\n    secretRef:\n      name: {secret}\n")
 
 
+def pool_yaml(ns, name, api_base, secret="bench-key"):
+    """A chat Route with two equal backends on the same provider: the policy layer's healthy path."""
+    backend = (f"  - provider: openai\n    name: gpt-4o-mini\n    apiBase: {api_base}\n"
+               f"    secretRef:\n      name: {secret}\n")
+    return (f"apiVersion: portcullis.dev/v1alpha1\nkind: Route\nmetadata:\n  name: {name}\n  namespace: {ns}\n"
+            f"spec:\n  routeType: llm/v1/chat\n  backends:\n{backend}{backend}")
+
+
 # --- load generation ---------------------------------------------------------------------------
 
 # Callers of the provider itself must authenticate; callers of the gateway never send a key.
@@ -269,9 +277,10 @@ def main():
         manifests += "---\n" + route_yaml("bench", "embed", "llm/v1/embeddings", base(sim_port))
         manifests += "---\n" + route_yaml("bench", "stream", "llm/v1/chat", base(stream_sim_port))
         manifests += "---\n" + route_yaml("bench", "slow", "llm/v1/chat", base(slow_sim_port))
+        manifests += "---\n" + pool_yaml("bench", "pool", base(sim_port))
         kubectl.run("apply", "-f", "-", stdin=manifests)
         gw, gw_port = start_gateway("gateway", ["--namespace", "bench"])
-        for r in ("chat", "embed", "stream", "slow"):
+        for r in ("chat", "embed", "stream", "slow", "pool"):
             kubectl.run("wait", "-n", "bench", "--for=condition=Ready", f"route.portcullis.dev/{r}", "--timeout=30s")
 
         chat_body = json.dumps({"model": "chat", "messages": [{"role": "user", "content": "Say hello to the benchmark"}]})
@@ -312,6 +321,23 @@ def main():
             f"{median_diff(pairs, p99):.0f}")
         cpu = statistics.median(cpu_per_req)
         row("chat, c=64", "gateway CPU per request (µs)", "", f"{cpu:.1f}", "", "≤ 50", cpu <= 50)
+
+        # 2b. The same load on a Route with two backends: what the traffic-policy layer costs.
+        log("scenario 2b: two-backend Route vs one backend, concurrency 64")
+        pool_body = json.dumps({"model": "pool", "messages": [{"role": "user", "content": "Say hello to the benchmark"}]})
+
+        def cpu_c64(body):
+            before = gw.cpu_seconds()
+            r = oha(args.oha, gateway_chat, body, 64, duration=dur_c64)
+            return {"cpu": (gw.cpu_seconds() - before) / max(oha_ok(r), 1) * 1e6, "rps": rps(r)}
+
+        pairs = paired(max(3, args.reps - 2), lambda: cpu_c64(chat_body), lambda: cpu_c64(pool_body))
+        cpu_key = lambda r: r["cpu"]
+        policy_cpu = median_diff(pairs, cpu_key)
+        row("two backends, c=64", "gateway CPU per request (µs), one backend → two", f"{median_of(pairs, 0, cpu_key):.1f}",
+            f"{median_of(pairs, 1, cpu_key):.1f}", f"{policy_cpu:+.1f}", "≤ +5", policy_cpu <= 5)
+        row("two backends, c=64", "throughput (req/s), one backend → two", f"{median_of(pairs, 0, rps):.0f}",
+            f"{median_of(pairs, 1, rps):.0f}", f"{median_of(pairs, 1, rps) / median_of(pairs, 0, rps):.2f}×")
 
         # 3. Streaming chat, 20 chunks, concurrency 1.
         log("scenario 3: streaming chat (20 chunks, 2 ms apart), concurrency 1")

@@ -1,7 +1,7 @@
 //! Portcullis: a Kubernetes-native LLM gateway.
 //!
 //! `api` (the Route resource) -> `controller` (watches, reconcile, status) -> `table` (the routing
-//! snapshot) <- `dataplane` (the HTTP surfaces) -> `providers` (one adapter per LLM provider).
+//! snapshot, with `traffic`: backend selection and health) <- `dataplane` (the HTTP surfaces) -> `providers` (one adapter per LLM provider).
 
 pub mod access;
 pub mod api;
@@ -12,6 +12,7 @@ pub mod llm;
 pub mod providers;
 pub mod table;
 pub mod telemetry;
+pub mod traffic;
 
 /// The CRD manifest as checked in under `crds/`.
 pub fn crd_yaml() -> Result<String, serde_yaml::Error> {

@@ -5,12 +5,15 @@
 //! keeps using the credential it started with while a rotation publishes the next one.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
+use http::HeaderValue;
 
 use crate::api::{AccessRule, Limit, LimitKey, Provider, Reason, RenewalPeriod, RouteType};
 use crate::providers::{ProviderAdapter, Target};
+use crate::telemetry::metrics::{BackendMetrics, Metrics};
+use crate::traffic::{BackendHealth, Candidate, TrafficPolicy};
 
 /// The table shared by the controller (writer) and the data plane (readers).
 pub type SharedTable = Arc<ArcSwap<RoutingTable>>;
@@ -27,6 +30,7 @@ pub struct RouteEntry {
     pub name: String,
     pub namespace: String,
     pub route_type: RouteType,
+    /// The provider and model listings show: `model`, or the first-choice backend.
     pub provider: Provider,
     pub model: String,
     pub limits: Vec<Limit>,
@@ -57,17 +61,75 @@ impl RouteEntry {
 }
 
 pub enum RouteState {
-    Ready(Arc<Upstream>),
+    /// At least one backend resolved.
+    Ready(Arc<Backends>),
     /// The Route exists but cannot serve; requests get 503 with this reason.
-    NotReady {
-        reason: Reason,
-        message: String,
-    },
+    NotReady { reason: Reason, message: String },
 }
 
 pub struct Upstream {
     pub adapter: &'static dyn ProviderAdapter,
     pub target: Target,
+}
+
+/// The resolved backends of a serving Route and its traffic policy.
+pub struct Backends {
+    /// Sorted by priority, in spec order within one; only backends that resolved.
+    pub list: Vec<Backend>,
+    pub policy: TrafficPolicy,
+}
+
+/// One resolved backend, with everything the hot path needs computed once.
+pub struct Backend {
+    pub upstream: Arc<Upstream>,
+    pub weight: u32,
+    pub priority: u32,
+    /// `provider/model`: the log field, metric label and `x-portcullis-backend` header value.
+    pub id: Arc<str>,
+    pub header: HeaderValue,
+    /// Identifies the backend across table rebuilds; its health carries over while this is unchanged.
+    pub key: String,
+    pub health: Arc<BackendHealth>,
+    metrics: OnceLock<BackendMetrics>,
+}
+
+impl Backend {
+    pub fn new(upstream: Upstream, weight: u32, priority: u32, key: String) -> Backend {
+        let id: Arc<str> = format!(
+            "{}/{}",
+            upstream.adapter.provider().as_str(),
+            upstream.target.model
+        )
+        .into();
+        Backend {
+            header: HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("unknown")),
+            id,
+            upstream: Arc::new(upstream),
+            weight,
+            priority,
+            key,
+            health: Arc::default(),
+            metrics: OnceLock::new(),
+        }
+    }
+
+    /// This backend's metric handles, made on first use and then shared by every call.
+    pub fn metrics(&self, route: &str, metrics: &Metrics) -> &BackendMetrics {
+        self.metrics
+            .get_or_init(|| metrics.backend(route, &self.id))
+    }
+}
+
+impl Candidate for Backend {
+    fn weight(&self) -> u32 {
+        self.weight
+    }
+    fn priority(&self) -> u32 {
+        self.priority
+    }
+    fn health(&self) -> &BackendHealth {
+        &self.health
+    }
 }
 
 impl std::fmt::Debug for RouteEntry {
@@ -112,6 +174,19 @@ impl RoutingTable {
 
     pub fn is_empty(&self) -> bool {
         self.sorted.is_empty()
+    }
+
+    /// The health of every backend by key, to carry over into the next table.
+    pub fn backend_health(&self) -> HashMap<&str, &Arc<BackendHealth>> {
+        self.sorted
+            .iter()
+            .filter_map(|e| match &e.state {
+                RouteState::Ready(b) => Some(b.list.iter()),
+                RouteState::NotReady { .. } => None,
+            })
+            .flatten()
+            .map(|b| (b.key.as_str(), &b.health))
+            .collect()
     }
 }
 

@@ -5,6 +5,7 @@ mod route;
 
 pub use conditions::{Outcome, Reason, ready_condition};
 pub use route::{
-    AccessRule, DEFAULT_SECRET_KEY, Limit, LimitKey, ModelSpec, Provider, RenewalPeriod, Route,
-    RouteSpec, RouteStatus, RouteType, SecretKeyRef,
+    AccessRule, BackendSpec, BackendStatus, DEFAULT_SECRET_KEY, Limit, LimitKey, ModelSpec,
+    OutlierDetection, Provider, RenewalPeriod, RetryOn, RetryPolicy, Route, RouteSpec, RouteStatus,
+    RouteType, SecretKeyRef, parse_duration,
 };

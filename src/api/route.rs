@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 /// The Secret key read when `secretRef.key` is not given.
 pub const DEFAULT_SECRET_KEY: &str = "apiKey";
 
-/// A named gateway route: one task type served by one provider model, with its credential and guardrails.
+/// A named gateway route: one task type served by one or more provider models (backends), with
+/// their credentials, a traffic policy and guardrails.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "portcullis.dev",
@@ -58,11 +59,31 @@ pub const DEFAULT_SECRET_KEY: &str = "apiKey";
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.model) != has(self.backends)").message("set exactly one of model and backends"))]
 pub struct RouteSpec {
     /// The task this route serves: llm/v1/completions, llm/v1/chat or llm/v1/embeddings.
     pub route_type: RouteType,
-    /// The provider model behind the route and how to reach it.
-    pub model: ModelSpec,
+    /// The one provider model behind the route and how to reach it. Set this or `backends`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelSpec>,
+    /// Several provider models behind the route: calls are split by weight among the backends of
+    /// the lowest priority that has a healthy one, and fall back to the next priority. Set this or `model`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(min = 1, max = 16))]
+    #[x_kube(validation = Rule::new("self.exists(b, !has(b.weight) || b.weight > 0)").message("at least one backend needs a weight above 0"))]
+    pub backends: Vec<BackendSpec>,
+    /// How a failed call is retried on another backend. Default: all four failure classes, and
+    /// 1 + the number of fallback priorities in use as the total number of tries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryPolicy>,
+    /// Passive health checking: a backend that keeps failing is ejected (skipped) for a while.
+    /// On by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetection>,
+    /// Embeddings routes only: allow backends that name different models. Vectors of different
+    /// models are not comparable, so a route mixing them is refused unless this is true.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_mixed_models: bool,
     /// Optional guardrails, each checked independently: calls and/or tokens per renewal period.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
@@ -106,8 +127,11 @@ impl std::fmt::Display for RouteType {
 pub struct ModelSpec {
     /// The LLM provider that serves the model.
     pub provider: Provider,
-    /// The provider's model (or deployment) name, sent upstream.
-    #[schemars(length(min = 1, max = 256))]
+    /// The provider's model (or deployment) name, sent upstream. Letters, digits and `._:/@+-`.
+    #[schemars(
+        length(min = 1, max = 256),
+        regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
+    )]
     pub name: String,
     /// Overrides the provider's default base URL (for example a proxy or a self-hosted server).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -119,6 +143,162 @@ pub struct ModelSpec {
     /// Provider-specific, non-secret settings (for example region or api-version).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub config: BTreeMap<String, String>,
+}
+
+/// One backend of a Route: a provider model (every field of `model`) with its share of the traffic.
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendSpec {
+    #[serde(flatten)]
+    pub model: ModelSpec,
+    /// Share of the calls among the backends of the same priority (default 1; 0 drains the backend).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 10000))]
+    pub weight: Option<u32>,
+    /// 0 (default) is tried first; a higher priority only when no backend of a lower one can take the call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 15))]
+    pub priority: Option<u32>,
+}
+
+impl BackendSpec {
+    pub fn weight(&self) -> u32 {
+        self.weight.unwrap_or(1)
+    }
+
+    pub fn priority(&self) -> u32 {
+        self.priority.unwrap_or(0)
+    }
+}
+
+/// The failures after which a call is tried again on another backend.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "kebab-case")]
+pub enum RetryOn {
+    /// The provider answered 429.
+    RateLimited,
+    /// The provider answered 5xx (or Anthropic's 529 overloaded).
+    Unavailable,
+    /// No answer within the per-try timeout.
+    Timeout,
+    /// The connection was refused or reset.
+    ConnectFailure,
+}
+
+impl RetryOn {
+    pub const ALL: [RetryOn; 4] = [
+        RetryOn::RateLimited,
+        RetryOn::Unavailable,
+        RetryOn::Timeout,
+        RetryOn::ConnectFailure,
+    ];
+}
+
+/// How one call is retried across backends.
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryPolicy {
+    /// Total tries of one call across backends, the first included (default: 1 + the number of
+    /// fallback priorities in use). Never more, whatever the number of backends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10))]
+    pub attempts: Option<u32>,
+    /// Failure classes that are retried (default: all four). Other errors, such as a 400, go
+    /// straight back to the caller.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4))]
+    pub on: Option<Vec<RetryOn>>,
+    /// Time allowed for one try (for a stream: until its first chunk); the gateway-wide upstream
+    /// timeout otherwise. A duration such as `30s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32), regex(pattern = r"^([0-9]{1,6}(ms|s|m|h))+$"))]
+    pub per_try_timeout: Option<String>,
+}
+
+/// Passive health checking of backends.
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct OutlierDetection {
+    /// Failures in a row (429, 5xx, timeouts, connection failures) that eject a backend (default 5; 0 turns
+    /// failure-based ejection off). A 429 with Retry-After ejects its backend for that long regardless.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 1000))]
+    pub consecutive_failures: Option<u32>,
+    /// How long a first ejection lasts (default 30s); it doubles on each repeated ejection up to
+    /// `maxEjectionTime`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32), regex(pattern = r"^([0-9]{1,6}(ms|s|m|h))+$"))]
+    pub base_ejection_time: Option<String>,
+    /// The longest ejection (default 300s), also the cap on a provider's Retry-After.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32), regex(pattern = r"^([0-9]{1,6}(ms|s|m|h))+$"))]
+    pub max_ejection_time: Option<String>,
+}
+
+/// Parses a duration matching the CRD's pattern (`500ms`, `30s`, `1h30m`); `None` otherwise.
+pub fn parse_duration(text: &str) -> Option<std::time::Duration> {
+    let mut total_ms: u64 = 0;
+    let mut rest = text;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 || digits > 6 {
+            return None;
+        }
+        let n: u64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let (unit_ms, len) = if rest.starts_with("ms") {
+            (1, 2)
+        } else if rest.starts_with('s') {
+            (1000, 1)
+        } else if rest.starts_with('m') {
+            (60_000, 1)
+        } else if rest.starts_with('h') {
+            (3_600_000, 1)
+        } else {
+            return None;
+        };
+        rest = &rest[len..];
+        total_ms = total_ms.checked_add(n.checked_mul(unit_ms)?)?;
+    }
+    Some(std::time::Duration::from_millis(total_ms))
+}
+
+impl RouteSpec {
+    /// A route of one provider model, with no policy, limits or access rules.
+    pub fn new(route_type: RouteType, model: ModelSpec) -> RouteSpec {
+        RouteSpec {
+            route_type,
+            model: Some(model),
+            backends: Vec::new(),
+            retry: None,
+            outlier_detection: None,
+            allow_mixed_models: false,
+            limits: Vec::new(),
+            access: None,
+        }
+    }
+
+    /// Every provider model of the route: `model`, or each backend's.
+    pub fn models(&self) -> impl Iterator<Item = &ModelSpec> {
+        self.model
+            .iter()
+            .chain(self.backends.iter().map(|b| &b.model))
+    }
+
+    /// The backend a listing names as the route's model: `model`, else the priority-0 (lowest)
+    /// backend with the highest weight (the first one listed on a tie).
+    pub fn primary_model(&self) -> Option<&ModelSpec> {
+        self.model.as_ref().or_else(|| {
+            self.backends
+                .iter()
+                .enumerate()
+                .min_by_key(|(i, b)| (b.priority(), std::cmp::Reverse(b.weight()), *i))
+                .map(|(_, b)| &b.model)
+        })
+    }
 }
 
 /// A reference to a key in a Secret of the Route's own namespace.
@@ -262,8 +442,25 @@ pub struct RouteStatus {
     /// otherwise each of N replicas enforces 1/N of each.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub limits: Vec<Limit>,
-    /// Current state; Ready is the summary condition.
+    /// Each backend (one for a `model` route) and whether it resolved.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backends: Vec<BackendStatus>,
+    /// Current state; Ready is the summary condition, Degraded names backends that do not resolve.
     #[serde(default)]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
+}
+
+/// Whether one backend could be resolved (Secret found, key present, provider serves the route type).
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendStatus {
+    pub provider: Provider,
+    pub model: String,
+    pub resolved: bool,
+    /// Why not, when it did not resolve (a Ready reason such as SecretNotFound).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }

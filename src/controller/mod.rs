@@ -34,7 +34,7 @@ use crate::api::{Reason, Route};
 use crate::table::SharedTable;
 use crate::telemetry::metrics::{Metrics, ReasonLabels, ResourceLabels};
 use backoff::RetryBackoff;
-use reconcile::reconcile;
+use reconcile::reconcile_after;
 use secrets::SecretCache;
 
 #[derive(Debug, thiserror::Error)]
@@ -271,18 +271,18 @@ impl Loop {
         let routes = self.route_store.state();
         let wanted: HashSet<(String, String)> = routes
             .iter()
-            .filter_map(|r| {
-                Some((
-                    r.namespace()?,
-                    r.spec.model.secret_ref.as_ref()?.name.clone(),
-                ))
+            .flat_map(|r| {
+                let ns = r.namespace();
+                r.spec
+                    .models()
+                    .filter_map(move |m| Some((ns.clone()?, m.secret_ref.as_ref()?.name.clone())))
             })
             .collect();
         let complete = self
             .secret_cache
             .refresh(&self.client, wanted, &self.secret_store)
             .await;
-        let reconciled = reconcile(&routes, &self.secret_cache);
+        let reconciled = reconcile_after(&routes, &self.secret_cache, &self.handles.table.load());
         let (total, serving) = (
             reconciled.outcomes.len(),
             reconciled

@@ -7,9 +7,12 @@ use std::sync::Arc;
 use k8s_openapi::ByteString;
 use kube::ResourceExt;
 
-use crate::api::{Outcome, Reason, Route};
+use crate::api::{
+    BackendStatus, ModelSpec, Outcome, Provider, Reason, Route, RouteSpec, RouteType,
+};
 use crate::providers::{API_KEY, CredentialKeys, Credentials, SecretValue, Target, adapter_for};
-use crate::table::{RouteEntry, RouteState, RoutingTable, Upstream};
+use crate::table::{Backend, Backends, RouteEntry, RouteState, RoutingTable, Upstream};
+use crate::traffic::{BackendHealth, MAX_BACKENDS, TrafficPolicy};
 
 /// Secret data by key, as read from the API.
 pub type SecretData = BTreeMap<String, ByteString>;
@@ -32,6 +35,9 @@ pub struct RouteOutcome {
     pub namespace: String,
     pub name: String,
     pub outcome: Outcome,
+    /// Each backend (one for a `model` route) and whether it resolved; empty when the Route did
+    /// not get that far (a name conflict or an invalid policy).
+    pub backends: Vec<BackendStatus>,
 }
 
 pub struct Reconciled {
@@ -41,10 +47,20 @@ pub struct Reconciled {
 }
 
 /// Builds the table from every Route and the Secrets they reference.
+pub fn reconcile(routes: &[Arc<Route>], secrets: &impl SecretLookup) -> Reconciled {
+    reconcile_after(routes, secrets, &RoutingTable::default())
+}
+
+/// Like `reconcile`, carrying the health of unchanged backends over from the `previous` table.
 ///
 /// Routes sharing a public name: the oldest (then lexical `namespace/name`) serves and the others
 /// report `NameConflict`, so deleting the winner lets the next one take over on the next build.
-pub fn reconcile(routes: &[Arc<Route>], secrets: &impl SecretLookup) -> Reconciled {
+pub fn reconcile_after(
+    routes: &[Arc<Route>],
+    secrets: &impl SecretLookup,
+    previous: &RoutingTable,
+) -> Reconciled {
+    let health = previous.backend_health();
     let mut by_name: BTreeMap<&str, Vec<&Arc<Route>>> = BTreeMap::new();
     for route in routes {
         by_name
@@ -73,9 +89,22 @@ pub fn reconcile(routes: &[Arc<Route>], secrets: &impl SecretLookup) -> Reconcil
         });
         let winner = claimants[0];
         let winner_ns = winner.namespace().unwrap_or_default();
-        let state = resolve(winner, secrets);
+        let (state, backends) = resolve(winner, secrets, &health);
         let outcome = match &state {
-            RouteState::Ready(_) => Outcome::ready(),
+            RouteState::Ready(_) => {
+                let failed = backends.iter().filter(|b| !b.resolved).count();
+                if failed == 0 {
+                    Outcome::ready()
+                } else {
+                    Outcome {
+                        reason: Reason::Resolved,
+                        message: format!(
+                            "route is serving; {failed} of {} backends did not resolve",
+                            backends.len()
+                        ),
+                    }
+                }
+            }
             RouteState::NotReady { reason, message } => {
                 Outcome::not_ready(*reason, message.clone())
             }
@@ -84,6 +113,7 @@ pub fn reconcile(routes: &[Arc<Route>], secrets: &impl SecretLookup) -> Reconcil
             namespace: winner_ns.clone(),
             name: name.to_string(),
             outcome,
+            backends,
         });
         for loser in &claimants[1..] {
             outcomes.push(RouteOutcome {
@@ -93,14 +123,16 @@ pub fn reconcile(routes: &[Arc<Route>], secrets: &impl SecretLookup) -> Reconcil
                     Reason::NameConflict,
                     format!("route name {name:?} is already served by Route {winner_ns}/{name}, created earlier"),
                 ),
+                backends: Vec::new(),
             });
         }
+        let primary = winner.spec.primary_model();
         entries.push(RouteEntry {
             name: name.to_string(),
             namespace: winner_ns,
             route_type: winner.spec.route_type,
-            provider: winner.spec.model.provider,
-            model: winner.spec.model.name.clone(),
+            provider: primary.map_or(Provider::Openai, |m| m.provider),
+            model: primary.map(|m| m.name.clone()).unwrap_or_default(),
             limits: winner.spec.limits.clone(),
             access: winner.spec.access.clone(),
             state,
@@ -113,74 +145,223 @@ pub fn reconcile(routes: &[Arc<Route>], secrets: &impl SecretLookup) -> Reconcil
     }
 }
 
-fn resolve(route: &Route, secrets: &impl SecretLookup) -> RouteState {
-    match try_resolve(route, secrets) {
-        Ok(upstream) => RouteState::Ready(Arc::new(upstream)),
-        Err(Outcome { reason, message }) => RouteState::NotReady { reason, message },
+/// One backend of the spec with where it sits: `model` is backend 0 at weight 1, priority 0.
+struct Declared<'a> {
+    field: String,
+    model: &'a ModelSpec,
+    weight: u32,
+    priority: u32,
+}
+
+fn declared(spec: &RouteSpec) -> Result<Vec<Declared<'_>>, Outcome> {
+    match (&spec.model, spec.backends.is_empty()) {
+        (Some(model), true) => Ok(vec![Declared {
+            field: "spec.model".into(),
+            model,
+            weight: 1,
+            priority: 0,
+        }]),
+        (None, false) if spec.backends.len() <= MAX_BACKENDS => Ok(spec
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| Declared {
+                field: format!("spec.backends[{i}]"),
+                model: &b.model,
+                weight: b.weight(),
+                priority: b.priority(),
+            })
+            .collect()),
+        (None, false) => Err(Outcome::not_ready(
+            Reason::InvalidSpec,
+            format!("a route has at most {MAX_BACKENDS} backends"),
+        )),
+        _ => Err(Outcome::not_ready(
+            Reason::InvalidSpec,
+            "set exactly one of spec.model and spec.backends",
+        )),
     }
 }
 
-fn try_resolve(route: &Route, secrets: &impl SecretLookup) -> Result<Upstream, Outcome> {
+fn resolve(
+    route: &Route,
+    secrets: &impl SecretLookup,
+    health: &HashMap<&str, &Arc<BackendHealth>>,
+) -> (RouteState, Vec<BackendStatus>) {
+    let not_ready = |o: Outcome| {
+        (
+            RouteState::NotReady {
+                reason: o.reason,
+                message: o.message,
+            },
+            Vec::new(),
+        )
+    };
     let spec = &route.spec;
-    let provider = spec.model.provider;
+    let declared = match declared(spec) {
+        Ok(d) => d,
+        Err(o) => return not_ready(o),
+    };
+    if spec.route_type == RouteType::Embeddings && !spec.allow_mixed_models {
+        let mut models: Vec<&str> = declared.iter().map(|d| d.model.name.as_str()).collect();
+        models.sort_unstable();
+        models.dedup();
+        if models.len() > 1 {
+            return not_ready(Outcome::not_ready(
+                Reason::InvalidSpec,
+                format!(
+                    "embeddings backends name different models ({}), whose vectors are not comparable; set spec.allowMixedModels: true if that is intended",
+                    models.join(", ")
+                ),
+            ));
+        }
+    }
+    let mut priorities: Vec<u32> = declared.iter().map(|d| d.priority).collect();
+    priorities.sort_unstable();
+    priorities.dedup();
+    let policy = match TrafficPolicy::from_spec(
+        spec.retry.as_ref(),
+        spec.outlier_detection.as_ref(),
+        priorities.len(),
+    ) {
+        Ok(p) => p,
+        Err(message) => return not_ready(Outcome::not_ready(Reason::InvalidSpec, message)),
+    };
+
+    let namespace = route.namespace().unwrap_or_default();
+    let name = route.metadata.name.as_deref().unwrap_or_default();
+    let mut list = Vec::with_capacity(declared.len());
+    let mut statuses = Vec::with_capacity(declared.len());
+    let mut failures = Vec::new();
+    let mut keys: HashMap<String, usize> = HashMap::new();
+    for d in &declared {
+        let status = |resolved: bool, why: Option<&Outcome>| BackendStatus {
+            provider: d.model.provider,
+            model: d.model.name.clone(),
+            resolved,
+            reason: why.map(|o| o.reason.as_str().to_string()),
+            message: why.map(|o| o.message.clone()),
+        };
+        match resolve_model(d, spec.route_type, &namespace, secrets) {
+            Ok(upstream) => {
+                // Identical backends are told apart by their order among themselves.
+                let content = serde_json::to_string(d.model).unwrap_or_default();
+                let seen = keys.entry(content.clone()).or_default();
+                *seen += 1;
+                let key = format!("{namespace}/{name}#{seen}#{content}");
+                let mut backend = Backend::new(upstream, d.weight, d.priority, key);
+                if let Some(h) = health.get(backend.key.as_str()) {
+                    backend.health = Arc::clone(h);
+                }
+                list.push(backend);
+                statuses.push(status(true, None));
+            }
+            Err(why) => {
+                statuses.push(status(false, Some(&why)));
+                failures.push((d, why));
+            }
+        }
+    }
+    if !list.iter().any(|b| b.weight > 0) {
+        let outcome = match failures.as_slice() {
+            [(d, why)] if declared.len() == 1 && d.field == "spec.model" => why.clone(),
+            [] => Outcome::not_ready(
+                Reason::InvalidSpec,
+                "every backend that resolved has weight 0 (drained)",
+            ),
+            [(_, first), ..] => Outcome::not_ready(
+                first.reason,
+                format!(
+                    "no backend can serve: {}",
+                    failures
+                        .iter()
+                        .map(|(d, why)| format!("{}: {}", d.field, why.message))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ),
+            ),
+        };
+        return (
+            RouteState::NotReady {
+                reason: outcome.reason,
+                message: outcome.message,
+            },
+            statuses,
+        );
+    }
+    list.sort_by_key(|b| b.priority);
+    (
+        RouteState::Ready(Arc::new(Backends { list, policy })),
+        statuses,
+    )
+}
+
+fn resolve_model(
+    declared: &Declared<'_>,
+    route_type: RouteType,
+    namespace: &str,
+    secrets: &impl SecretLookup,
+) -> Result<Upstream, Outcome> {
+    let model = declared.model;
+    let field = &declared.field;
+    let provider = model.provider;
     let adapter = adapter_for(provider).ok_or_else(|| {
         Outcome::not_ready(
             Reason::ProviderUnsupported,
             format!("provider {provider} is not supported by this gateway version"),
         )
     })?;
-    if !adapter.route_types().contains(&spec.route_type) {
+    if !adapter.route_types().contains(&route_type) {
         let supported: Vec<&str> = adapter.route_types().iter().map(|t| t.as_str()).collect();
         return Err(Outcome::not_ready(
             Reason::ProviderUnsupported,
             format!(
-                "provider {provider} cannot serve {}; it serves {}",
-                spec.route_type,
+                "provider {provider} cannot serve {route_type}; it serves {}",
                 supported.join(", ")
             ),
         ));
     }
-    let api_base = spec
-        .model
+    let api_base = model
         .api_base
         .as_deref()
         .or(adapter.default_api_base())
         .ok_or_else(|| {
             Outcome::not_ready(
                 Reason::InvalidSpec,
-                format!("provider {provider} needs spec.model.apiBase"),
+                format!("provider {provider} needs {field}.apiBase"),
             )
         })?
         .trim_end_matches('/')
         .to_string();
 
-    let namespace = route.namespace().unwrap_or_default();
-    let credentials = resolve_credentials(route, &namespace, adapter.credential_keys(), secrets)?;
+    let credentials =
+        resolve_credentials(model, field, namespace, adapter.credential_keys(), secrets)?;
     Ok(Upstream {
         adapter,
         target: Target {
-            model: spec.model.name.clone(),
+            model: model.name.clone(),
             api_base,
             credentials,
-            config: spec.model.config.clone(),
+            config: model.config.clone(),
         },
     })
 }
 
 fn resolve_credentials(
-    route: &Route,
+    model: &ModelSpec,
+    field: &str,
     namespace: &str,
     keys: CredentialKeys,
     secrets: &impl SecretLookup,
 ) -> Result<Credentials, Outcome> {
-    let provider = route.spec.model.provider;
+    let provider = model.provider;
     let mut credentials = Credentials::default();
-    let Some(secret_ref) = &route.spec.model.secret_ref else {
+    let Some(secret_ref) = &model.secret_ref else {
         return match keys {
             CredentialKeys::ApiKey { required: false } => Ok(credentials),
             _ => Err(Outcome::not_ready(
                 Reason::InvalidSpec,
-                format!("provider {provider} needs spec.model.secretRef"),
+                format!("provider {provider} needs {field}.secretRef"),
             )),
         };
     };
@@ -253,9 +434,9 @@ mod tests {
     fn route(ns: &str, name: &str, created: i64, provider: Provider) -> Arc<Route> {
         let mut r = Route::new(
             name,
-            RouteSpec {
-                route_type: RouteType::Chat,
-                model: ModelSpec {
+            RouteSpec::new(
+                RouteType::Chat,
+                ModelSpec {
                     provider,
                     name: "gpt-4o-mini".into(),
                     api_base: None,
@@ -265,9 +446,7 @@ mod tests {
                     }),
                     config: Default::default(),
                 },
-                limits: vec![],
-                access: None,
-            },
+            ),
         );
         r.metadata.namespace = Some(ns.into());
         r.metadata.creation_timestamp = Some(Time(Timestamp::from_second(created).unwrap()));
@@ -302,9 +481,15 @@ mod tests {
         let RouteState::Ready(up) = &r.table.get("chat").unwrap().state else {
             panic!("not ready")
         };
-        assert_eq!(up.target.credentials.get(API_KEY), Some("sk-1"));
-        assert_eq!(up.target.api_base, "https://api.openai.com/v1");
-        assert_eq!(up.target.model, "gpt-4o-mini");
+        assert_eq!(
+            up.list[0].upstream.target.credentials.get(API_KEY),
+            Some("sk-1")
+        );
+        assert_eq!(
+            up.list[0].upstream.target.api_base,
+            "https://api.openai.com/v1"
+        );
+        assert_eq!(up.list[0].upstream.target.model, "gpt-4o-mini");
     }
 
     #[test]
@@ -385,13 +570,16 @@ mod tests {
     fn azure_accepts_an_entra_token_instead_of_a_key() {
         let s = secrets(&[("a", "openai", "azureAdToken", "eyJ0")]);
         let mut azure = (*route("a", "az", 1, Provider::AzureOpenai)).clone();
-        azure.spec.model.api_base = Some("https://res.openai.azure.com".into());
+        azure.spec.model.as_mut().unwrap().api_base = Some("https://res.openai.azure.com".into());
         let r = reconcile(&[Arc::new(azure.clone())], &s);
         let RouteState::Ready(up) = &r.table.get("az").unwrap().state else {
             panic!("not ready: {:?}", r.outcomes)
         };
-        assert_eq!(up.target.credentials.get("azureAdToken"), Some("eyJ0"));
-        assert_eq!(up.target.credentials.get(API_KEY), None);
+        assert_eq!(
+            up.list[0].upstream.target.credentials.get("azureAdToken"),
+            Some("eyJ0")
+        );
+        assert_eq!(up.list[0].upstream.target.credentials.get(API_KEY), None);
         let empty = secrets(&[("a", "openai", "other", "x")]);
         let r = reconcile(&[Arc::new(azure)], &empty);
         assert_eq!(r.outcomes[0].outcome.reason, Reason::SecretKeyMissing);
@@ -408,5 +596,148 @@ mod tests {
         for o in &r.outcomes {
             assert!(!o.outcome.message.contains("topsecret"));
         }
+    }
+
+    fn backend(provider: Provider, model: &str, secret: &str) -> crate::api::BackendSpec {
+        crate::api::BackendSpec {
+            model: ModelSpec {
+                provider,
+                name: model.into(),
+                api_base: Some("http://127.0.0.1:1/v1".into()),
+                secret_ref: Some(SecretKeyRef {
+                    name: secret.into(),
+                    key: "apiKey".into(),
+                }),
+                config: Default::default(),
+            },
+            weight: None,
+            priority: None,
+        }
+    }
+
+    fn with_backends(backends: Vec<crate::api::BackendSpec>) -> Arc<Route> {
+        let mut r = (*route("a", "pool", 1, Provider::Openai)).clone();
+        r.spec.model = None;
+        r.spec.backends = backends;
+        Arc::new(r)
+    }
+
+    fn ready_backends(r: &Reconciled, name: &str) -> Arc<Backends> {
+        match &r.table.get(name).unwrap().state {
+            RouteState::Ready(b) => Arc::clone(b),
+            RouteState::NotReady { message, .. } => panic!("not ready: {message}"),
+        }
+    }
+
+    #[test]
+    fn a_route_with_one_good_backend_serves_and_reports_the_broken_one() {
+        let mut fallback = backend(Provider::Anthropic, "claude-sonnet-4-5", "missing");
+        fallback.priority = Some(1);
+        let r = reconcile(
+            &[with_backends(vec![
+                backend(Provider::Openai, "gpt-4o-mini", "key-a"),
+                fallback,
+            ])],
+            &secrets(&[("a", "key-a", "apiKey", "k")]),
+        );
+        let o = &r.outcomes[0];
+        assert_eq!(o.outcome.reason, Reason::Resolved);
+        assert!(
+            o.outcome
+                .message
+                .contains("1 of 2 backends did not resolve")
+        );
+        assert_eq!(o.backends.len(), 2);
+        assert!(o.backends[0].resolved && !o.backends[1].resolved);
+        assert_eq!(o.backends[1].reason.as_deref(), Some("SecretNotFound"));
+        assert_eq!(ready_backends(&r, "pool").list.len(), 1);
+    }
+
+    #[test]
+    fn no_backend_resolving_names_each_problem() {
+        let r = reconcile(
+            &[with_backends(vec![
+                backend(Provider::Openai, "gpt-4o-mini", "x"),
+                backend(Provider::Openai, "gpt-4o-mini", "y"),
+            ])],
+            &secrets(&[]),
+        );
+        let o = &r.outcomes[0].outcome;
+        assert_eq!(o.reason, Reason::SecretNotFound);
+        assert_eq!(
+            o.message,
+            "no backend can serve: spec.backends[0]: Secret a/x not found; spec.backends[1]: Secret a/y not found"
+        );
+    }
+
+    #[test]
+    fn backends_are_ordered_by_priority_with_the_policy_applied() {
+        let mut first = backend(Provider::Openai, "b", "k");
+        first.priority = Some(2);
+        let mut second = backend(Provider::Openai, "a", "k");
+        second.weight = Some(3);
+        let r = reconcile(
+            &[with_backends(vec![first, second])],
+            &secrets(&[("a", "k", "apiKey", "v")]),
+        );
+        let b = ready_backends(&r, "pool");
+        assert_eq!(
+            b.list.iter().map(|b| &*b.id).collect::<Vec<_>>(),
+            ["openai/a", "openai/b"]
+        );
+        assert_eq!(b.list[0].weight, 3);
+        assert_eq!(b.policy.attempts, 2, "1 + one fallback priority");
+        // Listings name the first-choice backend.
+        assert_eq!(r.table.get("pool").unwrap().model, "a");
+    }
+
+    #[test]
+    fn embeddings_backends_of_different_models_need_consent() {
+        let mut route = (*with_backends(vec![
+            backend(Provider::Openai, "text-embedding-3-small", "k"),
+            backend(Provider::Openai, "text-embedding-3-large", "k"),
+        ]))
+        .clone();
+        route.spec.route_type = RouteType::Embeddings;
+        let s = secrets(&[("a", "k", "apiKey", "v")]);
+        let r = reconcile(&[Arc::new(route.clone())], &s);
+        let o = &r.outcomes[0].outcome;
+        assert_eq!(o.reason, Reason::InvalidSpec);
+        assert!(o.message.contains("allowMixedModels"), "{}", o.message);
+        route.spec.allow_mixed_models = true;
+        let r = reconcile(&[Arc::new(route)], &s);
+        assert!(r.outcomes[0].outcome.is_ready());
+    }
+
+    #[test]
+    fn health_carries_over_for_unchanged_backends_only() {
+        let s = secrets(&[("a", "k", "apiKey", "v")]);
+        let routes = [with_backends(vec![
+            backend(Provider::Openai, "m1", "k"),
+            backend(Provider::Openai, "m2", "k"),
+        ])];
+        let first = reconcile(&routes, &s);
+        let old = ready_backends(&first, "pool");
+        let again = reconcile_after(&routes, &s, &first.table);
+        let new = ready_backends(&again, "pool");
+        assert!(Arc::ptr_eq(&old.list[0].health, &new.list[0].health));
+        assert!(Arc::ptr_eq(&old.list[1].health, &new.list[1].health));
+
+        let changed = [with_backends(vec![
+            backend(Provider::Openai, "m1", "k"),
+            backend(Provider::Openai, "m3", "k"),
+        ])];
+        let next = reconcile_after(&changed, &s, &again.table);
+        let next = ready_backends(&next, "pool");
+        assert!(Arc::ptr_eq(&new.list[0].health, &next.list[0].health));
+        assert!(!Arc::ptr_eq(&new.list[1].health, &next.list[1].health));
+    }
+
+    #[test]
+    fn model_and_backends_together_are_invalid() {
+        let mut r = (*route("a", "both", 1, Provider::Openai)).clone();
+        r.spec.backends = vec![backend(Provider::Openai, "m", "openai")];
+        let out = reconcile(&[Arc::new(r)], &secrets(&[("a", "openai", "apiKey", "k")]));
+        assert_eq!(out.outcomes[0].outcome.reason, Reason::InvalidSpec);
     }
 }

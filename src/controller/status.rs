@@ -18,48 +18,111 @@ use tracing::{debug, info, warn};
 
 use super::backoff::RetryBackoff;
 use super::reconcile::RouteOutcome;
-use crate::api::{Outcome, Route, RouteStatus, ready_condition};
+use crate::api::{BackendStatus, Route, RouteStatus, ready_condition};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 /// The field manager of every status write; never shared with kubectl or GitOps tools.
 pub const FIELD_MANAGER: &str = "portcullis-controller";
 
-/// The status `route` should have for `outcome`.
-pub fn desired_status(route: &Route, outcome: &Outcome, now: Timestamp) -> RouteStatus {
+/// The status `route` should have for its reconcile outcome.
+pub fn desired_status(route: &Route, outcome: &RouteOutcome, now: Timestamp) -> RouteStatus {
     let generation = route.metadata.generation;
     let name = route.metadata.name.as_deref().unwrap_or_default();
+    let ready = &outcome.outcome;
+    let mut conditions = vec![ready_condition(
+        ready,
+        generation,
+        current(route, "Ready"),
+        now,
+    )];
+    if !outcome.backends.is_empty() {
+        conditions.push(degraded_condition(
+            &outcome.backends,
+            generation,
+            current(route, "Degraded"),
+            now,
+        ));
+    }
     RouteStatus {
         observed_generation: generation,
         url: Some(format!("/gateway/{name}/invocations")),
-        limits: if outcome.is_ready() {
+        limits: if ready.is_ready() {
             route.spec.limits.clone()
         } else {
             Vec::new()
         },
-        conditions: vec![ready_condition(
-            outcome,
-            generation,
-            current_ready(route),
-            now,
-        )],
+        backends: outcome.backends.clone(),
+        conditions,
     }
 }
 
-fn current_ready(route: &Route) -> Option<&Condition> {
+/// `Degraded` (abnormal-true, as kstatus expects): True while some backend does not resolve.
+fn degraded_condition(
+    backends: &[BackendStatus],
+    generation: Option<i64>,
+    previous: Option<&Condition>,
+    now: Timestamp,
+) -> Condition {
+    let failed: Vec<String> = backends
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| !b.resolved)
+        .map(|(i, b)| {
+            format!(
+                "backend {i} ({}/{}): {}",
+                b.provider,
+                b.model,
+                b.message.as_deref().unwrap_or_default()
+            )
+        })
+        .collect();
+    let (status, reason, message) = if failed.is_empty() {
+        (
+            "False",
+            "AllBackendsResolved",
+            "every backend resolved".to_string(),
+        )
+    } else {
+        ("True", "BackendsUnresolved", failed.join("; "))
+    };
+    let last_transition_time = match previous {
+        Some(prev) if prev.status == status => prev.last_transition_time.clone(),
+        _ => Time(now),
+    };
+    Condition {
+        type_: "Degraded".into(),
+        status: status.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: generation,
+        last_transition_time,
+    }
+}
+
+fn current<'a>(route: &'a Route, type_: &str) -> Option<&'a Condition> {
     route
         .status
         .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == type_))
+}
+
+fn current_ready(route: &Route) -> Option<&Condition> {
+    current(route, "Ready")
 }
 
 /// Whether the fields this controller owns already hold `desired` (other managers' conditions are ignored).
 pub fn status_is_current(route: &Route, desired: &RouteStatus) -> bool {
-    let Some(current) = &route.status else {
+    let Some(have) = &route.status else {
         return false;
     };
-    current.observed_generation == desired.observed_generation
-        && current.url == desired.url
-        && current.limits == desired.limits
-        && current_ready(route) == desired.conditions.first()
+    have.observed_generation == desired.observed_generation
+        && have.url == desired.url
+        && have.limits == desired.limits
+        && have.backends == desired.backends
+        && desired
+            .conditions
+            .iter()
+            .all(|c| current(route, &c.type_) == Some(c))
 }
 
 /// Writes statuses for the latest outcomes; retries failures with backoff until they succeed or
@@ -121,7 +184,7 @@ async fn write_all(
         .iter()
         .filter_map(|o| {
             let route = routes.get(&ObjectRef::new(&o.name).within(&o.namespace))?;
-            let desired = desired_status(&route, &o.outcome, now);
+            let desired = desired_status(&route, o, now);
             (!status_is_current(&route, &desired)).then_some((route, desired))
         })
         .collect();
@@ -186,23 +249,30 @@ async fn write_one(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{ModelSpec, Provider, Reason, RouteSpec, RouteType};
+    use crate::api::{ModelSpec, Outcome, Provider, Reason, RouteSpec, RouteType};
+
+    fn oc(outcome: Outcome) -> RouteOutcome {
+        RouteOutcome {
+            namespace: "ns".into(),
+            name: "chat".into(),
+            outcome,
+            backends: vec![],
+        }
+    }
 
     fn route(generation: i64) -> Route {
         let mut r = Route::new(
             "chat",
-            RouteSpec {
-                route_type: RouteType::Chat,
-                model: ModelSpec {
+            RouteSpec::new(
+                RouteType::Chat,
+                ModelSpec {
                     provider: Provider::Openai,
                     name: "m".into(),
                     api_base: None,
                     secret_ref: None,
                     config: Default::default(),
                 },
-                limits: vec![],
-                access: None,
-            },
+            ),
         );
         r.metadata.namespace = Some("ns".into());
         r.metadata.generation = Some(generation);
@@ -213,11 +283,15 @@ mod tests {
     fn unchanged_outcome_needs_no_write() {
         let mut r = route(1);
         let t0 = Timestamp::from_second(10).unwrap();
-        let first = desired_status(&r, &Outcome::ready(), t0);
+        let first = desired_status(&r, &oc(Outcome::ready()), t0);
         assert!(!status_is_current(&r, &first));
         assert_eq!(first.url.as_deref(), Some("/gateway/chat/invocations"));
         r.status = Some(first);
-        let later = desired_status(&r, &Outcome::ready(), Timestamp::from_second(99).unwrap());
+        let later = desired_status(
+            &r,
+            &oc(Outcome::ready()),
+            Timestamp::from_second(99).unwrap(),
+        );
         assert!(status_is_current(&r, &later));
     }
 
@@ -233,15 +307,15 @@ mod tests {
         }];
         let t = Timestamp::from_second(10).unwrap();
         assert_eq!(
-            desired_status(&r, &Outcome::ready(), t).limits,
+            desired_status(&r, &oc(Outcome::ready()), t).limits,
             r.spec.limits
         );
         let lost = Outcome::not_ready(Reason::SecretNotFound, "gone");
-        assert!(desired_status(&r, &lost, t).limits.is_empty());
-        r.status = Some(desired_status(&r, &lost, t));
+        assert!(desired_status(&r, &oc(lost.clone()), t).limits.is_empty());
+        r.status = Some(desired_status(&r, &oc(lost.clone()), t));
         assert!(!status_is_current(
             &r,
-            &desired_status(&r, &Outcome::ready(), t)
+            &desired_status(&r, &oc(Outcome::ready()), t)
         ));
     }
 
@@ -250,19 +324,23 @@ mod tests {
         let mut r = route(1);
         r.status = Some(desired_status(
             &r,
-            &Outcome::ready(),
+            &oc(Outcome::ready()),
             Timestamp::from_second(10).unwrap(),
         ));
         r.metadata.generation = Some(2);
         assert!(!status_is_current(
             &r,
-            &desired_status(&r, &Outcome::ready(), Timestamp::from_second(11).unwrap())
+            &desired_status(
+                &r,
+                &oc(Outcome::ready()),
+                Timestamp::from_second(11).unwrap()
+            )
         ));
         r.metadata.generation = Some(1);
         let lost = Outcome::not_ready(Reason::SecretNotFound, "gone");
         assert!(!status_is_current(
             &r,
-            &desired_status(&r, &lost, Timestamp::from_second(11).unwrap())
+            &desired_status(&r, &oc(lost.clone()), Timestamp::from_second(11).unwrap())
         ));
     }
 }

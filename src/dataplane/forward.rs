@@ -1,30 +1,35 @@
 //! Forwarding a unified request to a route's provider and back: the only place that talks upstream.
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
 
 use super::AppState;
 use super::admission::{self, Admission};
 use super::error::GatewayError;
 use super::observe;
-use crate::api::RouteType;
+use crate::api::{RetryOn, RouteType};
 use crate::llm::Usage;
 use crate::llm::{
     Embeddings as LlmEmbeddings, Generation as LlmGeneration, LlmRequest, LlmResponse, StreamDelta,
 };
 use crate::providers::{ProviderError, StreamDecoder, join_embeddings, split_inputs};
-use crate::table::{RouteEntry, RouteState, Upstream};
-use crate::telemetry::metrics::{ErrorLabels, Metrics, RouteLabels, TokenLabels};
+use crate::table::{Backend, Backends, RouteEntry, RouteState, Upstream};
+use crate::telemetry::metrics::{
+    BackendErrorLabels, ErrorLabels, Metrics, RouteLabels, TokenLabels,
+};
 use crate::telemetry::tracecontext;
-use tracing::{Instrument, Span};
+use crate::traffic;
+use tracing::{Instrument, Span, debug, warn};
 
 /// A route looked up for serving: the entry is held by `Arc`, so a table swap during the call is harmless.
 pub struct ServingRoute {
     pub entry: Arc<RouteEntry>,
-    upstream: Arc<Upstream>,
+    backends: Arc<Backends>,
 }
 
 /// Finds `name` in the current table and checks it can serve `route_type`.
@@ -64,9 +69,9 @@ fn resolve(
         });
     }
     match &entry.state {
-        RouteState::Ready(upstream) => Ok(ServingRoute {
+        RouteState::Ready(backends) => Ok(ServingRoute {
             entry: Arc::clone(entry),
-            upstream: Arc::clone(upstream),
+            backends: Arc::clone(backends),
         }),
         RouteState::NotReady { reason, message } => Err(GatewayError::RouteNotReady {
             route: name.to_string(),
@@ -76,8 +81,141 @@ fn resolve(
     }
 }
 
-/// Non-streaming call: one parsed answer. Providers that take few embeddings inputs per call
-/// (Titan) get one call per batch, sent concurrently and joined in order.
+/// The failure class of an upstream error, for retries and outlier detection; `None` for errors
+/// that say nothing about the backend's health (a 400, a content policy refusal).
+fn failure_class(err: &GatewayError) -> Option<RetryOn> {
+    match err {
+        GatewayError::Upstream { status, .. } if status.as_u16() == 429 => {
+            Some(RetryOn::RateLimited)
+        }
+        GatewayError::Upstream { status, .. }
+            if status.is_server_error() || status.as_u16() == 529 =>
+        {
+            Some(RetryOn::Unavailable)
+        }
+        GatewayError::UpstreamTimeout(_) => Some(RetryOn::Timeout),
+        GatewayError::UpstreamUnreachable(_) => Some(RetryOn::ConnectFailure),
+        _ => None,
+    }
+}
+
+/// The tries of one call across a route's backends: which backend next, with how much time, and
+/// whether a failure is retried. Health and per-backend metrics are updated as tries end.
+struct Tries<'a> {
+    state: &'a AppState,
+    route: &'a ServingRoute,
+    /// The whole call's deadline: no try starts after it, none runs past it.
+    deadline: Instant,
+    tried: u32,
+    count: u32,
+}
+
+impl<'a> Tries<'a> {
+    fn new(state: &'a AppState, route: &'a ServingRoute) -> Self {
+        Tries {
+            state,
+            route,
+            deadline: Instant::now() + state.upstream_timeout,
+            tried: 0,
+            count: 0,
+        }
+    }
+
+    /// The backend for the next try and the time it may take.
+    fn next(&mut self) -> Result<(&'a Backend, Duration), GatewayError> {
+        let list = &self.route.backends.list;
+        // Reconcile publishes a route as ready only with a backend of positive weight.
+        let Some((index, backend)) = traffic::pick(list, self.tried, traffic::now_ms())
+            .and_then(|i| Some((i, list.get(i)?)))
+        else {
+            return Err(GatewayError::UpstreamUnreachable(format!(
+                "route {:?} has no backend that can take calls",
+                self.route.entry.name
+            )));
+        };
+        self.tried |= 1 << index;
+        self.count += 1;
+        backend
+            .metrics(&self.route.entry.name, &self.state.metrics)
+            .requests
+            .inc();
+        let remaining = self.deadline.saturating_duration_since(Instant::now());
+        let timeout = self
+            .route
+            .backends
+            .policy
+            .per_try_timeout
+            .map_or(remaining, |t| t.min(remaining));
+        Ok((backend, timeout))
+    }
+
+    /// Records how a try ended; `Continue` when the call is to be tried again.
+    fn settle<T>(
+        &self,
+        backend: &Backend,
+        result: Result<T, GatewayError>,
+    ) -> ControlFlow<Result<T, GatewayError>> {
+        let metrics = backend.metrics(&self.route.entry.name, &self.state.metrics);
+        let err = match result {
+            Ok(answer) => {
+                if backend.health.succeeded(traffic::now_ms()) {
+                    metrics.ejected.set(0);
+                }
+                self.note_answered(backend);
+                return ControlFlow::Break(Ok(answer));
+            }
+            Err(e) => e,
+        };
+        self.state
+            .metrics
+            .backend_errors
+            .get_or_create(&BackendErrorLabels {
+                route: metrics.labels.route.clone(),
+                backend: metrics.labels.backend.clone(),
+                error_type: err.code(),
+            })
+            .inc();
+        let Some(class) = failure_class(&err) else {
+            self.note_answered(backend);
+            return ControlFlow::Break(Err(err));
+        };
+        let policy = &self.route.backends.policy;
+        let retry_after = err.retry_after().filter(|_| class == RetryOn::RateLimited);
+        if let Some(hold) = backend
+            .health
+            .failed(&policy.outlier, retry_after, traffic::now_ms())
+        {
+            metrics.ejections.inc();
+            metrics.ejected.set(1);
+            warn!(route = %self.route.entry.name, backend = %backend.id, ejected_ms = hold.as_millis() as u64, error = err.code(), "backend ejected");
+        }
+        let retry =
+            policy.retries(class) && self.count < policy.attempts && Instant::now() < self.deadline;
+        if !retry {
+            self.note_answered(backend);
+            return ControlFlow::Break(Err(err));
+        }
+        metrics.retries.inc();
+        debug!(route = %self.route.entry.name, backend = %backend.id, error = err.code(), attempt = self.count, "retrying on another backend");
+        ControlFlow::Continue(())
+    }
+
+    /// The backend that gave the call's answer, for the response header, log line and metrics.
+    fn note_answered(&self, backend: &Backend) {
+        let answered = observe::Answered {
+            backend: Arc::clone(&backend.id),
+            header: backend.header.clone(),
+            attempts: self.count,
+        };
+        let provider = backend.upstream.adapter.provider().as_str();
+        observe::note(|c| {
+            c.provider = Some(provider);
+            c.answered = Some(answered);
+        });
+    }
+}
+
+/// Non-streaming call: one parsed answer, from the first backend that gives one.
 pub async fn invoke(
     state: &AppState,
     route: &ServingRoute,
@@ -85,20 +223,16 @@ pub async fn invoke(
 ) -> Result<LlmResponse, GatewayError> {
     let admission = admission::admit(state, &route.entry, request).await?;
     let started = Instant::now();
-    let upstream = &route.upstream;
-    let split = upstream
-        .adapter
-        .max_inputs_per_call(&upstream.target, route.entry.route_type)
-        .and_then(|max| split_inputs(request, max));
-    let result = match split {
-        Some(parts) => {
-            futures::future::try_join_all(parts.iter().map(|p| invoke_one(state, route, p)))
-                .await
-                .and_then(|answers| {
-                    join_embeddings(answers).map_err(|e| provider_error(upstream, e))
-                })
+    let mut tries = Tries::new(state, route);
+    let result = loop {
+        let (backend, timeout) = match tries.next() {
+            Ok(next) => next,
+            Err(e) => break Err(e),
+        };
+        let answer = call_backend(state, route.entry.route_type, backend, request, timeout).await;
+        if let ControlFlow::Break(result) = tries.settle(backend, answer) {
+            break result;
         }
-        None => invoke_one(state, route, request).await,
     };
     let labels = route_labels(&route.entry);
     state
@@ -120,49 +254,145 @@ pub async fn invoke(
     result
 }
 
-async fn invoke_one(
+/// One try on one backend. Providers that take few embeddings inputs per call (Titan) get one
+/// call per batch, sent concurrently and joined in order.
+async fn call_backend(
     state: &AppState,
-    route: &ServingRoute,
+    route_type: RouteType,
+    backend: &Backend,
     request: &LlmRequest,
+    timeout: Duration,
 ) -> Result<LlmResponse, GatewayError> {
-    let upstream = &route.upstream;
-    let response = send(state, upstream, request, Some(state.upstream_timeout)).await?;
+    let upstream = &backend.upstream;
+    let split = upstream
+        .adapter
+        .max_inputs_per_call(&upstream.target, route_type)
+        .and_then(|max| split_inputs(request, max));
+    let mut answer = match split {
+        Some(parts) => futures::future::try_join_all(
+            parts
+                .iter()
+                .map(|p| call_once(state, route_type, upstream, p, timeout)),
+        )
+        .await
+        .and_then(|answers| join_embeddings(answers).map_err(|e| provider_error(upstream, e)))?,
+        None => call_once(state, route_type, upstream, request, timeout).await?,
+    };
+    // Answers that do not name their model are named after the backend's.
+    let model = match &mut answer {
+        LlmResponse::Generation(g) => &mut g.model,
+        LlmResponse::Embeddings(e) => &mut e.model,
+    };
+    if model.is_empty() {
+        model.clone_from(&upstream.target.model);
+    }
+    Ok(answer)
+}
+
+async fn call_once(
+    state: &AppState,
+    route_type: RouteType,
+    upstream: &Upstream,
+    request: &LlmRequest,
+    timeout: Duration,
+) -> Result<LlmResponse, GatewayError> {
+    let response = send(state, upstream, request, Some(timeout)).await?;
     let body = response
         .bytes()
         .await
-        .map_err(|e| transport_error(upstream, state.upstream_timeout, &e))?;
+        .map_err(|e| transport_error(upstream, timeout, &e))?;
     upstream
         .adapter
-        .parse_response(&upstream.target, route.entry.route_type, &body)
+        .parse_response(&upstream.target, route_type, &body)
         .map_err(|e| provider_error(upstream, e))
 }
 
+type Deltas = BoxStream<'static, Result<Vec<StreamDelta>, GatewayError>>;
+
+/// A stream whose first deltas have arrived: the point after which it can no longer fall back.
+struct Opened {
+    first: Vec<StreamDelta>,
+    rest: Deltas,
+}
+
 /// Streaming call: yields the deltas decoded from each upstream read as soon as it arrives.
+/// A try that fails before its first deltas arrive falls back to another backend like a plain
+/// call; after that an upstream failure ends the stream with an error item.
 /// Dropping the stream (the client went away) drops the upstream response and cancels the call.
+/// Also returns the answering backend's model, for chunks that do not name theirs.
 pub async fn invoke_stream(
     state: &AppState,
     route: &ServingRoute,
     request: &LlmRequest,
-) -> Result<impl Stream<Item = Result<Vec<StreamDelta>, GatewayError>> + Send + 'static, GatewayError>
-{
+) -> Result<
+    (
+        impl Stream<Item = Result<Vec<StreamDelta>, GatewayError>> + Send + 'static,
+        String,
+    ),
+    GatewayError,
+> {
     let admission = admission::admit(state, &route.entry, request).await?;
     let started = Instant::now();
-    let response = match send(state, &route.upstream, request, None).await {
-        Ok(response) => response,
+    let mut tries = Tries::new(state, route);
+    let opened = loop {
+        let (backend, timeout) = match tries.next() {
+            Ok(next) => next,
+            Err(e) => break Err(e),
+        };
+        let opened = match tokio::time::timeout(
+            timeout,
+            open_stream(state, route.entry.route_type, backend, request),
+        )
+        .await
+        {
+            Ok(result) => result,
+            Err(_) => Err(GatewayError::UpstreamTimeout(timeout.as_secs().max(1))),
+        };
+        if let ControlFlow::Break(result) = tries.settle(backend, opened) {
+            break result.map(|o| (o, backend));
+        }
+    };
+    let (opened, backend) = match opened {
+        Ok(o) => o,
         Err(e) => {
             record_error(&state.metrics, &route.entry, &e);
             admission.settle(0);
             return Err(e);
         }
     };
-    let decoder = route
-        .upstream
-        .adapter
-        .stream_decoder(route.entry.route_type);
-    let upstream = Arc::clone(&route.upstream);
+    let observer = StreamObserver {
+        metrics: Arc::clone(&state.metrics),
+        entry: Arc::clone(&route.entry),
+        consumer: observe::consumer(),
+        started,
+        first_chunk: None,
+        usage: None,
+        streamed_chars: 0,
+        admission: Some(admission),
+    };
+    let deltas = futures::stream::once(futures::future::ready(Ok(opened.first)))
+        .chain(opened.rest)
+        .filter(|item| futures::future::ready(!matches!(item, Ok(d) if d.is_empty())))
+        .scan(observer, |observer, item| {
+            observer.see(&item);
+            futures::future::ready(Some(item))
+        });
+    Ok((deltas, backend.upstream.target.model.clone()))
+}
+
+/// Sends the request and reads until the first deltas (or the end of an empty stream).
+async fn open_stream(
+    state: &AppState,
+    route_type: RouteType,
+    backend: &Backend,
+    request: &LlmRequest,
+) -> Result<Opened, GatewayError> {
+    let upstream = Arc::clone(&backend.upstream);
+    let response = send(state, &upstream, request, None).await?;
+    let decoder = upstream.adapter.stream_decoder(route_type);
     let timeout = state.upstream_timeout;
     let bytes = response.bytes_stream();
-    let deltas = futures::stream::unfold(
+    let mut rest: Deltas = futures::stream::unfold(
         Some((bytes.boxed(), decoder, upstream)),
         move |st| async move {
             let (mut bytes, mut decoder, upstream) = st?;
@@ -187,21 +417,14 @@ pub async fn invoke_stream(
                 }
             }
         },
-    );
-    let observer = StreamObserver {
-        metrics: Arc::clone(&state.metrics),
-        entry: Arc::clone(&route.entry),
-        consumer: observe::consumer(),
-        started,
-        first_chunk: None,
-        usage: None,
-        streamed_chars: 0,
-        admission: Some(admission),
+    )
+    .boxed();
+    let first = match rest.next().await {
+        Some(Ok(first)) => first,
+        Some(Err(e)) => return Err(e),
+        None => Vec::new(),
     };
-    Ok(deltas.scan(observer, |observer, item| {
-        observer.see(&item);
-        futures::future::ready(Some(item))
-    }))
+    Ok(Opened { first, rest })
 }
 
 /// A client span for the provider call, only when traces are exported.

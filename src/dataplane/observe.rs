@@ -22,9 +22,20 @@ use crate::telemetry::tracecontext::{self, TRACEPARENT};
 
 pub const REQUEST_ID: &str = "x-request-id";
 
+/// The backend that answered a call (or gave its final error), and after how many tries.
+pub struct Answered {
+    pub backend: Arc<str>,
+    pub header: HeaderValue,
+    pub attempts: u32,
+}
+
+pub const BACKEND_HEADER: &str = "x-portcullis-backend";
+pub const ATTEMPTS_HEADER: &str = "x-portcullis-attempts";
+
 /// What the handlers learned about one call.
 #[derive(Default)]
 pub struct CallInfo {
+    pub answered: Option<Answered>,
     pub route: Option<String>,
     pub provider: Option<&'static str>,
     pub usage: Option<Usage>,
@@ -126,6 +137,11 @@ pub async fn middleware(State(state): State<Arc<AppState>>, req: Request, next: 
     let elapsed = started.elapsed();
     let request_id = id.to_str().unwrap_or_default().to_string();
     response.headers_mut().insert(REQUEST_ID, id);
+    if let Some(a) = &call.answered {
+        let headers = response.headers_mut();
+        headers.insert(BACKEND_HEADER, a.header.clone());
+        headers.insert(ATTEMPTS_HEADER, HeaderValue::from(a.attempts));
+    }
     if surface == "health" {
         debug!(request_id, %method, path, status, "health check");
         return response;
@@ -151,6 +167,10 @@ pub async fn middleware(State(state): State<Arc<AppState>>, req: Request, next: 
         span.record("gen_ai.usage.input_tokens", usage.prompt_tokens);
         span.record("gen_ai.usage.output_tokens", usage.completion_tokens);
         span.record("portcullis.route", call.route.as_deref());
+        if let Some(a) = &call.answered {
+            span.record("portcullis.backend", &*a.backend);
+            span.record("portcullis.attempts", a.attempts);
+        }
     }
     info!(
         request_id,
@@ -160,6 +180,8 @@ pub async fn middleware(State(state): State<Arc<AppState>>, req: Request, next: 
         route = call.route.as_deref().unwrap_or_default(),
         provider = call.provider.unwrap_or_default(),
         consumer = call.consumer.as_deref().unwrap_or_default(),
+        backend = call.answered.as_ref().map(|a| &*a.backend),
+        attempts = call.answered.as_ref().map(|a| a.attempts),
         status,
         latency_ms = elapsed.as_secs_f64() * 1000.0,
         prompt_tokens = usage.prompt_tokens,
@@ -187,6 +209,8 @@ fn request_span(req: &Request, surface: &'static str) -> Span {
         gen_ai.usage.input_tokens = Empty,
         gen_ai.usage.output_tokens = Empty,
         portcullis.route = Empty,
+        portcullis.backend = Empty,
+        portcullis.attempts = Empty,
     );
     tracecontext::adopt_parent(&span, req.headers());
     span

@@ -3,6 +3,7 @@
 //! deployments surface, which speaks OpenAI's shapes on per-route paths.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Json;
 use axum::body::Body;
@@ -96,10 +97,10 @@ pub async fn respond(
 ) -> Result<Response, GatewayError> {
     let stream = request.stream();
     if stream.stream {
-        let deltas = forward::invoke_stream(state, route, &request).await?;
+        let (deltas, model) = forward::invoke_stream(state, route, &request).await?;
         return Ok(sse_response(openai_stream(
             deltas,
-            route,
+            model,
             request.route_type(),
             stream,
             done_marker,
@@ -202,20 +203,21 @@ fn push_event(buf: &mut BytesMut, value: &Value) {
 /// Re-frames unified deltas as OpenAI chunks, one output write per upstream read.
 fn openai_stream(
     deltas: impl Stream<Item = Result<Vec<StreamDelta>, GatewayError>> + Send + 'static,
-    route: &ServingRoute,
+    fallback_model: String,
     route_type: RouteType,
     options: StreamOptions,
     done_marker: bool,
 ) -> impl Stream<Item = Bytes> + Send + 'static {
     let chat = route_type == RouteType::Chat;
     let fallback_id = response_id(chat);
-    let fallback_model = route.entry.model.clone();
     let created = unix_now();
     let object = if chat {
         "chat.completion.chunk"
     } else {
         "text_completion"
     };
+    let failed = Arc::new(AtomicBool::new(false));
+    let ended_badly = Arc::clone(&failed);
     let frames = deltas.map(move |item| {
         let mut buf = BytesMut::new();
         match item {
@@ -248,13 +250,20 @@ fn openai_stream(
                 }
             }
             Err(e) => {
-                let OpenAiError(e) = OpenAiError(e);
+                failed.store(true, Ordering::Relaxed);
                 push_event(&mut buf, &json!({"error": {"message": e.to_string(), "type": "api_error", "param": null, "code": e.code()}}));
             }
         }
         buf.freeze()
     });
-    let done = futures::stream::iter(done_marker.then(|| Bytes::from_static(b"data: [DONE]\n\n")));
+    // A stream that failed part-way ends with its error event, never with the normal end marker.
+    let done = futures::stream::once(async move {
+        if done_marker && !ended_badly.load(Ordering::Relaxed) {
+            Bytes::from_static(b"data: [DONE]\n\n")
+        } else {
+            Bytes::new()
+        }
+    });
     frames
         .chain(done)
         .filter(|b| futures::future::ready(!b.is_empty()))

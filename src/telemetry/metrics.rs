@@ -57,6 +57,29 @@ pub struct ResourceLabels {
     pub resource: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    pub route: String,
+    /// `provider/model`.
+    pub backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendErrorLabels {
+    pub route: String,
+    pub backend: String,
+    pub error_type: &'static str,
+}
+
+/// One backend's counters, looked up once and then shared (counters are handles).
+pub struct BackendMetrics {
+    pub labels: BackendLabels,
+    pub requests: Counter,
+    pub retries: Counter,
+    pub ejections: Counter,
+    pub ejected: Gauge,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
@@ -75,6 +98,11 @@ pub struct Metrics {
     pub limits_fallback: Gauge,
     pub limits_store_errors: Counter,
     pub token_reviews: Family<OutcomeLabels, Counter>,
+    pub backend_requests: Family<BackendLabels, Counter>,
+    pub backend_errors: Family<BackendErrorLabels, Counter>,
+    pub backend_retries: Family<BackendLabels, Counter>,
+    pub backend_ejections: Family<BackendLabels, Counter>,
+    pub backend_ejected: Family<BackendLabels, Gauge>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -117,6 +145,36 @@ impl Metrics {
         let limits_fallback = Gauge::default();
         let limits_store_errors = Counter::default();
         let token_reviews = Family::<OutcomeLabels, Counter>::default();
+        let backend_requests = Family::<BackendLabels, Counter>::default();
+        let backend_errors = Family::<BackendErrorLabels, Counter>::default();
+        let backend_retries = Family::<BackendLabels, Counter>::default();
+        let backend_ejections = Family::<BackendLabels, Counter>::default();
+        let backend_ejected = Family::<BackendLabels, Gauge>::default();
+        registry.register(
+            "portcullis_backend_requests",
+            "Tries sent to each backend of a route (a retried call counts once per backend tried)",
+            backend_requests.clone(),
+        );
+        registry.register(
+            "portcullis_backend_errors",
+            "Failed tries by backend and kind",
+            backend_errors.clone(),
+        );
+        registry.register(
+            "portcullis_backend_retries",
+            "Failed tries that were retried on another backend, by the backend that failed",
+            backend_retries.clone(),
+        );
+        registry.register(
+            "portcullis_backend_ejections",
+            "Times a backend was ejected by outlier detection or a 429's Retry-After",
+            backend_ejections.clone(),
+        );
+        registry.register(
+            "portcullis_backend_ejected",
+            "1 while a backend is ejected (cleared by its next answered call)",
+            backend_ejected.clone(),
+        );
         registry.register(
             "portcullis_limits_fallback",
             "1 while this replica enforces limits locally (1/N each) because the shared limits store is unreachable",
@@ -215,6 +273,26 @@ impl Metrics {
             limits_fallback,
             limits_store_errors,
             token_reviews,
+            backend_requests,
+            backend_errors,
+            backend_retries,
+            backend_ejections,
+            backend_ejected,
+        }
+    }
+
+    /// Handles on one backend's counters.
+    pub fn backend(&self, route: &str, backend: &str) -> BackendMetrics {
+        let labels = BackendLabels {
+            route: route.to_string(),
+            backend: backend.to_string(),
+        };
+        BackendMetrics {
+            requests: self.backend_requests.get_or_create_owned(&labels),
+            retries: self.backend_retries.get_or_create_owned(&labels),
+            ejections: self.backend_ejections.get_or_create_owned(&labels),
+            ejected: self.backend_ejected.get_or_create_owned(&labels),
+            labels,
         }
     }
 

@@ -642,3 +642,55 @@ pub fn sse_chunks(body: &str) -> Vec<Value> {
         .map(|d| serde_json::from_str(d).expect("chunk json"))
         .collect()
 }
+
+/// A typed Route manifest (YAML for `kubectl apply`), so tests cannot write a malformed one.
+pub fn route_yaml(ns: &str, name: &str, spec: portcullis::api::RouteSpec) -> String {
+    let mut route = portcullis::api::Route::new(name, spec);
+    route.metadata.namespace = Some(ns.to_string());
+    serde_yaml::to_string(&route).expect("route yaml")
+}
+
+/// A provider model at `api_base` whose credential is the `apiKey` of Secret `secret`.
+pub fn model(
+    provider: portcullis::api::Provider,
+    name: &str,
+    api_base: &str,
+    secret: &str,
+) -> portcullis::api::ModelSpec {
+    portcullis::api::ModelSpec {
+        provider,
+        name: name.to_string(),
+        api_base: Some(api_base.to_string()),
+        secret_ref: Some(portcullis::api::SecretKeyRef {
+            name: secret.to_string(),
+            key: portcullis::api::DEFAULT_SECRET_KEY.to_string(),
+        }),
+        config: Default::default(),
+    }
+}
+
+/// One backend of a Route.
+pub fn backend(
+    model: portcullis::api::ModelSpec,
+    weight: u32,
+    priority: u32,
+) -> portcullis::api::BackendSpec {
+    portcullis::api::BackendSpec {
+        model,
+        weight: Some(weight),
+        priority: Some(priority),
+    }
+}
+
+/// Status and response headers of a POST, with the body as text.
+pub fn post_full(url: &str, body: &Value) -> (u16, Vec<(String, String)>, String) {
+    http_full(url, &body.to_string())
+}
+
+/// The value of a header in a list from `http_full`.
+pub fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}

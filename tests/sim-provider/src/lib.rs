@@ -65,6 +65,8 @@ pub enum Fault {
     Delay(Duration),
     /// Answer 200 with a body that is not the provider's format.
     Malformed,
+    /// Streams: send this many frames, then break the connection (no end marker, no clean end).
+    CutStream { after_frames: usize },
 }
 
 #[derive(Clone, Debug)]
@@ -122,7 +124,7 @@ pub const PROVIDERS: [&str; 16] = [
 pub struct SimProvider {
     pub addr: SocketAddr,
     shared: Arc<Shared>,
-    task: tokio::task::JoinHandle<()>,
+    task: Mutex<tokio::task::JoinHandle<()>>,
 }
 
 impl SimProvider {
@@ -138,16 +140,37 @@ impl SimProvider {
             .store(record, std::sync::atomic::Ordering::Relaxed);
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
-        let app = router(shared.clone());
-        let task = tokio::spawn(async move {
-            // Like the providers' own front ends: small stream frames leave at once.
-            let listener =
-                axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
-                    let _ = tcp.set_nodelay(true);
-                });
-            let _ = axum::serve(listener, app).await;
-        });
-        Ok(SimProvider { addr, shared, task })
+        let task = tokio::spawn(serve(listener, router(shared.clone())));
+        Ok(SimProvider {
+            addr,
+            shared,
+            task: Mutex::new(task),
+        })
+    }
+
+    /// Stops answering at once, as a crashed provider does: the listener closes (new connections
+    /// are refused) and every open connection is dropped mid-request.
+    pub fn kill(&self) {
+        self.task.lock().abort();
+    }
+
+    /// Serves again on the same address after `kill`.
+    pub async fn restart(&self) -> std::io::Result<()> {
+        self.kill();
+        let mut tries = 0;
+        let listener = loop {
+            match tokio::net::TcpListener::bind(self.addr).await {
+                Ok(l) => break l,
+                // The aborted task may take a moment to drop the old listener.
+                Err(_) if tries < 50 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        *self.task.lock() = tokio::spawn(serve(listener, router(self.shared.clone())));
+        Ok(())
     }
 
     /// Base URL of the OpenAI simulation, as a Route's `apiBase`.
@@ -250,7 +273,31 @@ impl SimProvider {
 
 impl Drop for SimProvider {
     fn drop(&mut self) {
-        self.task.abort();
+        self.task.lock().abort();
+    }
+}
+
+/// Accepts connections and serves each in a task of this one's set, so aborting this task
+/// drops every connection with it.
+async fn serve(listener: tokio::net::TcpListener, app: Router) {
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((tcp, _)) = accepted else { continue };
+                // Like the providers' own front ends: small stream frames leave at once.
+                let _ = tcp.set_nodelay(true);
+                let service = hyper_util::service::TowerToHyperService::new(app.clone());
+                connections.spawn(async move {
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(tcp), service)
+                    .await;
+                });
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
     }
 }
 
@@ -344,6 +391,7 @@ async fn record_and_fault(
             return response;
         }
         Fault::Malformed => return Response::new(axum::body::Body::from("<html>surprise</html>")),
+        Fault::CutStream { .. } => {}
     }
     next.run(axum::extract::Request::from_parts(
         parts,
@@ -390,6 +438,13 @@ impl StreamGuard {
     fn finish(mut self) {
         self.finished = true;
     }
+
+    fn done() -> StreamGuard {
+        StreamGuard {
+            shared: Arc::default(),
+            finished: true,
+        }
+    }
 }
 
 impl Drop for StreamGuard {
@@ -409,22 +464,34 @@ pub fn stream_response(
     content_type: &'static str,
     frames: Vec<Bytes>,
 ) -> Response {
-    let delay = shared.behaviour.lock().chunk_delay;
+    let (delay, cut) = {
+        let b = shared.behaviour.lock();
+        let cut = match b.fault {
+            Fault::CutStream { after_frames } => Some(after_frames),
+            _ => None,
+        };
+        (b.chunk_delay, cut)
+    };
     let guard = StreamGuard {
         shared: Arc::clone(shared),
         finished: false,
     };
     let body = futures::stream::unfold(
-        (frames.into_iter(), guard),
+        (frames.into_iter().enumerate(), guard),
         move |(mut it, guard)| async move {
-            let Some(frame) = it.next() else {
+            let Some((n, frame)) = it.next() else {
                 guard.finish();
                 return None;
             };
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
-            Some((Ok::<_, std::convert::Infallible>(frame), (it, guard)))
+            if cut.is_some_and(|after| n >= after) {
+                // An error from the body makes the server drop the connection mid-stream.
+                guard.finish();
+                return Some((Err(std::io::Error::other("cut")), (it, StreamGuard::done())));
+            }
+            Some((Ok(frame), (it, guard)))
         },
     );
     let mut response = Response::new(axum::body::Body::from_stream(body));
