@@ -91,7 +91,7 @@ cluster-down:
 # Brings up its own cluster in target/cluster-test and stops it at the end (not part of `make test`).
 cluster-test: cluster-build cluster-images image
 	hack/cluster.sh down $(CLUSTER_DIR) >/dev/null 2>&1 || true
-	$(CARGO) test --test cluster -- --include-ignored --test-threads=1
+	$(CARGO) test --test cluster -- --include-ignored --test-threads=1 --show-output
 
 clean-cache:
 	rm -rf $(HOME)/.cache/portcullis
