@@ -68,7 +68,7 @@ pub enum Decision {
     Allow,
     /// No or invalid credentials where some are needed: 401.
     Unauthenticated,
-    /// A valid caller that this route does not admit: 403.
+    /// A valid caller that this route does not admit (answered like a missing route).
     Forbidden,
 }
 

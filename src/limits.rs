@@ -318,13 +318,24 @@ impl Limiter {
         consumer: &str,
         tokens: u64,
     ) -> Result<Option<Reservation>, RateLimited> {
+        self.admit_calls(route, consumer, 1, tokens).await
+    }
+
+    /// Like `admit` for a request that costs `calls` upstream calls (a fanned-out embeddings request).
+    pub async fn admit_calls(
+        self: &Arc<Self>,
+        route: &RouteEntry,
+        consumer: &str,
+        calls: u64,
+        tokens: u64,
+    ) -> Result<Option<Reservation>, RateLimited> {
         if route.limits.is_empty() {
             return Ok(None);
         }
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
-        let counters = counters(route, consumer, tokens, now.as_secs());
+        let counters = counters(route, consumer, calls, tokens, now.as_secs());
         let (violated, used, shared) = self.count(&counters, now).await;
         let divisor = if shared {
             1
@@ -407,7 +418,7 @@ impl Limiter {
 }
 
 /// The counters a call touches, in the order of the Route's limits.
-fn counters(route: &RouteEntry, consumer: &str, tokens: u64, now: u64) -> Vec<Counter> {
+fn counters(route: &RouteEntry, consumer: &str, calls: u64, tokens: u64, now: u64) -> Vec<Counter> {
     let mut out = Vec::with_capacity(route.limits.len() * 2);
     for (i, limit) in route.limits.iter().enumerate() {
         let period = period_secs(limit.renewal_period);
@@ -415,7 +426,7 @@ fn counters(route: &RouteEntry, consumer: &str, tokens: u64, now: u64) -> Vec<Co
         let per_consumer = limit.key == LimitKey::Consumer;
         let who = if per_consumer { consumer } else { "*" };
         for (kind, max, amount) in [
-            (Kind::Calls, limit.calls, 1),
+            (Kind::Calls, limit.calls, calls.max(1)),
             // Never charge more than the whole budget, or a large max_tokens could never pass.
             (Kind::Tokens, limit.tokens, tokens.max(1)),
         ] {

@@ -61,6 +61,22 @@ struct RunArgs {
     /// Longest wait for a provider: the whole answer, or between two chunks of a stream (seconds).
     #[arg(long, env = "PORTCULLIS_UPSTREAM_TIMEOUT", default_value_t = 600.0)]
     upstream_timeout: f64,
+    /// Largest non-streaming provider answer read (bytes); a larger one fails the call with a 502.
+    #[arg(long, env = "PORTCULLIS_MAX_UPSTREAM_BODY", default_value_t = 64 * 1024 * 1024)]
+    max_upstream_body: usize,
+    /// A provider stream that sends nothing for this long ends with an error event (seconds).
+    #[arg(long, env = "PORTCULLIS_STREAM_IDLE_TIMEOUT", default_value_t = 60.0)]
+    stream_idle_timeout: f64,
+    /// Only Secrets matching this label selector may back a Route (for example
+    /// `portcullis.dev/provider-key=true`); a Route referencing another is not ready, and nothing
+    /// is read from that Secret. Default: any Secret of the Route's namespace.
+    #[arg(long, env = "PORTCULLIS_SECRET_SELECTOR")]
+    secret_selector: Option<String>,
+    /// Upstream hosts Routes may call: names (`api.openai.com`), wildcards (`*.openai.azure.com`),
+    /// addresses and CIDRs, comma-separated. Default: any host but link-local and cloud metadata
+    /// addresses (which must be listed here explicitly to be reachable).
+    #[arg(long, env = "PORTCULLIS_ALLOWED_UPSTREAM_HOSTS", value_delimiter = ',')]
+    allowed_upstream_hosts: Vec<String>,
     /// Routes per page of the MLflow route and endpoint listings (MLflow's own page size).
     #[arg(long, env = "PORTCULLIS_PAGE_SIZE", default_value_t = 3000, value_parser = clap::value_parser!(u32).range(1..))]
     page_size: u32,
@@ -269,6 +285,12 @@ async fn run(args: RunArgs) -> Result<(), StartError> {
         draining: draining.clone(),
         auth,
         limits: limits.clone(),
+        upstream_limits: dataplane::UpstreamLimits {
+            max_body: args.max_upstream_body,
+            stream_idle: secs(args.stream_idle_timeout, "stream-idle-timeout")?,
+            ..Default::default()
+        },
+        via: dataplane::via::Via::for_namespace(&args.lease_namespace),
     });
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -328,12 +350,28 @@ async fn run(args: RunArgs) -> Result<(), StartError> {
             stop_controller.clone(),
         ));
     }
+    let policy = controller::policy::OperatorPolicy {
+        secret_selector: args
+            .secret_selector
+            .as_deref()
+            .map(controller::policy::parse_selector)
+            .transpose()
+            .map_err(StartError::Config)?,
+        egress: controller::policy::Egress::parse(&args.allowed_upstream_hosts)
+            .map_err(StartError::Config)?,
+        self_addresses: controller::policy::self_addresses(
+            bound,
+            args.replicas_service.as_deref().unwrap_or("portcullis"),
+            &args.lease_namespace,
+        ),
+    };
     let config = ControllerConfig {
         namespace: args.namespace,
         debounce: Duration::from_millis(5),
         max_backoff,
         instance: identity,
         leader,
+        policy,
     };
     let mut controller = tokio::spawn(controller::run(
         client,

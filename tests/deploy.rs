@@ -123,7 +123,11 @@ fn deploy_manifests_apply_and_their_rbac_is_exactly_enough() {
             gw.log()
         )
     });
-    assert_eq!(call(&[json]), 401);
+    assert_eq!(
+        call(&[json]),
+        404,
+        "anonymous: as if the route did not exist"
+    );
     assert!(!gw.log().contains(token.trim()), "a token reached the log");
 
     // Take away the status permission: the gateway keeps serving and says exactly what is missing.

@@ -204,21 +204,26 @@ fn service_account_tokens_are_reviewed_cached_and_checked_against_access() {
         "default: any valid caller"
     );
 
+    // A valid caller not on the list gets exactly what a missing route gives (apart from the name).
     let (code, headers, body) = call(&gw, Some(&intruder), &chat_body(&restricted));
-    assert_eq!(code, 403, "{body}");
-    assert_eq!(body["error"]["code"], "forbidden");
-    assert_eq!(body["error"]["type"], "permission_error");
+    assert_eq!(code, 404, "{body}");
+    assert_eq!(body["error"]["code"], "route_not_found");
     assert!(headers.get("retry-after").is_none());
-
+    let (_, _, missing) = call(&gw, Some(&intruder), &chat_body("no-such-route"));
+    assert_eq!(
+        body.to_string().replace(&restricted, "NAME"),
+        missing.to_string().replace("no-such-route", "NAME")
+    );
+    // With `--default-access authenticated` every route needs a caller: a missing or invalid
+    // credential is a 401 whatever the name, so it reveals nothing either.
     for (what, bearer) in [
         ("no token", None),
-        ("wrong audience", Some(wrong_audience.as_str())),
         ("expired", Some(expired.as_str())),
         ("recreated ServiceAccount", Some(ghost.as_str())),
         ("garbage", Some("not-a-token")),
         ("garbage JWT", Some("eyJhbGciOi.eyJzdWIiOi.c2lnbmF0dXJl")),
     ] {
-        for route in [&restricted, &open] {
+        for route in [restricted.as_str(), open.as_str(), "no-such-route"] {
             let (code, headers, body) = call(&gw, bearer, &chat_body(route));
             assert_eq!(code, 401, "{what} on {route}: {body}");
             assert_eq!(body["error"]["type"], "authentication_error");
@@ -284,9 +289,11 @@ fn service_account_tokens_are_reviewed_cached_and_checked_against_access() {
             &format!("portcullis_token_reviews_total{{outcome=\"{outcome}\"}}"),
         )
     };
+    // Fresh cache entries first: a rejected token is remembered for 5 s only.
+    assert_eq!(status(&gw, &restricted, Some(&wrong_audience)), 401);
     let (ok_before, bad_before) = (reviews("authenticated"), reviews("rejected"));
     assert!(ok_before >= 3.0 && bad_before >= 2.0, "{}", gw.metrics());
-    for _ in 0..20 {
+    for _ in 0..10 {
         assert_eq!(status(&gw, &restricted, Some(&notebook)), 200);
         assert_eq!(status(&gw, &restricted, Some(&wrong_audience)), 401);
     }
@@ -351,14 +358,16 @@ fn api_keys_are_accepted_and_revoked_within_a_second() {
     let late = Gateway::start(cp, &[]);
     assert_eq!(status(&late, &route, Some("pk-partner-first-1")), 200);
     drop(late);
-    assert_eq!(status(&gw, &route, Some("pk-unlabelled-1")), 401);
-    assert_eq!(status(&gw, &route, Some("pk-partner-wrong")), 401);
-    assert_eq!(status(&gw, &route, None), 401);
+    // Credentials are optional by default: an invalid key counts as none, and a route the caller
+    // may not use answers like a missing one.
+    assert_eq!(status(&gw, &route, Some("pk-unlabelled-1")), 404);
+    assert_eq!(status(&gw, &route, Some("pk-partner-wrong")), 404);
+    assert_eq!(status(&gw, &route, None), 404);
 
     // Rotation: the old key stops working within a second, the new one works.
     cp.apply(&api_key_secret(&ns, "partner", "pk-partner-second-2"));
     let revoked = eventually(Duration::from_secs(1), || {
-        status(&gw, &route, Some("pk-partner-first-1")) == 401
+        status(&gw, &route, Some("pk-partner-first-1")) == 404
     })
     .expect("the old key still works a second after the Secret changed");
     eventually(Duration::from_secs(1), || {
@@ -369,7 +378,7 @@ fn api_keys_are_accepted_and_revoked_within_a_second() {
     // Deletion revokes within a second.
     cp.ok(&["delete", "secret", "partner", "-n", &ns]);
     let deleted = eventually(Duration::from_secs(1), || {
-        status(&gw, &route, Some("pk-partner-second-2")) == 401
+        status(&gw, &route, Some("pk-partner-second-2")) == 404
     })
     .expect("the key still works a second after its Secret was deleted");
     println!("API key revoked {revoked:?} after a change, {deleted:?} after deletion");
@@ -797,4 +806,78 @@ fn two_replicas_share_one_limit_through_redis_and_survive_its_loss() {
         .filter(|i| status(if i % 2 == 0 { &a } else { &b }, &limited, None) == 200)
         .count();
     assert_eq!(ok, 40, "a fresh Redis window admits the whole limit once");
+}
+
+/// On every invocation path, a caller who may not use a route learns nothing about it: not its
+/// type (no 400), not its readiness or Secret (no 503), only what a missing route answers.
+#[test]
+fn hidden_routes_answer_exactly_like_missing_ones_on_every_path() {
+    let cp = ControlPlane::shared();
+    let sim = sim();
+    let ns = cp.namespace("gov-hidden");
+    cp.ok(&["create", "serviceaccount", "outsider", "-n", &ns]);
+    let gw = Gateway::start(cp, &["--namespace", &ns]);
+    let only_nobody = "  access:\n    - serviceAccount: nobody/none\n";
+    let [chat] = serve(cp, &ns, &sim, [("hidden", only_nobody)]);
+    // A Route that is not ready (its Secret is missing) and hidden.
+    let broken = unique("hidden-broken");
+    cp.apply(&format!(
+        "{}{only_nobody}",
+        route_manifest(
+            &ns,
+            &broken,
+            "llm/v1/chat",
+            "no-such-secret",
+            &sim.openai_base()
+        )
+    ));
+    cp.wait_reason(&ns, &broken, "SecretNotFound");
+    let outsider = token(cp, &ns, "outsider", "portcullis");
+
+    let request = |path: &str, body: &Value, bearer: Option<&str>| -> (u16, String) {
+        let mut headers = vec![("content-type", "application/json".to_string())];
+        if let Some(b) = bearer {
+            headers.push(("authorization", format!("Bearer {b}")));
+        }
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        http_request("POST", &gw.url(path), Some(&body.to_string()), &headers)
+    };
+    let messages = json!({"messages": [{"role": "user", "content": "hi"}]});
+    for name in [&chat, &broken] {
+        for bearer in [None, Some(outsider.as_str()), Some("garbage")] {
+            let cases = [
+                ("/v1/chat/completions".to_string(), chat_body(name)),
+                // The wrong surface for a chat route: a visible route would answer 400.
+                (
+                    "/v1/embeddings".to_string(),
+                    json!({"model": name, "input": "x"}),
+                ),
+                (
+                    "/v1/completions".to_string(),
+                    json!({"model": name, "prompt": "x"}),
+                ),
+                (format!("/endpoints/{name}/invocations"), messages.clone()),
+                (format!("/gateway/{name}/invocations"), messages.clone()),
+            ];
+            for (path, body) in cases {
+                let (status, text) = request(&path, &body, bearer);
+                let missing_path = path.replace(name.as_str(), "no-such-route");
+                let mut missing_body = body.clone();
+                if missing_body.get("model").is_some() {
+                    missing_body["model"] = json!("no-such-route");
+                }
+                let (missing_status, missing_text) = request(&missing_path, &missing_body, bearer);
+                assert_eq!(status, 404, "{path} as {bearer:?}: {text}");
+                assert_eq!(
+                    (status, text.replace(name.as_str(), "NAME")),
+                    (
+                        missing_status,
+                        missing_text.replace("no-such-route", "NAME")
+                    ),
+                    "{path} as {bearer:?}"
+                );
+                assert!(!text.contains("SecretNotFound") && !text.contains("llm/v1/chat"));
+            }
+        }
+    }
 }

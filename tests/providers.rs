@@ -955,11 +955,14 @@ fn bedrock_signatures_are_verified_and_corrupt_frames_end_in_an_error() {
     let (status, body) = gw.post("/v1/chat/completions", &chat_request(&route, false, false));
     assert_eq!(status, 200, "{body}");
     sim.set_aws_secret("some-other-secret");
+    // The provider refusing the route's own credential is the operator's problem: a 502 saying so.
     let (status, body) = gw.post("/v1/chat/completions", &chat_request(&route, false, false));
-    assert_eq!(status, 403, "{body}");
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(body["error"]["code"], "upstream_credential_rejected");
+    assert_ne!(body["error"]["type"], "authentication_error");
     let message = body["error"]["message"].as_str().unwrap_or_default();
     assert!(
-        message.starts_with("InvalidSignatureException: The request signature"),
+        message.starts_with("the bedrock provider rejected this route's credential (403: InvalidSignatureException: The request signature"),
         "{body}"
     );
     assert!(!body.to_string().contains("secret-value-123"));

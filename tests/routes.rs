@@ -461,7 +461,11 @@ fn credentials_never_leak_into_logs_status_events_or_responses() {
         retry_after: None,
     });
     let (status, body) = gw.chat(&route);
-    assert_eq!(status, 401);
+    assert_eq!(
+        status, 502,
+        "the route's own key was refused: not the caller's 401"
+    );
+    assert_eq!(body["error"]["code"], "upstream_credential_rejected");
     assert!(
         body["error"]["message"]
             .as_str()

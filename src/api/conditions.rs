@@ -12,6 +12,10 @@ pub enum Reason {
     InvalidSpec,
     NameConflict,
     ProviderUnsupported,
+    /// The referenced Secret does not match the gateway's `--secret-selector`.
+    SecretNotAllowed,
+    /// An `apiBase` outside the gateway's allowed upstream hosts.
+    EgressDenied,
 }
 
 impl Reason {
@@ -23,16 +27,20 @@ impl Reason {
             Reason::InvalidSpec => "InvalidSpec",
             Reason::NameConflict => "NameConflict",
             Reason::ProviderUnsupported => "ProviderUnsupported",
+            Reason::SecretNotAllowed => "SecretNotAllowed",
+            Reason::EgressDenied => "EgressDenied",
         }
     }
 
-    pub const ALL: [Reason; 6] = [
+    pub const ALL: [Reason; 8] = [
         Reason::Resolved,
         Reason::SecretNotFound,
         Reason::SecretKeyMissing,
         Reason::InvalidSpec,
         Reason::NameConflict,
         Reason::ProviderUnsupported,
+        Reason::SecretNotAllowed,
+        Reason::EgressDenied,
     ];
 }
 

@@ -8,6 +8,7 @@
 mod backoff;
 pub mod consumers;
 pub mod leader;
+pub mod policy;
 pub mod reconcile;
 pub mod replicas;
 mod secrets;
@@ -57,6 +58,8 @@ pub struct ControllerConfig {
     pub instance: String,
     /// Lease-based leader election for status writes; `None`: this replica always writes.
     pub leader: Option<leader::LeaderConfig>,
+    /// What the operator allows Routes (Secrets, upstream hosts).
+    pub policy: policy::OperatorPolicy,
 }
 
 /// What the controller shares with the rest of the process.
@@ -154,6 +157,7 @@ pub async fn run(
         route_store,
         secret_store,
         secret_cache: SecretCache::default(),
+        policy: config.policy.clone(),
         handles,
         gate,
         outcomes: outcomes_tx,
@@ -197,6 +201,7 @@ struct Loop {
     route_store: Store<Route>,
     secret_store: Store<PartialObjectMeta<Secret>>,
     secret_cache: SecretCache,
+    policy: policy::OperatorPolicy,
     handles: ControllerHandles,
     gate: Arc<ReadyGate>,
     outcomes: watch::Sender<Arc<Vec<RouteOutcome>>>,
@@ -280,9 +285,14 @@ impl Loop {
             .collect();
         let complete = self
             .secret_cache
-            .refresh(&self.client, wanted, &self.secret_store)
+            .refresh(&self.client, wanted, &self.secret_store, &self.policy)
             .await;
-        let reconciled = reconcile_after(&routes, &self.secret_cache, &self.handles.table.load());
+        let reconciled = reconcile_after(
+            &routes,
+            &self.secret_cache,
+            &self.handles.table.load(),
+            &self.policy,
+        );
         let (total, serving) = (
             reconciled.outcomes.len(),
             reconciled

@@ -14,12 +14,19 @@ use crate::providers::{API_KEY, CredentialKeys, Credentials, SecretValue, Target
 use crate::table::{Backend, Backends, RouteEntry, RouteState, RoutingTable, Upstream};
 use crate::traffic::{BackendHealth, MAX_BACKENDS, TrafficPolicy};
 
+use super::policy::OperatorPolicy;
+
 /// Secret data by key, as read from the API.
 pub type SecretData = BTreeMap<String, ByteString>;
 
 /// Where reconcile finds Secret contents; `None` means the Secret does not exist.
 pub trait SecretLookup {
     fn secret(&self, namespace: &str, name: &str) -> Option<&SecretData>;
+    /// True for a Secret that exists but that Routes may not use (`--secret-selector`); its
+    /// contents were never read.
+    fn denied(&self, _namespace: &str, _name: &str) -> bool {
+        false
+    }
 }
 
 impl SecretLookup for HashMap<(String, String), Arc<SecretData>> {
@@ -46,12 +53,18 @@ pub struct Reconciled {
     pub outcomes: Vec<RouteOutcome>,
 }
 
-/// Builds the table from every Route and the Secrets they reference.
+/// Builds the table from every Route and the Secrets they reference, under the default policy.
 pub fn reconcile(routes: &[Arc<Route>], secrets: &impl SecretLookup) -> Reconciled {
-    reconcile_after(routes, secrets, &RoutingTable::default())
+    reconcile_after(
+        routes,
+        secrets,
+        &RoutingTable::default(),
+        &OperatorPolicy::default(),
+    )
 }
 
-/// Like `reconcile`, carrying the health of unchanged backends over from the `previous` table.
+/// Like `reconcile` under the operator's `policy`, carrying the health of unchanged backends
+/// over from the `previous` table.
 ///
 /// Routes sharing a public name: the oldest (then lexical `namespace/name`) serves and the others
 /// report `NameConflict`, so deleting the winner lets the next one take over on the next build.
@@ -59,6 +72,7 @@ pub fn reconcile_after(
     routes: &[Arc<Route>],
     secrets: &impl SecretLookup,
     previous: &RoutingTable,
+    policy: &OperatorPolicy,
 ) -> Reconciled {
     let health = previous.backend_health();
     let mut by_name: BTreeMap<&str, Vec<&Arc<Route>>> = BTreeMap::new();
@@ -89,7 +103,7 @@ pub fn reconcile_after(
         });
         let winner = claimants[0];
         let winner_ns = winner.namespace().unwrap_or_default();
-        let (state, backends) = resolve(winner, secrets, &health);
+        let (state, backends) = resolve(winner, secrets, &health, policy);
         let outcome = match &state {
             RouteState::Ready(_) => {
                 let failed = backends.iter().filter(|b| !b.resolved).count();
@@ -187,6 +201,7 @@ fn resolve(
     route: &Route,
     secrets: &impl SecretLookup,
     health: &HashMap<&str, &Arc<BackendHealth>>,
+    policy: &OperatorPolicy,
 ) -> (RouteState, Vec<BackendStatus>) {
     let not_ready = |o: Outcome| {
         (
@@ -219,7 +234,7 @@ fn resolve(
     let mut priorities: Vec<u32> = declared.iter().map(|d| d.priority).collect();
     priorities.sort_unstable();
     priorities.dedup();
-    let policy = match TrafficPolicy::from_spec(
+    let traffic = match TrafficPolicy::from_spec(
         spec.retry.as_ref(),
         spec.outlier_detection.as_ref(),
         priorities.len(),
@@ -242,7 +257,7 @@ fn resolve(
             reason: why.map(|o| o.reason.as_str().to_string()),
             message: why.map(|o| o.message.clone()),
         };
-        match resolve_model(d, spec.route_type, &namespace, secrets) {
+        match resolve_model(d, spec.route_type, &namespace, secrets, policy) {
             Ok(upstream) => {
                 // Identical backends are told apart by their order among themselves.
                 let content = serde_json::to_string(d.model).unwrap_or_default();
@@ -291,7 +306,10 @@ fn resolve(
     }
     list.sort_by_key(|b| b.priority);
     (
-        RouteState::Ready(Arc::new(Backends { list, policy })),
+        RouteState::Ready(Arc::new(Backends {
+            list,
+            policy: traffic,
+        })),
         statuses,
     )
 }
@@ -301,6 +319,7 @@ fn resolve_model(
     route_type: RouteType,
     namespace: &str,
     secrets: &impl SecretLookup,
+    policy: &OperatorPolicy,
 ) -> Result<Upstream, Outcome> {
     let model = declared.model;
     let field = &declared.field;
@@ -333,6 +352,14 @@ fn resolve_model(
         })?
         .trim_end_matches('/')
         .to_string();
+    if let Some(why) = policy.refuse_upstream(&api_base) {
+        let reason = if why.contains("this gateway itself") {
+            Reason::InvalidSpec
+        } else {
+            Reason::EgressDenied
+        };
+        return Err(Outcome::not_ready(reason, format!("{field}: {why}")));
+    }
 
     let credentials =
         resolve_credentials(model, field, namespace, adapter.credential_keys(), secrets)?;
@@ -365,6 +392,15 @@ fn resolve_credentials(
             )),
         };
     };
+    if secrets.denied(namespace, &secret_ref.name) {
+        return Err(Outcome::not_ready(
+            Reason::SecretNotAllowed,
+            format!(
+                "Secret {namespace}/{} does not match the gateway's --secret-selector, so Routes may not use it",
+                secret_ref.name
+            ),
+        ));
+    }
     let data = secrets.secret(namespace, &secret_ref.name).ok_or_else(|| {
         Outcome::not_ready(
             Reason::SecretNotFound,
@@ -718,7 +754,7 @@ mod tests {
         ])];
         let first = reconcile(&routes, &s);
         let old = ready_backends(&first, "pool");
-        let again = reconcile_after(&routes, &s, &first.table);
+        let again = reconcile_after(&routes, &s, &first.table, &OperatorPolicy::default());
         let new = ready_backends(&again, "pool");
         assert!(Arc::ptr_eq(&old.list[0].health, &new.list[0].health));
         assert!(Arc::ptr_eq(&old.list[1].health, &new.list[1].health));
@@ -727,7 +763,7 @@ mod tests {
             backend(Provider::Openai, "m1", "k"),
             backend(Provider::Openai, "m3", "k"),
         ])];
-        let next = reconcile_after(&changed, &s, &again.table);
+        let next = reconcile_after(&changed, &s, &again.table, &OperatorPolicy::default());
         let next = ready_backends(&next, "pool");
         assert!(Arc::ptr_eq(&new.list[0].health, &next.list[0].health));
         assert!(!Arc::ptr_eq(&new.list[1].health, &next.list[1].health));

@@ -14,13 +14,17 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client};
 use tracing::warn;
 
+use super::policy::OperatorPolicy;
 use super::reconcile::{SecretData, SecretLookup};
+use kube::ResourceExt;
 
 type Key = (String, String);
 
 #[derive(Default)]
 pub struct SecretCache {
     entries: HashMap<Key, (Option<String>, Arc<SecretData>)>,
+    /// Referenced Secrets that do not match `--secret-selector`: never read.
+    denied: HashSet<Key>,
 }
 
 impl SecretLookup for SecretCache {
@@ -28,6 +32,11 @@ impl SecretLookup for SecretCache {
         self.entries
             .get(&(namespace.to_string(), name.to_string()))
             .map(|(_, d)| d.as_ref())
+    }
+
+    fn denied(&self, namespace: &str, name: &str) -> bool {
+        self.denied
+            .contains(&(namespace.to_string(), name.to_string()))
     }
 }
 
@@ -39,13 +48,19 @@ impl SecretCache {
         client: &Client,
         wanted: HashSet<Key>,
         meta: &Store<PartialObjectMeta<Secret>>,
+        policy: &OperatorPolicy,
     ) -> bool {
         self.entries.retain(|k, _| wanted.contains(k));
+        self.denied.clear();
         let mut stale = Vec::new();
         for key in wanted {
             match meta.get(&ObjectRef::new(&key.1).within(&key.0)) {
                 None => {
                     self.entries.remove(&key);
+                }
+                Some(m) if !policy.secret_allowed(m.labels()) => {
+                    self.entries.remove(&key);
+                    self.denied.insert(key);
                 }
                 Some(m) => {
                     let rv = m.metadata.resource_version.clone();

@@ -89,28 +89,49 @@ impl Visibility {
     }
 }
 
-/// Authenticates the caller, checks the route's access rules, and counts the call against its limits.
+/// Who is calling and whether they may use `name`, decided before anything about the route is
+/// revealed, so that to a caller it does not admit a route answers exactly like a missing one.
+///
+/// With `--default-access authenticated` no route admits anonymous callers, so a missing or
+/// invalid credential is a 401 whatever the name. With `allow-all`, credentials are optional: an
+/// invalid one counts as none (public routes still serve), and a route that does not admit the
+/// caller is a 404 like a missing one. A credential that cannot be checked right now is a 503
+/// except on a public route.
+pub async fn authorize(
+    state: &AppState,
+    name: &str,
+) -> Result<(Arc<RouteEntry>, Option<Identity>), GatewayError> {
+    let default = state.auth.default_access;
+    let (caller, unchecked) = match (authenticate(state).await, default) {
+        (Ok(Some(caller)), _) => (Some(caller), false),
+        (Ok(None) | Err(AuthError::Invalid), DefaultAccess::Authenticated) => {
+            return Err(GatewayError::Unauthenticated);
+        }
+        (Err(AuthError::Unavailable), DefaultAccess::Authenticated) => {
+            return Err(GatewayError::AuthUnavailable);
+        }
+        (Ok(None) | Err(AuthError::Invalid), DefaultAccess::AllowAll) => (None, false),
+        (Err(AuthError::Unavailable), DefaultAccess::AllowAll) => (None, true),
+    };
+    let table = state.table.load();
+    let admitted = table
+        .get(name)
+        .filter(|e| decide(e.access.as_deref(), default, caller.as_ref()) == Decision::Allow);
+    match admitted {
+        Some(entry) => Ok((Arc::clone(entry), caller)),
+        None if unchecked => Err(GatewayError::AuthUnavailable),
+        None => Err(GatewayError::UnknownRoute(name.to_string())),
+    }
+}
+
+/// Counts an authorized call, costing `calls` upstream calls, against its route's limits.
 pub async fn admit(
     state: &AppState,
     entry: &RouteEntry,
+    caller: Option<&Identity>,
     request: &LlmRequest,
+    calls: u64,
 ) -> Result<Admission, GatewayError> {
-    // Credentials that are invalid or cannot be checked matter only where credentials are needed.
-    let (caller, unchecked) = match authenticate(state).await {
-        Ok(caller) => (caller, false),
-        Err(AuthError::Invalid) => (None, false),
-        Err(AuthError::Unavailable) => (None, true),
-    };
-    match decide(
-        entry.access.as_deref(),
-        state.auth.default_access,
-        caller.as_ref(),
-    ) {
-        Decision::Allow => {}
-        Decision::Unauthenticated if unchecked => return Err(GatewayError::AuthUnavailable),
-        Decision::Unauthenticated => return Err(GatewayError::Unauthenticated),
-        Decision::Forbidden => return Err(GatewayError::Forbidden(entry.name.clone())),
-    }
     let prompt_estimate = prompt_estimate(request);
     if entry.limits.is_empty() {
         return Ok(Admission {
@@ -118,13 +139,14 @@ pub async fn admit(
             prompt_estimate,
         });
     }
-    let consumer = caller.as_ref().map(Identity::name).unwrap_or_default();
+    let consumer = caller.map(Identity::name).unwrap_or_default();
     let reservation = state
         .limits
-        .admit(
+        .admit_calls(
             entry,
             &consumer,
-            prompt_estimate + completion_estimate(request),
+            calls,
+            prompt_estimate.saturating_add(completion_estimate(request)),
         )
         .await
         .map_err(|limited| GatewayError::RateLimited(Box::new(limited)))?;

@@ -27,6 +27,10 @@ pub enum GatewayError {
         actual: RouteType,
         requested: RouteType,
     },
+    #[error(
+        "request loop: this request already passed through gateway {0:?}; a Route's apiBase points back at the gateway"
+    )]
+    LoopDetected(String),
     #[error("no such path: {0}")]
     NoSuchPath(String),
     #[error("method not allowed for this path")]
@@ -48,18 +52,28 @@ pub enum GatewayError {
         message: String,
         retry_after: Option<u64>,
     },
+    #[error(
+        "the {provider} provider rejected this route's credential ({status}: {message}); the route's operator must fix its Secret"
+    )]
+    CredentialRejected {
+        provider: crate::api::Provider,
+        status: u16,
+        message: String,
+    },
     #[error("upstream provider returned a malformed response: {0}")]
     UpstreamMalformed(String),
     #[error("{0}")]
     UpstreamUnreachable(String),
     #[error("upstream provider did not answer within {0} seconds")]
     UpstreamTimeout(u64),
+    #[error("the provider's stream sent nothing for {0} seconds and was ended")]
+    UpstreamStalled(u64),
+    #[error("the {0} provider's stream ended without its end marker; the answer is incomplete")]
+    UpstreamTruncated(crate::api::Provider),
     #[error(
         "missing or invalid credentials: send a ServiceAccount token or an API key as 'Authorization: Bearer <credential>'"
     )]
     Unauthenticated,
-    #[error("the caller may not use route {0:?}")]
-    Forbidden(String),
     #[error("the caller's credentials cannot be checked right now; retry shortly")]
     AuthUnavailable,
     #[error("{}", .0.message)]
@@ -98,16 +112,19 @@ impl GatewayError {
             GatewayError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             GatewayError::UnknownRoute(_) | GatewayError::NoSuchPath(_) => StatusCode::NOT_FOUND,
             GatewayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            GatewayError::LoopDetected(_) => StatusCode::LOOP_DETECTED,
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             GatewayError::RouteNotReady { .. } => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::Upstream { status, .. } => upstream_status(*status),
-            GatewayError::UpstreamMalformed(_) | GatewayError::UpstreamUnreachable(_) => {
-                StatusCode::BAD_GATEWAY
+            GatewayError::UpstreamMalformed(_)
+            | GatewayError::UpstreamUnreachable(_)
+            | GatewayError::CredentialRejected { .. } => StatusCode::BAD_GATEWAY,
+            GatewayError::UpstreamTimeout(_) | GatewayError::UpstreamStalled(_) => {
+                StatusCode::GATEWAY_TIMEOUT
             }
-            GatewayError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            GatewayError::UpstreamTruncated(_) => StatusCode::BAD_GATEWAY,
             GatewayError::Unauthenticated => StatusCode::UNAUTHORIZED,
-            GatewayError::Forbidden(_) => StatusCode::FORBIDDEN,
             GatewayError::AuthUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
         }
@@ -122,15 +139,18 @@ impl GatewayError {
             GatewayError::WrongRouteType { .. } => "wrong_route_type",
             GatewayError::NoSuchPath(_) => "not_found",
             GatewayError::MethodNotAllowed => "method_not_allowed",
+            GatewayError::LoopDetected(_) => "loop_detected",
             GatewayError::PayloadTooLarge { .. } => "payload_too_large",
             GatewayError::UnsupportedMediaType(_) => "unsupported_media_type",
             GatewayError::RouteNotReady { .. } => "route_not_ready",
             GatewayError::Upstream { .. } => "upstream_error",
             GatewayError::UpstreamMalformed(_) => "upstream_malformed_response",
+            GatewayError::CredentialRejected { .. } => "upstream_credential_rejected",
             GatewayError::UpstreamUnreachable(_) => "upstream_unreachable",
             GatewayError::UpstreamTimeout(_) => "upstream_timeout",
+            GatewayError::UpstreamStalled(_) => "upstream_stalled",
+            GatewayError::UpstreamTruncated(_) => "upstream_truncated",
             GatewayError::Unauthenticated => "unauthenticated",
-            GatewayError::Forbidden(_) => "forbidden",
             GatewayError::AuthUnavailable => "auth_unavailable",
             GatewayError::RateLimited(_) => "rate_limit_exceeded",
         }
@@ -334,7 +354,6 @@ mod tests {
             GatewayError::UnsupportedMediaType("x".into()),
             GatewayError::MethodNotAllowed,
             GatewayError::Unauthenticated,
-            GatewayError::Forbidden("r".into()),
         ] {
             assert!(!retryable.contains(&e.status().as_u16()), "{e:?}");
         }

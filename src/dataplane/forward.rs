@@ -12,6 +12,7 @@ use super::AppState;
 use super::admission::{self, Admission};
 use super::error::GatewayError;
 use super::observe;
+use crate::access::Identity;
 use crate::api::{RetryOn, RouteType};
 use crate::llm::Usage;
 use crate::llm::{
@@ -30,31 +31,29 @@ use tracing::{Instrument, Span, debug, warn};
 pub struct ServingRoute {
     pub entry: Arc<RouteEntry>,
     backends: Arc<Backends>,
+    caller: Option<Identity>,
 }
 
-/// Finds `name` in the current table and checks it can serve `route_type`.
-pub fn lookup(
+/// Finds `name` for its caller (see `admission::authorize`) and checks it can serve `route_type`.
+pub async fn lookup(
     state: &AppState,
     name: &str,
     route_type: RouteType,
 ) -> Result<ServingRoute, GatewayError> {
-    resolve(state, name, Some(route_type))
+    resolve(state, name, Some(route_type)).await
 }
 
 /// Finds `name` for a per-route path, where the route's own type decides the request shape.
-pub fn lookup_route(state: &AppState, name: &str) -> Result<ServingRoute, GatewayError> {
-    resolve(state, name, None)
+pub async fn lookup_route(state: &AppState, name: &str) -> Result<ServingRoute, GatewayError> {
+    resolve(state, name, None).await
 }
 
-fn resolve(
+async fn resolve(
     state: &AppState,
     name: &str,
     route_type: Option<RouteType>,
 ) -> Result<ServingRoute, GatewayError> {
-    let table = state.table.load();
-    let entry = table
-        .get(name)
-        .ok_or_else(|| GatewayError::UnknownRoute(name.to_string()))?;
+    let (entry, caller) = admission::authorize(state, name).await?;
     observe::note(|c| {
         c.route = Some(entry.name.clone());
         c.provider = Some(entry.provider.as_str());
@@ -70,8 +69,9 @@ fn resolve(
     }
     match &entry.state {
         RouteState::Ready(backends) => Ok(ServingRoute {
-            entry: Arc::clone(entry),
             backends: Arc::clone(backends),
+            entry,
+            caller,
         }),
         RouteState::NotReady { reason, message } => Err(GatewayError::RouteNotReady {
             route: name.to_string(),
@@ -93,8 +93,12 @@ fn failure_class(err: &GatewayError) -> Option<RetryOn> {
         {
             Some(RetryOn::Unavailable)
         }
-        GatewayError::UpstreamTimeout(_) => Some(RetryOn::Timeout),
+        GatewayError::UpstreamTimeout(_) | GatewayError::UpstreamStalled(_) => {
+            Some(RetryOn::Timeout)
+        }
         GatewayError::UpstreamUnreachable(_) => Some(RetryOn::ConnectFailure),
+        // A stream closed before its first chunk is a provider that went away mid-answer.
+        GatewayError::UpstreamTruncated(_) => Some(RetryOn::Unavailable),
         _ => None,
     }
 }
@@ -221,7 +225,9 @@ pub async fn invoke(
     route: &ServingRoute,
     request: &LlmRequest,
 ) -> Result<LlmResponse, GatewayError> {
-    let admission = admission::admit(state, &route.entry, request).await?;
+    let calls = fan_out(route, request)?;
+    let admission =
+        admission::admit(state, &route.entry, route.caller.as_ref(), request, calls).await?;
     let started = Instant::now();
     let mut tries = Tries::new(state, route);
     let result = loop {
@@ -254,8 +260,44 @@ pub async fn invoke(
     result
 }
 
+/// Most embeddings inputs one request may have when a backend takes few per call (Titan: one),
+/// so that one request cannot become an unbounded number of upstream calls.
+pub const MAX_FAN_OUT_INPUTS: usize = 128;
+/// Upstream calls of one fanned-out request in flight at once.
+const FAN_OUT_CONCURRENCY: usize = 8;
+
+/// How many upstream calls `request` costs at most on this route's backends (the calls charged
+/// against its limits); a 400 when it has more inputs than a fanned-out request may.
+fn fan_out(route: &ServingRoute, request: &LlmRequest) -> Result<u64, GatewayError> {
+    let LlmRequest::Embeddings(e) = request else {
+        return Ok(1);
+    };
+    let per_call = route
+        .backends
+        .list
+        .iter()
+        .filter_map(|b| {
+            b.upstream
+                .adapter
+                .max_inputs_per_call(&b.upstream.target, route.entry.route_type)
+        })
+        .min();
+    let Some(per_call) = per_call.filter(|n| *n > 0) else {
+        return Ok(1);
+    };
+    if e.input.len() > per_call && e.input.len() > MAX_FAN_OUT_INPUTS {
+        return Err(GatewayError::bad_param(
+            "input",
+            format!(
+                "this route's provider takes {per_call} input(s) per call; send at most {MAX_FAN_OUT_INPUTS} inputs per request"
+            ),
+        ));
+    }
+    Ok(e.input.len().div_ceil(per_call).max(1) as u64)
+}
+
 /// One try on one backend. Providers that take few embeddings inputs per call (Titan) get one
-/// call per batch, sent concurrently and joined in order.
+/// call per batch, a few at a time, joined in order.
 async fn call_backend(
     state: &AppState,
     route_type: RouteType,
@@ -269,13 +311,16 @@ async fn call_backend(
         .max_inputs_per_call(&upstream.target, route_type)
         .and_then(|max| split_inputs(request, max));
     let mut answer = match split {
-        Some(parts) => futures::future::try_join_all(
-            parts
-                .iter()
-                .map(|p| call_once(state, route_type, upstream, p, timeout)),
-        )
-        .await
-        .and_then(|answers| join_embeddings(answers).map_err(|e| provider_error(upstream, e)))?,
+        Some(parts) => {
+            let mut answers = Vec::with_capacity(parts.len());
+            for batch in parts.chunks(FAN_OUT_CONCURRENCY) {
+                let calls = batch
+                    .iter()
+                    .map(|p| call_once(state, route_type, upstream, p, timeout));
+                answers.extend(futures::future::try_join_all(calls).await?);
+            }
+            join_embeddings(answers).map_err(|e| provider_error(upstream, e))?
+        }
         None => call_once(state, route_type, upstream, request, timeout).await?,
     };
     // Answers that do not name their model are named after the backend's.
@@ -297,10 +342,9 @@ async fn call_once(
     timeout: Duration,
 ) -> Result<LlmResponse, GatewayError> {
     let response = send(state, upstream, request, Some(timeout)).await?;
-    let body = response
-        .bytes()
+    let body = read_capped(response, state.upstream_limits.max_body)
         .await
-        .map_err(|e| transport_error(upstream, timeout, &e))?;
+        .map_err(|e| e.into_gateway(upstream, timeout))?;
     upstream
         .adapter
         .parse_response(&upstream.target, route_type, &body)
@@ -331,7 +375,8 @@ pub async fn invoke_stream(
     ),
     GatewayError,
 > {
-    let admission = admission::admit(state, &route.entry, request).await?;
+    let admission =
+        admission::admit(state, &route.entry, route.caller.as_ref(), request, 1).await?;
     let started = Instant::now();
     let mut tries = Tries::new(state, route);
     let opened = loop {
@@ -380,6 +425,17 @@ pub async fn invoke_stream(
     Ok((deltas, backend.upstream.target.model.clone()))
 }
 
+/// One provider stream being decoded.
+struct Decoding {
+    bytes: BoxStream<'static, reqwest::Result<Bytes>>,
+    decoder: Box<dyn StreamDecoder>,
+    upstream: Arc<Upstream>,
+    /// Fires when the provider has sent nothing for the idle timeout; reset on every read.
+    idle: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// Whether the provider's end marker (a finish reason) arrived.
+    ended: bool,
+}
+
 /// Sends the request and reads until the first deltas (or the end of an empty stream).
 async fn open_stream(
     state: &AppState,
@@ -391,33 +447,63 @@ async fn open_stream(
     let response = send(state, &upstream, request, None).await?;
     let decoder = upstream.adapter.stream_decoder(route_type);
     let timeout = state.upstream_timeout;
-    let bytes = response.bytes_stream();
-    let mut rest: Deltas = futures::stream::unfold(
-        Some((bytes.boxed(), decoder, upstream)),
-        move |st| async move {
-            let (mut bytes, mut decoder, upstream) = st?;
-            let mut out = Vec::new();
-            loop {
-                match bytes.next().await {
-                    Some(Ok(chunk)) => match decoder.feed(&chunk, &mut out) {
-                        Ok(()) if out.is_empty() => continue,
-                        Ok(()) => return Some((Ok(out), Some((bytes, decoder, upstream)))),
-                        Err(e) => return Some((Err(provider_error(&upstream, e)), None)),
-                    },
-                    Some(Err(e)) => {
-                        return Some((Err(transport_error(&upstream, timeout, &e)), None));
+    let idle = state.upstream_limits.stream_idle;
+    let decode = Decoding {
+        bytes: response.bytes_stream().boxed(),
+        decoder,
+        upstream,
+        idle: Box::pin(tokio::time::sleep(idle)),
+        ended: false,
+    };
+    let mut rest: Deltas = futures::stream::unfold(Some(Ok(decode)), move |st| async move {
+        let mut d = match st? {
+            Ok(d) => d,
+            Err(e) => return Some((Err(e), None)),
+        };
+        let mut out = Vec::new();
+        loop {
+            let next = tokio::select! {
+                next = d.bytes.next() => next,
+                () = d.idle.as_mut() => {
+                    let provider = d.upstream.adapter.provider();
+                    warn!(%provider, idle_s = idle.as_secs_f64(), "provider stream stalled; ending it");
+                    return Some((Err(GatewayError::UpstreamStalled(idle.as_secs().max(1))), None));
+                }
+            };
+            d.idle.as_mut().reset(tokio::time::Instant::now() + idle);
+            match next {
+                Some(Ok(chunk)) => match d.decoder.feed(&chunk, &mut out) {
+                    Ok(()) if out.is_empty() => continue,
+                    Ok(()) => {
+                        d.ended |= out.iter().any(|x| x.finish_reason.is_some());
+                        return Some((Ok(out), Some(Ok(d))));
                     }
-                    None => {
-                        return match finish(decoder.as_mut(), &mut out) {
-                            Ok(()) if out.is_empty() => None,
-                            Ok(()) => Some((Ok(out), None)),
-                            Err(e) => Some((Err(provider_error(&upstream, e)), None)),
-                        };
+                    Err(e) => return Some((Err(provider_error(&d.upstream, e)), None)),
+                },
+                Some(Err(e)) => {
+                    return Some((Err(transport_error(&d.upstream, timeout, &e)), None));
+                }
+                None => {
+                    if let Err(e) = finish(d.decoder.as_mut(), &mut out) {
+                        return Some((Err(provider_error(&d.upstream, e)), None));
                     }
+                    d.ended |= out.iter().any(|x| x.finish_reason.is_some());
+                    if !d.ended {
+                        // Closed without the provider's end marker: never passed off as a full answer.
+                        let provider = d.upstream.adapter.provider();
+                        warn!(%provider, "provider stream ended without its end marker");
+                        let cut = GatewayError::UpstreamTruncated(provider);
+                        return Some(if out.is_empty() {
+                            (Err(cut), None)
+                        } else {
+                            (Ok(out), Some(Err(cut)))
+                        });
+                    }
+                    return (!out.is_empty()).then_some((Ok(out), None));
                 }
             }
-        },
-    )
+        }
+    })
     .boxed();
     let first = match rest.next().await {
         Some(Ok(first)) => first,
@@ -582,6 +668,10 @@ async fn send(
         .map_err(|e| provider_error(upstream, e))?;
     let span = upstream_span(upstream, request);
     tracecontext::inject(&span, &mut built.headers, observe::caller_traceparent());
+    built.headers.insert(
+        super::via::VIA,
+        state.via.upstream_value(observe::caller_via().as_ref()),
+    );
     let mut call = state
         .http
         .request(built.method, built.url)
@@ -600,11 +690,55 @@ async fn send(
         return Ok(response);
     }
     let headers = response.headers().clone();
-    let body: Bytes = response.bytes().await.unwrap_or_default();
+    // Only the message matters: read a bounded prefix, and not for longer than the try may take.
+    let limit = state.upstream_limits.max_error_body;
+    let deadline = timeout.unwrap_or(state.upstream_timeout);
+    let body = match tokio::time::timeout(deadline, read_capped(response, limit)).await {
+        Ok(Ok(body)) => body,
+        Ok(Err(ReadError::TooLarge(prefix))) => prefix,
+        Ok(Err(ReadError::Transport(_))) | Err(_) => Bytes::new(),
+    };
     Err(provider_error(
         upstream,
         upstream.adapter.parse_error(status, &headers, &body),
     ))
+}
+
+enum ReadError {
+    /// Over the cap; the prefix read so far.
+    TooLarge(Bytes),
+    Transport(reqwest::Error),
+}
+
+impl ReadError {
+    fn into_gateway(self, upstream: &Upstream, timeout: Duration) -> GatewayError {
+        match self {
+            ReadError::TooLarge(prefix) => GatewayError::UpstreamMalformed(format!(
+                "the {} provider's answer is larger than the gateway's limit of {} bytes",
+                upstream.adapter.provider(),
+                prefix.len()
+            )),
+            ReadError::Transport(e) => transport_error(upstream, timeout, &e),
+        }
+    }
+}
+
+/// Reads a whole answer body, refusing one over `limit` bytes (never trusting Content-Length).
+async fn read_capped(mut response: reqwest::Response, limit: usize) -> Result<Bytes, ReadError> {
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = response.chunk().await.map_err(ReadError::Transport)? {
+        if body.len() + chunk.len() > limit {
+            let room = limit - body.len();
+            body.extend_from_slice(&chunk[..room]);
+            return Err(ReadError::TooLarge(body.freeze()));
+        }
+        if body.is_empty() && chunk.len() == response.content_length().unwrap_or(0) as usize {
+            // The common case, one chunk holding the whole body: no copy.
+            return Ok(chunk);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
 }
 
 /// Provider errors with any echo of the route's credentials removed.
@@ -613,6 +747,17 @@ fn provider_error(upstream: &Upstream, err: ProviderError) -> GatewayError {
     GatewayError::from_provider(match err {
         ProviderError::Unsupported(m) => ProviderError::Unsupported(redact(m)),
         ProviderError::MalformedResponse(m) => ProviderError::MalformedResponse(redact(m)),
+        // The provider refused the route's own credential: the operator's problem, never the
+        // caller's authentication error.
+        ProviderError::Upstream {
+            status, message, ..
+        } if matches!(status.as_u16(), 401 | 403) => {
+            return GatewayError::CredentialRejected {
+                provider: upstream.adapter.provider(),
+                status: status.as_u16(),
+                message: redact(message),
+            };
+        }
         ProviderError::Upstream {
             status,
             message,

@@ -30,7 +30,7 @@ pub async fn invoke(
     body: Body,
 ) -> Result<Response> {
     let name = route_name(name)?;
-    let route = forward::lookup_route(&state, &name)?;
+    let route = forward::lookup_route(&state, &name).await?;
     let body = read_json_object(&headers, body, state.body_limit).await?;
     let route_type = route.entry.route_type;
     reject_model(&body)?;

@@ -38,7 +38,7 @@ pub async fn invoke(
     body: Body,
 ) -> Result<Json<Value>> {
     let name = route_name(name)?;
-    let route = forward::lookup_route(&state, &name)?;
+    let route = forward::lookup_route(&state, &name).await?;
     let body = read_json_object(&headers, body, state.body_limit).await?;
     let request = parse(&route.entry, body)?;
     let answer = forward::invoke(&state, &route, &request).await?;

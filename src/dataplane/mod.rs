@@ -16,6 +16,7 @@ mod mlflow_gateway;
 mod observe;
 mod openai;
 mod request;
+pub mod via;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -50,6 +51,30 @@ pub struct AppState {
     /// Who is calling (API keys, cached TokenReviews) and the gateway-wide default access.
     pub auth: Arc<Authenticator>,
     pub limits: Arc<Limiter>,
+    pub upstream_limits: UpstreamLimits,
+    /// This gateway's name in `x-portcullis-via`, shared by its replicas.
+    pub via: via::Via,
+}
+
+/// Bounds on what a provider may send back: nothing from outside is trusted to be small or quick.
+#[derive(Clone, Copy, Debug)]
+pub struct UpstreamLimits {
+    /// Largest non-streaming answer read, in bytes.
+    pub max_body: usize,
+    /// Largest error body read (only its message is used), in bytes.
+    pub max_error_body: usize,
+    /// A stream that sends nothing for this long ends with an error.
+    pub stream_idle: Duration,
+}
+
+impl Default for UpstreamLimits {
+    fn default() -> Self {
+        UpstreamLimits {
+            max_body: 64 * 1024 * 1024,
+            max_error_body: 1024 * 1024,
+            stream_idle: Duration::from_secs(60),
+        }
+    }
 }
 
 /// The upstream HTTP client: pooled connections, bounded connect and read times.
@@ -93,6 +118,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(|OriginalUri(uri): OriginalUri| async move {
             error::for_path(uri.path(), GatewayError::NoSuchPath(uri.path().to_string()))
         })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            via::refuse_loops,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             observe::middleware,

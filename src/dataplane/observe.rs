@@ -45,6 +45,8 @@ pub struct CallInfo {
     pub operation: Option<&'static str>,
     /// Passed on to the provider when no span of ours is exported.
     pub caller_traceparent: Option<HeaderValue>,
+    /// The gateways this request already passed through (`x-portcullis-via`).
+    pub via: Option<HeaderValue>,
     /// The caller's credential, taken once by admission; never logged.
     pub bearer: Option<Bearer>,
 }
@@ -71,6 +73,11 @@ pub fn take_bearer() -> Option<Bearer> {
     CALL.try_with(|c| c.borrow_mut().bearer.take())
         .ok()
         .flatten()
+}
+
+/// The gateways this request already passed through, if any.
+pub fn caller_via() -> Option<HeaderValue> {
+    CALL.try_with(|c| c.borrow().via.clone()).ok().flatten()
 }
 
 /// The caller's `traceparent`, if any.
@@ -117,6 +124,7 @@ pub async fn middleware(State(state): State<Arc<AppState>>, req: Request, next: 
     let span = request_span(&req, surface);
     let call = CallInfo {
         caller_traceparent: req.headers().get(TRACEPARENT).cloned(),
+        via: req.headers().get(super::via::VIA).cloned(),
         bearer: req
             .headers()
             .get(http::header::AUTHORIZATION)

@@ -58,7 +58,7 @@ async fn handle(
     route_type: RouteType,
 ) -> Result<Response> {
     let mut body = read_json_object(headers, body, state.body_limit).await?;
-    let route = forward::lookup(state, &require_string(&mut body, "model")?, route_type)?;
+    let route = forward::lookup(state, &require_string(&mut body, "model")?, route_type).await?;
     let request = parse_request(route_type, body, &OPENAI)?;
     Ok(respond(state, &route, request, true).await?)
 }

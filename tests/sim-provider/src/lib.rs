@@ -67,6 +67,10 @@ pub enum Fault {
     Malformed,
     /// Streams: send this many frames, then break the connection (no end marker, no clean end).
     CutStream { after_frames: usize },
+    /// Streams: send this many frames, then end the body cleanly without the end marker.
+    EndStream { after_frames: usize },
+    /// Streams: send this many frames, then go quiet for an hour.
+    StallStream { after_frames: usize },
 }
 
 #[derive(Clone, Debug)]
@@ -391,7 +395,7 @@ async fn record_and_fault(
             return response;
         }
         Fault::Malformed => return Response::new(axum::body::Body::from("<html>surprise</html>")),
-        Fault::CutStream { .. } => {}
+        Fault::CutStream { .. } | Fault::EndStream { .. } | Fault::StallStream { .. } => {}
     }
     next.run(axum::extract::Request::from_parts(
         parts,
@@ -464,13 +468,9 @@ pub fn stream_response(
     content_type: &'static str,
     frames: Vec<Bytes>,
 ) -> Response {
-    let (delay, cut) = {
+    let (delay, fault) = {
         let b = shared.behaviour.lock();
-        let cut = match b.fault {
-            Fault::CutStream { after_frames } => Some(after_frames),
-            _ => None,
-        };
-        (b.chunk_delay, cut)
+        (b.chunk_delay, b.fault.clone())
     };
     let guard = StreamGuard {
         shared: Arc::clone(shared),
@@ -478,20 +478,36 @@ pub fn stream_response(
     };
     let body = futures::stream::unfold(
         (frames.into_iter().enumerate(), guard),
-        move |(mut it, guard)| async move {
-            let Some((n, frame)) = it.next() else {
-                guard.finish();
-                return None;
-            };
-            if !delay.is_zero() {
-                tokio::time::sleep(delay).await;
+        move |(mut it, guard)| {
+            let fault = fault.clone();
+            async move {
+                let Some((n, frame)) = it.next() else {
+                    guard.finish();
+                    return None;
+                };
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                match fault {
+                    Fault::CutStream { after_frames } if n >= after_frames => {
+                        // An error from the body makes the server drop the connection mid-stream.
+                        guard.finish();
+                        return Some((
+                            Err(std::io::Error::other("cut")),
+                            (it, StreamGuard::done()),
+                        ));
+                    }
+                    Fault::EndStream { after_frames } if n >= after_frames => {
+                        guard.finish();
+                        return None;
+                    }
+                    Fault::StallStream { after_frames } if n >= after_frames => {
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                    }
+                    _ => {}
+                }
+                Some((Ok(frame), (it, guard)))
             }
-            if cut.is_some_and(|after| n >= after) {
-                // An error from the body makes the server drop the connection mid-stream.
-                guard.finish();
-                return Some((Err(std::io::Error::other("cut")), (it, StreamGuard::done())));
-            }
-            Some((Ok(frame), (it, guard)))
         },
     );
     let mut response = Response::new(axum::body::Body::from_stream(body));

@@ -1,0 +1,250 @@
+//! Hostile or broken upstreams: answers too large, streams that stall or end without their end
+//! marker. The gateway bounds all of them and never passes a cut answer off as a whole one.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use portcullis_sim::Behaviour;
+use serde_json::{Value, json};
+use support::*;
+
+fn stream_body(route: &str) -> Value {
+    json!({"model": route, "stream": true, "messages": [{"role": "user", "content": "hello there"}]})
+}
+
+/// A namespace with an OpenAI and an Anthropic chat Route on one simulated provider, and a gateway.
+fn setup(prefix: &str, flags: &[&str]) -> (SimProvider, Gateway) {
+    let cp = ControlPlane::shared();
+    let ns = cp.namespace(prefix);
+    let sim = sim();
+    let mut all = vec!["--namespace", ns.as_str()];
+    all.extend_from_slice(flags);
+    let gw = Gateway::start(cp, &all);
+    cp.apply(&format!(
+        "{}---\n{}---\n{}",
+        secret_manifest(&ns, "openai", "apiKey", "sk-up"),
+        route_manifest(&ns, "gpt", "llm/v1/chat", "openai", &sim.openai_base()),
+        provider_route(
+            &ns,
+            "claude",
+            "llm/v1/chat",
+            "anthropic",
+            "claude-sonnet-4-5",
+            &sim.anthropic_base(),
+            Some("openai"),
+            &[]
+        ),
+    ));
+    cp.wait_ready(&ns, "gpt");
+    cp.wait_ready(&ns, "claude");
+    (sim, gw)
+}
+
+#[test]
+fn a_stream_ending_without_its_end_marker_is_an_error_on_every_streaming_surface() {
+    let (sim, gw) = setup("truncated", &[]);
+    sim.set_behaviour(Behaviour {
+        fault: Fault::EndStream { after_frames: 4 },
+        chunk_delay: Duration::from_millis(10),
+        ..Default::default()
+    });
+    for route in ["gpt", "claude"] {
+        for (path, body) in [
+            ("/v1/chat/completions".to_string(), stream_body(route)),
+            (format!("/endpoints/{route}/invocations"), {
+                let mut b = stream_body(route);
+                b.as_object_mut().unwrap().remove("model");
+                b
+            }),
+        ] {
+            let (status, _, text) = post_full(&gw.url(&path), &body);
+            assert_eq!(status, 200, "{route} {path}: {text}");
+            assert!(text.contains("word1"), "{route} {path}: {text}");
+            let chunks = sse_chunks(&text);
+            let last = chunks.last().expect("chunks");
+            assert_eq!(
+                last["error"]["code"], "upstream_truncated",
+                "{route} {path}: {text}"
+            );
+            assert!(!text.contains("[DONE]"), "never a normal end: {text}");
+            assert!(
+                !chunks.iter().any(|c| c["choices"]
+                    .get(0)
+                    .is_some_and(|ch| !ch["finish_reason"].is_null())),
+                "a cut stream must not look finished: {text}"
+            );
+        }
+    }
+    eventually(Duration::from_secs(2), || {
+        gw.log()
+            .contains("provider stream ended without its end marker")
+    })
+    .expect("logged");
+    let metrics = gw.metrics();
+    for (route, provider) in [("gpt", "openai"), ("claude", "anthropic")] {
+        assert!(
+            metrics.contains(&format!("portcullis_upstream_errors_total{{route=\"{route}\",gen_ai_provider_name=\"{provider}\",error_type=\"upstream_truncated\"}} 2")),
+            "counted: {metrics}"
+        );
+    }
+}
+
+#[test]
+fn a_stalled_stream_ends_with_an_error_after_the_idle_timeout() {
+    let (sim, gw) = setup("stalled", &["--stream-idle-timeout", "1"]);
+    sim.set_behaviour(Behaviour {
+        fault: Fault::StallStream { after_frames: 3 },
+        ..Default::default()
+    });
+    let started = Instant::now();
+    let (status, _, text) = post_full(&gw.url("/v1/chat/completions"), &stream_body("gpt"));
+    let took = started.elapsed();
+    assert_eq!(status, 200);
+    assert!(text.contains("word1"), "{text}");
+    assert!(text.contains("upstream_stalled"), "{text}");
+    assert!(!text.contains("[DONE]"));
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(10),
+        "{took:?}"
+    );
+}
+
+#[test]
+fn an_answer_larger_than_the_limit_is_a_502_that_says_so() {
+    let (sim, gw) = setup("large", &["--max-upstream-body", "4096"]);
+    sim.set_behaviour(Behaviour {
+        answer_words: 2000,
+        ..Default::default()
+    });
+    let (status, body) = gw.chat("gpt");
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(
+        body["error"]["message"],
+        "upstream provider returned a malformed response: the openai provider's answer is larger than the gateway's limit of 4096 bytes"
+    );
+    // An error body of any size is read only up to its cap, quickly.
+    sim.set_behaviour(Behaviour {
+        fault: Fault::Status {
+            status: 500,
+            body: format!(
+                "{{\"error\":{{\"message\":\"{}\"}}}}",
+                "x".repeat(8 * 1024 * 1024)
+            ),
+            retry_after: None,
+        },
+        ..Default::default()
+    });
+    let started = Instant::now();
+    let (status, _) = gw.chat("gpt");
+    assert_eq!(status, 502);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // Normal answers still pass.
+    sim.set_behaviour(Behaviour::default());
+    assert_eq!(gw.chat("gpt").0, 200);
+}
+
+#[test]
+fn a_route_pointing_back_at_the_gateway_is_refused_after_one_hop() {
+    let cp = ControlPlane::shared();
+    // Seen statically: an apiBase at the gateway's own address is not ready, and says why.
+    let ns = cp.namespace("loop");
+    let gw = Gateway::start(cp, &["--namespace", &ns]);
+    cp.apply(&format!(
+        "{}---\n{}",
+        secret_manifest(&ns, "openai", "apiKey", "sk-loop"),
+        route_manifest(&ns, "ouroboros", "llm/v1/chat", "openai", &gw.url("/v1")),
+    ));
+    cp.wait_reason(&ns, "ouroboros", "InvalidSpec");
+    let route = cp.json(&["get", "-n", &ns, "route.portcullis.dev", "ouroboros"]);
+    assert!(
+        route["status"]["conditions"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("points at this gateway itself"),
+        "{route}"
+    );
+
+    // Not seen statically (another replica of the same gateway): refused after one hop.
+    let other_ns = cp.namespace("loop-replica");
+    let replica = Gateway::start(cp, &["--namespace", &other_ns]);
+    cp.apply(&route_manifest(
+        &ns,
+        "via-replica",
+        "llm/v1/chat",
+        "openai",
+        &replica.url("/v1"),
+    ));
+    cp.wait_ready(&ns, "via-replica");
+    let started = Instant::now();
+    let (status, body) = gw.chat("via-replica");
+    assert_eq!(status, 502, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("request loop"), "{message}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    eventually(Duration::from_secs(2), || {
+        replica.log().contains("request loop refused")
+    })
+    .expect("the replica refused it");
+    assert!(!replica.log().contains("sk-loop"));
+}
+
+#[test]
+fn a_fanned_out_embeddings_request_is_capped_and_charged_per_upstream_call() {
+    let cp = ControlPlane::shared();
+    let ns = cp.namespace("fanout");
+    let sim = sim();
+    let gw = Gateway::start(cp, &["--namespace", &ns]);
+    cp.apply(&format!(
+        "{}---\n{}  limits:\n    - renewalPeriod: minute\n      calls: 10\n",
+        secret_with(
+            &ns,
+            "aws",
+            &[("awsAccessKeyId", "AKID"), ("awsSecretAccessKey", "s3cr3t")]
+        ),
+        provider_route(
+            &ns,
+            "titan",
+            "llm/v1/embeddings",
+            "bedrock",
+            "amazon.titan-embed-text-v2:0",
+            &sim.bedrock_base(),
+            Some("aws"),
+            &[("region", "us-east-1")]
+        ),
+    ));
+    cp.wait_ready(&ns, "titan");
+    // Over the cap: a 400 in each surface's shape, and nothing sent upstream.
+    let many: Vec<String> = (0..129).map(|i| format!("text {i}")).collect();
+    let (status, body) = gw.post("/v1/embeddings", &json!({"model": "titan", "input": many}));
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["param"], "input");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("at most 128 inputs")
+    );
+    let (status, body) = gw.post("/endpoints/titan/invocations", &json!({"input": many}));
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("at most 128 inputs")
+    );
+    assert!(sim.requests().is_empty());
+
+    // Four inputs are four Titan calls, charged as four against the 10-calls limit.
+    let four = json!({"model": "titan", "input": ["a", "b", "c", "d"]});
+    for _ in 0..2 {
+        let (status, body) = gw.post("/v1/embeddings", &four);
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["data"].as_array().unwrap().len(), 4);
+    }
+    assert_eq!(sim.requests().len(), 8);
+    let (status, body) = gw.post("/v1/embeddings", &four);
+    assert_eq!(status, 429, "8 + 4 calls exceed 10: {body}");
+    assert_eq!(sim.requests().len(), 8);
+}
