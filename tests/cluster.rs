@@ -60,7 +60,7 @@ fn cluster() -> &'static ControlPlane {
     })
 }
 
-/// kubectl that must succeed, with a timeout so a hung call fails the test instead of blocking it.
+/// kubectl that must succeed; its stdout.
 fn k(args: &[&str]) -> String {
     cluster().ok(args)
 }
@@ -509,14 +509,14 @@ fn step2_pods_call_the_service_by_dns_with_projected_tokens() {
         status == 403 || status == 404,
         "a pod whose ServiceAccount is not allowed got {status}:\n{refused}"
     );
-    // No token at all.
+    // No token at all: refused too (401, or 404 now that a hidden route answers like a missing one).
     let (_, anonymous) = exec(
         "notebook",
         &format!(
             r#"curl -sS -o /dev/null -w 'HTTP %{{http_code}}\n' {SERVICE_URL} -H 'content-type: application/json' -d '{{"model":"chat","messages":[{{"role":"user","content":"hi"}}]}}'"#
         ),
     );
-    assert_eq!(http_status(&anonymous), 401, "{anonymous}");
+    assert!(matches!(http_status(&anonymous), 401 | 404), "{anonymous}");
     // Tokens never reach the gateway's logs.
     let (_, token) = exec("notebook", "cat /var/run/portcullis/token");
     assert!(token.len() > 100, "no projected token: {token}");
