@@ -48,7 +48,7 @@ in_ns() { nsenter --net="/run/netns/$NETNS" -- "$@"; }
 
 # --- install ----------------------------------------------------------------------------------------
 
-DEBS="containerd runc containernetworking-plugins iptables conntrack socat busybox-static musl-tools ca-certificates iproute2 curl openssl util-linux"
+DEBS="containerd runc containernetworking-plugins iptables conntrack socat musl-tools ca-certificates iproute2 curl openssl util-linux"
 
 deps() {
   local missing=""
@@ -61,7 +61,9 @@ deps() {
     [ "$(id -u)" = 0 ] || die "missing:$missing; run as root (apt-get install $DEBS)"
     say "installing Debian packages for:$missing"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $DEBS >/dev/null
+    # busybox-static unless a busybox is there already (the two packages conflict).
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $DEBS \
+      $(command -v busybox >/dev/null || echo busybox-static) >/dev/null
   fi
   rustup target list --installed 2>/dev/null | grep -qx "$MUSL" || rustup target add "$MUSL"
 }
@@ -135,7 +137,7 @@ images() {
     links+=(--symlink "busybox:/bin/$t")
   done
   python3 "$HERE/oci-image.py" --ref "$CLIENT_IMAGE" --config "$HERE/image/client.json" --out "$IMAGES/client.tar" \
-    --file /bin/busybox:/bin/busybox:0755 --with-libs "$(command -v curl):/usr/bin/curl" \
+    --with-libs "$(command -v busybox):/bin/busybox" --with-libs "$(command -v curl):/usr/bin/curl" \
     --file /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt \
     --file "$HERE/image/passwd:/etc/passwd" --file "$HERE/image/group:/etc/group" \
     --dir /tmp:1777 "${links[@]}"

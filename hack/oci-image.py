@@ -11,7 +11,7 @@ is reproducible from its inputs (fixed mtimes and owners, sorted entries). The a
 
 CONFIG.json holds the image config that the Dockerfile must agree with:
   {"user": "65532:65532", "entrypoint": [...], "cmd": [...], "exposedPorts": ["8080/tcp"], "env": [...]}
---with-libs copies a dynamically linked program and the shared libraries `ldd` lists for it.
+--with-libs copies a program and, when it is dynamically linked, the shared libraries `ldd` lists.
 """
 
 import argparse
@@ -47,7 +47,10 @@ def parse_args():
 
 
 def ldd_libs(program):
-    out = subprocess.run(["ldd", program], check=True, capture_output=True, text=True).stdout
+    run = subprocess.run(["ldd", program], capture_output=True, text=True)
+    if run.returncode != 0:  # a static program: nothing to add
+        return []
+    out = run.stdout
     libs = []
     for line in out.splitlines():
         line = line.strip()
