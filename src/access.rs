@@ -228,12 +228,17 @@ pub enum AuthError {
     Unavailable,
 }
 
-/// Cache lifetimes of token reviews.
+/// Cache lifetimes of token reviews, and the deadline of one review.
 #[derive(Clone, Copy, Debug)]
 pub struct CacheTtl {
     pub positive: Duration,
     pub negative: Duration,
     pub capacity: usize,
+    /// Longest wait for one TokenReview; past it the caller gets 503 with `Retry-After`.
+    pub review_timeout: Duration,
+    /// While the API server cannot review, a token it accepted earlier keeps working this long past
+    /// its cache lifetime (never past the token's own expiry).
+    pub stale_grace: Duration,
 }
 
 impl Default for CacheTtl {
@@ -242,22 +247,68 @@ impl Default for CacheTtl {
             positive: Duration::from_secs(30),
             negative: Duration::from_secs(5),
             capacity: 10_000,
+            review_timeout: Duration::from_secs(5),
+            stale_grace: Duration::from_secs(300),
         }
     }
 }
 
-/// Token review results by token digest, with a bounded size and lifetime. A plain map behind a
-/// short lock: a hit is one hash lookup, and the lock is never held across an await.
+#[derive(Clone, Debug)]
+struct CacheEntry {
+    identity: Option<Identity>,
+    /// Trusted without a new review until then.
+    fresh_until: Instant,
+    /// Usable, when a new review cannot be had, until then.
+    usable_until: Instant,
+    /// Recency, for eviction (a counter, not a clock).
+    used: u64,
+}
+
+/// Token review results by token digest: bounded, least recently used entries evicted first, and
+/// rejections before acceptances, so a flood of bad tokens never flushes the good ones. A plain
+/// map behind a short lock: a hit is one hash lookup, and the lock is never held across an await.
 struct ReviewCache {
     ttl: CacheTtl,
-    entries: Mutex<HashMap<Digest, (Option<Identity>, Instant)>>,
+    entries: Mutex<CacheMap>,
+}
+
+#[derive(Default)]
+struct CacheMap {
+    map: HashMap<Digest, CacheEntry>,
+    clock: u64,
 }
 
 impl ReviewCache {
+    fn new(ttl: CacheTtl) -> Self {
+        ReviewCache {
+            ttl,
+            entries: Mutex::new(CacheMap::default()),
+        }
+    }
+
+    /// A fresh review of `key`.
     fn get(&self, key: &Digest) -> Option<Option<Identity>> {
-        let entries = self.entries.lock();
-        let (identity, expires) = entries.get(key)?;
-        (Instant::now() < *expires).then(|| identity.clone())
+        let mut entries = self.entries.lock();
+        entries.clock += 1;
+        let clock = entries.clock;
+        let entry = entries.map.get_mut(key)?;
+        entry.used = clock;
+        (Instant::now() < entry.fresh_until).then(|| entry.identity.clone())
+    }
+
+    /// An accepted identity past its cache lifetime but still usable while reviews fail; it is
+    /// then trusted for another negative-TTL period, so an outage costs one review timeout per
+    /// period rather than one per request.
+    fn stale(&self, key: &Digest) -> Option<Identity> {
+        let now = Instant::now();
+        let mut entries = self.entries.lock();
+        let entry = entries.map.get_mut(key)?;
+        let identity = entry.identity.clone()?;
+        if now >= entry.usable_until {
+            return None;
+        }
+        entry.fresh_until = (now + self.ttl.negative).min(entry.usable_until);
+        Some(identity)
     }
 
     /// Caches a review; `lifetime` caps the entry at the token's own expiry.
@@ -268,16 +319,47 @@ impl ReviewCache {
         } else {
             self.ttl.negative
         };
-        let ttl = lifetime.map_or(ttl, |l| ttl.min(l));
+        let fresh = lifetime.map_or(ttl, |l| ttl.min(l));
+        let usable = if identity.is_some() {
+            let grace = ttl.saturating_add(self.ttl.stale_grace);
+            lifetime.map_or(grace, |l| grace.min(l))
+        } else {
+            fresh
+        };
         let mut entries = self.entries.lock();
-        if entries.len() >= self.ttl.capacity {
-            entries.retain(|_, (_, expires)| *expires > now);
-            if entries.len() >= self.ttl.capacity {
-                // A flood of distinct tokens: start over rather than grow without bound.
-                entries.clear();
-            }
+        if entries.map.len() >= self.ttl.capacity && !entries.map.contains_key(&key) {
+            evict(&mut entries.map, self.ttl.capacity, now);
         }
-        entries.insert(key, (identity, now + ttl));
+        entries.clock += 1;
+        let used = entries.clock;
+        entries.map.insert(
+            key,
+            CacheEntry {
+                identity,
+                fresh_until: now + fresh,
+                usable_until: now + usable,
+                used,
+            },
+        );
+    }
+}
+
+/// Makes room for a quarter of `capacity`: expired entries first, then rejections, then the least
+/// recently used acceptances. Batched, so a flood of new tokens costs O(1) amortised per insert.
+fn evict(map: &mut HashMap<Digest, CacheEntry>, capacity: usize, now: Instant) {
+    map.retain(|_, e| e.usable_until > now);
+    let target = capacity - capacity.div_ceil(4).max(1).min(capacity);
+    if map.len() <= target {
+        return;
+    }
+    let mut order: Vec<(bool, u64, Digest)> = map
+        .iter()
+        .map(|(k, e)| (e.identity.is_some(), e.used, *k))
+        .collect();
+    let excess = map.len() - target;
+    order.select_nth_unstable(excess - 1);
+    for (_, _, key) in &order[..excess] {
+        map.remove(key);
     }
 }
 
@@ -287,8 +369,14 @@ pub struct Authenticator {
     reviewer: Option<Arc<dyn TokenReviewer>>,
     cache: ReviewCache,
     in_flight: Mutex<HashMap<Digest, Arc<InFlight>>>,
+    /// After a failed review, none is tried before this instant: during an outage callers get
+    /// their answer (a cached identity, or 503) at once instead of each waiting out the deadline.
+    reviews_paused_until: Mutex<Option<Instant>>,
     pub default_access: DefaultAccess,
 }
+
+/// How long reviews pause after one failed.
+const REVIEW_RETRY: Duration = Duration::from_secs(1);
 
 type InFlight = tokio::sync::OnceCell<Result<Option<Identity>, AuthError>>;
 
@@ -302,11 +390,9 @@ impl Authenticator {
         Authenticator {
             api_keys,
             reviewer,
-            cache: ReviewCache {
-                ttl,
-                entries: Mutex::new(HashMap::new()),
-            },
+            cache: ReviewCache::new(ttl),
             in_flight: Mutex::new(HashMap::new()),
+            reviews_paused_until: Mutex::new(None),
             default_access,
         }
     }
@@ -360,10 +446,19 @@ impl Authenticator {
     async fn review(&self, bearer: &Bearer, key: Digest) -> Result<Option<Identity>, AuthError> {
         let reviewed = match &self.reviewer {
             Some(reviewer) if bearer.looks_like_jwt() => {
-                reviewer.review(bearer.expose()).await.map_err(|e| {
-                    tracing::warn!(error = %e, "cannot validate a ServiceAccount token");
-                    AuthError::Unavailable
-                })?
+                let outcome = self.timed_review(reviewer.as_ref(), bearer).await;
+                match outcome {
+                    Ok(reviewed) => reviewed,
+                    Err(e) => {
+                        // An identity the API server accepted before keeps working through its outage.
+                        if let Some(identity) = self.cache.stale(&key) {
+                            tracing::debug!(error = %e, "TokenReview unavailable; using the cached review");
+                            return Ok(Some(identity));
+                        }
+                        tracing::warn!(error = %e, "cannot validate a ServiceAccount token");
+                        return Err(AuthError::Unavailable);
+                    }
+                }
             }
             _ => None,
         };
@@ -372,6 +467,32 @@ impl Authenticator {
             .and_then(|_| token_lifetime(bearer.expose()));
         self.cache.put(key, reviewed.clone(), lifetime);
         Ok(reviewed)
+    }
+}
+
+impl Authenticator {
+    /// One review under the deadline, unless reviews are paused after a failure.
+    async fn timed_review(
+        &self,
+        reviewer: &dyn TokenReviewer,
+        bearer: &Bearer,
+    ) -> Result<Option<Identity>, ReviewError> {
+        if self
+            .reviews_paused_until
+            .lock()
+            .is_some_and(|until| Instant::now() < until)
+        {
+            return Err(ReviewError::Unavailable(
+                "paused after a failed review".into(),
+            ));
+        }
+        let review = reviewer.review(bearer.expose());
+        let outcome = match tokio::time::timeout(self.cache.ttl.review_timeout, review).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(ReviewError::Unavailable("no answer in time".into())),
+        };
+        *self.reviews_paused_until.lock() = outcome.is_err().then(|| Instant::now() + REVIEW_RETRY);
+        outcome
     }
 }
 
@@ -555,10 +676,7 @@ mod tests {
         assert_eq!(token_lifetime(&jwt(r#"{"exp":1}"#)), Some(Duration::ZERO));
         assert_eq!(token_lifetime(&jwt(r#"{"sub":"x"}"#)), None);
         assert_eq!(token_lifetime("garbage"), None);
-        let cache = ReviewCache {
-            ttl: CacheTtl::default(),
-            entries: Mutex::new(HashMap::new()),
-        };
+        let cache = ReviewCache::new(CacheTtl::default());
         cache.put(
             [1; 32],
             Some(Identity::ServiceAccount {
@@ -609,16 +727,132 @@ mod tests {
 
     #[test]
     fn review_cache_is_bounded() {
-        let cache = ReviewCache {
-            ttl: CacheTtl {
-                capacity: 4,
-                ..Default::default()
-            },
-            entries: Mutex::new(HashMap::new()),
-        };
+        let cache = ReviewCache::new(CacheTtl {
+            capacity: 4,
+            ..Default::default()
+        });
         for i in 0..100u8 {
             cache.put([i; 32], None, None);
         }
-        assert!(cache.entries.lock().len() <= 4);
+        assert!(cache.entries.lock().map.len() <= 4);
+    }
+
+    #[test]
+    fn a_flood_of_new_tokens_never_flushes_identities_in_use() {
+        let cache = ReviewCache::new(CacheTtl {
+            capacity: 64,
+            ..Default::default()
+        });
+        let good = |i: u8| Some(sa("ns", &format!("sa{i}")));
+        for i in 0..8u8 {
+            cache.put([i; 32], good(i), None);
+        }
+        // Bad tokens evict each other, never an accepted one.
+        for i in 0..10_000u32 {
+            let mut key = [0xff; 32];
+            key[..4].copy_from_slice(&i.to_be_bytes());
+            cache.put(key, None, None);
+            assert!(cache.entries.lock().map.len() <= 64);
+        }
+        for i in 0..8u8 {
+            assert_eq!(
+                cache.get(&[i; 32]),
+                Some(good(i)),
+                "identity {i} was flushed"
+            );
+        }
+        // Among accepted identities, the least recently used go first.
+        for i in 8..200u8 {
+            cache.put([i; 32], good(i), None);
+            // sa0 is in constant use.
+            assert_eq!(cache.get(&[0; 32]), Some(good(0)));
+        }
+        assert_eq!(cache.get(&[0; 32]), Some(good(0)));
+        assert_eq!(cache.get(&[1; 32]), None, "least recently used");
+    }
+
+    /// Never answers; counts its calls.
+    struct HangingReviewer(AtomicUsize);
+
+    impl TokenReviewer for HangingReviewer {
+        fn review<'a>(
+            &'a self,
+            _token: &'a str,
+        ) -> BoxFuture<'a, Result<Option<Identity>, ReviewError>> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Box::pin(futures::future::pending())
+        }
+    }
+
+    /// Answers from a switch: accepts "good." tokens while up, fails while down.
+    struct SwitchedReviewer(std::sync::atomic::AtomicBool);
+
+    impl TokenReviewer for SwitchedReviewer {
+        fn review<'a>(
+            &'a self,
+            token: &'a str,
+        ) -> BoxFuture<'a, Result<Option<Identity>, ReviewError>> {
+            let up = self.0.load(Ordering::SeqCst);
+            let ok = token.starts_with("good.");
+            Box::pin(async move {
+                if up {
+                    Ok(ok.then(|| sa("ns", "sa")))
+                } else {
+                    Err(ReviewError::Unavailable("down".into()))
+                }
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_hanging_review_ends_at_its_deadline_as_unavailable() {
+        let reviewer = Arc::new(HangingReviewer(AtomicUsize::new(0)));
+        let auth = Authenticator::new(
+            Arc::default(),
+            Some(reviewer.clone()),
+            CacheTtl {
+                review_timeout: Duration::from_millis(200),
+                ..Default::default()
+            },
+            DefaultAccess::Authenticated,
+        );
+        let bearer = Bearer::from_header(b"Bearer good.b.c").unwrap();
+        let started = Instant::now();
+        let outcome =
+            tokio::time::timeout(Duration::from_secs(5), auth.authenticate(Some(&bearer))).await;
+        assert_eq!(outcome, Ok(Err(AuthError::Unavailable)));
+        assert!(started.elapsed() < Duration::from_secs(2));
+        assert!(auth.in_flight.lock().is_empty());
+    }
+
+    #[tokio::test]
+    async fn accepted_identities_outlive_an_api_server_outage_new_tokens_do_not() {
+        let reviewer = Arc::new(SwitchedReviewer(std::sync::atomic::AtomicBool::new(true)));
+        let auth = Authenticator::new(
+            Arc::default(),
+            Some(reviewer.clone()),
+            CacheTtl {
+                positive: Duration::from_millis(50),
+                negative: Duration::from_millis(50),
+                ..Default::default()
+            },
+            DefaultAccess::Authenticated,
+        );
+        let bearer = |s: &str| Bearer::from_header(format!("Bearer {s}").as_bytes()).unwrap();
+        assert_eq!(
+            auth.authenticate(Some(&bearer("good.a.b"))).await,
+            Ok(Some(sa("ns", "sa")))
+        );
+        reviewer.0.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        assert_eq!(
+            auth.authenticate(Some(&bearer("good.a.b"))).await,
+            Ok(Some(sa("ns", "sa"))),
+            "a cached identity stopped working during the outage"
+        );
+        assert_eq!(
+            auth.authenticate(Some(&bearer("good.new.token"))).await,
+            Err(AuthError::Unavailable)
+        );
     }
 }

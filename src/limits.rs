@@ -112,11 +112,13 @@ impl Reservation {
     /// Replaces the up-front token charge with `used`. Never blocks: a shared store is updated in
     /// the background.
     pub fn settle(self, used: u64) {
+        // Clamped before any signed arithmetic: a huge figure must charge, never wrap to a refund.
+        let used = signed(used.min(crate::llm::MAX_REPORTED_TOKENS));
         let deltas: Vec<(String, i64, u64)> = self
             .tokens
             .iter()
-            .filter(|(_, charged, _)| *charged != used)
-            .map(|(key, charged, ttl)| (key.clone(), used as i64 - *charged as i64, *ttl))
+            .map(|(key, charged, ttl)| (key.clone(), used.saturating_sub(signed(*charged)), *ttl))
+            .filter(|(_, delta, _)| *delta != 0)
             .collect();
         if deltas.is_empty() {
             return;
@@ -138,6 +140,10 @@ impl Reservation {
             self.limiter.local.settle(&deltas);
         }
     }
+}
+
+fn signed(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 /// Fixed-window counters in this process.
@@ -163,7 +169,7 @@ impl LocalCounters {
         let violated = counters
             .iter()
             .zip(&current)
-            .position(|(c, n)| n + c.amount > local_limit(c.limit, divisor));
+            .position(|(c, n)| n.saturating_add(c.amount) > local_limit(c.limit, divisor));
         if violated.is_some() {
             return (violated, current);
         }
@@ -171,8 +177,9 @@ impl LocalCounters {
             .iter()
             .zip(current)
             .map(|(c, n)| {
-                counts.insert(c.key.clone(), (n + c.amount, c.reset_at));
-                n + c.amount
+                let after = n.saturating_add(c.amount);
+                counts.insert(c.key.clone(), (after, c.reset_at));
+                after
             })
             .collect();
         (None, after)
@@ -377,17 +384,14 @@ impl Limiter {
             && now.as_millis() as u64 >= shared.retry_at.load(Ordering::Relaxed)
         {
             match tokio::time::timeout(STORE_TIMEOUT, shared.admit(counters, now.as_secs())).await {
-                Ok(Ok(reply)) if reply.len() == counters.len() + 1 => {
+                Ok(Ok(reply)) if store_reply(&reply, counters.len()).is_some() => {
                     if shared.falling_back.swap(false, Ordering::Relaxed) {
                         self.metrics.limits_fallback.set(0);
                         info!(
                             "the shared limits store answers again; limits are shared by all replicas"
                         );
                     }
-                    let violated = usize::try_from(reply[0])
-                        .ok()
-                        .and_then(|i| i.checked_sub(1));
-                    let used = reply[1..].iter().map(|n| (*n).max(0) as u64).collect();
+                    let (violated, used) = store_reply(&reply, counters.len()).unwrap_or_default();
                     return (violated, used, true);
                 }
                 outcome => {
@@ -415,6 +419,25 @@ impl Limiter {
         let (violated, used) = self.local.admit(counters, now.as_secs(), divisor);
         (violated, used, false)
     }
+}
+
+/// The admit script's reply, checked: `[violated (1-based, 0 for none), count per counter...]`.
+/// Anything else (wrong length, an index out of range) is `None`, as if the store had failed.
+fn store_reply(reply: &[i64], counters: usize) -> Option<(Option<usize>, Vec<u64>)> {
+    let (&first, counts) = reply.split_first()?;
+    if counts.len() != counters {
+        return None;
+    }
+    let violated = match usize::try_from(first).ok()? {
+        0 => None,
+        i if i <= counters => Some(i - 1),
+        _ => return None,
+    };
+    let used = counts
+        .iter()
+        .map(|n| u64::try_from(*n).unwrap_or(0))
+        .collect();
+    Some((violated, used))
 }
 
 /// The counters a call touches, in the order of the Route's limits.
@@ -556,6 +579,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_absurd_usage_never_refunds_a_budget() {
+        let limiter = Arc::new(Limiter::local(Arc::new(Metrics::new()), 1));
+        let route = entry(vec![limit(None, Some(100), LimitKey::Route)]);
+        for absurd in [u64::MAX, u64::MAX - 1, 1 << 63] {
+            let fresh = entry(vec![limit(None, Some(100), LimitKey::Consumer)]);
+            let who = format!("{absurd}");
+            let r = limiter.admit(&fresh, &who, 10).await.unwrap().unwrap();
+            r.settle(absurd);
+            assert!(
+                limiter.admit(&fresh, &who, 10).await.is_err(),
+                "a usage of {absurd} refunded the budget"
+            );
+        }
+        // The counter stays usable after a huge charge: no overflow on the next admission.
+        let r = limiter.admit(&route, "", 10).await.unwrap().unwrap();
+        r.settle(u64::MAX);
+        assert!(limiter.admit(&route, "", u64::MAX).await.is_err());
+    }
+
+    #[tokio::test]
     async fn local_counting_takes_a_share_per_replica() {
         let limiter = Arc::new(Limiter::local(Arc::new(Metrics::new()), 3));
         let route = entry(vec![limit(Some(9), None, LimitKey::Route)]);
@@ -585,6 +628,17 @@ mod tests {
         assert!(limiter.admit(&route, "", 0).await.is_err());
         assert_eq!(metrics.limits_fallback.get(), 1);
         assert!(metrics.limits_store_errors.get() >= 1);
+    }
+
+    #[test]
+    fn store_replies_out_of_range_are_refused_not_trusted() {
+        assert_eq!(store_reply(&[0, 5, 7], 2), Some((None, vec![5, 7])));
+        assert_eq!(store_reply(&[2, 5, -7], 2), Some((Some(1), vec![5, 0])));
+        assert_eq!(store_reply(&[3, 5, 7], 2), None, "index past the counters");
+        assert_eq!(store_reply(&[-1, 5, 7], 2), None);
+        assert_eq!(store_reply(&[i64::MAX, 5, 7], 2), None);
+        assert_eq!(store_reply(&[0, 5], 2), None);
+        assert_eq!(store_reply(&[], 0), None);
     }
 
     #[test]

@@ -110,10 +110,31 @@ pub struct Usage {
     pub total_tokens: Option<u64>,
 }
 
+/// The most tokens one call is taken to have used. Figures from outside are clamped to it, so an
+/// absurd report charges a whole budget instead of overflowing (or wrapping into a refund).
+pub const MAX_REPORTED_TOKENS: u64 = 1 << 40;
+
+/// A provider's token count, for `#[serde(deserialize_with)]` on usage fields: any JSON number,
+/// clamped to `MAX_REPORTED_TOKENS`; a negative number or a non-number is no figure at all (the
+/// up-front estimate stands), and never fails the answer it came with.
+pub fn token_count<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let value = <Option<Value> as serde::Deserialize>::deserialize(d)?;
+    Ok(value.as_ref().and_then(count_from_json))
+}
+
+fn count_from_json(value: &Value) -> Option<u64> {
+    if let Some(n) = value.as_u64() {
+        return Some(n.min(MAX_REPORTED_TOKENS));
+    }
+    let f = value.as_f64()?;
+    // Saturating float-to-int conversion: 1e308 becomes the maximum.
+    (f >= 0.0).then(|| (f.ceil() as u64).min(MAX_REPORTED_TOKENS))
+}
+
 impl Usage {
     pub fn new(prompt: Option<u64>, completion: Option<u64>) -> Self {
         let total = match (prompt, completion) {
-            (Some(p), Some(c)) => Some(p + c),
+            (Some(p), Some(c)) => Some(p.saturating_add(c).min(MAX_REPORTED_TOKENS)),
             _ => None,
         };
         Usage {

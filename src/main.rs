@@ -61,6 +61,10 @@ struct RunArgs {
     /// Longest wait for a provider: the whole answer, or between two chunks of a stream (seconds).
     #[arg(long, env = "PORTCULLIS_UPSTREAM_TIMEOUT", default_value_t = 600.0)]
     upstream_timeout: f64,
+    /// Largest single event of an upstream stream (SSE event, NDJSON line, event-stream frame), in
+    /// bytes; a larger one ends the stream with an error (502 before the first byte was sent).
+    #[arg(long, env = "PORTCULLIS_MAX_STREAM_EVENT", default_value_t = portcullis::providers::sse::DEFAULT_MAX_FRAME)]
+    max_stream_event: usize,
     /// Largest non-streaming provider answer read (bytes); a larger one fails the call with a 502.
     #[arg(long, env = "PORTCULLIS_MAX_UPSTREAM_BODY", default_value_t = 64 * 1024 * 1024)]
     max_upstream_body: usize,
@@ -77,6 +81,15 @@ struct RunArgs {
     /// addresses (which must be listed here explicitly to be reachable).
     #[arg(long, env = "PORTCULLIS_ALLOWED_UPSTREAM_HOSTS", value_delimiter = ',')]
     allowed_upstream_hosts: Vec<String>,
+    /// Namespaces whose Routes also get their one-word name (`*`: all). Every Route is callable as
+    /// `namespace/name`; on a multi-tenant cluster list only the namespaces trusted to own names.
+    #[arg(
+        long,
+        env = "PORTCULLIS_PUBLIC_NAMESPACES",
+        value_delimiter = ',',
+        default_value = "*"
+    )]
+    public_namespaces: Vec<String>,
     /// Routes per page of the MLflow route and endpoint listings (MLflow's own page size).
     #[arg(long, env = "PORTCULLIS_PAGE_SIZE", default_value_t = 3000, value_parser = clap::value_parser!(u32).range(1..))]
     page_size: u32,
@@ -145,6 +158,8 @@ struct RunArgs {
     /// Take N from the ready endpoints of this Service (in the pod's namespace) instead of --replicas.
     #[arg(long, env = "PORTCULLIS_REPLICAS_SERVICE")]
     replicas_service: Option<String>,
+    #[command(flatten)]
+    listener: dataplane::listener::ListenerArgs,
 }
 
 fn main() -> ExitCode {
@@ -223,6 +238,12 @@ async fn run(args: RunArgs) -> Result<(), StartError> {
         negative: secs(args.negative_token_cache_ttl, "negative-token-cache-ttl")?,
         ..CacheTtl::default()
     };
+    let listener_limits = args.listener.limits().map_err(StartError::Config)?;
+    if args.max_stream_event == 0 {
+        return Err(StartError::Config(
+            "--max-stream-event must be at least 1".into(),
+        ));
+    }
     if args.replicas == 0 {
         return Err(StartError::Config("--replicas must be at least 1".into()));
     }
@@ -288,6 +309,7 @@ async fn run(args: RunArgs) -> Result<(), StartError> {
         upstream_limits: dataplane::UpstreamLimits {
             max_body: args.max_upstream_body,
             stream_idle: secs(args.stream_idle_timeout, "stream-idle-timeout")?,
+            max_stream_event: args.max_stream_event,
             ..Default::default()
         },
         via: dataplane::via::Via::for_namespace(&args.lease_namespace),
@@ -317,6 +339,7 @@ async fn run(args: RunArgs) -> Result<(), StartError> {
         limits_store = if args.limits_store.is_some() { "redis" } else { "local" },
         replicas = args.replicas,
         replicas_service = args.replicas_service.as_deref().unwrap_or_default(),
+        listener_limits = ?listener_limits,
         "data plane listening"
     );
 
@@ -359,6 +382,13 @@ async fn run(args: RunArgs) -> Result<(), StartError> {
             .map_err(StartError::Config)?,
         egress: controller::policy::Egress::parse(&args.allowed_upstream_hosts)
             .map_err(StartError::Config)?,
+        public_namespaces: (!args.public_namespaces.iter().any(|n| n == "*")).then(|| {
+            args.public_namespaces
+                .iter()
+                .map(|n| n.trim().to_string())
+                .filter(|n| !n.is_empty())
+                .collect()
+        }),
         self_addresses: controller::policy::self_addresses(
             bound,
             args.replicas_service.as_deref().unwrap_or("portcullis"),
@@ -384,12 +414,13 @@ async fn run(args: RunArgs) -> Result<(), StartError> {
         },
         stop_controller.clone(),
     ));
-    // Small SSE frames must leave at once, not wait behind Nagle for the previous write's ACK.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let server = axum::serve(listener, dataplane::router(state))
-        .with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
+    let server = dataplane::listener::serve(
+        listener,
+        dataplane::router(state),
+        listener_limits,
+        metrics.clone(),
+        stop_accepting.clone(),
+    );
     let metrics_server = axum::serve(metrics_listener, dataplane::metrics_router(metrics))
         .with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
     tokio::spawn(async move {

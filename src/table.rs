@@ -27,7 +27,11 @@ pub struct RoutingTable {
 
 /// A Route that owns its public name (it won any name conflict).
 pub struct RouteEntry {
+    /// The name callers use and listings show: the one-word name when the Route owns it, else
+    /// the qualified one.
     pub name: String,
+    /// `namespace/name`: always callable.
+    pub qualified: String,
     pub namespace: String,
     pub route_type: RouteType,
     /// The provider and model listings show: `model`, or the first-choice backend.
@@ -148,10 +152,11 @@ impl RoutingTable {
     pub fn new(entries: impl IntoIterator<Item = RouteEntry>) -> Self {
         let mut sorted: Vec<Arc<RouteEntry>> = entries.into_iter().map(Arc::new).collect();
         sorted.sort_by(|a, b| a.name.cmp(&b.name));
-        let by_name = sorted
-            .iter()
-            .map(|e| (e.name.clone(), Arc::clone(e)))
-            .collect();
+        let mut by_name = HashMap::with_capacity(sorted.len() * 2);
+        for e in &sorted {
+            by_name.insert(e.qualified.clone(), Arc::clone(e));
+            by_name.insert(e.name.clone(), Arc::clone(e));
+        }
         RoutingTable { by_name, sorted }
     }
 
@@ -196,6 +201,7 @@ impl RouteEntry {
     pub fn not_ready(name: &str) -> RouteEntry {
         RouteEntry {
             name: name.into(),
+            qualified: format!("ns/{name}"),
             namespace: "ns".into(),
             route_type: RouteType::Chat,
             provider: Provider::Openai,

@@ -138,6 +138,8 @@ pub struct BackendHealth {
     ejected_at: AtomicU64,
     /// Ejections since the last success; each one lasts twice the one before.
     ejections: AtomicU32,
+    /// The provider refused the route's own credential this many times in a row.
+    rejections: AtomicU32,
 }
 
 impl BackendHealth {
@@ -159,6 +161,9 @@ impl BackendHealth {
         if self.ejections.load(Ordering::Relaxed) != 0 {
             self.ejections.store(0, Ordering::Relaxed);
         }
+        if self.rejections.load(Ordering::Relaxed) != 0 {
+            self.rejections.store(0, Ordering::Relaxed);
+        }
         let until = self.ejected_until.load(Ordering::Relaxed);
         until != 0
             && now >= until
@@ -166,6 +171,15 @@ impl BackendHealth {
                 .ejected_until
                 .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
+    }
+
+    /// The provider refused the route's own credential (a 401 or 403).
+    pub fn credential_rejected(&self) {
+        self.rejections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn credential_rejections(&self) -> u32 {
+        self.rejections.load(Ordering::Relaxed)
     }
 
     /// A retryable failure; returns how long the backend is now ejected for, if it is.

@@ -34,6 +34,8 @@ struct Fixture {
     dead: String,
     /// The gateway's own limit: one call per second.
     throttled: String,
+    /// Two backends, the first unreachable.
+    resilient: String,
     all: Vec<String>,
 }
 
@@ -80,6 +82,7 @@ fn fixture() -> &'static Fixture {
         let (limited, slow_chat, faulty_chat, dead) =
             (name("limited"), name("slow"), name("faulty"), name("dead"));
         let throttled = name("throttled");
+        let resilient = name("resilient");
         let calls_limit =
             "  limits:\n    - renewalPeriod: day\n      tokens: 5000\n    - renewalPeriod: minute\n      calls: 100\n";
         let mut docs = vec![
@@ -99,6 +102,23 @@ fn fixture() -> &'static Fixture {
                 &sim.openai_base(),
                 "  limits:\n    - renewalPeriod: second\n      calls: 1\n",
             ),
+            // Its OpenAI backend refuses every connection: every call falls back to Anthropic.
+            route_yaml(&ns, &resilient, {
+                let mut spec = portcullis::api::RouteSpec::new(
+                    portcullis::api::RouteType::Chat,
+                    model(portcullis::api::Provider::Openai, "gpt-4o-mini", "http://127.0.0.1:9/v1", "openai"),
+                );
+                let primary = spec.model.take().expect("model");
+                spec.backends = vec![
+                    backend(primary, 1, 0),
+                    backend(
+                        model(portcullis::api::Provider::Anthropic, "claude-sonnet-4-5", &sim.anthropic_base(), "openai"),
+                        1,
+                        1,
+                    ),
+                ];
+                spec
+            }),
         ];
         let mut all = vec![
             chat.clone(),
@@ -109,6 +129,7 @@ fn fixture() -> &'static Fixture {
             faulty_chat.clone(),
             dead.clone(),
             throttled.clone(),
+            resilient.clone(),
         ];
         for _ in 0..2 {
             let filler = name("filler");
@@ -139,6 +160,7 @@ fn fixture() -> &'static Fixture {
             faulty_chat,
             dead,
             throttled,
+            resilient,
             all,
         }
     })
@@ -162,7 +184,7 @@ fn pytest(venv: &str, dir: &str) {
     eprintln!("venv {venv} ready after {:?}", started.elapsed());
     let routes = json!({
         "chat": f.chat, "completions": f.completions, "embeddings": f.embeddings,
-        "limited": f.limited, "throttled": f.throttled, "all": f.all, "page_size": PAGE_SIZE,
+        "limited": f.limited, "throttled": f.throttled, "resilient": f.resilient, "all": f.all, "page_size": PAGE_SIZE,
     });
     let started = Instant::now();
     let out = Command::new(&python)

@@ -40,6 +40,7 @@ fn route() -> RouteEntry {
     };
     RouteEntry {
         name: "bench".into(),
+        qualified: "team-a/bench".into(),
         namespace: "team-a".into(),
         route_type: RouteType::Chat,
         provider: Provider::Openai,

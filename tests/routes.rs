@@ -236,7 +236,7 @@ fn deleting_a_route_makes_it_unknown() {
 }
 
 #[test]
-fn same_name_in_two_namespaces_older_serves_newer_conflicts_until_the_older_goes() {
+fn same_name_in_two_namespaces_older_owns_the_short_name_both_serve_qualified() {
     let cp = ControlPlane::shared();
     let sim = sim();
     // The younger namespace sorts first lexically, so only the creation time can make the older win.
@@ -253,28 +253,72 @@ fn same_name_in_two_namespaces_older_serves_newer_conflicts_until_the_older_goes
     cp.apply(&openai_manifests(
         &newer_ns, &route, "openai", "sk-newer", &sim,
     ));
-    cp.wait_reason(&newer_ns, &route, "NameConflict");
-
-    assert_eq!(gw.chat(&route).0, 200);
-    assert_eq!(
-        sim.last_request().unwrap().header("authorization"),
-        Some("Bearer sk-older")
-    );
-    let r = cp.json(&["get", "-n", &newer_ns, "route.portcullis.dev", &route]);
-    assert!(
-        r["status"]["conditions"][0]["message"]
-            .as_str()
+    cp.wait_ready(&newer_ns, &route);
+    eventually(Duration::from_secs(10), || {
+        cp.short_name(&newer_ns, &route)
+            .is_some_and(|(s, r, _)| s == "False" && r == "NameConflict")
+    })
+    .expect("the newer Route reports the name conflict");
+    let (_, _, message) = cp.short_name(&newer_ns, &route).unwrap();
+    assert!(message.contains(&older_ns), "{message}");
+    let key = |route: &str| {
+        assert_eq!(gw.chat(route).0, 200, "{route}");
+        sim.last_request()
             .unwrap()
-            .contains(&older_ns)
+            .header("authorization")
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(key(&route), "Bearer sk-older");
+    assert_eq!(key(&format!("{older_ns}/{route}")), "Bearer sk-older");
+    assert_eq!(key(&format!("{newer_ns}/{route}")), "Bearer sk-newer");
+    // Qualified names on the MLflow paths: literal or %2F-encoded.
+    let messages = serde_json::json!({"messages": [{"role": "user", "content": "hi"}]});
+    for path in [
+        format!("/endpoints/{newer_ns}/{route}/invocations"),
+        format!("/endpoints/{newer_ns}%2F{route}/invocations"),
+        format!("/gateway/{newer_ns}/{route}/invocations"),
+    ] {
+        assert_eq!(gw.post(&path, &messages).0, 200, "{path}");
+        assert_eq!(
+            sim.last_request().unwrap().header("authorization"),
+            Some("Bearer sk-newer")
+        );
+    }
+    // Listings: the short name for its owner, the qualified one for the other.
+    let (_, models) = gw.get("/v1/models");
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    assert!(ids.contains(&route.as_str()), "{ids:?}");
+    assert!(
+        ids.contains(&format!("{newer_ns}/{route}").as_str()),
+        "{ids:?}"
     );
 
     cp.ok(&["delete", "-n", &older_ns, "route.portcullis.dev", &route]);
-    cp.wait_ready(&newer_ns, &route);
+    eventually(Duration::from_secs(10), || {
+        cp.short_name(&newer_ns, &route)
+            .is_some_and(|(s, _, _)| s == "True")
+    })
+    .expect("the newer route never took over the short name");
     eventually(Duration::from_secs(5), || {
         gw.chat(&route).0 == 200
             && sim.last_request().unwrap().header("authorization") == Some("Bearer sk-newer")
     })
     .expect("the newer route never took over");
+    assert!(
+        gw.metrics()
+            .contains("portcullis_short_name_changes_total 1")
+    );
+    let events = cp.ok(&["get", "events", "-n", &newer_ns, "-o", "json"]);
+    assert!(
+        events.contains("NameConflict") && events.contains("Owned"),
+        "{events}"
+    );
 }
 
 #[test]

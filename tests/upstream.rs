@@ -248,3 +248,37 @@ fn a_fanned_out_embeddings_request_is_capped_and_charged_per_upstream_call() {
     assert_eq!(status, 429, "8 + 4 calls exceed 10: {body}");
     assert_eq!(sim.requests().len(), 8);
 }
+
+#[test]
+fn a_provider_refusing_the_routes_credential_is_a_502_and_an_event_for_the_operator() {
+    let cp = ControlPlane::shared();
+    let ns = cp.namespace("rejected");
+    let sim = sim();
+    let gw = Gateway::start(cp, &["--namespace", &ns]);
+    cp.apply(&openai_manifests(
+        &ns,
+        "revoked",
+        "openai",
+        "sk-revoked-key",
+        &sim,
+    ));
+    cp.wait_ready(&ns, "revoked");
+    sim.set_fault(Fault::Status {
+        status: 401,
+        body: json!({"error": {"message": "Incorrect API key provided: sk-revoked-key", "type": "invalid_request_error", "code": "invalid_api_key"}}).to_string(),
+        retry_after: None,
+    });
+    for _ in 0..3 {
+        let (status, body) = gw.chat("revoked");
+        assert_eq!(status, 502, "{body}");
+        assert_eq!(body["error"]["code"], "upstream_credential_rejected");
+        assert!(!body.to_string().contains("sk-revoked-key"));
+    }
+    eventually(Duration::from_secs(15), || {
+        cp.ok(&["get", "events", "-n", &ns, "-o", "json"])
+            .contains("CredentialRejected")
+    })
+    .expect("an Event tells the operator");
+    let events = cp.ok(&["get", "events", "-n", &ns, "-o", "json"]);
+    assert!(!events.contains("sk-revoked-key"));
+}

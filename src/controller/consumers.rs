@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use futures::future::BoxFuture;
-use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::PostParams;
 use kube::runtime::{WatchStreamExt, watcher};
@@ -54,21 +54,27 @@ impl KubeTokenReviewer {
             .await
             // kube's error text never contains the request body, so the token stays out of it.
             .map_err(|e| ReviewError::Unavailable(e.to_string()))?;
-        let Some(status) = reviewed.status else {
-            return Ok(None);
-        };
-        let audience_ok = status
-            .audiences
-            .as_ref()
-            .is_none_or(|a| a.contains(&self.audience));
-        if status.authenticated != Some(true) || !audience_ok {
-            return Ok(None);
-        }
-        Ok(status
-            .user
-            .and_then(|u| u.username)
-            .and_then(|name| Identity::from_service_account_username(&name)))
+        Ok(reviewed
+            .status
+            .and_then(|status| accepted_identity(status, &self.audience)))
     }
+}
+
+/// The identity a TokenReview vouches for. The answer must name the audience asked for: an API
+/// server that ignores audiences (and so would accept a token minted for anyone) answers without
+/// them, and that is not good enough.
+fn accepted_identity(status: TokenReviewStatus, audience: &str) -> Option<Identity> {
+    let audience_ok = status
+        .audiences
+        .as_ref()
+        .is_some_and(|a| a.iter().any(|x| x == audience));
+    if status.authenticated != Some(true) || !audience_ok {
+        return None;
+    }
+    status
+        .user
+        .and_then(|u| u.username)
+        .and_then(|name| Identity::from_service_account_username(&name))
 }
 
 impl TokenReviewer for KubeTokenReviewer {
@@ -196,5 +202,44 @@ mod tests {
                 .collect(),
         );
         assert_eq!(key_digest(&s), None);
+    }
+
+    #[test]
+    fn a_review_must_name_the_audience_asked_for() {
+        use k8s_openapi::api::authentication::v1::UserInfo;
+        let status = |authenticated: bool, audiences: Option<Vec<&str>>| TokenReviewStatus {
+            authenticated: Some(authenticated),
+            audiences: audiences.map(|a| a.into_iter().map(String::from).collect()),
+            user: Some(UserInfo {
+                username: Some("system:serviceaccount:ns:sa".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let sa = Some(Identity::ServiceAccount {
+            namespace: "ns".into(),
+            name: "sa".into(),
+        });
+        assert_eq!(
+            accepted_identity(status(true, Some(vec!["portcullis"])), "portcullis"),
+            sa
+        );
+        assert_eq!(
+            accepted_identity(status(true, None), "portcullis"),
+            None,
+            "no audiences"
+        );
+        assert_eq!(
+            accepted_identity(status(true, Some(vec![])), "portcullis"),
+            None
+        );
+        assert_eq!(
+            accepted_identity(status(true, Some(vec!["other"])), "portcullis"),
+            None
+        );
+        assert_eq!(
+            accepted_identity(status(false, Some(vec!["portcullis"])), "portcullis"),
+            None
+        );
     }
 }

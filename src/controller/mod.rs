@@ -5,6 +5,7 @@
 //! deletion missed while a watch was down (a relist after 410 Gone) cannot leave a stale route.
 //! While the API server is unreachable the stores keep their contents and the last table serves.
 
+pub mod alarms;
 mod backoff;
 pub mod consumers;
 pub mod leader;
@@ -37,6 +38,10 @@ use crate::telemetry::metrics::{Metrics, ReasonLabels, ResourceLabels};
 use backoff::RetryBackoff;
 use reconcile::reconcile_after;
 use secrets::SecretCache;
+
+/// Deadline of one API-server request the data plane's freshness waits on (a Secret read, a
+/// status write): a hanging API server must fail the call, which is then retried, never stall it.
+pub(crate) const API_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControllerError {
@@ -132,7 +137,7 @@ pub async fn run(
             s.annotations_mut().clear();
         })
         .reflect(secret_writer)
-        .map(|e| (Source::Secrets, e.map(Signal::from)));
+        .map(|e| (Source::Secrets, e.map(Signal::from_secret)));
 
     let (outcomes_tx, outcomes_rx) = watch::channel(Arc::new(Vec::new()));
     let recorder = Recorder::new(
@@ -143,6 +148,12 @@ pub async fn run(
         },
     );
     let leading = leader::elect(client.clone(), config.leader.clone(), shutdown.clone()).await;
+    let alarms = tokio::spawn(alarms::run(
+        handles.table.clone(),
+        recorder.clone(),
+        leading.clone(),
+        shutdown.clone(),
+    ));
     let writer = tokio::spawn(status::run_writer(
         client.clone(),
         route_store.clone(),
@@ -162,6 +173,7 @@ pub async fn run(
         gate,
         outcomes: outcomes_tx,
         retry: RetryBackoff::new(Duration::from_millis(250), config.max_backoff),
+        referenced: HashSet::new(),
     };
     loop_state
         .run(
@@ -171,6 +183,7 @@ pub async fn run(
         )
         .await;
     let _ = writer.await;
+    let _ = alarms.await;
     let _ = api_keys.await;
     Ok(())
 }
@@ -183,8 +196,24 @@ enum Source {
 
 enum Signal {
     Changed,
+    /// This Secret changed: a rebuild is due only if some Route references it.
+    Secret(String, String),
+    /// Part of a relist; `Synced` follows.
+    Relisting,
     /// A (re)list finished: the store now holds the complete current state.
     Synced,
+}
+
+impl Signal {
+    fn from_secret(e: watcher::Event<PartialObjectMeta<Secret>>) -> Self {
+        match e {
+            watcher::Event::Apply(s) | watcher::Event::Delete(s) => {
+                Signal::Secret(s.namespace().unwrap_or_default(), s.name_any())
+            }
+            watcher::Event::Init | watcher::Event::InitApply(_) => Signal::Relisting,
+            watcher::Event::InitDone => Signal::Synced,
+        }
+    }
 }
 
 impl<K> From<watcher::Event<K>> for Signal {
@@ -206,6 +235,8 @@ struct Loop {
     gate: Arc<ReadyGate>,
     outcomes: watch::Sender<Arc<Vec<RouteOutcome>>>,
     retry: RetryBackoff,
+    /// The Secrets the Routes of the last rebuild reference (existing or not).
+    referenced: HashSet<(String, String)>,
 }
 
 use reconcile::RouteOutcome;
@@ -243,14 +274,27 @@ impl Loop {
                 event = events.next() => match event {
                     None => return,
                     Some((source, Ok(signal))) => {
-                        if let Signal::Synced = signal {
-                            debug!(?source, "watch (re)synced");
-                            match source {
-                                Source::Routes => routes_synced = true,
-                                Source::Secrets => secrets_synced = true,
+                        let due = match signal {
+                            Signal::Synced => {
+                                debug!(?source, "watch (re)synced");
+                                match source {
+                                    Source::Routes => routes_synced = true,
+                                    Source::Secrets => secrets_synced = true,
+                                }
+                                true
                             }
+                            Signal::Changed => true,
+                            Signal::Relisting => false,
+                            // Churn in Secrets no Route uses costs a set lookup, not a rebuild. A
+                            // Route that starts using one schedules its own rebuild, which reads
+                            // the current store.
+                            Signal::Secret(namespace, name) => {
+                                self.referenced.contains(&(namespace, name))
+                            }
+                        };
+                        if due {
+                            rebuild_at.get_or_insert_with(|| Instant::now() + debounce);
                         }
-                        rebuild_at.get_or_insert_with(|| Instant::now() + debounce);
                     }
                     Some((source, Err(e))) => {
                         warn!(?source, error = %e, "watch failed; reconnecting with backoff and serving the last good table");
@@ -283,6 +327,7 @@ impl Loop {
                     .filter_map(move |m| Some((ns.clone()?, m.secret_ref.as_ref()?.name.clone())))
             })
             .collect();
+        self.referenced.clone_from(&wanted);
         let complete = self
             .secret_cache
             .refresh(&self.client, wanted, &self.secret_store, &self.policy)
@@ -337,6 +382,10 @@ impl Loop {
             elapsed_us = started.elapsed().as_micros() as u64,
             "routing table rebuilt"
         );
+        for change in &reconciled.short_name_changes {
+            metrics.short_name_changes.inc();
+            warn!(name = %change.name, from = %change.from, to = %change.to, "the one-word route name changed owner: its callers now reach another namespace's Route");
+        }
         self.outcomes.send_replace(Arc::new(reconciled.outcomes));
         complete
     }
@@ -346,5 +395,111 @@ async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => futures::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::runtime::reflector::store::Writer;
+
+    use super::*;
+
+    type Events = futures::channel::mpsc::UnboundedSender<(Source, Result<Signal, watcher::Error>)>;
+
+    /// A control loop over in-memory stores; the client points nowhere and is never called.
+    fn control_loop(routes: Store<Route>, secrets: Store<PartialObjectMeta<Secret>>) -> Loop {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let config = kube::Config::new("http://127.0.0.1:1".parse().unwrap());
+        let ready = Arc::new(AtomicBool::new(false));
+        Loop {
+            client: Client::try_from(config).unwrap(),
+            route_store: routes,
+            secret_store: secrets,
+            secret_cache: SecretCache::default(),
+            handles: ControllerHandles {
+                table: crate::table::RoutingTable::default().shared(),
+                ready: ready.clone(),
+                metrics: Arc::new(Metrics::new()),
+                api_keys: Default::default(),
+            },
+            gate: Arc::new(ReadyGate {
+                table: AtomicBool::new(false),
+                keys: AtomicBool::new(true),
+                ready,
+            }),
+            outcomes: watch::channel(Arc::new(Vec::new())).0,
+            retry: RetryBackoff::new(Duration::from_millis(10), Duration::from_millis(100)),
+            referenced: HashSet::new(),
+            policy: policy::OperatorPolicy::default(),
+        }
+    }
+
+    async fn settle(metrics: &Metrics, expect: u64) {
+        for _ in 0..100 {
+            if metrics.reconciles.get() >= expect {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Long enough for any stray rebuild to show.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    #[tokio::test]
+    async fn churn_in_unreferenced_secrets_never_rebuilds_the_table() {
+        let mut route_writer: Writer<Route> = Writer::default();
+        let route: Route = serde_json::from_value(serde_json::json!({
+            "apiVersion": "portcullis.dev/v1alpha1",
+            "kind": "Route",
+            "metadata": {"name": "chat", "namespace": "ns"},
+            "spec": {"routeType": "llm/v1/chat", "model": {
+                "provider": "openai", "name": "m", "secretRef": {"name": "used"}}}
+        }))
+        .unwrap();
+        route_writer.apply_watcher_event(&watcher::Event::Apply(route));
+        let secret_writer: Writer<PartialObjectMeta<Secret>> = Writer::default();
+        let mut control = control_loop(route_writer.as_reader(), secret_writer.as_reader());
+        let metrics = control.handles.metrics.clone();
+        let (tx, rx): (Events, _) = futures::channel::mpsc::unbounded();
+        let stop = CancellationToken::new();
+        let running = tokio::spawn({
+            let stop = stop.clone();
+            async move { control.run(rx, Duration::from_millis(1), stop).await }
+        });
+        let send = |source, signal| tx.unbounded_send((source, Ok(signal))).unwrap();
+        send(Source::Routes, Signal::Synced);
+        send(Source::Secrets, Signal::Synced);
+        settle(&metrics, 1).await;
+        assert_eq!(metrics.reconciles.get(), 1);
+
+        for i in 0..1000 {
+            send(
+                Source::Secrets,
+                Signal::Secret("ns".into(), format!("unrelated-{i}")),
+            );
+            send(
+                Source::Secrets,
+                Signal::Secret("other".into(), "used".into()),
+            );
+        }
+        settle(&metrics, 2).await;
+        assert_eq!(
+            metrics.reconciles.get(),
+            1,
+            "unrelated Secret events rebuilt the table"
+        );
+
+        send(Source::Secrets, Signal::Secret("ns".into(), "used".into()));
+        settle(&metrics, 2).await;
+        assert_eq!(
+            metrics.reconciles.get(),
+            2,
+            "a referenced Secret's change must rebuild"
+        );
+        send(Source::Routes, Signal::Changed);
+        settle(&metrics, 3).await;
+        assert_eq!(metrics.reconciles.get(), 3);
+        stop.cancel();
+        let _ = running.await;
     }
 }

@@ -15,9 +15,17 @@ pub struct OperatorPolicy {
     pub egress: Egress,
     /// `host:port` (lower case) at which this gateway is reachable: an `apiBase` there is a loop.
     pub self_addresses: Vec<String>,
+    /// Namespaces whose Routes also get their one-word name; `None`: every namespace.
+    pub public_namespaces: Option<std::collections::HashSet<String>>,
 }
 
 impl OperatorPolicy {
+    pub fn is_public(&self, namespace: &str) -> bool {
+        self.public_namespaces
+            .as_ref()
+            .is_none_or(|set| set.contains(namespace))
+    }
+
     pub fn secret_allowed(&self, labels: &BTreeMap<String, String>) -> bool {
         self.secret_selector
             .as_ref()

@@ -41,6 +41,9 @@ impl SecretLookup for HashMap<(String, String), Arc<SecretData>> {
 pub struct RouteOutcome {
     pub namespace: String,
     pub name: String,
+    /// The name callers use: the one-word name when the Route owns it, else `namespace/name`.
+    pub served_as: String,
+    pub short_name: ShortName,
     pub outcome: Outcome,
     /// Each backend (one for a `model` route) and whether it resolved; empty when the Route did
     /// not get that far (a name conflict or an invalid policy).
@@ -51,6 +54,28 @@ pub struct Reconciled {
     pub table: RoutingTable,
     /// One per Route, sorted by namespace then name.
     pub outcomes: Vec<RouteOutcome>,
+    /// One-word names whose owner changed since the previous table.
+    pub short_name_changes: Vec<ShortNameChange>,
+}
+
+/// Whether a Route has its one-word name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ShortName {
+    Owned,
+    /// An older Route (`namespace/name`) in a public namespace has it.
+    Taken {
+        by: String,
+    },
+    /// The Route's namespace is not in `--public-namespaces`.
+    NotPublic,
+}
+
+/// A one-word name that moved from the Route in one namespace to the Route in another.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShortNameChange {
+    pub name: String,
+    pub from: String,
+    pub to: String,
 }
 
 /// Builds the table from every Route and the Secrets they reference, under the default policy.
@@ -66,8 +91,9 @@ pub fn reconcile(routes: &[Arc<Route>], secrets: &impl SecretLookup) -> Reconcil
 /// Like `reconcile` under the operator's `policy`, carrying the health of unchanged backends
 /// over from the `previous` table.
 ///
-/// Routes sharing a public name: the oldest (then lexical `namespace/name`) serves and the others
-/// report `NameConflict`, so deleting the winner lets the next one take over on the next build.
+/// Every Route is served by its qualified name `namespace/name`. A Route in a public namespace
+/// also gets its one-word name unless an older one (then lexical `namespace/name`) has it; when
+/// the owner goes, the next one takes over on the next build.
 pub fn reconcile_after(
     routes: &[Arc<Route>],
     secrets: &impl SecretLookup,
@@ -75,18 +101,18 @@ pub fn reconcile_after(
     policy: &OperatorPolicy,
 ) -> Reconciled {
     let health = previous.backend_health();
-    let mut by_name: BTreeMap<&str, Vec<&Arc<Route>>> = BTreeMap::new();
+    let mut claimants: BTreeMap<&str, Vec<&Arc<Route>>> = BTreeMap::new();
     for route in routes {
-        by_name
-            .entry(route.metadata.name.as_deref().unwrap_or_default())
-            .or_default()
-            .push(route);
+        if policy.is_public(&route.namespace().unwrap_or_default()) {
+            claimants
+                .entry(route.metadata.name.as_deref().unwrap_or_default())
+                .or_default()
+                .push(route);
+        }
     }
-
-    let mut entries = Vec::with_capacity(by_name.len());
-    let mut outcomes = Vec::with_capacity(routes.len());
-    for (name, mut claimants) in by_name {
-        claimants.sort_by(|a, b| {
+    let mut owners: HashMap<&str, String> = HashMap::new();
+    for (name, mut list) in claimants {
+        list.sort_by(|a, b| {
             let key = |r: &Route| {
                 (
                     r.metadata.creation_timestamp.clone().map(|t| t.0),
@@ -101,9 +127,39 @@ pub fn reconcile_after(
                 ((None, na), (None, nb)) => na.cmp(&nb),
             }
         });
-        let winner = claimants[0];
-        let winner_ns = winner.namespace().unwrap_or_default();
-        let (state, backends) = resolve(winner, secrets, &health, policy);
+        owners.insert(name, list[0].namespace().unwrap_or_default());
+    }
+
+    let mut entries = Vec::with_capacity(routes.len());
+    let mut outcomes = Vec::with_capacity(routes.len());
+    let mut short_name_changes = Vec::new();
+    for route in routes {
+        let name = route.metadata.name.as_deref().unwrap_or_default();
+        let namespace = route.namespace().unwrap_or_default();
+        let qualified = format!("{namespace}/{name}");
+        let short_name = match owners.get(name) {
+            _ if !policy.is_public(&namespace) => ShortName::NotPublic,
+            Some(owner) if *owner == namespace => ShortName::Owned,
+            Some(owner) => ShortName::Taken {
+                by: format!("{owner}/{name}"),
+            },
+            None => ShortName::NotPublic,
+        };
+        let served_as = if short_name == ShortName::Owned {
+            if let Some(before) = previous.get(name).filter(|e| e.name == name)
+                && before.namespace != namespace
+            {
+                short_name_changes.push(ShortNameChange {
+                    name: name.to_string(),
+                    from: before.namespace.clone(),
+                    to: namespace.clone(),
+                });
+            }
+            name.to_string()
+        } else {
+            qualified.clone()
+        };
+        let (state, backends) = resolve(route, secrets, &health, policy);
         let outcome = match &state {
             RouteState::Ready(_) => {
                 let failed = backends.iter().filter(|b| !b.resolved).count();
@@ -124,31 +180,23 @@ pub fn reconcile_after(
             }
         };
         outcomes.push(RouteOutcome {
-            namespace: winner_ns.clone(),
+            namespace: namespace.clone(),
             name: name.to_string(),
+            served_as: served_as.clone(),
+            short_name,
             outcome,
             backends,
         });
-        for loser in &claimants[1..] {
-            outcomes.push(RouteOutcome {
-                namespace: loser.namespace().unwrap_or_default(),
-                name: name.to_string(),
-                outcome: Outcome::not_ready(
-                    Reason::NameConflict,
-                    format!("route name {name:?} is already served by Route {winner_ns}/{name}, created earlier"),
-                ),
-                backends: Vec::new(),
-            });
-        }
-        let primary = winner.spec.primary_model();
+        let primary = route.spec.primary_model();
         entries.push(RouteEntry {
-            name: name.to_string(),
-            namespace: winner_ns,
-            route_type: winner.spec.route_type,
+            name: served_as,
+            qualified,
+            namespace,
+            route_type: route.spec.route_type,
             provider: primary.map_or(Provider::Openai, |m| m.provider),
             model: primary.map(|m| m.name.clone()).unwrap_or_default(),
-            limits: winner.spec.limits.clone(),
-            access: winner.spec.access.clone(),
+            limits: route.spec.limits.clone(),
+            access: route.spec.access.clone(),
             state,
         });
     }
@@ -156,6 +204,7 @@ pub fn reconcile_after(
     Reconciled {
         table: RoutingTable::new(entries),
         outcomes,
+        short_name_changes,
     }
 }
 
@@ -559,7 +608,7 @@ mod tests {
     }
 
     #[test]
-    fn oldest_route_wins_a_name_conflict_then_lexical_namespace() {
+    fn oldest_route_wins_the_short_name_and_every_route_serves_by_its_qualified_name() {
         let s = secrets(&[
             ("a", "openai", "apiKey", "k"),
             ("b", "openai", "apiKey", "k"),
@@ -572,13 +621,59 @@ mod tests {
         ];
         let r = reconcile(&routes, &s);
         assert_eq!(r.table.get("chat").unwrap().namespace, "b");
-        assert_eq!(outcome_of(&r, "b").reason, Reason::Resolved);
-        assert_eq!(outcome_of(&r, "c").reason, Reason::NameConflict);
-        assert_eq!(outcome_of(&r, "a").reason, Reason::NameConflict);
-        assert!(outcome_of(&r, "a").message.contains("b/chat"));
+        for ns in ["a", "b", "c"] {
+            assert_eq!(outcome_of(&r, ns).reason, Reason::Resolved);
+            assert_eq!(r.table.get(&format!("{ns}/chat")).unwrap().namespace, ns);
+        }
+        let a = r.outcomes.iter().find(|o| o.namespace == "a").unwrap();
+        assert_eq!(
+            a.short_name,
+            ShortName::Taken {
+                by: "b/chat".into()
+            }
+        );
+        assert_eq!(a.served_as, "a/chat");
+        // Listings show the short name for its owner, the qualified one for the others.
+        let names: Vec<&str> = r.table.routes().iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["a/chat", "c/chat", "chat"]);
 
-        let r = reconcile(&routes[1..], &s);
-        assert_eq!(r.table.get("chat").unwrap().namespace, "c");
+        // The owner goes: the next oldest takes over, and the change is reported.
+        let next = reconcile_after(&routes[1..], &s, &r.table, &OperatorPolicy::default());
+        assert_eq!(next.table.get("chat").unwrap().namespace, "c");
+        assert_eq!(
+            next.short_name_changes,
+            [ShortNameChange {
+                name: "chat".into(),
+                from: "b".into(),
+                to: "c".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn only_public_namespaces_get_short_names() {
+        let s = secrets(&[
+            ("a", "openai", "apiKey", "k"),
+            ("b", "openai", "apiKey", "k"),
+        ]);
+        let routes = [
+            route("a", "chat", 1, Provider::Openai),
+            route("b", "chat", 9, Provider::Openai),
+        ];
+        let policy = OperatorPolicy {
+            public_namespaces: Some(["b".to_string()].into()),
+            ..Default::default()
+        };
+        let r = reconcile_after(&routes, &s, &RoutingTable::default(), &policy);
+        assert_eq!(
+            r.table.get("chat").unwrap().namespace,
+            "b",
+            "a is older but not public"
+        );
+        let a = r.outcomes.iter().find(|o| o.namespace == "a").unwrap();
+        assert_eq!(a.short_name, ShortName::NotPublic);
+        assert!(a.outcome.is_ready());
+        assert!(r.table.get("a/chat").is_some());
     }
 
     #[test]

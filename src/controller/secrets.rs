@@ -6,6 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
@@ -20,11 +21,22 @@ use kube::ResourceExt;
 
 type Key = (String, String);
 
-#[derive(Default)]
 pub struct SecretCache {
     entries: HashMap<Key, (Option<String>, Arc<SecretData>)>,
     /// Referenced Secrets that do not match `--secret-selector`: never read.
     denied: HashSet<Key>,
+    /// Deadline of one Secret read.
+    timeout: Duration,
+}
+
+impl Default for SecretCache {
+    fn default() -> Self {
+        SecretCache {
+            entries: HashMap::new(),
+            denied: HashSet::new(),
+            timeout: super::API_CALL_TIMEOUT,
+        }
+    }
 }
 
 impl SecretLookup for SecretCache {
@@ -70,10 +82,13 @@ impl SecretCache {
                 }
             }
         }
+        let timeout = self.timeout;
         let reads: Vec<_> = futures::stream::iter(stale)
             .map(|key| async move {
                 let api: Api<Secret> = Api::namespaced(client.clone(), &key.0);
-                let result = api.get_opt(&key.1).await;
+                let result = tokio::time::timeout(timeout, api.get_opt(&key.1))
+                    .await
+                    .unwrap_or_else(|_| Err(kube::Error::Service("timed out".into())));
                 (key, result)
             })
             .buffer_unordered(16)
@@ -97,5 +112,68 @@ impl SecretCache {
             }
         }
         ok
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::api::ObjectMeta;
+    use kube::runtime::reflector::store::Writer;
+    use kube::runtime::watcher;
+
+    use super::*;
+
+    /// A Secret read against an API server that accepts the connection and never answers ends at
+    /// its deadline; the last good copy stays and the caller is told to retry.
+    #[tokio::test]
+    async fn a_hanging_secret_read_ends_at_its_deadline() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = silent.local_addr().unwrap();
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((tcp, _)) = silent.accept().await {
+                open.push(tcp);
+            }
+        });
+        let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
+        let client = Client::try_from(config).unwrap();
+        let mut writer: Writer<PartialObjectMeta<Secret>> = Writer::default();
+        let meta = PartialObjectMeta::<Secret> {
+            metadata: ObjectMeta {
+                name: Some("s".into()),
+                namespace: Some("ns".into()),
+                resource_version: Some("2".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        writer.apply_watcher_event(&watcher::Event::Apply(meta));
+        let store = writer.as_reader();
+        let mut cache = SecretCache {
+            timeout: Duration::from_millis(300),
+            ..Default::default()
+        };
+        let old = Arc::new(SecretData::from_iter([(
+            "apiKey".to_string(),
+            k8s_openapi::ByteString(b"old".to_vec()),
+        )]));
+        cache
+            .entries
+            .insert(("ns".into(), "s".into()), (Some("1".into()), old));
+        let wanted = HashSet::from([("ns".to_string(), "s".to_string())]);
+        let started = std::time::Instant::now();
+        let refreshed = tokio::time::timeout(
+            Duration::from_secs(10),
+            cache.refresh(&client, wanted, &store, &OperatorPolicy::default()),
+        )
+        .await;
+        assert_eq!(refreshed, Ok(false), "the read must fail, not hang");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(
+            cache.secret("ns", "s").is_some(),
+            "the last good copy stays"
+        );
+        held.abort();
     }
 }

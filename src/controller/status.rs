@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::backoff::RetryBackoff;
-use super::reconcile::RouteOutcome;
+use super::reconcile::{RouteOutcome, ShortName};
 use crate::api::{BackendStatus, Route, RouteStatus, ready_condition};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
@@ -27,7 +27,7 @@ pub const FIELD_MANAGER: &str = "portcullis-controller";
 /// The status `route` should have for its reconcile outcome.
 pub fn desired_status(route: &Route, outcome: &RouteOutcome, now: Timestamp) -> RouteStatus {
     let generation = route.metadata.generation;
-    let name = route.metadata.name.as_deref().unwrap_or_default();
+    let name = &outcome.served_as;
     let ready = &outcome.outcome;
     let mut conditions = vec![ready_condition(
         ready,
@@ -35,6 +35,12 @@ pub fn desired_status(route: &Route, outcome: &RouteOutcome, now: Timestamp) -> 
         current(route, "Ready"),
         now,
     )];
+    conditions.push(short_name_condition(
+        outcome,
+        generation,
+        current(route, "ShortName"),
+        now,
+    ));
     if !outcome.backends.is_empty() {
         conditions.push(degraded_condition(
             &outcome.backends,
@@ -99,15 +105,56 @@ fn degraded_condition(
     }
 }
 
+/// `ShortName`: whether callers may use the one-word name, or only `namespace/name`.
+fn short_name_condition(
+    outcome: &RouteOutcome,
+    generation: Option<i64>,
+    previous: Option<&Condition>,
+    now: Timestamp,
+) -> Condition {
+    let (name, ns) = (&outcome.name, &outcome.namespace);
+    let (status, reason, message) = match &outcome.short_name {
+        ShortName::Owned => (
+            "True",
+            "Owned",
+            format!("served as {name:?} and {:?}", format!("{ns}/{name}")),
+        ),
+        ShortName::Taken { by } => (
+            "False",
+            "NameConflict",
+            format!(
+                "the name {name:?} is served by Route {by}, created earlier; this Route is served as {:?} only",
+                format!("{ns}/{name}")
+            ),
+        ),
+        ShortName::NotPublic => (
+            "False",
+            "NotPublic",
+            format!(
+                "namespace {ns} is not in the gateway's --public-namespaces; this Route is served as {:?} only",
+                format!("{ns}/{name}")
+            ),
+        ),
+    };
+    let last_transition_time = match previous {
+        Some(prev) if prev.status == status => prev.last_transition_time.clone(),
+        _ => Time(now),
+    };
+    Condition {
+        type_: "ShortName".into(),
+        status: status.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: generation,
+        last_transition_time,
+    }
+}
+
 fn current<'a>(route: &'a Route, type_: &str) -> Option<&'a Condition> {
     route
         .status
         .as_ref()
         .and_then(|s| s.conditions.iter().find(|c| c.type_ == type_))
-}
-
-fn current_ready(route: &Route) -> Option<&Condition> {
-    current(route, "Ready")
 }
 
 /// Whether the fields this controller owns already hold `desired` (other managers' conditions are ignored).
@@ -207,14 +254,13 @@ async fn write_one(
     let api: Api<Route> = Api::namespaced(client.clone(), &namespace);
     let patch =
         json!({"apiVersion": "portcullis.dev/v1alpha1", "kind": "Route", "status": desired});
-    if let Err(e) = api
-        .patch_status(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await
-    {
+    let (params, patch) = (
+        PatchParams::apply(FIELD_MANAGER).force(),
+        Patch::Apply(&patch),
+    );
+    let write = api.patch_status(&name, &params, &patch);
+    let written = tokio::time::timeout(super::API_CALL_TIMEOUT, write).await;
+    if let Err(e) = written.unwrap_or_else(|_| Err(kube::Error::Service("timed out".into()))) {
         // A Route deleted since the outcome was computed is not a failure.
         if matches!(&e, kube::Error::Api(s) if s.code == 404) {
             return true;
@@ -223,13 +269,24 @@ async fn write_one(
         return false;
     }
     debug!(route = %name, namespace = %namespace, "wrote Route status");
-    let (Some(new), old) = (desired.conditions.first(), current_ready(&route)) else {
-        return true;
-    };
-    if old.map(|c| (&c.status, &c.reason)) != Some((&new.status, &new.reason)) {
-        info!(route = %name, namespace = %namespace, ready = %new.status, reason = %new.reason, "Route readiness changed");
+    for new in &desired.conditions {
+        let old = current(&route, &new.type_);
+        if old.map(|c| (&c.status, &c.reason)) == Some((&new.status, &new.reason)) {
+            continue;
+        }
+        // Ready on every change; the others only when they change, or a name is refused.
+        let worth_telling = new.type_ == "Ready" || old.is_some() || new.reason == "NameConflict";
+        if !worth_telling {
+            continue;
+        }
+        let healthy = match new.type_.as_str() {
+            "Degraded" => new.status == "False",
+            "ShortName" => new.reason != "NameConflict",
+            _ => new.status == "True",
+        };
+        info!(route = %name, namespace = %namespace, condition = %new.type_, status = %new.status, reason = %new.reason, "Route condition changed");
         let event = Event {
-            type_: if new.status == "True" {
+            type_: if healthy {
                 EventType::Normal
             } else {
                 EventType::Warning
@@ -255,6 +312,8 @@ mod tests {
         RouteOutcome {
             namespace: "ns".into(),
             name: "chat".into(),
+            served_as: "chat".into(),
+            short_name: ShortName::Owned,
             outcome,
             backends: vec![],
         }

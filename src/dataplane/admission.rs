@@ -37,13 +37,18 @@ impl Admission {
     }
 }
 
+/// What a call is charged: the reported total, or the sum of its parts when that is larger (a
+/// provider understating its total does not earn a refund). Saturating and clamped.
 pub fn used_tokens(usage: &Usage) -> Option<u64> {
-    usage
-        .total_tokens
-        .or(match (usage.prompt_tokens, usage.completion_tokens) {
-            (None, None) => None,
-            (p, c) => Some(p.unwrap_or(0) + c.unwrap_or(0)),
-        })
+    let parts = match (usage.prompt_tokens, usage.completion_tokens) {
+        (None, None) => None,
+        (p, c) => Some(p.unwrap_or(0).saturating_add(c.unwrap_or(0))),
+    };
+    let used = match (usage.total_tokens, parts) {
+        (Some(t), Some(s)) => Some(t.max(s)),
+        (t, s) => t.or(s),
+    };
+    used.map(|u| u.min(crate::llm::MAX_REPORTED_TOKENS))
 }
 
 /// The caller of this request, authenticated once (credentials are taken out of the call).
@@ -194,5 +199,17 @@ mod tests {
         assert_eq!(used_tokens(&u), Some(3));
         u.total_tokens = Some(9);
         assert_eq!(used_tokens(&u), Some(9));
+    }
+
+    #[test]
+    fn absurd_usage_saturates_instead_of_overflowing() {
+        let u = Usage {
+            prompt_tokens: Some(u64::MAX),
+            completion_tokens: Some(u64::MAX),
+            total_tokens: None,
+        };
+        assert!(used_tokens(&u).is_some_and(|t| t >= 1 << 40));
+        let u = Usage::new(Some(u64::MAX), Some(1));
+        assert!(u.total_tokens.is_some_and(|t| t >= 1 << 40));
     }
 }

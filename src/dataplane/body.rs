@@ -11,6 +11,16 @@ pub async fn read_json_object(
     body: Body,
     limit: usize,
 ) -> Result<Map<String, Value>, GatewayError> {
+    let bytes = read_bytes(headers, body, limit).await?;
+    parse_json_object(&bytes)
+}
+
+/// The body's bytes after the content-type and size checks.
+async fn read_bytes(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<bytes::Bytes, GatewayError> {
     if let Some(ct) = headers.get(header::CONTENT_TYPE) {
         let ct = ct.to_str().unwrap_or_default().to_ascii_lowercase();
         let essence = ct.split(';').next().unwrap_or_default().trim();
@@ -27,15 +37,16 @@ pub async fn read_json_object(
     if declared.is_some_and(|n| n > limit) {
         return Err(GatewayError::PayloadTooLarge { limit });
     }
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
         if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
         {
             GatewayError::PayloadTooLarge { limit }
+        } else if super::listener::is_body_timeout(&e) {
+            GatewayError::BodyTimeout
         } else {
             GatewayError::bad_request("could not read the request body")
         }
-    })?;
-    parse_json_object(&bytes)
+    })
 }
 
 pub fn parse_json_object(bytes: &[u8]) -> Result<Map<String, Value>, GatewayError> {

@@ -78,6 +78,10 @@ pub enum GatewayError {
     AuthUnavailable,
     #[error("{}", .0.message)]
     RateLimited(Box<RateLimited>),
+    #[error("the request body stopped arriving before it was complete")]
+    BodyTimeout,
+    #[error("the gateway is at its limit of requests in flight; retry shortly")]
+    Overloaded,
 }
 
 impl GatewayError {
@@ -127,6 +131,8 @@ impl GatewayError {
             GatewayError::Unauthenticated => StatusCode::UNAUTHORIZED,
             GatewayError::AuthUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            GatewayError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -153,6 +159,8 @@ impl GatewayError {
             GatewayError::Unauthenticated => "unauthenticated",
             GatewayError::AuthUnavailable => "auth_unavailable",
             GatewayError::RateLimited(_) => "rate_limit_exceeded",
+            GatewayError::BodyTimeout => "request_timeout",
+            GatewayError::Overloaded => "overloaded",
         }
     }
 
@@ -167,7 +175,7 @@ impl GatewayError {
         match self {
             GatewayError::Upstream { retry_after, .. } => *retry_after,
             GatewayError::RateLimited(limited) => Some(limited.retry_after),
-            GatewayError::AuthUnavailable => Some(1),
+            GatewayError::AuthUnavailable | GatewayError::Overloaded => Some(1),
             _ => None,
         }
     }

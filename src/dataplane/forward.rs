@@ -179,6 +179,9 @@ impl<'a> Tries<'a> {
                 error_type: err.code(),
             })
             .inc();
+        if matches!(err, GatewayError::CredentialRejected { .. }) {
+            backend.health.credential_rejected();
+        }
         let Some(class) = failure_class(&err) else {
             self.note_answered(backend);
             return ControlFlow::Break(Err(err));
@@ -445,7 +448,8 @@ async fn open_stream(
 ) -> Result<Opened, GatewayError> {
     let upstream = Arc::clone(&backend.upstream);
     let response = send(state, &upstream, request, None).await?;
-    let decoder = upstream.adapter.stream_decoder(route_type);
+    let mut decoder = upstream.adapter.stream_decoder(route_type);
+    decoder.set_max_frame(state.upstream_limits.max_stream_event);
     let timeout = state.upstream_timeout;
     let idle = state.upstream_limits.stream_idle;
     let decode = Decoding {

@@ -42,7 +42,7 @@ pub async fn list<L: Listed>(
 /// `GET` of one route by name.
 pub async fn get<L: Listed>(
     State(state): State<Arc<AppState>>,
-    name: Result<Path<String>, PathRejection>,
+    name: Result<Path<Vec<String>>, PathRejection>,
 ) -> Result<Json<Value>, MlflowError> {
     let entry = Visibility::find(&state, route_name(name)?).await?;
     Ok(Json(L::object(&entry)))

@@ -25,7 +25,7 @@ type Result<T, E = MlflowError> = std::result::Result<T, E>;
 /// Streams when asked, like `/v1`, but without OpenAI's `data: [DONE]`: MLflow's streams just end.
 pub async fn invoke(
     State(state): State<Arc<AppState>>,
-    name: std::result::Result<Path<String>, PathRejection>,
+    name: std::result::Result<Path<Vec<String>>, PathRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response> {

@@ -33,7 +33,7 @@ const MLFLOW_25: Dialect = Dialect {
 
 pub async fn invoke(
     State(state): State<Arc<AppState>>,
-    name: std::result::Result<Path<String>, PathRejection>,
+    name: std::result::Result<Path<Vec<String>>, PathRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>> {
@@ -174,23 +174,14 @@ fn metadata(usage: &Usage, model: &str, route_type: RouteType) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::Reason;
     use crate::llm::{Choice, Embeddings, Generation};
-    use crate::table::RouteState;
 
     fn entry(route_type: RouteType, provider: Provider) -> RouteEntry {
         RouteEntry {
-            name: "r".into(),
-            namespace: "ns".into(),
             route_type,
             provider,
             model: "configured".into(),
-            limits: vec![],
-            access: None,
-            state: RouteState::NotReady {
-                reason: Reason::SecretNotFound,
-                message: String::new(),
-            },
+            ..RouteEntry::not_ready("r")
         }
     }
 

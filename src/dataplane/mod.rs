@@ -9,7 +9,10 @@ pub mod admission;
 mod body;
 pub mod error;
 mod forward;
+#[cfg(test)]
+mod fuzz;
 mod health;
+pub mod listener;
 mod listing;
 mod mlflow_deployments;
 mod mlflow_gateway;
@@ -65,6 +68,8 @@ pub struct UpstreamLimits {
     pub max_error_body: usize,
     /// A stream that sends nothing for this long ends with an error.
     pub stream_idle: Duration,
+    /// Largest single stream event (SSE event, NDJSON line, event-stream frame), in bytes.
+    pub max_stream_event: usize,
 }
 
 impl Default for UpstreamLimits {
@@ -73,6 +78,7 @@ impl Default for UpstreamLimits {
             max_body: 64 * 1024 * 1024,
             max_error_body: 1024 * 1024,
             stream_idle: Duration::from_secs(60),
+            max_stream_event: crate::providers::sse::DEFAULT_MAX_FRAME,
         }
     }
 }
@@ -96,12 +102,29 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/api/2.0/gateway/routes/{name}",
             get(listing::get::<Routes>),
         )
+        // A qualified name `namespace/name` also works unencoded, as two path segments.
+        .route(
+            "/api/2.0/gateway/routes/{namespace}/{name}",
+            get(listing::get::<Routes>),
+        )
         .route("/gateway/{name}/invocations", post(mlflow_gateway::invoke))
+        .route(
+            "/gateway/{namespace}/{name}/invocations",
+            post(mlflow_gateway::invoke),
+        )
         .route("/api/2.0/endpoints/", get(listing::list::<Endpoints>))
         .route("/api/2.0/endpoints", get(listing::list::<Endpoints>))
         .route("/api/2.0/endpoints/{name}", get(listing::get::<Endpoints>))
         .route(
+            "/api/2.0/endpoints/{namespace}/{name}",
+            get(listing::get::<Endpoints>),
+        )
+        .route(
             "/endpoints/{name}/invocations",
+            post(mlflow_deployments::invoke),
+        )
+        .route(
+            "/endpoints/{namespace}/{name}/invocations",
             post(mlflow_deployments::invoke),
         )
         .route("/v1/chat/completions", post(openai::chat_completions))
@@ -109,6 +132,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/embeddings", post(openai::embeddings))
         .route("/v1/models", get(openai::list_models))
         .route("/v1/models/{name}", get(openai::get_model))
+        .route("/v1/models/{namespace}/{name}", get(openai::get_model))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/health", get(health::health))

@@ -77,9 +77,9 @@ pub async fn list_models(State(state): State<Arc<AppState>>) -> Json<Value> {
 
 pub async fn get_model(
     State(state): State<Arc<AppState>>,
-    Path(name): Path<String>,
+    Path(name): Path<Vec<String>>,
 ) -> Result<Json<Value>> {
-    let entry = Visibility::find(&state, name).await?;
+    let entry = Visibility::find(&state, name.join("/")).await?;
     Ok(Json(model_object(&entry.name, entry.provider.as_str())))
 }
 

@@ -13,10 +13,12 @@ use crate::llm::{
 type Body = Map<String, Value>;
 
 /// The `{name}` of a per-route path; axum's own rejection would answer in plain text.
+/// The route named by a path: `{name}` (a one-word or `%2F`-encoded qualified name) or
+/// `{namespace}/{name}`.
 pub fn route_name(
-    path: Result<axum::extract::Path<String>, axum::extract::rejection::PathRejection>,
+    path: Result<axum::extract::Path<Vec<String>>, axum::extract::rejection::PathRejection>,
 ) -> Result<String, GatewayError> {
-    path.map(|p| p.0)
+    path.map(|p| p.0.join("/"))
         .map_err(|e| GatewayError::bad_request(e.body_text()))
 }
 

@@ -222,9 +222,13 @@ struct WireMessage {
 
 #[derive(Deserialize, Default, Clone, Copy)]
 struct WireUsage {
+    #[serde(default, deserialize_with = "crate::llm::token_count")]
     input_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "crate::llm::token_count")]
     output_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "crate::llm::token_count")]
     cache_creation_input_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "crate::llm::token_count")]
     cache_read_input_tokens: Option<u64>,
 }
 
@@ -233,8 +237,8 @@ impl WireUsage {
     fn into_usage(self, input: Option<u64>) -> Usage {
         let prompt = input.or_else(|| {
             self.input_tokens.map(|i| {
-                i + self.cache_creation_input_tokens.unwrap_or(0)
-                    + self.cache_read_input_tokens.unwrap_or(0)
+                i.saturating_add(self.cache_creation_input_tokens.unwrap_or(0))
+                    .saturating_add(self.cache_read_input_tokens.unwrap_or(0))
             })
         });
         Usage::new(prompt, self.output_tokens)

@@ -6,7 +6,7 @@ use serde_json::Value;
 
 use super::{
     ALL_ROUTE_TYPES, API_KEY, CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder,
-    Target, UpstreamRequest, insert_secret, json_headers, openai, post_json,
+    Target, UpstreamRequest, insert_secret, json_headers, openai, path_segment, post_json,
 };
 use crate::api::{Provider, RouteType};
 use crate::llm::{LlmRequest, LlmResponse};
@@ -57,8 +57,10 @@ impl ProviderAdapter for AzureOpenAi {
                 fields.remove("model");
             }
             format!(
-                "{}/openai/deployments/{}{path}?api-version={version}",
-                target.api_base, target.model
+                "{}/openai/deployments/{}{path}?api-version={}",
+                target.api_base,
+                path_segment(&target.model)?,
+                path_segment(version)?
             )
         };
         let mut headers = json_headers();

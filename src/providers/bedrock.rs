@@ -15,8 +15,8 @@ use super::eventstream::{Frame, FrameParser};
 use super::{
     ALL_ROUTE_TYPES, CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder, Target,
     UpstreamRequest, error_message, insert_secret, json_headers, malformed,
-    normalize_finish_reason, present_fields, push_turn, reject_n, single_choice, tool_calls_extra,
-    upstream_error,
+    normalize_finish_reason, path_segment, present_fields, push_turn, reject_n, single_choice,
+    tool_calls_extra, upstream_error,
 };
 use crate::api::{Provider, RouteType};
 use crate::llm::{ChatMessage, Embeddings, LlmRequest, LlmResponse, Params, StreamDelta, Usage};
@@ -141,8 +141,19 @@ pub(crate) fn build_request_at(
     request: &LlmRequest,
     time: SystemTime,
 ) -> Result<UpstreamRequest, ProviderError> {
-    let base = target.api_base.replace("{region}", region(target));
-    let model = encode_segment(&target.model);
+    let region = region(target);
+    // The region lands in the host name: a Route must not pick another host through it.
+    if region.is_empty()
+        || !region
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Err(ProviderError::Unsupported(format!(
+            "the Route's region {region:?} is not an AWS region name"
+        )));
+    }
+    let base = target.api_base.replace("{region}", region);
+    let model = path_segment(&target.model)?;
     let (operation, body) = match request {
         LlmRequest::Chat(c) => {
             reject_n(Provider::Bedrock, &c.params)?;
@@ -305,19 +316,6 @@ pub(crate) fn sign_with(
     Ok(())
 }
 
-/// Percent-encodes one path segment (model ids hold `:` and ARNs hold `/`).
-fn encode_segment(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 fn converse_body(messages: &[ChatMessage], params: &Params, extra: &Map<String, Value>) -> Value {
     let mut system = Vec::new();
     let mut turns: Vec<Value> = Vec::new();
@@ -382,8 +380,11 @@ struct WireMessage {
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct WireUsage {
+    #[serde(default, deserialize_with = "crate::llm::token_count")]
     input_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "crate::llm::token_count")]
     output_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "crate::llm::token_count")]
     total_tokens: Option<u64>,
 }
 
@@ -400,6 +401,7 @@ fn parse_embeddings(target: &Target, body: &[u8]) -> Result<LlmResponse, Provide
     #[serde(rename_all = "camelCase")]
     struct Titan {
         embedding: Vec<f64>,
+        #[serde(default, deserialize_with = "crate::llm::token_count")]
         input_text_token_count: Option<u64>,
     }
     #[derive(Deserialize)]
@@ -521,6 +523,10 @@ impl StreamDecoder for ConverseStream {
     fn finish(&mut self, out: &mut Vec<StreamDelta>) -> Result<(), ProviderError> {
         self.drain(out)?;
         self.frames.finish().map_err(malformed)
+    }
+
+    fn set_max_frame(&mut self, max_bytes: usize) {
+        self.frames.set_max_frame(max_bytes);
     }
 }
 

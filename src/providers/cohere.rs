@@ -192,8 +192,10 @@ fn embed_body(target: &Target, e: &EmbeddingsRequest) -> Value {
 
 #[derive(Deserialize, Default)]
 struct WireTokens {
-    input_tokens: Option<f64>,
-    output_tokens: Option<f64>,
+    #[serde(default, deserialize_with = "crate::llm::token_count")]
+    input_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "crate::llm::token_count")]
+    output_tokens: Option<u64>,
 }
 
 /// Cohere reports what the model saw (`tokens`) and what is billed; the former is the usage.
@@ -206,10 +208,7 @@ struct WireUsage {
 impl WireUsage {
     fn usage(self) -> Usage {
         let t = self.tokens.or(self.billed_units).unwrap_or_default();
-        Usage::new(
-            t.input_tokens.map(|v| v as u64),
-            t.output_tokens.map(|v| v as u64),
-        )
+        Usage::new(t.input_tokens, t.output_tokens)
     }
 }
 
@@ -312,6 +311,7 @@ struct WireMeta {
 
 #[derive(Deserialize)]
 struct WireBilled {
+    #[serde(default, deserialize_with = "crate::llm::token_count")]
     input_tokens: Option<u64>,
 }
 
@@ -390,7 +390,10 @@ impl GenerateStream {
             let v: Value = serde_json::from_str(&line).map_err(malformed)?;
             match v["event_type"].as_str() {
                 Some("text-generation") => out.push(StreamDelta {
-                    index: v["index"].as_u64().unwrap_or(0) as u32,
+                    index: v["index"]
+                        .as_u64()
+                        .and_then(|i| u32::try_from(i).ok())
+                        .unwrap_or(0),
                     text: v["text"].as_str().map(str::to_string),
                     ..Default::default()
                 }),
@@ -439,13 +442,19 @@ impl GenerateStream {
 
 impl StreamDecoder for GenerateStream {
     fn feed(&mut self, bytes: &[u8], out: &mut Vec<StreamDelta>) -> Result<(), ProviderError> {
-        self.lines.feed(bytes, &mut self.pending);
-        self.drain(out)
+        // Lines complete before an oversized one are still delivered, then the error.
+        let framed = self.lines.feed(bytes, &mut self.pending);
+        self.drain(out)?;
+        framed
     }
 
     fn finish(&mut self, out: &mut Vec<StreamDelta>) -> Result<(), ProviderError> {
         self.lines.finish(&mut self.pending);
         self.drain(out)
+    }
+
+    fn set_max_frame(&mut self, max_bytes: usize) {
+        self.lines.set_max_frame(max_bytes);
     }
 }
 

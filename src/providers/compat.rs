@@ -6,7 +6,7 @@ use serde_json::Value;
 
 use super::{
     ALL_ROUTE_TYPES, CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder, Target,
-    UpstreamRequest, openai, post_json, reject_n,
+    UpstreamRequest, openai, path_segment, post_json, reject_n,
 };
 use crate::api::{Provider, RouteType};
 use crate::llm::{ChatRequest, CompletionsRequest, LlmRequest, LlmResponse};
@@ -144,7 +144,8 @@ impl ProviderAdapter for OpenAiCompatible {
             }
             format!(
                 "{}/serving-endpoints/{}/invocations",
-                target.api_base, target.model
+                target.api_base,
+                path_segment(&target.model)?
             )
         } else {
             format!("{}{}", target.api_base, path)

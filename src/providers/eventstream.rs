@@ -1,9 +1,6 @@
 //! The AWS event-stream binary framing (`application/vnd.amazon.eventstream`), parsed incrementally:
 //! a 12-byte prelude (total length, headers length, prelude CRC), headers, payload, message CRC.
 
-/// Frames larger than this are refused rather than buffered (botocore's limits: 128 KiB of headers
-/// plus 24 MiB of payload).
-const MAX_FRAME: usize = 128 * 1024 + 24 * 1024 * 1024 + 16;
 const PRELUDE: usize = 12;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -18,6 +15,8 @@ pub enum FrameError {
     Header,
     #[error("event stream ended inside a frame")]
     Truncated,
+    #[error("an event-stream frame of {total} bytes is larger than the limit of {max} bytes")]
+    TooLarge { total: usize, max: usize },
 }
 
 /// One decoded message: its string headers and its payload.
@@ -36,12 +35,27 @@ impl Frame {
     }
 }
 
-#[derive(Debug, Default)]
+/// Frames are refused at their prelude when larger than `max`, before any of them is buffered.
+#[derive(Debug)]
 pub struct FrameParser {
     buf: Vec<u8>,
+    max: usize,
+}
+
+impl Default for FrameParser {
+    fn default() -> Self {
+        FrameParser {
+            buf: Vec::new(),
+            max: super::sse::DEFAULT_MAX_FRAME,
+        }
+    }
 }
 
 impl FrameParser {
+    pub fn set_max_frame(&mut self, max: usize) {
+        self.max = max;
+    }
+
     /// Appends every complete frame in `bytes` (plus what was buffered) to `out`.
     pub fn feed(&mut self, bytes: &[u8], out: &mut Vec<Frame>) -> Result<(), FrameError> {
         self.buf.extend_from_slice(bytes);
@@ -53,10 +67,16 @@ impl FrameParser {
             if crc32fast::hash(&b[..8]) != u32_at(b, 8) {
                 return Err(FrameError::PreludeCrc);
             }
-            if total < PRELUDE + 4 + headers_len || total > MAX_FRAME {
+            if total < PRELUDE + 4 + headers_len {
                 return Err(FrameError::Lengths {
                     total,
                     headers: headers_len,
+                });
+            }
+            if total > self.max {
+                return Err(FrameError::TooLarge {
+                    total,
+                    max: self.max,
                 });
             }
             if b.len() < total {

@@ -9,7 +9,7 @@ use super::sse::{SseDecoder, SseEvent, SseHandler, SseParser};
 use super::{
     ALL_ROUTE_TYPES, API_KEY, CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder,
     Target, UpstreamRequest, error_message, insert_secret, json_headers, malformed,
-    normalize_finish_reason, post_json, present_fields, push_turn, tool_calls_extra,
+    normalize_finish_reason, path_segment, post_json, present_fields, push_turn, tool_calls_extra,
     upstream_error,
 };
 use crate::api::{Provider, RouteType};
@@ -48,7 +48,12 @@ impl ProviderAdapter for Gemini {
             .map(String::as_str)
             .unwrap_or("v1beta");
         let model = target.model.trim_start_matches("models/");
-        let base = format!("{}/{version}/models/{model}", target.api_base);
+        let base = format!(
+            "{}/{}/models/{}",
+            target.api_base,
+            path_segment(version)?,
+            path_segment(model)?
+        );
         let (url, body) = match request {
             LlmRequest::Chat(c) => {
                 generate(&base, &c.messages, &c.params, c.stream.stream, &c.extra)
@@ -254,16 +259,21 @@ struct WireContent {
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct WireUsage {
+    #[serde(default, deserialize_with = "crate::llm::token_count")]
     prompt_token_count: Option<u64>,
+    #[serde(default, deserialize_with = "crate::llm::token_count")]
     candidates_token_count: Option<u64>,
+    #[serde(default, deserialize_with = "crate::llm::token_count")]
     total_token_count: Option<u64>,
+    #[serde(default, deserialize_with = "crate::llm::token_count")]
     thoughts_token_count: Option<u64>,
+    #[serde(default, deserialize_with = "crate::llm::token_count")]
     tool_use_prompt_token_count: Option<u64>,
 }
 
 impl WireUsage {
     fn usage(self) -> Usage {
-        let add = |a: Option<u64>, b: Option<u64>| a.map(|a| a + b.unwrap_or(0));
+        let add = |a: Option<u64>, b: Option<u64>| a.map(|a| a.saturating_add(b.unwrap_or(0)));
         let mut usage = Usage::new(
             add(self.prompt_token_count, self.tool_use_prompt_token_count),
             add(self.candidates_token_count, self.thoughts_token_count),
@@ -334,7 +344,7 @@ fn retry_delay(body: &[u8]) -> Option<u64> {
         .trim_end_matches('s')
         .parse::<f64>()
         .ok()
-        .map(|s| s.ceil() as u64)
+        .and_then(super::retry_secs)
 }
 
 /// Each event is a whole GenerateContentResponse with the new parts; no terminator.
@@ -351,7 +361,8 @@ impl SseHandler for GeminiStream {
             return Err(ProviderError::Upstream {
                 status: err["code"]
                     .as_u64()
-                    .and_then(|c| StatusCode::from_u16(c as u16).ok())
+                    .and_then(|c| u16::try_from(c).ok())
+                    .and_then(|c| StatusCode::from_u16(c).ok())
                     .unwrap_or(StatusCode::BAD_GATEWAY),
                 message: err["message"]
                     .as_str()

@@ -146,6 +146,8 @@ impl StreamDecoder for NoStream {
     fn finish(&mut self, _out: &mut Vec<StreamDelta>) -> Result<(), ProviderError> {
         Ok(())
     }
+
+    fn set_max_frame(&mut self, _max_bytes: usize) {}
 }
 
 #[cfg(test)]

@@ -123,6 +123,9 @@ pub trait StreamDecoder: Send {
     fn feed(&mut self, bytes: &[u8], out: &mut Vec<StreamDelta>) -> Result<(), ProviderError>;
     /// The provider closed the stream; flush anything complete that is still buffered.
     fn finish(&mut self, out: &mut Vec<StreamDelta>) -> Result<(), ProviderError>;
+    /// Largest single event (SSE event, line, frame) to buffer; a larger one fails the stream.
+    /// Decoders start at `sse::DEFAULT_MAX_FRAME`.
+    fn set_max_frame(&mut self, max_bytes: usize);
 }
 
 /// The adapter for `provider`, or `None` while this gateway does not speak it yet.
@@ -174,7 +177,11 @@ pub fn join_embeddings(parts: Vec<LlmResponse>) -> Result<LlmResponse, ProviderE
     };
     let add = |a: Option<u64>, b: Option<u64>| match (a, b) {
         (None, None) => None,
-        (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
+        (a, b) => Some(
+            a.unwrap_or(0)
+                .saturating_add(b.unwrap_or(0))
+                .min(crate::llm::MAX_REPORTED_TOKENS),
+        ),
     };
     for part in parts {
         let LlmResponse::Embeddings(e) = part else {
@@ -315,6 +322,31 @@ pub(crate) fn reject_n(provider: Provider, params: &Params) -> Result<(), Provid
     }
 }
 
+/// A name from a Route (model, deployment, endpoint, API version) as exactly one URL path segment:
+/// every byte but RFC 3986's unreserved ones is percent-encoded, so `/`, `?`, `#` and `%` stay
+/// literal. `.` and `..` are refused: URL parsers treat them, even encoded as `%2E`, as dot
+/// segments and would climb out of the path.
+pub(crate) fn path_segment(name: &str) -> Result<String, ProviderError> {
+    if matches!(name, "" | "." | "..") {
+        return Err(ProviderError::Unsupported(format!(
+            "the Route's name {name:?} cannot be used as a URL path segment"
+        )));
+    }
+    let mut out = String::with_capacity(name.len());
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push('%');
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0xF)]));
+        }
+    }
+    Ok(out)
+}
+
+const HEX: &[u8; 16] = b"0123456789ABCDEF";
+
 pub(crate) fn malformed(e: impl std::fmt::Display) -> ProviderError {
     ProviderError::MalformedResponse(e.to_string())
 }
@@ -372,7 +404,16 @@ pub fn retry_after_secs(headers: &HeaderMap) -> Option<u64> {
         .get(http::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<f64>().ok())
-        .map(|s| s.ceil().max(0.0) as u64)
+        .and_then(retry_secs)
+}
+
+/// The longest `Retry-After` passed on: a day. A provider's figure is not trusted beyond it.
+const MAX_RETRY_AFTER: u64 = 86_400;
+
+/// Seconds from a provider's retry hint, rounded up and clamped; `None` for NaN or infinity.
+pub(crate) fn retry_secs(secs: f64) -> Option<u64> {
+    secs.is_finite()
+        .then(|| (secs.ceil().max(0.0) as u64).min(MAX_RETRY_AFTER))
 }
 
 /// Error text from a JSON error body: the common `error.message`, `message`, `detail` or `error` shapes.
@@ -518,6 +559,278 @@ mod tests {
                 assert!(auth >= 1, "{provider} sent no credential header");
             }
         }
+    }
+
+    fn target_for(adapter: &dyn ProviderAdapter, model: &str) -> Target {
+        let mut credentials = Credentials::default();
+        for key in [API_KEY, "awsAccessKeyId", "awsSecretAccessKey"] {
+            credentials.insert(key, SecretValue::new("k".to_string()));
+        }
+        Target {
+            model: model.into(),
+            api_base: adapter
+                .default_api_base()
+                .unwrap_or("https://upstream.example/base")
+                .into(),
+            credentials,
+            config: Default::default(),
+        }
+    }
+
+    #[test]
+    fn model_names_reach_every_provider_as_one_literal_path_segment() {
+        let hostile = "x/../../admin?y=1#";
+        let encoded = "x%2F..%2F..%2Fadmin%3Fy%3D1%23";
+        // Providers that put the model (deployment, endpoint) in the path; the others send it in the body.
+        let in_path = [
+            Provider::AzureOpenai,
+            Provider::Bedrock,
+            Provider::Gemini,
+            Provider::DatabricksModelServing,
+        ];
+        for provider in ALL_PROVIDERS {
+            let adapter = adapter_for(provider).unwrap_or_else(|| panic!("{provider}"));
+            let target = target_for(adapter, hostile);
+            let base = reqwest::Url::parse(&target.api_base.replace("{region}", "us-east-1"))
+                .unwrap_or_else(|e| panic!("{provider}: {e}"));
+            for route_type in adapter.route_types() {
+                let req = adapter
+                    .build_request(&target, &request(*route_type))
+                    .unwrap_or_else(|e| panic!("{provider} {route_type}: {e}"));
+                let url = reqwest::Url::parse(&req.url)
+                    .unwrap_or_else(|e| panic!("{provider}: {} {e}", req.url));
+                assert_eq!(url.host_str(), base.host_str(), "{provider}: {url}");
+                assert!(url.path().starts_with(base.path()), "{provider}: {url}");
+                assert!(url.fragment().is_none(), "{provider}: {url}");
+                assert!(
+                    !url.query().unwrap_or_default().contains("y=1"),
+                    "{provider}: {url}"
+                );
+                let segments: Vec<&str> = url.path_segments().into_iter().flatten().collect();
+                assert!(
+                    !segments.contains(&"admin") && !segments.contains(&".."),
+                    "{provider}: {url}"
+                );
+                if in_path.contains(&provider) {
+                    assert!(
+                        segments.iter().any(|s| s.starts_with(encoded)),
+                        "{provider}: the name is not one segment in {url}"
+                    );
+                }
+            }
+            if in_path.contains(&provider) {
+                for dots in [".", "..", ""] {
+                    let r = adapter
+                        .build_request(&target_for(adapter, dots), &request(RouteType::Chat));
+                    assert!(
+                        matches!(r, Err(ProviderError::Unsupported(_))),
+                        "{provider} accepted {dots:?} as a path segment"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn route_config_in_urls_is_encoded_too() {
+        let gemini = adapter_for(Provider::Gemini).unwrap_or_else(|| panic!("gemini"));
+        let mut target = target_for(gemini, "gemini-2.5-flash");
+        target
+            .config
+            .insert("apiVersion".into(), "v1/../../evil?x=".into());
+        let req = gemini.build_request(&target, &request(RouteType::Chat));
+        let url = req.map(|r| r.url).unwrap_or_default();
+        assert!(
+            url.contains("/v1%2F..%2F..%2Fevil%3Fx%3D/models/gemini-2.5-flash:generateContent"),
+            "{url}"
+        );
+
+        let azure = adapter_for(Provider::AzureOpenai).unwrap_or_else(|| panic!("azure"));
+        let mut target = target_for(azure, "dep");
+        target
+            .config
+            .insert("apiVersion".into(), "2024-10-21&evil=1#".into());
+        let url = azure
+            .build_request(&target, &request(RouteType::Chat))
+            .map(|r| r.url)
+            .unwrap_or_default();
+        assert!(
+            url.ends_with("?api-version=2024-10-21%26evil%3D1%23"),
+            "{url}"
+        );
+
+        let bedrock = adapter_for(Provider::Bedrock).unwrap_or_else(|| panic!("bedrock"));
+        let mut target = target_for(bedrock, "m");
+        target
+            .config
+            .insert("region".into(), "evil.example/#".into());
+        assert!(matches!(
+            bedrock.build_request(&target, &request(RouteType::Chat)),
+            Err(ProviderError::Unsupported(_))
+        ));
+    }
+
+    /// Feeds `prefix`, then `total` bytes of `fill` in 64 KiB chunks, then `suffix`, and finishes.
+    fn feed_long(
+        decoder: &mut dyn StreamDecoder,
+        prefix: &[u8],
+        fill: u8,
+        total: usize,
+        suffix: &[u8],
+    ) -> Result<(), ProviderError> {
+        let mut out = Vec::new();
+        decoder.feed(prefix, &mut out)?;
+        let chunk = vec![fill; 64 * 1024];
+        let mut sent = 0;
+        while sent < total {
+            let n = chunk.len().min(total - sent);
+            decoder.feed(&chunk[..n], &mut out)?;
+            sent += n;
+        }
+        decoder.feed(suffix, &mut out)?;
+        decoder.finish(&mut out)
+    }
+
+    /// A 16 MiB single-line event: refused with a clear error, quickly (framing never rescans what
+    /// it already scanned; the bound is generous so it holds in debug builds on a busy machine).
+    #[test]
+    fn a_16_mib_stream_line_is_refused_quickly_by_every_framing() {
+        const HUGE: usize = 16 << 20;
+        let cases: [(Provider, RouteType, &[u8], u8); 4] = [
+            (Provider::Openai, RouteType::Chat, b"data: {\"x\":\"", b'a'),
+            (
+                Provider::Anthropic,
+                RouteType::Chat,
+                b"event: content_block_delta\ndata: \"",
+                b'a',
+            ),
+            (
+                Provider::Cohere,
+                RouteType::Completions,
+                b"{\"event_type\":\"text-generation\",\"text\":\"",
+                b'a',
+            ),
+            (Provider::Gemini, RouteType::Chat, b"{\"error\": \"", b'a'),
+        ];
+        for (provider, route_type, prefix, fill) in cases {
+            let adapter = adapter_for(provider).unwrap_or_else(|| panic!("{provider}"));
+            let mut decoder = adapter.stream_decoder(route_type);
+            let started = std::time::Instant::now();
+            let result = feed_long(decoder.as_mut(), prefix, fill, HUGE, b"\"}\n\n");
+            let took = started.elapsed();
+            assert!(
+                took < std::time::Duration::from_secs(3),
+                "{provider}: a 16 MiB line took {took:?}"
+            );
+            match result {
+                Err(ProviderError::MalformedResponse(m)) => {
+                    assert!(m.contains("larger than"), "{provider}: {m}")
+                }
+                other => panic!("{provider}: a 16 MiB event was accepted: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn an_oversized_event_stream_frame_is_refused_at_its_prelude() {
+        let adapter = adapter_for(Provider::Bedrock).unwrap_or_else(|| panic!("bedrock"));
+        let mut decoder = adapter.stream_decoder(RouteType::Chat);
+        // A prelude announcing a 20 MiB frame (within botocore's limit, far beyond any real event).
+        let total: u32 = 20 << 20;
+        let mut prelude = Vec::new();
+        prelude.extend_from_slice(&total.to_be_bytes());
+        prelude.extend_from_slice(&0u32.to_be_bytes());
+        let crc = crc32fast::hash(&prelude);
+        prelude.extend_from_slice(&crc.to_be_bytes());
+        let mut out = Vec::new();
+        match decoder.feed(&prelude, &mut out) {
+            Err(ProviderError::MalformedResponse(m)) => assert!(m.contains("larger than"), "{m}"),
+            other => panic!("a 20 MiB frame was waited for: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn joining_absurd_embeddings_usage_saturates() {
+        let part = || {
+            LlmResponse::Embeddings(Embeddings {
+                model: "m".into(),
+                data: vec![vec![1.0]],
+                usage: Usage {
+                    prompt_tokens: Some(u64::MAX),
+                    completion_tokens: None,
+                    total_tokens: Some(u64::MAX),
+                },
+            })
+        };
+        let Ok(LlmResponse::Embeddings(e)) = join_embeddings(vec![part(), part(), part()]) else {
+            panic!("embeddings")
+        };
+        assert!(e.usage.total_tokens.is_some_and(|t| t >= 1 << 40));
+    }
+
+    /// Usage figures from every adapter: absurd numbers (huge, negative, 1e308) neither fail the
+    /// answer nor produce a figure below what was claimed.
+    #[test]
+    fn absurd_usage_from_providers_is_clamped_and_never_fails_the_answer() {
+        let cases: [(Provider, RouteType, &str); 5] = [
+            (
+                Provider::Openai,
+                RouteType::Chat,
+                r#"{"id":"c","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":-5,"completion_tokens":1e308,"total_tokens":18446744073709551615}}"#,
+            ),
+            (
+                Provider::Anthropic,
+                RouteType::Chat,
+                r#"{"id":"m","type":"message","role":"assistant","model":"c","content":[{"type":"text","text":"hi"}],"stop_reason":"end_turn","usage":{"input_tokens":18446744073709551615,"output_tokens":1e308,"cache_read_input_tokens":18446744073709551615}}"#,
+            ),
+            (
+                Provider::Gemini,
+                RouteType::Chat,
+                r#"{"candidates":[{"content":{"role":"model","parts":[{"text":"hi"}]},"finishReason":"STOP","index":0}],"usageMetadata":{"promptTokenCount":18446744073709551615,"candidatesTokenCount":-1,"totalTokenCount":1e308,"thoughtsTokenCount":18446744073709551615}}"#,
+            ),
+            (
+                Provider::Cohere,
+                RouteType::Chat,
+                r#"{"id":"x","finish_reason":"COMPLETE","message":{"role":"assistant","content":[{"type":"text","text":"hi"}]},"usage":{"tokens":{"input_tokens":18446744073709551615,"output_tokens":1e308},"billed_units":{"input_tokens":-3,"output_tokens":18446744073709551615}}}"#,
+            ),
+            (
+                Provider::Bedrock,
+                RouteType::Chat,
+                r#"{"output":{"message":{"role":"assistant","content":[{"text":"hi"}]}},"stopReason":"end_turn","usage":{"inputTokens":18446744073709551615,"outputTokens":1e308,"totalTokens":-7}}"#,
+            ),
+        ];
+        for (provider, route_type, body) in cases {
+            let adapter = adapter_for(provider).unwrap_or_else(|| panic!("{provider}"));
+            let target = target_for(adapter, "m");
+            let answer = adapter
+                .parse_response(&target, route_type, body.as_bytes())
+                .unwrap_or_else(|e| panic!("{provider}: the answer was lost over its usage: {e}"));
+            let LlmResponse::Generation(g) = answer else {
+                panic!("{provider}: generation")
+            };
+            let used = crate::dataplane::admission::used_tokens(&g.usage);
+            assert!(
+                used.is_none_or(|t| t >= 1 << 40),
+                "{provider}: an absurd usage became {used:?} ({:?})",
+                g.usage
+            );
+        }
+    }
+
+    #[test]
+    fn retry_hints_from_providers_are_clamped() {
+        let hint = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::RETRY_AFTER, HeaderValue::from_str(v).unwrap());
+            retry_after_secs(&h)
+        };
+        assert_eq!(hint("2.5"), Some(3));
+        assert_eq!(hint("-4"), Some(0));
+        assert_eq!(hint("1e308"), Some(86_400));
+        assert_eq!(hint("18446744073709551616"), Some(86_400));
+        assert_eq!(hint("inf"), None);
+        assert_eq!(hint("NaN"), None);
+        assert_eq!(hint("Wed, 21 Oct 2015 07:28:00 GMT"), None);
     }
 
     #[test]

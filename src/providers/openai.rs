@@ -149,8 +149,11 @@ fn base_body(
 
 #[derive(Deserialize)]
 struct WireUsage {
+    #[serde(default, deserialize_with = "crate::llm::token_count")]
     prompt_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "crate::llm::token_count")]
     completion_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "crate::llm::token_count")]
     total_tokens: Option<u64>,
 }
 

@@ -1,8 +1,24 @@
 //! Incremental stream framings fed with bytes split anywhere: Server-Sent Events (WHATWG framing)
 //! and newline-delimited JSON, plus the decoder shell every SSE-speaking provider shares.
+//!
+//! Both framings are bounded and linear: each byte received is examined once (a partial line is
+//! kept, never rescanned), and a line, event or JSON value larger than the frame limit fails the
+//! stream instead of growing a buffer without end.
 
 use super::{ProviderError, StreamDecoder};
 use crate::llm::StreamDelta;
+
+/// The default largest stream event (SSE event, NDJSON line, event-stream frame): 1 MiB. Real
+/// events are token deltas of a few hundred bytes and whole-message events of tens of KiB, so
+/// this leaves a thousandfold margin while bounding what one stream can make the gateway buffer.
+pub const DEFAULT_MAX_FRAME: usize = 1 << 20;
+
+/// The error for a frame over the limit; the data plane answers it with 502.
+pub fn frame_too_large(what: &str, max: usize) -> ProviderError {
+    ProviderError::MalformedResponse(format!(
+        "a stream {what} is larger than the limit of {max} bytes"
+    ))
+}
 
 /// One dispatched event.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
@@ -11,14 +27,37 @@ pub struct SseEvent {
     pub data: String,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SseParser {
-    buf: Vec<u8>,
+    /// The current line so far, without its terminator.
+    partial: Vec<u8>,
+    /// The last byte seen was a '\r': a '\n' right after it ends nothing more.
+    after_cr: bool,
     event: Option<String>,
     data: Option<String>,
     /// Gemini may send an error after HTTP 200 as bare (often multi-line) JSON, without `data:`.
     bare_json: bool,
     bare: String,
+    depth: JsonDepth,
+    max: usize,
+    /// Bytes examined so far (each received byte once).
+    scanned: u64,
+}
+
+impl Default for SseParser {
+    fn default() -> Self {
+        SseParser {
+            partial: Vec::new(),
+            after_cr: false,
+            event: None,
+            data: None,
+            bare_json: false,
+            bare: String::new(),
+            depth: JsonDepth::default(),
+            max: DEFAULT_MAX_FRAME,
+            scanned: 0,
+        }
+    }
 }
 
 impl SseParser {
@@ -30,68 +69,99 @@ impl SseParser {
         }
     }
 
+    pub fn set_max_frame(&mut self, max: usize) {
+        self.max = max;
+    }
+
+    /// Bytes examined so far; equal to the bytes fed, since nothing is scanned twice.
+    pub fn scanned(&self) -> u64 {
+        self.scanned
+    }
+
     /// Appends complete events found in `bytes` to `out`; keeps any partial line for the next call.
-    pub fn feed(&mut self, bytes: &[u8], out: &mut Vec<SseEvent>) {
-        self.buf.extend_from_slice(bytes);
-        let mut start = 0;
-        let mut i = 0;
-        while i < self.buf.len() {
-            let b = self.buf[i];
-            if b == b'\n' || b == b'\r' {
-                // A lone '\r' at the end may be the first half of "\r\n": wait for more bytes.
-                if b == b'\r' && i + 1 == self.buf.len() {
-                    break;
-                }
-                let line = String::from_utf8_lossy(&self.buf[start..i]).into_owned();
-                self.line(&line, out);
-                i += if b == b'\r' && self.buf.get(i + 1) == Some(&b'\n') {
-                    2
-                } else {
-                    1
-                };
-                start = i;
-            } else {
-                i += 1;
+    pub fn feed(&mut self, bytes: &[u8], out: &mut Vec<SseEvent>) -> Result<(), ProviderError> {
+        let mut rest = bytes;
+        if self.after_cr && !rest.is_empty() {
+            self.after_cr = false;
+            if let Some((b'\n', tail)) = rest.split_first() {
+                self.scanned += 1;
+                rest = tail;
             }
         }
-        self.buf.drain(..start);
+        while let Some(end) = rest.iter().position(|b| *b == b'\n' || *b == b'\r') {
+            self.scanned += end as u64 + 1;
+            self.append(&rest[..end])?;
+            let line = std::mem::take(&mut self.partial);
+            self.line(&String::from_utf8_lossy(&line), out)?;
+            // Keep the allocation for the next line.
+            self.partial = line;
+            self.partial.clear();
+            let cr = rest[end] == b'\r';
+            rest = &rest[end + 1..];
+            if cr {
+                match rest.split_first() {
+                    Some((b'\n', tail)) => {
+                        self.scanned += 1;
+                        rest = tail;
+                    }
+                    Some(_) => {}
+                    None => self.after_cr = true,
+                }
+            }
+        }
+        self.scanned += rest.len() as u64;
+        self.append(rest)
+    }
+
+    fn append(&mut self, bytes: &[u8]) -> Result<(), ProviderError> {
+        if self.partial.len() + bytes.len() > self.max {
+            return Err(frame_too_large("line", self.max));
+        }
+        self.partial.extend_from_slice(bytes);
+        Ok(())
     }
 
     /// End of stream: a final event without its blank line is still delivered, and so is an
     /// unfinished bare JSON text (its parse error then reports the truncation).
-    pub fn finish(&mut self, out: &mut Vec<SseEvent>) {
-        if !self.buf.is_empty() {
-            let line = String::from_utf8_lossy(&self.buf).into_owned();
-            self.buf.clear();
-            self.line(&line, out);
+    pub fn finish(&mut self, out: &mut Vec<SseEvent>) -> Result<(), ProviderError> {
+        if !self.partial.is_empty() {
+            let line = std::mem::take(&mut self.partial);
+            self.line(&String::from_utf8_lossy(&line), out)?;
         }
         self.dispatch(out);
         if !self.bare.is_empty() {
+            self.depth = JsonDepth::default();
             out.push(SseEvent {
                 event: None,
                 data: std::mem::take(&mut self.bare),
             });
         }
+        Ok(())
     }
 
-    fn line(&mut self, line: &str, out: &mut Vec<SseEvent>) {
+    fn line(&mut self, line: &str, out: &mut Vec<SseEvent>) -> Result<(), ProviderError> {
         if self.bare_json && (!self.bare.is_empty() || line.trim_start().starts_with('{')) {
+            if self.bare.len() + line.len() + 1 > self.max {
+                return Err(frame_too_large("JSON value", self.max));
+            }
             self.bare.push_str(line);
             self.bare.push('\n');
-            if serde_json::from_str::<serde::de::IgnoredAny>(&self.bare).is_ok() {
+            // Depth is tracked as lines arrive, so a long multi-line value is not re-parsed per line.
+            if self.depth.feed(line) {
+                self.depth = JsonDepth::default();
                 out.push(SseEvent {
                     event: None,
                     data: std::mem::take(&mut self.bare),
                 });
             }
-            return;
+            return Ok(());
         }
         if line.is_empty() {
             self.dispatch(out);
-            return;
+            return Ok(());
         }
         if line.starts_with(':') {
-            return;
+            return Ok(());
         }
         let (field, value) = match line.split_once(':') {
             Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
@@ -101,6 +171,9 @@ impl SseParser {
             "event" => self.event = Some(value.to_string()),
             "data" => match &mut self.data {
                 Some(d) => {
+                    if d.len() + value.len() + 1 > self.max {
+                        return Err(frame_too_large("event", self.max));
+                    }
                     d.push('\n');
                     d.push_str(value);
                 }
@@ -108,6 +181,7 @@ impl SseParser {
             },
             _ => {}
         }
+        Ok(())
     }
 
     fn dispatch(&mut self, out: &mut Vec<SseEvent>) {
@@ -115,6 +189,42 @@ impl SseParser {
         if let Some(data) = self.data.take() {
             out.push(SseEvent { event, data });
         }
+    }
+}
+
+/// Nesting depth of a JSON text read line by line: enough to see where a bare value ends.
+#[derive(Debug, Default)]
+struct JsonDepth {
+    depth: u64,
+    started: bool,
+    in_string: bool,
+    escaped: bool,
+}
+
+impl JsonDepth {
+    /// Feeds one line; true when the outermost value closed on it.
+    fn feed(&mut self, line: &str) -> bool {
+        for b in line.bytes() {
+            if self.in_string {
+                match (self.escaped, b) {
+                    (true, _) => self.escaped = false,
+                    (false, b'\\') => self.escaped = true,
+                    (false, b'"') => self.in_string = false,
+                    _ => {}
+                }
+                continue;
+            }
+            match b {
+                b'"' => self.in_string = true,
+                b'{' | b'[' => {
+                    self.depth += 1;
+                    self.started = true;
+                }
+                b'}' | b']' => self.depth = self.depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+        self.started && self.depth == 0
     }
 }
 
@@ -157,46 +267,84 @@ impl<H: SseHandler + 'static> SseDecoder<H> {
 
 impl<H: SseHandler + 'static> StreamDecoder for SseDecoder<H> {
     fn feed(&mut self, bytes: &[u8], out: &mut Vec<StreamDelta>) -> Result<(), ProviderError> {
-        self.parser.feed(bytes, &mut self.events);
-        self.drain(out)
+        // Events complete before an oversized line are still delivered, then the error.
+        let framed = self.parser.feed(bytes, &mut self.events);
+        self.drain(out)?;
+        framed
     }
 
     fn finish(&mut self, out: &mut Vec<StreamDelta>) -> Result<(), ProviderError> {
-        self.parser.finish(&mut self.events);
+        self.parser.finish(&mut self.events)?;
         self.drain(out)?;
         self.handler.end(out)
+    }
+
+    fn set_max_frame(&mut self, max: usize) {
+        self.parser.set_max_frame(max);
     }
 }
 
 /// Newline-delimited JSON framing (Cohere v1 streams): one non-empty line per value.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct JsonLines {
-    buf: Vec<u8>,
+    /// The current line so far.
+    line: Vec<u8>,
+    max: usize,
+    scanned: u64,
+}
+
+impl Default for JsonLines {
+    fn default() -> Self {
+        JsonLines {
+            line: Vec::new(),
+            max: DEFAULT_MAX_FRAME,
+            scanned: 0,
+        }
+    }
 }
 
 impl JsonLines {
-    pub fn feed(&mut self, bytes: &[u8], out: &mut Vec<String>) {
-        self.buf.extend_from_slice(bytes);
-        if let Some(last) = self.buf.iter().rposition(|b| *b == b'\n') {
-            let rest = self.buf.split_off(last + 1);
-            let complete = std::mem::replace(&mut self.buf, rest);
-            Self::lines(&complete, out);
+    pub fn set_max_frame(&mut self, max: usize) {
+        self.max = max;
+    }
+
+    /// Bytes examined so far; equal to the bytes fed, since nothing is scanned twice.
+    pub fn scanned(&self) -> u64 {
+        self.scanned
+    }
+
+    pub fn feed(&mut self, bytes: &[u8], out: &mut Vec<String>) -> Result<(), ProviderError> {
+        let mut rest = bytes;
+        while let Some(end) = rest.iter().position(|b| *b == b'\n') {
+            self.scanned += end as u64 + 1;
+            self.append(&rest[..end])?;
+            Self::push(&self.line, out);
+            self.line.clear();
+            rest = &rest[end + 1..];
         }
+        self.scanned += rest.len() as u64;
+        self.append(rest)
+    }
+
+    fn append(&mut self, bytes: &[u8]) -> Result<(), ProviderError> {
+        if self.line.len() + bytes.len() > self.max {
+            return Err(frame_too_large("line", self.max));
+        }
+        self.line.extend_from_slice(bytes);
+        Ok(())
     }
 
     /// End of stream: a last line without its newline still counts.
     pub fn finish(&mut self, out: &mut Vec<String>) {
-        let rest = std::mem::take(&mut self.buf);
-        Self::lines(&rest, out);
+        Self::push(&self.line, out);
+        self.line.clear();
     }
 
-    fn lines(bytes: &[u8], out: &mut Vec<String>) {
-        for line in bytes.split(|b| *b == b'\n') {
-            let line = String::from_utf8_lossy(line);
-            let line = line.trim();
-            if !line.is_empty() {
-                out.push(line.to_string());
-            }
+    fn push(line: &[u8], out: &mut Vec<String>) {
+        let line = String::from_utf8_lossy(line);
+        let line = line.trim();
+        if !line.is_empty() {
+            out.push(line.to_string());
         }
     }
 }
@@ -210,11 +358,11 @@ mod tests {
         let mut out = Vec::new();
         let mut last = 0;
         for &c in cuts {
-            p.feed(&input[last..c], &mut out);
+            p.feed(&input[last..c], &mut out).unwrap();
             last = c;
         }
-        p.feed(&input[last..], &mut out);
-        p.finish(&mut out);
+        p.feed(&input[last..], &mut out).unwrap();
+        p.finish(&mut out).unwrap();
         out
     }
 
@@ -270,7 +418,7 @@ mod tests {
         let whole = {
             let mut p = JsonLines::default();
             let mut out = Vec::new();
-            p.feed(input, &mut out);
+            p.feed(input, &mut out).unwrap();
             p.finish(&mut out);
             out
         };
@@ -278,8 +426,8 @@ mod tests {
         for cut in 0..=input.len() {
             let mut p = JsonLines::default();
             let mut out = Vec::new();
-            p.feed(&input[..cut], &mut out);
-            p.feed(&input[cut..], &mut out);
+            p.feed(&input[..cut], &mut out).unwrap();
+            p.feed(&input[cut..], &mut out).unwrap();
             p.finish(&mut out);
             assert_eq!(out, whole, "cut at {cut}");
         }
@@ -291,9 +439,9 @@ mod tests {
         for cut in 0..=input.len() {
             let mut p = SseParser::with_bare_json();
             let mut out = Vec::new();
-            p.feed(&input[..cut], &mut out);
-            p.feed(&input[cut..], &mut out);
-            p.finish(&mut out);
+            p.feed(&input[..cut], &mut out).unwrap();
+            p.feed(&input[cut..], &mut out).unwrap();
+            p.finish(&mut out).unwrap();
             assert_eq!(out.len(), 2, "cut at {cut}");
             assert_eq!(out[0].data, "{\"a\":1}");
             let err: serde_json::Value = serde_json::from_str(&out[1].data).unwrap_or_default();
@@ -301,11 +449,87 @@ mod tests {
         }
         let mut plain = SseParser::default();
         let mut out = Vec::new();
-        plain.feed(b"{\"x\": 1}\n\n", &mut out);
-        plain.finish(&mut out);
+        plain.feed(b"{\"x\": 1}\n\n", &mut out).unwrap();
+        plain.finish(&mut out).unwrap();
         assert!(
             out.is_empty(),
             "plain SSE ignores lines that are not fields"
         );
+    }
+
+    /// Scanning is linear: every byte fed is examined once, however the stream is cut.
+    #[test]
+    fn framing_scans_each_byte_once() {
+        let mut sse = SseParser::default();
+        sse.set_max_frame(64 << 20);
+        let mut lines = JsonLines::default();
+        lines.set_max_frame(64 << 20);
+        let (mut events, mut values) = (Vec::new(), Vec::new());
+        let chunk = [b'a'; 4096];
+        let total = 16u64 << 20;
+        sse.feed(b"data: ", &mut events).unwrap();
+        for _ in 0..total / 4096 {
+            sse.feed(&chunk, &mut events).unwrap();
+            lines.feed(&chunk, &mut values).unwrap();
+        }
+        sse.feed(b"\r\n\r\n", &mut events).unwrap();
+        lines.feed(b"\n", &mut values).unwrap();
+        assert_eq!(sse.scanned(), total + 6 + 4);
+        assert_eq!(lines.scanned(), total + 1);
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].data.len() as u64, total);
+        assert_eq!(values.len(), 1);
+    }
+
+    #[test]
+    fn frames_over_the_limit_fail_with_a_clear_error() {
+        let mut p = SseParser::default();
+        p.set_max_frame(16);
+        let mut out = Vec::new();
+        assert!(p.feed(b"data: 0123456789\n\n", &mut out).is_ok());
+        let err = p.feed(b"data: 0123456789abcdef", &mut out).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("larger than the limit of 16 bytes"),
+            "{err}"
+        );
+        // Many short data lines add up to one oversized event.
+        let mut p = SseParser::default();
+        p.set_max_frame(16);
+        let err = p.feed(
+            b"data: 0123\ndata: 4567\ndata: 89ab\ndata: cdef\n",
+            &mut out,
+        );
+        assert!(err.is_err());
+        // ...and so do many lines of one bare JSON value.
+        let mut p = SseParser::with_bare_json();
+        p.set_max_frame(16);
+        assert!(
+            p.feed(b"{\n\"a\":\n1,\n\"b\":\n2,\n\"c\":3\n", &mut out)
+                .is_err()
+        );
+        let mut lines = JsonLines::default();
+        lines.set_max_frame(4);
+        let mut values = Vec::new();
+        assert!(lines.feed(b"{}\n{}\n", &mut values).is_ok());
+        assert!(lines.feed(b"{\"a\":1}", &mut values).is_err());
+    }
+
+    /// A bare JSON value over many lines is recognised without re-parsing it per line.
+    #[test]
+    fn a_long_multi_line_bare_json_value_is_framed_in_linear_time() {
+        let mut p = SseParser::with_bare_json();
+        let mut out = Vec::new();
+        p.feed(b"{\"error\": {\"details\": [\n", &mut out).unwrap();
+        let line = b"  \"a \\\" } ] { [ string that looks like it closes\",\n";
+        let started = std::time::Instant::now();
+        for _ in 0..10_000 {
+            p.feed(line, &mut out).unwrap();
+        }
+        p.feed(b"  1\n]}}\n", &mut out).unwrap();
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+        assert_eq!(out.len(), 1);
+        let v: serde_json::Value = serde_json::from_str(&out[0].data).unwrap();
+        assert_eq!(v["error"]["details"].as_array().map(Vec::len), Some(10_001));
     }
 }

@@ -126,7 +126,9 @@ struct WireGenerate {
 #[derive(Deserialize, Default)]
 struct WireDetails {
     finish_reason: Option<String>,
+    #[serde(default, deserialize_with = "crate::llm::token_count")]
     generated_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "crate::llm::token_count")]
     input_length: Option<u64>,
     prefill: Option<Vec<Value>>,
 }

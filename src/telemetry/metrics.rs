@@ -98,7 +98,11 @@ pub struct Metrics {
     pub limits_fallback: Gauge,
     pub limits_store_errors: Counter,
     pub token_reviews: Family<OutcomeLabels, Counter>,
+    /// Requests refused with 503 because the gateway was at its in-flight cap.
+    pub requests_shed: Counter,
     pub backend_requests: Family<BackendLabels, Counter>,
+    /// One-word route names that moved to another namespace's Route.
+    pub short_name_changes: Counter,
     pub backend_errors: Family<BackendErrorLabels, Counter>,
     pub backend_retries: Family<BackendLabels, Counter>,
     pub backend_ejections: Family<BackendLabels, Counter>,
@@ -145,7 +149,19 @@ impl Metrics {
         let limits_fallback = Gauge::default();
         let limits_store_errors = Counter::default();
         let token_reviews = Family::<OutcomeLabels, Counter>::default();
+        let requests_shed = Counter::default();
+        registry.register(
+            "portcullis_requests_shed",
+            "Requests refused with 503 because the gateway was at --max-in-flight",
+            requests_shed.clone(),
+        );
         let backend_requests = Family::<BackendLabels, Counter>::default();
+        let short_name_changes = Counter::default();
+        registry.register(
+            "portcullis_short_name_changes",
+            "Times a one-word route name moved to a Route in another namespace",
+            short_name_changes.clone(),
+        );
         let backend_errors = Family::<BackendErrorLabels, Counter>::default();
         let backend_retries = Family::<BackendLabels, Counter>::default();
         let backend_ejections = Family::<BackendLabels, Counter>::default();
@@ -273,7 +289,9 @@ impl Metrics {
             limits_fallback,
             limits_store_errors,
             token_reviews,
+            requests_shed,
             backend_requests,
+            short_name_changes,
             backend_errors,
             backend_retries,
             backend_ejections,

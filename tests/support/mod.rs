@@ -270,6 +270,21 @@ impl ControlPlane {
             .and_then(|c| c["reason"].as_str().map(str::to_string))
     }
 
+    /// The `ShortName` condition of a Route: (status, reason, message).
+    pub fn short_name(&self, ns: &str, route: &str) -> Option<(String, String, String)> {
+        let r = self.json(&["get", "-n", ns, "route.portcullis.dev", route]);
+        let c = r["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .find(|c| c["type"] == "ShortName")?
+            .clone();
+        Some((
+            c["status"].as_str()?.to_string(),
+            c["reason"].as_str()?.to_string(),
+            c["message"].as_str()?.to_string(),
+        ))
+    }
+
     pub fn wait_reason(&self, ns: &str, route: &str, reason: &str) {
         eventually(Duration::from_secs(30), || {
             self.ready_reason(ns, route).as_deref() == Some(reason)

@@ -105,3 +105,10 @@ def test_upstream_rate_limit_surfaces_as_429(routes):
     with pytest.raises(MlflowException) as err:
         query(route=routes["limited"], data={"messages": [{"role": "user", "content": "x"}]})
     assert "429" in str(err.value)
+
+
+def test_a_backend_outage_is_invisible_to_query(routes):
+    if "resilient" not in routes:
+        pytest.skip("no multi-backend route in this setup")
+    response = query(route=routes["resilient"], data={"messages": [{"role": "user", "content": "hello"}]})
+    assert response["candidates"][0]["message"]["content"].startswith("word1")

@@ -95,3 +95,10 @@ def test_gateway_rate_limit_is_retried_after_retry_after(client, routes, monkeyp
         response = client.predict(endpoint=routes["throttled"], inputs=CHAT)
         assert response["choices"][0]["message"]["content"]
     assert time.monotonic() - started >= 1.0
+
+
+def test_a_backend_outage_is_invisible_to_predict(client, routes):
+    if "resilient" not in routes:
+        pytest.skip("no multi-backend route in this setup")
+    response = client.predict(endpoint=routes["resilient"], inputs=CHAT)
+    assert response["choices"][0]["message"]["content"].startswith("word1")

@@ -102,3 +102,14 @@ def test_sdk_retries_honour_retry_after(gateway_url, routes):
     for _ in range(3):
         response = retrying.chat.completions.create(model=routes["throttled"], messages=MESSAGES)
         assert response.choices[0].message.content == ANSWER
+
+
+def test_a_backend_outage_is_invisible_to_the_sdk(client, routes):
+    if "resilient" not in routes:
+        pytest.skip("no multi-backend route in this setup")
+    raw = client.chat.completions.with_raw_response.create(model=routes["resilient"], messages=MESSAGES)
+    assert raw.headers["x-portcullis-backend"] == "anthropic/claude-sonnet-4-5"
+    assert raw.headers["x-portcullis-attempts"] == "2"
+    assert raw.parse().choices[0].message.content == ANSWER
+    stream = client.chat.completions.create(model=routes["resilient"], messages=MESSAGES, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == ANSWER

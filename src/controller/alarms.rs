@@ -1,0 +1,88 @@
+//! Runtime trouble the data plane sees but only the operator can fix, told as Events on the
+//! Route: today, a provider refusing a Route's own credential again and again.
+//!
+//! The data plane only counts (atomics in the table's backend health); this task reads the
+//! published table every few seconds, so nothing flows back from the data plane to the controller.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::runtime::events::{Event, EventType, Recorder};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::table::{RouteState, SharedTable};
+
+/// Refusals in a row after which the Route's owner is told.
+pub const REJECTIONS_BEFORE_EVENT: u32 = 3;
+const SCAN_EVERY: Duration = Duration::from_secs(2);
+
+pub async fn run(
+    table: SharedTable,
+    recorder: Recorder,
+    leader: watch::Receiver<bool>,
+    shutdown: CancellationToken,
+) {
+    // Backends already reported, until their credential works again (or they go away).
+    let mut told: HashSet<String> = HashSet::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(SCAN_EVERY) => {}
+        }
+        let snapshot = table.load_full();
+        let mut failing = Vec::new();
+        let mut still: HashSet<String> = HashSet::new();
+        for entry in snapshot.routes() {
+            let RouteState::Ready(backends) = &entry.state else {
+                continue;
+            };
+            for b in &backends.list {
+                if b.health.credential_rejections() < REJECTIONS_BEFORE_EVENT {
+                    continue;
+                }
+                still.insert(b.key.clone());
+                if !told.contains(&b.key) {
+                    failing.push((
+                        entry.namespace.clone(),
+                        entry.qualified.clone(),
+                        b.id.clone(),
+                        b.key.clone(),
+                    ));
+                }
+            }
+        }
+        told.retain(|k| still.contains(k));
+        if !*leader.borrow() {
+            continue;
+        }
+        for (namespace, qualified, backend, key) in failing {
+            let name = qualified.rsplit('/').next().unwrap_or_default().to_string();
+            warn!(route = %qualified, %backend, "the provider keeps rejecting this route's credential");
+            let reference = ObjectReference {
+                api_version: Some("portcullis.dev/v1alpha1".into()),
+                kind: Some("Route".into()),
+                name: Some(name),
+                namespace: Some(namespace),
+                ..Default::default()
+            };
+            let event = Event {
+                type_: EventType::Warning,
+                reason: "CredentialRejected".into(),
+                note: Some(format!(
+                    "the {backend} provider rejected this route's credential {REJECTIONS_BEFORE_EVENT} times in a row; check the Secret it references"
+                )),
+                action: "Call".into(),
+                secondary: None,
+            };
+            match recorder.publish(&event, &reference).await {
+                Ok(()) => {
+                    told.insert(key);
+                }
+                Err(e) => debug!(route = %qualified, error = %e, "publishing an Event failed"),
+            }
+        }
+    }
+}

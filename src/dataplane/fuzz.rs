@@ -1,0 +1,247 @@
+//! Property-based fuzzing of everything that parses bytes from outside: request bodies and their
+//! fields, provider answers and error bodies, and every provider's stream decoder.
+//!
+//! `cargo test` runs a few cases of each; `make fuzz` runs many (PORTCULLIS_FUZZ_CASES) for a
+//! bounded time. A failing case is saved by proptest under `proptest-regressions/` and replayed
+//! first by every later run, so a crash found once stays a regression test.
+
+use proptest::prelude::*;
+use serde_json::{Map, Value};
+
+use super::body::parse_json_object;
+use super::request::{self, parse_request};
+use crate::api::{Provider, RouteType};
+use crate::providers::{Credentials, ProviderAdapter, SecretValue, Target, adapter_for};
+
+const PROVIDERS: [Provider; 16] = [
+    Provider::Openai,
+    Provider::AzureOpenai,
+    Provider::Anthropic,
+    Provider::Cohere,
+    Provider::Gemini,
+    Provider::Bedrock,
+    Provider::Mistral,
+    Provider::HuggingfaceTgi,
+    Provider::DatabricksModelServing,
+    Provider::MlflowModelServing,
+    Provider::Ai21,
+    Provider::Together,
+    Provider::Groq,
+    Provider::Deepseek,
+    Provider::Ollama,
+    Provider::OpenaiCompatible,
+];
+
+const ROUTE_TYPES: [RouteType; 3] = [
+    RouteType::Chat,
+    RouteType::Completions,
+    RouteType::Embeddings,
+];
+
+fn config() -> ProptestConfig {
+    let cases = std::env::var("PORTCULLIS_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(32);
+    ProptestConfig {
+        cases,
+        ..ProptestConfig::default()
+    }
+}
+
+/// Field names the parsers and adapters look for, so generated objects reach their branches.
+const FIELDS: &[&str] = &[
+    "messages",
+    "role",
+    "content",
+    "text",
+    "type",
+    "prompt",
+    "input",
+    "n",
+    "candidate_count",
+    "temperature",
+    "max_tokens",
+    "stop",
+    "stream",
+    "stream_options",
+    "include_usage",
+    "top_p",
+    "model",
+    "choices",
+    "message",
+    "delta",
+    "usage",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "finish_reason",
+    "index",
+    "data",
+    "embedding",
+    "error",
+    "candidates",
+    "parts",
+    "usageMetadata",
+    "output",
+    "generations",
+    "event_type",
+    "details",
+    "predictions",
+    "tool_calls",
+    "id",
+    "detail",
+    "image_url",
+    "url",
+];
+
+fn json_value() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        any::<u64>().prop_map(Value::from),
+        any::<f64>()
+            .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+        ".{0,12}".prop_map(Value::from),
+        proptest::sample::select(FIELDS).prop_map(Value::from),
+    ];
+    leaf.prop_recursive(4, 48, 6, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+            proptest::collection::vec((proptest::sample::select(FIELDS), inner), 0..6).prop_map(
+                |pairs| Value::Object(pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+            ),
+        ]
+    })
+}
+
+fn json_object() -> impl Strategy<Value = Map<String, Value>> {
+    proptest::collection::vec((proptest::sample::select(FIELDS), json_value()), 0..8)
+        .prop_map(|pairs| pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+}
+
+/// Bytes that look like stream framing often enough to reach the decoders' deeper states.
+fn stream_bytes() -> impl Strategy<Value = Vec<u8>> {
+    let piece = prop_oneof![
+        Just(b"data: ".to_vec()),
+        Just(b"event: ".to_vec()),
+        Just(b"\n".to_vec()),
+        Just(b"\r\n".to_vec()),
+        Just(b"\r".to_vec()),
+        Just(b"\n\n".to_vec()),
+        Just(b": ping\n".to_vec()),
+        Just(b"[DONE]".to_vec()),
+        Just(b"{".to_vec()),
+        Just(b"}".to_vec()),
+        Just(b"\"".to_vec()),
+        json_value().prop_map(|v| v.to_string().into_bytes()),
+        proptest::collection::vec(any::<u8>(), 0..16),
+    ];
+    proptest::collection::vec(piece, 0..24).prop_map(|pieces| pieces.concat())
+}
+
+fn target(adapter: &dyn ProviderAdapter) -> Target {
+    let mut credentials = Credentials::default();
+    for key in ["apiKey", "awsAccessKeyId", "awsSecretAccessKey"] {
+        credentials.insert(key, SecretValue::new("k".to_string()));
+    }
+    Target {
+        model: "m".into(),
+        api_base: adapter
+            .default_api_base()
+            .unwrap_or("http://upstream")
+            .into(),
+        credentials,
+        config: Default::default(),
+    }
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn request_bodies_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+        let _ = parse_json_object(&bytes);
+    }
+
+    #[test]
+    fn request_objects_parse_or_fail_with_a_client_error(body in json_object()) {
+        for route_type in ROUTE_TYPES {
+            for dialect in [&request::OPENAI] {
+                if let Err(e) = parse_request(route_type, body.clone(), dialect) {
+                    prop_assert!(e.status().is_client_error(), "{e:?}");
+                }
+            }
+            let text = Value::Object(body.clone()).to_string();
+            let reparsed = parse_json_object(text.as_bytes());
+            prop_assert!(reparsed.is_ok());
+        }
+    }
+
+    #[test]
+    fn provider_answers_and_errors_never_panic(body in json_value(), raw in proptest::collection::vec(any::<u8>(), 0..64)) {
+        let text = body.to_string();
+        for provider in PROVIDERS {
+            let Some(adapter) = adapter_for(provider) else { continue };
+            let target = target(adapter);
+            for route_type in adapter.route_types() {
+                let _ = adapter.parse_response(&target, *route_type, text.as_bytes());
+                let _ = adapter.parse_response(&target, *route_type, &raw);
+            }
+            let _ = adapter.parse_error(http::StatusCode::BAD_REQUEST, &http::HeaderMap::new(), text.as_bytes());
+            let _ = adapter.parse_error(http::StatusCode::TOO_MANY_REQUESTS, &http::HeaderMap::new(), &raw);
+        }
+    }
+
+    #[test]
+    fn stream_decoders_never_panic_however_the_bytes_are_cut(
+        bytes in stream_bytes(),
+        cuts in proptest::collection::vec(any::<usize>(), 0..6),
+        max in prop_oneof![Just(crate::providers::sse::DEFAULT_MAX_FRAME), 1usize..64],
+    ) {
+        let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (bytes.len() + 1)).collect();
+        cuts.sort_unstable();
+        for provider in PROVIDERS {
+            let Some(adapter) = adapter_for(provider) else { continue };
+            for route_type in adapter.route_types() {
+                let mut decoder = adapter.stream_decoder(*route_type);
+                decoder.set_max_frame(max);
+                let mut out = Vec::new();
+                let mut last = 0;
+                let mut failed = false;
+                for c in cuts.iter().copied().chain([bytes.len()]) {
+                    if decoder.feed(&bytes[last..c], &mut out).is_err() {
+                        failed = true;
+                        break;
+                    }
+                    last = c;
+                }
+                if !failed {
+                    let _ = decoder.finish(&mut out);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn event_stream_frames_with_any_lengths_never_panic(
+        total in any::<u32>(),
+        headers in any::<u32>(),
+        body in proptest::collection::vec(any::<u8>(), 0..64),
+        valid_crc in any::<bool>(),
+    ) {
+        let mut frame = Vec::new();
+        frame.extend_from_slice(&total.to_be_bytes());
+        frame.extend_from_slice(&headers.to_be_bytes());
+        let crc = if valid_crc { crc32fast::hash(&frame) } else { 0 };
+        frame.extend_from_slice(&crc.to_be_bytes());
+        frame.extend_from_slice(&body);
+        let Some(bedrock) = adapter_for(Provider::Bedrock) else { return Ok(()) };
+        let mut decoder = bedrock.stream_decoder(RouteType::Chat);
+        let mut out = Vec::new();
+        if decoder.feed(&frame, &mut out).is_ok() {
+            let _ = decoder.finish(&mut out);
+        }
+    }
+}
