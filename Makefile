@@ -6,7 +6,8 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: run run-standalone test unit-test e2e-test control-plane python-env redis crds lint fmt build bench bench-quick fuzz soak clean-cache
+.PHONY: run run-standalone test unit-test e2e-test control-plane python-env redis crds lint fmt build bench bench-quick fuzz soak clean-cache \
+	cluster-deps cluster-build cluster-images image cluster-up cluster-down cluster-test
 
 build:
 	$(CARGO) build --workspace
@@ -82,6 +83,40 @@ lint:
 
 fmt:
 	$(CARGO) fmt --all
+
+# --- A real single-node cluster (hack/cluster.sh): the gateway as pods, called by pods. ------------
+# Node packages (containerd, runc, CNI plugins, iptables, ...) and the Rust musl target, as root.
+cluster-deps:
+	hack/cluster.sh deps
+
+# kubelet, kube-controller-manager, kube-scheduler, kube-proxy, CoreDNS (cached like the control plane).
+cluster-build: control-plane
+	hack/cluster.sh build
+
+# The gateway's OCI image (target/images/portcullis.tar, docker.io/library/portcullis:0.1.0), built
+# without a Docker engine; loaded into the local cluster's containerd when it is up.
+image: cluster-deps
+	hack/cluster.sh image
+	@if hack/cluster.sh loaded; then hack/cluster.sh load target/images/portcullis.tar; fi
+
+# pause, the client pod's image and the simulated provider's image.
+cluster-images: cluster-deps
+	hack/cluster.sh images
+
+CLUSTER_DIR ?= .cluster
+
+cluster-up: cluster-build cluster-images image
+	hack/cluster.sh up $(CLUSTER_DIR)
+	@echo "export KUBECONFIG=$(CURDIR)/$(CLUSTER_DIR)/kubeconfig PATH=$$(hack/control-plane.sh bin-dir):\$$PATH"
+	@echo "kubectl apply -k deploy/   # see README: Deploying to a cluster"
+
+cluster-down:
+	hack/cluster.sh down $(CLUSTER_DIR)
+
+# Brings up its own cluster in target/cluster-test and stops it at the end (not part of `make test`).
+cluster-test: cluster-build cluster-images image
+	hack/cluster.sh down $(CLUSTER_DIR) >/dev/null 2>&1 || true
+	$(CARGO) test --test cluster -- --include-ignored --test-threads=1 --show-output
 
 clean-cache:
 	rm -rf $(HOME)/.cache/portcullis

@@ -360,8 +360,9 @@ def main():
         policy_cpu = median_diff(pairs, cpu_key)
         row("two backends, c=64", "gateway CPU per request (µs), one backend → two", f"{median_of(pairs, 0, cpu_key):.1f}",
             f"{median_of(pairs, 1, cpu_key):.1f}", f"{policy_cpu:+.1f}", "≤ +5", policy_cpu <= 5)
-        row("two backends, c=64", "throughput (req/s), one backend → two", f"{median_of(pairs, 0, rps):.0f}",
-            f"{median_of(pairs, 1, rps):.0f}", f"{median_of(pairs, 1, rps) / median_of(pairs, 0, rps):.2f}×")
+        rps_key = lambda r: r["rps"]
+        row("two backends, c=64", "throughput (req/s), one backend → two", f"{median_of(pairs, 0, rps_key):.0f}",
+            f"{median_of(pairs, 1, rps_key):.0f}", f"{median_of(pairs, 1, rps_key) / median_of(pairs, 0, rps_key):.2f}×")
 
         # 3. Streaming chat, 20 chunks, concurrency 1.
         log("scenario 3: streaming chat (20 chunks, 2 ms apart), concurrency 1")

@@ -77,6 +77,15 @@ impl ControlPlane {
         })
     }
 
+    /// A control plane started by someone else (hack/cluster.sh), found by its state folder.
+    pub fn attach(dir: PathBuf) -> ControlPlane {
+        ControlPlane {
+            dir,
+            owned: false,
+            _tmp: None,
+        }
+    }
+
     pub fn kubeconfig(&self) -> PathBuf {
         self.dir.join("kubeconfig")
     }
