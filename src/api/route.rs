@@ -442,7 +442,7 @@ pub struct RouteStatus {
     /// otherwise each of N replicas enforces 1/N of each.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub limits: Vec<Limit>,
-    /// Each backend (one for a `model` route) and whether it resolved.
+    /// Each backend of a Route with `backends`, and whether it resolved.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub backends: Vec<BackendStatus>,
     /// Current state; Ready is the summary condition, Degraded names backends that do not resolve.

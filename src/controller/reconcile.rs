@@ -297,7 +297,7 @@ fn resolve(
     let mut list = Vec::with_capacity(declared.len());
     let mut statuses = Vec::with_capacity(declared.len());
     let mut failures = Vec::new();
-    let mut keys: HashMap<String, usize> = HashMap::new();
+    let mut keys: HashMap<u64, usize> = HashMap::new();
     for d in &declared {
         let status = |resolved: bool, why: Option<&Outcome>| BackendStatus {
             provider: d.model.provider,
@@ -308,11 +308,19 @@ fn resolve(
         };
         match resolve_model(d, spec.route_type, &namespace, secrets, policy) {
             Ok(upstream) => {
-                // Identical backends are told apart by their order among themselves.
-                let content = serde_json::to_string(d.model).unwrap_or_default();
-                let seen = keys.entry(content.clone()).or_default();
+                // Identical backends are told apart by their order among themselves. A digest of
+                // the spec keeps the key short (it lives in every table).
+                let content = {
+                    use std::hash::{Hash, Hasher};
+                    let mut h = std::collections::hash_map::DefaultHasher::new();
+                    serde_json::to_string(d.model)
+                        .unwrap_or_default()
+                        .hash(&mut h);
+                    h.finish()
+                };
+                let seen = keys.entry(content).or_default();
                 *seen += 1;
-                let key = format!("{namespace}/{name}#{seen}#{content}");
+                let key = format!("{namespace}/{name}#{seen}#{content:016x}");
                 let mut backend = Backend::new(upstream, d.weight, d.priority, key);
                 if let Some(h) = health.get(backend.key.as_str()) {
                     backend.health = Arc::clone(h);

@@ -40,7 +40,9 @@ pub fn desired_status(route: &Route, outcome: &RouteOutcome, now: Timestamp) -> 
         current(route, "ShortName"),
         now,
     ));
-    if !outcome.backends.is_empty() {
+    // One backend says nothing that Ready does not: backends and Degraded only where there are several.
+    let several = !route.spec.backends.is_empty();
+    if several && !outcome.backends.is_empty() {
         conditions.push(degraded_condition(
             &outcome.backends,
             generation,
@@ -56,7 +58,11 @@ pub fn desired_status(route: &Route, outcome: &RouteOutcome, now: Timestamp) -> 
         } else {
             Vec::new()
         },
-        backends: outcome.backends.clone(),
+        backends: if several {
+            outcome.backends.clone()
+        } else {
+            Vec::new()
+        },
         conditions,
     }
 }
