@@ -32,9 +32,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::api::{Reason, Route};
+use crate::api::Route;
 use crate::table::SharedTable;
-use crate::telemetry::metrics::{Metrics, ReasonLabels, ResourceLabels};
+use crate::telemetry::metrics::{Metrics, ResourceLabels};
 use backoff::RetryBackoff;
 use reconcile::reconcile_after;
 use secrets::SecretCache;
@@ -346,28 +346,12 @@ impl Loop {
                 .filter(|o| o.outcome.is_ready())
                 .count(),
         );
-        self.handles.table.store(Arc::new(reconciled.table));
         let metrics = &self.handles.metrics;
-        metrics.reconciles.inc();
-        metrics
-            .reconcile_duration
-            .observe(started.elapsed().as_secs_f64());
+        reconciled.record(metrics, started.elapsed());
         if !complete {
             metrics.reconcile_errors.inc();
         }
-        for reason in Reason::ALL {
-            let n = reconciled
-                .outcomes
-                .iter()
-                .filter(|o| o.outcome.reason == reason)
-                .count();
-            metrics
-                .routes
-                .get_or_create(&ReasonLabels {
-                    reason: reason.as_str(),
-                })
-                .set(n as i64);
-        }
+        self.handles.table.store(Arc::new(reconciled.table));
         if !self.gate.table.load(Ordering::Acquire) {
             self.gate.mark(&self.gate.table);
             info!(

@@ -15,6 +15,7 @@ use crate::table::{Backend, Backends, RouteEntry, RouteState, RoutingTable, Upst
 use crate::traffic::{BackendHealth, MAX_BACKENDS, TrafficPolicy};
 
 use super::policy::OperatorPolicy;
+use crate::telemetry::metrics::{Metrics, ReasonLabels};
 
 /// Secret data by key, as read from the API.
 pub type SecretData = BTreeMap<String, ByteString>;
@@ -56,6 +57,27 @@ pub struct Reconciled {
     pub outcomes: Vec<RouteOutcome>,
     /// One-word names whose owner changed since the previous table.
     pub short_name_changes: Vec<ShortNameChange>,
+}
+
+impl Reconciled {
+    /// Counts this rebuild in `metrics`: its duration and the Routes by Ready reason.
+    pub fn record(&self, metrics: &Metrics, elapsed: std::time::Duration) {
+        metrics.reconciles.inc();
+        metrics.reconcile_duration.observe(elapsed.as_secs_f64());
+        for reason in Reason::ALL {
+            let n = self
+                .outcomes
+                .iter()
+                .filter(|o| o.outcome.reason == reason)
+                .count();
+            metrics
+                .routes
+                .get_or_create(&ReasonLabels {
+                    reason: reason.as_str(),
+                })
+                .set(n as i64);
+        }
+    }
 }
 
 /// Whether a Route has its one-word name.

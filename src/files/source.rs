@@ -22,14 +22,13 @@ use tracing::{debug, info, warn};
 
 use super::load::{self, FileContents, FileError, Origin};
 use crate::access::{API_KEY_LABEL, ApiKeys, Digest, Identity, digest};
-use crate::api::{Reason, Route};
+use crate::api::Route;
 use crate::controller::consumers::key_digest;
 use crate::controller::policy::OperatorPolicy;
 use crate::controller::reconcile::{SecretData, reconcile_after};
 use crate::dataplane::ConfigStatus;
 use crate::server::{SourceHandles, StartError};
 use crate::table::RoutingTable;
-use crate::telemetry::metrics::ReasonLabels;
 
 /// File names read from a configured directory.
 const EXTENSIONS: [&str; 3] = ["yaml", "yml", "json"];
@@ -409,25 +408,9 @@ impl FileSource {
         sink.handles
             .api_keys
             .store(Arc::new(ApiKeys::new(consumers)));
-        sink.handles.table.store(Arc::new(reconciled.table));
         let metrics = &sink.handles.metrics;
-        metrics.reconciles.inc();
-        metrics
-            .reconcile_duration
-            .observe(started.elapsed().as_secs_f64());
-        for reason in Reason::ALL {
-            let n = reconciled
-                .outcomes
-                .iter()
-                .filter(|o| o.outcome.reason == reason)
-                .count();
-            metrics
-                .routes
-                .get_or_create(&ReasonLabels {
-                    reason: reason.as_str(),
-                })
-                .set(n as i64);
-        }
+        reconciled.record(metrics, started.elapsed());
+        sink.handles.table.store(Arc::new(reconciled.table));
         self.generation += 1;
         sink.status.set_generation(self.generation);
         metrics.config_generation.set(self.generation as i64);
