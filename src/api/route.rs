@@ -341,6 +341,25 @@ pub enum Provider {
 }
 
 impl Provider {
+    pub const ALL: [Provider; 16] = [
+        Provider::Openai,
+        Provider::AzureOpenai,
+        Provider::Anthropic,
+        Provider::Cohere,
+        Provider::Gemini,
+        Provider::Bedrock,
+        Provider::Mistral,
+        Provider::HuggingfaceTgi,
+        Provider::DatabricksModelServing,
+        Provider::MlflowModelServing,
+        Provider::Ai21,
+        Provider::Together,
+        Provider::Groq,
+        Provider::Deepseek,
+        Provider::Ollama,
+        Provider::OpenaiCompatible,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Provider::Openai => "openai",

@@ -7,6 +7,8 @@ use std::net::IpAddr;
 
 use kube::core::{Expression, Selector, SelectorExt};
 
+use crate::api::{Outcome, Reason};
+
 /// The operator's rules; the default allows what Kubernetes itself would, less cloud metadata.
 #[derive(Clone, Debug, Default)]
 pub struct OperatorPolicy {
@@ -32,10 +34,14 @@ impl OperatorPolicy {
             .is_none_or(|s| s.matches(labels))
     }
 
-    /// Why a Route may not call `api_base`, if it may not.
-    pub fn refuse_upstream(&self, api_base: &str) -> Option<String> {
+    /// Why a Route may not call `api_base`, if it may not: `InvalidSpec` for an address that is
+    /// no upstream at all (not a URL, this gateway), `EgressDenied` for one the operator forbids.
+    pub fn refuse_upstream(&self, api_base: &str) -> Option<Outcome> {
         let Ok(url) = reqwest::Url::parse(api_base) else {
-            return Some(format!("apiBase {api_base:?} is not a URL"));
+            return Some(Outcome::not_ready(
+                Reason::InvalidSpec,
+                format!("apiBase {api_base:?} is not a URL"),
+            ));
         };
         let host = url
             .host_str()?
@@ -48,11 +54,14 @@ impl OperatorPolicy {
             _ => format!("{host}:{port}"),
         };
         if self.self_addresses.contains(&address) {
-            return Some(format!(
-                "apiBase {api_base:?} points at this gateway itself; a call would loop"
+            return Some(Outcome::not_ready(
+                Reason::InvalidSpec,
+                format!("apiBase {api_base:?} points at this gateway itself; a call would loop"),
             ));
         }
-        self.egress.refuse(&host)
+        self.egress
+            .refuse(&host)
+            .map(|why| Outcome::not_ready(Reason::EgressDenied, why))
     }
 }
 

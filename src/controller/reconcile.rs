@@ -431,13 +431,9 @@ fn resolve_model(
         })?
         .trim_end_matches('/')
         .to_string();
-    if let Some(why) = policy.refuse_upstream(&api_base) {
-        let reason = if why.contains("this gateway itself") {
-            Reason::InvalidSpec
-        } else {
-            Reason::EgressDenied
-        };
-        return Err(Outcome::not_ready(reason, format!("{field}: {why}")));
+    if let Some(refused) = policy.refuse_upstream(&api_base) {
+        let message = format!("{field}: {}", refused.message);
+        return Err(Outcome::not_ready(refused.reason, message));
     }
 
     let credentials =

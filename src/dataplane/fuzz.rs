@@ -13,25 +13,6 @@ use super::request::{self, parse_request};
 use crate::api::{Provider, RouteType};
 use crate::providers::{Credentials, ProviderAdapter, SecretValue, Target, adapter_for};
 
-const PROVIDERS: [Provider; 16] = [
-    Provider::Openai,
-    Provider::AzureOpenai,
-    Provider::Anthropic,
-    Provider::Cohere,
-    Provider::Gemini,
-    Provider::Bedrock,
-    Provider::Mistral,
-    Provider::HuggingfaceTgi,
-    Provider::DatabricksModelServing,
-    Provider::MlflowModelServing,
-    Provider::Ai21,
-    Provider::Together,
-    Provider::Groq,
-    Provider::Deepseek,
-    Provider::Ollama,
-    Provider::OpenaiCompatible,
-];
-
 const ROUTE_TYPES: [RouteType; 3] = [
     RouteType::Chat,
     RouteType::Completions,
@@ -182,7 +163,7 @@ proptest! {
     #[test]
     fn provider_answers_and_errors_never_panic(body in json_value(), raw in proptest::collection::vec(any::<u8>(), 0..64)) {
         let text = body.to_string();
-        for provider in PROVIDERS {
+        for provider in Provider::ALL {
             let Some(adapter) = adapter_for(provider) else { continue };
             let target = target(adapter);
             for route_type in adapter.route_types() {
@@ -202,7 +183,7 @@ proptest! {
     ) {
         let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (bytes.len() + 1)).collect();
         cuts.sort_unstable();
-        for provider in PROVIDERS {
+        for provider in Provider::ALL {
             let Some(adapter) = adapter_for(provider) else { continue };
             for route_type in adapter.route_types() {
                 let mut decoder = adapter.stream_decoder(*route_type);

@@ -479,25 +479,6 @@ mod tests {
     use super::*;
     use crate::llm::{ChatMessage, ChatRequest, CompletionsRequest, StreamOptions};
 
-    const ALL_PROVIDERS: [Provider; 16] = [
-        Provider::Openai,
-        Provider::AzureOpenai,
-        Provider::Anthropic,
-        Provider::Cohere,
-        Provider::Gemini,
-        Provider::Bedrock,
-        Provider::Mistral,
-        Provider::HuggingfaceTgi,
-        Provider::DatabricksModelServing,
-        Provider::MlflowModelServing,
-        Provider::Ai21,
-        Provider::Together,
-        Provider::Groq,
-        Provider::Deepseek,
-        Provider::Ollama,
-        Provider::OpenaiCompatible,
-    ];
-
     fn request(route_type: RouteType) -> LlmRequest {
         match route_type {
             RouteType::Chat => LlmRequest::Chat(ChatRequest {
@@ -525,7 +506,7 @@ mod tests {
 
     #[test]
     fn every_provider_has_an_adapter_and_hides_credentials_in_requests() {
-        for provider in ALL_PROVIDERS {
+        for provider in Provider::ALL {
             let adapter = adapter_for(provider).unwrap_or_else(|| panic!("{provider}"));
             assert_eq!(adapter.provider(), provider);
             let mut credentials = Credentials::default();
@@ -588,7 +569,7 @@ mod tests {
             Provider::Gemini,
             Provider::DatabricksModelServing,
         ];
-        for provider in ALL_PROVIDERS {
+        for provider in Provider::ALL {
             let adapter = adapter_for(provider).unwrap_or_else(|| panic!("{provider}"));
             let target = target_for(adapter, hostile);
             let base = reqwest::Url::parse(&target.api_base.replace("{region}", "us-east-1"))
