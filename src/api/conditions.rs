@@ -10,7 +10,6 @@ pub enum Reason {
     SecretNotFound,
     SecretKeyMissing,
     InvalidSpec,
-    NameConflict,
     ProviderUnsupported,
     /// The referenced Secret does not match the gateway's `--secret-selector`.
     SecretNotAllowed,
@@ -25,19 +24,17 @@ impl Reason {
             Reason::SecretNotFound => "SecretNotFound",
             Reason::SecretKeyMissing => "SecretKeyMissing",
             Reason::InvalidSpec => "InvalidSpec",
-            Reason::NameConflict => "NameConflict",
             Reason::ProviderUnsupported => "ProviderUnsupported",
             Reason::SecretNotAllowed => "SecretNotAllowed",
             Reason::EgressDenied => "EgressDenied",
         }
     }
 
-    pub const ALL: [Reason; 8] = [
+    pub const ALL: [Reason; 7] = [
         Reason::Resolved,
         Reason::SecretNotFound,
         Reason::SecretKeyMissing,
         Reason::InvalidSpec,
-        Reason::NameConflict,
         Reason::ProviderUnsupported,
         Reason::SecretNotAllowed,
         Reason::EgressDenied,
