@@ -191,6 +191,19 @@ pub struct StreamDelta {
     pub finish_reason: Option<String>,
     /// Present on the chunk that reports usage (often the last).
     pub usage: Option<Usage>,
+    /// Tool-call fragments, in OpenAI's streaming shape (see `ToolCallDelta`).
+    pub tool_calls: Vec<ToolCallDelta>,
+}
+
+/// A fragment of a streamed tool call. The first fragment of a call carries its `id` and `name`;
+/// later ones carry only more `arguments` text (a JSON document split anywhere). `index` numbers the
+/// calls of one choice from 0, so fragments of parallel calls can interleave.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct ToolCallDelta {
+    pub index: u32,
+    pub id: Option<String>,
+    pub name: Option<String>,
+    pub arguments: String,
 }
 
 /// Unix seconds now, for response ids and `created` fields.

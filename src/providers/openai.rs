@@ -363,6 +363,7 @@ impl SseHandler for OpenAiStream {
                 text,
                 finish_reason,
                 usage: None,
+                tool_calls: Vec::new(),
             });
         }
         Ok(())
