@@ -6,6 +6,7 @@
 pub mod access;
 pub mod api;
 pub mod controller;
+pub mod cost;
 pub mod dataplane;
 pub mod files;
 pub mod limits;

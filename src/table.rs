@@ -11,6 +11,7 @@ use arc_swap::ArcSwap;
 use http::HeaderValue;
 
 use crate::api::{AccessRule, Limit, LimitKey, Provider, Reason, RenewalPeriod, RouteType};
+use crate::cost::Price;
 use crate::providers::{ProviderAdapter, Target};
 use crate::telemetry::metrics::{BackendMetrics, Metrics};
 use crate::traffic::{BackendHealth, Candidate, TrafficPolicy};
@@ -94,6 +95,8 @@ pub struct Backend {
     /// Identifies the backend across table rebuilds; its health carries over while this is unchanged.
     pub key: String,
     pub health: Arc<BackendHealth>,
+    /// What a call costs here, resolved when the table is built; `None`: unknown (never zero).
+    pub price: Option<Price>,
     metrics: OnceLock<BackendMetrics>,
 }
 
@@ -113,6 +116,7 @@ impl Backend {
             priority,
             key,
             health: Arc::default(),
+            price: None,
             metrics: OnceLock::new(),
         }
     }

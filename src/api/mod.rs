@@ -6,6 +6,6 @@ mod route;
 pub use conditions::{Outcome, Reason, condition, ready_condition};
 pub use route::{
     AccessRule, BackendSpec, BackendStatus, DEFAULT_SECRET_KEY, Limit, LimitKey, ModelSpec,
-    OutlierDetection, Provider, RenewalPeriod, RetryOn, RetryPolicy, Route, RouteSpec, RouteStatus,
-    RouteType, SecretKeyRef, parse_duration,
+    OutlierDetection, Pricing, Provider, RenewalPeriod, RetryOn, RetryPolicy, Route, RouteSpec,
+    RouteStatus, RouteType, SecretKeyRef, parse_duration,
 };

@@ -92,6 +92,28 @@ pub struct RouteSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 256))]
     pub access: Option<Vec<AccessRule>>,
+    /// Prices of this route's calls, over the built-in catalog (a backend's own `pricing` wins).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pricing: Option<Pricing>,
+}
+
+/// USD per million tokens; each figure given replaces the catalog's (0 to 1000000, at most 6
+/// decimals). Cached input defaults to the input price when the input price is overridden.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Pricing {
+    /// Prompt tokens (and embeddings inputs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1000000.0))]
+    pub input_per_million: Option<f64>,
+    /// Completion tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1000000.0))]
+    pub output_per_million: Option<f64>,
+    /// Prompt tokens the provider reports as read from its prompt cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1000000.0))]
+    pub cached_input_per_million: Option<f64>,
 }
 
 /// Task types, named as in MLflow's AI Gateway.
@@ -159,6 +181,9 @@ pub struct BackendSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(max = 15))]
     pub priority: Option<u32>,
+    /// This backend's prices, over the Route's `pricing` and the built-in catalog.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pricing: Option<Pricing>,
 }
 
 impl BackendSpec {
@@ -278,6 +303,7 @@ impl RouteSpec {
             allow_mixed_models: false,
             limits: Vec::new(),
             access: None,
+            pricing: None,
         }
     }
 

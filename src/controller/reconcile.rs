@@ -234,6 +234,7 @@ pub fn reconcile_after(
 struct Declared<'a> {
     field: String,
     model: &'a ModelSpec,
+    pricing: Option<&'a crate::api::Pricing>,
     weight: u32,
     priority: u32,
 }
@@ -243,6 +244,7 @@ fn declared(spec: &RouteSpec) -> Result<Vec<Declared<'_>>, Outcome> {
         (Some(model), true) => Ok(vec![Declared {
             field: "spec.model".into(),
             model,
+            pricing: None,
             weight: 1,
             priority: 0,
         }]),
@@ -253,6 +255,7 @@ fn declared(spec: &RouteSpec) -> Result<Vec<Declared<'_>>, Outcome> {
             .map(|(i, b)| Declared {
                 field: format!("spec.backends[{i}]"),
                 model: &b.model,
+                pricing: b.pricing.as_ref(),
                 weight: b.weight(),
                 priority: b.priority(),
             })
@@ -344,6 +347,14 @@ fn resolve(
                 *seen += 1;
                 let key = format!("{namespace}/{name}#{seen}#{content:016x}");
                 let mut backend = Backend::new(upstream, d.weight, d.priority, key);
+                backend.price = crate::cost::resolve(
+                    crate::cost::Catalog::builtin(),
+                    None,
+                    d.model.provider,
+                    &d.model.name,
+                    spec.route_type,
+                    &[d.pricing, spec.pricing.as_ref()],
+                );
                 if let Some(h) = health.get(backend.key.as_str()) {
                     backend.health = Arc::clone(h);
                 }
@@ -769,6 +780,7 @@ mod tests {
             },
             weight: None,
             priority: None,
+            pricing: None,
         }
     }
 

@@ -467,6 +467,7 @@ fn routes_per_model_name(
             allow_mixed_models: mixed,
             limits,
             access: None,
+            pricing: None,
         };
         out.routes
             .push((paths.join(", "), route(&name, namespace, spec)));
@@ -478,6 +479,7 @@ fn backend(d: &Deployment, priority: u32) -> BackendSpec {
         model: d.model.clone(),
         weight: d.weight,
         priority: (priority > 0).then_some(priority),
+        pricing: None,
     }
 }
 

@@ -852,6 +852,7 @@ pub fn backend(
         model,
         weight: Some(weight),
         priority: Some(priority),
+        pricing: None,
     }
 }
 
