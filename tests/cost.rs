@@ -1,0 +1,272 @@
+//! Cost governance end to end: prices from the catalog and overrides applied to the usage the
+//! simulated providers report, spend metrics and headers, and USD budgets on the real gateway
+//! binary against the real kube-apiserver (and a real redis-server for budgets across replicas).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: failing loudly is the point
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::*;
+
+/// Picodollars per token for a price of `usd` per million tokens.
+fn per_token(usd_per_million: u64) -> u64 {
+    usd_per_million * 1_000_000
+}
+
+/// Exact dollars of an amount of picodollars, as the gateway writes them (no trailing zeros).
+fn dollars(picos: u64) -> String {
+    let whole = picos / 1_000_000_000_000;
+    let frac = format!("{:012}", picos % 1_000_000_000_000);
+    let frac = frac.trim_end_matches('0');
+    if frac.is_empty() {
+        whole.to_string()
+    } else {
+        format!("{whole}.{frac}")
+    }
+}
+
+/// A chat or embeddings Route on the simulated OpenAI provider serving `model`, with extra spec YAML.
+fn priced_route(
+    ns: &str,
+    name: &str,
+    route_type: &str,
+    sim: &SimProvider,
+    model: &str,
+    extra: &str,
+) -> String {
+    route_manifest(ns, name, route_type, "openai", &sim.openai_base())
+        .replace("name: gpt-4o-mini", &format!("name: {model}"))
+        + extra
+}
+
+fn usage_of(body: &Value) -> (u64, u64) {
+    let u = &body["usage"];
+    (
+        u["prompt_tokens"].as_u64().unwrap_or(0),
+        u["completion_tokens"].as_u64().unwrap_or(0),
+    )
+}
+
+/// The sum of the `portcullis_cost_usd_total` samples of `route`, in picodollars.
+fn spent(gw: &Gateway, route: &str) -> u64 {
+    let needle = format!("portcullis_cost_usd_total{{route=\"{route}\"");
+    gw.metrics()
+        .lines()
+        .filter(|l| l.starts_with(&needle))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|usd| (usd * 1e12).round() as u64)
+        .sum()
+}
+
+#[test]
+fn calls_cost_what_the_provider_reported_at_the_catalog_or_overridden_price() {
+    let cp = ControlPlane::shared();
+    let sim = sim();
+    let ns = cp.namespace("cost");
+    let gw = Gateway::start(cp, &[]);
+    cp.apply(&secret_manifest(
+        &ns,
+        "openai",
+        "apiKey",
+        "sk-cost-upstream",
+    ));
+    let catalog = unique("catalog");
+    let overridden = unique("overridden");
+    let cut = unique("cut");
+    let embed = unique("embed");
+    let unpriced = unique("unpriced");
+    let pool = unique("pool");
+    let high = "  pricing:\n    inputPerMillion: 3\n    outputPerMillion: 1000\n";
+    cp.apply(&priced_route(
+        &ns,
+        &catalog,
+        "llm/v1/chat",
+        &sim,
+        "gpt-4o-mini",
+        "",
+    ));
+    cp.apply(&priced_route(
+        &ns,
+        &overridden,
+        "llm/v1/chat",
+        &sim,
+        "house-model",
+        high,
+    ));
+    cp.apply(&priced_route(
+        &ns,
+        &cut,
+        "llm/v1/chat",
+        &sim,
+        "house-model",
+        high,
+    ));
+    cp.apply(&priced_route(
+        &ns,
+        &embed,
+        "llm/v1/embeddings",
+        &sim,
+        "text-embedding-3-small",
+        "",
+    ));
+    cp.apply(&priced_route(
+        &ns,
+        &unpriced,
+        "llm/v1/chat",
+        &sim,
+        "house-model",
+        "",
+    ));
+    // Two backends, each priced by its own override over the Route's.
+    let mut a = model(
+        portcullis::api::Provider::Openai,
+        "house-a",
+        &sim.openai_base(),
+        "openai",
+    );
+    a.name = "house-a".into();
+    let mut b = a.clone();
+    b.name = "house-b".into();
+    let mut ba = backend(a, 1, 0);
+    ba.pricing = Some(portcullis::api::Pricing {
+        output_per_million: Some(2.0),
+        ..Default::default()
+    });
+    let bb = backend(b, 1, 0);
+    let mut spec =
+        portcullis::api::RouteSpec::new(portcullis::api::RouteType::Chat, ba.model.clone());
+    spec.model = None;
+    spec.backends = vec![ba, bb];
+    spec.pricing = Some(portcullis::api::Pricing {
+        input_per_million: Some(1.0),
+        output_per_million: Some(5.0),
+        cached_input_per_million: None,
+    });
+    cp.apply(&route_yaml(&ns, &pool, spec));
+    for r in [&catalog, &overridden, &cut, &embed, &unpriced, &pool] {
+        cp.wait_ready(&ns, r);
+    }
+    let chat = |route: &str, extra: Value| {
+        let mut body =
+            json!({"model": route, "messages": [{"role": "user", "content": "hello there"}]});
+        if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+            b.extend(e.clone());
+        }
+        post_full(&gw.url("/v1/chat/completions"), &body)
+    };
+
+    // Plain call at the catalog's gpt-4o-mini price ($0.15 in, $0.60 out per million).
+    let (code, headers, text) = chat(&catalog, json!({}));
+    assert_eq!(code, 200, "{text}");
+    let (p, c) = usage_of(&serde_json::from_str(&text).unwrap());
+    assert_eq!((p, c), (2, 20));
+    let expected = p * 150_000 + c * 600_000;
+    assert_eq!(expected, 12_300_000);
+    assert_eq!(header(&headers, "x-portcullis-cost-usd"), Some("0.0000123"));
+    assert_eq!(spent(&gw, &catalog), expected);
+
+    // The Route's override: $3 in, $1000 out per million.
+    let (code, headers, text) = chat(&overridden, json!({"max_tokens": 10}));
+    assert_eq!(code, 200, "{text}");
+    let (p, c) = usage_of(&serde_json::from_str(&text).unwrap());
+    let plain = p * per_token(3) + c * per_token(1000);
+    assert_eq!(plain, 2 * 3_000_000 + 10 * 1_000_000_000);
+    assert_eq!(
+        header(&headers, "x-portcullis-cost-usd"),
+        Some(dollars(plain).as_str())
+    );
+
+    // A stream is charged its final usage report, on its log line and in the metric; no header.
+    let (code, headers, text) = chat(
+        &overridden,
+        json!({"stream": true, "stream_options": {"include_usage": true}}),
+    );
+    assert_eq!(code, 200, "{text}");
+    assert_eq!(header(&headers, "x-portcullis-cost-usd"), None);
+    let chunks = sse_chunks(&text);
+    let (p, c) = usage_of(chunks.last().unwrap());
+    let streamed = p * per_token(3) + c * per_token(1000);
+    assert_eq!((p, c), (2, 20));
+    let line = format!("\"cost_usd\":\"{}\"", dollars(streamed));
+    eventually(Duration::from_secs(5), || {
+        spent(&gw, &overridden) == plain + streamed
+    })
+    .unwrap_or_else(|_| panic!("stream spend: {}", gw.metrics()));
+    assert!(gw.log().contains(&line), "no {line} in the log");
+
+    // A stream cut by the provider costs the prompt estimate and the text that was sent.
+    sim.set_behaviour(portcullis_sim::Behaviour {
+        fault: portcullis_sim::Fault::CutStream { after_frames: 6 },
+        // Paced, so the first frames surely leave before the cut.
+        chunk_delay: Duration::from_millis(30),
+        ..Default::default()
+    });
+    let (code, _, text) = chat(&cut, json!({"stream": true}));
+    sim.set_behaviour(portcullis_sim::Behaviour::default());
+    assert_eq!(code, 200, "{text}");
+    let sent: String = sse_chunks(&text)
+        .iter()
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect();
+    assert!(!sent.is_empty() && sent.len() < 60, "{sent:?}");
+    // "hello there": 11 characters, 3 tokens at four characters a token.
+    let cut_cost = 3 * per_token(3) + (sent.len() as u64).div_ceil(4) * per_token(1000);
+    eventually(Duration::from_secs(5), || spent(&gw, &cut) == cut_cost)
+        .unwrap_or_else(|_| panic!("cut stream spend {} != {cut_cost}", spent(&gw, &cut)));
+
+    // Embeddings are priced on input: $0.02 per million for text-embedding-3-small.
+    let (code, headers, text) = post_full(
+        &gw.url("/v1/embeddings"),
+        &json!({"model": embed, "input": ["hello there", "general kenobi"]}),
+    );
+    assert_eq!(code, 200, "{text}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&text).unwrap()["usage"]["prompt_tokens"],
+        4
+    );
+    assert_eq!(
+        header(&headers, "x-portcullis-cost-usd"),
+        Some("0.00000008")
+    );
+    assert_eq!(spent(&gw, &embed), 80_000);
+
+    // A model without a price costs "unknown", never zero.
+    let (code, headers, _) = chat(&unpriced, json!({}));
+    assert_eq!(code, 200);
+    assert_eq!(header(&headers, "x-portcullis-cost-usd"), Some("unknown"));
+    assert_eq!(spent(&gw, &unpriced), 0);
+    assert!(
+        gw.metrics().lines().any(|l| l.starts_with(&format!(
+            "portcullis_cost_unknown_calls_total{{route=\"{unpriced}\""
+        )) && l.ends_with(" 1")),
+        "{}",
+        gw.metrics()
+    );
+
+    // Each backend at its own price: house-a's output override ($2) over the Route's ($1 in, $5 out).
+    let mut total = 0;
+    for _ in 0..6 {
+        let (code, headers, text) = chat(&pool, json!({}));
+        assert_eq!(code, 200, "{text}");
+        let (p, c) = usage_of(&serde_json::from_str(&text).unwrap());
+        let out = match header(&headers, "x-portcullis-backend") {
+            Some("openai/house-a") => per_token(2),
+            Some("openai/house-b") => per_token(5),
+            other => panic!("backend {other:?}"),
+        };
+        let cost = p * per_token(1) + c * out;
+        assert_eq!(
+            header(&headers, "x-portcullis-cost-usd"),
+            Some(dollars(cost).as_str())
+        );
+        total += cost;
+    }
+    assert_eq!(spent(&gw, &pool), total);
+    assert!(!gw.log().contains("sk-cost-upstream") && !gw.metrics().contains("sk-cost-upstream"));
+}
