@@ -18,6 +18,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tracing::{debug, info, warn};
 
 use crate::api::{LimitKey, RenewalPeriod};
+use crate::cost::Usd;
 use crate::table::RouteEntry;
 use crate::telemetry::metrics::{LimitLabels, Metrics};
 
@@ -31,6 +32,8 @@ const STORE_RETRY: Duration = Duration::from_secs(1);
 pub enum Kind {
     Calls,
     Tokens,
+    /// A USD budget, counted in whole nanodollars (each call's cost rounded up).
+    Usd,
 }
 
 impl Kind {
@@ -38,17 +41,30 @@ impl Kind {
         match self {
             Kind::Calls => "calls",
             Kind::Tokens => "tokens",
+            Kind::Usd => "usd",
         }
     }
 }
 
-pub fn period_secs(period: RenewalPeriod) -> u64 {
-    match period {
-        RenewalPeriod::Second => 1,
-        RenewalPeriod::Minute => 60,
-        RenewalPeriod::Hour => 3600,
-        RenewalPeriod::Day => 86_400,
-    }
+/// What one call is counted as against a route's limits.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Charge {
+    /// Upstream calls (a fanned-out embeddings request makes several).
+    pub calls: u64,
+    /// Estimated tokens, settled to the real usage.
+    pub tokens: u64,
+    /// The most the call can cost, settled to its real cost; `None` when its price is unknown.
+    pub usd: Option<Usd>,
+}
+
+/// Nanodollars a budget counts for `usd`: rounded up, so rounding never lets spend through.
+pub fn usd_units(usd: Usd) -> u64 {
+    usd.0.div_ceil(1000)
+}
+
+/// A budget of `dollars` in the units `usd_units` counts.
+pub fn budget_units(dollars: f64) -> u64 {
+    Usd::from_dollars(dollars).map_or(0, usd_units)
 }
 
 fn period_word(period: RenewalPeriod) -> &'static str {
@@ -57,7 +73,71 @@ fn period_word(period: RenewalPeriod) -> &'static str {
         RenewalPeriod::Minute => "minute",
         RenewalPeriod::Hour => "hour",
         RenewalPeriod::Day => "day",
+        RenewalPeriod::Week => "week",
+        RenewalPeriod::Month => "month",
     }
+}
+
+const DAY: u64 = 86_400;
+
+/// The fixed window of `period` that Unix second `now` falls in: a number that identifies it and
+/// the Unix second it ends. Windows are aligned in UTC: days at midnight, weeks on Monday 00:00
+/// (ISO weeks), months on the 1st at 00:00.
+pub fn window(period: RenewalPeriod, now: u64) -> (u64, u64) {
+    let fixed = |len: u64| (now / len, (now / len + 1) * len);
+    match period {
+        RenewalPeriod::Second => fixed(1),
+        RenewalPeriod::Minute => fixed(60),
+        RenewalPeriod::Hour => fixed(3600),
+        RenewalPeriod::Day => fixed(DAY),
+        RenewalPeriod::Week => {
+            // 1970-01-01 was a Thursday: day 4 is the first Monday.
+            let week = (now / DAY + 3) / 7;
+            (week, (week * 7 + 4) * DAY)
+        }
+        RenewalPeriod::Month => {
+            let (y, m, _) = civil_from_days(now / DAY);
+            let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+            (y * 12 + (m - 1), days_from_civil(ny, nm, 1) * DAY)
+        }
+    }
+}
+
+/// (year, month 1-12, day 1-31) of a day counted from 1970-01-01 (H. Hinnant's algorithm).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + u64::from(m <= 2);
+    (y, m, d)
+}
+
+/// Days from 1970-01-01 to a date on or after it.
+fn days_from_civil(y: u64, m: u64, d: u64) -> u64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y / 400;
+    let yoe = y - era * 400;
+    let mp = if m > 2 { m - 3 } else { m + 9 };
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    (era * 146_097 + doe).saturating_sub(719_468)
+}
+
+/// A Unix second as RFC 3339 in UTC: `2026-12-01T00:00:00Z`.
+pub fn utc_text(secs: u64) -> String {
+    let (y, m, d) = civil_from_days(secs / DAY);
+    let s = secs % DAY;
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        s / 3600,
+        s / 60 % 60,
+        s % 60
+    )
 }
 
 /// One counter a request touches.
@@ -89,35 +169,46 @@ pub struct RateLimited {
     pub retry_after: u64,
     pub requests: Option<WindowState>,
     pub tokens: Option<WindowState>,
+    /// The tightest USD budget, in nanodollars (`x-ratelimit-*-usd`).
+    pub usd: Option<WindowState>,
 }
 
 /// The counts a successful admission charged; settle it when the real token usage is known.
 pub struct Reservation {
     limiter: Arc<Limiter>,
     shared: bool,
-    /// Token counters and what was charged to them.
-    tokens: Vec<(String, u64, u64)>,
+    /// Token and USD counters: key, kind, what was charged, seconds left in the window.
+    charged: Vec<(String, Kind, u64, u64)>,
 }
 
 impl std::fmt::Debug for Reservation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Reservation")
             .field("shared", &self.shared)
-            .field("token_counters", &self.tokens.len())
+            .field("counters", &self.charged.len())
             .finish()
     }
 }
 
 impl Reservation {
-    /// Replaces the up-front token charge with `used`. Never blocks: a shared store is updated in
-    /// the background.
+    /// Replaces the up-front token charge with `used`, keeping any USD charge as reserved.
     pub fn settle(self, used: u64) {
+        self.settle_cost(used, None);
+    }
+
+    /// Replaces the up-front charges with `used` tokens and `cost` (`None`: unknown, the USD
+    /// reservation stands). Never blocks: a shared store is updated in the background.
+    pub fn settle_cost(self, used: u64, cost: Option<Usd>) {
         // Clamped before any signed arithmetic: a huge figure must charge, never wrap to a refund.
         let used = signed(used.min(crate::llm::MAX_REPORTED_TOKENS));
+        let cost = cost.map(|c| signed(usd_units(c)));
         let deltas: Vec<(String, i64, u64)> = self
-            .tokens
+            .charged
             .iter()
-            .map(|(key, charged, ttl)| (key.clone(), used.saturating_sub(signed(*charged)), *ttl))
+            .filter_map(|(key, kind, charged, ttl)| {
+                let real = if *kind == Kind::Usd { cost? } else { used };
+                Some((key.clone(), real.saturating_sub(signed(*charged)), *ttl))
+            })
             .filter(|(_, delta, _)| *delta != 0)
             .collect();
         if deltas.is_empty() {
@@ -318,7 +409,7 @@ impl Limiter {
     }
 
     /// Counts one call (and `tokens` estimated tokens) against every limit of `route`. `Ok(None)`
-    /// when the route has no token budget to settle.
+    /// when the route has no token or USD budget to settle.
     pub async fn admit(
         self: &Arc<Self>,
         route: &RouteEntry,
@@ -336,13 +427,32 @@ impl Limiter {
         calls: u64,
         tokens: u64,
     ) -> Result<Option<Reservation>, RateLimited> {
+        self.admit_charge(
+            route,
+            consumer,
+            Charge {
+                calls,
+                tokens,
+                usd: None,
+            },
+        )
+        .await
+    }
+
+    /// Counts `charge` against every limit of `route`, all or nothing.
+    pub async fn admit_charge(
+        self: &Arc<Self>,
+        route: &RouteEntry,
+        consumer: &str,
+        charge: Charge,
+    ) -> Result<Option<Reservation>, RateLimited> {
         if route.limits.is_empty() {
             return Ok(None);
         }
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
-        let counters = counters(route, consumer, calls, tokens, now.as_secs());
+        let counters = counters(route, consumer, charge, now.as_secs());
         let (violated, used, shared) = self.count(&counters, now).await;
         let divisor = if shared {
             1
@@ -358,23 +468,24 @@ impl Limiter {
                     limit: c.kind.as_str(),
                 })
                 .inc();
-            return Err(rejection(&route.name, &counters, &used, i, divisor, now));
+            return Err(rejection(route, &counters, &used, i, divisor, now));
         }
-        let tokens: Vec<(String, u64, u64)> = counters
+        let charged: Vec<(String, Kind, u64, u64)> = counters
             .iter()
-            .filter(|c| c.kind == Kind::Tokens)
+            .filter(|c| c.kind != Kind::Calls)
             .map(|c| {
                 (
                     c.key.clone(),
+                    c.kind,
                     c.amount,
                     c.reset_at.saturating_sub(now.as_secs()).max(1),
                 )
             })
             .collect();
-        Ok((!tokens.is_empty()).then(|| Reservation {
+        Ok((!charged.is_empty()).then(|| Reservation {
             limiter: Arc::clone(self),
             shared,
-            tokens,
+            charged,
         }))
     }
 
@@ -441,17 +552,22 @@ fn store_reply(reply: &[i64], counters: usize) -> Option<(Option<usize>, Vec<u64
 }
 
 /// The counters a call touches, in the order of the Route's limits.
-fn counters(route: &RouteEntry, consumer: &str, calls: u64, tokens: u64, now: u64) -> Vec<Counter> {
+fn counters(route: &RouteEntry, consumer: &str, charge: Charge, now: u64) -> Vec<Counter> {
     let mut out = Vec::with_capacity(route.limits.len() * 2);
     for (i, limit) in route.limits.iter().enumerate() {
-        let period = period_secs(limit.renewal_period);
-        let window = now / period;
+        let (window, reset_at) = window(limit.renewal_period, now);
         let per_consumer = limit.key == LimitKey::Consumer;
         let who = if per_consumer { consumer } else { "*" };
         for (kind, max, amount) in [
-            (Kind::Calls, limit.calls, calls.max(1)),
+            (Kind::Calls, limit.calls, charge.calls.max(1)),
             // Never charge more than the whole budget, or a large max_tokens could never pass.
-            (Kind::Tokens, limit.tokens, tokens.max(1)),
+            (Kind::Tokens, limit.tokens, charge.tokens.max(1)),
+            // A price is known wherever a USD budget applies (reconcile sees to it).
+            (
+                Kind::Usd,
+                limit.usd.map(budget_units),
+                charge.usd.map_or(0, usd_units),
+            ),
         ] {
             let Some(max) = max else { continue };
             out.push(Counter {
@@ -463,7 +579,7 @@ fn counters(route: &RouteEntry, consumer: &str, calls: u64, tokens: u64, now: u6
                 kind,
                 limit: max,
                 amount: amount.min(max),
-                reset_at: (window + 1) * period,
+                reset_at,
                 period: limit.renewal_period,
                 per_consumer,
             });
@@ -473,7 +589,7 @@ fn counters(route: &RouteEntry, consumer: &str, calls: u64, tokens: u64, now: u6
 }
 
 fn rejection(
-    route: &str,
+    route: &RouteEntry,
     counters: &[Counter],
     used: &[u64],
     violated: usize,
@@ -501,17 +617,31 @@ fn rejection(
     };
     let c = &counters[violated];
     let s = state(violated);
-    RateLimited {
-        message: format!(
-            "rate limit exceeded for route {route}: {} {} per {}{}",
-            s.limit,
-            c.kind.as_str(),
-            period_word(c.period),
-            if c.per_consumer { " per consumer" } else { "" }
+    let per = format!(
+        "per {}{}",
+        period_word(c.period),
+        if c.per_consumer { " per consumer" } else { "" }
+    );
+    let message = match c.kind {
+        Kind::Usd => format!(
+            "USD budget exceeded for route {}: ${} {per}, resets {}",
+            route.qualified,
+            Usd(s.limit.saturating_mul(1000)).format(2),
+            utc_text(c.reset_at)
         ),
+        kind => format!(
+            "rate limit exceeded for route {}: {} {} {per}",
+            route.name,
+            s.limit,
+            kind.as_str(),
+        ),
+    };
+    RateLimited {
+        message,
         retry_after: s.reset.as_secs_f64().ceil().max(1.0) as u64,
         requests: pick(Kind::Calls),
         tokens: pick(Kind::Tokens),
+        usd: pick(Kind::Usd),
     }
 }
 
@@ -532,6 +662,7 @@ mod tests {
             renewal_period: RenewalPeriod::Day,
             calls,
             tokens,
+            usd: None,
             key,
         }
     }
@@ -639,6 +770,113 @@ mod tests {
         assert_eq!(store_reply(&[i64::MAX, 5, 7], 2), None);
         assert_eq!(store_reply(&[0, 5], 2), None);
         assert_eq!(store_reply(&[], 0), None);
+    }
+
+    #[test]
+    fn calendar_windows_are_aligned_in_utc() {
+        // 2026-11-30T09:00:00Z, a Monday.
+        let now = 1_796_029_200;
+        assert_eq!(utc_text(now), "2026-11-30T09:00:00Z");
+        let (_, end) = window(RenewalPeriod::Day, now);
+        assert_eq!(utc_text(end), "2026-12-01T00:00:00Z");
+        let (week, end) = window(RenewalPeriod::Week, now);
+        assert_eq!(utc_text(end), "2026-12-07T00:00:00Z");
+        // Sunday night is still the same ISO week; Monday 00:00 starts the next.
+        assert_eq!(window(RenewalPeriod::Week, end - 1).0, week);
+        assert_eq!(window(RenewalPeriod::Week, end).0, week + 1);
+        let (month, end) = window(RenewalPeriod::Month, now);
+        assert_eq!(utc_text(end), "2026-12-01T00:00:00Z");
+        let (next, end2) = window(RenewalPeriod::Month, end);
+        assert_eq!(next, month + 1);
+        assert_eq!(utc_text(end2), "2027-01-01T00:00:00Z");
+        // Leap February.
+        let feb = 1_709_251_199; // 2024-02-29T23:59:59Z
+        assert_eq!(utc_text(feb), "2024-02-29T23:59:59Z");
+        assert_eq!(
+            utc_text(window(RenewalPeriod::Month, feb).1),
+            "2024-03-01T00:00:00Z"
+        );
+        assert_eq!(utc_text(0), "1970-01-01T00:00:00Z");
+        assert_eq!(
+            utc_text(window(RenewalPeriod::Week, 0).1),
+            "1970-01-05T00:00:00Z"
+        );
+    }
+
+    fn usd_limit(dollars: f64) -> Limit {
+        Limit {
+            usd: Some(dollars),
+            ..limit(None, None, LimitKey::Route)
+        }
+    }
+
+    fn charge(cents: u64) -> Charge {
+        Charge {
+            calls: 1,
+            tokens: 1,
+            usd: Some(Usd(cents * 10_000_000_000)),
+        }
+    }
+
+    #[tokio::test]
+    async fn usd_budgets_reserve_settle_and_name_the_budget() {
+        let limiter = Arc::new(Limiter::local(Arc::new(Metrics::new()), 1));
+        let route = entry(vec![usd_limit(1.0)]);
+        // 100 calls reserving a cent each fit in a dollar, the 101st does not.
+        let mut held = Vec::new();
+        for _ in 0..100 {
+            held.push(
+                limiter
+                    .admit_charge(&route, "", charge(1))
+                    .await
+                    .unwrap()
+                    .unwrap(),
+            );
+        }
+        let refused = limiter
+            .admit_charge(&route, "", charge(1))
+            .await
+            .unwrap_err();
+        assert!(
+            refused
+                .message
+                .starts_with("USD budget exceeded for route ns/r: $1.00 per day, resets "),
+            "{}",
+            refused.message
+        );
+        assert!(
+            refused.message.ends_with("T00:00:00Z"),
+            "{}",
+            refused.message
+        );
+        let usd = refused.usd.unwrap();
+        assert_eq!((usd.limit, usd.remaining), (1_000_000_000, 0));
+        // Settling below the reservation frees the difference; unknown cost keeps the reservation.
+        held.pop().unwrap().settle_cost(0, Some(Usd(4_000_000_000)));
+        held.pop().unwrap().settle_cost(0, None);
+        let r = limiter
+            .admit_charge(&route, "", charge(0))
+            .await
+            .unwrap()
+            .unwrap();
+        r.settle_cost(0, Some(Usd(6_000_000_000)));
+        let refused = limiter
+            .admit_charge(
+                &route,
+                "",
+                Charge {
+                    usd: Some(Usd(1)),
+                    ..charge(0)
+                },
+            )
+            .await;
+        assert!(refused.is_err(), "exactly $1.00 spent");
+        // A reservation larger than the whole budget is charged the budget, not refused forever.
+        let fresh = entry(vec![Limit {
+            key: LimitKey::Consumer,
+            ..usd_limit(0.5)
+        }]);
+        assert!(limiter.admit_charge(&fresh, "x", charge(500)).await.is_ok());
     }
 
     #[test]

@@ -82,6 +82,9 @@ pub struct Backends {
     /// Sorted by priority, in spec order within one; only backends that resolved.
     pub list: Vec<Backend>,
     pub policy: TrafficPolicy,
+    /// The highest price of each kind among the backends (what a call reserves against a USD
+    /// budget before its backend is chosen); `None` when any backend's price is unknown.
+    pub max_price: Option<Price>,
 }
 
 /// One resolved backend, with everything the hot path needs computed once.

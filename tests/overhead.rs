@@ -36,6 +36,7 @@ fn route() -> RouteEntry {
         renewal_period: RenewalPeriod::Day,
         calls,
         tokens,
+        usd: None,
         key,
     };
     RouteEntry {

@@ -417,9 +417,10 @@ impl std::fmt::Display for Provider {
 /// One guardrail: a number of calls and/or tokens allowed per renewal period.
 #[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("has(self.calls) || has(self.tokens)").message("a limit needs calls, tokens or both"))]
+#[x_kube(validation = Rule::new("has(self.calls) || has(self.tokens) || has(self.usd)").message("a limit needs calls, tokens, usd or several of them"))]
 pub struct Limit {
-    /// The window after which the counts start again: second, minute, hour or day.
+    /// The window after which the counts start again: second, minute, hour, day, week or month
+    /// (fixed windows aligned in UTC: midnight, Monday 00:00, the 1st at 00:00).
     pub renewal_period: RenewalPeriod,
     /// Requests allowed per period.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -429,6 +430,10 @@ pub struct Limit {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub tokens: Option<u64>,
+    /// USD allowed per period (a budget) at the prices of the route's backends, up to $1,000,000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.000001, max = 1000000.0))]
+    pub usd: Option<f64>,
     /// What is counted: the route as a whole, or each consumer separately.
     #[serde(default)]
     pub key: LimitKey,
@@ -441,6 +446,8 @@ pub enum RenewalPeriod {
     Minute,
     Hour,
     Day,
+    Week,
+    Month,
 }
 
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]

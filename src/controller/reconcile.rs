@@ -395,10 +395,30 @@ fn resolve(
         );
     }
     list.sort_by_key(|b| b.priority);
+    // A budget in USD cannot be kept on a call of unknown cost.
+    if let Some(i) = spec.limits.iter().position(|l| l.usd.is_some())
+        && let Some(b) = list.iter().find(|b| b.price.is_none())
+    {
+        return (
+            RouteState::NotReady {
+                reason: Reason::InvalidSpec,
+                message: format!(
+                    "spec.limits[{i}].usd needs a price for every backend; {} has none in the built-in catalog: set spec.pricing",
+                    b.id
+                ),
+            },
+            statuses,
+        );
+    }
+    let max_price = list
+        .iter()
+        .map(|b| b.price)
+        .try_fold(crate::cost::Price::default(), |m, p| Some(m.max(p?)));
     (
         RouteState::Ready(Arc::new(Backends {
             list,
             policy: traffic,
+            max_price,
         })),
         statuses,
     )

@@ -345,6 +345,7 @@ mod tests {
             renewal_period: RenewalPeriod::Minute,
             calls: Some(10),
             tokens: None,
+            usd: None,
             key: LimitKey::Consumer,
         }];
         let t = Timestamp::from_second(10).unwrap();

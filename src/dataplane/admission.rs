@@ -2,9 +2,10 @@
 //! its limits. After it: settle the token charge to what was really used.
 
 use crate::access::{AuthError, Decision, DefaultAccess, Identity, decide};
-use crate::limits::Reservation;
+use crate::cost::Usd;
+use crate::limits::{Charge, Reservation};
 use crate::llm::{LlmRequest, Usage};
-use crate::table::RouteEntry;
+use crate::table::{RouteEntry, RouteState};
 use std::sync::Arc;
 
 use super::AppState;
@@ -20,20 +21,27 @@ pub struct Admission {
     reservation: Option<Reservation>,
     /// The prompt-size estimate, for streams that end before reporting usage.
     pub prompt_estimate: u64,
+    /// The tokens charged up front.
+    token_estimate: u64,
 }
 
 impl Admission {
-    pub fn settle(self, used: u64) {
+    /// Settles to `used` tokens and `cost` (`None`: unknown, the USD reservation stands).
+    pub fn settle(self, used: u64, cost: Option<Usd>) {
         if let Some(r) = self.reservation {
-            r.settle(used);
+            r.settle_cost(used, cost);
         }
     }
 
-    /// Settles with the reported usage, or keeps the up-front charge when none was reported.
-    pub fn settle_usage(self, usage: &Usage) {
-        if let Some(used) = used_tokens(usage) {
-            self.settle(used);
-        }
+    /// A call that was not answered: nothing used, nothing spent.
+    pub fn refund(self) {
+        self.settle(0, Some(Usd::ZERO));
+    }
+
+    /// Settles with the reported usage (the token estimate stands when none was reported).
+    pub fn settle_usage(self, usage: &Usage, cost: Option<Usd>) {
+        let used = used_tokens(usage).unwrap_or(self.token_estimate);
+        self.settle(used, cost);
     }
 }
 
@@ -142,22 +150,31 @@ pub async fn admit(
         return Ok(Admission {
             reservation: None,
             prompt_estimate,
+            token_estimate: 0,
         });
     }
     let consumer = caller.map(Identity::name).unwrap_or_default();
+    let completion = completion_estimate(request);
+    let token_estimate = prompt_estimate.saturating_add(completion);
+    // The most the call can cost on the dearest backend it may reach.
+    let usd = match &entry.state {
+        RouteState::Ready(b) => b.max_price.map(|p| p.max_cost(prompt_estimate, completion)),
+        RouteState::NotReady { .. } => None,
+    };
+    let charge = Charge {
+        calls,
+        tokens: token_estimate,
+        usd,
+    };
     let reservation = state
         .limits
-        .admit_calls(
-            entry,
-            &consumer,
-            calls,
-            prompt_estimate.saturating_add(completion_estimate(request)),
-        )
+        .admit_charge(entry, &consumer, charge)
         .await
         .map_err(|limited| GatewayError::RateLimited(Box::new(limited)))?;
     Ok(Admission {
         reservation,
         prompt_estimate,
+        token_estimate,
     })
 }
 

@@ -233,7 +233,11 @@ fn with_headers(mut response: Response, err: &GatewayError) -> Response {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         GatewayError::RateLimited(limited) => {
-            for (suffix, window) in [("requests", limited.requests), ("tokens", limited.tokens)] {
+            for (suffix, window) in [
+                ("requests", limited.requests),
+                ("tokens", limited.tokens),
+                ("usd", limited.usd),
+            ] {
                 let Some(WindowState {
                     limit,
                     remaining,
@@ -242,9 +246,14 @@ fn with_headers(mut response: Response, err: &GatewayError) -> Response {
                 else {
                     continue;
                 };
+                // USD budgets count nanodollars; their headers are in dollars.
+                let amount = |n: u64| match suffix {
+                    "usd" => crate::cost::Usd(n.saturating_mul(1000)).format(2),
+                    _ => n.to_string(),
+                };
                 for (name, value) in [
-                    ("limit", limit.to_string()),
-                    ("remaining", remaining.to_string()),
+                    ("limit", amount(limit)),
+                    ("remaining", amount(remaining)),
                     ("reset", reset_text(reset)),
                 ] {
                     if let (Ok(n), Ok(v)) = (
@@ -378,6 +387,11 @@ mod tests {
                 reset: std::time::Duration::from_secs(42),
             }),
             tokens: None,
+            usd: Some(WindowState {
+                limit: 1_000_000_000,
+                remaining: 5_000_000,
+                reset: std::time::Duration::from_secs(3600),
+            }),
         }));
         let response = OpenAiError(err).into_response();
         assert_eq!(response.status(), 429);
@@ -387,6 +401,9 @@ mod tests {
         assert_eq!(h["x-ratelimit-remaining-requests"], "0");
         assert_eq!(h["x-ratelimit-reset-requests"], "42s");
         assert!(h.get("x-ratelimit-limit-tokens").is_none());
+        assert_eq!(h["x-ratelimit-limit-usd"], "1.00");
+        assert_eq!(h["x-ratelimit-remaining-usd"], "0.005");
+        assert_eq!(h["x-ratelimit-reset-usd"], "1h0m0s");
         let mlflow = MlflowError(GatewayError::Unauthenticated).into_response();
         assert_eq!(mlflow.status(), 401);
         assert_eq!(mlflow.headers()["www-authenticate"], "Bearer");

@@ -274,12 +274,12 @@ pub async fn invoke(
                 tokens,
             );
             observe::note(|c| c.cost = Some(cost));
-            admission.settle_usage(usage);
+            admission.settle_usage(usage, cost.known());
         }
-        (Ok(_), None) => admission.settle(0),
+        (Ok(_), None) => admission.refund(),
         (Err(e), _) => {
             record_error(&state.metrics, &route.entry, e);
-            admission.settle(0);
+            admission.refund();
         }
     }
     result
@@ -478,7 +478,7 @@ pub async fn invoke_stream(
         Ok(o) => o,
         Err(e) => {
             record_error(&state.metrics, &route.entry, &e);
-            admission.settle(0);
+            admission.refund();
             return Err(e);
         }
     };
@@ -730,7 +730,7 @@ impl Drop for StreamObserver {
                 .as_ref()
                 .and_then(admission::used_tokens)
                 .unwrap_or(tokens.input.saturating_add(tokens.output));
-            admission.settle(used);
+            admission.settle(used, cost.known());
         }
         tracing::info!(
             route = %self.entry.name,

@@ -126,6 +126,7 @@ mod tests {
             renewal_period: period,
             calls,
             tokens,
+            usd: None,
             key: LimitKey::Route,
         };
         assert_eq!(limit_of(vec![]), Value::Null);

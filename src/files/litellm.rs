@@ -319,6 +319,7 @@ fn limits(rpm: Option<u64>, tpm: Option<u64>) -> Vec<Limit> {
         renewal_period: RenewalPeriod::Minute,
         calls,
         tokens,
+        usd: None,
         key: LimitKey::Route,
     };
     match (rpm, tpm) {

@@ -514,6 +514,7 @@ fn mlflow_limit(mut f: Fields, out: &mut Converted) -> Option<Limit> {
         renewal_period,
         calls: Some(calls),
         tokens: None,
+        usd: None,
         key: LimitKey::Route,
     })
 }
