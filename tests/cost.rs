@@ -270,3 +270,162 @@ fn calls_cost_what_the_provider_reported_at_the_catalog_or_overridden_price() {
     assert_eq!(spent(&gw, &pool), total);
     assert!(!gw.log().contains("sk-cost-upstream") && !gw.metrics().contains("sk-cost-upstream"));
 }
+
+/// A chat Route at exactly $0.01 per call asking for 10 tokens: input free, output $1000 per
+/// million, and the simulated provider answers exactly `max_tokens` words.
+const CENT_PER_CALL: &str = "  pricing:\n    inputPerMillion: 0\n    outputPerMillion: 1000\n";
+
+fn cent_call(route: &str) -> Value {
+    json!({"model": route, "max_tokens": 10, "messages": [{"role": "user", "content": "hello there"}]})
+}
+
+/// The values of the USD budget counters in the shared store, in nanodollars.
+fn redis_usd_counters(redis: &Redis, route: &str) -> Vec<u64> {
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &redis.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    cli(&[
+        "--scan",
+        "--pattern",
+        &format!("portcullis:{route}:*:usd:*"),
+    ])
+    .lines()
+    .filter(|k| !k.is_empty())
+    .map(|k| cli(&["GET", k]).trim().parse().unwrap())
+    .collect()
+}
+
+/// Midnight UTC after now, as the budget message writes it.
+fn next_midnight_utc() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    portcullis::limits::utc_text((now / 86_400 + 1) * 86_400)
+}
+
+#[test]
+fn a_usd_budget_holds_exactly_across_two_replicas_on_one_redis() {
+    let cp = ControlPlane::shared();
+    let sim = sim();
+    let redis = Redis::start();
+    let url = redis.url();
+    let flags = ["--limits-store", url.as_str(), "--replicas", "2"];
+    let a = Gateway::start(cp, &flags);
+    let b = Gateway::start(cp, &flags);
+    let ns = cp.namespace("cost-redis");
+    cp.apply(&secret_manifest(
+        &ns,
+        "openai",
+        "apiKey",
+        "sk-cost-upstream",
+    ));
+    let route = unique("dollar");
+    let budget = "  limits:\n    - renewalPeriod: day\n      usd: 1.00\n";
+    cp.apply(&priced_route(
+        &ns,
+        &route,
+        "llm/v1/chat",
+        &sim,
+        "house-model",
+        &format!("{CENT_PER_CALL}{budget}"),
+    ));
+    cp.wait_ready(&ns, &route);
+    let status = cp.json(&["get", "route", &route, "-n", &ns]);
+    assert_eq!(status["status"]["limits"][0]["usd"], 1.0, "{status}");
+
+    // 200 calls at once, half on each replica: exactly 100 cents fit in the dollar.
+    let results: Vec<(u16, Vec<(String, String)>, String)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..200)
+            .map(|i| {
+                let gw = if i % 2 == 0 { &a } else { &b };
+                let body = cent_call(&route);
+                s.spawn(move || post_full(&gw.url("/v1/chat/completions"), &body))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let answered: Vec<_> = results.iter().filter(|r| r.0 == 200).collect();
+    let refused: Vec<_> = results.iter().filter(|r| r.0 == 429).collect();
+    assert_eq!(
+        (answered.len(), refused.len()),
+        (100, 100),
+        "{:?}",
+        results.iter().map(|r| r.0).collect::<Vec<_>>()
+    );
+    for (_, headers, _) in &answered {
+        assert_eq!(header(headers, "x-portcullis-cost-usd"), Some("0.01"));
+    }
+    let message = format!(
+        "USD budget exceeded for route {ns}/{route}: $1.00 per day, resets {}",
+        next_midnight_utc()
+    );
+    for (_, headers, text) in &refused {
+        let body: Value = serde_json::from_str(text).unwrap();
+        assert_eq!(body["error"]["message"], message.as_str(), "{text}");
+        assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+        assert_eq!(header(headers, "x-ratelimit-limit-usd"), Some("1.00"));
+        assert_eq!(header(headers, "x-ratelimit-remaining-usd"), Some("0.00"));
+        let retry: u64 = header(headers, "retry-after").unwrap().parse().unwrap();
+        assert!((1..=86_400).contains(&retry), "{retry}");
+    }
+
+    // After settlement the spend is exact: a dollar in the store, a dollar in the metrics.
+    eventually(Duration::from_secs(5), || {
+        redis_usd_counters(&redis, &route) == vec![1_000_000_000]
+    })
+    .unwrap_or_else(|_| panic!("store: {:?}", redis_usd_counters(&redis, &route)));
+    assert_eq!(spent(&a, &route) + spent(&b, &route), 1_000_000_000_000);
+
+    // The MLflow surface refuses in its own shape with the same message.
+    let (code, _, text) = post_full(
+        &a.url(&format!("/gateway/{route}/invocations")),
+        &json!({"max_tokens": 10, "messages": [{"role": "user", "content": "hello there"}]}),
+    );
+    assert_eq!(code, 429, "{text}");
+    let body: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(body["detail"], message.as_str(), "{text}");
+}
+
+#[test]
+fn a_usd_budget_on_a_route_of_unknown_price_is_refused_in_status() {
+    let cp = ControlPlane::shared();
+    let sim = sim();
+    let ns = cp.namespace("cost-unpriced");
+    cp.apply(&secret_manifest(
+        &ns,
+        "openai",
+        "apiKey",
+        "sk-cost-upstream",
+    ));
+    let route = unique("unpriced-budget");
+    cp.apply(&priced_route(
+        &ns,
+        &route,
+        "llm/v1/chat",
+        &sim,
+        "house-model",
+        "  limits:\n    - renewalPeriod: month\n      usd: 5\n",
+    ));
+    let _gw = Gateway::start(cp, &[]);
+    cp.wait_reason(&ns, &route, "InvalidSpec");
+    let r = cp.json(&["get", "route", &route, "-n", &ns]);
+    let ready = r["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .unwrap();
+    assert!(
+        ready["message"]
+            .as_str()
+            .unwrap()
+            .contains("spec.limits[0].usd needs a price for every backend; openai/house-model"),
+        "{ready}"
+    );
+}
