@@ -340,7 +340,8 @@ fn a_usd_budget_holds_exactly_across_two_replicas_on_one_redis() {
     assert_eq!(status["status"]["limits"][0]["usd"], 1.0, "{status}");
 
     // 200 calls at once, half on each replica: exactly 100 cents fit in the dollar.
-    let results: Vec<(u16, Vec<(String, String)>, String)> = std::thread::scope(|s| {
+    type Answer = (u16, Vec<(String, String)>, String);
+    let results: Vec<Answer> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..200)
             .map(|i| {
                 let gw = if i % 2 == 0 { &a } else { &b };
