@@ -14,6 +14,7 @@ pub mod llm;
 pub mod providers;
 pub mod server;
 pub mod table;
+pub mod teams;
 pub mod telemetry;
 pub mod traffic;
 
@@ -21,6 +22,12 @@ pub mod traffic;
 pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
     use kube::CustomResourceExt;
     serde_yaml::to_string(&api::Route::crd())
+}
+
+/// The Team CRD manifest (`crds/team.yaml`).
+pub fn team_crd_yaml() -> Result<String, serde_yaml::Error> {
+    use kube::CustomResourceExt;
+    serde_yaml::to_string(&api::Team::crd())
 }
 
 #[cfg(test)]
@@ -34,6 +41,19 @@ mod tests {
             (
                 "deploy/base/crd.yaml",
                 include_str!("../deploy/base/crd.yaml"),
+            ),
+        ] {
+            assert!(
+                generated == checked_in,
+                "{path} is stale: run `make crds` and commit the result"
+            );
+        }
+        let generated = super::team_crd_yaml().unwrap();
+        for (path, checked_in) in [
+            ("crds/team.yaml", include_str!("../crds/team.yaml")),
+            (
+                "deploy/base/crd-team.yaml",
+                include_str!("../deploy/base/crd-team.yaml"),
             ),
         ] {
             assert!(

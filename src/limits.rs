@@ -17,9 +17,11 @@ use parking_lot::Mutex;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tracing::{debug, info, warn};
 
+use crate::api::Limit;
 use crate::api::{LimitKey, RenewalPeriod};
 use crate::cost::Usd;
 use crate::table::RouteEntry;
+use crate::teams::TeamEntry;
 use crate::telemetry::metrics::{LimitLabels, Metrics};
 
 /// Longest wait for the shared store before a request is counted locally instead.
@@ -140,9 +142,21 @@ pub fn utc_text(secs: u64) -> String {
     )
 }
 
+/// Whose limits a counter belongs to, as refusals name it.
+#[derive(Clone, Debug)]
+struct Scope {
+    /// `route` or `team`.
+    what: &'static str,
+    /// The route's served name or the team's name: rate-limit messages and store keys.
+    name: String,
+    /// The route's `namespace/name` or the team's name: budget messages.
+    full: String,
+}
+
 /// One counter a request touches.
 #[derive(Clone, Debug)]
 struct Counter {
+    scope: usize,
     key: String,
     kind: Kind,
     limit: u64,
@@ -446,13 +460,44 @@ impl Limiter {
         consumer: &str,
         charge: Charge,
     ) -> Result<Option<Reservation>, RateLimited> {
-        if route.limits.is_empty() {
+        self.admit_with_teams(route, &[], consumer, charge).await
+    }
+
+    /// Counts `charge` against every limit of `route` and of each of the caller's `teams`, all
+    /// or nothing (one store round trip for all of them).
+    pub async fn admit_with_teams(
+        self: &Arc<Self>,
+        route: &RouteEntry,
+        teams: &[Arc<TeamEntry>],
+        consumer: &str,
+        charge: Charge,
+    ) -> Result<Option<Reservation>, RateLimited> {
+        if route.limits.is_empty() && teams.iter().all(|t| t.limits.is_empty()) {
             return Ok(None);
         }
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
-        let counters = counters(route, consumer, charge, now.as_secs());
+        let mut scopes = Vec::with_capacity(1 + teams.len());
+        scopes.push((
+            Scope {
+                what: "route",
+                name: route.name.clone(),
+                full: route.qualified.clone(),
+            },
+            route.limits.as_slice(),
+        ));
+        for t in teams {
+            scopes.push((
+                Scope {
+                    what: "team",
+                    name: t.name.clone(),
+                    full: t.name.clone(),
+                },
+                t.limits.as_slice(),
+            ));
+        }
+        let counters = counters(&scopes, consumer, charge, now.as_secs());
         let (violated, used, shared) = self.count(&counters, now).await;
         let divisor = if shared {
             1
@@ -465,10 +510,22 @@ impl Limiter {
                 .rate_limited
                 .get_or_create(&LimitLabels {
                     route: route.name.clone(),
-                    limit: c.kind.as_str(),
+                    limit: match (c.scope, c.kind) {
+                        (0, kind) => kind.as_str(),
+                        (_, Kind::Calls) => "team-calls",
+                        (_, Kind::Tokens) => "team-tokens",
+                        (_, Kind::Usd) => "team-usd",
+                    },
                 })
                 .inc();
-            return Err(rejection(route, &counters, &used, i, divisor, now));
+            return Err(rejection(
+                &scopes[c.scope].0,
+                &counters,
+                &used,
+                i,
+                divisor,
+                now,
+            ));
         }
         let charged: Vec<(String, Kind, u64, u64)> = counters
             .iter()
@@ -552,9 +609,34 @@ fn store_reply(reply: &[i64], counters: usize) -> Option<(Option<usize>, Vec<u64
 }
 
 /// The counters a call touches, in the order of the Route's limits.
-fn counters(route: &RouteEntry, consumer: &str, charge: Charge, now: u64) -> Vec<Counter> {
-    let mut out = Vec::with_capacity(route.limits.len() * 2);
-    for (i, limit) in route.limits.iter().enumerate() {
+fn counters(
+    scopes: &[(Scope, &[Limit])],
+    consumer: &str,
+    charge: Charge,
+    now: u64,
+) -> Vec<Counter> {
+    let mut out = Vec::with_capacity(scopes.iter().map(|s| s.1.len()).sum::<usize>() * 2);
+    for (scope, (owner, limits)) in scopes.iter().enumerate() {
+        push_counters(&mut out, scope, owner, limits, consumer, charge, now);
+    }
+    out
+}
+
+fn push_counters(
+    out: &mut Vec<Counter>,
+    scope: usize,
+    owner: &Scope,
+    limits: &[Limit],
+    consumer: &str,
+    charge: Charge,
+    now: u64,
+) {
+    // Team keys cannot collide with route keys: a route's served name never contains ':'.
+    let prefix = match owner.what {
+        "team" => format!("portcullis:team:{}", owner.name),
+        _ => format!("portcullis:{}", owner.name),
+    };
+    for (i, limit) in limits.iter().enumerate() {
         let (window, reset_at) = window(limit.renewal_period, now);
         let per_consumer = limit.key == LimitKey::Consumer;
         let who = if per_consumer { consumer } else { "*" };
@@ -571,11 +653,8 @@ fn counters(route: &RouteEntry, consumer: &str, charge: Charge, now: u64) -> Vec
         ] {
             let Some(max) = max else { continue };
             out.push(Counter {
-                key: format!(
-                    "portcullis:{}:{i}:{}:{who}:{window}",
-                    route.name,
-                    kind.as_str()
-                ),
+                scope,
+                key: format!("{prefix}:{i}:{}:{who}:{window}", kind.as_str()),
                 kind,
                 limit: max,
                 amount: amount.min(max),
@@ -585,11 +664,10 @@ fn counters(route: &RouteEntry, consumer: &str, charge: Charge, now: u64) -> Vec
             });
         }
     }
-    out
 }
 
 fn rejection(
-    route: &RouteEntry,
+    owner: &Scope,
     counters: &[Counter],
     used: &[u64],
     violated: usize,
@@ -624,14 +702,16 @@ fn rejection(
     );
     let message = match c.kind {
         Kind::Usd => format!(
-            "USD budget exceeded for route {}: ${} {per}, resets {}",
-            route.qualified,
+            "USD budget exceeded for {} {}: ${} {per}, resets {}",
+            owner.what,
+            owner.full,
             Usd(s.limit.saturating_mul(1000)).format(2),
             utc_text(c.reset_at)
         ),
         kind => format!(
-            "rate limit exceeded for route {}: {} {} {per}",
-            route.name,
+            "rate limit exceeded for {} {}: {} {} {per}",
+            owner.what,
+            owner.name,
             s.limit,
             kind.as_str(),
         ),

@@ -38,8 +38,11 @@ enum Command {
     Serve(Box<files::serve::ServeArgs>),
     /// Print Route and Secret manifests converted from an MLflow gateway or LiteLLM proxy config.
     Import(files::import::ImportArgs),
-    /// Print the Route CRD as YAML.
-    Crd,
+    /// Print the Route CRD (or with `--team` the Team CRD) as YAML.
+    Crd {
+        #[arg(long)]
+        team: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -101,7 +104,11 @@ struct RunArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Crd => match portcullis::crd_yaml() {
+        Command::Crd { team } => match if team {
+            portcullis::team_crd_yaml()
+        } else {
+            portcullis::crd_yaml()
+        } {
             Ok(yaml) => {
                 print!("{yaml}");
                 ExitCode::SUCCESS

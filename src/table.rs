@@ -24,6 +24,8 @@ pub struct RoutingTable {
     by_name: HashMap<String, Arc<RouteEntry>>,
     /// Sorted by name, for listings and paging.
     sorted: Vec<Arc<RouteEntry>>,
+    /// Every Team, by member: their limits hold across all routes.
+    pub teams: Arc<crate::teams::Teams>,
 }
 
 /// A Route that owns its public name (it won any name conflict).
@@ -164,7 +166,11 @@ impl RoutingTable {
             by_name.insert(e.qualified.clone(), Arc::clone(e));
             by_name.insert(e.name.clone(), Arc::clone(e));
         }
-        RoutingTable { by_name, sorted }
+        RoutingTable {
+            by_name,
+            sorted,
+            teams: Arc::default(),
+        }
     }
 
     pub fn shared(self) -> SharedTable {

@@ -430,3 +430,157 @@ fn a_usd_budget_on_a_route_of_unknown_price_is_refused_in_status() {
         "{ready}"
     );
 }
+
+fn sa_token(cp: &ControlPlane, ns: &str, sa: &str) -> String {
+    cp.ok(&["create", "serviceaccount", sa, "-n", ns]);
+    cp.ok(&[
+        "create",
+        "token",
+        sa,
+        "-n",
+        ns,
+        "--audience",
+        "portcullis",
+        "--duration",
+        "10m",
+    ])
+    .trim()
+    .to_string()
+}
+
+fn call_as(gw: &Gateway, bearer: &str, route: &str) -> (u16, Value) {
+    let resp = client()
+        .post(gw.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {bearer}"))
+        .body(cent_call(route).to_string())
+        .send()
+        .expect("request");
+    let code = resp.status().as_u16();
+    (
+        code,
+        serde_json::from_str(&resp.text().unwrap_or_default()).unwrap_or(Value::Null),
+    )
+}
+
+#[test]
+fn team_budgets_hold_across_routes_and_members_and_each_team_binds() {
+    let cp = ControlPlane::shared();
+    let sim = sim();
+    let (ns, other) = (cp.namespace("team-a"), cp.namespace("team-b"));
+    cp.apply(&secret_manifest(
+        &ns,
+        "openai",
+        "apiKey",
+        "sk-team-upstream",
+    ));
+    let routes = [unique("t-one"), unique("t-two"), unique("t-three")];
+    for r in &routes {
+        cp.apply(&priced_route(
+            &ns,
+            r,
+            "llm/v1/chat",
+            &sim,
+            "house-model",
+            CENT_PER_CALL,
+        ));
+    }
+    let (alice, bob, carol) = (
+        sa_token(cp, &ns, "alice"),
+        sa_token(cp, &other, "bob"),
+        sa_token(cp, &ns, "carol"),
+    );
+    let (shared, tight, loose) = (unique("research"), unique("tight"), unique("loose"));
+    let team = |name: &str, members: &str, usd: &str, extra: &str| {
+        format!(
+            "apiVersion: portcullis.dev/v1alpha1\nkind: Team\nmetadata:\n  name: {name}\nspec:\n  members:\n{members}  limits:\n    - renewalPeriod: week\n      usd: {usd}\n{extra}"
+        )
+    };
+    cp.apply(&team(
+        &shared,
+        &format!("    - serviceAccount: {ns}/alice\n    - serviceAccount: {other}/bob\n"),
+        "0.05",
+        "",
+    ));
+    cp.apply(&team(
+        &tight,
+        &format!("    - serviceAccount: {ns}/carol\n"),
+        "0.02",
+        &format!("  routes: [{ns}/{}, {ns}/{}]\n", routes[0], routes[1]),
+    ));
+    cp.apply(&team(
+        &loose,
+        &format!("    - namespace: {ns}\n"),
+        "1.00",
+        "",
+    ));
+    // Started after the Teams exist: its first table (readiness waits for it) has them all.
+    let gw = Gateway::start(cp, &[]);
+    for r in &routes {
+        cp.wait_ready(&ns, r);
+    }
+    // The Teams' status lists what is enforced.
+    eventually(Duration::from_secs(15), || {
+        let t = cp.json(&["get", "team", &tight]);
+        t["status"]["limits"][0]["usd"] == 0.02
+            && t["status"]["routes"][0] == format!("{ns}/{}", routes[0]).as_str()
+    })
+    .unwrap_or_else(|_| panic!("{}", cp.json(&["get", "team", &tight])));
+
+    // Alice and Bob share $0.05 a week across the three routes: five cent-calls in all.
+    let week_end = {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        portcullis::limits::utc_text(
+            portcullis::limits::window(portcullis::api::RenewalPeriod::Week, now).1,
+        )
+    };
+    eventually(Duration::from_secs(10), || {
+        call_as(&gw, &alice, &routes[0]).0 == 200
+    })
+    .unwrap_or_else(|_| panic!("alice never got through:\n{}", gw.log()));
+    let mut answered = 1;
+    for i in 0..8 {
+        let (who, route) = if i % 2 == 0 {
+            (&bob, &routes[1])
+        } else {
+            (&alice, &routes[2])
+        };
+        let (code, body) = call_as(&gw, who, route);
+        match code {
+            200 => answered += 1,
+            429 => assert_eq!(
+                body["error"]["message"],
+                format!("USD budget exceeded for team {shared}: $0.05 per week, resets {week_end}")
+                    .as_str(),
+                "{body}"
+            ),
+            other => panic!("{other}: {body}"),
+        }
+    }
+    assert_eq!(
+        answered, 5,
+        "the shared budget admits exactly five cent-calls"
+    );
+
+    // Carol is in the tight team ($0.02) and, by namespace, the loose one ($1.00): the tight binds.
+    assert_eq!(call_as(&gw, &carol, &routes[0]).0, 200);
+    assert_eq!(call_as(&gw, &carol, &routes[1]).0, 200);
+    let (code, body) = call_as(&gw, &carol, &routes[0]);
+    assert_eq!(code, 429, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with(&format!(
+            "USD budget exceeded for team {tight}: $0.02 per week"
+        )),
+        "{message}"
+    );
+    // And the tight team lists its routes: the third is not among them.
+    let (code, body) = call_as(&gw, &carol, &routes[2]);
+    assert_eq!(code, 403, "{body}");
+    assert_eq!(body["error"]["code"], "route_not_in_team");
+    // Alice (in the loose team too) was refused by the shared team only; the loose one was not spent.
+    assert!(!gw.log().contains("sk-team-upstream"));
+}

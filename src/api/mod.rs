@@ -2,6 +2,7 @@
 
 mod conditions;
 mod route;
+mod team;
 
 pub use conditions::{Outcome, Reason, condition, ready_condition};
 pub use route::{
@@ -9,3 +10,4 @@ pub use route::{
     OutlierDetection, Pricing, Provider, RenewalPeriod, RetryOn, RetryPolicy, Route, RouteSpec,
     RouteStatus, RouteType, SecretKeyRef, parse_duration,
 };
+pub use team::{Team, TeamSpec, TeamStatus};

@@ -14,6 +14,7 @@ pub mod reconcile;
 pub mod replicas;
 mod secrets;
 pub mod status;
+pub mod teams;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -32,7 +33,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::api::Route;
+use crate::api::{Route, Team};
 use crate::table::SharedTable;
 use crate::telemetry::metrics::{Metrics, ResourceLabels};
 use backoff::RetryBackoff;
@@ -122,6 +123,33 @@ pub async fn run(
     // Metadata only: unrelated Secret contents never enter this process.
     let secrets: Api<PartialObjectMeta<Secret>> = api(&client, config.namespace.as_deref());
 
+    // Teams are optional: without their CRD (or the right to list them) the gateway serves Routes
+    // alone and says so.
+    let team_api: Api<Team> = Api::all(client.clone());
+    let teams_watched = match team_api.list(&ListParams::default().limit(1)).await {
+        Err(kube::Error::Api(s)) if matches!(s.code, 403 | 404) => {
+            warn!(
+                code = s.code,
+                "Teams cannot be listed (teams.portcullis.dev not installed, or not allowed); no Team limits apply"
+            );
+            false
+        }
+        _ => true,
+    };
+    let (team_store, team_writer) = reflector::store::<Team>();
+    let team_events = if teams_watched {
+        watcher(team_api, watcher::Config::default())
+            .backoff(RetryBackoff::new(
+                Duration::from_millis(250),
+                config.max_backoff,
+            ))
+            .modify(|t: &mut Team| t.managed_fields_mut().clear())
+            .reflect(team_writer)
+            .map(|e| (Source::Teams, e.map(Signal::from)))
+            .boxed()
+    } else {
+        futures::stream::pending().boxed()
+    };
     let (route_store, route_writer) = reflector::store::<Route>();
     let (secret_store, secret_writer) = reflector::store();
     let watch_backoff = || RetryBackoff::new(Duration::from_millis(250), config.max_backoff);
@@ -154,6 +182,14 @@ pub async fn run(
         leading.clone(),
         shutdown.clone(),
     ));
+    let (teams_tx, teams_rx) = watch::channel(());
+    let team_status = tokio::spawn(teams::run_writer(
+        client.clone(),
+        team_store.clone(),
+        teams_rx,
+        leading.clone(),
+        shutdown.clone(),
+    ));
     let writer = tokio::spawn(status::run_writer(
         client.clone(),
         route_store.clone(),
@@ -174,15 +210,22 @@ pub async fn run(
         outcomes: outcomes_tx,
         retry: RetryBackoff::new(Duration::from_millis(250), config.max_backoff),
         referenced: HashSet::new(),
+        team_store,
+        teams_watched,
+        teams_changed: teams_tx,
     };
     loop_state
         .run(
-            futures::stream::select(route_events, secret_events),
+            futures::stream::select(
+                futures::stream::select(route_events, secret_events),
+                team_events,
+            ),
             config.debounce,
             shutdown,
         )
         .await;
     let _ = writer.await;
+    let _ = team_status.await;
     let _ = alarms.await;
     let _ = api_keys.await;
     Ok(())
@@ -192,6 +235,7 @@ pub async fn run(
 enum Source {
     Routes,
     Secrets,
+    Teams,
 }
 
 enum Signal {
@@ -237,6 +281,11 @@ struct Loop {
     retry: RetryBackoff,
     /// The Secrets the Routes of the last rebuild reference (existing or not).
     referenced: HashSet<(String, String)>,
+    team_store: Store<Team>,
+    /// Whether Teams are watched (a rebuild then waits for their first sync too).
+    teams_watched: bool,
+    /// Nudges the Team status writer after a rebuild.
+    teams_changed: watch::Sender<()>,
 }
 
 use reconcile::RouteOutcome;
@@ -267,6 +316,7 @@ impl Loop {
     ) {
         let mut events = std::pin::pin!(events);
         let (mut routes_synced, mut secrets_synced) = (false, false);
+        let mut teams_synced = !self.teams_watched;
         let mut rebuild_at: Option<Instant> = None;
         loop {
             tokio::select! {
@@ -280,6 +330,7 @@ impl Loop {
                                 match source {
                                     Source::Routes => routes_synced = true,
                                     Source::Secrets => secrets_synced = true,
+                                    Source::Teams => teams_synced = true,
                                 }
                                 true
                             }
@@ -298,11 +349,11 @@ impl Loop {
                     }
                     Some((source, Err(e))) => {
                         warn!(?source, error = %e, "watch failed; reconnecting with backoff and serving the last good table");
-                        let resource = match source { Source::Routes => "routes", Source::Secrets => "secrets" };
+                        let resource = match source { Source::Routes => "routes", Source::Secrets => "secrets", Source::Teams => "teams" };
                         self.handles.metrics.watch_restarts.get_or_create(&ResourceLabels { resource }).inc();
                     }
                 },
-                _ = sleep_until(rebuild_at), if rebuild_at.is_some() && routes_synced && secrets_synced => {
+                _ = sleep_until(rebuild_at), if rebuild_at.is_some() && routes_synced && secrets_synced && teams_synced => {
                     rebuild_at = None;
                     if !self.rebuild().await {
                         rebuild_at = Some(Instant::now() + self.retry.next_delay());
@@ -346,6 +397,9 @@ impl Loop {
                 .filter(|o| o.outcome.is_ready())
                 .count(),
         );
+        let mut reconciled = reconciled;
+        reconciled.table.teams = Arc::new(teams::build(&self.team_store.state()));
+        self.teams_changed.send_replace(());
         let metrics = &self.handles.metrics;
         reconciled.record(metrics, started.elapsed());
         if !complete {
@@ -415,6 +469,9 @@ mod tests {
             retry: RetryBackoff::new(Duration::from_millis(10), Duration::from_millis(100)),
             referenced: HashSet::new(),
             policy: policy::OperatorPolicy::default(),
+            team_store: reflector::store::<Team>().0,
+            teams_watched: false,
+            teams_changed: watch::channel(()).0,
         }
     }
 

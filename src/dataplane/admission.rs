@@ -146,7 +146,22 @@ pub async fn admit(
     calls: u64,
 ) -> Result<Admission, GatewayError> {
     let prompt_estimate = prompt_estimate(request);
-    if entry.limits.is_empty() {
+    let teams = match caller {
+        Some(c) => state.table.load().teams.of(c),
+        None => Vec::new(),
+    };
+    // A team that lists its routes holds its members to them.
+    if let Some(team) = teams.iter().find(|t| {
+        t.routes
+            .as_ref()
+            .is_some_and(|r| !r.contains(&entry.qualified))
+    }) {
+        return Err(GatewayError::NotInTeamRoutes {
+            team: team.name.clone(),
+            route: entry.qualified.clone(),
+        });
+    }
+    if entry.limits.is_empty() && teams.iter().all(|t| t.limits.is_empty()) {
         return Ok(Admission {
             reservation: None,
             prompt_estimate,
@@ -168,7 +183,7 @@ pub async fn admit(
     };
     let reservation = state
         .limits
-        .admit_charge(entry, &consumer, charge)
+        .admit_with_teams(entry, &teams, &consumer, charge)
         .await
         .map_err(|limited| GatewayError::RateLimited(Box::new(limited)))?;
     Ok(Admission {

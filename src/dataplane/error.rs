@@ -78,6 +78,8 @@ pub enum GatewayError {
     AuthUnavailable,
     #[error("{}", .0.message)]
     RateLimited(Box<RateLimited>),
+    #[error("team {team} may not use route {route}: it is not among the team's routes")]
+    NotInTeamRoutes { team: String, route: String },
     #[error("the request body stopped arriving before it was complete")]
     BodyTimeout,
     #[error("the gateway is at its limit of requests in flight; retry shortly")]
@@ -131,6 +133,7 @@ impl GatewayError {
             GatewayError::Unauthenticated => StatusCode::UNAUTHORIZED,
             GatewayError::AuthUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::NotInTeamRoutes { .. } => StatusCode::FORBIDDEN,
             GatewayError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             GatewayError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -159,6 +162,7 @@ impl GatewayError {
             GatewayError::Unauthenticated => "unauthenticated",
             GatewayError::AuthUnavailable => "auth_unavailable",
             GatewayError::RateLimited(_) => "rate_limit_exceeded",
+            GatewayError::NotInTeamRoutes { .. } => "route_not_in_team",
             GatewayError::BodyTimeout => "request_timeout",
             GatewayError::Overloaded => "overloaded",
         }
