@@ -57,6 +57,11 @@ pub struct Charge {
     pub tokens: u64,
     /// The most the call can cost, settled to its real cost; `None` when its price is unknown.
     pub usd: Option<Usd>,
+    /// A stream, which a `truncate` budget admits with what is left of it (at least `usd_floor`)
+    /// and ends once that is spent.
+    pub stream: bool,
+    /// What the call costs before any output (its prompt).
+    pub usd_floor: Usd,
 }
 
 /// Nanodollars a budget counts for `usd`: rounded up, so rounding never lets spend through.
@@ -161,6 +166,10 @@ struct Counter {
     kind: Kind,
     limit: u64,
     amount: u64,
+    /// The least amount that admits the call: `amount`, or less for a truncating stream, which is
+    /// charged what is left when that is below `amount`.
+    min: u64,
+    truncate: bool,
     /// Unix seconds at which the window ends.
     reset_at: u64,
     period: RenewalPeriod,
@@ -193,6 +202,9 @@ pub struct Reservation {
     shared: bool,
     /// Token and USD counters: key, kind, what was charged, seconds left in the window.
     charged: Vec<(String, Kind, u64, u64)>,
+    /// For a stream under `truncate` budgets: the USD (nanodollars) it may spend before it is
+    /// ended, and the budget that sets it.
+    allowance: Option<(u64, String)>,
 }
 
 impl std::fmt::Debug for Reservation {
@@ -205,6 +217,13 @@ impl std::fmt::Debug for Reservation {
 }
 
 impl Reservation {
+    /// The USD a truncatable stream may spend, when a `truncate` budget applies.
+    pub fn allowance(&self) -> Option<(Usd, &str)> {
+        self.allowance
+            .as_ref()
+            .map(|(n, budget)| (Usd(n.saturating_mul(1000)), budget.as_str()))
+    }
+
     /// Replaces the up-front token charge with `used`, keeping any USD charge as reserved.
     pub fn settle(self, used: u64) {
         self.settle_cost(used, None);
@@ -259,7 +278,7 @@ struct LocalCounters {
 
 impl LocalCounters {
     /// Checks every counter against `limit(c)` and charges all of them only if all pass.
-    fn admit(&self, counters: &[Counter], now: u64, divisor: u64) -> (Option<usize>, Vec<u64>) {
+    fn admit(&self, counters: &[Counter], now: u64, divisor: u64) -> Counted {
         let mut counts = self.counts.lock();
         if counts.len() > 100_000 {
             counts.retain(|_, (_, reset_at)| *reset_at > now);
@@ -274,20 +293,31 @@ impl LocalCounters {
         let violated = counters
             .iter()
             .zip(&current)
-            .position(|(c, n)| n.saturating_add(c.amount) > local_limit(c.limit, divisor));
+            .position(|(c, n)| n.saturating_add(c.min) > local_limit(c.limit, divisor));
         if violated.is_some() {
-            return (violated, current);
+            return Counted {
+                violated,
+                used: current,
+                charged: Vec::new(),
+            };
         }
-        let after = counters
+        let (used, charged) = counters
             .iter()
             .zip(current)
             .map(|(c, n)| {
-                let after = n.saturating_add(c.amount);
+                let charge = c
+                    .amount
+                    .min(local_limit(c.limit, divisor).saturating_sub(n));
+                let after = n.saturating_add(charge);
                 counts.insert(c.key.clone(), (after, c.reset_at));
-                after
+                (after, charge)
             })
-            .collect();
-        (None, after)
+            .unzip();
+        Counted {
+            violated: None,
+            used,
+            charged,
+        }
     }
 
     fn settle(&self, deltas: &[(String, i64, u64)]) {
@@ -305,22 +335,36 @@ fn local_limit(limit: u64, divisor: u64) -> u64 {
     limit.div_ceil(divisor.max(1))
 }
 
+/// Per counter: limit, amount, least amount that admits, TTL. Replies `[0, count..., charged...]`
+/// when admitted, `[i, count...]` when counter i refuses.
 const ADMIT_SCRIPT: &str = r"
+local n = #KEYS
 local out = {0}
-for i = 1, #KEYS do
+for i = 1, n do
   local cur = tonumber(redis.call('GET', KEYS[i]) or '0')
   out[i + 1] = cur
-  if out[1] == 0 and cur + tonumber(ARGV[3 * i - 1]) > tonumber(ARGV[3 * i - 2]) then
+  if out[1] == 0 and cur + tonumber(ARGV[4 * i - 1]) > tonumber(ARGV[4 * i - 3]) then
     out[1] = i
   end
 end
 if out[1] ~= 0 then return out end
-for i = 1, #KEYS do
-  out[i + 1] = redis.call('INCRBY', KEYS[i], ARGV[3 * i - 1])
-  if redis.call('TTL', KEYS[i]) < 0 then redis.call('EXPIRE', KEYS[i], ARGV[3 * i]) end
+for i = 1, n do
+  local charge = math.min(tonumber(ARGV[4 * i - 2]), tonumber(ARGV[4 * i - 3]) - out[i + 1])
+  out[i + 1] = redis.call('INCRBY', KEYS[i], string.format('%d', charge))
+  out[n + i + 1] = charge
+  if redis.call('TTL', KEYS[i]) < 0 then redis.call('EXPIRE', KEYS[i], ARGV[4 * i]) end
 end
 return out
 ";
+
+/// What an admission found: the refusing counter if any, each counter's count, and (when
+/// admitted) what each was charged.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Counted {
+    violated: Option<usize>,
+    used: Vec<u64>,
+    charged: Vec<u64>,
+}
 
 const SETTLE_SCRIPT: &str = r"
 for i = 1, #KEYS do
@@ -346,6 +390,7 @@ impl SharedCounters {
             call.key(&c.key)
                 .arg(c.limit)
                 .arg(c.amount)
+                .arg(c.min)
                 .arg(c.reset_at.saturating_sub(now).max(1));
         }
         call.invoke_async(&mut self.conn.clone()).await
@@ -447,7 +492,7 @@ impl Limiter {
             Charge {
                 calls,
                 tokens,
-                usd: None,
+                ..Charge::default()
             },
         )
         .await
@@ -498,7 +543,14 @@ impl Limiter {
             ));
         }
         let counters = counters(&scopes, consumer, charge, now.as_secs());
-        let (violated, used, shared) = self.count(&counters, now).await;
+        let (
+            Counted {
+                violated,
+                used,
+                charged,
+            },
+            shared,
+        ) = self.count(&counters, now).await;
         let divisor = if shared {
             1
         } else {
@@ -527,14 +579,21 @@ impl Limiter {
                 now,
             ));
         }
+        let allowance = counters
+            .iter()
+            .zip(&charged)
+            .filter(|(c, _)| c.truncate)
+            .min_by_key(|(_, n)| **n)
+            .map(|(c, n)| (*n, budget_text(&scopes[c.scope].0, c)));
         let charged: Vec<(String, Kind, u64, u64)> = counters
             .iter()
-            .filter(|c| c.kind != Kind::Calls)
-            .map(|c| {
+            .zip(charged)
+            .filter(|(c, _)| c.kind != Kind::Calls)
+            .map(|(c, n)| {
                 (
                     c.key.clone(),
                     c.kind,
-                    c.amount,
+                    n,
                     c.reset_at.saturating_sub(now.as_secs()).max(1),
                 )
             })
@@ -543,11 +602,12 @@ impl Limiter {
             limiter: Arc::clone(self),
             shared,
             charged,
+            allowance,
         }))
     }
 
-    /// Returns the violated counter (if any), the counts, and whether the shared store answered.
-    async fn count(&self, counters: &[Counter], now: Duration) -> (Option<usize>, Vec<u64>, bool) {
+    /// Counts in the shared store, or locally when it does not answer; true when it answered.
+    async fn count(&self, counters: &[Counter], now: Duration) -> (Counted, bool) {
         if let Some(shared) = &self.shared
             && now.as_millis() as u64 >= shared.retry_at.load(Ordering::Relaxed)
         {
@@ -559,8 +619,8 @@ impl Limiter {
                             "the shared limits store answers again; limits are shared by all replicas"
                         );
                     }
-                    let (violated, used) = store_reply(&reply, counters.len()).unwrap_or_default();
-                    return (violated, used, true);
+                    let counted = store_reply(&reply, counters.len()).unwrap_or_default();
+                    return (counted, true);
                 }
                 outcome => {
                     let error = match outcome {
@@ -584,28 +644,35 @@ impl Limiter {
             }
         }
         let divisor = u64::from(self.replicas.load(Ordering::Relaxed));
-        let (violated, used) = self.local.admit(counters, now.as_secs(), divisor);
-        (violated, used, false)
+        (self.local.admit(counters, now.as_secs(), divisor), false)
     }
 }
 
-/// The admit script's reply, checked: `[violated (1-based, 0 for none), count per counter...]`.
-/// Anything else (wrong length, an index out of range) is `None`, as if the store had failed.
-fn store_reply(reply: &[i64], counters: usize) -> Option<(Option<usize>, Vec<u64>)> {
-    let (&first, counts) = reply.split_first()?;
-    if counts.len() != counters {
-        return None;
-    }
+/// The admit script's reply, checked: `[0, count..., charged...]` or `[violated (1-based),
+/// count...]`. Anything else (wrong length, an index out of range) is `None`, as if the store had
+/// failed.
+fn store_reply(reply: &[i64], counters: usize) -> Option<Counted> {
+    let (&first, rest) = reply.split_first()?;
     let violated = match usize::try_from(first).ok()? {
         0 => None,
         i if i <= counters => Some(i - 1),
         _ => return None,
     };
-    let used = counts
-        .iter()
-        .map(|n| u64::try_from(*n).unwrap_or(0))
-        .collect();
-    Some((violated, used))
+    let expected = if violated.is_some() {
+        counters
+    } else {
+        2 * counters
+    };
+    if rest.len() != expected {
+        return None;
+    }
+    let figures =
+        |s: &[i64]| -> Vec<u64> { s.iter().map(|n| u64::try_from(*n).unwrap_or(0)).collect() };
+    Some(Counted {
+        violated,
+        used: figures(&rest[..counters]),
+        charged: figures(&rest[counters..]),
+    })
 }
 
 /// The counters a call touches, in the order of the Route's limits.
@@ -652,18 +719,41 @@ fn push_counters(
             ),
         ] {
             let Some(max) = max else { continue };
+            let amount = amount.min(max);
+            let truncate = kind == Kind::Usd
+                && charge.stream
+                && limit.on_exceed == Some(crate::api::OnExceed::Truncate);
             out.push(Counter {
                 scope,
                 key: format!("{prefix}:{i}:{}:{who}:{window}", kind.as_str()),
                 kind,
                 limit: max,
-                amount: amount.min(max),
+                amount,
+                // A truncating stream starts while its prompt (at least a nanodollar) fits.
+                min: if truncate {
+                    usd_units(charge.usd_floor).clamp(1, amount.max(1))
+                } else {
+                    amount
+                },
+                truncate,
                 reset_at,
                 period: limit.renewal_period,
                 per_consumer,
             });
         }
     }
+}
+
+/// `route ns/name: $1.00 per day` (with ` per consumer` when keyed so).
+fn budget_text(owner: &Scope, c: &Counter) -> String {
+    format!(
+        "{} {}: ${} per {}{}",
+        owner.what,
+        owner.full,
+        Usd(c.limit.saturating_mul(1000)).format(2),
+        period_word(c.period),
+        if c.per_consumer { " per consumer" } else { "" }
+    )
 }
 
 fn rejection(
@@ -744,6 +834,7 @@ mod tests {
             tokens,
             usd: None,
             key,
+            on_exceed: None,
         }
     }
 
@@ -843,8 +934,23 @@ mod tests {
 
     #[test]
     fn store_replies_out_of_range_are_refused_not_trusted() {
-        assert_eq!(store_reply(&[0, 5, 7], 2), Some((None, vec![5, 7])));
-        assert_eq!(store_reply(&[2, 5, -7], 2), Some((Some(1), vec![5, 0])));
+        assert_eq!(
+            store_reply(&[0, 5, 7, 1, 2], 2),
+            Some(Counted {
+                violated: None,
+                used: vec![5, 7],
+                charged: vec![1, 2]
+            })
+        );
+        assert_eq!(
+            store_reply(&[2, 5, -7], 2),
+            Some(Counted {
+                violated: Some(1),
+                used: vec![5, 0],
+                charged: vec![]
+            })
+        );
+        assert_eq!(store_reply(&[0, 5, 7], 2), None, "admitted without charges");
         assert_eq!(store_reply(&[3, 5, 7], 2), None, "index past the counters");
         assert_eq!(store_reply(&[-1, 5, 7], 2), None);
         assert_eq!(store_reply(&[i64::MAX, 5, 7], 2), None);
@@ -895,6 +1001,7 @@ mod tests {
             calls: 1,
             tokens: 1,
             usd: Some(Usd(cents * 10_000_000_000)),
+            ..Charge::default()
         }
     }
 

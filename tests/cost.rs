@@ -584,3 +584,72 @@ fn team_budgets_hold_across_routes_and_members_and_each_team_binds() {
     // Alice (in the loose team too) was refused by the shared team only; the loose one was not spent.
     assert!(!gw.log().contains("sk-team-upstream"));
 }
+
+#[test]
+fn a_truncating_budget_ends_a_stream_at_the_chunk_that_would_cross_it() {
+    let cp = ControlPlane::shared();
+    let sim = sim();
+    let redis = Redis::start();
+    let url = redis.url();
+    let gw = Gateway::start(cp, &["--limits-store", url.as_str()]);
+    let ns = cp.namespace("cost-cut");
+    cp.apply(&secret_manifest(
+        &ns,
+        "openai",
+        "apiKey",
+        "sk-cost-upstream",
+    ));
+    let route = unique("truncating");
+    let budget = "  limits:\n    - renewalPeriod: day\n      usd: 0.01\n      onExceed: truncate\n";
+    cp.apply(&priced_route(
+        &ns,
+        &route,
+        "llm/v1/chat",
+        &sim,
+        "house-model",
+        &format!("{CENT_PER_CALL}{budget}"),
+    ));
+    cp.wait_ready(&ns, &route);
+    let stream = |route: &str| {
+        let body = json!({"model": route, "stream": true,
+            "messages": [{"role": "user", "content": "hello there"}]});
+        let (code, _, text) = post_full(&gw.url("/v1/chat/completions"), &body);
+        assert_eq!(code, 200, "{text}");
+        let chunks = sse_chunks(&text);
+        let words: String = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        (words, chunks.last().cloned().unwrap(), text)
+    };
+
+    // $0.01 buys 10 output tokens at four characters a token: "word1 " .. "word6 " are 36
+    // characters (9 tokens); "word7 " would make 42 (11 tokens), so the stream ends before it.
+    let (words, last, text) = stream(&route);
+    assert_eq!(words, "word1 word2 word3 word4 word5 word6 ", "{text}");
+    assert_eq!(last["error"]["code"], "budget_exceeded", "{text}");
+    let message = last["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("route {ns}/{route}: $0.01 per day")),
+        "{message}"
+    );
+    assert!(!text.contains("[DONE]"), "{text}");
+    // Charged what was sent: 9 tokens at $0.001.
+    eventually(Duration::from_secs(5), || {
+        spent(&gw, &route) == 9_000_000_000
+    })
+    .unwrap_or_else(|_| panic!("spent {}", spent(&gw, &route)));
+    eventually(Duration::from_secs(5), || {
+        redis_usd_counters(&redis, &route) == vec![9_000_000]
+    })
+    .unwrap_or_else(|_| panic!("store: {:?}", redis_usd_counters(&redis, &route)));
+
+    // What is left ($0.001) admits a stream that ends before its first word; a plain call that
+    // needs $0.01 is refused before it starts.
+    let (words, last, _) = stream(&route);
+    assert_eq!(words, "");
+    assert_eq!(last["error"]["code"], "budget_exceeded");
+    let (code, _, text) = post_full(&gw.url("/v1/chat/completions"), &cent_call(&route));
+    assert_eq!(code, 429, "{text}");
+    assert!(text.contains("USD budget exceeded for route"), "{text}");
+}

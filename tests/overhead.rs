@@ -37,6 +37,7 @@ fn route() -> RouteEntry {
         calls,
         tokens,
         usd: None,
+        on_exceed: None,
         key,
     };
     RouteEntry {

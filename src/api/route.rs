@@ -418,6 +418,7 @@ impl std::fmt::Display for Provider {
 #[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("has(self.calls) || has(self.tokens) || has(self.usd)").message("a limit needs calls, tokens, usd or several of them"))]
+#[x_kube(validation = Rule::new("!has(self.onExceed) || self.onExceed == 'reject' || has(self.usd)").message("onExceed: truncate applies to USD budgets (usd)"))]
 pub struct Limit {
     /// The window after which the counts start again: second, minute, hour, day, week or month
     /// (fixed windows aligned in UTC: midnight, Monday 00:00, the 1st at 00:00).
@@ -437,6 +438,19 @@ pub struct Limit {
     /// What is counted: the route as a whole, or each consumer separately.
     #[serde(default)]
     pub key: LimitKey,
+    /// USD budgets only, for streams: `reject` (default) refuses a call before it starts when its
+    /// reservation does not fit; `truncate` starts it with what is left and ends the stream
+    /// cleanly where its running cost would pass that, charging what was sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_exceed: Option<OnExceed>,
+}
+
+/// What a USD budget does to a stream that would cross it.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum OnExceed {
+    Reject,
+    Truncate,
 }
 
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -346,6 +346,7 @@ mod tests {
             calls: Some(10),
             tokens: None,
             usd: None,
+            on_exceed: None,
             key: LimitKey::Consumer,
         }];
         let t = Timestamp::from_second(10).unwrap();

@@ -33,6 +33,12 @@ impl Admission {
         }
     }
 
+    /// What a stream may spend before a `truncate` budget ends it, and that budget.
+    pub fn allowance(&self) -> Option<(Usd, String)> {
+        let (usd, budget) = self.reservation.as_ref()?.allowance()?;
+        Some((usd, budget.to_string()))
+    }
+
     /// A call that was not answered: nothing used, nothing spent.
     pub fn refund(self) {
         self.settle(0, Some(Usd::ZERO));
@@ -171,15 +177,30 @@ pub async fn admit(
     let consumer = caller.map(Identity::name).unwrap_or_default();
     let completion = completion_estimate(request);
     let token_estimate = prompt_estimate.saturating_add(completion);
-    // The most the call can cost on the dearest backend it may reach.
-    let usd = match &entry.state {
-        RouteState::Ready(b) => b.max_price.map(|p| p.max_cost(prompt_estimate, completion)),
+    let stream = request.stream().stream;
+    // The most the call can cost on the dearest backend it may reach. A stream that a truncating
+    // budget may end is reserved for more than the default estimate when it sets no max_tokens.
+    let price = match &entry.state {
+        RouteState::Ready(b) => b.max_price,
         RouteState::NotReady { .. } => None,
+    };
+    let truncatable = stream
+        && entry
+            .limits
+            .iter()
+            .chain(teams.iter().flat_map(|t| t.limits.iter()))
+            .any(|l| l.on_exceed == Some(crate::api::OnExceed::Truncate));
+    let reserve = if truncatable && !has_max_tokens(request) {
+        completion.max(TRUNCATABLE_COMPLETION_ESTIMATE)
+    } else {
+        completion
     };
     let charge = Charge {
         calls,
         tokens: token_estimate,
-        usd,
+        usd: price.map(|p| p.max_cost(prompt_estimate, reserve)),
+        stream,
+        usd_floor: price.map_or(Usd::ZERO, |p| p.max_cost(prompt_estimate, 0)),
     };
     let reservation = state
         .limits
@@ -191,6 +212,18 @@ pub async fn admit(
         prompt_estimate,
         token_estimate,
     })
+}
+
+/// Completion tokens reserved for a stream without `max_tokens` under a `truncate` budget (it is
+/// ended where the budget runs out, and settled to what it sent).
+const TRUNCATABLE_COMPLETION_ESTIMATE: u64 = 4096;
+
+fn has_max_tokens(request: &LlmRequest) -> bool {
+    match request {
+        LlmRequest::Chat(c) => c.params.max_tokens.is_some(),
+        LlmRequest::Completions(c) => c.params.max_tokens.is_some(),
+        LlmRequest::Embeddings(_) => true,
+    }
 }
 
 /// Roughly four characters per token, as OpenAI's rule of thumb has it.

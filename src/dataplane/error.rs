@@ -78,6 +78,10 @@ pub enum GatewayError {
     AuthUnavailable,
     #[error("{}", .0.message)]
     RateLimited(Box<RateLimited>),
+    #[error(
+        "the stream was ended here: going on would pass the USD budget {budget}, which left this call ${allowed}; it is charged what was sent"
+    )]
+    BudgetTruncated { budget: String, allowed: String },
     #[error("team {team} may not use route {route}: it is not among the team's routes")]
     NotInTeamRoutes { team: String, route: String },
     #[error("the request body stopped arriving before it was complete")]
@@ -134,6 +138,7 @@ impl GatewayError {
             GatewayError::AuthUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::NotInTeamRoutes { .. } => StatusCode::FORBIDDEN,
+            GatewayError::BudgetTruncated { .. } => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             GatewayError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -163,6 +168,7 @@ impl GatewayError {
             GatewayError::AuthUnavailable => "auth_unavailable",
             GatewayError::RateLimited(_) => "rate_limit_exceeded",
             GatewayError::NotInTeamRoutes { .. } => "route_not_in_team",
+            GatewayError::BudgetTruncated { .. } => "budget_exceeded",
             GatewayError::BodyTimeout => "request_timeout",
             GatewayError::Overloaded => "overloaded",
         }

@@ -482,7 +482,10 @@ pub async fn invoke_stream(
             return Err(e);
         }
     };
+    let allowance = admission.allowance();
     let observer = StreamObserver {
+        allowance,
+        truncated: false,
         metrics: Arc::clone(&state.metrics),
         entry: Arc::clone(&route.entry),
         consumer: observe::consumer(),
@@ -497,6 +500,14 @@ pub async fn invoke_stream(
         .chain(opened.rest)
         .filter(|item| futures::future::ready(!matches!(item, Ok(d) if d.is_empty())))
         .scan(observer, |observer, item| {
+            if observer.truncated {
+                // Ending here drops the upstream response, which cancels the provider's call.
+                return futures::future::ready(None);
+            }
+            if let Some(cut) = observer.over_budget(&item) {
+                observer.truncated = true;
+                return futures::future::ready(Some(Err(cut)));
+            }
             observer.see(&item);
             futures::future::ready(Some(item))
         });
@@ -667,9 +678,40 @@ struct StreamObserver {
     streamed_chars: usize,
     admission: Option<Admission>,
     priced: Priced,
+    /// What a `truncate` budget lets this stream spend, and that budget.
+    allowance: Option<(crate::cost::Usd, String)>,
+    /// Ended by its budget: charged what was sent, whatever usage arrives.
+    truncated: bool,
 }
 
 impl StreamObserver {
+    /// The final event when passing these deltas would take the stream's cost past its allowance.
+    fn over_budget(&self, item: &Result<Vec<StreamDelta>, GatewayError>) -> Option<GatewayError> {
+        let (Some((allowed, budget)), Ok(deltas), Some(price)) =
+            (self.allowance.as_ref(), item, self.priced.price)
+        else {
+            return None;
+        };
+        let text: usize = deltas
+            .iter()
+            .filter_map(|d| d.text.as_ref())
+            .map(String::len)
+            .sum();
+        if text == 0 {
+            return None;
+        }
+        let prompt = self.admission.as_ref().map_or(0, |a| a.prompt_estimate);
+        let running = price.cost(Tokens {
+            input: prompt,
+            cached: 0,
+            output: admission::tokens_for_chars(self.streamed_chars + text),
+        });
+        (running > *allowed).then(|| GatewayError::BudgetTruncated {
+            budget: budget.clone(),
+            allowed: allowed.format(2),
+        })
+    }
+
     fn see(&mut self, item: &Result<Vec<StreamDelta>, GatewayError>) {
         match item {
             Ok(deltas) => {
@@ -711,6 +753,7 @@ impl Drop for StreamObserver {
         let tokens = self
             .usage
             .as_ref()
+            .filter(|_| !self.truncated)
             .and_then(Tokens::from_usage)
             .unwrap_or(Tokens {
                 input: prompt_estimate,
@@ -728,6 +771,7 @@ impl Drop for StreamObserver {
             let used = self
                 .usage
                 .as_ref()
+                .filter(|_| !self.truncated)
                 .and_then(admission::used_tokens)
                 .unwrap_or(tokens.input.saturating_add(tokens.output));
             admission.settle(used, cost.known());

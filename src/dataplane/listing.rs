@@ -127,6 +127,7 @@ mod tests {
             calls,
             tokens,
             usd: None,
+            on_exceed: None,
             key: LimitKey::Route,
         };
         assert_eq!(limit_of(vec![]), Value::Null);

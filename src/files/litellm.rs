@@ -320,6 +320,7 @@ fn limits(rpm: Option<u64>, tpm: Option<u64>) -> Vec<Limit> {
         calls,
         tokens,
         usd: None,
+        on_exceed: None,
         key: LimitKey::Route,
     };
     match (rpm, tpm) {

@@ -515,6 +515,7 @@ fn mlflow_limit(mut f: Fields, out: &mut Converted) -> Option<Limit> {
         calls: Some(calls),
         tokens: None,
         usd: None,
+        on_exceed: None,
         key: LimitKey::Route,
     })
 }
