@@ -156,7 +156,23 @@ struct Scope {
     name: String,
     /// The route's `namespace/name` or the team's name: budget messages.
     full: String,
+    /// The Route's namespace (a Team has none): where its alert Events go.
+    namespace: Option<String>,
 }
+
+/// A limit with `action: alert` crossed 80% or 100% of itself: told once per window.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LimitAlert {
+    /// `Route` or `Team`.
+    pub kind: &'static str,
+    pub namespace: Option<String>,
+    pub name: String,
+    pub percent: u64,
+    pub message: String,
+}
+
+/// Alerts waiting for the controller to publish them (bounded: a stuck publisher drops the oldest).
+const MAX_PENDING_ALERTS: usize = 1000;
 
 /// One counter a request touches.
 #[derive(Clone, Debug)]
@@ -170,6 +186,8 @@ struct Counter {
     /// charged what is left when that is below `amount`.
     min: u64,
     truncate: bool,
+    /// `action: alert`: counted, never refusing.
+    alert: bool,
     /// Unix seconds at which the window ends.
     reset_at: u64,
     period: RenewalPeriod,
@@ -274,6 +292,8 @@ fn signed(n: u64) -> i64 {
 #[derive(Default)]
 struct LocalCounters {
     counts: Mutex<HashMap<String, (u64, u64)>>,
+    /// Alerts already told this window: key -> the window's end.
+    told: Mutex<HashMap<String, u64>>,
 }
 
 impl LocalCounters {
@@ -293,7 +313,7 @@ impl LocalCounters {
         let violated = counters
             .iter()
             .zip(&current)
-            .position(|(c, n)| n.saturating_add(c.min) > local_limit(c.limit, divisor));
+            .position(|(c, n)| n.saturating_add(c.min) > c.enforced(divisor));
         if violated.is_some() {
             return Counted {
                 violated,
@@ -305,9 +325,7 @@ impl LocalCounters {
             .iter()
             .zip(current)
             .map(|(c, n)| {
-                let charge = c
-                    .amount
-                    .min(local_limit(c.limit, divisor).saturating_sub(n));
+                let charge = c.amount.min(c.enforced(divisor).saturating_sub(n));
                 let after = n.saturating_add(charge);
                 counts.insert(c.key.clone(), (after, c.reset_at));
                 (after, charge)
@@ -320,12 +338,39 @@ impl LocalCounters {
         }
     }
 
+    /// True the first time `key` is told in a window that ends at `reset_at`.
+    fn first_alert(&self, key: &str, reset_at: u64, now: u64) -> bool {
+        let mut told = self.told.lock();
+        if told.len() > 10_000 {
+            told.retain(|_, end| *end > now);
+        }
+        match told.get(key) {
+            Some(end) if *end > now => false,
+            _ => {
+                told.insert(key.to_string(), reset_at);
+                true
+            }
+        }
+    }
+
     fn settle(&self, deltas: &[(String, i64, u64)]) {
         let mut counts = self.counts.lock();
         for (key, delta, _) in deltas {
             if let Some((n, _)) = counts.get_mut(key) {
                 *n = n.saturating_add_signed(*delta);
             }
+        }
+    }
+}
+
+impl Counter {
+    /// The count past which this counter refuses: its share of the limit, or never for an alert.
+    fn enforced(&self, divisor: u64) -> u64 {
+        if self.alert {
+            // Within Redis's signed 64 bits.
+            i64::MAX as u64
+        } else {
+            local_limit(self.limit, divisor)
         }
     }
 }
@@ -388,7 +433,7 @@ impl SharedCounters {
         let mut call = self.admit.prepare_invoke();
         for c in counters {
             call.key(&c.key)
-                .arg(c.limit)
+                .arg(c.enforced(1))
                 .arg(c.amount)
                 .arg(c.min)
                 .arg(c.reset_at.saturating_sub(now).max(1));
@@ -420,6 +465,7 @@ pub struct Limiter {
     /// How many replicas share a limit when each counts alone.
     replicas: AtomicU32,
     metrics: Arc<Metrics>,
+    alerts: Mutex<std::collections::VecDeque<LimitAlert>>,
 }
 
 impl Limiter {
@@ -430,6 +476,7 @@ impl Limiter {
             shared: None,
             replicas: AtomicU32::new(replicas.max(1)),
             metrics,
+            alerts: Mutex::default(),
         }
     }
 
@@ -461,6 +508,116 @@ impl Limiter {
             falling_back: AtomicBool::new(false),
         }));
         Ok(limiter)
+    }
+
+    /// The alerts crossed since the last call, for the controller to publish as Events.
+    pub fn take_alerts(&self) -> Vec<LimitAlert> {
+        self.alerts.lock().drain(..).collect()
+    }
+
+    fn tell(&self, alert: LimitAlert) {
+        warn!(
+            kind = alert.kind,
+            namespace = alert.namespace.as_deref().unwrap_or_default(),
+            name = %alert.name,
+            percent = alert.percent,
+            message = %alert.message,
+            "limit alert"
+        );
+        self.metrics
+            .cost
+            .alerts
+            .get_or_create(&crate::telemetry::metrics::AlertLabels {
+                kind: alert.kind,
+                name: match &alert.namespace {
+                    Some(ns) => format!("{ns}/{}", alert.name),
+                    None => alert.name.clone(),
+                },
+                percent: alert.percent,
+            })
+            .inc();
+        let mut pending = self.alerts.lock();
+        if pending.len() >= MAX_PENDING_ALERTS {
+            pending.pop_front();
+        }
+        pending.push_back(alert);
+    }
+
+    /// Alert counters whose admission crossed 80% or 100%: each crossing is told once per window
+    /// across replicas (a marker set only if absent in the shared store, or in this process).
+    fn check_alerts(
+        self: &Arc<Self>,
+        scopes: &[(Scope, &[Limit])],
+        counters: &[Counter],
+        counted: (&[u64], &[u64]),
+        shared: bool,
+        now: u64,
+    ) {
+        let divisor = if shared {
+            1
+        } else {
+            u64::from(self.replicas.load(Ordering::Relaxed))
+        };
+        for (c, (&after, &charge)) in counters
+            .iter()
+            .zip(counted.0.iter().zip(counted.1))
+            .filter(|(c, _)| c.alert)
+        {
+            let limit = local_limit(c.limit, divisor);
+            let before = after.saturating_sub(charge);
+            for percent in [80u64, 100] {
+                let threshold = limit.saturating_mul(percent).div_ceil(100);
+                if !(before < threshold && after >= threshold) {
+                    continue;
+                }
+                let owner = &scopes[c.scope].0;
+                let alert = LimitAlert {
+                    kind: if owner.what == "team" {
+                        "Team"
+                    } else {
+                        "Route"
+                    },
+                    namespace: owner.namespace.clone(),
+                    name: owner
+                        .full
+                        .rsplit('/')
+                        .next()
+                        .unwrap_or_default()
+                        .to_string(),
+                    percent,
+                    message: format!(
+                        "{} reached {percent}% (window ends {}); alert only, calls are not refused",
+                        limit_text(owner, c),
+                        utc_text(c.reset_at)
+                    ),
+                };
+                let marker = format!("{}:alert{percent}", c.key);
+                let ttl = c.reset_at.saturating_sub(now).max(1);
+                match (&self.shared, shared) {
+                    (Some(store), true) => {
+                        let (store, limiter) = (Arc::clone(store), Arc::clone(self));
+                        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                            runtime.spawn(async move {
+                                let mut cmd = redis::cmd("SET");
+                                cmd.arg(&marker).arg(1).arg("NX").arg("EX").arg(ttl);
+                                let mut conn = store.conn.clone();
+                                let set = cmd.query_async::<Option<String>>(&mut conn);
+                                if let Ok(Ok(Some(_))) =
+                                    tokio::time::timeout(STORE_TIMEOUT, set).await
+                                {
+                                    limiter.tell(alert);
+                                }
+                            });
+                        }
+                    }
+                    _ => {
+                        if self.local.first_alert(&marker, c.reset_at, now) {
+                            self.tell(alert);
+                        }
+                    }
+                }
+            }
+        }
     }
 
     pub fn set_replicas(&self, replicas: u32) {
@@ -529,6 +686,7 @@ impl Limiter {
                 what: "route",
                 name: route.name.clone(),
                 full: route.qualified.clone(),
+                namespace: Some(route.namespace.clone()),
             },
             route.limits.as_slice(),
         ));
@@ -538,6 +696,7 @@ impl Limiter {
                     what: "team",
                     name: t.name.clone(),
                     full: t.name.clone(),
+                    namespace: None,
                 },
                 t.limits.as_slice(),
             ));
@@ -579,12 +738,13 @@ impl Limiter {
                 now,
             ));
         }
+        self.check_alerts(&scopes, &counters, (&used, &charged), shared, now.as_secs());
         let allowance = counters
             .iter()
             .zip(&charged)
             .filter(|(c, _)| c.truncate)
             .min_by_key(|(_, n)| **n)
-            .map(|(c, n)| (*n, budget_text(&scopes[c.scope].0, c)));
+            .map(|(c, n)| (*n, limit_text(&scopes[c.scope].0, c)));
         let charged: Vec<(String, Kind, u64, u64)> = counters
             .iter()
             .zip(charged)
@@ -720,7 +880,9 @@ fn push_counters(
         ] {
             let Some(max) = max else { continue };
             let amount = amount.min(max);
-            let truncate = kind == Kind::Usd
+            let alert = limit.action == Some(crate::api::LimitAction::Alert);
+            let truncate = !alert
+                && kind == Kind::Usd
                 && charge.stream
                 && limit.on_exceed == Some(crate::api::OnExceed::Truncate);
             out.push(Counter {
@@ -736,6 +898,7 @@ fn push_counters(
                     amount
                 },
                 truncate,
+                alert,
                 reset_at,
                 period: limit.renewal_period,
                 per_consumer,
@@ -744,13 +907,16 @@ fn push_counters(
     }
 }
 
-/// `route ns/name: $1.00 per day` (with ` per consumer` when keyed so).
-fn budget_text(owner: &Scope, c: &Counter) -> String {
+/// `route ns/name: $1.00 per day`, `team t: 100 calls per hour per consumer`.
+fn limit_text(owner: &Scope, c: &Counter) -> String {
+    let amount = match c.kind {
+        Kind::Usd => format!("${}", Usd(c.limit.saturating_mul(1000)).format(2)),
+        kind => format!("{} {}", c.limit, kind.as_str()),
+    };
     format!(
-        "{} {}: ${} per {}{}",
+        "{} {}: {amount} per {}{}",
         owner.what,
         owner.full,
-        Usd(c.limit.saturating_mul(1000)).format(2),
         period_word(c.period),
         if c.per_consumer { " per consumer" } else { "" }
     )
@@ -779,7 +945,7 @@ fn rejection(
             return Some(state(violated));
         }
         (0..counters.len())
-            .filter(|i| counters[*i].kind == kind)
+            .filter(|i| counters[*i].kind == kind && !counters[*i].alert)
             .map(state)
             .min_by_key(|s| s.remaining)
     };
@@ -835,6 +1001,7 @@ mod tests {
             usd: None,
             key,
             on_exceed: None,
+            action: None,
         }
     }
 
@@ -1064,6 +1231,39 @@ mod tests {
             ..usd_limit(0.5)
         }]);
         assert!(limiter.admit_charge(&fresh, "x", charge(500)).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn alert_limits_never_refuse_and_tell_each_crossing_once() {
+        let limiter = Arc::new(Limiter::local(Arc::new(Metrics::new()), 1));
+        let route = entry(vec![Limit {
+            action: Some(crate::api::LimitAction::Alert),
+            ..usd_limit(0.05)
+        }]);
+        for _ in 0..10 {
+            let r = limiter
+                .admit_charge(&route, "", charge(1))
+                .await
+                .unwrap()
+                .unwrap();
+            r.settle_cost(0, Some(Usd(10_000_000_000)));
+        }
+        let alerts = limiter.take_alerts();
+        assert_eq!(
+            alerts.iter().map(|a| a.percent).collect::<Vec<_>>(),
+            [80, 100],
+            "{alerts:?}"
+        );
+        assert_eq!(alerts[0].kind, "Route");
+        assert_eq!(alerts[0].namespace.as_deref(), Some("ns"));
+        assert!(
+            alerts[1]
+                .message
+                .starts_with("route ns/r: $0.05 per day reached 100%"),
+            "{}",
+            alerts[1].message
+        );
+        assert!(limiter.take_alerts().is_empty());
     }
 
     #[test]

@@ -270,6 +270,7 @@ async fn run(args: RunArgs) -> Result<(), StartError> {
                     ready: handles.ready,
                     metrics: handles.metrics,
                     api_keys: handles.api_keys,
+                    limits: Some(handles.limits),
                 },
                 stop,
             )

@@ -653,3 +653,87 @@ fn a_truncating_budget_ends_a_stream_at_the_chunk_that_would_cross_it() {
     assert_eq!(code, 429, "{text}");
     assert!(text.contains("USD budget exceeded for route"), "{text}");
 }
+
+#[test]
+fn alert_budgets_never_refuse_and_emit_one_event_at_80_and_one_at_100_percent() {
+    let cp = ControlPlane::shared();
+    let sim = sim();
+    let redis = Redis::start();
+    let url = redis.url();
+    let flags = ["--limits-store", url.as_str(), "--replicas", "2"];
+    let (a, b) = (Gateway::start(cp, &flags), Gateway::start(cp, &flags));
+    let ns = cp.namespace("cost-alert");
+    cp.apply(&secret_manifest(
+        &ns,
+        "openai",
+        "apiKey",
+        "sk-cost-upstream",
+    ));
+    let route = unique("watched");
+    let budget = "  limits:\n    - renewalPeriod: month\n      usd: 0.05\n      action: alert\n";
+    cp.apply(&priced_route(
+        &ns,
+        &route,
+        "llm/v1/chat",
+        &sim,
+        "house-model",
+        &format!("{CENT_PER_CALL}{budget}"),
+    ));
+    cp.wait_ready(&ns, &route);
+    // Twice the budget, over both replicas: never refused.
+    for i in 0..10 {
+        let gw = if i % 2 == 0 { &a } else { &b };
+        let (code, _, text) = post_full(&gw.url("/v1/chat/completions"), &cent_call(&route));
+        assert_eq!(code, 200, "{text}");
+    }
+    let events = || -> Vec<(String, String)> {
+        cp.json(&["get", "events", "-n", &ns])["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["involvedObject"]["name"] == route.as_str())
+            .filter(|e| {
+                e["reason"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .starts_with("Limit")
+            })
+            .map(|e| {
+                (
+                    e["reason"].as_str().unwrap_or_default().to_string(),
+                    e["message"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect()
+    };
+    eventually(Duration::from_secs(15), || events().len() >= 2)
+        .unwrap_or_else(|_| panic!("events: {:?}", events()));
+    // Given time for any duplicate to show, exactly one of each.
+    std::thread::sleep(Duration::from_secs(2));
+    let mut seen = events();
+    seen.sort();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(seen[0].0, "LimitNearlyReached");
+    assert!(
+        seen[0]
+            .1
+            .starts_with(&format!("route {ns}/{route}: $0.05 per month reached 80%")),
+        "{seen:?}"
+    );
+    assert_eq!(seen[1].0, "LimitReached");
+    assert!(seen[1].1.contains("reached 100%"), "{seen:?}");
+    // The metric and the log line, from whichever replica saw each crossing.
+    let alerts = |gw: &Gateway| -> f64 {
+        gw.metrics()
+            .lines()
+            .filter(|l| l.starts_with("portcullis_limit_alerts_total{") && l.contains(&route))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(alerts(&a) + alerts(&b), 2.0);
+    let logged = [&a, &b]
+        .iter()
+        .map(|gw| gw.log().matches("limit alert").count())
+        .sum::<usize>();
+    assert_eq!(logged, 2);
+}

@@ -38,6 +38,7 @@ fn route() -> RouteEntry {
         tokens,
         usd: None,
         on_exceed: None,
+        action: None,
         key,
     };
     RouteEntry {

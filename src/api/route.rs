@@ -443,6 +443,19 @@ pub struct Limit {
     /// cleanly where its running cost would pass that, charging what was sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_exceed: Option<OnExceed>,
+    /// `reject` (default) refuses calls past the limit; `alert` never refuses: crossing 80% and
+    /// 100% of it is told once per window (a Kubernetes Event on the Route or Team, the
+    /// `portcullis_limit_alerts_total` metric and a log line).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<LimitAction>,
+}
+
+/// What a limit does when reached.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitAction {
+    Reject,
+    Alert,
 }
 
 /// What a USD budget does to a stream that would cross it.

@@ -76,6 +76,8 @@ pub struct ControllerHandles {
     pub metrics: Arc<Metrics>,
     /// Published digests of the API-key consumers' keys.
     pub api_keys: crate::access::SharedApiKeys,
+    /// The limiter whose `action: alert` crossings are published as Events.
+    pub limits: Option<Arc<crate::limits::Limiter>>,
 }
 
 fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
@@ -176,6 +178,13 @@ pub async fn run(
         },
     );
     let leading = leader::elect(client.clone(), config.leader.clone(), shutdown.clone()).await;
+    let limit_alerts = handles.limits.clone().map(|limiter| {
+        tokio::spawn(alarms::run_limit_alerts(
+            limiter,
+            recorder.clone(),
+            shutdown.clone(),
+        ))
+    });
     let alarms = tokio::spawn(alarms::run(
         handles.table.clone(),
         recorder.clone(),
@@ -226,6 +235,9 @@ pub async fn run(
         .await;
     let _ = writer.await;
     let _ = team_status.await;
+    if let Some(task) = limit_alerts {
+        let _ = task.await;
+    }
     let _ = alarms.await;
     let _ = api_keys.await;
     Ok(())
@@ -459,6 +471,7 @@ mod tests {
                 ready: ready.clone(),
                 metrics: Arc::new(Metrics::new()),
                 api_keys: Default::default(),
+                limits: None,
             },
             gate: Arc::new(ReadyGate {
                 table: AtomicBool::new(false),

@@ -347,6 +347,7 @@ mod tests {
             tokens: None,
             usd: None,
             on_exceed: None,
+            action: None,
             key: LimitKey::Consumer,
         }];
         let t = Timestamp::from_second(10).unwrap();

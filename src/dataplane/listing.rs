@@ -128,6 +128,7 @@ mod tests {
             tokens,
             usd: None,
             on_exceed: None,
+            action: None,
             key: LimitKey::Route,
         };
         assert_eq!(limit_of(vec![]), Value::Null);

@@ -321,6 +321,7 @@ fn limits(rpm: Option<u64>, tpm: Option<u64>) -> Vec<Limit> {
         tokens,
         usd: None,
         on_exceed: None,
+        action: None,
         key: LimitKey::Route,
     };
     match (rpm, tpm) {

@@ -516,6 +516,7 @@ fn mlflow_limit(mut f: Fields, out: &mut Converted) -> Option<Limit> {
         tokens: None,
         usd: None,
         on_exceed: None,
+        action: None,
         key: LimitKey::Route,
     })
 }

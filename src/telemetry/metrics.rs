@@ -396,10 +396,21 @@ impl EncodeMetric for UsdCounter {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AlertLabels {
+    /// `Route` or `Team`.
+    pub kind: &'static str,
+    /// `namespace/name` of a Route, the name of a Team.
+    pub name: String,
+    pub percent: u64,
+}
+
 /// Spend: `portcullis_cost_usd_total` and the calls whose cost is unknown (no price).
 pub struct CostMetrics {
     pub usd: Family<CostLabels, UsdCounter>,
     pub unknown: Family<CostLabels, Counter>,
+    /// Alert limits crossing 80% / 100% (once per window across replicas).
+    pub alerts: Family<AlertLabels, Counter>,
 }
 
 impl CostMetrics {
@@ -407,6 +418,7 @@ impl CostMetrics {
         let m = CostMetrics {
             usd: Family::default(),
             unknown: Family::default(),
+            alerts: Family::default(),
         };
         registry.register(
             "portcullis_cost_usd",
@@ -417,6 +429,11 @@ impl CostMetrics {
             "portcullis_cost_unknown_calls",
             "Answered calls whose cost is unknown (no catalog price or override for the model)",
             m.unknown.clone(),
+        );
+        registry.register(
+            "portcullis_limit_alerts",
+            "Limits with action: alert that crossed 80% or 100% of themselves (once per window)",
+            m.alerts.clone(),
         );
         m
     }
