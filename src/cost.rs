@@ -7,7 +7,7 @@
 //! instead of wrapping. Prices are resolved once per backend when the routing table is built.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 
 use serde::Deserialize;
 use tracing::warn;
@@ -146,10 +146,12 @@ fn per_token(per_million: f64) -> Option<u64> {
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct CatalogProvider {
-    #[allow(dead_code)] // documentation of the data file, checked to be present
-    source: String,
-    #[allow(dead_code)]
-    as_of: String,
+    /// Where the figures come from (a public page, a contract): required in the built-in file.
+    #[serde(default)]
+    source: Option<String>,
+    /// When they were published or agreed.
+    #[serde(default)]
+    as_of: Option<String>,
     models: BTreeMap<String, CatalogPrice>,
 }
 
@@ -179,6 +181,20 @@ static CATALOG: LazyLock<Catalog> = LazyLock::new(|| {
     })
 });
 
+/// Cluster-wide prices (the `portcullis-pricing` ConfigMap), over the built-in catalog. Swapped
+/// whole by the controller when the ConfigMap changes; read when the routing table is built.
+static CLUSTER: LazyLock<arc_swap::ArcSwap<Catalog>> = LazyLock::new(Default::default);
+
+/// The cluster-wide price overrides in force.
+pub fn cluster_prices() -> Arc<Catalog> {
+    CLUSTER.load_full()
+}
+
+/// Replaces the cluster-wide price overrides.
+pub fn set_cluster_prices(catalog: Catalog) {
+    CLUSTER.store(Arc::new(catalog));
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
     #[error("price catalog: {0}")]
@@ -199,6 +215,7 @@ impl Catalog {
         let raw: BTreeMap<String, CatalogProvider> = serde_yaml::from_str(yaml)?;
         let mut models: HashMap<Provider, BTreeMap<String, Price>> = HashMap::new();
         for (name, p) in raw {
+            let _documented = (p.source, p.as_of);
             let provider = Provider::ALL
                 .into_iter()
                 .find(|x| x.as_str() == name)
@@ -342,10 +359,22 @@ mod tests {
     }
 
     #[test]
+    fn every_builtin_provider_names_its_source_and_date() {
+        let raw: BTreeMap<String, CatalogProvider> = serde_yaml::from_str(CATALOG_YAML).unwrap();
+        for (provider, p) in raw {
+            assert!(
+                p.source.is_some_and(|s| s.starts_with("https://")),
+                "{provider}"
+            );
+            assert!(p.as_of.is_some_and(|d| d.len() == 10), "{provider}");
+        }
+    }
+
+    #[test]
     fn bad_catalogs_are_refused() {
         assert!(Catalog::parse("nope: {source: x, asOf: y, models: {}}").is_err());
         assert!(Catalog::parse("openai: {source: x, asOf: y, models: {m: {input: -1}}}").is_err());
-        assert!(Catalog::parse("openai: {models: {m: {input: 1}}}").is_err());
+        assert!(Catalog::parse("openai: {models: {m: {input: 1, extra: 2}}}").is_err());
     }
 
     #[test]

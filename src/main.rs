@@ -96,6 +96,14 @@ struct RunArgs {
     /// This replica's identity in the Lease and in Events (defaults to the pod name).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// ConfigMap (in the pod's namespace) whose `prices.yaml` holds cluster-wide prices over the
+    /// built-in catalog, in the catalog's format; empty: none.
+    #[arg(
+        long,
+        env = "PORTCULLIS_PRICING_CONFIGMAP",
+        default_value = "portcullis-pricing"
+    )]
+    pricing_configmap: String,
     /// Take N from the ready endpoints of this Service (in the pod's namespace) instead of --replicas.
     #[arg(long, env = "PORTCULLIS_REPLICAS_SERVICE")]
     replicas_service: Option<String>,
@@ -258,6 +266,8 @@ async fn run(args: RunArgs) -> Result<(), StartError> {
         instance: identity,
         leader,
         policy,
+        pricing: (!args.pricing_configmap.is_empty())
+            .then(|| (args.lease_namespace.clone(), args.pricing_configmap.clone())),
     };
     let controller = tokio::spawn({
         let stop = stop_controller.clone();

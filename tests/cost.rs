@@ -737,3 +737,74 @@ fn alert_budgets_never_refuse_and_emit_one_event_at_80_and_one_at_100_percent() 
         .sum::<usize>();
     assert_eq!(logged, 2);
 }
+
+#[test]
+fn cluster_wide_prices_from_the_pricing_configmap_apply_without_a_restart() {
+    let cp = ControlPlane::shared();
+    let sim = sim();
+    let ns = cp.namespace("cost-cluster");
+    let pricing = |output: &str| {
+        format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: portcullis-pricing\n  namespace: {ns}\ndata:\n  prices.yaml: |\n    openai:\n      source: contract 2026-17\n      asOf: 2026-11-01\n      models:\n        house-cluster: {{input: 0, output: {output}}}\n        gpt-4o-mini: {{input: 0, output: 1}}\n"
+        )
+    };
+    cp.apply(&pricing("2000"));
+    // The gateway's own namespace (where it looks for portcullis-pricing) is the test's.
+    let gw = Gateway::start(cp, &["--lease-namespace", &ns]);
+    cp.apply(&secret_manifest(
+        &ns,
+        "openai",
+        "apiKey",
+        "sk-cost-upstream",
+    ));
+    let (negotiated, overridden, catalog) =
+        (unique("negotiated"), unique("route-wins"), unique("mini"));
+    cp.apply(&priced_route(
+        &ns,
+        &negotiated,
+        "llm/v1/chat",
+        &sim,
+        "house-cluster",
+        "",
+    ));
+    cp.apply(&priced_route(
+        &ns,
+        &overridden,
+        "llm/v1/chat",
+        &sim,
+        "house-cluster",
+        "  pricing:\n    outputPerMillion: 5000\n",
+    ));
+    cp.apply(&priced_route(
+        &ns,
+        &catalog,
+        "llm/v1/chat",
+        &sim,
+        "gpt-4o-mini",
+        "",
+    ));
+    for r in [&negotiated, &overridden, &catalog] {
+        cp.wait_ready(&ns, r);
+    }
+    let cost = |route: &str| {
+        let (code, headers, text) = post_full(&gw.url("/v1/chat/completions"), &cent_call(route));
+        assert_eq!(code, 200, "{text}");
+        header(&headers, "x-portcullis-cost-usd")
+            .unwrap_or_default()
+            .to_string()
+    };
+    // 10 output tokens: $2000 per million is $0.02; the Route's own $5000 wins ($0.05); the
+    // cluster's gpt-4o-mini ($1 per million out, free input) replaces the catalog's.
+    assert_eq!(cost(&negotiated), "0.02");
+    assert_eq!(cost(&overridden), "0.05");
+    assert_eq!(cost(&catalog), "0.00001");
+    // A new negotiated price applies without a restart.
+    cp.apply(&pricing("1000"));
+    eventually(Duration::from_secs(10), || cost(&negotiated) == "0.01")
+        .unwrap_or_else(|_| panic!("the new price never applied:\n{}", gw.log()));
+    // A ConfigMap that does not parse keeps the last good prices.
+    cp.apply(&pricing("-3"));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(cost(&negotiated), "0.01");
+    assert!(gw.log().contains("the pricing ConfigMap does not parse"));
+}

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{ListParams, PartialObjectMeta};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
@@ -66,7 +66,12 @@ pub struct ControllerConfig {
     pub leader: Option<leader::LeaderConfig>,
     /// What the operator allows Routes (Secrets, upstream hosts).
     pub policy: policy::OperatorPolicy,
+    /// The ConfigMap (namespace, name) of cluster-wide price overrides; `None`: none.
+    pub pricing: Option<(String, String)>,
 }
+
+/// The key of the pricing ConfigMap that holds the prices (the catalog's format).
+pub const PRICING_KEY: &str = "prices.yaml";
 
 /// What the controller shares with the rest of the process.
 pub struct ControllerHandles {
@@ -152,6 +157,38 @@ pub async fn run(
     } else {
         futures::stream::pending().boxed()
     };
+    let (pricing_store, pricing_writer) = reflector::store::<ConfigMap>();
+    let pricing_watched = match &config.pricing {
+        Some((ns, name)) => {
+            let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+            match api.get_opt(name).await {
+                Err(kube::Error::Api(s)) if s.code == 403 => {
+                    warn!(
+                        namespace = %ns,
+                        configmap = %name,
+                        "the pricing ConfigMap cannot be read (forbidden); only the built-in and per-Route prices apply"
+                    );
+                    None
+                }
+                _ => Some(api),
+            }
+        }
+        None => None,
+    };
+    let pricing_events = match (pricing_watched.clone(), &config.pricing) {
+        (Some(api), Some((_, name))) => watcher(
+            api,
+            watcher::Config::default().fields(&format!("metadata.name={name}")),
+        )
+        .backoff(RetryBackoff::new(
+            Duration::from_millis(250),
+            config.max_backoff,
+        ))
+        .reflect(pricing_writer)
+        .map(|e| (Source::Pricing, e.map(Signal::from)))
+        .boxed(),
+        _ => futures::stream::pending().boxed(),
+    };
     let (route_store, route_writer) = reflector::store::<Route>();
     let (secret_store, secret_writer) = reflector::store();
     let watch_backoff = || RetryBackoff::new(Duration::from_millis(250), config.max_backoff);
@@ -222,12 +259,15 @@ pub async fn run(
         team_store,
         teams_watched,
         teams_changed: teams_tx,
+        pricing_store,
+        pricing_watched: pricing_watched.is_some(),
+        pricing_version: None,
     };
     loop_state
         .run(
             futures::stream::select(
                 futures::stream::select(route_events, secret_events),
-                team_events,
+                futures::stream::select(team_events, pricing_events),
             ),
             config.debounce,
             shutdown,
@@ -248,6 +288,7 @@ enum Source {
     Routes,
     Secrets,
     Teams,
+    Pricing,
 }
 
 enum Signal {
@@ -298,6 +339,10 @@ struct Loop {
     teams_watched: bool,
     /// Nudges the Team status writer after a rebuild.
     teams_changed: watch::Sender<()>,
+    pricing_store: Store<ConfigMap>,
+    pricing_watched: bool,
+    /// The resourceVersion of the pricing ConfigMap last applied.
+    pricing_version: Option<String>,
 }
 
 use reconcile::RouteOutcome;
@@ -329,6 +374,7 @@ impl Loop {
         let mut events = std::pin::pin!(events);
         let (mut routes_synced, mut secrets_synced) = (false, false);
         let mut teams_synced = !self.teams_watched;
+        let mut pricing_synced = !self.pricing_watched;
         let mut rebuild_at: Option<Instant> = None;
         loop {
             tokio::select! {
@@ -343,6 +389,7 @@ impl Loop {
                                     Source::Routes => routes_synced = true,
                                     Source::Secrets => secrets_synced = true,
                                     Source::Teams => teams_synced = true,
+                                    Source::Pricing => pricing_synced = true,
                                 }
                                 true
                             }
@@ -361,11 +408,11 @@ impl Loop {
                     }
                     Some((source, Err(e))) => {
                         warn!(?source, error = %e, "watch failed; reconnecting with backoff and serving the last good table");
-                        let resource = match source { Source::Routes => "routes", Source::Secrets => "secrets", Source::Teams => "teams" };
+                        let resource = match source { Source::Routes => "routes", Source::Secrets => "secrets", Source::Teams => "teams", Source::Pricing => "configmaps" };
                         self.handles.metrics.watch_restarts.get_or_create(&ResourceLabels { resource }).inc();
                     }
                 },
-                _ = sleep_until(rebuild_at), if rebuild_at.is_some() && routes_synced && secrets_synced && teams_synced => {
+                _ = sleep_until(rebuild_at), if rebuild_at.is_some() && routes_synced && secrets_synced && teams_synced && pricing_synced => {
                     rebuild_at = None;
                     if !self.rebuild().await {
                         rebuild_at = Some(Instant::now() + self.retry.next_delay());
@@ -377,9 +424,51 @@ impl Loop {
         }
     }
 
+    /// Applies the pricing ConfigMap when it changed; a bad one keeps the last good prices.
+    fn refresh_prices(&mut self) {
+        if !self.pricing_watched {
+            return;
+        }
+        let current = self.pricing_store.state().into_iter().next();
+        let version = current
+            .as_ref()
+            .map(|c| c.resource_version().unwrap_or_default());
+        if version == self.pricing_version {
+            return;
+        }
+        self.pricing_version = version;
+        let Some(map) = current else {
+            crate::cost::set_cluster_prices(crate::cost::Catalog::default());
+            info!("no pricing ConfigMap: the built-in catalog and per-Route prices apply");
+            return;
+        };
+        let yaml = map
+            .data
+            .as_ref()
+            .and_then(|d| d.get(PRICING_KEY))
+            .cloned()
+            .unwrap_or_default();
+        match crate::cost::Catalog::parse(&yaml) {
+            Ok(catalog) => {
+                info!(
+                    configmap = %map.name_any(),
+                    models = catalog.len(),
+                    "cluster-wide prices applied"
+                );
+                crate::cost::set_cluster_prices(catalog);
+            }
+            Err(e) => warn!(
+                configmap = %map.name_any(),
+                error = %e,
+                "the pricing ConfigMap does not parse; the last good prices stay in force"
+            ),
+        }
+    }
+
     /// Rebuilds and publishes the table; false if a Secret read failed and a retry is due.
     async fn rebuild(&mut self) -> bool {
         let started = std::time::Instant::now();
+        self.refresh_prices();
         let routes = self.route_store.state();
         let wanted: HashSet<(String, String)> = routes
             .iter()
@@ -485,6 +574,9 @@ mod tests {
             team_store: reflector::store::<Team>().0,
             teams_watched: false,
             teams_changed: watch::channel(()).0,
+            pricing_store: reflector::store::<ConfigMap>().0,
+            pricing_watched: false,
+            pricing_version: None,
         }
     }
 

@@ -319,6 +319,7 @@ fn resolve(
 
     let namespace = route.namespace().unwrap_or_default();
     let name = route.metadata.name.as_deref().unwrap_or_default();
+    let cluster_prices = crate::cost::cluster_prices();
     let mut list = Vec::with_capacity(declared.len());
     let mut statuses = Vec::with_capacity(declared.len());
     let mut failures = Vec::new();
@@ -349,7 +350,7 @@ fn resolve(
                 let mut backend = Backend::new(upstream, d.weight, d.priority, key);
                 backend.price = crate::cost::resolve(
                     crate::cost::Catalog::builtin(),
-                    None,
+                    cluster_prices.get(d.model.provider, &d.model.name).as_ref(),
                     d.model.provider,
                     &d.model.name,
                     spec.route_type,
