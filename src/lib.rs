@@ -13,6 +13,7 @@ pub mod limits;
 pub mod llm;
 pub mod providers;
 pub mod server;
+pub mod spend;
 pub mod table;
 pub mod teams;
 pub mod telemetry;

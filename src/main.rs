@@ -38,6 +38,8 @@ enum Command {
     Serve(Box<files::serve::ServeArgs>),
     /// Print Route and Secret manifests converted from an MLflow gateway or LiteLLM proxy config.
     Import(files::import::ImportArgs),
+    /// Print what each USD budget has spent in its current window, read from the shared limits store.
+    Spend(portcullis::spend::SpendArgs),
     /// Print the Route CRD (or with `--team` the Team CRD) as YAML.
     Crd {
         #[arg(long)]
@@ -126,6 +128,29 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Spend(args) => {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(portcullis::spend::run(&args)) {
+                Ok(table) => {
+                    print!("{table}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Run(args) => {
             let (format, otlp) = (
                 args.dataplane.log_format,

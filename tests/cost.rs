@@ -300,6 +300,21 @@ fn redis_usd_counters(redis: &Redis, route: &str) -> Vec<u64> {
     .collect()
 }
 
+/// `portcullis spend` against the shared store, as an operator runs it.
+fn spend(cp: &ControlPlane, redis: &Redis) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["spend", "--limits-store", &redis.url()])
+        .env("KUBECONFIG", cp.kubeconfig())
+        .output()
+        .expect("portcullis spend");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Midnight UTC after now, as the budget message writes it.
 fn next_midnight_utc() -> String {
     let now = std::time::SystemTime::now()
@@ -382,6 +397,28 @@ fn a_usd_budget_holds_exactly_across_two_replicas_on_one_redis() {
     })
     .unwrap_or_else(|_| panic!("store: {:?}", redis_usd_counters(&redis, &route)));
     assert_eq!(spent(&a, &route) + spent(&b, &route), 1_000_000_000_000);
+
+    // `portcullis spend` shows the window's spend beside the budget.
+    let table = spend(cp, &redis);
+    let row = table
+        .lines()
+        .find(|l| l.contains(&format!("{ns}/{route}")))
+        .unwrap_or_else(|| panic!("{table}"));
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(
+        cells,
+        [
+            "route",
+            &format!("{ns}/{route}"),
+            "(all)",
+            "day",
+            &next_midnight_utc(),
+            "$1.00",
+            "$1.00",
+            "100.0%"
+        ],
+        "{table}"
+    );
 
     // The MLflow surface refuses in its own shape with the same message.
     let (code, _, text) = post_full(
