@@ -115,6 +115,8 @@ def test_a_backend_outage_is_invisible_to_query(routes):
 
 
 def test_spent_usd_budget_surfaces_as_429_naming_the_budget(routes, gateway_url):
+    if "broke" not in routes:
+        pytest.skip("no spent USD budget in this setup")
     with pytest.raises(MlflowException) as err:
         query(route=routes["broke"], data={"messages": [{"role": "user", "content": "x"}]})
     # MLflow 2.5's client reports only the status of a 429 (urllib3's retry gives up on it before

@@ -105,6 +105,8 @@ def test_a_backend_outage_is_invisible_to_predict(client, routes):
 
 
 def test_spent_usd_budget_surfaces_as_429_naming_the_budget(client, routes):
+    if "broke" not in routes:
+        pytest.skip("no spent USD budget in this setup")
     with pytest.raises(Exception) as err:
         client.predict(endpoint=routes["broke"], inputs=CHAT)
     assert "429" in str(err.value)
