@@ -618,7 +618,20 @@ fn team_budgets_hold_across_routes_and_members_and_each_team_binds() {
     let (code, body) = call_as(&gw, &carol, &routes[2]);
     assert_eq!(code, 403, "{body}");
     assert_eq!(body["error"]["code"], "route_not_in_team");
-    // Alice (in the loose team too) was refused by the shared team only; the loose one was not spent.
+    // A route of unknown cost is not free for members of a team with a USD budget.
+    let unpriced = unique("t-unpriced");
+    cp.apply(&priced_route(
+        &ns,
+        &unpriced,
+        "llm/v1/chat",
+        &sim,
+        "house-model",
+        "",
+    ));
+    cp.wait_ready(&ns, &unpriced);
+    let (code, body) = call_as(&gw, &alice, &unpriced);
+    assert_eq!(code, 403, "{body}");
+    assert_eq!(body["error"]["code"], "route_unpriced");
     assert!(!gw.log().contains("sk-team-upstream"));
 }
 

@@ -167,6 +167,21 @@ pub async fn admit(
             route: entry.qualified.clone(),
         });
     }
+    let price = match &entry.state {
+        RouteState::Ready(b) => b.max_price,
+        RouteState::NotReady { .. } => None,
+    };
+    // A team's USD budget cannot be kept on calls of unknown cost: never counted as free.
+    if price.is_none()
+        && let Some(team) = teams
+            .iter()
+            .find(|t| t.limits.iter().any(|l| l.usd.is_some()))
+    {
+        return Err(GatewayError::UnpricedForBudget {
+            team: team.name.clone(),
+            route: entry.qualified.clone(),
+        });
+    }
     if entry.limits.is_empty() && teams.iter().all(|t| t.limits.is_empty()) {
         return Ok(Admission {
             reservation: None,
@@ -180,10 +195,6 @@ pub async fn admit(
     let stream = request.stream().stream;
     // The most the call can cost on the dearest backend it may reach. A stream that a truncating
     // budget may end is reserved for more than the default estimate when it sets no max_tokens.
-    let price = match &entry.state {
-        RouteState::Ready(b) => b.max_price,
-        RouteState::NotReady { .. } => None,
-    };
     let truncatable = stream
         && entry
             .limits

@@ -82,6 +82,10 @@ pub enum GatewayError {
         "the stream was ended here: going on would pass the USD budget {budget}, which left this call ${allowed}; it is charged what was sent"
     )]
     BudgetTruncated { budget: String, allowed: String },
+    #[error(
+        "team {team} has a USD budget and route {route} has no price for its model; the route needs spec.pricing (0 for a free model)"
+    )]
+    UnpricedForBudget { team: String, route: String },
     #[error("team {team} may not use route {route}: it is not among the team's routes")]
     NotInTeamRoutes { team: String, route: String },
     #[error("the request body stopped arriving before it was complete")]
@@ -137,7 +141,9 @@ impl GatewayError {
             GatewayError::Unauthenticated => StatusCode::UNAUTHORIZED,
             GatewayError::AuthUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
-            GatewayError::NotInTeamRoutes { .. } => StatusCode::FORBIDDEN,
+            GatewayError::NotInTeamRoutes { .. } | GatewayError::UnpricedForBudget { .. } => {
+                StatusCode::FORBIDDEN
+            }
             GatewayError::BudgetTruncated { .. } => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             GatewayError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
@@ -168,6 +174,7 @@ impl GatewayError {
             GatewayError::AuthUnavailable => "auth_unavailable",
             GatewayError::RateLimited(_) => "rate_limit_exceeded",
             GatewayError::NotInTeamRoutes { .. } => "route_not_in_team",
+            GatewayError::UnpricedForBudget { .. } => "route_unpriced",
             GatewayError::BudgetTruncated { .. } => "budget_exceeded",
             GatewayError::BodyTimeout => "request_timeout",
             GatewayError::Overloaded => "overloaded",
