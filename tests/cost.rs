@@ -450,6 +450,23 @@ fn a_usd_budget_on_a_route_of_unknown_price_is_refused_in_status() {
         "house-model",
         "  limits:\n    - renewalPeriod: month\n      usd: 5\n",
     ));
+    // The schema refuses what cannot work: truncation without a USD budget, a negative budget.
+    for (bad, why) in [
+        (
+            "  limits:\n    - renewalPeriod: day\n      calls: 5\n      onExceed: truncate\n",
+            "onExceed: truncate applies to USD budgets",
+        ),
+        (
+            "  limits:\n    - renewalPeriod: day\n      usd: -1\n",
+            "spec.limits[0].usd",
+        ),
+    ] {
+        let manifest = priced_route(&ns, "bad", "llm/v1/chat", &sim, "house-model", bad);
+        let out = cp.kubectl_stdin(&["apply", "-f", "-"], &manifest);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(why), "{err}");
+    }
     let _gw = Gateway::start(cp, &[]);
     cp.wait_reason(&ns, &route, "InvalidSpec");
     let r = cp.json(&["get", "route", &route, "-n", &ns]);
