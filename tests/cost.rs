@@ -728,8 +728,14 @@ fn alert_budgets_never_refuse_and_emit_one_event_at_80_and_one_at_100_percent() 
     let redis = Redis::start();
     let url = redis.url();
     let flags = ["--limits-store", url.as_str(), "--replicas", "2"];
-    let (a, b) = (Gateway::start(cp, &flags), Gateway::start(cp, &flags));
     let ns = cp.namespace("cost-alert");
+    // A Team whose API-key member is watched with an alert on calls, applied before the gateways
+    // start (their first table has it).
+    let team = unique("watchers");
+    cp.apply(&format!(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: analyst\n  namespace: {ns}\n  labels:\n    portcullis.dev/api-key: \"true\"\nstringData:\n  apiKey: pk-analyst-7f3a9c2e\n---\napiVersion: portcullis.dev/v1alpha1\nkind: Team\nmetadata:\n  name: {team}\nspec:\n  members:\n    - consumer: {ns}/analyst\n  limits:\n    - renewalPeriod: month\n      calls: 5\n      action: alert\n"
+    ));
+    let (a, b) = (Gateway::start(cp, &flags), Gateway::start(cp, &flags));
     cp.apply(&secret_manifest(
         &ns,
         "openai",
@@ -803,6 +809,53 @@ fn alert_budgets_never_refuse_and_emit_one_event_at_80_and_one_at_100_percent() 
         .map(|gw| gw.log().matches("limit alert").count())
         .sum::<usize>();
     assert_eq!(logged, 2);
+
+    // The Team's alert on calls: its member makes 8 calls, never refused; a Team is cluster-scoped,
+    // so its Events are in the default namespace.
+    for i in 0..8 {
+        let gw = if i % 2 == 0 { &a } else { &b };
+        let (code, _) = call_as(gw, "pk-analyst-7f3a9c2e", &route);
+        assert_eq!(code, 200);
+    }
+    let team_events = || -> Vec<String> {
+        cp.json(&["get", "events", "-n", "default"])["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["involvedObject"]["name"] == team.as_str())
+            .filter(|e| e["involvedObject"]["kind"] == "Team")
+            .map(|e| e["message"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    eventually(Duration::from_secs(15), || team_events().len() >= 2)
+        .unwrap_or_else(|_| panic!("team events: {:?}", team_events()));
+    std::thread::sleep(Duration::from_secs(2));
+    let mut seen = team_events();
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            format!(
+                "team {team}: 5 calls per month reached 100% (window ends {})",
+                month_end()
+            ),
+            format!(
+                "team {team}: 5 calls per month reached 80% (window ends {})",
+                month_end()
+            ),
+        ]
+        .map(|m| format!("{m}; alert only, calls are not refused")),
+    );
+}
+
+fn month_end() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    portcullis::limits::utc_text(
+        portcullis::limits::window(portcullis::api::RenewalPeriod::Month, now).1,
+    )
 }
 
 #[test]
