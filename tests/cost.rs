@@ -166,6 +166,11 @@ fn calls_cost_what_the_provider_reported_at_the_catalog_or_overridden_price() {
     assert_eq!(expected, 12_300_000);
     assert_eq!(header(&headers, "x-portcullis-cost-usd"), Some("0.0000123"));
     assert_eq!(spent(&gw, &catalog), expected);
+    let logged = gw
+        .log()
+        .lines()
+        .any(|l| l.contains(&catalog) && l.contains("\"cost_usd\":\"0.0000123\""));
+    assert!(logged, "no cost on the request log line:\n{}", gw.log());
 
     // The Route's override: $3 in, $1000 out per million.
     let (code, headers, text) = chat(&overridden, json!({"max_tokens": 10}));
@@ -190,11 +195,11 @@ fn calls_cost_what_the_provider_reported_at_the_catalog_or_overridden_price() {
     let streamed = p * per_token(3) + c * per_token(1000);
     assert_eq!((p, c), (2, 20));
     let line = format!("\"cost_usd\":\"{}\"", dollars(streamed));
+    // The stream's line is written as it ends, after the last chunk reached the caller.
     eventually(Duration::from_secs(5), || {
-        spent(&gw, &overridden) == plain + streamed
+        spent(&gw, &overridden) == plain + streamed && gw.log().contains(&line)
     })
-    .unwrap_or_else(|_| panic!("stream spend: {}", gw.metrics()));
-    assert!(gw.log().contains(&line), "no {line} in the log");
+    .unwrap_or_else(|_| panic!("stream spend or log line ({line}): {}", gw.metrics()));
 
     // A stream cut by the provider costs the prompt estimate and the text that was sent.
     sim.set_behaviour(portcullis_sim::Behaviour {
