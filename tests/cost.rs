@@ -13,10 +13,9 @@ use support::*;
 /// The tests of this file run one at a time: the exact counts across replicas rely on the shared
 /// store answering within its timeout, which a 2-core machine running them all at once (200
 /// threads, several gateways) cannot promise.
-fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+fn one_at_a_time() -> parking_lot::MutexGuard<'static, ()> {
+    static LOCK: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
     LOCK.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Picodollars per token for a price of `usd` per million tokens.
