@@ -146,11 +146,14 @@ fn per_token(per_million: f64) -> Option<u64> {
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct CatalogProvider {
-    /// Where the figures come from (a public page, a contract): required in the built-in file.
+    /// Where the figures come from (a public page, a contract): required in the built-in file
+    /// (a unit test checks it); documentation only.
     #[serde(default)]
+    #[allow(dead_code)]
     source: Option<String>,
     /// When they were published or agreed.
     #[serde(default)]
+    #[allow(dead_code)]
     as_of: Option<String>,
     models: BTreeMap<String, CatalogPrice>,
 }
@@ -215,7 +218,6 @@ impl Catalog {
         let raw: BTreeMap<String, CatalogProvider> = serde_yaml::from_str(yaml)?;
         let mut models: HashMap<Provider, BTreeMap<String, Price>> = HashMap::new();
         for (name, p) in raw {
-            let _documented = (p.source, p.as_of);
             let provider = Provider::ALL
                 .into_iter()
                 .find(|x| x.as_str() == name)

@@ -844,6 +844,57 @@ mod tests {
     }
 
     #[test]
+    fn each_backend_is_priced_once_and_a_usd_budget_needs_every_price() {
+        let mut priced = backend(Provider::Openai, "house", "k");
+        priced.pricing = Some(crate::api::Pricing {
+            input_per_million: Some(1.0),
+            output_per_million: Some(4.0),
+            cached_input_per_million: None,
+        });
+        let catalog = backend(Provider::Openai, "gpt-4o-mini", "k");
+        let s = secrets(&[("a", "k", "apiKey", "v")]);
+        let r = reconcile(&[with_backends(vec![priced.clone(), catalog])], &s);
+        let b = ready_backends(&r, "pool");
+        let price = |model: &str| {
+            b.list
+                .iter()
+                .find(|x| x.upstream.target.model == model)
+                .and_then(|x| x.price)
+                .unwrap()
+        };
+        assert_eq!(
+            (price("house").input, price("house").output),
+            (1_000_000, 4_000_000)
+        );
+        assert_eq!(price("gpt-4o-mini").input, 150_000);
+        // The reservation price: the dearest of each kind.
+        let max = b.max_price.unwrap();
+        assert_eq!((max.input, max.output), (1_000_000, 4_000_000));
+
+        // An unpriced backend makes a USD budget unkeepable: the route does not serve.
+        let mut route =
+            (*with_backends(vec![priced, backend(Provider::Openai, "house2", "k")])).clone();
+        route.spec.limits = vec![crate::api::Limit {
+            renewal_period: crate::api::RenewalPeriod::Day,
+            calls: None,
+            tokens: None,
+            usd: Some(1.0),
+            key: crate::api::LimitKey::Route,
+            on_exceed: None,
+            action: None,
+        }];
+        let r = reconcile(&[Arc::new(route)], &s);
+        let o = &r.outcomes[0].outcome;
+        assert_eq!(o.reason, Reason::InvalidSpec);
+        assert!(
+            o.message
+                .contains("spec.limits[0].usd needs a price for every backend; openai/house2"),
+            "{}",
+            o.message
+        );
+    }
+
+    #[test]
     fn no_backend_resolving_names_each_problem() {
         let r = reconcile(
             &[with_backends(vec![
