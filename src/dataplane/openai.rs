@@ -22,7 +22,8 @@ use super::forward::{self, ServingRoute};
 use super::request::{OPENAI, parse_request, require_string};
 use crate::api::RouteType;
 use crate::llm::{
-    Embeddings, Generation, LlmRequest, LlmResponse, StreamDelta, StreamOptions, Usage, unix_now,
+    Embeddings, Generation, LlmRequest, LlmResponse, StreamDelta, StreamOptions, ToolCallDelta,
+    Usage, unix_now,
 };
 
 type Result<T, E = OpenAiError> = std::result::Result<T, E>;
@@ -200,6 +201,28 @@ fn push_event(buf: &mut BytesMut, value: &Value) {
     buf.put_slice(b"\n\n");
 }
 
+/// Tool-call fragments as OpenAI's `delta.tool_calls`: the first fragment of a call names it.
+fn tool_call_chunks(calls: &[ToolCallDelta]) -> Value {
+    calls
+        .iter()
+        .map(|c| {
+            let mut function = Map::new();
+            if let Some(name) = &c.name {
+                function.insert("name".into(), json!(name));
+            }
+            function.insert("arguments".into(), json!(c.arguments));
+            let mut call = Map::new();
+            call.insert("index".into(), json!(c.index));
+            if let Some(id) = &c.id {
+                call.insert("id".into(), json!(id));
+                call.insert("type".into(), json!("function"));
+            }
+            call.insert("function".into(), Value::Object(function));
+            Value::Object(call)
+        })
+        .collect()
+}
+
 /// Re-frames unified deltas as OpenAI chunks, one output write per upstream read.
 fn openai_stream(
     deltas: impl Stream<Item = Result<Vec<StreamDelta>, GatewayError>> + Send + 'static,
@@ -226,7 +249,7 @@ fn openai_stream(
                     let id = d.id.as_deref().filter(|s| !s.is_empty()).unwrap_or(&fallback_id);
                     let model = d.model.as_deref().filter(|s| !s.is_empty()).unwrap_or(&fallback_model);
                     let created = d.created.unwrap_or(created);
-                    if d.role.is_some() || d.text.is_some() || d.finish_reason.is_some() {
+                    if d.role.is_some() || d.text.is_some() || d.finish_reason.is_some() || !d.tool_calls.is_empty() {
                         let choice = if chat {
                             let mut delta = Map::new();
                             if let Some(role) = &d.role {
@@ -234,6 +257,9 @@ fn openai_stream(
                             }
                             if let Some(text) = &d.text {
                                 delta.insert("content".into(), json!(text));
+                            }
+                            if !d.tool_calls.is_empty() {
+                                delta.insert("tool_calls".into(), tool_call_chunks(&d.tool_calls));
                             }
                             json!({"index": d.index, "delta": delta, "finish_reason": d.finish_reason})
                         } else {
