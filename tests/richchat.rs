@@ -650,7 +650,7 @@ fn structured_output_is_translated_for_each_provider_or_refused_by_name() {
 
 /// The last SSE event of a body.
 fn last_event(body: &str) -> Option<&str> {
-    body.lines().filter_map(|l| l.strip_prefix("data: ")).last()
+    body.lines().rev().find_map(|l| l.strip_prefix("data: "))
 }
 
 #[test]
