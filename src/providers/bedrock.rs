@@ -1112,4 +1112,21 @@ mod tests {
         assert_eq!(g.choices[0].text, "{\"ok\":true}");
         assert_eq!(g.choices[0].finish_reason.as_deref(), Some("stop"));
     }
+
+    #[test]
+    fn a_converse_stream_without_message_stop_never_finishes() {
+        let mut wire = event("messageStart", r#"{"role":"assistant"}"#);
+        wire.extend(event(
+            "contentBlockDelta",
+            r#"{"contentBlockIndex":0,"delta":{"text":"Hi"}}"#,
+        ));
+        wire.extend(event("contentBlockStop", r#"{"contentBlockIndex":0}"#));
+        let out = decode_split(&Bedrock, RouteType::Chat, &wire, vec![])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(crate::providers::testing::finish(&out), None);
+        wire.extend(event("messageStop", r#"{}"#));
+        let out = decode_split(&Bedrock, RouteType::Chat, &wire, vec![])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(crate::providers::testing::finish(&out), Some("stop"));
+    }
 }

@@ -844,4 +844,21 @@ mod tests {
             json!({"type": "json_object", "json_schema": {"type": "object"}})
         );
     }
+
+    #[test]
+    fn a_chat_stream_without_message_end_never_finishes() {
+        use crate::providers::testing::finish;
+        let cut = CHAT_STREAM
+            .find("event: message-end")
+            .unwrap_or(CHAT_STREAM.len());
+        let out = decode_split(
+            &Cohere,
+            RouteType::Chat,
+            &CHAT_STREAM.as_bytes()[..cut],
+            vec![],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(text(&out), "Hello");
+        assert_eq!(finish(&out), None);
+    }
 }

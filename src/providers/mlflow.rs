@@ -45,9 +45,14 @@ impl ProviderAdapter for MlflowModelServing {
             ));
         }
         if let LlmRequest::Chat(c) = request {
-            // A served model takes one text: an image or a format would be silently lost.
+            // A served model takes one text: images, formats and tools would be silently lost.
             features::refuse_images(Provider::MlflowModelServing, &c.messages)?;
             features::refuse_output_format(Provider::MlflowModelServing, &c.extra)?;
+            if !features::tools(&c.extra)?.is_empty() {
+                return Err(ProviderError::Unsupported(
+                    "provider mlflow-model-serving does not support tools".into(),
+                ));
+            }
         }
         let body = match request {
             // As MLflow's own gateway does: a served pyfunc chat model answers one query per call.
