@@ -223,6 +223,56 @@ fn image_mime_from_url(url: &str) -> Option<&'static str> {
     })
 }
 
+/// Where a JSON Schema goes: Gemini's `Schema` field (`parameters`, `responseSchema`) takes a
+/// subset of OpenAPI 3.0 and refuses other keywords (`additionalProperties`, `$ref`, type lists,
+/// ...); a schema beyond that subset goes in the `...JsonSchema` twin, which takes JSON Schema.
+fn schema_field(field: &'static str, schema: &Value) -> String {
+    if openapi_subset(schema) {
+        field.to_string()
+    } else {
+        format!("{}JsonSchema", field.trim_end_matches("Schema"))
+    }
+}
+
+fn openapi_subset(schema: &Value) -> bool {
+    const KEYWORDS: &[&str] = &[
+        "type",
+        "format",
+        "title",
+        "description",
+        "nullable",
+        "enum",
+        "maxItems",
+        "minItems",
+        "properties",
+        "required",
+        "minProperties",
+        "maxProperties",
+        "minLength",
+        "maxLength",
+        "pattern",
+        "example",
+        "anyOf",
+        "propertyOrdering",
+        "default",
+        "items",
+        "minimum",
+        "maximum",
+    ];
+    let Value::Object(fields) = schema else {
+        return false;
+    };
+    fields.iter().all(|(k, v)| match k.as_str() {
+        "type" => v.is_string(),
+        "properties" => v
+            .as_object()
+            .is_some_and(|p| p.values().all(openapi_subset)),
+        "items" => openapi_subset(v),
+        "anyOf" => v.as_array().is_some_and(|a| a.iter().all(openapi_subset)),
+        other => KEYWORDS.contains(&other),
+    })
+}
+
 /// An OpenAI tool message as a `functionResponse` part: Gemini keys results by function name.
 fn function_response(m: &ChatMessage, messages: &[ChatMessage]) -> Value {
     let id = m
@@ -277,7 +327,7 @@ fn generate(
         push_turn(&mut contents, role, "parts", parts);
     }
     let format = features::output_format(extra)?;
-    let config = present_fields([
+    let mut config = present_fields([
         ("temperature", params.temperature.map(|v| json!(v))),
         ("topP", params.top_p.map(|v| json!(v))),
         ("maxOutputTokens", params.max_tokens.map(|v| json!(v))),
@@ -291,14 +341,10 @@ fn generate(
             "responseMimeType",
             format.as_ref().map(|_| json!("application/json")),
         ),
-        (
-            "responseSchema",
-            match &format {
-                Some(OutputFormat::JsonSchema { schema, .. }) => Some(schema.clone()),
-                _ => None,
-            },
-        ),
     ]);
+    if let Some(OutputFormat::JsonSchema { schema, .. }) = &format {
+        config.insert(schema_field("responseSchema", schema), schema.clone());
+    }
     let mut body = Map::new();
     if !system.is_empty() {
         body.insert("systemInstruction".into(), json!({"parts": system}));
@@ -317,7 +363,10 @@ fn generate(
                 if let Some(desc) = t.description {
                     d.insert("description".into(), json!(desc));
                 }
-                d.insert("parameters".into(), t.parameters.clone());
+                d.insert(
+                    schema_field("parameters", &t.parameters),
+                    t.parameters.clone(),
+                );
                 Value::Object(d)
             })
             .collect();
@@ -840,6 +889,19 @@ mod tests {
         assert_eq!(
             b["generationConfig"]["responseSchema"],
             json!({"type": "object", "properties": {"temp": {"type": "number"}}})
+        );
+    }
+
+    #[test]
+    fn schemas_beyond_gemini_openapi_subset_go_as_json_schema() {
+        let strict = json!({"type": "object", "properties": {"a": {"type": ["string", "null"]}}, "additionalProperties": false});
+        let plain = json!({"type": "object", "properties": {"a": {"type": "string", "enum": ["x"]}, "b": {"type": "array", "items": {"type": "integer"}}}, "required": ["a"]});
+        assert_eq!(schema_field("parameters", &plain), "parameters");
+        assert_eq!(schema_field("parameters", &strict), "parametersJsonSchema");
+        assert_eq!(schema_field("responseSchema", &plain), "responseSchema");
+        assert_eq!(
+            schema_field("responseSchema", &strict),
+            "responseJsonSchema"
         );
     }
 
