@@ -208,7 +208,8 @@ fn request_body(target: &Target, chat: &ChatRequest) -> Result<Value, ProviderEr
     if !tools.is_empty() {
         body.insert("tools".into(), Value::Array(tools));
     }
-    if let Some(c) = choice {
+    // A choice without tools is refused upstream; without tools there is nothing to choose.
+    if let Some(c) = choice.filter(|_| body.contains_key("tools")) {
         body.insert("tool_choice".into(), c);
     }
     Ok(Value::Object(body))

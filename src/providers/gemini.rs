@@ -384,7 +384,7 @@ fn generate(
             Some(json!({"mode": "ANY", "allowedFunctionNames": [name]}))
         }
     };
-    if let Some(c) = calling {
+    if let Some(c) = calling.filter(|_| !tools.is_empty()) {
         body.insert("toolConfig".into(), json!({"functionCallingConfig": c}));
     }
     if let Some(s) = extra.get("safetySettings") {

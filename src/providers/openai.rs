@@ -94,6 +94,7 @@ pub(super) fn stream_decoder(route_type: RouteType) -> Box<dyn StreamDecoder> {
         route_type,
         usage: None,
         finished: false,
+        calls: Vec::new(),
     })
 }
 
@@ -277,6 +278,8 @@ struct OpenAiStream {
     usage: Option<Usage>,
     /// A finish reason arrived.
     finished: bool,
+    /// The tool calls started so far: (choice index, call index).
+    calls: Vec<(u32, u32)>,
 }
 
 #[derive(Deserialize)]
@@ -352,6 +355,21 @@ impl WireToolCallDelta {
 }
 
 impl OpenAiStream {
+    /// One fragment in the unified shape whatever the server's habits: the first fragment of a
+    /// call names it (an id is made up for servers that send none), later ones never repeat it.
+    fn tool_call(&mut self, choice: u32, mut call: ToolCallDelta) -> ToolCallDelta {
+        if self.calls.contains(&(choice, call.index)) {
+            call.id = None;
+            call.name = None;
+        } else {
+            self.calls.push((choice, call.index));
+            if call.id.is_none() {
+                call.id = Some(format!("call_{choice}_{}", call.index));
+            }
+        }
+        call
+    }
+
     fn flush_usage(&mut self, out: &mut Vec<StreamDelta>) {
         if let Some(usage) = self.usage.take() {
             out.push(StreamDelta {
@@ -401,7 +419,7 @@ impl SseHandler for OpenAiStream {
                         .unwrap_or_default()
                         .into_iter()
                         .enumerate()
-                        .map(|(i, t)| t.into_delta(i))
+                        .map(|(i, t)| self.tool_call(c.index, t.into_delta(i)))
                         .collect(),
                 ),
                 _ => (None, c.text, Vec::new()),
@@ -603,6 +621,28 @@ mod tests {
             ]
         );
         assert_eq!(finish(&out), Some("tool_calls"));
+        // Servers that repeat the id on every fragment, or never send one.
+        let wire = [
+            chunk(json!({"tool_calls": [{"index": 0, "id": "r", "function": {"name": "f", "arguments": "{"}}]}), Value::Null),
+            chunk(json!({"tool_calls": [{"index": 0, "id": "r", "function": {"name": "f", "arguments": "}"}}]}), Value::Null),
+            chunk(json!({"tool_calls": [{"index": 1, "function": {"name": "g", "arguments": "{}"}}]}), json!("tool_calls")),
+        ]
+        .concat();
+        let out = decode(&wire);
+        assert_eq!(
+            tool_calls(&out),
+            vec![
+                ("r".into(), "f".into(), "{}".into()),
+                ("call_0_1".into(), "g".into(), "{}".into()),
+            ]
+        );
+        let later: Vec<&ToolCallDelta> = out
+            .iter()
+            .flat_map(|d| &d.tool_calls)
+            .skip(1)
+            .take(1)
+            .collect();
+        assert_eq!(later[0].id, None);
         // Mistral sends each call whole, without an index.
         let whole = chunk(
             json!({"tool_calls": [{"id": "m1", "function": {"name": "f", "arguments": "{\"a\":1}"}}, {"id": "m2", "function": {"name": "g", "arguments": "{}"}}]}),
