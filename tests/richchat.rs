@@ -223,21 +223,27 @@ fn post_stream(path: &str, body: &Value) -> (u16, String) {
     (status, text)
 }
 
-fn last_request_for(sim: &SimProvider, provider: &str) -> RecordedRequest {
-    let prefix = match provider {
-        "azure-openai" => "/azure".to_string(),
-        p => {
-            let base = sim.base(p);
-            base.split_once(&sim.addr.to_string())
-                .map(|(_, path)| path.to_string())
-                .unwrap_or_default()
-        }
-    };
+/// The requests `provider`'s simulation received whose body holds `marker`, newest first. The
+/// tests here run in parallel against one simulation: each finds its own requests by a marker.
+fn requests_for(sim: &SimProvider, provider: &str, marker: &str) -> Vec<RecordedRequest> {
+    let base = sim.base(provider);
+    let prefix = base
+        .split_once(&sim.addr.to_string())
+        .map(|(_, path)| path.to_string())
+        .unwrap_or_default();
     sim.requests()
         .into_iter()
         .rev()
-        .find(|r| r.path.starts_with(&prefix))
-        .unwrap_or_else(|| panic!("{provider}: no request under {prefix}"))
+        .filter(|r| r.path.starts_with(&prefix))
+        .filter(|r| String::from_utf8_lossy(&r.body).contains(marker))
+        .collect()
+}
+
+fn last_request_for(sim: &SimProvider, provider: &str, marker: &str) -> RecordedRequest {
+    requests_for(sim, provider, marker)
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| panic!("{provider}: no request holding {marker:?}"))
 }
 
 /// The tools as each provider received them.
@@ -295,7 +301,7 @@ fn streamed_tool_calls_from_every_provider_through_the_openai_python_sdk() {
 #[test]
 fn streamed_tool_calls_on_chat_completions_and_mlflow_invocations() {
     let f = fixture();
-    let messages = json!([{"role": "user", "content": "Weather and time in Zürich?"}]);
+    let messages = json!([{"role": "user", "content": "Weather and time, raw SSE?"}]);
     for (provider, route) in &f.routes {
         // /v1/chat/completions, streamed.
         let body = json!({"model": route, "messages": messages, "tools": tools(), "stream": true});
@@ -310,7 +316,10 @@ fn streamed_tool_calls_on_chat_completions_and_mlflow_invocations() {
             "{provider}: {text}"
         );
         assert_calls(provider, &s.calls);
-        assert_tools_sent(provider, &last_request_for(&f.sim, provider).json());
+        assert_tools_sent(
+            provider,
+            &last_request_for(&f.sim, provider, "raw SSE?").json(),
+        );
 
         // The MLflow deployments invocations stream: the same chunks, no [DONE].
         let body = json!({"messages": messages, "tools": tools(), "stream": true});
@@ -373,7 +382,7 @@ fn tool_results_go_back_in_each_providers_shape() {
             answer["choices"][0]["finish_reason"], "stop",
             "{provider}: {answer}"
         );
-        let sent = last_request_for(&f.sim, provider).json();
+        let sent = last_request_for(&f.sim, provider, "Weather in Z").json();
         match *provider {
             "anthropic" => {
                 assert_eq!(
@@ -439,7 +448,6 @@ fn images_are_translated_for_each_provider_or_refused_by_name() {
     let data_url = format!("data:image/png;base64,{PNG}");
     for (provider, route) in &f.routes {
         for url in [data_url.as_str(), IMAGE_URL] {
-            f.sim.clear();
             let (status, answer) = f.gw.post(
                 "/v1/chat/completions",
                 &json!({"model": route, "messages": image_message(url)}),
@@ -450,13 +458,13 @@ fn images_are_translated_for_each_provider_or_refused_by_name() {
                 let message = answer["error"]["message"].as_str().unwrap_or_default();
                 assert!(message.contains("bedrock"), "{answer}");
                 assert!(
-                    f.sim.requests().is_empty(),
+                    requests_for(&f.sim, provider, IMAGE_URL).is_empty(),
                     "a refused image reached the provider"
                 );
                 continue;
             }
             assert_eq!(status, 200, "{provider} {url}: {answer}");
-            let sent = last_request_for(&f.sim, provider).json();
+            let sent = last_request_for(&f.sim, provider, "What is this?").json();
             let inline = url.starts_with("data:");
             match *provider {
                 "anthropic" => {
@@ -494,7 +502,6 @@ fn images_are_translated_for_each_provider_or_refused_by_name() {
         }
     }
     // A provider that takes no images says so, by name, in a 400.
-    f.sim.clear();
     let (status, answer) = f.gw.post(
         "/v1/chat/completions",
         &json!({"model": f.mlflow, "messages": image_message(&data_url)}),
@@ -506,7 +513,7 @@ fn images_are_translated_for_each_provider_or_refused_by_name() {
             .is_some_and(|m| m.contains("mlflow-model-serving") && m.contains("image")),
         "{answer}"
     );
-    assert!(f.sim.requests().is_empty());
+    assert!(requests_for(&f.sim, "mlflow-model-serving", "What is this?").is_empty());
     // A URL that is neither https nor data: is the caller's error on every provider.
     for (provider, route) in &f.routes {
         if ["openai", "azure-openai", "mistral", "together"].contains(provider) {
@@ -552,7 +559,7 @@ fn structured_output_is_translated_for_each_provider_or_refused_by_name() {
                         .map(str::to_string),
                 )
             };
-            let sent = last_request_for(&f.sim, provider).json();
+            let sent = last_request_for(&f.sim, provider, "Answer in JSON.").json();
             match *provider {
                 "anthropic" => {
                     assert_eq!(
@@ -613,7 +620,7 @@ fn structured_output_is_translated_for_each_provider_or_refused_by_name() {
         "/v1/chat/completions",
         &json!({"model": route("gemini"), "messages": messages, "response_format": json_object}),
     );
-    let sent = last_request_for(&f.sim, "gemini").json();
+    let sent = last_request_for(&f.sim, "gemini", "Answer in JSON.").json();
     assert_eq!(
         sent["generationConfig"]["responseMimeType"],
         "application/json"
@@ -626,14 +633,13 @@ fn structured_output_is_translated_for_each_provider_or_refused_by_name() {
         "/v1/chat/completions",
         &json!({"model": route("anthropic"), "messages": messages, "response_format": json_object}),
     );
-    let sent = last_request_for(&f.sim, "anthropic").json();
+    let sent = last_request_for(&f.sim, "anthropic", "Answer in JSON.").json();
     assert_eq!(
         sent["tools"][0]["input_schema"],
         json!({"type": "object"}),
         "{sent}"
     );
     // No equivalent: a 400 naming the provider, nothing sent.
-    f.sim.clear();
     let (status, answer) = f.gw.post(
         "/v1/chat/completions",
         &json!({"model": f.mlflow, "messages": messages, "response_format": format}),
@@ -645,7 +651,7 @@ fn structured_output_is_translated_for_each_provider_or_refused_by_name() {
             .is_some_and(|m| m.contains("mlflow-model-serving")),
         "{answer}"
     );
-    assert!(f.sim.requests().is_empty());
+    assert!(requests_for(&f.sim, "mlflow-model-serving", "Answer in JSON.").is_empty());
 }
 
 /// The last SSE event of a body.
