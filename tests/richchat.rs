@@ -296,6 +296,17 @@ fn streamed_tool_calls_from_every_provider_through_the_openai_python_sdk() {
         "pytest richchat failed; gateway log:\n{}",
         f.gw.log()
     );
+    // The SDK's `parse` sends a strict schema (`additionalProperties: false`), beyond Gemini's
+    // OpenAPI subset: it went as `responseJsonSchema`.
+    let strict = requests_for(&f.sim, "gemini", "Answer in JSON.")
+        .iter()
+        .map(RecordedRequest::json)
+        .find(|b| b["generationConfig"].get("responseJsonSchema").is_some())
+        .expect("the SDK's strict schema reached Gemini as responseJsonSchema");
+    assert_eq!(
+        strict["generationConfig"]["responseJsonSchema"]["additionalProperties"], false,
+        "{strict}"
+    );
 }
 
 #[test]

@@ -1,12 +1,13 @@
-"""The OpenAI Python SDK streaming tool calls from every tool-capable provider behind the gateway
-(tests/richchat.rs starts it and passes, per provider, the route and the arguments the simulated
-provider sends)."""
+"""The OpenAI Python SDK against every tool-capable provider behind the gateway: streamed and plain
+tool calls, and structured output parsed into the caller's model (tests/richchat.rs starts the
+gateway and passes, per provider, the route and the arguments the simulated provider sends)."""
 
 import json
 import os
 
 import pytest
 from openai import OpenAI
+from pydantic import BaseModel
 
 ROUTES = json.loads(os.environ.get("PORTCULLIS_ROUTES", "{}"))
 PROVIDERS = sorted(ROUTES.get("tools", {}))
@@ -79,3 +80,37 @@ def test_tool_calls_without_streaming(client, provider):
     calls = choice.message.tool_calls
     assert [c.function.name for c in calls] == ["get_weather", "get_time"]
     assert [json.loads(c.function.arguments) for c in calls] == ROUTES["expected_arguments"]
+
+
+class Reply(BaseModel):
+    """What the simulated Gemini and Cohere answer when asked for JSON."""
+
+    answer: str
+    confidence: float
+    tags: list[str]
+
+
+class ToolInput(BaseModel):
+    """What the simulated Anthropic and Bedrock put in the forced structured-output tool's input."""
+
+    tool: str
+    n: int
+    city: str
+
+
+@pytest.mark.parametrize(
+    "provider,model",
+    [("gemini", Reply), ("cohere", Reply), ("anthropic", ToolInput), ("bedrock", ToolInput)],
+)
+def test_structured_output_parses_into_the_callers_model(client, provider, model):
+    if provider not in PROVIDERS:
+        pytest.skip(f"no {provider} route")
+    parse = getattr(client.chat.completions, "parse", None) or client.beta.chat.completions.parse
+    completion = parse(
+        model=ROUTES["tools"][provider],
+        messages=[{"role": "user", "content": "Answer in JSON."}],
+        response_format=model,
+    )
+    parsed = completion.choices[0].message.parsed
+    assert isinstance(parsed, model)
+    assert completion.choices[0].finish_reason == "stop"
