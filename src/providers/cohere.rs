@@ -505,9 +505,11 @@ impl GenerateStream {
                 }),
                 Some("stream-end") => {
                     let response = &v["response"];
+                    // stream-end is the end marker: it ends every generation, reason or not.
                     let reason = v["finish_reason"]
                         .as_str()
-                        .and_then(normalize_finish_reason);
+                        .and_then(normalize_finish_reason)
+                        .or_else(|| Some("stop".into()));
                     let count = response["generations"]
                         .as_array()
                         .map_or(1, Vec::len)
