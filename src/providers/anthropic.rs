@@ -233,6 +233,8 @@ fn content_blocks(content: &Value) -> Result<Vec<Value>, ProviderError> {
         }
         _ => {}
     }
+    // Anthropic refuses empty text blocks (an assistant turn that only calls tools often has one).
+    blocks.retain(|b| b["type"] != "text" || b["text"].as_str().is_some_and(|t| !t.is_empty()));
     Ok(blocks)
 }
 
@@ -561,7 +563,7 @@ mod tests {
                 "provider anthropic does not support n > 1".into()
             ))
         );
-        let mut call = msg("assistant", Value::Null);
+        let mut call = msg("assistant", json!(""));
         call.extra.insert(
             "tool_calls".into(),
             json!([{"id":"t1","type":"function","function":{"name":"f","arguments":"{\"a\":1}"}}]),
