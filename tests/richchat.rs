@@ -376,6 +376,43 @@ fn streamed_tool_calls_on_chat_completions_and_mlflow_invocations() {
 }
 
 #[test]
+fn gemini_thought_signatures_come_back_with_their_calls() {
+    let f = fixture();
+    let route = &f.routes.iter().find(|(p, _)| *p == "gemini").unwrap().1;
+    let ask = json!([{"role": "user", "content": "Signed calls?"}]);
+    let (status, answer) = f.gw.post(
+        "/v1/chat/completions",
+        &json!({"model": route, "messages": ask, "tools": tools()}),
+    );
+    assert_eq!(status, 200, "{answer}");
+    let calls = answer["choices"][0]["message"]["tool_calls"].clone();
+    let mut messages = ask.as_array().cloned().unwrap();
+    messages.push(json!({"role": "assistant", "content": null, "tool_calls": calls}));
+    for call in calls.as_array().unwrap() {
+        messages.push(json!({"role": "tool", "tool_call_id": call["id"], "content": "ok"}));
+    }
+    let (status, answer) = f.gw.post(
+        "/v1/chat/completions",
+        &json!({"model": route, "messages": messages, "tools": tools()}),
+    );
+    assert_eq!(status, 200, "{answer}");
+    let sent = last_request_for(&f.sim, "gemini", "Signed calls?").json();
+    let parts = &sent["contents"][1]["parts"];
+    for (i, name) in ["get_weather", "get_time"].iter().enumerate() {
+        assert_eq!(parts[i]["functionCall"]["name"], *name, "{sent}");
+        assert_eq!(
+            parts[i]["thoughtSignature"],
+            portcullis_sim::thought_signature(i),
+            "{sent}"
+        );
+    }
+    assert_eq!(
+        sent["contents"][2]["parts"][0]["functionResponse"]["name"], "get_weather",
+        "{sent}"
+    );
+}
+
+#[test]
 fn tool_results_go_back_in_each_providers_shape() {
     let f = fixture();
     let messages = json!([

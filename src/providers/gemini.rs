@@ -317,7 +317,11 @@ fn generate(
                 if let Some(Value::Array(calls)) = m.extra.get("tool_calls") {
                     for call in calls {
                         let name = call.pointer("/function/name").cloned().unwrap_or_default();
-                        parts.push(json!({"functionCall": {"name": name, "args": features::call_arguments(call)}}));
+                        let mut part = json!({"functionCall": {"name": name, "args": features::call_arguments(call)}});
+                        if let Some(sig) = call["id"].as_str().and_then(signature_from_id) {
+                            part["thoughtSignature"] = json!(sig);
+                        }
+                        parts.push(part);
                     }
                 }
                 ("model", parts)
@@ -475,7 +479,7 @@ fn candidate_parts(c: &WireCandidate) -> (String, Vec<Value>) {
         }
         if let Some(call) = part.get("functionCall") {
             calls.push(json!({
-                "id": call_id(call, calls.len()),
+                "id": call_id(part, calls.len()),
                 "type": "function",
                 "function": {"name": call["name"], "arguments": call.get("args").cloned().unwrap_or(json!({})).to_string()},
             }));
@@ -485,11 +489,41 @@ fn candidate_parts(c: &WireCandidate) -> (String, Vec<Value>) {
 }
 
 /// A function call's own id when Gemini gives one, else one numbered within its candidate.
-fn call_id(call: &Value, n: usize) -> String {
-    call.get("id")
+///
+/// A part's `thoughtSignature` rides in the id, base64url-encoded after `SIGNATURE`: thinking
+/// models want it back with the call in the next request, and the id is the one thing every
+/// client returns untouched (the gateway keeps no state between calls).
+fn call_id(part: &Value, n: usize) -> String {
+    let id = part
+        .pointer("/functionCall/id")
         .and_then(Value::as_str)
         .filter(|s| !s.is_empty())
-        .map_or_else(|| format!("call_{n}"), str::to_string)
+        .map_or_else(|| format!("call_{n}"), str::to_string);
+    match part["thoughtSignature"].as_str().and_then(signature_to_id) {
+        Some(sig) => format!("{id}{SIGNATURE}{sig}"),
+        None => id,
+    }
+}
+
+/// Where a thought signature starts in a tool call id.
+const SIGNATURE: &str = "_ts_";
+
+/// A base64 signature in id-safe characters (`[A-Za-z0-9_-]`); `None` if it is not base64.
+fn signature_to_id(sig: &str) -> Option<String> {
+    let body = sig.trim_end_matches('=');
+    body.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'-' | b'_'))
+        .then(|| body.replace('+', "-").replace('/', "_"))
+}
+
+/// The thought signature carried in a tool call id, back in base64.
+fn signature_from_id(id: &str) -> Option<String> {
+    let (_, sig) = id.split_once(SIGNATURE)?;
+    let mut out = sig.replace('-', "+").replace('_', "/");
+    while out.len() % 4 != 0 {
+        out.push('=');
+    }
+    Some(out)
 }
 
 /// Gemini has no tool finish reason: a function call ends with STOP.
@@ -575,13 +609,13 @@ impl SseHandler for GeminiStream {
                 .content
                 .iter()
                 .flat_map(|c| &c.parts)
-                .filter_map(|p| p.get("functionCall"))
+                .filter_map(|p| Some((p, p.get("functionCall")?)))
                 .enumerate()
-                .map(|(k, call)| {
+                .map(|(k, (part, call))| {
                     let n = before + k as u32;
                     ToolCallDelta {
                         index: n,
-                        id: Some(call_id(call, n as usize)),
+                        id: Some(call_id(part, n as usize)),
                         name: call["name"].as_str().map(str::to_string),
                         arguments: call.get("args").cloned().unwrap_or(json!({})).to_string(),
                     }
@@ -890,6 +924,52 @@ mod tests {
             b["generationConfig"]["responseSchema"],
             json!({"type": "object", "properties": {"temp": {"type": "number"}}})
         );
+    }
+
+    #[test]
+    fn thought_signatures_ride_in_call_ids_and_go_back_with_the_call() {
+        use crate::providers::testing::tool_calls;
+        let sig = "CiQB0e2Kb+/x9Q==";
+        let wire = format!(
+            "data: {}\r\n\r\n",
+            json!({"candidates": [{"content": {"role": "model", "parts": [{"functionCall": {"name": "f", "args": {"a": 1}}, "thoughtSignature": sig}]}, "finishReason": "STOP", "index": 0}]})
+        );
+        let out = decode_split(&Gemini, RouteType::Chat, wire.as_bytes(), vec![])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let calls = tool_calls(&out);
+        let id = calls[0].0.clone();
+        assert_eq!(id, "call_0_ts_CiQB0e2Kb-_x9Q");
+        assert!(
+            id.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        );
+        let mut call = ChatMessage {
+            role: "assistant".into(),
+            content: Value::Null,
+            extra: Map::new(),
+        };
+        call.extra.insert(
+            "tool_calls".into(),
+            json!([{"id": id, "type": "function", "function": {"name": "f", "arguments": "{\"a\":1}"}}]),
+        );
+        let req = LlmRequest::Chat(ChatRequest {
+            messages: vec![call],
+            params: Params::default(),
+            stream: StreamOptions::default(),
+            extra: Map::new(),
+        });
+        let b = body(
+            &Gemini
+                .build_request(&target(), &req)
+                .unwrap_or_else(|e| panic!("{e}")),
+        );
+        assert_eq!(
+            b["contents"][0]["parts"][0],
+            json!({"functionCall": {"name": "f", "args": {"a": 1}}, "thoughtSignature": sig})
+        );
+        // Without a signature the id stays short.
+        let plain = json!({"functionCall": {"name": "f"}});
+        assert_eq!(call_id(&plain, 3), "call_3");
     }
 
     #[test]

@@ -216,9 +216,10 @@ fn special_answer(
         );
     } else {
         parts.push(json!({"text": "Let me check."}));
-        parts.extend(calls.iter().enumerate().map(
-            |(i, name)| json!({"functionCall": {"name": name, "args": tool_arguments(name, i)}}),
-        ));
+        // Thinking models sign their calls; the signature must come back with the call.
+        parts.extend(calls.iter().enumerate().map(|(i, name)| {
+            json!({"functionCall": {"name": name, "args": tool_arguments(name, i)}, "thoughtSignature": thought_signature(i)})
+        }));
     }
     let usage = json!({"promptTokenCount": 5, "candidatesTokenCount": 10, "totalTokenCount": 15});
     if !stream {
@@ -261,4 +262,9 @@ fn special_answer(
         .map(|c| Bytes::from(format!("data: {c}\r\n\r\n")))
         .collect();
     stream_response(shared, "text/event-stream", frames)
+}
+
+/// The thought signature of the `n`th function call of a simulated answer (base64, as Gemini's).
+pub fn thought_signature(n: usize) -> String {
+    format!("c2lnLXNpbS0{n}+/==")
 }

@@ -12,6 +12,7 @@ mod mlflow;
 mod openai;
 
 pub use bedrock::encode_frame;
+pub use gemini::thought_signature;
 pub use openai::embed;
 mod tgi;
 
