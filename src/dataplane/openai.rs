@@ -137,7 +137,13 @@ fn render_generation(g: &Generation, route: &ServingRoute) -> Value {
             if chat {
                 let mut message = Map::new();
                 message.insert("role".into(), json!("assistant"));
-                message.insert("content".into(), json!(c.text));
+                // As OpenAI answers: a message that only calls tools has no content.
+                let content = if c.text.is_empty() && c.message_extra.contains_key("tool_calls") {
+                    Value::Null
+                } else {
+                    json!(c.text)
+                };
+                message.insert("content".into(), content);
                 message.extend(c.message_extra.clone());
                 json!({"index": c.index, "message": message, "finish_reason": c.finish_reason})
             } else {
@@ -293,4 +299,60 @@ fn openai_stream(
     frames
         .chain(done)
         .filter(|b| futures::future::ready(!b.is_empty()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames(deltas: Vec<StreamDelta>, done_marker: bool) -> Vec<Value> {
+        let stream = openai_stream(
+            futures::stream::iter([Ok(deltas)]),
+            "m".into(),
+            RouteType::Chat,
+            StreamOptions::default(),
+            done_marker,
+        );
+        let bytes: Vec<Bytes> = futures::executor::block_on(stream.collect());
+        let text = String::from_utf8_lossy(&bytes.concat()).into_owned();
+        text.lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .map(|d| serde_json::from_str(d).unwrap_or(Value::String(d.to_string())))
+            .collect()
+    }
+
+    #[test]
+    fn tool_call_fragments_render_as_openai_delta_tool_calls() {
+        let call = |index, id: Option<&str>, name: Option<&str>, arguments: &str| StreamDelta {
+            tool_calls: vec![ToolCallDelta {
+                index,
+                id: id.map(str::to_string),
+                name: name.map(str::to_string),
+                arguments: arguments.into(),
+            }],
+            ..Default::default()
+        };
+        let out = frames(
+            vec![
+                call(0, Some("c1"), Some("f"), ""),
+                call(0, None, None, "{\"a\":"),
+                call(0, None, None, "1}"),
+                StreamDelta {
+                    finish_reason: Some("tool_calls".into()),
+                    ..Default::default()
+                },
+            ],
+            true,
+        );
+        assert_eq!(
+            out[0]["choices"][0]["delta"]["tool_calls"],
+            json!([{"index": 0, "id": "c1", "type": "function", "function": {"name": "f", "arguments": ""}}])
+        );
+        assert_eq!(
+            out[1]["choices"][0]["delta"]["tool_calls"],
+            json!([{"index": 0, "function": {"arguments": "{\"a\":"}}])
+        );
+        assert_eq!(out[3]["choices"][0]["finish_reason"], "tool_calls");
+        assert_eq!(out[4], Value::String("[DONE]".into()));
+    }
 }
