@@ -443,14 +443,17 @@ fn converse_body(
             Value::Object(additional),
         );
     }
-    if let Some(config) = tool_config(extra)? {
+    if let Some(config) = tool_config(messages, extra)? {
         body.insert("toolConfig".into(), config);
     }
     Ok(Value::Object(body))
 }
 
 /// `toolConfig` from OpenAI's tools, tool choice and structured output (a forced tool).
-fn tool_config(extra: &Map<String, Value>) -> Result<Option<Value>, ProviderError> {
+fn tool_config(
+    messages: &[ChatMessage],
+    extra: &Map<String, Value>,
+) -> Result<Option<Value>, ProviderError> {
     let spec = |name: &str, description: Option<&str>, schema: Value| {
         let mut s = Map::new();
         s.insert("name".into(), json!(name));
@@ -486,7 +489,23 @@ fn tool_config(extra: &Map<String, Value>) -> Result<Option<Value>, ProviderErro
         choice = Some(json!({"tool": {"name": OUTPUT_TOOL}}));
     }
     if specs.is_empty() {
-        return Ok(None);
+        // Converse refuses toolUse and toolResult blocks without a toolConfig: a conversation that
+        // used tools, continued without them, declares the tools its calls name.
+        let mut used: Vec<&str> = messages
+            .iter()
+            .filter_map(|m| m.extra.get("tool_calls")?.as_array())
+            .flatten()
+            .filter_map(|c| c.pointer("/function/name")?.as_str())
+            .collect();
+        used.sort_unstable();
+        used.dedup();
+        specs = used
+            .into_iter()
+            .map(|name| spec(name, None, json!({"type": "object"})))
+            .collect();
+        if specs.is_empty() {
+            return Ok(None);
+        }
     }
     let mut config = Map::new();
     config.insert("tools".into(), Value::Array(specs));
@@ -1080,6 +1099,20 @@ mod tests {
         assert_eq!(
             b["toolConfig"],
             json!({"tools": [{"toolSpec": {"name": "f", "inputSchema": {"json": {"type": "object"}}}}], "toolChoice": {"any": {}}})
+        );
+        // The same conversation continued without tools still declares the one its call names.
+        let mut call = msg("assistant", Value::Null);
+        call.extra.insert(
+            "tool_calls".into(),
+            json!([{"id": "t1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]),
+        );
+        let mut result = msg("tool", json!("42"));
+        result.extra.insert("tool_call_id".into(), json!("t1"));
+        let b = body_of(vec![msg("user", json!("go")), call, result], json!({}))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            b["toolConfig"],
+            json!({"tools": [{"toolSpec": {"name": "f", "inputSchema": {"json": {"type": "object"}}}}]})
         );
         let https = msg(
             "user",
