@@ -201,6 +201,26 @@ fn request_body(target: &Target, chat: &ChatRequest) -> Result<Value, ProviderEr
         tools.push(json!({"name": OUTPUT_TOOL, "description": "Give the answer as this tool's input.", "input_schema": format.schema()}));
         choice = Some(json!({"type": "tool", "name": OUTPUT_TOOL}));
     }
+    if !tools.iter().any(|t| t["name"] != OUTPUT_TOOL) {
+        // Anthropic refuses tool_use blocks in a request that defines no tools: a conversation
+        // that used tools, continued without them, declares the ones its calls name.
+        let mut used: Vec<&str> = chat
+            .messages
+            .iter()
+            .filter_map(|m| m.extra.get("tool_calls")?.as_array())
+            .flatten()
+            .filter_map(|c| c.pointer("/function/name")?.as_str())
+            .collect();
+        used.sort_unstable();
+        used.dedup();
+        if !used.is_empty() && tools.is_empty() {
+            // Declared only for the history: the caller offered no tools to call now.
+            choice.get_or_insert_with(|| json!({"type": "none"}));
+        }
+        tools.extend(used.into_iter().map(
+            |name| json!({"name": name, "description": "", "input_schema": {"type": "object"}}),
+        ));
+    }
     if chat.extra.get("parallel_tool_calls") == Some(&Value::Bool(false)) && !tools.is_empty() {
         let c = choice.get_or_insert_with(|| json!({"type": "auto"}));
         c["disable_parallel_tool_use"] = json!(true);
@@ -584,6 +604,12 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         let body: Value = serde_json::from_slice(&built.body).unwrap_or_default();
         assert_eq!(body["max_tokens"], 5);
+        // No tools given, but the history uses one: it is declared, not offered.
+        assert_eq!(
+            body["tools"],
+            json!([{"name": "f", "description": "", "input_schema": {"type": "object"}}])
+        );
+        assert_eq!(body["tool_choice"], json!({"type": "none"}));
         assert_eq!(
             body["messages"],
             json!([{"role":"user","content":[{"type":"text","text":"go"}]},
