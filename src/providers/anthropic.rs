@@ -120,14 +120,10 @@ impl ProviderAdapter for Anthropic {
 fn request_body(target: &Target, chat: &ChatRequest) -> Result<Value, ProviderError> {
     reject_n(Provider::Anthropic, &chat.params)?;
     let mut system = Vec::new();
-    let mut system_blocks = Vec::new();
     let mut messages: Vec<Value> = Vec::new();
     for m in &chat.messages {
         match m.role.as_str() {
-            "system" | "developer" => {
-                system.push(m.text());
-                system_blocks.extend(content_blocks(&m.content));
-            }
+            "system" | "developer" => system.push(m.text()),
             "tool" => push_turn(
                 &mut messages,
                 "user",
@@ -150,13 +146,7 @@ fn request_body(target: &Target, chat: &ChatRequest) -> Result<Value, ProviderEr
     let mut body = Map::new();
     body.insert("model".into(), json!(target.model));
     body.insert("max_tokens".into(), json!(max_tokens));
-    if system_blocks
-        .iter()
-        .any(|b| b.get("cache_control").is_some())
-    {
-        // Cache breakpoints live on blocks: keep them.
-        body.insert("system".into(), Value::Array(system_blocks));
-    } else if !system.is_empty() {
+    if !system.is_empty() {
         body.insert("system".into(), json!(system.join("\n\n")));
     }
     body.insert("messages".into(), Value::Array(messages));
@@ -198,13 +188,7 @@ fn content_blocks(content: &Value) -> Vec<Value> {
         Value::Array(parts) => parts
             .iter()
             .filter_map(|p| match p.get("type").and_then(Value::as_str) {
-                Some("text") => {
-                    let mut block = json!({"type": "text", "text": p["text"]});
-                    if let Some(cc) = p.get("cache_control") {
-                        block["cache_control"] = cc.clone();
-                    }
-                    Some(block)
-                }
+                Some("text") => Some(json!({"type": "text", "text": p["text"]})),
                 Some("image_url") => {
                     let url = p.pointer("/image_url/url")?.as_str()?;
                     Some(match url.strip_prefix("data:").and_then(|r| r.split_once(";base64,")) {
@@ -518,23 +502,12 @@ mod tests {
     }
 
     #[test]
-    fn cache_control_and_the_callers_beta_pass_through() {
-        let mut system = msg(
-            "system",
-            json!([{"type": "text", "text": "S", "cache_control": {"type": "ephemeral"}}]),
-        );
-        system.extra = Map::new();
+    fn the_callers_beta_and_top_k_pass_through() {
         let mut extra = Map::new();
         extra.insert("anthropic_beta".into(), json!("prompt-caching-2024-07-31"));
         extra.insert("top_k".into(), json!(3));
         let req = LlmRequest::Chat(ChatRequest {
-            messages: vec![
-                system,
-                msg(
-                    "user",
-                    json!([{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}]),
-                ),
-            ],
+            messages: vec![msg("user", json!("hi"))],
             params: Params::default(),
             stream: StreamOptions::default(),
             extra,
@@ -544,14 +517,6 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(built.headers["anthropic-beta"], "prompt-caching-2024-07-31");
         let body: Value = serde_json::from_slice(&built.body).unwrap_or_default();
-        assert_eq!(
-            body["system"],
-            json!([{"type": "text", "text": "S", "cache_control": {"type": "ephemeral"}}])
-        );
-        assert_eq!(
-            body["messages"][0]["content"][0]["cache_control"],
-            json!({"type": "ephemeral"})
-        );
         assert_eq!(body["top_k"], 3);
         assert!(body.get("anthropic_beta").is_none());
     }
