@@ -209,6 +209,9 @@ pub fn parse(mut body: Fields, pass: PassOn, generate: bool) -> Result<ChatReque
             }
         }
     }
+    if let Some(format) = output_format(body.remove("output_config"))? {
+        extra.insert("response_format".into(), format);
+    }
     let stream = take_bool(&mut body, "stream")?.unwrap_or(false);
     Ok(ChatRequest {
         messages,
@@ -478,6 +481,28 @@ fn tool_choice(choice: &Value) -> Result<(Value, bool), GatewayError> {
         }
     };
     Ok((mapped, parallel))
+}
+
+/// Anthropic's structured output (`output_config.format`, a JSON schema) as OpenAI's `response_format`.
+fn output_format(config: Option<Value>) -> Result<Option<Value>, GatewayError> {
+    let format = match config {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Object(c)) => match c.get("format") {
+            None | Some(Value::Null) => return Ok(None),
+            Some(f) => f.clone(),
+        },
+        Some(_) => return Err(bad("'output_config' must be an object")),
+    };
+    match (
+        format.get("type").and_then(Value::as_str),
+        format.get("schema").filter(|s| s.is_object()),
+    ) {
+        (Some("json_schema"), Some(schema)) => Ok(Some(json!({"type": "json_schema",
+            "json_schema": {"name": "output", "schema": schema, "strict": true}}))),
+        _ => Err(bad(
+            "output_config.format must be {\"type\": \"json_schema\", \"schema\": {...}}",
+        )),
+    }
 }
 
 /// A unified finish reason as Anthropic's `stop_reason`.
@@ -828,6 +853,16 @@ mod tests {
                 .contains("temperature")
         );
         assert!(parse_err(json!({"max_tokens": 5, "messages": []})).contains("at least one"));
+        assert!(
+            parse_err(json!({"max_tokens": 5, "messages": hi, "output_config": {"format": {"type": "json_schema"}}}))
+                .contains("output_config.format")
+        );
+        let structured = parse_ok(json!({"max_tokens": 5, "messages": hi,
+            "output_config": {"effort": "low", "format": {"type": "json_schema", "schema": {"type": "object"}}}}));
+        assert_eq!(
+            structured.extra["response_format"],
+            json!({"type": "json_schema", "json_schema": {"name": "output", "schema": {"type": "object"}, "strict": true}})
+        );
         assert!(
             parse_err(json!({"max_tokens": 5, "messages": [{"role": "assistant", "content": [{"type": "tool_result", "tool_use_id": "x"}]}]}))
                 .contains("cannot appear")

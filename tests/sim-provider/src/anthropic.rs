@@ -102,6 +102,20 @@ async fn messages(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: B
         frames.push(event("message_stop", json!({"type": "message_stop"})));
         return stream_response(&shared, "text/event-stream; charset=utf-8", frames);
     }
+    let answered = messages.iter().any(|m| {
+        m["content"]
+            .as_array()
+            .is_some_and(|b| b.iter().any(|b| b["type"] == "tool_result"))
+    });
+    if let (Some(tool), false) = (req["tools"][0]["name"].as_str(), answered) {
+        return json_response(
+            200,
+            json!({"id": "msg_sim", "type": "message", "role": "assistant", "model": model,
+                   "content": [{"type": "tool_use", "id": "toolu_sim_1", "name": tool, "input": crate::tool_input()}],
+                   "stop_reason": "tool_use", "stop_sequence": null,
+                   "usage": {"input_tokens": input, "output_tokens": 5}}),
+        );
+    }
     json_response(
         200,
         json!({"id": "msg_sim", "type": "message", "role": "assistant", "model": model,

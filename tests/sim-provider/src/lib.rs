@@ -543,6 +543,12 @@ pub fn content_text(content: &Value) -> String {
     }
 }
 
+/// The input every simulated provider calls a tool with: a tool-use round trip's first answer
+/// (non-streaming) is a call of the first tool offered, until a tool result is in the conversation.
+pub fn tool_input() -> Value {
+    serde_json::json!({"city": "Paris"})
+}
+
 /// Deterministic filler text: "word1 word2 ...".
 pub fn answer_text(words: usize) -> Vec<String> {
     (1..=words).map(|i| format!("word{i}")).collect()

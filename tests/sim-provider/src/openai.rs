@@ -202,6 +202,19 @@ pub async fn generate(
             &shared, id, created, model, words, finish, prompt, chat, usage_mode,
         );
     }
+    let tool = req["tools"][0]["function"]["name"].as_str();
+    let answered = req["messages"]
+        .as_array()
+        .is_some_and(|m| m.iter().any(|m| m["role"] == "tool"));
+    if let (true, Some(tool), false) = (chat, tool, answered) {
+        let call = json!({"id": "call_sim_1", "type": "function", "function": {"name": tool, "arguments": crate::tool_input().to_string()}});
+        return axum::Json(json!({
+            "id": id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": null, "tool_calls": [call]}, "logprobs": null, "finish_reason": "tool_calls"}],
+            "usage": usage(prompt, 5),
+        }))
+        .into_response();
+    }
     let text = words.join(" ");
     let choices: Vec<Value> = (0..n)
         .map(|i| {
