@@ -249,7 +249,10 @@ fn anthropic_and_openai_sdks_on_every_provider() {
     assert_eq!(responses["messages"][0]["content"], "Be terse.");
     assert_eq!(responses["max_tokens"], 100);
     let structured = find(&openai, "structured-check");
-    assert_eq!(structured["response_format"]["json_schema"]["schema"]["type"], "object");
+    assert_eq!(
+        structured["response_format"]["json_schema"]["schema"]["type"],
+        "object"
+    );
     let structured = find(&openai, "json-check");
     assert_eq!(structured["response_format"]["type"], "json_schema");
     assert_eq!(
