@@ -10,14 +10,14 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use bytes::BytesMut;
 use http::HeaderMap;
 use serde_json::{Map, Value, json};
 
 use super::AppState;
-use super::admission::tokens_for_chars;
+use super::admission::{Visibility, tokens_for_chars};
 use super::body::read_json_object;
 use super::error::{AnthropicError, GatewayError, anthropic_message, anthropic_type};
 use super::forward::{self, ServingRoute};
@@ -87,6 +87,57 @@ pub async fn messages(
         return Err(GatewayError::UpstreamMalformed("expected a chat answer".into()).into());
     };
     Ok(Json(render(&g, &route.entry.model)).into_response())
+}
+
+/// Anthropic's clients send `anthropic-version` on every call; the model listing answers them in
+/// Anthropic's shape, everyone else in OpenAI's.
+fn wants_anthropic(headers: &HeaderMap) -> bool {
+    headers.contains_key("anthropic-version")
+}
+
+fn model_object(name: &str) -> Value {
+    json!({"type": "model", "id": name, "display_name": name, "created_at": "1970-01-01T00:00:00Z"})
+}
+
+/// `GET /v1/models`: the chat routes the caller may use, as Anthropic models (a single page).
+pub async fn list_models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if !wants_anthropic(&headers) {
+        return super::openai::list_models(State(state))
+            .await
+            .into_response();
+    }
+    let visible = Visibility::of_caller(&state).await;
+    let table = state.table.load();
+    let data: Vec<Value> = table
+        .routes()
+        .iter()
+        .filter(|e| e.route_type == RouteType::Chat && visible.shows(e))
+        .map(|e| model_object(&e.name))
+        .collect();
+    let first = data.first().map(|m| m["id"].clone()).unwrap_or(Value::Null);
+    let last = data.last().map(|m| m["id"].clone()).unwrap_or(Value::Null);
+    Json(json!({"data": data, "has_more": false, "first_id": first, "last_id": last}))
+        .into_response()
+}
+
+/// `GET /v1/models/{name}`, in Anthropic's shape for Anthropic's clients.
+pub async fn get_model(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    path: Path<Vec<String>>,
+) -> Response {
+    if !wants_anthropic(&headers) {
+        return super::openai::get_model(State(state), path)
+            .await
+            .into_response();
+    }
+    match Visibility::find(&state, path.0.join("/")).await {
+        Ok(entry) if entry.route_type == RouteType::Chat => {
+            Json(model_object(&entry.name)).into_response()
+        }
+        Ok(entry) => AnthropicError(GatewayError::UnknownRoute(entry.name.clone())).into_response(),
+        Err(e) => AnthropicError(e).into_response(),
+    }
 }
 
 /// `POST /v1/messages/count_tokens`: an estimate (about four characters a token), not the

@@ -140,9 +140,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/messages", post(anthropic::messages))
         .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .route("/v1/responses", post(responses::create))
-        .route("/v1/models", get(openai::list_models))
-        .route("/v1/models/{name}", get(openai::get_model))
-        .route("/v1/models/{namespace}/{name}", get(openai::get_model))
+        // Anthropic's clients (`anthropic-version`) get Anthropic's shapes, others OpenAI's.
+        .route("/v1/models", get(anthropic::list_models))
+        .route("/v1/models/{name}", get(anthropic::get_model))
+        .route("/v1/models/{namespace}/{name}", get(anthropic::get_model))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/health", get(health::health))

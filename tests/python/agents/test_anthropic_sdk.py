@@ -156,3 +156,11 @@ def test_error_classes(client, gateway_url, routes, provider):
         client.messages.create(model=throttled, max_tokens=5, messages=ask("second call does not"))
     assert e.value.body["error"]["type"] == "rate_limit_error"
     assert int(e.value.response.headers["retry-after"]) > 0
+
+
+def test_models_in_anthropics_shape(client, routes):
+    ids = [m.id for m in client.models.list()]
+    assert routes["openai"] in ids and routes["anthropic"] in ids
+    assert client.models.retrieve(routes["anthropic"]).type == "model"
+    with pytest.raises(anthropic.NotFoundError):
+        client.models.retrieve("no-such-route")
