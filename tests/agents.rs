@@ -470,6 +470,15 @@ fn bad_input_is_a_4xx_in_each_surfaces_own_shape() {
             "{what}: {got}"
         );
     }
+    let (status, got) = call_raw("/v1/responses/resp_123/cancel", "{}", false);
+    assert_eq!(status, 404, "{got}");
+    assert!(
+        got["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("stateless"),
+        "{got}"
+    );
     let (status, got) = call_raw("/v1/responses", &oversize, false);
     assert_eq!(status, 413, "{got}");
     assert_eq!(got["error"]["code"], "payload_too_large");

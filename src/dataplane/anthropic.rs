@@ -81,7 +81,14 @@ pub async fn messages(
     let request = LlmRequest::Chat(chat);
     if request.stream().stream {
         let (deltas, model) = forward::invoke_stream(&state, &route, &request).await?;
-        return Ok(sse_response(reframe(deltas, MessagesStream::new(model))));
+        let estimate = match &request {
+            LlmRequest::Chat(chat) => estimate_input(chat),
+            _ => 0,
+        };
+        return Ok(sse_response(reframe(
+            deltas,
+            MessagesStream::new(model).with_input_estimate(estimate),
+        )));
     }
     let LlmResponse::Generation(g) = forward::invoke(&state, &route, &request).await? else {
         return Err(GatewayError::UpstreamMalformed("expected a chat answer".into()).into());
@@ -638,9 +645,16 @@ pub struct MessagesStream {
     tools: Vec<(u32, u32)>,
     finish: Option<String>,
     usage: Usage,
+    /// `message_start` comes before any provider reports usage: it carries this estimate.
+    input_estimate: u64,
 }
 
 impl MessagesStream {
+    pub fn with_input_estimate(mut self, tokens: u64) -> Self {
+        self.input_estimate = tokens;
+        self
+    }
+
     pub fn new(fallback_model: String) -> Self {
         MessagesStream {
             fallback_model,
@@ -650,6 +664,7 @@ impl MessagesStream {
             tools: Vec::new(),
             finish: None,
             usage: Usage::default(),
+            input_estimate: 0,
         }
     }
 
@@ -666,7 +681,7 @@ impl MessagesStream {
             "id": message_id(d.and_then(|d| d.id.as_deref())),
             "type": "message", "role": "assistant", "model": model, "content": [],
             "stop_reason": null, "stop_sequence": null,
-            "usage": {"input_tokens": 0, "output_tokens": 0},
+            "usage": {"input_tokens": self.input_estimate, "output_tokens": 0},
         });
         push_named(
             out,
@@ -777,8 +792,11 @@ impl Reframer for MessagesStream {
             out,
             "message_delta",
             &json!({"type": "message_delta",
-                "delta": {"stop_reason": stop_reason(self.finish.as_deref()), "stop_sequence": null},
-                "usage": usage_json(&self.usage)}),
+            "delta": {"stop_reason": stop_reason(self.finish.as_deref()), "stop_sequence": null},
+            "usage": usage_json(&Usage {
+                prompt_tokens: self.usage.prompt_tokens.or(Some(self.input_estimate)),
+                ..self.usage
+            })}),
         );
         push_named(out, "message_stop", &json!({"type": "message_stop"}));
     }

@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::OriginalUri;
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 
 use crate::access::Authenticator;
 use crate::limits::Limiter;
@@ -140,6 +140,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/messages", post(anthropic::messages))
         .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .route("/v1/responses", post(responses::create))
+        .route("/v1/responses/{*rest}", any(responses::stored))
         // Anthropic's clients (`anthropic-version`) get Anthropic's shapes, others OpenAI's.
         .route("/v1/models", get(anthropic::list_models))
         .route("/v1/models/{name}", get(anthropic::get_model))

@@ -54,6 +54,13 @@ pub async fn create(
     Ok(Json(render(&g, &route.entry.model, &echo)).into_response())
 }
 
+/// `/v1/responses/{id}` (retrieve, delete, cancel, input items): there is nothing stored to find.
+pub async fn stored() -> OpenAiError {
+    OpenAiError(GatewayError::NoSuchPath(
+        "the gateway is stateless and stores no responses; /v1/responses/{id} has nothing to retrieve, delete or cancel".into(),
+    ))
+}
+
 fn bad(param: &'static str, message: impl Into<String>) -> GatewayError {
     GatewayError::bad_param(param, message)
 }

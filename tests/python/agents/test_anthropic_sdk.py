@@ -64,6 +64,7 @@ def test_stream(client, routes, provider):
     assert final.content[0].text == ANSWER
     assert final.stop_reason == "end_turn"
     assert final.usage.output_tokens == 20
+    assert final.usage.input_tokens > 0
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
