@@ -54,3 +54,33 @@ def test_responses_stream_function_call(openai_client, routes, provider):
     call = next(o for o in events[-1].response.output if o.type == "function_call")
     assert call.name == "get_weather" and call.call_id and call.arguments == done.arguments
     assert [e.sequence_number for e in events] == list(range(len(events)))
+
+
+def test_tool_round_trips_on_gemini(claude, openai_client, routes):
+    question = [{"role": "user", "content": "What is the weather in Paris?"}]
+    first = claude.messages.create(model=routes["gemini"], max_tokens=300, tools=[WEATHER], messages=question)
+    call = next(b for b in first.content if b.type == "tool_use")
+    assert first.stop_reason == "tool_use" and call.name == "get_weather"
+    second = claude.messages.create(
+        model=routes["gemini"],
+        max_tokens=300,
+        tools=[WEATHER],
+        messages=question
+        + [
+            {"role": "assistant", "content": [{"type": "tool_use", "id": call.id, "name": call.name, "input": call.input}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "Sunny"}]},
+        ],
+    )
+    assert second.stop_reason == "end_turn" and second.content[0].text
+    first = openai_client.responses.create(model=routes["gemini"], input=question, tools=[FUNCTION])
+    fc = next(o for o in first.output if o.type == "function_call")
+    second = openai_client.responses.create(
+        model=routes["gemini"],
+        tools=[FUNCTION],
+        input=question
+        + [
+            {"type": "function_call", "call_id": fc.call_id, "name": fc.name, "arguments": fc.arguments},
+            {"type": "function_call_output", "call_id": fc.call_id, "output": "Sunny"},
+        ],
+    )
+    assert second.status == "completed" and second.output_text
