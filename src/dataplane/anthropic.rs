@@ -2,9 +2,10 @@
 //! the Route): the request is translated into the unified (OpenAI-shaped) chat model, the answer
 //! and its stream back into Anthropic's content blocks and named events.
 //!
-//! Fields only Anthropic understands (`top_k`, `metadata`, `anthropic-beta`, `cache_control`) are
-//! passed on only when every backend of the Route understands them, never to a provider that
-//! would refuse them.
+//! Fields only Anthropic understands (`top_k`, `metadata`, `anthropic-beta`) are passed on only
+//! when every backend of the Route understands them, never to a provider that would refuse them.
+//! `cache_control` stays on text parts for Anthropic-only Routes (the adapter does not send block
+//! fields yet).
 
 use std::sync::Arc;
 
@@ -78,13 +79,11 @@ pub async fn messages(
     {
         chat.extra.insert("anthropic_beta".into(), json!(beta));
     }
+    let stream = chat.stream.stream;
+    let estimate = if stream { estimate_input(&chat) } else { 0 };
     let request = LlmRequest::Chat(chat);
-    if request.stream().stream {
+    if stream {
         let (deltas, model) = forward::invoke_stream(&state, &route, &request).await?;
-        let estimate = match &request {
-            LlmRequest::Chat(chat) => estimate_input(chat),
-            _ => 0,
-        };
         return Ok(sse_response(reframe(
             deltas,
             MessagesStream::new(model).with_input_estimate(estimate),
