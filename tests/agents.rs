@@ -25,6 +25,9 @@ struct Fixture {
     embeddings: String,
     faulty_openai: String,
     faulty_anthropic: String,
+    /// Token budgets of 100 a day, one Route per surface.
+    budget_messages: String,
+    budget_responses: String,
     /// A ServiceAccount token: every call needs a caller (`--default-access authenticated`).
     token: String,
 }
@@ -83,9 +86,23 @@ fn fixture() -> &'static Fixture {
         let (throttled_openai, throttled_anthropic) = (name("oa-throttled"), name("an-throttled"));
         let (faulty_openai, faulty_anthropic) = (name("oa-faulty"), name("an-faulty"));
         let embeddings = name("emb");
+        let (budget_messages, budget_responses) = (name("budget-msg"), name("budget-resp"));
+        let budget = "  limits:\n    - renewalPeriod: day\n      tokens: 100\n";
         let one_call = "  limits:\n    - renewalPeriod: hour\n      calls: 1\n";
         let docs = [
             secret_manifest(&ns, "keys", "apiKey", SECRET),
+            chat(
+                &budget_messages,
+                "openai",
+                "gpt-4o-mini",
+                &sim.openai_base(),
+            ) + budget,
+            chat(
+                &budget_responses,
+                "openai",
+                "gpt-4o-mini",
+                &sim.openai_base(),
+            ) + budget,
             chat(&openai, "openai", "gpt-4o-mini", &sim.openai_base()),
             chat(
                 &anthropic,
@@ -139,6 +156,8 @@ fn fixture() -> &'static Fixture {
             &faulty_openai,
             &faulty_anthropic,
             &embeddings,
+            &budget_messages,
+            &budget_responses,
         ];
         for r in all {
             cp.wait_ready(&ns, r);
@@ -168,6 +187,8 @@ fn fixture() -> &'static Fixture {
             embeddings,
             faulty_openai,
             faulty_anthropic,
+            budget_messages,
+            budget_responses,
             token,
         }
     })
@@ -557,4 +578,36 @@ fn a_stream_cut_short_is_an_error_event_on_both_surfaces() {
         }
     }
     f.faulty.set_fault(Fault::None);
+}
+
+#[test]
+fn token_budgets_charge_and_settle_on_both_surfaces() {
+    let f = fixture();
+    // Each call reserves about 63 tokens (prompt estimate + 60) and really uses 22 (20 words of
+    // answer): two fit in 100 only if the first was settled to its real usage, a third does not.
+    let messages = json!({"model": f.budget_messages, "max_tokens": 60, "stream": true,
+        "messages": [{"role": "user", "content": "hello there"}]});
+    for _ in 0..2 {
+        let streamed = events("/v1/messages", messages.clone());
+        assert_eq!(
+            streamed.last().map(|(n, _)| n.as_str()),
+            Some("message_stop")
+        );
+        // The charge is settled when the stream is dropped, just after its last event.
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (status, got) = call_raw("/v1/messages", &messages.to_string(), false);
+    assert_eq!(status, 429, "{got}");
+    assert_eq!(got["error"]["type"], "rate_limit_error");
+
+    let responses =
+        json!({"model": f.budget_responses, "max_output_tokens": 60, "input": "hello there"});
+    for _ in 0..2 {
+        let (status, got) = call_raw("/v1/responses", &responses.to_string(), false);
+        assert_eq!(status, 200, "{got}");
+        assert_eq!(got["usage"]["output_tokens"], 20);
+    }
+    let (status, got) = call_raw("/v1/responses", &responses.to_string(), false);
+    assert_eq!(status, 429, "{got}");
+    assert_eq!(got["error"]["code"], "rate_limit_exceeded");
 }
