@@ -128,3 +128,12 @@ def test_unknown_route_and_bad_credentials(client, gateway_url, routes):
     stranger = OpenAI(base_url=f"{gateway_url}/v1", api_key="not-a-credential", max_retries=0, timeout=30)
     with pytest.raises(openai.AuthenticationError):
         stranger.responses.create(model=routes["openai"], input="x")
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_stream_helper_accumulates_the_response(client, routes, provider):
+    with client.responses.stream(model=routes[provider], input="responses-helper") as stream:
+        text = "".join(e.delta for e in stream if e.type == "response.output_text.delta")
+        final = stream.get_final_response()
+    assert text == ANSWER
+    assert final.output_text == ANSWER and final.status == "completed"
