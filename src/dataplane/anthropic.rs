@@ -640,8 +640,8 @@ pub struct MessagesStream {
     started: bool,
     open: Option<Block>,
     next_block: u32,
-    /// Unified tool-call index -> content block index.
-    tools: Vec<(u32, u32)>,
+    /// Unified tool-call index -> content block index and the call's id.
+    tools: Vec<(u32, u32, String)>,
     finish: Option<String>,
     usage: Usage,
     /// `message_start` comes before any provider reports usage: it carries this estimate.
@@ -737,14 +737,16 @@ impl Reframer for MessagesStream {
                 );
             }
             for call in &d.tool_calls {
+                // A fragment continues its call unless it brings another id (some providers
+                // repeat the id on every fragment).
                 let known = self
                     .tools
                     .iter()
-                    .find(|(t, _)| *t == call.index)
+                    .find(|(t, _, id)| *t == call.index && call.id.as_ref().is_none_or(|c| c == id))
                     .map(|x| x.1);
                 let index = match known {
-                    Some(i) if call.id.is_none() => i,
-                    _ => {
+                    Some(i) => i,
+                    None => {
                         let id = call
                             .id
                             .clone()
@@ -754,8 +756,8 @@ impl Reframer for MessagesStream {
                             out,
                         );
                         self.open = Some(Block::Tool(i));
-                        self.tools.retain(|(t, _)| *t != call.index);
-                        self.tools.push((call.index, i));
+                        self.tools.retain(|(t, _, _)| *t != call.index);
+                        self.tools.push((call.index, i, id));
                         i
                     }
                 };
@@ -1049,6 +1051,28 @@ mod tests {
             events[13].1["usage"],
             json!({"input_tokens": 7, "output_tokens": 4})
         );
+    }
+
+    #[test]
+    fn a_call_whose_fragments_repeat_its_id_stays_one_block() {
+        let frag = |args: &str| ToolCallDelta {
+            index: 0,
+            id: Some("call_x".into()),
+            name: Some("f".into()),
+            arguments: args.into(),
+        };
+        let events = super::super::reframe::run(
+            MessagesStream::new("m".into()),
+            vec![Ok(vec![
+                delta(None, vec![frag("{\"a\"")], None),
+                delta(None, vec![frag(":1}")], Some("tool_calls")),
+            ])],
+        );
+        let starts = events
+            .iter()
+            .filter(|(n, _)| n == "content_block_start")
+            .count();
+        assert_eq!(starts, 1, "{events:?}");
     }
 
     #[test]

@@ -691,9 +691,11 @@ impl Reframer for ResponsesStream {
                 }
             }
             for call in d.tool_calls {
-                let same =
-                    matches!(&self.open, Some(Item::Call { tool, .. }) if *tool == call.index);
-                if !same || call.id.is_some() {
+                // A fragment continues the open call unless it brings another index or id (some
+                // providers repeat the id on every fragment).
+                let same = matches!(&self.open, Some(Item::Call { tool, call_id, .. })
+                    if *tool == call.index && call.id.as_ref().is_none_or(|c| c == call_id));
+                if !same {
                     self.close(out);
                     let id = next_id("fc");
                     let call_id = call
@@ -939,6 +941,18 @@ mod tests {
         let done = &events[14].1["response"];
         assert_eq!(done["output"][1]["call_id"], "call_1");
         assert_eq!(done["usage"]["total_tokens"], 10);
+        let repeated = super::super::reframe::run(
+            ResponsesStream::new("m".into(), echo.clone()),
+            vec![Ok(vec![
+                call(Some("call_1"), "{"),
+                call(Some("call_1"), "}"),
+            ])],
+        );
+        let added = repeated
+            .iter()
+            .filter(|(n, _)| n == "response.output_item.added")
+            .count();
+        assert_eq!(added, 1, "{repeated:?}");
         let cut = super::super::reframe::run(
             ResponsesStream::new("m".into(), echo),
             vec![
