@@ -74,6 +74,36 @@ pub enum RouteState {
 pub struct Upstream {
     pub adapter: &'static dyn ProviderAdapter,
     pub target: Target,
+    /// The URLs this upstream's calls go to, parsed once (an adapter makes a handful per target).
+    urls: parking_lot::Mutex<Vec<(Box<str>, reqwest::Url)>>,
+}
+
+/// URLs kept per upstream; an adapter that made more (none does) would parse the rest per call.
+const MAX_CACHED_URLS: usize = 8;
+
+impl Upstream {
+    pub fn new(adapter: &'static dyn ProviderAdapter, target: Target) -> Upstream {
+        Upstream {
+            adapter,
+            target,
+            urls: parking_lot::Mutex::default(),
+        }
+    }
+
+    /// `url` parsed, from the cache when this upstream was called with it before: URL parsing
+    /// (IDNA included) is otherwise a visible share of a proxied call.
+    /// `None` for a URL that does not parse (the caller lets the HTTP client report it).
+    pub fn url(&self, url: &str) -> Option<reqwest::Url> {
+        if let Some((_, parsed)) = self.urls.lock().iter().find(|(u, _)| &**u == url) {
+            return Some(parsed.clone());
+        }
+        let parsed = reqwest::Url::parse(url).ok()?;
+        let mut urls = self.urls.lock();
+        if urls.len() < MAX_CACHED_URLS && !urls.iter().any(|(u, _)| &**u == url) {
+            urls.push((url.into(), parsed.clone()));
+        }
+        Some(parsed)
+    }
 }
 
 /// The resolved backends of a serving Route and its traffic policy.

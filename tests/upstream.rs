@@ -282,3 +282,49 @@ fn a_provider_refusing_the_routes_credential_is_a_502_and_an_event_for_the_opera
     let events = cp.ok(&["get", "events", "-n", &ns, "-o", "json"]);
     assert!(!events.contains("sk-revoked-key"));
 }
+
+/// A raw HTTP listener that answers every request with `answer` and counts the connections it got.
+fn raw_listener(answer: String) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = hits.clone();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut buf = [0u8; 65536];
+            let _ = conn.set_read_timeout(Some(Duration::from_millis(500)));
+            let _ = conn.read(&mut buf);
+            let _ = conn.write_all(answer.as_bytes());
+        }
+    });
+    (format!("http://{addr}"), hits)
+}
+
+#[test]
+fn a_provider_redirect_is_a_502_and_never_followed_with_the_credential() {
+    let cp = ControlPlane::shared();
+    let ns = cp.namespace("redirect");
+    let (elsewhere, elsewhere_hits) =
+        raw_listener("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}".into());
+    let (provider, provider_hits) = raw_listener(format!(
+        "HTTP/1.1 307 Temporary Redirect\r\nlocation: {elsewhere}/v1/chat/completions\r\ncontent-length: 0\r\n\r\n"
+    ));
+    let gw = Gateway::start(cp, &["--namespace", &ns]);
+    cp.apply(&format!(
+        "{}---\n{}",
+        secret_manifest(&ns, "openai", "apiKey", "sk-redirected"),
+        route_manifest(&ns, "moved", "llm/v1/chat", "openai", &provider),
+    ));
+    cp.wait_ready(&ns, "moved");
+    let (status, body) = gw.chat("moved");
+    assert_eq!(status, 502, "{body}");
+    assert!(provider_hits.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    assert_eq!(
+        elsewhere_hits.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the redirect was followed (with the route's credential)"
+    );
+    assert!(!body.to_string().contains("sk-redirected"));
+}

@@ -438,15 +438,15 @@ fn resolve_model(
 
     let credentials =
         resolve_credentials(model, field, namespace, adapter.credential_keys(), secrets)?;
-    Ok(Upstream {
+    Ok(Upstream::new(
         adapter,
-        target: Target {
+        Target {
             model: model.name.clone(),
             api_base,
             credentials,
             config: model.config.clone(),
         },
-    })
+    ))
 }
 
 fn resolve_credentials(

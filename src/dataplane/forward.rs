@@ -687,11 +687,11 @@ async fn send(
         super::via::VIA,
         state.via.upstream_value(observe::caller_via().as_ref()),
     );
-    let mut call = state
-        .http
-        .request(built.method, built.url)
-        .headers(built.headers)
-        .body(built.body);
+    let call = match upstream.url(&built.url) {
+        Some(url) => state.http.request(built.method, url),
+        None => state.http.request(built.method, built.url),
+    };
+    let mut call = call.headers(built.headers).body(built.body);
     if let Some(t) = timeout {
         call = call.timeout(t);
     }

@@ -22,9 +22,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
-use tower_http::timeout::TimeoutBody;
 use tracing::{debug, warn};
 
 use super::error::{self, GatewayError};
@@ -319,7 +318,7 @@ impl ConnectionService {
                     })
                 }));
             }
-            let req = req.map(|b| Body::new(TimeoutBody::new(body_timeout, b)));
+            let req = req.map(|b| Body::new(PauseLimited::new(b, body_timeout)));
             let response = match tower_oneshot(router, req).await {
                 Ok(r) => r,
                 Err(never) => match never {},
@@ -367,11 +366,67 @@ impl hyper::body::Body for Guarded {
     }
 }
 
+/// A request body that fails once it pauses longer than its limit. The timer is armed only when
+/// a read would wait, so a body that arrives with its head (nearly every LLM call) costs no timer.
+struct PauseLimited {
+    inner: Incoming,
+    limit: Duration,
+    pause: Option<Pin<Box<Sleep>>>,
+}
+
+impl PauseLimited {
+    fn new(inner: Incoming, limit: Duration) -> Self {
+        PauseLimited {
+            inner,
+            limit,
+            pause: None,
+        }
+    }
+}
+
+/// The error of a request body that paused longer than `--body-read-timeout`.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body paused for longer than the gateway allows")]
+pub struct BodyPaused;
+
+impl hyper::body::Body for PauseLimited {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            // The next wait starts its own count.
+            this.pause = None;
+            return Poll::Ready(frame.map(|r| r.map_err(Into::into)));
+        }
+        let limit = this.limit;
+        let pause = this
+            .pause
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match pause.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyPaused)))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Whether a body-read error is the pause limit of `--body-read-timeout`.
 pub fn is_body_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
     let mut current = Some(err);
     while let Some(e) = current {
-        if e.is::<tower_http::timeout::TimeoutError>() {
+        if e.is::<BodyPaused>() {
             return true;
         }
         current = e.source();

@@ -98,6 +98,11 @@ pub fn http_client(upstream_timeout: Duration) -> reqwest::Result<reqwest::Clien
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(256)
         .tcp_nodelay(true)
+        // A provider's redirect is an error, not a hop: following it would send the route's
+        // credential headers to wherever it points (and past the operator's upstream host list).
+        .redirect(reqwest::redirect::Policy::none())
+        // Retries are the Route's traffic policy (forward.rs), never the client's own.
+        .retry(reqwest::retry::never())
         .build()
 }
 

@@ -10,7 +10,7 @@ use std::time::Instant;
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 use tracing::field::Empty;
 use tracing::{Instrument, Span, debug, info};
 
@@ -20,9 +20,9 @@ use crate::llm::Usage;
 use crate::telemetry::metrics::RequestLabels;
 use crate::telemetry::tracecontext::{self, TRACEPARENT};
 
-pub const REQUEST_ID: &str = "x-request-id";
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Where Anthropic's clients put their credential.
-pub const API_KEY: &str = "x-api-key";
+pub const API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
 /// The backend that answered a call (or gave its final error), and after how many tries.
 pub struct Answered {
@@ -31,8 +31,8 @@ pub struct Answered {
     pub attempts: u32,
 }
 
-pub const BACKEND_HEADER: &str = "x-portcullis-backend";
-pub const ATTEMPTS_HEADER: &str = "x-portcullis-attempts";
+pub const BACKEND_HEADER: HeaderName = HeaderName::from_static("x-portcullis-backend");
+pub const ATTEMPTS_HEADER: HeaderName = HeaderName::from_static("x-portcullis-attempts");
 
 /// What the handlers learned about one call.
 #[derive(Default)]
@@ -115,8 +115,10 @@ fn request_id(req: &Request) -> HeaderValue {
         .filter(|v| !v.is_empty() && v.len() <= 128)
         .cloned()
         .unwrap_or_else(|| {
+            static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
             let n = NEXT.fetch_add(1, Ordering::Relaxed);
-            HeaderValue::from_str(&format!("pc-{:08x}-{n}", std::process::id()))
+            let pid = *PID.get_or_init(std::process::id);
+            HeaderValue::from_str(&format!("pc-{pid:08x}-{n}"))
                 .unwrap_or(HeaderValue::from_static("pc"))
         })
 }

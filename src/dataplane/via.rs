@@ -7,12 +7,12 @@ use std::sync::Arc;
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::AppState;
 use super::error::{self, GatewayError};
 
-pub const VIA: &str = "x-portcullis-via";
+pub const VIA: HeaderName = HeaderName::from_static("x-portcullis-via");
 
 /// More gateways than this in a row is a loop whatever their names.
 const MAX_HOPS: usize = 8;
