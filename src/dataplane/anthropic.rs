@@ -576,11 +576,13 @@ fn usage_json(u: &Usage) -> Value {
     json!({"input_tokens": u.prompt_tokens.unwrap_or(0), "output_tokens": u.completion_tokens.unwrap_or(0)})
 }
 
+/// Anthropic's message ids start `msg_`; another provider's id keeps its text after that prefix.
 fn message_id(reported: Option<&str>) -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(1);
     match reported.filter(|s| !s.is_empty()) {
-        Some(id) => id.to_string(),
+        Some(id) if id.starts_with("msg_") => id.to_string(),
+        Some(id) => format!("msg_{id}"),
         None => format!("msg_portcullis_{}", NEXT.fetch_add(1, Ordering::Relaxed)),
     }
 }
@@ -1034,7 +1036,7 @@ mod tests {
                 "message_stop"
             ]
         );
-        assert_eq!(events[0].1["message"]["id"], "chatcmpl-9");
+        assert_eq!(events[0].1["message"]["id"], "msg_chatcmpl-9");
         assert_eq!(
             events[6].1["content_block"],
             json!({"type": "tool_use", "id": "call_a", "name": "get_weather", "input": {}})
