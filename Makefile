@@ -6,7 +6,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: run run-standalone test unit-test e2e-test control-plane python-env redis crds lint fmt build bench bench-quick fuzz soak clean-cache \
+.PHONY: run run-standalone test unit-test e2e-test control-plane python-env redis crds lint fmt build bench bench-deps bench-quick fuzz soak clean-cache \
 	cluster-deps cluster-build cluster-images image cluster-up cluster-down cluster-test
 
 build:
@@ -43,13 +43,18 @@ e2e-test: control-plane python-env redis
 	$(CARGO) test --workspace --tests
 
 # Gateway cost against calling the provider directly; writes bench/results/latest.md. Not a test.
-bench: control-plane
+# valgrind (callgrind) counts instructions and allocations per proxied call exactly; install it once (as root).
+bench-deps:
+	@command -v valgrind >/dev/null 2>&1 || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind; }
+
+bench: control-plane bench-deps
 	$(CARGO) build --workspace --release
 	ulimit -n "$$(ulimit -Hn)"; python3 bench/run.py --oha "$$(hack/tools.sh oha)" \
 	  --kubectl "$$(hack/control-plane.sh bin-dir)/kubectl" --control-plane hack/control-plane.sh
 
 # The same harness with small counts, to check it works (writes to bench/results/quick.md).
-bench-quick: control-plane
+bench-quick: control-plane bench-deps
 	$(CARGO) build --workspace --release
 	ulimit -n "$$(ulimit -Hn)"; python3 bench/run.py --quick --reps 3 --out bench/results/quick.md --oha "$$(hack/tools.sh oha)" \
 	  --kubectl "$$(hack/control-plane.sh bin-dir)/kubectl" --control-plane hack/control-plane.sh
