@@ -491,12 +491,14 @@ def main():
             if d[0] is None or g[0] is None:
                 raise RuntimeError("a stream delivered no data")
             messages_pairs.append((d, g))
+        chat_ttfb_added = ttfb_added
         ttfb_added = statistics.median((g[0] - d[0]) * 1e6 for d, g in messages_pairs)
         total_added = statistics.median((g[1] - d[1]) * 1e6 for d, g in messages_pairs)
-        row("/v1/messages stream, c=1", "time to first byte (µs)",
+        row("/v1/messages stream, c=1", "time to first byte (µs); added vs 2× the added non-streaming p50",
             f"{statistics.median(d[0] for d, _ in messages_pairs) * 1e6:.0f}",
-            f"{statistics.median(g[0] for _, g in messages_pairs) * 1e6:.0f}", f"{ttfb_added:.0f}", "≤ 100",
-            ttfb_added <= 100)
+            f"{statistics.median(g[0] for _, g in messages_pairs) * 1e6:.0f}",
+            f"{ttfb_added:.0f} ({ttfb_added - chat_ttfb_added:+.0f} vs /v1/chat/completions)",
+            f"≤ 2× {added50:.0f}", ttfb_added <= 2 * max(added50, 1.0))
         row("/v1/messages stream, c=1", "total time (µs)",
             f"{statistics.median(d[1] for d, _ in messages_pairs) * 1e6:.0f}",
             f"{statistics.median(g[1] for _, g in messages_pairs) * 1e6:.0f}", f"{total_added:.0f}")
