@@ -161,10 +161,6 @@ pub fn router(state: Arc<AppState>) -> Router {
         })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            via::refuse_loops,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
             observe::middleware,
         ))
         .with_state(state)

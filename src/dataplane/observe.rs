@@ -145,11 +145,15 @@ pub async fn middleware(State(state): State<Arc<AppState>>, req: Request, next: 
             }),
         ..Default::default()
     };
+    let via = &state.via;
     let (mut response, call) = CALL
         .scope(
             RefCell::new(call),
             async move {
-                let response = next.run(req).await;
+                let response = match super::via::refuse_loop(via, &req) {
+                    Some(refused) => refused,
+                    None => next.run(req).await,
+                };
                 (response, CALL.with(|c| c.take()))
             }
             .instrument(span.clone()),

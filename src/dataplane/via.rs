@@ -4,12 +4,10 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
-use axum::middleware::Next;
+use axum::extract::Request;
 use axum::response::Response;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-use super::AppState;
 use super::error::{self, GatewayError};
 
 pub const VIA: HeaderName = HeaderName::from_static("x-portcullis-via");
@@ -88,23 +86,21 @@ impl Default for Via {
     }
 }
 
-/// Refuses a request that already passed through this gateway, before any route is looked up.
-pub async fn refuse_loops(
-    State(state): State<Arc<AppState>>,
-    req: Request,
-    next: Next,
-) -> Response {
-    if state.via.is_loop(req.headers()) {
-        tracing::warn!(
-            path = req.uri().path(),
-            "request loop refused: the request already passed through this gateway"
-        );
-        return error::for_path(
-            req.uri().path(),
-            GatewayError::LoopDetected(state.via.id.to_string()),
-        );
+/// The refusal of a request that already passed through this gateway, before any route is looked
+/// up; `None` for every other request. Called by the request middleware (`observe`), so a refused
+/// loop is logged and counted like any answer without a layer of its own.
+pub fn refuse_loop(via: &Via, req: &Request) -> Option<Response> {
+    if !via.is_loop(req.headers()) {
+        return None;
     }
-    next.run(req).await
+    tracing::warn!(
+        path = req.uri().path(),
+        "request loop refused: the request already passed through this gateway"
+    );
+    Some(error::for_path(
+        req.uri().path(),
+        GatewayError::LoopDetected(via.id.to_string()),
+    ))
 }
 
 #[cfg(test)]
