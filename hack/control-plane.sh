@@ -3,8 +3,10 @@
 #
 #   hack/control-plane.sh build            build kube-apiserver, kubectl, etcd into the cache (once per version)
 #   hack/control-plane.sh bin-dir          print the folder holding the binaries (builds on a miss)
-#   hack/control-plane.sh start DIR [PID]  start etcd + kube-apiserver with state in DIR; writes DIR/kubeconfig;
+#   hack/control-plane.sh start DIR [PID [remove]]
+#                                          start etcd + kube-apiserver with state in DIR; writes DIR/kubeconfig;
 #                                          with PID, both stop by themselves once that process has exited
+#                                          (and DIR is deleted then too with `remove`)
 #   hack/control-plane.sh stop DIR         stop both
 #   hack/control-plane.sh stop-apiserver DIR / start-apiserver DIR   for outage tests (same port, same certs)
 #
@@ -167,7 +169,11 @@ case "$cmd" in
     if [ -n "${3:-}" ]; then
       owner=$3
       # Detached watchdog: tests that leak a control plane (a killed test binary) do not leak processes.
-      nohup bash -c "while kill -0 $owner 2>/dev/null; do sleep 1; done; '$0' stop '$d'" >/dev/null 2>&1 &
+      # A test binary's shared control plane lives in a static that is never dropped: `remove` makes
+      # the watchdog delete its state too, or every test run would leave ~100 MB of etcd data behind.
+      cleanup=""
+      [ "${4:-}" = remove ] && cleanup="; rm -rf '$d'"
+      nohup bash -c "while kill -0 $owner 2>/dev/null; do sleep 1; done; '$0' stop '$d'$cleanup" >/dev/null 2>&1 &
     fi
     say "control plane ready; KUBECONFIG=$d/kubeconfig"
     ;;

@@ -617,10 +617,16 @@ impl StreamObserver {
                         .get_or_create(&route_labels(&self.entry))
                         .observe(ttft);
                 }
+                // Tool-call arguments are output too.
                 self.streamed_chars += deltas
                     .iter()
-                    .filter_map(|d| d.text.as_ref())
-                    .map(String::len)
+                    .map(|d| {
+                        d.text.as_ref().map_or(0, String::len)
+                            + d.tool_calls
+                                .iter()
+                                .map(|t| t.arguments.len())
+                                .sum::<usize>()
+                    })
                     .sum::<usize>();
                 if let Some(usage) = deltas.iter().rev().find_map(|d| d.usage) {
                     self.usage = Some(usage);

@@ -74,6 +74,22 @@ const FIELDS: &[&str] = &[
     "detail",
     "image_url",
     "url",
+    "tools",
+    "tool_choice",
+    "function",
+    "name",
+    "arguments",
+    "parameters",
+    "tool_call_id",
+    "response_format",
+    "json_schema",
+    "schema",
+    "content_block",
+    "partial_json",
+    "functionCall",
+    "toolUse",
+    "contentBlockIndex",
+    "start",
 ];
 
 fn json_value() -> impl Strategy<Value = Value> {
@@ -157,6 +173,25 @@ proptest! {
             let text = Value::Object(body.clone()).to_string();
             let reparsed = parse_json_object(text.as_bytes());
             prop_assert!(reparsed.is_ok());
+        }
+    }
+
+    #[test]
+    fn chat_requests_reach_every_provider_or_fail_with_a_client_error(body in json_object()) {
+        let Ok(request) = parse_request(RouteType::Chat, body, &request::OPENAI) else {
+            return Ok(());
+        };
+        for provider in Provider::ALL {
+            let Some(adapter) = adapter_for(provider) else { continue };
+            if !adapter.route_types().contains(&RouteType::Chat) {
+                continue;
+            }
+            if let Err(e) = adapter.build_request(&target(adapter), &request) {
+                prop_assert!(
+                    matches!(e, crate::providers::ProviderError::Unsupported(_)),
+                    "{provider}: {e:?}"
+                );
+            }
         }
     }
 

@@ -22,7 +22,8 @@ use super::forward::{self, ServingRoute};
 use super::request::{OPENAI, parse_request, require_string};
 use crate::api::RouteType;
 use crate::llm::{
-    Embeddings, Generation, LlmRequest, LlmResponse, StreamDelta, StreamOptions, Usage, unix_now,
+    Embeddings, Generation, LlmRequest, LlmResponse, StreamDelta, StreamOptions, ToolCallDelta,
+    Usage, unix_now,
 };
 
 type Result<T, E = OpenAiError> = std::result::Result<T, E>;
@@ -136,7 +137,13 @@ fn render_generation(g: &Generation, route: &ServingRoute) -> Value {
             if chat {
                 let mut message = Map::new();
                 message.insert("role".into(), json!("assistant"));
-                message.insert("content".into(), json!(c.text));
+                // As OpenAI answers: a message that only calls tools has no content.
+                let content = if c.text.is_empty() && c.message_extra.contains_key("tool_calls") {
+                    Value::Null
+                } else {
+                    json!(c.text)
+                };
+                message.insert("content".into(), content);
                 message.extend(c.message_extra.clone());
                 json!({"index": c.index, "message": message, "finish_reason": c.finish_reason})
             } else {
@@ -200,6 +207,28 @@ fn push_event(buf: &mut BytesMut, value: &Value) {
     buf.put_slice(b"\n\n");
 }
 
+/// Tool-call fragments as OpenAI's `delta.tool_calls`: the first fragment of a call names it.
+fn tool_call_chunks(calls: &[ToolCallDelta]) -> Value {
+    calls
+        .iter()
+        .map(|c| {
+            let mut function = Map::new();
+            if let Some(name) = &c.name {
+                function.insert("name".into(), json!(name));
+            }
+            function.insert("arguments".into(), json!(c.arguments));
+            let mut call = Map::new();
+            call.insert("index".into(), json!(c.index));
+            if let Some(id) = &c.id {
+                call.insert("id".into(), json!(id));
+                call.insert("type".into(), json!("function"));
+            }
+            call.insert("function".into(), Value::Object(function));
+            Value::Object(call)
+        })
+        .collect()
+}
+
 /// Re-frames unified deltas as OpenAI chunks, one output write per upstream read.
 fn openai_stream(
     deltas: impl Stream<Item = Result<Vec<StreamDelta>, GatewayError>> + Send + 'static,
@@ -226,7 +255,7 @@ fn openai_stream(
                     let id = d.id.as_deref().filter(|s| !s.is_empty()).unwrap_or(&fallback_id);
                     let model = d.model.as_deref().filter(|s| !s.is_empty()).unwrap_or(&fallback_model);
                     let created = d.created.unwrap_or(created);
-                    if d.role.is_some() || d.text.is_some() || d.finish_reason.is_some() {
+                    if d.role.is_some() || d.text.is_some() || d.finish_reason.is_some() || !d.tool_calls.is_empty() {
                         let choice = if chat {
                             let mut delta = Map::new();
                             if let Some(role) = &d.role {
@@ -234,6 +263,9 @@ fn openai_stream(
                             }
                             if let Some(text) = &d.text {
                                 delta.insert("content".into(), json!(text));
+                            }
+                            if !d.tool_calls.is_empty() {
+                                delta.insert("tool_calls".into(), tool_call_chunks(&d.tool_calls));
                             }
                             json!({"index": d.index, "delta": delta, "finish_reason": d.finish_reason})
                         } else {
@@ -267,4 +299,60 @@ fn openai_stream(
     frames
         .chain(done)
         .filter(|b| futures::future::ready(!b.is_empty()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames(deltas: Vec<StreamDelta>, done_marker: bool) -> Vec<Value> {
+        let stream = openai_stream(
+            futures::stream::iter([Ok(deltas)]),
+            "m".into(),
+            RouteType::Chat,
+            StreamOptions::default(),
+            done_marker,
+        );
+        let bytes: Vec<Bytes> = futures::executor::block_on(stream.collect());
+        let text = String::from_utf8_lossy(&bytes.concat()).into_owned();
+        text.lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .map(|d| serde_json::from_str(d).unwrap_or(Value::String(d.to_string())))
+            .collect()
+    }
+
+    #[test]
+    fn tool_call_fragments_render_as_openai_delta_tool_calls() {
+        let call = |index, id: Option<&str>, name: Option<&str>, arguments: &str| StreamDelta {
+            tool_calls: vec![ToolCallDelta {
+                index,
+                id: id.map(str::to_string),
+                name: name.map(str::to_string),
+                arguments: arguments.into(),
+            }],
+            ..Default::default()
+        };
+        let out = frames(
+            vec![
+                call(0, Some("c1"), Some("f"), ""),
+                call(0, None, None, "{\"a\":"),
+                call(0, None, None, "1}"),
+                StreamDelta {
+                    finish_reason: Some("tool_calls".into()),
+                    ..Default::default()
+                },
+            ],
+            true,
+        );
+        assert_eq!(
+            out[0]["choices"][0]["delta"]["tool_calls"],
+            json!([{"index": 0, "id": "c1", "type": "function", "function": {"name": "f", "arguments": ""}}])
+        );
+        assert_eq!(
+            out[1]["choices"][0]["delta"]["tool_calls"],
+            json!([{"index": 0, "function": {"arguments": "{\"a\":"}}])
+        );
+        assert_eq!(out[3]["choices"][0]["finish_reason"], "tool_calls");
+        assert_eq!(out[4], Value::String("[DONE]".into()));
+    }
 }

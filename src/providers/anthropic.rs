@@ -5,6 +5,7 @@ use http::{HeaderValue, StatusCode};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
+use super::features::{self, Image, OUTPUT_TOOL, ToolChoice};
 use super::sse::{SseDecoder, SseEvent, SseHandler};
 use super::{
     API_KEY, CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder, Target,
@@ -12,7 +13,9 @@ use super::{
     push_turn, reject_n, single_choice, tool_calls_extra,
 };
 use crate::api::{Provider, RouteType};
-use crate::llm::{ChatMessage, ChatRequest, LlmRequest, LlmResponse, StreamDelta, Usage};
+use crate::llm::{
+    ChatMessage, ChatRequest, LlmRequest, LlmResponse, StreamDelta, ToolCallDelta, Usage,
+};
 
 pub const API_VERSION: &str = "2023-06-01";
 /// Anthropic requires `max_tokens`; this is used when neither the caller nor `config.maxTokens` sets it.
@@ -90,9 +93,15 @@ impl ProviderAdapter for Anthropic {
         let wire: WireMessage = serde_json::from_slice(body).map_err(malformed)?;
         let mut text = String::new();
         let mut tool_calls = Vec::new();
+        let mut structured = false;
         for block in &wire.content {
             match block.get("type").and_then(Value::as_str) {
                 Some("text") => text.push_str(block["text"].as_str().unwrap_or_default()),
+                // Structured output asked for through the output tool: its input is the answer.
+                Some("tool_use") if block["name"] == OUTPUT_TOOL => {
+                    structured = true;
+                    text.push_str(&block["input"].to_string());
+                }
                 Some("tool_use") => tool_calls.push(json!({
                     "id": block["id"],
                     "type": "function",
@@ -101,12 +110,16 @@ impl ProviderAdapter for Anthropic {
                 _ => {}
             }
         }
+        let stop_reason = match wire.stop_reason.as_deref() {
+            Some("tool_use") if structured && tool_calls.is_empty() => Some("end_turn"),
+            other => other,
+        };
         let message_extra = tool_calls_extra(tool_calls);
         Ok(single_choice(
             wire.id,
             wire.model,
             text,
-            wire.stop_reason.as_deref(),
+            stop_reason,
             message_extra,
             wire.usage.map(|u| u.into_usage(None)).unwrap_or_default(),
         ))
@@ -134,8 +147,13 @@ fn request_body(target: &Target, chat: &ChatRequest) -> Result<Value, ProviderEr
                     "content": m.text(),
                 })],
             ),
-            "assistant" => push_turn(&mut messages, "assistant", "content", assistant_blocks(m)),
-            _ => push_turn(&mut messages, "user", "content", content_blocks(&m.content)),
+            "assistant" => push_turn(&mut messages, "assistant", "content", assistant_blocks(m)?),
+            _ => push_turn(
+                &mut messages,
+                "user",
+                "content",
+                content_blocks(&m.content)?,
+            ),
         }
     }
     let max_tokens = chat
@@ -171,51 +189,93 @@ fn request_body(target: &Target, chat: &ChatRequest) -> Result<Value, ProviderEr
             body.insert(key.into(), v.clone());
         }
     }
-    if let Some(Value::Array(tools)) = chat.extra.get("tools") {
-        let tools: Vec<Value> = tools
+    let mut tools: Vec<Value> = features::tools(&chat.extra)?
+        .into_iter()
+        .map(|t| json!({"name": t.name, "description": t.description.unwrap_or_default(), "input_schema": t.parameters}))
+        .collect();
+    let mut choice = match features::tool_choice(&chat.extra)? {
+        None => None,
+        Some(ToolChoice::Auto) => Some(json!({"type": "auto"})),
+        Some(ToolChoice::None) => Some(json!({"type": "none"})),
+        Some(ToolChoice::Required) => Some(json!({"type": "any"})),
+        Some(ToolChoice::Function(name)) => Some(json!({"type": "tool", "name": name})),
+    };
+    if let Some(format) = features::output_format(&chat.extra)? {
+        // Anthropic has no response format: a forced tool whose input schema is the format.
+        if !tools.is_empty() {
+            return Err(ProviderError::Unsupported(
+                "provider anthropic cannot combine tools with response_format".into(),
+            ));
+        }
+        tools.push(json!({"name": OUTPUT_TOOL, "description": "Give the answer as this tool's input.", "input_schema": format.schema()}));
+        choice = Some(json!({"type": "tool", "name": OUTPUT_TOOL}));
+    }
+    if !tools.iter().any(|t| t["name"] != OUTPUT_TOOL) {
+        // Anthropic refuses tool_use blocks in a request that defines no tools: a conversation
+        // that used tools, continued without them, declares the ones its calls name.
+        let mut used: Vec<&str> = chat
+            .messages
             .iter()
-            .filter_map(|t| t.get("function"))
-            .map(|f| json!({"name": f["name"], "description": f.get("description").cloned().unwrap_or(json!("")), "input_schema": f.get("parameters").cloned().unwrap_or(json!({"type": "object"}))}))
+            .filter_map(|m| m.extra.get("tool_calls")?.as_array())
+            .flatten()
+            .filter_map(|c| c.pointer("/function/name")?.as_str())
             .collect();
+        used.sort_unstable();
+        used.dedup();
+        if !used.is_empty() && tools.is_empty() {
+            // Declared only for the history: the caller offered no tools to call now.
+            choice.get_or_insert_with(|| json!({"type": "none"}));
+        }
+        tools.extend(used.into_iter().map(
+            |name| json!({"name": name, "description": "", "input_schema": {"type": "object"}}),
+        ));
+    }
+    if chat.extra.get("parallel_tool_calls") == Some(&Value::Bool(false)) && !tools.is_empty() {
+        let c = choice.get_or_insert_with(|| json!({"type": "auto"}));
+        c["disable_parallel_tool_use"] = json!(true);
+    }
+    if !tools.is_empty() {
         body.insert("tools".into(), Value::Array(tools));
+    }
+    // A choice without tools is refused upstream; without tools there is nothing to choose.
+    if let Some(c) = choice.filter(|_| body.contains_key("tools")) {
+        body.insert("tool_choice".into(), c);
     }
     Ok(Value::Object(body))
 }
 
-fn content_blocks(content: &Value) -> Vec<Value> {
+fn content_blocks(content: &Value) -> Result<Vec<Value>, ProviderError> {
+    let mut blocks = Vec::new();
     match content {
-        Value::String(s) => vec![json!({"type": "text", "text": s})],
-        Value::Array(parts) => parts
-            .iter()
-            .filter_map(|p| match p.get("type").and_then(Value::as_str) {
-                Some("text") => Some(json!({"type": "text", "text": p["text"]})),
-                Some("image_url") => {
-                    let url = p.pointer("/image_url/url")?.as_str()?;
-                    Some(match url.strip_prefix("data:").and_then(|r| r.split_once(";base64,")) {
-                        Some((media_type, data)) => json!({"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}),
-                        None => json!({"type": "image", "source": {"type": "url", "url": url}}),
-                    })
+        Value::String(s) => blocks.push(json!({"type": "text", "text": s})),
+        Value::Array(parts) => {
+            for p in parts {
+                if let Some(image) = features::image(p)? {
+                    blocks.push(match image {
+                        Image::Inline { media_type, data } => json!({"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}),
+                        Image::Url(url) => json!({"type": "image", "source": {"type": "url", "url": url}}),
+                    });
+                } else if p["type"] == "text" {
+                    blocks.push(json!({"type": "text", "text": p["text"]}));
                 }
-                _ => None,
-            })
-            .collect(),
-        _ => Vec::new(),
+            }
+        }
+        _ => {}
     }
+    // Anthropic refuses empty text blocks (an assistant turn that only calls tools often has one).
+    blocks.retain(|b| b["type"] != "text" || b["text"].as_str().is_some_and(|t| !t.is_empty()));
+    Ok(blocks)
 }
 
-fn assistant_blocks(m: &ChatMessage) -> Vec<Value> {
-    let mut blocks = content_blocks(&m.content);
+fn assistant_blocks(m: &ChatMessage) -> Result<Vec<Value>, ProviderError> {
+    let mut blocks = content_blocks(&m.content)?;
     if let Some(Value::Array(calls)) = m.extra.get("tool_calls") {
         for call in calls {
-            let input = call
-                .pointer("/function/arguments")
-                .and_then(Value::as_str)
-                .and_then(|a| serde_json::from_str::<Value>(a).ok())
-                .unwrap_or(json!({}));
+            let input = features::call_arguments(call);
             blocks.push(json!({"type": "tool_use", "id": call["id"], "name": call.pointer("/function/name"), "input": input}));
         }
     }
-    blocks
+    Ok(blocks)
 }
 
 #[derive(Deserialize)]
@@ -261,12 +321,21 @@ struct AnthropicStream {
     input_tokens: Option<u64>,
     output_tokens: Option<u64>,
     usage_sent: bool,
+    /// The tool-use blocks so far: (content block index, tool-call index or `None` for the
+    /// structured-output tool, whose input streams as text).
+    tool_blocks: Vec<(u64, Option<u32>)>,
+    tool_calls: u32,
+    /// From `message_delta`; passed on only at `message_stop`, the stream's end marker, so a
+    /// stream cut before it never looks finished.
+    finish_reason: Option<String>,
 }
 
 #[derive(Deserialize)]
 struct WireEvent {
     #[serde(rename = "type")]
     kind: String,
+    index: Option<u64>,
+    content_block: Option<Value>,
     message: Option<WireStart>,
     delta: Option<Value>,
     usage: Option<WireUsage>,
@@ -319,17 +388,59 @@ impl SseHandler for AnthropicStream {
                     ..self.delta()
                 });
             }
+            "content_block_start" => {
+                let block = wire.content_block.unwrap_or_default();
+                if block["type"] == "tool_use" {
+                    let index = wire.index.unwrap_or_default();
+                    if block["name"] == OUTPUT_TOOL {
+                        self.tool_blocks.push((index, None));
+                    } else {
+                        let call = self.tool_calls;
+                        self.tool_calls += 1;
+                        self.tool_blocks.push((index, Some(call)));
+                        out.push(StreamDelta {
+                            tool_calls: vec![ToolCallDelta {
+                                index: call,
+                                id: block["id"].as_str().map(str::to_string),
+                                name: block["name"].as_str().map(str::to_string),
+                                arguments: String::new(),
+                            }],
+                            ..self.delta()
+                        });
+                    }
+                }
+            }
             "content_block_delta" => {
-                if let Some(text) = wire
-                    .delta
-                    .as_ref()
-                    .filter(|d| d["type"] == "text_delta")
-                    .and_then(|d| d["text"].as_str())
-                {
-                    out.push(StreamDelta {
-                        text: Some(text.to_string()),
-                        ..self.delta()
-                    });
+                let delta = wire.delta.unwrap_or_default();
+                match delta["type"].as_str() {
+                    Some("text_delta") => {
+                        if let Some(text) = delta["text"].as_str() {
+                            out.push(StreamDelta {
+                                text: Some(text.to_string()),
+                                ..self.delta()
+                            });
+                        }
+                    }
+                    Some("input_json_delta") => {
+                        let fragment = delta["partial_json"].as_str().unwrap_or_default();
+                        let index = wire.index.unwrap_or_default();
+                        match self.tool_blocks.iter().find(|(b, _)| *b == index) {
+                            Some((_, Some(call))) => out.push(StreamDelta {
+                                tool_calls: vec![ToolCallDelta {
+                                    index: *call,
+                                    arguments: fragment.to_string(),
+                                    ..Default::default()
+                                }],
+                                ..self.delta()
+                            }),
+                            Some((_, None)) if !fragment.is_empty() => out.push(StreamDelta {
+                                text: Some(fragment.to_string()),
+                                ..self.delta()
+                            }),
+                            _ => {}
+                        }
+                    }
+                    _ => {}
                 }
             }
             "message_delta" => {
@@ -343,13 +454,22 @@ impl SseHandler for AnthropicStream {
                     .and_then(|d| d["stop_reason"].as_str())
                     .and_then(normalize_finish_reason)
                 {
-                    out.push(StreamDelta {
-                        finish_reason: Some(reason),
-                        ..self.delta()
+                    // The structured-output tool's answer is the message, not a tool call.
+                    let structured = self.tool_calls == 0 && !self.tool_blocks.is_empty();
+                    self.finish_reason = Some(if structured && reason == "tool_calls" {
+                        "stop".into()
+                    } else {
+                        reason
                     });
                 }
             }
-            "message_stop" => self.send_usage(out),
+            "message_stop" => {
+                out.push(StreamDelta {
+                    finish_reason: Some(self.finish_reason.take().unwrap_or_else(|| "stop".into())),
+                    ..self.delta()
+                });
+                self.send_usage(out);
+            }
             "error" => {
                 let err = wire.error.unwrap_or_default();
                 let status = match err["type"].as_str() {
@@ -472,7 +592,7 @@ mod tests {
                 "provider anthropic does not support n > 1".into()
             ))
         );
-        let mut call = msg("assistant", Value::Null);
+        let mut call = msg("assistant", json!(""));
         call.extra.insert(
             "tool_calls".into(),
             json!([{"id":"t1","type":"function","function":{"name":"f","arguments":"{\"a\":1}"}}]),
@@ -493,6 +613,12 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         let body: Value = serde_json::from_slice(&built.body).unwrap_or_default();
         assert_eq!(body["max_tokens"], 5);
+        // No tools given, but the history uses one: it is declared, not offered.
+        assert_eq!(
+            body["tools"],
+            json!([{"name": "f", "description": "", "input_schema": {"type": "object"}}])
+        );
+        assert_eq!(body["tool_choice"], json!({"type": "none"}));
         assert_eq!(
             body["messages"],
             json!([{"role":"user","content":[{"type":"text","text":"go"}]},
@@ -595,6 +721,120 @@ mod tests {
             out.iter().filter_map(|d| d.usage).collect::<Vec<_>>(),
             vec![Usage::new(Some(12), Some(5))]
         );
+        // message_stop is the end marker: without it the answer never looks finished.
+        assert!(out.iter().all(|d| d.finish_reason.is_none()), "{out:?}");
+    }
+
+    fn event(name: &str, data: Value) -> String {
+        format!("event: {name}\ndata: {data}\n\n")
+    }
+
+    fn tool_stream(tool: &str) -> String {
+        [
+            event("message_start", json!({"type":"message_start","message":{"id":"msg_t","type":"message","role":"assistant","model":"m","content":[],"stop_reason":null,"usage":{"input_tokens":9,"output_tokens":1}}})),
+            event("content_block_start", json!({"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}})),
+            event("content_block_delta", json!({"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Checking."}})),
+            event("content_block_stop", json!({"type":"content_block_stop","index":0})),
+            event("content_block_start", json!({"type":"content_block_start","index":1,"content_block":{"type":"tool_use","id":"toolu_1","name":tool,"input":{}}})),
+            event("content_block_delta", json!({"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":""}})),
+            event("content_block_delta", json!({"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"{\"city\": \"Par"}})),
+            event("content_block_delta", json!({"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"is\"}"}})),
+            event("content_block_stop", json!({"type":"content_block_stop","index":1})),
+            event("message_delta", json!({"type":"message_delta","delta":{"stop_reason":"tool_use","stop_sequence":null},"usage":{"output_tokens":20}})),
+            event("message_stop", json!({"type":"message_stop"})),
+        ]
+        .concat()
+    }
+
+    #[test]
+    fn streamed_tool_use_becomes_tool_call_fragments() {
+        use crate::providers::testing::{finish, text, tool_calls};
+        let wire = tool_stream("get_weather");
+        let out = decode(wire.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(text(&out), "Checking.");
+        assert_eq!(
+            tool_calls(&out),
+            vec![(
+                "toolu_1".into(),
+                "get_weather".into(),
+                "{\"city\": \"Paris\"}".into()
+            )]
+        );
+        assert_eq!(finish(&out), Some("tool_calls"));
+        for cut in (0..wire.len()).step_by(37) {
+            assert_eq!(
+                decode_split(&Anthropic, RouteType::Chat, wire.as_bytes(), vec![cut]).ok(),
+                Some(out.clone())
+            );
+        }
+        // The structured-output tool streams as the message text, and the answer just stops.
+        let out = decode(tool_stream(OUTPUT_TOOL).as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(text(&out), "Checking.{\"city\": \"Paris\"}");
+        assert!(tool_calls(&out).is_empty());
+        assert_eq!(finish(&out), Some("stop"));
+    }
+
+    fn rich(extra: Value, content: Value) -> Result<Value, ProviderError> {
+        let req = LlmRequest::Chat(ChatRequest {
+            messages: vec![msg("user", content)],
+            params: Params::default(),
+            stream: StreamOptions::default(),
+            extra: extra.as_object().cloned().unwrap_or_default(),
+        });
+        Anthropic
+            .build_request(&target(), &req)
+            .map(|r| serde_json::from_slice(&r.body).unwrap_or_default())
+    }
+
+    #[test]
+    fn tools_choice_images_and_structured_output_are_translated() {
+        let tools = json!({"tools": [{"type": "function", "function": {"name": "get_weather", "description": "Weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}], "tool_choice": "required", "parallel_tool_calls": false});
+        let body = rich(tools, json!("hi")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            body["tools"],
+            json!([{"name": "get_weather", "description": "Weather", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}])
+        );
+        assert_eq!(
+            body["tool_choice"],
+            json!({"type": "any", "disable_parallel_tool_use": true})
+        );
+        let images = json!([{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0K"}}, {"type": "image_url", "image_url": {"url": "https://img.example/cat.jpg"}}]);
+        let body = rich(json!({}), images).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            body["messages"][0]["content"],
+            json!([{"type": "text", "text": "What is this?"},
+                   {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0K"}},
+                   {"type": "image", "source": {"type": "url", "url": "https://img.example/cat.jpg"}}])
+        );
+        let bad = json!([{"type": "image_url", "image_url": {"url": "ftp://x/y.png"}}]);
+        assert!(matches!(
+            rich(json!({}), bad),
+            Err(ProviderError::Unsupported(_))
+        ));
+        let schema =
+            json!({"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]});
+        let body = rich(
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "num", "schema": schema}}}),
+            json!("a number"),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(body["tools"][0]["name"], OUTPUT_TOOL);
+        assert_eq!(body["tools"][0]["input_schema"], schema);
+        assert_eq!(
+            body["tool_choice"],
+            json!({"type": "tool", "name": OUTPUT_TOOL})
+        );
+        let answer = format!(
+            r#"{{"id":"m","type":"message","role":"assistant","model":"c","content":[{{"type":"tool_use","id":"t","name":"{OUTPUT_TOOL}","input":{{"n":7}}}}],"stop_reason":"tool_use","usage":{{"input_tokens":1,"output_tokens":1}}}}"#
+        );
+        let Ok(LlmResponse::Generation(g)) =
+            Anthropic.parse_response(&target(), RouteType::Chat, answer.as_bytes())
+        else {
+            panic!("generation")
+        };
+        assert_eq!(g.choices[0].text, "{\"n\":7}");
+        assert_eq!(g.choices[0].finish_reason.as_deref(), Some("stop"));
+        assert!(g.choices[0].message_extra.is_empty());
     }
 
     #[test]

@@ -12,6 +12,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::eventstream::{Frame, FrameParser};
+use super::features::{self, Image, OUTPUT_TOOL, ToolChoice};
 use super::{
     ALL_ROUTE_TYPES, CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder, Target,
     UpstreamRequest, error_message, insert_secret, json_headers, malformed,
@@ -19,7 +20,9 @@ use super::{
     tool_calls_extra, upstream_error,
 };
 use crate::api::{Provider, RouteType};
-use crate::llm::{ChatMessage, Embeddings, LlmRequest, LlmResponse, Params, StreamDelta, Usage};
+use crate::llm::{
+    ChatMessage, Embeddings, LlmRequest, LlmResponse, Params, StreamDelta, ToolCallDelta, Usage,
+};
 
 pub const ACCESS_KEY_ID: &str = "awsAccessKeyId";
 pub const SECRET_ACCESS_KEY: &str = "awsSecretAccessKey";
@@ -76,20 +79,38 @@ impl ProviderAdapter for Bedrock {
             .iter()
             .filter_map(|b| b["text"].as_str())
             .collect();
-        let calls: Vec<Value> = wire
+        let mut text = text;
+        let mut calls = Vec::new();
+        for t in wire
             .output
             .message
             .content
             .iter()
             .filter_map(|b| b.get("toolUse"))
-            .map(|t| json!({"id": t["toolUseId"], "type": "function", "function": {"name": t["name"], "arguments": t["input"].to_string()}}))
-            .collect();
+        {
+            if t["name"] == OUTPUT_TOOL {
+                // Structured output through the forced tool: its input is the answer.
+                text.push_str(&t["input"].to_string());
+            } else {
+                calls.push(json!({"id": t["toolUseId"], "type": "function", "function": {"name": t["name"], "arguments": t["input"].to_string()}}));
+            }
+        }
+        let structured = wire
+            .output
+            .message
+            .content
+            .iter()
+            .any(|b| b.pointer("/toolUse/name").is_some_and(|n| n == OUTPUT_TOOL));
+        let stop_reason = match wire.stop_reason.as_deref() {
+            Some("tool_use") if structured && calls.is_empty() => Some("end_turn"),
+            other => other,
+        };
         let message_extra = tool_calls_extra(calls);
         Ok(single_choice(
             String::new(),
             target.model.clone(),
             text,
-            wire.stop_reason.as_deref(),
+            stop_reason,
             message_extra,
             wire.usage.map(WireUsage::usage).unwrap_or_default(),
         ))
@@ -162,7 +183,7 @@ pub(crate) fn build_request_at(
             } else {
                 "converse"
             };
-            (op, converse_body(&c.messages, &c.params, &c.extra))
+            (op, converse_body(&c.messages, &c.params, &c.extra)?)
         }
         LlmRequest::Completions(c) => {
             reject_n(Provider::Bedrock, &c.params)?;
@@ -176,7 +197,7 @@ pub(crate) fn build_request_at(
                 content: json!(c.prompt),
                 extra: Map::new(),
             };
-            (op, converse_body(&[prompt], &c.params, &c.extra))
+            (op, converse_body(&[prompt], &c.params, &c.extra)?)
         }
         LlmRequest::Embeddings(e) if is_cohere(&target.model) => {
             let input_type = e
@@ -316,19 +337,86 @@ pub(crate) fn sign_with(
     Ok(())
 }
 
-fn converse_body(messages: &[ChatMessage], params: &Params, extra: &Map<String, Value>) -> Value {
+/// A message's text and image parts as Converse content blocks. Converse takes image bytes
+/// only: an https image URL is refused, since the gateway never fetches a URL itself.
+fn content_blocks(content: &Value) -> Result<Vec<Value>, ProviderError> {
+    let mut blocks = Vec::new();
+    match content {
+        Value::String(s) => blocks.push(json!({"text": s})),
+        Value::Array(parts) => {
+            for p in parts {
+                match features::image(p)? {
+                    Some(Image::Inline { media_type, data }) => {
+                        let format = match media_type {
+                            "image/png" => "png",
+                            "image/jpeg" | "image/jpg" => "jpeg",
+                            "image/gif" => "gif",
+                            "image/webp" => "webp",
+                            other => {
+                                return Err(ProviderError::Unsupported(format!(
+                                    "provider bedrock takes png, jpeg, gif or webp images, not {other}"
+                                )));
+                            }
+                        };
+                        blocks
+                            .push(json!({"image": {"format": format, "source": {"bytes": data}}}));
+                    }
+                    Some(Image::Url(_)) => {
+                        return Err(ProviderError::Unsupported(
+                            "provider bedrock takes images as data: URLs only (the gateway does not fetch image URLs)".into(),
+                        ));
+                    }
+                    None => {
+                        if let Some(t) = p.get("text").and_then(Value::as_str) {
+                            blocks.push(json!({"text": t}));
+                        }
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+    // Converse refuses empty text blocks.
+    blocks.retain(|b| b.get("text").is_none_or(|t| t != ""));
+    Ok(blocks)
+}
+
+fn converse_body(
+    messages: &[ChatMessage],
+    params: &Params,
+    extra: &Map<String, Value>,
+) -> Result<Value, ProviderError> {
     let mut system = Vec::new();
     let mut turns: Vec<Value> = Vec::new();
     for m in messages {
-        let role = match m.role.as_str() {
+        let (role, blocks) = match m.role.as_str() {
             "system" | "developer" => {
                 system.push(json!({"text": m.text()}));
                 continue;
             }
-            "assistant" => "assistant",
-            _ => "user",
+            "tool" => (
+                "user",
+                vec![json!({"toolResult": {
+                    "toolUseId": m.extra.get("tool_call_id").cloned().unwrap_or(Value::Null),
+                    "content": [{"text": m.text()}],
+                }})],
+            ),
+            "assistant" => {
+                let mut blocks = content_blocks(&m.content)?;
+                if let Some(Value::Array(calls)) = m.extra.get("tool_calls") {
+                    for call in calls {
+                        blocks.push(json!({"toolUse": {
+                            "toolUseId": call["id"],
+                            "name": call.pointer("/function/name").cloned().unwrap_or_default(),
+                            "input": features::call_arguments(call),
+                        }}));
+                    }
+                }
+                ("assistant", blocks)
+            }
+            _ => ("user", content_blocks(&m.content)?),
         };
-        push_turn(&mut turns, role, "content", vec![json!({"text": m.text()})]);
+        push_turn(&mut turns, role, "content", blocks);
     }
     let inference = present_fields([
         ("maxTokens", params.max_tokens.map(|v| json!(v))),
@@ -355,7 +443,76 @@ fn converse_body(messages: &[ChatMessage], params: &Params, extra: &Map<String, 
             Value::Object(additional),
         );
     }
-    Value::Object(body)
+    if let Some(config) = tool_config(messages, extra)? {
+        body.insert("toolConfig".into(), config);
+    }
+    Ok(Value::Object(body))
+}
+
+/// `toolConfig` from OpenAI's tools, tool choice and structured output (a forced tool).
+fn tool_config(
+    messages: &[ChatMessage],
+    extra: &Map<String, Value>,
+) -> Result<Option<Value>, ProviderError> {
+    let spec = |name: &str, description: Option<&str>, schema: Value| {
+        let mut s = Map::new();
+        s.insert("name".into(), json!(name));
+        if let Some(d) = description.filter(|d| !d.is_empty()) {
+            s.insert("description".into(), json!(d));
+        }
+        s.insert("inputSchema".into(), json!({"json": schema}));
+        json!({"toolSpec": s})
+    };
+    let tools = features::tools(extra)?;
+    let mut specs: Vec<Value> = tools
+        .into_iter()
+        .map(|t| spec(t.name, t.description, t.parameters))
+        .collect();
+    let mut choice = match features::tool_choice(extra)? {
+        None | Some(ToolChoice::Auto) => None,
+        // Converse has no "none": the tools stay declared (earlier turns may use them), unforced.
+        Some(ToolChoice::None) => None,
+        Some(ToolChoice::Required) => Some(json!({"any": {}})),
+        Some(ToolChoice::Function(name)) => Some(json!({"tool": {"name": name}})),
+    };
+    if let Some(format) = features::output_format(extra)? {
+        if !specs.is_empty() {
+            return Err(ProviderError::Unsupported(
+                "provider bedrock cannot combine tools with response_format".into(),
+            ));
+        }
+        specs.push(spec(
+            OUTPUT_TOOL,
+            Some("Give the answer as this tool's input."),
+            format.schema(),
+        ));
+        choice = Some(json!({"tool": {"name": OUTPUT_TOOL}}));
+    }
+    if specs.is_empty() {
+        // Converse refuses toolUse and toolResult blocks without a toolConfig: a conversation that
+        // used tools, continued without them, declares the tools its calls name.
+        let mut used: Vec<&str> = messages
+            .iter()
+            .filter_map(|m| m.extra.get("tool_calls")?.as_array())
+            .flatten()
+            .filter_map(|c| c.pointer("/function/name")?.as_str())
+            .collect();
+        used.sort_unstable();
+        used.dedup();
+        specs = used
+            .into_iter()
+            .map(|name| spec(name, None, json!({"type": "object"})))
+            .collect();
+        if specs.is_empty() {
+            return Ok(None);
+        }
+    }
+    let mut config = Map::new();
+    config.insert("tools".into(), Value::Array(specs));
+    if let Some(c) = choice {
+        config.insert("toolChoice".into(), c);
+    }
+    Ok(Some(Value::Object(config)))
 }
 
 #[derive(Deserialize)]
@@ -431,6 +588,10 @@ fn parse_embeddings(target: &Target, body: &[u8]) -> Result<LlmResponse, Provide
 struct ConverseStream {
     frames: FrameParser,
     pending: Vec<Frame>,
+    /// Tool-use blocks so far: (content block index, tool-call index or `None` for the
+    /// structured-output tool, whose input streams as text).
+    tool_blocks: Vec<(u64, Option<u32>)>,
+    tool_calls: u32,
 }
 
 impl ConverseStream {
@@ -473,20 +634,73 @@ impl ConverseStream {
                     role: payload["role"].as_str().map(str::to_string),
                     ..Default::default()
                 }),
+                Some("contentBlockStart") => {
+                    if let Some(tool) = payload.pointer("/start/toolUse") {
+                        let block = payload["contentBlockIndex"].as_u64().unwrap_or_default();
+                        if tool["name"] == OUTPUT_TOOL {
+                            self.tool_blocks.push((block, None));
+                        } else {
+                            let call = self.tool_calls;
+                            self.tool_calls += 1;
+                            self.tool_blocks.push((block, Some(call)));
+                            out.push(StreamDelta {
+                                tool_calls: vec![ToolCallDelta {
+                                    index: call,
+                                    id: tool["toolUseId"].as_str().map(str::to_string),
+                                    name: tool["name"].as_str().map(str::to_string),
+                                    arguments: String::new(),
+                                }],
+                                ..Default::default()
+                            });
+                        }
+                    }
+                }
                 Some("contentBlockDelta") => {
                     if let Some(text) = payload.pointer("/delta/text").and_then(Value::as_str) {
                         out.push(StreamDelta {
                             text: Some(text.to_string()),
                             ..Default::default()
                         });
+                    } else if let Some(input) = payload
+                        .pointer("/delta/toolUse/input")
+                        .and_then(Value::as_str)
+                    {
+                        let block = payload["contentBlockIndex"].as_u64().unwrap_or_default();
+                        match self.tool_blocks.iter().find(|(b, _)| *b == block) {
+                            Some((_, Some(call))) => out.push(StreamDelta {
+                                tool_calls: vec![ToolCallDelta {
+                                    index: *call,
+                                    arguments: input.to_string(),
+                                    ..Default::default()
+                                }],
+                                ..Default::default()
+                            }),
+                            Some((_, None)) if !input.is_empty() => out.push(StreamDelta {
+                                text: Some(input.to_string()),
+                                ..Default::default()
+                            }),
+                            _ => {}
+                        }
                     }
                 }
-                Some("messageStop") => out.push(StreamDelta {
-                    finish_reason: payload["stopReason"]
+                Some("messageStop") => {
+                    let structured = self.tool_calls == 0 && !self.tool_blocks.is_empty();
+                    let reason = payload["stopReason"]
                         .as_str()
-                        .and_then(normalize_finish_reason),
-                    ..Default::default()
-                }),
+                        .and_then(normalize_finish_reason)
+                        .map(|r| {
+                            if structured && r == "tool_calls" {
+                                "stop".to_string()
+                            } else {
+                                r
+                            }
+                        });
+                    // messageStop is the end marker: it always ends the answer, reason or not.
+                    out.push(StreamDelta {
+                        finish_reason: Some(reason.unwrap_or_else(|| "stop".into())),
+                        ..Default::default()
+                    });
+                }
                 Some("metadata") => {
                     if let Ok(u) = serde_json::from_value::<WireUsage>(payload["usage"].clone()) {
                         out.push(StreamDelta {
@@ -804,5 +1018,148 @@ mod tests {
             let whole = decode_split(&Bedrock, RouteType::Chat, &wire, vec![]);
             prop_assert_eq!(decode_split(&Bedrock, RouteType::Chat, &wire, cuts), whole);
         }
+    }
+
+    #[test]
+    fn converse_stream_tool_use_becomes_tool_call_fragments() {
+        use crate::providers::testing::{finish, tool_calls};
+        let mut wire = event("messageStart", r#"{"role":"assistant"}"#);
+        wire.extend(event(
+            "contentBlockDelta",
+            r#"{"contentBlockIndex":0,"delta":{"text":"Sure."}}"#,
+        ));
+        wire.extend(event("contentBlockStop", r#"{"contentBlockIndex":0}"#));
+        wire.extend(event("contentBlockStart", r#"{"contentBlockIndex":1,"start":{"toolUse":{"toolUseId":"tooluse_1","name":"get_weather"}}}"#));
+        wire.extend(event(
+            "contentBlockDelta",
+            r#"{"contentBlockIndex":1,"delta":{"toolUse":{"input":"{\"city\":"}}}"#,
+        ));
+        wire.extend(event(
+            "contentBlockDelta",
+            r#"{"contentBlockIndex":1,"delta":{"toolUse":{"input":"\"Paris\"}"}}}"#,
+        ));
+        wire.extend(event("contentBlockStop", r#"{"contentBlockIndex":1}"#));
+        wire.extend(event("messageStop", r#"{"stopReason":"tool_use"}"#));
+        wire.extend(event(
+            "metadata",
+            r#"{"usage":{"inputTokens":3,"outputTokens":4,"totalTokens":7}}"#,
+        ));
+        let out = decode_split(&Bedrock, RouteType::Chat, &wire, vec![])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(text(&out), "Sure.");
+        assert_eq!(
+            tool_calls(&out),
+            vec![(
+                "tooluse_1".into(),
+                "get_weather".into(),
+                "{\"city\":\"Paris\"}".into()
+            )]
+        );
+        assert_eq!(finish(&out), Some("tool_calls"));
+    }
+
+    #[test]
+    fn converse_tools_images_and_structured_output() {
+        let body_of = |messages: Vec<ChatMessage>, extra: Value| {
+            let req = LlmRequest::Chat(ChatRequest {
+                messages,
+                params: Params::default(),
+                stream: StreamOptions::default(),
+                extra: extra.as_object().cloned().unwrap_or_default(),
+            });
+            build_request_at(&target("m", None), &req, UNIX_EPOCH)
+                .map(|r| serde_json::from_slice::<Value>(&r.body).unwrap_or_default())
+        };
+        let msg = |role: &str, content: Value| ChatMessage {
+            role: role.into(),
+            content,
+            extra: Map::new(),
+        };
+        let mut call = msg("assistant", Value::Null);
+        call.extra.insert("tool_calls".into(), json!([{"id": "t1", "type": "function", "function": {"name": "f", "arguments": "{\"a\":1}"}}]));
+        let mut result = msg("tool", json!("42"));
+        result.extra.insert("tool_call_id".into(), json!("t1"));
+        let image = msg(
+            "user",
+            json!([{"type": "text", "text": "see"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBO"}}]),
+        );
+        let b = body_of(
+            vec![image, call, result],
+            json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}], "tool_choice": "required"}),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            b["messages"],
+            json!([
+                {"role": "user", "content": [{"text": "see"}, {"image": {"format": "png", "source": {"bytes": "iVBO"}}}]},
+                {"role": "assistant", "content": [{"toolUse": {"toolUseId": "t1", "name": "f", "input": {"a": 1}}}]},
+                {"role": "user", "content": [{"toolResult": {"toolUseId": "t1", "content": [{"text": "42"}]}}]},
+            ])
+        );
+        assert_eq!(
+            b["toolConfig"],
+            json!({"tools": [{"toolSpec": {"name": "f", "inputSchema": {"json": {"type": "object"}}}}], "toolChoice": {"any": {}}})
+        );
+        // The same conversation continued without tools still declares the one its call names.
+        let mut call = msg("assistant", Value::Null);
+        call.extra.insert(
+            "tool_calls".into(),
+            json!([{"id": "t1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]),
+        );
+        let mut result = msg("tool", json!("42"));
+        result.extra.insert("tool_call_id".into(), json!("t1"));
+        let b = body_of(vec![msg("user", json!("go")), call, result], json!({}))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            b["toolConfig"],
+            json!({"tools": [{"toolSpec": {"name": "f", "inputSchema": {"json": {"type": "object"}}}}]})
+        );
+        let https = msg(
+            "user",
+            json!([{"type": "image_url", "image_url": {"url": "https://img.example/a.png"}}]),
+        );
+        assert!(
+            matches!(body_of(vec![https], json!({})), Err(ProviderError::Unsupported(m)) if m.contains("provider bedrock"))
+        );
+        let b = body_of(
+            vec![msg("user", json!("json please"))],
+            json!({"response_format": {"type": "json_object"}}),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            b["toolConfig"]["toolChoice"],
+            json!({"tool": {"name": OUTPUT_TOOL}})
+        );
+        assert_eq!(
+            b["toolConfig"]["tools"][0]["toolSpec"]["inputSchema"],
+            json!({"json": {"type": "object"}})
+        );
+        let answer = format!(
+            r#"{{"output":{{"message":{{"role":"assistant","content":[{{"toolUse":{{"toolUseId":"x","name":"{OUTPUT_TOOL}","input":{{"ok":true}}}}}}]}}}},"stopReason":"tool_use","usage":{{"inputTokens":1,"outputTokens":1}}}}"#
+        );
+        let Ok(LlmResponse::Generation(g)) =
+            Bedrock.parse_response(&target("m", None), RouteType::Chat, answer.as_bytes())
+        else {
+            panic!("generation")
+        };
+        assert_eq!(g.choices[0].text, "{\"ok\":true}");
+        assert_eq!(g.choices[0].finish_reason.as_deref(), Some("stop"));
+    }
+
+    #[test]
+    fn a_converse_stream_without_message_stop_never_finishes() {
+        let mut wire = event("messageStart", r#"{"role":"assistant"}"#);
+        wire.extend(event(
+            "contentBlockDelta",
+            r#"{"contentBlockIndex":0,"delta":{"text":"Hi"}}"#,
+        ));
+        wire.extend(event("contentBlockStop", r#"{"contentBlockIndex":0}"#));
+        let out = decode_split(&Bedrock, RouteType::Chat, &wire, vec![])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(crate::providers::testing::finish(&out), None);
+        wire.extend(event("messageStop", r#"{}"#));
+        let out = decode_split(&Bedrock, RouteType::Chat, &wire, vec![])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(crate::providers::testing::finish(&out), Some("stop"));
     }
 }

@@ -4,6 +4,7 @@ use http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
+use super::features::{self, OutputFormat, ToolChoice};
 use super::sse::{JsonLines, SseDecoder, SseEvent, SseHandler};
 use super::{
     ALL_ROUTE_TYPES, CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder, Target,
@@ -12,8 +13,8 @@ use super::{
 };
 use crate::api::{Provider, RouteType};
 use crate::llm::{
-    ChatRequest, Choice, CompletionsRequest, Embeddings, EmbeddingsRequest, Generation, LlmRequest,
-    LlmResponse, Params, StreamDelta, Usage, unix_now,
+    ChatMessage, ChatRequest, Choice, CompletionsRequest, Embeddings, EmbeddingsRequest,
+    Generation, LlmRequest, LlmResponse, Params, StreamDelta, ToolCallDelta, Usage, unix_now,
 };
 
 /// v3+ embed models require an `input_type`; callers may pass one (or set `config.inputType`).
@@ -109,9 +110,31 @@ fn pass_through(body: &mut Map<String, Value>, extra: &Map<String, Value>, keys:
     }
 }
 
+/// A message's content for Cohere: its text, or text and image parts (v2's image parts are
+/// OpenAI's) when it holds images.
+fn content(m: &ChatMessage) -> Result<Value, ProviderError> {
+    let Value::Array(parts) = &m.content else {
+        return Ok(json!(m.text()));
+    };
+    if !features::has_images(std::slice::from_ref(m)) {
+        return Ok(json!(m.text()));
+    }
+    let mut out = Vec::new();
+    for p in parts {
+        if features::image(p)?.is_some() {
+            out.push(
+                json!({"type": "image_url", "image_url": {"url": p.pointer("/image_url/url")}}),
+            );
+        } else if let Some(t) = p.get("text").and_then(Value::as_str) {
+            out.push(json!({"type": "text", "text": t}));
+        }
+    }
+    Ok(Value::Array(out))
+}
+
 fn chat_body(target: &Target, chat: &ChatRequest) -> Result<Value, ProviderError> {
     reject_n(Provider::Cohere, &chat.params)?;
-    let messages: Vec<Value> = chat
+    let messages = chat
         .messages
         .iter()
         .map(|m| {
@@ -122,15 +145,19 @@ fn chat_body(target: &Target, chat: &ChatRequest) -> Result<Value, ProviderError
             };
             let mut out = Map::new();
             out.insert("role".into(), json!(role));
-            out.insert("content".into(), json!(m.text()));
+            let content = content(m)?;
+            // An assistant turn that only calls tools has no content.
+            if !(content == "" && m.extra.contains_key("tool_calls")) {
+                out.insert("content".into(), content);
+            }
             for key in ["tool_calls", "tool_call_id"] {
                 if let Some(v) = m.extra.get(key) {
                     out.insert(key.into(), v.clone());
                 }
             }
-            Value::Object(out)
+            Ok(Value::Object(out))
         })
-        .collect();
+        .collect::<Result<Vec<Value>, ProviderError>>()?;
     let mut body = Map::new();
     body.insert("model".into(), json!(target.model));
     body.insert("messages".into(), Value::Array(messages));
@@ -138,14 +165,44 @@ fn chat_body(target: &Target, chat: &ChatRequest) -> Result<Value, ProviderError
     pass_through(
         &mut body,
         &chat.extra,
-        &[
-            "seed",
-            "frequency_penalty",
-            "presence_penalty",
-            "tools",
-            "response_format",
-        ],
+        &["seed", "frequency_penalty", "presence_penalty"],
     );
+    let tools = features::tools(&chat.extra)?;
+    let choice = features::tool_choice(&chat.extra)?;
+    if !tools.is_empty() {
+        // Cohere cannot name the tool to call: naming one offers only that one, required.
+        let forced = match choice {
+            Some(ToolChoice::Function(name)) => Some(name),
+            _ => None,
+        };
+        let offered: Vec<Value> = tools
+            .iter()
+            .filter(|t| forced.is_none_or(|f| f == t.name))
+            .map(|t| json!({"type": "function", "function": {"name": t.name, "description": t.description.unwrap_or_default(), "parameters": t.parameters}}))
+            .collect();
+        body.insert("tools".into(), Value::Array(offered));
+        match choice {
+            Some(ToolChoice::Required | ToolChoice::Function(_)) => {
+                body.insert("tool_choice".into(), json!("REQUIRED"));
+            }
+            Some(ToolChoice::None) => {
+                body.insert("tool_choice".into(), json!("NONE"));
+            }
+            _ => {}
+        }
+    }
+    match features::output_format(&chat.extra)? {
+        Some(OutputFormat::JsonObject) => {
+            body.insert("response_format".into(), json!({"type": "json_object"}));
+        }
+        Some(OutputFormat::JsonSchema { schema, .. }) => {
+            body.insert(
+                "response_format".into(),
+                json!({"type": "json_object", "json_schema": schema}),
+            );
+        }
+        None => {}
+    }
     if chat.stream.stream {
         body.insert("stream".into(), json!(true));
     }
@@ -315,10 +372,13 @@ struct WireBilled {
     input_tokens: Option<u64>,
 }
 
-/// v2 chat stream: `message-start`, `content-delta`s, `message-end` with the finish reason and usage.
+/// v2 chat stream: `message-start`, `content-delta`s, `tool-call-start`/`-delta`s, `message-end`
+/// with the finish reason and usage.
 #[derive(Default)]
 struct ChatStream {
     id: Option<String>,
+    /// Cohere's index of each tool call so far, in call order (the position is the call's index).
+    tool_calls: Vec<u64>,
 }
 
 impl SseHandler for ChatStream {
@@ -351,6 +411,48 @@ impl SseHandler for ChatStream {
                     });
                 }
             }
+            Some("tool-call-start") => {
+                let call = v
+                    .pointer("/delta/message/tool_calls")
+                    .cloned()
+                    .unwrap_or_default();
+                let index = self.tool_calls.len() as u32;
+                self.tool_calls
+                    .push(v["index"].as_u64().unwrap_or_default());
+                out.push(StreamDelta {
+                    tool_calls: vec![ToolCallDelta {
+                        index,
+                        id: call["id"].as_str().map(str::to_string),
+                        name: call
+                            .pointer("/function/name")
+                            .and_then(Value::as_str)
+                            .map(str::to_string),
+                        arguments: call
+                            .pointer("/function/arguments")
+                            .and_then(Value::as_str)
+                            .unwrap_or_default()
+                            .to_string(),
+                    }],
+                    ..base
+                });
+            }
+            Some("tool-call-delta") => {
+                let theirs = v["index"].as_u64().unwrap_or_default();
+                let fragment = v
+                    .pointer("/delta/message/tool_calls/function/arguments")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
+                if let Some(index) = self.tool_calls.iter().rposition(|i| *i == theirs) {
+                    out.push(StreamDelta {
+                        tool_calls: vec![ToolCallDelta {
+                            index: index as u32,
+                            arguments: fragment.to_string(),
+                            ..Default::default()
+                        }],
+                        ..base
+                    });
+                }
+            }
             Some("message-end") => {
                 let delta = &v["delta"];
                 if let Some(err) = delta.get("error").and_then(Value::as_str) {
@@ -363,10 +465,14 @@ impl SseHandler for ChatStream {
                 let usage = serde_json::from_value::<WireUsage>(delta["usage"].clone())
                     .ok()
                     .map(WireUsage::usage);
+                // message-end is the end marker: it ends the answer, reason or not.
                 out.push(StreamDelta {
-                    finish_reason: delta["finish_reason"]
-                        .as_str()
-                        .and_then(normalize_finish_reason),
+                    finish_reason: Some(
+                        delta["finish_reason"]
+                            .as_str()
+                            .and_then(normalize_finish_reason)
+                            .unwrap_or_else(|| "stop".into()),
+                    ),
                     usage,
                     ..base
                 });
@@ -399,9 +505,11 @@ impl GenerateStream {
                 }),
                 Some("stream-end") => {
                     let response = &v["response"];
+                    // stream-end is the end marker: it ends every generation, reason or not.
                     let reason = v["finish_reason"]
                         .as_str()
-                        .and_then(normalize_finish_reason);
+                        .and_then(normalize_finish_reason)
+                        .or_else(|| Some("stop".into()));
                     let count = response["generations"]
                         .as_array()
                         .map_or(1, Vec::len)
@@ -461,7 +569,7 @@ impl StreamDecoder for GenerateStream {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::llm::{ChatMessage, StreamOptions};
+    use crate::llm::StreamOptions;
     use crate::providers::testing::{decode_split, text};
     use crate::providers::{API_KEY, Credentials, SecretValue};
     use http::HeaderMap;
@@ -674,5 +782,85 @@ mod tests {
                 prop_assert_eq!(decode_split(&Cohere, rt, wire.as_bytes(), cuts.clone()), whole);
             }
         }
+    }
+
+    #[test]
+    fn chat_stream_tool_calls_and_request_features() {
+        use crate::providers::testing::{finish, tool_calls};
+        let ev = |data: Value| {
+            format!(
+                "event: {}\ndata: {data}\n\n",
+                data["type"].as_str().unwrap_or_default()
+            )
+        };
+        let wire = [
+            ev(json!({"type": "message-start", "id": "m1", "delta": {"message": {"role": "assistant"}}})),
+            ev(json!({"type": "tool-plan-delta", "delta": {"message": {"tool_plan": "I will look it up."}}})),
+            ev(json!({"type": "tool-call-start", "index": 0, "delta": {"message": {"tool_calls": {"id": "get_weather_x1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}}}})),
+            ev(json!({"type": "tool-call-delta", "index": 0, "delta": {"message": {"tool_calls": {"function": {"arguments": "{\"city\":"}}}}})),
+            ev(json!({"type": "tool-call-delta", "index": 0, "delta": {"message": {"tool_calls": {"function": {"arguments": "\"Paris\"}"}}}}})),
+            ev(json!({"type": "tool-call-end", "index": 0})),
+            ev(json!({"type": "message-end", "delta": {"finish_reason": "TOOL_CALL", "usage": {"tokens": {"input_tokens": 5, "output_tokens": 9}}}})),
+        ]
+        .concat();
+        let out = decode_split(&Cohere, RouteType::Chat, wire.as_bytes(), vec![])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            tool_calls(&out),
+            vec![(
+                "get_weather_x1".into(),
+                "get_weather".into(),
+                "{\"city\":\"Paris\"}".into()
+            )]
+        );
+        assert_eq!(finish(&out), Some("tool_calls"));
+
+        let extra = json!({
+            "tools": [{"type": "function", "function": {"name": "a", "parameters": {"type": "object"}}}, {"type": "function", "function": {"name": "b"}}],
+            "tool_choice": {"type": "function", "function": {"name": "b"}},
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}},
+        });
+        let req = LlmRequest::Chat(ChatRequest {
+            messages: vec![ChatMessage {
+                role: "user".into(),
+                content: json!([{"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": "https://img.example/a.png"}}]),
+                extra: Map::new(),
+            }],
+            params: Params::default(),
+            stream: StreamOptions::default(),
+            extra: extra.as_object().cloned().unwrap_or_default(),
+        });
+        let built = Cohere
+            .build_request(&target(), &req)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let b: Value = serde_json::from_slice(&built.body).unwrap_or_default();
+        assert_eq!(
+            b["messages"][0]["content"],
+            json!([{"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": "https://img.example/a.png"}}])
+        );
+        assert_eq!(b["tools"].as_array().map(Vec::len), Some(1));
+        assert_eq!(b["tools"][0]["function"]["name"], "b");
+        assert_eq!(b["tool_choice"], "REQUIRED");
+        assert_eq!(
+            b["response_format"],
+            json!({"type": "json_object", "json_schema": {"type": "object"}})
+        );
+    }
+
+    #[test]
+    fn a_chat_stream_without_message_end_never_finishes() {
+        use crate::providers::testing::finish;
+        let cut = CHAT_STREAM
+            .find("event: message-end")
+            .unwrap_or(CHAT_STREAM.len());
+        let out = decode_split(
+            &Cohere,
+            RouteType::Chat,
+            &CHAT_STREAM.as_bytes()[..cut],
+            vec![],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(text(&out), "Hello");
+        assert_eq!(finish(&out), None);
     }
 }

@@ -5,6 +5,7 @@ use http::{HeaderMap, StatusCode};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
+use super::features::{self, Image, OutputFormat, ToolChoice};
 use super::sse::{SseDecoder, SseEvent, SseHandler, SseParser};
 use super::{
     ALL_ROUTE_TYPES, API_KEY, CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder,
@@ -15,7 +16,7 @@ use super::{
 use crate::api::{Provider, RouteType};
 use crate::llm::{
     ChatMessage, Choice, Embeddings, Generation, LlmRequest, LlmResponse, Params, StreamDelta,
-    Usage, unix_now,
+    ToolCallDelta, Usage, unix_now,
 };
 
 pub struct Gemini;
@@ -56,7 +57,7 @@ impl ProviderAdapter for Gemini {
         );
         let (url, body) = match request {
             LlmRequest::Chat(c) => {
-                generate(&base, &c.messages, &c.params, c.stream.stream, &c.extra)
+                generate(&base, &c.messages, &c.params, c.stream.stream, &c.extra)?
             }
             LlmRequest::Completions(c) => {
                 let prompt = ChatMessage {
@@ -64,7 +65,7 @@ impl ProviderAdapter for Gemini {
                     content: json!(c.prompt),
                     extra: Map::new(),
                 };
-                generate(&base, &[prompt], &c.params, c.stream.stream, &c.extra)
+                generate(&base, &[prompt], &c.params, c.stream.stream, &c.extra)?
             }
             LlmRequest::Embeddings(e) => {
                 let task = e
@@ -175,32 +176,162 @@ impl ProviderAdapter for Gemini {
     }
 }
 
+/// A message's text and image parts as Gemini parts.
+fn content_parts(content: &Value) -> Result<Vec<Value>, ProviderError> {
+    let mut parts = Vec::new();
+    match content {
+        Value::String(s) => parts.push(json!({"text": s})),
+        Value::Array(items) => {
+            for p in items {
+                match features::image(p)? {
+                    Some(Image::Inline { media_type, data }) => {
+                        parts.push(json!({"inlineData": {"mimeType": media_type, "data": data}}));
+                    }
+                    Some(Image::Url(url)) => {
+                        let mut file = Map::new();
+                        if let Some(mime) = image_mime_from_url(url) {
+                            file.insert("mimeType".into(), json!(mime));
+                        }
+                        file.insert("fileUri".into(), json!(url));
+                        parts.push(json!({"fileData": file}));
+                    }
+                    None => {
+                        if let Some(t) = p.get("text").and_then(Value::as_str) {
+                            parts.push(json!({"text": t}));
+                        }
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok(parts)
+}
+
+/// Gemini wants a media type with `fileData`; a URL's extension is the only hint the gateway has.
+fn image_mime_from_url(url: &str) -> Option<&'static str> {
+    let path = url.split(['?', '#']).next().unwrap_or_default();
+    let ext = path.rsplit_once('.')?.1.to_ascii_lowercase();
+    Some(match ext.as_str() {
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        "webp" => "image/webp",
+        "gif" => "image/gif",
+        "heic" => "image/heic",
+        "heif" => "image/heif",
+        _ => return None,
+    })
+}
+
+/// Where a JSON Schema goes: Gemini's `Schema` field (`parameters`, `responseSchema`) takes a
+/// subset of OpenAPI 3.0 and refuses other keywords (`additionalProperties`, `$ref`, type lists,
+/// ...); a schema beyond that subset goes in the `...JsonSchema` twin, which takes JSON Schema.
+fn schema_field(field: &'static str, schema: &Value) -> String {
+    if openapi_subset(schema) {
+        field.to_string()
+    } else {
+        format!("{}JsonSchema", field.trim_end_matches("Schema"))
+    }
+}
+
+fn openapi_subset(schema: &Value) -> bool {
+    const KEYWORDS: &[&str] = &[
+        "type",
+        "format",
+        "title",
+        "description",
+        "nullable",
+        "enum",
+        "maxItems",
+        "minItems",
+        "properties",
+        "required",
+        "minProperties",
+        "maxProperties",
+        "minLength",
+        "maxLength",
+        "pattern",
+        "example",
+        "anyOf",
+        "propertyOrdering",
+        "default",
+        "items",
+        "minimum",
+        "maximum",
+    ];
+    let Value::Object(fields) = schema else {
+        return false;
+    };
+    fields.iter().all(|(k, v)| match k.as_str() {
+        "type" => v.is_string(),
+        "properties" => v
+            .as_object()
+            .is_some_and(|p| p.values().all(openapi_subset)),
+        "items" => openapi_subset(v),
+        "anyOf" => v.as_array().is_some_and(|a| a.iter().all(openapi_subset)),
+        other => KEYWORDS.contains(&other),
+    })
+}
+
+/// An OpenAI tool message as a `functionResponse` part: Gemini keys results by function name.
+fn function_response(m: &ChatMessage, messages: &[ChatMessage]) -> Value {
+    let id = m
+        .extra
+        .get("tool_call_id")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let name = m
+        .extra
+        .get("name")
+        .and_then(Value::as_str)
+        .or_else(|| features::tool_name_for(messages, id))
+        .unwrap_or(id);
+    let text = m.text();
+    // `response` must be an object: a JSON object result goes as is, anything else is wrapped.
+    let response = serde_json::from_str::<Value>(&text)
+        .ok()
+        .filter(Value::is_object)
+        .unwrap_or_else(|| json!({"content": text}));
+    json!({"functionResponse": {"name": name, "response": response}})
+}
+
 fn generate(
     base: &str,
     messages: &[ChatMessage],
     params: &Params,
     stream: bool,
     extra: &Map<String, Value>,
-) -> (String, Value) {
+) -> Result<(String, Value), ProviderError> {
     let mut system = Vec::new();
     let mut contents: Vec<Value> = Vec::new();
     for m in messages {
-        let role = match m.role.as_str() {
+        let (role, parts) = match m.role.as_str() {
             "system" | "developer" => {
                 system.push(json!({"text": m.text()}));
                 continue;
             }
-            "assistant" => "model",
-            _ => "user",
+            "tool" => ("user", vec![function_response(m, messages)]),
+            "assistant" => {
+                let mut parts = content_parts(&m.content)?;
+                parts.retain(|p| p.get("text").is_none_or(|t| t != ""));
+                if let Some(Value::Array(calls)) = m.extra.get("tool_calls") {
+                    for call in calls {
+                        let name = call.pointer("/function/name").cloned().unwrap_or_default();
+                        let mut part = json!({"functionCall": {"name": name, "args": features::call_arguments(call)}});
+                        if let Some(sig) = call["id"].as_str().and_then(signature_from_id) {
+                            part["thoughtSignature"] = json!(sig);
+                        }
+                        parts.push(part);
+                    }
+                }
+                ("model", parts)
+            }
+            _ => ("user", content_parts(&m.content)?),
         };
-        push_turn(
-            &mut contents,
-            role,
-            "parts",
-            vec![json!({"text": m.text()})],
-        );
+        push_turn(&mut contents, role, "parts", parts);
     }
-    let config = present_fields([
+    let format = features::output_format(extra)?;
+    let mut config = present_fields([
         ("temperature", params.temperature.map(|v| json!(v))),
         ("topP", params.top_p.map(|v| json!(v))),
         ("maxOutputTokens", params.max_tokens.map(|v| json!(v))),
@@ -210,7 +341,14 @@ fn generate(
         ("presencePenalty", extra.get("presence_penalty").cloned()),
         ("frequencyPenalty", extra.get("frequency_penalty").cloned()),
         ("topK", extra.get("top_k").cloned()),
+        (
+            "responseMimeType",
+            format.as_ref().map(|_| json!("application/json")),
+        ),
     ]);
+    if let Some(OutputFormat::JsonSchema { schema, .. }) = &format {
+        config.insert(schema_field("responseSchema", schema), schema.clone());
+    }
     let mut body = Map::new();
     if !system.is_empty() {
         body.insert("systemInstruction".into(), json!({"parts": system}));
@@ -218,6 +356,40 @@ fn generate(
     body.insert("contents".into(), Value::Array(contents));
     if !config.is_empty() {
         body.insert("generationConfig".into(), Value::Object(config));
+    }
+    let tools = features::tools(extra)?;
+    if !tools.is_empty() {
+        let declarations: Vec<Value> = tools
+            .iter()
+            .map(|t| {
+                let mut d = Map::new();
+                d.insert("name".into(), json!(t.name));
+                if let Some(desc) = t.description {
+                    d.insert("description".into(), json!(desc));
+                }
+                d.insert(
+                    schema_field("parameters", &t.parameters),
+                    t.parameters.clone(),
+                );
+                Value::Object(d)
+            })
+            .collect();
+        body.insert(
+            "tools".into(),
+            json!([{"functionDeclarations": declarations}]),
+        );
+    }
+    let calling = match features::tool_choice(extra)? {
+        None => None,
+        Some(ToolChoice::Auto) => Some(json!({"mode": "AUTO"})),
+        Some(ToolChoice::None) => Some(json!({"mode": "NONE"})),
+        Some(ToolChoice::Required) => Some(json!({"mode": "ANY"})),
+        Some(ToolChoice::Function(name)) => {
+            Some(json!({"mode": "ANY", "allowedFunctionNames": [name]}))
+        }
+    };
+    if let Some(c) = calling.filter(|_| !tools.is_empty()) {
+        body.insert("toolConfig".into(), json!({"functionCallingConfig": c}));
     }
     if let Some(s) = extra.get("safetySettings") {
         body.insert("safetySettings".into(), s.clone());
@@ -227,7 +399,7 @@ fn generate(
     } else {
         format!("{base}:generateContent")
     };
-    (url, Value::Object(body))
+    Ok((url, Value::Object(body)))
 }
 
 #[derive(Deserialize, Default)]
@@ -307,13 +479,51 @@ fn candidate_parts(c: &WireCandidate) -> (String, Vec<Value>) {
         }
         if let Some(call) = part.get("functionCall") {
             calls.push(json!({
-                "id": format!("call_{}", calls.len()),
+                "id": call_id(part, calls.len()),
                 "type": "function",
                 "function": {"name": call["name"], "arguments": call.get("args").cloned().unwrap_or(json!({})).to_string()},
             }));
         }
     }
     (text, calls)
+}
+
+/// A function call's own id when Gemini gives one, else one numbered within its candidate.
+///
+/// A part's `thoughtSignature` rides in the id, base64url-encoded after `SIGNATURE`: thinking
+/// models want it back with the call in the next request, and the id is the one thing every
+/// client returns untouched (the gateway keeps no state between calls).
+fn call_id(part: &Value, n: usize) -> String {
+    let id = part
+        .pointer("/functionCall/id")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map_or_else(|| format!("call_{n}"), str::to_string);
+    match part["thoughtSignature"].as_str().and_then(signature_to_id) {
+        Some(sig) => format!("{id}{SIGNATURE}{sig}"),
+        None => id,
+    }
+}
+
+/// Where a thought signature starts in a tool call id.
+const SIGNATURE: &str = "_ts_";
+
+/// A base64 signature in id-safe characters (`[A-Za-z0-9_-]`); `None` if it is not base64.
+fn signature_to_id(sig: &str) -> Option<String> {
+    let body = sig.trim_end_matches('=');
+    body.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'-' | b'_'))
+        .then(|| body.replace('+', "-").replace('/', "_"))
+}
+
+/// The thought signature carried in a tool call id, back in base64.
+fn signature_from_id(id: &str) -> Option<String> {
+    let (_, sig) = id.split_once(SIGNATURE)?;
+    let mut out = sig.replace('-', "+").replace('_', "/");
+    while out.len() % 4 != 0 {
+        out.push('=');
+    }
+    Some(out)
 }
 
 /// Gemini has no tool finish reason: a function call ends with STOP.
@@ -352,6 +562,9 @@ fn retry_delay(body: &[u8]) -> Option<u64> {
 struct GeminiStream {
     started: Vec<u32>,
     usage: Option<Usage>,
+    /// Function calls so far per candidate: Gemini sends each call whole, in any chunk, and ends
+    /// the candidate with STOP, which is `tool_calls` once a call was made.
+    calls: Vec<(u32, u32)>,
 }
 
 impl SseHandler for GeminiStream {
@@ -387,13 +600,47 @@ impl SseHandler for GeminiStream {
                 "assistant".to_string()
             });
             let (text, _) = candidate_parts(c);
+            let before = self
+                .calls
+                .iter()
+                .find(|(i, _)| *i == index)
+                .map_or(0, |(_, n)| *n);
+            let tool_calls: Vec<ToolCallDelta> = c
+                .content
+                .iter()
+                .flat_map(|c| &c.parts)
+                .filter_map(|p| Some((p, p.get("functionCall")?)))
+                .enumerate()
+                .map(|(k, (part, call))| {
+                    let n = before + k as u32;
+                    ToolCallDelta {
+                        index: n,
+                        id: Some(call_id(part, n as usize)),
+                        name: call["name"].as_str().map(str::to_string),
+                        arguments: call.get("args").cloned().unwrap_or(json!({})).to_string(),
+                    }
+                })
+                .collect();
+            let made = before + tool_calls.len() as u32;
+            match self.calls.iter_mut().find(|(i, _)| *i == index) {
+                Some(entry) => entry.1 = made,
+                None => self.calls.push((index, made)),
+            }
+            let finish_reason = finish_reason(c).map(|r| {
+                if made > 0 && r == "stop" {
+                    "tool_calls".to_string()
+                } else {
+                    r
+                }
+            });
             out.push(StreamDelta {
                 id: wire.response_id.clone(),
                 model: wire.model_version.clone(),
                 index,
                 role,
                 text: Some(text).filter(|t| !t.is_empty()),
-                finish_reason: finish_reason(c),
+                finish_reason,
+                tool_calls,
                 ..Default::default()
             });
         }
@@ -613,5 +860,157 @@ mod tests {
             let whole = decode_split(&Gemini, RouteType::Chat, STREAM.as_bytes(), vec![]);
             prop_assert_eq!(decode_split(&Gemini, RouteType::Chat, STREAM.as_bytes(), cuts), whole);
         }
+    }
+
+    #[test]
+    fn tools_tool_turns_images_and_structured_output_are_translated() {
+        let mut call = ChatMessage {
+            role: "assistant".into(),
+            content: Value::Null,
+            extra: Map::new(),
+        };
+        call.extra.insert(
+            "tool_calls".into(),
+            json!([{"id": "call_0", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]),
+        );
+        let mut result = ChatMessage {
+            role: "tool".into(),
+            content: json!("{\"temp\": 21}"),
+            extra: Map::new(),
+        };
+        result.extra.insert("tool_call_id".into(), json!("call_0"));
+        let user = ChatMessage {
+            role: "user".into(),
+            content: json!([{"type": "text", "text": "Weather here?"}, {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,/9j/4AAQ"}}, {"type": "image_url", "image_url": {"url": "https://img.example/map.png?x=1"}}]),
+            extra: Map::new(),
+        };
+        let extra = json!({
+            "tools": [{"type": "function", "function": {"name": "get_weather", "description": "Weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}],
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+            "response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": {"type": "object", "properties": {"temp": {"type": "number"}}}}},
+        });
+        let req = LlmRequest::Chat(ChatRequest {
+            messages: vec![user, call, result],
+            params: Params::default(),
+            stream: StreamOptions::default(),
+            extra: extra.as_object().cloned().unwrap_or_default(),
+        });
+        let b = body(
+            &Gemini
+                .build_request(&target(), &req)
+                .unwrap_or_else(|e| panic!("{e}")),
+        );
+        assert_eq!(
+            b["contents"],
+            json!([
+                {"role": "user", "parts": [{"text": "Weather here?"}, {"inlineData": {"mimeType": "image/jpeg", "data": "/9j/4AAQ"}}, {"fileData": {"mimeType": "image/png", "fileUri": "https://img.example/map.png?x=1"}}]},
+                {"role": "model", "parts": [{"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}}]},
+                {"role": "user", "parts": [{"functionResponse": {"name": "get_weather", "response": {"temp": 21}}}]},
+            ])
+        );
+        assert_eq!(
+            b["tools"],
+            json!([{"functionDeclarations": [{"name": "get_weather", "description": "Weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]}])
+        );
+        assert_eq!(
+            b["toolConfig"],
+            json!({"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": ["get_weather"]}})
+        );
+        assert_eq!(
+            b["generationConfig"]["responseMimeType"],
+            "application/json"
+        );
+        assert_eq!(
+            b["generationConfig"]["responseSchema"],
+            json!({"type": "object", "properties": {"temp": {"type": "number"}}})
+        );
+    }
+
+    #[test]
+    fn thought_signatures_ride_in_call_ids_and_go_back_with_the_call() {
+        use crate::providers::testing::tool_calls;
+        let sig = "CiQB0e2Kb+/x9Q==";
+        let wire = format!(
+            "data: {}\r\n\r\n",
+            json!({"candidates": [{"content": {"role": "model", "parts": [{"functionCall": {"name": "f", "args": {"a": 1}}, "thoughtSignature": sig}]}, "finishReason": "STOP", "index": 0}]})
+        );
+        let out = decode_split(&Gemini, RouteType::Chat, wire.as_bytes(), vec![])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let calls = tool_calls(&out);
+        let id = calls[0].0.clone();
+        assert_eq!(id, "call_0_ts_CiQB0e2Kb-_x9Q");
+        assert!(
+            id.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        );
+        let mut call = ChatMessage {
+            role: "assistant".into(),
+            content: Value::Null,
+            extra: Map::new(),
+        };
+        call.extra.insert(
+            "tool_calls".into(),
+            json!([{"id": id, "type": "function", "function": {"name": "f", "arguments": "{\"a\":1}"}}]),
+        );
+        let req = LlmRequest::Chat(ChatRequest {
+            messages: vec![call],
+            params: Params::default(),
+            stream: StreamOptions::default(),
+            extra: Map::new(),
+        });
+        let b = body(
+            &Gemini
+                .build_request(&target(), &req)
+                .unwrap_or_else(|e| panic!("{e}")),
+        );
+        assert_eq!(
+            b["contents"][0]["parts"][0],
+            json!({"functionCall": {"name": "f", "args": {"a": 1}}, "thoughtSignature": sig})
+        );
+        // Without a signature the id stays short.
+        let plain = json!({"functionCall": {"name": "f"}});
+        assert_eq!(call_id(&plain, 3), "call_3");
+    }
+
+    #[test]
+    fn schemas_beyond_gemini_openapi_subset_go_as_json_schema() {
+        let strict = json!({"type": "object", "properties": {"a": {"type": ["string", "null"]}}, "additionalProperties": false});
+        let plain = json!({"type": "object", "properties": {"a": {"type": "string", "enum": ["x"]}, "b": {"type": "array", "items": {"type": "integer"}}}, "required": ["a"]});
+        assert_eq!(schema_field("parameters", &plain), "parameters");
+        assert_eq!(schema_field("parameters", &strict), "parametersJsonSchema");
+        assert_eq!(schema_field("responseSchema", &plain), "responseSchema");
+        assert_eq!(
+            schema_field("responseSchema", &strict),
+            "responseJsonSchema"
+        );
+    }
+
+    #[test]
+    fn streamed_function_calls_are_whole_fragments_and_finish_as_tool_calls() {
+        use crate::providers::testing::{finish, tool_calls};
+        let wire = concat!(
+            "data: {\"candidates\":[{\"content\":{\"role\":\"model\",\"parts\":[{\"text\":\"Let me check.\"}]},\"index\":0}]}\r\n\r\n",
+            "data: {\"candidates\":[{\"content\":{\"role\":\"model\",\"parts\":[{\"functionCall\":{\"name\":\"get_weather\",\"args\":{\"city\":\"Paris\"}}}]},\"index\":0}]}\r\n\r\n",
+            "data: {\"candidates\":[{\"content\":{\"role\":\"model\",\"parts\":[{\"functionCall\":{\"name\":\"get_time\",\"args\":{}}}]},\"finishReason\":\"STOP\",\"index\":0}],\"usageMetadata\":{\"promptTokenCount\":5,\"candidatesTokenCount\":7}}\r\n\r\n",
+        );
+        let out = decode_split(&Gemini, RouteType::Chat, wire.as_bytes(), vec![])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            tool_calls(&out),
+            vec![
+                (
+                    "call_0".into(),
+                    "get_weather".into(),
+                    "{\"city\":\"Paris\"}".into()
+                ),
+                ("call_1".into(), "get_time".into(), "{}".into()),
+            ]
+        );
+        assert_eq!(finish(&out), Some("tool_calls"));
+        // No finishReason: the stream never finished.
+        let cut = wire.rfind("data:").unwrap_or_default();
+        let out = decode_split(&Gemini, RouteType::Chat, &wire.as_bytes()[..cut], vec![])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(finish(&out), None);
     }
 }

@@ -4,6 +4,7 @@
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
+use super::features;
 use super::{
     ALL_ROUTE_TYPES, CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder, Target,
     UpstreamRequest, malformed, openai, post_json,
@@ -42,6 +43,16 @@ impl ProviderAdapter for MlflowModelServing {
             return Err(ProviderError::Unsupported(
                 "provider mlflow-model-serving does not support streaming".into(),
             ));
+        }
+        if let LlmRequest::Chat(c) = request {
+            // A served model takes one text: images, formats and tools would be silently lost.
+            features::refuse_images(Provider::MlflowModelServing, &c.messages)?;
+            features::refuse_output_format(Provider::MlflowModelServing, &c.extra)?;
+            if !features::tools(&c.extra)?.is_empty() {
+                return Err(ProviderError::Unsupported(
+                    "provider mlflow-model-serving does not support tools".into(),
+                ));
+            }
         }
         let body = match request {
             // As MLflow's own gateway does: a served pyfunc chat model answers one query per call.

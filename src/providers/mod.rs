@@ -10,6 +10,7 @@ mod cohere;
 mod compat;
 mod credentials;
 mod eventstream;
+mod features;
 mod gemini;
 mod mlflow;
 mod openai;
@@ -469,6 +470,37 @@ pub(crate) mod testing {
     /// The text of a decoded stream, joined.
     pub fn text(deltas: &[StreamDelta]) -> String {
         deltas.iter().filter_map(|d| d.text.as_deref()).collect()
+    }
+
+    /// The tool calls of a decoded stream, accumulated as a client does: `(id, name, arguments)`
+    /// by call index. Panics when a call's first fragment lacks its id or name, or when a later
+    /// fragment comes for a call never started.
+    pub fn tool_calls(deltas: &[StreamDelta]) -> Vec<(String, String, String)> {
+        let mut calls: Vec<(String, String, String)> = Vec::new();
+        for call in deltas.iter().flat_map(|d| &d.tool_calls) {
+            let i = call.index as usize;
+            if i == calls.len() {
+                let id = call
+                    .id
+                    .clone()
+                    .unwrap_or_else(|| panic!("call {i} has no id"));
+                let name = call
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| panic!("call {i} has no name"));
+                calls.push((id, name, String::new()));
+            }
+            let Some(entry) = calls.get_mut(i) else {
+                panic!("fragment for call {i} before it started")
+            };
+            entry.2.push_str(&call.arguments);
+        }
+        calls
+    }
+
+    /// The last finish reason of a decoded stream.
+    pub fn finish(deltas: &[StreamDelta]) -> Option<&str> {
+        deltas.iter().rev().find_map(|d| d.finish_reason.as_deref())
     }
 }
 

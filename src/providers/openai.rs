@@ -13,7 +13,7 @@ use super::{
 use crate::api::{Provider, RouteType};
 use crate::llm::{
     ChatRequest, Choice, CompletionsRequest, Embeddings, EmbeddingsRequest, Generation, LlmRequest,
-    LlmResponse, Params, StreamDelta, StreamOptions, Usage, unix_now,
+    LlmResponse, Params, StreamDelta, StreamOptions, ToolCallDelta, Usage, unix_now,
 };
 
 pub struct OpenAi;
@@ -93,6 +93,8 @@ pub(super) fn stream_decoder(route_type: RouteType) -> Box<dyn StreamDecoder> {
     SseDecoder::boxed(OpenAiStream {
         route_type,
         usage: None,
+        finished: false,
+        calls: Vec::new(),
     })
 }
 
@@ -274,6 +276,10 @@ struct OpenAiStream {
     route_type: RouteType,
     /// Reported once at the end: some servers repeat a cumulative usage on every chunk.
     usage: Option<Usage>,
+    /// A finish reason arrived.
+    finished: bool,
+    /// The tool calls started so far: (choice index, call index).
+    calls: Vec<(u32, u32)>,
 }
 
 #[derive(Deserialize)]
@@ -307,9 +313,63 @@ struct WireChunkChoice {
 struct WireDelta {
     role: Option<String>,
     content: Option<Value>,
+    #[serde(default)]
+    tool_calls: Option<Vec<WireToolCallDelta>>,
+}
+
+#[derive(Deserialize)]
+struct WireToolCallDelta {
+    /// Some compatible servers (Mistral) send whole calls without an index: their position counts.
+    index: Option<u32>,
+    id: Option<String>,
+    function: Option<WireFunctionDelta>,
+}
+
+#[derive(Deserialize)]
+struct WireFunctionDelta {
+    name: Option<String>,
+    /// A fragment of the JSON text; a few servers send the whole arguments as an object.
+    arguments: Option<Value>,
+}
+
+impl WireToolCallDelta {
+    fn into_delta(self, position: usize) -> ToolCallDelta {
+        let (name, arguments) = match self.function {
+            Some(f) => (
+                f.name,
+                match f.arguments {
+                    Some(Value::String(s)) => s,
+                    Some(Value::Null) | None => String::new(),
+                    Some(other) => other.to_string(),
+                },
+            ),
+            None => (None, String::new()),
+        };
+        ToolCallDelta {
+            index: self.index.unwrap_or(position as u32),
+            id: self.id.filter(|s| !s.is_empty()),
+            name: name.filter(|s| !s.is_empty()),
+            arguments,
+        }
+    }
 }
 
 impl OpenAiStream {
+    /// One fragment in the unified shape whatever the server's habits: the first fragment of a
+    /// call names it (an id is made up for servers that send none), later ones never repeat it.
+    fn tool_call(&mut self, choice: u32, mut call: ToolCallDelta) -> ToolCallDelta {
+        if self.calls.contains(&(choice, call.index)) {
+            call.id = None;
+            call.name = None;
+        } else {
+            self.calls.push((choice, call.index));
+            if call.id.is_none() {
+                call.id = Some(format!("call_{choice}_{}", call.index));
+            }
+        }
+        call
+    }
+
     fn flush_usage(&mut self, out: &mut Vec<StreamDelta>) {
         if let Some(usage) = self.usage.take() {
             out.push(StreamDelta {
@@ -323,6 +383,14 @@ impl OpenAiStream {
 impl SseHandler for OpenAiStream {
     fn event(&mut self, event: SseEvent, out: &mut Vec<StreamDelta>) -> Result<(), ProviderError> {
         if event.data == "[DONE]" {
+            // `[DONE]` ends the answer even from a server that sent no finish reason.
+            if !self.finished {
+                self.finished = true;
+                out.push(StreamDelta {
+                    finish_reason: Some("stop".into()),
+                    ..Default::default()
+                });
+            }
             self.flush_usage(out);
             return Ok(());
         }
@@ -343,14 +411,25 @@ impl SseHandler for OpenAiStream {
             self.usage = Some(u.into());
         }
         for c in chunk.choices {
-            let (role, text) = match (self.route_type, c.delta) {
-                (RouteType::Chat, Some(d)) => (d.role, d.content.map(|v| content_text(Some(&v)))),
-                _ => (None, c.text),
+            let (role, text, tool_calls) = match (self.route_type, c.delta) {
+                (RouteType::Chat, Some(d)) => (
+                    d.role,
+                    d.content.map(|v| content_text(Some(&v))),
+                    d.tool_calls
+                        .unwrap_or_default()
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, t)| self.tool_call(c.index, t.into_delta(i)))
+                        .collect(),
+                ),
+                _ => (None, c.text, Vec::new()),
             };
             let finish_reason = c.finish_reason.as_deref().and_then(normalize_finish_reason);
+            self.finished |= finish_reason.is_some();
             if role.is_none()
                 && text.as_deref().is_none_or(str::is_empty)
                 && finish_reason.is_none()
+                && tool_calls.is_empty()
             {
                 continue;
             }
@@ -363,7 +442,7 @@ impl SseHandler for OpenAiStream {
                 text,
                 finish_reason,
                 usage: None,
-                tool_calls: Vec::new(),
+                tool_calls,
             });
         }
         Ok(())
@@ -503,5 +582,91 @@ mod tests {
                 .and_then(|u| u.total_tokens),
             Some(4)
         );
+    }
+
+    fn decode(wire: &str) -> Vec<StreamDelta> {
+        crate::providers::testing::decode_split(&OpenAi, RouteType::Chat, wire.as_bytes(), vec![])
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn streamed_tool_calls_keep_ids_indexes_and_argument_fragments() {
+        use crate::providers::testing::{finish, tool_calls};
+        let chunk = |delta: Value, finish: Value| {
+            format!(
+                "data: {}\n\n",
+                json!({"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+            )
+        };
+        let wire = [
+            chunk(json!({"role": "assistant", "content": null}), Value::Null),
+            chunk(json!({"tool_calls": [{"index": 0, "id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": ""}}]}), Value::Null),
+            chunk(json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\":"}}]}), Value::Null),
+            chunk(json!({"tool_calls": [{"index": 1, "id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]}), Value::Null),
+            chunk(json!({"tool_calls": [{"index": 0, "function": {"arguments": "\"Paris\"}"}}]}), Value::Null),
+            chunk(json!({}), json!("tool_calls")),
+            "data: [DONE]\n\n".to_string(),
+        ]
+        .concat();
+        let out = decode(&wire);
+        assert_eq!(
+            tool_calls(&out),
+            vec![
+                (
+                    "call_a".into(),
+                    "get_weather".into(),
+                    "{\"city\":\"Paris\"}".into()
+                ),
+                ("call_b".into(), "get_time".into(), "{}".into()),
+            ]
+        );
+        assert_eq!(finish(&out), Some("tool_calls"));
+        // Servers that repeat the id on every fragment, or never send one.
+        let wire = [
+            chunk(json!({"tool_calls": [{"index": 0, "id": "r", "function": {"name": "f", "arguments": "{"}}]}), Value::Null),
+            chunk(json!({"tool_calls": [{"index": 0, "id": "r", "function": {"name": "f", "arguments": "}"}}]}), Value::Null),
+            chunk(json!({"tool_calls": [{"index": 1, "function": {"name": "g", "arguments": "{}"}}]}), json!("tool_calls")),
+        ]
+        .concat();
+        let out = decode(&wire);
+        assert_eq!(
+            tool_calls(&out),
+            vec![
+                ("r".into(), "f".into(), "{}".into()),
+                ("call_0_1".into(), "g".into(), "{}".into()),
+            ]
+        );
+        let later: Vec<&ToolCallDelta> = out
+            .iter()
+            .flat_map(|d| &d.tool_calls)
+            .skip(1)
+            .take(1)
+            .collect();
+        assert_eq!(later[0].id, None);
+        // Mistral sends each call whole, without an index.
+        let whole = chunk(
+            json!({"tool_calls": [{"id": "m1", "function": {"name": "f", "arguments": "{\"a\":1}"}}, {"id": "m2", "function": {"name": "g", "arguments": "{}"}}]}),
+            json!("tool_calls"),
+        );
+        let out = decode(&whole);
+        assert_eq!(
+            tool_calls(&out),
+            vec![
+                ("m1".into(), "f".into(), "{\"a\":1}".into()),
+                ("m2".into(), "g".into(), "{}".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn done_ends_a_stream_and_its_absence_is_no_end() {
+        use crate::providers::testing::finish;
+        let text =
+            "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n";
+        assert_eq!(
+            finish(&decode(&format!("{text}data: [DONE]\n\n"))),
+            Some("stop")
+        );
+        assert_eq!(finish(&decode(text)), None);
     }
 }

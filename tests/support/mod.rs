@@ -41,6 +41,7 @@ impl ControlPlane {
                 "start",
                 dir.to_str().unwrap_or_default(),
                 &std::process::id().to_string(),
+                "remove",
             ])
             .env("PORTCULLIS_APISERVER_ARGS", apiserver_args)
             .status()

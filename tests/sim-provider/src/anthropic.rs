@@ -13,7 +13,8 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 
 use crate::{
-    Shared, answer_words, content_text, count_tokens, json_response, pieces, stream_response,
+    Shared, answer_words, content_text, count_tokens, fragments, json_response, pieces,
+    stream_response, tool_arguments, tools_to_call,
 };
 
 pub fn router() -> Router<Arc<Shared>> {
@@ -69,6 +70,10 @@ async fn messages(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: B
         );
     }
     let model = req["model"].as_str().unwrap_or_default().to_string();
+    let calls = planned_calls(&req, messages);
+    if !calls.is_empty() {
+        return tool_answer(&shared, &req, &model, &calls);
+    }
     let input: u64 = count_tokens(&content_text(&req["system"]))
         + messages
             .iter()
@@ -102,20 +107,6 @@ async fn messages(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: B
         frames.push(event("message_stop", json!({"type": "message_stop"})));
         return stream_response(&shared, "text/event-stream; charset=utf-8", frames);
     }
-    let answered = messages.iter().any(|m| {
-        m["content"]
-            .as_array()
-            .is_some_and(|b| b.iter().any(|b| b["type"] == "tool_result"))
-    });
-    if let (Some(tool), false) = (req["tools"][0]["name"].as_str(), answered) {
-        return json_response(
-            200,
-            json!({"id": "msg_sim", "type": "message", "role": "assistant", "model": model,
-                   "content": [{"type": "tool_use", "id": "toolu_sim_1", "name": tool, "input": crate::tool_input()}],
-                   "stop_reason": "tool_use", "stop_sequence": null,
-                   "usage": {"input_tokens": input, "output_tokens": 5}}),
-        );
-    }
     json_response(
         200,
         json!({"id": "msg_sim", "type": "message", "role": "assistant", "model": model,
@@ -123,4 +114,86 @@ async fn messages(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: B
                "stop_reason": stop_reason, "stop_sequence": null,
                "usage": {"input_tokens": input, "output_tokens": output, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}),
     )
+}
+
+/// The tools this answer uses: the offered ones (the named one when `tool_choice` names one),
+/// unless told `none` or answering a tool result.
+fn planned_calls(req: &Value, messages: &[Value]) -> Vec<String> {
+    let offered: Vec<&str> = req["tools"]
+        .as_array()
+        .map(|t| t.iter().filter_map(|t| t["name"].as_str()).collect())
+        .unwrap_or_default();
+    let answers_result = messages.last().is_some_and(|m| {
+        m["content"]
+            .as_array()
+            .is_some_and(|b| b.iter().any(|b| b["type"] == "tool_result"))
+    });
+    if offered.is_empty()
+        || answers_result
+        || req.pointer("/tool_choice/type") == Some(&json!("none"))
+    {
+        return Vec::new();
+    }
+    match req.pointer("/tool_choice/name").and_then(Value::as_str) {
+        Some(name) if req.pointer("/tool_choice/type") == Some(&json!("tool")) => {
+            vec![name.to_string()]
+        }
+        _ => tools_to_call(offered),
+    }
+}
+
+/// An answer that uses `calls`: `tool_use` blocks, streamed as Anthropic does (a
+/// `content_block_start` with the id and name, then `input_json_delta` fragments).
+fn tool_answer(shared: &Arc<Shared>, req: &Value, model: &str, calls: &[String]) -> Response {
+    let id = |i: usize| format!("toolu_sim_{i}");
+    let output = 10 * calls.len() as u64;
+    // As documented: a forced tool (`any` or `tool`) comes without any text before it.
+    let forced = matches!(
+        req.pointer("/tool_choice/type").and_then(Value::as_str),
+        Some("any" | "tool")
+    );
+    let first = usize::from(!forced);
+    if req["stream"] != true {
+        let mut content = Vec::new();
+        if !forced {
+            content.push(json!({"type": "text", "text": "Let me check."}));
+        }
+        content.extend(calls.iter().enumerate().map(|(i, name)| {
+            json!({"type": "tool_use", "id": id(i), "name": name, "input": tool_arguments(name, i)})
+        }));
+        return json_response(
+            200,
+            json!({"id": "msg_sim", "type": "message", "role": "assistant", "model": model,
+                   "content": content, "stop_reason": "tool_use", "stop_sequence": null,
+                   "usage": {"input_tokens": 5, "output_tokens": output}}),
+        );
+    }
+    let event = |name: &str, data: Value| Bytes::from(format!("event: {name}\ndata: {data}\n\n"));
+    let mut frames = vec![event(
+        "message_start",
+        json!({"type": "message_start", "message": {"id": "msg_sim", "type": "message", "role": "assistant", "model": model, "content": [], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 5, "output_tokens": 1}}}),
+    )];
+    if !forced {
+        frames.push(event("content_block_start", json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})));
+        frames.push(event("content_block_delta", json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Let me check."}})));
+        frames.push(event(
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": 0}),
+        ));
+    }
+    for (i, name) in calls.iter().enumerate() {
+        let block = i + first;
+        frames.push(event("content_block_start", json!({"type": "content_block_start", "index": block, "content_block": {"type": "tool_use", "id": id(i), "name": name, "input": {}}})));
+        frames.push(event("content_block_delta", json!({"type": "content_block_delta", "index": block, "delta": {"type": "input_json_delta", "partial_json": ""}})));
+        for piece in fragments(&tool_arguments(name, i).to_string(), 9) {
+            frames.push(event("content_block_delta", json!({"type": "content_block_delta", "index": block, "delta": {"type": "input_json_delta", "partial_json": piece}})));
+        }
+        frames.push(event(
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": block}),
+        ));
+    }
+    frames.push(event("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": null}, "usage": {"output_tokens": output}})));
+    frames.push(event("message_stop", json!({"type": "message_stop"})));
+    stream_response(shared, "text/event-stream; charset=utf-8", frames)
 }

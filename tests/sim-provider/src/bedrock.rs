@@ -16,7 +16,10 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 
 use crate::openai::embed;
-use crate::{Shared, answer_words, count_tokens, json_response, pieces, stream_response};
+use crate::{
+    Shared, answer_words, count_tokens, fragments, json_response, pieces, stream_response,
+    tool_arguments, tools_to_call,
+};
 
 pub fn router() -> Router<Arc<Shared>> {
     Router::new().route("/model/{model}/{operation}", post(model))
@@ -209,6 +212,10 @@ fn converse(shared: &Arc<Shared>, model: &str, req: &Value, stream: bool) -> Res
         .map(|m| blocks_text(&m["content"]))
         .sum::<u64>()
         + blocks_text(&req["system"]);
+    let calls = planned_calls(req, messages);
+    if !calls.is_empty() {
+        return tool_answer(shared, model, req, &calls, stream);
+    }
     let (words, cut) = answer_words(
         shared,
         req.pointer("/inferenceConfig/maxTokens")
@@ -254,6 +261,107 @@ fn converse(shared: &Arc<Shared>, model: &str, req: &Value, stream: bool) -> Res
         "metadata",
         json!({"usage": usage, "metrics": {"latencyMs": 12}}),
         2,
+    ));
+    stream_response(shared, "application/vnd.amazon.eventstream", frames)
+}
+
+/// The tools this answer uses: the offered ones (the named one under `toolChoice.tool`), unless
+/// answering a tool result.
+fn planned_calls(req: &Value, messages: &[Value]) -> Vec<String> {
+    let offered: Vec<&str> = req
+        .pointer("/toolConfig/tools")
+        .and_then(Value::as_array)
+        .map(|t| {
+            t.iter()
+                .filter_map(|t| t.pointer("/toolSpec/name")?.as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    let answers_result = messages.last().is_some_and(|m| {
+        m["content"]
+            .as_array()
+            .is_some_and(|b| b.iter().any(|b| b.get("toolResult").is_some()))
+    });
+    if offered.is_empty() || answers_result {
+        return Vec::new();
+    }
+    match req
+        .pointer("/toolConfig/toolChoice/tool/name")
+        .and_then(Value::as_str)
+    {
+        Some(name) => vec![name.to_string()],
+        None => tools_to_call(offered),
+    }
+}
+
+/// An answer using `calls`: `toolUse` blocks, streamed as ConverseStream does (a
+/// `contentBlockStart` with the id and name, then `toolUse.input` string fragments).
+fn tool_answer(
+    shared: &Arc<Shared>,
+    model: &str,
+    req: &Value,
+    calls: &[String],
+    stream: bool,
+) -> Response {
+    let id = |i: usize| format!("tooluse_sim_{i}");
+    let forced = req.pointer("/toolConfig/toolChoice/auto").is_none()
+        && req.pointer("/toolConfig/toolChoice").is_some();
+    let usage = json!({"inputTokens": 5, "outputTokens": 10, "totalTokens": 15});
+    if !stream {
+        let mut content = Vec::new();
+        if !forced {
+            content.push(json!({"text": "Let me check."}));
+        }
+        content.extend(calls.iter().enumerate().map(|(i, name)| {
+            json!({"toolUse": {"toolUseId": id(i), "name": name, "input": tool_arguments(name, i)}})
+        }));
+        return json_response(
+            200,
+            json!({"output": {"message": {"role": "assistant", "content": content}},
+                   "stopReason": "tool_use", "usage": usage, "metrics": {"latencyMs": 12}, "modelId": model}),
+        );
+    }
+    let event = |kind: &str, mut payload: Value| {
+        payload["p"] = json!("abcdefgh");
+        Bytes::from(encode_frame(
+            &[
+                (":event-type", kind),
+                (":content-type", "application/json"),
+                (":message-type", "event"),
+            ],
+            payload.to_string().as_bytes(),
+        ))
+    };
+    let mut frames = vec![event("messageStart", json!({"role": "assistant"}))];
+    if !forced {
+        frames.push(event(
+            "contentBlockDelta",
+            json!({"contentBlockIndex": 0, "delta": {"text": "Let me check."}}),
+        ));
+        frames.push(event("contentBlockStop", json!({"contentBlockIndex": 0})));
+    }
+    let first = usize::from(!forced);
+    for (i, name) in calls.iter().enumerate() {
+        let block = i + first;
+        frames.push(event(
+            "contentBlockStart",
+            json!({"contentBlockIndex": block, "start": {"toolUse": {"toolUseId": id(i), "name": name}}}),
+        ));
+        for piece in fragments(&tool_arguments(name, i).to_string(), 6) {
+            frames.push(event(
+                "contentBlockDelta",
+                json!({"contentBlockIndex": block, "delta": {"toolUse": {"input": piece}}}),
+            ));
+        }
+        frames.push(event(
+            "contentBlockStop",
+            json!({"contentBlockIndex": block}),
+        ));
+    }
+    frames.push(event("messageStop", json!({"stopReason": "tool_use"})));
+    frames.push(event(
+        "metadata",
+        json!({"usage": usage, "metrics": {"latencyMs": 12}}),
     ));
     stream_response(shared, "application/vnd.amazon.eventstream", frames)
 }

@@ -16,7 +16,8 @@ use serde_json::{Value, json};
 
 use crate::openai::embed;
 use crate::{
-    Shared, answer_words, content_text, count_tokens, json_response, pieces, stream_response,
+    Shared, answer_words, content_text, count_tokens, fragments, json_response, pieces,
+    stream_response, structured_answer, tool_arguments, tools_to_call,
 };
 
 pub fn router() -> Router<Arc<Shared>> {
@@ -62,9 +63,36 @@ async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
         .iter()
         .map(|m| count_tokens(&content_text(&m["content"])))
         .sum();
+    let calls = planned_calls(&req, messages);
+    if !calls.is_empty() {
+        return tool_answer(&shared, &req, &calls, input);
+    }
+    if req.pointer("/response_format/type") == Some(&json!("json_object")) {
+        // Asked for JSON: the answer is a JSON text, streamed in small pieces.
+        let pieces = fragments(&structured_answer().to_string(), 8);
+        return plain_answer(&shared, &req, pieces, "COMPLETE", input, false);
+    }
     let (words, cut) = answer_words(&shared, req.get("max_tokens").and_then(Value::as_u64));
     let finish = if cut { "MAX_TOKENS" } else { "COMPLETE" };
+    plain_answer(&shared, &req, words, finish, input, true)
+}
+
+/// A text answer; `spaced` joins the words with spaces, else the pieces are sent as they are.
+fn plain_answer(
+    shared: &Arc<Shared>,
+    req: &Value,
+    words: Vec<String>,
+    finish: &str,
+    input: u64,
+    spaced: bool,
+) -> Response {
     let output = words.len() as u64;
+    let pieces = if spaced {
+        pieces(&words)
+    } else {
+        words.clone()
+    };
+    let text: String = pieces.concat();
     if req["stream"] == true {
         let event = |data: Value| {
             Bytes::from(format!(
@@ -80,19 +108,77 @@ async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
                 json!({"type": "content-start", "index": 0, "delta": {"message": {"content": {"type": "text", "text": ""}}}}),
             ),
         ];
-        for piece in pieces(&words) {
+        for piece in pieces {
             frames.push(event(json!({"type": "content-delta", "index": 0, "delta": {"message": {"content": {"text": piece}}}})));
         }
         frames.push(event(json!({"type": "content-end", "index": 0})));
         frames.push(event(json!({"type": "message-end", "delta": {"finish_reason": finish, "usage": usage(input, output)}})));
-        return stream_response(&shared, "text/event-stream", frames);
+        return stream_response(shared, "text/event-stream", frames);
     }
     json_response(
         200,
         json!({"id": "chat-sim", "finish_reason": finish,
-               "message": {"role": "assistant", "content": [{"type": "text", "text": words.join(" ")}]},
+               "message": {"role": "assistant", "content": [{"type": "text", "text": text}]},
                "usage": usage(input, output)}),
     )
+}
+
+/// The tools this answer calls: the offered ones, unless told `NONE` or answering a tool result.
+fn planned_calls(req: &Value, messages: &[Value]) -> Vec<String> {
+    let offered: Vec<&str> = req["tools"]
+        .as_array()
+        .map(|t| {
+            t.iter()
+                .filter_map(|t| t.pointer("/function/name")?.as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    let answers_result = messages.last().is_some_and(|m| m["role"] == "tool");
+    if offered.is_empty() || answers_result || req["tool_choice"] == "NONE" {
+        return Vec::new();
+    }
+    tools_to_call(offered)
+}
+
+/// An answer calling `calls`, streamed as Cohere v2 does: a tool plan, then per call
+/// `tool-call-start` (id, name), `tool-call-delta`s with argument pieces, `tool-call-end`.
+fn tool_answer(shared: &Arc<Shared>, req: &Value, calls: &[String], input: u64) -> Response {
+    let id = |i: usize, name: &str| format!("{name}_sim{i}");
+    let plan = "I will call the tools.";
+    if req["stream"] != true {
+        let tool_calls: Vec<Value> = calls
+            .iter()
+            .enumerate()
+            .map(|(i, name)| json!({"id": id(i, name), "type": "function", "function": {"name": name, "arguments": tool_arguments(name, i).to_string()}}))
+            .collect();
+        return json_response(
+            200,
+            json!({"id": "chat-sim", "finish_reason": "TOOL_CALL",
+                   "message": {"role": "assistant", "tool_plan": plan, "tool_calls": tool_calls},
+                   "usage": usage(input, 10)}),
+        );
+    }
+    let event = |data: Value| {
+        Bytes::from(format!(
+            "event: {}\ndata: {data}\n\n",
+            data["type"].as_str().unwrap_or_default()
+        ))
+    };
+    let mut frames = vec![
+        event(
+            json!({"id": "chat-sim", "type": "message-start", "delta": {"message": {"role": "assistant", "content": [], "tool_plan": "", "tool_calls": [], "citations": []}}}),
+        ),
+        event(json!({"type": "tool-plan-delta", "delta": {"message": {"tool_plan": plan}}})),
+    ];
+    for (i, name) in calls.iter().enumerate() {
+        frames.push(event(json!({"type": "tool-call-start", "index": i, "delta": {"message": {"tool_calls": {"id": id(i, name), "type": "function", "function": {"name": name, "arguments": ""}}}}})));
+        for piece in fragments(&tool_arguments(name, i).to_string(), 5) {
+            frames.push(event(json!({"type": "tool-call-delta", "index": i, "delta": {"message": {"tool_calls": {"function": {"arguments": piece}}}}})));
+        }
+        frames.push(event(json!({"type": "tool-call-end", "index": i})));
+    }
+    frames.push(event(json!({"type": "message-end", "delta": {"finish_reason": "TOOL_CALL", "usage": usage(input, 10)}})));
+    stream_response(shared, "text/event-stream", frames)
 }
 
 async fn embed_texts(headers: HeaderMap, body: Bytes) -> Response {

@@ -12,6 +12,7 @@ mod mlflow;
 mod openai;
 
 pub use bedrock::encode_frame;
+pub use gemini::thought_signature;
 pub use openai::embed;
 mod tgi;
 
@@ -543,12 +544,6 @@ pub fn content_text(content: &Value) -> String {
     }
 }
 
-/// The input every simulated provider calls a tool with: a tool-use round trip's first answer
-/// (non-streaming) is a call of the first tool offered, until a tool result is in the conversation.
-pub fn tool_input() -> Value {
-    serde_json::json!({"city": "Paris"})
-}
-
 /// Deterministic filler text: "word1 word2 ...".
 pub fn answer_text(words: usize) -> Vec<String> {
     (1..=words).map(|i| format!("word{i}")).collect()
@@ -564,4 +559,38 @@ pub fn unix_now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or_default()
+}
+
+/// The arguments of the `n`th tool call of a simulated answer, calling tool `name`: nested JSON
+/// with escapes and non-ASCII text, so that streamed fragments split inside strings and escapes.
+pub fn tool_arguments(name: &str, n: usize) -> Value {
+    serde_json::json!({
+        "tool": name,
+        "n": n,
+        "city": "Zürich",
+        "units": ["celsius", "kelvin"],
+        "note": "a \"quoted\" word\nand a new line",
+        "deep": {"ok": true, "ratio": 0.5},
+    })
+}
+
+/// The tools a simulated provider calls when offered some (and not answering a tool result, nor
+/// told not to): the first two offered, so answers exercise parallel calls.
+pub fn tools_to_call<'a>(offered: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    offered.into_iter().take(2).map(str::to_string).collect()
+}
+
+/// `text` cut into pieces of at most `size` characters, as providers stream tool arguments.
+pub fn fragments(text: &str, size: usize) -> Vec<String> {
+    let chars: Vec<char> = text.chars().collect();
+    chars
+        .chunks(size.max(1))
+        .map(|c| c.iter().collect())
+        .collect()
+}
+
+/// The answer of a simulated provider asked for JSON output (Gemini `responseMimeType`, Cohere
+/// `response_format`): a fixed object, so tests can check it arrived whole.
+pub fn structured_answer() -> Value {
+    serde_json::json!({"answer": "word1", "confidence": 0.9, "tags": ["a", "b"]})
 }

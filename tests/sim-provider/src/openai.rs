@@ -14,7 +14,10 @@ use axum::routing::post;
 use bytes::Bytes;
 use serde_json::{Value, json};
 
-use crate::{Shared, answer_text, count_tokens, pieces, stream_response, unix_now};
+use crate::{
+    Shared, answer_text, count_tokens, fragments, pieces, stream_response, tool_arguments,
+    tools_to_call, unix_now,
+};
 
 /// Where an OpenAI-compatible server departs from OpenAI, as far as the gateway must care.
 #[derive(Clone, Copy, Debug)]
@@ -180,6 +183,14 @@ pub async fn generate(
         Err(resp) => return resp,
     };
     let model = req["model"].as_str().unwrap_or_default().to_string();
+    let calls = if chat {
+        planned_calls(&req)
+    } else {
+        Vec::new()
+    };
+    if !calls.is_empty() {
+        return tool_answer(&shared, flavor, &req, &model, &calls);
+    }
     let (words, finish) = answer(&shared, &req);
     let prompt = prompt_tokens(&req);
     let n = req.get("n").and_then(Value::as_u64).unwrap_or(1);
@@ -202,19 +213,6 @@ pub async fn generate(
             &shared, id, created, model, words, finish, prompt, chat, usage_mode,
         );
     }
-    let tool = req["tools"][0]["function"]["name"].as_str();
-    let answered = req["messages"]
-        .as_array()
-        .is_some_and(|m| m.iter().any(|m| m["role"] == "tool"));
-    if let (true, Some(tool), false) = (chat, tool, answered) {
-        let call = json!({"id": "call_sim_1", "type": "function", "function": {"name": tool, "arguments": crate::tool_input().to_string()}});
-        return axum::Json(json!({
-            "id": id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": null, "tool_calls": [call]}, "logprobs": null, "finish_reason": "tool_calls"}],
-            "usage": usage(prompt, 5),
-        }))
-        .into_response();
-    }
     let text = words.join(" ");
     let choices: Vec<Value> = (0..n)
         .map(|i| {
@@ -236,6 +234,96 @@ pub async fn generate(
         "usage": usage(prompt, completion),
     }))
     .into_response()
+}
+
+/// The tools this answer calls: the offered ones (the named one when `tool_choice` names one),
+/// unless told `none` or answering a tool result.
+fn planned_calls(req: &Value) -> Vec<String> {
+    let offered: Vec<&str> = req["tools"]
+        .as_array()
+        .map(|t| {
+            t.iter()
+                .filter_map(|t| t.pointer("/function/name")?.as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    let last_is_result = req["messages"]
+        .as_array()
+        .and_then(|m| m.last())
+        .is_some_and(|m| m["role"] == "tool");
+    if offered.is_empty() || last_is_result || req["tool_choice"] == "none" {
+        return Vec::new();
+    }
+    match req
+        .pointer("/tool_choice/function/name")
+        .and_then(Value::as_str)
+    {
+        Some(name) => vec![name.to_string()],
+        None => tools_to_call(offered),
+    }
+}
+
+/// An answer calling `calls`: whole, or streamed as OpenAI does (each call's id and name first,
+/// then its arguments in small fragments). Mistral streams each call whole in one chunk.
+fn tool_answer(
+    shared: &Arc<Shared>,
+    flavor: Flavor,
+    req: &Value,
+    model: &str,
+    calls: &[String],
+) -> Response {
+    let created = unix_now();
+    let id = "chatcmpl-sim";
+    let prompt = prompt_tokens(req);
+    let completion = 10 * calls.len() as u64;
+    let call_id = |i: usize| format!("call_sim_{i}");
+    let args = |i: usize, name: &str| tool_arguments(name, i).to_string();
+    if req.get("stream").and_then(Value::as_bool) != Some(true) {
+        let tool_calls: Vec<Value> = calls
+            .iter()
+            .enumerate()
+            .map(|(i, name)| json!({"id": call_id(i), "type": "function", "function": {"name": name, "arguments": args(i, name)}}))
+            .collect();
+        return axum::Json(json!({
+            "id": id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": null, "refusal": null, "tool_calls": tool_calls}, "logprobs": null, "finish_reason": "tool_calls"}],
+            "usage": usage(prompt, completion),
+        }))
+        .into_response();
+    }
+    let chunk = |delta: Value, finish: Value| {
+        let c = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "system_fingerprint": "fp_sim", "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]});
+        Bytes::from(format!("data: {c}\n\n"))
+    };
+    let mut frames = vec![chunk(
+        json!({"role": "assistant", "content": null}),
+        Value::Null,
+    )];
+    for (i, name) in calls.iter().enumerate() {
+        if flavor.mistral {
+            frames.push(chunk(json!({"tool_calls": [{"id": call_id(i), "type": "function", "index": i, "function": {"name": name, "arguments": args(i, name)}}]}), Value::Null));
+            continue;
+        }
+        frames.push(chunk(json!({"tool_calls": [{"index": i, "id": call_id(i), "type": "function", "function": {"name": name, "arguments": ""}}]}), Value::Null));
+        for piece in fragments(&args(i, name), 7) {
+            frames.push(chunk(
+                json!({"tool_calls": [{"index": i, "function": {"arguments": piece}}]}),
+                Value::Null,
+            ));
+        }
+    }
+    frames.push(chunk(json!({}), json!("tool_calls")));
+    let wants_usage = flavor.mistral
+        || req
+            .pointer("/stream_options/include_usage")
+            .and_then(Value::as_bool)
+            == Some(true);
+    if wants_usage {
+        let u = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [], "usage": usage(prompt, completion)});
+        frames.push(Bytes::from(format!("data: {u}\n\n")));
+    }
+    frames.push(Bytes::from_static(b"data: [DONE]\n\n"));
+    stream_response(shared, "text/event-stream; charset=utf-8", frames)
 }
 
 #[derive(Clone, Copy, PartialEq)]

@@ -1,6 +1,6 @@
-"""Streamed tool calls through `/v1/messages` and `/v1/responses`. Pending: they need the providers'
-streamed tool-call decoding (branch `tools`); once that is in main, rename this file to
-test_streaming_tools.py so pytest collects it (tests/agents.rs runs the whole directory)."""
+"""Streamed tool calls through `/v1/messages` and `/v1/responses` from OpenAI, Anthropic and Gemini
+Routes (the simulated providers call the tools offered, in their own streaming shapes), and tool
+round trips on a Gemini Route."""
 
 import json
 
