@@ -329,10 +329,24 @@ fn anthropic_and_openai_sdks_on_every_provider() {
         call["id"]
     );
 
+    // Structured output reaches Anthropic as a forced tool, Gemini as a JSON response.
+    let structured = find(&anthropic, "json-check");
+    assert_eq!(
+        structured["tool_choice"]["name"], "portcullis_structured_output",
+        "{structured}"
+    );
+
     // Gemini behind /v1/responses.
     let gemini = received(&f.sim, "/gemini/");
     let plain = find(&gemini, "responses-plain");
     assert_eq!(plain["systemInstruction"]["parts"][0]["text"], "Be terse.");
+    let structured = find(&gemini, "json-check");
+    assert_eq!(
+        structured["generationConfig"]["responseMimeType"], "application/json",
+        "{structured}"
+    );
+    // Streamed tool calls were asked of every provider with the tools offered.
+    assert!(find(&gemini, "stream-tools")["tools"].is_array());
 
     // Both surfaces have their own label; the caller's token is never logged.
     let metrics = f.gw.metrics();
