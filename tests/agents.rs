@@ -329,6 +329,19 @@ fn anthropic_and_openai_sdks_on_every_provider() {
         call["id"]
     );
 
+    // Cache breakpoints reach Anthropic on their blocks, and never OpenAI.
+    let cached = find(&anthropic, "cache-check system");
+    assert_eq!(
+        cached["system"][0]["cache_control"],
+        json!({"type": "ephemeral"}),
+        "{cached}"
+    );
+    assert!(
+        !find(&openai, "cache-check system")
+            .to_string()
+            .contains("cache_control")
+    );
+
     // Structured output reaches Anthropic as a forced tool, Gemini as a JSON response.
     let structured = find(&anthropic, "json-check");
     assert_eq!(

@@ -2,10 +2,9 @@
 //! the Route): the request is translated into the unified (OpenAI-shaped) chat model, the answer
 //! and its stream back into Anthropic's content blocks and named events.
 //!
-//! Fields only Anthropic understands (`top_k`, `metadata`, `anthropic-beta`) are passed on only
-//! when every backend of the Route understands them, never to a provider that would refuse them.
-//! `cache_control` stays on text parts for Anthropic-only Routes (the adapter does not send block
-//! fields yet).
+//! Fields only Anthropic understands (`top_k`, `metadata`, `anthropic-beta`, `cache_control` on
+//! text blocks) are passed on only when every backend of the Route understands them, never to a
+//! provider that would refuse them.
 
 use std::sync::Arc;
 

@@ -132,11 +132,15 @@ impl ProviderAdapter for Anthropic {
 
 fn request_body(target: &Target, chat: &ChatRequest) -> Result<Value, ProviderError> {
     reject_n(Provider::Anthropic, &chat.params)?;
+    let mut system_blocks = Vec::new();
     let mut system = Vec::new();
     let mut messages: Vec<Value> = Vec::new();
     for m in &chat.messages {
         match m.role.as_str() {
-            "system" | "developer" => system.push(m.text()),
+            "system" | "developer" => {
+                system.push(m.text());
+                system_blocks.extend(content_blocks(&m.content)?);
+            }
             "tool" => push_turn(
                 &mut messages,
                 "user",
@@ -164,7 +168,13 @@ fn request_body(target: &Target, chat: &ChatRequest) -> Result<Value, ProviderEr
     let mut body = Map::new();
     body.insert("model".into(), json!(target.model));
     body.insert("max_tokens".into(), json!(max_tokens));
-    if !system.is_empty() {
+    if system_blocks
+        .iter()
+        .any(|b| b.get("cache_control").is_some())
+    {
+        // Cache breakpoints live on blocks: the system prompt keeps its blocks.
+        body.insert("system".into(), Value::Array(system_blocks));
+    } else if !system.is_empty() {
         body.insert("system".into(), json!(system.join("\n\n")));
     }
     body.insert("messages".into(), Value::Array(messages));
@@ -256,7 +266,12 @@ fn content_blocks(content: &Value) -> Result<Vec<Value>, ProviderError> {
                         Image::Url(url) => json!({"type": "image", "source": {"type": "url", "url": url}}),
                     });
                 } else if p["type"] == "text" {
-                    blocks.push(json!({"type": "text", "text": p["text"]}));
+                    let mut block = json!({"type": "text", "text": p["text"]});
+                    // A cache breakpoint (the Messages surface keeps them for Anthropic Routes).
+                    if let Some(cc) = p.get("cache_control") {
+                        block["cache_control"] = cc.clone();
+                    }
+                    blocks.push(block);
                 }
             }
         }
@@ -624,6 +639,37 @@ mod tests {
             json!([{"role":"user","content":[{"type":"text","text":"go"}]},
                    {"role":"assistant","content":[{"type":"tool_use","id":"t1","name":"f","input":{"a":1}}]},
                    {"role":"user","content":[{"type":"tool_result","tool_use_id":"t1","content":"42"}]}])
+        );
+    }
+
+    #[test]
+    fn cache_breakpoints_stay_on_their_blocks() {
+        let req = LlmRequest::Chat(ChatRequest {
+            messages: vec![
+                msg(
+                    "system",
+                    json!([{"type": "text", "text": "S", "cache_control": {"type": "ephemeral"}}]),
+                ),
+                msg(
+                    "user",
+                    json!([{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}]),
+                ),
+            ],
+            params: Params::default(),
+            stream: StreamOptions::default(),
+            extra: Map::new(),
+        });
+        let built = Anthropic
+            .build_request(&target(), &req)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let body: Value = serde_json::from_slice(&built.body).unwrap_or_default();
+        assert_eq!(
+            body["system"],
+            json!([{"type": "text", "text": "S", "cache_control": {"type": "ephemeral"}}])
+        );
+        assert_eq!(
+            body["messages"][0]["content"][0]["cache_control"],
+            json!({"type": "ephemeral"})
         );
     }
 

@@ -135,6 +135,17 @@ def test_structured_output(client, routes, provider):
     assert m.content[0].type == "text" and m.content[0].text
 
 
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_cache_breakpoints(client, routes, provider):
+    m = client.messages.create(
+        model=routes[provider],
+        max_tokens=100,
+        system=[{"type": "text", "text": "cache-check system", "cache_control": {"type": "ephemeral"}}],
+        messages=ask("cache-check"),
+    )
+    assert m.content[0].text == ANSWER
+
+
 def test_count_tokens_is_an_estimate(client, routes):
     counted = client.messages.count_tokens(model=routes["openai"], messages=ask("one two three four " * 10))
     assert 5 < counted.input_tokens < 100
