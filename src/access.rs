@@ -126,6 +126,12 @@ impl Bearer {
             .then(|| Bearer(credential.to_string()))
     }
 
+    /// From an `x-api-key` header value (Anthropic's clients send their key there, bare).
+    pub fn from_api_key(value: &[u8]) -> Option<Bearer> {
+        let credential = std::str::from_utf8(value).ok()?.trim();
+        (!credential.is_empty()).then(|| Bearer(credential.to_string()))
+    }
+
     pub fn digest(&self) -> Digest {
         digest(self.0.as_bytes())
     }
@@ -596,6 +602,8 @@ mod tests {
         assert!(Bearer::from_header(b"bearer   abc ").is_some());
         assert!(Bearer::from_header(b"Basic abc").is_none());
         assert!(Bearer::from_header(b"Bearer ").is_none());
+        assert!(Bearer::from_api_key(b" sk-ant ").is_some_and(|b| b.expose() == "sk-ant"));
+        assert!(Bearer::from_api_key(b"  ").is_none());
         let b = Bearer::from_header(b"Bearer sk-secret").unwrap();
         assert!(!format!("{b:?}").contains("sk-secret"));
     }

@@ -342,8 +342,54 @@ impl IntoResponse for MlflowError {
     }
 }
 
-/// Which body shape errors take on a path: MLflow's under its prefixes, OpenAI's elsewhere.
+/// Anthropic's error type word for a status.
+pub fn anthropic_type(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        503 | 529 => "overloaded_error",
+        400..=499 => "invalid_request_error",
+        _ => "api_error",
+    }
+}
+
+/// The message of an error as Anthropic's clients read it: they send their key as `x-api-key`.
+pub fn anthropic_message(err: &GatewayError) -> String {
+    match err {
+        GatewayError::Unauthenticated => "missing or invalid credentials: send a ServiceAccount token or an API key as 'x-api-key: <credential>' or 'Authorization: Bearer <credential>'".into(),
+        other => other.to_string(),
+    }
+}
+
+/// The error in Anthropic's shape: `{"type": "error", "error": {"type", "message"}}`.
+pub struct AnthropicError(pub GatewayError);
+
+impl From<GatewayError> for AnthropicError {
+    fn from(e: GatewayError) -> Self {
+        AnthropicError(e)
+    }
+}
+
+impl IntoResponse for AnthropicError {
+    fn into_response(self) -> Response {
+        let status = self.0.status();
+        let body = json!({"type": "error", "error": {
+            "type": anthropic_type(status),
+            "message": anthropic_message(&self.0),
+        }});
+        with_headers((status, Json(body)).into_response(), &self.0)
+    }
+}
+
+/// Which body shape errors take on a path: MLflow's under its prefixes, Anthropic's on
+/// `/v1/messages`, OpenAI's elsewhere.
 pub fn for_path(path: &str, err: GatewayError) -> Response {
+    if path == "/v1/messages" || path.starts_with("/v1/messages/") {
+        return AnthropicError(err).into_response();
+    }
     if ["/api/", "/gateway/", "/endpoints/"]
         .iter()
         .any(|p| path.starts_with(p))
@@ -452,6 +498,12 @@ mod tests {
             assert!(body(path).starts_with(r#"{"detail":"#), "{path}");
         }
         assert!(body("/v1/models").starts_with(r#"{"error":"#));
+        assert!(body("/v1/responses").starts_with(r#"{"error":"#));
+        for path in ["/v1/messages", "/v1/messages/count_tokens"] {
+            let v: serde_json::Value = serde_json::from_str(&body(path)).unwrap_or_default();
+            assert_eq!(v["type"], "error", "{path}");
+            assert_eq!(v["error"]["type"], "invalid_request_error", "{path}");
+        }
         assert!(body("/nowhere").starts_with(r#"{"error":"#));
     }
 

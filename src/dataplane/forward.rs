@@ -36,6 +36,17 @@ pub struct ServingRoute {
     caller: Option<Identity>,
 }
 
+impl ServingRoute {
+    /// The providers of the route's backends (a surface passes provider-only fields through only
+    /// when every backend understands them).
+    pub fn providers(&self) -> impl Iterator<Item = crate::api::Provider> + '_ {
+        self.backends
+            .list
+            .iter()
+            .map(|b| b.upstream.adapter.provider())
+    }
+}
+
 /// Finds `name` for its caller (see `admission::authorize`) and checks it can serve `route_type`.
 pub async fn lookup(
     state: &AppState,

@@ -261,3 +261,157 @@ proptest! {
         }
     }
 }
+
+/// Field and type names of the Anthropic Messages and OpenAI Responses bodies.
+const AGENT_FIELDS: &[&str] = &[
+    "messages",
+    "role",
+    "content",
+    "text",
+    "type",
+    "system",
+    "max_tokens",
+    "source",
+    "media_type",
+    "data",
+    "url",
+    "base64",
+    "image",
+    "tool_use",
+    "tool_result",
+    "tool_use_id",
+    "id",
+    "name",
+    "input",
+    "input_schema",
+    "tools",
+    "tool_choice",
+    "stop_sequences",
+    "top_k",
+    "metadata",
+    "output_config",
+    "format",
+    "schema",
+    "instructions",
+    "call_id",
+    "arguments",
+    "function_call",
+    "function_call_output",
+    "output",
+    "input_text",
+    "input_image",
+    "image_url",
+    "max_output_tokens",
+    "previous_response_id",
+    "store",
+    "background",
+    "parameters",
+    "user",
+    "assistant",
+    "object",
+    "json_schema",
+    "function",
+    "stream",
+];
+
+fn agent_value() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        any::<f64>()
+            .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+        ".{0,8}".prop_map(Value::from),
+        proptest::sample::select(AGENT_FIELDS).prop_map(Value::from),
+    ];
+    leaf.prop_recursive(5, 64, 6, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
+            proptest::collection::vec((proptest::sample::select(AGENT_FIELDS), inner), 0..6)
+                .prop_map(|pairs| Value::Object(
+                    pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+                )),
+        ]
+    })
+}
+
+fn agent_object() -> impl Strategy<Value = Map<String, Value>> {
+    proptest::collection::vec(
+        (proptest::sample::select(AGENT_FIELDS), agent_value()),
+        0..8,
+    )
+    .prop_map(|pairs| pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+}
+
+fn stream_delta() -> impl Strategy<Value = crate::llm::StreamDelta> {
+    let call = (0u32..3, proptest::option::of("[a-z_]{0,6}"), ".{0,6}").prop_map(
+        |(index, id, arguments)| crate::llm::ToolCallDelta {
+            index,
+            name: id.clone(),
+            id,
+            arguments,
+        },
+    );
+    (
+        0u32..2,
+        proptest::option::of(".{0,6}"),
+        proptest::option::of(proptest::sample::select(
+            &["stop", "length", "tool_calls", "x"][..],
+        )),
+        proptest::collection::vec(call, 0..3),
+        proptest::option::of((any::<u64>(), any::<u64>())),
+    )
+        .prop_map(
+            |(index, text, finish, tool_calls, usage)| crate::llm::StreamDelta {
+                index,
+                text,
+                finish_reason: finish.map(String::from),
+                tool_calls,
+                usage: usage.map(|(p, c)| crate::llm::Usage::new(Some(p), Some(c))),
+                ..Default::default()
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn agent_bodies_parse_or_fail_with_a_client_error(body in agent_object()) {
+        let pass = super::anthropic::PassOn { top_k: true, anthropic: true };
+        for generate in [true, false] {
+            if let Err(e) = super::anthropic::parse(body.clone(), pass, generate) {
+                prop_assert!(e.status().is_client_error(), "{e:?}");
+            }
+        }
+        if let Err(e) = super::responses::parse(body) {
+            prop_assert!(e.status().is_client_error(), "{e:?}");
+        }
+    }
+
+    #[test]
+    fn agent_streams_reframe_any_deltas(
+        batches in proptest::collection::vec(proptest::collection::vec(stream_delta(), 0..4), 0..5),
+        fail in any::<bool>(),
+    ) {
+        let mut items: Vec<Result<_, super::error::GatewayError>> = batches.into_iter().map(Ok).collect();
+        if fail {
+            items.push(Err(super::error::GatewayError::UpstreamTruncated(Provider::Openai)));
+        }
+        let messages = super::reframe::run(super::anthropic::MessagesStream::new("m".into()), items.iter().map(|i| match i {
+            Ok(d) => Ok(d.clone()),
+            Err(_) => Err(super::error::GatewayError::UpstreamTruncated(Provider::Openai)),
+        }).collect());
+        let last = messages.last().map(|(n, _)| n.as_str());
+        prop_assert_eq!(last, Some(if fail { "error" } else { "message_stop" }));
+        let (_, echo) = super::responses::parse(
+            serde_json::from_str(r#"{"input": "x"}"#).unwrap_or_default(),
+        ).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let responses = super::reframe::run(super::responses::ResponsesStream::new("m".into(), echo), items);
+        let last = responses.last().map(|(n, _)| n.as_str());
+        prop_assert!(matches!(last, Some("response.failed" | "response.completed" | "response.incomplete")));
+        for (i, (_, e)) in responses.iter().enumerate() {
+            prop_assert_eq!(e["sequence_number"].as_u64(), Some(i as u64));
+        }
+    }
+}

@@ -1,11 +1,13 @@
 //! The data plane: an axum router serving the standard LLM API from the current routing table.
 //!
-//! Surfaces: `mlflow_gateway.rs` (MLflow 2.5), `mlflow_deployments.rs` (MLflow 2.9+), `openai.rs`.
+//! Surfaces: `mlflow_gateway.rs` (MLflow 2.5), `mlflow_deployments.rs` (MLflow 2.9+), `openai.rs`,
+//! `anthropic.rs` (Anthropic Messages), `responses.rs` (OpenAI Responses).
 //! A request flows: surface handler parses its dialect into the unified model ->
 //! `forward.rs` looks the route up in the table and calls the provider adapter -> the handler renders
 //! the answer back in its dialect. Errors are `GatewayError`, rendered per surface in `error.rs`.
 
 pub mod admission;
+mod anthropic;
 mod body;
 pub mod error;
 mod forward;
@@ -18,7 +20,9 @@ mod mlflow_deployments;
 mod mlflow_gateway;
 mod observe;
 mod openai;
+mod reframe;
 mod request;
+mod responses;
 pub mod via;
 
 use std::sync::Arc;
@@ -27,7 +31,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::OriginalUri;
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 
 use crate::access::Authenticator;
 use crate::limits::Limiter;
@@ -138,9 +142,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/embeddings", post(openai::embeddings))
-        .route("/v1/models", get(openai::list_models))
-        .route("/v1/models/{name}", get(openai::get_model))
-        .route("/v1/models/{namespace}/{name}", get(openai::get_model))
+        .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
+        .route("/v1/responses", post(responses::create))
+        .route("/v1/responses/{*rest}", any(responses::stored))
+        // Anthropic's clients (`anthropic-version`) get Anthropic's shapes, others OpenAI's.
+        .route("/v1/models", get(anthropic::list_models))
+        .route("/v1/models/{name}", get(anthropic::get_model))
+        .route("/v1/models/{namespace}/{name}", get(anthropic::get_model))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/health", get(health::health))

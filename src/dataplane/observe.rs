@@ -21,6 +21,8 @@ use crate::telemetry::metrics::RequestLabels;
 use crate::telemetry::tracecontext::{self, TRACEPARENT};
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// Where Anthropic's clients put their credential.
+pub const API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
 /// The backend that answered a call (or gave its final error), and after how many tries.
 pub struct Answered {
@@ -119,7 +121,11 @@ pub fn caller_traceparent() -> Option<HeaderValue> {
 
 /// The API surface a path belongs to (a bounded metric label).
 pub fn surface(path: &str) -> &'static str {
-    if path.starts_with("/v1/") {
+    if path == "/v1/messages" || path.starts_with("/v1/messages/") {
+        "anthropic"
+    } else if path == "/v1/responses" || path.starts_with("/v1/responses/") {
+        "responses"
+    } else if path.starts_with("/v1/") {
         "openai"
     } else if path.starts_with("/gateway/") || path.starts_with("/api/2.0/gateway/") {
         "mlflow-gateway"
@@ -157,10 +163,16 @@ pub async fn middleware(State(state): State<Arc<AppState>>, req: Request, next: 
     let call = CallInfo {
         caller_traceparent: req.headers().get(TRACEPARENT).cloned(),
         via: req.headers().get(super::via::VIA).cloned(),
+        // `Authorization: Bearer` first; Anthropic's clients send `x-api-key` instead.
         bearer: req
             .headers()
             .get(http::header::AUTHORIZATION)
-            .and_then(|v| Bearer::from_header(v.as_bytes())),
+            .and_then(|v| Bearer::from_header(v.as_bytes()))
+            .or_else(|| {
+                req.headers()
+                    .get(API_KEY)
+                    .and_then(|v| Bearer::from_api_key(v.as_bytes()))
+            }),
         ..Default::default()
     };
     let via = &state.via;
@@ -264,4 +276,18 @@ fn request_span(req: &Request, surface: &'static str) -> Span {
     );
     tracecontext::adopt_parent(&span, req.headers());
     span
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn surfaces_are_named_by_path() {
+        assert_eq!(surface("/v1/messages"), "anthropic");
+        assert_eq!(surface("/v1/messages/count_tokens"), "anthropic");
+        assert_eq!(surface("/v1/responses"), "responses");
+        assert_eq!(surface("/v1/messagesx"), "openai");
+        assert_eq!(surface("/v1/chat/completions"), "openai");
+    }
 }

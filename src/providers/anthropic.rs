@@ -68,6 +68,15 @@ impl ProviderAdapter for Anthropic {
         {
             headers.insert("anthropic-beta", beta);
         }
+        // The caller's own `anthropic-beta` (the Messages surface passes it on for Anthropic Routes).
+        if let Some(beta) = chat
+            .extra
+            .get("anthropic_beta")
+            .and_then(Value::as_str)
+            .and_then(|v| HeaderValue::from_str(v).ok())
+        {
+            headers.insert("anthropic-beta", beta);
+        }
         Ok(post_json(
             format!("{}/v1/messages", target.api_base),
             headers,
@@ -123,11 +132,15 @@ impl ProviderAdapter for Anthropic {
 
 fn request_body(target: &Target, chat: &ChatRequest) -> Result<Value, ProviderError> {
     reject_n(Provider::Anthropic, &chat.params)?;
+    let mut system_blocks = Vec::new();
     let mut system = Vec::new();
     let mut messages: Vec<Value> = Vec::new();
     for m in &chat.messages {
         match m.role.as_str() {
-            "system" | "developer" => system.push(m.text()),
+            "system" | "developer" => {
+                system.push(m.text());
+                system_blocks.extend(content_blocks(&m.content)?);
+            }
             "tool" => push_turn(
                 &mut messages,
                 "user",
@@ -155,7 +168,13 @@ fn request_body(target: &Target, chat: &ChatRequest) -> Result<Value, ProviderEr
     let mut body = Map::new();
     body.insert("model".into(), json!(target.model));
     body.insert("max_tokens".into(), json!(max_tokens));
-    if !system.is_empty() {
+    if system_blocks
+        .iter()
+        .any(|b| b.get("cache_control").is_some())
+    {
+        // Cache breakpoints live on blocks: the system prompt keeps its blocks.
+        body.insert("system".into(), Value::Array(system_blocks));
+    } else if !system.is_empty() {
         body.insert("system".into(), json!(system.join("\n\n")));
     }
     body.insert("messages".into(), Value::Array(messages));
@@ -247,7 +266,12 @@ fn content_blocks(content: &Value) -> Result<Vec<Value>, ProviderError> {
                         Image::Url(url) => json!({"type": "image", "source": {"type": "url", "url": url}}),
                     });
                 } else if p["type"] == "text" {
-                    blocks.push(json!({"type": "text", "text": p["text"]}));
+                    let mut block = json!({"type": "text", "text": p["text"]});
+                    // A cache breakpoint (the Messages surface keeps them for Anthropic Routes).
+                    if let Some(cc) = p.get("cache_control") {
+                        block["cache_control"] = cc.clone();
+                    }
+                    blocks.push(block);
                 }
             }
         }
@@ -616,6 +640,57 @@ mod tests {
                    {"role":"assistant","content":[{"type":"tool_use","id":"t1","name":"f","input":{"a":1}}]},
                    {"role":"user","content":[{"type":"tool_result","tool_use_id":"t1","content":"42"}]}])
         );
+    }
+
+    #[test]
+    fn cache_breakpoints_stay_on_their_blocks() {
+        let req = LlmRequest::Chat(ChatRequest {
+            messages: vec![
+                msg(
+                    "system",
+                    json!([{"type": "text", "text": "S", "cache_control": {"type": "ephemeral"}}]),
+                ),
+                msg(
+                    "user",
+                    json!([{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}]),
+                ),
+            ],
+            params: Params::default(),
+            stream: StreamOptions::default(),
+            extra: Map::new(),
+        });
+        let built = Anthropic
+            .build_request(&target(), &req)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let body: Value = serde_json::from_slice(&built.body).unwrap_or_default();
+        assert_eq!(
+            body["system"],
+            json!([{"type": "text", "text": "S", "cache_control": {"type": "ephemeral"}}])
+        );
+        assert_eq!(
+            body["messages"][0]["content"][0]["cache_control"],
+            json!({"type": "ephemeral"})
+        );
+    }
+
+    #[test]
+    fn the_callers_beta_and_top_k_pass_through() {
+        let mut extra = Map::new();
+        extra.insert("anthropic_beta".into(), json!("prompt-caching-2024-07-31"));
+        extra.insert("top_k".into(), json!(3));
+        let req = LlmRequest::Chat(ChatRequest {
+            messages: vec![msg("user", json!("hi"))],
+            params: Params::default(),
+            stream: StreamOptions::default(),
+            extra,
+        });
+        let built = Anthropic
+            .build_request(&target(), &req)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(built.headers["anthropic-beta"], "prompt-caching-2024-07-31");
+        let body: Value = serde_json::from_slice(&built.body).unwrap_or_default();
+        assert_eq!(body["top_k"], 3);
+        assert!(body.get("anthropic_beta").is_none());
     }
 
     #[test]

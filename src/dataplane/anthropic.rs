@@ -1,0 +1,1105 @@
+//! Anthropic's Messages API, `POST /v1/messages`, on every chat Route (the body's `model` names
+//! the Route): the request is translated into the unified (OpenAI-shaped) chat model, the answer
+//! and its stream back into Anthropic's content blocks and named events.
+//!
+//! Fields only Anthropic understands (`top_k`, `metadata`, `anthropic-beta`, `cache_control` on
+//! text blocks) are passed on only when every backend of the Route understands them, never to a
+//! provider that would refuse them.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use bytes::BytesMut;
+use http::HeaderMap;
+use serde_json::{Map, Value, json};
+
+use super::AppState;
+use super::admission::{Visibility, tokens_for_chars};
+use super::body::read_json_object;
+use super::error::{AnthropicError, GatewayError, anthropic_message, anthropic_type};
+use super::forward::{self, ServingRoute};
+use super::openai::{model_name, sse_response};
+use super::reframe::{Reframer, push_named, reframe};
+use super::request::{require_string, take_bool, take_count, take_number};
+use crate::api::{Provider, RouteType};
+use crate::llm::{
+    ChatMessage, ChatRequest, Generation, LlmRequest, LlmResponse, Params, StreamDelta,
+    StreamOptions, Usage,
+};
+
+type Fields = Map<String, Value>;
+type Result<T, E = AnthropicError> = std::result::Result<T, E>;
+
+/// Providers that read `top_k` from the unified request.
+const TOP_K_PROVIDERS: &[Provider] = &[
+    Provider::Anthropic,
+    Provider::Gemini,
+    Provider::Bedrock,
+    Provider::HuggingfaceTgi,
+];
+
+/// What of a Messages request may be passed on as is, decided by the Route's backends.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PassOn {
+    /// Every backend reads `top_k`.
+    pub top_k: bool,
+    /// Every backend is Anthropic: `metadata`, `anthropic-beta` and `cache_control` pass through.
+    pub anthropic: bool,
+}
+
+impl PassOn {
+    fn for_route(route: &ServingRoute) -> PassOn {
+        PassOn {
+            top_k: route.providers().all(|p| TOP_K_PROVIDERS.contains(&p)),
+            anthropic: route.providers().all(|p| p == Provider::Anthropic),
+        }
+    }
+}
+
+pub async fn messages(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response> {
+    let mut body = read_json_object(&headers, body, state.body_limit).await?;
+    let route = forward::lookup(
+        &state,
+        &require_string(&mut body, "model")?,
+        RouteType::Chat,
+    )
+    .await?;
+    let pass = PassOn::for_route(&route);
+    let mut chat = parse(body, pass, true)?;
+    if pass.anthropic
+        && let Some(beta) = headers.get("anthropic-beta").and_then(|v| v.to_str().ok())
+    {
+        chat.extra.insert("anthropic_beta".into(), json!(beta));
+    }
+    let stream = chat.stream.stream;
+    let estimate = if stream { estimate_input(&chat) } else { 0 };
+    let request = LlmRequest::Chat(chat);
+    if stream {
+        let (deltas, model) = forward::invoke_stream(&state, &route, &request).await?;
+        return Ok(sse_response(reframe(
+            deltas,
+            MessagesStream::new(model).with_input_estimate(estimate),
+        )));
+    }
+    let LlmResponse::Generation(g) = forward::invoke(&state, &route, &request).await? else {
+        return Err(GatewayError::UpstreamMalformed("expected a chat answer".into()).into());
+    };
+    Ok(Json(render(&g, &route.entry.model)).into_response())
+}
+
+/// Anthropic's clients send `anthropic-version` on every call; the model listing answers them in
+/// Anthropic's shape, everyone else in OpenAI's.
+fn wants_anthropic(headers: &HeaderMap) -> bool {
+    headers.contains_key("anthropic-version")
+}
+
+fn model_object(name: &str) -> Value {
+    json!({"type": "model", "id": name, "display_name": name, "created_at": "1970-01-01T00:00:00Z"})
+}
+
+/// `GET /v1/models`: the chat routes the caller may use, as Anthropic models (a single page).
+pub async fn list_models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if !wants_anthropic(&headers) {
+        return super::openai::list_models(State(state))
+            .await
+            .into_response();
+    }
+    let visible = Visibility::of_caller(&state).await;
+    let table = state.table.load();
+    let data: Vec<Value> = table
+        .routes()
+        .iter()
+        .filter(|e| e.route_type == RouteType::Chat && visible.shows(e))
+        .map(|e| model_object(&e.name))
+        .collect();
+    let first = data.first().map(|m| m["id"].clone()).unwrap_or(Value::Null);
+    let last = data.last().map(|m| m["id"].clone()).unwrap_or(Value::Null);
+    Json(json!({"data": data, "has_more": false, "first_id": first, "last_id": last}))
+        .into_response()
+}
+
+/// `GET /v1/models/{name}`, in Anthropic's shape for Anthropic's clients.
+pub async fn get_model(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    path: Path<Vec<String>>,
+) -> Response {
+    if !wants_anthropic(&headers) {
+        return super::openai::get_model(State(state), path)
+            .await
+            .into_response();
+    }
+    match Visibility::find(&state, path.0.join("/")).await {
+        Ok(entry) if entry.route_type == RouteType::Chat => {
+            Json(model_object(&entry.name)).into_response()
+        }
+        Ok(entry) => AnthropicError(GatewayError::UnknownRoute(entry.name.clone())).into_response(),
+        Err(e) => AnthropicError(e).into_response(),
+    }
+}
+
+/// `POST /v1/messages/count_tokens`: an estimate (about four characters a token), not the
+/// provider's tokenizer; nothing is sent upstream.
+pub async fn count_tokens(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>> {
+    let mut body = read_json_object(&headers, body, state.body_limit).await?;
+    let route = forward::lookup(
+        &state,
+        &require_string(&mut body, "model")?,
+        RouteType::Chat,
+    )
+    .await?;
+    let chat = parse(body, PassOn::for_route(&route), false)?;
+    Ok(Json(json!({"input_tokens": estimate_input(&chat)})))
+}
+
+/// The characters a provider would tokenize: every message's text and the tool definitions.
+pub fn estimate_input(chat: &ChatRequest) -> u64 {
+    let text: usize = chat.messages.iter().map(|m| m.text().len()).sum();
+    let tool_calls: usize = chat
+        .messages
+        .iter()
+        .filter_map(|m| m.extra.get("tool_calls"))
+        .map(|c| c.to_string().len())
+        .sum();
+    let tools = chat.extra.get("tools").map_or(0, |t| t.to_string().len());
+    tokens_for_chars(text + tool_calls + tools).max(1)
+}
+
+fn bad(message: impl Into<String>) -> GatewayError {
+    GatewayError::bad_request(message)
+}
+
+/// A Messages body (without `model`) as a unified chat request. `max_tokens` is required unless
+/// only counting tokens.
+pub fn parse(mut body: Fields, pass: PassOn, generate: bool) -> Result<ChatRequest, GatewayError> {
+    let max_tokens = take_count(&mut body, "max_tokens", 1, u32::MAX as u64)?;
+    if generate && max_tokens.is_none() {
+        return Err(GatewayError::bad_param(
+            "max_tokens",
+            "'max_tokens' is required",
+        ));
+    }
+    let mut messages = Vec::new();
+    match body.remove("system") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) => messages.push(message("system", json!(s))),
+        Some(Value::Array(blocks)) => {
+            let parts = blocks
+                .into_iter()
+                .enumerate()
+                .map(|(i, b)| match block_type(&b) {
+                    Some("text") => text_part(&b, pass, &format!("system[{i}]")),
+                    _ => Err(bad(format!("system[{i}] must be a text block"))),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            messages.push(message("system", Value::Array(parts)));
+        }
+        Some(_) => return Err(bad("'system' must be a string or a list of text blocks")),
+    }
+    let turns = match body.remove("messages") {
+        Some(Value::Array(items)) if !items.is_empty() => items,
+        Some(Value::Array(_)) => return Err(bad("'messages' must contain at least one message")),
+        None | Some(Value::Null) => return Err(bad("'messages' is required")),
+        Some(_) => return Err(bad("'messages' must be a list of messages")),
+    };
+    for (i, turn) in turns.into_iter().enumerate() {
+        push_turn(&mut messages, turn, pass, i)?;
+    }
+    let mut extra = Map::new();
+    let stop = match body.remove("stop_sequences") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(items)) => Some(
+            items
+                .into_iter()
+                .map(|v| match v {
+                    Value::String(s) => Ok(s),
+                    _ => Err(bad("'stop_sequences' must be a list of strings")),
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+        Some(_) => return Err(bad("'stop_sequences' must be a list of strings")),
+    };
+    let params = Params {
+        temperature: take_number(&mut body, "temperature", 0.0, 1.0)?,
+        top_p: take_number(&mut body, "top_p", 0.0, 1.0)?,
+        max_tokens,
+        stop,
+        n: None,
+    };
+    if let Some(k) = take_count(&mut body, "top_k", 0, u32::MAX as u64)?
+        && pass.top_k
+    {
+        extra.insert("top_k".into(), json!(k));
+    }
+    match body.remove("metadata") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(m)) => {
+            if pass.anthropic {
+                extra.insert("metadata".into(), Value::Object(m));
+            }
+        }
+        Some(_) => return Err(bad("'metadata' must be an object")),
+    }
+    let tools = take_tools(&mut body)?;
+    let has_tools = !tools.is_empty();
+    if has_tools {
+        extra.insert("tools".into(), Value::Array(tools));
+    }
+    if let Some(choice) = body.remove("tool_choice").filter(|v| !v.is_null()) {
+        let (choice, parallel) = tool_choice(&choice)?;
+        if has_tools {
+            extra.insert("tool_choice".into(), choice);
+            if !parallel {
+                extra.insert("parallel_tool_calls".into(), json!(false));
+            }
+        }
+    }
+    if let Some(format) = output_format(body.remove("output_config"))? {
+        extra.insert("response_format".into(), format);
+    }
+    let stream = take_bool(&mut body, "stream")?.unwrap_or(false);
+    Ok(ChatRequest {
+        messages,
+        params,
+        // Usage is asked for always: Anthropic's stream reports it in `message_delta`.
+        stream: StreamOptions {
+            stream,
+            include_usage: true,
+        },
+        extra,
+    })
+}
+
+fn message(role: &str, content: Value) -> ChatMessage {
+    ChatMessage {
+        role: role.into(),
+        content,
+        extra: Map::new(),
+    }
+}
+
+fn block_type(block: &Value) -> Option<&str> {
+    block.get("type").and_then(Value::as_str)
+}
+
+fn text_part(block: &Value, pass: PassOn, at: &str) -> Result<Value, GatewayError> {
+    let text = block
+        .get("text")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad(format!("{at}.text must be a string")))?;
+    let mut part = json!({"type": "text", "text": text});
+    if pass.anthropic
+        && let Some(cc) = block.get("cache_control")
+    {
+        part["cache_control"] = cc.clone();
+    }
+    Ok(part)
+}
+
+/// An Anthropic image block as an OpenAI `image_url` part (a `data:` URL for base64 sources).
+fn image_part(block: &Value, at: &str) -> Result<Value, GatewayError> {
+    let source = block
+        .get("source")
+        .ok_or_else(|| bad(format!("{at}.source is required")))?;
+    let url = match source.get("type").and_then(Value::as_str) {
+        Some("base64") => {
+            let media = source.get("media_type").and_then(Value::as_str);
+            let data = source.get("data").and_then(Value::as_str);
+            match (media, data) {
+                (Some(m), Some(d)) if m.starts_with("image/") && !d.is_empty() => {
+                    format!("data:{m};base64,{d}")
+                }
+                _ => {
+                    return Err(bad(format!(
+                        "{at}.source needs an image media_type and base64 data"
+                    )));
+                }
+            }
+        }
+        Some("url") => match source.get("url").and_then(Value::as_str) {
+            Some(u) if u.starts_with("https://") || u.starts_with("http://") => u.to_string(),
+            _ => return Err(bad(format!("{at}.source.url must be an http(s) URL"))),
+        },
+        other => {
+            return Err(bad(format!(
+                "{at}.source.type {other:?} is not supported; send base64 or url image sources"
+            )));
+        }
+    };
+    Ok(json!({"type": "image_url", "image_url": {"url": url}}))
+}
+
+/// One Messages turn as unified messages: an assistant turn's `tool_use` blocks become its
+/// `tool_calls`; a user turn's `tool_result` blocks become `tool` messages, placed first (the
+/// OpenAI shape wants them right after the call).
+fn push_turn(
+    out: &mut Vec<ChatMessage>,
+    turn: Value,
+    pass: PassOn,
+    i: usize,
+) -> Result<(), GatewayError> {
+    let at = format!("messages[{i}]");
+    let Value::Object(mut turn) = turn else {
+        return Err(bad(format!(
+            "{at} must be an object with 'role' and 'content'"
+        )));
+    };
+    let role = match turn.remove("role") {
+        Some(Value::String(r)) if r == "user" || r == "assistant" => r,
+        _ => return Err(bad(format!("{at}.role must be \"user\" or \"assistant\""))),
+    };
+    let blocks = match turn.remove("content") {
+        Some(Value::String(s)) => {
+            out.push(message(&role, json!(s)));
+            return Ok(());
+        }
+        Some(Value::Array(blocks)) => blocks,
+        _ => {
+            return Err(bad(format!(
+                "{at}.content must be a string or a list of content blocks"
+            )));
+        }
+    };
+    let mut parts = Vec::new();
+    let mut calls = Vec::new();
+    let mut results = Vec::new();
+    let mut result_images = Vec::new();
+    for (j, block) in blocks.iter().enumerate() {
+        let at = format!("{at}.content[{j}]");
+        match (block_type(block), role.as_str()) {
+            (Some("text"), _) => parts.push(text_part(block, pass, &at)?),
+            (Some("image"), "user") => parts.push(image_part(block, &at)?),
+            (Some("tool_use"), "assistant") => {
+                let id = block.get("id").and_then(Value::as_str);
+                let name = block.get("name").and_then(Value::as_str);
+                let (Some(id), Some(name)) = (id, name) else {
+                    return Err(bad(format!("{at} needs a string id and name")));
+                };
+                let input = block.get("input").cloned().unwrap_or(json!({}));
+                if !input.is_object() {
+                    return Err(bad(format!("{at}.input must be an object")));
+                }
+                calls.push(json!({"id": id, "type": "function",
+                    "function": {"name": name, "arguments": input.to_string()}}));
+            }
+            (Some("tool_result"), "user") => {
+                let Some(id) = block.get("tool_use_id").and_then(Value::as_str) else {
+                    return Err(bad(format!("{at}.tool_use_id must be a string")));
+                };
+                let text = match block.get("content") {
+                    None | Some(Value::Null) => String::new(),
+                    Some(Value::String(s)) => s.clone(),
+                    Some(Value::Array(inner)) => {
+                        let mut text = Vec::new();
+                        for (k, b) in inner.iter().enumerate() {
+                            let at = format!("{at}.content[{k}]");
+                            match block_type(b) {
+                                Some("text") => text.push(
+                                    b.get("text")
+                                        .and_then(Value::as_str)
+                                        .unwrap_or_default()
+                                        .to_string(),
+                                ),
+                                // OpenAI's tool messages hold text: images follow as a user turn.
+                                Some("image") => result_images.push(image_part(b, &at)?),
+                                other => {
+                                    return Err(bad(format!(
+                                        "{at}: block type {other:?} is not supported in a tool_result"
+                                    )));
+                                }
+                            }
+                        }
+                        text.join("\n")
+                    }
+                    Some(_) => {
+                        return Err(bad(format!(
+                            "{at}.content must be a string or a list of blocks"
+                        )));
+                    }
+                };
+                let mut m = message("tool", json!(text));
+                m.extra.insert("tool_call_id".into(), json!(id));
+                results.push(m);
+            }
+            // Reasoning from an earlier turn: the providers behind a translated Route cannot
+            // check its signature, so it is not sent back.
+            (Some("thinking" | "redacted_thinking"), "assistant") => {}
+            (Some(kind @ ("image" | "tool_use" | "tool_result")), _) => {
+                return Err(bad(format!(
+                    "{at}: a {kind} block cannot appear in a {role} message"
+                )));
+            }
+            (Some(kind), _) => {
+                return Err(bad(format!(
+                    "{at}: content block type {kind:?} is not supported by the gateway (text, image, tool_use, tool_result are)"
+                )));
+            }
+            (None, _) => return Err(bad(format!("{at} must be an object with a 'type'"))),
+        }
+    }
+    out.extend(results);
+    if !result_images.is_empty() {
+        out.push(message("user", Value::Array(result_images)));
+    }
+    if role == "assistant" {
+        if parts.is_empty() && calls.is_empty() {
+            return Ok(());
+        }
+        let content = if parts.is_empty() {
+            Value::Null
+        } else {
+            Value::Array(parts)
+        };
+        let mut m = message("assistant", content);
+        if !calls.is_empty() {
+            m.extra.insert("tool_calls".into(), Value::Array(calls));
+        }
+        out.push(m);
+    } else if !parts.is_empty() {
+        out.push(message("user", Value::Array(parts)));
+    }
+    Ok(())
+}
+
+/// Anthropic's custom tools as OpenAI function tools; a malformed definition is a 400.
+fn take_tools(body: &mut Fields) -> Result<Vec<Value>, GatewayError> {
+    let tools = match body.remove("tools") {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(t)) => t,
+        Some(_) => return Err(bad("'tools' must be a list of tool definitions")),
+    };
+    tools
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let at = format!("tools[{i}]");
+            match t.get("type").and_then(Value::as_str) {
+                None | Some("custom") => {}
+                Some(kind) => {
+                    return Err(bad(format!(
+                        "{at}: tool type {kind:?} is a tool Anthropic runs itself; the gateway passes only custom tools (name, description, input_schema)"
+                    )));
+                }
+            }
+            let name = t
+                .get("name")
+                .and_then(Value::as_str)
+                .filter(|n| !n.is_empty() && n.len() <= 128)
+                .ok_or_else(|| bad(format!("{at}.name must be a non-empty string")))?;
+            let schema = t
+                .get("input_schema")
+                .filter(|s| s.get("type").and_then(Value::as_str) == Some("object"))
+                .ok_or_else(|| {
+                    bad(format!(
+                        "{at}.input_schema must be a JSON Schema object with \"type\": \"object\""
+                    ))
+                })?;
+            let mut function = json!({"name": name, "parameters": schema});
+            match t.get("description") {
+                None | Some(Value::Null) => {}
+                Some(Value::String(d)) => function["description"] = json!(d),
+                Some(_) => return Err(bad(format!("{at}.description must be a string"))),
+            }
+            Ok(json!({"type": "function", "function": function}))
+        })
+        .collect()
+}
+
+/// Anthropic's `tool_choice` in OpenAI's shape, and whether parallel calls are allowed.
+fn tool_choice(choice: &Value) -> Result<(Value, bool), GatewayError> {
+    let parallel = !choice
+        .get("disable_parallel_tool_use")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let mapped = match choice.get("type").and_then(Value::as_str) {
+        Some("auto") => json!("auto"),
+        Some("any") => json!("required"),
+        Some("none") => json!("none"),
+        Some("tool") => match choice.get("name").and_then(Value::as_str) {
+            Some(name) => json!({"type": "function", "function": {"name": name}}),
+            None => return Err(bad("tool_choice of type \"tool\" needs a 'name'")),
+        },
+        _ => {
+            return Err(bad(
+                "'tool_choice' must be an object with type auto, any, tool or none",
+            ));
+        }
+    };
+    Ok((mapped, parallel))
+}
+
+/// Anthropic's structured output (`output_config.format`, a JSON schema) as OpenAI's `response_format`.
+fn output_format(config: Option<Value>) -> Result<Option<Value>, GatewayError> {
+    let format = match config {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Object(c)) => match c.get("format") {
+            None | Some(Value::Null) => return Ok(None),
+            Some(f) => f.clone(),
+        },
+        Some(_) => return Err(bad("'output_config' must be an object")),
+    };
+    match (
+        format.get("type").and_then(Value::as_str),
+        format.get("schema").filter(|s| s.is_object()),
+    ) {
+        (Some("json_schema"), Some(schema)) => Ok(Some(json!({"type": "json_schema",
+            "json_schema": {"name": "output", "schema": schema, "strict": true}}))),
+        _ => Err(bad(
+            "output_config.format must be {\"type\": \"json_schema\", \"schema\": {...}}",
+        )),
+    }
+}
+
+/// A unified finish reason as Anthropic's `stop_reason`.
+pub fn stop_reason(finish: Option<&str>) -> &'static str {
+    match finish {
+        Some("length") => "max_tokens",
+        Some("tool_calls") => "tool_use",
+        Some("content_filter") => "refusal",
+        _ => "end_turn",
+    }
+}
+
+fn usage_json(u: &Usage) -> Value {
+    json!({"input_tokens": u.prompt_tokens.unwrap_or(0), "output_tokens": u.completion_tokens.unwrap_or(0)})
+}
+
+/// Anthropic's message ids start `msg_`; another provider's id keeps its text after that prefix.
+fn message_id(reported: Option<&str>) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    match reported.filter(|s| !s.is_empty()) {
+        Some(id) if id.starts_with("msg_") => id.to_string(),
+        Some(id) => format!("msg_{id}"),
+        None => format!("msg_portcullis_{}", NEXT.fetch_add(1, Ordering::Relaxed)),
+    }
+}
+
+/// A tool call's arguments as the object Anthropic's `input` is; text that is not a JSON object
+/// (a provider's malformed arguments) is kept under `_raw` rather than lost.
+fn tool_input(arguments: &str) -> Value {
+    match serde_json::from_str::<Value>(arguments) {
+        Ok(v @ Value::Object(_)) => v,
+        _ if arguments.trim().is_empty() => json!({}),
+        _ => json!({"_raw": arguments}),
+    }
+}
+
+/// A non-streaming answer as an Anthropic message.
+pub fn render(g: &Generation, configured_model: &str) -> Value {
+    let choice = g.choices.first();
+    let mut content = Vec::new();
+    if let Some(c) = choice.filter(|c| !c.text.is_empty()) {
+        content.push(json!({"type": "text", "text": c.text}));
+    }
+    if let Some(Value::Array(calls)) = choice.and_then(|c| c.message_extra.get("tool_calls")) {
+        for call in calls {
+            let args = call
+                .pointer("/function/arguments")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            content.push(json!({"type": "tool_use", "id": call.get("id").cloned().unwrap_or(json!("")),
+                "name": call.pointer("/function/name").cloned().unwrap_or(json!("")), "input": tool_input(args)}));
+        }
+    }
+    if content.is_empty() {
+        content.push(json!({"type": "text", "text": ""}));
+    }
+    json!({
+        "id": message_id(Some(&g.id)),
+        "type": "message",
+        "role": "assistant",
+        "model": model_name(&g.model, configured_model),
+        "content": content,
+        "stop_reason": stop_reason(choice.and_then(|c| c.finish_reason.as_deref())),
+        "stop_sequence": null,
+        "usage": usage_json(&g.usage),
+    })
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Block {
+    Text(u32),
+    Tool(u32),
+}
+
+/// Unified deltas as Anthropic's stream: `message_start`, content blocks opened, filled and
+/// stopped in order, then `message_delta` (stop reason, usage) and `message_stop`.
+pub struct MessagesStream {
+    fallback_model: String,
+    started: bool,
+    open: Option<Block>,
+    next_block: u32,
+    /// Unified tool-call index -> content block index and the call's id.
+    tools: Vec<(u32, u32, String)>,
+    finish: Option<String>,
+    usage: Usage,
+    /// `message_start` comes before any provider reports usage: it carries this estimate.
+    input_estimate: u64,
+}
+
+impl MessagesStream {
+    pub fn with_input_estimate(mut self, tokens: u64) -> Self {
+        self.input_estimate = tokens;
+        self
+    }
+
+    pub fn new(fallback_model: String) -> Self {
+        MessagesStream {
+            fallback_model,
+            started: false,
+            open: None,
+            next_block: 0,
+            tools: Vec::new(),
+            finish: None,
+            usage: Usage::default(),
+            input_estimate: 0,
+        }
+    }
+
+    fn start(&mut self, d: Option<&StreamDelta>, out: &mut BytesMut) {
+        if self.started {
+            return;
+        }
+        self.started = true;
+        let model = d
+            .and_then(|d| d.model.as_deref())
+            .filter(|m| !m.is_empty())
+            .unwrap_or(&self.fallback_model);
+        let message = json!({
+            "id": message_id(d.and_then(|d| d.id.as_deref())),
+            "type": "message", "role": "assistant", "model": model, "content": [],
+            "stop_reason": null, "stop_sequence": null,
+            "usage": {"input_tokens": self.input_estimate, "output_tokens": 0},
+        });
+        push_named(
+            out,
+            "message_start",
+            &json!({"type": "message_start", "message": message}),
+        );
+        push_named(out, "ping", &json!({"type": "ping"}));
+    }
+
+    fn close(&mut self, out: &mut BytesMut) {
+        if let Some(Block::Text(i) | Block::Tool(i)) = self.open.take() {
+            push_named(
+                out,
+                "content_block_stop",
+                &json!({"type": "content_block_stop", "index": i}),
+            );
+        }
+    }
+
+    fn open(&mut self, block: Value, out: &mut BytesMut) -> u32 {
+        self.close(out);
+        let index = self.next_block;
+        self.next_block += 1;
+        push_named(
+            out,
+            "content_block_start",
+            &json!({"type": "content_block_start", "index": index, "content_block": block}),
+        );
+        index
+    }
+}
+
+impl Reframer for MessagesStream {
+    fn deltas(&mut self, deltas: Vec<StreamDelta>, out: &mut BytesMut) {
+        for d in deltas {
+            self.start(Some(&d), out);
+            // Anthropic's messages have one choice.
+            if d.index != 0 {
+                continue;
+            }
+            if let Some(text) = d.text.as_deref().filter(|t| !t.is_empty()) {
+                let index = match self.open {
+                    Some(Block::Text(i)) => i,
+                    _ => {
+                        let i = self.open(json!({"type": "text", "text": ""}), out);
+                        self.open = Some(Block::Text(i));
+                        i
+                    }
+                };
+                push_named(
+                    out,
+                    "content_block_delta",
+                    &json!({"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": text}}),
+                );
+            }
+            for call in &d.tool_calls {
+                // A fragment continues its call unless it brings another id (some providers
+                // repeat the id on every fragment).
+                let known = self
+                    .tools
+                    .iter()
+                    .find(|(t, _, id)| *t == call.index && call.id.as_ref().is_none_or(|c| c == id))
+                    .map(|x| x.1);
+                let index = match known {
+                    Some(i) => i,
+                    None => {
+                        let id = call
+                            .id
+                            .clone()
+                            .unwrap_or_else(|| format!("toolu_portcullis_{}", call.index));
+                        let i = self.open(
+                            json!({"type": "tool_use", "id": id, "name": call.name.clone().unwrap_or_default(), "input": {}}),
+                            out,
+                        );
+                        self.open = Some(Block::Tool(i));
+                        self.tools.retain(|(t, _, _)| *t != call.index);
+                        self.tools.push((call.index, i, id));
+                        i
+                    }
+                };
+                if !call.arguments.is_empty() {
+                    push_named(
+                        out,
+                        "content_block_delta",
+                        &json!({"type": "content_block_delta", "index": index, "delta": {"type": "input_json_delta", "partial_json": call.arguments}}),
+                    );
+                }
+            }
+            if let Some(reason) = d.finish_reason {
+                self.finish = Some(reason);
+            }
+            if let Some(u) = d.usage {
+                self.usage = u;
+            }
+        }
+    }
+
+    fn failed(&mut self, err: &GatewayError, out: &mut BytesMut) {
+        push_named(
+            out,
+            "error",
+            &json!({"type": "error", "error": {"type": anthropic_type(err.status()), "message": anthropic_message(err)}}),
+        );
+    }
+
+    fn end(&mut self, out: &mut BytesMut) {
+        self.start(None, out);
+        self.close(out);
+        push_named(
+            out,
+            "message_delta",
+            &json!({"type": "message_delta",
+            "delta": {"stop_reason": stop_reason(self.finish.as_deref()), "stop_sequence": null},
+            "usage": usage_json(&Usage {
+                prompt_tokens: self.usage.prompt_tokens.or(Some(self.input_estimate)),
+                ..self.usage
+            })}),
+        );
+        push_named(out, "message_stop", &json!({"type": "message_stop"}));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::llm::{Choice, ToolCallDelta};
+    use crate::providers::ProviderError;
+
+    fn body(v: Value) -> Fields {
+        match v {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        }
+    }
+
+    fn parse_ok(v: Value) -> ChatRequest {
+        parse(body(v), PassOn::default(), true).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn parse_err(v: Value) -> String {
+        parse(body(v), PassOn::default(), true)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn system_blocks_tools_and_turns_become_openai_shaped() {
+        let chat = parse_ok(json!({
+            "max_tokens": 64, "system": [{"type": "text", "text": "Be terse.", "cache_control": {"type": "ephemeral"}}],
+            "temperature": 0.5, "top_k": 5, "stop_sequences": ["END"], "metadata": {"user_id": "u"},
+            "tools": [{"name": "get_weather", "description": "Weather", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}],
+            "tool_choice": {"type": "any", "disable_parallel_tool_use": true},
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "Weather?"},
+                    {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBOR"}}]},
+                {"role": "assistant", "content": [{"type": "thinking", "thinking": "hm", "signature": "s"},
+                    {"type": "text", "text": "Checking."},
+                    {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "Sunny"}]},
+                    {"type": "text", "text": "Thanks"}]}
+            ]
+        }));
+        let roles: Vec<&str> = chat.messages.iter().map(|m| m.role.as_str()).collect();
+        assert_eq!(roles, ["system", "user", "assistant", "tool", "user"]);
+        // cache_control goes only to Anthropic backends.
+        assert_eq!(
+            chat.messages[0].content,
+            json!([{"type": "text", "text": "Be terse."}])
+        );
+        assert_eq!(
+            chat.messages[1].content[1],
+            json!({"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBOR"}})
+        );
+        assert_eq!(
+            chat.messages[2].content,
+            json!([{"type": "text", "text": "Checking."}])
+        );
+        assert_eq!(
+            chat.messages[2].extra["tool_calls"],
+            json!([{"id": "toolu_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}])
+        );
+        assert_eq!(chat.messages[3].content, json!("Sunny"));
+        assert_eq!(chat.messages[3].extra["tool_call_id"], "toolu_1");
+        assert_eq!(chat.params.max_tokens, Some(64));
+        assert_eq!(chat.params.stop, Some(vec!["END".to_string()]));
+        assert_eq!(chat.extra["tools"][0]["function"]["name"], "get_weather");
+        assert_eq!(
+            chat.extra["tools"][0]["function"]["parameters"]["type"],
+            "object"
+        );
+        assert_eq!(chat.extra["tool_choice"], "required");
+        assert_eq!(chat.extra["parallel_tool_calls"], false);
+        // top_k and metadata only where every backend reads them.
+        assert!(chat.extra.get("top_k").is_none() && chat.extra.get("metadata").is_none());
+        let native = parse(
+            body(
+                json!({"max_tokens": 1, "top_k": 5, "metadata": {"user_id": "u"},
+                "system": [{"type": "text", "text": "S", "cache_control": {"type": "ephemeral"}}],
+                "messages": [{"role": "user", "content": "hi"}]}),
+            ),
+            PassOn {
+                top_k: true,
+                anthropic: true,
+            },
+            true,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(native.extra["top_k"], 5);
+        assert_eq!(native.extra["metadata"], json!({"user_id": "u"}));
+        assert_eq!(
+            native.messages[0].content[0]["cache_control"],
+            json!({"type": "ephemeral"})
+        );
+    }
+
+    #[test]
+    fn bad_bodies_are_refused_with_reasons() {
+        let hi = json!([{"role": "user", "content": "hi"}]);
+        assert!(parse_err(json!({"messages": hi})).contains("'max_tokens' is required"));
+        assert!(parse(body(json!({"messages": hi})), PassOn::default(), false).is_ok());
+        assert!(
+            parse_err(json!({"max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "hologram"}]}]}))
+                .contains("\"hologram\" is not supported")
+        );
+        assert!(
+            parse_err(json!({"max_tokens": 5, "messages": hi, "tools": [{"name": "f", "input_schema": "x"}]}))
+                .contains("input_schema")
+        );
+        assert!(
+            parse_err(json!({"max_tokens": 5, "messages": hi, "tools": [{"type": "web_search_20250305", "name": "web_search"}]}))
+                .contains("custom tools")
+        );
+        assert!(
+            parse_err(json!({"max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}))
+                .contains("role")
+        );
+        assert!(
+            parse_err(json!({"max_tokens": 5, "messages": hi, "temperature": 1.5}))
+                .contains("temperature")
+        );
+        assert!(parse_err(json!({"max_tokens": 5, "messages": []})).contains("at least one"));
+        assert!(
+            parse_err(json!({"max_tokens": 5, "messages": hi, "output_config": {"format": {"type": "json_schema"}}}))
+                .contains("output_config.format")
+        );
+        let structured = parse_ok(json!({"max_tokens": 5, "messages": hi,
+            "output_config": {"effort": "low", "format": {"type": "json_schema", "schema": {"type": "object"}}}}));
+        assert_eq!(
+            structured.extra["response_format"],
+            json!({"type": "json_schema", "json_schema": {"name": "output", "schema": {"type": "object"}, "strict": true}})
+        );
+        assert!(
+            parse_err(json!({"max_tokens": 5, "messages": [{"role": "assistant", "content": [{"type": "tool_result", "tool_use_id": "x"}]}]}))
+                .contains("cannot appear")
+        );
+    }
+
+    #[test]
+    fn answers_render_as_messages_with_tool_use() {
+        let mut extra = Map::new();
+        extra.insert(
+            "tool_calls".into(),
+            json!([{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{\"a\":1}"}}]),
+        );
+        let g = Generation {
+            id: "chatcmpl-1".into(),
+            created: 0,
+            model: String::new(),
+            choices: vec![Choice {
+                index: 0,
+                text: String::new(),
+                finish_reason: Some("tool_calls".into()),
+                message_extra: extra,
+            }],
+            usage: Usage::new(Some(10), Some(3)),
+        };
+        let m = render(&g, "gpt-4o-mini");
+        assert_eq!(m["type"], "message");
+        assert_eq!(m["model"], "gpt-4o-mini");
+        assert_eq!(m["stop_reason"], "tool_use");
+        assert_eq!(
+            m["content"],
+            json!([{"type": "tool_use", "id": "call_1", "name": "f", "input": {"a": 1}}])
+        );
+        assert_eq!(m["usage"], json!({"input_tokens": 10, "output_tokens": 3}));
+        assert_eq!(stop_reason(Some("length")), "max_tokens");
+        assert_eq!(stop_reason(Some("stop")), "end_turn");
+    }
+
+    fn delta(text: Option<&str>, calls: Vec<ToolCallDelta>, finish: Option<&str>) -> StreamDelta {
+        StreamDelta {
+            id: Some("chatcmpl-9".into()),
+            text: text.map(String::from),
+            tool_calls: calls,
+            finish_reason: finish.map(String::from),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn streams_open_fill_and_stop_blocks_in_order() {
+        let call = |index, id: Option<&str>, args: &str| ToolCallDelta {
+            index,
+            id: id.map(String::from),
+            name: id.map(|_| "get_weather".to_string()),
+            arguments: args.into(),
+        };
+        let events = super::super::reframe::run(
+            MessagesStream::new("m".into()),
+            vec![
+                Ok(vec![
+                    delta(Some("Let me "), vec![], None),
+                    delta(Some("check."), vec![], None),
+                ]),
+                Ok(vec![delta(
+                    None,
+                    vec![call(0, Some("call_a"), ""), call(0, None, "{\"city\":")],
+                    None,
+                )]),
+                Ok(vec![delta(None, vec![call(0, None, "\"Paris\"}")], None)]),
+                Ok(vec![delta(
+                    None,
+                    vec![call(1, Some("call_b"), "{}")],
+                    Some("tool_calls"),
+                )]),
+                Ok(vec![StreamDelta {
+                    usage: Some(Usage::new(Some(7), Some(4))),
+                    ..Default::default()
+                }]),
+            ],
+        );
+        let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "message_start",
+                "ping",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_delta",
+                "content_block_stop",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_delta",
+                "content_block_stop",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_stop",
+                "message_delta",
+                "message_stop"
+            ]
+        );
+        assert_eq!(events[0].1["message"]["id"], "msg_chatcmpl-9");
+        assert_eq!(
+            events[6].1["content_block"],
+            json!({"type": "tool_use", "id": "call_a", "name": "get_weather", "input": {}})
+        );
+        let json: String = events
+            .iter()
+            .filter(|(_, e)| e["index"] == 1 && e["delta"]["type"] == "input_json_delta")
+            .filter_map(|(_, e)| e["delta"]["partial_json"].as_str())
+            .collect();
+        assert_eq!(json, "{\"city\":\"Paris\"}");
+        assert_eq!(events[10].1["index"], 2);
+        assert_eq!(events[13].1["delta"]["stop_reason"], "tool_use");
+        assert_eq!(
+            events[13].1["usage"],
+            json!({"input_tokens": 7, "output_tokens": 4})
+        );
+    }
+
+    #[test]
+    fn a_call_whose_fragments_repeat_its_id_stays_one_block() {
+        let frag = |args: &str| ToolCallDelta {
+            index: 0,
+            id: Some("call_x".into()),
+            name: Some("f".into()),
+            arguments: args.into(),
+        };
+        let events = super::super::reframe::run(
+            MessagesStream::new("m".into()),
+            vec![Ok(vec![
+                delta(None, vec![frag("{\"a\"")], None),
+                delta(None, vec![frag(":1}")], Some("tool_calls")),
+            ])],
+        );
+        let starts = events
+            .iter()
+            .filter(|(n, _)| n == "content_block_start")
+            .count();
+        assert_eq!(starts, 1, "{events:?}");
+    }
+
+    #[test]
+    fn a_cut_stream_ends_with_an_error_event_not_message_stop() {
+        let events = super::super::reframe::run(
+            MessagesStream::new("m".into()),
+            vec![
+                Ok(vec![delta(Some("Hel"), vec![], None)]),
+                Err(GatewayError::UpstreamTruncated(Provider::Openai)),
+            ],
+        );
+        let (name, last) = events.last().cloned().unwrap_or_default();
+        assert_eq!(name, "error");
+        assert_eq!(last["error"]["type"], "api_error");
+        assert!(
+            events
+                .iter()
+                .all(|(n, _)| n != "message_stop" && n != "message_delta")
+        );
+        let limited = GatewayError::from_provider(ProviderError::Upstream {
+            status: http::StatusCode::TOO_MANY_REQUESTS,
+            message: "slow down".into(),
+            retry_after: None,
+        });
+        let events =
+            super::super::reframe::run(MessagesStream::new("m".into()), vec![Err(limited)]);
+        assert_eq!(events[0].1["error"]["type"], "rate_limit_error");
+    }
+}
