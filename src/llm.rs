@@ -77,17 +77,32 @@ pub struct EmbeddingsRequest {
     pub extra: Map<String, Value>,
 }
 
+/// A chat request in the provider's own dialect, sent as is but for `model` (the caller spoke the
+/// provider's API and every backend of the Route is that provider): nothing is lost in translation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NativeRequest {
+    /// The caller's body without `model`.
+    pub body: Map<String, Value>,
+    pub stream: bool,
+    pub max_tokens: Option<u32>,
+    /// Characters of the prompt as sent, for the up-front token estimate.
+    pub prompt_chars: usize,
+    /// Provider headers the caller set that the adapter passes on (for example `anthropic-beta`).
+    pub headers: Vec<(String, String)>,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum LlmRequest {
     Chat(ChatRequest),
     Completions(CompletionsRequest),
     Embeddings(EmbeddingsRequest),
+    Native(NativeRequest),
 }
 
 impl LlmRequest {
     pub fn route_type(&self) -> RouteType {
         match self {
-            LlmRequest::Chat(_) => RouteType::Chat,
+            LlmRequest::Chat(_) | LlmRequest::Native(_) => RouteType::Chat,
             LlmRequest::Completions(_) => RouteType::Completions,
             LlmRequest::Embeddings(_) => RouteType::Embeddings,
         }
@@ -98,6 +113,10 @@ impl LlmRequest {
             LlmRequest::Chat(r) => r.stream.clone(),
             LlmRequest::Completions(r) => r.stream.clone(),
             LlmRequest::Embeddings(_) => StreamOptions::default(),
+            LlmRequest::Native(r) => StreamOptions {
+                stream: r.stream,
+                include_usage: true,
+            },
         }
     }
 }
@@ -173,10 +192,20 @@ pub struct Embeddings {
     pub usage: Usage,
 }
 
+/// A provider's answer to a `NativeRequest`, passed back as is.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NativeAnswer {
+    pub body: bytes::Bytes,
+    pub usage: Usage,
+    /// Characters of generated text, charged when the answer reports no usage.
+    pub chars: usize,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum LlmResponse {
     Generation(Generation),
     Embeddings(Embeddings),
+    Native(NativeAnswer),
 }
 
 /// One increment of a streamed answer.
@@ -193,6 +222,8 @@ pub struct StreamDelta {
     pub usage: Option<Usage>,
     /// Tool-call fragments, in OpenAI's streaming shape (see `ToolCallDelta`).
     pub tool_calls: Vec<ToolCallDelta>,
+    /// A native stream's event, exactly as the provider sent it (see `NativeRequest`).
+    pub raw: Option<bytes::Bytes>,
 }
 
 /// A fragment of a streamed tool call. The first fragment of a call carries its `id` and `name`;

@@ -234,6 +234,7 @@ fn has_max_tokens(request: &LlmRequest) -> bool {
         LlmRequest::Chat(c) => c.params.max_tokens.is_some(),
         LlmRequest::Completions(c) => c.params.max_tokens.is_some(),
         LlmRequest::Embeddings(_) => true,
+        LlmRequest::Native(n) => n.max_tokens.is_some(),
     }
 }
 
@@ -247,6 +248,7 @@ fn prompt_estimate(request: &LlmRequest) -> u64 {
         LlmRequest::Chat(c) => c.messages.iter().map(|m| m.text().len()).sum(),
         LlmRequest::Completions(c) => c.prompt.len(),
         LlmRequest::Embeddings(e) => e.input.iter().map(String::len).sum(),
+        LlmRequest::Native(n) => n.prompt_chars,
     };
     tokens_for_chars(chars)
 }
@@ -256,6 +258,11 @@ fn completion_estimate(request: &LlmRequest) -> u64 {
         LlmRequest::Chat(c) => &c.params,
         LlmRequest::Completions(c) => &c.params,
         LlmRequest::Embeddings(_) => return 0,
+        LlmRequest::Native(n) => {
+            return n
+                .max_tokens
+                .map_or(DEFAULT_COMPLETION_ESTIMATE, u64::from);
+        }
     };
     let per_choice = params
         .max_tokens

@@ -1,10 +1,8 @@
 //! Anthropic's Messages API, `POST /v1/messages`, on every chat Route (the body's `model` names
-//! the Route): the request is translated into the unified (OpenAI-shaped) chat model, the answer
-//! and its stream back into Anthropic's content blocks and named events.
-//!
-//! Fields only Anthropic understands (`top_k`, `metadata`, `anthropic-beta`, `cache_control` on
-//! text blocks) are passed on only when every backend of the Route understands them, never to a
-//! provider that would refuse them.
+//! the Route). A Route served only by Anthropic gets the caller's body and Anthropic's answer as
+//! they are (see `native`). On any other Route the request is translated into the unified
+//! (OpenAI-shaped) chat model, the answer and its stream back into Anthropic's content blocks and
+//! named events; `top_k` is passed on only when every backend of the Route reads it.
 
 use std::sync::Arc;
 
@@ -26,8 +24,8 @@ use super::reframe::{Reframer, push_named, reframe};
 use super::request::{require_string, take_bool, take_count, take_number};
 use crate::api::{Provider, RouteType};
 use crate::llm::{
-    ChatMessage, ChatRequest, Generation, LlmRequest, LlmResponse, Params, StreamDelta,
-    StreamOptions, Usage,
+    ChatMessage, ChatRequest, Generation, LlmRequest, LlmResponse, NativeRequest, Params,
+    StreamDelta, StreamOptions, Usage,
 };
 
 type Fields = Map<String, Value>;
@@ -72,12 +70,10 @@ pub async fn messages(
     )
     .await?;
     let pass = PassOn::for_route(&route);
-    let mut chat = parse(body, pass, true)?;
-    if pass.anthropic
-        && let Some(beta) = headers.get("anthropic-beta").and_then(|v| v.to_str().ok())
-    {
-        chat.extra.insert("anthropic_beta".into(), json!(beta));
+    if pass.anthropic {
+        return native(&state, &route, native_request(body, &headers)?).await;
     }
+    let chat = parse(body, pass, true)?;
     let stream = chat.stream.stream;
     let estimate = if stream { estimate_input(&chat) } else { 0 };
     let request = LlmRequest::Chat(chat);
@@ -92,6 +88,105 @@ pub async fn messages(
         return Err(GatewayError::UpstreamMalformed("expected a chat answer".into()).into());
     };
     Ok(Json(render(&g, &route.entry.model)).into_response())
+}
+
+/// A Route served only by Anthropic gets the caller's body as is (but for `model`) and gives back
+/// Anthropic's answer as is: thinking, server tools, documents, citations and any field to come
+/// survive. The gateway still reads usage, and ends a cut stream with an `error` event.
+async fn native(
+    state: &AppState,
+    route: &ServingRoute,
+    request: NativeRequest,
+) -> Result<Response> {
+    let stream = request.stream;
+    let request = LlmRequest::Native(request);
+    if stream {
+        let (deltas, _) = forward::invoke_stream(state, route, &request).await?;
+        return Ok(sse_response(reframe(deltas, Verbatim)));
+    }
+    let LlmResponse::Native(answer) = forward::invoke(state, route, &request).await? else {
+        return Err(GatewayError::UpstreamMalformed("expected a native answer".into()).into());
+    };
+    Ok((
+        [(http::header::CONTENT_TYPE, "application/json")],
+        answer.body,
+    )
+        .into_response())
+}
+
+/// The caller's Messages body (without `model`) for a native call: only what the gateway itself
+/// reads is checked (`max_tokens` for budgets, `stream`); Anthropic judges the rest.
+pub fn native_request(mut body: Fields, headers: &HeaderMap) -> Result<NativeRequest, GatewayError> {
+    let max_tokens = take_count(&mut body, "max_tokens", 1, u32::MAX as u64)?.ok_or_else(|| {
+        GatewayError::bad_param("max_tokens", "'max_tokens' is required")
+    })?;
+    body.insert("max_tokens".into(), json!(max_tokens));
+    let stream = take_bool(&mut body, "stream")?;
+    if let Some(s) = stream {
+        body.insert("stream".into(), json!(s));
+    }
+    match body.get("messages") {
+        Some(Value::Array(m)) if !m.is_empty() => {}
+        _ => return Err(bad("'messages' must be a non-empty list of messages")),
+    }
+    let prompt_chars = ["system", "messages", "tools"]
+        .iter()
+        .filter_map(|k| body.get(*k))
+        .map(prompt_chars)
+        .sum();
+    let headers = headers
+        .get("anthropic-beta")
+        .and_then(|v| v.to_str().ok())
+        .map(|beta| ("anthropic-beta".to_string(), beta.to_string()))
+        .into_iter()
+        .collect();
+    Ok(NativeRequest {
+        body,
+        stream: stream.unwrap_or(false),
+        max_tokens: Some(max_tokens),
+        prompt_chars,
+        headers,
+    })
+}
+
+/// Characters a tokenizer would read in `value`: its strings, but not opaque ones (base64 `data`,
+/// thinking `signature`s), which are no text.
+fn prompt_chars(value: &Value) -> usize {
+    match value {
+        Value::String(s) => s.len(),
+        Value::Array(items) => items.iter().map(prompt_chars).sum(),
+        Value::Object(fields) => fields
+            .iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "data" | "signature"))
+            .map(|(_, v)| prompt_chars(v))
+            .sum(),
+        _ => 0,
+    }
+}
+
+/// A native stream: Anthropic's events as they came, an `error` event if it breaks.
+struct Verbatim;
+
+impl Reframer for Verbatim {
+    fn deltas(&mut self, deltas: Vec<StreamDelta>, out: &mut BytesMut) {
+        for raw in deltas.iter().filter_map(|d| d.raw.as_ref()) {
+            out.extend_from_slice(raw);
+        }
+    }
+
+    fn failed(&mut self, err: &GatewayError, out: &mut BytesMut) {
+        push_error(err, out);
+    }
+
+    fn end(&mut self, _out: &mut BytesMut) {}
+}
+
+fn push_error(err: &GatewayError, out: &mut BytesMut) {
+    push_named(
+        out,
+        "error",
+        &json!({"type": "error", "error": {"type": anthropic_type(err.status()), "message": anthropic_message(err)}}),
+    );
 }
 
 /// Anthropic's clients send `anthropic-version` on every call; the model listing answers them in
@@ -159,7 +254,16 @@ pub async fn count_tokens(
         RouteType::Chat,
     )
     .await?;
-    let chat = parse(body, PassOn::for_route(&route), false)?;
+    let pass = PassOn::for_route(&route);
+    if pass.anthropic {
+        let chars: usize = ["system", "messages", "tools"]
+            .iter()
+            .filter_map(|k| body.get(*k))
+            .map(prompt_chars)
+            .sum();
+        return Ok(Json(json!({"input_tokens": tokens_for_chars(chars).max(1)})));
+    }
+    let chat = parse(body, pass, false)?;
     Ok(Json(json!({"input_tokens": estimate_input(&chat)})))
 }
 
@@ -780,11 +884,7 @@ impl Reframer for MessagesStream {
     }
 
     fn failed(&mut self, err: &GatewayError, out: &mut BytesMut) {
-        push_named(
-            out,
-            "error",
-            &json!({"type": "error", "error": {"type": anthropic_type(err.status()), "message": anthropic_message(err)}}),
-        );
+        push_error(err, out);
     }
 
     fn end(&mut self, out: &mut BytesMut) {

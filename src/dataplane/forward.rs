@@ -18,7 +18,8 @@ use crate::api::{RetryOn, RouteType};
 use crate::cost::{Price, Tokens};
 use crate::llm::Usage;
 use crate::llm::{
-    Embeddings as LlmEmbeddings, Generation as LlmGeneration, LlmRequest, LlmResponse, StreamDelta,
+    Embeddings as LlmEmbeddings, Generation as LlmGeneration, LlmRequest, LlmResponse,
+    NativeAnswer, StreamDelta,
 };
 use crate::providers::{ProviderError, StreamDecoder, join_embeddings, split_inputs};
 use crate::table::{Backend, Backends, RouteEntry, RouteState, Upstream};
@@ -268,7 +269,8 @@ pub async fn invoke(
         (Ok(answer), Some(backend)) => {
             let usage = match answer {
                 LlmResponse::Generation(LlmGeneration { usage, .. })
-                | LlmResponse::Embeddings(LlmEmbeddings { usage, .. }) => usage,
+                | LlmResponse::Embeddings(LlmEmbeddings { usage, .. })
+                | LlmResponse::Native(NativeAnswer { usage, .. }) => usage,
             };
             let consumer = observe::consumer();
             record_usage(&state.metrics, &route.entry, &consumer, usage);
@@ -301,6 +303,7 @@ fn answer_chars(answer: &LlmResponse) -> usize {
     match answer {
         LlmResponse::Generation(g) => g.choices.iter().map(|c| c.text.len()).sum(),
         LlmResponse::Embeddings(_) => 0,
+        LlmResponse::Native(n) => n.chars,
     }
 }
 
@@ -415,6 +418,8 @@ async fn call_backend(
     let model = match &mut answer {
         LlmResponse::Generation(g) => &mut g.model,
         LlmResponse::Embeddings(e) => &mut e.model,
+        // Passed back untouched.
+        LlmResponse::Native(_) => return Ok(answer),
     };
     if model.is_empty() {
         model.clone_from(&upstream.target.model);
@@ -433,10 +438,13 @@ async fn call_once(
     let body = read_capped(response, state.upstream_limits.max_body)
         .await
         .map_err(|e| e.into_gateway(upstream, timeout))?;
-    upstream
-        .adapter
-        .parse_response(&upstream.target, route_type, &body)
-        .map_err(|e| provider_error(upstream, e))
+    let answer = match request {
+        LlmRequest::Native(_) => upstream.adapter.parse_native(body),
+        _ => upstream
+            .adapter
+            .parse_response(&upstream.target, route_type, &body),
+    };
+    answer.map_err(|e| provider_error(upstream, e))
 }
 
 type Deltas = BoxStream<'static, Result<Vec<StreamDelta>, GatewayError>>;
@@ -544,8 +552,15 @@ async fn open_stream(
     request: &LlmRequest,
 ) -> Result<Opened, GatewayError> {
     let upstream = Arc::clone(&backend.upstream);
+    let mut decoder = match request {
+        LlmRequest::Native(_) => upstream.adapter.native_stream_decoder().ok_or_else(|| {
+            GatewayError::from_provider(crate::providers::native_unsupported(
+                upstream.adapter.provider(),
+            ))
+        })?,
+        _ => upstream.adapter.stream_decoder(route_type),
+    };
     let response = send(state, &upstream, request, None).await?;
-    let mut decoder = upstream.adapter.stream_decoder(route_type);
     decoder.set_max_frame(state.upstream_limits.max_stream_event);
     let timeout = state.upstream_timeout;
     let idle = state.upstream_limits.stream_idle;

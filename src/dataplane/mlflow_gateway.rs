@@ -16,7 +16,7 @@ use super::body::read_json_object;
 use super::error::{GatewayError, MlflowError};
 use super::forward;
 use super::listing::{self, Listed};
-use super::openai::model_name;
+use super::openai::{model_name, native_body};
 use super::request::{Dialect, check_body_kind, parse_request, reject_model, route_name};
 use crate::api::{Provider, RouteType};
 use crate::llm::{LlmRequest, LlmResponse, Usage};
@@ -122,7 +122,7 @@ fn parse(entry: &RouteEntry, body: Map<String, Value>) -> Result<LlmRequest, Gat
     let params = match &mut request {
         LlmRequest::Chat(r) => Some(&mut r.params),
         LlmRequest::Completions(r) => Some(&mut r.params),
-        LlmRequest::Embeddings(_) => None,
+        LlmRequest::Embeddings(_) | LlmRequest::Native(_) => None,
     };
     if let Some(t) = params.and_then(|p| p.temperature.as_mut()) {
         *t *= temperature_scale(entry.provider);
@@ -158,6 +158,8 @@ fn render(answer: &LlmResponse, entry: &RouteEntry) -> Value {
             };
             json!({"embeddings": e.data, "metadata": metadata(&usage, model_name(&e.model, &entry.model), route_type)})
         }
+        // Only the Messages surface sends native requests.
+        LlmResponse::Native(n) => native_body(n),
     }
 }
 

@@ -116,7 +116,14 @@ pub fn render(answer: &LlmResponse, route: &ServingRoute) -> Value {
     match answer {
         LlmResponse::Generation(g) => render_generation(g, route),
         LlmResponse::Embeddings(e) => render_embeddings(e, route),
+        // Only the Messages surface sends native requests.
+        LlmResponse::Native(n) => native_body(n),
     }
+}
+
+/// A native answer's own JSON body.
+pub fn native_body(answer: &crate::llm::NativeAnswer) -> Value {
+    serde_json::from_slice(&answer.body).unwrap_or_default()
 }
 
 /// The model the provider reported, else the route's configured one.

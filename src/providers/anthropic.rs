@@ -1,6 +1,7 @@
 //! Anthropic's Messages API: top-level `system`, required `max_tokens`, content blocks, and
 //! named SSE events (`message_start` ... `message_stop`).
 
+use bytes::{BufMut, Bytes, BytesMut};
 use http::{HeaderValue, StatusCode};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -14,7 +15,8 @@ use super::{
 };
 use crate::api::{Provider, RouteType};
 use crate::llm::{
-    ChatMessage, ChatRequest, LlmRequest, LlmResponse, StreamDelta, ToolCallDelta, Usage,
+    ChatMessage, ChatRequest, LlmRequest, LlmResponse, NativeAnswer, StreamDelta, ToolCallDelta,
+    Usage,
 };
 
 pub const API_VERSION: &str = "2023-06-01";
@@ -45,12 +47,29 @@ impl ProviderAdapter for Anthropic {
         target: &Target,
         request: &LlmRequest,
     ) -> Result<UpstreamRequest, ProviderError> {
-        let LlmRequest::Chat(chat) = request else {
-            return Err(ProviderError::Unsupported(
-                "provider anthropic serves only chat".into(),
-            ));
+        let (body, beta) = match request {
+            LlmRequest::Chat(chat) => (
+                request_body(target, chat)?,
+                // The caller's own `anthropic-beta` (the Messages surface passes it on for
+                // Anthropic Routes).
+                chat.extra.get("anthropic_beta").and_then(Value::as_str),
+            ),
+            LlmRequest::Native(native) => {
+                let mut body = native.body.clone();
+                body.insert("model".into(), json!(target.model));
+                let beta = native
+                    .headers
+                    .iter()
+                    .find(|(name, _)| name == "anthropic-beta")
+                    .map(|(_, v)| v.as_str());
+                (Value::Object(body), beta)
+            }
+            _ => {
+                return Err(ProviderError::Unsupported(
+                    "provider anthropic serves only chat".into(),
+                ));
+            }
         };
-        let body = request_body(target, chat)?;
         let mut headers = json_headers();
         if let Some(key) = target.credentials.get(API_KEY) {
             insert_secret(&mut headers, "x-api-key", key)?;
@@ -68,13 +87,7 @@ impl ProviderAdapter for Anthropic {
         {
             headers.insert("anthropic-beta", beta);
         }
-        // The caller's own `anthropic-beta` (the Messages surface passes it on for Anthropic Routes).
-        if let Some(beta) = chat
-            .extra
-            .get("anthropic_beta")
-            .and_then(Value::as_str)
-            .and_then(|v| HeaderValue::from_str(v).ok())
-        {
+        if let Some(beta) = beta.and_then(|v| HeaderValue::from_str(v).ok()) {
             headers.insert("anthropic-beta", beta);
         }
         Ok(post_json(
@@ -128,6 +141,32 @@ impl ProviderAdapter for Anthropic {
     fn stream_decoder(&self, _route_type: RouteType) -> Box<dyn StreamDecoder> {
         SseDecoder::boxed(AnthropicStream::default())
     }
+
+    fn parse_native(&self, body: Bytes) -> Result<LlmResponse, ProviderError> {
+        let wire: WireMessage = serde_json::from_slice(&body).map_err(malformed)?;
+        let chars = wire
+            .content
+            .iter()
+            .map(|b| match block_type(b) {
+                Some("text") => b["text"].as_str().map_or(0, str::len),
+                Some("thinking") => b["thinking"].as_str().map_or(0, str::len),
+                _ => b.get("input").map_or(0, |i| i.to_string().len()),
+            })
+            .sum();
+        Ok(LlmResponse::Native(NativeAnswer {
+            usage: wire.usage.map(|u| u.into_usage(None)).unwrap_or_default(),
+            chars,
+            body,
+        }))
+    }
+
+    fn native_stream_decoder(&self) -> Option<Box<dyn StreamDecoder>> {
+        Some(SseDecoder::boxed(NativeStream::default()))
+    }
+}
+
+fn block_type(block: &Value) -> Option<&str> {
+    block.get("type").and_then(Value::as_str)
 }
 
 fn request_body(target: &Target, chat: &ChatRequest) -> Result<Value, ProviderError> {
@@ -510,6 +549,63 @@ impl SseHandler for AnthropicStream {
 
     fn end(&mut self, out: &mut Vec<StreamDelta>) -> Result<(), ProviderError> {
         self.send_usage(out);
+        Ok(())
+    }
+}
+
+/// A native stream: every event goes on as the provider sent it, in a delta that also carries what
+/// the gateway counts (text, usage, the end marker), read by the translating decoder.
+#[derive(Default)]
+struct NativeStream {
+    counted: AnthropicStream,
+}
+
+impl NativeStream {
+    fn merged(parsed: Vec<StreamDelta>, raw: Option<Bytes>) -> StreamDelta {
+        let mut merged = StreamDelta {
+            raw,
+            ..Default::default()
+        };
+        for d in parsed {
+            if let Some(text) = d.text {
+                merged.text.get_or_insert_default().push_str(&text);
+            }
+            merged.tool_calls.extend(d.tool_calls);
+            merged.usage = d.usage.or(merged.usage);
+            merged.finish_reason = d.finish_reason.or(merged.finish_reason);
+        }
+        merged
+    }
+}
+
+impl SseHandler for NativeStream {
+    fn event(&mut self, event: SseEvent, out: &mut Vec<StreamDelta>) -> Result<(), ProviderError> {
+        let mut raw = BytesMut::new();
+        if let Some(name) = &event.event {
+            raw.put_slice(b"event: ");
+            raw.put_slice(name.as_bytes());
+            raw.put_slice(b"\n");
+        }
+        for line in event.data.split('\n') {
+            raw.put_slice(b"data: ");
+            raw.put_slice(line.as_bytes());
+            raw.put_slice(b"\n");
+        }
+        raw.put_slice(b"\n");
+        let mut parsed = Vec::new();
+        // An `error` event fails the stream here: the surface writes the one error event.
+        self.counted.event(event, &mut parsed)?;
+        out.push(Self::merged(parsed, Some(raw.freeze())));
+        Ok(())
+    }
+
+    fn end(&mut self, out: &mut Vec<StreamDelta>) -> Result<(), ProviderError> {
+        // Usage of a stream cut before `message_stop`: counted, nothing for the caller.
+        let mut parsed = Vec::new();
+        self.counted.end(&mut parsed)?;
+        if !parsed.is_empty() {
+            out.push(Self::merged(parsed, None));
+        }
         Ok(())
     }
 }

@@ -43,7 +43,7 @@ impl ProviderAdapter for AzureOpenAi {
         target: &Target,
         request: &LlmRequest,
     ) -> Result<UpstreamRequest, ProviderError> {
-        let (path, mut body) = openai::request_body(&target.model, request);
+        let (path, mut body) = openai::request_body(&target.model, request)?;
         let version = target
             .config
             .get("apiVersion")

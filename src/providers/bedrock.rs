@@ -199,6 +199,7 @@ pub(crate) fn build_request_at(
             };
             (op, converse_body(&[prompt], &c.params, &c.extra)?)
         }
+        LlmRequest::Native(_) => return Err(super::native_unsupported(Provider::Bedrock)),
         LlmRequest::Embeddings(e) if is_cohere(&target.model) => {
             let input_type = e
                 .extra

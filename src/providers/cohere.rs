@@ -48,6 +48,7 @@ impl ProviderAdapter for Cohere {
             LlmRequest::Chat(chat) => ("/v2/chat", chat_body(target, chat)?),
             LlmRequest::Completions(c) => ("/v1/generate", generate_body(target, c)),
             LlmRequest::Embeddings(e) => ("/v2/embed", embed_body(target, e)),
+            LlmRequest::Native(_) => return Err(super::native_unsupported(Provider::Cohere)),
         };
         Ok(post_json(
             format!("{}{path}", target.api_base),

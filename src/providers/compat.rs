@@ -127,7 +127,7 @@ impl ProviderAdapter for OpenAiCompatible {
         {
             reject_n(self.provider, params)?;
         }
-        let (path, mut body) = openai::request_body(&target.model, request);
+        let (path, mut body) = openai::request_body(&target.model, request)?;
         if let Value::Object(fields) = &mut body {
             if !self.stream_options {
                 fields.remove("stream_options");

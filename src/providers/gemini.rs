@@ -67,6 +67,7 @@ impl ProviderAdapter for Gemini {
                 };
                 generate(&base, &[prompt], &c.params, c.stream.stream, &c.extra)?
             }
+            LlmRequest::Native(_) => return Err(super::native_unsupported(Provider::Gemini)),
             LlmRequest::Embeddings(e) => {
                 let task = e
                     .extra

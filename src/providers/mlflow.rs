@@ -67,6 +67,9 @@ impl ProviderAdapter for MlflowModelServing {
             },
             LlmRequest::Completions(c) => with_params(json!([c.prompt]), &c.params),
             LlmRequest::Embeddings(e) => json!({"inputs": e.input}),
+            LlmRequest::Native(_) => {
+                return Err(super::native_unsupported(Provider::MlflowModelServing));
+            }
         };
         Ok(post_json(
             format!("{}/invocations", target.api_base),

@@ -117,6 +117,22 @@ pub trait ProviderAdapter: Send + Sync + 'static {
     fn max_inputs_per_call(&self, _target: &Target, _route_type: RouteType) -> Option<usize> {
         None
     }
+    /// The answer to a `NativeRequest`, kept as is; only providers that take native requests
+    /// (Anthropic) read it, for its usage.
+    fn parse_native(&self, _body: Bytes) -> Result<LlmResponse, ProviderError> {
+        Err(native_unsupported(self.provider()))
+    }
+    /// A decoder for a native stream: each provider event as a delta whose `raw` holds it, with
+    /// the text and usage the gateway counts.
+    fn native_stream_decoder(&self) -> Option<Box<dyn StreamDecoder>> {
+        None
+    }
+}
+
+/// The refusal of a `NativeRequest` by a provider that does not speak its dialect (surfaces send
+/// native requests only to Routes whose backends all do).
+pub fn native_unsupported(provider: Provider) -> ProviderError {
+    ProviderError::Unsupported(format!("provider {provider} takes no native requests"))
 }
 
 /// Incremental parser of a provider's streaming framing; bytes may be split anywhere.

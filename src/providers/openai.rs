@@ -40,7 +40,7 @@ impl ProviderAdapter for OpenAi {
         target: &Target,
         request: &LlmRequest,
     ) -> Result<UpstreamRequest, ProviderError> {
-        let (path, body) = request_body(&target.model, request);
+        let (path, body) = request_body(&target.model, request)?;
         let mut headers = bearer_headers(target)?;
         for (config_key, header_name) in [
             ("organization", "openai-organization"),
@@ -99,8 +99,11 @@ pub(super) fn stream_decoder(route_type: RouteType) -> Box<dyn StreamDecoder> {
 }
 
 /// The OpenAI request body for `request` and the path it goes to; shared with OpenAI-compatible servers.
-pub(super) fn request_body(model: &str, request: &LlmRequest) -> (&'static str, Value) {
-    match request {
+pub(super) fn request_body(
+    model: &str,
+    request: &LlmRequest,
+) -> Result<(&'static str, Value), ProviderError> {
+    Ok(match request {
         LlmRequest::Chat(ChatRequest {
             messages,
             params,
@@ -127,7 +130,8 @@ pub(super) fn request_body(model: &str, request: &LlmRequest) -> (&'static str, 
             body.insert("input".into(), json!(input));
             ("/embeddings", Value::Object(body))
         }
-    }
+        LlmRequest::Native(_) => return Err(super::native_unsupported(Provider::Openai)),
+    })
 }
 
 fn base_body(
@@ -434,6 +438,7 @@ impl SseHandler for OpenAiStream {
                 continue;
             }
             out.push(StreamDelta {
+                raw: None,
                 id: chunk.id.clone(),
                 model: chunk.model.clone(),
                 created: chunk.created,
