@@ -1177,6 +1177,71 @@ mod tests {
     }
 
     #[test]
+    fn native_requests_keep_the_body_and_check_only_what_the_gateway_reads() {
+        let mut headers = HeaderMap::new();
+        headers.insert("anthropic-beta", http::HeaderValue::from_static("b1"));
+        let sent = json!({"max_tokens": 2048, "stream": true, "service_tier": "auto",
+            "thinking": {"type": "enabled", "budget_tokens": 1024},
+            "system": [{"type": "text", "text": "abcd", "cache_control": {"type": "ephemeral"}}],
+            "messages": [{"role": "user", "content": [
+                {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0xLjQK"}},
+                {"type": "text", "text": "12345678"}]},
+                {"role": "assistant", "content": [{"type": "thinking", "thinking": "hm", "signature": "long-opaque-signature"}]}],
+            "future_field": {"x": 1}});
+        let native = native_request(body(sent.clone()), &headers).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(Value::Object(native.body), sent);
+        assert!(native.stream);
+        assert_eq!(native.max_tokens, Some(2048));
+        assert_eq!(native.headers, [("anthropic-beta".to_string(), "b1".to_string())]);
+        // Text is counted; base64 data and signatures are not.
+        let counted = "text".len() * 2 + "abcd".len() + "ephemeral".len() + "user".len()
+            + "document".len() + "base64".len() + "application/pdf".len() + "12345678".len()
+            + "assistant".len() + "thinking".len() + "hm".len();
+        assert_eq!(native.prompt_chars, counted);
+        let refused = |v: Value| {
+            native_request(body(v), &HeaderMap::new())
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        let hi = json!([{"role": "user", "content": "hi"}]);
+        assert!(refused(json!({"messages": hi})).contains("max_tokens"));
+        assert!(refused(json!({"max_tokens": 5, "messages": hi, "stream": "yes"})).contains("stream"));
+        assert!(refused(json!({"max_tokens": 5, "messages": []})).contains("messages"));
+    }
+
+    #[test]
+    fn native_streams_are_written_as_they_came_and_end_in_an_error_when_cut() {
+        let raw = |s: &'static str| StreamDelta {
+            raw: Some(bytes::Bytes::from_static(s.as_bytes())),
+            ..Default::default()
+        };
+        let events = super::super::reframe::run(
+            Verbatim,
+            vec![Ok(vec![
+                raw("event: message_start\ndata: {\"type\":\"message_start\"}\n\n"),
+                StreamDelta {
+                    usage: Some(Usage::new(Some(1), Some(2))),
+                    ..Default::default()
+                },
+                raw("event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"),
+            ])],
+        );
+        let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["message_start", "message_stop"]);
+        let events = super::super::reframe::run(
+            Verbatim,
+            vec![
+                Ok(vec![raw("event: ping\ndata: {\"type\":\"ping\"}\n\n")]),
+                Err(GatewayError::UpstreamTruncated(Provider::Anthropic)),
+            ],
+        );
+        let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["ping", "error"]);
+        assert_eq!(events[1].1["error"]["type"], "api_error");
+    }
+
+    #[test]
     fn a_cut_stream_ends_with_an_error_event_not_message_stop() {
         let events = super::super::reframe::run(
             MessagesStream::new("m".into()),

@@ -613,7 +613,7 @@ impl SseHandler for NativeStream {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::llm::{Params, StreamOptions};
+    use crate::llm::{NativeRequest, Params, StreamOptions};
     use crate::providers::testing::decode_split;
     use crate::providers::{Credentials, SecretValue};
     use http::HeaderMap;
@@ -985,6 +985,98 @@ mod tests {
         assert!(
             matches!(err, Some(ProviderError::Upstream { status, ref message, .. }) if status.as_u16() == 529 && message == "Overloaded")
         );
+    }
+
+    #[test]
+    fn native_requests_go_as_sent_but_for_the_model() {
+        let body = json!({"model": "caller-route", "max_tokens": 2048, "service_tier": "standard_only",
+            "thinking": {"type": "enabled", "budget_tokens": 1024}, "cache_control": {"type": "ephemeral"},
+            "tools": [{"type": "web_search_20250305", "name": "web_search", "cache_control": {"type": "ephemeral"}}],
+            "messages": [{"role": "assistant", "content": [{"type": "redacted_thinking", "data": "abc"}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "is_error": true, "content": "x"}]}]});
+        let Value::Object(fields) = body.clone() else {
+            panic!("an object");
+        };
+        let req = LlmRequest::Native(NativeRequest {
+            body: fields,
+            stream: false,
+            max_tokens: Some(2048),
+            prompt_chars: 1,
+            headers: vec![("anthropic-beta".into(), "files-api-2025-04-14".into())],
+        });
+        let built = Anthropic
+            .build_request(&target(), &req)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let sent: Value = serde_json::from_slice(&built.body).unwrap_or_default();
+        let mut want = body;
+        want["model"] = json!("claude-sonnet-4-5");
+        assert_eq!(sent, want);
+        assert_eq!(built.headers["anthropic-beta"], "files-api-2025-04-14");
+        assert_eq!(built.headers["x-api-key"], "sk-ant-1");
+        assert_eq!(built.headers["anthropic-version"], API_VERSION);
+    }
+
+    #[test]
+    fn native_answers_stay_as_sent_and_report_usage() {
+        let body = Bytes::from_static(
+            br#"{"id":"msg_1","type":"message","model":"m","content":[{"type":"thinking","thinking":"hmm","signature":"s"},{"type":"text","text":"Hi","citations":[]}],"stop_reason":"end_turn","usage":{"input_tokens":10,"cache_read_input_tokens":5,"output_tokens":3,"service_tier":"standard"}}"#,
+        );
+        let Ok(LlmResponse::Native(answer)) = Anthropic.parse_native(body.clone()) else {
+            panic!("a native answer");
+        };
+        assert_eq!(answer.body, body);
+        assert_eq!(answer.usage, Usage::new(Some(15), Some(3)));
+        assert_eq!(answer.chars, 5);
+        assert!(Anthropic.parse_native(Bytes::from_static(b"[1]")).is_err());
+    }
+
+    fn decode_native(bytes: &[u8], cut: usize) -> Result<Vec<StreamDelta>, ProviderError> {
+        let mut decoder = Anthropic
+            .native_stream_decoder()
+            .unwrap_or_else(|| panic!("a native decoder"));
+        let mut out = Vec::new();
+        let cut = cut.min(bytes.len());
+        decoder.feed(&bytes[..cut], &mut out)?;
+        decoder.feed(&bytes[cut..], &mut out)?;
+        decoder.finish(&mut out)?;
+        Ok(out)
+    }
+
+    #[test]
+    fn native_streams_pass_every_event_and_count_usage() {
+        let thinking = "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":1,\"content_block\":{\"type\":\"thinking\",\"thinking\":\"\"}}\n\nevent: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":1,\"delta\":{\"type\":\"signature_delta\",\"signature\":\"s\"}}\n\n";
+        let wire = format!("{thinking}{STREAM}");
+        for cut in [0, 7, 150, 400, wire.len()] {
+            let out = decode_native(wire.as_bytes(), cut).unwrap_or_else(|e| panic!("{e}"));
+            let raw: Vec<u8> = out
+                .iter()
+                .filter_map(|d| d.raw.clone())
+                .flat_map(|b| b.to_vec())
+                .collect();
+            assert_eq!(String::from_utf8_lossy(&raw), wire, "cut at {cut}");
+            let text: String = out.iter().filter_map(|d| d.text.clone()).collect();
+            assert_eq!(text, "Héllo");
+            assert_eq!(
+                out.iter().filter_map(|d| d.usage).collect::<Vec<_>>(),
+                [Usage::new(Some(12), Some(5))]
+            );
+            // Only `message_stop` ends the answer.
+            let ends: Vec<usize> = (0..out.len())
+                .filter(|i| out[*i].finish_reason.is_some())
+                .collect();
+            assert_eq!(ends, [out.len() - 1]);
+        }
+        // Cut before `message_stop`: no end marker, the usage so far still counted.
+        let cut = &STREAM[..STREAM.find("event: message_stop").unwrap_or(0)];
+        let out = decode_native(cut.as_bytes(), 0).unwrap_or_else(|e| panic!("{e}"));
+        assert!(out.iter().all(|d| d.finish_reason.is_none()));
+        assert!(out.last().is_some_and(|d| d.raw.is_none() && d.usage.is_some()));
+        // Anthropic's error event fails the stream (the surface writes its own).
+        let failed = decode_native(
+            b"event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n",
+            0,
+        );
+        assert!(matches!(failed, Err(ProviderError::Upstream { status, .. }) if status.as_u16() == 529));
     }
 
     proptest! {

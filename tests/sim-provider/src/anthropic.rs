@@ -62,6 +62,23 @@ async fn messages(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: B
             "messages: roles must be user or assistant; use the top-level system parameter",
         );
     }
+    if let Some(bad) = unknown_block(messages) {
+        return error(400, "invalid_request_error", &bad);
+    }
+    // As documented: extended thinking needs a budget of at least 1024 tokens, below max_tokens.
+    let thinking = match req.pointer("/thinking/type").and_then(Value::as_str) {
+        Some("enabled") => match req.pointer("/thinking/budget_tokens").and_then(Value::as_u64) {
+            Some(b) if (1024..max_tokens).contains(&b) => true,
+            _ => {
+                return error(
+                    400,
+                    "invalid_request_error",
+                    "thinking.enabled.budget_tokens: must be at least 1024 and less than max_tokens",
+                );
+            }
+        },
+        _ => false,
+    };
     if req.get("temperature").is_some() && req.get("top_p").is_some() {
         return error(
             400,
@@ -82,38 +99,91 @@ async fn messages(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: B
     let (words, cut) = answer_words(&shared, Some(max_tokens));
     let stop_reason = if cut { "max_tokens" } else { "end_turn" };
     let output = words.len() as u64;
+    // With thinking enabled the answer opens with a thinking block, as documented.
+    let text_index = usize::from(thinking);
     if req["stream"] == true {
         let event =
             |name: &str, data: Value| Bytes::from(format!("event: {name}\ndata: {data}\n\n"));
-        let mut frames = vec![
-            event(
-                "message_start",
-                json!({"type": "message_start", "message": {"id": "msg_sim", "type": "message", "role": "assistant", "model": model, "content": [], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": input, "output_tokens": 1}}}),
-            ),
-            event(
-                "content_block_start",
-                json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
-            ),
-            event("ping", json!({"type": "ping"})),
-        ];
+        let mut frames = vec![event(
+            "message_start",
+            json!({"type": "message_start", "message": {"id": "msg_sim", "type": "message", "role": "assistant", "model": model, "content": [], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": input, "output_tokens": 1}}}),
+        )];
+        if thinking {
+            frames.push(event("content_block_start", json!({"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": ""}})));
+            for piece in fragments(THINKING, 8) {
+                frames.push(event("content_block_delta", json!({"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": piece}})));
+            }
+            frames.push(event("content_block_delta", json!({"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": SIGNATURE}})));
+            frames.push(event(
+                "content_block_stop",
+                json!({"type": "content_block_stop", "index": 0}),
+            ));
+        }
+        frames.push(event(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": text_index, "content_block": {"type": "text", "text": ""}}),
+        ));
+        frames.push(event("ping", json!({"type": "ping"})));
         for piece in pieces(&words) {
-            frames.push(event("content_block_delta", json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}})));
+            frames.push(event("content_block_delta", json!({"type": "content_block_delta", "index": text_index, "delta": {"type": "text_delta", "text": piece}})));
         }
         frames.push(event(
             "content_block_stop",
-            json!({"type": "content_block_stop", "index": 0}),
+            json!({"type": "content_block_stop", "index": text_index}),
         ));
         frames.push(event("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": null}, "usage": {"output_tokens": output}})));
         frames.push(event("message_stop", json!({"type": "message_stop"})));
         return stream_response(&shared, "text/event-stream; charset=utf-8", frames);
     }
+    let mut content = Vec::new();
+    if thinking {
+        content.push(json!({"type": "thinking", "thinking": THINKING, "signature": SIGNATURE}));
+    }
+    content.push(json!({"type": "text", "text": words.join(" ")}));
     json_response(
         200,
         json!({"id": "msg_sim", "type": "message", "role": "assistant", "model": model,
-               "content": [{"type": "text", "text": words.join(" ")}],
+               "content": content,
                "stop_reason": stop_reason, "stop_sequence": null,
                "usage": {"input_tokens": input, "output_tokens": output, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}),
     )
+}
+
+/// The reasoning of an answer with thinking enabled, and its signature.
+const THINKING: &str = "The caller wants an answer; twenty words will do.";
+const SIGNATURE: &str = "sig_sim_thinking";
+
+/// Content block types Anthropic documents for requests; any other is refused as Anthropic does.
+const BLOCK_TYPES: &[&str] = &[
+    "text",
+    "image",
+    "document",
+    "search_result",
+    "tool_use",
+    "tool_result",
+    "thinking",
+    "redacted_thinking",
+    "server_tool_use",
+    "web_search_tool_result",
+    "web_fetch_tool_result",
+    "code_execution_tool_result",
+    "bash_code_execution_tool_result",
+    "text_editor_code_execution_tool_result",
+    "mcp_tool_use",
+    "mcp_tool_result",
+    "container_upload",
+];
+
+/// Anthropic's refusal of the first content block of an unknown type.
+fn unknown_block(messages: &[Value]) -> Option<String> {
+    messages.iter().enumerate().find_map(|(i, m)| {
+        m["content"].as_array()?.iter().enumerate().find_map(|(j, b)| {
+            let kind = b["type"].as_str().unwrap_or_default();
+            (!BLOCK_TYPES.contains(&kind)).then(|| {
+                format!("messages.{i}.content.{j}: Input tag '{kind}' found using 'type' does not match any of the expected tags")
+            })
+        })
+    })
 }
 
 /// The tools this answer uses: the offered ones (the named one when `tool_choice` names one),
