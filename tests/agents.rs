@@ -329,6 +329,38 @@ fn anthropic_and_openai_sdks_on_every_provider() {
         call["id"]
     );
 
+    // An Anthropic-only Route passes Anthropic-only fields through untouched: the SDK's body but
+    // for `model` (its answers, thinking included, reached the SDK as sent: see the pytest).
+    for stream in ["False", "True"] {
+        let sent = find(&anthropic, &format!("passthrough-check stream={stream}"));
+        assert_eq!(sent["model"], "claude-sonnet-4-5");
+        assert_eq!(
+            sent["thinking"],
+            json!({"type": "enabled", "budget_tokens": 1024})
+        );
+        assert_eq!(sent["service_tier"], "standard_only");
+        assert_eq!(sent["cache_control"], json!({"type": "ephemeral"}));
+        assert_eq!(sent["tools"][0]["name"], "get_weather");
+        assert_eq!(sent["tools"][0]["cache_control"], json!({"type": "ephemeral"}));
+        assert_eq!(
+            sent["tools"][1],
+            json!({"type": "web_search_20250305", "name": "web_search", "max_uses": 1})
+        );
+        assert_eq!(
+            sent["messages"][0]["content"][0],
+            json!({"type": "document", "title": "passthrough-doc", "citations": {"enabled": true},
+                "source": {"type": "text", "media_type": "text/plain", "data": "Paris is the capital of France."}})
+        );
+        assert_eq!(
+            sent["messages"][1]["content"][0],
+            json!({"type": "thinking", "thinking": "Look it up.", "signature": "sig_earlier"})
+        );
+        assert_eq!(
+            sent["messages"][2]["content"][0],
+            json!({"type": "tool_result", "tool_use_id": "toolu_pt", "content": "no such city", "is_error": true})
+        );
+    }
+
     // Cache breakpoints reach Anthropic on their blocks, and never OpenAI.
     let cached = find(&anthropic, "cache-check system");
     assert_eq!(
@@ -397,7 +429,8 @@ fn bad_input_is_a_4xx_in_each_surfaces_own_shape() {
     let weather = json!({"name": "get_weather", "input_schema": {"type": "object"}});
     let anthropic: Vec<(&str, String, bool, u16, &str)> = vec![
         ("missing max_tokens", json!({"model": f.openai, "messages": hi}).to_string(), false, 400, "invalid_request_error"),
-        ("unknown block type", json!({"model": f.anthropic, "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "hologram"}]}]}).to_string(), false, 400, "invalid_request_error"),
+        // Translated Routes refuse it themselves (Anthropic refuses it on its own Routes).
+        ("unknown block type", json!({"model": f.openai, "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "hologram"}]}]}).to_string(), false, 400, "invalid_request_error"),
         ("malformed tool schema", json!({"model": f.openai, "max_tokens": 5, "messages": hi, "tools": [{"name": "f", "input_schema": {"type": "string"}}]}).to_string(), false, 400, "invalid_request_error"),
         ("tool without a name", json!({"model": f.openai, "max_tokens": 5, "messages": hi, "tools": [{"input_schema": {"type": "object"}}]}).to_string(), false, 400, "invalid_request_error"),
         ("server tool", json!({"model": f.openai, "max_tokens": 5, "messages": hi, "tools": [weather, {"type": "web_search_20250305", "name": "web_search"}]}).to_string(), false, 400, "invalid_request_error"),

@@ -177,3 +177,53 @@ def test_models_in_anthropics_shape(client, routes):
     assert client.models.retrieve(routes["anthropic"]).type == "model"
     with pytest.raises(anthropic.NotFoundError):
         client.models.retrieve("no-such-route")
+
+
+THINKING = "The caller wants an answer; twenty words will do."
+DOCUMENT = {
+    "type": "document",
+    "source": {"type": "text", "media_type": "text/plain", "data": "Paris is the capital of France."},
+    "title": "passthrough-doc",
+    "citations": {"enabled": True},
+}
+WEB_SEARCH = {"type": "web_search_20250305", "name": "web_search", "max_uses": 1}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_anthropic_only_fields_pass_through(client, routes, stream):
+    # tests/agents.rs checks that the simulated Anthropic received all of this untouched.
+    kwargs = dict(
+        model=routes["anthropic"],
+        max_tokens=2048,
+        thinking={"type": "enabled", "budget_tokens": 1024},
+        service_tier="standard_only",
+        tools=[{**WEATHER, "cache_control": {"type": "ephemeral"}}, WEB_SEARCH],
+        messages=[
+            {"role": "user", "content": [DOCUMENT, {"type": "text", "text": f"passthrough-check stream={stream}"}]},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "thinking", "thinking": "Look it up.", "signature": "sig_earlier"},
+                    {"type": "tool_use", "id": "toolu_pt", "name": "get_weather", "input": {"city": "Atlantis"}},
+                ],
+            },
+            {
+                "role": "user",
+                "content": [{"type": "tool_result", "tool_use_id": "toolu_pt", "content": "no such city", "is_error": True}],
+            },
+        ],
+        extra_body={"cache_control": {"type": "ephemeral"}},
+    )
+    if stream:
+        with client.messages.stream(**kwargs) as s:
+            kinds = [e.type for e in s]
+            final = s.get_final_message()
+        assert "thinking" in kinds and "signature" in kinds
+    else:
+        final = client.messages.create(**kwargs)
+    assert [b.type for b in final.content] == ["thinking", "text"]
+    assert final.content[0].thinking == THINKING
+    assert final.content[0].signature == "sig_sim_thinking"
+    assert final.content[1].text == ANSWER
+    assert final.stop_reason == "end_turn"
+    assert final.usage.output_tokens == 20 and final.usage.input_tokens > 0
