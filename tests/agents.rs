@@ -341,7 +341,10 @@ fn anthropic_and_openai_sdks_on_every_provider() {
         assert_eq!(sent["service_tier"], "standard_only");
         assert_eq!(sent["cache_control"], json!({"type": "ephemeral"}));
         assert_eq!(sent["tools"][0]["name"], "get_weather");
-        assert_eq!(sent["tools"][0]["cache_control"], json!({"type": "ephemeral"}));
+        assert_eq!(
+            sent["tools"][0]["cache_control"],
+            json!({"type": "ephemeral"})
+        );
         assert_eq!(
             sent["tools"][1],
             json!({"type": "web_search_20250305", "name": "web_search", "max_uses": 1})

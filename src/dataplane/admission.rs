@@ -259,9 +259,7 @@ fn completion_estimate(request: &LlmRequest) -> u64 {
         LlmRequest::Completions(c) => &c.params,
         LlmRequest::Embeddings(_) => return 0,
         LlmRequest::Native(n) => {
-            return n
-                .max_tokens
-                .map_or(DEFAULT_COMPLETION_ESTIMATE, u64::from);
+            return n.max_tokens.map_or(DEFAULT_COMPLETION_ESTIMATE, u64::from);
         }
     };
     let per_choice = params

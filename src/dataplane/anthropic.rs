@@ -116,10 +116,12 @@ async fn native(
 
 /// The caller's Messages body (without `model`) for a native call: only what the gateway itself
 /// reads is checked (`max_tokens` for budgets, `stream`); Anthropic judges the rest.
-pub fn native_request(mut body: Fields, headers: &HeaderMap) -> Result<NativeRequest, GatewayError> {
-    let max_tokens = take_count(&mut body, "max_tokens", 1, u32::MAX as u64)?.ok_or_else(|| {
-        GatewayError::bad_param("max_tokens", "'max_tokens' is required")
-    })?;
+pub fn native_request(
+    mut body: Fields,
+    headers: &HeaderMap,
+) -> Result<NativeRequest, GatewayError> {
+    let max_tokens = take_count(&mut body, "max_tokens", 1, u32::MAX as u64)?
+        .ok_or_else(|| GatewayError::bad_param("max_tokens", "'max_tokens' is required"))?;
     body.insert("max_tokens".into(), json!(max_tokens));
     let stream = take_bool(&mut body, "stream")?;
     if let Some(s) = stream {
@@ -261,7 +263,9 @@ pub async fn count_tokens(
             .filter_map(|k| body.get(*k))
             .map(prompt_chars)
             .sum();
-        return Ok(Json(json!({"input_tokens": tokens_for_chars(chars).max(1)})));
+        return Ok(Json(
+            json!({"input_tokens": tokens_for_chars(chars).max(1)}),
+        ));
     }
     let chat = parse(body, pass, false)?;
     Ok(Json(json!({"input_tokens": estimate_input(&chat)})))
@@ -1192,11 +1196,22 @@ mod tests {
         assert_eq!(Value::Object(native.body), sent);
         assert!(native.stream);
         assert_eq!(native.max_tokens, Some(2048));
-        assert_eq!(native.headers, [("anthropic-beta".to_string(), "b1".to_string())]);
+        assert_eq!(
+            native.headers,
+            [("anthropic-beta".to_string(), "b1".to_string())]
+        );
         // Text is counted; base64 data and signatures are not.
-        let counted = "text".len() * 2 + "abcd".len() + "ephemeral".len() + "user".len()
-            + "document".len() + "base64".len() + "application/pdf".len() + "12345678".len()
-            + "assistant".len() + "thinking".len() + "hm".len();
+        let counted = "text".len() * 2
+            + "abcd".len()
+            + "ephemeral".len()
+            + "user".len()
+            + "document".len()
+            + "base64".len()
+            + "application/pdf".len()
+            + "12345678".len()
+            + "assistant".len()
+            + "thinking".len()
+            + "hm".len();
         assert_eq!(native.prompt_chars, counted);
         let refused = |v: Value| {
             native_request(body(v), &HeaderMap::new())
@@ -1206,7 +1221,9 @@ mod tests {
         };
         let hi = json!([{"role": "user", "content": "hi"}]);
         assert!(refused(json!({"messages": hi})).contains("max_tokens"));
-        assert!(refused(json!({"max_tokens": 5, "messages": hi, "stream": "yes"})).contains("stream"));
+        assert!(
+            refused(json!({"max_tokens": 5, "messages": hi, "stream": "yes"})).contains("stream")
+        );
         assert!(refused(json!({"max_tokens": 5, "messages": []})).contains("messages"));
     }
 

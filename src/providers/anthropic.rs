@@ -1070,13 +1070,18 @@ mod tests {
         let cut = &STREAM[..STREAM.find("event: message_stop").unwrap_or(0)];
         let out = decode_native(cut.as_bytes(), 0).unwrap_or_else(|e| panic!("{e}"));
         assert!(out.iter().all(|d| d.finish_reason.is_none()));
-        assert!(out.last().is_some_and(|d| d.raw.is_none() && d.usage.is_some()));
+        assert!(
+            out.last()
+                .is_some_and(|d| d.raw.is_none() && d.usage.is_some())
+        );
         // Anthropic's error event fails the stream (the surface writes its own).
         let failed = decode_native(
             b"event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n",
             0,
         );
-        assert!(matches!(failed, Err(ProviderError::Upstream { status, .. }) if status.as_u16() == 529));
+        assert!(
+            matches!(failed, Err(ProviderError::Upstream { status, .. }) if status.as_u16() == 529)
+        );
     }
 
     proptest! {

@@ -67,7 +67,10 @@ async fn messages(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: B
     }
     // As documented: extended thinking needs a budget of at least 1024 tokens, below max_tokens.
     let thinking = match req.pointer("/thinking/type").and_then(Value::as_str) {
-        Some("enabled") => match req.pointer("/thinking/budget_tokens").and_then(Value::as_u64) {
+        Some("enabled") => match req
+            .pointer("/thinking/budget_tokens")
+            .and_then(Value::as_u64)
+        {
             Some(b) if (1024..max_tokens).contains(&b) => true,
             _ => {
                 return error(
