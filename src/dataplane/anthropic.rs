@@ -44,7 +44,7 @@ const TOP_K_PROVIDERS: &[Provider] = &[
 pub struct PassOn {
     /// Every backend reads `top_k`.
     pub top_k: bool,
-    /// Every backend is Anthropic: `metadata`, `anthropic-beta` and `cache_control` pass through.
+    /// Every backend is Anthropic: the whole request passes through (see `native`), untranslated.
     pub anthropic: bool,
 }
 
@@ -307,7 +307,7 @@ pub fn parse(mut body: Fields, pass: PassOn, generate: bool) -> Result<ChatReque
                 .into_iter()
                 .enumerate()
                 .map(|(i, b)| match block_type(&b) {
-                    Some("text") => text_part(&b, pass, &format!("system[{i}]")),
+                    Some("text") => text_part(&b, &format!("system[{i}]")),
                     _ => Err(bad(format!("system[{i}] must be a text block"))),
                 })
                 .collect::<Result<Vec<_>, _>>()?;
@@ -322,7 +322,7 @@ pub fn parse(mut body: Fields, pass: PassOn, generate: bool) -> Result<ChatReque
         Some(_) => return Err(bad("'messages' must be a list of messages")),
     };
     for (i, turn) in turns.into_iter().enumerate() {
-        push_turn(&mut messages, turn, pass, i)?;
+        push_turn(&mut messages, turn, i)?;
     }
     let mut extra = Map::new();
     let stop = match body.remove("stop_sequences") {
@@ -352,11 +352,8 @@ pub fn parse(mut body: Fields, pass: PassOn, generate: bool) -> Result<ChatReque
     }
     match body.remove("metadata") {
         None | Some(Value::Null) => {}
-        Some(Value::Object(m)) => {
-            if pass.anthropic {
-                extra.insert("metadata".into(), Value::Object(m));
-            }
-        }
+        // Only Anthropic reads it, and Anthropic-only Routes are not translated.
+        Some(Value::Object(_)) => {}
         Some(_) => return Err(bad("'metadata' must be an object")),
     }
     let tools = take_tools(&mut body)?;
@@ -401,18 +398,13 @@ fn block_type(block: &Value) -> Option<&str> {
     block.get("type").and_then(Value::as_str)
 }
 
-fn text_part(block: &Value, pass: PassOn, at: &str) -> Result<Value, GatewayError> {
+/// A text block as a text part (its `cache_control` only Anthropic reads).
+fn text_part(block: &Value, at: &str) -> Result<Value, GatewayError> {
     let text = block
         .get("text")
         .and_then(Value::as_str)
         .ok_or_else(|| bad(format!("{at}.text must be a string")))?;
-    let mut part = json!({"type": "text", "text": text});
-    if pass.anthropic
-        && let Some(cc) = block.get("cache_control")
-    {
-        part["cache_control"] = cc.clone();
-    }
-    Ok(part)
+    Ok(json!({"type": "text", "text": text}))
 }
 
 /// An Anthropic image block as an OpenAI `image_url` part (a `data:` URL for base64 sources).
@@ -451,12 +443,7 @@ fn image_part(block: &Value, at: &str) -> Result<Value, GatewayError> {
 /// One Messages turn as unified messages: an assistant turn's `tool_use` blocks become its
 /// `tool_calls`; a user turn's `tool_result` blocks become `tool` messages, placed first (the
 /// OpenAI shape wants them right after the call).
-fn push_turn(
-    out: &mut Vec<ChatMessage>,
-    turn: Value,
-    pass: PassOn,
-    i: usize,
-) -> Result<(), GatewayError> {
+fn push_turn(out: &mut Vec<ChatMessage>, turn: Value, i: usize) -> Result<(), GatewayError> {
     let at = format!("messages[{i}]");
     let Value::Object(mut turn) = turn else {
         return Err(bad(format!(
@@ -486,7 +473,7 @@ fn push_turn(
     for (j, block) in blocks.iter().enumerate() {
         let at = format!("{at}.content[{j}]");
         match (block_type(block), role.as_str()) {
-            (Some("text"), _) => parts.push(text_part(block, pass, &at)?),
+            (Some("text"), _) => parts.push(text_part(block, &at)?),
             (Some("image"), "user") => parts.push(image_part(block, &at)?),
             (Some("tool_use"), "assistant") => {
                 let id = block.get("id").and_then(Value::as_str);
@@ -979,27 +966,18 @@ mod tests {
         );
         assert_eq!(chat.extra["tool_choice"], "required");
         assert_eq!(chat.extra["parallel_tool_calls"], false);
-        // top_k and metadata only where every backend reads them.
+        // top_k only where every backend reads it; metadata never (only Anthropic reads it).
         assert!(chat.extra.get("top_k").is_none() && chat.extra.get("metadata").is_none());
-        let native = parse(
-            body(
-                json!({"max_tokens": 1, "top_k": 5, "metadata": {"user_id": "u"},
-                "system": [{"type": "text", "text": "S", "cache_control": {"type": "ephemeral"}}],
-                "messages": [{"role": "user", "content": "hi"}]}),
-            ),
+        let top_k = parse(
+            body(json!({"max_tokens": 1, "top_k": 5, "messages": [{"role": "user", "content": "hi"}]})),
             PassOn {
                 top_k: true,
-                anthropic: true,
+                anthropic: false,
             },
             true,
         )
         .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(native.extra["top_k"], 5);
-        assert_eq!(native.extra["metadata"], json!({"user_id": "u"}));
-        assert_eq!(
-            native.messages[0].content[0]["cache_control"],
-            json!({"type": "ephemeral"})
-        );
+        assert_eq!(top_k.extra["top_k"], 5);
     }
 
     #[test]
