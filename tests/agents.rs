@@ -399,6 +399,21 @@ fn anthropic_and_openai_sdks_on_every_provider() {
     // Both surfaces have their own label; the caller's token is never logged.
     let metrics = f.gw.metrics();
     assert!(metrics.contains("surface=\"anthropic\""), "{metrics}");
+    // The usage of Anthropic's untranslated answers and streams is still counted.
+    for kind in ["input", "output"] {
+        let counted = metrics.lines().any(|l| {
+            l.starts_with(&format!(
+                "gen_ai_client_token_usage_total{{route=\"{}\"",
+                f.anthropic
+            )) && l.contains(&format!("gen_ai_token_type=\"{kind}\""))
+                && !l.ends_with(" 0")
+        });
+        assert!(
+            counted,
+            "no {kind} tokens counted for {}: {metrics}",
+            f.anthropic
+        );
+    }
     assert!(metrics.contains("surface=\"responses\""), "{metrics}");
     let log = f.gw.log();
     assert!(!log.contains(&f.token) && !log.contains(SECRET));
