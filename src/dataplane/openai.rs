@@ -2,6 +2,7 @@
 //! The body's `model` names the route. The response shapes here are shared with the MLflow
 //! deployments surface, which speaks OpenAI's shapes on per-route paths.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -12,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 use http::{HeaderMap, HeaderValue, header};
+use serde::Serialize;
 use serde_json::{Map, Value, json};
 
 use super::AppState;
@@ -108,14 +110,14 @@ pub async fn respond(
         )));
     }
     let answer = forward::invoke(state, route, &request).await?;
-    Ok(Json(render(&answer, route)).into_response())
+    Ok(render(&answer, route))
 }
 
 /// A non-streaming answer in OpenAI's shape.
-pub fn render(answer: &LlmResponse, route: &ServingRoute) -> Value {
+pub fn render(answer: &LlmResponse, route: &ServingRoute) -> Response {
     match answer {
-        LlmResponse::Generation(g) => render_generation(g, route),
-        LlmResponse::Embeddings(e) => render_embeddings(e, route),
+        LlmResponse::Generation(g) => Json(render_generation(g, route)).into_response(),
+        LlmResponse::Embeddings(e) => Json(render_embeddings(e, route)).into_response(),
     }
 }
 
@@ -128,47 +130,135 @@ pub fn model_name<'a>(reported: &'a str, configured: &'a str) -> &'a str {
     }
 }
 
-fn render_generation(g: &Generation, route: &ServingRoute) -> Value {
+// Typed, borrowed answer shapes: serialised straight from the unified answer, no `Value` tree.
+#[derive(Serialize)]
+struct GenerationOut<'a> {
+    id: Cow<'a, str>,
+    object: &'static str,
+    created: i64,
+    model: &'a str,
+    choices: Vec<ChoiceOut<'a>>,
+    usage: &'a Usage,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum ChoiceOut<'a> {
+    Chat {
+        index: u32,
+        message: MessageOut<'a>,
+        finish_reason: Option<&'a str>,
+    },
+    Text {
+        index: u32,
+        text: &'a str,
+        finish_reason: Option<&'a str>,
+        logprobs: Option<()>,
+    },
+}
+
+/// An assistant message: role, content, then the provider's extra fields (role/content win).
+struct MessageOut<'a> {
+    content: Option<&'a str>,
+    extra: &'a Map<String, Value>,
+}
+
+impl Serialize for MessageOut<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(None)?;
+        map.serialize_entry("role", "assistant")?;
+        map.serialize_entry("content", &self.content)?;
+        for (k, v) in self.extra {
+            if k != "role" && k != "content" {
+                map.serialize_entry(k, v)?;
+            }
+        }
+        map.end()
+    }
+}
+
+fn render_generation<'a>(g: &'a Generation, route: &'a ServingRoute) -> GenerationOut<'a> {
     let chat = route.entry.route_type == RouteType::Chat;
-    let choices: Vec<Value> = g
+    let choices = g
         .choices
         .iter()
         .map(|c| {
             if chat {
-                let mut message = Map::new();
-                message.insert("role".into(), json!("assistant"));
                 // As OpenAI answers: a message that only calls tools has no content.
                 let content = if c.text.is_empty() && c.message_extra.contains_key("tool_calls") {
-                    Value::Null
+                    None
                 } else {
-                    json!(c.text)
+                    Some(c.text.as_str())
                 };
-                message.insert("content".into(), content);
-                message.extend(c.message_extra.clone());
-                json!({"index": c.index, "message": message, "finish_reason": c.finish_reason})
+                ChoiceOut::Chat {
+                    index: c.index,
+                    message: MessageOut {
+                        content,
+                        extra: &c.message_extra,
+                    },
+                    finish_reason: c.finish_reason.as_deref(),
+                }
             } else {
-                json!({"index": c.index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": null})
+                ChoiceOut::Text {
+                    index: c.index,
+                    text: &c.text,
+                    finish_reason: c.finish_reason.as_deref(),
+                    logprobs: None,
+                }
             }
         })
         .collect();
-    json!({
-        "id": if g.id.is_empty() { response_id(chat) } else { g.id.clone() },
-        "object": if chat { "chat.completion" } else { "text_completion" },
-        "created": g.created,
-        "model": model_name(&g.model, &route.entry.model),
-        "choices": choices,
-        "usage": usage_json(&g.usage),
-    })
+    GenerationOut {
+        id: if g.id.is_empty() {
+            Cow::Owned(response_id(chat))
+        } else {
+            Cow::Borrowed(&g.id)
+        },
+        object: if chat {
+            "chat.completion"
+        } else {
+            "text_completion"
+        },
+        created: g.created,
+        model: model_name(&g.model, &route.entry.model),
+        choices,
+        usage: &g.usage,
+    }
 }
 
-fn render_embeddings(e: &Embeddings, route: &ServingRoute) -> Value {
-    let data: Vec<Value> = e
+#[derive(Serialize)]
+struct EmbeddingsOut<'a> {
+    object: &'static str,
+    data: Vec<EmbeddingOut<'a>>,
+    model: &'a str,
+    usage: &'a Usage,
+}
+
+#[derive(Serialize)]
+struct EmbeddingOut<'a> {
+    object: &'static str,
+    index: usize,
+    embedding: &'a [f64],
+}
+
+fn render_embeddings<'a>(e: &'a Embeddings, route: &'a ServingRoute) -> EmbeddingsOut<'a> {
+    let data = e
         .data
         .iter()
         .enumerate()
-        .map(|(i, v)| json!({"object": "embedding", "index": i, "embedding": v}))
+        .map(|(i, v)| EmbeddingOut {
+            object: "embedding",
+            index: i,
+            embedding: v,
+        })
         .collect();
-    json!({"object": "list", "data": data, "model": model_name(&e.model, &route.entry.model), "usage": usage_json(&e.usage)})
+    EmbeddingsOut {
+        object: "list",
+        data,
+        model: model_name(&e.model, &route.entry.model),
+        usage: &e.usage,
+    }
 }
 
 pub fn usage_json(u: &Usage) -> Value {

@@ -214,13 +214,14 @@ pub(crate) const ALL_ROUTE_TYPES: &[RouteType] = &[
 pub(crate) fn post_json(
     url: String,
     headers: HeaderMap,
-    body: &serde_json::Value,
+    body: &impl serde::Serialize,
 ) -> UpstreamRequest {
     UpstreamRequest {
         method: Method::POST,
         url,
         headers,
-        body: Bytes::from(body.to_string()),
+        // Serialising JSON into memory cannot fail for these bodies (string keys only).
+        body: Bytes::from(serde_json::to_vec(body).unwrap_or_default()),
     }
 }
 

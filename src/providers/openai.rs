@@ -1,7 +1,7 @@
 //! OpenAI's Chat Completions, Completions and Embeddings APIs.
 
 use http::{HeaderMap, HeaderValue, StatusCode, header};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use super::sse::{SseDecoder, SseEvent, SseHandler};
@@ -40,7 +40,15 @@ impl ProviderAdapter for OpenAi {
         target: &Target,
         request: &LlmRequest,
     ) -> Result<UpstreamRequest, ProviderError> {
-        let (path, body) = request_body(&target.model, request);
+        let body = WireRequest {
+            model: &target.model,
+            request,
+        };
+        let path = match request {
+            LlmRequest::Chat(_) => "/chat/completions",
+            LlmRequest::Completions(_) => "/completions",
+            LlmRequest::Embeddings(_) => "/embeddings",
+        };
         let mut headers = bearer_headers(target)?;
         for (config_key, header_name) in [
             ("organization", "openai-organization"),
@@ -128,6 +136,79 @@ pub(super) fn request_body(model: &str, request: &LlmRequest) -> (&'static str, 
             ("/embeddings", Value::Object(body))
         }
     }
+}
+
+/// The same body as `request_body`, serialised straight from the request (no `Value` tree): the
+/// hot path. Fields the gateway sets win over the caller's extra fields of the same name.
+struct WireRequest<'a> {
+    model: &'a str,
+    request: &'a LlmRequest,
+}
+
+impl Serialize for WireRequest<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let (extra, params, stream) = match self.request {
+            LlmRequest::Chat(r) => (&r.extra, Some(&r.params), r.stream.stream),
+            LlmRequest::Completions(r) => (&r.extra, Some(&r.params), r.stream.stream),
+            LlmRequest::Embeddings(r) => (&r.extra, None, false),
+        };
+        let ours = |k: &str| {
+            matches!(k, "model" | "messages" | "prompt" | "input")
+                || (stream && matches!(k, "stream" | "stream_options"))
+                || params.is_some_and(|p| match k {
+                    "temperature" => p.temperature.is_some(),
+                    "top_p" => p.top_p.is_some(),
+                    "max_tokens" => p.max_tokens.is_some(),
+                    "stop" => p.stop.is_some(),
+                    "n" => p.n.is_some(),
+                    _ => false,
+                })
+        };
+        let mut map = s.serialize_map(None)?;
+        for (k, v) in extra.iter().filter(|(k, _)| !ours(k)) {
+            map.serialize_entry(k, v)?;
+        }
+        map.serialize_entry("model", self.model)?;
+        if let Some(p) = params {
+            if let Some(v) = &p.temperature {
+                map.serialize_entry("temperature", v)?;
+            }
+            if let Some(v) = &p.top_p {
+                map.serialize_entry("top_p", v)?;
+            }
+            if let Some(v) = &p.max_tokens {
+                map.serialize_entry("max_tokens", v)?;
+            }
+            if let Some(v) = &p.stop {
+                map.serialize_entry("stop", v)?;
+            }
+            if let Some(v) = &p.n {
+                map.serialize_entry("n", v)?;
+            }
+        }
+        if stream {
+            map.serialize_entry("stream", &true)?;
+            // Always ask for usage: token accounting needs it even when the caller did not.
+            map.serialize_entry(
+                "stream_options",
+                &IncludeUsage {
+                    include_usage: true,
+                },
+            )?;
+        }
+        match self.request {
+            LlmRequest::Chat(r) => map.serialize_entry("messages", &r.messages)?,
+            LlmRequest::Completions(r) => map.serialize_entry("prompt", &r.prompt)?,
+            LlmRequest::Embeddings(r) => map.serialize_entry("input", &r.input)?,
+        }
+        map.end()
+    }
+}
+
+#[derive(Serialize)]
+struct IncludeUsage {
+    include_usage: bool,
 }
 
 fn base_body(
