@@ -354,7 +354,7 @@ impl Limiter {
             self.metrics
                 .rate_limited
                 .get_or_create(&LimitLabels {
-                    route: route.name.clone(),
+                    route: route.name.to_string(),
                     limit: c.kind.as_str(),
                 })
                 .inc();

@@ -36,11 +36,11 @@ pub const ATTEMPTS_HEADER: HeaderName = HeaderName::from_static("x-portcullis-at
 #[derive(Default)]
 pub struct CallInfo {
     pub answered: Option<Answered>,
-    pub route: Option<String>,
+    pub route: Option<Arc<str>>,
     pub provider: Option<&'static str>,
     pub usage: Option<Usage>,
     pub consumer: Option<String>,
-    pub model: Option<String>,
+    pub model: Option<Arc<str>>,
     /// The OpenTelemetry GenAI operation name: chat, text_completion, embeddings.
     pub operation: Option<&'static str>,
     /// Passed on to the provider when no span of ours is exported.
@@ -122,7 +122,9 @@ pub async fn middleware(State(state): State<Arc<AppState>>, req: Request, next: 
     let id = request_id(&req);
     let surface = surface(req.uri().path());
     let method = req.method().clone();
-    let path = req.uri().path().to_string();
+    // A shared handle on the caller's URI (no copy of the path) for the log line.
+    let uri = req.uri().clone();
+    let path = uri.path();
     let span = request_span(&req, surface);
     let call = CallInfo {
         caller_traceparent: req.headers().get(TRACEPARENT).cloned(),
@@ -149,20 +151,25 @@ pub async fn middleware(State(state): State<Arc<AppState>>, req: Request, next: 
         .await;
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
-    let request_id = id.to_str().unwrap_or_default().to_string();
-    response.headers_mut().insert(REQUEST_ID, id);
     if let Some(a) = &call.answered {
         let headers = response.headers_mut();
         headers.insert(BACKEND_HEADER, a.header.clone());
-        headers.insert(ATTEMPTS_HEADER, HeaderValue::from(a.attempts));
+        headers.insert(ATTEMPTS_HEADER, attempts_header(a.attempts));
     }
+    response.headers_mut().insert(REQUEST_ID, id);
+    // Logged from the header just set: no copy of the id.
+    let request_id = response
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
     if surface == "health" {
         debug!(request_id, %method, path, status, "health check");
         return response;
     }
     let labels = RequestLabels {
-        route: call.route.clone().unwrap_or_default(),
-        gen_ai_provider_name: call.provider.unwrap_or_default().to_string(),
+        route: call.route.clone().unwrap_or_else(|| Arc::from("")),
+        gen_ai_provider_name: call.provider.unwrap_or_default(),
         surface,
         status,
     };
@@ -203,6 +210,16 @@ pub async fn middleware(State(state): State<Arc<AppState>>, req: Request, next: 
         "request"
     );
     response
+}
+
+/// The attempts header; the usual counts without formatting a number.
+fn attempts_header(n: u32) -> HeaderValue {
+    match n {
+        1 => HeaderValue::from_static("1"),
+        2 => HeaderValue::from_static("2"),
+        3 => HeaderValue::from_static("3"),
+        n => HeaderValue::from(n),
+    }
 }
 
 /// A server span for the request, only when traces are exported: span bookkeeping is not free.

@@ -8,11 +8,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::{Stream, StreamExt};
-use http::{HeaderMap, HeaderValue, header};
+use http::{HeaderValue, header};
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 
@@ -32,35 +32,23 @@ type Result<T, E = OpenAiError> = std::result::Result<T, E>;
 
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
+    req: Request,
 ) -> Result<Response> {
-    handle(&state, &headers, body, RouteType::Chat).await
+    handle(&state, req, RouteType::Chat).await
 }
 
-pub async fn completions(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response> {
-    handle(&state, &headers, body, RouteType::Completions).await
+pub async fn completions(State(state): State<Arc<AppState>>, req: Request) -> Result<Response> {
+    handle(&state, req, RouteType::Completions).await
 }
 
-pub async fn embeddings(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response> {
-    handle(&state, &headers, body, RouteType::Embeddings).await
+pub async fn embeddings(State(state): State<Arc<AppState>>, req: Request) -> Result<Response> {
+    handle(&state, req, RouteType::Embeddings).await
 }
 
-async fn handle(
-    state: &AppState,
-    headers: &HeaderMap,
-    body: Body,
-    route_type: RouteType,
-) -> Result<Response> {
-    let mut body = read_json_object(headers, body, state.body_limit).await?;
+/// Takes the whole request, not a `HeaderMap` extractor: that one clones the caller's headers.
+async fn handle(state: &AppState, req: Request, route_type: RouteType) -> Result<Response> {
+    let (parts, body) = req.into_parts();
+    let mut body = read_json_object(&parts.headers, body, state.body_limit).await?;
     let route = forward::lookup(state, &require_string(&mut body, "model")?, route_type).await?;
     let request = parse_request(route_type, body, &OPENAI)?;
     Ok(respond(state, &route, request, true).await?)

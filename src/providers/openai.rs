@@ -264,18 +264,11 @@ struct WireGeneration {
 struct WireChoice {
     #[serde(default)]
     index: u32,
-    message: Option<WireMessage>,
+    /// Read as a plain map (not a struct with a flattened rest): flattening buffers every field
+    /// twice. `content` is a string, or (Databricks reasoning models) a list of typed parts.
+    message: Option<Map<String, Value>>,
     text: Option<String>,
     finish_reason: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct WireMessage {
-    /// A string, or (Databricks reasoning models) a list of typed parts.
-    #[serde(default)]
-    content: Option<Value>,
-    #[serde(flatten)]
-    extra: Map<String, Value>,
 }
 
 #[derive(Deserialize)]
@@ -316,8 +309,8 @@ pub(super) fn parse_response(
                 .map(|c| {
                     let (text, message_extra) = match c.message {
                         Some(mut m) => {
-                            m.extra.remove("role");
-                            (content_text(m.content.as_ref()), m.extra)
+                            m.remove("role");
+                            (content_text(m.remove("content")), m)
                         }
                         None => (c.text.unwrap_or_default(), Map::new()),
                     };
@@ -341,9 +334,9 @@ pub(super) fn parse_response(
 }
 
 /// Text of a message `content`: the string, or the `text` parts of a list (reasoning parts skipped).
-fn content_text(content: Option<&Value>) -> String {
+fn content_text(content: Option<Value>) -> String {
     match content {
-        Some(Value::String(s)) => s.clone(),
+        Some(Value::String(s)) => s,
         Some(Value::Array(parts)) => parts
             .iter()
             .filter(|p| p.get("type").and_then(Value::as_str).unwrap_or("text") == "text")
@@ -495,7 +488,7 @@ impl SseHandler for OpenAiStream {
             let (role, text, tool_calls) = match (self.route_type, c.delta) {
                 (RouteType::Chat, Some(d)) => (
                     d.role,
-                    d.content.map(|v| content_text(Some(&v))),
+                    d.content.map(|v| content_text(Some(v))),
                     d.tool_calls
                         .unwrap_or_default()
                         .into_iter()

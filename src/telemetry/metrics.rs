@@ -3,6 +3,8 @@
 //! `gen_ai.client.operation.duration`, `gen_ai.client.token.usage`). Every label value comes from
 //! configuration (route names, providers, reasons) or a fixed set, never from request input.
 
+use std::sync::Arc;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -12,32 +14,32 @@ use prometheus_client::registry::{Registry, Unit};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    pub route: String,
-    pub gen_ai_provider_name: String,
+    pub route: Arc<str>,
+    pub gen_ai_provider_name: &'static str,
     pub surface: &'static str,
     pub status: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
-    pub route: String,
-    pub gen_ai_provider_name: String,
+    pub route: Arc<str>,
+    pub gen_ai_provider_name: &'static str,
     pub gen_ai_operation_name: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TokenLabels {
-    pub route: String,
-    pub gen_ai_provider_name: String,
-    pub gen_ai_request_model: String,
+    pub route: Arc<str>,
+    pub gen_ai_provider_name: &'static str,
+    pub gen_ai_request_model: Arc<str>,
     pub consumer: String,
     pub gen_ai_token_type: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
-    pub route: String,
-    pub gen_ai_provider_name: String,
+    pub route: Arc<str>,
+    pub gen_ai_provider_name: &'static str,
     pub error_type: &'static str,
 }
 
@@ -359,7 +361,7 @@ mod tests {
         m.requests
             .get_or_create(&RequestLabels {
                 route: "chat".into(),
-                gen_ai_provider_name: "openai".into(),
+                gen_ai_provider_name: "openai",
                 surface: "openai",
                 status: 200,
             })
