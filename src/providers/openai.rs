@@ -1,5 +1,7 @@
 //! OpenAI's Chat Completions, Completions and Embeddings APIs.
 
+use std::borrow::Cow;
+
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
@@ -7,8 +9,7 @@ use serde_json::{Map, Value, json};
 use super::sse::{SseDecoder, SseEvent, SseHandler};
 use super::{
     ALL_ROUTE_TYPES, API_KEY, CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder,
-    Target, UpstreamRequest, insert_secret, json_headers, malformed, normalize_finish_reason,
-    post_json,
+    Target, UpstreamRequest, json_headers, malformed, normalize_finish_reason, post_json,
 };
 use crate::api::{Provider, RouteType};
 use crate::llm::{
@@ -87,11 +88,17 @@ impl ProviderAdapter for OpenAi {
 pub(super) fn bearer_headers(target: &Target) -> Result<HeaderMap, ProviderError> {
     let mut headers = json_headers();
     if let Some(key) = target.credentials.get(API_KEY) {
-        insert_secret(
-            &mut headers,
-            header::AUTHORIZATION,
-            &format!("Bearer {key}"),
-        )?;
+        // Built in one buffer the header value takes over: no formatted copy of the key.
+        let mut value = bytes::BytesMut::with_capacity(7 + key.len());
+        value.extend_from_slice(b"Bearer ");
+        value.extend_from_slice(key.as_bytes());
+        let mut value = HeaderValue::from_maybe_shared(value.freeze()).map_err(|_| {
+            ProviderError::Unsupported(
+                "the credential holds characters not allowed in a header".into(),
+            )
+        })?;
+        value.set_sensitive(true);
+        headers.insert(header::AUTHORIZATION, value);
     }
     Ok(headers)
 }
@@ -249,26 +256,95 @@ impl From<WireUsage> for Usage {
 }
 
 #[derive(Deserialize)]
-struct WireGeneration {
+struct WireGeneration<'a> {
     #[serde(default)]
     id: String,
     #[serde(default)]
     created: Option<i64>,
     #[serde(default)]
     model: String,
-    choices: Vec<WireChoice>,
+    #[serde(borrow)]
+    choices: Vec<WireChoice<'a>>,
     usage: Option<WireUsage>,
 }
 
 #[derive(Deserialize)]
-struct WireChoice {
+struct WireChoice<'a> {
     #[serde(default)]
     index: u32,
-    /// Read as a plain map (not a struct with a flattened rest): flattening buffers every field
-    /// twice. `content` is a string, or (Databricks reasoning models) a list of typed parts.
-    message: Option<Map<String, Value>>,
+    message: Option<WireMessage>,
     text: Option<String>,
-    finish_reason: Option<String>,
+    /// Borrowed from the body: only its normalised word is kept.
+    #[serde(borrow)]
+    finish_reason: Option<Cow<'a, str>>,
+}
+
+/// An answer's message: `content` (a string, or, from Databricks reasoning models, a list of
+/// typed parts) and the fields beyond role/content. Read by hand, not as a struct with a
+/// flattened rest: flattening buffers every field twice, and `role` need not be kept at all.
+struct WireMessage {
+    content: Option<Value>,
+    extra: Map<String, Value>,
+}
+
+impl<'de> Deserialize<'de> for WireMessage {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = WireMessage;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a message object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<WireMessage, A::Error> {
+                let mut message = WireMessage {
+                    content: None,
+                    extra: Map::new(),
+                };
+                while let Some(key) = map.next_key::<MessageKey>()? {
+                    match key {
+                        MessageKey::Role => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                        }
+                        MessageKey::Content => message.content = map.next_value()?,
+                        MessageKey::Other(k) => {
+                            message.extra.insert(k, map.next_value()?);
+                        }
+                    }
+                }
+                Ok(message)
+            }
+        }
+        d.deserialize_map(Fields)
+    }
+}
+
+enum MessageKey {
+    Role,
+    Content,
+    Other(String),
+}
+
+impl<'de> Deserialize<'de> for MessageKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Key;
+        impl serde::de::Visitor<'_> for Key {
+            type Value = MessageKey;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_str<E: serde::de::Error>(self, k: &str) -> Result<MessageKey, E> {
+                Ok(match k {
+                    "role" => MessageKey::Role,
+                    "content" => MessageKey::Content,
+                    other => MessageKey::Other(other.to_owned()),
+                })
+            }
+        }
+        d.deserialize_identifier(Key)
+    }
 }
 
 #[derive(Deserialize)]
@@ -308,10 +384,7 @@ pub(super) fn parse_response(
                 .into_iter()
                 .map(|c| {
                     let (text, message_extra) = match c.message {
-                        Some(mut m) => {
-                            m.remove("role");
-                            (content_text(m.remove("content")), m)
-                        }
+                        Some(m) => (content_text(m.content), m.extra),
                         None => (c.text.unwrap_or_default(), Map::new()),
                     };
                     Choice {
