@@ -112,8 +112,12 @@ fn request_id(req: &Request) -> HeaderValue {
             static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
             let n = NEXT.fetch_add(1, Ordering::Relaxed);
             let pid = *PID.get_or_init(std::process::id);
-            HeaderValue::from_str(&format!("pc-{pid:08x}-{n}"))
-                .unwrap_or(HeaderValue::from_static("pc"))
+            // Formatted on the stack: the header value is then the only copy.
+            let mut buf = [0u8; 40];
+            let mut w = &mut buf[..];
+            let _ = std::io::Write::write_fmt(&mut w, format_args!("pc-{pid:08x}-{n}"));
+            let len = 40 - w.len();
+            HeaderValue::from_bytes(&buf[..len]).unwrap_or(HeaderValue::from_static("pc"))
         })
 }
 
