@@ -104,8 +104,32 @@ pub async fn respond(
 /// A non-streaming answer in OpenAI's shape.
 pub fn render(answer: &LlmResponse, route: &ServingRoute) -> Response {
     match answer {
-        LlmResponse::Generation(g) => Json(render_generation(g, route)).into_response(),
-        LlmResponse::Embeddings(e) => Json(render_embeddings(e, route)).into_response(),
+        LlmResponse::Generation(g) => {
+            let text: usize = g.choices.iter().map(|c| c.text.len() + 128).sum();
+            json_response(&render_generation(g, route), 256 + text)
+        }
+        LlmResponse::Embeddings(e) => {
+            let floats: usize = e.data.iter().map(|v| 64 + 24 * v.len()).sum();
+            json_response(&render_embeddings(e, route), 256 + floats)
+        }
+    }
+}
+
+/// `Json(value)`, written into a buffer sized for the answer: axum's starts at 128 bytes and
+/// regrows on every usual answer.
+fn json_response(value: &impl Serialize, size_hint: usize) -> Response {
+    let mut buf = BytesMut::with_capacity(size_hint).writer();
+    match serde_json::to_writer(&mut buf, value) {
+        Ok(()) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            buf.into_inner().freeze(),
+        )
+            .into_response(),
+        // Not reached for these shapes (string keys only); answers as `Json` would.
+        Err(_) => Json(value).into_response(),
     }
 }
 

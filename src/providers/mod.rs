@@ -220,9 +220,19 @@ pub(crate) fn post_json(
         method: Method::POST,
         url,
         headers,
-        // Serialising JSON into memory cannot fail for these bodies (string keys only).
-        body: Bytes::from(serde_json::to_vec(body).unwrap_or_default()),
+        body: Bytes::from(json_bytes(body)),
     }
+}
+
+/// A request body as JSON, in a buffer big enough for the usual request (`to_vec` starts at 128
+/// bytes and regrows).
+fn json_bytes(body: &impl serde::Serialize) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(512);
+    // Serialising JSON into memory cannot fail for these bodies (string keys only).
+    if serde_json::to_writer(&mut buf, body).is_err() {
+        buf.clear();
+    }
+    buf
 }
 
 /// An answer with a single choice, as from every provider without candidate counts.
