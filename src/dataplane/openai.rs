@@ -24,8 +24,8 @@ use super::forward::{self, ServingRoute};
 use super::request::{OPENAI, parse_request, require_string};
 use crate::api::RouteType;
 use crate::llm::{
-    Embeddings, Generation, LlmRequest, LlmResponse, StreamDelta, StreamOptions, ToolCallDelta,
-    Usage, unix_now,
+    Choice, Embeddings, Generation, LlmRequest, LlmResponse, StreamDelta, StreamOptions,
+    ToolCallDelta, Usage, unix_now,
 };
 
 type Result<T, E = OpenAiError> = std::result::Result<T, E>;
@@ -149,8 +149,20 @@ struct GenerationOut<'a> {
     object: &'static str,
     created: i64,
     model: &'a str,
-    choices: Vec<ChoiceOut<'a>>,
+    choices: ChoicesOut<'a>,
     usage: &'a Usage,
+}
+
+/// The choices, serialised one by one as they are rendered: no vector of rendered choices.
+struct ChoicesOut<'a> {
+    choices: &'a [Choice],
+    chat: bool,
+}
+
+impl Serialize for ChoicesOut<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_seq(self.choices.iter().map(|c| choice_out(c, self.chat)))
+    }
 }
 
 #[derive(Serialize)]
@@ -190,37 +202,38 @@ impl Serialize for MessageOut<'_> {
     }
 }
 
+fn choice_out(c: &Choice, chat: bool) -> ChoiceOut<'_> {
+    if chat {
+        // As OpenAI answers: a message that only calls tools has no content.
+        let content = if c.text.is_empty() && c.message_extra.contains_key("tool_calls") {
+            None
+        } else {
+            Some(c.text.as_str())
+        };
+        ChoiceOut::Chat {
+            index: c.index,
+            message: MessageOut {
+                content,
+                extra: &c.message_extra,
+            },
+            finish_reason: c.finish_reason.as_deref(),
+        }
+    } else {
+        ChoiceOut::Text {
+            index: c.index,
+            text: &c.text,
+            finish_reason: c.finish_reason.as_deref(),
+            logprobs: None,
+        }
+    }
+}
+
 fn render_generation<'a>(g: &'a Generation, route: &'a ServingRoute) -> GenerationOut<'a> {
     let chat = route.entry.route_type == RouteType::Chat;
-    let choices = g
-        .choices
-        .iter()
-        .map(|c| {
-            if chat {
-                // As OpenAI answers: a message that only calls tools has no content.
-                let content = if c.text.is_empty() && c.message_extra.contains_key("tool_calls") {
-                    None
-                } else {
-                    Some(c.text.as_str())
-                };
-                ChoiceOut::Chat {
-                    index: c.index,
-                    message: MessageOut {
-                        content,
-                        extra: &c.message_extra,
-                    },
-                    finish_reason: c.finish_reason.as_deref(),
-                }
-            } else {
-                ChoiceOut::Text {
-                    index: c.index,
-                    text: &c.text,
-                    finish_reason: c.finish_reason.as_deref(),
-                    logprobs: None,
-                }
-            }
-        })
-        .collect();
+    let choices = ChoicesOut {
+        choices: &g.choices,
+        chat,
+    };
     GenerationOut {
         id: if g.id.is_empty() {
             Cow::Owned(response_id(chat))

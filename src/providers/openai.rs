@@ -64,7 +64,7 @@ impl ProviderAdapter for OpenAi {
             }
         }
         Ok(post_json(
-            format!("{}{}", target.api_base, path),
+            [target.api_base.as_str(), path].concat(),
             headers,
             &body,
         ))
@@ -256,16 +256,59 @@ impl From<WireUsage> for Usage {
 }
 
 #[derive(Deserialize)]
-struct WireGeneration<'a> {
+struct WireGeneration {
     #[serde(default)]
     id: String,
     #[serde(default)]
     created: Option<i64>,
     #[serde(default)]
     model: String,
-    #[serde(borrow)]
-    choices: Vec<WireChoice<'a>>,
+    choices: Choices,
     usage: Option<WireUsage>,
+}
+
+/// The answer's choices, converted one by one as they are read: no vector of wire choices.
+struct Choices(Vec<Choice>);
+
+impl<'de> Deserialize<'de> for Choices {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Seq;
+        impl<'de> serde::de::Visitor<'de> for Seq {
+            type Value = Choices;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a list of choices")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Choices, A::Error> {
+                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(1).min(16));
+                while let Some(c) = seq.next_element::<WireChoice<'de>>()? {
+                    out.push(c.into_choice());
+                }
+                Ok(Choices(out))
+            }
+        }
+        d.deserialize_seq(Seq)
+    }
+}
+
+impl WireChoice<'_> {
+    fn into_choice(self) -> Choice {
+        let (text, message_extra) = match self.message {
+            Some(m) => (content_text(m.content), m.extra),
+            None => (self.text.unwrap_or_default(), Map::new()),
+        };
+        Choice {
+            index: self.index,
+            text,
+            finish_reason: self
+                .finish_reason
+                .as_deref()
+                .and_then(normalize_finish_reason),
+            message_extra,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -379,22 +422,7 @@ pub(super) fn parse_response(
         }
         RouteType::Chat | RouteType::Completions => {
             let wire: WireGeneration = serde_json::from_slice(body).map_err(malformed)?;
-            let choices = wire
-                .choices
-                .into_iter()
-                .map(|c| {
-                    let (text, message_extra) = match c.message {
-                        Some(m) => (content_text(m.content), m.extra),
-                        None => (c.text.unwrap_or_default(), Map::new()),
-                    };
-                    Choice {
-                        index: c.index,
-                        text,
-                        finish_reason: c.finish_reason.as_deref().and_then(normalize_finish_reason),
-                        message_extra,
-                    }
-                })
-                .collect();
+            let choices = wire.choices.0;
             Ok(LlmResponse::Generation(Generation {
                 id: wire.id,
                 created: wire.created.unwrap_or_else(unix_now),
