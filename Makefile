@@ -81,6 +81,8 @@ soak: control-plane
 crds:
 	$(CARGO) run --quiet -- crd > crds/route.yaml
 	cp crds/route.yaml deploy/base/crd.yaml
+	$(CARGO) run --quiet -- crd --team > crds/team.yaml
+	cp crds/team.yaml deploy/base/crd-team.yaml
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -378,9 +378,11 @@ def main():
         manifests += "---\n" + route_yaml("bench", "stream", "llm/v1/chat", base(stream_sim_port))
         manifests += "---\n" + route_yaml("bench", "slow", "llm/v1/chat", base(slow_sim_port))
         manifests += "---\n" + pool_yaml("bench", "pool", base(sim_port))
+        manifests += "---\n" + route_yaml("bench", "budget", "llm/v1/chat", base(sim_port)) + (
+            "  limits:\n  - renewalPeriod: day\n    usd: 1000000\n")
         kubectl.run("apply", "-f", "-", stdin=manifests)
         gw, gw_port = start_gateway("gateway", ["--namespace", "bench"])
-        for r in ("chat", "embed", "stream", "slow", "pool"):
+        for r in ("chat", "embed", "stream", "slow", "pool", "budget"):
             kubectl.run("wait", "-n", "bench", "--for=condition=Ready", f"route.portcullis.dev/{r}", "--timeout=30s")
 
         chat_body = json.dumps({"model": "chat", "messages": [{"role": "user", "content": "Say hello to the benchmark"}]})
@@ -450,6 +452,15 @@ def main():
         rps_key = lambda r: r["rps"]
         row("two backends, c=64", "throughput (req/s), one backend → two", f"{median_of(pairs, 0, rps_key):.0f}",
             f"{median_of(pairs, 1, rps_key):.0f}", f"{median_of(pairs, 1, rps_key) / median_of(pairs, 0, rps_key):.2f}×")
+
+        # 2c. The cost layer's healthy path: a Route with a USD budget (local store) against one without.
+        log("scenario 2c: USD budget vs none, concurrency 64")
+        budget_body = json.dumps({"model": "budget", "messages": [{"role": "user", "content": "Say hello to the benchmark"}]})
+        pairs = paired(max(3, args.reps - 2), lambda: cpu_c64(chat_body), lambda: cpu_c64(budget_body))
+        cost_cpu = median_diff(pairs, cpu_key)
+        row("USD budget, c=64", "gateway CPU per request (µs), no budget → a USD budget",
+            f"{median_of(pairs, 0, cpu_key):.1f}", f"{median_of(pairs, 1, cpu_key):.1f}", f"{cost_cpu:+.1f}", "≤ +2",
+            cost_cpu <= 2)
 
         # 3. Streaming chat, 20 chunks, concurrency 1.
         log("scenario 3: streaming chat (20 chunks, 2 ms apart), concurrency 1")

@@ -6,13 +6,16 @@
 pub mod access;
 pub mod api;
 pub mod controller;
+pub mod cost;
 pub mod dataplane;
 pub mod files;
 pub mod limits;
 pub mod llm;
 pub mod providers;
 pub mod server;
+pub mod spend;
 pub mod table;
+pub mod teams;
 pub mod telemetry;
 pub mod traffic;
 
@@ -20,6 +23,12 @@ pub mod traffic;
 pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
     use kube::CustomResourceExt;
     serde_yaml::to_string(&api::Route::crd())
+}
+
+/// The Team CRD manifest (`crds/team.yaml`).
+pub fn team_crd_yaml() -> Result<String, serde_yaml::Error> {
+    use kube::CustomResourceExt;
+    serde_yaml::to_string(&api::Team::crd())
 }
 
 #[cfg(test)]
@@ -33,6 +42,19 @@ mod tests {
             (
                 "deploy/base/crd.yaml",
                 include_str!("../deploy/base/crd.yaml"),
+            ),
+        ] {
+            assert!(
+                generated == checked_in,
+                "{path} is stale: run `make crds` and commit the result"
+            );
+        }
+        let generated = super::team_crd_yaml().unwrap();
+        for (path, checked_in) in [
+            ("crds/team.yaml", include_str!("../crds/team.yaml")),
+            (
+                "deploy/base/crd-team.yaml",
+                include_str!("../deploy/base/crd-team.yaml"),
             ),
         ] {
             assert!(

@@ -17,8 +17,11 @@ use parking_lot::Mutex;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tracing::{debug, info, warn};
 
+use crate::api::Limit;
 use crate::api::{LimitKey, RenewalPeriod};
+use crate::cost::Usd;
 use crate::table::RouteEntry;
+use crate::teams::TeamEntry;
 use crate::telemetry::metrics::{LimitLabels, Metrics};
 
 /// Longest wait for the shared store before a request is counted locally instead.
@@ -31,6 +34,8 @@ const STORE_RETRY: Duration = Duration::from_secs(1);
 pub enum Kind {
     Calls,
     Tokens,
+    /// A USD budget, counted in whole nanodollars (each call's cost rounded up).
+    Usd,
 }
 
 impl Kind {
@@ -38,17 +43,35 @@ impl Kind {
         match self {
             Kind::Calls => "calls",
             Kind::Tokens => "tokens",
+            Kind::Usd => "usd",
         }
     }
 }
 
-pub fn period_secs(period: RenewalPeriod) -> u64 {
-    match period {
-        RenewalPeriod::Second => 1,
-        RenewalPeriod::Minute => 60,
-        RenewalPeriod::Hour => 3600,
-        RenewalPeriod::Day => 86_400,
-    }
+/// What one call is counted as against a route's limits.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Charge {
+    /// Upstream calls (a fanned-out embeddings request makes several).
+    pub calls: u64,
+    /// Estimated tokens, settled to the real usage.
+    pub tokens: u64,
+    /// The most the call can cost, settled to its real cost; `None` when its price is unknown.
+    pub usd: Option<Usd>,
+    /// A stream, which a `truncate` budget admits with what is left of it (at least `usd_floor`)
+    /// and ends once that is spent.
+    pub stream: bool,
+    /// What the call costs before any output (its prompt).
+    pub usd_floor: Usd,
+}
+
+/// Nanodollars a budget counts for `usd`: rounded up, so rounding never lets spend through.
+pub fn usd_units(usd: Usd) -> u64 {
+    usd.0.div_ceil(1000)
+}
+
+/// A budget of `dollars` in the units `usd_units` counts.
+pub fn budget_units(dollars: f64) -> u64 {
+    Usd::from_dollars(dollars).map_or(0, usd_units)
 }
 
 fn period_word(period: RenewalPeriod) -> &'static str {
@@ -57,16 +80,114 @@ fn period_word(period: RenewalPeriod) -> &'static str {
         RenewalPeriod::Minute => "minute",
         RenewalPeriod::Hour => "hour",
         RenewalPeriod::Day => "day",
+        RenewalPeriod::Week => "week",
+        RenewalPeriod::Month => "month",
     }
 }
+
+const DAY: u64 = 86_400;
+
+/// The fixed window of `period` that Unix second `now` falls in: a number that identifies it and
+/// the Unix second it ends. Windows are aligned in UTC: days at midnight, weeks on Monday 00:00
+/// (ISO weeks), months on the 1st at 00:00.
+pub fn window(period: RenewalPeriod, now: u64) -> (u64, u64) {
+    let fixed = |len: u64| (now / len, (now / len + 1) * len);
+    match period {
+        RenewalPeriod::Second => fixed(1),
+        RenewalPeriod::Minute => fixed(60),
+        RenewalPeriod::Hour => fixed(3600),
+        RenewalPeriod::Day => fixed(DAY),
+        RenewalPeriod::Week => {
+            // 1970-01-01 was a Thursday: day 4 is the first Monday.
+            let week = (now / DAY + 3) / 7;
+            (week, (week * 7 + 4) * DAY)
+        }
+        RenewalPeriod::Month => {
+            let (y, m, _) = civil_from_days(now / DAY);
+            let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+            (y * 12 + (m - 1), days_from_civil(ny, nm, 1) * DAY)
+        }
+    }
+}
+
+/// (year, month 1-12, day 1-31) of a day counted from 1970-01-01 (H. Hinnant's algorithm).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + u64::from(m <= 2);
+    (y, m, d)
+}
+
+/// Days from 1970-01-01 to a date on or after it.
+fn days_from_civil(y: u64, m: u64, d: u64) -> u64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y / 400;
+    let yoe = y - era * 400;
+    let mp = if m > 2 { m - 3 } else { m + 9 };
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    (era * 146_097 + doe).saturating_sub(719_468)
+}
+
+/// A Unix second as RFC 3339 in UTC: `2026-12-01T00:00:00Z`.
+pub fn utc_text(secs: u64) -> String {
+    let (y, m, d) = civil_from_days(secs / DAY);
+    let s = secs % DAY;
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        s / 3600,
+        s / 60 % 60,
+        s % 60
+    )
+}
+
+/// Whose limits a counter belongs to, as refusals name it.
+#[derive(Clone, Debug)]
+struct Scope {
+    /// `route` or `team`.
+    what: &'static str,
+    /// The route's served name or the team's name: rate-limit messages and store keys.
+    name: String,
+    /// The route's `namespace/name` or the team's name: budget messages.
+    full: String,
+    /// The Route's namespace (a Team has none): where its alert Events go.
+    namespace: Option<String>,
+}
+
+/// A limit with `action: alert` crossed 80% or 100% of itself: told once per window.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LimitAlert {
+    /// `Route` or `Team`.
+    pub kind: &'static str,
+    pub namespace: Option<String>,
+    pub name: String,
+    pub percent: u64,
+    pub message: String,
+}
+
+/// Alerts waiting for the controller to publish them (bounded: a stuck publisher drops the oldest).
+const MAX_PENDING_ALERTS: usize = 1000;
 
 /// One counter a request touches.
 #[derive(Clone, Debug)]
 struct Counter {
+    scope: usize,
     key: String,
     kind: Kind,
     limit: u64,
     amount: u64,
+    /// The least amount that admits the call: `amount`, or less for a truncating stream, which is
+    /// charged what is left when that is below `amount`.
+    min: u64,
+    truncate: bool,
+    /// `action: alert`: counted, never refusing.
+    alert: bool,
     /// Unix seconds at which the window ends.
     reset_at: u64,
     period: RenewalPeriod,
@@ -89,35 +210,56 @@ pub struct RateLimited {
     pub retry_after: u64,
     pub requests: Option<WindowState>,
     pub tokens: Option<WindowState>,
+    /// The tightest USD budget, in nanodollars (`x-ratelimit-*-usd`).
+    pub usd: Option<WindowState>,
 }
 
 /// The counts a successful admission charged; settle it when the real token usage is known.
 pub struct Reservation {
     limiter: Arc<Limiter>,
     shared: bool,
-    /// Token counters and what was charged to them.
-    tokens: Vec<(String, u64, u64)>,
+    /// Token and USD counters: key, kind, what was charged, seconds left in the window.
+    charged: Vec<(String, Kind, u64, u64)>,
+    /// For a stream under `truncate` budgets: the USD (nanodollars) it may spend before it is
+    /// ended, and the budget that sets it.
+    allowance: Option<(u64, String)>,
 }
 
 impl std::fmt::Debug for Reservation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Reservation")
             .field("shared", &self.shared)
-            .field("token_counters", &self.tokens.len())
+            .field("counters", &self.charged.len())
             .finish()
     }
 }
 
 impl Reservation {
-    /// Replaces the up-front token charge with `used`. Never blocks: a shared store is updated in
-    /// the background.
+    /// The USD a truncatable stream may spend, when a `truncate` budget applies.
+    pub fn allowance(&self) -> Option<(Usd, &str)> {
+        self.allowance
+            .as_ref()
+            .map(|(n, budget)| (Usd(n.saturating_mul(1000)), budget.as_str()))
+    }
+
+    /// Replaces the up-front token charge with `used`, keeping any USD charge as reserved.
     pub fn settle(self, used: u64) {
+        self.settle_cost(used, None);
+    }
+
+    /// Replaces the up-front charges with `used` tokens and `cost` (`None`: unknown, the USD
+    /// reservation stands). Never blocks: a shared store is updated in the background.
+    pub fn settle_cost(self, used: u64, cost: Option<Usd>) {
         // Clamped before any signed arithmetic: a huge figure must charge, never wrap to a refund.
         let used = signed(used.min(crate::llm::MAX_REPORTED_TOKENS));
+        let cost = cost.map(|c| signed(usd_units(c)));
         let deltas: Vec<(String, i64, u64)> = self
-            .tokens
+            .charged
             .iter()
-            .map(|(key, charged, ttl)| (key.clone(), used.saturating_sub(signed(*charged)), *ttl))
+            .filter_map(|(key, kind, charged, ttl)| {
+                let real = if *kind == Kind::Usd { cost? } else { used };
+                Some((key.clone(), real.saturating_sub(signed(*charged)), *ttl))
+            })
             .filter(|(_, delta, _)| *delta != 0)
             .collect();
         if deltas.is_empty() {
@@ -150,11 +292,13 @@ fn signed(n: u64) -> i64 {
 #[derive(Default)]
 struct LocalCounters {
     counts: Mutex<HashMap<String, (u64, u64)>>,
+    /// Alerts already told this window: key -> the window's end.
+    told: Mutex<HashMap<String, u64>>,
 }
 
 impl LocalCounters {
     /// Checks every counter against `limit(c)` and charges all of them only if all pass.
-    fn admit(&self, counters: &[Counter], now: u64, divisor: u64) -> (Option<usize>, Vec<u64>) {
+    fn admit(&self, counters: &[Counter], now: u64, divisor: u64) -> Counted {
         let mut counts = self.counts.lock();
         if counts.len() > 100_000 {
             counts.retain(|_, (_, reset_at)| *reset_at > now);
@@ -169,20 +313,44 @@ impl LocalCounters {
         let violated = counters
             .iter()
             .zip(&current)
-            .position(|(c, n)| n.saturating_add(c.amount) > local_limit(c.limit, divisor));
+            .position(|(c, n)| n.saturating_add(c.min) > c.enforced(divisor));
         if violated.is_some() {
-            return (violated, current);
+            return Counted {
+                violated,
+                used: current,
+                charged: Vec::new(),
+            };
         }
-        let after = counters
+        let (used, charged) = counters
             .iter()
             .zip(current)
             .map(|(c, n)| {
-                let after = n.saturating_add(c.amount);
+                let charge = c.amount.min(c.enforced(divisor).saturating_sub(n));
+                let after = n.saturating_add(charge);
                 counts.insert(c.key.clone(), (after, c.reset_at));
-                after
+                (after, charge)
             })
-            .collect();
-        (None, after)
+            .unzip();
+        Counted {
+            violated: None,
+            used,
+            charged,
+        }
+    }
+
+    /// True the first time `key` is told in a window that ends at `reset_at`.
+    fn first_alert(&self, key: &str, reset_at: u64, now: u64) -> bool {
+        let mut told = self.told.lock();
+        if told.len() > 10_000 {
+            told.retain(|_, end| *end > now);
+        }
+        match told.get(key) {
+            Some(end) if *end > now => false,
+            _ => {
+                told.insert(key.to_string(), reset_at);
+                true
+            }
+        }
     }
 
     fn settle(&self, deltas: &[(String, i64, u64)]) {
@@ -195,27 +363,53 @@ impl LocalCounters {
     }
 }
 
+impl Counter {
+    /// The count past which this counter refuses: its share of the limit, or never for an alert.
+    fn enforced(&self, divisor: u64) -> u64 {
+        if self.alert {
+            // Within Redis's signed 64 bits.
+            i64::MAX as u64
+        } else {
+            local_limit(self.limit, divisor)
+        }
+    }
+}
+
 /// Each replica's share of a limit while counting alone.
 fn local_limit(limit: u64, divisor: u64) -> u64 {
     limit.div_ceil(divisor.max(1))
 }
 
+/// Per counter: limit, amount, least amount that admits, TTL. Replies `[0, count..., charged...]`
+/// when admitted, `[i, count...]` when counter i refuses.
 const ADMIT_SCRIPT: &str = r"
+local n = #KEYS
 local out = {0}
-for i = 1, #KEYS do
+for i = 1, n do
   local cur = tonumber(redis.call('GET', KEYS[i]) or '0')
   out[i + 1] = cur
-  if out[1] == 0 and cur + tonumber(ARGV[3 * i - 1]) > tonumber(ARGV[3 * i - 2]) then
+  if out[1] == 0 and cur + tonumber(ARGV[4 * i - 1]) > tonumber(ARGV[4 * i - 3]) then
     out[1] = i
   end
 end
 if out[1] ~= 0 then return out end
-for i = 1, #KEYS do
-  out[i + 1] = redis.call('INCRBY', KEYS[i], ARGV[3 * i - 1])
-  if redis.call('TTL', KEYS[i]) < 0 then redis.call('EXPIRE', KEYS[i], ARGV[3 * i]) end
+for i = 1, n do
+  local charge = math.min(tonumber(ARGV[4 * i - 2]), tonumber(ARGV[4 * i - 3]) - out[i + 1])
+  out[i + 1] = redis.call('INCRBY', KEYS[i], string.format('%d', charge))
+  out[n + i + 1] = charge
+  if redis.call('TTL', KEYS[i]) < 0 then redis.call('EXPIRE', KEYS[i], ARGV[4 * i]) end
 end
 return out
 ";
+
+/// What an admission found: the refusing counter if any, each counter's count, and (when
+/// admitted) what each was charged.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Counted {
+    violated: Option<usize>,
+    used: Vec<u64>,
+    charged: Vec<u64>,
+}
 
 const SETTLE_SCRIPT: &str = r"
 for i = 1, #KEYS do
@@ -239,8 +433,9 @@ impl SharedCounters {
         let mut call = self.admit.prepare_invoke();
         for c in counters {
             call.key(&c.key)
-                .arg(c.limit)
+                .arg(c.enforced(1))
                 .arg(c.amount)
+                .arg(c.min)
                 .arg(c.reset_at.saturating_sub(now).max(1));
         }
         call.invoke_async(&mut self.conn.clone()).await
@@ -270,6 +465,7 @@ pub struct Limiter {
     /// How many replicas share a limit when each counts alone.
     replicas: AtomicU32,
     metrics: Arc<Metrics>,
+    alerts: Mutex<std::collections::VecDeque<LimitAlert>>,
 }
 
 impl Limiter {
@@ -280,6 +476,7 @@ impl Limiter {
             shared: None,
             replicas: AtomicU32::new(replicas.max(1)),
             metrics,
+            alerts: Mutex::default(),
         }
     }
 
@@ -313,12 +510,122 @@ impl Limiter {
         Ok(limiter)
     }
 
+    /// The alerts crossed since the last call, for the controller to publish as Events.
+    pub fn take_alerts(&self) -> Vec<LimitAlert> {
+        self.alerts.lock().drain(..).collect()
+    }
+
+    fn tell(&self, alert: LimitAlert) {
+        warn!(
+            kind = alert.kind,
+            namespace = alert.namespace.as_deref().unwrap_or_default(),
+            name = %alert.name,
+            percent = alert.percent,
+            message = %alert.message,
+            "limit alert"
+        );
+        self.metrics
+            .cost
+            .alerts
+            .get_or_create(&crate::telemetry::metrics::AlertLabels {
+                kind: alert.kind,
+                name: match &alert.namespace {
+                    Some(ns) => format!("{ns}/{}", alert.name),
+                    None => alert.name.clone(),
+                },
+                percent: alert.percent,
+            })
+            .inc();
+        let mut pending = self.alerts.lock();
+        if pending.len() >= MAX_PENDING_ALERTS {
+            pending.pop_front();
+        }
+        pending.push_back(alert);
+    }
+
+    /// Alert counters whose admission crossed 80% or 100%: each crossing is told once per window
+    /// across replicas (a marker set only if absent in the shared store, or in this process).
+    fn check_alerts(
+        self: &Arc<Self>,
+        scopes: &[(Scope, &[Limit])],
+        counters: &[Counter],
+        counted: (&[u64], &[u64]),
+        shared: bool,
+        now: u64,
+    ) {
+        let divisor = if shared {
+            1
+        } else {
+            u64::from(self.replicas.load(Ordering::Relaxed))
+        };
+        for (c, (&after, &charge)) in counters
+            .iter()
+            .zip(counted.0.iter().zip(counted.1))
+            .filter(|(c, _)| c.alert)
+        {
+            let limit = local_limit(c.limit, divisor);
+            let before = after.saturating_sub(charge);
+            for percent in [80u64, 100] {
+                let threshold = limit.saturating_mul(percent).div_ceil(100);
+                if !(before < threshold && after >= threshold) {
+                    continue;
+                }
+                let owner = &scopes[c.scope].0;
+                let alert = LimitAlert {
+                    kind: if owner.what == "team" {
+                        "Team"
+                    } else {
+                        "Route"
+                    },
+                    namespace: owner.namespace.clone(),
+                    name: owner
+                        .full
+                        .rsplit('/')
+                        .next()
+                        .unwrap_or_default()
+                        .to_string(),
+                    percent,
+                    message: format!(
+                        "{} reached {percent}% (window ends {}); alert only, calls are not refused",
+                        limit_text(owner, c),
+                        utc_text(c.reset_at)
+                    ),
+                };
+                let marker = format!("{}:alert{percent}", c.key);
+                let ttl = c.reset_at.saturating_sub(now).max(1);
+                match (&self.shared, shared) {
+                    (Some(store), true) => {
+                        let (store, limiter) = (Arc::clone(store), Arc::clone(self));
+                        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                            runtime.spawn(async move {
+                                let mut cmd = redis::cmd("SET");
+                                cmd.arg(&marker).arg(1).arg("NX").arg("EX").arg(ttl);
+                                let mut conn = store.conn.clone();
+                                let set = cmd.query_async::<Option<String>>(&mut conn);
+                                if let Ok(Ok(Some(_))) =
+                                    tokio::time::timeout(STORE_TIMEOUT, set).await
+                                {
+                                    limiter.tell(alert);
+                                }
+                            });
+                        }
+                    }
+                    _ => {
+                        if self.local.first_alert(&marker, c.reset_at, now) {
+                            self.tell(alert);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     pub fn set_replicas(&self, replicas: u32) {
         self.replicas.store(replicas.max(1), Ordering::Relaxed);
     }
 
     /// Counts one call (and `tokens` estimated tokens) against every limit of `route`. `Ok(None)`
-    /// when the route has no token budget to settle.
+    /// when the route has no token or USD budget to settle.
     pub async fn admit(
         self: &Arc<Self>,
         route: &RouteEntry,
@@ -336,14 +643,73 @@ impl Limiter {
         calls: u64,
         tokens: u64,
     ) -> Result<Option<Reservation>, RateLimited> {
-        if route.limits.is_empty() {
+        self.admit_charge(
+            route,
+            consumer,
+            Charge {
+                calls,
+                tokens,
+                ..Charge::default()
+            },
+        )
+        .await
+    }
+
+    /// Counts `charge` against every limit of `route`, all or nothing.
+    pub async fn admit_charge(
+        self: &Arc<Self>,
+        route: &RouteEntry,
+        consumer: &str,
+        charge: Charge,
+    ) -> Result<Option<Reservation>, RateLimited> {
+        self.admit_with_teams(route, &[], consumer, charge).await
+    }
+
+    /// Counts `charge` against every limit of `route` and of each of the caller's `teams`, all
+    /// or nothing (one store round trip for all of them).
+    pub async fn admit_with_teams(
+        self: &Arc<Self>,
+        route: &RouteEntry,
+        teams: &[Arc<TeamEntry>],
+        consumer: &str,
+        charge: Charge,
+    ) -> Result<Option<Reservation>, RateLimited> {
+        if route.limits.is_empty() && teams.iter().all(|t| t.limits.is_empty()) {
             return Ok(None);
         }
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
-        let counters = counters(route, consumer, calls, tokens, now.as_secs());
-        let (violated, used, shared) = self.count(&counters, now).await;
+        let mut scopes = Vec::with_capacity(1 + teams.len());
+        scopes.push((
+            Scope {
+                what: "route",
+                name: route.name.to_string(),
+                full: route.qualified.clone(),
+                namespace: Some(route.namespace.clone()),
+            },
+            route.limits.as_slice(),
+        ));
+        for t in teams {
+            scopes.push((
+                Scope {
+                    what: "team",
+                    name: t.name.clone(),
+                    full: t.name.clone(),
+                    namespace: None,
+                },
+                t.limits.as_slice(),
+            ));
+        }
+        let counters = counters(&scopes, consumer, charge, now.as_secs());
+        let (
+            Counted {
+                violated,
+                used,
+                charged,
+            },
+            shared,
+        ) = self.count(&counters, now).await;
         let divisor = if shared {
             1
         } else {
@@ -355,31 +721,53 @@ impl Limiter {
                 .rate_limited
                 .get_or_create(&LimitLabels {
                     route: route.name.to_string(),
-                    limit: c.kind.as_str(),
+                    limit: match (c.scope, c.kind) {
+                        (0, kind) => kind.as_str(),
+                        (_, Kind::Calls) => "team-calls",
+                        (_, Kind::Tokens) => "team-tokens",
+                        (_, Kind::Usd) => "team-usd",
+                    },
                 })
                 .inc();
-            return Err(rejection(&route.name, &counters, &used, i, divisor, now));
+            return Err(rejection(
+                &scopes[c.scope].0,
+                &counters,
+                &used,
+                i,
+                divisor,
+                now,
+            ));
         }
-        let tokens: Vec<(String, u64, u64)> = counters
+        self.check_alerts(&scopes, &counters, (&used, &charged), shared, now.as_secs());
+        let allowance = counters
             .iter()
-            .filter(|c| c.kind == Kind::Tokens)
-            .map(|c| {
+            .zip(&charged)
+            .filter(|(c, _)| c.truncate)
+            .min_by_key(|(_, n)| **n)
+            .map(|(c, n)| (*n, limit_text(&scopes[c.scope].0, c)));
+        let charged: Vec<(String, Kind, u64, u64)> = counters
+            .iter()
+            .zip(charged)
+            .filter(|(c, _)| c.kind != Kind::Calls)
+            .map(|(c, n)| {
                 (
                     c.key.clone(),
-                    c.amount,
+                    c.kind,
+                    n,
                     c.reset_at.saturating_sub(now.as_secs()).max(1),
                 )
             })
             .collect();
-        Ok((!tokens.is_empty()).then(|| Reservation {
+        Ok((!charged.is_empty()).then(|| Reservation {
             limiter: Arc::clone(self),
             shared,
-            tokens,
+            charged,
+            allowance,
         }))
     }
 
-    /// Returns the violated counter (if any), the counts, and whether the shared store answered.
-    async fn count(&self, counters: &[Counter], now: Duration) -> (Option<usize>, Vec<u64>, bool) {
+    /// Counts in the shared store, or locally when it does not answer; true when it answered.
+    async fn count(&self, counters: &[Counter], now: Duration) -> (Counted, bool) {
         if let Some(shared) = &self.shared
             && now.as_millis() as u64 >= shared.retry_at.load(Ordering::Relaxed)
         {
@@ -391,8 +779,8 @@ impl Limiter {
                             "the shared limits store answers again; limits are shared by all replicas"
                         );
                     }
-                    let (violated, used) = store_reply(&reply, counters.len()).unwrap_or_default();
-                    return (violated, used, true);
+                    let counted = store_reply(&reply, counters.len()).unwrap_or_default();
+                    return (counted, true);
                 }
                 outcome => {
                     let error = match outcome {
@@ -416,64 +804,126 @@ impl Limiter {
             }
         }
         let divisor = u64::from(self.replicas.load(Ordering::Relaxed));
-        let (violated, used) = self.local.admit(counters, now.as_secs(), divisor);
-        (violated, used, false)
+        (self.local.admit(counters, now.as_secs(), divisor), false)
     }
 }
 
-/// The admit script's reply, checked: `[violated (1-based, 0 for none), count per counter...]`.
-/// Anything else (wrong length, an index out of range) is `None`, as if the store had failed.
-fn store_reply(reply: &[i64], counters: usize) -> Option<(Option<usize>, Vec<u64>)> {
-    let (&first, counts) = reply.split_first()?;
-    if counts.len() != counters {
-        return None;
-    }
+/// The admit script's reply, checked: `[0, count..., charged...]` or `[violated (1-based),
+/// count...]`. Anything else (wrong length, an index out of range) is `None`, as if the store had
+/// failed.
+fn store_reply(reply: &[i64], counters: usize) -> Option<Counted> {
+    let (&first, rest) = reply.split_first()?;
     let violated = match usize::try_from(first).ok()? {
         0 => None,
         i if i <= counters => Some(i - 1),
         _ => return None,
     };
-    let used = counts
-        .iter()
-        .map(|n| u64::try_from(*n).unwrap_or(0))
-        .collect();
-    Some((violated, used))
+    let expected = if violated.is_some() {
+        counters
+    } else {
+        2 * counters
+    };
+    if rest.len() != expected {
+        return None;
+    }
+    let figures =
+        |s: &[i64]| -> Vec<u64> { s.iter().map(|n| u64::try_from(*n).unwrap_or(0)).collect() };
+    Some(Counted {
+        violated,
+        used: figures(&rest[..counters]),
+        charged: figures(&rest[counters..]),
+    })
 }
 
 /// The counters a call touches, in the order of the Route's limits.
-fn counters(route: &RouteEntry, consumer: &str, calls: u64, tokens: u64, now: u64) -> Vec<Counter> {
-    let mut out = Vec::with_capacity(route.limits.len() * 2);
-    for (i, limit) in route.limits.iter().enumerate() {
-        let period = period_secs(limit.renewal_period);
-        let window = now / period;
+fn counters(
+    scopes: &[(Scope, &[Limit])],
+    consumer: &str,
+    charge: Charge,
+    now: u64,
+) -> Vec<Counter> {
+    let mut out = Vec::with_capacity(scopes.iter().map(|s| s.1.len()).sum::<usize>() * 2);
+    for (scope, (owner, limits)) in scopes.iter().enumerate() {
+        push_counters(&mut out, scope, owner, limits, consumer, charge, now);
+    }
+    out
+}
+
+fn push_counters(
+    out: &mut Vec<Counter>,
+    scope: usize,
+    owner: &Scope,
+    limits: &[Limit],
+    consumer: &str,
+    charge: Charge,
+    now: u64,
+) {
+    // Team keys cannot collide with route keys: a route's served name never contains ':'.
+    let prefix = match owner.what {
+        "team" => format!("portcullis:team:{}", owner.name),
+        _ => format!("portcullis:{}", owner.name),
+    };
+    for (i, limit) in limits.iter().enumerate() {
+        let (window, reset_at) = window(limit.renewal_period, now);
         let per_consumer = limit.key == LimitKey::Consumer;
         let who = if per_consumer { consumer } else { "*" };
         for (kind, max, amount) in [
-            (Kind::Calls, limit.calls, calls.max(1)),
+            (Kind::Calls, limit.calls, charge.calls.max(1)),
             // Never charge more than the whole budget, or a large max_tokens could never pass.
-            (Kind::Tokens, limit.tokens, tokens.max(1)),
+            (Kind::Tokens, limit.tokens, charge.tokens.max(1)),
+            // A price is known wherever a USD budget applies (reconcile sees to it).
+            (
+                Kind::Usd,
+                limit.usd.map(budget_units),
+                charge.usd.map_or(0, usd_units),
+            ),
         ] {
             let Some(max) = max else { continue };
+            let amount = amount.min(max);
+            let alert = limit.action == Some(crate::api::LimitAction::Alert);
+            let truncate = !alert
+                && kind == Kind::Usd
+                && charge.stream
+                && limit.on_exceed == Some(crate::api::OnExceed::Truncate);
             out.push(Counter {
-                key: format!(
-                    "portcullis:{}:{i}:{}:{who}:{window}",
-                    route.name,
-                    kind.as_str()
-                ),
+                scope,
+                key: format!("{prefix}:{i}:{}:{who}:{window}", kind.as_str()),
                 kind,
                 limit: max,
-                amount: amount.min(max),
-                reset_at: (window + 1) * period,
+                amount,
+                // A truncating stream starts while its prompt (at least a nanodollar) fits.
+                min: if truncate {
+                    usd_units(charge.usd_floor).clamp(1, amount.max(1))
+                } else {
+                    amount
+                },
+                truncate,
+                alert,
+                reset_at,
                 period: limit.renewal_period,
                 per_consumer,
             });
         }
     }
-    out
+}
+
+/// `route ns/name: $1.00 per day`, `team t: 100 calls per hour per consumer`.
+fn limit_text(owner: &Scope, c: &Counter) -> String {
+    let amount = match c.kind {
+        Kind::Usd => format!("${}", Usd(c.limit.saturating_mul(1000)).format(2)),
+        kind => format!("{} {}", c.limit, kind.as_str()),
+    };
+    format!(
+        "{} {}: {amount} per {}{}",
+        owner.what,
+        owner.full,
+        period_word(c.period),
+        if c.per_consumer { " per consumer" } else { "" }
+    )
 }
 
 fn rejection(
-    route: &str,
+    owner: &Scope,
     counters: &[Counter],
     used: &[u64],
     violated: usize,
@@ -495,23 +945,39 @@ fn rejection(
             return Some(state(violated));
         }
         (0..counters.len())
-            .filter(|i| counters[*i].kind == kind)
+            .filter(|i| counters[*i].kind == kind && !counters[*i].alert)
             .map(state)
             .min_by_key(|s| s.remaining)
     };
     let c = &counters[violated];
     let s = state(violated);
-    RateLimited {
-        message: format!(
-            "rate limit exceeded for route {route}: {} {} per {}{}",
-            s.limit,
-            c.kind.as_str(),
-            period_word(c.period),
-            if c.per_consumer { " per consumer" } else { "" }
+    let per = format!(
+        "per {}{}",
+        period_word(c.period),
+        if c.per_consumer { " per consumer" } else { "" }
+    );
+    let message = match c.kind {
+        Kind::Usd => format!(
+            "USD budget exceeded for {} {}: ${} {per}, resets {}",
+            owner.what,
+            owner.full,
+            Usd(s.limit.saturating_mul(1000)).format(2),
+            utc_text(c.reset_at)
         ),
+        kind => format!(
+            "rate limit exceeded for {} {}: {} {} {per}",
+            owner.what,
+            owner.name,
+            s.limit,
+            kind.as_str(),
+        ),
+    };
+    RateLimited {
+        message,
         retry_after: s.reset.as_secs_f64().ceil().max(1.0) as u64,
         requests: pick(Kind::Calls),
         tokens: pick(Kind::Tokens),
+        usd: pick(Kind::Usd),
     }
 }
 
@@ -532,7 +998,10 @@ mod tests {
             renewal_period: RenewalPeriod::Day,
             calls,
             tokens,
+            usd: None,
             key,
+            on_exceed: None,
+            action: None,
         }
     }
 
@@ -632,13 +1101,169 @@ mod tests {
 
     #[test]
     fn store_replies_out_of_range_are_refused_not_trusted() {
-        assert_eq!(store_reply(&[0, 5, 7], 2), Some((None, vec![5, 7])));
-        assert_eq!(store_reply(&[2, 5, -7], 2), Some((Some(1), vec![5, 0])));
+        assert_eq!(
+            store_reply(&[0, 5, 7, 1, 2], 2),
+            Some(Counted {
+                violated: None,
+                used: vec![5, 7],
+                charged: vec![1, 2]
+            })
+        );
+        assert_eq!(
+            store_reply(&[2, 5, -7], 2),
+            Some(Counted {
+                violated: Some(1),
+                used: vec![5, 0],
+                charged: vec![]
+            })
+        );
+        assert_eq!(store_reply(&[0, 5, 7], 2), None, "admitted without charges");
         assert_eq!(store_reply(&[3, 5, 7], 2), None, "index past the counters");
         assert_eq!(store_reply(&[-1, 5, 7], 2), None);
         assert_eq!(store_reply(&[i64::MAX, 5, 7], 2), None);
         assert_eq!(store_reply(&[0, 5], 2), None);
         assert_eq!(store_reply(&[], 0), None);
+    }
+
+    #[test]
+    fn calendar_windows_are_aligned_in_utc() {
+        // 2026-11-30T09:00:00Z, a Monday.
+        let now = 1_796_029_200;
+        assert_eq!(utc_text(now), "2026-11-30T09:00:00Z");
+        let (_, end) = window(RenewalPeriod::Day, now);
+        assert_eq!(utc_text(end), "2026-12-01T00:00:00Z");
+        let (week, end) = window(RenewalPeriod::Week, now);
+        assert_eq!(utc_text(end), "2026-12-07T00:00:00Z");
+        // Sunday night is still the same ISO week; Monday 00:00 starts the next.
+        assert_eq!(window(RenewalPeriod::Week, end - 1).0, week);
+        assert_eq!(window(RenewalPeriod::Week, end).0, week + 1);
+        let (month, end) = window(RenewalPeriod::Month, now);
+        assert_eq!(utc_text(end), "2026-12-01T00:00:00Z");
+        let (next, end2) = window(RenewalPeriod::Month, end);
+        assert_eq!(next, month + 1);
+        assert_eq!(utc_text(end2), "2027-01-01T00:00:00Z");
+        // Leap February.
+        let feb = 1_709_251_199; // 2024-02-29T23:59:59Z
+        assert_eq!(utc_text(feb), "2024-02-29T23:59:59Z");
+        assert_eq!(
+            utc_text(window(RenewalPeriod::Month, feb).1),
+            "2024-03-01T00:00:00Z"
+        );
+        assert_eq!(utc_text(0), "1970-01-01T00:00:00Z");
+        assert_eq!(
+            utc_text(window(RenewalPeriod::Week, 0).1),
+            "1970-01-05T00:00:00Z"
+        );
+    }
+
+    fn usd_limit(dollars: f64) -> Limit {
+        Limit {
+            usd: Some(dollars),
+            ..limit(None, None, LimitKey::Route)
+        }
+    }
+
+    fn charge(cents: u64) -> Charge {
+        Charge {
+            calls: 1,
+            tokens: 1,
+            usd: Some(Usd(cents * 10_000_000_000)),
+            ..Charge::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn usd_budgets_reserve_settle_and_name_the_budget() {
+        let limiter = Arc::new(Limiter::local(Arc::new(Metrics::new()), 1));
+        let route = entry(vec![usd_limit(1.0)]);
+        // 100 calls reserving a cent each fit in a dollar, the 101st does not.
+        let mut held = Vec::new();
+        for _ in 0..100 {
+            held.push(
+                limiter
+                    .admit_charge(&route, "", charge(1))
+                    .await
+                    .unwrap()
+                    .unwrap(),
+            );
+        }
+        let refused = limiter
+            .admit_charge(&route, "", charge(1))
+            .await
+            .unwrap_err();
+        assert!(
+            refused
+                .message
+                .starts_with("USD budget exceeded for route ns/r: $1.00 per day, resets "),
+            "{}",
+            refused.message
+        );
+        assert!(
+            refused.message.ends_with("T00:00:00Z"),
+            "{}",
+            refused.message
+        );
+        let usd = refused.usd.unwrap();
+        assert_eq!((usd.limit, usd.remaining), (1_000_000_000, 0));
+        // Settling below the reservation frees the difference; unknown cost keeps the reservation.
+        held.pop().unwrap().settle_cost(0, Some(Usd(4_000_000_000)));
+        held.pop().unwrap().settle_cost(0, None);
+        let r = limiter
+            .admit_charge(&route, "", charge(0))
+            .await
+            .unwrap()
+            .unwrap();
+        r.settle_cost(0, Some(Usd(6_000_000_000)));
+        let refused = limiter
+            .admit_charge(
+                &route,
+                "",
+                Charge {
+                    usd: Some(Usd(1)),
+                    ..charge(0)
+                },
+            )
+            .await;
+        assert!(refused.is_err(), "exactly $1.00 spent");
+        // A reservation larger than the whole budget is charged the budget, not refused forever.
+        let fresh = entry(vec![Limit {
+            key: LimitKey::Consumer,
+            ..usd_limit(0.5)
+        }]);
+        assert!(limiter.admit_charge(&fresh, "x", charge(500)).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn alert_limits_never_refuse_and_tell_each_crossing_once() {
+        let limiter = Arc::new(Limiter::local(Arc::new(Metrics::new()), 1));
+        let route = entry(vec![Limit {
+            action: Some(crate::api::LimitAction::Alert),
+            ..usd_limit(0.05)
+        }]);
+        for _ in 0..10 {
+            let r = limiter
+                .admit_charge(&route, "", charge(1))
+                .await
+                .unwrap()
+                .unwrap();
+            r.settle_cost(0, Some(Usd(10_000_000_000)));
+        }
+        let alerts = limiter.take_alerts();
+        assert_eq!(
+            alerts.iter().map(|a| a.percent).collect::<Vec<_>>(),
+            [80, 100],
+            "{alerts:?}"
+        );
+        assert_eq!(alerts[0].kind, "Route");
+        assert_eq!(alerts[0].namespace.as_deref(), Some("ns"));
+        assert!(
+            alerts[1]
+                .message
+                .starts_with("route ns/r: $0.05 per day reached 100%"),
+            "{}",
+            alerts[1].message
+        );
+        assert!(limiter.take_alerts().is_empty());
     }
 
     #[test]

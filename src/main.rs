@@ -38,8 +38,13 @@ enum Command {
     Serve(Box<files::serve::ServeArgs>),
     /// Print Route and Secret manifests converted from an MLflow gateway or LiteLLM proxy config.
     Import(files::import::ImportArgs),
-    /// Print the Route CRD as YAML.
-    Crd,
+    /// Print what each USD budget has spent in its current window, read from the shared limits store.
+    Spend(portcullis::spend::SpendArgs),
+    /// Print the Route CRD (or with `--team` the Team CRD) as YAML.
+    Crd {
+        #[arg(long)]
+        team: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -93,6 +98,14 @@ struct RunArgs {
     /// This replica's identity in the Lease and in Events (defaults to the pod name).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// ConfigMap (in the pod's namespace) whose `prices.yaml` holds cluster-wide prices over the
+    /// built-in catalog, in the catalog's format; empty: none.
+    #[arg(
+        long,
+        env = "PORTCULLIS_PRICING_CONFIGMAP",
+        default_value = "portcullis-pricing"
+    )]
+    pricing_configmap: String,
     /// Take N from the ready endpoints of this Service (in the pod's namespace) instead of --replicas.
     #[arg(long, env = "PORTCULLIS_REPLICAS_SERVICE")]
     replicas_service: Option<String>,
@@ -101,7 +114,11 @@ struct RunArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Crd => match portcullis::crd_yaml() {
+        Command::Crd { team } => match if team {
+            portcullis::team_crd_yaml()
+        } else {
+            portcullis::crd_yaml()
+        } {
             Ok(yaml) => {
                 print!("{yaml}");
                 ExitCode::SUCCESS
@@ -111,6 +128,29 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Spend(args) => {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(portcullis::spend::run(&args)) {
+                Ok(table) => {
+                    print!("{table}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Run(args) => {
             let (format, otlp) = (
                 args.dataplane.log_format,
@@ -251,6 +291,8 @@ async fn run(args: RunArgs) -> Result<(), StartError> {
         instance: identity,
         leader,
         policy,
+        pricing: (!args.pricing_configmap.is_empty())
+            .then(|| (args.lease_namespace.clone(), args.pricing_configmap.clone())),
     };
     let controller = tokio::spawn({
         let stop = stop_controller.clone();
@@ -263,6 +305,7 @@ async fn run(args: RunArgs) -> Result<(), StartError> {
                     ready: handles.ready,
                     metrics: handles.metrics,
                     api_keys: handles.api_keys,
+                    limits: Some(handles.limits),
                 },
                 stop,
             )

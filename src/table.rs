@@ -11,6 +11,7 @@ use arc_swap::ArcSwap;
 use http::HeaderValue;
 
 use crate::api::{AccessRule, Limit, LimitKey, Provider, Reason, RenewalPeriod, RouteType};
+use crate::cost::Price;
 use crate::providers::{ProviderAdapter, Target};
 use crate::telemetry::metrics::{BackendMetrics, Metrics};
 use crate::traffic::{BackendHealth, Candidate, TrafficPolicy};
@@ -23,6 +24,8 @@ pub struct RoutingTable {
     by_name: HashMap<String, Arc<RouteEntry>>,
     /// Sorted by name, for listings and paging.
     sorted: Vec<Arc<RouteEntry>>,
+    /// Every Team, by member: their limits hold across all routes.
+    pub teams: Arc<crate::teams::Teams>,
 }
 
 /// A Route that owns its public name (it won any name conflict).
@@ -111,6 +114,9 @@ pub struct Backends {
     /// Sorted by priority, in spec order within one; only backends that resolved.
     pub list: Vec<Backend>,
     pub policy: TrafficPolicy,
+    /// The highest price of each kind among the backends (what a call reserves against a USD
+    /// budget before its backend is chosen); `None` when any backend's price is unknown.
+    pub max_price: Option<Price>,
 }
 
 /// One resolved backend, with everything the hot path needs computed once.
@@ -124,6 +130,8 @@ pub struct Backend {
     /// Identifies the backend across table rebuilds; its health carries over while this is unchanged.
     pub key: String,
     pub health: Arc<BackendHealth>,
+    /// What a call costs here, resolved when the table is built; `None`: unknown (never zero).
+    pub price: Option<Price>,
     metrics: OnceLock<BackendMetrics>,
 }
 
@@ -143,6 +151,7 @@ impl Backend {
             priority,
             key,
             health: Arc::default(),
+            price: None,
             metrics: OnceLock::new(),
         }
     }
@@ -187,7 +196,11 @@ impl RoutingTable {
             by_name.insert(e.qualified.clone(), Arc::clone(e));
             by_name.insert(e.name.to_string(), Arc::clone(e));
         }
-        RoutingTable { by_name, sorted }
+        RoutingTable {
+            by_name,
+            sorted,
+            teams: Arc::default(),
+        }
     }
 
     pub fn shared(self) -> SharedTable {

@@ -35,6 +35,8 @@ struct Fixture {
     throttled: String,
     /// Two backends, the first unreachable.
     resilient: String,
+    /// A USD budget already spent: every call is refused with the budget message.
+    broke: String,
     all: Vec<String>,
 }
 
@@ -82,6 +84,7 @@ fn fixture() -> &'static Fixture {
             (name("limited"), name("slow"), name("faulty"), name("dead"));
         let throttled = name("throttled");
         let resilient = name("resilient");
+        let broke = name("broke");
         let calls_limit =
             "  limits:\n    - renewalPeriod: day\n      tokens: 5000\n    - renewalPeriod: minute\n      calls: 100\n";
         let mut docs = vec![
@@ -100,6 +103,14 @@ fn fixture() -> &'static Fixture {
                 "llm/v1/chat",
                 &sim.openai_base(),
                 "  limits:\n    - renewalPeriod: second\n      calls: 1\n",
+            ),
+            // One call at the catalog's gpt-4o-mini price ($0.0000123) spends more than the budget.
+            route(
+                &ns,
+                &broke,
+                "llm/v1/chat",
+                &sim.openai_base(),
+                "  limits:\n    - renewalPeriod: month\n      usd: 0.000001\n",
             ),
             // Its OpenAI backend refuses every connection: every call falls back to Anthropic.
             route_yaml(&ns, &resilient, {
@@ -129,6 +140,7 @@ fn fixture() -> &'static Fixture {
             dead.clone(),
             throttled.clone(),
             resilient.clone(),
+            broke.clone(),
         ];
         for _ in 0..2 {
             let filler = name("filler");
@@ -145,6 +157,10 @@ fn fixture() -> &'static Fixture {
                 .is_some_and(|d| d.len() == all.len())
         })
         .expect("the gateway never served every route");
+        // Spend the budget: the first call is admitted (its reservation is capped at the budget).
+        assert_eq!(gw.chat(&broke).0, 200);
+        eventually(Duration::from_secs(5), || gw.chat(&broke).0 == 429)
+            .expect("the spent budget never refused");
         Fixture {
             gw,
             sim,
@@ -160,6 +176,7 @@ fn fixture() -> &'static Fixture {
             dead,
             throttled,
             resilient,
+            broke,
             all,
         }
     })
@@ -170,7 +187,7 @@ fn pytest(venv: &str, dir: &str) {
     let f = fixture();
     let routes = json!({
         "chat": f.chat, "completions": f.completions, "embeddings": f.embeddings,
-        "limited": f.limited, "throttled": f.throttled, "resilient": f.resilient, "all": f.all, "page_size": PAGE_SIZE,
+        "limited": f.limited, "throttled": f.throttled, "resilient": f.resilient, "broke": f.broke, "all": f.all, "page_size": PAGE_SIZE,
     });
     let (passed, _) = support::pytest(venv, dir, &format!("http://{}", f.gw.addr), &routes);
     assert!(passed, "pytest {dir} failed; gateway log:\n{}", f.gw.log());

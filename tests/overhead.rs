@@ -36,6 +36,9 @@ fn route() -> RouteEntry {
         renewal_period: RenewalPeriod::Day,
         calls,
         tokens,
+        usd: None,
+        on_exceed: None,
+        action: None,
         key,
     };
     RouteEntry {
@@ -157,4 +160,94 @@ async fn auth_and_limits_overhead_for_a_cached_token() {
     println!("auth + limits, cached token, Redis on loopback: {shared:?} per request");
     let _ = redis.kill();
     let _ = redis.wait();
+}
+
+/// One admission with its settlement; with `cost`, a USD budget's share of it plus the cost
+/// computed from the usage and added to `portcullis_cost_usd_total`.
+async fn admit_and_settle(
+    limiter: &Arc<Limiter>,
+    metrics: &Metrics,
+    entry: &RouteEntry,
+    cost: bool,
+) {
+    use portcullis::cost::{Price, Tokens, Usd};
+    use portcullis::limits::Charge;
+    use portcullis::telemetry::metrics::CostLabels;
+    let price = Price {
+        input: 2_500_000,
+        output: 10_000_000,
+        cached_input: 1_250_000,
+    };
+    let charge = Charge {
+        calls: 1,
+        tokens: 556,
+        usd: cost.then(|| price.max_cost(300, 256)),
+        stream: false,
+        usd_floor: Usd::ZERO,
+    };
+    let r = limiter
+        .admit_charge(entry, "team-a/notebook", charge)
+        .await
+        .unwrap();
+    let spent = cost.then(|| {
+        price.cost(Tokens {
+            input: 300,
+            cached: 0,
+            output: 42,
+        })
+    });
+    if let Some(usd) = spent {
+        metrics
+            .cost
+            .usd
+            .get_or_create(&CostLabels {
+                route: entry.name.to_string(),
+                gen_ai_provider_name: "openai".into(),
+                gen_ai_request_model: "gpt-4o".into(),
+                consumer: "team-a/notebook".into(),
+            })
+            .add(usd);
+    }
+    if let Some(r) = r {
+        r.settle_cost(342, spent);
+    }
+}
+
+/// What the cost layer adds per request with the local store: a USD budget counted beside the
+/// calls and tokens limits (reserved, then settled to the cost), the cost computed from the
+/// usage, and `portcullis_cost_usd_total` incremented under its labels.
+#[tokio::test]
+#[ignore = "a measurement, not a check: run explicitly"]
+async fn cost_layer_overhead_with_the_local_store() {
+    const N: u32 = 200_000;
+    let metrics = Arc::new(Metrics::new());
+    let limiter = Arc::new(Limiter::local(metrics.clone(), 1));
+    let plain = route();
+    let mut budgeted = route();
+    budgeted.limits.push(Limit {
+        renewal_period: RenewalPeriod::Month,
+        calls: None,
+        tokens: None,
+        usd: Some(1_000_000.0),
+        on_exceed: None,
+        action: None,
+        key: LimitKey::Consumer,
+    });
+    let mut figures = Vec::new();
+    for (entry, cost) in [(&plain, false), (&budgeted, true)] {
+        for _ in 0..1000 {
+            admit_and_settle(&limiter, &metrics, entry, cost).await;
+        }
+        let started = Instant::now();
+        for _ in 0..N {
+            admit_and_settle(&limiter, &metrics, entry, cost).await;
+        }
+        figures.push(started.elapsed() / N);
+    }
+    println!(
+        "limits without cost: {:?}; with a USD budget, cost and spend metric: {:?}; the cost layer adds {:?} per request",
+        figures[0],
+        figures[1],
+        figures[1].saturating_sub(figures[0])
+    );
 }

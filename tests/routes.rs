@@ -347,7 +347,10 @@ fn invalid_specs_are_rejected_by_kubectl_apply() {
     );
     let out = cp.kubectl_stdin(&["apply", "-f", "-"], &bad_limit);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("a limit needs calls, tokens or both"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("a limit needs calls, tokens, usd or several of them")
+    );
 
     let bad_base = route_manifest(&ns, "bad", "llm/v1/chat", "s", "ftp://x");
     let out = cp.kubectl_stdin(&["apply", "-f", "-"], &bad_base);

@@ -92,6 +92,28 @@ pub struct RouteSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 256))]
     pub access: Option<Vec<AccessRule>>,
+    /// Prices of this route's calls, over the built-in catalog (a backend's own `pricing` wins).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pricing: Option<Pricing>,
+}
+
+/// USD per million tokens; each figure given replaces the catalog's (0 to 1000000, at most 6
+/// decimals). Cached input defaults to the input price when the input price is overridden.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Pricing {
+    /// Prompt tokens (and embeddings inputs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1000000.0))]
+    pub input_per_million: Option<f64>,
+    /// Completion tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1000000.0))]
+    pub output_per_million: Option<f64>,
+    /// Prompt tokens the provider reports as read from its prompt cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1000000.0))]
+    pub cached_input_per_million: Option<f64>,
 }
 
 /// Task types, named as in MLflow's AI Gateway.
@@ -159,6 +181,9 @@ pub struct BackendSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(max = 15))]
     pub priority: Option<u32>,
+    /// This backend's prices, over the Route's `pricing` and the built-in catalog.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pricing: Option<Pricing>,
 }
 
 impl BackendSpec {
@@ -278,6 +303,7 @@ impl RouteSpec {
             allow_mixed_models: false,
             limits: Vec::new(),
             access: None,
+            pricing: None,
         }
     }
 
@@ -391,9 +417,11 @@ impl std::fmt::Display for Provider {
 /// One guardrail: a number of calls and/or tokens allowed per renewal period.
 #[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("has(self.calls) || has(self.tokens)").message("a limit needs calls, tokens or both"))]
+#[x_kube(validation = Rule::new("has(self.calls) || has(self.tokens) || has(self.usd)").message("a limit needs calls, tokens, usd or several of them"))]
+#[x_kube(validation = Rule::new("!has(self.onExceed) || self.onExceed == 'reject' || has(self.usd)").message("onExceed: truncate applies to USD budgets (usd)"))]
 pub struct Limit {
-    /// The window after which the counts start again: second, minute, hour or day.
+    /// The window after which the counts start again: second, minute, hour, day, week or month
+    /// (fixed windows aligned in UTC: midnight, Monday 00:00, the 1st at 00:00).
     pub renewal_period: RenewalPeriod,
     /// Requests allowed per period.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -403,9 +431,39 @@ pub struct Limit {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub tokens: Option<u64>,
+    /// USD allowed per period (a budget) at the prices of the route's backends, up to $1,000,000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.000001, max = 1000000.0))]
+    pub usd: Option<f64>,
     /// What is counted: the route as a whole, or each consumer separately.
     #[serde(default)]
     pub key: LimitKey,
+    /// USD budgets only, for streams: `reject` (default) refuses a call before it starts when its
+    /// reservation does not fit; `truncate` starts it with what is left and ends the stream
+    /// cleanly where its running cost would pass that, charging what was sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_exceed: Option<OnExceed>,
+    /// `reject` (default) refuses calls past the limit; `alert` never refuses: crossing 80% and
+    /// 100% of it is told once per window (a Kubernetes Event on the Route or Team, the
+    /// `portcullis_limit_alerts_total` metric and a log line).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<LimitAction>,
+}
+
+/// What a limit does when reached.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitAction {
+    Reject,
+    Alert,
+}
+
+/// What a USD budget does to a stream that would cross it.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum OnExceed {
+    Reject,
+    Truncate,
 }
 
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -415,6 +473,8 @@ pub enum RenewalPeriod {
     Minute,
     Hour,
     Day,
+    Week,
+    Month,
 }
 
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]

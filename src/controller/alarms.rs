@@ -86,3 +86,42 @@ pub async fn run(
         }
     }
 }
+
+/// Publishes the alerts of limits with `action: alert` as Events on their Route or Team. Each
+/// crossing is detected by exactly one replica (see `Limiter::take_alerts`), so every replica
+/// publishes its own, leader or not.
+pub async fn run_limit_alerts(
+    limiter: std::sync::Arc<crate::limits::Limiter>,
+    recorder: Recorder,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+        for alert in limiter.take_alerts() {
+            let reference = ObjectReference {
+                api_version: Some("portcullis.dev/v1alpha1".into()),
+                kind: Some(alert.kind.into()),
+                name: Some(alert.name.clone()),
+                namespace: alert.namespace.clone(),
+                ..Default::default()
+            };
+            let event = Event {
+                type_: EventType::Warning,
+                reason: if alert.percent >= 100 {
+                    "LimitReached".into()
+                } else {
+                    "LimitNearlyReached".into()
+                },
+                note: Some(alert.message.clone()),
+                action: "Admit".into(),
+                secondary: None,
+            };
+            if let Err(e) = recorder.publish(&event, &reference).await {
+                debug!(name = %alert.name, error = %e, "publishing a limit alert Event failed");
+            }
+        }
+    }
+}

@@ -14,6 +14,7 @@ pub mod reconcile;
 pub mod replicas;
 mod secrets;
 pub mod status;
+pub mod teams;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -21,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{ListParams, PartialObjectMeta};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
@@ -32,7 +33,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::api::Route;
+use crate::api::{Route, Team};
 use crate::table::SharedTable;
 use crate::telemetry::metrics::{Metrics, ResourceLabels};
 use backoff::RetryBackoff;
@@ -65,7 +66,12 @@ pub struct ControllerConfig {
     pub leader: Option<leader::LeaderConfig>,
     /// What the operator allows Routes (Secrets, upstream hosts).
     pub policy: policy::OperatorPolicy,
+    /// The ConfigMap (namespace, name) of cluster-wide price overrides; `None`: none.
+    pub pricing: Option<(String, String)>,
 }
+
+/// The key of the pricing ConfigMap that holds the prices (the catalog's format).
+pub const PRICING_KEY: &str = "prices.yaml";
 
 /// What the controller shares with the rest of the process.
 pub struct ControllerHandles {
@@ -75,6 +81,8 @@ pub struct ControllerHandles {
     pub metrics: Arc<Metrics>,
     /// Published digests of the API-key consumers' keys.
     pub api_keys: crate::access::SharedApiKeys,
+    /// The limiter whose `action: alert` crossings are published as Events.
+    pub limits: Option<Arc<crate::limits::Limiter>>,
 }
 
 fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
@@ -122,6 +130,65 @@ pub async fn run(
     // Metadata only: unrelated Secret contents never enter this process.
     let secrets: Api<PartialObjectMeta<Secret>> = api(&client, config.namespace.as_deref());
 
+    // Teams are optional: without their CRD (or the right to list them) the gateway serves Routes
+    // alone and says so.
+    let team_api: Api<Team> = Api::all(client.clone());
+    let teams_watched = match team_api.list(&ListParams::default().limit(1)).await {
+        Err(kube::Error::Api(s)) if matches!(s.code, 403 | 404) => {
+            warn!(
+                code = s.code,
+                "Teams cannot be listed (teams.portcullis.dev not installed, or not allowed); no Team limits apply"
+            );
+            false
+        }
+        _ => true,
+    };
+    let (team_store, team_writer) = reflector::store::<Team>();
+    let team_events = if teams_watched {
+        watcher(team_api, watcher::Config::default())
+            .backoff(RetryBackoff::new(
+                Duration::from_millis(250),
+                config.max_backoff,
+            ))
+            .modify(|t: &mut Team| t.managed_fields_mut().clear())
+            .reflect(team_writer)
+            .map(|e| (Source::Teams, e.map(Signal::from)))
+            .boxed()
+    } else {
+        futures::stream::pending().boxed()
+    };
+    let (pricing_store, pricing_writer) = reflector::store::<ConfigMap>();
+    let pricing_watched = match &config.pricing {
+        Some((ns, name)) => {
+            let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+            match api.get_opt(name).await {
+                Err(kube::Error::Api(s)) if s.code == 403 => {
+                    warn!(
+                        namespace = %ns,
+                        configmap = %name,
+                        "the pricing ConfigMap cannot be read (forbidden); only the built-in and per-Route prices apply"
+                    );
+                    None
+                }
+                _ => Some(api),
+            }
+        }
+        None => None,
+    };
+    let pricing_events = match (pricing_watched.clone(), &config.pricing) {
+        (Some(api), Some((_, name))) => watcher(
+            api,
+            watcher::Config::default().fields(&format!("metadata.name={name}")),
+        )
+        .backoff(RetryBackoff::new(
+            Duration::from_millis(250),
+            config.max_backoff,
+        ))
+        .reflect(pricing_writer)
+        .map(|e| (Source::Pricing, e.map(Signal::from)))
+        .boxed(),
+        _ => futures::stream::pending().boxed(),
+    };
     let (route_store, route_writer) = reflector::store::<Route>();
     let (secret_store, secret_writer) = reflector::store();
     let watch_backoff = || RetryBackoff::new(Duration::from_millis(250), config.max_backoff);
@@ -148,9 +215,24 @@ pub async fn run(
         },
     );
     let leading = leader::elect(client.clone(), config.leader.clone(), shutdown.clone()).await;
+    let limit_alerts = handles.limits.clone().map(|limiter| {
+        tokio::spawn(alarms::run_limit_alerts(
+            limiter,
+            recorder.clone(),
+            shutdown.clone(),
+        ))
+    });
     let alarms = tokio::spawn(alarms::run(
         handles.table.clone(),
         recorder.clone(),
+        leading.clone(),
+        shutdown.clone(),
+    ));
+    let (teams_tx, teams_rx) = watch::channel(());
+    let team_status = tokio::spawn(teams::run_writer(
+        client.clone(),
+        team_store.clone(),
+        teams_rx,
         leading.clone(),
         shutdown.clone(),
     ));
@@ -174,15 +256,28 @@ pub async fn run(
         outcomes: outcomes_tx,
         retry: RetryBackoff::new(Duration::from_millis(250), config.max_backoff),
         referenced: HashSet::new(),
+        team_store,
+        teams_watched,
+        teams_changed: teams_tx,
+        pricing_store,
+        pricing_watched: pricing_watched.is_some(),
+        pricing_version: None,
     };
     loop_state
         .run(
-            futures::stream::select(route_events, secret_events),
+            futures::stream::select(
+                futures::stream::select(route_events, secret_events),
+                futures::stream::select(team_events, pricing_events),
+            ),
             config.debounce,
             shutdown,
         )
         .await;
     let _ = writer.await;
+    let _ = team_status.await;
+    if let Some(task) = limit_alerts {
+        let _ = task.await;
+    }
     let _ = alarms.await;
     let _ = api_keys.await;
     Ok(())
@@ -192,6 +287,8 @@ pub async fn run(
 enum Source {
     Routes,
     Secrets,
+    Teams,
+    Pricing,
 }
 
 enum Signal {
@@ -237,6 +334,15 @@ struct Loop {
     retry: RetryBackoff,
     /// The Secrets the Routes of the last rebuild reference (existing or not).
     referenced: HashSet<(String, String)>,
+    team_store: Store<Team>,
+    /// Whether Teams are watched (a rebuild then waits for their first sync too).
+    teams_watched: bool,
+    /// Nudges the Team status writer after a rebuild.
+    teams_changed: watch::Sender<()>,
+    pricing_store: Store<ConfigMap>,
+    pricing_watched: bool,
+    /// The resourceVersion of the pricing ConfigMap last applied.
+    pricing_version: Option<String>,
 }
 
 use reconcile::RouteOutcome;
@@ -267,6 +373,8 @@ impl Loop {
     ) {
         let mut events = std::pin::pin!(events);
         let (mut routes_synced, mut secrets_synced) = (false, false);
+        let mut teams_synced = !self.teams_watched;
+        let mut pricing_synced = !self.pricing_watched;
         let mut rebuild_at: Option<Instant> = None;
         loop {
             tokio::select! {
@@ -280,6 +388,8 @@ impl Loop {
                                 match source {
                                     Source::Routes => routes_synced = true,
                                     Source::Secrets => secrets_synced = true,
+                                    Source::Teams => teams_synced = true,
+                                    Source::Pricing => pricing_synced = true,
                                 }
                                 true
                             }
@@ -298,11 +408,11 @@ impl Loop {
                     }
                     Some((source, Err(e))) => {
                         warn!(?source, error = %e, "watch failed; reconnecting with backoff and serving the last good table");
-                        let resource = match source { Source::Routes => "routes", Source::Secrets => "secrets" };
+                        let resource = match source { Source::Routes => "routes", Source::Secrets => "secrets", Source::Teams => "teams", Source::Pricing => "configmaps" };
                         self.handles.metrics.watch_restarts.get_or_create(&ResourceLabels { resource }).inc();
                     }
                 },
-                _ = sleep_until(rebuild_at), if rebuild_at.is_some() && routes_synced && secrets_synced => {
+                _ = sleep_until(rebuild_at), if rebuild_at.is_some() && routes_synced && secrets_synced && teams_synced && pricing_synced => {
                     rebuild_at = None;
                     if !self.rebuild().await {
                         rebuild_at = Some(Instant::now() + self.retry.next_delay());
@@ -314,9 +424,51 @@ impl Loop {
         }
     }
 
+    /// Applies the pricing ConfigMap when it changed; a bad one keeps the last good prices.
+    fn refresh_prices(&mut self) {
+        if !self.pricing_watched {
+            return;
+        }
+        let current = self.pricing_store.state().into_iter().next();
+        let version = current
+            .as_ref()
+            .map(|c| c.resource_version().unwrap_or_default());
+        if version == self.pricing_version {
+            return;
+        }
+        self.pricing_version = version;
+        let Some(map) = current else {
+            crate::cost::set_cluster_prices(crate::cost::Catalog::default());
+            info!("no pricing ConfigMap: the built-in catalog and per-Route prices apply");
+            return;
+        };
+        let yaml = map
+            .data
+            .as_ref()
+            .and_then(|d| d.get(PRICING_KEY))
+            .cloned()
+            .unwrap_or_default();
+        match crate::cost::Catalog::parse(&yaml) {
+            Ok(catalog) => {
+                info!(
+                    configmap = %map.name_any(),
+                    models = catalog.len(),
+                    "cluster-wide prices applied"
+                );
+                crate::cost::set_cluster_prices(catalog);
+            }
+            Err(e) => warn!(
+                configmap = %map.name_any(),
+                error = %e,
+                "the pricing ConfigMap does not parse; the last good prices stay in force"
+            ),
+        }
+    }
+
     /// Rebuilds and publishes the table; false if a Secret read failed and a retry is due.
     async fn rebuild(&mut self) -> bool {
         let started = std::time::Instant::now();
+        self.refresh_prices();
         let routes = self.route_store.state();
         let wanted: HashSet<(String, String)> = routes
             .iter()
@@ -346,6 +498,9 @@ impl Loop {
                 .filter(|o| o.outcome.is_ready())
                 .count(),
         );
+        let mut reconciled = reconciled;
+        reconciled.table.teams = Arc::new(teams::build(&self.team_store.state()));
+        self.teams_changed.send_replace(());
         let metrics = &self.handles.metrics;
         reconciled.record(metrics, started.elapsed());
         if !complete {
@@ -405,6 +560,7 @@ mod tests {
                 ready: ready.clone(),
                 metrics: Arc::new(Metrics::new()),
                 api_keys: Default::default(),
+                limits: None,
             },
             gate: Arc::new(ReadyGate {
                 table: AtomicBool::new(false),
@@ -415,6 +571,12 @@ mod tests {
             retry: RetryBackoff::new(Duration::from_millis(10), Duration::from_millis(100)),
             referenced: HashSet::new(),
             policy: policy::OperatorPolicy::default(),
+            team_store: reflector::store::<Team>().0,
+            teams_watched: false,
+            teams_changed: watch::channel(()).0,
+            pricing_store: reflector::store::<ConfigMap>().0,
+            pricing_watched: false,
+            pricing_version: None,
         }
     }
 

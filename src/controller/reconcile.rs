@@ -234,6 +234,7 @@ pub fn reconcile_after(
 struct Declared<'a> {
     field: String,
     model: &'a ModelSpec,
+    pricing: Option<&'a crate::api::Pricing>,
     weight: u32,
     priority: u32,
 }
@@ -243,6 +244,7 @@ fn declared(spec: &RouteSpec) -> Result<Vec<Declared<'_>>, Outcome> {
         (Some(model), true) => Ok(vec![Declared {
             field: "spec.model".into(),
             model,
+            pricing: None,
             weight: 1,
             priority: 0,
         }]),
@@ -253,6 +255,7 @@ fn declared(spec: &RouteSpec) -> Result<Vec<Declared<'_>>, Outcome> {
             .map(|(i, b)| Declared {
                 field: format!("spec.backends[{i}]"),
                 model: &b.model,
+                pricing: b.pricing.as_ref(),
                 weight: b.weight(),
                 priority: b.priority(),
             })
@@ -316,6 +319,7 @@ fn resolve(
 
     let namespace = route.namespace().unwrap_or_default();
     let name = route.metadata.name.as_deref().unwrap_or_default();
+    let cluster_prices = crate::cost::cluster_prices();
     let mut list = Vec::with_capacity(declared.len());
     let mut statuses = Vec::with_capacity(declared.len());
     let mut failures = Vec::new();
@@ -344,6 +348,14 @@ fn resolve(
                 *seen += 1;
                 let key = format!("{namespace}/{name}#{seen}#{content:016x}");
                 let mut backend = Backend::new(upstream, d.weight, d.priority, key);
+                backend.price = crate::cost::resolve(
+                    crate::cost::Catalog::builtin(),
+                    cluster_prices.get(d.model.provider, &d.model.name).as_ref(),
+                    d.model.provider,
+                    &d.model.name,
+                    spec.route_type,
+                    &[d.pricing, spec.pricing.as_ref()],
+                );
                 if let Some(h) = health.get(backend.key.as_str()) {
                     backend.health = Arc::clone(h);
                 }
@@ -384,10 +396,30 @@ fn resolve(
         );
     }
     list.sort_by_key(|b| b.priority);
+    // A budget in USD cannot be kept on a call of unknown cost.
+    if let Some(i) = spec.limits.iter().position(|l| l.usd.is_some())
+        && let Some(b) = list.iter().find(|b| b.price.is_none())
+    {
+        return (
+            RouteState::NotReady {
+                reason: Reason::InvalidSpec,
+                message: format!(
+                    "spec.limits[{i}].usd needs a price for every backend; {} has none in the built-in catalog: set spec.pricing",
+                    b.id
+                ),
+            },
+            statuses,
+        );
+    }
+    let max_price = list
+        .iter()
+        .map(|b| b.price)
+        .try_fold(crate::cost::Price::default(), |m, p| Some(m.max(p?)));
     (
         RouteState::Ready(Arc::new(Backends {
             list,
             policy: traffic,
+            max_price,
         })),
         statuses,
     )
@@ -769,6 +801,7 @@ mod tests {
             },
             weight: None,
             priority: None,
+            pricing: None,
         }
     }
 
@@ -808,6 +841,57 @@ mod tests {
         assert!(o.backends[0].resolved && !o.backends[1].resolved);
         assert_eq!(o.backends[1].reason.as_deref(), Some("SecretNotFound"));
         assert_eq!(ready_backends(&r, "pool").list.len(), 1);
+    }
+
+    #[test]
+    fn each_backend_is_priced_once_and_a_usd_budget_needs_every_price() {
+        let mut priced = backend(Provider::Openai, "house", "k");
+        priced.pricing = Some(crate::api::Pricing {
+            input_per_million: Some(1.0),
+            output_per_million: Some(4.0),
+            cached_input_per_million: None,
+        });
+        let catalog = backend(Provider::Openai, "gpt-4o-mini", "k");
+        let s = secrets(&[("a", "k", "apiKey", "v")]);
+        let r = reconcile(&[with_backends(vec![priced.clone(), catalog])], &s);
+        let b = ready_backends(&r, "pool");
+        let price = |model: &str| {
+            b.list
+                .iter()
+                .find(|x| x.upstream.target.model == model)
+                .and_then(|x| x.price)
+                .unwrap()
+        };
+        assert_eq!(
+            (price("house").input, price("house").output),
+            (1_000_000, 4_000_000)
+        );
+        assert_eq!(price("gpt-4o-mini").input, 150_000);
+        // The reservation price: the dearest of each kind.
+        let max = b.max_price.unwrap();
+        assert_eq!((max.input, max.output), (1_000_000, 4_000_000));
+
+        // An unpriced backend makes a USD budget unkeepable: the route does not serve.
+        let mut route =
+            (*with_backends(vec![priced, backend(Provider::Openai, "house2", "k")])).clone();
+        route.spec.limits = vec![crate::api::Limit {
+            renewal_period: crate::api::RenewalPeriod::Day,
+            calls: None,
+            tokens: None,
+            usd: Some(1.0),
+            key: crate::api::LimitKey::Route,
+            on_exceed: None,
+            action: None,
+        }];
+        let r = reconcile(&[Arc::new(route)], &s);
+        let o = &r.outcomes[0].outcome;
+        assert_eq!(o.reason, Reason::InvalidSpec);
+        assert!(
+            o.message
+                .contains("spec.limits[0].usd needs a price for every backend; openai/house2"),
+            "{}",
+            o.message
+        );
     }
 
     #[test]

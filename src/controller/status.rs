@@ -345,6 +345,9 @@ mod tests {
             renewal_period: RenewalPeriod::Minute,
             calls: Some(10),
             tokens: None,
+            usd: None,
+            on_exceed: None,
+            action: None,
             key: LimitKey::Consumer,
         }];
         let t = Timestamp::from_second(10).unwrap();

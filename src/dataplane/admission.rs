@@ -2,9 +2,10 @@
 //! its limits. After it: settle the token charge to what was really used.
 
 use crate::access::{AuthError, Decision, DefaultAccess, Identity, decide};
-use crate::limits::Reservation;
+use crate::cost::Usd;
+use crate::limits::{Charge, Reservation};
 use crate::llm::{LlmRequest, Usage};
-use crate::table::RouteEntry;
+use crate::table::{RouteEntry, RouteState};
 use std::sync::Arc;
 
 use super::AppState;
@@ -20,20 +21,33 @@ pub struct Admission {
     reservation: Option<Reservation>,
     /// The prompt-size estimate, for streams that end before reporting usage.
     pub prompt_estimate: u64,
+    /// The tokens charged up front.
+    token_estimate: u64,
 }
 
 impl Admission {
-    pub fn settle(self, used: u64) {
+    /// Settles to `used` tokens and `cost` (`None`: unknown, the USD reservation stands).
+    pub fn settle(self, used: u64, cost: Option<Usd>) {
         if let Some(r) = self.reservation {
-            r.settle(used);
+            r.settle_cost(used, cost);
         }
     }
 
-    /// Settles with the reported usage, or keeps the up-front charge when none was reported.
-    pub fn settle_usage(self, usage: &Usage) {
-        if let Some(used) = used_tokens(usage) {
-            self.settle(used);
-        }
+    /// What a stream may spend before a `truncate` budget ends it, and that budget.
+    pub fn allowance(&self) -> Option<(Usd, String)> {
+        let (usd, budget) = self.reservation.as_ref()?.allowance()?;
+        Some((usd, budget.to_string()))
+    }
+
+    /// A call that was not answered: nothing used, nothing spent.
+    pub fn refund(self) {
+        self.settle(0, Some(Usd::ZERO));
+    }
+
+    /// Settles with the reported usage (the token estimate stands when none was reported).
+    pub fn settle_usage(self, usage: &Usage, cost: Option<Usd>) {
+        let used = used_tokens(usage).unwrap_or(self.token_estimate);
+        self.settle(used, cost);
     }
 }
 
@@ -138,27 +152,89 @@ pub async fn admit(
     calls: u64,
 ) -> Result<Admission, GatewayError> {
     let prompt_estimate = prompt_estimate(request);
-    if entry.limits.is_empty() {
+    let teams = match caller {
+        Some(c) => state.table.load().teams.of(c),
+        None => Vec::new(),
+    };
+    // A team that lists its routes holds its members to them.
+    if let Some(team) = teams.iter().find(|t| {
+        t.routes
+            .as_ref()
+            .is_some_and(|r| !r.contains(&entry.qualified))
+    }) {
+        return Err(GatewayError::NotInTeamRoutes {
+            team: team.name.clone(),
+            route: entry.qualified.clone(),
+        });
+    }
+    let price = match &entry.state {
+        RouteState::Ready(b) => b.max_price,
+        RouteState::NotReady { .. } => None,
+    };
+    // A team's USD budget cannot be kept on calls of unknown cost: never counted as free.
+    if price.is_none()
+        && let Some(team) = teams
+            .iter()
+            .find(|t| t.limits.iter().any(|l| l.usd.is_some()))
+    {
+        return Err(GatewayError::UnpricedForBudget {
+            team: team.name.clone(),
+            route: entry.qualified.clone(),
+        });
+    }
+    if entry.limits.is_empty() && teams.iter().all(|t| t.limits.is_empty()) {
         return Ok(Admission {
             reservation: None,
             prompt_estimate,
+            token_estimate: 0,
         });
     }
     let consumer = caller.map(Identity::name).unwrap_or_default();
+    let completion = completion_estimate(request);
+    let token_estimate = prompt_estimate.saturating_add(completion);
+    let stream = request.stream().stream;
+    // The most the call can cost on the dearest backend it may reach. A stream that a truncating
+    // budget may end is reserved for more than the default estimate when it sets no max_tokens.
+    let truncatable = stream
+        && entry
+            .limits
+            .iter()
+            .chain(teams.iter().flat_map(|t| t.limits.iter()))
+            .any(|l| l.on_exceed == Some(crate::api::OnExceed::Truncate));
+    let reserve = if truncatable && !has_max_tokens(request) {
+        completion.max(TRUNCATABLE_COMPLETION_ESTIMATE)
+    } else {
+        completion
+    };
+    let charge = Charge {
+        calls,
+        tokens: token_estimate,
+        usd: price.map(|p| p.max_cost(prompt_estimate, reserve)),
+        stream,
+        usd_floor: price.map_or(Usd::ZERO, |p| p.max_cost(prompt_estimate, 0)),
+    };
     let reservation = state
         .limits
-        .admit_calls(
-            entry,
-            &consumer,
-            calls,
-            prompt_estimate.saturating_add(completion_estimate(request)),
-        )
+        .admit_with_teams(entry, &teams, &consumer, charge)
         .await
         .map_err(|limited| GatewayError::RateLimited(Box::new(limited)))?;
     Ok(Admission {
         reservation,
         prompt_estimate,
+        token_estimate,
     })
+}
+
+/// Completion tokens reserved for a stream without `max_tokens` under a `truncate` budget (it is
+/// ended where the budget runs out, and settled to what it sent).
+const TRUNCATABLE_COMPLETION_ESTIMATE: u64 = 4096;
+
+fn has_max_tokens(request: &LlmRequest) -> bool {
+    match request {
+        LlmRequest::Chat(c) => c.params.max_tokens.is_some(),
+        LlmRequest::Completions(c) => c.params.max_tokens.is_some(),
+        LlmRequest::Embeddings(_) => true,
+    }
 }
 
 /// Roughly four characters per token, as OpenAI's rule of thumb has it.

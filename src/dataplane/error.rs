@@ -78,6 +78,16 @@ pub enum GatewayError {
     AuthUnavailable,
     #[error("{}", .0.message)]
     RateLimited(Box<RateLimited>),
+    #[error(
+        "the stream was ended here: going on would pass the USD budget {budget}, which left this call ${allowed}; it is charged what was sent"
+    )]
+    BudgetTruncated { budget: String, allowed: String },
+    #[error(
+        "team {team} has a USD budget and route {route} has no price for its model; the route needs spec.pricing (0 for a free model)"
+    )]
+    UnpricedForBudget { team: String, route: String },
+    #[error("team {team} may not use route {route}: it is not among the team's routes")]
+    NotInTeamRoutes { team: String, route: String },
     #[error("the request body stopped arriving before it was complete")]
     BodyTimeout,
     #[error("the gateway is at its limit of requests in flight; retry shortly")]
@@ -131,6 +141,10 @@ impl GatewayError {
             GatewayError::Unauthenticated => StatusCode::UNAUTHORIZED,
             GatewayError::AuthUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::NotInTeamRoutes { .. } | GatewayError::UnpricedForBudget { .. } => {
+                StatusCode::FORBIDDEN
+            }
+            GatewayError::BudgetTruncated { .. } => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             GatewayError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -159,6 +173,9 @@ impl GatewayError {
             GatewayError::Unauthenticated => "unauthenticated",
             GatewayError::AuthUnavailable => "auth_unavailable",
             GatewayError::RateLimited(_) => "rate_limit_exceeded",
+            GatewayError::NotInTeamRoutes { .. } => "route_not_in_team",
+            GatewayError::UnpricedForBudget { .. } => "route_unpriced",
+            GatewayError::BudgetTruncated { .. } => "budget_exceeded",
             GatewayError::BodyTimeout => "request_timeout",
             GatewayError::Overloaded => "overloaded",
         }
@@ -233,7 +250,11 @@ fn with_headers(mut response: Response, err: &GatewayError) -> Response {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         GatewayError::RateLimited(limited) => {
-            for (suffix, window) in [("requests", limited.requests), ("tokens", limited.tokens)] {
+            for (suffix, window) in [
+                ("requests", limited.requests),
+                ("tokens", limited.tokens),
+                ("usd", limited.usd),
+            ] {
                 let Some(WindowState {
                     limit,
                     remaining,
@@ -242,9 +263,14 @@ fn with_headers(mut response: Response, err: &GatewayError) -> Response {
                 else {
                     continue;
                 };
+                // USD budgets count nanodollars; their headers are in dollars.
+                let amount = |n: u64| match suffix {
+                    "usd" => crate::cost::Usd(n.saturating_mul(1000)).format(2),
+                    _ => n.to_string(),
+                };
                 for (name, value) in [
-                    ("limit", limit.to_string()),
-                    ("remaining", remaining.to_string()),
+                    ("limit", amount(limit)),
+                    ("remaining", amount(remaining)),
                     ("reset", reset_text(reset)),
                 ] {
                     if let (Ok(n), Ok(v)) = (
@@ -378,6 +404,11 @@ mod tests {
                 reset: std::time::Duration::from_secs(42),
             }),
             tokens: None,
+            usd: Some(WindowState {
+                limit: 1_000_000_000,
+                remaining: 5_000_000,
+                reset: std::time::Duration::from_secs(3600),
+            }),
         }));
         let response = OpenAiError(err).into_response();
         assert_eq!(response.status(), 429);
@@ -387,6 +418,9 @@ mod tests {
         assert_eq!(h["x-ratelimit-remaining-requests"], "0");
         assert_eq!(h["x-ratelimit-reset-requests"], "42s");
         assert!(h.get("x-ratelimit-limit-tokens").is_none());
+        assert_eq!(h["x-ratelimit-limit-usd"], "1.00");
+        assert_eq!(h["x-ratelimit-remaining-usd"], "0.005");
+        assert_eq!(h["x-ratelimit-reset-usd"], "1h0m0s");
         let mlflow = MlflowError(GatewayError::Unauthenticated).into_response();
         assert_eq!(mlflow.status(), 401);
         assert_eq!(mlflow.headers()["www-authenticate"], "Bearer");

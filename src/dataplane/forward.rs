@@ -12,8 +12,10 @@ use super::AppState;
 use super::admission::{self, Admission};
 use super::error::GatewayError;
 use super::observe;
+use super::observe::CallCost;
 use crate::access::Identity;
 use crate::api::{RetryOn, RouteType};
+use crate::cost::{Price, Tokens};
 use crate::llm::Usage;
 use crate::llm::{
     Embeddings as LlmEmbeddings, Generation as LlmGeneration, LlmRequest, LlmResponse, StreamDelta,
@@ -21,7 +23,7 @@ use crate::llm::{
 use crate::providers::{ProviderError, StreamDecoder, join_embeddings, split_inputs};
 use crate::table::{Backend, Backends, RouteEntry, RouteState, Upstream};
 use crate::telemetry::metrics::{
-    BackendErrorLabels, ErrorLabels, Metrics, RouteLabels, TokenLabels,
+    BackendErrorLabels, CostLabels, ErrorLabels, Metrics, RouteLabels, TokenLabels,
 };
 use crate::telemetry::tracecontext;
 use crate::traffic;
@@ -233,11 +235,13 @@ pub async fn invoke(
         admission::admit(state, &route.entry, route.caller.as_ref(), request, calls).await?;
     let started = Instant::now();
     let mut tries = Tries::new(state, route);
+    let mut last = None;
     let result = loop {
         let (backend, timeout) = match tries.next() {
             Ok(next) => next,
             Err(e) => break Err(e),
         };
+        last = Some(backend);
         let answer = call_backend(state, route.entry.route_type, backend, request, timeout).await;
         if let ControlFlow::Break(result) = tries.settle(backend, answer) {
             break result;
@@ -249,18 +253,88 @@ pub async fn invoke(
         .upstream_duration
         .get_or_create(&labels)
         .observe(started.elapsed().as_secs_f64());
-    match &result {
-        Ok(LlmResponse::Generation(LlmGeneration { usage, .. }))
-        | Ok(LlmResponse::Embeddings(LlmEmbeddings { usage, .. })) => {
-            record_usage(&state.metrics, &route.entry, &observe::consumer(), usage);
-            admission.settle_usage(usage);
+    match (&result, last) {
+        (Ok(answer), Some(backend)) => {
+            let usage = match answer {
+                LlmResponse::Generation(LlmGeneration { usage, .. })
+                | LlmResponse::Embeddings(LlmEmbeddings { usage, .. }) => usage,
+            };
+            let consumer = observe::consumer();
+            record_usage(&state.metrics, &route.entry, &consumer, usage);
+            let tokens = Tokens::from_usage(usage).unwrap_or_else(|| Tokens {
+                input: admission.prompt_estimate,
+                cached: 0,
+                output: admission::tokens_for_chars(answer_chars(answer)),
+            });
+            let cost = record_cost(
+                &state.metrics,
+                &route.entry,
+                &consumer,
+                &Priced::of(backend),
+                tokens,
+            );
+            observe::note(|c| c.cost = Some(cost));
+            admission.settle_usage(usage, cost.known());
         }
-        Err(e) => {
+        (Ok(_), None) => admission.refund(),
+        (Err(e), _) => {
             record_error(&state.metrics, &route.entry, e);
-            admission.settle(0);
+            admission.refund();
         }
     }
     result
+}
+
+/// Characters of generated text in an answer (what a call without a usage report is charged for).
+fn answer_chars(answer: &LlmResponse) -> usize {
+    match answer {
+        LlmResponse::Generation(g) => g.choices.iter().map(|c| c.text.len()).sum(),
+        LlmResponse::Embeddings(_) => 0,
+    }
+}
+
+/// The backend that answered, as its cost is counted.
+struct Priced {
+    price: Option<Price>,
+    provider: &'static str,
+    model: String,
+}
+
+impl Priced {
+    fn of(backend: &Backend) -> Priced {
+        Priced {
+            price: backend.price,
+            provider: backend.upstream.adapter.provider().as_str(),
+            model: backend.upstream.target.model.clone(),
+        }
+    }
+}
+
+/// The cost of an answered call at its backend's price, counted in `portcullis_cost_usd_total`.
+fn record_cost(
+    metrics: &Metrics,
+    entry: &RouteEntry,
+    consumer: &str,
+    backend: &Priced,
+    tokens: Tokens,
+) -> CallCost {
+    let labels = || CostLabels {
+        route: entry.name.to_string(),
+        gen_ai_provider_name: backend.provider.to_string(),
+        gen_ai_request_model: backend.model.clone(),
+        consumer: consumer.to_string(),
+    };
+    match backend.price {
+        Some(price) => {
+            let usd = price.cost(tokens);
+            metrics.cost.usd.get_or_create(&labels()).add(usd);
+            CallCost::Known(usd)
+        }
+        None => {
+            metrics.cost.unknown.get_or_create(&labels()).inc();
+            CallCost::Unknown
+        }
+    }
 }
 
 /// Most embeddings inputs one request may have when a backend takes few per call (Titan: one),
@@ -404,11 +478,14 @@ pub async fn invoke_stream(
         Ok(o) => o,
         Err(e) => {
             record_error(&state.metrics, &route.entry, &e);
-            admission.settle(0);
+            admission.refund();
             return Err(e);
         }
     };
+    let allowance = admission.allowance();
     let observer = StreamObserver {
+        allowance,
+        truncated: false,
         metrics: Arc::clone(&state.metrics),
         entry: Arc::clone(&route.entry),
         consumer: observe::consumer(),
@@ -417,11 +494,20 @@ pub async fn invoke_stream(
         usage: None,
         streamed_chars: 0,
         admission: Some(admission),
+        priced: Priced::of(backend),
     };
     let deltas = futures::stream::once(futures::future::ready(Ok(opened.first)))
         .chain(opened.rest)
         .filter(|item| futures::future::ready(!matches!(item, Ok(d) if d.is_empty())))
         .scan(observer, |observer, item| {
+            if observer.truncated {
+                // Ending here drops the upstream response, which cancels the provider's call.
+                return futures::future::ready(None);
+            }
+            if let Some(cut) = observer.over_budget(&item) {
+                observer.truncated = true;
+                return futures::future::ready(Some(Err(cut)));
+            }
             observer.see(&item);
             futures::future::ready(Some(item))
         });
@@ -591,9 +677,41 @@ struct StreamObserver {
     /// Text seen so far: what an early-ended stream is charged when no usage arrived.
     streamed_chars: usize,
     admission: Option<Admission>,
+    priced: Priced,
+    /// What a `truncate` budget lets this stream spend, and that budget.
+    allowance: Option<(crate::cost::Usd, String)>,
+    /// Ended by its budget: charged what was sent, whatever usage arrives.
+    truncated: bool,
 }
 
 impl StreamObserver {
+    /// The final event when passing these deltas would take the stream's cost past its allowance.
+    fn over_budget(&self, item: &Result<Vec<StreamDelta>, GatewayError>) -> Option<GatewayError> {
+        let (Some((allowed, budget)), Ok(deltas), Some(price)) =
+            (self.allowance.as_ref(), item, self.priced.price)
+        else {
+            return None;
+        };
+        let text: usize = deltas
+            .iter()
+            .filter_map(|d| d.text.as_ref())
+            .map(String::len)
+            .sum();
+        if text == 0 {
+            return None;
+        }
+        let prompt = self.admission.as_ref().map_or(0, |a| a.prompt_estimate);
+        let running = price.cost(Tokens {
+            input: prompt,
+            cached: 0,
+            output: admission::tokens_for_chars(self.streamed_chars + text),
+        });
+        (running > *allowed).then(|| GatewayError::BudgetTruncated {
+            budget: budget.clone(),
+            allowed: allowed.format(2),
+        })
+    }
+
     fn see(&mut self, item: &Result<Vec<StreamDelta>, GatewayError>) {
         match item {
             Ok(deltas) => {
@@ -636,20 +754,38 @@ impl Drop for StreamObserver {
         if let Some(usage) = self.usage {
             record_usage(&self.metrics, &self.entry, &self.consumer, &usage);
         }
+        // A stream cut short has no usage report: it costs the prompt and the text sent so far.
+        let prompt_estimate = self.admission.as_ref().map_or(0, |a| a.prompt_estimate);
+        let tokens = self
+            .usage
+            .as_ref()
+            .filter(|_| !self.truncated)
+            .and_then(Tokens::from_usage)
+            .unwrap_or(Tokens {
+                input: prompt_estimate,
+                cached: 0,
+                output: admission::tokens_for_chars(self.streamed_chars),
+            });
+        let cost = record_cost(
+            &self.metrics,
+            &self.entry,
+            &self.consumer,
+            &self.priced,
+            tokens,
+        );
         if let Some(admission) = self.admission.take() {
-            // A stream cut short has no usage report: charge the prompt and the text sent so far.
             let used = self
                 .usage
                 .as_ref()
+                .filter(|_| !self.truncated)
                 .and_then(admission::used_tokens)
-                .unwrap_or(
-                    admission.prompt_estimate + admission::tokens_for_chars(self.streamed_chars),
-                );
-            admission.settle(used);
+                .unwrap_or(tokens.input.saturating_add(tokens.output));
+            admission.settle(used, cost.known());
         }
         tracing::info!(
             route = %self.entry.name,
             provider = self.entry.provider.as_str(),
+            cost_usd = %cost,
             ttft_ms = self.first_chunk.map(|t| t.duration_since(self.started).as_secs_f64() * 1000.0),
             duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
             prompt_tokens = self.usage.and_then(|u| u.prompt_tokens),

@@ -126,6 +126,9 @@ mod tests {
             renewal_period: period,
             calls,
             tokens,
+            usd: None,
+            on_exceed: None,
+            action: None,
             key: LimitKey::Route,
         };
         assert_eq!(limit_of(vec![]), Value::Null);

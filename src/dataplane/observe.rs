@@ -31,6 +31,34 @@ pub struct Answered {
 
 pub const BACKEND_HEADER: HeaderName = HeaderName::from_static("x-portcullis-backend");
 pub const ATTEMPTS_HEADER: HeaderName = HeaderName::from_static("x-portcullis-attempts");
+/// The USD cost of a non-streaming answer (`unknown` when its model has no price).
+pub const COST_HEADER: HeaderName = HeaderName::from_static("x-portcullis-cost-usd");
+
+/// What an answered call cost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallCost {
+    Known(crate::cost::Usd),
+    /// The answering model has no price: reported as unknown, never as zero.
+    Unknown,
+}
+
+impl CallCost {
+    pub fn known(self) -> Option<crate::cost::Usd> {
+        match self {
+            CallCost::Known(usd) => Some(usd),
+            CallCost::Unknown => None,
+        }
+    }
+}
+
+impl std::fmt::Display for CallCost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallCost::Known(usd) => usd.fmt(f),
+            CallCost::Unknown => f.write_str("unknown"),
+        }
+    }
+}
 
 /// What the handlers learned about one call.
 #[derive(Default)]
@@ -39,6 +67,8 @@ pub struct CallInfo {
     pub route: Option<Arc<str>>,
     pub provider: Option<&'static str>,
     pub usage: Option<Usage>,
+    /// Set once a non-streaming call is answered (a stream's cost is on its own log line).
+    pub cost: Option<CallCost>,
     pub consumer: Option<String>,
     pub model: Option<Arc<str>>,
     /// The OpenTelemetry GenAI operation name: chat, text_completion, embeddings.
@@ -160,6 +190,11 @@ pub async fn middleware(State(state): State<Arc<AppState>>, req: Request, next: 
         headers.insert(BACKEND_HEADER, a.header.clone());
         headers.insert(ATTEMPTS_HEADER, attempts_header(a.attempts));
     }
+    if let Some(cost) = call.cost
+        && let Ok(v) = HeaderValue::try_from(cost.to_string())
+    {
+        response.headers_mut().insert(COST_HEADER, v);
+    }
     response.headers_mut().insert(REQUEST_ID, id);
     // Logged from the header just set: no copy of the id.
     let request_id = response
@@ -211,6 +246,7 @@ pub async fn middleware(State(state): State<Arc<AppState>>, req: Request, next: 
         latency_ms = elapsed.as_secs_f64() * 1000.0,
         prompt_tokens = usage.prompt_tokens,
         completion_tokens = usage.completion_tokens,
+        cost_usd = call.cost.map(tracing::field::display),
         "request"
     );
     response

@@ -319,6 +319,9 @@ fn limits(rpm: Option<u64>, tpm: Option<u64>) -> Vec<Limit> {
         renewal_period: RenewalPeriod::Minute,
         calls,
         tokens,
+        usd: None,
+        on_exceed: None,
+        action: None,
         key: LimitKey::Route,
     };
     match (rpm, tpm) {
@@ -467,6 +470,7 @@ fn routes_per_model_name(
             allow_mixed_models: mixed,
             limits,
             access: None,
+            pricing: None,
         };
         out.routes
             .push((paths.join(", "), route(&name, namespace, spec)));
@@ -478,6 +482,7 @@ fn backend(d: &Deployment, priority: u32) -> BackendSpec {
         model: d.model.clone(),
         weight: d.weight,
         priority: (priority > 0).then_some(priority),
+        pricing: None,
     }
 }
 

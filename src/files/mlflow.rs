@@ -141,6 +141,7 @@ fn traffic_routes(
                     model,
                     weight: Some(percentage.unwrap_or(0).min(10_000) as u32),
                     priority: None,
+                    pricing: None,
                 }),
                 Some((t, _)) => out.unsupported.push(format!(
                     "{dpath}: endpoint {target:?} serves {t}, the route {route_type}"
@@ -169,6 +170,7 @@ fn traffic_routes(
                 allow_mixed_models: mixed,
                 limits: Vec::new(),
                 access: None,
+                pricing: None,
             },
         );
         route.metadata.namespace = namespace.map(str::to_string);
@@ -512,6 +514,9 @@ fn mlflow_limit(mut f: Fields, out: &mut Converted) -> Option<Limit> {
         renewal_period,
         calls: Some(calls),
         tokens: None,
+        usd: None,
+        on_exceed: None,
+        action: None,
         key: LimitKey::Route,
     })
 }

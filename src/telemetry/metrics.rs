@@ -4,12 +4,14 @@
 //! configuration (route names, providers, reasons) or a fixed set, never from request input.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::{Registry, Unit};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -114,6 +116,7 @@ pub struct Metrics {
     pub backend_retries: Family<BackendLabels, Counter>,
     pub backend_ejections: Family<BackendLabels, Counter>,
     pub backend_ejected: Family<BackendLabels, Gauge>,
+    pub cost: CostMetrics,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -297,7 +300,9 @@ impl Metrics {
             watch_restarts.clone(),
         );
 
+        let cost = CostMetrics::register(&mut registry);
         Metrics {
+            cost,
             registry,
             requests,
             request_duration,
@@ -348,6 +353,89 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CostLabels {
+    pub route: String,
+    pub gen_ai_provider_name: String,
+    pub gen_ai_request_model: String,
+    pub consumer: String,
+}
+
+/// A counter of USD kept in exact picodollars, exposed as dollars.
+#[derive(Clone, Debug, Default)]
+pub struct UsdCounter(Arc<AtomicU64>);
+
+impl UsdCounter {
+    pub fn add(&self, amount: crate::cost::Usd) {
+        let _ = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_add(amount.0))
+            });
+    }
+
+    pub fn get(&self) -> crate::cost::Usd {
+        crate::cost::Usd(self.0.load(Ordering::Relaxed))
+    }
+}
+
+impl TypedMetric for UsdCounter {
+    const TYPE: MetricType = MetricType::Counter;
+}
+
+impl EncodeMetric for UsdCounter {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        encoder.encode_counter::<NoLabelSet, _, u64>(&self.get().as_f64(), None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AlertLabels {
+    /// `Route` or `Team`.
+    pub kind: &'static str,
+    /// `namespace/name` of a Route, the name of a Team.
+    pub name: String,
+    pub percent: u64,
+}
+
+/// Spend: `portcullis_cost_usd_total` and the calls whose cost is unknown (no price).
+pub struct CostMetrics {
+    pub usd: Family<CostLabels, UsdCounter>,
+    pub unknown: Family<CostLabels, Counter>,
+    /// Alert limits crossing 80% / 100% (once per window across replicas).
+    pub alerts: Family<AlertLabels, Counter>,
+}
+
+impl CostMetrics {
+    fn register(registry: &mut Registry) -> CostMetrics {
+        let m = CostMetrics {
+            usd: Family::default(),
+            unknown: Family::default(),
+            alerts: Family::default(),
+        };
+        registry.register(
+            "portcullis_cost_usd",
+            "USD spent on answered calls, by route, answering provider and model, and consumer",
+            m.usd.clone(),
+        );
+        registry.register(
+            "portcullis_cost_unknown_calls",
+            "Answered calls whose cost is unknown (no catalog price or override for the model)",
+            m.unknown.clone(),
+        );
+        registry.register(
+            "portcullis_limit_alerts",
+            "Limits with action: alert that crossed 80% or 100% of themselves (once per window)",
+            m.alerts.clone(),
+        );
+        m
     }
 }
 

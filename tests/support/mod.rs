@@ -147,17 +147,20 @@ impl ControlPlane {
             "kubectl apply -f crds/: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let out = self.kubectl(&[
-            "wait",
-            "--for=condition=Established",
-            "crd/routes.portcullis.dev",
-            "--timeout=60s",
-        ]);
-        assert!(
-            out.status.success(),
-            "CRD not established: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        // `kubectl wait` fails outright while a just-created CRD has no status yet: retried.
+        let mut last = String::new();
+        let established = eventually(Duration::from_secs(60), || {
+            let out = self.kubectl(&[
+                "wait",
+                "--for=condition=Established",
+                "crd/routes.portcullis.dev",
+                "crd/teams.portcullis.dev",
+                "--timeout=60s",
+            ]);
+            last = String::from_utf8_lossy(&out.stderr).into_owned();
+            out.status.success()
+        });
+        assert!(established.is_ok(), "CRD not established: {last}");
     }
 
     pub fn bin_dir() -> PathBuf {
@@ -853,6 +856,7 @@ pub fn backend(
         model,
         weight: Some(weight),
         priority: Some(priority),
+        pricing: None,
     }
 }
 

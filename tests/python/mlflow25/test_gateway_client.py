@@ -112,3 +112,20 @@ def test_a_backend_outage_is_invisible_to_query(routes):
         pytest.skip("no multi-backend route in this setup")
     response = query(route=routes["resilient"], data={"messages": [{"role": "user", "content": "hello"}]})
     assert response["candidates"][0]["message"]["content"].startswith("word1")
+
+
+def test_spent_usd_budget_surfaces_as_429_naming_the_budget(routes, gateway_url):
+    if "broke" not in routes:
+        pytest.skip("no spent USD budget in this setup")
+    with pytest.raises(MlflowException) as err:
+        query(route=routes["broke"], data={"messages": [{"role": "user", "content": "x"}]})
+    # MLflow 2.5's client reports only the status of a 429 (urllib3's retry gives up on it before
+    # the body is read); the budget message is in the body for clients that read it.
+    assert "429" in str(err.value)
+    body = requests.post(
+        f"{gateway_url}/gateway/{routes['broke']}/invocations",
+        json={"messages": [{"role": "user", "content": "x"}]},
+        timeout=30,
+    )
+    assert body.status_code == 429
+    assert f"/{routes['broke']}: $0.000001 per month, resets " in body.json()["detail"]

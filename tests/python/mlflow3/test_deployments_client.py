@@ -102,3 +102,12 @@ def test_a_backend_outage_is_invisible_to_predict(client, routes):
         pytest.skip("no multi-backend route in this setup")
     response = client.predict(endpoint=routes["resilient"], inputs=CHAT)
     assert response["choices"][0]["message"]["content"].startswith("word1")
+
+
+def test_spent_usd_budget_surfaces_as_429_naming_the_budget(client, routes):
+    if "broke" not in routes:
+        pytest.skip("no spent USD budget in this setup")
+    with pytest.raises(Exception) as err:
+        client.predict(endpoint=routes["broke"], inputs=CHAT)
+    assert "429" in str(err.value)
+    assert f"/{routes['broke']}: $0.000001 per month, resets " in str(err.value)

@@ -113,3 +113,19 @@ def test_a_backend_outage_is_invisible_to_the_sdk(client, routes):
     assert raw.parse().choices[0].message.content == ANSWER
     stream = client.chat.completions.create(model=routes["resilient"], messages=MESSAGES, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == ANSWER
+
+
+def test_spent_usd_budget_is_a_rate_limit_error_naming_the_budget(client, routes):
+    if "broke" not in routes:
+        pytest.skip("no spent USD budget in this setup")
+    with pytest.raises(openai.RateLimitError) as err:
+        client.chat.completions.create(model=routes["broke"], messages=MESSAGES)
+    e = err.value
+    assert e.code == "rate_limit_exceeded"
+    assert "USD budget exceeded for route " in e.message
+    assert f"/{routes['broke']}: $0.000001 per month, resets " in e.message
+    assert e.body["message"].endswith("T00:00:00Z")
+    headers = e.response.headers
+    assert headers["x-ratelimit-limit-usd"] == "0.000001"
+    assert headers["x-ratelimit-remaining-usd"] == "0.00"
+    assert int(headers["retry-after"]) >= 1

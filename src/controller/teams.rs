@@ -1,0 +1,123 @@
+//! Teams: built into the routing table with the Routes, and their status (the limits in force).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::reflector::Store;
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::backoff::RetryBackoff;
+use super::status::FIELD_MANAGER;
+use crate::api::{Team, TeamStatus, condition};
+use crate::teams::{TeamEntry, Teams};
+
+/// The data plane's view of every Team.
+pub fn build(teams: &[Arc<Team>]) -> Teams {
+    Teams::new(teams.iter().map(|t| {
+        (
+            TeamEntry {
+                name: t.name_any(),
+                limits: t.spec.limits.clone(),
+                routes: t
+                    .spec
+                    .routes
+                    .as_ref()
+                    .map(|r| r.iter().cloned().collect::<HashSet<_>>()),
+            },
+            t.spec.members.clone(),
+        )
+    }))
+}
+
+fn desired(team: &Team, now: Timestamp) -> TeamStatus {
+    let previous = team
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"));
+    let generation = team.metadata.generation;
+    TeamStatus {
+        observed_generation: generation,
+        limits: team.spec.limits.clone(),
+        routes: team.spec.routes.clone(),
+        conditions: vec![condition(
+            "Ready",
+            (
+                "True",
+                "Enforced",
+                format!(
+                    "{} limit(s) enforced across every route its {} member rule(s) call",
+                    team.spec.limits.len(),
+                    team.spec.members.len()
+                ),
+            ),
+            generation,
+            previous,
+            now,
+        )],
+    }
+}
+
+fn is_current(team: &Team) -> bool {
+    team.status.as_ref().is_some_and(|s| {
+        s.observed_generation == team.metadata.generation
+            && s.limits == team.spec.limits
+            && s.routes == team.spec.routes
+            && s.conditions.iter().any(|c| c.type_ == "Ready")
+    })
+}
+
+/// Writes each Team's status when its spec changed, while this replica leads.
+pub async fn run_writer(
+    client: Client,
+    teams: Store<Team>,
+    mut changed: watch::Receiver<()>,
+    mut leader: watch::Receiver<bool>,
+    shutdown: CancellationToken,
+) {
+    let api: Api<Team> = Api::all(client);
+    let mut backoff = RetryBackoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    loop {
+        changed.borrow_and_update();
+        let leading = *leader.borrow_and_update();
+        let mut failures = 0;
+        if leading {
+            for team in teams.state().iter().filter(|t| !is_current(t)) {
+                let status = desired(team, Timestamp::now());
+                let patch = json!({"apiVersion": "portcullis.dev/v1alpha1", "kind": "Team", "status": status});
+                let params = PatchParams::apply(FIELD_MANAGER).force();
+                let name = team.name_any();
+                let patch = Patch::Apply(&patch);
+                let write = api.patch_status(&name, &params, &patch);
+                match tokio::time::timeout(super::API_CALL_TIMEOUT, write).await {
+                    Ok(Ok(_)) => debug!(team = %name, "wrote Team status"),
+                    Ok(Err(kube::Error::Api(s))) if s.code == 404 => {}
+                    outcome => {
+                        failures += 1;
+                        let error = match outcome {
+                            Ok(Err(e)) => e.to_string(),
+                            _ => "timed out".into(),
+                        };
+                        warn!(team = %name, error, "writing Team status failed");
+                    }
+                }
+            }
+        }
+        let wait = (failures > 0).then(|| backoff.next_delay());
+        if failures == 0 {
+            backoff.reset();
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            c = changed.changed() => if c.is_err() { return },
+            c = leader.changed() => if c.is_err() { return },
+            _ = async { match wait { Some(d) => tokio::time::sleep(d).await, None => futures::future::pending().await } } => {}
+        }
+    }
+}

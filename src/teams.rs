@@ -1,0 +1,140 @@
+//! Teams as the data plane sees them: each caller's teams found by one map lookup per identity key,
+//! built with the routing table (never per request).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use crate::access::Identity;
+use crate::api::{AccessRule, Limit};
+
+/// One Team, ready to enforce.
+#[derive(Debug)]
+pub struct TeamEntry {
+    pub name: String,
+    pub limits: Vec<Limit>,
+    /// `namespace/name` of the only routes members may call; `None`: any.
+    pub routes: Option<HashSet<String>>,
+}
+
+/// Every Team, indexed by member.
+#[derive(Debug, Default)]
+pub struct Teams {
+    list: Vec<Arc<TeamEntry>>,
+    /// `sa:ns/name`, `ns:ns`, `key:ns/name` -> indexes into `list`.
+    by_member: HashMap<String, Vec<usize>>,
+}
+
+impl Teams {
+    pub fn new(teams: impl IntoIterator<Item = (TeamEntry, Vec<AccessRule>)>) -> Teams {
+        let mut out = Teams::default();
+        for (i, (entry, members)) in teams.into_iter().enumerate() {
+            for m in &members {
+                let keys = [
+                    m.service_account.as_ref().map(|s| format!("sa:{s}")),
+                    m.namespace.as_ref().map(|n| format!("ns:{n}")),
+                    m.consumer.as_ref().map(|c| format!("key:{c}")),
+                ];
+                for key in keys.into_iter().flatten() {
+                    let slot = out.by_member.entry(key).or_default();
+                    if !slot.contains(&i) {
+                        slot.push(i);
+                    }
+                }
+            }
+            out.list.push(Arc::new(entry));
+        }
+        out
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    pub fn all(&self) -> &[Arc<TeamEntry>] {
+        &self.list
+    }
+
+    /// The teams `caller` belongs to, each once, in a stable order.
+    pub fn of(&self, caller: &Identity) -> Vec<Arc<TeamEntry>> {
+        if self.list.is_empty() {
+            return Vec::new();
+        }
+        let mut found: Vec<usize> = match caller {
+            Identity::ServiceAccount { namespace, name } => [
+                self.by_member.get(&format!("sa:{namespace}/{name}")),
+                self.by_member.get(&format!("ns:{namespace}")),
+            ]
+            .into_iter()
+            .flatten()
+            .flatten()
+            .copied()
+            .collect(),
+            Identity::Consumer { namespace, name } => self
+                .by_member
+                .get(&format!("key:{namespace}/{name}"))
+                .into_iter()
+                .flatten()
+                .copied()
+                .collect(),
+        };
+        found.sort_unstable();
+        found.dedup();
+        found
+            .into_iter()
+            .filter_map(|i| self.list.get(i).cloned())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(sa: Option<&str>, ns: Option<&str>, key: Option<&str>) -> AccessRule {
+        AccessRule {
+            service_account: sa.map(String::from),
+            namespace: ns.map(String::from),
+            consumer: key.map(String::from),
+        }
+    }
+
+    fn team(name: &str) -> TeamEntry {
+        TeamEntry {
+            name: name.into(),
+            limits: vec![],
+            routes: None,
+        }
+    }
+
+    #[test]
+    fn callers_find_each_of_their_teams_once() {
+        let teams = Teams::new([
+            (
+                team("a"),
+                vec![
+                    rule(Some("ml/bot"), None, None),
+                    rule(None, Some("ml"), None),
+                ],
+            ),
+            (team("b"), vec![rule(None, Some("ml"), None)]),
+            (team("c"), vec![rule(None, None, Some("ml/key"))]),
+        ]);
+        let sa = Identity::ServiceAccount {
+            namespace: "ml".into(),
+            name: "bot".into(),
+        };
+        let names = |v: Vec<Arc<TeamEntry>>| v.iter().map(|t| t.name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(teams.of(&sa)), ["a", "b"]);
+        let key = Identity::Consumer {
+            namespace: "ml".into(),
+            name: "key".into(),
+        };
+        // A namespace member rule covers ServiceAccounts, not API keys (as in access rules).
+        assert_eq!(names(teams.of(&key)), ["c"]);
+        let other = Identity::ServiceAccount {
+            namespace: "web".into(),
+            name: "bot".into(),
+        };
+        assert!(teams.of(&other).is_empty());
+    }
+}
