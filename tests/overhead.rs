@@ -201,8 +201,8 @@ async fn admit_and_settle(
             .cost
             .usd
             .get_or_create(&CostLabels {
-                route: entry.name.to_string(),
-                gen_ai_provider_name: "openai".into(),
+                route: entry.name.clone(),
+                gen_ai_provider_name: "openai",
                 gen_ai_request_model: "gpt-4o".into(),
                 consumer: "team-a/notebook".into(),
             })

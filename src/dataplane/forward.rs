@@ -319,8 +319,8 @@ fn record_cost(
     tokens: Tokens,
 ) -> CallCost {
     let labels = || CostLabels {
-        route: entry.name.to_string(),
-        gen_ai_provider_name: backend.provider.to_string(),
+        route: entry.name.clone(),
+        gen_ai_provider_name: backend.provider,
         gen_ai_request_model: backend.model.clone(),
         consumer: consumer.to_string(),
     };

@@ -358,8 +358,8 @@ impl Metrics {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CostLabels {
-    pub route: String,
-    pub gen_ai_provider_name: String,
+    pub route: Arc<str>,
+    pub gen_ai_provider_name: &'static str,
     pub gen_ai_request_model: String,
     pub consumer: String,
 }
