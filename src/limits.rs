@@ -684,7 +684,7 @@ impl Limiter {
         scopes.push((
             Scope {
                 what: "route",
-                name: route.name.clone(),
+                name: route.name.to_string(),
                 full: route.qualified.clone(),
                 namespace: Some(route.namespace.clone()),
             },
@@ -720,7 +720,7 @@ impl Limiter {
             self.metrics
                 .rate_limited
                 .get_or_create(&LimitLabels {
-                    route: route.name.clone(),
+                    route: route.name.to_string(),
                     limit: match (c.scope, c.kind) {
                         (0, kind) => kind.as_str(),
                         (_, Kind::Calls) => "team-calls",

@@ -35,15 +35,17 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     /// The message's text: the string content, or its text parts joined.
-    pub fn text(&self) -> String {
+    /// Borrowed when the content is a plain string (the usual case): no copy per request.
+    pub fn text(&self) -> std::borrow::Cow<'_, str> {
         match &self.content {
-            Value::String(s) => s.clone(),
+            Value::String(s) => s.as_str().into(),
             Value::Array(parts) => parts
                 .iter()
                 .filter_map(|p| p.get("text").and_then(Value::as_str))
                 .collect::<Vec<_>>()
-                .join(""),
-            _ => String::new(),
+                .join("")
+                .into(),
+            _ => "".into(),
         }
     }
 }

@@ -32,14 +32,14 @@ pub struct RoutingTable {
 pub struct RouteEntry {
     /// The name callers use and listings show: the one-word name when the Route owns it, else
     /// the qualified one.
-    pub name: String,
+    pub name: Arc<str>,
     /// `namespace/name`: always callable.
     pub qualified: String,
     pub namespace: String,
     pub route_type: RouteType,
     /// The provider and model listings show: `model`, or the first-choice backend.
     pub provider: Provider,
-    pub model: String,
+    pub model: Arc<str>,
     pub limits: Vec<Limit>,
     /// Who may call; `None`: the gateway-wide default.
     pub access: Option<Vec<AccessRule>>,
@@ -194,7 +194,7 @@ impl RoutingTable {
         let mut by_name = HashMap::with_capacity(sorted.len() * 2);
         for e in &sorted {
             by_name.insert(e.qualified.clone(), Arc::clone(e));
-            by_name.insert(e.name.clone(), Arc::clone(e));
+            by_name.insert(e.name.to_string(), Arc::clone(e));
         }
         RoutingTable {
             by_name,
@@ -271,10 +271,7 @@ mod tests {
     fn lookup_and_sorted_listing() {
         let t = RoutingTable::new([entry("b"), entry("a"), entry("c")]);
         assert_eq!(
-            t.routes()
-                .iter()
-                .map(|e| e.name.as_str())
-                .collect::<Vec<_>>(),
+            t.routes().iter().map(|e| &*e.name).collect::<Vec<_>>(),
             ["a", "b", "c"]
         );
         assert!(t.get("b").is_some());

@@ -202,7 +202,7 @@ async fn admit_and_settle(
             .usd
             .get_or_create(&CostLabels {
                 route: entry.name.clone(),
-                gen_ai_provider_name: "openai".into(),
+                gen_ai_provider_name: "openai",
                 gen_ai_request_model: "gpt-4o".into(),
                 consumer: "team-a/notebook".into(),
             })

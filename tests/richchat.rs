@@ -589,7 +589,7 @@ fn structured_output_is_translated_for_each_provider_or_refused_by_name() {
     let f = fixture();
     let schema = json!({"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]});
     let format = json!({"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}});
-    let messages = json!([{"role": "user", "content": "Answer in JSON."}]);
+    let messages = json!([{"role": "user", "content": "Answer in JSON, structured-output test."}]);
     for (provider, route) in &f.routes {
         for stream in [false, true] {
             let body = json!({"model": route, "messages": messages, "response_format": format, "stream": stream});
@@ -616,7 +616,9 @@ fn structured_output_is_translated_for_each_provider_or_refused_by_name() {
                         .map(str::to_string),
                 )
             };
-            let sent = last_request_for(&f.sim, provider, "Answer in JSON.").json();
+            let sent =
+                last_request_for(&f.sim, provider, "Answer in JSON, structured-output test.")
+                    .json();
             match *provider {
                 "anthropic" => {
                     assert_eq!(
@@ -677,7 +679,7 @@ fn structured_output_is_translated_for_each_provider_or_refused_by_name() {
         "/v1/chat/completions",
         &json!({"model": route("gemini"), "messages": messages, "response_format": json_object}),
     );
-    let sent = last_request_for(&f.sim, "gemini", "Answer in JSON.").json();
+    let sent = last_request_for(&f.sim, "gemini", "Answer in JSON, structured-output test.").json();
     assert_eq!(
         sent["generationConfig"]["responseMimeType"],
         "application/json"
@@ -690,7 +692,12 @@ fn structured_output_is_translated_for_each_provider_or_refused_by_name() {
         "/v1/chat/completions",
         &json!({"model": route("anthropic"), "messages": messages, "response_format": json_object}),
     );
-    let sent = last_request_for(&f.sim, "anthropic", "Answer in JSON.").json();
+    let sent = last_request_for(
+        &f.sim,
+        "anthropic",
+        "Answer in JSON, structured-output test.",
+    )
+    .json();
     assert_eq!(
         sent["tools"][0]["input_schema"],
         json!({"type": "object"}),
@@ -708,7 +715,14 @@ fn structured_output_is_translated_for_each_provider_or_refused_by_name() {
             .is_some_and(|m| m.contains("mlflow-model-serving")),
         "{answer}"
     );
-    assert!(requests_for(&f.sim, "mlflow-model-serving", "Answer in JSON.").is_empty());
+    assert!(
+        requests_for(
+            &f.sim,
+            "mlflow-model-serving",
+            "Answer in JSON, structured-output test."
+        )
+        .is_empty()
+    );
 }
 
 /// The last SSE event of a body.

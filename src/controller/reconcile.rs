@@ -168,7 +168,7 @@ pub fn reconcile_after(
             None => ShortName::NotPublic,
         };
         let served_as = if short_name == ShortName::Owned {
-            if let Some(before) = previous.get(name).filter(|e| e.name == name)
+            if let Some(before) = previous.get(name).filter(|e| *e.name == *name)
                 && before.namespace != namespace
             {
                 short_name_changes.push(ShortNameChange {
@@ -211,12 +211,12 @@ pub fn reconcile_after(
         });
         let primary = route.spec.primary_model();
         entries.push(RouteEntry {
-            name: served_as,
+            name: served_as.into(),
             qualified,
             namespace,
             route_type: route.spec.route_type,
             provider: primary.map_or(Provider::Openai, |m| m.provider),
-            model: primary.map(|m| m.name.clone()).unwrap_or_default(),
+            model: primary.map_or("", |m| m.name.as_str()).into(),
             limits: route.spec.limits.clone(),
             access: route.spec.access.clone(),
             state,
@@ -692,7 +692,7 @@ mod tests {
         );
         assert_eq!(a.served_as, "a/chat");
         // Listings show the short name for its owner, the qualified one for the others.
-        let names: Vec<&str> = r.table.routes().iter().map(|e| e.name.as_str()).collect();
+        let names: Vec<&str> = r.table.routes().iter().map(|e| &*e.name).collect();
         assert_eq!(names, ["a/chat", "c/chat", "chat"]);
 
         // The owner goes: the next oldest takes over, and the change is reported.
@@ -929,7 +929,7 @@ mod tests {
         assert_eq!(b.list[0].weight, 3);
         assert_eq!(b.policy.attempts, 2, "1 + one fallback priority");
         // Listings name the first-choice backend.
-        assert_eq!(r.table.get("pool").unwrap().model, "a");
+        assert_eq!(&*r.table.get("pool").unwrap().model, "a");
     }
 
     #[test]

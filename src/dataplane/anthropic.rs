@@ -237,7 +237,9 @@ pub async fn get_model(
         Ok(entry) if entry.route_type == RouteType::Chat => {
             Json(model_object(&entry.name)).into_response()
         }
-        Ok(entry) => AnthropicError(GatewayError::UnknownRoute(entry.name.clone())).into_response(),
+        Ok(entry) => {
+            AnthropicError(GatewayError::UnknownRoute(entry.name.to_string())).into_response()
+        }
         Err(e) => AnthropicError(e).into_response(),
     }
 }

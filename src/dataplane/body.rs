@@ -22,9 +22,16 @@ async fn read_bytes(
     limit: usize,
 ) -> Result<bytes::Bytes, GatewayError> {
     if let Some(ct) = headers.get(header::CONTENT_TYPE) {
-        let ct = ct.to_str().unwrap_or_default().to_ascii_lowercase();
-        let essence = ct.split(';').next().unwrap_or_default().trim();
-        if essence != "application/json" && !essence.ends_with("+json") {
+        // Compared without case, lowercased only for the error: no copy per request.
+        let essence = ct.to_str().unwrap_or_default();
+        let essence = essence.split(';').next().unwrap_or_default().trim();
+        let json_suffix = essence
+            .len()
+            .checked_sub(5)
+            .and_then(|at| essence.get(at..))
+            .is_some_and(|tail| tail.eq_ignore_ascii_case("+json"));
+        if !essence.eq_ignore_ascii_case("application/json") && !json_suffix {
+            let essence = essence.to_ascii_lowercase();
             return Err(GatewayError::UnsupportedMediaType(format!(
                 "the request body must be JSON (Content-Type: application/json), not {essence:?}"
             )));

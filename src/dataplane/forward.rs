@@ -334,7 +334,7 @@ fn record_cost(
 ) -> CallCost {
     let labels = || CostLabels {
         route: entry.name.clone(),
-        gen_ai_provider_name: backend.provider.to_string(),
+        gen_ai_provider_name: backend.provider,
         gen_ai_request_model: backend.model.clone(),
         consumer: consumer.to_string(),
     };
@@ -656,7 +656,7 @@ fn operation(route_type: RouteType) -> &'static str {
 fn route_labels(entry: &RouteEntry) -> RouteLabels {
     RouteLabels {
         route: entry.name.clone(),
-        gen_ai_provider_name: entry.provider.as_str().to_string(),
+        gen_ai_provider_name: entry.provider.as_str(),
         gen_ai_operation_name: operation(entry.route_type),
     }
 }
@@ -670,7 +670,7 @@ fn record_usage(metrics: &Metrics, entry: &RouteEntry, consumer: &str, usage: &U
         if let Some(n) = count {
             let labels = TokenLabels {
                 route: entry.name.clone(),
-                gen_ai_provider_name: entry.provider.as_str().to_string(),
+                gen_ai_provider_name: entry.provider.as_str(),
                 gen_ai_request_model: entry.model.clone(),
                 consumer: consumer.to_string(),
                 gen_ai_token_type: kind,
@@ -685,7 +685,7 @@ fn record_usage(metrics: &Metrics, entry: &RouteEntry, consumer: &str, usage: &U
 fn record_error(metrics: &Metrics, entry: &RouteEntry, err: &GatewayError) {
     let labels = ErrorLabels {
         route: entry.name.clone(),
-        gen_ai_provider_name: entry.provider.as_str().to_string(),
+        gen_ai_provider_name: entry.provider.as_str(),
         error_type: err.code(),
     };
     metrics.upstream_errors.get_or_create(&labels).inc();

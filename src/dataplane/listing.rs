@@ -63,7 +63,7 @@ fn page(
     let table = state.table.load();
     let routes = table.routes();
     let start = after.map_or(0, |after| {
-        routes.partition_point(|e| e.name.as_str() <= after.as_str())
+        routes.partition_point(|e| *e.name <= *after.as_str())
     });
     let mut shown = routes[start..].iter().filter(|e| visible.shows(e));
     let page: Vec<Arc<RouteEntry>> = shown

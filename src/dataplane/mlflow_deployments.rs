@@ -49,9 +49,9 @@ impl Listed for Endpoints {
 
     fn object(entry: &RouteEntry) -> Value {
         json!({
-            "name": entry.name,
+            "name": &*entry.name,
             "endpoint_type": entry.route_type.as_str(),
-            "model": {"name": entry.model, "provider": entry.provider.as_str()},
+            "model": {"name": &*entry.model, "provider": entry.provider.as_str()},
             "endpoint_url": format!("/endpoints/{}/invocations", entry.name),
             "limit": listing::limit(entry),
         })

@@ -53,9 +53,9 @@ impl Listed for Routes {
 
     fn object(entry: &RouteEntry) -> Value {
         json!({
-            "name": entry.name,
+            "name": &*entry.name,
             "route_type": entry.route_type.as_str(),
-            "model": {"name": entry.model, "provider": listed_provider(entry.provider)},
+            "model": {"name": &*entry.model, "provider": listed_provider(entry.provider)},
             "route_url": format!("/gateway/{}/invocations", entry.name),
             "limit": listing::limit(entry),
         })

@@ -66,13 +66,13 @@ impl std::fmt::Display for CallCost {
 #[derive(Default)]
 pub struct CallInfo {
     pub answered: Option<Answered>,
-    pub route: Option<String>,
+    pub route: Option<Arc<str>>,
     pub provider: Option<&'static str>,
     pub usage: Option<Usage>,
     /// Set once a non-streaming call is answered (a stream's cost is on its own log line).
     pub cost: Option<CallCost>,
     pub consumer: Option<String>,
-    pub model: Option<String>,
+    pub model: Option<Arc<str>>,
     /// The OpenTelemetry GenAI operation name: chat, text_completion, embeddings.
     pub operation: Option<&'static str>,
     /// Passed on to the provider when no span of ours is exported.
@@ -148,8 +148,12 @@ fn request_id(req: &Request) -> HeaderValue {
             static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
             let n = NEXT.fetch_add(1, Ordering::Relaxed);
             let pid = *PID.get_or_init(std::process::id);
-            HeaderValue::from_str(&format!("pc-{pid:08x}-{n}"))
-                .unwrap_or(HeaderValue::from_static("pc"))
+            // Formatted on the stack: the header value is then the only copy.
+            let mut buf = [0u8; 40];
+            let mut w = &mut buf[..];
+            let _ = std::io::Write::write_fmt(&mut w, format_args!("pc-{pid:08x}-{n}"));
+            let len = 40 - w.len();
+            HeaderValue::from_bytes(&buf[..len]).unwrap_or(HeaderValue::from_static("pc"))
         })
 }
 
@@ -158,7 +162,9 @@ pub async fn middleware(State(state): State<Arc<AppState>>, req: Request, next: 
     let id = request_id(&req);
     let surface = surface(req.uri().path());
     let method = req.method().clone();
-    let path = req.uri().path().to_string();
+    // A shared handle on the caller's URI (no copy of the path) for the log line.
+    let uri = req.uri().clone();
+    let path = uri.path();
     let span = request_span(&req, surface);
     let call = CallInfo {
         caller_traceparent: req.headers().get(TRACEPARENT).cloned(),
@@ -191,25 +197,30 @@ pub async fn middleware(State(state): State<Arc<AppState>>, req: Request, next: 
         .await;
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
-    let request_id = id.to_str().unwrap_or_default().to_string();
-    response.headers_mut().insert(REQUEST_ID, id);
     if let Some(a) = &call.answered {
         let headers = response.headers_mut();
         headers.insert(BACKEND_HEADER, a.header.clone());
-        headers.insert(ATTEMPTS_HEADER, HeaderValue::from(a.attempts));
+        headers.insert(ATTEMPTS_HEADER, attempts_header(a.attempts));
     }
     if let Some(cost) = call.cost
         && let Ok(v) = HeaderValue::try_from(cost.to_string())
     {
         response.headers_mut().insert(COST_HEADER, v);
     }
+    response.headers_mut().insert(REQUEST_ID, id);
+    // Logged from the header just set: no copy of the id.
+    let request_id = response
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
     if surface == "health" {
         debug!(request_id, %method, path, status, "health check");
         return response;
     }
     let labels = RequestLabels {
-        route: call.route.clone().unwrap_or_default(),
-        gen_ai_provider_name: call.provider.unwrap_or_default().to_string(),
+        route: call.route.clone().unwrap_or_else(|| Arc::from("")),
+        gen_ai_provider_name: call.provider.unwrap_or_default(),
         surface,
         status,
     };
@@ -251,6 +262,16 @@ pub async fn middleware(State(state): State<Arc<AppState>>, req: Request, next: 
         "request"
     );
     response
+}
+
+/// The attempts header; the usual counts without formatting a number.
+fn attempts_header(n: u32) -> HeaderValue {
+    match n {
+        1 => HeaderValue::from_static("1"),
+        2 => HeaderValue::from_static("2"),
+        3 => HeaderValue::from_static("3"),
+        n => HeaderValue::from(n),
+    }
 }
 
 /// A server span for the request, only when traces are exported: span bookkeeping is not free.

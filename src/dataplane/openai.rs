@@ -2,16 +2,18 @@
 //! The body's `model` names the route. The response shapes here are shared with the MLflow
 //! deployments surface, which speaks OpenAI's shapes on per-route paths.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::{Stream, StreamExt};
-use http::{HeaderMap, HeaderValue, header};
+use http::{HeaderValue, header};
+use serde::Serialize;
 use serde_json::{Map, Value, json};
 
 use super::AppState;
@@ -22,43 +24,31 @@ use super::forward::{self, ServingRoute};
 use super::request::{OPENAI, parse_request, require_string};
 use crate::api::RouteType;
 use crate::llm::{
-    Embeddings, Generation, LlmRequest, LlmResponse, StreamDelta, StreamOptions, ToolCallDelta,
-    Usage, unix_now,
+    Choice, Embeddings, Generation, LlmRequest, LlmResponse, StreamDelta, StreamOptions,
+    ToolCallDelta, Usage, unix_now,
 };
 
 type Result<T, E = OpenAiError> = std::result::Result<T, E>;
 
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
+    req: Request,
 ) -> Result<Response> {
-    handle(&state, &headers, body, RouteType::Chat).await
+    handle(&state, req, RouteType::Chat).await
 }
 
-pub async fn completions(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response> {
-    handle(&state, &headers, body, RouteType::Completions).await
+pub async fn completions(State(state): State<Arc<AppState>>, req: Request) -> Result<Response> {
+    handle(&state, req, RouteType::Completions).await
 }
 
-pub async fn embeddings(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response> {
-    handle(&state, &headers, body, RouteType::Embeddings).await
+pub async fn embeddings(State(state): State<Arc<AppState>>, req: Request) -> Result<Response> {
+    handle(&state, req, RouteType::Embeddings).await
 }
 
-async fn handle(
-    state: &AppState,
-    headers: &HeaderMap,
-    body: Body,
-    route_type: RouteType,
-) -> Result<Response> {
-    let mut body = read_json_object(headers, body, state.body_limit).await?;
+/// Takes the whole request, not a `HeaderMap` extractor: that one clones the caller's headers.
+async fn handle(state: &AppState, req: Request, route_type: RouteType) -> Result<Response> {
+    let (parts, body) = req.into_parts();
+    let mut body = read_json_object(&parts.headers, body, state.body_limit).await?;
     let route = forward::lookup(state, &require_string(&mut body, "model")?, route_type).await?;
     let request = parse_request(route_type, body, &OPENAI)?;
     Ok(respond(state, &route, request, true).await?)
@@ -108,22 +98,46 @@ pub async fn respond(
         )));
     }
     let answer = forward::invoke(state, route, &request).await?;
-    Ok(Json(render(&answer, route)).into_response())
+    Ok(render(&answer, route))
 }
 
 /// A non-streaming answer in OpenAI's shape.
-pub fn render(answer: &LlmResponse, route: &ServingRoute) -> Value {
+pub fn render(answer: &LlmResponse, route: &ServingRoute) -> Response {
     match answer {
-        LlmResponse::Generation(g) => render_generation(g, route),
-        LlmResponse::Embeddings(e) => render_embeddings(e, route),
+        LlmResponse::Generation(g) => {
+            let text: usize = g.choices.iter().map(|c| c.text.len() + 128).sum();
+            json_response(&render_generation(g, route), 256 + text)
+        }
+        LlmResponse::Embeddings(e) => {
+            let floats: usize = e.data.iter().map(|v| 64 + 24 * v.len()).sum();
+            json_response(&render_embeddings(e, route), 256 + floats)
+        }
         // Only the Messages surface sends native requests.
-        LlmResponse::Native(n) => native_body(n),
+        LlmResponse::Native(n) => json_response(&native_body(n), n.body.len()),
     }
 }
 
 /// A native answer's own JSON body.
 pub fn native_body(answer: &crate::llm::NativeAnswer) -> Value {
     serde_json::from_slice(&answer.body).unwrap_or_default()
+}
+
+/// `Json(value)`, written into a buffer sized for the answer: axum's starts at 128 bytes and
+/// regrows on every usual answer.
+fn json_response(value: &impl Serialize, size_hint: usize) -> Response {
+    let mut buf = BytesMut::with_capacity(size_hint).writer();
+    match serde_json::to_writer(&mut buf, value) {
+        Ok(()) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            buf.into_inner().freeze(),
+        )
+            .into_response(),
+        // Not reached for these shapes (string keys only); answers as `Json` would.
+        Err(_) => Json(value).into_response(),
+    }
 }
 
 /// The model the provider reported, else the route's configured one.
@@ -135,47 +149,148 @@ pub fn model_name<'a>(reported: &'a str, configured: &'a str) -> &'a str {
     }
 }
 
-fn render_generation(g: &Generation, route: &ServingRoute) -> Value {
-    let chat = route.entry.route_type == RouteType::Chat;
-    let choices: Vec<Value> = g
-        .choices
-        .iter()
-        .map(|c| {
-            if chat {
-                let mut message = Map::new();
-                message.insert("role".into(), json!("assistant"));
-                // As OpenAI answers: a message that only calls tools has no content.
-                let content = if c.text.is_empty() && c.message_extra.contains_key("tool_calls") {
-                    Value::Null
-                } else {
-                    json!(c.text)
-                };
-                message.insert("content".into(), content);
-                message.extend(c.message_extra.clone());
-                json!({"index": c.index, "message": message, "finish_reason": c.finish_reason})
-            } else {
-                json!({"index": c.index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": null})
-            }
-        })
-        .collect();
-    json!({
-        "id": if g.id.is_empty() { response_id(chat) } else { g.id.clone() },
-        "object": if chat { "chat.completion" } else { "text_completion" },
-        "created": g.created,
-        "model": model_name(&g.model, &route.entry.model),
-        "choices": choices,
-        "usage": usage_json(&g.usage),
-    })
+// Typed, borrowed answer shapes: serialised straight from the unified answer, no `Value` tree.
+#[derive(Serialize)]
+struct GenerationOut<'a> {
+    id: Cow<'a, str>,
+    object: &'static str,
+    created: i64,
+    model: &'a str,
+    choices: ChoicesOut<'a>,
+    usage: &'a Usage,
 }
 
-fn render_embeddings(e: &Embeddings, route: &ServingRoute) -> Value {
-    let data: Vec<Value> = e
+/// The choices, serialised one by one as they are rendered: no vector of rendered choices.
+struct ChoicesOut<'a> {
+    choices: &'a [Choice],
+    chat: bool,
+}
+
+impl Serialize for ChoicesOut<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_seq(self.choices.iter().map(|c| choice_out(c, self.chat)))
+    }
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum ChoiceOut<'a> {
+    Chat {
+        index: u32,
+        message: MessageOut<'a>,
+        finish_reason: Option<&'a str>,
+    },
+    Text {
+        index: u32,
+        text: &'a str,
+        finish_reason: Option<&'a str>,
+        logprobs: Option<()>,
+    },
+}
+
+/// An assistant message: role, content, then the provider's extra fields (role/content win).
+struct MessageOut<'a> {
+    content: Option<&'a str>,
+    extra: &'a Map<String, Value>,
+}
+
+impl Serialize for MessageOut<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(None)?;
+        map.serialize_entry("role", "assistant")?;
+        map.serialize_entry("content", &self.content)?;
+        for (k, v) in self.extra {
+            if k != "role" && k != "content" {
+                map.serialize_entry(k, v)?;
+            }
+        }
+        map.end()
+    }
+}
+
+fn choice_out(c: &Choice, chat: bool) -> ChoiceOut<'_> {
+    if chat {
+        // As OpenAI answers: a message that only calls tools has no content.
+        let content = if c.text.is_empty() && c.message_extra.contains_key("tool_calls") {
+            None
+        } else {
+            Some(c.text.as_str())
+        };
+        ChoiceOut::Chat {
+            index: c.index,
+            message: MessageOut {
+                content,
+                extra: &c.message_extra,
+            },
+            finish_reason: c.finish_reason.as_deref(),
+        }
+    } else {
+        ChoiceOut::Text {
+            index: c.index,
+            text: &c.text,
+            finish_reason: c.finish_reason.as_deref(),
+            logprobs: None,
+        }
+    }
+}
+
+fn render_generation<'a>(g: &'a Generation, route: &'a ServingRoute) -> GenerationOut<'a> {
+    let chat = route.entry.route_type == RouteType::Chat;
+    let choices = ChoicesOut {
+        choices: &g.choices,
+        chat,
+    };
+    GenerationOut {
+        id: if g.id.is_empty() {
+            Cow::Owned(response_id(chat))
+        } else {
+            Cow::Borrowed(&g.id)
+        },
+        object: if chat {
+            "chat.completion"
+        } else {
+            "text_completion"
+        },
+        created: g.created,
+        model: model_name(&g.model, &route.entry.model),
+        choices,
+        usage: &g.usage,
+    }
+}
+
+#[derive(Serialize)]
+struct EmbeddingsOut<'a> {
+    object: &'static str,
+    data: Vec<EmbeddingOut<'a>>,
+    model: &'a str,
+    usage: &'a Usage,
+}
+
+#[derive(Serialize)]
+struct EmbeddingOut<'a> {
+    object: &'static str,
+    index: usize,
+    embedding: &'a [f64],
+}
+
+fn render_embeddings<'a>(e: &'a Embeddings, route: &'a ServingRoute) -> EmbeddingsOut<'a> {
+    let data = e
         .data
         .iter()
         .enumerate()
-        .map(|(i, v)| json!({"object": "embedding", "index": i, "embedding": v}))
+        .map(|(i, v)| EmbeddingOut {
+            object: "embedding",
+            index: i,
+            embedding: v,
+        })
         .collect();
-    json!({"object": "list", "data": data, "model": model_name(&e.model, &route.entry.model), "usage": usage_json(&e.usage)})
+    EmbeddingsOut {
+        object: "list",
+        data,
+        model: model_name(&e.model, &route.entry.model),
+        usage: &e.usage,
+    }
 }
 
 pub fn usage_json(u: &Usage) -> Value {

@@ -486,7 +486,7 @@ mod tests {
             .load()
             .routes()
             .iter()
-            .map(|r| r.name.clone())
+            .map(|r| r.name.to_string())
             .collect()
     }
 

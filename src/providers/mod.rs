@@ -230,14 +230,25 @@ pub(crate) const ALL_ROUTE_TYPES: &[RouteType] = &[
 pub(crate) fn post_json(
     url: String,
     headers: HeaderMap,
-    body: &serde_json::Value,
+    body: &impl serde::Serialize,
 ) -> UpstreamRequest {
     UpstreamRequest {
         method: Method::POST,
         url,
         headers,
-        body: Bytes::from(body.to_string()),
+        body: Bytes::from(json_bytes(body)),
     }
+}
+
+/// A request body as JSON, in a buffer big enough for the usual request (`to_vec` starts at 128
+/// bytes and regrows).
+fn json_bytes(body: &impl serde::Serialize) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(512);
+    // Serialising JSON into memory cannot fail for these bodies (string keys only).
+    if serde_json::to_writer(&mut buf, body).is_err() {
+        buf.clear();
+    }
+    buf
 }
 
 /// An answer with a single choice, as from every provider without candidate counts.

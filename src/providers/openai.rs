@@ -1,14 +1,15 @@
 //! OpenAI's Chat Completions, Completions and Embeddings APIs.
 
+use std::borrow::Cow;
+
 use http::{HeaderMap, HeaderValue, StatusCode, header};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use super::sse::{SseDecoder, SseEvent, SseHandler};
 use super::{
     ALL_ROUTE_TYPES, API_KEY, CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder,
-    Target, UpstreamRequest, insert_secret, json_headers, malformed, normalize_finish_reason,
-    post_json,
+    Target, UpstreamRequest, json_headers, malformed, normalize_finish_reason, post_json,
 };
 use crate::api::{Provider, RouteType};
 use crate::llm::{
@@ -40,7 +41,16 @@ impl ProviderAdapter for OpenAi {
         target: &Target,
         request: &LlmRequest,
     ) -> Result<UpstreamRequest, ProviderError> {
-        let (path, body) = request_body(&target.model, request)?;
+        let body = WireRequest {
+            model: &target.model,
+            request,
+        };
+        let path = match request {
+            LlmRequest::Chat(_) => "/chat/completions",
+            LlmRequest::Completions(_) => "/completions",
+            LlmRequest::Embeddings(_) => "/embeddings",
+            LlmRequest::Native(_) => return Err(super::native_unsupported(Provider::Openai)),
+        };
         let mut headers = bearer_headers(target)?;
         for (config_key, header_name) in [
             ("organization", "openai-organization"),
@@ -55,7 +65,7 @@ impl ProviderAdapter for OpenAi {
             }
         }
         Ok(post_json(
-            format!("{}{}", target.api_base, path),
+            [target.api_base.as_str(), path].concat(),
             headers,
             &body,
         ))
@@ -79,11 +89,17 @@ impl ProviderAdapter for OpenAi {
 pub(super) fn bearer_headers(target: &Target) -> Result<HeaderMap, ProviderError> {
     let mut headers = json_headers();
     if let Some(key) = target.credentials.get(API_KEY) {
-        insert_secret(
-            &mut headers,
-            header::AUTHORIZATION,
-            &format!("Bearer {key}"),
-        )?;
+        // Built in one buffer the header value takes over: no formatted copy of the key.
+        let mut value = bytes::BytesMut::with_capacity(7 + key.len());
+        value.extend_from_slice(b"Bearer ");
+        value.extend_from_slice(key.as_bytes());
+        let mut value = HeaderValue::from_maybe_shared(value.freeze()).map_err(|_| {
+            ProviderError::Unsupported(
+                "the credential holds characters not allowed in a header".into(),
+            )
+        })?;
+        value.set_sensitive(true);
+        headers.insert(header::AUTHORIZATION, value);
     }
     Ok(headers)
 }
@@ -134,6 +150,82 @@ pub(super) fn request_body(
     })
 }
 
+/// The same body as `request_body`, serialised straight from the request (no `Value` tree): the
+/// hot path. Fields the gateway sets win over the caller's extra fields of the same name.
+struct WireRequest<'a> {
+    model: &'a str,
+    request: &'a LlmRequest,
+}
+
+impl Serialize for WireRequest<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let (extra, params, stream) = match self.request {
+            LlmRequest::Chat(r) => (&r.extra, Some(&r.params), r.stream.stream),
+            LlmRequest::Completions(r) => (&r.extra, Some(&r.params), r.stream.stream),
+            LlmRequest::Embeddings(r) => (&r.extra, None, false),
+            // Refused by `build_request`; its body would be the caller's, as is.
+            LlmRequest::Native(r) => (&r.body, None, false),
+        };
+        let ours = |k: &str| {
+            matches!(k, "model" | "messages" | "prompt" | "input")
+                || (stream && matches!(k, "stream" | "stream_options"))
+                || params.is_some_and(|p| match k {
+                    "temperature" => p.temperature.is_some(),
+                    "top_p" => p.top_p.is_some(),
+                    "max_tokens" => p.max_tokens.is_some(),
+                    "stop" => p.stop.is_some(),
+                    "n" => p.n.is_some(),
+                    _ => false,
+                })
+        };
+        let mut map = s.serialize_map(None)?;
+        for (k, v) in extra.iter().filter(|(k, _)| !ours(k)) {
+            map.serialize_entry(k, v)?;
+        }
+        map.serialize_entry("model", self.model)?;
+        if let Some(p) = params {
+            if let Some(v) = &p.temperature {
+                map.serialize_entry("temperature", v)?;
+            }
+            if let Some(v) = &p.top_p {
+                map.serialize_entry("top_p", v)?;
+            }
+            if let Some(v) = &p.max_tokens {
+                map.serialize_entry("max_tokens", v)?;
+            }
+            if let Some(v) = &p.stop {
+                map.serialize_entry("stop", v)?;
+            }
+            if let Some(v) = &p.n {
+                map.serialize_entry("n", v)?;
+            }
+        }
+        if stream {
+            map.serialize_entry("stream", &true)?;
+            // Always ask for usage: token accounting needs it even when the caller did not.
+            map.serialize_entry(
+                "stream_options",
+                &IncludeUsage {
+                    include_usage: true,
+                },
+            )?;
+        }
+        match self.request {
+            LlmRequest::Chat(r) => map.serialize_entry("messages", &r.messages)?,
+            LlmRequest::Completions(r) => map.serialize_entry("prompt", &r.prompt)?,
+            LlmRequest::Embeddings(r) => map.serialize_entry("input", &r.input)?,
+            LlmRequest::Native(_) => {}
+        }
+        map.end()
+    }
+}
+
+#[derive(Serialize)]
+struct IncludeUsage {
+    include_usage: bool,
+}
+
 fn base_body(
     model: &str,
     extra: &Map<String, Value>,
@@ -179,26 +271,131 @@ struct WireGeneration {
     created: Option<i64>,
     #[serde(default)]
     model: String,
-    choices: Vec<WireChoice>,
+    choices: Choices,
     usage: Option<WireUsage>,
 }
 
+/// The answer's choices, converted one by one as they are read: no vector of wire choices.
+struct Choices(Vec<Choice>);
+
+impl<'de> Deserialize<'de> for Choices {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Seq;
+        impl<'de> serde::de::Visitor<'de> for Seq {
+            type Value = Choices;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a list of choices")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Choices, A::Error> {
+                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(1).min(16));
+                while let Some(c) = seq.next_element::<WireChoice<'de>>()? {
+                    out.push(c.into_choice());
+                }
+                Ok(Choices(out))
+            }
+        }
+        d.deserialize_seq(Seq)
+    }
+}
+
+impl WireChoice<'_> {
+    fn into_choice(self) -> Choice {
+        let (text, message_extra) = match self.message {
+            Some(m) => (content_text(m.content), m.extra),
+            None => (self.text.unwrap_or_default(), Map::new()),
+        };
+        Choice {
+            index: self.index,
+            text,
+            finish_reason: self
+                .finish_reason
+                .as_deref()
+                .and_then(normalize_finish_reason),
+            message_extra,
+        }
+    }
+}
+
 #[derive(Deserialize)]
-struct WireChoice {
+struct WireChoice<'a> {
     #[serde(default)]
     index: u32,
     message: Option<WireMessage>,
     text: Option<String>,
-    finish_reason: Option<String>,
+    /// Borrowed from the body: only its normalised word is kept.
+    #[serde(borrow)]
+    finish_reason: Option<Cow<'a, str>>,
 }
 
-#[derive(Deserialize)]
+/// An answer's message: `content` (a string, or, from Databricks reasoning models, a list of
+/// typed parts) and the fields beyond role/content. Read by hand, not as a struct with a
+/// flattened rest: flattening buffers every field twice, and `role` need not be kept at all.
 struct WireMessage {
-    /// A string, or (Databricks reasoning models) a list of typed parts.
-    #[serde(default)]
     content: Option<Value>,
-    #[serde(flatten)]
     extra: Map<String, Value>,
+}
+
+impl<'de> Deserialize<'de> for WireMessage {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = WireMessage;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a message object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<WireMessage, A::Error> {
+                let mut message = WireMessage {
+                    content: None,
+                    extra: Map::new(),
+                };
+                while let Some(key) = map.next_key::<MessageKey>()? {
+                    match key {
+                        MessageKey::Role => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                        }
+                        MessageKey::Content => message.content = map.next_value()?,
+                        MessageKey::Other(k) => {
+                            message.extra.insert(k, map.next_value()?);
+                        }
+                    }
+                }
+                Ok(message)
+            }
+        }
+        d.deserialize_map(Fields)
+    }
+}
+
+enum MessageKey {
+    Role,
+    Content,
+    Other(String),
+}
+
+impl<'de> Deserialize<'de> for MessageKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Key;
+        impl serde::de::Visitor<'_> for Key {
+            type Value = MessageKey;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_str<E: serde::de::Error>(self, k: &str) -> Result<MessageKey, E> {
+                Ok(match k {
+                    "role" => MessageKey::Role,
+                    "content" => MessageKey::Content,
+                    other => MessageKey::Other(other.to_owned()),
+                })
+            }
+        }
+        d.deserialize_identifier(Key)
+    }
 }
 
 #[derive(Deserialize)]
@@ -233,25 +430,7 @@ pub(super) fn parse_response(
         }
         RouteType::Chat | RouteType::Completions => {
             let wire: WireGeneration = serde_json::from_slice(body).map_err(malformed)?;
-            let choices = wire
-                .choices
-                .into_iter()
-                .map(|c| {
-                    let (text, message_extra) = match c.message {
-                        Some(mut m) => {
-                            m.extra.remove("role");
-                            (content_text(m.content.as_ref()), m.extra)
-                        }
-                        None => (c.text.unwrap_or_default(), Map::new()),
-                    };
-                    Choice {
-                        index: c.index,
-                        text,
-                        finish_reason: c.finish_reason.as_deref().and_then(normalize_finish_reason),
-                        message_extra,
-                    }
-                })
-                .collect();
+            let choices = wire.choices.0;
             Ok(LlmResponse::Generation(Generation {
                 id: wire.id,
                 created: wire.created.unwrap_or_else(unix_now),
@@ -264,9 +443,9 @@ pub(super) fn parse_response(
 }
 
 /// Text of a message `content`: the string, or the `text` parts of a list (reasoning parts skipped).
-fn content_text(content: Option<&Value>) -> String {
+fn content_text(content: Option<Value>) -> String {
     match content {
-        Some(Value::String(s)) => s.clone(),
+        Some(Value::String(s)) => s,
         Some(Value::Array(parts)) => parts
             .iter()
             .filter(|p| p.get("type").and_then(Value::as_str).unwrap_or("text") == "text")
@@ -418,7 +597,7 @@ impl SseHandler for OpenAiStream {
             let (role, text, tool_calls) = match (self.route_type, c.delta) {
                 (RouteType::Chat, Some(d)) => (
                     d.role,
-                    d.content.map(|v| content_text(Some(&v))),
+                    d.content.map(|v| content_text(Some(v))),
                     d.tool_calls
                         .unwrap_or_default()
                         .into_iter()

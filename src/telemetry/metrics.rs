@@ -16,32 +16,32 @@ use prometheus_client::registry::{Registry, Unit};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    pub route: String,
-    pub gen_ai_provider_name: String,
+    pub route: Arc<str>,
+    pub gen_ai_provider_name: &'static str,
     pub surface: &'static str,
     pub status: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
-    pub route: String,
-    pub gen_ai_provider_name: String,
+    pub route: Arc<str>,
+    pub gen_ai_provider_name: &'static str,
     pub gen_ai_operation_name: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TokenLabels {
-    pub route: String,
-    pub gen_ai_provider_name: String,
-    pub gen_ai_request_model: String,
+    pub route: Arc<str>,
+    pub gen_ai_provider_name: &'static str,
+    pub gen_ai_request_model: Arc<str>,
     pub consumer: String,
     pub gen_ai_token_type: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
-    pub route: String,
-    pub gen_ai_provider_name: String,
+    pub route: Arc<str>,
+    pub gen_ai_provider_name: &'static str,
     pub error_type: &'static str,
 }
 
@@ -358,8 +358,8 @@ impl Metrics {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CostLabels {
-    pub route: String,
-    pub gen_ai_provider_name: String,
+    pub route: Arc<str>,
+    pub gen_ai_provider_name: &'static str,
     pub gen_ai_request_model: String,
     pub consumer: String,
 }
@@ -449,7 +449,7 @@ mod tests {
         m.requests
             .get_or_create(&RequestLabels {
                 route: "chat".into(),
-                gen_ai_provider_name: "openai".into(),
+                gen_ai_provider_name: "openai",
                 surface: "openai",
                 status: 200,
             })
