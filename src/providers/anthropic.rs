@@ -3,7 +3,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::{HeaderValue, StatusCode};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use super::features::{self, Image, OUTPUT_TOOL, ToolChoice};
@@ -49,20 +49,22 @@ impl ProviderAdapter for Anthropic {
     ) -> Result<UpstreamRequest, ProviderError> {
         let (body, beta) = match request {
             LlmRequest::Chat(chat) => (
-                request_body(target, chat)?,
+                Body::Translated(request_body(target, chat)?),
                 // The caller's own `anthropic-beta` (the Messages surface passes it on for
                 // Anthropic Routes).
                 chat.extra.get("anthropic_beta").and_then(Value::as_str),
             ),
             LlmRequest::Native(native) => {
-                let mut body = native.body.clone();
-                body.insert("model".into(), json!(target.model));
                 let beta = native
                     .headers
                     .iter()
                     .find(|(name, _)| name == "anthropic-beta")
                     .map(|(_, v)| v.as_str());
-                (Value::Object(body), beta)
+                let body = Body::Native {
+                    model: &target.model,
+                    body: &native.body,
+                };
+                (body, beta)
             }
             _ => {
                 return Err(ProviderError::Unsupported(
@@ -162,6 +164,33 @@ impl ProviderAdapter for Anthropic {
 
     fn native_stream_decoder(&self) -> Option<Box<dyn StreamDecoder>> {
         Some(SseDecoder::boxed(NativeStream::default()))
+    }
+}
+
+/// A request body: translated, or the caller's own with the backend's `model`, serialised straight
+/// from the caller's fields (no copy).
+enum Body<'a> {
+    Translated(Value),
+    Native {
+        model: &'a str,
+        body: &'a Map<String, Value>,
+    },
+}
+
+impl Serialize for Body<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        match self {
+            Body::Translated(v) => v.serialize(s),
+            Body::Native { model, body } => {
+                let mut map = s.serialize_map(None)?;
+                map.serialize_entry("model", model)?;
+                for (k, v) in body.iter().filter(|(k, _)| *k != "model") {
+                    map.serialize_entry(k, v)?;
+                }
+                map.end()
+            }
+        }
     }
 }
 
