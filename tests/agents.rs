@@ -689,3 +689,40 @@ fn token_budgets_charge_and_settle_on_both_surfaces() {
     assert_eq!(status, 429, "{got}");
     assert_eq!(got["error"]["code"], "rate_limit_exceeded");
 }
+
+#[test]
+fn an_anthropic_route_answers_exactly_as_anthropic_did() {
+    let f = fixture();
+    let ask = json!({"model": f.anthropic, "max_tokens": 2048,
+        "thinking": {"type": "enabled", "budget_tokens": 1024},
+        "messages": [{"role": "user", "content": "verbatim-check"}]});
+    let (status, got) = call_raw("/v1/messages", &ask.to_string(), false);
+    assert_eq!(status, 200, "{got}");
+    // The simulator's own answer: its id and model, the thinking block with its signature, and
+    // its usage fields.
+    assert_eq!(got["id"], "msg_sim");
+    assert_eq!(got["model"], "claude-sonnet-4-5");
+    assert_eq!(got["content"][0]["type"], "thinking", "{got}");
+    assert_eq!(got["content"][0]["signature"], "sig_sim_thinking");
+    assert_eq!(got["usage"]["cache_read_input_tokens"], 0, "{got}");
+
+    let mut streamed = ask;
+    streamed["stream"] = json!(true);
+    let events = events("/v1/messages", streamed);
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names.first(), Some(&"message_start"));
+    assert_eq!(names.last(), Some(&"message_stop"));
+    assert_eq!(events[0].1["message"]["id"], "msg_sim");
+    assert_eq!(
+        events[1].1["content_block"],
+        json!({"type": "thinking", "thinking": ""})
+    );
+    let deltas: Vec<&str> = events
+        .iter()
+        .filter_map(|(_, e)| e["delta"]["type"].as_str())
+        .collect();
+    assert!(
+        deltas.contains(&"thinking_delta") && deltas.contains(&"signature_delta"),
+        "{names:?}"
+    );
+}
