@@ -9,6 +9,7 @@ mod support;
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use portcullis::api::{Provider, RouteSpec, RouteType};
 use serde_json::{Value, json};
 use support::*;
 
@@ -25,6 +26,8 @@ struct Fixture {
     embeddings: String,
     faulty_openai: String,
     faulty_anthropic: String,
+    /// Two Anthropic backends, the first unreachable: calls fall back to the simulator.
+    fallback_anthropic: String,
     /// Token budgets of 100 a day, one Route per surface.
     budget_messages: String,
     budget_responses: String,
@@ -86,6 +89,34 @@ fn fixture() -> &'static Fixture {
         let (throttled_openai, throttled_anthropic) = (name("oa-throttled"), name("an-throttled"));
         let (faulty_openai, faulty_anthropic) = (name("oa-faulty"), name("an-faulty"));
         let embeddings = name("emb");
+        let fallback_anthropic = name("an-fallback");
+        let mut fallback = RouteSpec::new(
+            RouteType::Chat,
+            model(Provider::Anthropic, "unused", "http://127.0.0.1:1", "keys"),
+        );
+        fallback.model = None;
+        fallback.backends = vec![
+            backend(
+                model(
+                    Provider::Anthropic,
+                    "claude-gone",
+                    "http://127.0.0.1:1",
+                    "keys",
+                ),
+                1,
+                0,
+            ),
+            backend(
+                model(
+                    Provider::Anthropic,
+                    "claude-sonnet-4-5",
+                    &sim.anthropic_base(),
+                    "keys",
+                ),
+                1,
+                1,
+            ),
+        ];
         let (budget_messages, budget_responses) = (name("budget-msg"), name("budget-resp"));
         let budget = "  limits:\n    - renewalPeriod: day\n      tokens: 100\n";
         let one_call = "  limits:\n    - renewalPeriod: hour\n      calls: 1\n";
@@ -145,6 +176,7 @@ fn fixture() -> &'static Fixture {
                 Some("keys"),
                 &[],
             ),
+            route_yaml(&ns, &fallback_anthropic, fallback),
         ];
         cp.apply(&docs.join("---\n"));
         let all = [
@@ -156,6 +188,7 @@ fn fixture() -> &'static Fixture {
             &faulty_openai,
             &faulty_anthropic,
             &embeddings,
+            &fallback_anthropic,
             &budget_messages,
             &budget_responses,
         ];
@@ -187,6 +220,7 @@ fn fixture() -> &'static Fixture {
             embeddings,
             faulty_openai,
             faulty_anthropic,
+            fallback_anthropic,
             budget_messages,
             budget_responses,
             token,
@@ -725,4 +759,16 @@ fn an_anthropic_route_answers_exactly_as_anthropic_did() {
         deltas.contains(&"thinking_delta") && deltas.contains(&"signature_delta"),
         "{names:?}"
     );
+
+    // Falling back from an unreachable Anthropic backend to the next keeps the body untouched.
+    let sent = json!({"model": f.fallback_anthropic, "max_tokens": 2048, "service_tier": "auto",
+        "thinking": {"type": "enabled", "budget_tokens": 1024},
+        "messages": [{"role": "user", "content": "fallback-verbatim"}]});
+    let (status, got) = call_raw("/v1/messages", &sent.to_string(), false);
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(got["content"][0]["type"], "thinking", "{got}");
+    let received = find(&received(&f.sim, "/anthropic/"), "fallback-verbatim").clone();
+    let mut want = sent;
+    want["model"] = json!("claude-sonnet-4-5");
+    assert_eq!(received, want);
 }
