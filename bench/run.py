@@ -583,8 +583,12 @@ def main():
         t0 = time.perf_counter()
         gw6, gw6_port = start_gateway("gateway-many", ["--namespace", "many"])
         sync_ms = (time.perf_counter() - t0) * 1000
-        time.sleep(2)
+        # Steady state: once the status writes of the initial sync are done and jemalloc's
+        # background thread has returned the pages of that burst (its decay is 10 s).
+        wait_quiet(gw6.metrics_url)
+        time.sleep(12)
         many_rss = gw6.rss_mib()
+        many_peak = gw6.peak_rss_mib()
         row("control plane", f"initial sync of {n_routes} Routes, process start → ready (ms)", "", f"{sync_ms:.0f}", "")
 
         # 6d. Rebuild cost under a burst of Secret churn no Route references (created, then changed).
@@ -631,7 +635,8 @@ def main():
             row("per request", "allocations (allocator calls) per proxied chat call", "",
                 f"{calls / n_cg:.0f}", "", "half of 217 (2026-11-30)", calls / n_cg <= 108.5)
         row("memory", "RSS idle (MiB)", "", f"{idle_rss:.1f}", "", "≤ 20", idle_rss <= 20)
-        row("memory", f"RSS with {n_routes} Routes (MiB)", "", f"{many_rss:.1f}", "", "≤ 64", many_rss <= 64)
+        row("memory", f"RSS with {n_routes} Routes, steady (MiB)", "", f"{many_rss:.1f}", "", "≤ 64", many_rss <= 64)
+        row("memory", f"peak RSS during the initial sync of {n_routes} Routes (MiB)", "", f"{many_peak:.1f}", "")
     finally:
         for p in procs:
             p.stop()

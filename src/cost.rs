@@ -47,21 +47,35 @@ impl Usd {
 
     /// Dollars with at least `min_decimals` decimals and no trailing zeros beyond them.
     pub fn format(self, min_decimals: usize) -> String {
-        let whole = self.0 / PICOS_PER_USD;
-        let frac = format!("{:012}", self.0 % PICOS_PER_USD);
-        let keep = frac.trim_end_matches('0').len().max(min_decimals.min(12));
-        if keep == 0 {
-            whole.to_string()
-        } else {
-            format!("{whole}.{}", &frac[..keep])
+        let mut out = String::with_capacity(24);
+        // Writing into a String cannot fail.
+        let _ = self.write(&mut out, min_decimals);
+        out
+    }
+
+    /// Writes the amount without an intermediate string (it is on every priced call's path).
+    fn write(self, w: &mut impl std::fmt::Write, min_decimals: usize) -> std::fmt::Result {
+        let mut frac = self.0 % PICOS_PER_USD;
+        let mut digits = [b'0'; 12];
+        for d in digits.iter_mut().rev() {
+            *d = b'0' + (frac % 10) as u8;
+            frac /= 10;
         }
+        let significant = digits.iter().rposition(|&d| d != b'0').map_or(0, |i| i + 1);
+        let keep = significant.max(min_decimals.min(12));
+        write!(w, "{}", self.0 / PICOS_PER_USD)?;
+        if keep > 0 {
+            w.write_char('.')?;
+            w.write_str(std::str::from_utf8(&digits[..keep]).unwrap_or_default())?;
+        }
+        Ok(())
     }
 }
 
 impl std::fmt::Display for Usd {
     /// Exact: `0.0000375`, `1`, `12.5`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.format(0))
+        self.write(f, 0)
     }
 }
 
@@ -96,11 +110,14 @@ impl Tokens {
                 input: clamp(total),
                 ..Tokens::default()
             }),
-            (p, c, _) => Some(Tokens {
-                input: clamp(p.unwrap_or(0)),
-                cached: 0,
-                output: clamp(c.unwrap_or(0)),
-            }),
+            (p, c, _) => {
+                let input = clamp(p.unwrap_or(0));
+                Some(Tokens {
+                    input,
+                    cached: clamp(usage.cached_prompt_tokens.unwrap_or(0)).min(input),
+                    output: clamp(c.unwrap_or(0)),
+                })
+            }
         }
     }
 }
@@ -394,6 +411,12 @@ mod tests {
         });
         assert_eq!(c, Usd(7_250_000_000));
         assert_eq!(c.to_string(), "0.00725");
+        // The same from a provider's usage report naming its cached tokens.
+        let reported = Usage::new(Some(1000), Some(500)).with_cached(Some(200));
+        assert_eq!(p.cost(Tokens::from_usage(&reported).unwrap()), c);
+        // More cached tokens than prompt tokens is nonsense: never a refund.
+        let absurd = Usage::new(Some(10), Some(0)).with_cached(Some(50));
+        assert_eq!(Tokens::from_usage(&absurd).unwrap().cached, 10);
         // A hundred cent-calls are exactly a dollar: no float drift.
         let cent = Price {
             input: 0,

@@ -129,6 +129,9 @@ pub struct Usage {
     pub prompt_tokens: Option<u64>,
     pub completion_tokens: Option<u64>,
     pub total_tokens: Option<u64>,
+    /// The part of `prompt_tokens` the provider read from its prompt cache (priced lower).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached_prompt_tokens: Option<u64>,
 }
 
 /// The most tokens one call is taken to have used. Figures from outside are clamped to it, so an
@@ -162,7 +165,14 @@ impl Usage {
             prompt_tokens: prompt,
             completion_tokens: completion,
             total_tokens: total,
+            cached_prompt_tokens: None,
         }
+    }
+
+    /// The same counts with `cached` prompt tokens noted (a report without them leaves `None`).
+    pub fn with_cached(mut self, cached: Option<u64>) -> Self {
+        self.cached_prompt_tokens = cached.map(|c| c.min(MAX_REPORTED_TOKENS));
+        self
     }
 }
 
@@ -224,6 +234,9 @@ pub struct StreamDelta {
     pub usage: Option<Usage>,
     /// Tool-call fragments, in OpenAI's streaming shape (see `ToolCallDelta`).
     pub tool_calls: Vec<ToolCallDelta>,
+    /// On the chunk that reports usage: the call's cost in USD as the gateway prices it
+    /// (`x-portcullis-cost-usd`'s value: a decimal, or `unknown`), for the final usage chunk.
+    pub cost_usd: Option<String>,
     /// A native stream's event, exactly as the provider sent it (see `NativeRequest`).
     pub raw: Option<bytes::Bytes>,
 }

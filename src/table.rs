@@ -127,6 +127,8 @@ pub struct Backend {
     /// `provider/model`: the log field, metric label and `x-portcullis-backend` header value.
     pub id: Arc<str>,
     pub header: HeaderValue,
+    /// The provider's model, as the cost metric's label (a refcount per call, not a copy).
+    pub model: Arc<str>,
     /// Identifies the backend across table rebuilds; its health carries over while this is unchanged.
     pub key: String,
     pub health: Arc<BackendHealth>,
@@ -145,6 +147,7 @@ impl Backend {
         .into();
         Backend {
             header: HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("unknown")),
+            model: upstream.target.model.as_str().into(),
             id,
             upstream: Arc::new(upstream),
             weight,

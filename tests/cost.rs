@@ -192,7 +192,8 @@ fn calls_cost_what_the_provider_reported_at_the_catalog_or_overridden_price() {
         Some(dollars(plain).as_str())
     );
 
-    // A stream is charged its final usage report, on its log line and in the metric; no header.
+    // A stream is charged its final usage report, on its log line, in the metric and on its
+    // final usage chunk (`x_portcullis_cost_usd`); no header.
     let (code, headers, text) = chat(
         &overridden,
         json!({"stream": true, "stream_options": {"include_usage": true}}),
@@ -203,6 +204,11 @@ fn calls_cost_what_the_provider_reported_at_the_catalog_or_overridden_price() {
     let (p, c) = usage_of(chunks.last().unwrap());
     let streamed = p * per_token(3) + c * per_token(1000);
     assert_eq!((p, c), (2, 20));
+    assert_eq!(
+        chunks.last().unwrap()["x_portcullis_cost_usd"],
+        json!(dollars(streamed)),
+        "{text}"
+    );
     let line = format!("\"cost_usd\":\"{}\"", dollars(streamed));
     // The stream's line is written as it ends, after the last chunk reached the caller.
     eventually(Duration::from_secs(5), || {

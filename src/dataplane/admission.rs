@@ -288,6 +288,7 @@ mod tests {
             prompt_tokens: Some(u64::MAX),
             completion_tokens: Some(u64::MAX),
             total_tokens: None,
+            cached_prompt_tokens: None,
         };
         assert!(used_tokens(&u).is_some_and(|t| t >= 1 << 40));
         let u = Usage::new(Some(u64::MAX), Some(1));

@@ -311,7 +311,7 @@ fn answer_chars(answer: &LlmResponse) -> usize {
 struct Priced {
     price: Option<Price>,
     provider: &'static str,
-    model: String,
+    model: Arc<str>,
 }
 
 impl Priced {
@@ -319,7 +319,7 @@ impl Priced {
         Priced {
             price: backend.price,
             provider: backend.upstream.adapter.provider().as_str(),
-            model: backend.upstream.target.model.clone(),
+            model: Arc::clone(&backend.model),
         }
     }
 }
@@ -518,7 +518,7 @@ pub async fn invoke_stream(
     let deltas = futures::stream::once(futures::future::ready(Ok(opened.first)))
         .chain(opened.rest)
         .filter(|item| futures::future::ready(!matches!(item, Ok(d) if d.is_empty())))
-        .scan(observer, |observer, item| {
+        .scan(observer, |observer, mut item| {
             if observer.truncated {
                 // Ending here drops the upstream response, which cancels the provider's call.
                 return futures::future::ready(None);
@@ -528,6 +528,9 @@ pub async fn invoke_stream(
                 return futures::future::ready(Some(Err(cut)));
             }
             observer.see(&item);
+            if let Ok(deltas) = &mut item {
+                observer.price_usage(deltas);
+            }
             futures::future::ready(Some(item))
         });
     Ok((deltas, backend.upstream.target.model.clone()))
@@ -767,6 +770,21 @@ impl StreamObserver {
             }
             Err(e) => record_error(&self.metrics, &self.entry, e),
         }
+    }
+}
+
+impl StreamObserver {
+    /// Notes the call's cost on the delta that reports usage, for dialects with a final usage
+    /// chunk (the metric and the log line are written when the stream ends, on drop).
+    fn price_usage(&self, deltas: &mut [StreamDelta]) {
+        let Some(delta) = deltas.iter_mut().rev().find(|d| d.usage.is_some()) else {
+            return;
+        };
+        let tokens = delta.usage.as_ref().and_then(Tokens::from_usage);
+        delta.cost_usd = Some(match (self.priced.price, tokens) {
+            (Some(price), Some(tokens)) => price.cost(tokens).to_string(),
+            _ => "unknown".to_string(),
+        });
     }
 }
 

@@ -293,6 +293,15 @@ fn render_embeddings<'a>(e: &'a Embeddings, route: &'a ServingRoute) -> Embeddin
     }
 }
 
+/// The final usage chunk, with the call's cost as the gateway priced it (the streaming
+/// counterpart of the `x-portcullis-cost-usd` header).
+fn usage_chunk(mut chunk: Value, cost_usd: Option<&str>) -> Value {
+    if let Some(cost) = cost_usd {
+        chunk["x_portcullis_cost_usd"] = Value::from(cost);
+    }
+    chunk
+}
+
 pub fn usage_json(u: &Usage) -> Value {
     json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens})
 }
@@ -398,7 +407,7 @@ fn openai_stream(
                     if let (Some(usage), true) = (d.usage, options.include_usage) {
                         push_event(
                             &mut buf,
-                            &json!({"id": id, "object": object, "created": created, "model": model, "choices": [], "usage": usage_json(&usage)}),
+                            &usage_chunk(json!({"id": id, "object": object, "created": created, "model": model, "choices": [], "usage": usage_json(&usage)}), d.cost_usd.as_deref()),
                         );
                     }
                 }

@@ -393,7 +393,7 @@ impl WireUsage {
                     .saturating_add(self.cache_read_input_tokens.unwrap_or(0))
             })
         });
-        Usage::new(prompt, self.output_tokens)
+        Usage::new(prompt, self.output_tokens).with_cached(self.cache_read_input_tokens)
     }
 }
 
@@ -833,7 +833,7 @@ mod tests {
             g.choices[0].message_extra["tool_calls"][0]["function"]["arguments"],
             "{\"x\":1}"
         );
-        assert_eq!(g.usage, Usage::new(Some(15), Some(5)));
+        assert_eq!(g.usage, Usage::new(Some(15), Some(5)).with_cached(Some(1)));
         for (raw, want) in [
             ("end_turn", "stop"),
             ("max_tokens", "length"),
@@ -1054,7 +1054,10 @@ mod tests {
             panic!("a native answer");
         };
         assert_eq!(answer.body, body);
-        assert_eq!(answer.usage, Usage::new(Some(15), Some(3)));
+        assert_eq!(
+            answer.usage,
+            Usage::new(Some(15), Some(3)).with_cached(Some(5))
+        );
         assert_eq!(answer.chars, 5);
         assert!(Anthropic.parse_native(Bytes::from_static(b"[1]")).is_err());
     }

@@ -544,11 +544,21 @@ struct WireUsage {
     output_tokens: Option<u64>,
     #[serde(default, deserialize_with = "crate::llm::token_count")]
     total_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "crate::llm::token_count")]
+    cache_read_input_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "crate::llm::token_count")]
+    cache_write_input_tokens: Option<u64>,
 }
 
 impl WireUsage {
+    /// Converse counts cache reads and writes apart from `inputTokens`; all three are the prompt.
     fn usage(self) -> Usage {
-        let mut usage = Usage::new(self.input_tokens, self.output_tokens);
+        let input = self.input_tokens.map(|i| {
+            i.saturating_add(self.cache_read_input_tokens.unwrap_or(0))
+                .saturating_add(self.cache_write_input_tokens.unwrap_or(0))
+        });
+        let mut usage =
+            Usage::new(input, self.output_tokens).with_cached(self.cache_read_input_tokens);
         usage.total_tokens = self.total_tokens.or(usage.total_tokens);
         usage
     }
@@ -580,6 +590,7 @@ fn parse_embeddings(target: &Target, body: &[u8]) -> Result<LlmResponse, Provide
             prompt_tokens: tokens,
             completion_tokens: tokens.map(|_| 0),
             total_tokens: tokens,
+            cached_prompt_tokens: None,
         },
     }))
 }

@@ -79,6 +79,7 @@ impl ProviderAdapter for Cohere {
                         prompt_tokens: tokens,
                         completion_tokens: None,
                         total_tokens: tokens,
+                        cached_prompt_tokens: None,
                     },
                 }))
             }

@@ -442,6 +442,8 @@ struct WireUsage {
     thoughts_token_count: Option<u64>,
     #[serde(default, deserialize_with = "crate::llm::token_count")]
     tool_use_prompt_token_count: Option<u64>,
+    #[serde(default, deserialize_with = "crate::llm::token_count")]
+    cached_content_token_count: Option<u64>,
 }
 
 impl WireUsage {
@@ -450,7 +452,8 @@ impl WireUsage {
         let mut usage = Usage::new(
             add(self.prompt_token_count, self.tool_use_prompt_token_count),
             add(self.candidates_token_count, self.thoughts_token_count),
-        );
+        )
+        .with_cached(self.cached_content_token_count);
         usage.total_tokens = self.total_token_count.or(usage.total_tokens);
         usage
     }

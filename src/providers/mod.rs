@@ -214,6 +214,10 @@ pub fn join_embeddings(parts: Vec<LlmResponse>) -> Result<LlmResponse, ProviderE
             prompt_tokens: add(joined.usage.prompt_tokens, e.usage.prompt_tokens),
             completion_tokens: add(joined.usage.completion_tokens, e.usage.completion_tokens),
             total_tokens: add(joined.usage.total_tokens, e.usage.total_tokens),
+            cached_prompt_tokens: add(
+                joined.usage.cached_prompt_tokens,
+                e.usage.cached_prompt_tokens,
+            ),
         };
     }
     Ok(LlmResponse::Embeddings(joined))
@@ -799,6 +803,7 @@ mod tests {
                     prompt_tokens: Some(u64::MAX),
                     completion_tokens: None,
                     total_tokens: Some(u64::MAX),
+                    cached_prompt_tokens: None,
                 },
             })
         };

@@ -253,11 +253,21 @@ struct WireUsage {
     completion_tokens: Option<u64>,
     #[serde(default, deserialize_with = "crate::llm::token_count")]
     total_tokens: Option<u64>,
+    #[serde(default)]
+    prompt_tokens_details: Option<PromptTokensDetails>,
+}
+
+/// OpenAI's breakdown of the prompt: `cached_tokens` were read from its prompt cache.
+#[derive(Deserialize)]
+struct PromptTokensDetails {
+    #[serde(default, deserialize_with = "crate::llm::token_count")]
+    cached_tokens: Option<u64>,
 }
 
 impl From<WireUsage> for Usage {
     fn from(u: WireUsage) -> Self {
-        let mut usage = Usage::new(u.prompt_tokens, u.completion_tokens);
+        let mut usage = Usage::new(u.prompt_tokens, u.completion_tokens)
+            .with_cached(u.prompt_tokens_details.and_then(|d| d.cached_tokens));
         usage.total_tokens = u.total_tokens.or(usage.total_tokens);
         usage
     }
@@ -627,6 +637,7 @@ impl SseHandler for OpenAiStream {
                 finish_reason,
                 usage: None,
                 tool_calls,
+                cost_usd: None,
             });
         }
         Ok(())
@@ -717,9 +728,23 @@ mod tests {
             Usage {
                 prompt_tokens: Some(3),
                 completion_tokens: Some(1),
-                total_tokens: Some(4)
+                total_tokens: Some(4),
+                cached_prompt_tokens: None,
             }
         );
+    }
+
+    #[test]
+    fn cached_prompt_tokens_are_read_from_the_usage_details() {
+        let body = br#"{"id":"c1","model":"gpt-4o","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":2006,"completion_tokens":300,"total_tokens":2306,"prompt_tokens_details":{"cached_tokens":1920}}}"#;
+        let LlmResponse::Generation(g) = OpenAi
+            .parse_response(&target(), RouteType::Chat, body)
+            .unwrap_or_else(|e| panic!("{e}"))
+        else {
+            panic!("not a generation")
+        };
+        assert_eq!(g.usage.prompt_tokens, Some(2006));
+        assert_eq!(g.usage.cached_prompt_tokens, Some(1920));
     }
 
     #[test]

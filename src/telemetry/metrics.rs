@@ -360,7 +360,7 @@ impl Metrics {
 pub struct CostLabels {
     pub route: Arc<str>,
     pub gen_ai_provider_name: &'static str,
-    pub gen_ai_request_model: String,
+    pub gen_ai_request_model: Arc<str>,
     pub consumer: String,
 }
 
