@@ -42,12 +42,13 @@ unit-test:
 e2e-test: control-plane python-env redis
 	$(CARGO) test --workspace --tests
 
-# Gateway cost against calling the provider directly; writes bench/results/latest.md. Not a test.
 # valgrind (callgrind) counts instructions and allocations per proxied call exactly; install it once (as root).
 bench-deps:
 	@command -v valgrind >/dev/null 2>&1 || { \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind; }
 
+# Gateway cost against calling the provider directly and through a bare proxy (the floor);
+# writes bench/results/latest.md. Not a test.
 bench: control-plane bench-deps
 	$(CARGO) build --workspace --release
 	ulimit -n "$$(ulimit -Hn)"; python3 bench/run.py --oha "$$(hack/tools.sh oha)" \
