@@ -295,6 +295,29 @@ fn calls_cost_what_the_provider_reported_at_the_catalog_or_overridden_price() {
 /// million, and the simulated provider answers exactly `max_tokens` words.
 const CENT_PER_CALL: &str = "  pricing:\n    inputPerMillion: 0\n    outputPerMillion: 1000\n";
 
+/// A Ready chat Route named after `prefix`, priced at a cent a call, with `limits` (spec YAML),
+/// and the upstream key Secret it uses.
+fn cent_route(
+    cp: &ControlPlane,
+    sim: &SimProvider,
+    ns: &str,
+    prefix: &str,
+    limits: &str,
+) -> String {
+    cp.apply(&secret_manifest(ns, "openai", "apiKey", "sk-cost-upstream"));
+    let route = unique(prefix);
+    cp.apply(&priced_route(
+        ns,
+        &route,
+        "llm/v1/chat",
+        sim,
+        "house-model",
+        &format!("{CENT_PER_CALL}{limits}"),
+    ));
+    cp.wait_ready(ns, &route);
+    route
+}
+
 fn cent_call(route: &str) -> Value {
     json!({"model": route, "max_tokens": 10, "messages": [{"role": "user", "content": "hello there"}]})
 }
@@ -363,23 +386,13 @@ fn a_usd_budget_holds_exactly_across_two_replicas_on_one_redis() {
     let a = Gateway::start(cp, &flags);
     let b = Gateway::start(cp, &flags);
     let ns = cp.namespace("cost-redis");
-    cp.apply(&secret_manifest(
-        &ns,
-        "openai",
-        "apiKey",
-        "sk-cost-upstream",
-    ));
-    let route = unique("dollar");
-    let budget = "  limits:\n    - renewalPeriod: day\n      usd: 1.00\n";
-    cp.apply(&priced_route(
-        &ns,
-        &route,
-        "llm/v1/chat",
+    let route = cent_route(
+        cp,
         &sim,
-        "house-model",
-        &format!("{CENT_PER_CALL}{budget}"),
-    ));
-    cp.wait_ready(&ns, &route);
+        &ns,
+        "dollar",
+        "  limits:\n    - renewalPeriod: day\n      usd: 1.00\n",
+    );
     let status = cp.json(&["get", "route", &route, "-n", &ns]);
     assert_eq!(status["status"]["limits"][0]["usd"], 1.0, "{status}");
 
@@ -694,23 +707,13 @@ fn a_truncating_budget_ends_a_stream_at_the_chunk_that_would_cross_it() {
     let url = redis.url();
     let gw = Gateway::start(cp, &["--limits-store", url.as_str()]);
     let ns = cp.namespace("cost-cut");
-    cp.apply(&secret_manifest(
-        &ns,
-        "openai",
-        "apiKey",
-        "sk-cost-upstream",
-    ));
-    let route = unique("truncating");
-    let budget = "  limits:\n    - renewalPeriod: day\n      usd: 0.01\n      onExceed: truncate\n";
-    cp.apply(&priced_route(
-        &ns,
-        &route,
-        "llm/v1/chat",
+    let route = cent_route(
+        cp,
         &sim,
-        "house-model",
-        &format!("{CENT_PER_CALL}{budget}"),
-    ));
-    cp.wait_ready(&ns, &route);
+        &ns,
+        "truncating",
+        "  limits:\n    - renewalPeriod: day\n      usd: 0.01\n      onExceed: truncate\n",
+    );
     let stream = |route: &str| {
         let body = json!({"model": route, "stream": true,
             "messages": [{"role": "user", "content": "hello there"}]});
@@ -771,23 +774,13 @@ fn alert_budgets_never_refuse_and_emit_one_event_at_80_and_one_at_100_percent() 
         "apiVersion: v1\nkind: Secret\nmetadata:\n  name: analyst\n  namespace: {ns}\n  labels:\n    portcullis.dev/api-key: \"true\"\nstringData:\n  apiKey: pk-analyst-7f3a9c2e\n---\napiVersion: portcullis.dev/v1alpha1\nkind: Team\nmetadata:\n  name: {team}\nspec:\n  members:\n    - consumer: {ns}/analyst\n  limits:\n    - renewalPeriod: month\n      calls: 5\n      action: alert\n"
     ));
     let (a, b) = (Gateway::start(cp, &flags), Gateway::start(cp, &flags));
-    cp.apply(&secret_manifest(
-        &ns,
-        "openai",
-        "apiKey",
-        "sk-cost-upstream",
-    ));
-    let route = unique("watched");
-    let budget = "  limits:\n    - renewalPeriod: month\n      usd: 0.05\n      action: alert\n";
-    cp.apply(&priced_route(
-        &ns,
-        &route,
-        "llm/v1/chat",
+    let route = cent_route(
+        cp,
         &sim,
-        "house-model",
-        &format!("{CENT_PER_CALL}{budget}"),
-    ));
-    cp.wait_ready(&ns, &route);
+        &ns,
+        "watched",
+        "  limits:\n    - renewalPeriod: month\n      usd: 0.05\n      action: alert\n",
+    );
     // Twice the budget, over both replicas: never refused.
     for i in 0..10 {
         let gw = if i % 2 == 0 { &a } else { &b };

@@ -62,14 +62,7 @@ pub async fn messages(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response> {
-    let mut body = read_json_object(&headers, body, state.body_limit).await?;
-    let route = forward::lookup(
-        &state,
-        &require_string(&mut body, "model")?,
-        RouteType::Chat,
-    )
-    .await?;
-    let pass = PassOn::for_route(&route);
+    let (body, route, pass) = read_and_look_up(&state, &headers, body).await?;
     if pass.anthropic {
         return native(&state, &route, native_request(body, &headers)?).await;
     }
@@ -244,6 +237,19 @@ pub async fn get_model(
     }
 }
 
+/// The request's body and its chat Route (named by `model`), with what may pass on as is.
+async fn read_and_look_up(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(Fields, forward::ServingRoute, PassOn)> {
+    let mut body = read_json_object(headers, body, state.body_limit).await?;
+    let model = require_string(&mut body, "model")?;
+    let route = forward::lookup(state, &model, RouteType::Chat).await?;
+    let pass = PassOn::for_route(&route);
+    Ok((body, route, pass))
+}
+
 /// `POST /v1/messages/count_tokens`: an estimate (about four characters a token), not the
 /// provider's tokenizer; nothing is sent upstream.
 pub async fn count_tokens(
@@ -251,14 +257,8 @@ pub async fn count_tokens(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>> {
-    let mut body = read_json_object(&headers, body, state.body_limit).await?;
-    let route = forward::lookup(
-        &state,
-        &require_string(&mut body, "model")?,
-        RouteType::Chat,
-    )
-    .await?;
-    let pass = PassOn::for_route(&route);
+    // Looked up for its answer too: an unknown or forbidden route is refused here as on `messages`.
+    let (body, _route, pass) = read_and_look_up(&state, &headers, body).await?;
     if pass.anthropic {
         let chars: usize = ["system", "messages", "tools"]
             .iter()
