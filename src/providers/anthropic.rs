@@ -291,15 +291,7 @@ fn request_body(target: &Target, chat: &ChatRequest) -> Result<Value, ProviderEr
     if !tools.iter().any(|t| t["name"] != OUTPUT_TOOL) {
         // Anthropic refuses tool_use blocks in a request that defines no tools: a conversation
         // that used tools, continued without them, declares the ones its calls name.
-        let mut used: Vec<&str> = chat
-            .messages
-            .iter()
-            .filter_map(|m| m.extra.get("tool_calls")?.as_array())
-            .flatten()
-            .filter_map(|c| c.pointer("/function/name")?.as_str())
-            .collect();
-        used.sort_unstable();
-        used.dedup();
+        let used = features::called_tools(&chat.messages);
         if !used.is_empty() && tools.is_empty() {
             // Declared only for the history: the caller offered no tools to call now.
             choice.get_or_insert_with(|| json!({"type": "none"}));

@@ -492,15 +492,7 @@ fn tool_config(
     if specs.is_empty() {
         // Converse refuses toolUse and toolResult blocks without a toolConfig: a conversation that
         // used tools, continued without them, declares the tools its calls name.
-        let mut used: Vec<&str> = messages
-            .iter()
-            .filter_map(|m| m.extra.get("tool_calls")?.as_array())
-            .flatten()
-            .filter_map(|c| c.pointer("/function/name")?.as_str())
-            .collect();
-        used.sort_unstable();
-        used.dedup();
-        specs = used
+        specs = features::called_tools(messages)
             .into_iter()
             .map(|name| spec(name, None, json!({"type": "object"})))
             .collect();

@@ -222,6 +222,21 @@ pub fn call_arguments(call: &Value) -> Value {
 
 /// The function name of the assistant tool call `id` among `messages`: providers that key tool
 /// results by name (Gemini) need it, OpenAI's tool messages only carry the call's id.
+/// The tools the conversation's earlier calls name, sorted, each once: what a provider that
+/// refuses tool calls without tool definitions (Anthropic, Bedrock) must be told of when a
+/// conversation that used tools continues without them.
+pub fn called_tools(messages: &[ChatMessage]) -> Vec<&str> {
+    let mut used: Vec<&str> = messages
+        .iter()
+        .filter_map(|m| m.extra.get("tool_calls")?.as_array())
+        .flatten()
+        .filter_map(|c| c.pointer("/function/name")?.as_str())
+        .collect();
+    used.sort_unstable();
+    used.dedup();
+    used
+}
+
 pub fn tool_name_for<'a>(messages: &'a [ChatMessage], id: &str) -> Option<&'a str> {
     messages
         .iter()
