@@ -13,8 +13,9 @@ use tracing::{info, warn};
 
 use crate::access::{Authenticator, CacheTtl, DefaultAccess, SharedApiKeys, TokenReviewer};
 use crate::controller::policy::Egress;
-use crate::dataplane::listener::{ListenerArgs, ListenerLimits};
+use crate::dataplane::listener::{ListenerArgs, ListenerLimits, Placement};
 use crate::dataplane::via::Via;
+use crate::dataplane::workers::Workers;
 use crate::dataplane::{self, AppState, ConfigStatus, UpstreamLimits};
 use crate::limits::Limiter;
 use crate::table::{RoutingTable, SharedTable};
@@ -31,6 +32,10 @@ pub struct DataPlaneArgs {
         default_value = "text"
     )]
     pub log_format: LogFormat,
+    /// Data-plane threads, each serving its share of client connections start to finish
+    /// (default: the CPUs this process may use; 0 serves on the shared runtime instead).
+    #[arg(long, env = "PORTCULLIS_WORKERS")]
+    pub workers: Option<usize>,
     /// Largest accepted request body, in bytes.
     #[arg(long, env = "PORTCULLIS_BODY_LIMIT", default_value_t = 10 * 1024 * 1024)]
     pub body_limit: usize,
@@ -141,6 +146,7 @@ pub struct Settings {
     pub drain_timeout: Duration,
     pub shutdown_delay: Duration,
     pub token_ttl: CacheTtl,
+    pub workers: usize,
 }
 
 impl DataPlaneArgs {
@@ -178,6 +184,9 @@ impl DataPlaneArgs {
                 StartError::Config("--shutdown-delay must be a number of seconds".into())
             })?,
             token_ttl,
+            workers: self
+                .workers
+                .unwrap_or_else(dataplane::workers::default_count),
         })
     }
 }
@@ -268,6 +277,7 @@ impl DataPlane {
             token_audience = %args.token_audience,
             limits_store = if args.limits_store.is_some() { "redis" } else { "local" },
             replicas = args.replicas,
+            workers = settings.workers,
             listener_limits = ?settings.listener_limits,
             "data plane listening"
         );
@@ -331,9 +341,26 @@ impl DataPlane {
             }
         });
 
+        let placement = match settings.workers {
+            0 => Placement::Here(dataplane::router(state)),
+            n => {
+                let (base, timeout) = ((*state).clone(), settings.upstream_timeout);
+                let workers = Workers::start(n, move |_| {
+                    // A pool per worker keeps each upstream connection on the thread that uses it.
+                    let http =
+                        dataplane::http_client(timeout).unwrap_or_else(|_| base.http.clone());
+                    dataplane::router(Arc::new(AppState {
+                        http,
+                        ..base.clone()
+                    }))
+                })
+                .map_err(StartError::Serve)?;
+                Placement::Workers(workers)
+            }
+        };
         let server = dataplane::listener::serve(
             listener,
-            dataplane::router(state),
+            placement,
             settings.listener_limits,
             metrics.clone(),
             stop_accepting.clone(),

@@ -101,11 +101,19 @@ impl Default for ListenerLimits {
     }
 }
 
-/// Serves `router` on `listener` until `shutdown` is cancelled, then stops accepting, asks every
+/// Where accepted connections are served.
+pub enum Placement {
+    /// On the current runtime (tests, and `--workers 0`).
+    Here(Router),
+    /// Round-robin over single-threaded workers, each with its own router.
+    Workers(super::workers::Workers),
+}
+
+/// Serves `placement`'s router(s) on `listener` until `shutdown` is cancelled, then stops accepting, asks every
 /// connection to finish its in-flight requests and close, and returns once all have closed.
 pub async fn serve(
     listener: TcpListener,
-    router: Router,
+    placement: Placement,
     limits: ListenerLimits,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -119,6 +127,7 @@ pub async fn serve(
         .header_read_timeout(limits.header_read_timeout);
     builder.http2().timer(TokioTimer::new());
     let builder = Arc::new(builder);
+    let mut next_lane = 0usize;
     loop {
         let permit = tokio::select! {
             p = connections.clone().acquire_owned() => match p {
@@ -141,20 +150,44 @@ pub async fn serve(
         };
         // Small SSE frames must leave at once, not wait behind Nagle for the previous write's ACK.
         let _ = tcp.set_nodelay(true);
-        let service = ConnectionService {
+        let service = |router: &Router| ConnectionService {
             router: router.clone(),
             limits,
             in_flight: in_flight.clone(),
             metrics: metrics.clone(),
             activity: Arc::new(Activity::new()),
         };
-        tokio::spawn(serve_connection(
-            builder.clone(),
-            tcp,
-            service,
-            shutdown.clone(),
-            permit,
-        ));
+        match &placement {
+            Placement::Here(router) => {
+                tokio::spawn(serve_connection(
+                    builder.clone(),
+                    tcp,
+                    service(router),
+                    shutdown.clone(),
+                    permit,
+                ));
+            }
+            Placement::Workers(workers) => {
+                let (handle, router) = &workers.lanes[next_lane % workers.lanes.len()];
+                next_lane = next_lane.wrapping_add(1);
+                // The socket moves to the worker's own I/O driver.
+                let tcp = match tcp.into_std() {
+                    Ok(tcp) => tcp,
+                    Err(e) => {
+                        debug!(error = %e, "cannot hand a connection to a worker");
+                        continue;
+                    }
+                };
+                let (builder, service, shutdown) =
+                    (builder.clone(), service(router), shutdown.clone());
+                handle.spawn(async move {
+                    match tokio::net::TcpStream::from_std(tcp) {
+                        Ok(tcp) => serve_connection(builder, tcp, service, shutdown, permit).await,
+                        Err(e) => debug!(error = %e, "a worker cannot take a connection"),
+                    }
+                });
+            }
+        }
     }
     drop(listener);
     // Every open connection holds one permit: all of them back means all connections closed.
@@ -481,9 +514,12 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let metrics = Arc::new(Metrics::new());
         let stop = CancellationToken::new();
+        // The shipped shape: connections handed to single-threaded workers.
+        let workers =
+            crate::dataplane::workers::Workers::start(2, move |_| router.clone()).unwrap();
         tokio::spawn(serve(
             listener,
-            router,
+            Placement::Workers(workers),
             limits,
             metrics.clone(),
             stop.clone(),

@@ -24,6 +24,7 @@ mod reframe;
 mod request;
 mod responses;
 pub mod via;
+pub mod workers;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -43,6 +44,7 @@ use mlflow_deployments::Endpoints;
 use mlflow_gateway::Routes;
 
 /// Everything a handler needs, passed explicitly as axum state.
+#[derive(Clone)]
 pub struct AppState {
     pub table: SharedTable,
     /// One pooled client for every upstream call.

@@ -1,8 +1,11 @@
 //! Logs, traces and metrics. Nothing logged or exported carries a credential: secret values only
 //! exist inside `SecretValue`, whose `Debug`/`Display` print a redaction, and no prompt is recorded.
 
+mod batch;
 pub mod metrics;
 pub mod tracecontext;
+
+use std::io::IsTerminal;
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig;
@@ -20,7 +23,7 @@ pub enum LogFormat {
 /// Flushes exported spans and buffered log lines on drop (at shutdown).
 pub struct TelemetryGuard {
     traces: Option<SdkTracerProvider>,
-    _logs: tracing_appender::non_blocking::WorkerGuard,
+    _logs: batch::BatchGuard,
 }
 
 impl Drop for TelemetryGuard {
@@ -32,7 +35,7 @@ impl Drop for TelemetryGuard {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("cannot set up the OTLP trace exporter: {0}")]
+#[error("{0}")]
 pub struct TelemetryError(String);
 
 /// Installs the log subscriber and, when `otlp_endpoint` is set, an OTLP/HTTP trace exporter.
@@ -45,15 +48,13 @@ pub fn init(
     );
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,kube=warn,hyper=warn"));
-    // Writing to stderr blocks; a worker thread does it so request handlers never wait on it.
-    let (writer, log_guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        // Buffered: the worker flushes once per batch of queued lines, not once per line.
-        .finish(std::io::BufWriter::with_capacity(
-            64 * 1024,
-            std::io::stderr(),
-        ));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(writer);
+    let (writer, log_guard) = batch::writer(std::io::stderr())
+        .map_err(|e| TelemetryError(format!("cannot start the log writer: {e}")))?;
+    // Colours only for a terminal: a pod's log is a file, where escape codes are noise, and
+    // painting every field costs a tenth of a proxied call's instructions.
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(writer);
     let fmt = match format {
         LogFormat::Text => fmt.boxed(),
         LogFormat::Json => fmt
@@ -70,7 +71,9 @@ pub fn init(
                 .with_http()
                 .with_endpoint(endpoint)
                 .build()
-                .map_err(|e| TelemetryError(e.to_string()))?;
+                .map_err(|e| {
+                    TelemetryError(format!("cannot set up the OTLP trace exporter: {e}"))
+                })?;
             let resource = opentelemetry_sdk::Resource::builder()
                 .with_service_name("portcullis")
                 .build();
