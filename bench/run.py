@@ -27,8 +27,15 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 RELEASE = ROOT / "target" / "release"
 # The bench's floor: a bare reverse proxy (bench/floor) on the same stack, no parsing or translation.
 FLOOR = "floor"
+# The peer: agentgateway built by bench/peer/build.sh, measured when its binary is in the cache.
+PEERS = pathlib.Path.home() / ".cache" / "portcullis" / "peers"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def peer_binary():
+    found = sorted(PEERS.glob("agentgateway-*/agentgateway"))
+    return found[-1] if found else None
 
 
 def log(msg):
@@ -125,6 +132,11 @@ def secret_yaml(ns, name, key):
     return f"apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {ns}\nstringData:\n  apiKey: {key}\n"
 
 
+def api_key_yaml(ns, name, key):
+    return (f"apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels:\n"
+            f"    portcullis.dev/api-key: \"true\"\nstringData:\n  apiKey: {key}\n")
+
+
 def route_yaml(ns, name, route_type, api_base, secret="bench-key"):
     return (f"apiVersion: portcullis.dev/v1alpha1\nkind: Route\nmetadata:\n  name: {name}\n  namespace: {ns}\n"
             f"spec:\n  routeType: {route_type}\n  model:\n    provider: openai\n    name: gpt-4o-mini\n"
@@ -168,11 +180,13 @@ def pool_yaml(ns, name, api_base, secret="bench-key"):
 DIRECT_AUTH = "authorization: Bearer sk-bench-direct"
 
 
-def oha(oha_bin, url, body, concurrency, n=None, duration=None):
+def oha(oha_bin, url, body, concurrency, n=None, duration=None, header=None):
     args = [oha_bin, "--no-tui", "--output-format", "json", "-m", "POST", "-T", "application/json",
             "-d", body, "-c", str(concurrency)]
     if "/openai/v1/" in url:
         args += ["-H", DIRECT_AUTH]
+    if header:
+        args += ["-H", header]
     args += ["-n", str(n)] if n else ["-z", duration]
     out = subprocess.run(args + [url], capture_output=True, text=True)
     if out.returncode != 0:
@@ -260,6 +274,30 @@ def callgrind_counts(work, kubeconfig, oha_bin, body, n):
     return allocator_calls(dump), instructions
 
 
+def fill_token_cache(url, body, n, workers=16):
+    """Calls `url` once with each of `n` distinct token-shaped bearers the API server rejects; returns
+    how many were refused with 401 (each rejection is reviewed once, then cached by the gateway)."""
+    import concurrent.futures
+    import http.client
+    import threading
+    from urllib.parse import urlsplit
+    parts, local = urlsplit(url), threading.local()
+
+    def call(i):
+        conn = getattr(local, "conn", None)
+        if conn is None:
+            conn = local.conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        token = f"eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJiZW5jaC0{i:07d}.c2lnbmF0dXJl"
+        conn.request("POST", parts.path, body=body, headers={"content-type": "application/json",
+                                                           "authorization": f"Bearer {token}"})
+        r = conn.getresponse()
+        r.read()
+        return r.status
+
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        return sum(1 for status in pool.map(call, range(n)) if status == 401)
+
+
 # --- streaming client: sees each chunk as it arrives -----------------------------------------
 
 def stream_once(host, port, path, body):
@@ -311,13 +349,15 @@ def main():
     n_streams = 100 if quick else 1000
 
     work = pathlib.Path(tempfile.mkdtemp(prefix="portcullis-bench-"))
+    peer_bin = peer_binary()
+    peer_name = f"agentgateway ({peer_bin.parent.name.split('-', 1)[1]})" if peer_bin else None
     cp_dir = work / "control-plane"
     procs = []
     rows = []
 
-    def row(scenario, figure, direct, gateway, added, target="", met=None, floor="", vs_floor=""):
+    def row(scenario, figure, direct, gateway, added, target="", met=None, floor="", vs_floor="", peer=""):
         verdict = "" if met is None else ("yes" if met else "**no**")
-        rows.append((scenario, figure, direct, floor, gateway, added, vs_floor, target, verdict))
+        rows.append((scenario, figure, direct, floor, peer, gateway, added, vs_floor, target, verdict))
 
     try:
         subprocess.run([args.control_plane, "start", str(cp_dir), str(os.getpid())], check=True)
@@ -353,11 +393,29 @@ def main():
             wait_port(port)
             return p, port
 
-        def start_gateway(name, extra=()):
+        def start_peer(name, upstream_port):
+            """The peer as an OpenAI proxy to `upstream_port`, at its defaults; (None, None) without one."""
+            if peer_bin is None:
+                return None, None
+            port = free_port()
+            config = (ROOT / "bench" / "peer" / "agentgateway.yaml").read_text()
+            for fixed in ("127.0.0.1:15000", "127.0.0.1:15020", "127.0.0.1:15021"):
+                config = config.replace(fixed, f"127.0.0.1:{free_port()}")
+            config = (config.replace("{port}", str(port)).replace("{upstream_port}", str(upstream_port))
+                      .replace("{api_key}", DIRECT_AUTH.split()[-1]))
+            (work / f"{name}.yaml").write_text(config)
+            env = {k: v for k, v in os.environ.items() if k != "RUST_LOG"}
+            p = Process([str(peer_bin), "-f", str(work / f"{name}.yaml")], env=env, log_path=work / f"{name}.log")
+            procs.append(p)
+            wait_port(port, timeout=60)
+            return p, port
+
+        def start_gateway(name, extra=(), env_extra=None):
             port, mport = free_port(), free_port()
             # The shipped defaults are what is measured (log level included): no RUST_LOG.
-            env = {k: v for k, v in os.environ.items() if k != "RUST_LOG"}
+            env = {k: v for k, v in os.environ.items() if k != "RUST_LOG" and not k.startswith("PORTCULLIS_")}
             env["KUBECONFIG"] = kubeconfig
+            env.update(env_extra or {})
             p = Process([str(RELEASE / "portcullis"), "run", "--listen", f"127.0.0.1:{port}",
                          "--metrics-listen", f"127.0.0.1:{mport}", *extra], env=env, log_path=work / f"{name}.log")
             p.metrics_url = f"http://127.0.0.1:{mport}/metrics"
@@ -391,24 +449,41 @@ def main():
         floor, floor_port = start_floor("floor", sim_port)
         _, floor_stream_port = start_floor("floor-stream", stream_sim_port)
         floor_chat = f"http://127.0.0.1:{floor_port}/v1/chat/completions"
+        peer, peer_port = start_peer("peer", sim_port)
+        _, peer_stream_port = start_peer("peer-stream", stream_sim_port)
+        peer_chat = peer and f"http://127.0.0.1:{peer_port}/v1/chat/completions"
         # Warm every path (connection pools, allocator).
-        for url in (direct_chat, floor_chat, gateway_chat):
-            oha(args.oha, url, chat_body, 4, n=500)
+        for url in (direct_chat, floor_chat, gateway_chat, peer_chat):
+            if url:
+                oha(args.oha, url, chat_body, 4, n=500)
 
-        # 1. Non-streaming chat, concurrency 1: direct, floor and gateway in turn.
+        def peer_cell(pairs, key, added=None):
+            if not peer:
+                return ""
+            value = median_of(pairs, 3, key)
+            return f"{value:.0f}" if added is None else f"{value:.0f} (+{added:.0f})"
+
+        # 1. Non-streaming chat, concurrency 1: direct, floor, gateway (and the peer) in turn.
         log("scenario 1: non-streaming chat, concurrency 1")
-        pairs = paired(args.reps, lambda: oha(args.oha, direct_chat, chat_body, 1, n=n_c1),
-                       lambda: oha(args.oha, gateway_chat, chat_body, 1, n=n_c1),
-                       lambda: oha(args.oha, floor_chat, chat_body, 1, n=n_c1))
+        runs = [lambda: oha(args.oha, direct_chat, chat_body, 1, n=n_c1),
+                lambda: oha(args.oha, gateway_chat, chat_body, 1, n=n_c1),
+                lambda: oha(args.oha, floor_chat, chat_body, 1, n=n_c1)]
+        if peer:
+            runs.append(lambda: oha(args.oha, peer_chat, chat_body, 1, n=n_c1))
+        pairs = paired(args.reps, *runs)
         p50 = lambda r: r["latencyPercentiles"]["p50"] * 1e6
         p99 = lambda r: r["latencyPercentiles"]["p99"] * 1e6
         added50, added99 = median_diff(pairs, p50), median_diff(pairs, p99)
         floor50, floor99 = median_diff(pairs, p50, side=2), median_diff(pairs, p99, side=2)
         for figure, key, added, floor_added in (("p50", p50, added50, floor50), ("p99", p99, added99, floor99)):
             ratio = added / max(floor_added, 1.0)
+            peer_added = median_diff(pairs, key, side=3) if peer else None
+            target = "≤ 1.5× the floor's" + ("; ≤ the peer's" if peer else "")
+            met = ratio <= 1.5 and (peer_added is None or added <= peer_added)
             row("chat, c=1", f"latency {figure} (µs); added vs the floor's added", f"{median_of(pairs, 0, key):.0f}",
-                f"{median_of(pairs, 1, key):.0f}", f"{added:.0f}", "≤ 1.5× the floor's", ratio <= 1.5,
-                floor=f"{median_of(pairs, 2, key):.0f} (+{floor_added:.0f})", vs_floor=f"{ratio:.2f}×")
+                f"{median_of(pairs, 1, key):.0f}", f"{added:.0f}", target, met,
+                floor=f"{median_of(pairs, 2, key):.0f} (+{floor_added:.0f})", vs_floor=f"{ratio:.2f}×",
+                peer=peer_cell(pairs, key, peer_added))
 
         # 2. Non-streaming chat, closed loop at concurrency 64.
         log("scenario 2: non-streaming chat, concurrency 64")
@@ -420,20 +495,32 @@ def main():
                 return r
             return measure
 
-        pairs = paired(max(3, args.reps - 2), lambda: oha(args.oha, direct_chat, chat_body, 64, duration=dur_c64),
-                       proxy_c64(gw, gateway_chat), proxy_c64(floor, floor_chat))
+        runs = [lambda: oha(args.oha, direct_chat, chat_body, 64, duration=dur_c64),
+                proxy_c64(gw, gateway_chat), proxy_c64(floor, floor_chat)]
+        if peer:
+            runs.append(proxy_c64(peer, peer_chat))
+        pairs = paired(max(3, args.reps - 2), *runs)
         rps = lambda r: r["summary"]["requestsPerSec"]
         gw_rps, floor_rps, direct_rps = median_of(pairs, 1, rps), median_of(pairs, 2, rps), median_of(pairs, 0, rps)
+        peer_rps = median_of(pairs, 3, rps) if peer else None
         row("chat, c=64", "throughput (req/s); gateway as a share of direct / of the floor", f"{direct_rps:.0f}",
-            f"{gw_rps:.0f}", f"{gw_rps / direct_rps:.2f}× of direct", "≥ 0.45× direct, ≥ 0.9× the floor",
-            gw_rps >= 0.45 * direct_rps and gw_rps >= 0.9 * floor_rps,
-            floor=f"{floor_rps:.0f} ({floor_rps / direct_rps:.2f}×)", vs_floor=f"{gw_rps / floor_rps:.2f}×")
+            f"{gw_rps:.0f}", f"{gw_rps / direct_rps:.2f}× of direct",
+            "≥ 0.45× direct, ≥ 0.9× the floor" + (", ≥ the peer" if peer else ""),
+            gw_rps >= 0.45 * direct_rps and gw_rps >= 0.9 * floor_rps and (peer_rps is None or gw_rps >= peer_rps),
+            floor=f"{floor_rps:.0f} ({floor_rps / direct_rps:.2f}×)", vs_floor=f"{gw_rps / floor_rps:.2f}×",
+            peer=f"{peer_rps:.0f} ({peer_rps / direct_rps:.2f}×)" if peer else "")
         row("chat, c=64", "latency p99 (µs)", f"{median_of(pairs, 0, p99):.0f}", f"{median_of(pairs, 1, p99):.0f}",
-            f"{median_diff(pairs, p99):.0f}", floor=f"{median_of(pairs, 2, p99):.0f}")
+            f"{median_diff(pairs, p99):.0f}", floor=f"{median_of(pairs, 2, p99):.0f}", peer=peer_cell(pairs, p99))
         cpu_key = lambda r: r["cpu_us"]
         cpu, floor_cpu = median_of(pairs, 1, cpu_key), median_of(pairs, 2, cpu_key)
-        row("chat, c=64", "proxy CPU per request (µs)", "", f"{cpu:.1f}", "", "≤ 1.5× the floor's",
-            cpu <= 1.5 * floor_cpu, floor=f"{floor_cpu:.1f}", vs_floor=f"{cpu / floor_cpu:.2f}×")
+        row("chat, c=64", "proxy CPU per request (µs)", "", f"{cpu:.1f}", "",
+            "≤ 1.5× the floor's" + ("; ≤ the peer's" if peer else ""),
+            cpu <= 1.5 * floor_cpu and (not peer or cpu <= median_of(pairs, 3, cpu_key)),
+            floor=f"{floor_cpu:.1f}", vs_floor=f"{cpu / floor_cpu:.2f}×",
+            peer=f"{median_of(pairs, 3, cpu_key):.1f}" if peer else "")
+        if peer:
+            row("memory", "RSS after the c=1 and c=64 runs (MiB)", "", f"{gw.rss_mib():.1f}", "",
+                floor=f"{floor.rss_mib():.1f}", peer=f"{peer.rss_mib():.1f}")
 
         # 2b. The same load on a Route with two backends: what the traffic-policy layer costs.
         log("scenario 2b: two-backend Route vs one backend, concurrency 64")
@@ -462,11 +549,39 @@ def main():
             f"{median_of(pairs, 0, cpu_key):.1f}", f"{median_of(pairs, 1, cpu_key):.1f}", f"{cost_cpu:+.1f}", "≤ +2",
             cost_cpu <= 2)
 
+        # 2d. Runtime shape: the shipped one (a single-threaded worker per core, each connection and its
+        # upstream pool on one thread) against every task on tokio's shared work-stealing runtime.
+        log("scenario 2d: runtime shape, a worker per core vs the shared runtime")
+        shared_gw, shared_port = start_gateway("gateway-shared", ["--namespace", "bench"], {"PORTCULLIS_WORKERS": "0"})
+        shared_chat = f"http://127.0.0.1:{shared_port}/v1/chat/completions"
+        oha(args.oha, shared_chat, chat_body, 4, n=500)
+
+        def shape_c64(proc, url):
+            def measure():
+                before = proc.cpu_seconds()
+                r = oha(args.oha, url, chat_body, 64, duration=dur_c64)
+                return {"cpu": (proc.cpu_seconds() - before) / max(oha_ok(r), 1) * 1e6, "rps": rps(r)}
+            return measure
+
+        pairs = paired(max(3, args.reps - 2), shape_c64(shared_gw, shared_chat), shape_c64(gw, gateway_chat))
+        shape_cpu = median_diff(pairs, cpu_key)
+        row("runtime shape, c=64", "gateway CPU per request (µs), shared runtime → a worker per core",
+            f"{median_of(pairs, 0, cpu_key):.1f}", f"{median_of(pairs, 1, cpu_key):.1f}", f"{shape_cpu:+.1f}",
+            "kept if lower", shape_cpu < 0)
+        row("runtime shape, c=64", "throughput (req/s), shared runtime → a worker per core",
+            f"{median_of(pairs, 0, rps_key):.0f}", f"{median_of(pairs, 1, rps_key):.0f}",
+            f"{median_of(pairs, 1, rps_key) / median_of(pairs, 0, rps_key):.2f}×")
+        pairs = paired(args.reps, lambda: oha(args.oha, shared_chat, chat_body, 1, n=n_c1),
+                       lambda: oha(args.oha, gateway_chat, chat_body, 1, n=n_c1))
+        row("runtime shape, c=1", "latency p50 (µs), shared runtime → a worker per core",
+            f"{median_of(pairs, 0, p50):.0f}", f"{median_of(pairs, 1, p50):.0f}", f"{median_diff(pairs, p50):+.0f}")
+        shared_gw.stop()
+
         # 3. Streaming chat, 20 chunks, concurrency 1.
         log("scenario 3: streaming chat (20 chunks, 2 ms apart), concurrency 1")
         stream_body = json.dumps({"model": "stream", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
         n_stream = 30 if quick else 200
-        stream_pairs = []
+        stream_pairs, peer_streams = [], []
         for i in range(n_stream):
             d = stream_once("127.0.0.1", stream_sim_port, "/openai/v1/chat/completions", stream_body)
             g = stream_once("127.0.0.1", gw_port, "/v1/chat/completions", stream_body)
@@ -474,6 +589,10 @@ def main():
             if d[0] is None or g[0] is None or f[0] is None:
                 raise RuntimeError("a stream delivered no data")
             stream_pairs.append((d, g, f))
+            if peer:
+                pr = stream_once("127.0.0.1", peer_stream_port, "/v1/chat/completions", stream_body)
+                if pr[0] is not None:
+                    peer_streams.append(pr[0] - d[0])
         ttfb_added = statistics.median((g[0] - d[0]) * 1e6 for d, g, _ in stream_pairs)
         floor_ttfb_added = statistics.median((f[0] - d[0]) * 1e6 for d, _, f in stream_pairs)
         total_added = statistics.median((g[1] - d[1]) * 1e6 for d, g, _ in stream_pairs)
@@ -483,7 +602,8 @@ def main():
             f"{statistics.median(g[0] for _, g, _ in stream_pairs) * 1e6:.0f}", f"{ttfb_added:.0f}",
             f"≤ 2× {added50:.0f}", ttfb_added <= 2 * max(added50, 1.0),
             floor=f"{statistics.median(f[0] for _, _, f in stream_pairs) * 1e6:.0f} (+{floor_ttfb_added:.0f})",
-            vs_floor=f"{ttfb_added / max(floor_ttfb_added, 1.0):.2f}×")
+            vs_floor=f"{ttfb_added / max(floor_ttfb_added, 1.0):.2f}×",
+            peer=f"(+{statistics.median(peer_streams) * 1e6:.0f})" if peer_streams else "")
         row("stream, c=1", "total time (µs)", f"{statistics.median(d[1] for d, _, _ in stream_pairs) * 1e6:.0f}",
             f"{statistics.median(g[1] for _, g, _ in stream_pairs) * 1e6:.0f}", f"{total_added:.0f}")
         row("stream, c=1", "reads carrying chunks (min of runs; 21 = every chunk separate)", "",
@@ -625,6 +745,55 @@ def main():
             f"{median_of(pairs, 1, p50):.0f}", f"{many_added:.0f}", f"≈ {added50:.0f}", many_added <= 1.25 * added50 + 20)
         gw6.stop()
 
+        # 8. Callers: the key and token lookups stay flat as they grow.
+        n_keys, n_tokens = (100, 1000) if quick else (1000, 10000)
+        log(f"scenario 8: 1 vs {n_keys} API keys, 1 vs {n_tokens} cached ServiceAccount tokens")
+        callers = {}
+        for ns, count in (("keys-one", 1), ("keys-many", n_keys)):
+            kubectl.run("create", "namespace", ns)
+            docs = [secret_yaml(ns, "bench-key", "sk-bench-1"), route_yaml(ns, "chat", "llm/v1/chat", base(sim_port))]
+            docs += [api_key_yaml(ns, f"caller-{i:05d}", f"pk-bench-{ns}-{i:05d}") for i in range(count)]
+            kubectl.run("apply", "-f", "-", stdin="---\n".join(docs))
+            kubectl.run("create", "serviceaccount", "caller", "-n", ns)
+            token = kubectl.run("create", "token", "caller", "-n", ns, "--audience", "portcullis").strip()
+            proc, port = start_gateway(f"gateway-{ns}", ["--namespace", ns])
+            kubectl.run("wait", "-n", ns, "--for=condition=Ready", "route.portcullis.dev/chat", "--timeout=30s")
+            callers[ns] = (proc, f"http://127.0.0.1:{port}/v1/chat/completions",
+                           f"authorization: Bearer pk-bench-{ns}-{count // 2:05d}", f"authorization: Bearer {token}")
+        # The many-token side: fill the review cache with rejected token-shaped strings (each reviewed
+        # once by the API server, then cached) beside the one valid token.
+        many_url = callers["keys-many"][1]
+        rejected = fill_token_cache(many_url, chat_body, n_tokens - 1)
+        for ns in callers:
+            proc, url, key_h, token_h = callers[ns]
+            for h in (key_h, token_h):
+                oha(args.oha, url, chat_body, 4, n=300, header=h)
+        for kind, idx, label in (("API key", 2, f"1 key → {n_keys} keys"),
+                                 ("ServiceAccount token", 3, f"1 cached token → {n_tokens}")):
+            one, many = callers["keys-one"], callers["keys-many"]
+            pairs = paired(args.reps, lambda: oha(args.oha, one[1], chat_body, 1, n=n_c1, header=one[idx]),
+                           lambda: oha(args.oha, many[1], chat_body, 1, n=n_c1, header=many[idx]))
+            d50 = median_diff(pairs, p50)
+            row(f"{kind} caller, c=1", f"latency p50 (µs), {label}", "", f"{median_of(pairs, 0, p50):.0f} → "
+                f"{median_of(pairs, 1, p50):.0f}", f"{d50:+.0f}", "flat (≤ +20)", d50 <= 20)
+
+            def caller_c64(side):
+                def measure():
+                    before = side[0].cpu_seconds()
+                    r = oha(args.oha, side[1], chat_body, 64, duration=dur_c64, header=side[idx])
+                    return {"cpu": (side[0].cpu_seconds() - before) / max(oha_ok(r), 1) * 1e6}
+                return measure
+
+            pairs = paired(max(3, args.reps - 2), caller_c64(one), caller_c64(many))
+            dcpu = median_diff(pairs, cpu_key)
+            row(f"{kind} caller, c=64", f"gateway CPU per request (µs), {label}", "",
+                f"{median_of(pairs, 0, cpu_key):.1f} → {median_of(pairs, 1, cpu_key):.1f}", f"{dcpu:+.1f}",
+                "flat (≤ +3)", dcpu <= 3)
+        row("ServiceAccount token caller", "token-shaped strings rejected and cached before the run", "",
+            f"{rejected}", "", f"{n_tokens - 1}", rejected == n_tokens - 1)
+        for proc, *_ in callers.values():
+            proc.stop()
+
         # 7. Per-request work, counted exactly: instructions and allocator calls per proxied call.
         if shutil.which("valgrind") and shutil.which("callgrind_control"):
             log("scenario 7: instructions and allocations per proxied request (callgrind)")
@@ -642,12 +811,15 @@ def main():
             p.stop()
         subprocess.run([args.control_plane, "stop", str(cp_dir)])
 
-    header = ["scenario", "figure", "direct", "floor", "gateway", "added", "vs floor", "target", "met"]
+    header = ["scenario", "figure", "direct", "floor", "peer", "gateway", "added", "vs floor", "target", "met"]
     lines = [
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {os.cpu_count()} cores"
         f"{' (quick run: small counts)' if quick else ''}; medians of {args.reps} alternating direct/floor/gateway runs.",
         "The floor is bench/floor, a bare reverse proxy on the same hyper/tokio stack (no parsing, no translation);",
         "`vs floor` divides the gateway's figure (or its added latency) by the floor's.",
+        (f"The peer is {peer_name}, configured as an OpenAI proxy to the same simulated provider "
+         "(bench/peer), measured in the same rotations." if peer_name else
+         "No peer column: its binary is not in ~/.cache/portcullis/peers (bench/peer/build.sh builds it)."),
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),

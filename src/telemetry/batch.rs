@@ -1,6 +1,8 @@
 //! The log writer. A request's log line is appended to a shared buffer that one background thread
-//! writes to stderr every few milliseconds: logging costs a request a short lock and a copy,
-//! never a syscall, a thread wake-up or a wait on a slow log reader.
+//! writes to stderr: logging costs a request a short lock and a copy, never a wait on a slow log
+//! reader. The thread is woken only by the first line into an empty buffer and then sleeps
+//! `FLUSH_EVERY` after each write, so under load there is one wake-up and one write per interval
+//! instead of one per line, and an idle gateway never wakes it.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -10,7 +12,7 @@ use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 
-/// How long a line may wait in the buffer before it is written.
+/// The pause after each write, during which lines gather for the next one.
 const FLUSH_EVERY: Duration = Duration::from_millis(20);
 /// Lines beyond this many buffered bytes are dropped (and counted) rather than block a request:
 /// only a stalled log reader fills it.
@@ -64,7 +66,7 @@ fn write_out(shared: &Shared, mut out: impl Write) {
         let closing = {
             let mut state = shared.state.lock();
             if state.buf.is_empty() && !state.closing {
-                shared.wake.wait_for(&mut state, FLUSH_EVERY);
+                shared.wake.wait(&mut state);
             }
             std::mem::swap(&mut state.buf, &mut spare);
             state.closing
@@ -93,8 +95,14 @@ impl Write for &Shared {
         if state.buf.len() + line.len() > MAX_BUFFERED {
             drop(state);
             self.dropped.fetch_add(1, Ordering::Relaxed);
-        } else {
-            state.buf.extend_from_slice(line);
+            return Ok(line.len());
+        }
+        let first = state.buf.is_empty();
+        state.buf.extend_from_slice(line);
+        drop(state);
+        // Without a waiter (the writer is busy or pausing) this is a check, not a syscall.
+        if first {
+            self.wake.notify_one();
         }
         Ok(line.len())
     }

@@ -491,6 +491,8 @@ impl Gateway {
     }
 
     pub fn log(&self) -> String {
+        // The gateway writes its log in batches (at most 20 ms apart): wait for the current one.
+        std::thread::sleep(Duration::from_millis(60));
         self.log.lock().join("\n")
     }
 
