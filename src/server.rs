@@ -22,6 +22,9 @@ use crate::table::{RoutingTable, SharedTable};
 use crate::telemetry::LogFormat;
 use crate::telemetry::metrics::Metrics;
 
+/// More data-plane threads than this is a typo, not a machine.
+const MAX_WORKERS: usize = 1024;
+
 /// Flags of the data plane, the same for `run` and `serve`.
 #[derive(clap::Args, Clone, Debug)]
 pub struct DataPlaneArgs {
@@ -163,6 +166,11 @@ impl DataPlaneArgs {
             return Err(StartError::Config(
                 "--max-stream-event must be at least 1".into(),
             ));
+        }
+        if self.workers.is_some_and(|n| n > MAX_WORKERS) {
+            return Err(StartError::Config(format!(
+                "--workers must be at most {MAX_WORKERS}"
+            )));
         }
         if self.token_audience.is_empty() {
             return Err(StartError::Config(
@@ -415,4 +423,37 @@ async fn signal_shutdown(token: CancellationToken) {
     }
     info!("shutdown signal received");
     token.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: super::DataPlaneArgs,
+    }
+
+    fn workers(flags: &[&str]) -> Result<usize, String> {
+        let cli = Cli::try_parse_from(std::iter::once("portcullis").chain(flags.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        cli.args
+            .check()
+            .map(|s| s.workers)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn workers_default_to_the_cpus_and_are_bounded() {
+        assert_eq!(workers(&[]), Ok(crate::dataplane::workers::default_count()));
+        assert_eq!(workers(&["--workers", "0"]), Ok(0));
+        assert_eq!(workers(&["--workers", "3"]), Ok(3));
+        assert!(
+            workers(&["--workers", "100000"])
+                .unwrap_err()
+                .contains("--workers")
+        );
+        assert!(workers(&["--workers", "-1"]).is_err());
+    }
 }

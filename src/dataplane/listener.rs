@@ -109,8 +109,9 @@ pub enum Placement {
     Workers(super::workers::Workers),
 }
 
-/// Serves `placement`'s router(s) on `listener` until `shutdown` is cancelled, then stops accepting, asks every
-/// connection to finish its in-flight requests and close, and returns once all have closed.
+/// Serves `placement`'s router(s) on `listener` until `shutdown` is cancelled, then stops
+/// accepting, asks every connection to finish its in-flight requests and close, and returns once
+/// all have closed.
 pub async fn serve(
     listener: TcpListener,
     placement: Placement,
