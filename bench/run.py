@@ -315,7 +315,7 @@ def token_reviews(metrics_url):
 _stream_conns = {}
 
 
-def stream_once(host, port, path, body):
+def stream_once(host, port, path, body, retry=True):
     """Returns (time to first data byte, total time, number of reads that delivered a data frame)."""
     payload = body.encode()
     auth = f"{DIRECT_AUTH}\r\n" if path.startswith("/openai/") else ""
@@ -337,6 +337,9 @@ def stream_once(host, port, path, body):
         if not data:
             _stream_conns.pop((host, port), None)
             s.close()
+            if retry and not buf:
+                # The server closed the idle kept-alive connection: once more on a new one.
+                return stream_once(host, port, path, body, retry=False)
             break
         if not head_done:
             buf += data
