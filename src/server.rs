@@ -353,7 +353,7 @@ impl DataPlane {
             0 => Placement::Here(dataplane::router(state)),
             n => {
                 let (base, timeout) = ((*state).clone(), settings.upstream_timeout);
-                let workers = Workers::start(n, move |_| {
+                let workers = Workers::start(n, move || {
                     // A pool per worker keeps each upstream connection on the thread that uses it.
                     let http =
                         dataplane::http_client(timeout).unwrap_or_else(|_| base.http.clone());

@@ -530,23 +530,6 @@ fn a_usd_budget_on_a_route_of_unknown_price_is_refused_in_status() {
     );
 }
 
-fn sa_token(cp: &ControlPlane, ns: &str, sa: &str) -> String {
-    cp.ok(&["create", "serviceaccount", sa, "-n", ns]);
-    cp.ok(&[
-        "create",
-        "token",
-        sa,
-        "-n",
-        ns,
-        "--audience",
-        "portcullis",
-        "--duration",
-        "10m",
-    ])
-    .trim()
-    .to_string()
-}
-
 fn call_as(gw: &Gateway, bearer: &str, route: &str) -> (u16, Value) {
     let resp = client()
         .post(gw.url("/v1/chat/completions"))
@@ -586,9 +569,9 @@ fn team_budgets_hold_across_routes_and_members_and_each_team_binds() {
         ));
     }
     let (alice, bob, carol) = (
-        sa_token(cp, &ns, "alice"),
-        sa_token(cp, &other, "bob"),
-        sa_token(cp, &ns, "carol"),
+        cp.new_service_account_token(&ns, "alice"),
+        cp.new_service_account_token(&other, "bob"),
+        cp.new_service_account_token(&ns, "carol"),
     );
     let (shared, tight, loose) = (unique("research"), unique("tight"), unique("loose"));
     let team = |name: &str, members: &str, usd: &str, extra: &str| {

@@ -91,22 +91,6 @@ fn api_key_secret(ns: &str, name: &str, key: &str) -> String {
     )
 }
 
-fn token(cp: &ControlPlane, ns: &str, sa: &str, audience: &str) -> String {
-    cp.ok(&[
-        "create",
-        "token",
-        sa,
-        "-n",
-        ns,
-        "--audience",
-        audience,
-        "--duration",
-        "10m",
-    ])
-    .trim()
-    .to_string()
-}
-
 /// `token` re-signed with the control plane's own ServiceAccount key after moving its expiry an hour
 /// into the past: a genuinely expired token (the TokenRequest API will not issue one shorter than 10 min).
 fn expired_copy(cp: &ControlPlane, token: &str) -> String {
@@ -177,13 +161,13 @@ fn service_account_tokens_are_reviewed_cached_and_checked_against_access() {
         format!("  access:\n    - serviceAccount: {ns}/notebook\n    - namespace: {other_ns}\n");
     let [restricted, open] = serve(cp, &ns, &sim, [("restricted", &access), ("open", "")]);
 
-    let notebook = token(cp, &ns, "notebook", "portcullis");
-    let intruder = token(cp, &ns, "intruder", "portcullis");
-    let batch = token(cp, &other_ns, "batch", "portcullis");
-    let wrong_audience = token(cp, &ns, "notebook", "someone-else");
-    let expired = expired_copy(cp, &token(cp, &ns, "notebook", "portcullis"));
+    let notebook = cp.token(&ns, "notebook", "portcullis");
+    let intruder = cp.token(&ns, "intruder", "portcullis");
+    let batch = cp.token(&other_ns, "batch", "portcullis");
+    let wrong_audience = cp.token(&ns, "notebook", "someone-else");
+    let expired = expired_copy(cp, &cp.token(&ns, "notebook", "portcullis"));
     // A token whose ServiceAccount was deleted and recreated: same name, new uid, so it is rejected.
-    let ghost = token(cp, &ns, "ghost", "portcullis");
+    let ghost = cp.token(&ns, "ghost", "portcullis");
     cp.ok(&["delete", "serviceaccount", "ghost", "-n", &ns]);
     cp.ok(&["create", "serviceaccount", "ghost", "-n", &ns]);
 
@@ -775,7 +759,7 @@ fn hidden_routes_answer_exactly_like_missing_ones_on_every_path() {
         )
     ));
     cp.wait_reason(&ns, &broken, "SecretNotFound");
-    let outsider = token(cp, &ns, "outsider", "portcullis");
+    let outsider = cp.token(&ns, "outsider", "portcullis");
 
     let request = |path: &str, body: &Value, bearer: Option<&str>| -> (u16, String) {
         let mut headers = vec![("content-type", "application/json".to_string())];

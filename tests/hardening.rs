@@ -121,23 +121,6 @@ fn slowloris_and_stalled_bodies_do_not_stop_a_normal_request_loop() {
     assert_eq!(gw.chat("chat").0, 200);
 }
 
-fn mint_token(cp: &ControlPlane, ns: &str, sa: &str) -> String {
-    cp.ok(&["create", "serviceaccount", sa, "-n", ns]);
-    cp.ok(&[
-        "create",
-        "token",
-        sa,
-        "-n",
-        ns,
-        "--audience",
-        "portcullis",
-        "--duration",
-        "10m",
-    ])
-    .trim()
-    .to_string()
-}
-
 /// Status, `Retry-After` and how long a chat call with `token` took.
 fn chat_as(gw: &Gateway, token: &str) -> (u16, Option<String>, Duration) {
     let started = Instant::now();
@@ -177,9 +160,9 @@ fn a_hanging_or_stopped_api_server_never_hangs_callers_and_cached_identities_kee
     let cp = ControlPlane::start_private();
     let sim = sim();
     let ns = cp.namespace("apiserver-faults");
-    let known = mint_token(&cp, &ns, "known");
-    let newcomer = mint_token(&cp, &ns, "newcomer");
-    let late = mint_token(&cp, &ns, "late");
+    let known = cp.new_service_account_token(&ns, "known");
+    let newcomer = cp.new_service_account_token(&ns, "newcomer");
+    let late = cp.new_service_account_token(&ns, "late");
     let gw = Gateway::start(
         &cp,
         &[

@@ -516,8 +516,7 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let stop = CancellationToken::new();
         // The shipped shape: connections handed to single-threaded workers.
-        let workers =
-            crate::dataplane::workers::Workers::start(2, move |_| router.clone()).unwrap();
+        let workers = crate::dataplane::workers::Workers::start(2, move || router.clone()).unwrap();
         tokio::spawn(serve(
             listener,
             Placement::Workers(workers),

@@ -24,7 +24,7 @@ impl Workers {
     /// Starts `count` workers; `router` builds each one's router on its own thread.
     pub fn start(
         count: usize,
-        router: impl Fn(usize) -> Router + Send + Sync + 'static,
+        router: impl Fn() -> Router + Send + Sync + 'static,
     ) -> std::io::Result<Workers> {
         let stop = CancellationToken::new();
         let router = Arc::new(router);
@@ -47,8 +47,8 @@ impl Workers {
                             }
                         };
                         // Built inside the runtime: clients spawn their connection tasks here.
-                        let lane = runtime.block_on(async { (Handle::current(), router(i)) });
-                        let started = tx.send(Ok((i, lane))).is_ok();
+                        let lane = runtime.block_on(async { (Handle::current(), router()) });
+                        let started = tx.send(Ok(lane)).is_ok();
                         drop(tx);
                         if started {
                             runtime.block_on(stop.cancelled());
@@ -57,29 +57,20 @@ impl Workers {
             );
         }
         drop(tx);
-        let mut lanes: Vec<Option<(Handle, Router)>> = (0..count).map(|_| None).collect();
-        // Ends when every worker has reported (its sender is dropped right after).
-        for started in rx {
-            let (i, lane) = started?;
-            lanes[i] = Some(lane);
-        }
-        let workers = Workers {
-            lanes: lanes.into_iter().flatten().collect(),
+        // Built first so that a failed start stops the workers already running (on drop).
+        let mut workers = Workers {
+            lanes: Vec::with_capacity(count),
             stop,
             threads,
         };
+        // Ends when every worker has reported (its sender is dropped right after).
+        for lane in rx {
+            workers.lanes.push(lane?);
+        }
         if workers.lanes.len() != count {
             return Err(std::io::Error::other("a data-plane worker did not start"));
         }
         Ok(workers)
-    }
-
-    pub fn len(&self) -> usize {
-        self.lanes.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.lanes.is_empty()
     }
 }
 

@@ -651,6 +651,14 @@ mod tests {
         }
     }
 
+    /// The JSON body Anthropic would be sent for `req`.
+    fn sent_body(req: &LlmRequest) -> Value {
+        let built = Anthropic
+            .build_request(&target(), req)
+            .unwrap_or_else(|e| panic!("{e}"));
+        serde_json::from_slice(&built.body).unwrap_or_default()
+    }
+
     fn msg(role: &str, content: Value) -> ChatMessage {
         ChatMessage {
             role: role.into(),
@@ -740,10 +748,7 @@ mod tests {
             stream: StreamOptions::default(),
             extra: Map::new(),
         });
-        let built = Anthropic
-            .build_request(&target(), &req)
-            .unwrap_or_else(|e| panic!("{e}"));
-        let body: Value = serde_json::from_slice(&built.body).unwrap_or_default();
+        let body = sent_body(&req);
         assert_eq!(body["max_tokens"], 5);
         // No tools given, but the history uses one: it is declared, not offered.
         assert_eq!(
@@ -776,10 +781,7 @@ mod tests {
             stream: StreamOptions::default(),
             extra: Map::new(),
         });
-        let built = Anthropic
-            .build_request(&target(), &req)
-            .unwrap_or_else(|e| panic!("{e}"));
-        let body: Value = serde_json::from_slice(&built.body).unwrap_or_default();
+        let body = sent_body(&req);
         assert_eq!(
             body["system"],
             json!([{"type": "text", "text": "S", "cache_control": {"type": "ephemeral"}}])

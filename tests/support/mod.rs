@@ -231,6 +231,29 @@ impl ControlPlane {
         name
     }
 
+    /// A token of ServiceAccount `sa` for `audience` from the TokenRequest API (10 minutes).
+    pub fn token(&self, namespace: &str, sa: &str, audience: &str) -> String {
+        self.ok(&[
+            "create",
+            "token",
+            sa,
+            "-n",
+            namespace,
+            "--audience",
+            audience,
+            "--duration",
+            "10m",
+        ])
+        .trim()
+        .to_string()
+    }
+
+    /// Creates ServiceAccount `sa` and returns a token of it for the gateway's audience.
+    pub fn new_service_account_token(&self, namespace: &str, sa: &str) -> String {
+        self.ok(&["create", "serviceaccount", sa, "-n", namespace]);
+        self.token(namespace, sa, "portcullis")
+    }
+
     /// A kubeconfig that authenticates as a ServiceAccount, with a token from the TokenRequest API.
     pub fn service_account_kubeconfig(&self, namespace: &str, name: &str, path: &Path) -> PathBuf {
         let token = self.ok(&["create", "token", name, "-n", namespace, "--duration=1h"]);
