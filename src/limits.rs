@@ -471,6 +471,7 @@ pub struct Limiter {
 impl Limiter {
     /// Local counting only.
     pub fn local(metrics: Arc<Metrics>, replicas: u32) -> Self {
+        metrics.replicas.set(i64::from(replicas.max(1)));
         Limiter {
             local: LocalCounters::default(),
             shared: None,
@@ -541,6 +542,34 @@ impl Limiter {
             pending.pop_front();
         }
         pending.push_back(alert);
+    }
+
+    /// Shared (not per-consumer) limits' use after an admission, as gauges: per-consumer ones
+    /// would make a series per caller.
+    fn export_usage(
+        &self,
+        scopes: &[(Scope, &[Limit])],
+        counters: &[Counter],
+        used: &[u64],
+        divisor: u64,
+    ) {
+        for (c, &n) in counters.iter().zip(used).filter(|(c, _)| !c.per_consumer) {
+            let owner = &scopes[c.scope].0;
+            let labels = crate::telemetry::metrics::BudgetLabels {
+                kind: if owner.what == "team" { "Team" } else { "Route" },
+                name: owner.full.clone(),
+                limit: c.kind.as_str(),
+                period: period_word(c.period),
+            };
+            // USD budgets count nanodollars.
+            let unit = if c.kind == Kind::Usd { 1e-9 } else { 1.0 };
+            let budgets = &self.metrics.budgets;
+            budgets.used.get_or_create(&labels).set(n as f64 * unit);
+            let limit = local_limit(c.limit, divisor) as f64 * unit;
+            budgets.limit.get_or_create(&labels).set(limit);
+            let end = i64::try_from(c.reset_at).unwrap_or(i64::MAX);
+            budgets.window_end.get_or_create(&labels).set(end);
+        }
     }
 
     /// Alert counters whose admission crossed 80% or 100%: each crossing is told once per window
@@ -622,6 +651,7 @@ impl Limiter {
 
     pub fn set_replicas(&self, replicas: u32) {
         self.replicas.store(replicas.max(1), Ordering::Relaxed);
+        self.metrics.replicas.set(i64::from(replicas.max(1)));
     }
 
     /// Counts one call (and `tokens` estimated tokens) against every limit of `route`. `Ok(None)`
@@ -739,6 +769,7 @@ impl Limiter {
             ));
         }
         self.check_alerts(&scopes, &counters, (&used, &charged), shared, now.as_secs());
+        self.export_usage(&scopes, &counters, &used, divisor);
         let allowance = counters
             .iter()
             .zip(&charged)

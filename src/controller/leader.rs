@@ -7,6 +7,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::telemetry::metrics::Metrics;
+
 #[derive(Clone, Debug)]
 pub struct LeaderConfig {
     pub lease_name: String,
@@ -27,6 +29,17 @@ impl LeaderConfig {
             );
         }
         Ok(())
+    }
+}
+
+/// Mirrors leadership into `portcullis_leader`, so an alert can tell that no replica leads.
+pub async fn export(mut leading: watch::Receiver<bool>, metrics: std::sync::Arc<Metrics>) {
+    loop {
+        metrics.leader.set(i64::from(*leading.borrow_and_update()));
+        if leading.changed().await.is_err() {
+            metrics.leader.set(0);
+            return;
+        }
     }
 }
 

@@ -215,6 +215,7 @@ pub async fn run(
         },
     );
     let leading = leader::elect(client.clone(), config.leader.clone(), shutdown.clone()).await;
+    tokio::spawn(leader::export(leading.clone(), handles.metrics.clone()));
     let limit_alerts = handles.limits.clone().map(|limiter| {
         tokio::spawn(alarms::run_limit_alerts(
             limiter,

@@ -117,6 +117,33 @@ pub struct Metrics {
     pub backend_ejections: Family<BackendLabels, Counter>,
     pub backend_ejected: Family<BackendLabels, Gauge>,
     pub cost: CostMetrics,
+    /// 1 while this replica holds the leader Lease (or elects no leader at all).
+    pub leader: Gauge,
+    /// Replicas serving together as this one counts them (the 1/N of local limit shares).
+    pub replicas: Gauge,
+    pub budgets: BudgetMetrics,
+}
+
+/// One shared (not per-consumer) limit of a Route or Team.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BudgetLabels {
+    /// `Route` or `Team`.
+    pub kind: &'static str,
+    /// `namespace/name` of a Route, the name of a Team.
+    pub name: String,
+    /// `calls`, `tokens` or `usd`.
+    pub limit: &'static str,
+    pub period: &'static str,
+}
+
+/// A shared limit's state as of the last call admitted against it (dashboards, budget alerts).
+pub struct BudgetMetrics {
+    /// Counted in the current window, in the limit's unit (USD for `usd`).
+    pub used: Family<BudgetLabels, Gauge<f64, AtomicU64>>,
+    /// The limit this replica enforces (its 1/N share while it counts alone).
+    pub limit: Family<BudgetLabels, Gauge<f64, AtomicU64>>,
+    /// Unix seconds at which the window ends (after it, `used` is stale until the next call).
+    pub window_end: Family<BudgetLabels, Gauge>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -300,8 +327,43 @@ impl Metrics {
             watch_restarts.clone(),
         );
 
+        let leader = Gauge::default();
+        registry.register(
+            "portcullis_leader",
+            "1 while this replica holds the leader Lease and writes status and Events",
+            leader.clone(),
+        );
+        let replicas = Gauge::default();
+        registry.register(
+            "portcullis_replicas",
+            "Replicas serving together as this one counts them (each enforces 1/N while counting alone)",
+            replicas.clone(),
+        );
+        let budgets = BudgetMetrics {
+            used: Family::default(),
+            limit: Family::default(),
+            window_end: Family::default(),
+        };
+        registry.register(
+            "portcullis_budget_used",
+            "Shared limits: counted in the current window as of the last admitted call (USD for usd)",
+            budgets.used.clone(),
+        );
+        registry.register(
+            "portcullis_budget_limit",
+            "Shared limits: the limit this replica enforces (USD for usd)",
+            budgets.limit.clone(),
+        );
+        registry.register(
+            "portcullis_budget_window_end_seconds",
+            "Shared limits: Unix time at which the current window ends",
+            budgets.window_end.clone(),
+        );
         let cost = CostMetrics::register(&mut registry);
         Metrics {
+            leader,
+            replicas,
+            budgets,
             cost,
             registry,
             requests,
