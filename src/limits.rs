@@ -556,7 +556,11 @@ impl Limiter {
         for (c, &n) in counters.iter().zip(used).filter(|(c, _)| !c.per_consumer) {
             let owner = &scopes[c.scope].0;
             let labels = crate::telemetry::metrics::BudgetLabels {
-                kind: if owner.what == "team" { "Team" } else { "Route" },
+                kind: if owner.what == "team" {
+                    "Team"
+                } else {
+                    "Route"
+                },
                 name: owner.full.clone(),
                 limit: c.kind.as_str(),
                 period: period_word(c.period),

@@ -897,3 +897,60 @@ pub fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str
         .find(|(k, _)| k.eq_ignore_ascii_case(name))
         .map(|(_, v)| v.as_str())
 }
+
+/// A pinned tool from `hack/tools.sh` (helm, promtool, prometheus-operator-crds), built into
+/// ~/.cache/portcullis on first use.
+pub fn tool(name: &str) -> PathBuf {
+    static TOOLS: OnceLock<Mutex<std::collections::HashMap<String, PathBuf>>> = OnceLock::new();
+    let tools = TOOLS.get_or_init(Default::default);
+    if let Some(path) = tools.lock().get(name) {
+        return path.clone();
+    }
+    let out = Command::new(repo().join("hack/tools.sh"))
+        .arg(name)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run hack/tools.sh");
+    assert!(out.status.success(), "hack/tools.sh {name} failed");
+    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    tools.lock().insert(name.to_string(), path.clone());
+    path
+}
+
+/// Runs a program with `stdin`; returns (success, stdout, stderr).
+pub fn run_with_stdin(
+    program: &Path,
+    args: &[&str],
+    env: &[(&str, &Path)],
+    stdin: &str,
+) -> (bool, String, String) {
+    use std::io::Write;
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .current_dir(repo())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn tool");
+    if let Some(mut input) = child.stdin.take() {
+        let _ = input.write_all(stdin.as_bytes());
+    }
+    let out = child.wait_with_output().expect("tool output");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The documents of a multi-document YAML stream (empty ones left out).
+pub fn yaml_documents(text: &str) -> Vec<Value> {
+    use serde::Deserialize;
+    serde_yaml::Deserializer::from_str(text)
+        .filter_map(|doc| Value::deserialize(doc).ok())
+        .filter(|v| !v.is_null())
+        .collect()
+}
