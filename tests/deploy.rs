@@ -162,3 +162,245 @@ fn deploy_manifests_apply_and_their_rbac_is_exactly_enough() {
     eventually(Duration::from_secs(5), || gw.chat("rbac-chat-2").0 == 200)
         .expect("serving must not depend on status writes");
 }
+
+/// The objects of a kustomization, rendered by the real kubectl.
+fn kustomize(cp: &ControlPlane, dir: &str) -> Vec<serde_json::Value> {
+    yaml_documents(&cp.ok(&["kustomize", &repo_path(dir)]))
+}
+
+fn object<'a>(docs: &'a [serde_json::Value], kind: &str, name: &str) -> &'a serde_json::Value {
+    docs.iter()
+        .find(|d| {
+            d["kind"] == kind
+                && d["metadata"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n == name || n.starts_with(&format!("{name}-")))
+        })
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
+#[test]
+fn metrics_are_on_their_own_service_and_admitted_only_from_monitoring_namespaces() {
+    let cp = ControlPlane::shared();
+    let docs = kustomize(cp, "deploy");
+    let service_ports = |name: &str| -> Vec<String> {
+        object(&docs, "Service", name)["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["targetPort"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(
+        service_ports("portcullis"),
+        ["http"],
+        "the data plane's Service"
+    );
+    let metrics = object(&docs, "Service", "portcullis-metrics");
+    assert_eq!(service_ports("portcullis-metrics"), ["metrics"]);
+    assert_eq!(
+        metrics["metadata"]["labels"]["app.kubernetes.io/component"],
+        "metrics"
+    );
+
+    // The ServiceMonitor selects the metrics Service only.
+    let monitored = kustomize(cp, "deploy/overlays/monitored");
+    let selector =
+        &object(&monitored, "ServiceMonitor", "portcullis")["spec"]["selector"]["matchLabels"];
+    for svc in ["portcullis", "portcullis-metrics"] {
+        let labels = &object(&monitored, "Service", svc)["metadata"]["labels"];
+        let selected = selector
+            .as_object()
+            .unwrap()
+            .iter()
+            .all(|(k, v)| &labels[k] == v);
+        assert_eq!(
+            selected,
+            svc == "portcullis-metrics",
+            "ServiceMonitor and Service {svc}"
+        );
+    }
+
+    // The NetworkPolicy: data plane from every namespace, metrics from `monitoring` only.
+    let policy = object(&docs, "NetworkPolicy", "portcullis");
+    assert_eq!(
+        policy["spec"]["policyTypes"],
+        serde_json::json!(["Ingress"])
+    );
+    let pods = &object(&docs, "Deployment", "portcullis")["spec"]["template"]["metadata"]["labels"];
+    for (k, v) in policy["spec"]["podSelector"]["matchLabels"]
+        .as_object()
+        .unwrap()
+    {
+        assert_eq!(&pods[k], v, "the policy selects the gateway's pods");
+    }
+    let rules = policy["spec"]["ingress"].as_array().unwrap();
+    assert_eq!(rules.len(), 2);
+    let rule_for = |port: &str| {
+        rules
+            .iter()
+            .find(|r| r["ports"][0]["port"] == port)
+            .unwrap_or_else(|| panic!("no ingress rule for {port}"))
+    };
+    assert_eq!(
+        rule_for("http")["from"],
+        serde_json::json!([{"namespaceSelector": {}}])
+    );
+    assert_eq!(
+        rule_for("metrics")["from"],
+        serde_json::json!([{"namespaceSelector": {"matchExpressions": [
+            {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["monitoring"]}]}}])
+    );
+    // Opting out is one component.
+    let dir = repo_path(&format!("target/{}", unique("no-netpol")));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        format!("{dir}/kustomization.yaml"),
+        "resources: [../../deploy]\ncomponents: [../../deploy/components/no-network-policy]\n",
+    )
+    .unwrap();
+    let opted_out = yaml_documents(&cp.ok(&["kustomize", &dir]));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(opted_out.iter().all(|d| d["kind"] != "NetworkPolicy"));
+    assert!(opted_out.iter().any(|d| d["kind"] == "Deployment"));
+}
+
+/// The gateway's flags from the shipped policy ConfigMap (the environment variables it sets).
+fn policy_flags(docs: &[serde_json::Value]) -> Vec<String> {
+    let data = object(docs, "ConfigMap", "portcullis-policy")["data"]
+        .as_object()
+        .unwrap()
+        .clone();
+    let mut flags: Vec<String> = data
+        .iter()
+        .map(|(k, v)| {
+            let flag = k
+                .strip_prefix("PORTCULLIS_")
+                .unwrap()
+                .to_lowercase()
+                .replace('_', "-");
+            format!("--{flag}={}", v.as_str().unwrap())
+        })
+        .collect();
+    flags.sort();
+    flags
+}
+
+#[test]
+fn the_shipped_install_is_safe_by_default_and_each_switch_opens_it() {
+    let cp = ControlPlane::shared();
+    let docs = kustomize(cp, "deploy");
+    let container =
+        &object(&docs, "Deployment", "portcullis")["spec"]["template"]["spec"]["containers"][0];
+    let config_map = object(&docs, "ConfigMap", "portcullis-policy");
+    assert_eq!(
+        container["envFrom"][0]["configMapRef"]["name"], config_map["metadata"]["name"],
+        "the Deployment reads the policy"
+    );
+    let flags = policy_flags(&docs);
+    let flag = |name: &str| {
+        flags
+            .iter()
+            .find_map(|f| f.strip_prefix(&format!("--{name}=")))
+            .unwrap_or_else(|| panic!("--{name} not set: {flags:?}"))
+            .to_string()
+    };
+    let hosts = flag("allowed-upstream-hosts");
+    for host in [
+        "api.openai.com",
+        "api.anthropic.com",
+        "*.openai.azure.com",
+        "generativelanguage.googleapis.com",
+        "*.svc",
+        "*.svc.cluster.local",
+    ] {
+        assert!(
+            hosts.split(',').any(|h| h == host),
+            "{host} missing from {hosts}"
+        );
+    }
+    assert_eq!(flag("secret-selector"), "portcullis.dev/provider-key=true");
+    assert_eq!(flag("public-namespaces"), "portcullis-system");
+    // The namespaced overlay serves only its own namespace: all its Routes keep their names.
+    let namespaced = kustomize(cp, "deploy/overlays/namespaced");
+    assert!(policy_flags(&namespaced).contains(&"--public-namespaces=*".to_string()));
+
+    // The shipped values on a running gateway: an unlabelled Secret, an unlisted host (the
+    // simulated provider on loopback) and a one-word name outside the platform's namespace are
+    // each refused; a labelled Secret sent to a listed host serves.
+    let sim = sim();
+    let _ = cp.kubectl(&["create", "namespace", "portcullis-system"]);
+    let ns = cp.namespace("safe");
+    let in_cluster = format!("http://sim.{ns}.svc.cluster.local:9090/openai/v1");
+    cp.apply(
+        &[
+            secret_manifest(&ns, "plain", "apiKey", "sk-plain"),
+            provider_key_manifest(&ns, "labelled", "apiKey", "sk-safe"),
+            route_manifest(
+                &ns,
+                "unlabelled",
+                "llm/v1/chat",
+                "plain",
+                "https://api.openai.com/v1",
+            ),
+            route_manifest(
+                &ns,
+                "loopback",
+                "llm/v1/chat",
+                "labelled",
+                &sim.openai_base(),
+            ),
+            route_manifest(
+                &ns,
+                "official",
+                "llm/v1/chat",
+                "labelled",
+                "https://api.openai.com/v1",
+            ),
+            route_manifest(&ns, "service", "llm/v1/chat", "labelled", &in_cluster),
+        ]
+        .join("---\n"),
+    );
+    let args: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let gw = Gateway::start(cp, &[&["--namespace", &ns][..], &args].concat());
+    cp.wait_reason(&ns, "unlabelled", "SecretNotAllowed");
+    cp.wait_reason(&ns, "loopback", "EgressDenied");
+    cp.wait_ready(&ns, "official");
+    cp.wait_ready(&ns, "service");
+    eventually(Duration::from_secs(10), || {
+        cp.short_name(&ns, "official").is_some()
+    })
+    .expect("no ShortName condition");
+    let (status, reason, _) = cp.short_name(&ns, "official").unwrap();
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "NotPublic"));
+    drop(gw);
+
+    // Each switch, as the README writes it, opens it.
+    let dir = repo_path(&format!("target/{}", unique("opened")));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        format!("{dir}/kustomization.yaml"),
+        "resources: [../../deploy]\nconfigMapGenerator:\n  - name: portcullis-policy\n    behavior: merge\n    literals:\n      - PORTCULLIS_ALLOWED_UPSTREAM_HOSTS=\n      - PORTCULLIS_SECRET_SELECTOR=\n      - PORTCULLIS_PUBLIC_NAMESPACES=*\n",
+    )
+    .unwrap();
+    let opened = yaml_documents(&cp.ok(&["kustomize", &dir]));
+    let _ = std::fs::remove_dir_all(&dir);
+    let flags = policy_flags(&opened);
+    assert_eq!(
+        flags,
+        [
+            "--allowed-upstream-hosts=",
+            "--public-namespaces=*",
+            "--secret-selector="
+        ]
+    );
+    let args: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let gw = Gateway::start(cp, &[&["--namespace", &ns][..], &args].concat());
+    for route in ["unlabelled", "loopback"] {
+        cp.wait_reason(&ns, route, "Resolved");
+    }
+    eventually(Duration::from_secs(10), || gw.chat("loopback").0 == 200)
+        .expect("the opened gateway does not serve the loopback Route by its one-word name");
+    let (status, reason, _) = cp.short_name(&ns, "official").unwrap();
+    assert_eq!(status, "True", "{reason}");
+}

@@ -792,6 +792,13 @@ pub fn secret_with(ns: &str, name: &str, data: &[(&str, &str)]) -> String {
     yaml
 }
 
+/// A Secret labelled for the shipped install's `--secret-selector` (portcullis.dev/provider-key=true).
+pub fn provider_key_manifest(ns: &str, name: &str, key: &str, value: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels:\n    portcullis.dev/provider-key: \"true\"\nstringData:\n  {key}: {value}\n"
+    )
+}
+
 /// A Route for any provider; `secret` and `config` are optional.
 #[allow(clippy::too_many_arguments)] // mirrors the Route fields one to one
 pub fn provider_route(
