@@ -6,7 +6,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: run run-standalone test unit-test e2e-test control-plane python-env redis crds chart-files lint fmt build bench bench-deps bench-quick fuzz soak clean-cache \
+.PHONY: tools run run-standalone test unit-test e2e-test control-plane python-env redis crds chart-files lint fmt build bench bench-deps bench-quick fuzz soak clean-cache \
 	cluster-deps cluster-build cluster-images image cluster-up cluster-down cluster-test
 
 build:
@@ -33,13 +33,19 @@ run-standalone:
 	$(CARGO) build --workspace
 	hack/run-standalone.sh
 
-test: control-plane python-env redis lint
+# helm, promtool and the Prometheus Operator CRDs for tests/helm.rs (built once into ~/.cache/portcullis).
+tools:
+	hack/tools.sh helm >/dev/null
+	hack/tools.sh promtool >/dev/null
+	hack/tools.sh prometheus-operator-crds >/dev/null
+
+test: control-plane python-env redis tools lint
 	$(CARGO) test --workspace --no-fail-fast
 
 unit-test:
 	$(CARGO) test --workspace --lib --bins
 
-e2e-test: control-plane python-env redis
+e2e-test: control-plane python-env redis tools
 	$(CARGO) test --workspace --tests
 
 # valgrind (callgrind) counts instructions and allocations per proxied call exactly; install it once (as root).
@@ -133,7 +139,7 @@ cluster-down:
 	hack/cluster.sh down $(CLUSTER_DIR)
 
 # Brings up its own cluster in target/cluster-test and stops it at the end (not part of `make test`).
-cluster-test: cluster-build cluster-images image
+cluster-test: cluster-build cluster-images image tools
 	hack/cluster.sh down $(CLUSTER_DIR) >/dev/null 2>&1 || true
 	$(CARGO) test --test cluster -- --include-ignored --test-threads=1 --show-output
 

@@ -25,6 +25,9 @@ const PROVIDER_KEY: &str = "sk-cluster-provider-key";
 const GATEWAY_IMAGE: &str = "docker.io/library/portcullis:0.1.0";
 /// The Service URL the README tells in-cluster callers to use.
 const SERVICE_URL: &str = "http://portcullis.portcullis-system.svc/v1/chat/completions";
+/// team-a's Route by its qualified name: the shipped install gives one-word names only to Routes
+/// of the namespaces in --public-namespaces (its own).
+const CHAT: &str = "team-a/chat";
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -226,10 +229,11 @@ fn sim_base() -> String {
     format!("http://sim.{SIM_NS}.svc.cluster.local:9090/openai/v1")
 }
 
+/// A Route and its provider key, labelled for the shipped install's --secret-selector.
 fn chat_route(ns: &str, route: &str, allowed_sa: &str) -> String {
     format!(
         "{}---\n{}  access:\n    - serviceAccount: {allowed_sa}\n",
-        secret_manifest(ns, "provider-key", "apiKey", PROVIDER_KEY),
+        provider_key_manifest(ns, "provider-key", "apiKey", PROVIDER_KEY),
         route_manifest(ns, route, "llm/v1/chat", "provider-key", &sim_base())
     )
 }
@@ -446,7 +450,11 @@ fn step1_install_gives_ready_replicas_a_leader_and_ready_routes() {
     );
     cluster().wait_ready(TEAM_NS, "chat");
     let route = cluster().json(&["get", "route.portcullis.dev", "-n", TEAM_NS, "chat"]);
-    assert_eq!(route["status"]["url"], "/gateway/chat/invocations");
+    assert_eq!(
+        route["status"]["url"],
+        format!("/gateway/{CHAT}/invocations"),
+        "served by its qualified name only (not in --public-namespaces)"
+    );
 
     // Scale as the README says, and back.
     k(&[
@@ -473,7 +481,7 @@ fn step1_install_gives_ready_replicas_a_leader_and_ready_routes() {
 fn step2_pods_call_the_service_by_dns_with_projected_tokens() {
     deployed();
     cluster().wait_ready(TEAM_NS, "chat");
-    let call = curl_chat(SERVICE_URL, "chat", r#","max_tokens":5"#);
+    let call = curl_chat(SERVICE_URL, CHAT, r#","max_tokens":5"#);
     let mut last = String::new();
     // The first call may race the Service's endpoints settling after step 1's scale-down.
     let ok = eventually(Duration::from_secs(30), || {
@@ -497,7 +505,7 @@ fn step2_pods_call_the_service_by_dns_with_projected_tokens() {
     // A streamed answer arrives as SSE through the Service.
     let (_, streamed) = exec(
         "notebook",
-        &curl_chat(SERVICE_URL, "chat", r#","max_tokens":3,"stream":true"#),
+        &curl_chat(SERVICE_URL, CHAT, r#","max_tokens":3,"stream":true"#),
     );
     assert_eq!(http_status(&streamed), 200, "{streamed}");
     assert!(streamed.contains("data: [DONE]"), "{streamed}");
@@ -513,7 +521,7 @@ fn step2_pods_call_the_service_by_dns_with_projected_tokens() {
     let (_, anonymous) = exec(
         "notebook",
         &format!(
-            r#"curl -sS -o /dev/null -w 'HTTP %{{http_code}}\n' {SERVICE_URL} -H 'content-type: application/json' -d '{{"model":"chat","messages":[{{"role":"user","content":"hi"}}]}}'"#
+            r#"curl -sS -o /dev/null -w 'HTTP %{{http_code}}\n' {SERVICE_URL} -H 'content-type: application/json' -d '{{"model":"{CHAT}","messages":[{{"role":"user","content":"hi"}}]}}'"#
         ),
     );
     assert!(matches!(http_status(&anonymous), 401 | 404), "{anonymous}");
@@ -581,7 +589,7 @@ fn step3_security_context_is_enforced_not_just_declared() {
 }
 
 /// Requests in a loop from a pod, each `HTTP <code>` line, until /tmp/stop exists (or 5 minutes).
-const REQUEST_LOOP: &str = r#"rm -f /tmp/stop; end=$(( $(date +%s) + 300 )); while [ ! -f /tmp/stop ] && [ $(date +%s) -lt $end ]; do curl -sS -o /dev/null --max-time 30 -w 'HTTP %{http_code}\n' http://portcullis.portcullis-system.svc/v1/chat/completions -H "authorization: Bearer $(cat /var/run/portcullis/token)" -H 'content-type: application/json' -d '{"model":"chat","messages":[{"role":"user","content":"loop"}],"max_tokens":2}' || echo 'HTTP 000'; sleep 0.1; done"#;
+const REQUEST_LOOP: &str = r#"rm -f /tmp/stop; end=$(( $(date +%s) + 300 )); while [ ! -f /tmp/stop ] && [ $(date +%s) -lt $end ]; do curl -sS -o /dev/null --max-time 30 -w 'HTTP %{http_code}\n' http://portcullis.portcullis-system.svc/v1/chat/completions -H "authorization: Bearer $(cat /var/run/portcullis/token)" -H 'content-type: application/json' -d '{"model":"team-a/chat","messages":[{"role":"user","content":"loop"}],"max_tokens":2}' || echo 'HTTP 000'; sleep 0.1; done"#;
 
 struct Traffic {
     loop_: Child,
@@ -594,7 +602,7 @@ impl Traffic {
         // 150 words, 100 ms apart: open through a whole rollout step.
         let stream = exec_background(
             "notebook",
-            &curl_chat(SERVICE_URL, "chat", r#","max_tokens":150,"stream":true"#),
+            &curl_chat(SERVICE_URL, CHAT, r#","max_tokens":150,"stream":true"#),
         );
         std::thread::sleep(Duration::from_secs(2));
         Traffic { loop_, stream }
@@ -868,4 +876,115 @@ fn step8_uninstall_removes_the_gateway() {
     assert!(!out.status.success(), "the CRD is still there");
     let out = cluster().kubectl(&["get", "namespace", SYSTEM_NS]);
     assert!(!out.status.success(), "{SYSTEM_NS} is still there");
+}
+
+/// `helm ARGS` against the cluster, from the repository root; its stdout.
+fn helm(args: &[&str]) -> String {
+    let (ok, out, err) = run_with_stdin(
+        &tool("helm"),
+        args,
+        &[("KUBECONFIG", cluster().kubeconfig().as_path())],
+        "",
+    );
+    assert!(ok, "helm {args:?} failed:\n{err}");
+    out
+}
+
+fn gateway_images() -> Vec<String> {
+    gateway_pods()
+        .into_iter()
+        .filter(is_ready)
+        .map(|p| {
+            p["spec"]["containers"][0]["image"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
+/// After step 8's `kubectl delete -k deploy/`: the chart installs the same gateway, serves a pod's
+/// call, upgrades to a new image and rolls back under load with no failed request, and its
+/// uninstall leaves the CRDs (Helm never deletes crds/).
+#[test]
+#[ignore = "needs the local cluster (make cluster-test)"]
+fn step9_helm_install_upgrade_rollback_and_uninstall() {
+    deployed();
+    let gone = eventually(Duration::from_secs(180), || {
+        !cluster()
+            .kubectl(&["get", "namespace", SYSTEM_NS])
+            .status
+            .success()
+    });
+    assert!(gone.is_ok(), "{SYSTEM_NS} from step 8 is still terminating");
+    let chart = repo().join("deploy/helm/portcullis");
+    let chart = chart.to_str().unwrap();
+    helm(&[
+        "install",
+        "portcullis",
+        chart,
+        "-n",
+        SYSTEM_NS,
+        "--create-namespace",
+    ]);
+    rollout_status(SYSTEM_NS);
+    // The CRDs came from the chart's crds/: team-a's Route is back once re-applied.
+    cluster().apply(&chat_route(TEAM_NS, "chat", &format!("{TEAM_NS}/notebook")));
+    cluster().wait_ready(TEAM_NS, "chat");
+    let call = curl_chat(SERVICE_URL, CHAT, r#","max_tokens":5"#);
+    let mut last = String::new();
+    let served = eventually(Duration::from_secs(60), || {
+        last = exec("notebook", &call).1;
+        http_status(&last) == 200
+    });
+    assert!(served.is_ok(), "the Helm install did not serve:\n{last}");
+    settled();
+    assert_eq!(gateway_images(), ["portcullis:0.1.0", "portcullis:0.1.0"]);
+
+    cluster_script(&[
+        "tag",
+        GATEWAY_IMAGE,
+        "docker.io/library/portcullis:0.1.0-next",
+    ]);
+    let traffic = Traffic::start();
+    helm(&[
+        "upgrade",
+        "portcullis",
+        chart,
+        "-n",
+        SYSTEM_NS,
+        "--reuse-values",
+        "--set",
+        "image.tag=0.1.0-next",
+    ]);
+    rollout_status(SYSTEM_NS);
+    let (statuses, stream) = traffic.finish();
+    assert_no_failures("helm upgrade", &statuses, &stream);
+    settled();
+    assert_eq!(
+        gateway_images(),
+        ["portcullis:0.1.0-next", "portcullis:0.1.0-next"]
+    );
+
+    let traffic = Traffic::start();
+    helm(&["rollback", "portcullis", "1", "-n", SYSTEM_NS]);
+    rollout_status(SYSTEM_NS);
+    let (statuses, stream) = traffic.finish();
+    assert_no_failures("helm rollback", &statuses, &stream);
+    settled();
+    assert_eq!(gateway_images(), ["portcullis:0.1.0", "portcullis:0.1.0"]);
+    let history = helm(&["history", "portcullis", "-n", SYSTEM_NS, "-o", "json"]);
+    let revisions: Value = serde_json::from_str(&history).unwrap();
+    assert_eq!(revisions.as_array().unwrap().len(), 3, "{history}");
+
+    helm(&["uninstall", "portcullis", "-n", SYSTEM_NS, "--wait"]);
+    let removed = eventually(Duration::from_secs(120), || gateway_pods().is_empty());
+    assert!(removed.is_ok(), "gateway pods left after helm uninstall");
+    k(&[
+        "get",
+        "crd",
+        "routes.portcullis.dev",
+        "teams.portcullis.dev",
+    ]);
+    k(&["get", "route.portcullis.dev", "-n", TEAM_NS, "chat"]);
 }
