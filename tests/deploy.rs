@@ -1,5 +1,6 @@
 //! The shipped manifests: `kubectl apply -k deploy/` on a real API server, and the gateway running
 //! with exactly the RBAC they grant (a ServiceAccount token from the TokenRequest API).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: failing loudly is the point
 
 mod support;
 

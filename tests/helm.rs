@@ -722,7 +722,24 @@ fn dashboard_and_alerts_name_only_metrics_a_running_gateway_exports() {
     let ns = cp.namespace("dash");
     let gw = Gateway::start(cp, &["--namespace", &ns]);
     traffic(cp, &gw, &ns);
-    let (names, bounds) = exported(&gw.metrics());
+    let exposition = gw.metrics();
+    let (names, bounds) = exported(&exposition);
+    // The gauges behind the budget, leader and replica panels carry the values they describe.
+    for line in [
+        format!(
+            "portcullis_budget_limit{{kind=\"Route\",name=\"{ns}/dash-chat\",limit=\"usd\",period=\"day\"}} 100.0"
+        ),
+        format!(
+            "portcullis_budget_limit{{kind=\"Route\",name=\"{ns}/dash-chat\",limit=\"tokens\",period=\"day\"}} 1000000.0"
+        ),
+        "portcullis_leader 1".to_string(),
+        "portcullis_replicas 1".to_string(),
+    ] {
+        assert!(
+            exposition.lines().any(|l| l == line),
+            "no {line:?} in\n{exposition}"
+        );
+    }
 
     let mut used: BTreeMap<String, String> = BTreeMap::new();
     for (title, expr) in dashboard_queries() {
