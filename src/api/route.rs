@@ -247,11 +247,11 @@ pub struct RetryPolicy {
     /// The field's old name, refused: kept in the schema so that a Route still using it is
     /// rejected with a message naming `retryOn` instead of being pruned and silently ignored.
     #[serde(default, rename = "on", skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "any_value")]
+    #[schemars(schema_with = "legacy_list")]
     pub legacy_on: Option<serde_json::Value>,
     /// `on:` as a YAML 1.1 reader (kubectl, Argo CD, Flux) stores it; refused like `on`.
     #[serde(default, rename = "true", skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "any_value")]
+    #[schemars(schema_with = "legacy_list")]
     pub legacy_true: Option<serde_json::Value>,
 }
 
@@ -268,9 +268,13 @@ impl RetryPolicy {
     }
 }
 
-/// Any JSON value, in a structural schema.
-fn any_value(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-    schemars::json_schema!({ "x-kubernetes-preserve-unknown-fields": true })
+/// The old field's shape (a list of names): CEL rules can only test typed fields.
+fn legacy_list(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "array",
+        "maxItems": 4,
+        "items": {"type": "string", "maxLength": 32},
+    })
 }
 
 /// Passive health checking of backends.
