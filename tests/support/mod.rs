@@ -856,7 +856,7 @@ pub fn sse_chunks(body: &str) -> Vec<Value> {
 pub fn route_yaml(ns: &str, name: &str, spec: portcullis::api::RouteSpec) -> String {
     let mut route = portcullis::api::Route::new(name, spec);
     route.metadata.namespace = Some(ns.to_string());
-    serde_yaml::to_string(&route).expect("route yaml")
+    portcullis::yaml::to_string(&route).expect("route yaml")
 }
 
 /// A provider model at `api_base` whose credential is the `apiKey` of Secret `secret`.
@@ -960,4 +960,18 @@ pub fn yaml_documents(text: &str) -> Vec<Value> {
         .filter_map(|doc| Value::deserialize(doc).ok())
         .filter(|v| !v.is_null())
         .collect()
+}
+
+/// The ```yaml blocks of README.md, as written there.
+pub fn readme_yaml_blocks() -> Vec<String> {
+    let readme = std::fs::read_to_string(repo().join("README.md")).expect("README.md");
+    let mut blocks = Vec::new();
+    let mut rest = readme.as_str();
+    while let Some(start) = rest.find("```yaml\n") {
+        let block = &rest[start + 8..];
+        let end = block.find("```").expect("closed fence");
+        blocks.push(block[..end].to_string());
+        rest = &block[end + 3..];
+    }
+    blocks
 }
