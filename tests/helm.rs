@@ -785,3 +785,93 @@ fn dashboard_and_alerts_name_only_metrics_a_running_gateway_exports() {
             == BTreeSet::from(["portcullis_x_total".to_string()])
     );
 }
+
+/// Helm's own life cycle on a real API server (no kubelet: objects, not pods; the pods' side is
+/// `make cluster-test`): install creates the CRDs from the chart's crds/, upgrade and rollback
+/// change the Deployment's image, uninstall removes the gateway and leaves the CRDs.
+#[test]
+fn helm_install_upgrade_rollback_and_uninstall_leave_the_crds() {
+    let cp = ControlPlane::start_private();
+    // Helm installs crds/ only where they are missing: start from a cluster without them.
+    cp.ok(&[
+        "delete",
+        "crd",
+        "routes.portcullis.dev",
+        "teams.portcullis.dev",
+        "--wait",
+    ]);
+    let chart = repo_path(CHART);
+    let chart = path_str(&chart);
+    let helm = |args: &[&str]| {
+        let (ok, out, err) = run_with_stdin(
+            &tool("helm"),
+            args,
+            &[("KUBECONFIG", cp.kubeconfig().as_path())],
+            "",
+        );
+        assert!(ok, "helm {args:?} failed:\n{err}");
+        out
+    };
+    let ns = "portcullis-system";
+    let image = || {
+        cp.json(&["get", "deployment", "-n", ns, "portcullis"])["spec"]["template"]["spec"]
+            ["containers"][0]["image"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    helm(&[
+        "install",
+        "portcullis",
+        chart,
+        "-n",
+        ns,
+        "--create-namespace",
+    ]);
+    cp.ok(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/routes.portcullis.dev",
+        "crd/teams.portcullis.dev",
+        "--timeout=60s",
+    ]);
+    assert_eq!(image(), "portcullis:0.1.0");
+    helm(&[
+        "upgrade",
+        "portcullis",
+        chart,
+        "-n",
+        ns,
+        "--reuse-values",
+        "--set",
+        "image.tag=0.1.0-next",
+    ]);
+    assert_eq!(image(), "portcullis:0.1.0-next");
+    helm(&["rollback", "portcullis", "1", "-n", ns]);
+    assert_eq!(image(), "portcullis:0.1.0");
+    let history: Value =
+        serde_json::from_str(&helm(&["history", "portcullis", "-n", ns, "-o", "json"])).unwrap();
+    assert_eq!(history.as_array().unwrap().len(), 3);
+
+    // A Route made while installed outlives the uninstall.
+    cp.apply(&route_manifest(
+        ns,
+        "kept",
+        "llm/v1/chat",
+        "key",
+        "https://api.openai.com/v1",
+    ));
+    helm(&["uninstall", "portcullis", "-n", ns]);
+    let out = cp.kubectl(&["get", "deployment", "-n", ns, "portcullis"]);
+    assert!(
+        !out.status.success(),
+        "the Deployment outlived helm uninstall"
+    );
+    cp.ok(&[
+        "get",
+        "crd",
+        "routes.portcullis.dev",
+        "teams.portcullis.dev",
+    ]);
+    cp.ok(&["get", "route.portcullis.dev", "-n", ns, "kept"]);
+}
