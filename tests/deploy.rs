@@ -266,25 +266,18 @@ fn metrics_are_on_their_own_service_and_admitted_only_from_monitoring_namespaces
     assert!(opted_out.iter().any(|d| d["kind"] == "Deployment"));
 }
 
-/// The gateway's flags from the shipped policy ConfigMap (the environment variables it sets).
-fn policy_flags(docs: &[serde_json::Value]) -> Vec<String> {
-    let data = object(docs, "ConfigMap", "portcullis-policy")["data"]
+/// The shipped policy ConfigMap's data: the environment the gateway's pods get (`envFrom`).
+fn policy_env(docs: &[serde_json::Value]) -> Vec<(String, String)> {
+    object(docs, "ConfigMap", "portcullis-policy")["data"]
         .as_object()
         .unwrap()
-        .clone();
-    let mut flags: Vec<String> = data
         .iter()
-        .map(|(k, v)| {
-            let flag = k
-                .strip_prefix("PORTCULLIS_")
-                .unwrap()
-                .to_lowercase()
-                .replace('_', "-");
-            format!("--{flag}={}", v.as_str().unwrap())
-        })
-        .collect();
-    flags.sort();
-    flags
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+        .collect()
+}
+
+fn as_env(vars: &[(String, String)]) -> Vec<(&str, &str)> {
+    vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
 }
 
 #[test]
@@ -298,15 +291,15 @@ fn the_shipped_install_is_safe_by_default_and_each_switch_opens_it() {
         container["envFrom"][0]["configMapRef"]["name"], config_map["metadata"]["name"],
         "the Deployment reads the policy"
     );
-    let flags = policy_flags(&docs);
-    let flag = |name: &str| {
-        flags
-            .iter()
-            .find_map(|f| f.strip_prefix(&format!("--{name}=")))
-            .unwrap_or_else(|| panic!("--{name} not set: {flags:?}"))
-            .to_string()
+    let env = policy_env(&docs);
+    let var = |name: &str| {
+        env.iter()
+            .find(|(k, _)| k == name)
+            .unwrap_or_else(|| panic!("{name} not set: {env:?}"))
+            .1
+            .clone()
     };
-    let hosts = flag("allowed-upstream-hosts");
+    let hosts = var("PORTCULLIS_ALLOWED_UPSTREAM_HOSTS");
     for host in [
         "api.openai.com",
         "api.anthropic.com",
@@ -320,11 +313,14 @@ fn the_shipped_install_is_safe_by_default_and_each_switch_opens_it() {
             "{host} missing from {hosts}"
         );
     }
-    assert_eq!(flag("secret-selector"), "portcullis.dev/provider-key=true");
-    assert_eq!(flag("public-namespaces"), "portcullis-system");
+    assert_eq!(
+        var("PORTCULLIS_SECRET_SELECTOR"),
+        "portcullis.dev/provider-key=true"
+    );
+    assert_eq!(var("PORTCULLIS_PUBLIC_NAMESPACES"), "portcullis-system");
     // The namespaced overlay serves only its own namespace: all its Routes keep their names.
     let namespaced = kustomize(cp, "deploy/overlays/namespaced");
-    assert!(policy_flags(&namespaced).contains(&"--public-namespaces=*".to_string()));
+    assert!(policy_env(&namespaced).contains(&("PORTCULLIS_PUBLIC_NAMESPACES".into(), "*".into())));
 
     // The shipped values on a running gateway: an unlabelled Secret, an unlisted host (the
     // simulated provider on loopback) and a one-word name outside the platform's namespace are
@@ -362,8 +358,7 @@ fn the_shipped_install_is_safe_by_default_and_each_switch_opens_it() {
         ]
         .join("---\n"),
     );
-    let args: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let gw = Gateway::start(cp, &[&["--namespace", &ns][..], &args].concat());
+    let gw = Gateway::start_with_env(cp, &["--namespace", &ns], &as_env(&env));
     cp.wait_reason(&ns, "unlabelled", "SecretNotAllowed");
     cp.wait_reason(&ns, "loopback", "EgressDenied");
     cp.wait_ready(&ns, "official");
@@ -386,17 +381,17 @@ fn the_shipped_install_is_safe_by_default_and_each_switch_opens_it() {
     .unwrap();
     let opened = yaml_documents(&cp.ok(&["kustomize", &dir]));
     let _ = std::fs::remove_dir_all(&dir);
-    let flags = policy_flags(&opened);
-    assert_eq!(
-        flags,
-        [
-            "--allowed-upstream-hosts=",
-            "--public-namespaces=*",
-            "--secret-selector="
-        ]
-    );
-    let args: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let gw = Gateway::start(cp, &[&["--namespace", &ns][..], &args].concat());
+    let env = policy_env(&opened);
+    let expected: Vec<(String, String)> = [
+        ("PORTCULLIS_ALLOWED_UPSTREAM_HOSTS", ""),
+        ("PORTCULLIS_PUBLIC_NAMESPACES", "*"),
+        ("PORTCULLIS_SECRET_SELECTOR", ""),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    assert_eq!(env, expected);
+    let gw = Gateway::start_with_env(cp, &["--namespace", &ns], &as_env(&env));
     for route in ["unlabelled", "loopback"] {
         cp.wait_reason(&ns, route, "Resolved");
     }

@@ -373,8 +373,21 @@ impl Gateway {
         Self::start_with_kubeconfig(&cp.kubeconfig(), extra)
     }
 
+    /// Runs the gateway with environment variables set (as a pod's `env`/`envFrom` would).
+    pub fn start_with_env(cp: &ControlPlane, extra: &[&str], env: &[(&str, &str)]) -> Gateway {
+        let mut cmd = Self::run_command(&cp.kubeconfig(), extra);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Self::spawn(cmd)
+    }
+
     /// Runs the gateway with other credentials (for example a ServiceAccount token).
     pub fn start_with_kubeconfig(kubeconfig: &Path, extra: &[&str]) -> Gateway {
+        Self::spawn(Self::run_command(kubeconfig, extra))
+    }
+
+    fn run_command(kubeconfig: &Path, extra: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_portcullis"));
         cmd.args([
             "run",
@@ -389,7 +402,7 @@ impl Gateway {
         ])
         .args(extra)
         .env("KUBECONFIG", kubeconfig);
-        Self::spawn(cmd)
+        cmd
     }
 
     /// `portcullis serve` on files (each `--config`), with `env` set for the process (the
