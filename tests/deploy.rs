@@ -326,7 +326,6 @@ fn the_shipped_install_is_safe_by_default_and_each_switch_opens_it() {
     // simulated provider on loopback) and a one-word name outside the platform's namespace are
     // each refused; a labelled Secret sent to a listed host serves.
     let sim = sim();
-    let _ = cp.kubectl(&["create", "namespace", "portcullis-system"]);
     let ns = cp.namespace("safe");
     let in_cluster = format!("http://sim.{ns}.svc.cluster.local:9090/openai/v1");
     cp.apply(

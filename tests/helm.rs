@@ -126,9 +126,14 @@ const COMBINATIONS: &[(&str, &str, &[&str])] = &[
 #[test]
 fn chart_lints_and_every_values_combination_applies_on_the_api_server() {
     let cp = cluster();
-    let lint = helm_ok(&["lint", "--strict", path_str(&repo_path(CHART))]);
-    assert!(lint.contains("0 chart(s) failed"), "{lint}");
+    let chart = repo_path(CHART);
     for (release, ns, values) in COMBINATIONS {
+        let mut lint = vec!["lint", "--strict", path_str(&chart)];
+        for v in values.iter() {
+            lint.extend(["--set", v]);
+        }
+        let out = helm_ok(&lint);
+        assert!(out.contains("0 chart(s) failed"), "{values:?}: {out}");
         let rendered = render(release, ns, values, &[]);
         let out = cp.kubectl_stdin(&["apply", "--dry-run=server", "-f", "-"], &rendered);
         assert!(
