@@ -188,6 +188,16 @@ fn chart_lints_and_every_values_combination_applies_on_the_api_server() {
     assert!(args.contains(&"--max-in-flight=2048"));
     assert!(args.contains(&"--replicas-service=gw-portcullis"));
     assert!(!args.contains(&"--leader-election"));
+    let other = yaml_documents(&render("gw", "gateways", &[], &[]));
+    let other_args = &other.iter().find(|d| d["kind"] == "Deployment").unwrap()["spec"]["template"]
+        ["spec"]["containers"][0]["args"];
+    assert!(
+        other_args
+            .as_array()
+            .unwrap()
+            .contains(&json!("--lease-name=gw-portcullis-leader")),
+        "{other_args}"
+    );
     let env = container["env"].as_array().unwrap();
     let store = env
         .iter()
