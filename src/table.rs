@@ -141,7 +141,7 @@ impl Backend {
     pub fn new(upstream: Upstream, weight: u32, priority: u32, key: String) -> Backend {
         let id: Arc<str> = format!(
             "{}/{}",
-            upstream.adapter.provider().as_str(),
+            upstream.adapter.info().provider.as_str(),
             upstream.target.model
         )
         .into();

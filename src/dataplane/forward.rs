@@ -44,7 +44,7 @@ impl ServingRoute {
         self.backends
             .list
             .iter()
-            .map(|b| b.upstream.adapter.provider())
+            .map(|b| b.upstream.adapter.info().provider)
     }
 }
 
@@ -228,7 +228,7 @@ impl<'a> Tries<'a> {
             header: backend.header.clone(),
             attempts: self.count,
         };
-        let provider = backend.upstream.adapter.provider().as_str();
+        let provider = backend.upstream.adapter.info().provider.as_str();
         observe::note(|c| {
             c.provider = Some(provider);
             c.answered = Some(answered);
@@ -318,7 +318,7 @@ impl Priced {
     fn of(backend: &Backend) -> Priced {
         Priced {
             price: backend.price,
-            provider: backend.upstream.adapter.provider().as_str(),
+            provider: backend.upstream.adapter.info().provider.as_str(),
             model: Arc::clone(&backend.model),
         }
     }
@@ -558,7 +558,7 @@ async fn open_stream(
     let mut decoder = match request {
         LlmRequest::Native(_) => upstream.adapter.native_stream_decoder().ok_or_else(|| {
             GatewayError::from_provider(crate::providers::native_unsupported(
-                upstream.adapter.provider(),
+                upstream.adapter.info().provider,
             ))
         })?,
         _ => upstream.adapter.stream_decoder(route_type),
@@ -584,7 +584,7 @@ async fn open_stream(
             let next = tokio::select! {
                 next = d.bytes.next() => next,
                 () = d.idle.as_mut() => {
-                    let provider = d.upstream.adapter.provider();
+                    let provider = d.upstream.adapter.info().provider;
                     warn!(%provider, idle_s = idle.as_secs_f64(), "provider stream stalled; ending it");
                     return Some((Err(GatewayError::UpstreamStalled(idle.as_secs().max(1))), None));
                 }
@@ -609,7 +609,7 @@ async fn open_stream(
                     d.ended |= out.iter().any(|x| x.finish_reason.is_some());
                     if !d.ended {
                         // Closed without the provider's end marker: never passed off as a full answer.
-                        let provider = d.upstream.adapter.provider();
+                        let provider = d.upstream.adapter.info().provider;
                         warn!(%provider, "provider stream ended without its end marker");
                         let cut = GatewayError::UpstreamTruncated(provider);
                         return Some(if out.is_empty() {
@@ -643,7 +643,7 @@ fn upstream_span(upstream: &Upstream, request: &LlmRequest) -> Span {
         otel.name = %format!("{operation} {}", upstream.target.model),
         otel.kind = "client",
         gen_ai.operation.name = operation,
-        gen_ai.provider.name = upstream.adapter.provider().as_str(),
+        gen_ai.provider.name = upstream.adapter.info().provider.as_str(),
         gen_ai.request.model = %upstream.target.model,
     )
 }
@@ -905,7 +905,7 @@ impl ReadError {
         match self {
             ReadError::TooLarge(prefix) => GatewayError::UpstreamMalformed(format!(
                 "the {} provider's answer is larger than the gateway's limit of {} bytes",
-                upstream.adapter.provider(),
+                upstream.adapter.info().provider,
                 prefix.len()
             )),
             ReadError::Transport(e) => transport_error(upstream, timeout, &e),
@@ -943,7 +943,7 @@ fn provider_error(upstream: &Upstream, err: ProviderError) -> GatewayError {
             status, message, ..
         } if matches!(status.as_u16(), 401 | 403) => {
             return GatewayError::CredentialRejected {
-                provider: upstream.adapter.provider(),
+                provider: upstream.adapter.info().provider,
                 status: status.as_u16(),
                 message: redact(message),
             };
@@ -962,7 +962,7 @@ fn provider_error(upstream: &Upstream, err: ProviderError) -> GatewayError {
 
 /// Transport failures get fixed wording: reqwest's own text includes the URL, which may carry a key.
 fn transport_error(upstream: &Upstream, timeout: Duration, err: &reqwest::Error) -> GatewayError {
-    let provider = upstream.adapter.provider();
+    let provider = upstream.adapter.info().provider;
     if err.is_timeout() {
         GatewayError::UpstreamTimeout(timeout.as_secs().max(1))
     } else if err.is_connect() {
