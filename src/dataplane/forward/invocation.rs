@@ -277,37 +277,10 @@ pub async fn invoke_stream(
             return Err(e);
         }
     };
-    let allowance = admission.allowance();
-    let observer = StreamObserver {
-        allowance,
-        truncated: false,
-        metrics: Arc::clone(&state.metrics),
-        entry: Arc::clone(&route.entry),
-        consumer: observe::consumer(),
-        started,
-        first_chunk: None,
-        usage: None,
-        streamed_chars: 0,
-        admission: Some(admission),
-        priced: Priced::of(backend),
-    };
+    let observer = StreamObserver::new(state, &route.entry, started, admission, backend);
     let deltas = futures::stream::once(futures::future::ready(Ok(opened.first)))
         .chain(opened.rest)
-        .filter(|item| futures::future::ready(!matches!(item, Ok(d) if d.is_empty())))
-        .scan(observer, |observer, mut item| {
-            if observer.truncated {
-                // Ending here drops the upstream response, which cancels the provider's call.
-                return futures::future::ready(None);
-            }
-            if let Some(cut) = observer.over_budget(&item) {
-                observer.truncated = true;
-                return futures::future::ready(Some(Err(cut)));
-            }
-            observer.see(&item);
-            if let Ok(deltas) = &mut item {
-                observer.price_usage(deltas);
-            }
-            futures::future::ready(Some(item))
-        });
+        .filter(|item| futures::future::ready(!matches!(item, Ok(d) if d.is_empty())));
+    let deltas = observer.watch(deltas);
     Ok((deltas, backend.upstream.target.model.clone()))
 }

@@ -4,8 +4,11 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use futures::{Stream, StreamExt};
+
 use crate::api::RouteType;
 use crate::cost::{Price, Tokens};
+use crate::dataplane::AppState;
 use crate::dataplane::admission::{self, Admission};
 use crate::dataplane::error::GatewayError;
 use crate::dataplane::observe::{self, CallCost};
@@ -115,28 +118,69 @@ pub(super) fn record_error(metrics: &Metrics, entry: &RouteEntry, err: &GatewayE
 /// Records a stream's metrics as it passes: time to first token, usage, errors, and the total
 /// upstream time when the stream ends or the client goes away (on drop).
 pub(super) struct StreamObserver {
-    pub(super) metrics: Arc<Metrics>,
-    pub(super) entry: Arc<RouteEntry>,
-    pub(super) consumer: String,
-    pub(super) started: Instant,
-    pub(super) first_chunk: Option<Instant>,
-    pub(super) usage: Option<Usage>,
+    metrics: Arc<Metrics>,
+    entry: Arc<RouteEntry>,
+    consumer: String,
+    started: Instant,
+    first_chunk: Option<Instant>,
+    usage: Option<Usage>,
     /// Text seen so far: what an early-ended stream is charged when no usage arrived.
-    pub(super) streamed_chars: usize,
-    pub(super) admission: Option<Admission>,
-    pub(super) priced: Priced,
+    streamed_chars: usize,
+    admission: Option<Admission>,
+    priced: Priced,
     /// What a `truncate` budget lets this stream spend, and that budget.
-    pub(super) allowance: Option<(crate::cost::Usd, String)>,
+    allowance: Option<(crate::cost::Usd, String)>,
     /// Ended by its budget: charged what was sent, whatever usage arrives.
-    pub(super) truncated: bool,
+    truncated: bool,
 }
 
 impl StreamObserver {
+    pub(super) fn new(
+        state: &AppState,
+        entry: &Arc<RouteEntry>,
+        started: Instant,
+        admission: Admission,
+        backend: &Backend,
+    ) -> StreamObserver {
+        StreamObserver {
+            allowance: admission.allowance(),
+            truncated: false,
+            metrics: Arc::clone(&state.metrics),
+            entry: Arc::clone(entry),
+            consumer: observe::consumer(),
+            started,
+            first_chunk: None,
+            usage: None,
+            streamed_chars: 0,
+            admission: Some(admission),
+            priced: Priced::of(backend),
+        }
+    }
+
+    /// The stream as the caller gets it: observed as it passes, and ended by an error event
+    /// where its budget runs out (which drops the upstream response and cancels the call).
+    pub(super) fn watch(
+        self,
+        deltas: impl Stream<Item = Result<Vec<StreamDelta>, GatewayError>> + Send + 'static,
+    ) -> impl Stream<Item = Result<Vec<StreamDelta>, GatewayError>> + Send + 'static {
+        deltas.scan(self, |observer, mut item| {
+            if observer.truncated {
+                return futures::future::ready(None);
+            }
+            if let Some(cut) = observer.over_budget(&item) {
+                observer.truncated = true;
+                return futures::future::ready(Some(Err(cut)));
+            }
+            observer.see(&item);
+            if let Ok(deltas) = &mut item {
+                observer.price_usage(deltas);
+            }
+            futures::future::ready(Some(item))
+        })
+    }
+
     /// The final event when passing these deltas would take the stream's cost past its allowance.
-    pub(super) fn over_budget(
-        &self,
-        item: &Result<Vec<StreamDelta>, GatewayError>,
-    ) -> Option<GatewayError> {
+    fn over_budget(&self, item: &Result<Vec<StreamDelta>, GatewayError>) -> Option<GatewayError> {
         let (Some((allowed, budget)), Ok(deltas), Some(price)) =
             (self.allowance.as_ref(), item, self.priced.price)
         else {
@@ -162,7 +206,7 @@ impl StreamObserver {
         })
     }
 
-    pub(super) fn see(&mut self, item: &Result<Vec<StreamDelta>, GatewayError>) {
+    fn see(&mut self, item: &Result<Vec<StreamDelta>, GatewayError>) {
         match item {
             Ok(deltas) => {
                 if self.first_chunk.is_none() {
@@ -197,7 +241,7 @@ impl StreamObserver {
 impl StreamObserver {
     /// Notes the call's cost on the delta that reports usage, for dialects with a final usage
     /// chunk (the metric and the log line are written when the stream ends, on drop).
-    pub(super) fn price_usage(&self, deltas: &mut [StreamDelta]) {
+    fn price_usage(&self, deltas: &mut [StreamDelta]) {
         let Some(delta) = deltas.iter_mut().rev().find(|d| d.usage.is_some()) else {
             return;
         };
