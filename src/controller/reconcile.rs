@@ -211,6 +211,7 @@ pub fn reconcile_after(
         });
         let primary = route.spec.primary_model();
         entries.push(RouteEntry {
+            metrics: Default::default(),
             name: served_as.into(),
             qualified,
             namespace,

@@ -147,6 +147,7 @@ mod tests {
 
     fn entry(route_type: RouteType, provider: Provider) -> RouteEntry {
         RouteEntry {
+            metrics: Default::default(),
             route_type,
             provider,
             model: "configured".into(),

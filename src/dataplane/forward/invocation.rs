@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 use futures::{Stream, StreamExt};
 
 use super::metering::{
-    Priced, StreamObserver, answer_chars, operation, record_cost, record_error, record_usage,
-    route_labels,
+    Priced, StreamObserver, answer_chars, record_cost, record_error, record_usage,
 };
 use super::tries::Tries;
 use super::upstream::{call_once, open_stream, provider_error};
@@ -69,7 +68,7 @@ pub(super) async fn resolve(
         c.route = Some(entry.name.clone());
         c.provider = Some(entry.provider.as_str());
         c.model = Some(entry.model.clone());
-        c.operation = Some(operation(entry.route_type));
+        c.operation = Some(entry.route_type.operation());
     });
     if let Some(requested) = route_type.filter(|t| *t != entry.route_type) {
         return Err(GatewayError::WrongRouteType {
@@ -115,11 +114,10 @@ pub async fn invoke(
             break result;
         }
     };
-    let labels = route_labels(&route.entry);
-    state
-        .metrics
+    route
+        .entry
+        .metrics(&state.metrics)
         .upstream_duration
-        .get_or_create(&labels)
         .observe(started.elapsed().as_secs_f64());
     match (&result, last) {
         (Ok(answer), Some(backend)) => {

@@ -6,7 +6,6 @@ use std::time::Instant;
 
 use futures::{Stream, StreamExt};
 
-use crate::api::RouteType;
 use crate::cost::{Price, Tokens};
 use crate::dataplane::AppState;
 use crate::dataplane::admission::{self, Admission};
@@ -14,7 +13,7 @@ use crate::dataplane::error::GatewayError;
 use crate::dataplane::observe::{self, CallCost};
 use crate::llm::{LlmResponse, StreamDelta, Usage};
 use crate::table::{Backend, RouteEntry};
-use crate::telemetry::metrics::{CostLabels, ErrorLabels, Metrics, RouteLabels, TokenLabels};
+use crate::telemetry::metrics::{CostLabels, ErrorLabels, Metrics, TokenLabels};
 
 /// Characters of generated text in an answer (what a call without a usage report is charged for).
 pub(super) fn answer_chars(answer: &LlmResponse) -> usize {
@@ -46,7 +45,7 @@ impl Priced {
 pub(super) fn record_cost(
     metrics: &Metrics,
     entry: &RouteEntry,
-    consumer: &str,
+    consumer: &Arc<str>,
     backend: &Priced,
     tokens: Tokens,
 ) -> CallCost {
@@ -54,7 +53,7 @@ pub(super) fn record_cost(
         route: entry.name.clone(),
         gen_ai_provider_name: backend.provider,
         gen_ai_request_model: backend.model.clone(),
-        consumer: consumer.to_string(),
+        consumer: Arc::clone(consumer),
     };
     match backend.price {
         Some(price) => {
@@ -69,24 +68,13 @@ pub(super) fn record_cost(
     }
 }
 
-pub(super) fn operation(route_type: RouteType) -> &'static str {
-    match route_type {
-        RouteType::Chat => "chat",
-        RouteType::Completions => "text_completion",
-        RouteType::Embeddings => "embeddings",
-    }
-}
-
-pub(super) fn route_labels(entry: &RouteEntry) -> RouteLabels {
-    RouteLabels {
-        route: entry.name.clone(),
-        gen_ai_provider_name: entry.provider.as_str(),
-        gen_ai_operation_name: operation(entry.route_type),
-    }
-}
-
 /// Token counters, and the usage fields of the request log line.
-pub(super) fn record_usage(metrics: &Metrics, entry: &RouteEntry, consumer: &str, usage: &Usage) {
+pub(super) fn record_usage(
+    metrics: &Metrics,
+    entry: &RouteEntry,
+    consumer: &Arc<str>,
+    usage: &Usage,
+) {
     for (kind, count) in [
         ("input", usage.prompt_tokens),
         ("output", usage.completion_tokens),
@@ -96,7 +84,7 @@ pub(super) fn record_usage(metrics: &Metrics, entry: &RouteEntry, consumer: &str
                 route: entry.name.clone(),
                 gen_ai_provider_name: entry.provider.as_str(),
                 gen_ai_request_model: entry.model.clone(),
-                consumer: consumer.to_string(),
+                consumer: Arc::clone(consumer),
                 gen_ai_token_type: kind,
             };
             metrics.tokens.get_or_create(&labels).inc_by(n);
@@ -120,7 +108,7 @@ pub(super) fn record_error(metrics: &Metrics, entry: &RouteEntry, err: &GatewayE
 pub(super) struct StreamObserver {
     metrics: Arc<Metrics>,
     entry: Arc<RouteEntry>,
-    consumer: String,
+    consumer: Arc<str>,
     started: Instant,
     first_chunk: Option<Instant>,
     usage: Option<Usage>,
@@ -213,9 +201,9 @@ impl StreamObserver {
                     let now = Instant::now();
                     self.first_chunk = Some(now);
                     let ttft = now.duration_since(self.started).as_secs_f64();
-                    self.metrics
+                    self.entry
+                        .metrics(&self.metrics)
                         .time_to_first_token
-                        .get_or_create(&route_labels(&self.entry))
                         .observe(ttft);
                 }
                 // Tool-call arguments are output too.
@@ -255,10 +243,9 @@ impl StreamObserver {
 
 impl Drop for StreamObserver {
     fn drop(&mut self) {
-        let labels = route_labels(&self.entry);
-        self.metrics
+        self.entry
+            .metrics(&self.metrics)
             .upstream_duration
-            .get_or_create(&labels)
             .observe(self.started.elapsed().as_secs_f64());
         if let Some(usage) = self.usage {
             record_usage(&self.metrics, &self.entry, &self.consumer, &usage);

@@ -10,7 +10,6 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use tracing::{Instrument, Span, warn};
 
-use super::metering::operation;
 use crate::api::RouteType;
 use crate::dataplane::AppState;
 use crate::dataplane::error::GatewayError;
@@ -149,7 +148,7 @@ pub(super) fn upstream_span(upstream: &Upstream, request: &LlmRequest) -> Span {
     if !tracecontext::exporting() {
         return Span::none();
     }
-    let operation = operation(request.route_type());
+    let operation = request.route_type().operation();
     tracing::info_span!(
         "gen_ai upstream",
         otel.name = %format!("{operation} {}", upstream.target.model),
