@@ -249,7 +249,9 @@ pub enum Rejection {
     /// only rejection that counts as no credential under `--default-access allow-all`.
     #[error("the credential is not a known API key")]
     NotAKey,
-    #[error("the token is not a well-formed JWT (base64url JSON header and claims, with exp and aud)")]
+    #[error(
+        "the token is not a well-formed JWT (base64url JSON header and claims, with exp and aud)"
+    )]
     Malformed,
     #[error("the token has expired")]
     Expired,
@@ -261,7 +263,9 @@ pub enum Rejection {
     WrongIssuer,
     #[error("the Kubernetes API server rejected the token")]
     Rejected,
-    #[error("this gateway does not accept ServiceAccount tokens (it has no Kubernetes API to review them)")]
+    #[error(
+        "this gateway does not accept ServiceAccount tokens (it has no Kubernetes API to review them)"
+    )]
     NoReviewer,
 }
 
@@ -369,7 +373,7 @@ pub fn check_jwt(token: &str, policy: &TokenPolicy, now: u64) -> Result<u64, Rej
     }
     let audience_ok = match claims.aud.ok_or(Rejection::Malformed)? {
         Audience::One(a) => a == policy.audience,
-        Audience::Many(all) => all.iter().any(|a| *a == policy.audience),
+        Audience::Many(all) => all.contains(&policy.audience),
     };
     if !audience_ok {
         return Err(Rejection::WrongAudience);
@@ -761,7 +765,10 @@ mod tests {
     /// the test reviewers read ("good" is accepted).
     fn jwt(label: &str, sig: &str) -> String {
         jwt_with(
-            &format!(r#"{{"sub":"{label}","aud":["portcullis"],"exp":{}}}"#, unix_now() + 3600),
+            &format!(
+                r#"{{"sub":"{label}","aud":["portcullis"],"exp":{}}}"#,
+                unix_now() + 3600
+            ),
             sig,
         )
     }
@@ -974,7 +981,8 @@ mod tests {
             CacheTtl::default(),
             DefaultAccess::Authenticated,
         );
-        let bearer = Bearer::from_header(format!("Bearer {}", jwt("b", "good")).as_bytes()).unwrap();
+        let bearer =
+            Bearer::from_header(format!("Bearer {}", jwt("b", "good")).as_bytes()).unwrap();
         let all =
             futures::future::join_all((0..20).map(|_| auth.authenticate(Some(&bearer)))).await;
         assert!(all.iter().all(|r| *r == Ok(Some(sa("ns", "sa")))));
@@ -1073,7 +1081,8 @@ mod tests {
             },
             DefaultAccess::Authenticated,
         );
-        let bearer = Bearer::from_header(format!("Bearer {}", jwt("b", "good")).as_bytes()).unwrap();
+        let bearer =
+            Bearer::from_header(format!("Bearer {}", jwt("b", "good")).as_bytes()).unwrap();
         let started = Instant::now();
         let outcome =
             tokio::time::timeout(Duration::from_secs(5), auth.authenticate(Some(&bearer))).await;
@@ -1140,15 +1149,27 @@ mod tests {
         };
         let invalid = |why| Err(AuthError::Invalid(why));
         assert_eq!(
-            check(jwt_with(&claims(r#"["portcullis"]"#, now - 3600, iss), "good")).await,
+            check(jwt_with(
+                &claims(r#"["portcullis"]"#, now - 3600, iss),
+                "good"
+            ))
+            .await,
             invalid(Rejection::Expired)
         );
         assert_eq!(
-            check(jwt_with(&claims(r#"["kubernetes"]"#, now + 3600, iss), "good")).await,
+            check(jwt_with(
+                &claims(r#"["kubernetes"]"#, now + 3600, iss),
+                "good"
+            ))
+            .await,
             invalid(Rejection::WrongAudience)
         );
         assert_eq!(
-            check(jwt_with(&claims(r#""portcullis""#, now + 3600, "evil"), "good")).await,
+            check(jwt_with(
+                &claims(r#""portcullis""#, now + 3600, "evil"),
+                "good"
+            ))
+            .await,
             invalid(Rejection::WrongIssuer)
         );
         assert_eq!(
@@ -1160,7 +1181,11 @@ mod tests {
         assert!(!Rejection::NotAKey.is_token() && Rejection::Expired.is_token());
         assert_eq!(reviewer.0.load(Ordering::SeqCst), 0, "nothing was reviewed");
         assert_eq!(
-            check(jwt_with(&claims(r#"["x","portcullis"]"#, now + 3600, iss), "good")).await,
+            check(jwt_with(
+                &claims(r#"["x","portcullis"]"#, now + 3600, iss),
+                "good"
+            ))
+            .await,
             Ok(Some(sa("ns", "sa")))
         );
         assert_eq!(reviewer.0.load(Ordering::SeqCst), 1);

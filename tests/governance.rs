@@ -85,12 +85,6 @@ fn serve<const N: usize>(
     names
 }
 
-fn api_key_secret(ns: &str, name: &str, key: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels:\n    portcullis.dev/api-key: \"true\"\nstringData:\n  apiKey: {key}\n"
-    )
-}
-
 /// `token` re-signed with the control plane's own ServiceAccount key after moving its expiry an hour
 /// into the past: a genuinely expired token (the TokenRequest API will not issue one shorter than 10 min).
 fn expired_copy(cp: &ControlPlane, token: &str) -> String {

@@ -1,5 +1,9 @@
 //! Hostile callers against the real gateway binary: slow and stalled clients never stop normal
-//! traffic, and are cut at the listener's timeouts.
+//! traffic, and are cut at the listener's timeouts; unauthenticated callers cost no body buffer,
+//! no in-flight slot and at most the review bucket's TokenReviews; a body's memory is bounded by
+//! its size and a global budget.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: failing loudly is the point
 
 mod support;
 
@@ -293,7 +297,10 @@ fn raw_exchange(addr: &str, raw: &[u8], within: Duration) -> (String, Duration) 
         }
         out
     });
-    (String::from_utf8_lossy(&out).into_owned(), started.elapsed())
+    (
+        String::from_utf8_lossy(&out).into_owned(),
+        started.elapsed(),
+    )
 }
 
 /// A request head announcing a body of `length` bytes, with `auth` headers, and no body.
@@ -310,7 +317,12 @@ fn chat_text(gw: &Gateway, route: &str, bearer: Option<&str>) -> (u16, String) {
         headers.push(("authorization", a.as_str()));
     }
     let body = format!(r#"{{"model":"{route}","messages":[{{"role":"user","content":"hi"}}]}}"#);
-    http_request("POST", &gw.url("/v1/chat/completions"), Some(&body), &headers)
+    http_request(
+        "POST",
+        &gw.url("/v1/chat/completions"),
+        Some(&body),
+        &headers,
+    )
 }
 
 #[test]
@@ -318,20 +330,42 @@ fn callers_that_need_credentials_are_refused_before_their_body_is_read() {
     let cp = ControlPlane::shared();
     let sim = sim();
     let ns = cp.namespace("before-body");
-    let gw = Gateway::start(cp, &["--namespace", &ns, "--default-access", "authenticated"]);
+    let gw = Gateway::start(
+        cp,
+        &["--namespace", &ns, "--default-access", "authenticated"],
+    );
     cp.apply(&openai_manifests(&ns, "chat", "openai", "sk-1", &sim));
     cp.wait_ready(&ns, "chat");
     let expired = unsigned_jwt("portcullis", -7200, "old");
-    for path in ["/v1/chat/completions", "/v1/messages", "/v1/responses", "/gateway/chat/invocations"] {
+    for path in [
+        "/v1/chat/completions",
+        "/v1/messages",
+        "/v1/responses",
+        "/gateway/chat/invocations",
+    ] {
         for (who, auth, says) in [
             ("anonymous", String::new(), "missing or invalid credentials"),
-            ("a placeholder key", "authorization: Bearer sk-xxx\r\n".to_string(), "missing or invalid credentials"),
-            ("an expired token", format!("authorization: Bearer {expired}\r\n"), "expired"),
+            (
+                "a placeholder key",
+                "authorization: Bearer sk-xxx\r\n".to_string(),
+                "missing or invalid credentials",
+            ),
+            (
+                "an expired token",
+                format!("authorization: Bearer {expired}\r\n"),
+                "expired",
+            ),
         ] {
             // The body never comes: the answer must not wait for it.
-            let (answer, took) =
-                raw_exchange(&gw.addr, &head_only(path, 1_000_000, &auth), Duration::from_secs(5));
-            assert!(answer.starts_with("HTTP/1.1 401"), "{who} on {path}: {answer:?}");
+            let (answer, took) = raw_exchange(
+                &gw.addr,
+                &head_only(path, 1_000_000, &auth),
+                Duration::from_secs(5),
+            );
+            assert!(
+                answer.starts_with("HTTP/1.1 401"),
+                "{who} on {path}: {answer:?}"
+            );
             assert!(answer.contains(says), "{who} on {path}: {answer}");
             assert!(took < Duration::from_secs(3), "{who} on {path}: {took:?}");
         }
@@ -343,7 +377,13 @@ fn callers_that_need_credentials_are_refused_before_their_body_is_read() {
     cp.apply(&format!(
         "{}---\n{}  access:\n    - serviceAccount: {locked_ns}/nobody\n",
         secret_manifest(&locked_ns, "openai", "apiKey", "sk-1"),
-        route_manifest(&locked_ns, "chat", "llm/v1/chat", "openai", &sim.openai_base())
+        route_manifest(
+            &locked_ns,
+            "chat",
+            "llm/v1/chat",
+            "openai",
+            &sim.openai_base()
+        )
     ));
     cp.wait_ready(&locked_ns, "chat");
     let (answer, took) = raw_exchange(
@@ -362,7 +402,12 @@ fn request_bodies_are_capped_and_share_one_budget() {
     let ns = cp.namespace("budget");
     let gw = Gateway::start(
         cp,
-        &["--namespace", &ns, "--max-buffered-request-bytes", "1500000"],
+        &[
+            "--namespace",
+            &ns,
+            "--max-buffered-request-bytes",
+            "1500000",
+        ],
     );
     cp.apply(&openai_manifests(&ns, "chat", "openai", "sk-1", &sim));
     cp.wait_ready(&ns, "chat");
@@ -436,7 +481,11 @@ fn the_worst_shaped_bodies_cost_a_small_multiple_of_their_size() {
         ("empty objects", body("{}", two_mib / 3), true),
         ("zeros", body("0", two_mib / 2), true),
         // The largest list of one-key objects the parse bound lets through (about 15 MiB parsed).
-        ("one-key objects, accepted", body(r#"{"a":0}"#, 18_000), false),
+        (
+            "one-key objects, accepted",
+            body(r#"{"a":0}"#, 18_000),
+            false,
+        ),
     ] {
         let before = proc_kib(gw.pid(), "VmHWM");
         let (status, answer) = gw.post_raw("/v1/chat/completions", &text);
@@ -473,12 +522,21 @@ fn trickling_bodies_hold_no_in_flight_slot_and_end_at_the_body_deadline() {
     let caller = cp.new_service_account_token(&ns, "caller");
     let gw = Gateway::start(
         cp,
-        &["--namespace", &ns, "--max-in-flight", SLOTS, "--body-timeout", "5"],
+        &[
+            "--namespace",
+            &ns,
+            "--max-in-flight",
+            SLOTS,
+            "--body-timeout",
+            "5",
+        ],
     );
     cp.apply(&openai_manifests(&ns, "chat", "openai", "sk-1", &sim));
     cp.wait_ready(&ns, "chat");
-    eventually(Duration::from_secs(10), || chat_text(&gw, "chat", Some(&caller)).0 == 200)
-        .expect("route never served");
+    eventually(Duration::from_secs(10), || {
+        chat_text(&gw, "chat", Some(&caller)).0 == 200
+    })
+    .expect("route never served");
 
     let cut = Arc::new(AtomicUsize::new(0));
     let mut tricklers = Vec::new();
@@ -519,7 +577,10 @@ fn trickling_bodies_hold_no_in_flight_slot_and_end_at_the_body_deadline() {
     let mut served = 0;
     while started.elapsed() < Duration::from_secs(4) {
         let (status, text) = chat_text(&gw, "chat", Some(&caller));
-        assert_eq!(status, 200, "an authenticated call under the trickle: {text}");
+        assert_eq!(
+            status, 200,
+            "an authenticated call under the trickle: {text}"
+        );
         served += 1;
     }
     assert!(served > 5, "only {served} calls in 4 s");
@@ -560,8 +621,10 @@ fn junk_tokens_cost_at_most_the_review_bucket_while_known_callers_are_served() {
     );
     cp.apply(&openai_manifests(&ns, "chat", "openai", "sk-1", &sim));
     cp.wait_ready(&ns, "chat");
-    eventually(Duration::from_secs(10), || chat_text(&gw, "chat", Some(&known)).0 == 200)
-        .expect("the known caller was never served");
+    eventually(Duration::from_secs(10), || {
+        chat_text(&gw, "chat", Some(&known)).0 == 200
+    })
+    .expect("the known caller was never served");
     let reviews_before = metric_sum(&gw.metrics(), "portcullis_token_reviews_total");
 
     // As many distinct junk tokens (right audience, future expiry, bad signature) as the machine
@@ -573,7 +636,8 @@ fn junk_tokens_cost_at_most_the_review_bucket_while_known_callers_are_served() {
     let client = reqwest::Client::new();
     let flood: Vec<_> = (0..64)
         .map(|w| {
-            let (stop, sent, odd, client) = (stop.clone(), sent.clone(), odd.clone(), client.clone());
+            let (stop, sent, odd, client) =
+                (stop.clone(), sent.clone(), odd.clone(), client.clone());
             let url = gw.url("/v1/chat/completions");
             runtime().spawn(async move {
                 let mut i = 0u64;
@@ -617,7 +681,11 @@ fn junk_tokens_cost_at_most_the_review_bucket_while_known_callers_are_served() {
         sent as f64 / elapsed
     );
     assert!(sent > 1000, "only {sent} junk tokens sent");
-    assert_eq!(odd.load(Ordering::Relaxed), 0, "junk tokens answered other than 401/503");
+    assert_eq!(
+        odd.load(Ordering::Relaxed),
+        0,
+        "junk tokens answered other than 401/503"
+    );
     assert!(
         reviews <= RATE + RATE * (elapsed + 1.0),
         "{reviews} reviews for {sent} junk tokens in {elapsed:.1} s"
@@ -640,8 +708,10 @@ fn a_bad_token_is_a_401_that_says_why_on_every_path() {
     cp.wait_ready(&ns, "open");
     cp.wait_ready(&ns, "locked");
     let notebook = cp.token(&ns, "notebook", "portcullis");
-    eventually(Duration::from_secs(10), || chat_text(&gw, "locked", Some(&notebook)).0 == 200)
-        .expect("the allowed caller was never served");
+    eventually(Duration::from_secs(10), || {
+        chat_text(&gw, "locked", Some(&notebook)).0 == 200
+    })
+    .expect("the allowed caller was never served");
 
     let other_audience = cp.token(&ns, "notebook", "someone-else");
     let expired = unsigned_jwt("portcullis", -7200, "old");
@@ -658,11 +728,24 @@ fn a_bad_token_is_a_401_that_says_why_on_every_path() {
             ("authorization", auth.as_str()),
         ];
         for route in ["locked", "open", "no-such-route"] {
-            let body = format!(r#"{{"model":"{route}","messages":[{{"role":"user","content":"hi"}}]}}"#);
+            let body =
+                format!(r#"{{"model":"{route}","messages":[{{"role":"user","content":"hi"}}]}}"#);
             for (method, path, body) in [
-                ("POST", "/v1/chat/completions".to_string(), Some(body.as_str())),
-                ("POST", format!("/gateway/{route}/invocations"), Some(messages)),
-                ("POST", format!("/endpoints/{route}/invocations"), Some(messages)),
+                (
+                    "POST",
+                    "/v1/chat/completions".to_string(),
+                    Some(body.as_str()),
+                ),
+                (
+                    "POST",
+                    format!("/gateway/{route}/invocations"),
+                    Some(messages),
+                ),
+                (
+                    "POST",
+                    format!("/endpoints/{route}/invocations"),
+                    Some(messages),
+                ),
                 ("GET", format!("/v1/models/{route}"), None),
                 ("GET", "/v1/models".to_string(), None),
             ] {
@@ -689,15 +772,15 @@ fn a_service_account_and_an_api_key_of_the_same_name_are_two_consumers() {
     cp.apply(&format!(
         "{}---\n{}---\n{}  access:\n    - serviceAccount: {ns}/twin\n    - consumer: {ns}/twin\n  limits:\n    - renewalPeriod: day\n      calls: 1\n      key: consumer\n",
         secret_manifest(&ns, "openai", "apiKey", "sk-1"),
-        format!(
-            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: twin\n  namespace: {ns}\n  labels:\n    portcullis.dev/api-key: \"true\"\nstringData:\n  apiKey: pk-twin-0123456789\n"
-        ),
+        api_key_secret(&ns, "twin", "pk-twin-0123456789"),
         route_manifest(&ns, "chat", "llm/v1/chat", "openai", &sim.openai_base()),
     ));
     cp.wait_ready(&ns, "chat");
     let key = "pk-twin-0123456789";
-    eventually(Duration::from_secs(10), || chat_text(&gw, "chat", Some(&sa)).0 == 200)
-        .expect("the ServiceAccount was never served");
+    eventually(Duration::from_secs(10), || {
+        chat_text(&gw, "chat", Some(&sa)).0 == 200
+    })
+    .expect("the ServiceAccount was never served");
     // The key is known once its Secret is watched (until then the Route answers 404).
     let mut answer = chat_text(&gw, "chat", Some(key));
     let started = Instant::now();
@@ -705,7 +788,11 @@ fn a_service_account_and_an_api_key_of_the_same_name_are_two_consumers() {
         std::thread::sleep(Duration::from_millis(100));
         answer = chat_text(&gw, "chat", Some(key));
     }
-    assert_eq!(answer.0, 200, "the API key shares the ServiceAccount's counter: {}", answer.1);
+    assert_eq!(
+        answer.0, 200,
+        "the API key shares the ServiceAccount's counter: {}",
+        answer.1
+    );
     assert_eq!(chat_text(&gw, "chat", Some(&sa)).0, 429);
     assert_eq!(chat_text(&gw, "chat", Some(key)).0, 429);
     let metrics = gw.metrics();

@@ -206,7 +206,10 @@ mod tests {
         ));
         // Brackets and escapes inside strings are text.
         let text = r#"{"a":"[[[[{{{{\"]]]"}"#;
-        assert_eq!(parsed_size(text.as_bytes()).unwrap(), 752 + (8 + 16) + (16 + 16));
+        assert_eq!(
+            parsed_size(text.as_bytes()).unwrap(),
+            752 + (8 + 16) + (16 + 16)
+        );
     }
 
     #[test]

@@ -513,9 +513,11 @@ impl hyper::body::Body for Inbound {
             Poll::Pending => {}
         }
         let (limit, deadline) = (this.pause_limit, this.deadline);
-        let timer = this
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.min(Instant::now() + limit))));
+        let timer = this.timer.get_or_insert_with(|| {
+            Box::pin(tokio::time::sleep_until(
+                deadline.min(Instant::now() + limit),
+            ))
+        });
         match timer.as_mut().poll(cx) {
             Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyPaused)))),
             Poll::Pending => Poll::Pending,
@@ -829,7 +831,9 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
             let mut buf = [0u8; 512];
-            if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(1), tcp.read(&mut buf)).await {
+            if let Ok(Ok(n)) =
+                tokio::time::timeout(Duration::from_millis(1), tcp.read(&mut buf)).await
+            {
                 out.extend_from_slice(&buf[..n]);
                 break;
             }
@@ -837,7 +841,11 @@ mod tests {
         let _ = tokio::time::timeout(Duration::from_secs(2), tcp.read_to_end(&mut out)).await;
         let answer = String::from_utf8_lossy(&out);
         assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
-        assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[tokio::test]
@@ -848,12 +856,25 @@ mod tests {
         })
         .await;
         let big = format!(r#"{{"a":"{}"}}"#, "x".repeat(2000));
-        let (answer, _) = exchange(server.addr, &post_raw("/echo", &big), Duration::from_secs(5)).await;
+        let (answer, _) = exchange(
+            server.addr,
+            &post_raw("/echo", &big),
+            Duration::from_secs(5),
+        )
+        .await;
         assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
-        assert!(answer.to_ascii_lowercase().contains("retry-after: 1"), "{answer}");
+        assert!(
+            answer.to_ascii_lowercase().contains("retry-after: 1"),
+            "{answer}"
+        );
         assert!(answer.contains("max-buffered-request-bytes"), "{answer}");
         // Given back: a small body passes afterwards.
-        let (ok, _) = exchange(server.addr, &post_raw("/echo", r#"{"a":1}"#), Duration::from_secs(5)).await;
+        let (ok, _) = exchange(
+            server.addr,
+            &post_raw("/echo", r#"{"a":1}"#),
+            Duration::from_secs(5),
+        )
+        .await;
         assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
     }
 
@@ -874,7 +895,12 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let addr = server.addr;
         let call = tokio::spawn(async move {
-            exchange(addr, &post_raw("/v1/chat/completions", "{}"), Duration::from_secs(5)).await
+            exchange(
+                addr,
+                &post_raw("/v1/chat/completions", "{}"),
+                Duration::from_secs(5),
+            )
+            .await
         });
         tokio::time::sleep(Duration::from_millis(300)).await;
         server.release.notify_waiters();

@@ -933,3 +933,10 @@ pub fn metric_sum(metrics: &str, name: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// An API-key consumer: a Secret labelled `portcullis.dev/api-key` holding `key`.
+pub fn api_key_secret(ns: &str, name: &str, key: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels:\n    portcullis.dev/api-key: \"true\"\nstringData:\n  apiKey: {key}\n"
+    )
+}
