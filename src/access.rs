@@ -761,14 +761,11 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    /// A JWT for the default audience, valid for an hour; `label` makes it unique, `sig` is what
-    /// the test reviewers read ("good" is accepted).
+    /// A JWT for the default audience, expiring in 2100 (the same token on every call); `label`
+    /// makes it unique, `sig` is what the test reviewers read ("good" is accepted).
     fn jwt(label: &str, sig: &str) -> String {
         jwt_with(
-            &format!(
-                r#"{{"sub":"{label}","aud":["portcullis"],"exp":{}}}"#,
-                unix_now() + 3600
-            ),
+            &format!(r#"{{"sub":"{label}","aud":["portcullis"],"exp":4102444800}}"#),
             sig,
         )
     }
