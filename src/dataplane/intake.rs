@@ -8,6 +8,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::error::GatewayError;
@@ -17,13 +18,16 @@ use super::error::GatewayError;
 pub struct Budget {
     limit: usize,
     used: AtomicUsize,
+    /// `portcullis_request_buffer_bytes`.
+    gauge: Gauge,
 }
 
 impl Budget {
-    pub fn new(limit: usize) -> Self {
+    pub fn new(limit: usize, gauge: Gauge) -> Self {
         Budget {
             limit,
             used: AtomicUsize::new(0),
+            gauge,
         }
     }
 
@@ -33,15 +37,21 @@ impl Budget {
     }
 
     fn take(&self, n: usize) -> bool {
-        self.used
+        let taken = self
+            .used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
                 used.checked_add(n).filter(|after| *after <= self.limit)
             })
-            .is_ok()
+            .is_ok();
+        if taken {
+            self.gauge.inc_by(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        taken
     }
 
     fn give(&self, n: usize) {
         self.used.fetch_sub(n, Ordering::AcqRel);
+        self.gauge.dec_by(i64::try_from(n).unwrap_or(i64::MAX));
     }
 }
 
@@ -104,7 +114,8 @@ mod tests {
 
     #[test]
     fn the_budget_is_shared_and_given_back() {
-        let budget = Arc::new(Budget::new(100));
+        let gauge = Gauge::default();
+        let budget = Arc::new(Budget::new(100, gauge.clone()));
         let a = Intake::new(budget.clone());
         let b = Intake::new(budget.clone());
         assert!(a.charge(60).is_ok());
@@ -113,7 +124,9 @@ mod tests {
         assert_eq!(budget.used(), 100);
         a.release();
         assert_eq!(budget.used(), 40);
+        assert_eq!(gauge.get(), 40);
         drop(b);
         assert_eq!(budget.used(), 0);
+        assert_eq!(gauge.get(), 0);
     }
 }

@@ -146,7 +146,10 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let connections = Arc::new(Semaphore::new(limits.max_connections as usize));
     let in_flight = Arc::new(Semaphore::new(limits.max_in_flight as usize));
-    let budget = Arc::new(Budget::new(limits.max_buffered_request_bytes));
+    let budget = Arc::new(Budget::new(
+        limits.max_buffered_request_bytes,
+        metrics.request_buffer_bytes.clone(),
+    ));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -869,6 +872,7 @@ mod tests {
         );
         assert!(answer.contains("max-buffered-request-bytes"), "{answer}");
         // Given back: a small body passes afterwards.
+        assert_eq!(server.metrics.request_buffer_bytes.get(), 0);
         let (ok, _) = exchange(
             server.addr,
             &post_raw("/echo", r#"{"a":1}"#),
