@@ -75,7 +75,7 @@ pub async fn authenticate(state: &AppState) -> Result<Option<Identity>, AuthErro
     let outcome = state.auth.authenticate(bearer.as_ref()).await;
     if let Ok(Some(id)) = &outcome {
         let name = id.name();
-        observe::note(|c| c.consumer = Some(name));
+        observe::note(|c| c.consumer = Some(name.into()));
     }
     let noted = outcome.clone();
     observe::note(|c| c.caller = Some(noted));
