@@ -16,6 +16,7 @@ use super::observe::CallCost;
 use crate::access::Identity;
 use crate::api::{RetryOn, RouteType};
 use crate::cost::{Price, Tokens};
+use crate::limits::Spent;
 use crate::llm::Usage;
 use crate::llm::{
     Embeddings as LlmEmbeddings, Generation as LlmGeneration, LlmRequest, LlmResponse,
@@ -110,11 +111,29 @@ fn failure_class(err: &GatewayError) -> Option<RetryOn> {
         GatewayError::UpstreamTimeout(_) | GatewayError::UpstreamStalled(_) => {
             Some(RetryOn::Timeout)
         }
+        // Only a failure before the request was written: retrying it cannot bill twice.
         GatewayError::UpstreamUnreachable(_) => Some(RetryOn::ConnectFailure),
-        // A stream closed before its first chunk is a provider that went away mid-answer.
-        GatewayError::UpstreamTruncated(_) => Some(RetryOn::Unavailable),
+        // A stream closed before its first chunk, or a connection lost after the request was
+        // sent, is a provider that went away mid-answer (and may bill it).
+        GatewayError::UpstreamTruncated(_) | GatewayError::UpstreamConnectionLost(_) => {
+            Some(RetryOn::Unavailable)
+        }
         _ => None,
     }
+}
+
+/// Whether the provider may have billed a try that ended in `err`: the request was sent and no
+/// usable answer (with its usage) came back. Such a call is settled at no less than its
+/// reservation; errors the provider answered (4xx, 5xx) and failures to connect are refunded.
+fn may_have_billed(err: &GatewayError) -> bool {
+    matches!(
+        err,
+        GatewayError::UpstreamTimeout(_)
+            | GatewayError::UpstreamStalled(_)
+            | GatewayError::UpstreamMalformed(_)
+            | GatewayError::UpstreamTruncated(_)
+            | GatewayError::UpstreamConnectionLost(_)
+    )
 }
 
 /// The tries of one call across a route's backends: which backend next, with how much time, and
@@ -126,6 +145,8 @@ struct Tries<'a> {
     deadline: Instant,
     tried: u32,
     count: u32,
+    /// A failed try may have been billed (see `may_have_billed`).
+    billed: bool,
 }
 
 impl<'a> Tries<'a> {
@@ -136,6 +157,7 @@ impl<'a> Tries<'a> {
             deadline: Instant::now() + state.upstream_timeout,
             tried: 0,
             count: 0,
+            billed: false,
         }
     }
 
@@ -169,7 +191,7 @@ impl<'a> Tries<'a> {
 
     /// Records how a try ended; `Continue` when the call is to be tried again.
     fn settle<T>(
-        &self,
+        &mut self,
         backend: &Backend,
         result: Result<T, GatewayError>,
     ) -> ControlFlow<Result<T, GatewayError>> {
@@ -196,15 +218,25 @@ impl<'a> Tries<'a> {
         if matches!(err, GatewayError::CredentialRejected { .. }) {
             backend.health.credential_rejected();
         }
+        self.billed |= may_have_billed(&err);
         let Some(class) = failure_class(&err) else {
             self.note_answered(backend);
             return ControlFlow::Break(Err(err));
         };
         let policy = &self.route.backends.policy;
         let retry_after = err.retry_after().filter(|_| class == RetryOn::RateLimited);
-        if let Some(hold) = backend
-            .health
-            .failed(&policy.outlier, retry_after, traffic::now_ms())
+        // A 429 that concerns this request alone is retried but says nothing of the backend.
+        let scoped = matches!(
+            err,
+            GatewayError::Upstream {
+                request_scoped: true,
+                ..
+            }
+        );
+        if !scoped
+            && let Some(hold) = backend
+                .health
+                .failed(&policy.outlier, retry_after, traffic::now_ms())
         {
             metrics.ejections.inc();
             metrics.ejected.set(1);
@@ -279,20 +311,26 @@ pub async fn invoke(
                 cached: 0,
                 output: admission::tokens_for_chars(answer_chars(answer)),
             });
-            let cost = record_cost(
-                &state.metrics,
-                &route.entry,
-                &consumer,
-                &Priced::of(backend),
-                tokens,
-            );
+            let priced = Priced::of(backend);
+            let cost = record_cost(&state.metrics, &route.entry, &consumer, &priced, tokens);
             observe::note(|c| c.cost = Some(cost));
-            admission.settle_usage(usage, cost.known());
+            let spent = priced.spent(tokens);
+            if tries.billed {
+                // An earlier try may have been billed too.
+                admission.settle_at_least(admission::used_tokens(usage).unwrap_or(0), spent);
+            } else {
+                admission.settle_usage(usage, spent);
+            }
         }
         (Ok(_), None) => admission.refund(),
         (Err(e), _) => {
             record_error(&state.metrics, &route.entry, e);
-            admission.refund();
+            if tries.billed {
+                // The provider may have billed it: the reservation stands.
+                drop(admission);
+            } else {
+                admission.refund();
+            }
         }
     }
     result
@@ -310,6 +348,8 @@ fn answer_chars(answer: &LlmResponse) -> usize {
 /// The backend that answered, as its cost is counted.
 struct Priced {
     price: Option<Price>,
+    /// The price Team budgets are charged (never below the cluster-wide price).
+    team_price: Option<Price>,
     provider: &'static str,
     model: Arc<str>,
 }
@@ -318,9 +358,19 @@ impl Priced {
     fn of(backend: &Backend) -> Priced {
         Priced {
             price: backend.price,
+            team_price: backend.team_price,
             provider: backend.upstream.adapter.provider().as_str(),
             model: Arc::clone(&backend.model),
         }
+    }
+
+    /// What `tokens` cost the Route's and the Teams' budgets; `None` when unknown.
+    fn spent(&self, tokens: Tokens) -> Option<Spent> {
+        let route = self.price?.cost(tokens);
+        Some(Spent {
+            route,
+            team: self.team_price.map_or(route, |p| p.cost(tokens)),
+        })
     }
 }
 
@@ -497,7 +547,12 @@ pub async fn invoke_stream(
         Ok(o) => o,
         Err(e) => {
             record_error(&state.metrics, &route.entry, &e);
-            admission.refund();
+            if tries.billed {
+                // The provider may have billed it: the reservation stands.
+                drop(admission);
+            } else {
+                admission.refund();
+            }
             return Err(e);
         }
     };
@@ -514,6 +569,9 @@ pub async fn invoke_stream(
         streamed_chars: 0,
         admission: Some(admission),
         priced: Priced::of(backend),
+        billed: tries.billed,
+        failed: false,
+        finished: false,
     };
     let deltas = futures::stream::once(futures::future::ready(Ok(opened.first)))
         .chain(opened.rest)
@@ -532,8 +590,81 @@ pub async fn invoke_stream(
                 observer.price_usage(deltas);
             }
             futures::future::ready(Some(item))
-        });
+        })
+        .boxed();
+    let deltas = Drained {
+        inner: Some(deltas),
+        done: false,
+        limits: state.upstream_limits,
+    };
     Ok((deltas, backend.upstream.target.model.clone()))
+}
+
+/// The caller's side of a stream. Dropped before its end (the caller went away), the rest of the
+/// provider's stream is read in the background, within `UpstreamLimits::drain_time` and
+/// `drain_bytes`, so that the call is charged the provider's final usage report (thinking, images
+/// and tokens generated but never sent included) rather than the text the caller saw.
+struct Drained {
+    inner: Option<Deltas>,
+    done: bool,
+    limits: super::UpstreamLimits,
+}
+
+impl Stream for Drained {
+    type Item = Result<Vec<StreamDelta>, GatewayError>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        let Some(inner) = self.inner.as_mut() else {
+            return std::task::Poll::Ready(None);
+        };
+        let item = futures::ready!(inner.poll_next_unpin(cx));
+        if item.is_none() {
+            self.done = true;
+        }
+        std::task::Poll::Ready(item)
+    }
+}
+
+impl Drop for Drained {
+    fn drop(&mut self) {
+        let Some(mut rest) = self.inner.take().filter(|_| !self.done) else {
+            return;
+        };
+        // During shutdown there is no runtime to drain on: the reservation then stands.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let limits = self.limits;
+        runtime.spawn(async move {
+            let mut read = 0usize;
+            let drain = async {
+                while let Some(item) = rest.next().await {
+                    read += item.as_ref().map_or(0, |d| d.iter().map(delta_bytes).sum());
+                    if read > limits.drain_bytes {
+                        warn!(bytes = read, "a stream left by its caller is larger than the drain limit; ending it");
+                        return;
+                    }
+                }
+            };
+            if tokio::time::timeout(limits.drain_time, drain).await.is_err() {
+                warn!(
+                    seconds = limits.drain_time.as_secs(),
+                    "a stream left by its caller did not end within the drain limit; ending it"
+                );
+            }
+            // Dropping `rest` here settles the call (`StreamObserver::drop`).
+        });
+    }
+}
+
+/// Bytes a decoded delta carries, for the drain limit.
+fn delta_bytes(d: &StreamDelta) -> usize {
+    d.text.as_ref().map_or(0, String::len)
+        + d.raw.as_ref().map_or(0, bytes::Bytes::len)
+        + d.tool_calls.iter().map(|t| t.arguments.len()).sum::<usize>()
 }
 
 /// One provider stream being decoded.
@@ -711,6 +842,12 @@ struct StreamObserver {
     allowance: Option<(crate::cost::Usd, String)>,
     /// Ended by its budget: charged what was sent, whatever usage arrives.
     truncated: bool,
+    /// A try before this one may have been billed.
+    billed: bool,
+    /// The provider's stream failed (broke, stalled, cut): it may have billed more than was sent.
+    failed: bool,
+    /// The provider's end marker (a finish reason) arrived.
+    finished: bool,
 }
 
 impl StreamObserver {
@@ -767,8 +904,12 @@ impl StreamObserver {
                 if let Some(usage) = deltas.iter().rev().find_map(|d| d.usage) {
                     self.usage = Some(usage);
                 }
+                self.finished |= deltas.iter().any(|d| d.finish_reason.is_some());
             }
-            Err(e) => record_error(&self.metrics, &self.entry, e),
+            Err(e) => {
+                self.failed = true;
+                record_error(&self.metrics, &self.entry, e);
+            }
         }
     }
 }
@@ -818,13 +959,21 @@ impl Drop for StreamObserver {
             tokens,
         );
         if let Some(admission) = self.admission.take() {
-            let used = self
+            let reported = self
                 .usage
                 .as_ref()
                 .filter(|_| !self.truncated)
-                .and_then(admission::used_tokens)
-                .unwrap_or(tokens.input.saturating_add(tokens.output));
-            admission.settle(used, cost.known());
+                .and_then(admission::used_tokens);
+            let used = reported.unwrap_or(tokens.input.saturating_add(tokens.output));
+            let spent = self.priced.spent(tokens);
+            // Without the provider's usage, a stream that failed, or was left before its end
+            // and not drained to it, may have been billed for more than was sent.
+            let unknown = reported.is_none() && (self.failed || !self.finished);
+            if !self.truncated && (self.billed || unknown) {
+                admission.settle_at_least(used, spent);
+            } else {
+                admission.settle(used, spent);
+            }
         }
         tracing::info!(
             route = %self.entry.name,
@@ -888,10 +1037,14 @@ async fn send(
         Ok(Err(ReadError::TooLarge(prefix))) => prefix,
         Ok(Err(ReadError::Transport(_))) | Err(_) => Bytes::new(),
     };
-    Err(provider_error(
+    let mut err = provider_error(
         upstream,
         upstream.adapter.parse_error(status, &headers, &body),
-    ))
+    );
+    if let GatewayError::Upstream { request_scoped, .. } = &mut err {
+        *request_scoped = status.as_u16() == 429 && traffic::limits_have_room(&headers);
+    }
+    Err(err)
 }
 
 enum ReadError {
@@ -963,15 +1116,118 @@ fn provider_error(upstream: &Upstream, err: ProviderError) -> GatewayError {
 /// Transport failures get fixed wording: reqwest's own text includes the URL, which may carry a key.
 fn transport_error(upstream: &Upstream, timeout: Duration, err: &reqwest::Error) -> GatewayError {
     let provider = upstream.adapter.provider();
-    if err.is_timeout() {
-        GatewayError::UpstreamTimeout(timeout.as_secs().max(1))
-    } else if err.is_connect() {
+    // Only a failed connect (its timeout included) is known to precede the request: anything
+    // later may have reached the provider.
+    if err.is_connect() {
         GatewayError::UpstreamUnreachable(format!("could not connect to the {provider} provider"))
+    } else if err.is_timeout() {
+        GatewayError::UpstreamTimeout(timeout.as_secs().max(1))
+    } else if err.is_builder() {
+        GatewayError::UpstreamUnreachable(format!("the request to the {provider} provider failed"))
     } else if err.is_body() || err.is_decode() {
-        GatewayError::UpstreamUnreachable(format!(
+        GatewayError::UpstreamConnectionLost(format!(
             "the connection to the {provider} provider broke while reading its answer"
         ))
     } else {
-        GatewayError::UpstreamUnreachable(format!("the request to the {provider} provider failed"))
+        GatewayError::UpstreamConnectionLost(format!(
+            "the connection to the {provider} provider broke after the request was sent"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    /// Sets its flag when dropped: the drained stream was let go.
+    struct Released(Arc<AtomicBool>);
+
+    impl Drop for Released {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn left_early(inner: Deltas, limits: super::super::UpstreamLimits) {
+        drop(Drained {
+            inner: Some(inner),
+            done: false,
+            limits,
+        });
+    }
+
+    #[tokio::test]
+    async fn a_stream_left_early_is_drained_within_its_time_and_byte_bounds() {
+        let limits = super::super::UpstreamLimits {
+            drain_time: Duration::from_millis(200),
+            drain_bytes: 10_000,
+            ..Default::default()
+        };
+        // An endless provider: drained until the byte bound.
+        let (released, read) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+        let (guard, count) = (Released(Arc::clone(&released)), Arc::clone(&read));
+        let endless = futures::stream::repeat_with(move || {
+            let _ = &guard;
+            count.fetch_add(1, Ordering::SeqCst);
+            Ok(vec![StreamDelta {
+                text: Some("x".repeat(1000)),
+                ..Default::default()
+            }])
+        });
+        left_early(endless.boxed(), limits);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(released.load(Ordering::SeqCst));
+        assert_eq!(read.load(Ordering::SeqCst), 11);
+
+        // A silent one: drained until the time bound.
+        let released = Arc::new(AtomicBool::new(false));
+        let guard = Released(Arc::clone(&released));
+        let silent = futures::stream::pending::<Result<Vec<StreamDelta>, GatewayError>>()
+            .map(move |x| {
+                let _ = &guard;
+                x
+            });
+        left_early(silent.boxed(), limits);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!released.load(Ordering::SeqCst), "still draining");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(released.load(Ordering::SeqCst));
+
+        // A stream read to its end is not drained again.
+        let released = Arc::new(AtomicBool::new(false));
+        let guard = Released(Arc::clone(&released));
+        let mut whole = Drained {
+            inner: Some(
+                futures::stream::iter([Ok(Vec::new())])
+                    .map(move |x| {
+                        let _ = &guard;
+                        x
+                    })
+                    .boxed(),
+            ),
+            done: false,
+            limits,
+        };
+        while whole.next().await.is_some() {}
+        drop(whole);
+        assert!(released.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn only_failures_before_the_request_was_written_are_connect_failures() {
+        let lost = GatewayError::UpstreamConnectionLost("broke".into());
+        assert_eq!(failure_class(&lost), Some(RetryOn::Unavailable));
+        assert!(may_have_billed(&lost));
+        let refused = GatewayError::UpstreamUnreachable("refused".into());
+        assert_eq!(failure_class(&refused), Some(RetryOn::ConnectFailure));
+        assert!(!may_have_billed(&refused));
+        assert!(may_have_billed(&GatewayError::UpstreamTimeout(1)));
+        assert!(!may_have_billed(&GatewayError::Upstream {
+            status: http::StatusCode::INTERNAL_SERVER_ERROR,
+            message: String::new(),
+            retry_after: None,
+            request_scoped: false,
+        }));
     }
 }

@@ -15,6 +15,7 @@ mod gemini;
 mod mlflow;
 mod openai;
 pub mod sse;
+pub use bedrock::DEFAULT_REGION as BEDROCK_DEFAULT_REGION;
 mod tgi;
 
 use std::collections::BTreeMap;
