@@ -329,45 +329,43 @@ fn a_provider_redirect_is_a_502_and_never_followed_with_the_credential() {
     assert!(!body.to_string().contains("sk-redirected"));
 }
 
-/// A Route of two OpenAI backends at `first` (priority 0) and `second` (priority 1), retried on
-/// `retry_on` (YAML list), ejecting after two failures in a row.
-fn two_backends(ns: &str, name: &str, first: &str, second: &str, retry_on: &str) -> String {
+/// A Route of two OpenAI backends at `first` (priority 0) and `second` (priority 1), tried twice,
+/// ejecting after two failures in a row.
+fn two_backends(ns: &str, name: &str, first: &str, second: &str) -> String {
     format!(
-        "apiVersion: portcullis.dev/v1alpha1\nkind: Route\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  routeType: llm/v1/chat\n  backends:\n  - {{provider: openai, name: gpt-4o-mini, apiBase: \"{first}\", secretRef: {{name: openai}}, priority: 0}}\n  - {{provider: openai, name: gpt-4o-mini, apiBase: \"{second}\", secretRef: {{name: openai}}, priority: 1}}\n  retry: {{attempts: 2, on: {retry_on}}}\n  outlierDetection: {{consecutiveFailures: 2}}\n"
+        "apiVersion: portcullis.dev/v1alpha1\nkind: Route\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  routeType: llm/v1/chat\n  backends:\n  - {{provider: openai, name: gpt-4o-mini, apiBase: \"{first}\", secretRef: {{name: openai}}, priority: 0}}\n  - {{provider: openai, name: gpt-4o-mini, apiBase: \"{second}\", secretRef: {{name: openai}}, priority: 1}}\n  retry: {{attempts: 2}}\n  outlierDetection: {{consecutiveFailures: 2}}\n"
     )
 }
 
 /// A connection that breaks after the request was written is not a connect failure: the provider
-/// may have the request (and bill it), so a Route retrying only `connect-failure` does not send it
-/// again elsewhere.
+/// may have the request (and bill it), so it is `upstream_connection_lost` (retried only as
+/// `unavailable`), while a refused connection stays `upstream_unreachable` (`connect-failure`).
 #[test]
-fn a_connection_lost_after_the_request_was_sent_is_not_retried_as_a_connect_failure() {
+fn a_connection_lost_after_the_request_was_sent_is_not_a_connect_failure() {
     let cp = ControlPlane::shared();
     let ns = cp.namespace("lost");
     // Reads the request, then closes the connection without a word.
     let (hangup, hangup_hits) = raw_listener(String::new());
-    let fallback = sim();
+    let refused = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}/v1", l.local_addr().unwrap())
+    };
     let gw = Gateway::start(cp, &["--namespace", &ns]);
     cp.apply(&format!(
-        "{}---\n{}",
+        "{}---\n{}---\n{}",
         secret_manifest(&ns, "openai", "apiKey", "sk-lost"),
-        two_backends(
-            &ns,
-            "lost",
-            &format!("{hangup}/v1"),
-            &fallback.openai_base(),
-            "[connect-failure]"
-        ),
+        route_manifest(&ns, "lost", "llm/v1/chat", "openai", &format!("{hangup}/v1")),
+        route_manifest(&ns, "refused", "llm/v1/chat", "openai", &refused),
     ));
     cp.wait_ready(&ns, "lost");
+    cp.wait_ready(&ns, "refused");
     let (status, body) = gw.chat("lost");
     assert_eq!(status, 502, "{body}");
     assert_eq!(body["error"]["code"], "upstream_connection_lost", "{body}");
     assert!(hangup_hits.load(std::sync::atomic::Ordering::SeqCst) >= 1);
-    assert!(
-        fallback.requests().is_empty(),
-        "the request was sent a second time after the provider may have taken it"
-    );
+    let (status, body) = gw.chat("refused");
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(body["error"]["code"], "upstream_unreachable", "{body}");
 }
 
 /// A 429 whose provider's rate-limit headers show room left on the key is this request's own
@@ -387,7 +385,6 @@ fn a_429_about_one_request_does_not_eject_the_shared_backend() {
             "shared",
             &primary.openai_base(),
             &fallback.openai_base(),
-            "[rate-limited]"
         ),
     ));
     cp.wait_ready(&ns, "shared");
