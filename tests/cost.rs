@@ -966,7 +966,7 @@ fn a_call_the_provider_may_have_billed_keeps_its_reservation() {
         body: r#"{"error":{"message":"boom","type":"server_error"}}"#.into(),
         retry_after: None,
     });
-    assert_eq!(plain().0, 500);
+    assert_eq!(plain().0, 502);
     sim.set_behaviour(portcullis_sim::Behaviour {
         fault: portcullis_sim::Fault::CutStream { after_frames: 3 },
         chunk_delay: Duration::from_millis(20),
