@@ -86,7 +86,9 @@ fn fixture() -> &'static Fixture {
         let resilient = name("resilient");
         let broke = name("broke");
         let calls_limit =
-            "  limits:\n    - renewalPeriod: day\n      tokens: 5000\n    - renewalPeriod: minute\n      calls: 100\n";
+            // Room for many calls at once: a call without max_tokens holds gpt-4o-mini's output
+            // maximum (16,384 tokens) until it settles.
+            "  limits:\n    - renewalPeriod: day\n      tokens: 500000\n    - renewalPeriod: minute\n      calls: 100\n";
         let mut docs = vec![
             secret_manifest(&ns, "openai", "apiKey", "sk-clients"),
             route(&ns, &chat, "llm/v1/chat", &sim.openai_base(), calls_limit),
