@@ -213,7 +213,11 @@ pub fn max_output(cluster: &Catalog, provider: Provider, model: &str) -> u64 {
     cluster
         .model(provider, model)
         .and_then(|m| m.max_output)
-        .or_else(|| Catalog::builtin().model(provider, model).and_then(|m| m.max_output))
+        .or_else(|| {
+            Catalog::builtin()
+                .model(provider, model)
+                .and_then(|m| m.max_output)
+        })
         .unwrap_or(DEFAULT_MAX_OUTPUT)
 }
 
@@ -433,7 +437,10 @@ mod tests {
             cached_input: 75_000,
         };
         // A Route priced at 0 still costs its Team the catalog price; a dearer one costs more.
-        assert_eq!(team_price(Some(Price::default()), Some(catalog)), Some(catalog));
+        assert_eq!(
+            team_price(Some(Price::default()), Some(catalog)),
+            Some(catalog)
+        );
         let dear = Price {
             input: 1,
             output: 9_000_000,
@@ -456,7 +463,10 @@ mod tests {
             max_output(&none, Provider::Anthropic, "claude-sonnet-4-20250514"),
             64_000
         );
-        assert_eq!(max_output(&none, Provider::Ollama, "llama3"), DEFAULT_MAX_OUTPUT);
+        assert_eq!(
+            max_output(&none, Provider::Ollama, "llama3"),
+            DEFAULT_MAX_OUTPUT
+        );
         let cluster =
             Catalog::parse("ollama: {models: {llama3: {input: 0, output: 0, maxOutput: 2048}}}")
                 .unwrap();

@@ -314,7 +314,11 @@ impl Reservation {
                     _ => used,
                 };
                 let delta = real.saturating_sub(signed(*charged));
-                Some((key.clone(), if at_least { delta.max(0) } else { delta }, *ttl))
+                Some((
+                    key.clone(),
+                    if at_least { delta.max(0) } else { delta },
+                    *ttl,
+                ))
             })
             .filter(|(_, delta, _)| *delta != 0)
             .collect();

@@ -1055,7 +1055,12 @@ fn team_budgets_charge_the_catalog_price_and_cover_a_namespaces_api_keys() {
         ..Default::default()
     });
     let ns = cp.namespace("team-free");
-    cp.apply(&secret_manifest(&ns, "openai", "apiKey", "sk-free-upstream"));
+    cp.apply(&secret_manifest(
+        &ns,
+        "openai",
+        "apiKey",
+        "sk-free-upstream",
+    ));
     // o1 is $15 / $60 per million tokens in the catalog: a 100-word answer costs about $0.006.
     let route = unique("free-o1");
     cp.apply(&priced_route(
@@ -1102,7 +1107,9 @@ fn team_budgets_charge_the_catalog_price_and_cover_a_namespaces_api_keys() {
         let (code, _, text) = call(bearer);
         assert_eq!(code, 429, "{text}");
         assert!(
-            text.contains(&format!("USD budget exceeded for team {team}: $0.02 per week")),
+            text.contains(&format!(
+                "USD budget exceeded for team {team}: $0.02 per week"
+            )),
             "{text}"
         );
     }
@@ -1116,10 +1123,22 @@ fn callers_without_identity_belong_to_the_anonymous_team() {
     let cp = ControlPlane::shared();
     let sim = sim();
     let ns = cp.namespace("team-anon");
-    cp.apply(&secret_manifest(&ns, "openai", "apiKey", "sk-anon-upstream"));
+    cp.apply(&secret_manifest(
+        &ns,
+        "openai",
+        "apiKey",
+        "sk-anon-upstream",
+    ));
     let (open, other) = (unique("anon-open"), unique("anon-other"));
     for r in [&open, &other] {
-        cp.apply(&priced_route(&ns, r, "llm/v1/chat", &sim, "gpt-4o-mini", ""));
+        cp.apply(&priced_route(
+            &ns,
+            r,
+            "llm/v1/chat",
+            &sim,
+            "gpt-4o-mini",
+            "",
+        ));
     }
     let team = unique("anonymous");
     let gw = Gateway::start(cp, &["--anonymous-team", &team]);

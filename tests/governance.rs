@@ -619,9 +619,18 @@ fn a_stream_left_early_is_drained_and_charged_its_reported_usage() {
         let (code, headers, _) = call(&gw, None, &too_big);
         code == 429 && headers["x-ratelimit-remaining-tokens"] == "798"
     })
-    .unwrap_or_else(|_| panic!("the stream left early was not charged its usage:\n{}", gw.log()));
+    .unwrap_or_else(|_| {
+        panic!(
+            "the stream left early was not charged its usage:\n{}",
+            gw.log()
+        )
+    });
     println!("stream left early settled after {:?}", started.elapsed());
-    assert_eq!(sim.cancelled_streams(), 0, "the provider's stream was drained to its end");
+    assert_eq!(
+        sim.cancelled_streams(),
+        0,
+        "the provider's stream was drained to its end"
+    );
 }
 
 #[test]

@@ -556,7 +556,12 @@ fn hostile_key_fields_neither_inject_manifests_nor_read_local_files() {
     assert!(!stdout.contains("sk-local-file-contents"), "{stdout}");
     assert!(stderr.contains("--read-key-files"), "{stderr}");
     let (_, stdout, _) = import(
-        &["mlflow", path_str(&config), "--with-secrets", "--read-key-files"],
+        &[
+            "mlflow",
+            path_str(&config),
+            "--with-secrets",
+            "--read-key-files",
+        ],
         &[],
     );
     assert!(stdout.contains("sk-local-file-contents"), "{stdout}");

@@ -89,7 +89,10 @@ fn metadata_addresses_in_disguise_are_refused() {
         secret_with(
             &ns,
             "aws",
-            &[("awsAccessKeyId", "AKIA1"), ("awsSecretAccessKey", "s3cr3t")]
+            &[
+                ("awsAccessKeyId", "AKIA1"),
+                ("awsSecretAccessKey", "s3cr3t")
+            ]
         ),
         route_manifest(&ns, "good", "llm/v1/chat", "key", &sim.openai_base()),
         route_manifest(
@@ -120,11 +123,12 @@ fn metadata_addresses_in_disguise_are_refused() {
     cp.wait_ready(&ns, "good");
     for route in ["mapped", "dotted", "region"] {
         cp.wait_reason(&ns, route, "EgressDenied");
-        let message = cp.json(&["get", "-n", &ns, "route.portcullis.dev", route])["status"]
-            ["conditions"][0]["message"]
-            .as_str()
-            .unwrap()
-            .to_string();
+        let message =
+            cp.json(&["get", "-n", &ns, "route.portcullis.dev", route])["status"]["conditions"][0]
+                ["message"]
+                .as_str()
+                .unwrap()
+                .to_string();
         assert!(
             message.contains("link-local or cloud metadata"),
             "{route}: {message}"

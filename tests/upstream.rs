@@ -354,7 +354,13 @@ fn a_connection_lost_after_the_request_was_sent_is_not_a_connect_failure() {
     cp.apply(&format!(
         "{}---\n{}---\n{}",
         secret_manifest(&ns, "openai", "apiKey", "sk-lost"),
-        route_manifest(&ns, "lost", "llm/v1/chat", "openai", &format!("{hangup}/v1")),
+        route_manifest(
+            &ns,
+            "lost",
+            "llm/v1/chat",
+            "openai",
+            &format!("{hangup}/v1")
+        ),
         route_manifest(&ns, "refused", "llm/v1/chat", "openai", &refused),
     ));
     cp.wait_ready(&ns, "lost");
@@ -388,7 +394,8 @@ fn a_429_about_one_request_does_not_eject_the_shared_backend() {
         ),
     ));
     cp.wait_ready(&ns, "shared");
-    let too_large = |remaining_tokens: &str| portcullis_sim::Fault::StatusWithHeaders {
+    let too_large = |remaining_tokens: &str| {
+        portcullis_sim::Fault::StatusWithHeaders {
         status: 429,
         body: r#"{"error":{"message":"Request too large for gpt-4o-mini on tokens per min (TPM): Limit 30000, Requested 52000.","type":"tokens","code":"rate_limit_exceeded"}}"#.into(),
         headers: vec![
@@ -396,6 +403,7 @@ fn a_429_about_one_request_does_not_eject_the_shared_backend() {
             ("x-ratelimit-remaining-requests".into(), "499".into()),
             ("x-ratelimit-remaining-tokens".into(), remaining_tokens.into()),
         ],
+    }
     };
     primary.set_fault(too_large("29000"));
     for _ in 0..3 {

@@ -368,7 +368,10 @@ mod tests {
         // Listed explicitly (the address, its network or the name), it is reachable.
         for entry in ["169.254.169.254", "169.254.0.0/16", "innocent.example.com"] {
             let listed = Egress::parse(&[entry.into()]).unwrap();
-            assert!(listed.allows_address("innocent.example.com.", meta), "{entry}");
+            assert!(
+                listed.allows_address("innocent.example.com.", meta),
+                "{entry}"
+            );
         }
     }
 

@@ -234,9 +234,10 @@ impl<'a> Tries<'a> {
             }
         );
         if !scoped
-            && let Some(hold) = backend
-                .health
-                .failed(&policy.outlier, retry_after, traffic::now_ms())
+            && let Some(hold) =
+                backend
+                    .health
+                    .failed(&policy.outlier, retry_after, traffic::now_ms())
         {
             metrics.ejections.inc();
             metrics.ejected.set(1);
@@ -644,12 +645,18 @@ impl Drop for Drained {
                 while let Some(item) = rest.next().await {
                     read += item.as_ref().map_or(0, |d| d.iter().map(delta_bytes).sum());
                     if read > limits.drain_bytes {
-                        warn!(bytes = read, "a stream left by its caller is larger than the drain limit; ending it");
+                        warn!(
+                            bytes = read,
+                            "a stream left by its caller is larger than the drain limit; ending it"
+                        );
                         return;
                     }
                 }
             };
-            if tokio::time::timeout(limits.drain_time, drain).await.is_err() {
+            if tokio::time::timeout(limits.drain_time, drain)
+                .await
+                .is_err()
+            {
                 warn!(
                     seconds = limits.drain_time.as_secs(),
                     "a stream left by its caller did not end within the drain limit; ending it"
@@ -664,7 +671,10 @@ impl Drop for Drained {
 fn delta_bytes(d: &StreamDelta) -> usize {
     d.text.as_ref().map_or(0, String::len)
         + d.raw.as_ref().map_or(0, bytes::Bytes::len)
-        + d.tool_calls.iter().map(|t| t.arguments.len()).sum::<usize>()
+        + d.tool_calls
+            .iter()
+            .map(|t| t.arguments.len())
+            .sum::<usize>()
 }
 
 /// One provider stream being decoded.
@@ -1165,7 +1175,10 @@ mod tests {
             ..Default::default()
         };
         // An endless provider: drained until the byte bound.
-        let (released, read) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+        let (released, read) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicUsize::new(0)),
+        );
         let (guard, count) = (Released(Arc::clone(&released)), Arc::clone(&read));
         let endless = futures::stream::repeat_with(move || {
             let _ = &guard;
@@ -1183,8 +1196,8 @@ mod tests {
         // A silent one: drained until the time bound.
         let released = Arc::new(AtomicBool::new(false));
         let guard = Released(Arc::clone(&released));
-        let silent = futures::stream::pending::<Result<Vec<StreamDelta>, GatewayError>>()
-            .map(move |x| {
+        let silent =
+            futures::stream::pending::<Result<Vec<StreamDelta>, GatewayError>>().map(move |x| {
                 let _ = &guard;
                 x
             });

@@ -76,7 +76,12 @@ mod tests {
             permitted(&open, "mixed.example.com", both).unwrap(),
             [addr("203.0.113.7")]
         );
-        for meta in ["169.254.169.254", "::ffff:169.254.169.254", "fe80::1", "fd00:ec2::254"] {
+        for meta in [
+            "169.254.169.254",
+            "::ffff:169.254.169.254",
+            "fe80::1",
+            "fd00:ec2::254",
+        ] {
             let err = permitted(&open, "innocent.example.com", [addr(meta)]).unwrap_err();
             assert!(err.to_string().contains("innocent.example.com"), "{meta}");
         }
@@ -94,6 +99,13 @@ mod tests {
         let refusing = EgressResolver::new(Egress::default());
         // A name that resolves only to a link-local address (as `metadata.google.internal` does in
         // a cloud): the resolver refuses it. Offline, a literal stands in for the lookup result.
-        assert!(permitted(&refusing.egress, "metadata.google.internal", [addr("169.254.169.254")]).is_err());
+        assert!(
+            permitted(
+                &refusing.egress,
+                "metadata.google.internal",
+                [addr("169.254.169.254")]
+            )
+            .is_err()
+        );
     }
 }

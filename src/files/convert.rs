@@ -84,7 +84,8 @@ impl KeyRef {
     }
 }
 
-const BAD_ENV_NAME: &str = "the config names an environment variable that is not [A-Za-z_][A-Za-z0-9_]*";
+const BAD_ENV_NAME: &str =
+    "the config names an environment variable that is not [A-Za-z_][A-Za-z0-9_]*";
 
 /// A Secret a converted Route references: its name and where each key's value comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
