@@ -329,17 +329,18 @@ fn a_provider_redirect_is_a_502_and_never_followed_with_the_credential() {
     assert!(!body.to_string().contains("sk-redirected"));
 }
 
-/// A Route of two OpenAI backends at `first` (priority 0) and `second` (priority 1), tried twice,
-/// ejecting after two failures in a row.
-fn two_backends(ns: &str, name: &str, first: &str, second: &str) -> String {
+/// A Route of two OpenAI backends at `first` (priority 0) and `second` (priority 1), tried twice
+/// on the failure classes `retry_on` (a YAML list), ejecting after two failures in a row.
+fn two_backends(ns: &str, name: &str, first: &str, second: &str, retry_on: &str) -> String {
     format!(
-        "apiVersion: portcullis.dev/v1alpha1\nkind: Route\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  routeType: llm/v1/chat\n  backends:\n  - {{provider: openai, name: gpt-4o-mini, apiBase: \"{first}\", secretRef: {{name: openai}}, priority: 0}}\n  - {{provider: openai, name: gpt-4o-mini, apiBase: \"{second}\", secretRef: {{name: openai}}, priority: 1}}\n  retry: {{attempts: 2}}\n  outlierDetection: {{consecutiveFailures: 2}}\n"
+        "apiVersion: portcullis.dev/v1alpha1\nkind: Route\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  routeType: llm/v1/chat\n  backends:\n  - {{provider: openai, name: gpt-4o-mini, apiBase: \"{first}\", secretRef: {{name: openai}}, priority: 0}}\n  - {{provider: openai, name: gpt-4o-mini, apiBase: \"{second}\", secretRef: {{name: openai}}, priority: 1}}\n  retry: {{attempts: 2, retryOn: {retry_on}}}\n  outlierDetection: {{consecutiveFailures: 2}}\n"
     )
 }
 
 /// A connection that breaks after the request was written is not a connect failure: the provider
 /// may have the request (and bill it), so it is `upstream_connection_lost` (retried only as
-/// `unavailable`), while a refused connection stays `upstream_unreachable` (`connect-failure`).
+/// `unavailable`), while a refused connection stays `upstream_unreachable` (`connect-failure`). A
+/// Route retrying only connect failures does not send it again elsewhere.
 #[test]
 fn a_connection_lost_after_the_request_was_sent_is_not_a_connect_failure() {
     let cp = ControlPlane::shared();
@@ -350,9 +351,10 @@ fn a_connection_lost_after_the_request_was_sent_is_not_a_connect_failure() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         format!("http://{}/v1", l.local_addr().unwrap())
     };
+    let fallback = sim();
     let gw = Gateway::start(cp, &["--namespace", &ns]);
     cp.apply(&format!(
-        "{}---\n{}---\n{}",
+        "{}---\n{}---\n{}---\n{}",
         secret_manifest(&ns, "openai", "apiKey", "sk-lost"),
         route_manifest(
             &ns,
@@ -362,9 +364,17 @@ fn a_connection_lost_after_the_request_was_sent_is_not_a_connect_failure() {
             &format!("{hangup}/v1")
         ),
         route_manifest(&ns, "refused", "llm/v1/chat", "openai", &refused),
+        two_backends(
+            &ns,
+            "pair",
+            &format!("{hangup}/v1"),
+            &fallback.openai_base(),
+            "[connect-failure]"
+        ),
     ));
-    cp.wait_ready(&ns, "lost");
-    cp.wait_ready(&ns, "refused");
+    for route in ["lost", "refused", "pair"] {
+        cp.wait_ready(&ns, route);
+    }
     let (status, body) = gw.chat("lost");
     assert_eq!(status, 502, "{body}");
     assert_eq!(body["error"]["code"], "upstream_connection_lost", "{body}");
@@ -372,6 +382,12 @@ fn a_connection_lost_after_the_request_was_sent_is_not_a_connect_failure() {
     let (status, body) = gw.chat("refused");
     assert_eq!(status, 502, "{body}");
     assert_eq!(body["error"]["code"], "upstream_unreachable", "{body}");
+    let (status, body) = gw.chat("pair");
+    assert_eq!(status, 502, "{body}");
+    assert!(
+        fallback.requests().is_empty(),
+        "sent a second time after the provider may have taken it"
+    );
 }
 
 /// A 429 whose provider's rate-limit headers show room left on the key is this request's own
@@ -391,6 +407,7 @@ fn a_429_about_one_request_does_not_eject_the_shared_backend() {
             "shared",
             &primary.openai_base(),
             &fallback.openai_base(),
+            "[rate-limited]"
         ),
     ));
     cp.wait_ready(&ns, "shared");
