@@ -1063,6 +1063,7 @@ mod tests {
 
     fn entry(limits: Vec<Limit>) -> RouteEntry {
         RouteEntry {
+            metrics: Default::default(),
             limits,
             ..RouteEntry::not_ready("r")
         }

@@ -211,6 +211,7 @@ pub fn reconcile_after(
         });
         let primary = route.spec.primary_model();
         entries.push(RouteEntry {
+            metrics: Default::default(),
             name: served_as.into(),
             qualified,
             namespace,
@@ -454,8 +455,13 @@ fn resolve_model(
             format!("provider {provider} is not supported by this gateway version"),
         )
     })?;
-    if !adapter.route_types().contains(&route_type) {
-        let supported: Vec<&str> = adapter.route_types().iter().map(|t| t.as_str()).collect();
+    if !adapter.info().route_types.contains(&route_type) {
+        let supported: Vec<&str> = adapter
+            .info()
+            .route_types
+            .iter()
+            .map(|t| t.as_str())
+            .collect();
         return Err(Outcome::not_ready(
             Reason::ProviderUnsupported,
             format!(
@@ -467,7 +473,7 @@ fn resolve_model(
     let api_base = model
         .api_base
         .as_deref()
-        .or(adapter.default_api_base())
+        .or(adapter.info().default_api_base)
         .ok_or_else(|| {
             Outcome::not_ready(
                 Reason::InvalidSpec,
@@ -487,8 +493,13 @@ fn resolve_model(
         return Err(Outcome::not_ready(refused.reason, message));
     }
 
-    let credentials =
-        resolve_credentials(model, field, namespace, adapter.credential_keys(), secrets)?;
+    let credentials = resolve_credentials(
+        model,
+        field,
+        namespace,
+        adapter.info().credential_keys,
+        secrets,
+    )?;
     Ok(Upstream::new(
         adapter,
         Target {

@@ -14,10 +14,9 @@ use serde_json::{Map, Value, json};
 use super::eventstream::{Frame, FrameParser};
 use super::features::{self, Image, OUTPUT_TOOL, ToolChoice};
 use super::{
-    ALL_ROUTE_TYPES, CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder, Target,
-    UpstreamRequest, error_message, insert_secret, json_headers, malformed,
-    normalize_finish_reason, path_segment, present_fields, push_turn, reject_n, single_choice,
-    tool_calls_extra, upstream_error,
+    ProviderAdapter, ProviderError, ProviderInfo, StreamDecoder, Target, UpstreamRequest,
+    error_message, insert_secret, json_headers, malformed, normalize_finish_reason, path_segment,
+    present_fields, push_turn, reject_n, single_choice, tool_calls_extra, upstream_error,
 };
 use crate::api::{Provider, RouteType};
 use crate::llm::{
@@ -30,28 +29,13 @@ pub const SESSION_TOKEN: &str = "awsSessionToken";
 /// Used when the Route sets no `config.region`.
 pub const DEFAULT_REGION: &str = "us-east-1";
 /// The default base URL; `{region}` is filled from `config.region`.
-const DEFAULT_API_BASE: &str = "https://bedrock-runtime.{region}.amazonaws.com";
+pub const DEFAULT_API_BASE: &str = "https://bedrock-runtime.{region}.amazonaws.com";
 
 pub struct Bedrock;
 
 impl ProviderAdapter for Bedrock {
-    fn provider(&self) -> Provider {
-        Provider::Bedrock
-    }
-
-    fn route_types(&self) -> &'static [RouteType] {
-        ALL_ROUTE_TYPES
-    }
-
-    fn credential_keys(&self) -> CredentialKeys {
-        CredentialKeys::Named {
-            required: &[ACCESS_KEY_ID, SECRET_ACCESS_KEY],
-            optional: &[SESSION_TOKEN],
-        }
-    }
-
-    fn default_api_base(&self) -> Option<&'static str> {
-        Some(DEFAULT_API_BASE)
+    fn info(&self) -> &'static ProviderInfo {
+        &super::info::BEDROCK
     }
 
     fn build_request(
