@@ -7,7 +7,7 @@
 //! instead of wrapping. Prices are resolved once per backend when the routing table is built.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, LazyLock};
+use std::sync::LazyLock;
 
 use serde::Deserialize;
 use tracing::warn;
@@ -209,12 +209,14 @@ pub const DEFAULT_MAX_OUTPUT: u64 = 32_768;
 
 /// The most output tokens `model` may write, from the cluster-wide prices, else the catalog,
 /// else `DEFAULT_MAX_OUTPUT`.
-pub fn max_output(cluster: &Catalog, provider: Provider, model: &str) -> u64 {
-    cluster
-        .model(provider, model)
+pub fn max_output(prices: Prices<'_>, provider: Provider, model: &str) -> u64 {
+    prices
+        .cluster
+        .and_then(|c| c.model(provider, model))
         .and_then(|m| m.max_output)
         .or_else(|| {
-            Catalog::builtin()
+            prices
+                .catalog
                 .model(provider, model)
                 .and_then(|m| m.max_output)
         })
@@ -231,18 +233,23 @@ static CATALOG: LazyLock<Catalog> = LazyLock::new(|| {
     })
 });
 
-/// Cluster-wide prices (the `portcullis-pricing` ConfigMap), over the built-in catalog. Swapped
-/// whole by the controller when the ConfigMap changes; read when the routing table is built.
-static CLUSTER: LazyLock<arc_swap::ArcSwap<Catalog>> = LazyLock::new(Default::default);
-
-/// The cluster-wide price overrides in force.
-pub fn cluster_prices() -> Arc<Catalog> {
-    CLUSTER.load_full()
+/// The prices a routing table is built with: the built-in catalog, under the cluster-wide
+/// overrides of the `portcullis-pricing` ConfigMap when there is one (held by the controller and
+/// passed to reconcile, which reads no global).
+#[derive(Clone, Copy)]
+pub struct Prices<'a> {
+    pub catalog: &'a Catalog,
+    pub cluster: Option<&'a Catalog>,
 }
 
-/// Replaces the cluster-wide price overrides.
-pub fn set_cluster_prices(catalog: Catalog) {
-    CLUSTER.store(Arc::new(catalog));
+impl Prices<'static> {
+    /// The built-in catalog alone.
+    pub fn builtin() -> Prices<'static> {
+        Prices {
+            catalog: Catalog::builtin(),
+            cluster: None,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -457,20 +464,24 @@ mod tests {
         assert_eq!(team_price(Some(dear), None), Some(dear));
         assert_eq!(team_price(None, None), None);
         // The catalog says how much a model may write; an unlisted model gets the default.
-        let none = Catalog::default();
-        assert_eq!(max_output(&none, Provider::Openai, "gpt-4o-mini"), 16_384);
+        let none = Prices::builtin();
+        assert_eq!(max_output(none, Provider::Openai, "gpt-4o-mini"), 16_384);
         assert_eq!(
-            max_output(&none, Provider::Anthropic, "claude-sonnet-4-20250514"),
+            max_output(none, Provider::Anthropic, "claude-sonnet-4-20250514"),
             64_000
         );
         assert_eq!(
-            max_output(&none, Provider::Ollama, "llama3"),
+            max_output(none, Provider::Ollama, "llama3"),
             DEFAULT_MAX_OUTPUT
         );
         let cluster =
             Catalog::parse("ollama: {models: {llama3: {input: 0, output: 0, maxOutput: 2048}}}")
                 .unwrap();
-        assert_eq!(max_output(&cluster, Provider::Ollama, "llama3"), 2048);
+        let with_cluster = Prices {
+            cluster: Some(&cluster),
+            ..Prices::builtin()
+        };
+        assert_eq!(max_output(with_cluster, Provider::Ollama, "llama3"), 2048);
         assert!(Catalog::parse("ollama: {models: {m: {input: 0, maxOutput: 0}}}").is_err());
     }
 

@@ -1,5 +1,7 @@
-//! Pure reconciliation: from the desired state (all Routes, the Secrets they reference) to a routing
-//! table and one outcome per Route. No I/O here, so every rule is unit-tested.
+//! Pure reconciliation: from the desired state (every Route, the Secrets they reference) and what
+//! the controller holds (the table serving now, whose backend health carries over; the operator's
+//! policy; the prices) to the next routing table, one outcome per Route and the short names that
+//! changed owner. No I/O and no globals here, so every rule is unit-tested.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -10,6 +12,7 @@ use kube::ResourceExt;
 use crate::api::{
     BackendStatus, ModelSpec, Outcome, Provider, Reason, Route, RouteSpec, RouteType,
 };
+use crate::cost::Prices;
 use crate::providers::{API_KEY, CredentialKeys, Credentials, SecretValue, Target, adapter_for};
 use crate::table::{Backend, Backends, RouteEntry, RouteState, RoutingTable, Upstream};
 use crate::traffic::{BackendHealth, MAX_BACKENDS, TrafficPolicy};
@@ -107,6 +110,7 @@ pub fn reconcile(routes: &[Arc<Route>], secrets: &impl SecretLookup) -> Reconcil
         secrets,
         &RoutingTable::default(),
         &OperatorPolicy::default(),
+        Prices::builtin(),
     )
 }
 
@@ -121,6 +125,7 @@ pub fn reconcile_after(
     secrets: &impl SecretLookup,
     previous: &RoutingTable,
     policy: &OperatorPolicy,
+    prices: Prices,
 ) -> Reconciled {
     let health = previous.backend_health();
     let mut claimants: BTreeMap<&str, Vec<&Arc<Route>>> = BTreeMap::new();
@@ -181,7 +186,7 @@ pub fn reconcile_after(
         } else {
             qualified.clone()
         };
-        let (state, backends) = resolve(route, secrets, &health, policy);
+        let (state, backends) = resolve(route, secrets, &health, policy, prices);
         let outcome = match &state {
             RouteState::Ready(_) => {
                 let failed = backends.iter().filter(|b| !b.resolved).count();
@@ -277,6 +282,7 @@ fn resolve(
     secrets: &impl SecretLookup,
     health: &HashMap<&str, &Arc<BackendHealth>>,
     policy: &OperatorPolicy,
+    prices: Prices,
 ) -> (RouteState, Vec<BackendStatus>) {
     let not_ready = |o: Outcome| {
         (
@@ -320,7 +326,6 @@ fn resolve(
 
     let namespace = route.namespace().unwrap_or_default();
     let name = route.metadata.name.as_deref().unwrap_or_default();
-    let cluster_prices = crate::cost::cluster_prices();
     let mut list = Vec::with_capacity(declared.len());
     let mut statuses = Vec::with_capacity(declared.len());
     let mut failures = Vec::new();
@@ -349,10 +354,12 @@ fn resolve(
                 *seen += 1;
                 let key = format!("{namespace}/{name}#{seen}#{content:016x}");
                 let mut backend = Backend::new(upstream, d.weight, d.priority, key);
-                let cluster = cluster_prices.get(d.model.provider, &d.model.name);
+                let cluster = prices
+                    .cluster
+                    .and_then(|c| c.get(d.model.provider, &d.model.name));
                 let resolve = |overrides: &[Option<&crate::api::Pricing>]| {
                     crate::cost::resolve(
-                        crate::cost::Catalog::builtin(),
+                        prices.catalog,
                         cluster.as_ref(),
                         d.model.provider,
                         &d.model.name,
@@ -363,7 +370,7 @@ fn resolve(
                 backend.price = resolve(&[d.pricing, spec.pricing.as_ref()]);
                 backend.team_price = crate::cost::team_price(backend.price, resolve(&[]));
                 backend.max_output =
-                    crate::cost::max_output(&cluster_prices, d.model.provider, &d.model.name);
+                    crate::cost::max_output(prices, d.model.provider, &d.model.name);
                 if let Some(h) = health.get(backend.key.as_str()) {
                     backend.health = Arc::clone(h);
                 }
@@ -726,7 +733,13 @@ mod tests {
         assert_eq!(names, ["a/chat", "c/chat", "chat"]);
 
         // The owner goes: the next oldest takes over, and the change is reported.
-        let next = reconcile_after(&routes[1..], &s, &r.table, &OperatorPolicy::default());
+        let next = reconcile_after(
+            &routes[1..],
+            &s,
+            &r.table,
+            &OperatorPolicy::default(),
+            Prices::builtin(),
+        );
         assert_eq!(next.table.get("chat").unwrap().namespace, "c");
         assert_eq!(
             next.short_name_changes,
@@ -752,7 +765,13 @@ mod tests {
             public_namespaces: Some(["b".to_string()].into()),
             ..Default::default()
         };
-        let r = reconcile_after(&routes, &s, &RoutingTable::default(), &policy);
+        let r = reconcile_after(
+            &routes,
+            &s,
+            &RoutingTable::default(),
+            &policy,
+            Prices::builtin(),
+        );
         assert_eq!(
             r.table.get("chat").unwrap().namespace,
             "b",
@@ -989,7 +1008,13 @@ mod tests {
         ])];
         let first = reconcile(&routes, &s);
         let old = ready_backends(&first, "pool");
-        let again = reconcile_after(&routes, &s, &first.table, &OperatorPolicy::default());
+        let again = reconcile_after(
+            &routes,
+            &s,
+            &first.table,
+            &OperatorPolicy::default(),
+            Prices::builtin(),
+        );
         let new = ready_backends(&again, "pool");
         assert!(Arc::ptr_eq(&old.list[0].health, &new.list[0].health));
         assert!(Arc::ptr_eq(&old.list[1].health, &new.list[1].health));
@@ -998,7 +1023,13 @@ mod tests {
             backend(Provider::Openai, "m1", "k"),
             backend(Provider::Openai, "m3", "k"),
         ])];
-        let next = reconcile_after(&changed, &s, &again.table, &OperatorPolicy::default());
+        let next = reconcile_after(
+            &changed,
+            &s,
+            &again.table,
+            &OperatorPolicy::default(),
+            Prices::builtin(),
+        );
         let next = ready_backends(&next, "pool");
         assert!(Arc::ptr_eq(&new.list[0].health, &next.list[0].health));
         assert!(!Arc::ptr_eq(&new.list[1].health, &next.list[1].health));

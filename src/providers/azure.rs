@@ -4,6 +4,7 @@
 use http::header;
 use serde_json::Value;
 
+use super::info::AZURE_AD_TOKEN;
 use super::{
     API_KEY, ProviderAdapter, ProviderError, ProviderInfo, StreamDecoder, Target, UpstreamRequest,
     insert_secret, json_headers, openai, path_segment, post_json,
@@ -11,8 +12,6 @@ use super::{
 use crate::api::RouteType;
 use crate::llm::{LlmRequest, LlmResponse};
 
-/// The Secret key holding an Entra ID access token instead of a resource key.
-pub const AZURE_AD_TOKEN: &str = "azureAdToken";
 /// The newest GA version when this adapter was written; `config.apiVersion` overrides it.
 pub const DEFAULT_API_VERSION: &str = "2024-10-21";
 

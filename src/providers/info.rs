@@ -23,6 +23,15 @@ pub struct ProviderInfo {
     pub mlflow25_listed_as: &'static str,
 }
 
+/// Azure: the Secret key holding an Entra ID access token instead of a resource key.
+pub const AZURE_AD_TOKEN: &str = "azureAdToken";
+/// Bedrock: the AWS credentials' Secret keys.
+pub const ACCESS_KEY_ID: &str = "awsAccessKeyId";
+pub const SECRET_ACCESS_KEY: &str = "awsSecretAccessKey";
+pub const SESSION_TOKEN: &str = "awsSessionToken";
+/// Bedrock's base URL; `{region}` is filled from `config.region`.
+pub const BEDROCK_API_BASE: &str = "https://bedrock-runtime.{region}.amazonaws.com";
+
 const CHAT: &[RouteType] = &[RouteType::Chat];
 const CHAT_EMBEDDINGS: &[RouteType] = &[RouteType::Chat, RouteType::Embeddings];
 
@@ -46,7 +55,7 @@ pub static OPENAI: ProviderInfo = ProviderInfo {
 pub static AZURE_OPENAI: ProviderInfo = ProviderInfo {
     provider: Provider::AzureOpenai,
     credential_keys: CredentialKeys::ApiKeyOr {
-        alternatives: &[super::azure::AZURE_AD_TOKEN],
+        alternatives: &[AZURE_AD_TOKEN],
     },
     // Every Azure resource has its own host.
     default_api_base: None,
@@ -81,13 +90,10 @@ pub static GEMINI: ProviderInfo = ProviderInfo {
 pub static BEDROCK: ProviderInfo = ProviderInfo {
     provider: Provider::Bedrock,
     credential_keys: CredentialKeys::Named {
-        required: &[
-            super::bedrock::ACCESS_KEY_ID,
-            super::bedrock::SECRET_ACCESS_KEY,
-        ],
-        optional: &[super::bedrock::SESSION_TOKEN],
+        required: &[ACCESS_KEY_ID, SECRET_ACCESS_KEY],
+        optional: &[SESSION_TOKEN],
     },
-    default_api_base: Some(super::bedrock::DEFAULT_API_BASE),
+    default_api_base: Some(BEDROCK_API_BASE),
     reads_top_k: true,
     mlflow25_temperature_scale: 1.0,
     ..DEFAULTS

@@ -101,7 +101,7 @@ pub async fn invoke(
     let admission =
         admission::admit(state, &route.entry, route.caller.as_ref(), request, calls).await?;
     let started = Instant::now();
-    let mut tries = Tries::new(state, route);
+    let mut tries = Tries::new(state, &route.entry.name, &route.backends);
     let mut last = None;
     let result = loop {
         let (backend, timeout) = match tries.next() {
@@ -255,7 +255,7 @@ pub async fn invoke_stream(
     let admission =
         admission::admit(state, &route.entry, route.caller.as_ref(), request, 1).await?;
     let started = Instant::now();
-    let mut tries = Tries::new(state, route);
+    let mut tries = Tries::new(state, &route.entry.name, &route.backends);
     let opened = loop {
         let (backend, timeout) = match tries.next() {
             Ok(next) => next,

@@ -12,11 +12,9 @@ use crate::api::RetryOn;
 use crate::dataplane::AppState;
 use crate::dataplane::error::GatewayError;
 use crate::dataplane::observe;
-use crate::table::Backend;
+use crate::table::{Backend, Backends};
 use crate::telemetry::metrics::BackendErrorLabels;
 use crate::traffic::{self, TrafficPolicy};
-
-use super::invocation::ServingRoute;
 
 /// The failure class of an upstream error, for retries and outlier detection; `None` for errors
 /// that say nothing about the backend's health (a 400, a content policy refusal).
@@ -93,7 +91,9 @@ pub(super) fn verdict(
 /// whether a failure is retried. Health and per-backend metrics are updated as tries end.
 pub(super) struct Tries<'a> {
     state: &'a AppState,
-    route: &'a ServingRoute,
+    /// The route's served name, for metrics and logs.
+    route: &'a Arc<str>,
+    backends: &'a Backends,
     /// The whole call's deadline: no try starts after it, none runs past it.
     deadline: Instant,
     tried: u32,
@@ -103,10 +103,11 @@ pub(super) struct Tries<'a> {
 }
 
 impl<'a> Tries<'a> {
-    pub(super) fn new(state: &'a AppState, route: &'a ServingRoute) -> Self {
+    pub(super) fn new(state: &'a AppState, route: &'a Arc<str>, backends: &'a Backends) -> Self {
         Tries {
             state,
             route,
+            backends,
             deadline: Instant::now() + state.upstream_timeout,
             tried: 0,
             count: 0,
@@ -116,25 +117,24 @@ impl<'a> Tries<'a> {
 
     /// The backend for the next try and the time it may take.
     pub(super) fn next(&mut self) -> Result<(&'a Backend, Duration), GatewayError> {
-        let list = &self.route.backends.list;
+        let list = &self.backends.list;
         // Reconcile publishes a route as ready only with a backend of positive weight.
         let Some((index, backend)) = traffic::pick(list, self.tried, traffic::now_ms())
             .and_then(|i| Some((i, list.get(i)?)))
         else {
             return Err(GatewayError::UpstreamUnreachable(format!(
                 "route {:?} has no backend that can take calls",
-                self.route.entry.name
+                self.route
             )));
         };
         self.tried |= 1 << index;
         self.count += 1;
         backend
-            .metrics(&self.route.entry.name, &self.state.metrics)
+            .metrics(self.route, &self.state.metrics)
             .requests
             .inc();
         let remaining = self.deadline.saturating_duration_since(Instant::now());
         let timeout = self
-            .route
             .backends
             .policy
             .per_try_timeout
@@ -148,7 +148,7 @@ impl<'a> Tries<'a> {
         backend: &Backend,
         result: Result<T, GatewayError>,
     ) -> ControlFlow<Result<T, GatewayError>> {
-        let metrics = backend.metrics(&self.route.entry.name, &self.state.metrics);
+        let metrics = backend.metrics(self.route, &self.state.metrics);
         let err = match result {
             Ok(answer) => {
                 if backend.health.succeeded(traffic::now_ms()) {
@@ -172,7 +172,7 @@ impl<'a> Tries<'a> {
             backend.health.credential_rejected();
         }
         self.billed |= may_have_billed(&err);
-        let policy = &self.route.backends.policy;
+        let policy = &self.backends.policy;
         let decision = verdict(
             Some(&err),
             policy,
@@ -204,14 +204,14 @@ impl<'a> Tries<'a> {
         {
             metrics.ejections.inc();
             metrics.ejected.set(1);
-            warn!(route = %self.route.entry.name, backend = %backend.id, ejected_ms = hold.as_millis() as u64, error = err.code(), "backend ejected");
+            warn!(route = %self.route, backend = %backend.id, ejected_ms = hold.as_millis() as u64, error = err.code(), "backend ejected");
         }
         if !matches!(decision, Verdict::Retry(_)) {
             self.note_answered(backend);
             return ControlFlow::Break(Err(err));
         }
         metrics.retries.inc();
-        debug!(route = %self.route.entry.name, backend = %backend.id, error = err.code(), attempt = self.count, "retrying on another backend");
+        debug!(route = %self.route, backend = %backend.id, error = err.code(), attempt = self.count, "retrying on another backend");
         ControlFlow::Continue(())
     }
 
