@@ -62,6 +62,42 @@ pub struct Charge {
     pub stream: bool,
     /// What the call costs before any output (its prompt).
     pub usd_floor: Usd,
+    /// The fewest tokens that admit the call; `None`: all of `tokens` must fit. A call without
+    /// `max_tokens` reserves its model's whole output maximum, but is admitted while its prompt
+    /// and a typical answer fit: it then holds what is left, up to `tokens`. Whoever holds the
+    /// rest of a budget blocks the others until it settles, so concurrent calls overshoot a
+    /// budget by at most one call's reservation.
+    pub tokens_min: Option<u64>,
+    /// The same for `usd`.
+    pub usd_min: Option<Usd>,
+    /// What the call counts against Team USD budgets, when it differs from the Route's (a Team
+    /// is charged at no less than the cluster-wide price); `None`: the same.
+    pub team: Option<TeamCharge>,
+}
+
+/// A call's USD charge against Team budgets: the fields of `Charge` of the same names.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TeamCharge {
+    pub usd: Option<Usd>,
+    pub usd_floor: Usd,
+    pub usd_min: Option<Usd>,
+}
+
+/// What a settled call cost: at the Route's price and at the Teams' (see `TeamCharge`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Spent {
+    pub route: Usd,
+    pub team: Usd,
+}
+
+impl Spent {
+    /// The same cost for Route and Team budgets.
+    pub fn same(usd: Usd) -> Spent {
+        Spent {
+            route: usd,
+            team: usd,
+        }
+    }
 }
 
 /// Nanodollars a budget counts for `usd`: rounded up, so rounding never lets spend through.
@@ -218,8 +254,9 @@ pub struct RateLimited {
 pub struct Reservation {
     limiter: Arc<Limiter>,
     shared: bool,
-    /// Token and USD counters: key, kind, what was charged, seconds left in the window.
-    charged: Vec<(String, Kind, u64, u64)>,
+    /// Token and USD counters: key, kind, what was charged, seconds left in the window, and
+    /// whether a Team's (whose USD is counted at the Team price).
+    charged: Vec<(String, Kind, u64, u64, bool)>,
     /// For a stream under `truncate` budgets: the USD (nanodollars) it may spend before it is
     /// ended, and the budget that sets it.
     allowance: Option<(u64, String)>,
@@ -250,15 +287,38 @@ impl Reservation {
     /// Replaces the up-front charges with `used` tokens and `cost` (`None`: unknown, the USD
     /// reservation stands). Never blocks: a shared store is updated in the background.
     pub fn settle_cost(self, used: u64, cost: Option<Usd>) {
+        self.settle_spent(used, cost.map(Spent::same), false);
+    }
+
+    /// Replaces the up-front charges with `used` tokens and `spent` (`None`: unknown, the USD
+    /// reservation stands). With `at_least` (a call the provider may have billed without saying
+    /// what it used: a timeout after the request was sent, a broken or oversized answer), only
+    /// what exceeds the reservation is charged; it is never refunded.
+    pub fn settle_spent(self, used: u64, spent: Option<Spent>, at_least: bool) {
         // Clamped before any signed arithmetic: a huge figure must charge, never wrap to a refund.
         let used = signed(used.min(crate::llm::MAX_REPORTED_TOKENS));
-        let cost = cost.map(|c| signed(usd_units(c)));
+        let cost = spent.map(|c| (signed(usd_units(c.route)), signed(usd_units(c.team))));
         let deltas: Vec<(String, i64, u64)> = self
             .charged
             .iter()
-            .filter_map(|(key, kind, charged, ttl)| {
-                let real = if *kind == Kind::Usd { cost? } else { used };
-                Some((key.clone(), real.saturating_sub(signed(*charged)), *ttl))
+            .filter_map(|(key, kind, charged, ttl, team)| {
+                let real = match (kind, cost) {
+                    (Kind::Usd, None) => return None,
+                    (Kind::Usd, Some((route, team_cost))) => {
+                        if *team {
+                            team_cost
+                        } else {
+                            route
+                        }
+                    }
+                    _ => used,
+                };
+                let delta = real.saturating_sub(signed(*charged));
+                Some((
+                    key.clone(),
+                    if at_least { delta.max(0) } else { delta },
+                    *ttl,
+                ))
             })
             .filter(|(_, delta, _)| *delta != 0)
             .collect();
@@ -745,7 +805,7 @@ impl Limiter {
             .filter(|(c, _)| c.truncate)
             .min_by_key(|(_, n)| **n)
             .map(|(c, n)| (*n, limit_text(&scopes[c.scope].0, c)));
-        let charged: Vec<(String, Kind, u64, u64)> = counters
+        let charged: Vec<(String, Kind, u64, u64, bool)> = counters
             .iter()
             .zip(charged)
             .filter(|(c, _)| c.kind != Kind::Calls)
@@ -755,6 +815,7 @@ impl Limiter {
                     c.kind,
                     n,
                     c.reset_at.saturating_sub(now.as_secs()).max(1),
+                    scopes[c.scope].0.what == "team",
                 )
             })
             .collect();
@@ -863,6 +924,14 @@ fn push_counters(
         "team" => format!("portcullis:team:{}", owner.name),
         _ => format!("portcullis:{}", owner.name),
     };
+    let usd = match (owner.what, charge.team) {
+        ("team", Some(team)) => team,
+        _ => TeamCharge {
+            usd: charge.usd,
+            usd_floor: charge.usd_floor,
+            usd_min: charge.usd_min,
+        },
+    };
     for (i, limit) in limits.iter().enumerate() {
         let (window, reset_at) = window(limit.renewal_period, now);
         let per_consumer = limit.key == LimitKey::Consumer;
@@ -875,7 +944,7 @@ fn push_counters(
             (
                 Kind::Usd,
                 limit.usd.map(budget_units),
-                charge.usd.map_or(0, usd_units),
+                usd.usd.map_or(0, usd_units),
             ),
         ] {
             let Some(max) = max else { continue };
@@ -891,11 +960,17 @@ fn push_counters(
                 kind,
                 limit: max,
                 amount,
-                // A truncating stream starts while its prompt (at least a nanodollar) fits.
-                min: if truncate {
-                    usd_units(charge.usd_floor).clamp(1, amount.max(1))
-                } else {
-                    amount
+                // A truncating stream starts while its prompt (at least a nanodollar) fits; a
+                // call without max_tokens while its prompt and a typical answer do.
+                min: match kind {
+                    Kind::Usd if truncate => usd_units(usd.usd_floor).clamp(1, amount.max(1)),
+                    Kind::Usd => usd
+                        .usd_min
+                        .map_or(amount, |m| usd_units(m).clamp(1, amount.max(1))),
+                    Kind::Tokens => charge
+                        .tokens_min
+                        .map_or(amount, |m| m.clamp(1, amount.max(1))),
+                    Kind::Calls => amount,
                 },
                 truncate,
                 alert,

@@ -111,6 +111,11 @@ pub struct DataPlaneArgs {
     /// each replica enforces 1/N of every limit.
     #[arg(long, env = "PORTCULLIS_REPLICAS", default_value_t = 1)]
     pub replicas: u32,
+    /// Callers without identity (no credential, under `--default-access allow-all`) are members
+    /// of this Team: its limits, budgets and `routes` hold them. While the Team does not exist
+    /// they are refused (401). Unset: they belong to no Team.
+    #[arg(long, env = "PORTCULLIS_ANONYMOUS_TEAM")]
+    pub anonymous_team: Option<String>,
     #[command(flatten)]
     pub listener: ListenerArgs,
 }
@@ -262,7 +267,7 @@ impl DataPlane {
         reviewer: impl FnOnce(Arc<Metrics>) -> Option<Arc<dyn TokenReviewer>>,
         config: Option<Arc<ConfigStatus>>,
     ) -> Result<DataPlane, StartError> {
-        let http = dataplane::http_client(settings.upstream_timeout)
+        let http = dataplane::http_client(settings.upstream_timeout, &settings.egress)
             .map_err(|e| StartError::Config(e.to_string()))?;
         let metrics = Arc::new(Metrics::new());
         let limits = Arc::new(match &args.limits_store {
@@ -292,6 +297,7 @@ impl DataPlane {
             config,
             upstream_limits: settings.upstream_limits,
             via,
+            anonymous_team: args.anonymous_team.as_deref().map(Arc::from),
         });
         let listener = tokio::net::TcpListener::bind(listen)
             .await
@@ -382,10 +388,11 @@ impl DataPlane {
             0 => Placement::Here(dataplane::router(state)),
             n => {
                 let (base, timeout) = ((*state).clone(), settings.upstream_timeout);
+                let egress = settings.egress.clone();
                 let workers = Workers::start(n, move || {
                     // A pool per worker keeps each upstream connection on the thread that uses it.
-                    let http =
-                        dataplane::http_client(timeout).unwrap_or_else(|_| base.http.clone());
+                    let http = dataplane::http_client(timeout, &egress)
+                        .unwrap_or_else(|_| base.http.clone());
                     dataplane::router(Arc::new(AppState {
                         http,
                         ..base.clone()

@@ -132,6 +132,11 @@ pub struct Backends {
     /// The highest price of each kind among the backends (what a call reserves against a USD
     /// budget before its backend is chosen); `None` when any backend's price is unknown.
     pub max_price: Option<Price>,
+    /// The same at the Team price (`cost::team_price`), for Team USD budgets.
+    pub max_team_price: Option<Price>,
+    /// The most output tokens any backend's model may write: what a call without `max_tokens`
+    /// reserves against budgets.
+    pub max_output: u64,
 }
 
 /// One resolved backend, with everything the hot path needs computed once.
@@ -149,6 +154,10 @@ pub struct Backend {
     pub health: Arc<BackendHealth>,
     /// What a call costs here, resolved when the table is built; `None`: unknown (never zero).
     pub price: Option<Price>,
+    /// What a call here counts against Team budgets: never below the cluster-wide price.
+    pub team_price: Option<Price>,
+    /// The most output tokens the model may write (catalog `maxOutput`, or the default).
+    pub max_output: u64,
     metrics: OnceLock<BackendMetrics>,
 }
 
@@ -170,6 +179,8 @@ impl Backend {
             key,
             health: Arc::default(),
             price: None,
+            team_price: None,
+            max_output: crate::cost::DEFAULT_MAX_OUTPUT,
             metrics: OnceLock::new(),
         }
     }

@@ -568,12 +568,14 @@ fn token_budgets_charge_up_front_and_settle_to_real_usage() {
     );
 }
 
+/// A stream its caller leaves early is read to its end in the background and charged the
+/// provider's final usage report, not just the few words the caller saw.
 #[test]
-fn a_stream_that_ends_early_is_charged_what_it_used() {
+fn a_stream_left_early_is_drained_and_charged_its_reported_usage() {
     let cp = ControlPlane::shared();
     let sim = sim();
     sim.set_behaviour(portcullis_sim::Behaviour {
-        chunk_delay: Duration::from_millis(150),
+        chunk_delay: Duration::from_millis(20),
         answer_words: 200,
         ..Default::default()
     });
@@ -604,22 +606,27 @@ fn a_stream_that_ends_early_is_charged_what_it_used() {
     assert!(n > 0);
     drop(resp);
 
-    // Once the gateway notices, the charge drops to the prompt and the few words sent, so a
-    // request reserving 503 fits again (it would not next to 903).
-    let fits = json!({"model": route, "max_tokens": 500, "stream": true,
-        "messages": [{"role": "user", "content": "hello there"}]});
+    // The provider's stream runs to its end (about 4 s) and its usage, 2 + 200 tokens, is
+    // charged: a call that would need 993 is refused with 798 left.
     let started = Instant::now();
-    eventually(Duration::from_secs(5), || {
-        let resp = client()
-            .post(gw.url("/v1/chat/completions"))
-            .header("content-type", "application/json")
-            .body(fits.to_string())
-            .send()
-            .expect("request");
-        resp.status() == 200
+    let too_big = json!({"model": route, "max_tokens": 990,
+        "messages": [{"role": "user", "content": "hello there"}]});
+    eventually(Duration::from_secs(15), || {
+        let (code, headers, _) = call(&gw, None, &too_big);
+        code == 429 && headers["x-ratelimit-remaining-tokens"] == "798"
     })
-    .unwrap_or_else(|_| panic!("the early-ended stream was never settled:\n{}", gw.log()));
-    println!("early-ended stream settled after {:?}", started.elapsed());
+    .unwrap_or_else(|_| {
+        panic!(
+            "the stream left early was not charged its usage:\n{}",
+            gw.log()
+        )
+    });
+    println!("stream left early settled after {:?}", started.elapsed());
+    assert_eq!(
+        sim.cancelled_streams(),
+        0,
+        "the provider's stream was drained to its end"
+    );
 }
 
 #[test]

@@ -187,6 +187,7 @@ async fn admit_and_settle(
         usd: cost.then(|| price.max_cost(300, 256)),
         stream: false,
         usd_floor: Usd::ZERO,
+        ..Charge::default()
     };
     let r = limiter
         .admit_charge(entry, "team-a/notebook", charge)

@@ -51,6 +51,10 @@ pub enum GatewayError {
         status: StatusCode,
         message: String,
         retry_after: Option<u64>,
+        /// A 429 whose provider's rate-limit headers show room left for the key: this request's
+        /// own limit (too large for a per-minute budget, an upstream's per-user quota), not the
+        /// backend's, so it never ejects the backend for everyone else.
+        request_scoped: bool,
     },
     #[error(
         "the {provider} provider rejected this route's credential ({status}: {message}); the route's operator must fix its Secret"
@@ -62,8 +66,13 @@ pub enum GatewayError {
     },
     #[error("upstream provider returned a malformed response: {0}")]
     UpstreamMalformed(String),
+    /// No connection could be made: the request was not sent.
     #[error("{0}")]
     UpstreamUnreachable(String),
+    /// The connection failed after the request was (or may have been) sent: the provider may
+    /// have it, and bill it.
+    #[error("{0}")]
+    UpstreamConnectionLost(String),
     #[error("upstream provider did not answer within {0} seconds")]
     UpstreamTimeout(u64),
     #[error("the provider's stream sent nothing for {0} seconds and was ended")]
@@ -150,6 +159,7 @@ impl GatewayError {
             GatewayError::Upstream { status, .. } => upstream_status(*status),
             GatewayError::UpstreamMalformed(_)
             | GatewayError::UpstreamUnreachable(_)
+            | GatewayError::UpstreamConnectionLost(_)
             | GatewayError::CredentialRejected { .. } => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout(_) | GatewayError::UpstreamStalled(_) => {
                 StatusCode::GATEWAY_TIMEOUT
@@ -191,6 +201,7 @@ impl GatewayError {
             GatewayError::UpstreamMalformed(_) => "upstream_malformed_response",
             GatewayError::CredentialRejected { .. } => "upstream_credential_rejected",
             GatewayError::UpstreamUnreachable(_) => "upstream_unreachable",
+            GatewayError::UpstreamConnectionLost(_) => "upstream_connection_lost",
             GatewayError::UpstreamTimeout(_) => "upstream_timeout",
             GatewayError::UpstreamStalled(_) => "upstream_stalled",
             GatewayError::UpstreamTruncated(_) => "upstream_truncated",
@@ -237,6 +248,7 @@ impl GatewayError {
                 status,
                 message,
                 retry_after,
+                request_scoped: false,
             },
         }
     }
@@ -444,6 +456,7 @@ mod tests {
                 status: StatusCode::from_u16(s).unwrap(),
                 message: String::new(),
                 retry_after: None,
+                request_scoped: false,
             }
             .status()
             .as_u16()

@@ -44,15 +44,6 @@ pub enum CallCost {
     Unknown,
 }
 
-impl CallCost {
-    pub fn known(self) -> Option<crate::cost::Usd> {
-        match self {
-            CallCost::Known(usd) => Some(usd),
-            CallCost::Unknown => None,
-        }
-    }
-}
-
 impl std::fmt::Display for CallCost {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
