@@ -275,12 +275,18 @@ impl Store {
             let (Some(host), Some(Value::Int(port))) = (primary.first(), primary.get(1)) else {
                 continue;
             };
-            let host = String::from_redis_value(host.clone()).map_err(|e| {
-                StoreError::Reply(format!("CLUSTER SLOTS: {:?}", e.kind()))
-            })?;
+            let host = match host {
+                Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+                Value::SimpleString(s) => s.clone(),
+                _ => return Err(StoreError::Reply("CLUSTER SLOTS: a host is not a string".into())),
+            };
             let mut target = self.inner.target.clone();
             target.topology = Topology::Node;
-            target.nodes = vec![node_info(&host, *port as u16, target.tls)];
+            let port = u16::try_from(*port)
+                .map_err(|_| StoreError::Reply("CLUSTER SLOTS: a port out of range".into()))?;
+            let node = node_info(&host, port, target.tls)
+                .map_err(|e| StoreError::Reply(format!("CLUSTER SLOTS: {:?}", e.kind())))?;
+            target.nodes = vec![node];
             out.push(Store {
                 inner: Arc::new(Inner {
                     slot: Mutex::new(Slot {
@@ -505,7 +511,7 @@ fn client(info: ConnectionInfo, certs: &TlsCertificates) -> Result<Client, Strin
     }
 }
 
-fn node_info(host: &str, port: u16, tls: Option<TlsMode>) -> ConnectionInfo {
+fn node_info(host: &str, port: u16, tls: Option<TlsMode>) -> redis::RedisResult<ConnectionInfo> {
     let addr = match tls {
         Some(mode) => ConnectionAddr::TcpTls {
             host: host.to_string(),
@@ -515,10 +521,7 @@ fn node_info(host: &str, port: u16, tls: Option<TlsMode>) -> ConnectionInfo {
         },
         None => ConnectionAddr::Tcp(host.to_string(), port),
     };
-    // A bare address always converts.
-    addr.clone()
-        .into_connection_info()
-        .unwrap_or_else(|_| ConnectionInfo::default().set_addr(addr))
+    addr.into_connection_info()
 }
 
 fn target(args: &StoreArgs, url: &str) -> Result<Target, StoreConfigError> {
@@ -579,7 +582,7 @@ fn target(args: &StoreArgs, url: &str) -> Result<Target, StoreConfigError> {
         if name.is_empty() {
             return Err(bad("empty host"));
         }
-        nodes.push(node_info(name, port, mode));
+        nodes.push(node_info(name, port, mode).map_err(|_| bad("bad host"))?);
     }
     if nodes.is_empty() {
         return Err(bad("no host"));
