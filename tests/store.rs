@@ -551,19 +551,27 @@ async fn route_and_team_over_slots(url: &str) {
     let limit = |calls: u64| -> portcullis::api::Limit {
         serde_json::from_value(json!({"renewalPeriod": "day", "calls": calls})).unwrap()
     };
-    let route = RouteEntry {
-        limits: vec![limit(5)],
-        ..RouteEntry::not_ready(&support::unique("slot-route"))
+    let entry = |name: String, limits| RouteEntry {
+        name: name.as_str().into(),
+        qualified: format!("ns/{name}"),
+        namespace: "ns".into(),
+        route_type: portcullis::api::RouteType::Chat,
+        provider: portcullis::api::Provider::Openai,
+        model: "m".into(),
+        limits,
+        access: None,
+        state: portcullis::table::RouteState::NotReady {
+            reason: portcullis::api::Reason::SecretNotFound,
+            message: String::new(),
+        },
     };
+    let route = entry(support::unique("slot-route"), vec![limit(5)]);
     let team = Arc::new(TeamEntry {
         name: support::unique("slot-team"),
         limits: vec![limit(3)],
         routes: None,
     });
-    let other = RouteEntry {
-        limits: vec![limit(100)],
-        ..RouteEntry::not_ready(&support::unique("slot-other"))
-    };
+    let other = entry(support::unique("slot-other"), vec![limit(100)]);
     let charge = portcullis::limits::Charge {
         calls: 1,
         ..Default::default()
