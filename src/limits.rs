@@ -679,8 +679,7 @@ impl Limiter {
                             runtime.spawn(async move {
                                 let mut cmd = redis::cmd("SET");
                                 cmd.arg(&marker).arg(1).arg("NX").arg("EX").arg(ttl);
-                                if let Ok(Some(_)) =
-                                    store.store.query::<Option<String>>(&cmd).await
+                                if let Ok(Some(_)) = store.store.query::<Option<String>>(&cmd).await
                                 {
                                     limiter.tell(alert);
                                 }
@@ -924,7 +923,9 @@ fn counters(
 ) -> Vec<Counter> {
     let mut out = Vec::with_capacity(scopes.iter().map(|s| s.1.len()).sum::<usize>() * 2);
     for (scope, (owner, limits)) in scopes.iter().enumerate() {
-        push_counters(&mut out, scope, owner, limits, consumer, charge, now, tagged);
+        push_counters(
+            &mut out, scope, owner, limits, consumer, charge, now, tagged,
+        );
     }
     out
 }

@@ -47,10 +47,18 @@ pub struct StoreArgs {
     #[arg(long, env = "PORTCULLIS_STORE_CA_FILE")]
     pub store_ca_file: Option<PathBuf>,
     /// PEM client certificate for stores that require mutual TLS (with --store-client-key).
-    #[arg(long, env = "PORTCULLIS_STORE_CLIENT_CERT", requires = "store_client_key")]
+    #[arg(
+        long,
+        env = "PORTCULLIS_STORE_CLIENT_CERT",
+        requires = "store_client_key"
+    )]
     pub store_client_cert: Option<PathBuf>,
     /// PEM private key of --store-client-cert.
-    #[arg(long, env = "PORTCULLIS_STORE_CLIENT_KEY", requires = "store_client_cert")]
+    #[arg(
+        long,
+        env = "PORTCULLIS_STORE_CLIENT_KEY",
+        requires = "store_client_cert"
+    )]
     pub store_client_key: Option<PathBuf>,
     /// Accept any TLS certificate from the store (no verification, no SNI). For tests only:
     /// anyone on the path can read and change every count.
@@ -264,7 +272,7 @@ impl Store {
         if !self.is_cluster() {
             return Ok(vec![self.clone()]);
         }
-        let shards: Vec<Value> = self.query(&redis::cmd("CLUSTER").arg("SLOTS")).await?;
+        let shards: Vec<Value> = self.query(redis::cmd("CLUSTER").arg("SLOTS")).await?;
         let mut out = Vec::new();
         for shard in shards {
             // [start, end, [host, port, id...], replicas...]
@@ -278,7 +286,11 @@ impl Store {
             let host = match host {
                 Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
                 Value::SimpleString(s) => s.clone(),
-                _ => return Err(StoreError::Reply("CLUSTER SLOTS: a host is not a string".into())),
+                _ => {
+                    return Err(StoreError::Reply(
+                        "CLUSTER SLOTS: a host is not a string".into(),
+                    ));
+                }
             };
             let mut target = self.inner.target.clone();
             target.topology = Topology::Node;
@@ -471,7 +483,10 @@ async fn try_connect(target: &Target) -> Result<Conn, String> {
                 builder = builder.set_client_to_redis_password(password);
             }
             let mut sentinel = builder.build().map_err(|e| describe(&e))?;
-            let client = sentinel.async_get_client().await.map_err(|e| describe(&e))?;
+            let client = sentinel
+                .async_get_client()
+                .await
+                .map_err(|e| describe(&e))?;
             let conn = client
                 .get_multiplexed_async_connection_with_config(&config)
                 .await
@@ -615,7 +630,9 @@ fn target(args: &StoreArgs, url: &str) -> Result<Target, StoreConfigError> {
     if segments.next().is_some() {
         return Err(bad("unexpected path"));
     }
-    let read = |p: &PathBuf| std::fs::read(p).map_err(|e| StoreConfigError::File(p.clone(), e.to_string()));
+    let read = |p: &PathBuf| {
+        std::fs::read(p).map_err(|e| StoreConfigError::File(p.clone(), e.to_string()))
+    };
     let root_cert = args.store_ca_file.as_ref().map(read).transpose()?;
     let client_tls = match (&args.store_client_cert, &args.store_client_key) {
         (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
@@ -700,7 +717,10 @@ mod tests {
     #[test]
     fn urls_of_each_topology_parse() {
         let t = target(&args(), "redis://h:7000/2").unwrap();
-        assert_eq!((t.topology, t.nodes.len(), t.db, t.tls), (Topology::Node, 1, 2, None));
+        assert_eq!(
+            (t.topology, t.nodes.len(), t.db, t.tls),
+            (Topology::Node, 1, 2, None)
+        );
         let t = target(&args(), "rediss://user:p%40ss@h").unwrap();
         assert_eq!(t.username.as_deref(), Some("user"));
         assert_eq!(t.url_password.as_deref(), Some("p@ss"));

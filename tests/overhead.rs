@@ -154,7 +154,8 @@ async fn auth_and_limits_overhead_for_a_cached_token() {
         store_timeout: Duration::from_millis(250),
         ..Default::default()
     };
-    let store = portcullis::store::Store::open(&args, &format!("redis://127.0.0.1:{port}")).unwrap();
+    let store =
+        portcullis::store::Store::open(&args, &format!("redis://127.0.0.1:{port}")).unwrap();
     store.ready().await.unwrap();
     let limiter = Limiter::shared(Arc::new(Metrics::new()), 1, store);
     let shared = measure(Arc::new(limiter), 20_000).await;

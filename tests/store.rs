@@ -66,8 +66,18 @@ fn certificate(dir: &Path, ca: &str, name: &str) {
         openssl(
             dir,
             &[
-                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-                &format!("/CN={ca}"), "-keyout", &format!("{ca}.key"), "-out",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN={ca}"),
+                "-keyout",
+                &format!("{ca}.key"),
+                "-out",
                 &format!("{ca}.pem"),
             ],
         );
@@ -80,16 +90,36 @@ fn certificate(dir: &Path, ca: &str, name: &str) {
     openssl(
         dir,
         &[
-            "req", "-newkey", "rsa:2048", "-nodes", "-subj", &format!("/CN={name}"), "-keyout",
-            &format!("{name}.key"), "-out", &format!("{name}.csr"),
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            &format!("/CN={name}"),
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
         ],
     );
     openssl(
         dir,
         &[
-            "x509", "-req", "-in", &format!("{name}.csr"), "-CA", &format!("{ca}.pem"), "-CAkey",
-            &format!("{ca}.key"), "-CAcreateserial", "-days", "2", "-extfile",
-            &format!("{name}.ext"), "-out", &format!("{name}.pem"),
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            &format!("{ca}.pem"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &format!("{name}.ext"),
+            "-out",
+            &format!("{name}.pem"),
         ],
     );
 }
@@ -133,7 +163,13 @@ fn tls_with_an_acl_user_whose_password_file_rotates_and_a_wrong_ca_refused() {
     );
     // Least privilege: the gateway's user reaches only the gateway's keys.
     redis.cli(&[
-        "ACL", "SETUSER", "gateway", "on", ">first-pass-1b7c", "~portcullis:*", "+@all",
+        "ACL",
+        "SETUSER",
+        "gateway",
+        "on",
+        ">first-pass-1b7c",
+        "~portcullis:*",
+        "+@all",
     ]);
     let password = d.join("password");
     std::fs::write(&password, "first-pass-1b7c\n").unwrap();
@@ -153,14 +189,29 @@ fn tls_with_an_acl_user_whose_password_file_rotates_and_a_wrong_ca_refused() {
         password.display().to_string(),
     );
     let flags = [
-        "--limits-store", &url, "--store-ca-file", &ca, "--store-client-cert", &cert,
-        "--store-client-key", &key, "--store-password-file", &pw, "--replicas", "2",
+        "--limits-store",
+        &url,
+        "--store-ca-file",
+        &ca,
+        "--store-client-cert",
+        &cert,
+        "--store-client-key",
+        &key,
+        "--store-password-file",
+        &pw,
+        "--replicas",
+        "2",
     ];
     let gw = Gateway::serve(&[&file], &flags, &[]);
     for _ in 0..3 {
         assert_eq!(call(&gw, "chat"), 200);
     }
-    assert_eq!(counter(&redis, "portcullis:chat:0:calls:*"), 3, "{}", gw.log());
+    assert_eq!(
+        counter(&redis, "portcullis:chat:0:calls:*"),
+        3,
+        "{}",
+        gw.log()
+    );
     assert_eq!(metric(&gw, "portcullis_limits_fallback "), 0.0);
 
     // Rotation as an operator does it: the new password is added to the user, the Secret
@@ -180,7 +231,12 @@ fn tls_with_an_acl_user_whose_password_file_rotates_and_a_wrong_ca_refused() {
         counter(&redis, "portcullis:chat:0:calls:*") > before
             && metric(&gw, "portcullis_limits_fallback ") == 0.0
     })
-    .unwrap_or_else(|_| panic!("never counted in the store with the new password:\n{}", gw.log()));
+    .unwrap_or_else(|_| {
+        panic!(
+            "never counted in the store with the new password:\n{}",
+            gw.log()
+        )
+    });
 
     // Another CA: the handshake is refused, the log says why, the calls are answered and counted
     // by this replica alone.
@@ -188,8 +244,18 @@ fn tls_with_an_acl_user_whose_password_file_rotates_and_a_wrong_ca_refused() {
     let wrong = Gateway::serve(
         &[&file],
         &[
-            "--limits-store", &url, "--store-ca-file", &other, "--store-client-cert", &cert,
-            "--store-client-key", &key, "--store-password-file", &pw, "--replicas", "2",
+            "--limits-store",
+            &url,
+            "--store-ca-file",
+            &other,
+            "--store-client-cert",
+            &cert,
+            "--store-client-key",
+            &key,
+            "--store-password-file",
+            &pw,
+            "--replicas",
+            "2",
         ],
         &[],
     );
@@ -211,14 +277,29 @@ fn tls_with_an_acl_user_whose_password_file_rotates_and_a_wrong_ca_refused() {
     let warned = Gateway::serve(
         &[&file],
         &[
-            "--limits-store", &inline, "--store-ca-file", &ca, "--store-client-cert", &cert,
-            "--store-client-key", &key,
+            "--limits-store",
+            &inline,
+            "--store-ca-file",
+            &ca,
+            "--store-client-cert",
+            &cert,
+            "--store-client-key",
+            &key,
         ],
         &[],
     );
     assert_eq!(call(&warned, "chat"), 200);
-    assert!(warned.log().contains("the --limits-store URL carries a password"));
-    assert_eq!(metric(&warned, "portcullis_limits_fallback "), 0.0, "{}", warned.log());
+    assert!(
+        warned
+            .log()
+            .contains("the --limits-store URL carries a password")
+    );
+    assert_eq!(
+        metric(&warned, "portcullis_limits_fallback "),
+        0.0,
+        "{}",
+        warned.log()
+    );
 
     for g in [&gw, &wrong, &warned] {
         let (log, metrics) = (g.log(), g.metrics());
@@ -286,7 +367,14 @@ fn a_slow_or_garbled_store_costs_a_call_at_most_the_store_timeout() {
     let url = format!("redis://127.0.0.1:{}", proxy.port);
     let gw = Gateway::serve(
         &[&file],
-        &["--limits-store", &url, "--store-timeout", "50ms", "--replicas", "2"],
+        &[
+            "--limits-store",
+            &url,
+            "--store-timeout",
+            "50ms",
+            "--replicas",
+            "2",
+        ],
         &[],
     );
     assert_eq!(call(&gw, "chat"), 200);
@@ -368,7 +456,8 @@ fn sentinel_failover_under_load_follows_the_new_primary_within_the_bound() {
     eventually(Duration::from_secs(15), || {
         sentinels.iter().all(|s| {
             s.cli(&["SENTINEL", "CKQUORUM", "main"]).starts_with("OK")
-                && s.cli(&["SENTINEL", "REPLICAS", "main"]).contains(&replica.port.to_string())
+                && s.cli(&["SENTINEL", "REPLICAS", "main"])
+                    .contains(&replica.port.to_string())
         })
     })
     .expect("the sentinels never agreed");
@@ -449,7 +538,10 @@ fn sentinel_failover_under_load_follows_the_new_primary_within_the_bound() {
         admitted <= 2 * LIMIT,
         "{admitted} admitted: over the bound of twice the limit"
     );
-    assert!(in_store as usize >= LIMIT, "the new primary counts {in_store}");
+    assert!(
+        in_store as usize >= LIMIT,
+        "the new primary counts {in_store}"
+    );
 }
 
 /// Three primaries: Routes' keys land in different slots; calls, USD budgets and alert dedup are
@@ -508,8 +600,18 @@ fn a_cluster_keeps_every_count_exact_over_slots() {
     }
     assert_eq!(burst("usd", 20), 5, "5 cents fit in $0.05");
     assert_eq!(burst("alert", 10), 10, "an alert never refuses");
-    assert_eq!(metric(&a, "portcullis_limits_fallback "), 0.0, "{}", a.log());
-    assert_eq!(metric(&b, "portcullis_limits_fallback "), 0.0, "{}", b.log());
+    assert_eq!(
+        metric(&a, "portcullis_limits_fallback "),
+        0.0,
+        "{}",
+        a.log()
+    );
+    assert_eq!(
+        metric(&b, "portcullis_limits_fallback "),
+        0.0,
+        "{}",
+        b.log()
+    );
     // Each crossing (80%, 100%) told once across both replicas.
     eventually(Duration::from_secs(5), || {
         metric(&a, "portcullis_limit_alerts_total") + metric(&b, "portcullis_limit_alerts_total")
@@ -527,7 +629,13 @@ fn a_cluster_keeps_every_count_exact_over_slots() {
     let usd: u64 = keys
         .iter()
         .filter(|(_, k)| k.starts_with("portcullis:{usd}:0:usd:"))
-        .map(|(n, k)| cluster.nodes[*n].cli(&["GET", k]).trim().parse::<u64>().unwrap())
+        .map(|(n, k)| {
+            cluster.nodes[*n]
+                .cli(&["GET", k])
+                .trim()
+                .parse::<u64>()
+                .unwrap()
+        })
         .sum();
     assert_eq!(usd, 50_000_000);
 
@@ -589,7 +697,9 @@ async fn route_and_team_over_slots(url: &str) {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut left = 0;
     for _ in 0..5 {
-        left += usize::from(admitted(limiter.admit_with_teams(&route, &[], "c", charge).await));
+        left += usize::from(admitted(
+            limiter.admit_with_teams(&route, &[], "c", charge).await,
+        ));
     }
     assert_eq!(left, 2, "refused calls were charged to the Route");
     // The Team's count is shared with its other Routes.
@@ -658,7 +768,11 @@ fn the_redis_tls_overlay_mounts_the_password_and_ca_from_a_secret() {
         .output()
         .expect("kubectl kustomize");
     let yaml = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for expected in [
         "--limits-store=rediss://",
         "--store-password-file=/etc/portcullis/store/password",
@@ -668,5 +782,8 @@ fn the_redis_tls_overlay_mounts_the_password_and_ca_from_a_secret() {
     ] {
         assert!(yaml.contains(expected), "{expected} missing:\n{yaml}");
     }
-    assert!(!yaml.contains("subPath"), "a subPath mount never sees a rotation");
+    assert!(
+        !yaml.contains("subPath"),
+        "a subPath mount never sees a rotation"
+    );
 }

@@ -774,10 +774,11 @@ impl Redis {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server (make redis installs it)");
-        let mut redis = Redis { child, port, args };
-        eventually(Duration::from_secs(10), || redis.cli(&["PING"]).trim() == "PONG")
-            .expect("redis-server did not start");
-        let _ = &mut redis;
+        let redis = Redis { child, port, args };
+        eventually(Duration::from_secs(10), || {
+            redis.cli(&["PING"]).trim() == "PONG"
+        })
+        .expect("redis-server did not start");
         redis
     }
 
