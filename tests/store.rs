@@ -575,7 +575,16 @@ fn a_cluster_keeps_every_count_exact_over_slots() {
     ));
     let file = routes_file(dir.path(), &routes);
     let url = cluster.url();
-    let flags = ["--limits-store", url.as_str(), "--replicas", "2"];
+    // Exactness is under test, not the deadline: a debug build answering a burst on a shared
+    // runner can take longer than the 50 ms default to poll a reply.
+    let flags = [
+        "--limits-store",
+        url.as_str(),
+        "--replicas",
+        "2",
+        "--store-timeout",
+        "1s",
+    ];
     let (a, b) = (
         Gateway::serve(&[&file], &flags, &[]),
         Gateway::serve(&[&file], &flags, &[]),
