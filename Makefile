@@ -62,12 +62,13 @@ bench-quick: control-plane bench-deps
 	ulimit -n "$$(ulimit -Hn)"; python3 bench/run.py --quick --reps 3 --out bench/results/quick.md --oha "$$(hack/tools.sh oha)" \
 	  --kubectl "$$(hack/control-plane.sh bin-dir)/kubectl" --control-plane hack/control-plane.sh
 
-# Only the shared store's rows (round trips per call, store CPU, calls/s per Redis core), small
-# counts; no control plane (writes to bench/results/store-quick.md).
+# Only the shared store's rows (round trips per call, store CPU per call, calls/s per Redis core);
+# no control plane, no oha. They count the store's work, not the gateway's, so the debug build
+# will do (writes to bench/results/store.md).
 bench-store: redis
-	$(CARGO) build --workspace --release
-	python3 bench/run.py --only store --quick --reps 1 --out bench/results/store-quick.md --oha "$$(hack/tools.sh oha)" \
-	  --kubectl none --control-plane none
+	$(CARGO) build --workspace
+	python3 bench/run.py --only store --bin-dir target/debug --out bench/results/store.md \
+	  --oha none --kubectl none --control-plane none
 
 # Many more proptest cases of every request parser, provider-answer parser and stream decoder
 # (src/dataplane/fuzz.rs) than `make test` runs, stopped after FUZZ_SECONDS. Not part of CI.
