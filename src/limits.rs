@@ -351,6 +351,21 @@ impl LocalCounters {
         }
     }
 
+    /// Starts `key`'s count at `n` (a share of what the store last counted).
+    fn seed(&self, key: &str, n: u64, reset_at: u64) {
+        self.counts.lock().insert(key.to_string(), (n, reset_at));
+    }
+
+    /// Every count of a window not yet over, leaving none.
+    fn drain(&self, now: u64) -> Vec<(String, u64, u64)> {
+        self.counts
+            .lock()
+            .drain()
+            .filter(|(_, (_, reset_at))| *reset_at > now)
+            .map(|(key, (n, reset_at))| (key, n, reset_at))
+            .collect()
+    }
+
     fn settle(&self, deltas: &[(String, i64, u64)]) {
         let mut counts = self.counts.lock();
         for (key, delta, _) in deltas {
@@ -424,9 +439,59 @@ struct SharedCounters {
     /// Unix millis before which the store is not tried (after a failure).
     retry_at: AtomicU64,
     falling_back: AtomicBool,
+    /// The count the store last gave for each key, and its window's end: where this replica's
+    /// share starts when it has to count alone.
+    seen: Mutex<HashMap<String, (u64, u64)>>,
+    /// Where counting alone started, per key: what it admitted beyond that is added to the store
+    /// when it answers again.
+    seeds: Mutex<HashMap<String, u64>>,
+}
+
+/// Adds `deltas` to the keys that exist (one script per hash slot in a Cluster).
+async fn settle_in(
+    store: &Store,
+    script: &redis::Script,
+    deltas: &[(String, i64, u64)],
+) -> Result<(), StoreError> {
+    let mut groups: Vec<&[(String, i64, u64)]> = Vec::new();
+    if store.is_cluster() {
+        // Settlements come in counter order, so each Route's or Team's keys are adjacent.
+        let mut rest = deltas;
+        while let Some((first, _)) = rest.split_first() {
+            let slot = crate::store::slot_of(&first.0);
+            let n = rest
+                .iter()
+                .take_while(|d| crate::store::slot_of(&d.0) == slot)
+                .count();
+            groups.push(&rest[..n]);
+            rest = &rest[n..];
+        }
+    } else {
+        groups.push(deltas);
+    }
+    for group in groups {
+        let mut call = script.prepare_invoke();
+        for (key, delta, _) in group {
+            call.key(key).arg(*delta);
+        }
+        store.invoke::<i64>(&call).await?;
+    }
+    Ok(())
 }
 
 impl SharedCounters {
+    fn new(store: Store) -> Self {
+        SharedCounters {
+            store,
+            admit: redis::Script::new(ADMIT_SCRIPT),
+            settle: redis::Script::new(SETTLE_SCRIPT),
+            retry_at: AtomicU64::new(0),
+            falling_back: AtomicBool::new(false),
+            seen: Mutex::default(),
+            seeds: Mutex::default(),
+        }
+    }
+
     /// One script per hash slot: everything in one round trip on one node; in a Cluster, one
     /// per Route or Team the call counts against (see `count_in_store`).
     async fn admit(&self, counters: &[Counter], now: u64) -> Result<Vec<i64>, StoreError> {
@@ -442,30 +507,40 @@ impl SharedCounters {
     }
 
     async fn settle(&self, deltas: &[(String, i64, u64)]) -> Result<(), StoreError> {
-        let mut groups: Vec<&[(String, i64, u64)]> = Vec::new();
-        if self.store.is_cluster() {
-            // Settlements come in counter order, so each Route's or Team's keys are adjacent.
-            let mut rest = deltas;
-            while let Some((first, _)) = rest.split_first() {
-                let slot = crate::store::slot_of(&first.0);
-                let n = rest
-                    .iter()
-                    .take_while(|d| crate::store::slot_of(&d.0) == slot)
-                    .count();
-                groups.push(&rest[..n]);
-                rest = &rest[n..];
-            }
-        } else {
-            groups.push(deltas);
+        settle_in(&self.store, &self.settle, deltas).await
+    }
+
+    /// Remembers the counts the store gave (up to a refusing counter: in a Cluster the later ones
+    /// were not read).
+    fn saw(&self, counters: &[Counter], counted: &Counted, now: u64) {
+        let known = counted.violated.map_or(counters.len(), |i| i + 1);
+        let mut seen = self.seen.lock();
+        if seen.len() > 100_000 {
+            seen.retain(|_, (_, reset_at)| *reset_at > now);
         }
-        for group in groups {
-            let mut call = self.settle.prepare_invoke();
-            for (key, delta, _) in group {
-                call.key(key).arg(*delta);
+        for (c, n) in counters.iter().zip(&counted.used).take(known) {
+            match seen.get_mut(&c.key) {
+                Some(entry) => *entry = (*n, c.reset_at),
+                None => {
+                    seen.insert(c.key.clone(), (*n, c.reset_at));
+                }
             }
-            self.store.invoke::<i64>(&call).await?;
         }
-        Ok(())
+    }
+
+    /// Adds (or takes back) counts in the background.
+    fn push(&self, deltas: Vec<(String, i64, u64)>, what: &'static str) {
+        if deltas.is_empty() {
+            return;
+        }
+        let (store, settle) = (self.store.clone(), self.settle.clone());
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(e) = settle_in(&store, &settle, &deltas).await {
+                    debug!(error = %e, what, "updating counts in the shared store failed");
+                }
+            });
+        }
     }
 
     /// Counts in the store, all or nothing. In a Cluster the keys of different Routes and Teams
@@ -515,7 +590,7 @@ impl SharedCounters {
                     used,
                     ..
                 }) => {
-                    self.refund(refund(&total));
+                    self.push(refund(&total), "taking back a charge");
                     total.used.extend(used);
                     total.used.resize(counters.len(), 0);
                     total.violated = Some(done + i);
@@ -523,7 +598,7 @@ impl SharedCounters {
                     return Ok(total);
                 }
                 Err(e) => {
-                    self.refund(refund(&total));
+                    self.push(refund(&total), "taking back a charge");
                     return Err(e);
                 }
             }
@@ -531,27 +606,6 @@ impl SharedCounters {
         Ok(total)
     }
 
-    /// Takes back charges in the background (a call that was refused after all).
-    fn refund(&self, deltas: Vec<(String, i64, u64)>) {
-        if deltas.is_empty() {
-            return;
-        }
-        let (store, settle) = (self.store.clone(), self.settle.clone());
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                let shared = SharedCounters {
-                    store,
-                    admit: redis::Script::new(""),
-                    settle,
-                    retry_at: AtomicU64::new(0),
-                    falling_back: AtomicBool::new(false),
-                };
-                if let Err(e) = shared.settle(&deltas).await {
-                    debug!(error = %e, "taking back a charge in the shared store failed");
-                }
-            });
-        }
-    }
 }
 
 /// Enforces every Route's limits.
@@ -579,13 +633,7 @@ impl Limiter {
     /// Counting in the shared `store`.
     pub fn shared(metrics: Arc<Metrics>, replicas: u32, store: Store) -> Self {
         let mut limiter = Self::local(metrics, replicas);
-        limiter.shared = Some(Arc::new(SharedCounters {
-            store,
-            admit: redis::Script::new(ADMIT_SCRIPT),
-            settle: redis::Script::new(SETTLE_SCRIPT),
-            retry_at: AtomicU64::new(0),
-            falling_back: AtomicBool::new(false),
-        }));
+        limiter.shared = Some(Arc::new(SharedCounters::new(store)));
         limiter
     }
 
@@ -843,6 +891,38 @@ impl Limiter {
         }))
     }
 
+    /// Counting alone starts each counter the store has told this replica about at 1/N of the
+    /// store's count, so the replicas together admit about what was left, not a whole limit more.
+    fn start_alone(&self, shared: &SharedCounters, now: u64) {
+        let divisor = u64::from(self.replicas.load(Ordering::Relaxed)).max(1);
+        let seen = shared.seen.lock();
+        let mut seeds = shared.seeds.lock();
+        seeds.clear();
+        for (key, (n, reset_at)) in seen.iter().filter(|(_, (_, end))| *end > now) {
+            let share = n.div_ceil(divisor);
+            seeds.insert(key.clone(), share);
+            self.local.seed(key, share, *reset_at);
+        }
+    }
+
+    /// Adds what this replica admitted alone to the store's counts (keys the store still has: one
+    /// that came back empty starts its windows afresh); the number of keys updated.
+    fn hand_back(&self, shared: &SharedCounters, now: u64) -> usize {
+        let seeds = std::mem::take(&mut *shared.seeds.lock());
+        let deltas: Vec<(String, i64, u64)> = self
+            .local
+            .drain(now)
+            .into_iter()
+            .filter_map(|(key, n, reset_at)| {
+                let alone = n.saturating_sub(seeds.get(&key).copied().unwrap_or(0));
+                (alone > 0).then(|| (key, signed(alone), reset_at.saturating_sub(now)))
+            })
+            .collect();
+        let added = deltas.len();
+        shared.push(deltas, "adding what was counted alone");
+        added
+    }
+
     /// Counts in the shared store, or locally when it does not answer; true when it answered.
     async fn count(&self, counters: &[Counter], now: Duration) -> (Counted, bool) {
         if let Some(shared) = &self.shared
@@ -854,10 +934,13 @@ impl Limiter {
                 Ok(Ok(counted)) => {
                     if shared.falling_back.swap(false, Ordering::Relaxed) {
                         self.metrics.limits_fallback.set(0);
+                        let added = self.hand_back(shared, now.as_secs());
                         info!(
+                            added,
                             "the shared limits store answers again; limits are shared by all replicas"
                         );
                     }
+                    shared.saw(counters, &counted, now.as_secs());
                     return (counted, true);
                 }
                 outcome => {
@@ -871,6 +954,7 @@ impl Limiter {
                         .store((now + STORE_RETRY).as_millis() as u64, Ordering::Relaxed);
                     if !shared.falling_back.swap(true, Ordering::Relaxed) {
                         self.metrics.limits_fallback.set(1);
+                        self.start_alone(shared, now.as_secs());
                         warn!(
                             error,
                             replicas = self.replicas.load(Ordering::Relaxed),

@@ -433,8 +433,8 @@ fn a_slow_or_garbled_store_costs_a_call_at_most_the_store_timeout() {
 
 /// One primary, one replica, three Sentinels; two gateways under load while the primary is
 /// killed. Every call is answered (200 or 429), the gateways follow the promoted replica, and
-/// the admitted count stays within the README's bound: the limit once in the store plus at most
-/// the limit again across the replicas counting alone (1/N each) during the failover.
+/// the admitted count stays within the README's bound: the replicas counting alone start from
+/// the store's last counts and hand what they admitted back to the new primary.
 #[test]
 fn sentinel_failover_under_load_follows_the_new_primary_within_the_bound() {
     let sim = support::sim();
@@ -529,14 +529,20 @@ fn sentinel_failover_under_load_follows_the_new_primary_within_the_bound() {
     }
     let recovered = killed_at.elapsed();
     let in_store = counter(&replica, "portcullis:chat:0:calls:*");
+    let episodes = |gw: &Gateway| gw.log().matches("enforcing limits locally").count();
     eprintln!(
         "failover: {admitted} of {CALLS} calls admitted against a limit of {LIMIT}; \
-         the new primary counts {in_store}; both gateways back on the store {recovered:?} after the kill"
+         the new primary counts {in_store}; both gateways back on the store {recovered:?} after \
+         the kill; episodes of counting alone: {} and {}",
+        episodes(&a),
+        episodes(&b)
     );
     assert!(admitted >= LIMIT, "{admitted} admitted");
+    // The hard bound is twice the limit; with the shares starting from the store's last counts
+    // and handed back, a failover measures well under half that.
     assert!(
-        admitted <= 2 * LIMIT,
-        "{admitted} admitted: over the bound of twice the limit"
+        admitted <= LIMIT * 3 / 2,
+        "{admitted} admitted against a limit of {LIMIT}"
     );
     assert!(
         in_store as usize >= LIMIT,
