@@ -317,6 +317,15 @@ mod tests {
 
     #[test]
     fn keys_parse_for_routes_and_teams_only_when_usd() {
+        // A Cluster's keys carry the name as a hash tag.
+        assert_eq!(
+            parse_key("portcullis:{chat}:0:usd:*:20000"),
+            Some((false, "chat", 0, "*", 20000))
+        );
+        assert_eq!(
+            parse_key("portcullis:team:{research}:1:usd:*:7"),
+            Some((true, "research", 1, "*", 7))
+        );
         assert_eq!(
             parse_key("portcullis:chat:0:usd:*:20000"),
             Some((false, "chat", 0, "*", 20000))
