@@ -19,17 +19,18 @@ pub mod table;
 pub mod teams;
 pub mod telemetry;
 pub mod traffic;
+pub mod yaml;
 
 /// The CRD manifest as checked in under `crds/`.
-pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
+pub fn crd_yaml() -> Result<String, serde_json::Error> {
     use kube::CustomResourceExt;
-    serde_yaml::to_string(&api::Route::crd())
+    yaml::to_string(&api::Route::crd())
 }
 
 /// The Team CRD manifest (`crds/team.yaml`).
-pub fn team_crd_yaml() -> Result<String, serde_yaml::Error> {
+pub fn team_crd_yaml() -> Result<String, serde_json::Error> {
     use kube::CustomResourceExt;
-    serde_yaml::to_string(&api::Team::crd())
+    yaml::to_string(&api::Team::crd())
 }
 
 #[cfg(test)]

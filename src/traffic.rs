@@ -65,7 +65,10 @@ impl TrafficPolicy {
                 .map(Some)
                 .ok_or_else(|| format!("{field} {t:?} is not a duration such as 30s or 500ms")),
         };
-        let retry_on = match retry.and_then(|r| r.on.as_ref()) {
+        if let Some(message) = retry.and_then(RetryPolicy::legacy_field) {
+            return Err(message.to_string());
+        }
+        let retry_on = match retry.and_then(|r| r.retry_on.as_ref()) {
             None => RetryOn::ALL.iter().fold(0, |acc, c| acc | bit(*c)),
             Some(list) => list.iter().fold(0, |acc, c| acc | bit(*c)),
         };
@@ -400,8 +403,9 @@ mod tests {
         assert_eq!(p.outlier, OutlierPolicy::default());
         let retry = RetryPolicy {
             attempts: Some(3),
-            on: Some(vec![RetryOn::Timeout]),
+            retry_on: Some(vec![RetryOn::Timeout]),
             per_try_timeout: Some("1m30s".into()),
+            ..Default::default()
         };
         let p = TrafficPolicy::from_spec(Some(&retry), None, 1).unwrap();
         assert_eq!(p.attempts, 3);
@@ -412,5 +416,18 @@ mod tests {
             ..Default::default()
         };
         assert!(TrafficPolicy::from_spec(Some(&bad), None, 1).is_err());
+        for legacy in [
+            RetryPolicy {
+                legacy_on: Some(serde_json::json!(["timeout"])),
+                ..Default::default()
+            },
+            RetryPolicy {
+                legacy_true: Some(serde_json::json!(["timeout"])),
+                ..Default::default()
+            },
+        ] {
+            let err = TrafficPolicy::from_spec(Some(&legacy), None, 1).unwrap_err();
+            assert!(err.contains("retry.retryOn"), "{err}");
+        }
     }
 }

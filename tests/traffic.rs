@@ -172,6 +172,102 @@ fn call_every_surface(gw: &Gateway, route: &str) -> Vec<(String, u16, Option<Str
         .collect()
 }
 
+/// The README's "Several backends" Route, applied as written there (plain `retryOn:` as kubectl
+/// reads it) on the simulated providers, with its retry list cut to `rate-limited`.
+#[test]
+fn the_readme_retry_list_is_honoured_a_timeout_is_not_retried_unless_listed() {
+    let (cp, ns, gw) = setup("readme-retry");
+    let primary = sim();
+    let fallback = sim();
+    let block = readme_yaml_blocks()
+        .into_iter()
+        .find(|b| b.contains("name: assistant") && b.contains("retryOn:"))
+        .expect("README's several-backends example");
+    let edits = [
+        ("namespace: team-a", format!("namespace: {ns}")),
+        (
+            "secretRef: {name: openai-key-a}",
+            format!(
+                "apiBase: {}, secretRef: {{name: key-a}}",
+                primary.openai_base()
+            ),
+        ),
+        (
+            "secretRef: {name: openai-key-b}",
+            format!(
+                "apiBase: {}, secretRef: {{name: key-b}}",
+                primary.openai_base()
+            ),
+        ),
+        (
+            "secretRef: {name: anthropic}",
+            format!(
+                "apiBase: {}, secretRef: {{name: anthropic}}",
+                fallback.anthropic_base()
+            ),
+        ),
+        (
+            "retryOn: [rate-limited, unavailable, timeout, connect-failure]",
+            "retryOn: [rate-limited]".into(),
+        ),
+        ("perTryTimeout: 30s", "perTryTimeout: 700ms".into()),
+    ];
+    let mut yaml = block.clone();
+    for (from, to) in &edits {
+        assert!(
+            yaml.contains(from),
+            "the README example no longer says {from:?}"
+        );
+        yaml = yaml.replace(from, to);
+    }
+    cp.apply(&yaml);
+    cp.wait_ready(&ns, "assistant");
+    let stored = cp.json(&["get", "-n", &ns, "route.portcullis.dev", "assistant"]);
+    assert_eq!(stored["spec"]["retry"]["retryOn"], json!(["rate-limited"]));
+
+    // A timeout is not in the list: the caller gets it, the fallback never sees the call.
+    primary.set_fault(Fault::Delay(Duration::from_secs(5)));
+    let (status, headers, _) = post_full(
+        &gw.url("/v1/chat/completions"),
+        &chat_body("assistant", false),
+    );
+    assert_eq!(status, 504);
+    assert_eq!(header(&headers, "x-portcullis-attempts"), Some("1"));
+    assert!(fallback.requests().is_empty(), "a timeout was retried");
+
+    // A 429 is: both OpenAI keys, then Anthropic (`attempts: 3`).
+    primary.set_fault(Fault::Status {
+        status: 429,
+        body: r#"{"error":{"message":"Rate limit reached","type":"requests"}}"#.into(),
+        retry_after: None,
+    });
+    let (status, headers, _) = post_full(
+        &gw.url("/v1/chat/completions"),
+        &chat_body("assistant", false),
+    );
+    assert_eq!(status, 200);
+    assert_eq!(header(&headers, "x-portcullis-attempts"), Some("3"));
+    assert_eq!(
+        header(&headers, "x-portcullis-backend"),
+        Some("anthropic/claude-sonnet-4-5")
+    );
+
+    // kubectl shows the backends, not empty columns.
+    let table = cp.ok(&["get", "-n", &ns, "routes.portcullis.dev", "assistant"]);
+    let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(
+        row[..5],
+        [
+            "assistant",
+            "llm/v1/chat",
+            "openai,anthropic",
+            "gpt-4o-mini",
+            "+2"
+        ],
+        "{table}"
+    );
+}
+
 #[test]
 fn fallback_to_another_provider_hides_429_500_timeouts_and_refused_connections() {
     let (cp, ns, gw) = setup("fallback");
@@ -593,7 +689,7 @@ fn the_schema_refuses_both_model_and_backends_and_unknown_failure_classes() {
             1,
             0,
         )]),
-    ) + "  retry:\n    on: [teapot]\n    perTryTimeout: soon\n";
+    ) + "  retry:\n    retryOn: [teapot]\n    perTryTimeout: soon\n";
     let out = cp.kubectl_stdin(&["apply", "-f", "-"], &yaml);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);

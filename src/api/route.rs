@@ -31,14 +31,14 @@ pub const DEFAULT_SECRET_KEY: &str = "apiKey";
     printcolumn(
         name = "Provider",
         type_ = "string",
-        json_path = ".spec.model.provider",
-        description = "LLM provider"
+        json_path = ".status.provider",
+        description = "LLM provider (each distinct one, for several backends)"
     ),
     printcolumn(
         name = "Model",
         type_ = "string",
-        json_path = ".spec.model.name",
-        description = "Provider model"
+        json_path = ".status.model",
+        description = "Provider model (the primary backend's and how many others)"
     ),
     printcolumn(
         name = "Ready",
@@ -219,9 +219,15 @@ impl RetryOn {
     ];
 }
 
+const LEGACY_ON: &str = "retry.on is now retry.retryOn (YAML 1.1 readers such as kubectl turn a plain on: key into true)";
+const LEGACY_TRUE: &str =
+    "retry.true is an unquoted on: key read as YAML 1.1's boolean; write retry.retryOn";
+
 /// How one call is retried across backends.
 #[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.on)").message(LEGACY_ON))]
+#[x_kube(validation = Rule::new("!has(self.__true__)").message(LEGACY_TRUE))]
 pub struct RetryPolicy {
     /// Total tries of one call across backends, the first included (default: 1 + the number of
     /// fallback priorities in use). Never more, whatever the number of backends.
@@ -232,12 +238,43 @@ pub struct RetryPolicy {
     /// straight back to the caller.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 4))]
-    pub on: Option<Vec<RetryOn>>,
+    pub retry_on: Option<Vec<RetryOn>>,
     /// Time allowed for one try (for a stream: until its first chunk); the gateway-wide upstream
     /// timeout otherwise. A duration such as `30s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 32), regex(pattern = r"^([0-9]{1,6}(ms|s|m|h))+$"))]
     pub per_try_timeout: Option<String>,
+    /// The field's old name, refused: kept in the schema so that a Route still using it is
+    /// rejected with a message naming `retryOn` instead of being pruned and silently ignored.
+    #[serde(default, rename = "on", skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "legacy_list")]
+    pub legacy_on: Option<serde_json::Value>,
+    /// `on:` as a YAML 1.1 reader (kubectl, Argo CD, Flux) stores it; refused like `on`.
+    #[serde(default, rename = "true", skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "legacy_list")]
+    pub legacy_true: Option<serde_json::Value>,
+}
+
+impl RetryPolicy {
+    /// Why the policy cannot be used as written, naming the field to write instead.
+    pub fn legacy_field(&self) -> Option<&'static str> {
+        if self.legacy_on.is_some() {
+            Some(LEGACY_ON)
+        } else if self.legacy_true.is_some() {
+            Some(LEGACY_TRUE)
+        } else {
+            None
+        }
+    }
+}
+
+/// The old field's shape (a list of names): CEL rules can only test typed fields.
+fn legacy_list(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "array",
+        "maxItems": 4,
+        "items": {"type": "string", "maxLength": 32},
+    })
 }
 
 /// Passive health checking of backends.
@@ -305,6 +342,23 @@ impl RouteSpec {
             access: None,
             pricing: None,
         }
+    }
+
+    /// What `kubectl get` shows as the route's provider and model: `openai`, `gpt-4o-mini` for
+    /// one model; `openai,anthropic`, `gpt-4o-mini +2` for three backends.
+    pub fn summary(&self) -> (String, String) {
+        let mut providers: Vec<&str> = Vec::new();
+        for m in self.models() {
+            if !providers.contains(&m.provider.as_str()) {
+                providers.push(m.provider.as_str());
+            }
+        }
+        let model = self.primary_model().map_or("", |m| m.name.as_str());
+        let model = match self.backends.len() {
+            0 | 1 => model.to_string(),
+            n => format!("{model} +{}", n - 1),
+        };
+        (providers.join(","), model)
     }
 
     /// Every provider model of the route: `model`, or each backend's.
@@ -516,6 +570,13 @@ pub struct RouteStatus {
     /// The MLflow gateway invocation path of this route.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
+    /// The provider, or the distinct providers of the backends (for `kubectl get`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    /// The provider model, or the primary backend's with the number of others, such as
+    /// `gpt-4o-mini +2` (for `kubectl get`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
     /// The limits the gateway enforces for this route (its accepted spec.limits; empty while the
     /// route does not serve). With a shared limits store they hold across all replicas together;
     /// otherwise each of N replicas enforces 1/N of each.

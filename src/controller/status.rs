@@ -50,9 +50,12 @@ pub fn desired_status(route: &Route, outcome: &RouteOutcome, now: Timestamp) -> 
             now,
         ));
     }
+    let (provider, model) = route.spec.summary();
     RouteStatus {
         observed_generation: generation,
         url: Some(format!("/gateway/{name}/invocations")),
+        provider: Some(provider),
+        model: Some(model),
         limits: if ready.is_ready() {
             route.spec.limits.clone()
         } else {

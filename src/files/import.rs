@@ -143,7 +143,7 @@ pub fn render(mut converted: Converted, args: &ImportArgs) -> Rendered {
         for c in converted.comments.get(&name).into_iter().flatten() {
             doc.push_str(&format!("# {c}\n"));
         }
-        match serde_yaml::to_string(route) {
+        match crate::yaml::to_string(route) {
             Ok(yaml) => doc.push_str(&yaml),
             Err(e) => {
                 stderr.push(format!("error: {entry}: cannot render the Route: {e}"));
@@ -203,7 +203,7 @@ fn secret_doc(plan: &SecretPlan, args: &ImportArgs) -> (String, Vec<String>) {
     secret.metadata.namespace = args.namespace.clone();
     secret.type_ = Some("Opaque".into());
     secret.string_data = Some(data);
-    match serde_yaml::to_string(&secret) {
+    match crate::yaml::to_string(&secret) {
         Ok(yaml) => doc.push_str(&yaml),
         Err(e) => problems.push(format!("error: cannot render Secret {}: {e}", plan.name)),
     }

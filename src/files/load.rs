@@ -129,6 +129,18 @@ pub fn parse(path: &Path, bytes: &[u8], namespace: &str) -> Result<FileContents,
             return from_mlflow(path, *document, doc.clone(), namespace);
         }
     }
+    // Manifests mean what they mean to kubectl (YAML 1.1); MLflow and LiteLLM configs above keep
+    // the reading their own tools give them.
+    let text = String::from_utf8_lossy(bytes);
+    let docs = crate::yaml::documents(&text).map_err(|e| FileError::Yaml {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let docs = docs
+        .into_iter()
+        .enumerate()
+        .filter(|(_, doc)| !doc.is_null())
+        .map(|(i, doc)| (i + 1, doc));
     for (document, doc) in docs {
         match manifests::objects(doc, namespace) {
             Ok(objects) => {
@@ -229,6 +241,32 @@ mod tests {
             "{}",
             c.problems[0].reason
         );
+    }
+
+    #[test]
+    fn manifests_read_as_kubectl_reads_them() {
+        let route = |extra: &str| {
+            format!(
+                "apiVersion: portcullis.dev/v1alpha1\nkind: Route\nmetadata: {{name: r}}\nspec:\n  routeType: llm/v1/chat\n  model: {{provider: azure-openai, name: m, secretRef: {{name: k}}, config: {{apiVersion: 2024-10-21{extra}}}}}\n  retry:\n    on: [timeout]\n"
+            )
+        };
+        let c = parse(Path::new("x.yaml"), route("").as_bytes(), "default").unwrap();
+        let spec = &c.routes[0].1.spec;
+        // A plain `on:` is `true`, refused by reconcile naming retryOn; an unquoted date is the
+        // timestamp kubectl would send.
+        let retry = spec.retry.as_ref().unwrap();
+        assert!(retry.legacy_true.is_some() && retry.legacy_field().unwrap().contains("retryOn"));
+        let config = &spec.model.as_ref().unwrap().config;
+        assert_eq!(config["apiVersion"], "2024-10-21T00:00:00Z");
+        // `no` is a boolean where text is expected: refused, as the API server refuses it.
+        let c = parse(
+            Path::new("x.yaml"),
+            route(", organization: no").as_bytes(),
+            "default",
+        )
+        .unwrap();
+        assert!(c.routes.is_empty());
+        assert_eq!(c.problems.len(), 1);
     }
 
     #[test]

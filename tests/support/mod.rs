@@ -981,7 +981,7 @@ pub fn sse_chunks(body: &str) -> Vec<Value> {
 pub fn route_yaml(ns: &str, name: &str, spec: portcullis::api::RouteSpec) -> String {
     let mut route = portcullis::api::Route::new(name, spec);
     route.metadata.namespace = Some(ns.to_string());
-    serde_yaml::to_string(&route).expect("route yaml")
+    portcullis::yaml::to_string(&route).expect("route yaml")
 }
 
 /// A provider model at `api_base` whose credential is the `apiKey` of Secret `secret`.
@@ -1028,4 +1028,18 @@ pub fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str
         .iter()
         .find(|(k, _)| k.eq_ignore_ascii_case(name))
         .map(|(_, v)| v.as_str())
+}
+
+/// The ```yaml blocks of README.md, as written there.
+pub fn readme_yaml_blocks() -> Vec<String> {
+    let readme = std::fs::read_to_string(repo().join("README.md")).expect("README.md");
+    let mut blocks = Vec::new();
+    let mut rest = readme.as_str();
+    while let Some(start) = rest.find("```yaml\n") {
+        let block = &rest[start + 8..];
+        let end = block.find("```").expect("closed fence");
+        blocks.push(block[..end].to_string());
+        rest = &block[end + 3..];
+    }
+    blocks
 }
