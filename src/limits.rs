@@ -605,7 +605,6 @@ impl SharedCounters {
         }
         Ok(total)
     }
-
 }
 
 /// Enforces every Route's limits.
