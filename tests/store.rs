@@ -272,6 +272,33 @@ fn tls_with_an_acl_user_whose_password_file_rotates_and_a_wrong_ca_refused() {
         .unwrap();
     assert!(line.contains("UnknownIssuer"), "{line}");
 
+    // Verification turned off: the same wrong CA is accepted, with a loud warning.
+    let unverified = Gateway::serve(
+        &[&file],
+        &[
+            "--limits-store",
+            &url,
+            "--store-ca-file",
+            &other,
+            "--store-client-cert",
+            &cert,
+            "--store-client-key",
+            &key,
+            "--store-password-file",
+            &pw,
+            "--store-tls-insecure-skip-verify",
+        ],
+        &[],
+    );
+    assert_eq!(call(&unverified, "chat"), 200);
+    assert_eq!(
+        metric(&unverified, "portcullis_limits_fallback "),
+        0.0,
+        "{}",
+        unverified.log()
+    );
+    assert!(unverified.log().contains("certificate is NOT verified"));
+
     // A password in the URL still works, with a warning.
     let inline = format!("rediss://gateway:second-pass-9e2d@localhost:{tls_port}");
     let warned = Gateway::serve(
@@ -301,7 +328,7 @@ fn tls_with_an_acl_user_whose_password_file_rotates_and_a_wrong_ca_refused() {
         warned.log()
     );
 
-    for g in [&gw, &wrong, &warned] {
+    for g in [&gw, &wrong, &unverified, &warned] {
         let (log, metrics) = (g.log(), g.metrics());
         for secret in ["first-pass-1b7c", "second-pass-9e2d"] {
             assert!(!log.contains(secret) && !metrics.contains(secret), "{log}");
@@ -558,8 +585,8 @@ fn a_cluster_keeps_every_count_exact_over_slots() {
     let sim = support::sim();
     let dir = tempfile::tempdir().unwrap();
     let cluster = RedisCluster::start();
-    let names = ["calls-a", "calls-b", "calls-c", "usd", "alert"];
-    let mut routes: Vec<String> = names[..3]
+    let names = ["calls-a", "calls-b", "calls-c"];
+    let mut routes: Vec<String> = names
         .iter()
         .map(|n| {
             route(
@@ -573,6 +600,11 @@ fn a_cluster_keeps_every_count_exact_over_slots() {
         "usd",
         &sim.openai_base(),
         "  limits:\n    - renewalPeriod: day\n      usd: 0.05\n",
+    ));
+    routes.push(route(
+        "tokens",
+        &sim.openai_base(),
+        "  limits:\n    - renewalPeriod: day\n      tokens: 150\n",
     ));
     routes.push(route(
         "alert",
@@ -610,11 +642,33 @@ fn a_cluster_keeps_every_count_exact_over_slots() {
                 .count()
         })
     };
-    for r in &names[..3] {
+    for r in &names {
         assert_eq!(burst(r, 30), 10, "{r}:\n{}", a.log());
     }
     assert_eq!(burst("usd", 20), 5, "5 cents fit in $0.05");
     assert_eq!(burst("alert", 10), 10, "an alert never refuses");
+    // A token budget, one call at a time over both replicas: each charged up front, settled to
+    // its usage; the store ends at exactly what the answers report.
+    let mut used = 0;
+    let mut refused = 0;
+    for i in 0..20 {
+        let gw = if i % 2 == 0 { &a } else { &b };
+        let body = json!({"model": "tokens", "max_tokens": 10, "messages": [{"role": "user", "content": "hello there"}]});
+        let (code, _, text) = post_full(&gw.url("/v1/chat/completions"), &body);
+        match code {
+            200 => {
+                let answer: serde_json::Value = serde_json::from_str(&text).unwrap();
+                used += answer["usage"]["total_tokens"].as_u64().unwrap();
+            }
+            429 => refused += 1,
+            other => panic!("{other}: {text}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        refused > 0 && used <= 150,
+        "{used} tokens used, {refused} refused"
+    );
     assert_eq!(
         metric(&a, "portcullis_limits_fallback "),
         0.0,
@@ -653,6 +707,21 @@ fn a_cluster_keeps_every_count_exact_over_slots() {
         })
         .sum();
     assert_eq!(usd, 50_000_000);
+    let tokens: u64 = keys
+        .iter()
+        .filter(|(_, k)| k.starts_with("portcullis:{tokens}:0:tokens:"))
+        .map(|(n, k)| {
+            cluster.nodes[*n]
+                .cli(&["GET", k])
+                .trim()
+                .parse::<u64>()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(
+        tokens, used,
+        "the budget's counter is what the answers used"
+    );
 
     // A Route and a Team in different slots: refused by the Team, the Route is not charged.
     support::runtime().block_on(route_and_team_over_slots(&url));
