@@ -351,9 +351,15 @@ impl LocalCounters {
         }
     }
 
-    /// Starts `key`'s count at `n` (a share of what the store last counted).
-    fn seed(&self, key: &str, n: u64, reset_at: u64) {
-        self.counts.lock().insert(key.to_string(), (n, reset_at));
+    /// Adds `n` (a share of what the store last counted) to `key`'s count, keeping what calls
+    /// that raced ahead of the seeding already admitted.
+    fn seed(&self, key: &str, n: u64, reset_at: u64, now: u64) {
+        let mut counts = self.counts.lock();
+        let entry = counts.entry(key.to_string()).or_insert((0, reset_at));
+        if entry.1 <= now {
+            *entry = (0, reset_at);
+        }
+        entry.0 = entry.0.saturating_add(n);
     }
 
     /// Every count of a window not yet over, leaving none.
@@ -900,7 +906,7 @@ impl Limiter {
         for (key, (n, reset_at)) in seen.iter().filter(|(_, (_, end))| *end > now) {
             let share = n.div_ceil(divisor);
             seeds.insert(key.clone(), share);
-            self.local.seed(key, share, *reset_at);
+            self.local.seed(key, share, *reset_at, now);
         }
     }
 
