@@ -7,7 +7,7 @@
 //! instead of wrapping. Prices are resolved once per backend when the routing table is built.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, LazyLock};
+use std::sync::LazyLock;
 
 use serde::Deserialize;
 use tracing::warn;
@@ -201,18 +201,23 @@ static CATALOG: LazyLock<Catalog> = LazyLock::new(|| {
     })
 });
 
-/// Cluster-wide prices (the `portcullis-pricing` ConfigMap), over the built-in catalog. Swapped
-/// whole by the controller when the ConfigMap changes; read when the routing table is built.
-static CLUSTER: LazyLock<arc_swap::ArcSwap<Catalog>> = LazyLock::new(Default::default);
-
-/// The cluster-wide price overrides in force.
-pub fn cluster_prices() -> Arc<Catalog> {
-    CLUSTER.load_full()
+/// The prices a routing table is built with: the built-in catalog, under the cluster-wide
+/// overrides of the `portcullis-pricing` ConfigMap when there is one (held by the controller and
+/// passed to reconcile, which reads no global).
+#[derive(Clone, Copy)]
+pub struct Prices<'a> {
+    pub catalog: &'a Catalog,
+    pub cluster: Option<&'a Catalog>,
 }
 
-/// Replaces the cluster-wide price overrides.
-pub fn set_cluster_prices(catalog: Catalog) {
-    CLUSTER.store(Arc::new(catalog));
+impl Prices<'static> {
+    /// The built-in catalog alone.
+    pub fn builtin() -> Prices<'static> {
+        Prices {
+            catalog: Catalog::builtin(),
+            cluster: None,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

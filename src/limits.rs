@@ -1161,6 +1161,7 @@ mod tests {
 
     fn entry(limits: Vec<Limit>) -> RouteEntry {
         RouteEntry {
+            metrics: Default::default(),
             limits,
             ..RouteEntry::not_ready("r")
         }

@@ -13,7 +13,7 @@ use http::HeaderValue;
 use crate::api::{AccessRule, Limit, LimitKey, Provider, Reason, RenewalPeriod, RouteType};
 use crate::cost::Price;
 use crate::providers::{ProviderAdapter, Target};
-use crate::telemetry::metrics::{BackendMetrics, Metrics};
+use crate::telemetry::metrics::{BackendMetrics, Metrics, RouteLabels, RouteMetrics};
 use crate::traffic::{BackendHealth, Candidate, TrafficPolicy};
 
 /// The table shared by the controller (writer) and the data plane (readers).
@@ -44,6 +44,8 @@ pub struct RouteEntry {
     /// Who may call; `None`: the gateway-wide default.
     pub access: Option<Vec<AccessRule>>,
     pub state: RouteState,
+    /// The route's metric handles, made on first use (like a backend's).
+    pub metrics: OnceLock<RouteMetrics>,
 }
 
 /// The `limit` of a route on the MLflow listings: its first calls-limit.
@@ -55,6 +57,16 @@ pub struct MlflowLimit {
 }
 
 impl RouteEntry {
+    pub fn metrics(&self, metrics: &Metrics) -> &RouteMetrics {
+        self.metrics.get_or_init(|| {
+            metrics.route(&RouteLabels {
+                route: Arc::clone(&self.name),
+                gen_ai_provider_name: self.provider.as_str(),
+                gen_ai_operation_name: self.route_type.operation(),
+            })
+        })
+    }
+
     /// The first calls-limit as MLflow's listings show it (`{calls, key, renewal_period}`), or None.
     pub fn mlflow_limit(&self) -> Option<MlflowLimit> {
         self.limits.iter().find_map(|l| {
@@ -141,7 +153,7 @@ impl Backend {
     pub fn new(upstream: Upstream, weight: u32, priority: u32, key: String) -> Backend {
         let id: Arc<str> = format!(
             "{}/{}",
-            upstream.adapter.provider().as_str(),
+            upstream.adapter.info().provider.as_str(),
             upstream.target.model
         )
         .into();
@@ -246,6 +258,7 @@ impl RouteEntry {
     /// A chat route in namespace "ns" that does not serve; tests override the fields they need.
     pub fn not_ready(name: &str) -> RouteEntry {
         RouteEntry {
+            metrics: Default::default(),
             name: name.into(),
             qualified: format!("ns/{name}"),
             namespace: "ns".into(),

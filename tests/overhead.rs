@@ -42,6 +42,7 @@ fn route() -> RouteEntry {
         key,
     };
     RouteEntry {
+        metrics: Default::default(),
         name: "bench".into(),
         qualified: "team-a/bench".into(),
         namespace: "team-a".into(),

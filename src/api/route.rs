@@ -128,6 +128,15 @@ pub enum RouteType {
 }
 
 impl RouteType {
+    /// The OpenTelemetry GenAI operation name (`gen_ai.operation.name`) of calls of this type.
+    pub fn operation(self) -> &'static str {
+        match self {
+            RouteType::Chat => "chat",
+            RouteType::Completions => "text_completion",
+            RouteType::Embeddings => "embeddings",
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             RouteType::Completions => "llm/v1/completions",

@@ -262,6 +262,7 @@ pub async fn run(
         pricing_store,
         pricing_watched: pricing_watched.is_some(),
         pricing_version: None,
+        cluster_prices: None,
     };
     loop_state
         .run(
@@ -343,6 +344,8 @@ struct Loop {
     pricing_watched: bool,
     /// The resourceVersion of the pricing ConfigMap last applied.
     pricing_version: Option<String>,
+    /// The pricing ConfigMap's last good prices.
+    cluster_prices: Option<crate::cost::Catalog>,
 }
 
 use reconcile::RouteOutcome;
@@ -438,7 +441,7 @@ impl Loop {
         }
         self.pricing_version = version;
         let Some(map) = current else {
-            crate::cost::set_cluster_prices(crate::cost::Catalog::default());
+            self.cluster_prices = None;
             info!("no pricing ConfigMap: the built-in catalog and per-Route prices apply");
             return;
         };
@@ -455,7 +458,7 @@ impl Loop {
                     models = catalog.len(),
                     "cluster-wide prices applied"
                 );
-                crate::cost::set_cluster_prices(catalog);
+                self.cluster_prices = Some(catalog);
             }
             Err(e) => warn!(
                 configmap = %map.name_any(),
@@ -484,11 +487,16 @@ impl Loop {
             .secret_cache
             .refresh(&self.client, wanted, &self.secret_store, &self.policy)
             .await;
+        let prices = crate::cost::Prices {
+            catalog: crate::cost::Catalog::builtin(),
+            cluster: self.cluster_prices.as_ref(),
+        };
         let reconciled = reconcile_after(
             &routes,
             &self.secret_cache,
             &self.handles.table.load(),
             &self.policy,
+            prices,
         );
         let (total, serving) = (
             reconciled.outcomes.len(),
@@ -577,6 +585,7 @@ mod tests {
             pricing_store: reflector::store::<ConfigMap>().0,
             pricing_watched: false,
             pricing_version: None,
+            cluster_prices: None,
         }
     }
 

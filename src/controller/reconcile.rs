@@ -1,5 +1,7 @@
-//! Pure reconciliation: from the desired state (all Routes, the Secrets they reference) to a routing
-//! table and one outcome per Route. No I/O here, so every rule is unit-tested.
+//! Pure reconciliation: from the desired state (every Route, the Secrets they reference) and what
+//! the controller holds (the table serving now, whose backend health carries over; the operator's
+//! policy; the prices) to the next routing table, one outcome per Route and the short names that
+//! changed owner. No I/O and no globals here, so every rule is unit-tested.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -10,6 +12,7 @@ use kube::ResourceExt;
 use crate::api::{
     BackendStatus, ModelSpec, Outcome, Provider, Reason, Route, RouteSpec, RouteType,
 };
+use crate::cost::Prices;
 use crate::providers::{API_KEY, CredentialKeys, Credentials, SecretValue, Target, adapter_for};
 use crate::table::{Backend, Backends, RouteEntry, RouteState, RoutingTable, Upstream};
 use crate::traffic::{BackendHealth, MAX_BACKENDS, TrafficPolicy};
@@ -107,6 +110,7 @@ pub fn reconcile(routes: &[Arc<Route>], secrets: &impl SecretLookup) -> Reconcil
         secrets,
         &RoutingTable::default(),
         &OperatorPolicy::default(),
+        Prices::builtin(),
     )
 }
 
@@ -121,6 +125,7 @@ pub fn reconcile_after(
     secrets: &impl SecretLookup,
     previous: &RoutingTable,
     policy: &OperatorPolicy,
+    prices: Prices,
 ) -> Reconciled {
     let health = previous.backend_health();
     let mut claimants: BTreeMap<&str, Vec<&Arc<Route>>> = BTreeMap::new();
@@ -181,7 +186,7 @@ pub fn reconcile_after(
         } else {
             qualified.clone()
         };
-        let (state, backends) = resolve(route, secrets, &health, policy);
+        let (state, backends) = resolve(route, secrets, &health, policy, prices);
         let outcome = match &state {
             RouteState::Ready(_) => {
                 let failed = backends.iter().filter(|b| !b.resolved).count();
@@ -211,6 +216,7 @@ pub fn reconcile_after(
         });
         let primary = route.spec.primary_model();
         entries.push(RouteEntry {
+            metrics: Default::default(),
             name: served_as.into(),
             qualified,
             namespace,
@@ -276,6 +282,7 @@ fn resolve(
     secrets: &impl SecretLookup,
     health: &HashMap<&str, &Arc<BackendHealth>>,
     policy: &OperatorPolicy,
+    prices: Prices,
 ) -> (RouteState, Vec<BackendStatus>) {
     let not_ready = |o: Outcome| {
         (
@@ -319,7 +326,6 @@ fn resolve(
 
     let namespace = route.namespace().unwrap_or_default();
     let name = route.metadata.name.as_deref().unwrap_or_default();
-    let cluster_prices = crate::cost::cluster_prices();
     let mut list = Vec::with_capacity(declared.len());
     let mut statuses = Vec::with_capacity(declared.len());
     let mut failures = Vec::new();
@@ -349,8 +355,11 @@ fn resolve(
                 let key = format!("{namespace}/{name}#{seen}#{content:016x}");
                 let mut backend = Backend::new(upstream, d.weight, d.priority, key);
                 backend.price = crate::cost::resolve(
-                    crate::cost::Catalog::builtin(),
-                    cluster_prices.get(d.model.provider, &d.model.name).as_ref(),
+                    prices.catalog,
+                    prices
+                        .cluster
+                        .and_then(|c| c.get(d.model.provider, &d.model.name))
+                        .as_ref(),
                     d.model.provider,
                     &d.model.name,
                     spec.route_type,
@@ -441,8 +450,13 @@ fn resolve_model(
             format!("provider {provider} is not supported by this gateway version"),
         )
     })?;
-    if !adapter.route_types().contains(&route_type) {
-        let supported: Vec<&str> = adapter.route_types().iter().map(|t| t.as_str()).collect();
+    if !adapter.info().route_types.contains(&route_type) {
+        let supported: Vec<&str> = adapter
+            .info()
+            .route_types
+            .iter()
+            .map(|t| t.as_str())
+            .collect();
         return Err(Outcome::not_ready(
             Reason::ProviderUnsupported,
             format!(
@@ -454,7 +468,7 @@ fn resolve_model(
     let api_base = model
         .api_base
         .as_deref()
-        .or(adapter.default_api_base())
+        .or(adapter.info().default_api_base)
         .ok_or_else(|| {
             Outcome::not_ready(
                 Reason::InvalidSpec,
@@ -468,8 +482,13 @@ fn resolve_model(
         return Err(Outcome::not_ready(refused.reason, message));
     }
 
-    let credentials =
-        resolve_credentials(model, field, namespace, adapter.credential_keys(), secrets)?;
+    let credentials = resolve_credentials(
+        model,
+        field,
+        namespace,
+        adapter.info().credential_keys,
+        secrets,
+    )?;
     Ok(Upstream::new(
         adapter,
         Target {
@@ -696,7 +715,13 @@ mod tests {
         assert_eq!(names, ["a/chat", "c/chat", "chat"]);
 
         // The owner goes: the next oldest takes over, and the change is reported.
-        let next = reconcile_after(&routes[1..], &s, &r.table, &OperatorPolicy::default());
+        let next = reconcile_after(
+            &routes[1..],
+            &s,
+            &r.table,
+            &OperatorPolicy::default(),
+            Prices::builtin(),
+        );
         assert_eq!(next.table.get("chat").unwrap().namespace, "c");
         assert_eq!(
             next.short_name_changes,
@@ -722,7 +747,13 @@ mod tests {
             public_namespaces: Some(["b".to_string()].into()),
             ..Default::default()
         };
-        let r = reconcile_after(&routes, &s, &RoutingTable::default(), &policy);
+        let r = reconcile_after(
+            &routes,
+            &s,
+            &RoutingTable::default(),
+            &policy,
+            Prices::builtin(),
+        );
         assert_eq!(
             r.table.get("chat").unwrap().namespace,
             "b",
@@ -959,7 +990,13 @@ mod tests {
         ])];
         let first = reconcile(&routes, &s);
         let old = ready_backends(&first, "pool");
-        let again = reconcile_after(&routes, &s, &first.table, &OperatorPolicy::default());
+        let again = reconcile_after(
+            &routes,
+            &s,
+            &first.table,
+            &OperatorPolicy::default(),
+            Prices::builtin(),
+        );
         let new = ready_backends(&again, "pool");
         assert!(Arc::ptr_eq(&old.list[0].health, &new.list[0].health));
         assert!(Arc::ptr_eq(&old.list[1].health, &new.list[1].health));
@@ -968,7 +1005,13 @@ mod tests {
             backend(Provider::Openai, "m1", "k"),
             backend(Provider::Openai, "m3", "k"),
         ])];
-        let next = reconcile_after(&changed, &s, &again.table, &OperatorPolicy::default());
+        let next = reconcile_after(
+            &changed,
+            &s,
+            &again.table,
+            &OperatorPolicy::default(),
+            Prices::builtin(),
+        );
         let next = ready_backends(&next, "pool");
         assert!(Arc::ptr_eq(&new.list[0].health, &next.list[0].health));
         assert!(!Arc::ptr_eq(&new.list[1].health, &next.list[1].health));

@@ -71,7 +71,7 @@ pub async fn authenticate(state: &AppState) -> Result<Option<Identity>, AuthErro
     let identity = state.auth.authenticate(bearer.as_ref()).await?;
     if let Some(id) = &identity {
         let name = id.name();
-        observe::note(|c| c.consumer = Some(name));
+        observe::note(|c| c.consumer = Some(name.into()));
     }
     Ok(identity)
 }

@@ -27,17 +27,10 @@ use crate::llm::{
     ChatMessage, ChatRequest, Generation, LlmRequest, LlmResponse, NativeRequest, Params,
     StreamDelta, StreamOptions, Usage,
 };
+use crate::providers;
 
 type Fields = Map<String, Value>;
 type Result<T, E = AnthropicError> = std::result::Result<T, E>;
-
-/// Providers that read `top_k` from the unified request.
-const TOP_K_PROVIDERS: &[Provider] = &[
-    Provider::Anthropic,
-    Provider::Gemini,
-    Provider::Bedrock,
-    Provider::HuggingfaceTgi,
-];
 
 /// What of a Messages request may be passed on as is, decided by the Route's backends.
 #[derive(Clone, Copy, Debug, Default)]
@@ -51,7 +44,7 @@ pub struct PassOn {
 impl PassOn {
     fn for_route(route: &ServingRoute) -> PassOn {
         PassOn {
-            top_k: route.providers().all(|p| TOP_K_PROVIDERS.contains(&p)),
+            top_k: route.providers().all(|p| providers::info(p).reads_top_k),
             anthropic: route.providers().all(|p| p == Provider::Anthropic),
         }
     }

@@ -146,7 +146,8 @@ fn target(adapter: &dyn ProviderAdapter) -> Target {
     Target {
         model: "m".into(),
         api_base: adapter
-            .default_api_base()
+            .info()
+            .default_api_base
             .unwrap_or("http://upstream")
             .into(),
         credentials,
@@ -183,7 +184,7 @@ proptest! {
         };
         for provider in Provider::ALL {
             let Some(adapter) = adapter_for(provider) else { continue };
-            if !adapter.route_types().contains(&RouteType::Chat) {
+            if !adapter.info().route_types.contains(&RouteType::Chat) {
                 continue;
             }
             if let Err(e) = adapter.build_request(&target(adapter), &request) {
@@ -201,7 +202,7 @@ proptest! {
         for provider in Provider::ALL {
             let Some(adapter) = adapter_for(provider) else { continue };
             let target = target(adapter);
-            for route_type in adapter.route_types() {
+            for route_type in adapter.info().route_types {
                 let _ = adapter.parse_response(&target, *route_type, text.as_bytes());
                 let _ = adapter.parse_response(&target, *route_type, &raw);
             }
@@ -220,7 +221,7 @@ proptest! {
         cuts.sort_unstable();
         for provider in Provider::ALL {
             let Some(adapter) = adapter_for(provider) else { continue };
-            for route_type in adapter.route_types() {
+            for route_type in adapter.info().route_types {
                 let mut decoder = adapter.stream_decoder(*route_type);
                 decoder.set_max_frame(max);
                 let mut out = Vec::new();

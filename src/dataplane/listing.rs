@@ -118,6 +118,7 @@ mod tests {
     fn limit_is_the_first_calls_limit() {
         let limit_of = |limits: Vec<Limit>| {
             limit(&RouteEntry {
+                metrics: Default::default(),
                 limits,
                 ..RouteEntry::not_ready("r")
             })

@@ -18,8 +18,9 @@ use super::forward;
 use super::listing::{self, Listed};
 use super::openai::{model_name, native_body};
 use super::request::{Dialect, check_body_kind, parse_request, reject_model, route_name};
-use crate::api::{Provider, RouteType};
+use crate::api::RouteType;
 use crate::llm::{LlmRequest, LlmResponse, Usage};
+use crate::providers;
 use crate::table::RouteEntry;
 
 type Result<T, E = MlflowError> = std::result::Result<T, E>;
@@ -55,45 +56,10 @@ impl Listed for Routes {
         json!({
             "name": &*entry.name,
             "route_type": entry.route_type.as_str(),
-            "model": {"name": &*entry.model, "provider": listed_provider(entry.provider)},
+            "model": {"name": &*entry.model, "provider": providers::info(entry.provider).mlflow25_listed_as},
             "route_url": format!("/gateway/{}/invocations", entry.name),
             "limit": listing::limit(entry),
         })
-    }
-}
-
-/// The 2.5 client validates `model.provider` against the four providers it knew, and one unknown
-/// word fails `search_routes()` for every route. Providers it knew keep their name; the others are
-/// shown as `openai`, whose API shape the gateway presents for them anyway.
-fn listed_provider(provider: Provider) -> &'static str {
-    match provider {
-        Provider::Anthropic => "anthropic",
-        Provider::Cohere => "cohere",
-        Provider::DatabricksModelServing => "databricks-model-serving",
-        _ => "openai",
-    }
-}
-
-/// MLflow 2.5 took `temperature` on 0-1 and stretched it to the provider's range before sending
-/// it (doubled for OpenAI, times five for Cohere); the unified model holds the provider's value.
-fn temperature_scale(provider: Provider) -> f64 {
-    match provider {
-        Provider::Openai
-        | Provider::AzureOpenai
-        | Provider::OpenaiCompatible
-        | Provider::Together
-        | Provider::Groq
-        | Provider::Deepseek
-        | Provider::Ollama
-        | Provider::DatabricksModelServing
-        | Provider::Gemini => 2.0,
-        Provider::Cohere => 5.0,
-        Provider::Anthropic
-        | Provider::Bedrock
-        | Provider::Mistral
-        | Provider::HuggingfaceTgi
-        | Provider::MlflowModelServing
-        | Provider::Ai21 => 1.0,
     }
 }
 
@@ -125,7 +91,7 @@ fn parse(entry: &RouteEntry, body: Map<String, Value>) -> Result<LlmRequest, Gat
         LlmRequest::Embeddings(_) | LlmRequest::Native(_) => None,
     };
     if let Some(t) = params.and_then(|p| p.temperature.as_mut()) {
-        *t *= temperature_scale(entry.provider);
+        *t *= providers::info(entry.provider).mlflow25_temperature_scale;
     }
     Ok(request)
 }
@@ -176,10 +142,12 @@ fn metadata(usage: &Usage, model: &str, route_type: RouteType) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::Provider;
     use crate::llm::{Choice, Embeddings, Generation};
 
     fn entry(route_type: RouteType, provider: Provider) -> RouteEntry {
         RouteEntry {
+            metrics: Default::default(),
             route_type,
             provider,
             model: "configured".into(),
@@ -205,17 +173,12 @@ mod tests {
     #[test]
     fn provider_shown_to_the_25_client_is_one_it_accepts() {
         let accepted = ["openai", "anthropic", "cohere", "databricks-model-serving"];
-        for p in [
-            Provider::Openai,
-            Provider::Together,
-            Provider::OpenaiCompatible,
-            Provider::Gemini,
-            Provider::Bedrock,
-        ] {
-            assert!(accepted.contains(&listed_provider(p)), "{p}");
+        let listed = |p| providers::info(p).mlflow25_listed_as;
+        for p in Provider::ALL {
+            assert!(accepted.contains(&listed(p)), "{p}");
         }
-        assert_eq!(listed_provider(Provider::Groq), "openai");
-        assert_eq!(listed_provider(Provider::Anthropic), "anthropic");
+        assert_eq!(listed(Provider::Groq), "openai");
+        assert_eq!(listed(Provider::Anthropic), "anthropic");
     }
 
     #[test]

@@ -71,7 +71,7 @@ pub struct CallInfo {
     pub usage: Option<Usage>,
     /// Set once a non-streaming call is answered (a stream's cost is on its own log line).
     pub cost: Option<CallCost>,
-    pub consumer: Option<String>,
+    pub consumer: Option<Arc<str>>,
     pub model: Option<Arc<str>>,
     /// The OpenTelemetry GenAI operation name: chat, text_completion, embeddings.
     pub operation: Option<&'static str>,
@@ -93,11 +93,11 @@ pub fn note(f: impl FnOnce(&mut CallInfo)) {
 }
 
 /// The caller's identity, or "" for anonymous calls (a bounded label: identities come from configuration).
-pub fn consumer() -> String {
+pub fn consumer() -> Arc<str> {
     CALL.try_with(|c| c.borrow().consumer.clone())
         .ok()
         .flatten()
-        .unwrap_or_default()
+        .unwrap_or_else(|| Arc::from(""))
 }
 
 /// Takes the caller's bearer credential out of the call, so it is held no longer than needed.

@@ -26,6 +26,7 @@ use crate::api::Route;
 use crate::controller::consumers::key_digest;
 use crate::controller::policy::OperatorPolicy;
 use crate::controller::reconcile::{SecretData, reconcile_after};
+use crate::cost::Prices;
 use crate::dataplane::ConfigStatus;
 use crate::server::{SourceHandles, StartError};
 use crate::table::RoutingTable;
@@ -371,10 +372,20 @@ impl FileSource {
         }
         // Backend health (ejections) carries over from the table serving now, as in the controller.
         let reconciled = match &self.sink {
-            Some(sink) => {
-                reconcile_after(&routes, &secrets, &sink.handles.table.load(), &self.policy)
-            }
-            None => reconcile_after(&routes, &secrets, &RoutingTable::default(), &self.policy),
+            Some(sink) => reconcile_after(
+                &routes,
+                &secrets,
+                &sink.handles.table.load(),
+                &self.policy,
+                Prices::builtin(),
+            ),
+            None => reconcile_after(
+                &routes,
+                &secrets,
+                &RoutingTable::default(),
+                &self.policy,
+                Prices::builtin(),
+            ),
         };
         for o in reconciled
             .outcomes

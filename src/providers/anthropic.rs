@@ -9,9 +9,9 @@ use serde_json::{Map, Value, json};
 use super::features::{self, Image, OUTPUT_TOOL, ToolChoice};
 use super::sse::{SseDecoder, SseEvent, SseHandler};
 use super::{
-    API_KEY, CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder, Target,
-    UpstreamRequest, insert_secret, json_headers, malformed, normalize_finish_reason, post_json,
-    push_turn, reject_n, single_choice, tool_calls_extra,
+    API_KEY, ProviderAdapter, ProviderError, ProviderInfo, StreamDecoder, Target, UpstreamRequest,
+    insert_secret, json_headers, malformed, normalize_finish_reason, post_json, push_turn,
+    reject_n, single_choice, tool_calls_extra,
 };
 use crate::api::{Provider, RouteType};
 use crate::llm::{
@@ -26,20 +26,8 @@ pub const DEFAULT_MAX_TOKENS: u32 = 1024;
 pub struct Anthropic;
 
 impl ProviderAdapter for Anthropic {
-    fn provider(&self) -> Provider {
-        Provider::Anthropic
-    }
-
-    fn route_types(&self) -> &'static [RouteType] {
-        &[RouteType::Chat]
-    }
-
-    fn credential_keys(&self) -> CredentialKeys {
-        CredentialKeys::ApiKey { required: true }
-    }
-
-    fn default_api_base(&self) -> Option<&'static str> {
-        Some("https://api.anthropic.com")
+    fn info(&self) -> &'static ProviderInfo {
+        &super::info::ANTHROPIC
     }
 
     fn build_request(

@@ -4,38 +4,22 @@
 use http::header;
 use serde_json::Value;
 
+use super::info::AZURE_AD_TOKEN;
 use super::{
-    ALL_ROUTE_TYPES, API_KEY, CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder,
-    Target, UpstreamRequest, insert_secret, json_headers, openai, path_segment, post_json,
+    API_KEY, ProviderAdapter, ProviderError, ProviderInfo, StreamDecoder, Target, UpstreamRequest,
+    insert_secret, json_headers, openai, path_segment, post_json,
 };
-use crate::api::{Provider, RouteType};
+use crate::api::RouteType;
 use crate::llm::{LlmRequest, LlmResponse};
 
-/// The Secret key holding an Entra ID access token instead of a resource key.
-pub const AZURE_AD_TOKEN: &str = "azureAdToken";
 /// The newest GA version when this adapter was written; `config.apiVersion` overrides it.
 pub const DEFAULT_API_VERSION: &str = "2024-10-21";
 
 pub struct AzureOpenAi;
 
 impl ProviderAdapter for AzureOpenAi {
-    fn provider(&self) -> Provider {
-        Provider::AzureOpenai
-    }
-
-    fn route_types(&self) -> &'static [RouteType] {
-        ALL_ROUTE_TYPES
-    }
-
-    fn credential_keys(&self) -> CredentialKeys {
-        CredentialKeys::ApiKeyOr {
-            alternatives: &[AZURE_AD_TOKEN],
-        }
-    }
-
-    /// Every Azure resource has its own host.
-    fn default_api_base(&self) -> Option<&'static str> {
-        None
+    fn info(&self) -> &'static ProviderInfo {
+        &super::info::AZURE_OPENAI
     }
 
     fn build_request(

@@ -13,45 +13,25 @@ use serde_json::{Map, Value, json};
 
 use super::eventstream::{Frame, FrameParser};
 use super::features::{self, Image, OUTPUT_TOOL, ToolChoice};
+use super::info::{ACCESS_KEY_ID, SECRET_ACCESS_KEY, SESSION_TOKEN};
 use super::{
-    ALL_ROUTE_TYPES, CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder, Target,
-    UpstreamRequest, error_message, insert_secret, json_headers, malformed,
-    normalize_finish_reason, path_segment, present_fields, push_turn, reject_n, single_choice,
-    tool_calls_extra, upstream_error,
+    ProviderAdapter, ProviderError, ProviderInfo, StreamDecoder, Target, UpstreamRequest,
+    error_message, insert_secret, json_headers, malformed, normalize_finish_reason, path_segment,
+    present_fields, push_turn, reject_n, single_choice, tool_calls_extra, upstream_error,
 };
 use crate::api::{Provider, RouteType};
 use crate::llm::{
     ChatMessage, Embeddings, LlmRequest, LlmResponse, Params, StreamDelta, ToolCallDelta, Usage,
 };
 
-pub const ACCESS_KEY_ID: &str = "awsAccessKeyId";
-pub const SECRET_ACCESS_KEY: &str = "awsSecretAccessKey";
-pub const SESSION_TOKEN: &str = "awsSessionToken";
 /// Used when the Route sets no `config.region`.
 pub const DEFAULT_REGION: &str = "us-east-1";
-/// The default base URL; `{region}` is filled from `config.region`.
-const DEFAULT_API_BASE: &str = "https://bedrock-runtime.{region}.amazonaws.com";
 
 pub struct Bedrock;
 
 impl ProviderAdapter for Bedrock {
-    fn provider(&self) -> Provider {
-        Provider::Bedrock
-    }
-
-    fn route_types(&self) -> &'static [RouteType] {
-        ALL_ROUTE_TYPES
-    }
-
-    fn credential_keys(&self) -> CredentialKeys {
-        CredentialKeys::Named {
-            required: &[ACCESS_KEY_ID, SECRET_ACCESS_KEY],
-            optional: &[SESSION_TOKEN],
-        }
-    }
-
-    fn default_api_base(&self) -> Option<&'static str> {
-        Some(DEFAULT_API_BASE)
+    fn info(&self) -> &'static ProviderInfo {
+        &super::info::BEDROCK
     }
 
     fn build_request(
@@ -771,7 +751,10 @@ mod tests {
         }
         Target {
             model: model.into(),
-            api_base: DEFAULT_API_BASE.into(),
+            api_base: crate::providers::info(Provider::Bedrock)
+                .default_api_base
+                .unwrap_or_default()
+                .into(),
             credentials,
             config: [("region".to_string(), "us-west-2".to_string())].into(),
         }

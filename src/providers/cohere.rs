@@ -7,9 +7,8 @@ use serde_json::{Map, Value, json};
 use super::features::{self, OutputFormat, ToolChoice};
 use super::sse::{JsonLines, SseDecoder, SseEvent, SseHandler};
 use super::{
-    ALL_ROUTE_TYPES, CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder, Target,
-    UpstreamRequest, malformed, normalize_finish_reason, openai, post_json, present_fields,
-    reject_n, single_choice,
+    ProviderAdapter, ProviderError, ProviderInfo, StreamDecoder, Target, UpstreamRequest,
+    malformed, normalize_finish_reason, openai, post_json, present_fields, reject_n, single_choice,
 };
 use crate::api::{Provider, RouteType};
 use crate::llm::{
@@ -23,20 +22,8 @@ pub const DEFAULT_INPUT_TYPE: &str = "search_document";
 pub struct Cohere;
 
 impl ProviderAdapter for Cohere {
-    fn provider(&self) -> Provider {
-        Provider::Cohere
-    }
-
-    fn route_types(&self) -> &'static [RouteType] {
-        ALL_ROUTE_TYPES
-    }
-
-    fn credential_keys(&self) -> CredentialKeys {
-        CredentialKeys::ApiKey { required: true }
-    }
-
-    fn default_api_base(&self) -> Option<&'static str> {
-        Some("https://api.cohere.com")
+    fn info(&self) -> &'static ProviderInfo {
+        &super::info::COHERE
     }
 
     fn build_request(

@@ -5,21 +5,15 @@ use http::StatusCode;
 use serde_json::Value;
 
 use super::{
-    ALL_ROUTE_TYPES, CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder, Target,
-    UpstreamRequest, openai, path_segment, post_json, reject_n,
+    ProviderAdapter, ProviderError, ProviderInfo, StreamDecoder, Target, UpstreamRequest, info,
+    openai, path_segment, post_json, reject_n,
 };
-use crate::api::{Provider, RouteType};
+use crate::api::RouteType;
 use crate::llm::{ChatRequest, CompletionsRequest, LlmRequest, LlmResponse};
-
-const CHAT: &[RouteType] = &[RouteType::Chat];
-const CHAT_EMBEDDINGS: &[RouteType] = &[RouteType::Chat, RouteType::Embeddings];
 
 /// How one OpenAI-compatible server departs from OpenAI.
 pub struct OpenAiCompatible {
-    provider: Provider,
-    default_api_base: Option<&'static str>,
-    key_required: bool,
-    route_types: &'static [RouteType],
+    info: &'static ProviderInfo,
     /// Whether `stream_options.include_usage` may be sent; servers that reject it report usage anyway.
     stream_options: bool,
     /// Whether `n > 1` is refused upstream (then the gateway refuses it first, with a clear message).
@@ -31,10 +25,7 @@ pub struct OpenAiCompatible {
 }
 
 const DEFAULTS: OpenAiCompatible = OpenAiCompatible {
-    provider: Provider::OpenaiCompatible,
-    default_api_base: None,
-    key_required: true,
-    route_types: ALL_ROUTE_TYPES,
+    info: &info::OPENAI_COMPATIBLE,
     stream_options: true,
     n_must_be_one: false,
     renames: &[],
@@ -42,78 +33,53 @@ const DEFAULTS: OpenAiCompatible = OpenAiCompatible {
 };
 
 pub static OPENAI_COMPATIBLE: OpenAiCompatible = OpenAiCompatible {
-    key_required: false,
+    info: &info::OPENAI_COMPATIBLE,
     ..DEFAULTS
 };
 
 pub static TOGETHER: OpenAiCompatible = OpenAiCompatible {
-    provider: Provider::Together,
-    default_api_base: Some("https://api.together.xyz/v1"),
+    info: &info::TOGETHER,
     ..DEFAULTS
 };
 
 pub static GROQ: OpenAiCompatible = OpenAiCompatible {
-    provider: Provider::Groq,
-    default_api_base: Some("https://api.groq.com/openai/v1"),
-    route_types: CHAT_EMBEDDINGS,
+    info: &info::GROQ,
     n_must_be_one: true,
     ..DEFAULTS
 };
 
 pub static DEEPSEEK: OpenAiCompatible = OpenAiCompatible {
-    provider: Provider::Deepseek,
-    default_api_base: Some("https://api.deepseek.com"),
-    route_types: CHAT,
+    info: &info::DEEPSEEK,
     ..DEFAULTS
 };
 
 pub static OLLAMA: OpenAiCompatible = OpenAiCompatible {
-    provider: Provider::Ollama,
-    default_api_base: Some("http://localhost:11434/v1"),
-    key_required: false,
+    info: &info::OLLAMA,
     ..DEFAULTS
 };
 
 pub static MISTRAL: OpenAiCompatible = OpenAiCompatible {
-    provider: Provider::Mistral,
-    default_api_base: Some("https://api.mistral.ai/v1"),
-    route_types: CHAT_EMBEDDINGS,
+    info: &info::MISTRAL,
     stream_options: false,
     renames: &[("seed", "random_seed")],
     ..DEFAULTS
 };
 
 pub static AI21: OpenAiCompatible = OpenAiCompatible {
-    provider: Provider::Ai21,
-    default_api_base: Some("https://api.ai21.com/studio/v1"),
-    route_types: CHAT,
+    info: &info::AI21,
     ..DEFAULTS
 };
 
 pub static DATABRICKS: OpenAiCompatible = OpenAiCompatible {
-    provider: Provider::DatabricksModelServing,
+    info: &info::DATABRICKS_MODEL_SERVING,
     stream_options: false,
     serving_endpoint: true,
     ..DEFAULTS
 };
 
 impl ProviderAdapter for OpenAiCompatible {
-    fn provider(&self) -> Provider {
-        self.provider
-    }
-
-    fn route_types(&self) -> &'static [RouteType] {
-        self.route_types
-    }
-
-    fn credential_keys(&self) -> CredentialKeys {
-        CredentialKeys::ApiKey {
-            required: self.key_required,
-        }
-    }
-
-    fn default_api_base(&self) -> Option<&'static str> {
-        self.default_api_base
+    fn info(&self) -> &'static ProviderInfo {
+        self.info
     }
 
     fn build_request(
@@ -125,7 +91,7 @@ impl ProviderAdapter for OpenAiCompatible {
             && let LlmRequest::Chat(ChatRequest { params, .. })
             | LlmRequest::Completions(CompletionsRequest { params, .. }) = request
         {
-            reject_n(self.provider, params)?;
+            reject_n(self.info.provider, params)?;
         }
         let (path, mut body) = openai::request_body(&target.model, request)?;
         if let Value::Object(fields) = &mut body {
@@ -170,7 +136,7 @@ impl ProviderAdapter for OpenAiCompatible {
                 status: StatusCode::SERVICE_UNAVAILABLE,
                 message: format!(
                     "provider {} stopped generating: insufficient system resource",
-                    self.provider
+                    self.info.provider
                 ),
                 retry_after: None,
             });
@@ -189,9 +155,11 @@ mod tests {
     use serde_json::{Map, json};
 
     use super::*;
+    use crate::api::Provider;
     use crate::llm::{
         ChatMessage, ChatRequest, EmbeddingsRequest, LlmResponse, Params, StreamOptions,
     };
+    use crate::providers::CredentialKeys;
     use crate::providers::{API_KEY, Credentials, SecretValue, adapter_for};
 
     fn target(key: Option<&str>) -> Target {
@@ -249,7 +217,7 @@ mod tests {
             assert_eq!(
                 req.url, "http://sim/base/chat/completions",
                 "{}",
-                p.provider
+                p.info.provider
             );
             assert_eq!(req.headers["authorization"], "Bearer k-1");
             assert!(req.headers["authorization"].is_sensitive());
@@ -267,11 +235,11 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(req.headers.get("authorization").is_none());
         assert_eq!(
-            OLLAMA.credential_keys(),
+            OLLAMA.info().credential_keys,
             CredentialKeys::ApiKey { required: false }
         );
         assert_eq!(
-            GROQ.credential_keys(),
+            GROQ.info().credential_keys,
             CredentialKeys::ApiKey { required: true }
         );
     }
@@ -422,15 +390,15 @@ mod tests {
     #[test]
     fn registry_serves_each_member_with_its_route_types() {
         assert_eq!(
-            adapter_for(Provider::Deepseek).map(|a| a.route_types()),
-            Some(CHAT)
+            adapter_for(Provider::Deepseek).map(|a| a.info().route_types),
+            Some(&[RouteType::Chat][..])
         );
         assert_eq!(
-            adapter_for(Provider::Together).map(|a| a.default_api_base()),
+            adapter_for(Provider::Together).map(|a| a.info().default_api_base),
             Some(Some("https://api.together.xyz/v1"))
         );
         assert_eq!(
-            adapter_for(Provider::OpenaiCompatible).map(|a| a.default_api_base()),
+            adapter_for(Provider::OpenaiCompatible).map(|a| a.info().default_api_base),
             Some(None)
         );
     }

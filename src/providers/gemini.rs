@@ -8,10 +8,9 @@ use serde_json::{Map, Value, json};
 use super::features::{self, Image, OutputFormat, ToolChoice};
 use super::sse::{SseDecoder, SseEvent, SseHandler, SseParser};
 use super::{
-    ALL_ROUTE_TYPES, API_KEY, CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder,
-    Target, UpstreamRequest, error_message, insert_secret, json_headers, malformed,
-    normalize_finish_reason, path_segment, post_json, present_fields, push_turn, tool_calls_extra,
-    upstream_error,
+    API_KEY, ProviderAdapter, ProviderError, ProviderInfo, StreamDecoder, Target, UpstreamRequest,
+    error_message, insert_secret, json_headers, malformed, normalize_finish_reason, path_segment,
+    post_json, present_fields, push_turn, tool_calls_extra, upstream_error,
 };
 use crate::api::{Provider, RouteType};
 use crate::llm::{
@@ -22,20 +21,8 @@ use crate::llm::{
 pub struct Gemini;
 
 impl ProviderAdapter for Gemini {
-    fn provider(&self) -> Provider {
-        Provider::Gemini
-    }
-
-    fn route_types(&self) -> &'static [RouteType] {
-        ALL_ROUTE_TYPES
-    }
-
-    fn credential_keys(&self) -> CredentialKeys {
-        CredentialKeys::ApiKey { required: true }
-    }
-
-    fn default_api_base(&self) -> Option<&'static str> {
-        Some("https://generativelanguage.googleapis.com")
+    fn info(&self) -> &'static ProviderInfo {
+        &super::info::GEMINI
     }
 
     fn build_request(

@@ -6,8 +6,8 @@ use serde_json::{Map, Value, json};
 
 use super::features;
 use super::{
-    ALL_ROUTE_TYPES, CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder, Target,
-    UpstreamRequest, malformed, openai, post_json,
+    ProviderAdapter, ProviderError, ProviderInfo, StreamDecoder, Target, UpstreamRequest,
+    malformed, openai, post_json,
 };
 use crate::api::{Provider, RouteType};
 use crate::llm::{
@@ -17,21 +17,8 @@ use crate::llm::{
 pub struct MlflowModelServing;
 
 impl ProviderAdapter for MlflowModelServing {
-    fn provider(&self) -> Provider {
-        Provider::MlflowModelServing
-    }
-
-    fn route_types(&self) -> &'static [RouteType] {
-        ALL_ROUTE_TYPES
-    }
-
-    /// A model server usually runs without auth; a key, when given, is sent as a bearer token.
-    fn credential_keys(&self) -> CredentialKeys {
-        CredentialKeys::ApiKey { required: false }
-    }
-
-    fn default_api_base(&self) -> Option<&'static str> {
-        None
+    fn info(&self) -> &'static ProviderInfo {
+        &super::info::MLFLOW_MODEL_SERVING
     }
 
     fn build_request(

@@ -12,6 +12,7 @@ mod credentials;
 mod eventstream;
 mod features;
 mod gemini;
+mod info;
 mod mlflow;
 mod openai;
 pub mod sse;
@@ -23,6 +24,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 
 pub use credentials::{Credentials, SecretValue};
+pub use info::{ProviderInfo, info};
 
 use crate::api::{Provider, RouteType};
 use crate::llm::{
@@ -88,12 +90,8 @@ pub enum ProviderError {
 
 /// One provider's wire format.
 pub trait ProviderAdapter: Send + Sync + 'static {
-    fn provider(&self) -> Provider;
-    /// Route types this provider can serve.
-    fn route_types(&self) -> &'static [RouteType];
-    fn credential_keys(&self) -> CredentialKeys;
-    /// Used when the Route has no `apiBase`; `None` makes `apiBase` required.
-    fn default_api_base(&self) -> Option<&'static str>;
+    /// The provider's fixed facts (`info.rs`).
+    fn info(&self) -> &'static ProviderInfo;
     fn build_request(
         &self,
         target: &Target,
@@ -120,7 +118,7 @@ pub trait ProviderAdapter: Send + Sync + 'static {
     /// The answer to a `NativeRequest`, kept as is; only providers that take native requests
     /// (Anthropic) read it, for its usage.
     fn parse_native(&self, _body: Bytes) -> Result<LlmResponse, ProviderError> {
-        Err(native_unsupported(self.provider()))
+        Err(native_unsupported(self.info().provider))
     }
     /// A decoder for a native stream: each provider event as a delta whose `raw` holds it, with
     /// the text and usage the gateway counts.
@@ -571,7 +569,7 @@ mod tests {
     fn every_provider_has_an_adapter_and_hides_credentials_in_requests() {
         for provider in Provider::ALL {
             let adapter = adapter_for(provider).unwrap_or_else(|| panic!("{provider}"));
-            assert_eq!(adapter.provider(), provider);
+            assert_eq!(adapter.info().provider, provider);
             let mut credentials = Credentials::default();
             for key in [
                 API_KEY,
@@ -585,13 +583,14 @@ mod tests {
             let target = Target {
                 model: "m".into(),
                 api_base: adapter
-                    .default_api_base()
+                    .info()
+                    .default_api_base
                     .unwrap_or("https://upstream.example")
                     .into(),
                 credentials,
                 config: Default::default(),
             };
-            for route_type in adapter.route_types() {
+            for route_type in adapter.info().route_types {
                 let req = adapter
                     .build_request(&target, &request(*route_type))
                     .unwrap_or_else(|e| panic!("{provider} {route_type}: {e}"));
@@ -613,7 +612,8 @@ mod tests {
         Target {
             model: model.into(),
             api_base: adapter
-                .default_api_base()
+                .info()
+                .default_api_base
                 .unwrap_or("https://upstream.example/base")
                 .into(),
             credentials,
@@ -637,7 +637,7 @@ mod tests {
             let target = target_for(adapter, hostile);
             let base = reqwest::Url::parse(&target.api_base.replace("{region}", "us-east-1"))
                 .unwrap_or_else(|e| panic!("{provider}: {e}"));
-            for route_type in adapter.route_types() {
+            for route_type in adapter.info().route_types {
                 let req = adapter
                     .build_request(&target, &request(*route_type))
                     .unwrap_or_else(|e| panic!("{provider} {route_type}: {e}"));

@@ -8,8 +8,8 @@ use serde_json::{Map, Value, json};
 
 use super::sse::{SseDecoder, SseEvent, SseHandler};
 use super::{
-    ALL_ROUTE_TYPES, API_KEY, CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder,
-    Target, UpstreamRequest, json_headers, malformed, normalize_finish_reason, post_json,
+    API_KEY, ProviderAdapter, ProviderError, ProviderInfo, StreamDecoder, Target, UpstreamRequest,
+    json_headers, malformed, normalize_finish_reason, post_json,
 };
 use crate::api::{Provider, RouteType};
 use crate::llm::{
@@ -20,20 +20,8 @@ use crate::llm::{
 pub struct OpenAi;
 
 impl ProviderAdapter for OpenAi {
-    fn provider(&self) -> Provider {
-        Provider::Openai
-    }
-
-    fn route_types(&self) -> &'static [RouteType] {
-        ALL_ROUTE_TYPES
-    }
-
-    fn credential_keys(&self) -> CredentialKeys {
-        CredentialKeys::ApiKey { required: true }
-    }
-
-    fn default_api_base(&self) -> Option<&'static str> {
-        Some("https://api.openai.com/v1")
+    fn info(&self) -> &'static ProviderInfo {
+        &super::info::OPENAI
     }
 
     fn build_request(

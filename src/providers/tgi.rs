@@ -7,7 +7,7 @@ use serde_json::{Map, Value, json};
 
 use super::sse::{SseDecoder, SseEvent, SseHandler};
 use super::{
-    CredentialKeys, ProviderAdapter, ProviderError, StreamDecoder, Target, UpstreamRequest,
+    ProviderAdapter, ProviderError, ProviderInfo, StreamDecoder, Target, UpstreamRequest,
     malformed, normalize_finish_reason, openai, post_json, reject_n, single_choice,
 };
 use crate::api::{Provider, RouteType};
@@ -16,21 +16,8 @@ use crate::llm::{LlmRequest, LlmResponse, StreamDelta, Usage};
 pub struct Tgi;
 
 impl ProviderAdapter for Tgi {
-    fn provider(&self) -> Provider {
-        Provider::HuggingfaceTgi
-    }
-
-    fn route_types(&self) -> &'static [RouteType] {
-        &[RouteType::Completions]
-    }
-
-    fn credential_keys(&self) -> CredentialKeys {
-        CredentialKeys::ApiKey { required: false }
-    }
-
-    /// TGI runs wherever it was deployed.
-    fn default_api_base(&self) -> Option<&'static str> {
-        None
+    fn info(&self) -> &'static ProviderInfo {
+        &super::info::HUGGINGFACE_TGI
     }
 
     fn build_request(

@@ -34,7 +34,7 @@ pub struct TokenLabels {
     pub route: Arc<str>,
     pub gen_ai_provider_name: &'static str,
     pub gen_ai_request_model: Arc<str>,
-    pub consumer: String,
+    pub consumer: Arc<str>,
     pub gen_ai_token_type: &'static str,
 }
 
@@ -82,6 +82,12 @@ pub struct BackendMetrics {
     pub retries: Counter,
     pub ejections: Counter,
     pub ejected: Gauge,
+}
+
+/// A route's own handles (its labels do not vary per call), made once per route.
+pub struct RouteMetrics {
+    pub upstream_duration: Histogram,
+    pub time_to_first_token: Histogram,
 }
 
 pub struct Metrics {
@@ -347,6 +353,13 @@ impl Metrics {
         }
     }
 
+    pub fn route(&self, labels: &RouteLabels) -> RouteMetrics {
+        RouteMetrics {
+            upstream_duration: self.upstream_duration.get_or_create_owned(labels),
+            time_to_first_token: self.time_to_first_token.get_or_create_owned(labels),
+        }
+    }
+
     /// The Prometheus/OpenMetrics text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -361,7 +374,7 @@ pub struct CostLabels {
     pub route: Arc<str>,
     pub gen_ai_provider_name: &'static str,
     pub gen_ai_request_model: Arc<str>,
-    pub consumer: String,
+    pub consumer: Arc<str>,
 }
 
 /// A counter of USD kept in exact picodollars, exposed as dollars.

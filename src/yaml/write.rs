@@ -11,7 +11,7 @@ pub fn to_string<T: Serialize>(value: &T) -> Result<String, serde_json::Error> {
     let value = serde_json::to_value(value)?;
     let mut out = String::new();
     match &value {
-        Value::Object(map) if !map.is_empty() => mapping(&mut out, map, 0),
+        Value::Object(map) if !map.is_empty() => mapping(&mut out, map, 0, false),
         Value::Array(items) if !items.is_empty() => sequence(&mut out, items, 0),
         scalar => {
             inline(&mut out, scalar, 0);
@@ -25,9 +25,17 @@ fn indent(out: &mut String, level: usize) {
     out.extend(std::iter::repeat_n(' ', level));
 }
 
-fn mapping(out: &mut String, map: &serde_json::Map<String, Value>, level: usize) {
-    for (key, value) in map {
-        indent(out, level);
+/// A block mapping at `level`; `inline_first` when its first key continues a `- ` line.
+fn mapping(
+    out: &mut String,
+    map: &serde_json::Map<String, Value>,
+    level: usize,
+    inline_first: bool,
+) {
+    for (i, (key, value)) in map.iter().enumerate() {
+        if i > 0 || !inline_first {
+            indent(out, level);
+        }
         key_text(out, key);
         out.push(':');
         child(out, value, level);
@@ -42,16 +50,7 @@ fn sequence(out: &mut String, items: &[Value], level: usize) {
             // The first key shares the dash's line; the rest align under it.
             Value::Object(map) if !map.is_empty() => {
                 out.push(' ');
-                let mut first = true;
-                for (key, value) in map {
-                    if !first {
-                        indent(out, level + 2);
-                    }
-                    first = false;
-                    key_text(out, key);
-                    out.push(':');
-                    child(out, value, level + 2);
-                }
+                mapping(out, map, level + 2, true);
             }
             Value::Array(inner) if !inner.is_empty() => {
                 out.push('\n');
@@ -71,7 +70,7 @@ fn child(out: &mut String, value: &Value, level: usize) {
     match value {
         Value::Object(map) if !map.is_empty() => {
             out.push('\n');
-            mapping(out, map, level + 2);
+            mapping(out, map, level + 2, false);
         }
         // Sequences under a key at the key's own indentation, as kubectl and kustomize write them.
         Value::Array(items) if !items.is_empty() => {

@@ -1,0 +1,284 @@
+//! Serving one call: the route looked up for its caller, the call admitted against its limits,
+//! then tried on the route's backends, plain (`invoke`) or streamed (`invoke_stream`).
+
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{Stream, StreamExt};
+
+use super::metering::{
+    Priced, StreamObserver, answer_chars, record_cost, record_error, record_usage,
+};
+use super::tries::Tries;
+use super::upstream::{call_once, open_stream, provider_error};
+use crate::access::Identity;
+use crate::api::RouteType;
+use crate::cost::Tokens;
+use crate::dataplane::AppState;
+use crate::dataplane::admission;
+use crate::dataplane::error::GatewayError;
+use crate::dataplane::observe;
+use crate::llm::{
+    Embeddings as LlmEmbeddings, Generation as LlmGeneration, LlmRequest, LlmResponse,
+    NativeAnswer, StreamDelta,
+};
+use crate::providers::{join_embeddings, split_inputs};
+use crate::table::{Backend, Backends, RouteEntry, RouteState};
+
+/// A route looked up for serving: the entry is held by `Arc`, so a table swap during the call is harmless.
+pub struct ServingRoute {
+    pub entry: Arc<RouteEntry>,
+    pub(super) backends: Arc<Backends>,
+    pub(super) caller: Option<Identity>,
+}
+
+impl ServingRoute {
+    /// The providers of the route's backends (a surface passes provider-only fields through only
+    /// when every backend understands them).
+    pub fn providers(&self) -> impl Iterator<Item = crate::api::Provider> + '_ {
+        self.backends
+            .list
+            .iter()
+            .map(|b| b.upstream.adapter.info().provider)
+    }
+}
+
+/// Finds `name` for its caller (see `admission::authorize`) and checks it can serve `route_type`.
+pub async fn lookup(
+    state: &AppState,
+    name: &str,
+    route_type: RouteType,
+) -> Result<ServingRoute, GatewayError> {
+    resolve(state, name, Some(route_type)).await
+}
+
+/// Finds `name` for a per-route path, where the route's own type decides the request shape.
+pub async fn lookup_route(state: &AppState, name: &str) -> Result<ServingRoute, GatewayError> {
+    resolve(state, name, None).await
+}
+
+pub(super) async fn resolve(
+    state: &AppState,
+    name: &str,
+    route_type: Option<RouteType>,
+) -> Result<ServingRoute, GatewayError> {
+    let (entry, caller) = admission::authorize(state, name).await?;
+    observe::note(|c| {
+        c.route = Some(entry.name.clone());
+        c.provider = Some(entry.provider.as_str());
+        c.model = Some(entry.model.clone());
+        c.operation = Some(entry.route_type.operation());
+    });
+    if let Some(requested) = route_type.filter(|t| *t != entry.route_type) {
+        return Err(GatewayError::WrongRouteType {
+            route: name.to_string(),
+            actual: entry.route_type,
+            requested,
+        });
+    }
+    match &entry.state {
+        RouteState::Ready(backends) => Ok(ServingRoute {
+            backends: Arc::clone(backends),
+            entry,
+            caller,
+        }),
+        RouteState::NotReady { reason, message } => Err(GatewayError::RouteNotReady {
+            route: name.to_string(),
+            reason: *reason,
+            message: message.clone(),
+        }),
+    }
+}
+
+/// Non-streaming call: one parsed answer, from the first backend that gives one.
+pub async fn invoke(
+    state: &AppState,
+    route: &ServingRoute,
+    request: &LlmRequest,
+) -> Result<LlmResponse, GatewayError> {
+    let calls = fan_out(route, request)?;
+    let admission =
+        admission::admit(state, &route.entry, route.caller.as_ref(), request, calls).await?;
+    let started = Instant::now();
+    let mut tries = Tries::new(state, &route.entry.name, &route.backends);
+    let mut last = None;
+    let result = loop {
+        let (backend, timeout) = match tries.next() {
+            Ok(next) => next,
+            Err(e) => break Err(e),
+        };
+        last = Some(backend);
+        let answer = call_backend(state, route.entry.route_type, backend, request, timeout).await;
+        if let ControlFlow::Break(result) = tries.settle(backend, answer) {
+            break result;
+        }
+    };
+    route
+        .entry
+        .metrics(&state.metrics)
+        .upstream_duration
+        .observe(started.elapsed().as_secs_f64());
+    match (&result, last) {
+        (Ok(answer), Some(backend)) => {
+            let usage = match answer {
+                LlmResponse::Generation(LlmGeneration { usage, .. })
+                | LlmResponse::Embeddings(LlmEmbeddings { usage, .. })
+                | LlmResponse::Native(NativeAnswer { usage, .. }) => usage,
+            };
+            let consumer = observe::consumer();
+            record_usage(&state.metrics, &route.entry, &consumer, usage);
+            let tokens = Tokens::from_usage(usage).unwrap_or_else(|| Tokens {
+                input: admission.prompt_estimate,
+                cached: 0,
+                output: admission::tokens_for_chars(answer_chars(answer)),
+            });
+            let cost = record_cost(
+                &state.metrics,
+                &route.entry,
+                &consumer,
+                &Priced::of(backend),
+                tokens,
+            );
+            observe::note(|c| c.cost = Some(cost));
+            admission.settle_usage(usage, cost.known());
+        }
+        (Ok(_), None) => admission.refund(),
+        (Err(e), _) => {
+            record_error(&state.metrics, &route.entry, e);
+            admission.refund();
+        }
+    }
+    result
+}
+
+/// Most embeddings inputs one request may have when a backend takes few per call (Titan: one),
+/// so that one request cannot become an unbounded number of upstream calls.
+const MAX_FAN_OUT_INPUTS: usize = 128;
+
+/// Upstream calls of one fanned-out request in flight at once.
+pub(super) const FAN_OUT_CONCURRENCY: usize = 8;
+
+/// How many upstream calls `request` costs at most on this route's backends (the calls charged
+/// against its limits); a 400 when it has more inputs than a fanned-out request may.
+pub(super) fn fan_out(route: &ServingRoute, request: &LlmRequest) -> Result<u64, GatewayError> {
+    let LlmRequest::Embeddings(e) = request else {
+        return Ok(1);
+    };
+    let per_call = route
+        .backends
+        .list
+        .iter()
+        .filter_map(|b| {
+            b.upstream
+                .adapter
+                .max_inputs_per_call(&b.upstream.target, route.entry.route_type)
+        })
+        .min();
+    let Some(per_call) = per_call.filter(|n| *n > 0) else {
+        return Ok(1);
+    };
+    if e.input.len() > per_call && e.input.len() > MAX_FAN_OUT_INPUTS {
+        return Err(GatewayError::bad_param(
+            "input",
+            format!(
+                "this route's provider takes {per_call} input(s) per call; send at most {MAX_FAN_OUT_INPUTS} inputs per request"
+            ),
+        ));
+    }
+    Ok(e.input.len().div_ceil(per_call).max(1) as u64)
+}
+
+/// One try on one backend. Providers that take few embeddings inputs per call (Titan) get one
+/// call per batch, a few at a time, joined in order.
+pub(super) async fn call_backend(
+    state: &AppState,
+    route_type: RouteType,
+    backend: &Backend,
+    request: &LlmRequest,
+    timeout: Duration,
+) -> Result<LlmResponse, GatewayError> {
+    let upstream = &backend.upstream;
+    let split = upstream
+        .adapter
+        .max_inputs_per_call(&upstream.target, route_type)
+        .and_then(|max| split_inputs(request, max));
+    let mut answer = match split {
+        Some(parts) => {
+            let mut answers = Vec::with_capacity(parts.len());
+            for batch in parts.chunks(FAN_OUT_CONCURRENCY) {
+                let calls = batch
+                    .iter()
+                    .map(|p| call_once(state, route_type, upstream, p, timeout));
+                answers.extend(futures::future::try_join_all(calls).await?);
+            }
+            join_embeddings(answers).map_err(|e| provider_error(upstream, e))?
+        }
+        None => call_once(state, route_type, upstream, request, timeout).await?,
+    };
+    // Answers that do not name their model are named after the backend's.
+    let model = match &mut answer {
+        LlmResponse::Generation(g) => &mut g.model,
+        LlmResponse::Embeddings(e) => &mut e.model,
+        // Passed back untouched.
+        LlmResponse::Native(_) => return Ok(answer),
+    };
+    if model.is_empty() {
+        model.clone_from(&upstream.target.model);
+    }
+    Ok(answer)
+}
+
+/// Streaming call: yields the deltas decoded from each upstream read as soon as it arrives.
+/// A try that fails before its first deltas arrive falls back to another backend like a plain
+/// call; after that an upstream failure ends the stream with an error item.
+/// Dropping the stream (the client went away) drops the upstream response and cancels the call.
+/// Also returns the answering backend's model, for chunks that do not name theirs.
+pub async fn invoke_stream(
+    state: &AppState,
+    route: &ServingRoute,
+    request: &LlmRequest,
+) -> Result<
+    (
+        impl Stream<Item = Result<Vec<StreamDelta>, GatewayError>> + Send + 'static,
+        String,
+    ),
+    GatewayError,
+> {
+    let admission =
+        admission::admit(state, &route.entry, route.caller.as_ref(), request, 1).await?;
+    let started = Instant::now();
+    let mut tries = Tries::new(state, &route.entry.name, &route.backends);
+    let opened = loop {
+        let (backend, timeout) = match tries.next() {
+            Ok(next) => next,
+            Err(e) => break Err(e),
+        };
+        let opened = match tokio::time::timeout(
+            timeout,
+            open_stream(state, route.entry.route_type, backend, request),
+        )
+        .await
+        {
+            Ok(result) => result,
+            Err(_) => Err(GatewayError::UpstreamTimeout(timeout.as_secs().max(1))),
+        };
+        if let ControlFlow::Break(result) = tries.settle(backend, opened) {
+            break result.map(|o| (o, backend));
+        }
+    };
+    let (opened, backend) = match opened {
+        Ok(o) => o,
+        Err(e) => {
+            record_error(&state.metrics, &route.entry, &e);
+            admission.refund();
+            return Err(e);
+        }
+    };
+    let observer = StreamObserver::new(state, &route.entry, started, admission, backend);
+    let deltas = futures::stream::once(futures::future::ready(Ok(opened.first)))
+        .chain(opened.rest)
+        .filter(|item| futures::future::ready(!matches!(item, Ok(d) if d.is_empty())));
+    let deltas = observer.watch(deltas);
+    Ok((deltas, backend.upstream.target.model.clone()))
+}

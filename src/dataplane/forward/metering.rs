@@ -1,0 +1,292 @@
+//! What a call is counted as: token and cost metrics, upstream errors, and a stream's observer
+//! (time to first token, usage, the `truncate` budget that may end it, settlement on drop).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::{Stream, StreamExt};
+
+use crate::cost::{Price, Tokens};
+use crate::dataplane::AppState;
+use crate::dataplane::admission::{self, Admission};
+use crate::dataplane::error::GatewayError;
+use crate::dataplane::observe::{self, CallCost};
+use crate::llm::{LlmResponse, StreamDelta, Usage};
+use crate::table::{Backend, RouteEntry};
+use crate::telemetry::metrics::{CostLabels, ErrorLabels, Metrics, TokenLabels};
+
+/// Characters of generated text in an answer (what a call without a usage report is charged for).
+pub(super) fn answer_chars(answer: &LlmResponse) -> usize {
+    match answer {
+        LlmResponse::Generation(g) => g.choices.iter().map(|c| c.text.len()).sum(),
+        LlmResponse::Embeddings(_) => 0,
+        LlmResponse::Native(n) => n.chars,
+    }
+}
+
+/// The backend that answered, as its cost is counted.
+pub(super) struct Priced {
+    pub(super) price: Option<Price>,
+    pub(super) provider: &'static str,
+    pub(super) model: Arc<str>,
+}
+
+impl Priced {
+    pub(super) fn of(backend: &Backend) -> Priced {
+        Priced {
+            price: backend.price,
+            provider: backend.upstream.adapter.info().provider.as_str(),
+            model: Arc::clone(&backend.model),
+        }
+    }
+}
+
+/// The cost of an answered call at its backend's price, counted in `portcullis_cost_usd_total`.
+pub(super) fn record_cost(
+    metrics: &Metrics,
+    entry: &RouteEntry,
+    consumer: &Arc<str>,
+    backend: &Priced,
+    tokens: Tokens,
+) -> CallCost {
+    let labels = || CostLabels {
+        route: entry.name.clone(),
+        gen_ai_provider_name: backend.provider,
+        gen_ai_request_model: backend.model.clone(),
+        consumer: Arc::clone(consumer),
+    };
+    match backend.price {
+        Some(price) => {
+            let usd = price.cost(tokens);
+            metrics.cost.usd.get_or_create(&labels()).add(usd);
+            CallCost::Known(usd)
+        }
+        None => {
+            metrics.cost.unknown.get_or_create(&labels()).inc();
+            CallCost::Unknown
+        }
+    }
+}
+
+/// Token counters, and the usage fields of the request log line.
+pub(super) fn record_usage(
+    metrics: &Metrics,
+    entry: &RouteEntry,
+    consumer: &Arc<str>,
+    usage: &Usage,
+) {
+    for (kind, count) in [
+        ("input", usage.prompt_tokens),
+        ("output", usage.completion_tokens),
+    ] {
+        if let Some(n) = count {
+            let labels = TokenLabels {
+                route: entry.name.clone(),
+                gen_ai_provider_name: entry.provider.as_str(),
+                gen_ai_request_model: entry.model.clone(),
+                consumer: Arc::clone(consumer),
+                gen_ai_token_type: kind,
+            };
+            metrics.tokens.get_or_create(&labels).inc_by(n);
+        }
+    }
+    let usage = *usage;
+    observe::note(|c| c.usage = Some(usage));
+}
+
+pub(super) fn record_error(metrics: &Metrics, entry: &RouteEntry, err: &GatewayError) {
+    let labels = ErrorLabels {
+        route: entry.name.clone(),
+        gen_ai_provider_name: entry.provider.as_str(),
+        error_type: err.code(),
+    };
+    metrics.upstream_errors.get_or_create(&labels).inc();
+}
+
+/// Records a stream's metrics as it passes: time to first token, usage, errors, and the total
+/// upstream time when the stream ends or the client goes away (on drop).
+pub(super) struct StreamObserver {
+    metrics: Arc<Metrics>,
+    entry: Arc<RouteEntry>,
+    consumer: Arc<str>,
+    started: Instant,
+    first_chunk: Option<Instant>,
+    usage: Option<Usage>,
+    /// Text seen so far: what an early-ended stream is charged when no usage arrived.
+    streamed_chars: usize,
+    admission: Option<Admission>,
+    priced: Priced,
+    /// What a `truncate` budget lets this stream spend, and that budget.
+    allowance: Option<(crate::cost::Usd, String)>,
+    /// Ended by its budget: charged what was sent, whatever usage arrives.
+    truncated: bool,
+}
+
+impl StreamObserver {
+    pub(super) fn new(
+        state: &AppState,
+        entry: &Arc<RouteEntry>,
+        started: Instant,
+        admission: Admission,
+        backend: &Backend,
+    ) -> StreamObserver {
+        StreamObserver {
+            allowance: admission.allowance(),
+            truncated: false,
+            metrics: Arc::clone(&state.metrics),
+            entry: Arc::clone(entry),
+            consumer: observe::consumer(),
+            started,
+            first_chunk: None,
+            usage: None,
+            streamed_chars: 0,
+            admission: Some(admission),
+            priced: Priced::of(backend),
+        }
+    }
+
+    /// The stream as the caller gets it: observed as it passes, and ended by an error event
+    /// where its budget runs out (which drops the upstream response and cancels the call).
+    pub(super) fn watch(
+        self,
+        deltas: impl Stream<Item = Result<Vec<StreamDelta>, GatewayError>> + Send + 'static,
+    ) -> impl Stream<Item = Result<Vec<StreamDelta>, GatewayError>> + Send + 'static {
+        deltas.scan(self, |observer, mut item| {
+            if observer.truncated {
+                return futures::future::ready(None);
+            }
+            if let Some(cut) = observer.over_budget(&item) {
+                observer.truncated = true;
+                return futures::future::ready(Some(Err(cut)));
+            }
+            observer.see(&item);
+            if let Ok(deltas) = &mut item {
+                observer.price_usage(deltas);
+            }
+            futures::future::ready(Some(item))
+        })
+    }
+
+    /// The final event when passing these deltas would take the stream's cost past its allowance.
+    fn over_budget(&self, item: &Result<Vec<StreamDelta>, GatewayError>) -> Option<GatewayError> {
+        let (Some((allowed, budget)), Ok(deltas), Some(price)) =
+            (self.allowance.as_ref(), item, self.priced.price)
+        else {
+            return None;
+        };
+        let text: usize = deltas
+            .iter()
+            .filter_map(|d| d.text.as_ref())
+            .map(String::len)
+            .sum();
+        if text == 0 {
+            return None;
+        }
+        let prompt = self.admission.as_ref().map_or(0, |a| a.prompt_estimate);
+        let running = price.cost(Tokens {
+            input: prompt,
+            cached: 0,
+            output: admission::tokens_for_chars(self.streamed_chars + text),
+        });
+        (running > *allowed).then(|| GatewayError::BudgetTruncated {
+            budget: budget.clone(),
+            allowed: allowed.format(2),
+        })
+    }
+
+    fn see(&mut self, item: &Result<Vec<StreamDelta>, GatewayError>) {
+        match item {
+            Ok(deltas) => {
+                if self.first_chunk.is_none() {
+                    let now = Instant::now();
+                    self.first_chunk = Some(now);
+                    let ttft = now.duration_since(self.started).as_secs_f64();
+                    self.entry
+                        .metrics(&self.metrics)
+                        .time_to_first_token
+                        .observe(ttft);
+                }
+                // Tool-call arguments are output too.
+                self.streamed_chars += deltas
+                    .iter()
+                    .map(|d| {
+                        d.text.as_ref().map_or(0, String::len)
+                            + d.tool_calls
+                                .iter()
+                                .map(|t| t.arguments.len())
+                                .sum::<usize>()
+                    })
+                    .sum::<usize>();
+                if let Some(usage) = deltas.iter().rev().find_map(|d| d.usage) {
+                    self.usage = Some(usage);
+                }
+            }
+            Err(e) => record_error(&self.metrics, &self.entry, e),
+        }
+    }
+}
+
+impl StreamObserver {
+    /// Notes the call's cost on the delta that reports usage, for dialects with a final usage
+    /// chunk (the metric and the log line are written when the stream ends, on drop).
+    fn price_usage(&self, deltas: &mut [StreamDelta]) {
+        let Some(delta) = deltas.iter_mut().rev().find(|d| d.usage.is_some()) else {
+            return;
+        };
+        let tokens = delta.usage.as_ref().and_then(Tokens::from_usage);
+        delta.cost_usd = Some(match (self.priced.price, tokens) {
+            (Some(price), Some(tokens)) => price.cost(tokens).to_string(),
+            _ => "unknown".to_string(),
+        });
+    }
+}
+
+impl Drop for StreamObserver {
+    fn drop(&mut self) {
+        self.entry
+            .metrics(&self.metrics)
+            .upstream_duration
+            .observe(self.started.elapsed().as_secs_f64());
+        if let Some(usage) = self.usage {
+            record_usage(&self.metrics, &self.entry, &self.consumer, &usage);
+        }
+        // A stream cut short has no usage report: it costs the prompt and the text sent so far.
+        let prompt_estimate = self.admission.as_ref().map_or(0, |a| a.prompt_estimate);
+        let tokens = self
+            .usage
+            .as_ref()
+            .filter(|_| !self.truncated)
+            .and_then(Tokens::from_usage)
+            .unwrap_or(Tokens {
+                input: prompt_estimate,
+                cached: 0,
+                output: admission::tokens_for_chars(self.streamed_chars),
+            });
+        let cost = record_cost(
+            &self.metrics,
+            &self.entry,
+            &self.consumer,
+            &self.priced,
+            tokens,
+        );
+        if let Some(admission) = self.admission.take() {
+            let used = self
+                .usage
+                .as_ref()
+                .filter(|_| !self.truncated)
+                .and_then(admission::used_tokens)
+                .unwrap_or(tokens.input.saturating_add(tokens.output));
+            admission.settle(used, cost.known());
+        }
+        tracing::info!(
+            route = %self.entry.name,
+            provider = self.entry.provider.as_str(),
+            cost_usd = %cost,
+            ttft_ms = self.first_chunk.map(|t| t.duration_since(self.started).as_secs_f64() * 1000.0),
+            duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+            prompt_tokens = self.usage.and_then(|u| u.prompt_tokens),
+            completion_tokens = self.usage.and_then(|u| u.completion_tokens),
+            "stream finished"
+        );
+    }
+}

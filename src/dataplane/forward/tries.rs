@@ -1,0 +1,350 @@
+//! The tries of one call across a route's backends: which backend next and with how much time,
+//! and, after each try, the verdict (a pure function of the outcome, the policy, the tries made
+//! and the clock) applied together with the backend's health and metrics.
+
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::{debug, warn};
+
+use crate::api::RetryOn;
+use crate::dataplane::AppState;
+use crate::dataplane::error::GatewayError;
+use crate::dataplane::observe;
+use crate::table::{Backend, Backends};
+use crate::telemetry::metrics::BackendErrorLabels;
+use crate::traffic::{self, TrafficPolicy};
+
+/// The failure class of an upstream error, for retries and outlier detection; `None` for errors
+/// that say nothing about the backend's health (a 400, a content policy refusal).
+pub(super) fn failure_class(err: &GatewayError) -> Option<RetryOn> {
+    match err {
+        GatewayError::Upstream { status, .. } if status.as_u16() == 429 => {
+            Some(RetryOn::RateLimited)
+        }
+        GatewayError::Upstream { status, .. }
+            if status.is_server_error() || status.as_u16() == 529 =>
+        {
+            Some(RetryOn::Unavailable)
+        }
+        GatewayError::UpstreamTimeout(_) | GatewayError::UpstreamStalled(_) => {
+            Some(RetryOn::Timeout)
+        }
+        GatewayError::UpstreamUnreachable(_) => Some(RetryOn::ConnectFailure),
+        // A stream closed before its first chunk is a provider that went away mid-answer.
+        GatewayError::UpstreamTruncated(_) => Some(RetryOn::Unavailable),
+        _ => None,
+    }
+}
+
+/// What follows a try.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Verdict {
+    /// The try's outcome is the call's: an answer, or an error that says nothing of the
+    /// backend's health (a 400, a refused credential).
+    Answer,
+    /// A failure of this class, tried again on another backend.
+    Retry(RetryOn),
+    /// A failure of this class that ends the call: not listed in `retryOn`, or no tries or time left.
+    GiveUp(RetryOn),
+}
+
+/// The retry decision, pure: `error` is the try's (`None` for an answer), `tries` the tries made
+/// so far including this one.
+pub(super) fn verdict(
+    error: Option<&GatewayError>,
+    policy: &TrafficPolicy,
+    tries: u32,
+    now: Instant,
+    deadline: Instant,
+) -> Verdict {
+    let Some(class) = error.and_then(failure_class) else {
+        return Verdict::Answer;
+    };
+    if policy.retries(class) && tries < policy.attempts && now < deadline {
+        Verdict::Retry(class)
+    } else {
+        Verdict::GiveUp(class)
+    }
+}
+
+/// The tries of one call across a route's backends: which backend next, with how much time, and
+/// whether a failure is retried. Health and per-backend metrics are updated as tries end.
+pub(super) struct Tries<'a> {
+    state: &'a AppState,
+    /// The route's served name, for metrics and logs.
+    route: &'a Arc<str>,
+    backends: &'a Backends,
+    /// The whole call's deadline: no try starts after it, none runs past it.
+    deadline: Instant,
+    tried: u32,
+    count: u32,
+}
+
+impl<'a> Tries<'a> {
+    pub(super) fn new(state: &'a AppState, route: &'a Arc<str>, backends: &'a Backends) -> Self {
+        Tries {
+            state,
+            route,
+            backends,
+            deadline: Instant::now() + state.upstream_timeout,
+            tried: 0,
+            count: 0,
+        }
+    }
+
+    /// The backend for the next try and the time it may take.
+    pub(super) fn next(&mut self) -> Result<(&'a Backend, Duration), GatewayError> {
+        let list = &self.backends.list;
+        // Reconcile publishes a route as ready only with a backend of positive weight.
+        let Some((index, backend)) = traffic::pick(list, self.tried, traffic::now_ms())
+            .and_then(|i| Some((i, list.get(i)?)))
+        else {
+            return Err(GatewayError::UpstreamUnreachable(format!(
+                "route {:?} has no backend that can take calls",
+                self.route
+            )));
+        };
+        self.tried |= 1 << index;
+        self.count += 1;
+        backend
+            .metrics(self.route, &self.state.metrics)
+            .requests
+            .inc();
+        let remaining = self.deadline.saturating_duration_since(Instant::now());
+        let timeout = self
+            .backends
+            .policy
+            .per_try_timeout
+            .map_or(remaining, |t| t.min(remaining));
+        Ok((backend, timeout))
+    }
+
+    /// Records how a try ended; `Continue` when the call is to be tried again.
+    pub(super) fn settle<T>(
+        &self,
+        backend: &Backend,
+        result: Result<T, GatewayError>,
+    ) -> ControlFlow<Result<T, GatewayError>> {
+        let metrics = backend.metrics(self.route, &self.state.metrics);
+        let err = match result {
+            Ok(answer) => {
+                if backend.health.succeeded(traffic::now_ms()) {
+                    metrics.ejected.set(0);
+                }
+                self.note_answered(backend);
+                return ControlFlow::Break(Ok(answer));
+            }
+            Err(e) => e,
+        };
+        self.state
+            .metrics
+            .backend_errors
+            .get_or_create(&BackendErrorLabels {
+                route: metrics.labels.route.clone(),
+                backend: metrics.labels.backend.clone(),
+                error_type: err.code(),
+            })
+            .inc();
+        if matches!(err, GatewayError::CredentialRejected { .. }) {
+            backend.health.credential_rejected();
+        }
+        let policy = &self.backends.policy;
+        let decision = verdict(
+            Some(&err),
+            policy,
+            self.count,
+            Instant::now(),
+            self.deadline,
+        );
+        let class = match decision {
+            Verdict::Answer => {
+                self.note_answered(backend);
+                return ControlFlow::Break(Err(err));
+            }
+            Verdict::Retry(class) | Verdict::GiveUp(class) => class,
+        };
+        let retry_after = err.retry_after().filter(|_| class == RetryOn::RateLimited);
+        if let Some(hold) = backend
+            .health
+            .failed(&policy.outlier, retry_after, traffic::now_ms())
+        {
+            metrics.ejections.inc();
+            metrics.ejected.set(1);
+            warn!(route = %self.route, backend = %backend.id, ejected_ms = hold.as_millis() as u64, error = err.code(), "backend ejected");
+        }
+        if !matches!(decision, Verdict::Retry(_)) {
+            self.note_answered(backend);
+            return ControlFlow::Break(Err(err));
+        }
+        metrics.retries.inc();
+        debug!(route = %self.route, backend = %backend.id, error = err.code(), attempt = self.count, "retrying on another backend");
+        ControlFlow::Continue(())
+    }
+
+    /// The backend that gave the call's answer, for the response header, log line and metrics.
+    pub(super) fn note_answered(&self, backend: &Backend) {
+        let answered = observe::Answered {
+            backend: Arc::clone(&backend.id),
+            header: backend.header.clone(),
+            attempts: self.count,
+        };
+        let provider = backend.upstream.adapter.info().provider.as_str();
+        observe::note(|c| {
+            c.provider = Some(provider);
+            c.answered = Some(answered);
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::RetryPolicy;
+    use http::StatusCode;
+
+    fn upstream(status: u16) -> GatewayError {
+        GatewayError::Upstream {
+            status: StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+            message: "x".into(),
+            retry_after: None,
+        }
+    }
+
+    fn policy(attempts: u32, on: Option<Vec<RetryOn>>) -> TrafficPolicy {
+        let retry = RetryPolicy {
+            attempts: Some(attempts),
+            retry_on: on,
+            ..Default::default()
+        };
+        TrafficPolicy::from_spec(Some(&retry), None, 1).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn verdicts() {
+        use RetryOn::*;
+        use Verdict::*;
+        let now = Instant::now();
+        let later = now + Duration::from_secs(30);
+        let all = policy(3, None);
+        let only_429 = policy(3, Some(vec![RateLimited]));
+        // (case, the try's error, policy, tries made, the call's deadline, verdict)
+        type Case<'a> = (
+            &'a str,
+            Option<GatewayError>,
+            &'a TrafficPolicy,
+            u32,
+            Instant,
+            Verdict,
+        );
+        let cases: Vec<Case> = vec![
+            ("an answer", None, &all, 1, later, Answer),
+            (
+                "a 400 is the caller's",
+                Some(upstream(400)),
+                &all,
+                1,
+                later,
+                Answer,
+            ),
+            (
+                "429",
+                Some(upstream(429)),
+                &all,
+                1,
+                later,
+                Retry(RateLimited),
+            ),
+            (
+                "500",
+                Some(upstream(500)),
+                &all,
+                2,
+                later,
+                Retry(Unavailable),
+            ),
+            (
+                "529 overloaded",
+                Some(upstream(529)),
+                &all,
+                1,
+                later,
+                Retry(Unavailable),
+            ),
+            (
+                "timeout",
+                Some(GatewayError::UpstreamTimeout(1)),
+                &all,
+                1,
+                later,
+                Retry(Timeout),
+            ),
+            (
+                "stalled stream",
+                Some(GatewayError::UpstreamStalled(1)),
+                &all,
+                1,
+                later,
+                Retry(Timeout),
+            ),
+            (
+                "refused",
+                Some(GatewayError::UpstreamUnreachable("x".into())),
+                &all,
+                1,
+                later,
+                Retry(ConnectFailure),
+            ),
+            (
+                "closed before the first chunk",
+                Some(GatewayError::UpstreamTruncated(
+                    crate::api::Provider::Openai,
+                )),
+                &all,
+                1,
+                later,
+                Retry(Unavailable),
+            ),
+            (
+                "out of tries",
+                Some(upstream(429)),
+                &all,
+                3,
+                later,
+                GiveUp(RateLimited),
+            ),
+            (
+                "out of time",
+                Some(upstream(429)),
+                &all,
+                1,
+                now,
+                GiveUp(RateLimited),
+            ),
+            (
+                "not listed",
+                Some(GatewayError::UpstreamTimeout(1)),
+                &only_429,
+                1,
+                later,
+                GiveUp(Timeout),
+            ),
+            (
+                "listed",
+                Some(upstream(429)),
+                &only_429,
+                1,
+                later,
+                Retry(RateLimited),
+            ),
+        ];
+        for (name, error, policy, tries, deadline, expected) in cases {
+            assert_eq!(
+                verdict(error.as_ref(), policy, tries, now, deadline),
+                expected,
+                "{name}"
+            );
+        }
+    }
+}
