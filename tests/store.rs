@@ -756,6 +756,7 @@ async fn route_and_team_over_slots(url: &str) {
             reason: portcullis::api::Reason::SecretNotFound,
             message: String::new(),
         },
+        metrics: Default::default(),
     };
     let route = entry(support::unique("slot-route"), vec![limit(5)]);
     let team = Arc::new(TeamEntry {
