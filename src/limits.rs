@@ -523,6 +523,10 @@ impl SharedCounters {
         let mut seen = self.seen.lock();
         if seen.len() > 100_000 {
             seen.retain(|_, (_, reset_at)| *reset_at > now);
+            // Bounded whatever the consumers: forgetting only widens a share while counting alone.
+            if seen.len() > 100_000 {
+                seen.clear();
+            }
         }
         for (c, n) in counters.iter().zip(&counted.used).take(known) {
             match seen.get_mut(&c.key) {
