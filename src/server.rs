@@ -11,7 +11,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::access::{Authenticator, CacheTtl, DefaultAccess, SharedApiKeys, TokenReviewer};
+use crate::access::{
+    Authenticator, CacheTtl, DefaultAccess, SharedApiKeys, TokenPolicy, TokenReviewer,
+};
 use crate::controller::policy::Egress;
 use crate::dataplane::listener::{ListenerArgs, ListenerLimits, Placement};
 use crate::dataplane::via::Via;
@@ -39,8 +41,8 @@ pub struct DataPlaneArgs {
     /// (default: the CPUs this process may use; 0 serves on the shared runtime instead).
     #[arg(long, env = "PORTCULLIS_WORKERS")]
     pub workers: Option<usize>,
-    /// Largest accepted request body, in bytes.
-    #[arg(long, env = "PORTCULLIS_BODY_LIMIT", default_value_t = 10 * 1024 * 1024)]
+    /// Largest accepted request body, in bytes (its parsed JSON may take at most 8 times this).
+    #[arg(long, env = "PORTCULLIS_BODY_LIMIT", default_value_t = 2 * 1024 * 1024)]
     pub body_limit: usize,
     /// Longest wait for a provider: the whole answer, or between two chunks of a stream (seconds).
     #[arg(long, env = "PORTCULLIS_UPSTREAM_TIMEOUT", default_value_t = 600.0)]
@@ -84,6 +86,17 @@ pub struct DataPlaneArgs {
     /// The audience ServiceAccount tokens must be issued for.
     #[arg(long, env = "PORTCULLIS_TOKEN_AUDIENCE", default_value = "portcullis")]
     pub token_audience: String,
+    /// Issuers (`iss`) ServiceAccount tokens may come from, comma-separated; a token from another
+    /// is refused without a TokenReview. Default: not checked here (the API server checks it).
+    #[arg(long, env = "PORTCULLIS_TOKEN_ISSUER", value_delimiter = ',')]
+    pub token_issuer: Vec<String>,
+    /// New ServiceAccount tokens reviewed per second at most (a bucket of as many): beyond it a
+    /// new token is answered 503 until there is room; tokens accepted before are not counted.
+    #[arg(long, env = "PORTCULLIS_TOKEN_REVIEW_RATE", default_value_t = 50.0)]
+    pub token_review_rate: f64,
+    /// TokenReviews in flight at most.
+    #[arg(long, env = "PORTCULLIS_TOKEN_REVIEW_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    pub token_review_concurrency: u32,
     /// Seconds a valid ServiceAccount token is trusted without asking the API server again.
     #[arg(long, default_value_t = 30.0)]
     pub token_cache_ttl: f64,
@@ -147,6 +160,7 @@ pub struct Settings {
     pub drain_timeout: Duration,
     pub shutdown_delay: Duration,
     pub token_ttl: CacheTtl,
+    pub token_policy: TokenPolicy,
     pub workers: usize,
 }
 
@@ -170,6 +184,14 @@ impl DataPlaneArgs {
                 "--workers must be at most {MAX_WORKERS}"
             )));
         }
+        if !(self.token_review_rate.is_finite() && self.token_review_rate > 0.0) {
+            return Err(StartError::Config(
+                "--token-review-rate must be a positive number".into(),
+            ));
+        }
+        if self.body_limit == 0 {
+            return Err(StartError::Config("--body-limit must be at least 1".into()));
+        }
         if self.token_audience.is_empty() {
             return Err(StartError::Config(
                 "--token-audience must not be empty".into(),
@@ -190,6 +212,12 @@ impl DataPlaneArgs {
                 StartError::Config("--shutdown-delay must be a number of seconds".into())
             })?,
             token_ttl,
+            token_policy: TokenPolicy {
+                audience: self.token_audience.clone(),
+                issuers: self.token_issuer.clone(),
+                rate: self.token_review_rate,
+                concurrency: self.token_review_concurrency as usize,
+            },
             workers: self
                 .workers
                 .unwrap_or_else(dataplane::workers::default_count),
@@ -244,11 +272,12 @@ impl DataPlane {
             None => Limiter::local(metrics.clone(), args.replicas),
         });
         let api_keys = SharedApiKeys::default();
-        let auth = Arc::new(Authenticator::new(
+        let auth = Arc::new(Authenticator::with_policy(
             api_keys.clone(),
             reviewer(metrics.clone()),
             settings.token_ttl,
             args.default_access,
+            settings.token_policy.clone(),
         ));
         let state = Arc::new(AppState {
             table: RoutingTable::default().shared(),

@@ -26,6 +26,9 @@ pub struct RoutingTable {
     sorted: Vec<Arc<RouteEntry>>,
     /// Every Team, by member: their limits hold across all routes.
     pub teams: Arc<crate::teams::Teams>,
+    /// No Route, or some Route without `access` rules (so, under `--default-access allow-all`,
+    /// callable without credentials).
+    anonymous: bool,
 }
 
 /// A Route that owns its public name (it won any name conflict).
@@ -212,10 +215,16 @@ impl RoutingTable {
             by_name.insert(e.name.to_string(), Arc::clone(e));
         }
         RoutingTable {
+            anonymous: sorted.iter().any(|e| e.access.is_none()),
             by_name,
             sorted,
             teams: Arc::default(),
         }
+    }
+
+    /// Whether some Route may be called without credentials under `allow-all`.
+    pub fn admits_anonymous(&self) -> bool {
+        self.anonymous || self.sorted.is_empty()
     }
 
     pub fn shared(self) -> SharedTable {

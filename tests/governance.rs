@@ -85,12 +85,6 @@ fn serve<const N: usize>(
     names
 }
 
-fn api_key_secret(ns: &str, name: &str, key: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels:\n    portcullis.dev/api-key: \"true\"\nstringData:\n  apiKey: {key}\n"
-    )
-}
-
 /// `token` re-signed with the control plane's own ServiceAccount key after moving its expiry an hour
 /// into the past: a genuinely expired token (the TokenRequest API will not issue one shorter than 10 min).
 fn expired_copy(cp: &ControlPlane, token: &str) -> String {
@@ -209,7 +203,8 @@ fn service_account_tokens_are_reviewed_cached_and_checked_against_access() {
             let (code, headers, body) = call(&gw, bearer, &chat_body(route));
             assert_eq!(code, 401, "{what} on {route}: {body}");
             assert_eq!(body["error"]["type"], "authentication_error");
-            assert_eq!(headers["www-authenticate"], "Bearer");
+            let scheme = headers["www-authenticate"].to_str().unwrap_or_default();
+            assert!(scheme.starts_with("Bearer"), "{scheme}");
         }
     }
 
@@ -274,7 +269,8 @@ fn service_account_tokens_are_reviewed_cached_and_checked_against_access() {
     // Fresh cache entries first: a rejected token is remembered for 5 s only.
     assert_eq!(status(&gw, &restricted, Some(&wrong_audience)), 401);
     let (ok_before, bad_before) = (reviews("authenticated"), reviews("rejected"));
-    assert!(ok_before >= 3.0 && bad_before >= 2.0, "{}", gw.metrics());
+    // Expired and wrong-audience tokens are refused without a review; the ghost is reviewed.
+    assert!(ok_before >= 3.0 && bad_before >= 1.0, "{}", gw.metrics());
     for _ in 0..10 {
         assert_eq!(status(&gw, &restricted, Some(&notebook)), 200);
         assert_eq!(status(&gw, &restricted, Some(&wrong_audience)), 401);
@@ -284,7 +280,7 @@ fn service_account_tokens_are_reviewed_cached_and_checked_against_access() {
     assert_eq!(reviews("error"), 0.0);
 
     // The caller's identity is the consumer in the log and the token metrics.
-    let consumer = format!("{ns}/notebook");
+    let consumer = format!("sa/{ns}/notebook");
     // Log lines are written by a background thread: give it a moment.
     let logged = |who: &str| {
         let field = format!("\"consumer\":\"{who}\"");
@@ -333,7 +329,7 @@ fn api_keys_are_accepted_and_revoked_within_a_second() {
         status(&gw, &route, Some("pk-partner-first-1")) == 200
     })
     .unwrap_or_else(|_| panic!("the API key was not accepted:\n{}", gw.log()));
-    let field = format!("\"consumer\":\"{ns}/partner\"");
+    let field = format!("\"consumer\":\"key/{ns}/partner\"");
     eventually(Duration::from_secs(2), || gw.log().contains(&field))
         .unwrap_or_else(|_| panic!("the consumer is not logged:\n{}", gw.log()));
     // A replica that starts later turns ready only once it knows the keys.
@@ -754,7 +750,8 @@ fn hidden_routes_answer_exactly_like_missing_ones_on_every_path() {
     cp.ok(&["create", "serviceaccount", "outsider", "-n", &ns]);
     let gw = Gateway::start(cp, &["--namespace", &ns]);
     let only_nobody = "  access:\n    - serviceAccount: nobody/none\n";
-    let [chat] = serve(cp, &ns, &sim, [("hidden", only_nobody)]);
+    // A public Route too: were every Route hidden, anonymous callers would get a 401 at once.
+    let [chat, _public] = serve(cp, &ns, &sim, [("hidden", only_nobody), ("public", "")]);
     // A Route that is not ready (its Secret is missing) and hidden.
     let broken = unique("hidden-broken");
     cp.apply(&format!(

@@ -65,15 +65,41 @@ pub fn used_tokens(usage: &Usage) -> Option<u64> {
     used.map(|u| u.min(crate::llm::MAX_REPORTED_TOKENS))
 }
 
-/// The caller of this request, authenticated once (credentials are taken out of the call).
+/// The caller of this request, authenticated once (credentials are taken out of the call; later
+/// asks get the same answer).
 pub async fn authenticate(state: &AppState) -> Result<Option<Identity>, AuthError> {
+    if let Some(known) = observe::caller() {
+        return known;
+    }
     let bearer = observe::take_bearer();
-    let identity = state.auth.authenticate(bearer.as_ref()).await?;
-    if let Some(id) = &identity {
+    let outcome = state.auth.authenticate(bearer.as_ref()).await;
+    if let Ok(Some(id)) = &outcome {
         let name = id.name();
         observe::note(|c| c.consumer = Some(name.into()));
     }
-    Ok(identity)
+    let noted = outcome.clone();
+    observe::note(|c| c.caller = Some(noted));
+    outcome
+}
+
+/// Before a request body is read: the caller is authenticated, and refused at once when no Route
+/// could admit it, so an unauthenticated caller costs no body buffer. A presented JWT that is not
+/// valid is a 401 saying why; with `--default-access authenticated`, or when every Route has
+/// `access` rules, so is a missing credential.
+pub async fn before_body(state: &AppState) -> Result<(), GatewayError> {
+    let outcome = authenticate(state).await;
+    let anonymous_admitted = || {
+        state.auth.default_access == DefaultAccess::AllowAll
+            && state.table.load().admits_anonymous()
+    };
+    match outcome {
+        Ok(Some(_)) => Ok(()),
+        Err(AuthError::Invalid(why)) if why.is_token() => Err(GatewayError::InvalidToken(why)),
+        Err(AuthError::Unavailable) if anonymous_admitted() => Ok(()),
+        Err(AuthError::Unavailable) => Err(GatewayError::AuthUnavailable),
+        Ok(None) | Err(AuthError::Invalid(_)) if anonymous_admitted() => Ok(()),
+        Ok(None) | Err(AuthError::Invalid(_)) => Err(GatewayError::Unauthenticated),
+    }
 }
 
 /// Which routes a listing shows its caller: only those the caller may use, so a route's existence
@@ -84,12 +110,20 @@ pub struct Visibility {
 }
 
 impl Visibility {
-    /// The caller of this listing request; missing or invalid credentials list as anonymous.
-    pub async fn of_caller(state: &AppState) -> Visibility {
-        Visibility {
-            caller: authenticate(state).await.ok().flatten(),
+    /// The caller of this listing request; missing credentials and values that are not tokens
+    /// list as anonymous, a JWT that is not valid is a 401 saying why.
+    pub async fn of_caller(state: &AppState) -> Result<Visibility, GatewayError> {
+        let caller = match authenticate(state).await {
+            Ok(caller) => caller,
+            Err(AuthError::Invalid(why)) if why.is_token() => {
+                return Err(GatewayError::InvalidToken(why));
+            }
+            Err(_) => None,
+        };
+        Ok(Visibility {
+            caller,
             default: state.auth.default_access,
-        }
+        })
     }
 
     pub fn shows(&self, entry: &RouteEntry) -> bool {
@@ -98,7 +132,7 @@ impl Visibility {
 
     /// The named route if this caller may see it; a hidden route is as unknown as a missing one.
     pub async fn find(state: &AppState, name: String) -> Result<Arc<RouteEntry>, GatewayError> {
-        let visible = Self::of_caller(state).await;
+        let visible = Self::of_caller(state).await?;
         let table = state.table.load();
         table
             .get(&name)
@@ -111,11 +145,12 @@ impl Visibility {
 /// Who is calling and whether they may use `name`, decided before anything about the route is
 /// revealed, so that to a caller it does not admit a route answers exactly like a missing one.
 ///
-/// With `--default-access authenticated` no route admits anonymous callers, so a missing or
-/// invalid credential is a 401 whatever the name. With `allow-all`, credentials are optional: an
-/// invalid one counts as none (public routes still serve), and a route that does not admit the
-/// caller is a 404 like a missing one. A credential that cannot be checked right now is a 503
-/// except on a public route.
+/// A presented JWT that is not valid is a 401 saying why, whatever the name. With
+/// `--default-access authenticated` no route admits anonymous callers, so a missing credential or
+/// a value that is not a known key is a 401 whatever the name. With `allow-all`, credentials are
+/// optional: a value that is not a token counts as none (SDK placeholder keys; public routes
+/// still serve), and a route that does not admit the caller is a 404 like a missing one. A
+/// credential that cannot be checked right now is a 503 except on a public route.
 pub async fn authorize(
     state: &AppState,
     name: &str,
@@ -123,13 +158,16 @@ pub async fn authorize(
     let default = state.auth.default_access;
     let (caller, unchecked) = match (authenticate(state).await, default) {
         (Ok(Some(caller)), _) => (Some(caller), false),
-        (Ok(None) | Err(AuthError::Invalid), DefaultAccess::Authenticated) => {
+        (Err(AuthError::Invalid(why)), _) if why.is_token() => {
+            return Err(GatewayError::InvalidToken(why));
+        }
+        (Ok(None) | Err(AuthError::Invalid(_)), DefaultAccess::Authenticated) => {
             return Err(GatewayError::Unauthenticated);
         }
         (Err(AuthError::Unavailable), DefaultAccess::Authenticated) => {
             return Err(GatewayError::AuthUnavailable);
         }
-        (Ok(None) | Err(AuthError::Invalid), DefaultAccess::AllowAll) => (None, false),
+        (Ok(None) | Err(AuthError::Invalid(_)), DefaultAccess::AllowAll) => (None, false),
         (Err(AuthError::Unavailable), DefaultAccess::AllowAll) => (None, true),
     };
     let table = state.table.load();

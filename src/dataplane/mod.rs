@@ -14,6 +14,7 @@ mod forward;
 #[cfg(test)]
 mod fuzz;
 mod health;
+pub mod intake;
 pub mod listener;
 mod listing;
 mod mlflow_deployments;

@@ -1030,6 +1030,49 @@ pub fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str
         .map(|(_, v)| v.as_str())
 }
 
+/// A JWT-shaped token for `audience` expiring `exp_in` seconds from now (negative: in the past),
+/// unique by `label`, with a signature no API server accepts.
+pub fn unsigned_jwt(audience: &str, exp_in: i64, label: &str) -> String {
+    use base64::Engine as _;
+    let enc = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let claims = serde_json::json!({"aud": [audience], "exp": now + exp_in, "sub": label});
+    format!(
+        "{}.{}.c2lnbmF0dXJl",
+        enc(r#"{"alg":"RS256","kid":"x"}"#),
+        enc(&claims.to_string())
+    )
+}
+
+/// A field of `/proc/PID/status` in KiB (`VmRSS`, `VmHWM`); 0 when unreadable.
+pub fn proc_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The sum of every sample of the counter family `name` (all label sets) in a metrics text.
+pub fn metric_sum(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter(|l| matches!(l.as_bytes().get(name.len()), Some(b'{' | b' ')))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// An API-key consumer: a Secret labelled `portcullis.dev/api-key` holding `key`.
+pub fn api_key_secret(ns: &str, name: &str, key: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels:\n    portcullis.dev/api-key: \"true\"\nstringData:\n  apiKey: {key}\n"
+    )
+}
+
 /// The ```yaml blocks of README.md, as written there.
 pub fn readme_yaml_blocks() -> Vec<String> {
     let readme = std::fs::read_to_string(repo().join("README.md")).expect("README.md");
