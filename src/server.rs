@@ -103,10 +103,8 @@ pub struct DataPlaneArgs {
     /// Seconds an invalid token is remembered as invalid.
     #[arg(long, default_value_t = 5.0)]
     pub negative_token_cache_ttl: f64,
-    /// Share limits across replicas through this Redis (redis://[:password@]host:port[/db]);
-    /// without it each replica counts alone.
-    #[arg(long, env = "PORTCULLIS_LIMITS_STORE")]
-    pub limits_store: Option<String>,
+    #[command(flatten)]
+    pub store: crate::store::StoreArgs,
     /// Replicas serving together: while counting alone (no store, or the store is unreachable),
     /// each replica enforces 1/N of every limit.
     #[arg(long, env = "PORTCULLIS_REPLICAS", default_value_t = 1)]
@@ -270,9 +268,12 @@ impl DataPlane {
         let http = dataplane::http_client(settings.upstream_timeout, &settings.egress)
             .map_err(|e| StartError::Config(e.to_string()))?;
         let metrics = Arc::new(Metrics::new());
-        let limits = Arc::new(match &args.limits_store {
-            Some(url) => Limiter::shared(metrics.clone(), args.replicas, url)
-                .map_err(|e| StartError::Config(e.to_string()))?,
+        let limits = Arc::new(match &args.store.limits_store {
+            Some(url) => {
+                let store = crate::store::Store::open(&args.store, url)
+                    .map_err(|e| StartError::Config(e.to_string()))?;
+                Limiter::shared(metrics.clone(), args.replicas, store)
+            }
             None => Limiter::local(metrics.clone(), args.replicas),
         });
         let api_keys = SharedApiKeys::default();
@@ -318,7 +319,8 @@ impl DataPlane {
             upstream_timeout_s = settings.upstream_timeout.as_secs_f64(),
             default_access = ?args.default_access,
             token_audience = %args.token_audience,
-            limits_store = if args.limits_store.is_some() { "redis" } else { "local" },
+            limits_store = if args.store.limits_store.is_some() { "redis" } else { "local" },
+            store_timeout_ms = args.store.store_timeout.as_millis() as u64,
             replicas = args.replicas,
             workers = settings.workers,
             listener_limits = ?settings.listener_limits,

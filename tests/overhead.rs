@@ -153,12 +153,14 @@ async fn auth_and_limits_overhead_for_a_cached_token() {
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    let limiter = Limiter::shared(
-        Arc::new(Metrics::new()),
-        1,
-        &format!("redis://127.0.0.1:{port}"),
-    )
-    .unwrap();
+    let args = portcullis::store::StoreArgs {
+        store_timeout: Duration::from_millis(250),
+        ..Default::default()
+    };
+    let store =
+        portcullis::store::Store::open(&args, &format!("redis://127.0.0.1:{port}")).unwrap();
+    store.ready().await.unwrap();
+    let limiter = Limiter::shared(Arc::new(Metrics::new()), 1, store);
     let shared = measure(Arc::new(limiter), 20_000).await;
     println!("auth + limits, cached token, Redis on loopback: {shared:?} per request");
     let _ = redis.kill();
