@@ -6,7 +6,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: tools run run-standalone test unit-test e2e-test control-plane python-env redis crds chart-files lint fmt build bench bench-deps bench-quick fuzz soak clean-cache \
+.PHONY: tools run run-standalone test unit-test e2e-test control-plane python-env redis crds chart-files lint fmt build bench bench-deps bench-quick bench-store fuzz soak clean-cache \
 	cluster-deps cluster-build cluster-images image cluster-up cluster-down cluster-test
 
 build:
@@ -15,7 +15,9 @@ build:
 control-plane:
 	hack/control-plane.sh build
 
-# The limits tests start their own redis-server on a free loopback port; install it once (as root).
+# The limits and store tests start their own redis-server processes (plain, TLS, replicas, Sentinels
+# via `redis-server --sentinel`, Cluster nodes) on free loopback ports, and `redis-cli --cluster
+# create`; Debian's redis-server brings redis-tools (redis-cli, redis-benchmark). Install once (as root).
 redis:
 	@command -v redis-server >/dev/null 2>&1 || { \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
@@ -55,7 +57,7 @@ bench-deps:
 
 # Gateway cost against calling the provider directly and through a bare proxy (the floor);
 # writes bench/results/latest.md. Not a test.
-bench: control-plane bench-deps
+bench: control-plane bench-deps redis
 	$(CARGO) build --workspace --release
 	ulimit -n "$$(ulimit -Hn)"; python3 bench/run.py --oha "$$(hack/tools.sh oha)" \
 	  --kubectl "$$(hack/control-plane.sh bin-dir)/kubectl" --control-plane hack/control-plane.sh
@@ -65,6 +67,14 @@ bench-quick: control-plane bench-deps
 	$(CARGO) build --workspace --release
 	ulimit -n "$$(ulimit -Hn)"; python3 bench/run.py --quick --reps 3 --out bench/results/quick.md --oha "$$(hack/tools.sh oha)" \
 	  --kubectl "$$(hack/control-plane.sh bin-dir)/kubectl" --control-plane hack/control-plane.sh
+
+# Only the shared store's rows (round trips per call, store CPU per call, calls/s per Redis core);
+# no control plane, no oha. They count the store's work, not the gateway's, so the debug build
+# will do (writes to bench/results/store.md).
+bench-store: redis
+	$(CARGO) build --workspace
+	python3 bench/run.py --only store --bin-dir target/debug --out bench/results/store.md \
+	  --oha none --kubectl none --control-plane none
 
 # Many more proptest cases of every request parser, provider-answer parser and stream decoder
 # (src/dataplane/fuzz.rs) than `make test` runs, stopped after FUZZ_SECONDS. Not part of CI.

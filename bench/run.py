@@ -360,6 +360,142 @@ def stream_once(host, port, path, body, retry=True):
 
 # --- scenarios -----------------------------------------------------------------------------------
 
+def redis_cli(port, *args):
+    return subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def lua_script(name):
+    """The text of a Lua script constant of src/limits.rs (what the gateway loads into the store)."""
+    src = (ROOT / "src" / "limits.rs").read_text()
+    m = re.search(rf'const {name}: &str = r"\n(.*?)";', src, re.S)
+    return m.group(1)
+
+
+def keepalive_load(url, body, concurrency, seconds):
+    """Closed-loop POSTs on kept-alive connections from `concurrency` threads for `seconds`; the
+    number answered 200. Enough load to count the store's work per call (not to time the gateway)."""
+    import http.client
+    import threading
+    host, port = url.split("//", 1)[1].split("/", 1)[0].split(":")
+    path = "/" + url.split("//", 1)[1].split("/", 1)[1]
+    deadline = time.monotonic() + seconds
+    done = [0] * concurrency
+
+    def worker(i):
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        while time.monotonic() < deadline:
+            conn.request("POST", path, body=body, headers={"content-type": "application/json"})
+            resp = conn.getresponse()
+            resp.read()
+            if resp.status == 200:
+                done[i] += 1
+        conn.close()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(done)
+
+
+def store_scenario(args, work, procs, row, quick):
+    """The shared store's cost: round trips per call and the store CPU per 1,000 calls with a gateway
+    under load, and the calls/s one Redis core sustains with the gateway's scripts (redis-benchmark
+    running the admit and settle scripts at saturation). Runs `portcullis serve` on files."""
+    if not shutil.which("redis-server") or not shutil.which("redis-benchmark"):
+        log("store scenario skipped: redis-server/redis-benchmark not installed (make redis)")
+        return
+    log("scenario: the shared store (Redis)")
+    redis_port, sim_port, gw_port, gw_mport = free_port(), free_port(), free_port(), free_port()
+    redis = Process(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                     "--appendonly", "no"], log_path=work / "redis.log")
+    procs.append(redis)
+    bins = pathlib.Path(args.bin_dir)
+    sim = Process([str(bins / "portcullis-sim"), "--listen", f"127.0.0.1:{sim_port}", "--words", "20"],
+                  log_path=work / "sim-store.log")
+    procs.append(sim)
+    wait_port(redis_port)
+    wait_port(sim_port)
+    # A route with a calls limit, a token budget and a USD budget: three counters per call, and a
+    # settlement (tokens and USD) once the usage is known.
+    routes = (
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: bench-key\nstringData:\n  apiKey: sk-bench-1\n---\n"
+        "apiVersion: portcullis.dev/v1alpha1\nkind: Route\nmetadata:\n  name: limited\nspec:\n"
+        "  routeType: llm/v1/chat\n  model:\n    provider: openai\n    name: gpt-4o-mini\n"
+        f"    apiBase: http://127.0.0.1:{sim_port}/openai/v1\n    secretRef:\n      name: bench-key\n"
+        "  pricing:\n    inputPerMillion: 1\n    outputPerMillion: 1\n"
+        "  limits:\n    - renewalPeriod: day\n      calls: 1000000000\n      tokens: 100000000000\n"
+        "      usd: 1000000\n")
+    (work / "store-routes.yaml").write_text(routes)
+    env = {k: v for k, v in os.environ.items() if k != "RUST_LOG" and not k.startswith("PORTCULLIS_")}
+    gw = Process([str(bins / "portcullis"), "serve", "--config", str(work / "store-routes.yaml"),
+                  "--listen", f"127.0.0.1:{gw_port}", "--metrics-listen", f"127.0.0.1:{gw_mport}",
+                  "--limits-store", f"redis://127.0.0.1:{redis_port}",
+                  # Every call must reach the store to be counted here: no fallback on a busy machine.
+                  "--store-timeout", "2s"], env=env, log_path=work / "gateway-store.log")
+    procs.append(gw)
+    wait_http(f"http://127.0.0.1:{gw_port}/readyz", timeout=60)
+    url = f"http://127.0.0.1:{gw_port}/v1/chat/completions"
+    body = json.dumps({"model": "limited", "max_tokens": 20,
+                       "messages": [{"role": "user", "content": "Say hello to the benchmark"}]})
+    keepalive_load(url, body, 4, 1)
+
+    def commands():
+        stats = {}
+        for line in redis_cli(redis_port, "INFO", "commandstats").splitlines():
+            m = re.match(r"cmdstat_([a-z|]+):calls=(\d+)", line)
+            if m:
+                stats[m.group(1)] = int(m.group(2))
+        return stats
+
+    time.sleep(0.5)
+    before, cpu_before = commands(), redis.cpu_seconds()
+    seconds = 3 if quick else 10
+    calls = max(keepalive_load(url, body, 16, seconds), 1)
+    time.sleep(0.5)  # settlements run in the background
+    after, cpu_after = commands(), redis.cpu_seconds()
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{gw_mport}/metrics", timeout=10).read().decode()
+    store_errors = sum(float(line.split()[-1]) for line in metrics.splitlines()
+                       if line.startswith("portcullis_limits_store_errors_total"))
+    # Commands a client sent (scripts and what they run inside are one round trip each).
+    trips = sum(after.get(k, 0) - before.get(k, 0) for k in ("evalsha", "eval", "set", "script|load"))
+    cpu_ms = (cpu_after - cpu_before) * 1000
+    row("shared store (Redis)", "store round trips per call (3 counters: calls, tokens, USD; admit + settle"
+        f" when the usage differs from the reservation; {store_errors:.0f} store errors)", "",
+        f"{trips / calls:.2f}", "", "≤ 2", trips / calls <= 2.05 and store_errors == 0)
+    row("shared store (Redis)", f"store CPU per 1,000 calls (ms), one gateway at c=16 ({calls / seconds:.0f} calls/s)",
+        "", f"{cpu_ms / calls * 1000:.1f}", "", "reported")
+
+    # Saturation: the admit and settle scripts alone, as many clients as replicas would be.
+    admit_sha = redis_cli(redis_port, "SCRIPT", "LOAD", lua_script("ADMIT_SCRIPT")).strip()
+    settle_sha = redis_cli(redis_port, "SCRIPT", "LOAD", lua_script("SETTLE_SCRIPT")).strip()
+    n = 20000 if quick else 200000
+
+    def rps(*command):
+        out = subprocess.run(["redis-benchmark", "-p", str(redis_port), "-c", "50", "-n", str(n), "-r", "1000",
+                              "--csv", *command], capture_output=True, text=True, check=True).stdout
+        # "test","rps",... then one line per command
+        return float(out.strip().splitlines()[-1].split(",")[1].strip('"'))
+
+    keys = ["portcullis:bench:0:calls:*:__rand_int__", "portcullis:bench:0:tokens:*:__rand_int__",
+            "portcullis:bench:0:usd:*:__rand_int__"]
+    admit_args = []
+    for _ in keys:
+        admit_args += ["1000000000000", "1", "1", "86400"]
+    admit = rps("EVALSHA", admit_sha, "3", *keys, *admit_args)
+    settle = rps("EVALSHA", settle_sha, "2", *keys[1:], "-1", "-1")
+    per_core = 1 / (1 / admit + 1 / settle)
+    row("shared store (Redis)", "calls/s one Redis core sustains with the gateway's scripts (admit + settle, 3 counters)",
+        "", f"{per_core:,.0f}", "", "reported")
+    row("shared store (Redis)", "admit script alone / settle script alone (calls/s)", "",
+        f"{admit:,.0f} / {settle:,.0f}", "", "reported")
+    gw.stop()
+    redis.stop()
+    sim.stop()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--oha", required=True)
@@ -368,6 +504,9 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="small counts, to check the harness itself")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.md"))
+    ap.add_argument("--only", choices=["store"], help="run only this scenario (no control plane)")
+    ap.add_argument("--bin-dir", default=str(RELEASE),
+                    help="the gateway's binaries (the store rows count the store's work, not the gateway's)")
     args = ap.parse_args()
     quick = args.quick
     n_c1 = 300 if quick else 3000
@@ -387,6 +526,9 @@ def main():
         rows.append((scenario, figure, direct, floor, peer, gateway, added, vs_floor, target, verdict))
 
     try:
+        if args.only == "store":
+            store_scenario(args, work, procs, row, quick)
+            raise StopIteration
         subprocess.run([args.control_plane, "start", str(cp_dir), str(os.getpid())], check=True)
         kubeconfig = str(cp_dir / "kubeconfig")
         kubectl = Kubectl(args.kubectl, kubeconfig)
@@ -833,10 +975,14 @@ def main():
         row("memory", "RSS idle (MiB)", "", f"{idle_rss:.1f}", "", "≤ 20", idle_rss <= 20)
         row("memory", f"RSS with {n_routes} Routes, steady (MiB)", "", f"{many_rss:.1f}", "", "≤ 64", many_rss <= 64)
         row("memory", f"peak RSS during the initial sync of {n_routes} Routes (MiB)", "", f"{many_peak:.1f}", "")
+        store_scenario(args, work, procs, row, quick)
+    except StopIteration:
+        pass
     finally:
         for p in procs:
             p.stop()
-        subprocess.run([args.control_plane, "stop", str(cp_dir)])
+        if args.only is None:
+            subprocess.run([args.control_plane, "stop", str(cp_dir)])
 
     header = ["scenario", "figure", "direct", "floor", "peer", "gateway", "added", "vs floor", "target", "met"]
     lines = [

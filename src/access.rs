@@ -33,11 +33,14 @@ pub enum Identity {
 }
 
 impl Identity {
-    /// `namespace/name`: the consumer name in logs, metrics and per-consumer limits.
+    /// `sa/namespace/name` or `key/namespace/name`: the consumer name in logs, metrics and
+    /// per-consumer limits. The kind is part of it, so a ServiceAccount and an API-key Secret of
+    /// the same name are two consumers, never one (no `:`: limit counters' keys are split on it).
     pub fn name(&self) -> String {
-        let (Identity::ServiceAccount { namespace, name } | Identity::Consumer { namespace, name }) =
-            self;
-        format!("{namespace}/{name}")
+        match self {
+            Identity::ServiceAccount { namespace, name } => format!("sa/{namespace}/{name}"),
+            Identity::Consumer { namespace, name } => format!("key/{namespace}/{name}"),
+        }
     }
 
     /// Parses a TokenReview username (`system:serviceaccount:NS:NAME`).
@@ -140,10 +143,10 @@ impl Bearer {
         &self.0
     }
 
-    /// ServiceAccount tokens are JWTs; anything else is not worth a TokenReview.
-    fn looks_like_jwt(&self) -> bool {
-        self.0.len() <= 16 * 1024
-            && self.0.split('.').count() == 3
+    /// ServiceAccount tokens are JWTs: three dot-separated base64url parts. Anything else (an SDK's
+    /// placeholder key such as `sk-xxx` or `EMPTY`) is never sent to a TokenReview.
+    pub fn looks_like_jwt(&self) -> bool {
+        self.0.split('.').count() == 3
             && self
                 .0
                 .bytes()
@@ -218,6 +221,10 @@ impl ApiKeys {
 pub enum ReviewError {
     #[error("the TokenReview API call failed: {0}")]
     Unavailable(String),
+    /// Refused by the gateway's own review rate or concurrency cap: not a failure of the API
+    /// server, so it pauses nothing.
+    #[error("too many new tokens to review right now")]
+    Throttled,
 }
 
 /// Validates a ServiceAccount token; `Ok(None)` means the token is not valid.
@@ -228,10 +235,45 @@ pub trait TokenReviewer: Send + Sync {
 
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
-    #[error("the credential is not valid")]
-    Invalid,
+    #[error("{0}")]
+    Invalid(Rejection),
     #[error("the credential cannot be checked right now")]
     Unavailable,
+}
+
+/// Why a presented credential is not valid: said in the 401, so a caller with a misconfigured
+/// token learns what to fix (the reasons are about the token, never about a Route).
+#[derive(Clone, Copy, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Rejection {
+    /// Not a JWT and not a known API key (an SDK placeholder such as `sk-xxx` or `EMPTY`). The
+    /// only rejection that counts as no credential under `--default-access allow-all`.
+    #[error("the credential is not a known API key")]
+    NotAKey,
+    #[error(
+        "the token is not a well-formed JWT (base64url JSON header and claims, with exp and aud)"
+    )]
+    Malformed,
+    #[error("the token has expired")]
+    Expired,
+    #[error(
+        "the token was not issued for this gateway's audience (--token-audience); request a projected token with that audience"
+    )]
+    WrongAudience,
+    #[error("the token was issued by an issuer this gateway does not trust (--token-issuer)")]
+    WrongIssuer,
+    #[error("the Kubernetes API server rejected the token")]
+    Rejected,
+    #[error(
+        "this gateway does not accept ServiceAccount tokens (it has no Kubernetes API to review them)"
+    )]
+    NoReviewer,
+}
+
+impl Rejection {
+    /// A presented JWT that failed: always a 401, whatever `--default-access` says.
+    pub fn is_token(self) -> bool {
+        self != Rejection::NotAKey
+    }
 }
 
 /// Cache lifetimes of token reviews, and the deadline of one review.
@@ -255,6 +297,125 @@ impl Default for CacheTtl {
             capacity: 10_000,
             review_timeout: Duration::from_secs(5),
             stale_grace: Duration::from_secs(300),
+        }
+    }
+}
+
+/// What a ServiceAccount token must show before it costs a TokenReview, and how many reviews the
+/// gateway asks for: a flood of junk tokens costs the API server at most `rate` reviews a second
+/// (after a burst of as many), `concurrency` at a time.
+#[derive(Clone, Debug)]
+pub struct TokenPolicy {
+    /// `aud` must contain it (`--token-audience`).
+    pub audience: String,
+    /// When not empty, `iss` must be one of them (`--token-issuer`).
+    pub issuers: Vec<String>,
+    /// New tokens reviewed per second at most; the bucket holds as many.
+    pub rate: f64,
+    /// Reviews in flight at most.
+    pub concurrency: usize,
+}
+
+impl Default for TokenPolicy {
+    fn default() -> Self {
+        TokenPolicy {
+            audience: "portcullis".into(),
+            issuers: Vec::new(),
+            rate: 50.0,
+            concurrency: 16,
+        }
+    }
+}
+
+/// Clock skew allowed on `exp` (the API server's own leeway).
+const EXPIRY_LEEWAY_SECS: u64 = 60;
+
+/// The local checks of a JWT-shaped bearer: structure, `exp`, `aud`, and `iss` when issuers are
+/// configured. The signature is the API server's to check; this only spares it tokens that cannot
+/// pass. Returns the token's expiry (seconds since the epoch).
+pub fn check_jwt(token: &str, policy: &TokenPolicy, now: u64) -> Result<u64, Rejection> {
+    use base64::Engine as _;
+    #[derive(serde::Deserialize)]
+    struct Header {
+        alg: String,
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Audience {
+        One(String),
+        Many(Vec<String>),
+    }
+    #[derive(serde::Deserialize)]
+    struct Claims {
+        exp: Option<u64>,
+        aud: Option<Audience>,
+        iss: Option<String>,
+    }
+    let decode = |part: &str| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(part.trim_end_matches('='))
+            .map_err(|_| Rejection::Malformed)
+    };
+    let mut parts = token.split('.');
+    let (Some(header), Some(claims)) = (parts.next(), parts.next()) else {
+        return Err(Rejection::Malformed);
+    };
+    let header: Header =
+        serde_json::from_slice(&decode(header)?).map_err(|_| Rejection::Malformed)?;
+    if header.alg.is_empty() || header.alg.eq_ignore_ascii_case("none") {
+        return Err(Rejection::Malformed);
+    }
+    let claims: Claims =
+        serde_json::from_slice(&decode(claims)?).map_err(|_| Rejection::Malformed)?;
+    let exp = claims.exp.ok_or(Rejection::Malformed)?;
+    if exp.saturating_add(EXPIRY_LEEWAY_SECS) < now {
+        return Err(Rejection::Expired);
+    }
+    let audience_ok = match claims.aud.ok_or(Rejection::Malformed)? {
+        Audience::One(a) => a == policy.audience,
+        Audience::Many(all) => all.contains(&policy.audience),
+    };
+    if !audience_ok {
+        return Err(Rejection::WrongAudience);
+    }
+    if !policy.issuers.is_empty()
+        && !claims
+            .iss
+            .as_ref()
+            .is_some_and(|iss| policy.issuers.iter().any(|i| i == iss))
+    {
+        return Err(Rejection::WrongIssuer);
+    }
+    Ok(exp)
+}
+
+/// A token bucket: `rate` a second, holding at most `rate` (at least one).
+struct Bucket {
+    rate: f64,
+    state: Mutex<(f64, Instant)>,
+}
+
+impl Bucket {
+    fn new(rate: f64) -> Self {
+        let capacity = rate.max(1.0);
+        Bucket {
+            rate,
+            state: Mutex::new((capacity, Instant::now())),
+        }
+    }
+
+    fn take(&self) -> bool {
+        let capacity = self.rate.max(1.0);
+        let mut state = self.state.lock();
+        let now = Instant::now();
+        let (tokens, since) = *state;
+        let tokens = (tokens + now.duration_since(since).as_secs_f64() * self.rate).min(capacity);
+        if tokens >= 1.0 {
+            *state = (tokens - 1.0, now);
+            true
+        } else {
+            *state = (tokens, now);
+            false
         }
     }
 }
@@ -317,6 +478,16 @@ impl ReviewCache {
         Some(identity)
     }
 
+    /// Whether `key` was accepted by a review and is still within its usable time.
+    fn accepted_before(&self, key: &Digest) -> bool {
+        let now = Instant::now();
+        self.entries
+            .lock()
+            .map
+            .get(key)
+            .is_some_and(|e| e.identity.is_some() && now < e.usable_until)
+    }
+
     /// Caches a review; `lifetime` caps the entry at the token's own expiry.
     fn put(&self, key: Digest, identity: Option<Identity>, lifetime: Option<Duration>) {
         let now = Instant::now();
@@ -375,14 +546,23 @@ pub struct Authenticator {
     reviewer: Option<Arc<dyn TokenReviewer>>,
     cache: ReviewCache,
     in_flight: Mutex<HashMap<Digest, Arc<InFlight>>>,
-    /// After a failed review, none is tried before this instant: during an outage callers get
-    /// their answer (a cached identity, or 503) at once instead of each waiting out the deadline.
+    /// After a failed review, no new token is reviewed before this instant: during an outage
+    /// callers get their answer (a cached identity, or 503) at once instead of each waiting out
+    /// the deadline. Cached identities never wait for it.
     reviews_paused_until: Mutex<Option<Instant>>,
+    policy: TokenPolicy,
+    /// Reviews of tokens never seen before, per second.
+    bucket: Bucket,
+    /// Reviews in flight.
+    reviews: tokio::sync::Semaphore,
     pub default_access: DefaultAccess,
 }
 
 /// How long reviews pause after one failed.
 const REVIEW_RETRY: Duration = Duration::from_secs(1);
+
+/// Longest bearer credential looked at: projected tokens are about 1 KiB.
+const MAX_TOKEN_LEN: usize = 16 * 1024;
 
 type InFlight = tokio::sync::OnceCell<Result<Option<Identity>, AuthError>>;
 
@@ -393,12 +573,31 @@ impl Authenticator {
         ttl: CacheTtl,
         default_access: DefaultAccess,
     ) -> Self {
+        Self::with_policy(
+            api_keys,
+            reviewer,
+            ttl,
+            default_access,
+            TokenPolicy::default(),
+        )
+    }
+
+    pub fn with_policy(
+        api_keys: SharedApiKeys,
+        reviewer: Option<Arc<dyn TokenReviewer>>,
+        ttl: CacheTtl,
+        default_access: DefaultAccess,
+        policy: TokenPolicy,
+    ) -> Self {
         Authenticator {
             api_keys,
             reviewer,
             cache: ReviewCache::new(ttl),
             in_flight: Mutex::new(HashMap::new()),
             reviews_paused_until: Mutex::new(None),
+            bucket: Bucket::new(policy.rate),
+            reviews: tokio::sync::Semaphore::new(policy.concurrency.max(1)),
+            policy,
             default_access,
         }
     }
@@ -426,8 +625,22 @@ impl Authenticator {
         if let Some(identity) = self.api_keys.load().find(&key) {
             return Ok(Some(identity.clone()));
         }
+        if !bearer.looks_like_jwt() {
+            return Err(AuthError::Invalid(Rejection::NotAKey));
+        }
         if let Some(cached) = self.cache.get(&key) {
-            return cached.map(Some).ok_or(AuthError::Invalid);
+            return cached
+                .map(Some)
+                .ok_or(AuthError::Invalid(Rejection::Rejected));
+        }
+        // What can be told without the API server is told without it (and never cached: it is
+        // cheaper to check again than to remember).
+        if bearer.expose().len() > MAX_TOKEN_LEN {
+            return Err(AuthError::Invalid(Rejection::Malformed));
+        }
+        check_jwt(bearer.expose(), &self.policy, unix_now()).map_err(AuthError::Invalid)?;
+        if self.reviewer.is_none() {
+            return Err(AuthError::Invalid(Rejection::NoReviewer));
         }
         // Concurrent first requests with one new token share a single TokenReview.
         let review = {
@@ -446,27 +659,33 @@ impl Authenticator {
         if in_flight.get(&key).is_some_and(|r| Arc::ptr_eq(r, &review)) {
             in_flight.remove(&key);
         }
-        outcome?.map(Some).ok_or(AuthError::Invalid)
+        outcome?
+            .map(Some)
+            .ok_or(AuthError::Invalid(Rejection::Rejected))
     }
 
     async fn review(&self, bearer: &Bearer, key: Digest) -> Result<Option<Identity>, AuthError> {
-        let reviewed = match &self.reviewer {
-            Some(reviewer) if bearer.looks_like_jwt() => {
-                let outcome = self.timed_review(reviewer.as_ref(), bearer).await;
-                match outcome {
-                    Ok(reviewed) => reviewed,
-                    Err(e) => {
-                        // An identity the API server accepted before keeps working through its outage.
-                        if let Some(identity) = self.cache.stale(&key) {
-                            tracing::debug!(error = %e, "TokenReview unavailable; using the cached review");
-                            return Ok(Some(identity));
-                        }
-                        tracing::warn!(error = %e, "cannot validate a ServiceAccount token");
-                        return Err(AuthError::Unavailable);
+        let Some(reviewer) = &self.reviewer else {
+            return Err(AuthError::Invalid(Rejection::NoReviewer));
+        };
+        let reviewed = match self.timed_review(reviewer.as_ref(), bearer, &key).await {
+            Ok(reviewed) => reviewed,
+            Err(e) => {
+                // An identity the API server accepted before keeps working through its outage.
+                if let Some(identity) = self.cache.stale(&key) {
+                    tracing::debug!(error = %e, "TokenReview unavailable; using the cached review");
+                    return Ok(Some(identity));
+                }
+                match e {
+                    ReviewError::Throttled => {
+                        tracing::debug!("too many new tokens; a review was refused")
+                    }
+                    ReviewError::Unavailable(_) => {
+                        tracing::warn!(error = %e, "cannot validate a ServiceAccount token")
                     }
                 }
+                return Err(AuthError::Unavailable);
             }
-            _ => None,
         };
         let lifetime = reviewed
             .as_ref()
@@ -477,11 +696,15 @@ impl Authenticator {
 }
 
 impl Authenticator {
-    /// One review under the deadline, unless reviews are paused after a failure.
+    /// One review under the deadline, unless reviews are paused after a failure or the review
+    /// rate or concurrency cap is reached. A token accepted before (its cache entry past its
+    /// lifetime) is reviewed without taking from the bucket: a flood of new tokens never starves
+    /// the callers already known.
     async fn timed_review(
         &self,
         reviewer: &dyn TokenReviewer,
         bearer: &Bearer,
+        key: &Digest,
     ) -> Result<Option<Identity>, ReviewError> {
         if self
             .reviews_paused_until
@@ -492,14 +715,28 @@ impl Authenticator {
                 "paused after a failed review".into(),
             ));
         }
+        if !self.cache.accepted_before(key) && !self.bucket.take() {
+            return Err(ReviewError::Throttled);
+        }
+        let deadline = self.cache.ttl.review_timeout;
+        let Ok(Ok(_permit)) = tokio::time::timeout(deadline, self.reviews.acquire()).await else {
+            return Err(ReviewError::Throttled);
+        };
         let review = reviewer.review(bearer.expose());
-        let outcome = match tokio::time::timeout(self.cache.ttl.review_timeout, review).await {
+        let outcome = match tokio::time::timeout(deadline, review).await {
             Ok(outcome) => outcome,
             Err(_) => Err(ReviewError::Unavailable("no answer in time".into())),
         };
-        *self.reviews_paused_until.lock() = outcome.is_err().then(|| Instant::now() + REVIEW_RETRY);
+        *self.reviews_paused_until.lock() = matches!(outcome, Err(ReviewError::Unavailable(_)))
+            .then(|| Instant::now() + REVIEW_RETRY);
         outcome
     }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Time left until a JWT's `exp`. The claims are read without checking the signature: only for a
@@ -523,6 +760,21 @@ fn token_lifetime(token: &str) -> Option<Duration> {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A JWT for the default audience, expiring in 2100 (the same token on every call); `label`
+    /// makes it unique, `sig` is what the test reviewers read ("good" is accepted).
+    fn jwt(label: &str, sig: &str) -> String {
+        jwt_with(
+            &format!(r#"{{"sub":"{label}","aud":["portcullis"],"exp":4102444800}}"#),
+            sig,
+        )
+    }
+
+    fn jwt_with(claims: &str, sig: &str) -> String {
+        use base64::Engine as _;
+        let enc = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        format!("{}.{}.{sig}", enc(r#"{"alg":"RS256"}"#), enc(claims))
+    }
 
     fn sa(ns: &str, name: &str) -> Identity {
         Identity::ServiceAccount {
@@ -593,7 +845,8 @@ mod tests {
             Identity::from_service_account_username("system:serviceaccount:ns:"),
             None
         );
-        assert_eq!(sa("ns", "sa").name(), "ns/sa");
+        assert_eq!(sa("ns", "sa").name(), "sa/ns/sa");
+        assert_eq!(consumer("ns", "sa").name(), "key/ns/sa");
     }
 
     #[test]
@@ -608,7 +861,7 @@ mod tests {
         assert!(!format!("{b:?}").contains("sk-secret"));
     }
 
-    /// Accepts tokens starting with "good." after `1` of delay; counts its calls in `0`.
+    /// Accepts tokens signed "good" after `1` of delay; counts its calls in `0`.
     struct CountingReviewer(AtomicUsize, Duration);
 
     impl TokenReviewer for CountingReviewer {
@@ -617,7 +870,7 @@ mod tests {
             token: &'a str,
         ) -> BoxFuture<'a, Result<Option<Identity>, ReviewError>> {
             self.0.fetch_add(1, Ordering::SeqCst);
-            let ok = token.starts_with("good.");
+            let ok = token.ends_with(".good");
             Box::pin(async move {
                 tokio::time::sleep(self.1).await;
                 Ok(ok.then(|| sa("ns", "sa")))
@@ -641,19 +894,19 @@ mod tests {
         let bearer = |s: &str| Bearer::from_header(format!("Bearer {s}").as_bytes()).unwrap();
         for _ in 0..3 {
             assert_eq!(
-                auth.authenticate(Some(&bearer("good.a.b"))).await,
+                auth.authenticate(Some(&bearer(&jwt("a", "good")))).await,
                 Ok(Some(sa("ns", "sa")))
             );
             assert_eq!(
-                auth.authenticate(Some(&bearer("bad.a.b"))).await,
-                Err(AuthError::Invalid)
+                auth.authenticate(Some(&bearer(&jwt("a", "bad")))).await,
+                Err(AuthError::Invalid(Rejection::Rejected))
             );
         }
         assert_eq!(reviewer.0.load(Ordering::SeqCst), 2);
         // Garbage never reaches the API server.
         assert_eq!(
             auth.authenticate(Some(&bearer("not a jwt"))).await,
-            Err(AuthError::Invalid)
+            Err(AuthError::Invalid(Rejection::NotAKey))
         );
         assert_eq!(reviewer.0.load(Ordering::SeqCst), 2);
         assert_eq!(
@@ -663,7 +916,7 @@ mod tests {
         keys.store(Arc::default());
         assert_eq!(
             auth.authenticate(Some(&bearer("sk-key"))).await,
-            Err(AuthError::Invalid)
+            Err(AuthError::Invalid(Rejection::NotAKey))
         );
         assert_eq!(auth.authenticate(None).await, Ok(None));
     }
@@ -725,7 +978,8 @@ mod tests {
             CacheTtl::default(),
             DefaultAccess::Authenticated,
         );
-        let bearer = Bearer::from_header(b"Bearer good.b.c").unwrap();
+        let bearer =
+            Bearer::from_header(format!("Bearer {}", jwt("b", "good")).as_bytes()).unwrap();
         let all =
             futures::future::join_all((0..20).map(|_| auth.authenticate(Some(&bearer)))).await;
         assert!(all.iter().all(|r| *r == Ok(Some(sa("ns", "sa")))));
@@ -792,7 +1046,7 @@ mod tests {
         }
     }
 
-    /// Answers from a switch: accepts "good." tokens while up, fails while down.
+    /// Answers from a switch: accepts tokens signed "good" while up, fails while down.
     struct SwitchedReviewer(std::sync::atomic::AtomicBool);
 
     impl TokenReviewer for SwitchedReviewer {
@@ -801,7 +1055,7 @@ mod tests {
             token: &'a str,
         ) -> BoxFuture<'a, Result<Option<Identity>, ReviewError>> {
             let up = self.0.load(Ordering::SeqCst);
-            let ok = token.starts_with("good.");
+            let ok = token.ends_with(".good");
             Box::pin(async move {
                 if up {
                     Ok(ok.then(|| sa("ns", "sa")))
@@ -824,7 +1078,8 @@ mod tests {
             },
             DefaultAccess::Authenticated,
         );
-        let bearer = Bearer::from_header(b"Bearer good.b.c").unwrap();
+        let bearer =
+            Bearer::from_header(format!("Bearer {}", jwt("b", "good")).as_bytes()).unwrap();
         let started = Instant::now();
         let outcome =
             tokio::time::timeout(Duration::from_secs(5), auth.authenticate(Some(&bearer))).await;
@@ -848,19 +1103,139 @@ mod tests {
         );
         let bearer = |s: &str| Bearer::from_header(format!("Bearer {s}").as_bytes()).unwrap();
         assert_eq!(
-            auth.authenticate(Some(&bearer("good.a.b"))).await,
+            auth.authenticate(Some(&bearer(&jwt("a", "good")))).await,
             Ok(Some(sa("ns", "sa")))
         );
         reviewer.0.store(false, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(120)).await;
         assert_eq!(
-            auth.authenticate(Some(&bearer("good.a.b"))).await,
+            auth.authenticate(Some(&bearer(&jwt("a", "good")))).await,
             Ok(Some(sa("ns", "sa"))),
             "a cached identity stopped working during the outage"
         );
         assert_eq!(
-            auth.authenticate(Some(&bearer("good.new.token"))).await,
+            auth.authenticate(Some(&bearer(&jwt("new", "good")))).await,
             Err(AuthError::Unavailable)
         );
+    }
+
+    #[tokio::test]
+    async fn jwts_are_checked_locally_before_any_review() {
+        let reviewer = Arc::new(CountingReviewer(AtomicUsize::new(0), Duration::ZERO));
+        let auth = Authenticator::with_policy(
+            Arc::default(),
+            Some(reviewer.clone()),
+            CacheTtl::default(),
+            DefaultAccess::AllowAll,
+            TokenPolicy {
+                issuers: vec!["https://kubernetes.default.svc".into()],
+                ..TokenPolicy::default()
+            },
+        );
+        let check = |token: String| {
+            let auth = &auth;
+            async move {
+                let bearer = Bearer::from_header(format!("Bearer {token}").as_bytes()).unwrap();
+                auth.authenticate(Some(&bearer)).await
+            }
+        };
+        let now = unix_now();
+        let iss = "https://kubernetes.default.svc";
+        let claims = |aud: &str, exp: u64, iss: &str| {
+            format!(r#"{{"aud":{aud},"exp":{exp},"iss":"{iss}","sub":"x"}}"#)
+        };
+        let invalid = |why| Err(AuthError::Invalid(why));
+        assert_eq!(
+            check(jwt_with(
+                &claims(r#"["portcullis"]"#, now - 3600, iss),
+                "good"
+            ))
+            .await,
+            invalid(Rejection::Expired)
+        );
+        assert_eq!(
+            check(jwt_with(
+                &claims(r#"["kubernetes"]"#, now + 3600, iss),
+                "good"
+            ))
+            .await,
+            invalid(Rejection::WrongAudience)
+        );
+        assert_eq!(
+            check(jwt_with(
+                &claims(r#""portcullis""#, now + 3600, "evil"),
+                "good"
+            ))
+            .await,
+            invalid(Rejection::WrongIssuer)
+        );
+        assert_eq!(
+            check(jwt_with(r#"{"aud":"portcullis"}"#, "good")).await,
+            invalid(Rejection::Malformed)
+        );
+        assert_eq!(check("a.b.c".into()).await, invalid(Rejection::Malformed));
+        assert_eq!(check("EMPTY".into()).await, invalid(Rejection::NotAKey));
+        assert!(!Rejection::NotAKey.is_token() && Rejection::Expired.is_token());
+        assert_eq!(reviewer.0.load(Ordering::SeqCst), 0, "nothing was reviewed");
+        assert_eq!(
+            check(jwt_with(
+                &claims(r#"["x","portcullis"]"#, now + 3600, iss),
+                "good"
+            ))
+            .await,
+            Ok(Some(sa("ns", "sa")))
+        );
+        assert_eq!(reviewer.0.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_new_tokens_costs_at_most_the_bucket_and_known_callers_keep_working() {
+        let reviewer = Arc::new(CountingReviewer(AtomicUsize::new(0), Duration::ZERO));
+        let auth = Authenticator::with_policy(
+            Arc::default(),
+            Some(reviewer.clone()),
+            CacheTtl {
+                positive: Duration::from_millis(100),
+                ..CacheTtl::default()
+            },
+            DefaultAccess::Authenticated,
+            TokenPolicy {
+                rate: 5.0,
+                concurrency: 2,
+                ..TokenPolicy::default()
+            },
+        );
+        let bearer = |s: &str| Bearer::from_header(format!("Bearer {s}").as_bytes()).unwrap();
+        let known = bearer(&jwt("known", "good"));
+        assert_eq!(
+            auth.authenticate(Some(&known)).await,
+            Ok(Some(sa("ns", "sa")))
+        );
+        let started = Instant::now();
+        let mut throttled = 0;
+        for i in 0..2000 {
+            let junk = bearer(&jwt(&format!("junk-{i}"), "bad"));
+            if auth.authenticate(Some(&junk)).await == Err(AuthError::Unavailable) {
+                throttled += 1;
+            }
+            if i % 100 == 0 {
+                // The known caller is served throughout, its cache entry expiring on the way.
+                assert_eq!(
+                    auth.authenticate(Some(&known)).await,
+                    Ok(Some(sa("ns", "sa")))
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let reviews = reviewer.0.load(Ordering::SeqCst) as f64;
+        // One for `known` at the start, its re-reviews (outside the bucket), then the bucket.
+        assert!(
+            reviews <= 1.0 + 5.0 + 5.0 * elapsed + 2000.0 / 100.0,
+            "{reviews} reviews in {elapsed:.1} s"
+        );
+        assert!(throttled > 1500, "only {throttled} throttled");
+        // Throttling is no failure: nothing is paused.
+        assert!(auth.reviews_paused_until.lock().is_none());
     }
 }

@@ -183,12 +183,44 @@ struct CatalogPrice {
     output: Option<f64>,
     #[serde(default)]
     cached_input: Option<f64>,
+    /// The most output tokens the model writes in one answer (what a call without `max_tokens`
+    /// reserves against a budget).
+    #[serde(default)]
+    max_output: Option<u64>,
+}
+
+/// One model of the catalog.
+#[derive(Clone, Copy, Debug)]
+struct Model {
+    price: Price,
+    max_output: Option<u64>,
 }
 
 /// The built-in prices, by provider and model.
 #[derive(Debug, Default)]
 pub struct Catalog {
-    models: HashMap<Provider, BTreeMap<String, Price>>,
+    models: HashMap<Provider, BTreeMap<String, Model>>,
+}
+
+/// Output tokens reserved for a call without `max_tokens` whose model lists no `maxOutput`: the
+/// largest figure of the catalog's current chat models is 128k (o-series 100k, Claude 64k); a
+/// model that may write more needs its own `maxOutput` (catalog or the pricing ConfigMap).
+pub const DEFAULT_MAX_OUTPUT: u64 = 32_768;
+
+/// The most output tokens `model` may write, from the cluster-wide prices, else the catalog,
+/// else `DEFAULT_MAX_OUTPUT`.
+pub fn max_output(prices: Prices<'_>, provider: Provider, model: &str) -> u64 {
+    prices
+        .cluster
+        .and_then(|c| c.model(provider, model))
+        .and_then(|m| m.max_output)
+        .or_else(|| {
+            prices
+                .catalog
+                .model(provider, model)
+                .and_then(|m| m.max_output)
+        })
+        .unwrap_or(DEFAULT_MAX_OUTPUT)
 }
 
 const CATALOG_YAML: &str = include_str!("../pricing/catalog.yaml");
@@ -238,7 +270,7 @@ impl Catalog {
 
     pub fn parse(yaml: &str) -> Result<Catalog, CatalogError> {
         let raw: BTreeMap<String, CatalogProvider> = serde_yaml::from_str(yaml)?;
-        let mut models: HashMap<Provider, BTreeMap<String, Price>> = HashMap::new();
+        let mut models: HashMap<Provider, BTreeMap<String, Model>> = HashMap::new();
         for (name, p) in raw {
             let provider = Provider::ALL
                 .into_iter()
@@ -255,12 +287,18 @@ impl Catalog {
                     .cached_input
                     .map_or(Some(input), per_token)
                     .ok_or_else(bad)?;
+                if price.max_output == Some(0) {
+                    return Err(bad());
+                }
                 models.entry(provider).or_default().insert(
                     model,
-                    Price {
-                        input,
-                        output,
-                        cached_input,
+                    Model {
+                        price: Price {
+                            input,
+                            output,
+                            cached_input,
+                        },
+                        max_output: price.max_output,
                     },
                 );
             }
@@ -278,6 +316,10 @@ impl Catalog {
 
     /// The price of `model` at `provider`: listed exactly, or a dated snapshot of a listed name.
     pub fn get(&self, provider: Provider, model: &str) -> Option<Price> {
+        self.model(provider, model).map(|m| m.price)
+    }
+
+    fn model(&self, provider: Provider, model: &str) -> Option<Model> {
         let models = self.models.get(&provider)?;
         if let Some(p) = models.get(model) {
             return Some(*p);
@@ -292,6 +334,18 @@ impl Catalog {
             })
             .max_by_key(|(name, _)| name.len())
             .map(|(_, price)| *price)
+    }
+}
+
+/// The price a call counts against Team budgets: field by field never below the cluster-wide
+/// price (`base`: the ConfigMap's, else the catalog's), whatever the Route's own `pricing` says.
+/// A Route may price its calls as it likes for its own budgets, but a Team's budget is the
+/// platform's: a member who owns a Route cannot make their calls free for it. Without a
+/// cluster-wide price (a self-hosted model) the Route's price stands.
+pub fn team_price(route: Option<Price>, base: Option<Price>) -> Option<Price> {
+    match (route, base) {
+        (Some(r), Some(b)) => Some(r.max(b)),
+        (r, b) => r.or(b),
     }
 }
 
@@ -380,6 +434,55 @@ mod tests {
                 .input,
             37_500
         );
+    }
+
+    #[test]
+    fn team_prices_never_go_below_the_cluster_wide_price() {
+        let catalog = Price {
+            input: 150_000,
+            output: 600_000,
+            cached_input: 75_000,
+        };
+        // A Route priced at 0 still costs its Team the catalog price; a dearer one costs more.
+        assert_eq!(
+            team_price(Some(Price::default()), Some(catalog)),
+            Some(catalog)
+        );
+        let dear = Price {
+            input: 1,
+            output: 9_000_000,
+            cached_input: 0,
+        };
+        assert_eq!(
+            team_price(Some(dear), Some(catalog)),
+            Some(Price {
+                input: 150_000,
+                output: 9_000_000,
+                cached_input: 75_000
+            })
+        );
+        assert_eq!(team_price(Some(dear), None), Some(dear));
+        assert_eq!(team_price(None, None), None);
+        // The catalog says how much a model may write; an unlisted model gets the default.
+        let none = Prices::builtin();
+        assert_eq!(max_output(none, Provider::Openai, "gpt-4o-mini"), 16_384);
+        assert_eq!(
+            max_output(none, Provider::Anthropic, "claude-sonnet-4-20250514"),
+            64_000
+        );
+        assert_eq!(
+            max_output(none, Provider::Ollama, "llama3"),
+            DEFAULT_MAX_OUTPUT
+        );
+        let cluster =
+            Catalog::parse("ollama: {models: {llama3: {input: 0, output: 0, maxOutput: 2048}}}")
+                .unwrap();
+        let with_cluster = Prices {
+            cluster: Some(&cluster),
+            ..Prices::builtin()
+        };
+        assert_eq!(max_output(with_cluster, Provider::Ollama, "llama3"), 2048);
+        assert!(Catalog::parse("ollama: {models: {m: {input: 0, maxOutput: 0}}}").is_err());
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod llm;
 pub mod providers;
 pub mod server;
 pub mod spend;
+pub mod store;
 pub mod table;
 pub mod teams;
 pub mod telemetry;

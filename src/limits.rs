@@ -14,18 +14,16 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tracing::{debug, info, warn};
 
 use crate::api::Limit;
 use crate::api::{LimitKey, RenewalPeriod};
 use crate::cost::Usd;
+use crate::store::{Store, StoreError};
 use crate::table::RouteEntry;
 use crate::teams::TeamEntry;
 use crate::telemetry::metrics::{LimitLabels, Metrics};
 
-/// Longest wait for the shared store before a request is counted locally instead.
-const STORE_TIMEOUT: Duration = Duration::from_millis(250);
 /// After a store failure, requests are counted locally this long before the store is tried again,
 /// so an outage costs one timeout per interval, not one per request.
 const STORE_RETRY: Duration = Duration::from_secs(1);
@@ -62,6 +60,42 @@ pub struct Charge {
     pub stream: bool,
     /// What the call costs before any output (its prompt).
     pub usd_floor: Usd,
+    /// The fewest tokens that admit the call; `None`: all of `tokens` must fit. A call without
+    /// `max_tokens` reserves its model's whole output maximum, but is admitted while its prompt
+    /// and a typical answer fit: it then holds what is left, up to `tokens`. Whoever holds the
+    /// rest of a budget blocks the others until it settles, so concurrent calls overshoot a
+    /// budget by at most one call's reservation.
+    pub tokens_min: Option<u64>,
+    /// The same for `usd`.
+    pub usd_min: Option<Usd>,
+    /// What the call counts against Team USD budgets, when it differs from the Route's (a Team
+    /// is charged at no less than the cluster-wide price); `None`: the same.
+    pub team: Option<TeamCharge>,
+}
+
+/// A call's USD charge against Team budgets: the fields of `Charge` of the same names.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TeamCharge {
+    pub usd: Option<Usd>,
+    pub usd_floor: Usd,
+    pub usd_min: Option<Usd>,
+}
+
+/// What a settled call cost: at the Route's price and at the Teams' (see `TeamCharge`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Spent {
+    pub route: Usd,
+    pub team: Usd,
+}
+
+impl Spent {
+    /// The same cost for Route and Team budgets.
+    pub fn same(usd: Usd) -> Spent {
+        Spent {
+            route: usd,
+            team: usd,
+        }
+    }
 }
 
 /// Nanodollars a budget counts for `usd`: rounded up, so rounding never lets spend through.
@@ -218,8 +252,9 @@ pub struct RateLimited {
 pub struct Reservation {
     limiter: Arc<Limiter>,
     shared: bool,
-    /// Token and USD counters: key, kind, what was charged, seconds left in the window.
-    charged: Vec<(String, Kind, u64, u64)>,
+    /// Token and USD counters: key, kind, what was charged, seconds left in the window, and
+    /// whether a Team's (whose USD is counted at the Team price).
+    charged: Vec<(String, Kind, u64, u64, bool)>,
     /// For a stream under `truncate` budgets: the USD (nanodollars) it may spend before it is
     /// ended, and the budget that sets it.
     allowance: Option<(u64, String)>,
@@ -250,15 +285,38 @@ impl Reservation {
     /// Replaces the up-front charges with `used` tokens and `cost` (`None`: unknown, the USD
     /// reservation stands). Never blocks: a shared store is updated in the background.
     pub fn settle_cost(self, used: u64, cost: Option<Usd>) {
+        self.settle_spent(used, cost.map(Spent::same), false);
+    }
+
+    /// Replaces the up-front charges with `used` tokens and `spent` (`None`: unknown, the USD
+    /// reservation stands). With `at_least` (a call the provider may have billed without saying
+    /// what it used: a timeout after the request was sent, a broken or oversized answer), only
+    /// what exceeds the reservation is charged; it is never refunded.
+    pub fn settle_spent(self, used: u64, spent: Option<Spent>, at_least: bool) {
         // Clamped before any signed arithmetic: a huge figure must charge, never wrap to a refund.
         let used = signed(used.min(crate::llm::MAX_REPORTED_TOKENS));
-        let cost = cost.map(|c| signed(usd_units(c)));
+        let cost = spent.map(|c| (signed(usd_units(c.route)), signed(usd_units(c.team))));
         let deltas: Vec<(String, i64, u64)> = self
             .charged
             .iter()
-            .filter_map(|(key, kind, charged, ttl)| {
-                let real = if *kind == Kind::Usd { cost? } else { used };
-                Some((key.clone(), real.saturating_sub(signed(*charged)), *ttl))
+            .filter_map(|(key, kind, charged, ttl, team)| {
+                let real = match (kind, cost) {
+                    (Kind::Usd, None) => return None,
+                    (Kind::Usd, Some((route, team_cost))) => {
+                        if *team {
+                            team_cost
+                        } else {
+                            route
+                        }
+                    }
+                    _ => used,
+                };
+                let delta = real.saturating_sub(signed(*charged));
+                Some((
+                    key.clone(),
+                    if at_least { delta.max(0) } else { delta },
+                    *ttl,
+                ))
             })
             .filter(|(_, delta, _)| *delta != 0)
             .collect();
@@ -274,8 +332,8 @@ impl Reservation {
             };
             let shared = Arc::clone(shared);
             runtime.spawn(async move {
-                if let Err(e) = tokio::time::timeout(STORE_TIMEOUT, shared.settle(&deltas)).await {
-                    debug!(error = %e, "settling a token charge in the shared store timed out");
+                if let Err(e) = shared.settle(&deltas).await {
+                    debug!(error = %e, "settling a token charge in the shared store failed");
                 }
             });
         } else {
@@ -353,6 +411,27 @@ impl LocalCounters {
         }
     }
 
+    /// Adds `n` (a share of what the store last counted) to `key`'s count, keeping what calls
+    /// that raced ahead of the seeding already admitted.
+    fn seed(&self, key: &str, n: u64, reset_at: u64, now: u64) {
+        let mut counts = self.counts.lock();
+        let entry = counts.entry(key.to_string()).or_insert((0, reset_at));
+        if entry.1 <= now {
+            *entry = (0, reset_at);
+        }
+        entry.0 = entry.0.saturating_add(n);
+    }
+
+    /// Every count of a window not yet over, leaving none.
+    fn drain(&self, now: u64) -> Vec<(String, u64, u64)> {
+        self.counts
+            .lock()
+            .drain()
+            .filter(|(_, (_, reset_at))| *reset_at > now)
+            .map(|(key, (n, reset_at))| (key, n, reset_at))
+            .collect()
+    }
+
     fn settle(&self, deltas: &[(String, i64, u64)]) {
         let mut counts = self.counts.lock();
         for (key, delta, _) in deltas {
@@ -420,16 +499,68 @@ return 0
 
 /// Counters in Redis, shared by every replica.
 struct SharedCounters {
-    conn: ConnectionManager,
+    store: Store,
     admit: redis::Script,
     settle: redis::Script,
     /// Unix millis before which the store is not tried (after a failure).
     retry_at: AtomicU64,
     falling_back: AtomicBool,
+    /// The count the store last gave for each key, and its window's end: where this replica's
+    /// share starts when it has to count alone.
+    seen: Mutex<HashMap<String, (u64, u64)>>,
+    /// Where counting alone started, per key: what it admitted beyond that is added to the store
+    /// when it answers again.
+    seeds: Mutex<HashMap<String, u64>>,
+}
+
+/// Adds `deltas` to the keys that exist (one script per hash slot in a Cluster).
+async fn settle_in(
+    store: &Store,
+    script: &redis::Script,
+    deltas: &[(String, i64, u64)],
+) -> Result<(), StoreError> {
+    let mut groups: Vec<&[(String, i64, u64)]> = Vec::new();
+    if store.is_cluster() {
+        // Settlements come in counter order, so each Route's or Team's keys are adjacent.
+        let mut rest = deltas;
+        while let Some((first, _)) = rest.split_first() {
+            let slot = crate::store::slot_of(&first.0);
+            let n = rest
+                .iter()
+                .take_while(|d| crate::store::slot_of(&d.0) == slot)
+                .count();
+            groups.push(&rest[..n]);
+            rest = &rest[n..];
+        }
+    } else {
+        groups.push(deltas);
+    }
+    for group in groups {
+        let mut call = script.prepare_invoke();
+        for (key, delta, _) in group {
+            call.key(key).arg(*delta);
+        }
+        store.invoke::<i64>(&call).await?;
+    }
+    Ok(())
 }
 
 impl SharedCounters {
-    async fn admit(&self, counters: &[Counter], now: u64) -> redis::RedisResult<Vec<i64>> {
+    fn new(store: Store) -> Self {
+        SharedCounters {
+            store,
+            admit: redis::Script::new(ADMIT_SCRIPT),
+            settle: redis::Script::new(SETTLE_SCRIPT),
+            retry_at: AtomicU64::new(0),
+            falling_back: AtomicBool::new(false),
+            seen: Mutex::default(),
+            seeds: Mutex::default(),
+        }
+    }
+
+    /// One script per hash slot: everything in one round trip on one node; in a Cluster, one
+    /// per Route or Team the call counts against (see `count_in_store`).
+    async fn admit(&self, counters: &[Counter], now: u64) -> Result<Vec<i64>, StoreError> {
         let mut call = self.admit.prepare_invoke();
         for c in counters {
             call.key(&c.key)
@@ -438,24 +569,112 @@ impl SharedCounters {
                 .arg(c.min)
                 .arg(c.reset_at.saturating_sub(now).max(1));
         }
-        call.invoke_async(&mut self.conn.clone()).await
+        self.store.invoke(&call).await
     }
 
-    async fn settle(&self, deltas: &[(String, i64, u64)]) -> redis::RedisResult<()> {
-        let mut call = self.settle.prepare_invoke();
-        for (key, delta, _) in deltas {
-            call.key(key).arg(*delta);
+    async fn settle(&self, deltas: &[(String, i64, u64)]) -> Result<(), StoreError> {
+        settle_in(&self.store, &self.settle, deltas).await
+    }
+
+    /// Remembers the counts the store gave (up to a refusing counter: in a Cluster the later ones
+    /// were not read).
+    fn saw(&self, counters: &[Counter], counted: &Counted, now: u64) {
+        let known = counted.violated.map_or(counters.len(), |i| i + 1);
+        let mut seen = self.seen.lock();
+        if seen.len() > 100_000 {
+            seen.retain(|_, (_, reset_at)| *reset_at > now);
+            // Bounded whatever the consumers: forgetting only widens a share while counting alone.
+            if seen.len() > 100_000 {
+                seen.clear();
+            }
         }
-        call.invoke_async::<i64>(&mut self.conn.clone())
-            .await
-            .map(|_| ())
+        for (c, n) in counters.iter().zip(&counted.used).take(known) {
+            match seen.get_mut(&c.key) {
+                Some(entry) => *entry = (*n, c.reset_at),
+                None => {
+                    seen.insert(c.key.clone(), (*n, c.reset_at));
+                }
+            }
+        }
     }
-}
 
-#[derive(Debug, thiserror::Error)]
-pub enum LimitsConfigError {
-    #[error("--limits-store must be a redis:// or rediss:// URL: {0}")]
-    InvalidUrl(String),
+    /// Adds (or takes back) counts in the background.
+    fn push(&self, deltas: Vec<(String, i64, u64)>, what: &'static str) {
+        if deltas.is_empty() {
+            return;
+        }
+        let (store, settle) = (self.store.clone(), self.settle.clone());
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(e) = settle_in(&store, &settle, &deltas).await {
+                    debug!(error = %e, what, "updating counts in the shared store failed");
+                }
+            });
+        }
+    }
+
+    /// Counts in the store, all or nothing. In a Cluster the keys of different Routes and Teams
+    /// live in different slots: each is checked and charged in turn, and when a later one
+    /// refuses (or fails) the earlier charges are taken back. Meanwhile another call may see
+    /// them and be refused; none is ever admitted past a limit.
+    async fn count(&self, counters: &[Counter], now: u64) -> Result<Counted, StoreError> {
+        if !self.store.is_cluster() || counters.iter().all(|c| c.scope == counters[0].scope) {
+            let reply = self.admit(counters, now).await?;
+            return store_reply(&reply, counters.len())
+                .ok_or_else(|| StoreError::Reply("unexpected reply".into()));
+        }
+        let mut total = Counted::default();
+        let mut done = 0;
+        while done < counters.len() {
+            let scope = counters[done].scope;
+            let n = counters[done..]
+                .iter()
+                .take_while(|c| c.scope == scope)
+                .count();
+            let group = &counters[done..done + n];
+            let counted = match self.admit(group, now).await {
+                Ok(reply) => store_reply(&reply, n)
+                    .ok_or_else(|| StoreError::Reply("unexpected reply".into())),
+                Err(e) => Err(e),
+            };
+            let refund = |total: &Counted| {
+                counters[..done]
+                    .iter()
+                    .zip(&total.charged)
+                    .filter(|(_, n)| **n > 0)
+                    .map(|(c, n)| (c.key.clone(), -signed(*n), 0))
+                    .collect::<Vec<_>>()
+            };
+            match counted {
+                Ok(Counted {
+                    violated: None,
+                    used,
+                    charged,
+                }) => {
+                    total.used.extend(used);
+                    total.charged.extend(charged);
+                    done += n;
+                }
+                Ok(Counted {
+                    violated: Some(i),
+                    used,
+                    ..
+                }) => {
+                    self.push(refund(&total), "taking back a charge");
+                    total.used.extend(used);
+                    total.used.resize(counters.len(), 0);
+                    total.violated = Some(done + i);
+                    total.charged.clear();
+                    return Ok(total);
+                }
+                Err(e) => {
+                    self.push(refund(&total), "taking back a charge");
+                    return Err(e);
+                }
+            }
+        }
+        Ok(total)
+    }
 }
 
 /// Enforces every Route's limits.
@@ -481,34 +700,11 @@ impl Limiter {
         }
     }
 
-    /// Counting in the Redis at `url`; connects lazily and reconnects on its own. Needs a Tokio runtime.
-    pub fn shared(
-        metrics: Arc<Metrics>,
-        replicas: u32,
-        url: &str,
-    ) -> Result<Self, LimitsConfigError> {
-        // The URL may carry a password: errors name only what is wrong with it.
-        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-            return Err(LimitsConfigError::InvalidUrl("unsupported scheme".into()));
-        }
-        let client = redis::Client::open(url)
-            .map_err(|e| LimitsConfigError::InvalidUrl(format!("{:?}", e.kind())))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(STORE_TIMEOUT))
-            .set_response_timeout(Some(STORE_TIMEOUT))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(2));
-        let conn = ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| LimitsConfigError::InvalidUrl(format!("{:?}", e.kind())))?;
+    /// Counting in the shared `store`.
+    pub fn shared(metrics: Arc<Metrics>, replicas: u32, store: Store) -> Self {
         let mut limiter = Self::local(metrics, replicas);
-        limiter.shared = Some(Arc::new(SharedCounters {
-            conn,
-            admit: redis::Script::new(ADMIT_SCRIPT),
-            settle: redis::Script::new(SETTLE_SCRIPT),
-            retry_at: AtomicU64::new(0),
-            falling_back: AtomicBool::new(false),
-        }));
-        Ok(limiter)
+        limiter.shared = Some(Arc::new(SharedCounters::new(store)));
+        limiter
     }
 
     /// The alerts crossed since the last call, for the controller to publish as Events.
@@ -633,10 +829,7 @@ impl Limiter {
                             runtime.spawn(async move {
                                 let mut cmd = redis::cmd("SET");
                                 cmd.arg(&marker).arg(1).arg("NX").arg("EX").arg(ttl);
-                                let mut conn = store.conn.clone();
-                                let set = cmd.query_async::<Option<String>>(&mut conn);
-                                if let Ok(Ok(Some(_))) =
-                                    tokio::time::timeout(STORE_TIMEOUT, set).await
+                                if let Ok(Some(_)) = store.store.query::<Option<String>>(&cmd).await
                                 {
                                     limiter.tell(alert);
                                 }
@@ -735,7 +928,8 @@ impl Limiter {
                 t.limits.as_slice(),
             ));
         }
-        let counters = counters(&scopes, consumer, charge, now.as_secs());
+        let tagged = self.shared.as_ref().is_some_and(|s| s.store.is_cluster());
+        let counters = counters(&scopes, consumer, charge, now.as_secs(), tagged);
         let (
             Counted {
                 violated,
@@ -780,7 +974,7 @@ impl Limiter {
             .filter(|(c, _)| c.truncate)
             .min_by_key(|(_, n)| **n)
             .map(|(c, n)| (*n, limit_text(&scopes[c.scope].0, c)));
-        let charged: Vec<(String, Kind, u64, u64)> = counters
+        let charged: Vec<(String, Kind, u64, u64, bool)> = counters
             .iter()
             .zip(charged)
             .filter(|(c, _)| c.kind != Kind::Calls)
@@ -790,6 +984,7 @@ impl Limiter {
                     c.kind,
                     n,
                     c.reset_at.saturating_sub(now.as_secs()).max(1),
+                    scopes[c.scope].0.what == "team",
                 )
             })
             .collect();
@@ -801,27 +996,62 @@ impl Limiter {
         }))
     }
 
+    /// Counting alone starts each counter the store has told this replica about at 1/N of the
+    /// store's count, so the replicas together admit about what was left, not a whole limit more.
+    fn start_alone(&self, shared: &SharedCounters, now: u64) {
+        let divisor = u64::from(self.replicas.load(Ordering::Relaxed)).max(1);
+        let seen = shared.seen.lock();
+        let mut seeds = shared.seeds.lock();
+        seeds.clear();
+        for (key, (n, reset_at)) in seen.iter().filter(|(_, (_, end))| *end > now) {
+            let share = n.div_ceil(divisor);
+            seeds.insert(key.clone(), share);
+            self.local.seed(key, share, *reset_at, now);
+        }
+    }
+
+    /// Adds what this replica admitted alone to the store's counts (keys the store still has: one
+    /// that came back empty starts its windows afresh); the number of keys updated.
+    fn hand_back(&self, shared: &SharedCounters, now: u64) -> usize {
+        let seeds = std::mem::take(&mut *shared.seeds.lock());
+        let deltas: Vec<(String, i64, u64)> = self
+            .local
+            .drain(now)
+            .into_iter()
+            .filter_map(|(key, n, reset_at)| {
+                let alone = n.saturating_sub(seeds.get(&key).copied().unwrap_or(0));
+                (alone > 0).then(|| (key, signed(alone), reset_at.saturating_sub(now)))
+            })
+            .collect();
+        let added = deltas.len();
+        shared.push(deltas, "adding what was counted alone");
+        added
+    }
+
     /// Counts in the shared store, or locally when it does not answer; true when it answered.
     async fn count(&self, counters: &[Counter], now: Duration) -> (Counted, bool) {
         if let Some(shared) = &self.shared
             && now.as_millis() as u64 >= shared.retry_at.load(Ordering::Relaxed)
         {
-            match tokio::time::timeout(STORE_TIMEOUT, shared.admit(counters, now.as_secs())).await {
-                Ok(Ok(reply)) if store_reply(&reply, counters.len()).is_some() => {
+            // One deadline for the whole count, however many slots it touches.
+            let counting = shared.count(counters, now.as_secs());
+            match tokio::time::timeout(shared.store.timeout(), counting).await {
+                Ok(Ok(counted)) => {
                     if shared.falling_back.swap(false, Ordering::Relaxed) {
                         self.metrics.limits_fallback.set(0);
+                        let added = self.hand_back(shared, now.as_secs());
                         info!(
+                            added,
                             "the shared limits store answers again; limits are shared by all replicas"
                         );
                     }
-                    let counted = store_reply(&reply, counters.len()).unwrap_or_default();
+                    shared.saw(counters, &counted, now.as_secs());
                     return (counted, true);
                 }
                 outcome => {
                     let error = match outcome {
-                        Ok(Ok(_)) => "unexpected reply".to_string(),
-                        Ok(Err(e)) => format!("{:?}", e.kind()),
-                        Err(_) => "timed out".to_string(),
+                        Ok(Err(e)) => e.to_string(),
+                        _ => StoreError::Timeout.to_string(),
                     };
                     self.metrics.limits_store_errors.inc();
                     shared
@@ -829,6 +1059,7 @@ impl Limiter {
                         .store((now + STORE_RETRY).as_millis() as u64, Ordering::Relaxed);
                     if !shared.falling_back.swap(true, Ordering::Relaxed) {
                         self.metrics.limits_fallback.set(1);
+                        self.start_alone(shared, now.as_secs());
                         warn!(
                             error,
                             replicas = self.replicas.load(Ordering::Relaxed),
@@ -871,19 +1102,24 @@ fn store_reply(reply: &[i64], counters: usize) -> Option<Counted> {
 }
 
 /// The counters a call touches, in the order of the Route's limits.
+/// `tagged`: keys carry their Route's or Team's name as a Cluster hash tag.
 fn counters(
     scopes: &[(Scope, &[Limit])],
     consumer: &str,
     charge: Charge,
     now: u64,
+    tagged: bool,
 ) -> Vec<Counter> {
     let mut out = Vec::with_capacity(scopes.iter().map(|s| s.1.len()).sum::<usize>() * 2);
     for (scope, (owner, limits)) in scopes.iter().enumerate() {
-        push_counters(&mut out, scope, owner, limits, consumer, charge, now);
+        push_counters(
+            &mut out, scope, owner, limits, consumer, charge, now, tagged,
+        );
     }
     out
 }
 
+#[allow(clippy::too_many_arguments)] // the parts of one key
 fn push_counters(
     out: &mut Vec<Counter>,
     scope: usize,
@@ -892,11 +1128,21 @@ fn push_counters(
     consumer: &str,
     charge: Charge,
     now: u64,
+    tagged: bool,
 ) {
     // Team keys cannot collide with route keys: a route's served name never contains ':'.
+    let name = crate::store::tag(&owner.name, tagged);
     let prefix = match owner.what {
-        "team" => format!("portcullis:team:{}", owner.name),
-        _ => format!("portcullis:{}", owner.name),
+        "team" => format!("portcullis:team:{name}"),
+        _ => format!("portcullis:{name}"),
+    };
+    let usd = match (owner.what, charge.team) {
+        ("team", Some(team)) => team,
+        _ => TeamCharge {
+            usd: charge.usd,
+            usd_floor: charge.usd_floor,
+            usd_min: charge.usd_min,
+        },
     };
     for (i, limit) in limits.iter().enumerate() {
         let (window, reset_at) = window(limit.renewal_period, now);
@@ -910,7 +1156,7 @@ fn push_counters(
             (
                 Kind::Usd,
                 limit.usd.map(budget_units),
-                charge.usd.map_or(0, usd_units),
+                usd.usd.map_or(0, usd_units),
             ),
         ] {
             let Some(max) = max else { continue };
@@ -926,11 +1172,17 @@ fn push_counters(
                 kind,
                 limit: max,
                 amount,
-                // A truncating stream starts while its prompt (at least a nanodollar) fits.
-                min: if truncate {
-                    usd_units(charge.usd_floor).clamp(1, amount.max(1))
-                } else {
-                    amount
+                // A truncating stream starts while its prompt (at least a nanodollar) fits; a
+                // call without max_tokens while its prompt and a typical answer do.
+                min: match kind {
+                    Kind::Usd if truncate => usd_units(usd.usd_floor).clamp(1, amount.max(1)),
+                    Kind::Usd => usd
+                        .usd_min
+                        .map_or(amount, |m| usd_units(m).clamp(1, amount.max(1))),
+                    Kind::Tokens => charge
+                        .tokens_min
+                        .map_or(amount, |m| m.clamp(1, amount.max(1))),
+                    Kind::Calls => amount,
                 },
                 truncate,
                 alert,
@@ -1126,7 +1378,12 @@ mod tests {
     async fn unreachable_store_falls_back_to_local_counting() {
         let metrics = Arc::new(Metrics::new());
         // Port 1 on loopback: nothing listens, the connection is refused at once.
-        let limiter = Arc::new(Limiter::shared(metrics.clone(), 2, "redis://127.0.0.1:1").unwrap());
+        let args = crate::store::StoreArgs {
+            store_timeout: Duration::from_millis(50),
+            ..Default::default()
+        };
+        let store = Store::open(&args, "redis://127.0.0.1:1").unwrap();
+        let limiter = Arc::new(Limiter::shared(metrics.clone(), 2, store));
         let route = entry(vec![limit(Some(4), None, LimitKey::Route)]);
         assert!(limiter.admit(&route, "", 0).await.is_ok());
         assert!(limiter.admit(&route, "", 0).await.is_ok());
@@ -1300,11 +1557,5 @@ mod tests {
             alerts[1].message
         );
         assert!(limiter.take_alerts().is_empty());
-    }
-
-    #[test]
-    fn bad_store_urls_are_rejected() {
-        let m = Arc::new(Metrics::new());
-        assert!(Limiter::shared(m, 1, "http://x").is_err());
     }
 }

@@ -11,7 +11,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::access::{Authenticator, CacheTtl, DefaultAccess, SharedApiKeys, TokenReviewer};
+use crate::access::{
+    Authenticator, CacheTtl, DefaultAccess, SharedApiKeys, TokenPolicy, TokenReviewer,
+};
 use crate::controller::policy::Egress;
 use crate::dataplane::listener::{ListenerArgs, ListenerLimits, Placement};
 use crate::dataplane::via::Via;
@@ -39,8 +41,8 @@ pub struct DataPlaneArgs {
     /// (default: the CPUs this process may use; 0 serves on the shared runtime instead).
     #[arg(long, env = "PORTCULLIS_WORKERS")]
     pub workers: Option<usize>,
-    /// Largest accepted request body, in bytes.
-    #[arg(long, env = "PORTCULLIS_BODY_LIMIT", default_value_t = 10 * 1024 * 1024)]
+    /// Largest accepted request body, in bytes (its parsed JSON may take at most 8 times this).
+    #[arg(long, env = "PORTCULLIS_BODY_LIMIT", default_value_t = 2 * 1024 * 1024)]
     pub body_limit: usize,
     /// Longest wait for a provider: the whole answer, or between two chunks of a stream (seconds).
     #[arg(long, env = "PORTCULLIS_UPSTREAM_TIMEOUT", default_value_t = 600.0)]
@@ -84,20 +86,34 @@ pub struct DataPlaneArgs {
     /// The audience ServiceAccount tokens must be issued for.
     #[arg(long, env = "PORTCULLIS_TOKEN_AUDIENCE", default_value = "portcullis")]
     pub token_audience: String,
+    /// Issuers (`iss`) ServiceAccount tokens may come from, comma-separated; a token from another
+    /// is refused without a TokenReview. Default: not checked here (the API server checks it).
+    #[arg(long, env = "PORTCULLIS_TOKEN_ISSUER", value_delimiter = ',')]
+    pub token_issuer: Vec<String>,
+    /// New ServiceAccount tokens reviewed per second at most (a bucket of as many): beyond it a
+    /// new token is answered 503 until there is room; tokens accepted before are not counted.
+    #[arg(long, env = "PORTCULLIS_TOKEN_REVIEW_RATE", default_value_t = 50.0)]
+    pub token_review_rate: f64,
+    /// TokenReviews in flight at most.
+    #[arg(long, env = "PORTCULLIS_TOKEN_REVIEW_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    pub token_review_concurrency: u32,
     /// Seconds a valid ServiceAccount token is trusted without asking the API server again.
     #[arg(long, default_value_t = 30.0)]
     pub token_cache_ttl: f64,
     /// Seconds an invalid token is remembered as invalid.
     #[arg(long, default_value_t = 5.0)]
     pub negative_token_cache_ttl: f64,
-    /// Share limits across replicas through this Redis (redis://[:password@]host:port[/db]);
-    /// without it each replica counts alone.
-    #[arg(long, env = "PORTCULLIS_LIMITS_STORE")]
-    pub limits_store: Option<String>,
+    #[command(flatten)]
+    pub store: crate::store::StoreArgs,
     /// Replicas serving together: while counting alone (no store, or the store is unreachable),
     /// each replica enforces 1/N of every limit.
     #[arg(long, env = "PORTCULLIS_REPLICAS", default_value_t = 1)]
     pub replicas: u32,
+    /// Callers without identity (no credential, under `--default-access allow-all`) are members
+    /// of this Team: its limits, budgets and `routes` hold them. While the Team does not exist
+    /// they are refused (401). Unset: they belong to no Team.
+    #[arg(long, env = "PORTCULLIS_ANONYMOUS_TEAM")]
+    pub anonymous_team: Option<String>,
     #[command(flatten)]
     pub listener: ListenerArgs,
 }
@@ -149,6 +165,7 @@ pub struct Settings {
     pub drain_timeout: Duration,
     pub shutdown_delay: Duration,
     pub token_ttl: CacheTtl,
+    pub token_policy: TokenPolicy,
     pub workers: usize,
 }
 
@@ -172,6 +189,14 @@ impl DataPlaneArgs {
                 "--workers must be at most {MAX_WORKERS}"
             )));
         }
+        if !(self.token_review_rate.is_finite() && self.token_review_rate > 0.0) {
+            return Err(StartError::Config(
+                "--token-review-rate must be a positive number".into(),
+            ));
+        }
+        if self.body_limit == 0 {
+            return Err(StartError::Config("--body-limit must be at least 1".into()));
+        }
         if self.token_audience.is_empty() {
             return Err(StartError::Config(
                 "--token-audience must not be empty".into(),
@@ -192,6 +217,12 @@ impl DataPlaneArgs {
                 StartError::Config("--shutdown-delay must be a number of seconds".into())
             })?,
             token_ttl,
+            token_policy: TokenPolicy {
+                audience: self.token_audience.clone(),
+                issuers: self.token_issuer.clone(),
+                rate: self.token_review_rate,
+                concurrency: self.token_review_concurrency as usize,
+            },
             workers: self
                 .workers
                 .unwrap_or_else(dataplane::workers::default_count),
@@ -234,20 +265,24 @@ impl DataPlane {
         reviewer: impl FnOnce(Arc<Metrics>) -> Option<Arc<dyn TokenReviewer>>,
         config: Option<Arc<ConfigStatus>>,
     ) -> Result<DataPlane, StartError> {
-        let http = dataplane::http_client(settings.upstream_timeout)
+        let http = dataplane::http_client(settings.upstream_timeout, &settings.egress)
             .map_err(|e| StartError::Config(e.to_string()))?;
         let metrics = Arc::new(Metrics::new());
-        let limits = Arc::new(match &args.limits_store {
-            Some(url) => Limiter::shared(metrics.clone(), args.replicas, url)
-                .map_err(|e| StartError::Config(e.to_string()))?,
+        let limits = Arc::new(match &args.store.limits_store {
+            Some(url) => {
+                let store = crate::store::Store::open(&args.store, url)
+                    .map_err(|e| StartError::Config(e.to_string()))?;
+                Limiter::shared(metrics.clone(), args.replicas, store)
+            }
             None => Limiter::local(metrics.clone(), args.replicas),
         });
         let api_keys = SharedApiKeys::default();
-        let auth = Arc::new(Authenticator::new(
+        let auth = Arc::new(Authenticator::with_policy(
             api_keys.clone(),
             reviewer(metrics.clone()),
             settings.token_ttl,
             args.default_access,
+            settings.token_policy.clone(),
         ));
         let state = Arc::new(AppState {
             table: RoutingTable::default().shared(),
@@ -263,6 +298,7 @@ impl DataPlane {
             config,
             upstream_limits: settings.upstream_limits,
             via,
+            anonymous_team: args.anonymous_team.as_deref().map(Arc::from),
         });
         let listener = tokio::net::TcpListener::bind(listen)
             .await
@@ -283,7 +319,8 @@ impl DataPlane {
             upstream_timeout_s = settings.upstream_timeout.as_secs_f64(),
             default_access = ?args.default_access,
             token_audience = %args.token_audience,
-            limits_store = if args.limits_store.is_some() { "redis" } else { "local" },
+            limits_store = if args.store.limits_store.is_some() { "redis" } else { "local" },
+            store_timeout_ms = args.store.store_timeout.as_millis() as u64,
             replicas = args.replicas,
             workers = settings.workers,
             listener_limits = ?settings.listener_limits,
@@ -353,10 +390,11 @@ impl DataPlane {
             0 => Placement::Here(dataplane::router(state)),
             n => {
                 let (base, timeout) = ((*state).clone(), settings.upstream_timeout);
+                let egress = settings.egress.clone();
                 let workers = Workers::start(n, move || {
                     // A pool per worker keeps each upstream connection on the thread that uses it.
-                    let http =
-                        dataplane::http_client(timeout).unwrap_or_else(|_| base.http.clone());
+                    let http = dataplane::http_client(timeout, &egress)
+                        .unwrap_or_else(|_| base.http.clone());
                     dataplane::router(Arc::new(AppState {
                         http,
                         ..base.clone()

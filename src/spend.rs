@@ -7,17 +7,19 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
-use redis::AsyncCommands;
 
 use crate::api::{Limit, LimitKey, Route, Team};
+use crate::controller::API_CALL_TIMEOUT;
 use crate::cost::Usd;
 use crate::limits::{budget_units, utc_text, window};
+use crate::store::{Store, StoreArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct SpendArgs {
-    /// The shared limits store the gateways count in (the same URL as their --limits-store).
-    #[arg(long, env = "PORTCULLIS_LIMITS_STORE")]
-    pub limits_store: String,
+    /// The shared limits store the gateways count in: the same --limits-store (and TLS,
+    /// password-file and timeout flags) as theirs.
+    #[command(flatten)]
+    pub store: StoreArgs,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +59,11 @@ fn parse_key(key: &str) -> Option<(bool, &str, usize, &str, u64)> {
         return None;
     };
     (*kind == "usd").then_some(())?;
+    // In a Cluster the name is a hash tag: `{chat}`.
+    let name = name
+        .strip_prefix('{')
+        .and_then(|n| n.strip_suffix('}'))
+        .unwrap_or(name);
     Some((team, name, i.parse().ok()?, who, window.parse().ok()?))
 }
 
@@ -219,51 +226,72 @@ pub fn render(rows: &[Row]) -> String {
     out
 }
 
-/// Reads the cluster and the store and renders the table.
+/// Reads the cluster and the store and renders the table. Every API-server request and every
+/// store operation has the gateway's deadline (API_CALL_TIMEOUT, --store-timeout), so a hanging
+/// server ends the command with an error instead of stalling it.
 pub async fn run(args: &SpendArgs) -> Result<String, SpendError> {
-    let client = Client::try_default()
+    // The store first: its deadline is the shorter.
+    let url = args
+        .store
+        .limits_store
+        .as_deref()
+        .ok_or_else(|| SpendError::Store("--limits-store is required".into()))?;
+    let store = Store::open(&args.store, url).map_err(|e| SpendError::Store(e.to_string()))?;
+    let err = |e: crate::store::StoreError| SpendError::Store(e.to_string());
+    store.ready().await.map_err(err)?;
+    let kube = |e: String| SpendError::Kube(e);
+    let deadline = |what: &str| SpendError::Kube(format!("{what} timed out"));
+    let client = tokio::time::timeout(API_CALL_TIMEOUT, Client::try_default())
         .await
-        .map_err(|e| SpendError::Kube(e.to_string()))?;
-    let routes = Api::<Route>::all(client.clone())
-        .list(&ListParams::default())
-        .await
-        .map_err(|e| SpendError::Kube(e.to_string()))?
-        .items;
+        .map_err(|_| deadline("connecting"))?
+        .map_err(|e| kube(e.to_string()))?;
+    let routes = tokio::time::timeout(
+        API_CALL_TIMEOUT,
+        Api::<Route>::all(client.clone()).list(&ListParams::default()),
+    )
+    .await
+    .map_err(|_| deadline("listing Routes"))?
+    .map_err(|e| kube(e.to_string()))?
+    .items;
     // Teams are optional (their CRD may not be installed).
-    let teams = Api::<Team>::all(client)
-        .list(&ListParams::default())
-        .await
-        .map(|l| l.items)
-        .unwrap_or_default();
-    // The URL may carry a password: errors name only the kind of failure.
-    let store = redis::Client::open(args.limits_store.as_str())
-        .map_err(|e| SpendError::Store(format!("{:?}", e.kind())))?;
-    let mut conn = store
-        .get_multiplexed_async_connection()
-        .await
-        .map_err(|e| SpendError::Store(format!("{:?}", e.kind())))?;
-    let keys: Vec<String> = {
-        let mut iter = conn
-            .scan_match::<_, String>("portcullis:*:usd:*")
-            .await
-            .map_err(|e| SpendError::Store(format!("{:?}", e.kind())))?;
-        let mut keys = Vec::new();
-        while let Some(k) = futures::StreamExt::next(&mut iter).await {
-            keys.push(k.map_err(|e| SpendError::Store(format!("{:?}", e.kind())))?);
-        }
-        keys
-    };
+    let teams = tokio::time::timeout(
+        API_CALL_TIMEOUT,
+        Api::<Team>::all(client).list(&ListParams::default()),
+    )
+    .await
+    .map_err(|_| deadline("listing Teams"))?
+    .map(|l| l.items)
+    .unwrap_or_default();
     let mut counts = BTreeMap::new();
-    for chunk in keys.chunks(500) {
-        let values: Vec<Option<i64>> = conn
-            .mget(chunk)
-            .await
-            .map_err(|e| SpendError::Store(format!("{:?}", e.kind())))?;
-        for (k, v) in chunk.iter().zip(values) {
-            counts.insert(
-                k.clone(),
-                v.and_then(|n| u64::try_from(n).ok()).unwrap_or(0),
-            );
+    // A Cluster's keys are spread over its primaries: each is scanned.
+    for node in store.primaries().await.map_err(err)? {
+        node.ready().await.map_err(err)?;
+        let mut keys = Vec::new();
+        let mut cursor = 0u64;
+        loop {
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor)
+                .arg("MATCH")
+                .arg("portcullis:*:usd:*")
+                .arg("COUNT")
+                .arg(1000);
+            let (next, page): (u64, Vec<String>) = node.query(&scan).await.map_err(err)?;
+            keys.extend(page);
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        for chunk in keys.chunks(500) {
+            // One GET each: MGET of keys in different slots is refused by a Cluster.
+            let mut pipe = redis::pipe();
+            for k in chunk {
+                pipe.get(k);
+            }
+            let values: Vec<Option<String>> = node.pipeline(&pipe).await.map_err(err)?;
+            for (k, v) in chunk.iter().zip(values) {
+                counts.insert(k.clone(), v.and_then(|n| n.parse().ok()).unwrap_or(0));
+            }
         }
     }
     let now = SystemTime::now()
@@ -289,6 +317,15 @@ mod tests {
 
     #[test]
     fn keys_parse_for_routes_and_teams_only_when_usd() {
+        // A Cluster's keys carry the name as a hash tag.
+        assert_eq!(
+            parse_key("portcullis:{chat}:0:usd:*:20000"),
+            Some((false, "chat", 0, "*", 20000))
+        );
+        assert_eq!(
+            parse_key("portcullis:team:{research}:1:usd:*:7"),
+            Some((true, "research", 1, "*", 7))
+        );
         assert_eq!(
             parse_key("portcullis:chat:0:usd:*:20000"),
             Some((false, "chat", 0, "*", 20000))

@@ -26,6 +26,9 @@ pub struct RoutingTable {
     sorted: Vec<Arc<RouteEntry>>,
     /// Every Team, by member: their limits hold across all routes.
     pub teams: Arc<crate::teams::Teams>,
+    /// No Route, or some Route without `access` rules (so, under `--default-access allow-all`,
+    /// callable without credentials).
+    anonymous: bool,
 }
 
 /// A Route that owns its public name (it won any name conflict).
@@ -129,6 +132,11 @@ pub struct Backends {
     /// The highest price of each kind among the backends (what a call reserves against a USD
     /// budget before its backend is chosen); `None` when any backend's price is unknown.
     pub max_price: Option<Price>,
+    /// The same at the Team price (`cost::team_price`), for Team USD budgets.
+    pub max_team_price: Option<Price>,
+    /// The most output tokens any backend's model may write: what a call without `max_tokens`
+    /// reserves against budgets.
+    pub max_output: u64,
 }
 
 /// One resolved backend, with everything the hot path needs computed once.
@@ -146,6 +154,10 @@ pub struct Backend {
     pub health: Arc<BackendHealth>,
     /// What a call costs here, resolved when the table is built; `None`: unknown (never zero).
     pub price: Option<Price>,
+    /// What a call here counts against Team budgets: never below the cluster-wide price.
+    pub team_price: Option<Price>,
+    /// The most output tokens the model may write (catalog `maxOutput`, or the default).
+    pub max_output: u64,
     metrics: OnceLock<BackendMetrics>,
 }
 
@@ -167,6 +179,8 @@ impl Backend {
             key,
             health: Arc::default(),
             price: None,
+            team_price: None,
+            max_output: crate::cost::DEFAULT_MAX_OUTPUT,
             metrics: OnceLock::new(),
         }
     }
@@ -212,10 +226,16 @@ impl RoutingTable {
             by_name.insert(e.name.to_string(), Arc::clone(e));
         }
         RoutingTable {
+            anonymous: sorted.iter().any(|e| e.access.is_none()),
             by_name,
             sorted,
             teams: Arc::default(),
         }
+    }
+
+    /// Whether some Route may be called without credentials under `allow-all`.
+    pub fn admits_anonymous(&self) -> bool {
+        self.anonymous || self.sorted.is_empty()
     }
 
     pub fn shared(self) -> SharedTable {

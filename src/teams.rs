@@ -54,6 +54,11 @@ impl Teams {
         &self.list
     }
 
+    /// The Team called `name`, if there is one.
+    pub fn named(&self, name: &str) -> Option<Arc<TeamEntry>> {
+        self.list.iter().find(|t| t.name == name).cloned()
+    }
+
     /// The teams `caller` belongs to, each once, in a stable order.
     pub fn of(&self, caller: &Identity) -> Vec<Arc<TeamEntry>> {
         if self.list.is_empty() {
@@ -69,13 +74,17 @@ impl Teams {
             .flatten()
             .copied()
             .collect(),
-            Identity::Consumer { namespace, name } => self
-                .by_member
-                .get(&format!("key:{namespace}/{name}"))
-                .into_iter()
-                .flatten()
-                .copied()
-                .collect(),
+            // A `namespace:` member rule covers every consumer of the namespace, API keys too:
+            // a Team's budget must not be dodged by calling with a key instead of a token.
+            Identity::Consumer { namespace, name } => [
+                self.by_member.get(&format!("key:{namespace}/{name}")),
+                self.by_member.get(&format!("ns:{namespace}")),
+            ]
+            .into_iter()
+            .flatten()
+            .flatten()
+            .copied()
+            .collect(),
         };
         found.sort_unstable();
         found.dedup();
@@ -129,8 +138,10 @@ mod tests {
             namespace: "ml".into(),
             name: "key".into(),
         };
-        // A namespace member rule covers ServiceAccounts, not API keys (as in access rules).
-        assert_eq!(names(teams.of(&key)), ["c"]);
+        // A namespace member rule covers every consumer of the namespace, API keys too.
+        assert_eq!(names(teams.of(&key)), ["a", "b", "c"]);
+        assert_eq!(teams.named("b").map(|t| t.name.clone()), Some("b".into()));
+        assert!(teams.named("nope").is_none());
         let other = Identity::ServiceAccount {
             namespace: "web".into(),
             name: "bot".into(),

@@ -226,6 +226,35 @@ impl BackendHealth {
     }
 }
 
+/// The rate-limit headers providers send with their answers, each the room left on the key.
+const REMAINING_HEADERS: [&str; 6] = [
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-remaining-tokens",
+    "anthropic-ratelimit-requests-remaining",
+    "anthropic-ratelimit-tokens-remaining",
+    "anthropic-ratelimit-input-tokens-remaining",
+    "anthropic-ratelimit-output-tokens-remaining",
+];
+
+/// Whether a 429's rate-limit headers show room left on every limit they name: then the refusal
+/// is this request's own (too large for what is left of a per-minute budget, an upstream
+/// gateway's per-user quota) and the backend still serves others, so it is not ejected. A 429
+/// without these headers, or with one at 0, is the backend's: it counts toward ejection, and its
+/// `Retry-After` ejects at once.
+pub fn limits_have_room(headers: &http::HeaderMap) -> bool {
+    let mut named = REMAINING_HEADERS
+        .iter()
+        .filter_map(|h| headers.get(*h))
+        .peekable();
+    named.peek().is_some()
+        && named.all(|v| {
+            v.to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .is_some_and(|n| n >= 1.0)
+        })
+}
+
 /// What selection needs to know of one backend.
 pub trait Candidate {
     fn weight(&self) -> u32;
@@ -327,6 +356,35 @@ mod tests {
         }
         // All tried: the same rules again, so a retry still has somewhere to go.
         assert!(pick(&backends, 0b111, 1).unwrap() < 2);
+    }
+
+    #[test]
+    fn a_429_is_the_requests_own_only_while_the_providers_limits_have_room() {
+        let headers = |pairs: &[(&'static str, &str)]| {
+            let mut h = http::HeaderMap::new();
+            for (k, v) in pairs {
+                h.insert(*k, v.parse().unwrap());
+            }
+            h
+        };
+        assert!(!limits_have_room(&headers(&[])));
+        assert!(!limits_have_room(&headers(&[("retry-after", "20")])));
+        assert!(limits_have_room(&headers(&[
+            ("x-ratelimit-remaining-requests", "499"),
+            ("x-ratelimit-remaining-tokens", "12000"),
+        ])));
+        assert!(!limits_have_room(&headers(&[
+            ("x-ratelimit-remaining-requests", "499"),
+            ("x-ratelimit-remaining-tokens", "0"),
+        ])));
+        assert!(limits_have_room(&headers(&[(
+            "anthropic-ratelimit-tokens-remaining",
+            "8000"
+        )])));
+        assert!(!limits_have_room(&headers(&[(
+            "anthropic-ratelimit-requests-remaining",
+            "zero"
+        )])));
     }
 
     #[test]

@@ -135,11 +135,16 @@ fn fixture() -> &'static Fixture {
                 &sim.openai_base(),
             ) + budget,
             chat(&openai, "openai", "gpt-4o-mini", &sim.openai_base()),
-            chat(
+            // The Route's own beta feature: a caller's `anthropic-beta` adds to it.
+            provider_route(
+                &ns,
                 &anthropic,
+                "llm/v1/chat",
                 "anthropic",
                 "claude-sonnet-4-5",
                 &sim.anthropic_base(),
+                Some("keys"),
+                &[("anthropicBeta", "context-1m-2025-08-07")],
             ),
             chat(&gemini, "gemini", "gemini-2.5-flash", &sim.gemini_base()),
             chat(
@@ -337,7 +342,10 @@ fn anthropic_and_openai_sdks_on_every_provider() {
         .into_iter()
         .find(|r| r.path.contains("/anthropic/") && r.json().to_string().contains("plain-check"))
         .and_then(|r| r.header("anthropic-beta").map(String::from));
-    assert_eq!(beta.as_deref(), Some("prompt-caching-2024-07-31"));
+    assert_eq!(
+        beta.as_deref(),
+        Some("context-1m-2025-08-07,prompt-caching-2024-07-31")
+    );
     let image = find(&anthropic, "image-check");
     assert_eq!(image["messages"][0]["content"][0]["type"], "image");
     assert_eq!(

@@ -85,12 +85,6 @@ fn serve<const N: usize>(
     names
 }
 
-fn api_key_secret(ns: &str, name: &str, key: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels:\n    portcullis.dev/api-key: \"true\"\nstringData:\n  apiKey: {key}\n"
-    )
-}
-
 /// `token` re-signed with the control plane's own ServiceAccount key after moving its expiry an hour
 /// into the past: a genuinely expired token (the TokenRequest API will not issue one shorter than 10 min).
 fn expired_copy(cp: &ControlPlane, token: &str) -> String {
@@ -209,7 +203,8 @@ fn service_account_tokens_are_reviewed_cached_and_checked_against_access() {
             let (code, headers, body) = call(&gw, bearer, &chat_body(route));
             assert_eq!(code, 401, "{what} on {route}: {body}");
             assert_eq!(body["error"]["type"], "authentication_error");
-            assert_eq!(headers["www-authenticate"], "Bearer");
+            let scheme = headers["www-authenticate"].to_str().unwrap_or_default();
+            assert!(scheme.starts_with("Bearer"), "{scheme}");
         }
     }
 
@@ -274,7 +269,8 @@ fn service_account_tokens_are_reviewed_cached_and_checked_against_access() {
     // Fresh cache entries first: a rejected token is remembered for 5 s only.
     assert_eq!(status(&gw, &restricted, Some(&wrong_audience)), 401);
     let (ok_before, bad_before) = (reviews("authenticated"), reviews("rejected"));
-    assert!(ok_before >= 3.0 && bad_before >= 2.0, "{}", gw.metrics());
+    // Expired and wrong-audience tokens are refused without a review; the ghost is reviewed.
+    assert!(ok_before >= 3.0 && bad_before >= 1.0, "{}", gw.metrics());
     for _ in 0..10 {
         assert_eq!(status(&gw, &restricted, Some(&notebook)), 200);
         assert_eq!(status(&gw, &restricted, Some(&wrong_audience)), 401);
@@ -284,7 +280,7 @@ fn service_account_tokens_are_reviewed_cached_and_checked_against_access() {
     assert_eq!(reviews("error"), 0.0);
 
     // The caller's identity is the consumer in the log and the token metrics.
-    let consumer = format!("{ns}/notebook");
+    let consumer = format!("sa/{ns}/notebook");
     // Log lines are written by a background thread: give it a moment.
     let logged = |who: &str| {
         let field = format!("\"consumer\":\"{who}\"");
@@ -333,7 +329,7 @@ fn api_keys_are_accepted_and_revoked_within_a_second() {
         status(&gw, &route, Some("pk-partner-first-1")) == 200
     })
     .unwrap_or_else(|_| panic!("the API key was not accepted:\n{}", gw.log()));
-    let field = format!("\"consumer\":\"{ns}/partner\"");
+    let field = format!("\"consumer\":\"key/{ns}/partner\"");
     eventually(Duration::from_secs(2), || gw.log().contains(&field))
         .unwrap_or_else(|_| panic!("the consumer is not logged:\n{}", gw.log()));
     // A replica that starts later turns ready only once it knows the keys.
@@ -572,12 +568,14 @@ fn token_budgets_charge_up_front_and_settle_to_real_usage() {
     );
 }
 
+/// A stream its caller leaves early is read to its end in the background and charged the
+/// provider's final usage report, not just the few words the caller saw.
 #[test]
-fn a_stream_that_ends_early_is_charged_what_it_used() {
+fn a_stream_left_early_is_drained_and_charged_its_reported_usage() {
     let cp = ControlPlane::shared();
     let sim = sim();
     sim.set_behaviour(portcullis_sim::Behaviour {
-        chunk_delay: Duration::from_millis(150),
+        chunk_delay: Duration::from_millis(20),
         answer_words: 200,
         ..Default::default()
     });
@@ -608,22 +606,27 @@ fn a_stream_that_ends_early_is_charged_what_it_used() {
     assert!(n > 0);
     drop(resp);
 
-    // Once the gateway notices, the charge drops to the prompt and the few words sent, so a
-    // request reserving 503 fits again (it would not next to 903).
-    let fits = json!({"model": route, "max_tokens": 500, "stream": true,
-        "messages": [{"role": "user", "content": "hello there"}]});
+    // The provider's stream runs to its end (about 4 s) and its usage, 2 + 200 tokens, is
+    // charged: a call that would need 993 is refused with 798 left.
     let started = Instant::now();
-    eventually(Duration::from_secs(5), || {
-        let resp = client()
-            .post(gw.url("/v1/chat/completions"))
-            .header("content-type", "application/json")
-            .body(fits.to_string())
-            .send()
-            .expect("request");
-        resp.status() == 200
+    let too_big = json!({"model": route, "max_tokens": 990,
+        "messages": [{"role": "user", "content": "hello there"}]});
+    eventually(Duration::from_secs(15), || {
+        let (code, headers, _) = call(&gw, None, &too_big);
+        code == 429 && headers["x-ratelimit-remaining-tokens"] == "798"
     })
-    .unwrap_or_else(|_| panic!("the early-ended stream was never settled:\n{}", gw.log()));
-    println!("early-ended stream settled after {:?}", started.elapsed());
+    .unwrap_or_else(|_| {
+        panic!(
+            "the stream left early was not charged its usage:\n{}",
+            gw.log()
+        )
+    });
+    println!("stream left early settled after {:?}", started.elapsed());
+    assert_eq!(
+        sim.cancelled_streams(),
+        0,
+        "the provider's stream was drained to its end"
+    );
 }
 
 #[test]
@@ -633,7 +636,16 @@ fn two_replicas_share_one_limit_through_redis_and_survive_its_loss() {
     let mut redis = Redis::start();
     let ns = cp.namespace("gov-redis");
     let url = redis.url();
-    let flags = ["--limits-store", url.as_str(), "--replicas", "2"];
+    // The shared counts are under test, not the store's deadline: a debug build on a busy runner
+    // can take longer than the 50 ms default to poll a reply.
+    let flags = [
+        "--limits-store",
+        url.as_str(),
+        "--replicas",
+        "2",
+        "--store-timeout",
+        "1s",
+    ];
     let a = Gateway::start(cp, &flags);
     let b = Gateway::start(cp, &flags);
     let [limited, roomy, budget] = serve(
@@ -745,7 +757,8 @@ fn hidden_routes_answer_exactly_like_missing_ones_on_every_path() {
     cp.ok(&["create", "serviceaccount", "outsider", "-n", &ns]);
     let gw = Gateway::start(cp, &["--namespace", &ns]);
     let only_nobody = "  access:\n    - serviceAccount: nobody/none\n";
-    let [chat] = serve(cp, &ns, &sim, [("hidden", only_nobody)]);
+    // A public Route too: were every Route hidden, anonymous callers would get a 401 at once.
+    let [chat, _public] = serve(cp, &ns, &sim, [("hidden", only_nobody), ("public", "")]);
     // A Route that is not ready (its Secret is missing) and hidden.
     let broken = unique("hidden-broken");
     cp.apply(&format!(

@@ -500,3 +500,69 @@ fn a_file_of_the_wrong_format_or_nothing_importable_exits_2() {
         "{err}"
     );
 }
+
+/// A hostile config: an environment-variable name carrying a new line and a manifest must not
+/// reach the output (it would be applied by `import | kubectl apply -f -`), and a key field naming
+/// a local file is not read into a Secret unless `--read-key-files` says so.
+#[test]
+fn hostile_key_fields_neither_inject_manifests_nor_read_local_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("local-secret");
+    std::fs::write(&local, "sk-local-file-contents").unwrap();
+    let config = dir.path().join("gw.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"endpoints:
+  - name: injected
+    endpoint_type: llm/v1/chat
+    model: {{provider: openai, name: m, config: {{openai_api_key: "$X\n---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: pwned}}\n"}}}}
+  - name: filekey
+    endpoint_type: llm/v1/chat
+    model: {{provider: anthropic, name: m, config: {{anthropic_api_key: "{}"}}}}
+"#,
+            local.display()
+        ),
+    )
+    .unwrap();
+    let litellm = dir.path().join("litellm.yaml");
+    std::fs::write(
+        &litellm,
+        "model_list:\n  - model_name: chat\n    litellm_params: {model: openai/m, api_key: \"os.environ/A\\n---\\nkind: Namespace\\nmetadata: {name: pwned}\"}\n",
+    )
+    .unwrap();
+    for (format, file) in [("mlflow", &config), ("litellm", &litellm)] {
+        let (code, stdout, stderr) = import(&[format, path_str(file), "--with-secrets"], &[]);
+        assert_eq!(code, Some(0), "{stderr}");
+        assert!(!stdout.contains("pwned"), "{format}: {stdout}");
+        assert!(!stdout.contains("Namespace"), "{format}: {stdout}");
+        for doc in stdout.split("---\n").filter(|d| !d.trim().is_empty()) {
+            let v: serde_yaml::Value = serde_yaml::from_str(doc).unwrap();
+            let kind = v.get("kind").and_then(serde_yaml::Value::as_str);
+            assert!(
+                matches!(kind, None | Some("Secret" | "Route")),
+                "{format}: {doc}"
+            );
+        }
+        assert!(
+            stderr.contains("not [A-Za-z_][A-Za-z0-9_]*"),
+            "{format}: {stderr}"
+        );
+        // Without --with-secrets the suggested command holds no injected text either.
+        let (_, stdout, _) = import(&[format, path_str(file)], &[]);
+        assert!(!stdout.contains("pwned"), "{format}: {stdout}");
+    }
+    let (_, stdout, stderr) = import(&["mlflow", path_str(&config), "--with-secrets"], &[]);
+    assert!(!stdout.contains("sk-local-file-contents"), "{stdout}");
+    assert!(stderr.contains("--read-key-files"), "{stderr}");
+    let (_, stdout, _) = import(
+        &[
+            "mlflow",
+            path_str(&config),
+            "--with-secrets",
+            "--read-key-files",
+        ],
+        &[],
+    );
+    assert!(stdout.contains("sk-local-file-contents"), "{stdout}");
+}

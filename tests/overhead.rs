@@ -94,7 +94,9 @@ async fn measure(limiter: Arc<Limiter>, iterations: u32) -> Duration {
         },
         DefaultAccess::Authenticated,
     );
-    let bearer = Bearer::from_header(b"Bearer eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln").unwrap();
+    // A JWT for the gateway's audience expiring in 2100: it passes the local checks once, then
+    // is a cached identity.
+    let bearer = Bearer::from_header(b"Bearer eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4IiwiYXVkIjoicG9ydGN1bGxpcyIsImV4cCI6NDEwMjQ0NDgwMH0.c2ln").unwrap();
     let entry = route();
     let check = || async {
         let caller = auth.authenticate(Some(&bearer)).await.unwrap();
@@ -151,12 +153,14 @@ async fn auth_and_limits_overhead_for_a_cached_token() {
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    let limiter = Limiter::shared(
-        Arc::new(Metrics::new()),
-        1,
-        &format!("redis://127.0.0.1:{port}"),
-    )
-    .unwrap();
+    let args = portcullis::store::StoreArgs {
+        store_timeout: Duration::from_millis(250),
+        ..Default::default()
+    };
+    let store =
+        portcullis::store::Store::open(&args, &format!("redis://127.0.0.1:{port}")).unwrap();
+    store.ready().await.unwrap();
+    let limiter = Limiter::shared(Arc::new(Metrics::new()), 1, store);
     let shared = measure(Arc::new(limiter), 20_000).await;
     println!("auth + limits, cached token, Redis on loopback: {shared:?} per request");
     let _ = redis.kill();
@@ -185,6 +189,7 @@ async fn admit_and_settle(
         usd: cost.then(|| price.max_cost(300, 256)),
         stream: false,
         usd_floor: Usd::ZERO,
+        ..Charge::default()
     };
     let r = limiter
         .admit_charge(entry, "team-a/notebook", charge)

@@ -768,10 +768,10 @@ fn service_account_tokens_only_with_a_kubeconfig() {
     let kubeconfig = cp.kubeconfig();
     let with = Gateway::serve(&[&file], &["--kubeconfig", path_str(&kubeconfig)], &[]);
     assert_eq!(call(&with), 200, "{}", with.log());
-    // Without a cluster to review it the token is no credential, and a route with access rules
-    // is hidden from callers it does not admit.
+    // Without a cluster to review it the token cannot be accepted: a 401 that says so (a JWT
+    // never counts as no credential).
     let without = Gateway::serve(&[&file], &[], &[]);
-    assert_eq!(call(&without), 404);
+    assert_eq!(call(&without), 401);
     assert!(!with.log().contains(&token) && !without.log().contains(&token));
 }
 

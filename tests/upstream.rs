@@ -328,3 +328,118 @@ fn a_provider_redirect_is_a_502_and_never_followed_with_the_credential() {
     );
     assert!(!body.to_string().contains("sk-redirected"));
 }
+
+/// A Route of two OpenAI backends at `first` (priority 0) and `second` (priority 1), tried twice
+/// on the failure classes `retry_on` (a YAML list), ejecting after two failures in a row.
+fn two_backends(ns: &str, name: &str, first: &str, second: &str, retry_on: &str) -> String {
+    format!(
+        "apiVersion: portcullis.dev/v1alpha1\nkind: Route\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  routeType: llm/v1/chat\n  backends:\n  - {{provider: openai, name: gpt-4o-mini, apiBase: \"{first}\", secretRef: {{name: openai}}, priority: 0}}\n  - {{provider: openai, name: gpt-4o-mini, apiBase: \"{second}\", secretRef: {{name: openai}}, priority: 1}}\n  retry: {{attempts: 2, retryOn: {retry_on}}}\n  outlierDetection: {{consecutiveFailures: 2}}\n"
+    )
+}
+
+/// A connection that breaks after the request was written is not a connect failure: the provider
+/// may have the request (and bill it), so it is `upstream_connection_lost` (retried only as
+/// `unavailable`), while a refused connection stays `upstream_unreachable` (`connect-failure`). A
+/// Route retrying only connect failures does not send it again elsewhere.
+#[test]
+fn a_connection_lost_after_the_request_was_sent_is_not_a_connect_failure() {
+    let cp = ControlPlane::shared();
+    let ns = cp.namespace("lost");
+    // Reads the request, then closes the connection without a word.
+    let (hangup, hangup_hits) = raw_listener(String::new());
+    let refused = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}/v1", l.local_addr().unwrap())
+    };
+    let fallback = sim();
+    let gw = Gateway::start(cp, &["--namespace", &ns]);
+    cp.apply(&format!(
+        "{}---\n{}---\n{}---\n{}",
+        secret_manifest(&ns, "openai", "apiKey", "sk-lost"),
+        route_manifest(
+            &ns,
+            "lost",
+            "llm/v1/chat",
+            "openai",
+            &format!("{hangup}/v1")
+        ),
+        route_manifest(&ns, "refused", "llm/v1/chat", "openai", &refused),
+        two_backends(
+            &ns,
+            "pair",
+            &format!("{hangup}/v1"),
+            &fallback.openai_base(),
+            "[connect-failure]"
+        ),
+    ));
+    for route in ["lost", "refused", "pair"] {
+        cp.wait_ready(&ns, route);
+    }
+    let (status, body) = gw.chat("lost");
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(body["error"]["code"], "upstream_connection_lost", "{body}");
+    assert!(hangup_hits.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    let (status, body) = gw.chat("refused");
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(body["error"]["code"], "upstream_unreachable", "{body}");
+    let (status, body) = gw.chat("pair");
+    assert_eq!(status, 502, "{body}");
+    assert!(
+        fallback.requests().is_empty(),
+        "sent a second time after the provider may have taken it"
+    );
+}
+
+/// A 429 whose provider's rate-limit headers show room left on the key is this request's own
+/// (too large for what is left of a per-minute budget): it is retried elsewhere but does not eject
+/// the shared backend for every other caller. A 429 that exhausts the key still does.
+#[test]
+fn a_429_about_one_request_does_not_eject_the_shared_backend() {
+    let cp = ControlPlane::shared();
+    let ns = cp.namespace("scoped429");
+    let (primary, fallback) = (sim(), sim());
+    let gw = Gateway::start(cp, &["--namespace", &ns]);
+    cp.apply(&format!(
+        "{}---\n{}",
+        secret_manifest(&ns, "openai", "apiKey", "sk-429"),
+        two_backends(
+            &ns,
+            "shared",
+            &primary.openai_base(),
+            &fallback.openai_base(),
+            "[rate-limited]"
+        ),
+    ));
+    cp.wait_ready(&ns, "shared");
+    let too_large = |remaining_tokens: &str| {
+        portcullis_sim::Fault::StatusWithHeaders {
+        status: 429,
+        body: r#"{"error":{"message":"Request too large for gpt-4o-mini on tokens per min (TPM): Limit 30000, Requested 52000.","type":"tokens","code":"rate_limit_exceeded"}}"#.into(),
+        headers: vec![
+            ("retry-after".into(), "30".into()),
+            ("x-ratelimit-remaining-requests".into(), "499".into()),
+            ("x-ratelimit-remaining-tokens".into(), remaining_tokens.into()),
+        ],
+    }
+    };
+    primary.set_fault(too_large("29000"));
+    for _ in 0..3 {
+        let (status, body) = gw.chat("shared");
+        assert_eq!(status, 200, "retried on the fallback: {body}");
+    }
+    assert_eq!(primary.requests().len(), 3);
+    // Another caller's ordinary request still goes to the primary.
+    primary.set_fault(portcullis_sim::Fault::None);
+    primary.clear();
+    fallback.clear();
+    assert_eq!(gw.chat("shared").0, 200);
+    assert_eq!(primary.requests().len(), 1, "the primary was ejected");
+    assert!(fallback.requests().is_empty());
+    // The key itself exhausted (no tokens left): Retry-After ejects the backend.
+    primary.set_fault(too_large("0"));
+    assert_eq!(gw.chat("shared").0, 200);
+    primary.set_fault(portcullis_sim::Fault::None);
+    primary.clear();
+    assert_eq!(gw.chat("shared").0, 200);
+    assert!(primary.requests().is_empty(), "an exhausted key is ejected");
+}

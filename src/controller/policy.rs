@@ -43,11 +43,7 @@ impl OperatorPolicy {
                 format!("apiBase {api_base:?} is not a URL"),
             ));
         };
-        let host = url
-            .host_str()?
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_ascii_lowercase();
+        let host = normalize_name(url.host_str()?);
         let port = url.port_or_known_default().unwrap_or(0);
         let address = match host.parse::<IpAddr>() {
             Ok(IpAddr::V6(ip)) => format!("[{ip}]:{port}"),
@@ -132,9 +128,28 @@ impl Egress {
         Ok(Egress { allowed })
     }
 
+    /// Whether a connection to `ip`, resolved from `name`, may be made: anything but link-local
+    /// and cloud metadata addresses, which only an entry of `--allowed-upstream-hosts` naming the
+    /// address (or its CIDR) or the name itself opens. Checked by the upstream client's resolver
+    /// on every connection, so a DNS name that resolves to a metadata address is refused there.
+    pub fn allows_address(&self, name: &str, ip: IpAddr) -> bool {
+        let ip = canonical(ip);
+        let name = normalize_name(name);
+        let listed = self.allowed.iter().any(|rule| match rule {
+            HostRule::Net(net, bits) => in_net(ip, *net, *bits),
+            HostRule::Name(n) => *n == name,
+            HostRule::Suffix(s) => name.ends_with(s.as_str()),
+        });
+        listed || !denied_address(ip)
+    }
+
     /// Why `host` is refused, if it is.
     fn refuse(&self, host: &str) -> Option<String> {
-        let ip = host.parse::<IpAddr>().ok();
+        // `metadata.google.internal.` is the same host as without its dot; `::ffff:169.254.169.254`
+        // is the IPv4 address it maps.
+        let host = normalize_name(host);
+        let host = host.as_str();
+        let ip = host.parse::<IpAddr>().ok().map(canonical);
         let listed = self.allowed.iter().any(|rule| match (rule, ip) {
             (HostRule::Name(n), None) => n == host,
             (HostRule::Suffix(s), None) => host.ends_with(s.as_str()),
@@ -145,9 +160,7 @@ impl Egress {
             return None;
         }
         let denied = match ip {
-            Some(ip) => DENIED
-                .iter()
-                .any(|(net, bits)| net.parse().is_ok_and(|net| in_net(ip, net, *bits))),
+            Some(ip) => denied_address(ip),
             None => DENIED_NAMES.contains(&host),
         };
         if denied {
@@ -162,6 +175,28 @@ impl Egress {
         }
         None
     }
+}
+
+fn denied_address(ip: IpAddr) -> bool {
+    DENIED
+        .iter()
+        .any(|(net, bits)| net.parse().is_ok_and(|net| in_net(ip, net, *bits)))
+}
+
+/// An IPv4 address written as IPv6 (`::ffff:a.b.c.d`) is that IPv4 address.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Lower case, without brackets and without the root's trailing dot.
+fn normalize_name(host: &str) -> String {
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .trim_end_matches('.')
+        .to_ascii_lowercase()
 }
 
 fn in_net(ip: IpAddr, net: IpAddr, bits: u8) -> bool {
@@ -309,6 +344,35 @@ mod tests {
         );
         assert!(strict.refuse_upstream("http://11.0.0.1/v1").is_some());
         assert!(Egress::parse(&["10.0.0.0/33".into()]).is_err());
+    }
+
+    #[test]
+    fn metadata_addresses_in_disguise_are_refused_too() {
+        let open = OperatorPolicy::default();
+        for disguised in [
+            "http://[::ffff:169.254.169.254]/latest",
+            "http://[::ffff:a9fe:a9fe]/",
+            "http://metadata.google.internal./computeMetadata/v1",
+            "http://METADATA.google.internal../x",
+            "http://169.254.169.254./",
+        ] {
+            assert!(open.refuse_upstream(disguised).is_some(), "{disguised}");
+        }
+        // Resolved addresses, as the upstream client's resolver checks them.
+        let meta: IpAddr = "169.254.169.254".parse().unwrap();
+        let mapped: IpAddr = "::ffff:169.254.169.254".parse().unwrap();
+        let public: IpAddr = "203.0.113.7".parse().unwrap();
+        assert!(!open.egress.allows_address("innocent.example.com", meta));
+        assert!(!open.egress.allows_address("innocent.example.com", mapped));
+        assert!(open.egress.allows_address("api.openai.com", public));
+        // Listed explicitly (the address, its network or the name), it is reachable.
+        for entry in ["169.254.169.254", "169.254.0.0/16", "innocent.example.com"] {
+            let listed = Egress::parse(&[entry.into()]).unwrap();
+            assert!(
+                listed.allows_address("innocent.example.com.", meta),
+                "{entry}"
+            );
+        }
     }
 
     #[test]

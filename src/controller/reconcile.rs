@@ -354,17 +354,23 @@ fn resolve(
                 *seen += 1;
                 let key = format!("{namespace}/{name}#{seen}#{content:016x}");
                 let mut backend = Backend::new(upstream, d.weight, d.priority, key);
-                backend.price = crate::cost::resolve(
-                    prices.catalog,
-                    prices
-                        .cluster
-                        .and_then(|c| c.get(d.model.provider, &d.model.name))
-                        .as_ref(),
-                    d.model.provider,
-                    &d.model.name,
-                    spec.route_type,
-                    &[d.pricing, spec.pricing.as_ref()],
-                );
+                let cluster = prices
+                    .cluster
+                    .and_then(|c| c.get(d.model.provider, &d.model.name));
+                let resolve = |overrides: &[Option<&crate::api::Pricing>]| {
+                    crate::cost::resolve(
+                        prices.catalog,
+                        cluster.as_ref(),
+                        d.model.provider,
+                        &d.model.name,
+                        spec.route_type,
+                        overrides,
+                    )
+                };
+                backend.price = resolve(&[d.pricing, spec.pricing.as_ref()]);
+                backend.team_price = crate::cost::team_price(backend.price, resolve(&[]));
+                backend.max_output =
+                    crate::cost::max_output(prices, d.model.provider, &d.model.name);
                 if let Some(h) = health.get(backend.key.as_str()) {
                     backend.health = Arc::clone(h);
                 }
@@ -420,15 +426,21 @@ fn resolve(
             statuses,
         );
     }
-    let max_price = list
-        .iter()
-        .map(|b| b.price)
-        .try_fold(crate::cost::Price::default(), |m, p| Some(m.max(p?)));
+    let dearest = |price: fn(&Backend) -> Option<crate::cost::Price>| {
+        list.iter()
+            .map(price)
+            .try_fold(crate::cost::Price::default(), |m, p| Some(m.max(p?)))
+    };
+    let max_price = dearest(|b| b.price);
+    let max_team_price = dearest(|b| b.team_price);
+    let max_output = list.iter().map(|b| b.max_output).max().unwrap_or_default();
     (
         RouteState::Ready(Arc::new(Backends {
             list,
             policy: traffic,
             max_price,
+            max_team_price,
+            max_output,
         })),
         statuses,
     )
@@ -477,7 +489,13 @@ fn resolve_model(
         })?
         .trim_end_matches('/')
         .to_string();
-    if let Some(refused) = policy.refuse_upstream(&api_base) {
+    // Checked as it will be called: Bedrock's `{region}` filled in as the adapter fills it (a
+    // region such as `254` must not complete `http://169.254.169.{region}`).
+    let region = model
+        .config
+        .get("region")
+        .map_or(crate::providers::BEDROCK_DEFAULT_REGION, String::as_str);
+    if let Some(refused) = policy.refuse_upstream(&api_base.replace("{region}", region)) {
         let message = format!("{field}: {}", refused.message);
         return Err(Outcome::not_ready(refused.reason, message));
     }

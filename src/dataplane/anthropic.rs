@@ -194,7 +194,10 @@ pub async fn list_models(State(state): State<Arc<AppState>>, headers: HeaderMap)
             .await
             .into_response();
     }
-    let visible = Visibility::of_caller(&state).await;
+    let visible = match Visibility::of_caller(&state).await {
+        Ok(visible) => visible,
+        Err(e) => return AnthropicError(e).into_response(),
+    };
     let table = state.table.load();
     let data: Vec<Value> = table
         .routes()
@@ -236,7 +239,7 @@ async fn read_and_look_up(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<(Fields, forward::ServingRoute, PassOn)> {
-    let mut body = read_json_object(headers, body, state.body_limit).await?;
+    let mut body = read_json_object(state, headers, body).await?;
     let model = require_string(&mut body, "model")?;
     let route = forward::lookup(state, &model, RouteType::Chat).await?;
     let pass = PassOn::for_route(&route);

@@ -51,6 +51,10 @@ pub enum GatewayError {
         status: StatusCode,
         message: String,
         retry_after: Option<u64>,
+        /// A 429 whose provider's rate-limit headers show room left for the key: this request's
+        /// own limit (too large for a per-minute budget, an upstream's per-user quota), not the
+        /// backend's, so it never ejects the backend for everyone else.
+        request_scoped: bool,
     },
     #[error(
         "the {provider} provider rejected this route's credential ({status}: {message}); the route's operator must fix its Secret"
@@ -62,8 +66,13 @@ pub enum GatewayError {
     },
     #[error("upstream provider returned a malformed response: {0}")]
     UpstreamMalformed(String),
+    /// No connection could be made: the request was not sent.
     #[error("{0}")]
     UpstreamUnreachable(String),
+    /// The connection failed after the request was (or may have been) sent: the provider may
+    /// have it, and bill it.
+    #[error("{0}")]
+    UpstreamConnectionLost(String),
     #[error("upstream provider did not answer within {0} seconds")]
     UpstreamTimeout(u64),
     #[error("the provider's stream sent nothing for {0} seconds and was ended")]
@@ -74,6 +83,10 @@ pub enum GatewayError {
         "missing or invalid credentials: send a ServiceAccount token or an API key as 'Authorization: Bearer <credential>'"
     )]
     Unauthenticated,
+    /// A presented JWT that fails the local checks or the TokenReview: a 401 that says why, on
+    /// every path, whether or not the Route named exists.
+    #[error("the ServiceAccount token is not valid: {0}")]
+    InvalidToken(crate::access::Rejection),
     #[error("the caller's credentials cannot be checked right now; retry shortly")]
     AuthUnavailable,
     #[error("{}", .0.message)]
@@ -92,6 +105,16 @@ pub enum GatewayError {
     BodyTimeout,
     #[error("the gateway is at its limit of requests in flight; retry shortly")]
     Overloaded,
+    #[error(
+        "the gateway holds as many request bodies as it may (--max-buffered-request-bytes); retry shortly"
+    )]
+    BuffersFull,
+    #[error(
+        "the request body's JSON would take about {estimate} bytes in memory, more than the {limit} the gateway allows for one request; send fewer, larger values"
+    )]
+    BodyTooComplex { estimate: usize, limit: usize },
+    #[error("the request body's JSON is nested deeper than {0} levels")]
+    BodyTooDeep(usize),
 }
 
 impl GatewayError {
@@ -127,19 +150,27 @@ impl GatewayError {
             GatewayError::UnknownRoute(_) | GatewayError::NoSuchPath(_) => StatusCode::NOT_FOUND,
             GatewayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::LoopDetected(_) => StatusCode::LOOP_DETECTED,
-            GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::PayloadTooLarge { .. } | GatewayError::BodyTooComplex { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            GatewayError::BodyTooDeep(_) => StatusCode::BAD_REQUEST,
             GatewayError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             GatewayError::RouteNotReady { .. } => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::Upstream { status, .. } => upstream_status(*status),
             GatewayError::UpstreamMalformed(_)
             | GatewayError::UpstreamUnreachable(_)
+            | GatewayError::UpstreamConnectionLost(_)
             | GatewayError::CredentialRejected { .. } => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout(_) | GatewayError::UpstreamStalled(_) => {
                 StatusCode::GATEWAY_TIMEOUT
             }
             GatewayError::UpstreamTruncated(_) => StatusCode::BAD_GATEWAY,
-            GatewayError::Unauthenticated => StatusCode::UNAUTHORIZED,
-            GatewayError::AuthUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::Unauthenticated | GatewayError::InvalidToken(_) => {
+                StatusCode::UNAUTHORIZED
+            }
+            GatewayError::AuthUnavailable | GatewayError::BuffersFull => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             GatewayError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::NotInTeamRoutes { .. } | GatewayError::UnpricedForBudget { .. } => {
                 StatusCode::FORBIDDEN
@@ -160,24 +191,29 @@ impl GatewayError {
             GatewayError::NoSuchPath(_) => "not_found",
             GatewayError::MethodNotAllowed => "method_not_allowed",
             GatewayError::LoopDetected(_) => "loop_detected",
-            GatewayError::PayloadTooLarge { .. } => "payload_too_large",
+            GatewayError::PayloadTooLarge { .. } | GatewayError::BodyTooComplex { .. } => {
+                "payload_too_large"
+            }
+            GatewayError::BodyTooDeep(_) => "invalid_request",
             GatewayError::UnsupportedMediaType(_) => "unsupported_media_type",
             GatewayError::RouteNotReady { .. } => "route_not_ready",
             GatewayError::Upstream { .. } => "upstream_error",
             GatewayError::UpstreamMalformed(_) => "upstream_malformed_response",
             GatewayError::CredentialRejected { .. } => "upstream_credential_rejected",
             GatewayError::UpstreamUnreachable(_) => "upstream_unreachable",
+            GatewayError::UpstreamConnectionLost(_) => "upstream_connection_lost",
             GatewayError::UpstreamTimeout(_) => "upstream_timeout",
             GatewayError::UpstreamStalled(_) => "upstream_stalled",
             GatewayError::UpstreamTruncated(_) => "upstream_truncated",
             GatewayError::Unauthenticated => "unauthenticated",
+            GatewayError::InvalidToken(_) => "invalid_token",
             GatewayError::AuthUnavailable => "auth_unavailable",
             GatewayError::RateLimited(_) => "rate_limit_exceeded",
             GatewayError::NotInTeamRoutes { .. } => "route_not_in_team",
             GatewayError::UnpricedForBudget { .. } => "route_unpriced",
             GatewayError::BudgetTruncated { .. } => "budget_exceeded",
             GatewayError::BodyTimeout => "request_timeout",
-            GatewayError::Overloaded => "overloaded",
+            GatewayError::Overloaded | GatewayError::BuffersFull => "overloaded",
         }
     }
 
@@ -192,7 +228,9 @@ impl GatewayError {
         match self {
             GatewayError::Upstream { retry_after, .. } => *retry_after,
             GatewayError::RateLimited(limited) => Some(limited.retry_after),
-            GatewayError::AuthUnavailable | GatewayError::Overloaded => Some(1),
+            GatewayError::AuthUnavailable
+            | GatewayError::Overloaded
+            | GatewayError::BuffersFull => Some(1),
             _ => None,
         }
     }
@@ -210,6 +248,7 @@ impl GatewayError {
                 status,
                 message,
                 retry_after,
+                request_scoped: false,
             },
         }
     }
@@ -248,6 +287,12 @@ fn with_headers(mut response: Response, err: &GatewayError) -> Response {
     match err {
         GatewayError::Unauthenticated => {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        GatewayError::InvalidToken(_) => {
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(r#"Bearer error="invalid_token""#),
+            );
         }
         GatewayError::RateLimited(limited) => {
             for (suffix, window) in [
@@ -411,6 +456,7 @@ mod tests {
                 status: StatusCode::from_u16(s).unwrap(),
                 message: String::new(),
                 retry_after: None,
+                request_scoped: false,
             }
             .status()
             .as_u16()

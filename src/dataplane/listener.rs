@@ -1,9 +1,12 @@
-//! The data-plane listener: accepts connections under a cap, cuts slow and idle ones, and sheds
-//! requests beyond the in-flight cap with a 503 before they reach a handler.
+//! The data-plane listener: accepts connections under a cap, cuts slow and idle ones, bounds what
+//! request bodies may hold, and sheds requests beyond the in-flight cap with a 503.
 //!
 //! hyper does the HTTP work (its HTTP/1 header-read timeout included); this module adds what hyper
-//! and axum::serve do not have: the two caps, the idle timeout (HTTP/2 connections have no header
-//! timeout to close them) and a pause limit inside request bodies.
+//! and axum::serve do not have: the caps, the idle timeout (HTTP/2 connections have no header
+//! timeout to close them), a pause limit and a total deadline on request bodies, and the global
+//! budget of buffered request bytes (`intake.rs`). A request takes its in-flight slot only once
+//! its body is complete, and so after its caller was authenticated (the surfaces authenticate
+//! before they read): slow or unauthenticated bodies never hold a slot.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -26,7 +29,8 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::error::{self, GatewayError};
+use super::error::GatewayError;
+use super::intake::{Budget, Intake};
 use crate::telemetry::metrics::Metrics;
 
 /// The listener's flags (flattened into `portcullis run`).
@@ -41,17 +45,29 @@ pub struct ListenerArgs {
     /// arriving ends with 408).
     #[arg(long, env = "PORTCULLIS_BODY_READ_TIMEOUT", default_value_t = 30.0)]
     pub body_read_timeout: f64,
+    /// Seconds a whole request body may take to arrive, counted from its head (a body that
+    /// trickles in ends with 408).
+    #[arg(long, env = "PORTCULLIS_BODY_TIMEOUT", default_value_t = 30.0)]
+    pub body_timeout: f64,
+    /// Bytes all request bodies together may hold while they are read and served (their bytes
+    /// plus what their parsed JSON costs); beyond it requests are answered 503 with `Retry-After`.
+    #[arg(long, env = "PORTCULLIS_MAX_BUFFERED_REQUEST_BYTES", default_value_t = DEFAULT_BUFFER_BUDGET)]
+    pub max_buffered_request_bytes: usize,
     /// Seconds a connection (HTTP/1 or HTTP/2) may stay open without any request in flight.
     #[arg(long, env = "PORTCULLIS_IDLE_TIMEOUT", default_value_t = 30.0)]
     pub idle_timeout: f64,
     /// Open client connections at most; beyond it new connections wait in the kernel's backlog.
     #[arg(long, env = "PORTCULLIS_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: u32,
-    /// Requests in flight at most (a streamed answer counts until its last byte); beyond it
-    /// requests are answered 503 with `Retry-After` (health probes are never refused).
+    /// Requests in flight at most, counted from a complete request body to the answer's last
+    /// byte; beyond it requests are answered 503 with `Retry-After` (health probes are never
+    /// refused).
     #[arg(long, env = "PORTCULLIS_MAX_IN_FLIGHT", default_value_t = 4096)]
     pub max_in_flight: u32,
 }
+
+/// 128 MiB: with the parsing bound of `body.rs` this is the most request bodies can hold.
+pub const DEFAULT_BUFFER_BUDGET: usize = 128 * 1024 * 1024;
 
 impl ListenerArgs {
     /// Checks the flags; the message names the flag at fault.
@@ -72,6 +88,11 @@ impl ListenerArgs {
         Ok(ListenerLimits {
             header_read_timeout: secs(self.header_read_timeout, "header-read-timeout")?,
             body_read_timeout: secs(self.body_read_timeout, "body-read-timeout")?,
+            body_timeout: secs(self.body_timeout, "body-timeout")?,
+            max_buffered_request_bytes: match self.max_buffered_request_bytes {
+                0 => return Err("--max-buffered-request-bytes must be at least 1".into()),
+                n => n,
+            },
             idle_timeout: secs(self.idle_timeout, "idle-timeout")?,
             max_connections: count(self.max_connections, "max-connections")?,
             max_in_flight: count(self.max_in_flight, "max-in-flight")?,
@@ -84,6 +105,8 @@ impl ListenerArgs {
 pub struct ListenerLimits {
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
+    pub body_timeout: Duration,
+    pub max_buffered_request_bytes: usize,
     pub idle_timeout: Duration,
     pub max_connections: u32,
     pub max_in_flight: u32,
@@ -94,6 +117,8 @@ impl Default for ListenerLimits {
         ListenerLimits {
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(30),
+            max_buffered_request_bytes: DEFAULT_BUFFER_BUDGET,
             idle_timeout: Duration::from_secs(30),
             max_connections: 10_000,
             max_in_flight: 4096,
@@ -121,6 +146,10 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let connections = Arc::new(Semaphore::new(limits.max_connections as usize));
     let in_flight = Arc::new(Semaphore::new(limits.max_in_flight as usize));
+    let budget = Arc::new(Budget::new(
+        limits.max_buffered_request_bytes,
+        metrics.request_buffer_bytes.clone(),
+    ));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -155,6 +184,7 @@ pub async fn serve(
             router: router.clone(),
             limits,
             in_flight: in_flight.clone(),
+            budget: budget.clone(),
             metrics: metrics.clone(),
             activity: Arc::new(Activity::new()),
         };
@@ -256,12 +286,12 @@ impl Activity {
         }
     }
 
-    fn begin(self: &Arc<Self>) -> RequestGuard {
+    fn begin(self: &Arc<Self>, intake: Arc<Intake>) -> RequestGuard {
         self.served.store(true, Ordering::Release);
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         RequestGuard {
             activity: self.clone(),
-            _slot: None,
+            _intake: intake,
         }
     }
 
@@ -295,8 +325,8 @@ impl Activity {
 /// Held from a request's arrival until its response body is finished or dropped.
 struct RequestGuard {
     activity: Arc<Activity>,
-    /// The in-flight slot, for requests that are counted against the cap.
-    _slot: Option<OwnedSemaphorePermit>,
+    /// The request's budget share and, once its body was complete, its in-flight slot.
+    _intake: Arc<Intake>,
 }
 
 impl Drop for RequestGuard {
@@ -312,6 +342,7 @@ struct ConnectionService {
     router: Router,
     limits: ListenerLimits,
     in_flight: Arc<Semaphore>,
+    budget: Arc<Budget>,
     metrics: Arc<Metrics>,
     activity: Arc<Activity>,
 }
@@ -324,35 +355,30 @@ fn is_probe(path: &str) -> bool {
 impl ConnectionService {
     fn call(
         &self,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
     ) -> impl Future<Output = Result<Response<Body>, Infallible>> + Send + use<> {
-        let mut guard = self.activity.begin();
-        let admitted = if is_probe(req.uri().path()) {
-            Ok(())
-        } else {
-            match self.in_flight.clone().try_acquire_owned() {
-                Ok(slot) => {
-                    guard._slot = Some(slot);
-                    Ok(())
-                }
-                Err(_) => Err(()),
-            }
+        let intake = Arc::new(Intake::new(self.budget.clone()));
+        let guard = self.activity.begin(intake.clone());
+        let inbound = Inbound {
+            pause_limit: self.limits.body_read_timeout,
+            deadline: Instant::now() + self.limits.body_timeout,
+            timer: None,
+            intake: intake.clone(),
+            // Probes are never refused.
+            in_flight: (!is_probe(req.uri().path())).then(|| self.in_flight.clone()),
+            metrics: self.metrics.clone(),
+            ended: false,
+            inner: None,
         };
+        req.extensions_mut().insert(intake);
         let router = self.router.clone();
-        let metrics = self.metrics.clone();
-        let body_timeout = self.limits.body_read_timeout;
         async move {
-            if admitted.is_err() {
-                metrics.requests_shed.inc();
-                let response = error::for_path(req.uri().path(), GatewayError::Overloaded);
-                return Ok(response.map(|b| {
-                    Body::new(Guarded {
-                        inner: b,
-                        _guard: guard,
-                    })
-                }));
-            }
-            let req = req.map(|b| Body::new(PauseLimited::new(b, body_timeout)));
+            let req = req.map(|b| {
+                Body::new(Inbound {
+                    inner: Some(b),
+                    ..inbound
+                })
+            });
             let response = match tower_oneshot(router, req).await {
                 Ok(r) => r,
                 Err(never) => match never {},
@@ -400,72 +426,136 @@ impl hyper::body::Body for Guarded {
     }
 }
 
-/// A request body that fails once it pauses longer than its limit. The timer is armed only when
-/// a read would wait, so a body that arrives with its head (nearly every LLM call) costs no timer.
-struct PauseLimited {
-    inner: Incoming,
-    limit: Duration,
-    pause: Option<Pin<Box<Sleep>>>,
+/// A request body under the listener's bounds: it fails once it pauses longer than its limit or
+/// runs past its deadline, counts its bytes against the buffer budget, and takes the request's
+/// in-flight slot when it ends. The timer is armed only when a read would wait, so a body that
+/// arrives with its head (nearly every LLM call) costs no timer.
+struct Inbound {
+    /// `None` only while the request is being built.
+    inner: Option<Incoming>,
+    pause_limit: Duration,
+    /// The whole body's deadline.
+    deadline: Instant,
+    timer: Option<Pin<Box<Sleep>>>,
+    intake: Arc<Intake>,
+    /// The in-flight cap, for requests counted against it.
+    in_flight: Option<Arc<Semaphore>>,
+    metrics: Arc<Metrics>,
+    ended: bool,
 }
 
-impl PauseLimited {
-    fn new(inner: Incoming, limit: Duration) -> Self {
-        PauseLimited {
-            inner,
-            limit,
-            pause: None,
-        }
-    }
-}
-
-/// The error of a request body that paused longer than `--body-read-timeout`.
+/// The error of a request body that paused longer than `--body-read-timeout` or took longer than
+/// `--body-timeout`.
 #[derive(Debug, thiserror::Error)]
 #[error("the request body paused for longer than the gateway allows")]
 pub struct BodyPaused;
 
-impl hyper::body::Body for PauseLimited {
+/// A complete request body the gateway will not take: the buffer budget is spent, or the
+/// in-flight cap is reached.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyRefused {
+    #[error("the buffer budget is spent")]
+    BuffersFull,
+    #[error("the in-flight cap is reached")]
+    Shed,
+}
+
+type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+impl Inbound {
+    /// The body is complete: take the request's in-flight slot, or refuse it.
+    fn admit(&mut self) -> Option<BodyError> {
+        self.ended = true;
+        let sem = self.in_flight.as_ref()?;
+        match sem.clone().try_acquire_owned() {
+            Ok(slot) => {
+                self.intake.hold(slot);
+                None
+            }
+            Err(_) => {
+                self.metrics.requests_shed.inc();
+                Some(Box::new(BodyRefused::Shed))
+            }
+        }
+    }
+}
+
+impl hyper::body::Body for Inbound {
     type Data = Bytes;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
-        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
-            // The next wait starts its own count.
-            this.pause = None;
-            return Poll::Ready(frame.map(|r| r.map_err(Into::into)));
+        if this.ended {
+            return Poll::Ready(None);
         }
-        let limit = this.limit;
-        let pause = this
-            .pause
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-        match pause.as_mut().poll(cx) {
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                // The next wait starts its own count.
+                this.timer = None;
+                if Instant::now() > this.deadline {
+                    return Poll::Ready(Some(Err(Box::new(BodyPaused))));
+                }
+                if let Some(data) = frame.data_ref()
+                    && this.intake.charge(data.len()).is_err()
+                {
+                    return Poll::Ready(Some(Err(Box::new(BodyRefused::BuffersFull))));
+                }
+                return Poll::Ready(Some(Ok(frame)));
+            }
+            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => {
+                return Poll::Ready(this.admit().map(Err));
+            }
+            Poll::Pending => {}
+        }
+        let (limit, deadline) = (this.pause_limit, this.deadline);
+        let timer = this.timer.get_or_insert_with(|| {
+            Box::pin(tokio::time::sleep_until(
+                deadline.min(Instant::now() + limit),
+            ))
+        });
+        match timer.as_mut().poll(cx) {
             Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyPaused)))),
             Poll::Pending => Poll::Pending,
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        // Polled to its end even when hyper knows it is empty: the end takes the slot.
+        self.ended
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(SizeHint::default, |b| b.size_hint())
     }
 }
 
-/// Whether a body-read error is the pause limit of `--body-read-timeout`.
-pub fn is_body_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
+/// The gateway's answer to a body-read error raised here: 408 past `--body-read-timeout` or
+/// `--body-timeout`, 503 when the buffer budget or the in-flight cap refused the request.
+pub fn body_error(err: &(dyn std::error::Error + 'static)) -> Option<GatewayError> {
     let mut current = Some(err);
     while let Some(e) = current {
         if e.is::<BodyPaused>() {
-            return true;
+            return Some(GatewayError::BodyTimeout);
+        }
+        if let Some(refused) = e.downcast_ref::<BodyRefused>() {
+            return Some(match refused {
+                BodyRefused::BuffersFull => GatewayError::BuffersFull,
+                BodyRefused::Shed => GatewayError::Overloaded,
+            });
         }
         current = e.source();
     }
-    false
+    None
 }
 
 #[cfg(test)]
@@ -477,6 +567,7 @@ mod tests {
     use tokio::net::TcpStream;
     use tokio::sync::Notify;
 
+    use super::super::error;
     use super::*;
 
     struct Server {
@@ -486,16 +577,20 @@ mod tests {
         stop: CancellationToken,
     }
 
-    /// A listener over a router whose `/v1/chat/completions` waits until released and whose
-    /// `/echo` reads a JSON body the way the surfaces do.
+    /// A listener over a router whose `/v1/chat/completions` reads its body, then waits until
+    /// released, and whose `/echo` reads a JSON body the way the surfaces do.
     async fn start(limits: ListenerLimits) -> Server {
         let release = Arc::new(Notify::new());
         let held = release.clone();
-        let wait = move || {
+        let wait = move |uri: http::Uri, body: Body| {
             let held = held.clone();
             async move {
+                if let Err(e) = axum::body::to_bytes(body, 1 << 20).await {
+                    let err = body_error(&e).unwrap_or(GatewayError::BodyTimeout);
+                    return error::for_path(uri.path(), err);
+                }
                 held.notified().await;
-                "released"
+                axum::response::IntoResponse::into_response("released")
             }
         };
         let router = Router::new()
@@ -505,7 +600,7 @@ mod tests {
             .route(
                 "/echo",
                 post(|headers: http::HeaderMap, body: Body| async move {
-                    match super::super::body::read_json_object(&headers, body, 1 << 20).await {
+                    match super::super::body::read_json(&headers, body, 1 << 20).await {
                         Ok(map) => axum::response::IntoResponse::into_response(axum::Json(map)),
                         Err(e) => error::for_path("/v1/echo", e),
                     }
@@ -720,11 +815,111 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_body_that_trickles_ends_with_408_at_its_deadline() {
+        let server = start(ListenerLimits {
+            body_read_timeout: Duration::from_secs(5),
+            body_timeout: Duration::from_millis(800),
+            ..Default::default()
+        })
+        .await;
+        let started = Instant::now();
+        let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+        tcp.write_all(b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\nconnection: close\r\n\r\n{").await.unwrap();
+        // A byte every 200 ms never pauses long enough for the pause limit.
+        let mut out = Vec::new();
+        for _ in 0..20 {
+            if tcp.write_all(b" ").await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let mut buf = [0u8; 512];
+            if let Ok(Ok(n)) =
+                tokio::time::timeout(Duration::from_millis(1), tcp.read(&mut buf)).await
+            {
+                out.extend_from_slice(&buf[..n]);
+                break;
+            }
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), tcp.read_to_end(&mut out)).await;
+        let answer = String::from_utf8_lossy(&out);
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn bodies_beyond_the_buffer_budget_are_refused_with_503() {
+        let server = start(ListenerLimits {
+            max_buffered_request_bytes: 1000,
+            ..Default::default()
+        })
+        .await;
+        let big = format!(r#"{{"a":"{}"}}"#, "x".repeat(2000));
+        let (answer, _) = exchange(
+            server.addr,
+            &post_raw("/echo", &big),
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        assert!(
+            answer.to_ascii_lowercase().contains("retry-after: 1"),
+            "{answer}"
+        );
+        assert!(answer.contains("max-buffered-request-bytes"), "{answer}");
+        // Given back: a small body passes afterwards.
+        assert_eq!(server.metrics.request_buffer_bytes.get(), 0);
+        let (ok, _) = exchange(
+            server.addr,
+            &post_raw("/echo", r#"{"a":1}"#),
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    }
+
+    #[tokio::test]
+    async fn a_request_whose_body_never_completes_holds_no_in_flight_slot() {
+        let server = start(ListenerLimits {
+            max_in_flight: 1,
+            ..Default::default()
+        })
+        .await;
+        // Ten bodies stalled half-way: none of them is in flight.
+        let mut stalled = Vec::new();
+        for _ in 0..10 {
+            let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+            tcp.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{").await.unwrap();
+            stalled.push(tcp);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let addr = server.addr;
+        let call = tokio::spawn(async move {
+            exchange(
+                addr,
+                &post_raw("/v1/chat/completions", "{}"),
+                Duration::from_secs(5),
+            )
+            .await
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        server.release.notify_waiters();
+        let (answer, _) = call.await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert_eq!(server.metrics.requests_shed.get(), 0);
+    }
+
     #[test]
     fn flags_are_checked() {
         let args = ListenerArgs {
             header_read_timeout: 10.0,
             body_read_timeout: 30.0,
+            body_timeout: 30.0,
+            max_buffered_request_bytes: 1 << 20,
             idle_timeout: 30.0,
             max_connections: 10,
             max_in_flight: 10,

@@ -33,7 +33,7 @@ pub async fn list<L: Listed>(
     State(state): State<Arc<AppState>>,
     query: Result<Query<PageQuery>, QueryRejection>,
 ) -> Result<Json<Value>, MlflowError> {
-    let visible = Visibility::of_caller(&state).await;
+    let visible = Visibility::of_caller(&state).await?;
     let (page, next) = page(&state, query, &visible)?;
     let objects: Vec<Value> = page.iter().map(|e| L::object(e)).collect();
     Ok(Json(json!({L::KEY: objects, "next_page_token": next})))

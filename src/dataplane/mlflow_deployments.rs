@@ -31,7 +31,7 @@ pub async fn invoke(
 ) -> Result<Response> {
     let name = route_name(name)?;
     let route = forward::lookup_route(&state, &name).await?;
-    let body = read_json_object(&headers, body, state.body_limit).await?;
+    let body = read_json_object(&state, &headers, body).await?;
     let route_type = route.entry.route_type;
     reject_model(&body)?;
     check_body_kind(&name, route_type, &body, OPENAI.input_field)?;

@@ -40,7 +40,7 @@ pub async fn invoke(
 ) -> Result<Json<Value>> {
     let name = route_name(name)?;
     let route = forward::lookup_route(&state, &name).await?;
-    let body = read_json_object(&headers, body, state.body_limit).await?;
+    let body = read_json_object(&state, &headers, body).await?;
     let request = parse(&route.entry, body)?;
     let answer = forward::invoke(&state, &route, &request).await?;
     Ok(Json(render(&answer, &route.entry)))

@@ -14,6 +14,7 @@ mod forward;
 #[cfg(test)]
 mod fuzz;
 mod health;
+pub mod intake;
 pub mod listener;
 mod listing;
 mod mlflow_deployments;
@@ -22,6 +23,7 @@ mod observe;
 mod openai;
 mod reframe;
 mod request;
+pub mod resolver;
 mod responses;
 pub mod via;
 pub mod workers;
@@ -66,6 +68,8 @@ pub struct AppState {
     pub upstream_limits: UpstreamLimits,
     /// This gateway's name in `x-portcullis-via`, shared by its replicas.
     pub via: via::Via,
+    /// `--anonymous-team`: the Team callers without identity belong to.
+    pub anonymous_team: Option<Arc<str>>,
 }
 
 /// Bounds on what a provider may send back: nothing from outside is trusted to be small or quick.
@@ -79,6 +83,11 @@ pub struct UpstreamLimits {
     pub stream_idle: Duration,
     /// Largest single stream event (SSE event, NDJSON line, event-stream frame), in bytes.
     pub max_stream_event: usize,
+    /// A stream the caller leaves before its end is read on in the background for at most this
+    /// long, to charge the provider's final usage report.
+    pub drain_time: Duration,
+    /// ... and for at most this many bytes of decoded events.
+    pub drain_bytes: usize,
 }
 
 impl Default for UpstreamLimits {
@@ -88,13 +97,20 @@ impl Default for UpstreamLimits {
             max_error_body: 1024 * 1024,
             stream_idle: Duration::from_secs(60),
             max_stream_event: crate::providers::sse::DEFAULT_MAX_FRAME,
+            drain_time: Duration::from_secs(60),
+            drain_bytes: 8 * 1024 * 1024,
         }
     }
 }
 
 /// The upstream HTTP client: pooled connections, bounded connect and read times.
-pub fn http_client(upstream_timeout: Duration) -> reqwest::Result<reqwest::Client> {
+pub fn http_client(
+    upstream_timeout: Duration,
+    egress: &crate::controller::policy::Egress,
+) -> reqwest::Result<reqwest::Client> {
     reqwest::Client::builder()
+        // Every resolved address is checked against the metadata deny-list at connect time.
+        .dns_resolver(resolver::EgressResolver::new(egress.clone()))
         .connect_timeout(Duration::from_secs(10))
         .read_timeout(upstream_timeout)
         .pool_idle_timeout(Duration::from_secs(90))

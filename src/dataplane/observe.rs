@@ -44,15 +44,6 @@ pub enum CallCost {
     Unknown,
 }
 
-impl CallCost {
-    pub fn known(self) -> Option<crate::cost::Usd> {
-        match self {
-            CallCost::Known(usd) => Some(usd),
-            CallCost::Unknown => None,
-        }
-    }
-}
-
 impl std::fmt::Display for CallCost {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -81,6 +72,10 @@ pub struct CallInfo {
     pub via: Option<HeaderValue>,
     /// The caller's credential, taken once by admission; never logged.
     pub bearer: Option<Bearer>,
+    /// Who the caller is, once admission asked.
+    pub caller: Option<Result<Option<crate::access::Identity>, crate::access::AuthError>>,
+    /// The request's share of the buffer budget (from the listener).
+    pub intake: Option<Arc<super::intake::Intake>>,
 }
 
 tokio::task_local! {
@@ -105,6 +100,20 @@ pub fn take_bearer() -> Option<Bearer> {
     CALL.try_with(|c| c.borrow_mut().bearer.take())
         .ok()
         .flatten()
+}
+
+/// Who the caller is, if admission already asked.
+pub fn caller() -> Option<Result<Option<crate::access::Identity>, crate::access::AuthError>> {
+    CALL.try_with(|c| c.borrow().caller.clone()).ok().flatten()
+}
+
+/// Counts `bytes` more against this request's share of the buffer budget.
+pub fn charge(bytes: usize) -> Result<(), super::error::GatewayError> {
+    let intake = CALL.try_with(|c| c.borrow().intake.clone()).ok().flatten();
+    match intake {
+        Some(intake) => intake.charge(bytes),
+        None => Ok(()),
+    }
 }
 
 /// The gateways this request already passed through, if any.
@@ -157,7 +166,11 @@ fn request_id(req: &Request) -> HeaderValue {
         })
 }
 
-pub async fn middleware(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+pub async fn middleware(
+    State(state): State<Arc<AppState>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let started = Instant::now();
     let id = request_id(&req);
     let surface = surface(req.uri().path());
@@ -169,6 +182,7 @@ pub async fn middleware(State(state): State<Arc<AppState>>, req: Request, next: 
     let call = CallInfo {
         caller_traceparent: req.headers().get(TRACEPARENT).cloned(),
         via: req.headers().get(super::via::VIA).cloned(),
+        intake: req.extensions_mut().remove::<Arc<super::intake::Intake>>(),
         // `Authorization: Bearer` first; Anthropic's clients send `x-api-key` instead.
         bearer: req
             .headers()
@@ -195,6 +209,11 @@ pub async fn middleware(State(state): State<Arc<AppState>>, req: Request, next: 
             .instrument(span.clone()),
         )
         .await;
+    // The handler is done with the body and its parsed form: their bytes go back to the budget
+    // (a stream's answer holds only its in-flight slot).
+    if let Some(intake) = &call.intake {
+        intake.release();
+    }
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
     if let Some(a) = &call.answered {

@@ -48,14 +48,14 @@ pub async fn embeddings(State(state): State<Arc<AppState>>, req: Request) -> Res
 /// Takes the whole request, not a `HeaderMap` extractor: that one clones the caller's headers.
 async fn handle(state: &AppState, req: Request, route_type: RouteType) -> Result<Response> {
     let (parts, body) = req.into_parts();
-    let mut body = read_json_object(&parts.headers, body, state.body_limit).await?;
+    let mut body = read_json_object(state, &parts.headers, body).await?;
     let route = forward::lookup(state, &require_string(&mut body, "model")?, route_type).await?;
     let request = parse_request(route_type, body, &OPENAI)?;
     Ok(respond(state, &route, request, true).await?)
 }
 
-pub async fn list_models(State(state): State<Arc<AppState>>) -> Json<Value> {
-    let visible = Visibility::of_caller(&state).await;
+pub async fn list_models(State(state): State<Arc<AppState>>) -> Result<Json<Value>> {
+    let visible = Visibility::of_caller(&state).await?;
     let table = state.table.load();
     let data: Vec<Value> = table
         .routes()
@@ -63,7 +63,7 @@ pub async fn list_models(State(state): State<Arc<AppState>>) -> Json<Value> {
         .filter(|e| visible.shows(e))
         .map(|e| model_object(&e.name, e.provider.as_str()))
         .collect();
-    Json(json!({"object": "list", "data": data}))
+    Ok(Json(json!({"object": "list", "data": data})))
 }
 
 pub async fn get_model(

@@ -36,7 +36,7 @@ pub async fn create(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response> {
-    let mut body = read_json_object(&headers, body, state.body_limit).await?;
+    let mut body = read_json_object(&state, &headers, body).await?;
     let model = require_string(&mut body, "model")?;
     let route = forward::lookup(&state, &model, RouteType::Chat).await?;
     let (chat, echo) = parse(body)?;

@@ -16,6 +16,26 @@ pub enum KeyRef {
     File(PathBuf),
     /// The key written in the config itself.
     Literal(String),
+    /// `$NAME` or `os.environ/NAME` where NAME is not `[A-Za-z_][A-Za-z0-9_]*`. Never echoed: it
+    /// would land in YAML comments and a suggested shell command.
+    BadEnvName,
+}
+
+/// An environment variable name as shells take it: `[A-Za-z_][A-Za-z0-9_]*`.
+pub fn is_env_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    bytes
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+fn env(name: &str) -> KeyRef {
+    if is_env_name(name) {
+        KeyRef::Env(name.to_string())
+    } else {
+        KeyRef::BadEnvName
+    }
 }
 
 impl KeyRef {
@@ -30,6 +50,7 @@ impl KeyRef {
             KeyRef::File(path) => std::fs::read_to_string(path)
                 .map_err(|e| format!("cannot read the key file {}: {e}", path.display())),
             KeyRef::Literal(v) => Ok(v.clone()),
+            KeyRef::BadEnvName => Err(BAD_ENV_NAME.to_string()),
         }
     }
 
@@ -39,14 +60,15 @@ impl KeyRef {
             KeyRef::Env(name) => format!("${name}"),
             KeyRef::File(path) => format!("the file {}", path.display()),
             KeyRef::Literal(_) => "a key written in the config".to_string(),
+            KeyRef::BadEnvName => "an invalid environment variable name".to_string(),
         }
     }
 
     /// MLflow's rules for an API-key field: `$NAME`, else an existing file's path, else the key.
     pub fn mlflow(value: &str) -> KeyRef {
         if let Some(name) = value.strip_prefix('$') {
-            KeyRef::Env(name.trim_matches(|c| c == '{' || c == '}').to_string())
-        } else if !value.contains('\n') && std::path::Path::new(value).is_file() {
+            env(name.trim_matches(|c| c == '{' || c == '}'))
+        } else if !value.contains(char::is_control) && std::path::Path::new(value).is_file() {
             KeyRef::File(PathBuf::from(value))
         } else {
             KeyRef::Literal(value.to_string())
@@ -56,11 +78,14 @@ impl KeyRef {
     /// LiteLLM's rule: `os.environ/NAME`, else the key.
     pub fn litellm(value: &str) -> KeyRef {
         match value.strip_prefix("os.environ/") {
-            Some(name) => KeyRef::Env(name.to_string()),
+            Some(name) => env(name),
             None => KeyRef::Literal(value.to_string()),
         }
     }
 }
+
+const BAD_ENV_NAME: &str =
+    "the config names an environment variable that is not [A-Za-z_][A-Za-z0-9_]*";
 
 /// A Secret a converted Route references: its name and where each key's value comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -32,6 +32,11 @@ pub struct ImportArgs {
     /// creates each one from your environment.
     #[arg(long)]
     pub with_secrets: bool,
+    /// With `--with-secrets`: also read the files that MLflow key fields name (MLflow reads a key
+    /// field naming an existing file from it). Without it such keys stay placeholders: a config
+    /// from elsewhere must not make `import` copy local files into Secrets.
+    #[arg(long)]
+    pub read_key_files: bool,
 }
 
 pub fn main(args: &ImportArgs) -> ExitCode {
@@ -165,7 +170,14 @@ fn secret_doc(plan: &SecretPlan, args: &ImportArgs) -> (String, Vec<String>) {
     let mut from_literal = Vec::new();
     for (key, source) in &plan.data {
         let value = if args.with_secrets {
-            match source.resolve() {
+            let resolved = match source {
+                KeyRef::File(path) if !args.read_key_files => Err(format!(
+                    "the config names the file {}; --read-key-files reads it",
+                    path.display()
+                )),
+                _ => source.resolve(),
+            };
+            match resolved {
                 Ok(v) => v,
                 Err(e) => {
                     problems.push(format!("placeholder: Secret {} key {key}: {e}", plan.name));
@@ -178,8 +190,8 @@ fn secret_doc(plan: &SecretPlan, args: &ImportArgs) -> (String, Vec<String>) {
         data.insert(key.clone(), value);
         from_literal.push(match source {
             KeyRef::Env(var) => format!("--from-literal={key}=\"${var}\""),
-            KeyRef::File(path) => format!("--from-file={key}={}", path.display()),
-            KeyRef::Literal(_) => format!("--from-literal={key}=..."),
+            KeyRef::File(path) => format!("--from-file={key}={}", shell_quote(path)),
+            KeyRef::Literal(_) | KeyRef::BadEnvName => format!("--from-literal={key}=..."),
         });
     }
     let sources: Vec<String> = plan.data.values().map(KeyRef::describe).collect();
@@ -215,7 +227,13 @@ fn placeholder(source: &KeyRef) -> String {
         KeyRef::Env(var) => format!("REPLACE-with-the-value-of-${var}"),
         KeyRef::File(path) => format!("REPLACE-with-the-contents-of-{}", path.display()),
         KeyRef::Literal(_) => "REPLACE-with-the-key-written-in-the-config".into(),
+        KeyRef::BadEnvName => "REPLACE-with-the-key".into(),
     }
+}
+
+/// A path as one single-quoted shell word (the suggested command is copied into a shell).
+fn shell_quote(path: &std::path::Path) -> String {
+    format!("'{}'", path.display().to_string().replace('\'', "'\\''"))
 }
 
 #[cfg(test)]
@@ -228,6 +246,7 @@ mod tests {
             file: PathBuf::from("gw.yaml"),
             namespace: Some("team".into()),
             with_secrets,
+            read_key_files: false,
         }
     }
 

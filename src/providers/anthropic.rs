@@ -70,14 +70,8 @@ impl ProviderAdapter for Anthropic {
             .and_then(|v| HeaderValue::from_str(v).ok())
             .unwrap_or(HeaderValue::from_static(API_VERSION));
         headers.insert("anthropic-version", version);
-        if let Some(beta) = target
-            .config
-            .get("anthropicBeta")
-            .and_then(|v| HeaderValue::from_str(v).ok())
-        {
-            headers.insert("anthropic-beta", beta);
-        }
-        if let Some(beta) = beta.and_then(|v| HeaderValue::from_str(v).ok()) {
+        let betas = merge_betas(target.config.get("anthropicBeta").map(String::as_str), beta);
+        if let Some(beta) = betas.and_then(|v| HeaderValue::from_str(&v).ok()) {
             headers.insert("anthropic-beta", beta);
         }
         Ok(post_json(
@@ -619,6 +613,24 @@ impl SseHandler for NativeStream {
     }
 }
 
+/// The Route's `anthropicBeta` features, then the caller's that it does not already name: a caller
+/// adds betas, never removes the ones the Route's operator requires.
+fn merge_betas(route: Option<&str>, caller: Option<&str>) -> Option<String> {
+    let mut out: Vec<&str> = Vec::new();
+    for feature in [route, caller]
+        .into_iter()
+        .flatten()
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|f| !f.is_empty())
+    {
+        if !out.contains(&feature) {
+            out.push(feature);
+        }
+    }
+    (!out.is_empty()).then(|| out.join(","))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -798,6 +810,48 @@ mod tests {
         let body: Value = serde_json::from_slice(&built.body).unwrap_or_default();
         assert_eq!(body["top_k"], 3);
         assert!(body.get("anthropic_beta").is_none());
+    }
+
+    #[test]
+    fn a_callers_beta_adds_to_the_routes_never_replaces_it() {
+        let mut route = target();
+        route
+            .config
+            .insert("anthropicBeta".into(), "context-1m-2025-08-07".into());
+        let chat = |beta: Option<&str>| {
+            let mut extra = Map::new();
+            if let Some(b) = beta {
+                extra.insert("anthropic_beta".into(), json!(b));
+            }
+            LlmRequest::Chat(ChatRequest {
+                messages: vec![msg("user", json!("hi"))],
+                params: Params::default(),
+                stream: StreamOptions::default(),
+                extra,
+            })
+        };
+        let sent = |req: &LlmRequest| {
+            Anthropic
+                .build_request(&route, req)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .headers["anthropic-beta"]
+                .to_str()
+                .unwrap_or_default()
+                .to_string()
+        };
+        assert_eq!(sent(&chat(None)), "context-1m-2025-08-07");
+        assert_eq!(
+            sent(&chat(Some("files-api-2025-04-14, context-1m-2025-08-07"))),
+            "context-1m-2025-08-07,files-api-2025-04-14"
+        );
+        let native = LlmRequest::Native(NativeRequest {
+            body: Map::new(),
+            stream: false,
+            max_tokens: Some(16),
+            prompt_chars: 1,
+            headers: vec![("anthropic-beta".into(), "files-api-2025-04-14".into())],
+        });
+        assert_eq!(sent(&native), "context-1m-2025-08-07,files-api-2025-04-14");
     }
 
     #[test]

@@ -16,6 +16,7 @@ mod info;
 mod mlflow;
 mod openai;
 pub mod sse;
+pub use bedrock::DEFAULT_REGION as BEDROCK_DEFAULT_REGION;
 mod tgi;
 
 use std::collections::BTreeMap;

@@ -115,6 +115,8 @@ pub struct Metrics {
     pub config_reload_failures: Counter,
     /// Requests refused with 503 because the gateway was at its in-flight cap.
     pub requests_shed: Counter,
+    /// Bytes of request bodies and their parsed JSON held now (`--max-buffered-request-bytes`).
+    pub request_buffer_bytes: Gauge,
     pub backend_requests: Family<BackendLabels, Counter>,
     /// One-word route names that moved to another namespace's Route.
     pub short_name_changes: Counter,
@@ -215,6 +217,12 @@ impl Metrics {
             "portcullis_requests_shed",
             "Requests refused with 503 because the gateway was at --max-in-flight",
             requests_shed.clone(),
+        );
+        let request_buffer_bytes = Gauge::default();
+        registry.register(
+            "portcullis_request_buffer_bytes",
+            "Bytes of request bodies and their parsed JSON held now (at most --max-buffered-request-bytes)",
+            request_buffer_bytes.clone(),
         );
         let backend_requests = Family::<BackendLabels, Counter>::default();
         let short_name_changes = Counter::default();
@@ -391,6 +399,7 @@ impl Metrics {
             config_reload_failing,
             config_reload_failures,
             requests_shed,
+            request_buffer_bytes,
             backend_requests,
             short_name_changes,
             backend_errors,

@@ -716,58 +716,190 @@ pub fn route_manifest(
     )
 }
 
-/// A redis-server on a free loopback port, killed on drop.
+/// A free loopback TCP port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A redis-server (or Sentinel) on a loopback port, killed on drop. Plain `port` always serves
+/// (the tests administer through it with `cli`); TLS, ACL, replication and Cluster mode are
+/// extra arguments.
 pub struct Redis {
     child: Child,
     pub port: u16,
+    args: Vec<String>,
 }
 
 impl Redis {
     pub fn start() -> Redis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        Self::start_on(port)
+        Self::start_on(free_port())
     }
 
     pub fn start_on(port: u16) -> Redis {
+        Self::start_with(port, &[])
+    }
+
+    /// redis-server on `port` with `extra` arguments (`--tls-port`, `--replicaof`, ...).
+    pub fn start_with(port: u16, extra: &[&str]) -> Redis {
+        let mut args: Vec<String> = [
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::spawn(port, args)
+    }
+
+    /// A Sentinel on `port` watching the primary `name` at `primary` (quorum 2), writing its
+    /// state into `dir`; it declares the primary down after 1 s without an answer.
+    pub fn sentinel(port: u16, dir: &Path, name: &str, primary: u16) -> Redis {
+        let conf = dir.join(format!("sentinel-{port}.conf"));
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor {name} 127.0.0.1 {primary} 2\nsentinel down-after-milliseconds {name} 1000\nsentinel failover-timeout {name} 4000\nsentinel parallel-syncs {name} 1\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+        Self::spawn(
+            port,
+            vec![conf.display().to_string(), "--sentinel".to_string()],
+        )
+    }
+
+    fn spawn(port: u16, args: Vec<String>) -> Redis {
         let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(&args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server (make redis installs it)");
+        let redis = Redis { child, port, args };
         eventually(Duration::from_secs(10), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            redis.cli(&["PING"]).trim() == "PONG"
         })
         .expect("redis-server did not start");
-        Redis { child, port }
+        redis
     }
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// `redis-cli` against the plain port as the default user; its output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli (make redis installs it)");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Starts the same server again (after `kill`), with an empty data set.
+    pub fn restart(&mut self) {
+        self.kill();
+        *self = Self::spawn(self.port, self.args.clone());
     }
 }
 
 impl Drop for Redis {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A Redis Cluster of three primaries (no replicas) on loopback, all slots assigned.
+pub struct RedisCluster {
+    pub nodes: Vec<Redis>,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisCluster {
+    pub fn start() -> RedisCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let nodes: Vec<Redis> = (0..3)
+            .map(|_| {
+                let port = free_port();
+                let conf = dir.path().join(format!("nodes-{port}.conf"));
+                Redis::start_with(
+                    port,
+                    &[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        &conf.display().to_string(),
+                        "--cluster-node-timeout",
+                        "2000",
+                        "--dir",
+                        &dir.path().display().to_string(),
+                    ],
+                )
+            })
+            .collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .arg("--cluster-yes")
+            .output()
+            .expect("redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        for n in &nodes {
+            eventually(Duration::from_secs(20), || {
+                n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok")
+            })
+            .expect("the cluster never became ok");
+        }
+        RedisCluster { nodes, _dir: dir }
+    }
+
+    /// `redis+cluster://` with every node as a seed.
+    pub fn url(&self) -> String {
+        let seeds: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        format!("redis+cluster://{}", seeds.join(","))
+    }
+
+    /// Every key matching `pattern` on every node, with the node's index.
+    pub fn keys(&self, pattern: &str) -> Vec<(usize, String)> {
+        let mut out = Vec::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            for k in n.cli(&["--scan", "--pattern", pattern]).lines() {
+                if !k.is_empty() {
+                    out.push((i, k.to_string()));
+                }
+            }
+        }
+        out
     }
 }
 
@@ -916,6 +1048,49 @@ pub fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str
         .iter()
         .find(|(k, _)| k.eq_ignore_ascii_case(name))
         .map(|(_, v)| v.as_str())
+}
+
+/// A JWT-shaped token for `audience` expiring `exp_in` seconds from now (negative: in the past),
+/// unique by `label`, with a signature no API server accepts.
+pub fn unsigned_jwt(audience: &str, exp_in: i64, label: &str) -> String {
+    use base64::Engine as _;
+    let enc = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let claims = serde_json::json!({"aud": [audience], "exp": now + exp_in, "sub": label});
+    format!(
+        "{}.{}.c2lnbmF0dXJl",
+        enc(r#"{"alg":"RS256","kid":"x"}"#),
+        enc(&claims.to_string())
+    )
+}
+
+/// A field of `/proc/PID/status` in KiB (`VmRSS`, `VmHWM`); 0 when unreadable.
+pub fn proc_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The sum of every sample of the counter family `name` (all label sets) in a metrics text.
+pub fn metric_sum(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter(|l| matches!(l.as_bytes().get(name.len()), Some(b'{' | b' ')))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// An API-key consumer: a Secret labelled `portcullis.dev/api-key` holding `key`.
+pub fn api_key_secret(ns: &str, name: &str, key: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels:\n    portcullis.dev/api-key: \"true\"\nstringData:\n  apiKey: {key}\n"
+    )
 }
 
 /// A pinned tool from `hack/tools.sh` (helm, promtool, prometheus-operator-crds), built into

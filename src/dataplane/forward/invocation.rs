@@ -133,20 +133,26 @@ pub async fn invoke(
                 cached: 0,
                 output: admission::tokens_for_chars(answer_chars(answer)),
             });
-            let cost = record_cost(
-                &state.metrics,
-                &route.entry,
-                &consumer,
-                &Priced::of(backend),
-                tokens,
-            );
+            let priced = Priced::of(backend);
+            let cost = record_cost(&state.metrics, &route.entry, &consumer, &priced, tokens);
             observe::note(|c| c.cost = Some(cost));
-            admission.settle_usage(usage, cost.known());
+            let spent = priced.spent(tokens);
+            if tries.billed {
+                // An earlier try may have been billed too.
+                admission.settle_at_least(admission::used_tokens(usage).unwrap_or(0), spent);
+            } else {
+                admission.settle_usage(usage, spent);
+            }
         }
         (Ok(_), None) => admission.refund(),
         (Err(e), _) => {
             record_error(&state.metrics, &route.entry, e);
-            admission.refund();
+            if tries.billed {
+                // The provider may have billed it: the reservation stands.
+                drop(admission);
+            } else {
+                admission.refund();
+            }
         }
     }
     result
@@ -232,7 +238,8 @@ pub(super) async fn call_backend(
 /// Streaming call: yields the deltas decoded from each upstream read as soon as it arrives.
 /// A try that fails before its first deltas arrive falls back to another backend like a plain
 /// call; after that an upstream failure ends the stream with an error item.
-/// Dropping the stream (the client went away) drops the upstream response and cancels the call.
+/// Dropping the stream (the client went away) reads the provider's stream on in the background,
+/// within bounds, to charge its final usage (see `metering::Drained`).
 /// Also returns the answering backend's model, for chunks that do not name theirs.
 pub async fn invoke_stream(
     state: &AppState,
@@ -271,11 +278,23 @@ pub async fn invoke_stream(
         Ok(o) => o,
         Err(e) => {
             record_error(&state.metrics, &route.entry, &e);
-            admission.refund();
+            if tries.billed {
+                // The provider may have billed it: the reservation stands.
+                drop(admission);
+            } else {
+                admission.refund();
+            }
             return Err(e);
         }
     };
-    let observer = StreamObserver::new(state, &route.entry, started, admission, backend);
+    let observer = StreamObserver::new(
+        state,
+        &route.entry,
+        started,
+        admission,
+        backend,
+        tries.billed,
+    );
     let deltas = futures::stream::once(futures::future::ready(Ok(opened.first)))
         .chain(opened.rest)
         .filter(|item| futures::future::ready(!matches!(item, Ok(d) if d.is_empty())));

@@ -1,5 +1,6 @@
 //! What a call is counted as: token and cost metrics, upstream errors, and a stream's observer
-//! (time to first token, usage, the `truncate` budget that may end it, settlement on drop).
+//! (time to first token, usage, the `truncate` budget that may end it, settlement on drop, and
+//! the drain of a stream its caller left).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -7,10 +8,11 @@ use std::time::Instant;
 use futures::{Stream, StreamExt};
 
 use crate::cost::{Price, Tokens};
-use crate::dataplane::AppState;
 use crate::dataplane::admission::{self, Admission};
 use crate::dataplane::error::GatewayError;
 use crate::dataplane::observe::{self, CallCost};
+use crate::dataplane::{AppState, UpstreamLimits};
+use crate::limits::Spent;
 use crate::llm::{LlmResponse, StreamDelta, Usage};
 use crate::table::{Backend, RouteEntry};
 use crate::telemetry::metrics::{CostLabels, ErrorLabels, Metrics, TokenLabels};
@@ -27,6 +29,8 @@ pub(super) fn answer_chars(answer: &LlmResponse) -> usize {
 /// The backend that answered, as its cost is counted.
 pub(super) struct Priced {
     pub(super) price: Option<Price>,
+    /// The price Team budgets are charged (never below the cluster-wide price).
+    pub(super) team_price: Option<Price>,
     pub(super) provider: &'static str,
     pub(super) model: Arc<str>,
 }
@@ -35,9 +39,19 @@ impl Priced {
     pub(super) fn of(backend: &Backend) -> Priced {
         Priced {
             price: backend.price,
+            team_price: backend.team_price,
             provider: backend.upstream.adapter.info().provider.as_str(),
             model: Arc::clone(&backend.model),
         }
+    }
+
+    /// What `tokens` cost the Route's and the Teams' budgets; `None` when unknown.
+    pub(super) fn spent(&self, tokens: Tokens) -> Option<Spent> {
+        let route = self.price?.cost(tokens);
+        Some(Spent {
+            route,
+            team: self.team_price.map_or(route, |p| p.cost(tokens)),
+        })
     }
 }
 
@@ -120,6 +134,14 @@ pub(super) struct StreamObserver {
     allowance: Option<(crate::cost::Usd, String)>,
     /// Ended by its budget: charged what was sent, whatever usage arrives.
     truncated: bool,
+    /// A try before this one may have been billed.
+    billed: bool,
+    /// The provider's stream failed (broke, stalled, cut): it may have billed more than was sent.
+    failed: bool,
+    /// The provider's end marker (a finish reason) arrived.
+    finished: bool,
+    /// How long and how far a stream its caller left is read on for its usage.
+    limits: UpstreamLimits,
 }
 
 impl StreamObserver {
@@ -129,8 +151,13 @@ impl StreamObserver {
         started: Instant,
         admission: Admission,
         backend: &Backend,
+        billed: bool,
     ) -> StreamObserver {
         StreamObserver {
+            billed,
+            failed: false,
+            finished: false,
+            limits: state.upstream_limits,
             allowance: admission.allowance(),
             truncated: false,
             metrics: Arc::clone(&state.metrics),
@@ -145,13 +172,15 @@ impl StreamObserver {
         }
     }
 
-    /// The stream as the caller gets it: observed as it passes, and ended by an error event
-    /// where its budget runs out (which drops the upstream response and cancels the call).
+    /// The stream as the caller gets it: observed as it passes, ended by an error event where
+    /// its budget runs out (which drops the upstream response and cancels the call), and drained
+    /// for its usage when the caller leaves early (see `Drained`).
     pub(super) fn watch(
         self,
         deltas: impl Stream<Item = Result<Vec<StreamDelta>, GatewayError>> + Send + 'static,
     ) -> impl Stream<Item = Result<Vec<StreamDelta>, GatewayError>> + Send + 'static {
-        deltas.scan(self, |observer, mut item| {
+        let limits = self.limits;
+        let watched = deltas.scan(self, |observer, mut item| {
             if observer.truncated {
                 return futures::future::ready(None);
             }
@@ -164,7 +193,12 @@ impl StreamObserver {
                 observer.price_usage(deltas);
             }
             futures::future::ready(Some(item))
-        })
+        });
+        Drained {
+            inner: Some(watched.boxed()),
+            done: false,
+            limits,
+        }
     }
 
     /// The final event when passing these deltas would take the stream's cost past its allowance.
@@ -220,8 +254,12 @@ impl StreamObserver {
                 if let Some(usage) = deltas.iter().rev().find_map(|d| d.usage) {
                     self.usage = Some(usage);
                 }
+                self.finished |= deltas.iter().any(|d| d.finish_reason.is_some());
             }
-            Err(e) => record_error(&self.metrics, &self.entry, e),
+            Err(e) => {
+                self.failed = true;
+                record_error(&self.metrics, &self.entry, e);
+            }
         }
     }
 }
@@ -270,13 +308,21 @@ impl Drop for StreamObserver {
             tokens,
         );
         if let Some(admission) = self.admission.take() {
-            let used = self
+            let reported = self
                 .usage
                 .as_ref()
                 .filter(|_| !self.truncated)
-                .and_then(admission::used_tokens)
-                .unwrap_or(tokens.input.saturating_add(tokens.output));
-            admission.settle(used, cost.known());
+                .and_then(admission::used_tokens);
+            let used = reported.unwrap_or(tokens.input.saturating_add(tokens.output));
+            let spent = self.priced.spent(tokens);
+            // Without the provider's usage, a stream that failed, or was left before its end
+            // and not drained to it, may have been billed for more than was sent.
+            let unknown = reported.is_none() && (self.failed || !self.finished);
+            if !self.truncated && (self.billed || unknown) {
+                admission.settle_at_least(used, spent);
+            } else {
+                admission.settle(used, spent);
+            }
         }
         tracing::info!(
             route = %self.entry.name,
@@ -288,5 +334,167 @@ impl Drop for StreamObserver {
             completion_tokens = self.usage.and_then(|u| u.completion_tokens),
             "stream finished"
         );
+    }
+}
+
+/// The caller's side of a stream. Dropped before its end (the caller went away), the rest of the
+/// provider's stream is read in the background, within `UpstreamLimits::drain_time` and
+/// `drain_bytes`, so that the call is charged the provider's final usage report (thinking, images
+/// and tokens generated but never sent included) rather than the text the caller saw.
+struct Drained {
+    inner: Option<futures::stream::BoxStream<'static, Result<Vec<StreamDelta>, GatewayError>>>,
+    done: bool,
+    limits: UpstreamLimits,
+}
+
+impl Stream for Drained {
+    type Item = Result<Vec<StreamDelta>, GatewayError>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        let Some(inner) = self.inner.as_mut() else {
+            return std::task::Poll::Ready(None);
+        };
+        let item = futures::ready!(inner.poll_next_unpin(cx));
+        if item.is_none() {
+            self.done = true;
+        }
+        std::task::Poll::Ready(item)
+    }
+}
+
+impl Drop for Drained {
+    fn drop(&mut self) {
+        let Some(mut rest) = self.inner.take().filter(|_| !self.done) else {
+            return;
+        };
+        // During shutdown there is no runtime to drain on: the reservation then stands.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let limits = self.limits;
+        runtime.spawn(async move {
+            let mut read = 0usize;
+            let drain = async {
+                while let Some(item) = rest.next().await {
+                    read += item.as_ref().map_or(0, |d| d.iter().map(delta_bytes).sum());
+                    if read > limits.drain_bytes {
+                        tracing::warn!(
+                            bytes = read,
+                            "a stream left by its caller is larger than the drain limit; ending it"
+                        );
+                        return;
+                    }
+                }
+            };
+            if tokio::time::timeout(limits.drain_time, drain)
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    seconds = limits.drain_time.as_secs(),
+                    "a stream left by its caller did not end within the drain limit; ending it"
+                );
+            }
+            // Dropping `rest` here settles the call (`StreamObserver::drop`).
+        });
+    }
+}
+
+/// Bytes a decoded delta carries, for the drain limit.
+fn delta_bytes(d: &StreamDelta) -> usize {
+    d.text.as_ref().map_or(0, String::len)
+        + d.raw.as_ref().map_or(0, bytes::Bytes::len)
+        + d.tool_calls
+            .iter()
+            .map(|t| t.arguments.len())
+            .sum::<usize>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    type Deltas = futures::stream::BoxStream<'static, Result<Vec<StreamDelta>, GatewayError>>;
+
+    /// Sets its flag when dropped: the drained stream was let go.
+    struct Released(Arc<AtomicBool>);
+
+    impl Drop for Released {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn left_early(inner: Deltas, limits: UpstreamLimits) {
+        drop(Drained {
+            inner: Some(inner),
+            done: false,
+            limits,
+        });
+    }
+
+    #[tokio::test]
+    async fn a_stream_left_early_is_drained_within_its_time_and_byte_bounds() {
+        let limits = UpstreamLimits {
+            drain_time: Duration::from_millis(200),
+            drain_bytes: 10_000,
+            ..Default::default()
+        };
+        // An endless provider: drained until the byte bound.
+        let (released, read) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicUsize::new(0)),
+        );
+        let (guard, count) = (Released(Arc::clone(&released)), Arc::clone(&read));
+        let endless = futures::stream::repeat_with(move || {
+            let _ = &guard;
+            count.fetch_add(1, Ordering::SeqCst);
+            Ok(vec![StreamDelta {
+                text: Some("x".repeat(1000)),
+                ..Default::default()
+            }])
+        });
+        left_early(endless.boxed(), limits);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(released.load(Ordering::SeqCst));
+        assert_eq!(read.load(Ordering::SeqCst), 11);
+
+        // A silent one: drained until the time bound.
+        let released = Arc::new(AtomicBool::new(false));
+        let guard = Released(Arc::clone(&released));
+        let silent =
+            futures::stream::pending::<Result<Vec<StreamDelta>, GatewayError>>().map(move |x| {
+                let _ = &guard;
+                x
+            });
+        left_early(silent.boxed(), limits);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!released.load(Ordering::SeqCst), "still draining");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(released.load(Ordering::SeqCst));
+
+        // A stream read to its end is not drained again.
+        let released = Arc::new(AtomicBool::new(false));
+        let guard = Released(Arc::clone(&released));
+        let mut whole = Drained {
+            inner: Some(
+                futures::stream::iter([Ok(Vec::new())])
+                    .map(move |x| {
+                        let _ = &guard;
+                        x
+                    })
+                    .boxed(),
+            ),
+            done: false,
+            limits,
+        };
+        while whole.next().await.is_some() {}
+        drop(whole);
+        assert!(released.load(Ordering::SeqCst));
     }
 }

@@ -31,11 +31,29 @@ pub(super) fn failure_class(err: &GatewayError) -> Option<RetryOn> {
         GatewayError::UpstreamTimeout(_) | GatewayError::UpstreamStalled(_) => {
             Some(RetryOn::Timeout)
         }
+        // Only a failure before the request was written: retrying it cannot bill twice.
         GatewayError::UpstreamUnreachable(_) => Some(RetryOn::ConnectFailure),
-        // A stream closed before its first chunk is a provider that went away mid-answer.
-        GatewayError::UpstreamTruncated(_) => Some(RetryOn::Unavailable),
+        // A stream closed before its first chunk, or a connection lost after the request was
+        // sent, is a provider that went away mid-answer (and may bill it).
+        GatewayError::UpstreamTruncated(_) | GatewayError::UpstreamConnectionLost(_) => {
+            Some(RetryOn::Unavailable)
+        }
         _ => None,
     }
+}
+
+/// Whether the provider may have billed a try that ended in `err`: the request was sent and no
+/// usable answer (with its usage) came back. Such a call is settled at no less than its
+/// reservation; errors the provider answered (4xx, 5xx) and failures to connect are refunded.
+pub(super) fn may_have_billed(err: &GatewayError) -> bool {
+    matches!(
+        err,
+        GatewayError::UpstreamTimeout(_)
+            | GatewayError::UpstreamStalled(_)
+            | GatewayError::UpstreamMalformed(_)
+            | GatewayError::UpstreamTruncated(_)
+            | GatewayError::UpstreamConnectionLost(_)
+    )
 }
 
 /// What follows a try.
@@ -80,6 +98,8 @@ pub(super) struct Tries<'a> {
     deadline: Instant,
     tried: u32,
     count: u32,
+    /// A failed try may have been billed (see `may_have_billed`).
+    pub(super) billed: bool,
 }
 
 impl<'a> Tries<'a> {
@@ -91,6 +111,7 @@ impl<'a> Tries<'a> {
             deadline: Instant::now() + state.upstream_timeout,
             tried: 0,
             count: 0,
+            billed: false,
         }
     }
 
@@ -123,7 +144,7 @@ impl<'a> Tries<'a> {
 
     /// Records how a try ended; `Continue` when the call is to be tried again.
     pub(super) fn settle<T>(
-        &self,
+        &mut self,
         backend: &Backend,
         result: Result<T, GatewayError>,
     ) -> ControlFlow<Result<T, GatewayError>> {
@@ -150,6 +171,7 @@ impl<'a> Tries<'a> {
         if matches!(err, GatewayError::CredentialRejected { .. }) {
             backend.health.credential_rejected();
         }
+        self.billed |= may_have_billed(&err);
         let policy = &self.backends.policy;
         let decision = verdict(
             Some(&err),
@@ -166,9 +188,19 @@ impl<'a> Tries<'a> {
             Verdict::Retry(class) | Verdict::GiveUp(class) => class,
         };
         let retry_after = err.retry_after().filter(|_| class == RetryOn::RateLimited);
-        if let Some(hold) = backend
-            .health
-            .failed(&policy.outlier, retry_after, traffic::now_ms())
+        // A 429 that concerns this request alone is retried but says nothing of the backend.
+        let scoped = matches!(
+            err,
+            GatewayError::Upstream {
+                request_scoped: true,
+                ..
+            }
+        );
+        if !scoped
+            && let Some(hold) =
+                backend
+                    .health
+                    .failed(&policy.outlier, retry_after, traffic::now_ms())
         {
             metrics.ejections.inc();
             metrics.ejected.set(1);
@@ -209,6 +241,7 @@ mod tests {
             status: StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
             message: "x".into(),
             retry_after: None,
+            request_scoped: false,
         }
     }
 
@@ -229,6 +262,7 @@ mod tests {
         let later = now + Duration::from_secs(30);
         let all = policy(3, None);
         let only_429 = policy(3, Some(vec![RateLimited]));
+        let only_connect = policy(3, Some(vec![ConnectFailure]));
         // (case, the try's error, policy, tries made, the call's deadline, verdict)
         type Case<'a> = (
             &'a str,
@@ -297,6 +331,14 @@ mod tests {
                 Retry(ConnectFailure),
             ),
             (
+                "connection lost after the request was sent: the provider may bill it",
+                Some(GatewayError::UpstreamConnectionLost("x".into())),
+                &only_connect,
+                1,
+                later,
+                GiveUp(Unavailable),
+            ),
+            (
                 "closed before the first chunk",
                 Some(GatewayError::UpstreamTruncated(
                     crate::api::Provider::Openai,
@@ -346,5 +388,20 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    #[test]
+    fn only_tries_that_reached_the_provider_may_have_been_billed() {
+        assert!(may_have_billed(&GatewayError::UpstreamConnectionLost(
+            "x".into()
+        )));
+        assert!(may_have_billed(&GatewayError::UpstreamTimeout(1)));
+        assert!(may_have_billed(&GatewayError::UpstreamMalformed(
+            "x".into()
+        )));
+        assert!(!may_have_billed(&GatewayError::UpstreamUnreachable(
+            "x".into()
+        )));
+        assert!(!may_have_billed(&upstream(500)));
     }
 }

@@ -208,10 +208,14 @@ pub(super) async fn send(
         Ok(Err(ReadError::TooLarge(prefix))) => prefix,
         Ok(Err(ReadError::Transport(_))) | Err(_) => Bytes::new(),
     };
-    Err(provider_error(
+    let mut err = provider_error(
         upstream,
         upstream.adapter.parse_error(status, &headers, &body),
-    ))
+    );
+    if let GatewayError::Upstream { request_scoped, .. } = &mut err {
+        *request_scoped = status.as_u16() == 429 && crate::traffic::limits_have_room(&headers);
+    }
+    Err(err)
 }
 
 pub(super) enum ReadError {
@@ -290,15 +294,21 @@ pub(super) fn transport_error(
     err: &reqwest::Error,
 ) -> GatewayError {
     let provider = upstream.adapter.info().provider;
-    if err.is_timeout() {
-        GatewayError::UpstreamTimeout(timeout.as_secs().max(1))
-    } else if err.is_connect() {
+    // Only a failed connect (its timeout included) is known to precede the request: anything
+    // later may have reached the provider.
+    if err.is_connect() {
         GatewayError::UpstreamUnreachable(format!("could not connect to the {provider} provider"))
+    } else if err.is_timeout() {
+        GatewayError::UpstreamTimeout(timeout.as_secs().max(1))
+    } else if err.is_builder() {
+        GatewayError::UpstreamUnreachable(format!("the request to the {provider} provider failed"))
     } else if err.is_body() || err.is_decode() {
-        GatewayError::UpstreamUnreachable(format!(
+        GatewayError::UpstreamConnectionLost(format!(
             "the connection to the {provider} provider broke while reading its answer"
         ))
     } else {
-        GatewayError::UpstreamUnreachable(format!("the request to the {provider} provider failed"))
+        GatewayError::UpstreamConnectionLost(format!(
+            "the connection to the {provider} provider broke after the request was sent"
+        ))
     }
 }

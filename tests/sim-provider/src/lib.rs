@@ -62,6 +62,12 @@ pub enum Fault {
         body: String,
         retry_after: Option<u64>,
     },
+    /// Answer with this status, raw body and extra headers (a provider's rate-limit headers).
+    StatusWithHeaders {
+        status: u16,
+        body: String,
+        headers: Vec<(String, String)>,
+    },
     /// Wait this long before answering.
     Delay(Duration),
     /// Answer 200 with a body that is not the provider's format.
@@ -392,6 +398,23 @@ async fn record_and_fault(
                 response
                     .headers_mut()
                     .insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
+            }
+            return response;
+        }
+        Fault::StatusWithHeaders {
+            status,
+            body,
+            headers,
+        } => {
+            let mut response = json_response(status, Value::Null);
+            *response.body_mut() = axum::body::Body::from(body);
+            for (k, v) in headers {
+                if let (Ok(k), Ok(v)) = (
+                    http::HeaderName::from_bytes(k.as_bytes()),
+                    http::HeaderValue::from_str(&v),
+                ) {
+                    response.headers_mut().insert(k, v);
+                }
             }
             return response;
         }
