@@ -99,7 +99,9 @@ const COMBINATIONS: &[(&str, &str, &[&str])] = &[
             "policy.publicNamespaces={*}",
             "store.host=redis.gateways.svc",
             "store.tls=true",
-            "store.passwordSecret.name=redis",
+            "store.username=portcullis",
+            "store.secret.name=redis",
+            "store.secret.caKey=ca.crt",
             "leaderElection=false",
             "metrics.serviceMonitor.enabled=true",
             "metrics.prometheusRule.enabled=true",
@@ -203,13 +205,23 @@ fn chart_lints_and_every_values_combination_applies_on_the_api_server() {
         .iter()
         .find(|e| e["name"] == "PORTCULLIS_LIMITS_STORE")
         .expect("store env");
+    assert_eq!(store["value"], "rediss://redis.gateways.svc:6379/0");
+    // The password and CA come from the mounted Secret's files, never from args or env.
+    for arg in [
+        "--store-username=portcullis",
+        "--store-password-file=/etc/portcullis/store/password",
+        "--store-ca-file=/etc/portcullis/store/ca.crt",
+    ] {
+        assert!(args.contains(&arg), "{arg} missing: {args:?}");
+    }
     assert_eq!(
-        store["value"],
-        "rediss://:$(PORTCULLIS_STORE_PASSWORD)@redis.gateways.svc:6379/0"
+        container["volumeMounts"],
+        json!([{"name": "store", "mountPath": "/etc/portcullis/store", "readOnly": true}])
     );
-    // The password's variable is defined before the URL that expands it.
-    let position = |name: &str| env.iter().position(|e| e["name"] == name).unwrap();
-    assert!(position("PORTCULLIS_STORE_PASSWORD") < position("PORTCULLIS_LIMITS_STORE"));
+    assert_eq!(
+        deployment["spec"]["template"]["spec"]["volumes"],
+        json!([{"name": "store", "secret": {"secretName": "redis"}}])
+    );
     let policy = find("ConfigMap", "gw-portcullis-policy");
     assert_eq!(
         policy["data"],

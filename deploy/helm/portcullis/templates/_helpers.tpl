@@ -28,12 +28,12 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- else if $v -}}true{{- end -}}
 {{- end -}}
 
-{{/* The shared store's URL (a password, if any, comes from $(PORTCULLIS_STORE_PASSWORD)). */}}
+{{/* The shared store's URL (never with a password: that comes from store.secret's file). */}}
 {{- define "portcullis.storeURL" -}}
 {{- $s := .Values.store -}}
 {{- if $s.url -}}{{ $s.url }}
 {{- else if $s.host -}}
-{{- printf "%s://%s%s:%v/%v" (ternary "rediss" "redis" $s.tls) (ternary ":$(PORTCULLIS_STORE_PASSWORD)@" "" (ne $s.passwordSecret.name "")) $s.host $s.port $s.db -}}
+{{- printf "%s://%s:%v/%v" (ternary "rediss" "redis" $s.tls) $s.host $s.port $s.db -}}
 {{- end -}}
 {{- end -}}
 
