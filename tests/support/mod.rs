@@ -758,6 +758,13 @@ impl Redis {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        // A replica's full sync still writes an RDB file: into the temp dir, never the checkout.
+        args.extend([
+            "--dir".to_string(),
+            std::env::temp_dir().display().to_string(),
+            "--dbfilename".to_string(),
+            format!("portcullis-test-{port}.rdb"),
+        ]);
         args.extend(extra.iter().map(|s| s.to_string()));
         Self::spawn(port, args)
     }
