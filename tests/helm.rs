@@ -55,15 +55,7 @@ fn cluster() -> &'static ControlPlane {
     static READY: OnceLock<()> = OnceLock::new();
     let cp = ControlPlane::shared();
     READY.get_or_init(|| {
-        let crds = tool("prometheus-operator-crds");
-        cp.ok(&["apply", "--server-side", "-f", path_str(&crds)]);
-        cp.ok(&[
-            "wait",
-            "--for=condition=Established",
-            "crd/servicemonitors.monitoring.coreos.com",
-            "crd/prometheusrules.monitoring.coreos.com",
-            "--timeout=60s",
-        ]);
+        cp.install_prometheus_operator_crds();
         for ns in ["portcullis-system", "gateways", "monitoring"] {
             let _ = cp.kubectl(&["create", "namespace", ns]);
         }

@@ -1,6 +1,7 @@
 //! What users apply is what the tests apply: the checked-in CRDs as kubectl reads them are the
 //! Rust types' schema, property by property, and every manifest a user is shown (the README's YAML
-//! objects, `examples/`, `portcullis import` of the example configs) passes the real API server.
+//! objects, `examples/`, every kustomization under `deploy/`, `portcullis import` of the example
+//! configs) passes the real API server.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // helpers of tests: failing loudly is the point
 
 mod support;
@@ -205,4 +206,36 @@ fn a_retry_list_under_its_old_name_is_refused_never_ignored() {
         stored["spec"]["retry"],
         serde_json::json!({"retryOn": ["timeout"]})
     );
+}
+
+#[test]
+fn every_kustomization_under_deploy_passes_the_api_server() {
+    let cp = ControlPlane::shared();
+    cp.install_prometheus_operator_crds();
+    let mut dirs = Vec::new();
+    let mut todo = vec![std::path::PathBuf::from(repo_path("deploy"))];
+    while let Some(dir) = todo.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                todo.push(path);
+            } else if path.file_name().is_some_and(|n| n == "kustomization.yaml") {
+                // Components are applied through the overlays that use them.
+                let text = std::fs::read_to_string(&path).unwrap();
+                if text.contains("kind: Kustomization") {
+                    dirs.push(dir.clone());
+                }
+            }
+        }
+    }
+    dirs.sort();
+    assert!(dirs.len() >= 5, "{dirs:?}");
+    for dir in dirs {
+        let rendered = cp.ok(&["kustomize", path_str(&dir)]);
+        server_accepts(
+            cp,
+            &format!("kubectl kustomize {}", dir.display()),
+            &rendered,
+        );
+    }
 }

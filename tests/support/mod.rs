@@ -176,6 +176,20 @@ impl ControlPlane {
         .clone()
     }
 
+    /// The Prometheus Operator's CRDs (ServiceMonitor, PrometheusRule), from the operator's own
+    /// module (`hack/tools.sh prometheus-operator-crds`), installed once per control plane.
+    pub fn install_prometheus_operator_crds(&self) {
+        let crds = tool("prometheus-operator-crds");
+        self.ok(&["apply", "--server-side", "-f", path_str(&crds)]);
+        self.ok(&[
+            "wait",
+            "--for=condition=Established",
+            "crd/servicemonitors.monitoring.coreos.com",
+            "crd/prometheusrules.monitoring.coreos.com",
+            "--timeout=60s",
+        ]);
+    }
+
     /// Runs the real kubectl against this control plane.
     pub fn kubectl(&self, args: &[&str]) -> Output {
         self.kubectl_stdin(args, "")
