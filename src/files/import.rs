@@ -200,19 +200,26 @@ fn secret_doc(plan: &SecretPlan, args: &ImportArgs) -> (String, Vec<String>) {
         doc.push_str(
             "# The values are placeholders; create the Secret from your environment instead:\n",
         );
+        let ns = args
+            .namespace
+            .as_deref()
+            .map(|n| format!(" -n {n}"))
+            .unwrap_or_default();
         doc.push_str(&format!(
-            "#   kubectl create secret generic {}{} {}\n",
+            "#   kubectl create secret generic {}{ns} {}\n#   kubectl label secret {}{ns} portcullis.dev/provider-key=true\n",
             plan.name,
-            args.namespace
-                .as_deref()
-                .map(|n| format!(" -n {n}"))
-                .unwrap_or_default(),
-            from_literal.join(" ")
+            from_literal.join(" "),
+            plan.name,
         ));
     }
     let mut secret = Secret::default();
     secret.metadata.name = Some(plan.name.clone());
     secret.metadata.namespace = args.namespace.clone();
+    // The label the shipped install's `--secret-selector` reads, so an imported Route can serve there.
+    secret.metadata.labels = Some(BTreeMap::from([(
+        "portcullis.dev/provider-key".to_string(),
+        "true".to_string(),
+    )]));
     secret.type_ = Some("Opaque".into());
     secret.string_data = Some(data);
     match crate::yaml::to_string(&secret) {
@@ -278,7 +285,11 @@ mod tests {
         assert_eq!(docs[1]["metadata"]["namespace"], "team");
         assert_eq!(docs[1]["spec"]["limits"][0]["calls"], 5);
         assert!(docs[1].get("status").is_none(), "{}", r.stdout);
-        assert!(r.stdout.contains("kubectl create secret generic openai-api-key -n team --from-literal=apiKey=\"$OPENAI_API_KEY\""), "{}", r.stdout);
+        assert!(r.stdout.contains("kubectl create secret generic openai-api-key -n team --from-literal=apiKey=\"$OPENAI_API_KEY\"\n#   kubectl label secret openai-api-key -n team portcullis.dev/provider-key=true\n"), "{}", r.stdout);
+        assert_eq!(
+            docs[0]["metadata"]["labels"]["portcullis.dev/provider-key"],
+            "true"
+        );
         assert!(
             r.stderr.iter().any(|l| l.contains("renamed: endpoints[0]")),
             "{:?}",
