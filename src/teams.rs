@@ -64,28 +64,21 @@ impl Teams {
         if self.list.is_empty() {
             return Vec::new();
         }
-        let mut found: Vec<usize> = match caller {
-            Identity::ServiceAccount { namespace, name } => [
-                self.by_member.get(&format!("sa:{namespace}/{name}")),
-                self.by_member.get(&format!("ns:{namespace}")),
-            ]
-            .into_iter()
-            .flatten()
-            .flatten()
-            .copied()
-            .collect(),
-            // A `namespace:` member rule covers every consumer of the namespace, API keys too:
-            // a Team's budget must not be dodged by calling with a key instead of a token.
-            Identity::Consumer { namespace, name } => [
-                self.by_member.get(&format!("key:{namespace}/{name}")),
-                self.by_member.get(&format!("ns:{namespace}")),
-            ]
-            .into_iter()
-            .flatten()
-            .flatten()
-            .copied()
-            .collect(),
+        // A `namespace:` member rule covers every consumer of the namespace, API keys too:
+        // a Team's budget must not be dodged by calling with a key instead of a token.
+        let (kind, namespace, name) = match caller {
+            Identity::ServiceAccount { namespace, name } => ("sa", namespace, name),
+            Identity::Consumer { namespace, name } => ("key", namespace, name),
         };
+        let mut found: Vec<usize> = [
+            self.by_member.get(&format!("{kind}:{namespace}/{name}")),
+            self.by_member.get(&format!("ns:{namespace}")),
+        ]
+        .into_iter()
+        .flatten()
+        .flatten()
+        .copied()
+        .collect();
         found.sort_unstable();
         found.dedup();
         found

@@ -382,16 +382,7 @@ fn a_usd_budget_holds_exactly_across_two_replicas_on_one_redis() {
     let sim = sim();
     let redis = Redis::start();
     let url = redis.url();
-    // Exactness, not the store's deadline, is under test: a debug build answering a burst of 200
-    // on a shared 2-core runner can take longer than the 50 ms default to poll the store's reply.
-    let flags = [
-        "--limits-store",
-        url.as_str(),
-        "--replicas",
-        "2",
-        "--store-timeout",
-        "1s",
-    ];
+    let flags = shared_store_flags(&url);
     let a = Gateway::start(cp, &flags);
     let b = Gateway::start(cp, &flags);
     let ns = cp.namespace("cost-redis");
@@ -757,16 +748,7 @@ fn alert_budgets_never_refuse_and_emit_one_event_at_80_and_one_at_100_percent() 
     let sim = sim();
     let redis = Redis::start();
     let url = redis.url();
-    // The shared counts are under test, not the store's deadline: a debug build on a busy runner
-    // can take longer than the 50 ms default to poll a reply.
-    let flags = [
-        "--limits-store",
-        url.as_str(),
-        "--replicas",
-        "2",
-        "--store-timeout",
-        "1s",
-    ];
+    let flags = shared_store_flags(&url);
     let ns = cp.namespace("cost-alert");
     // A Team whose API-key member is watched with an alert on calls, applied before the gateways
     // start (their first table has it).

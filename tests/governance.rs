@@ -636,16 +636,7 @@ fn two_replicas_share_one_limit_through_redis_and_survive_its_loss() {
     let mut redis = Redis::start();
     let ns = cp.namespace("gov-redis");
     let url = redis.url();
-    // The shared counts are under test, not the store's deadline: a debug build on a busy runner
-    // can take longer than the 50 ms default to poll a reply.
-    let flags = [
-        "--limits-store",
-        url.as_str(),
-        "--replicas",
-        "2",
-        "--store-timeout",
-        "1s",
-    ];
+    let flags = shared_store_flags(&url);
     let a = Gateway::start(cp, &flags);
     let b = Gateway::start(cp, &flags);
     let [limited, roomy, budget] = serve(

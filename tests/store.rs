@@ -15,7 +15,10 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::{Gateway, Redis, RedisCluster, eventually, free_port, post_full, secret_manifest};
+use support::{
+    Gateway, Redis, RedisCluster, eventually, free_port, post_full, secret_manifest,
+    shared_store_flags,
+};
 
 /// A Route `name` on the simulated provider at a cent per call (10 output tokens at $1000 per
 /// million), with `limits` (spec YAML).
@@ -619,16 +622,7 @@ fn a_cluster_keeps_every_count_exact_over_slots() {
     ));
     let file = routes_file(dir.path(), &routes);
     let url = cluster.url();
-    // Exactness is under test, not the deadline: a debug build answering a burst on a shared
-    // runner can take longer than the 50 ms default to poll a reply.
-    let flags = [
-        "--limits-store",
-        url.as_str(),
-        "--replicas",
-        "2",
-        "--store-timeout",
-        "1s",
-    ];
+    let flags = shared_store_flags(&url);
     let (a, b) = (
         Gateway::serve(&[&file], &flags, &[]),
         Gateway::serve(&[&file], &flags, &[]),

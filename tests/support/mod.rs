@@ -1184,3 +1184,17 @@ pub fn readme_yaml_blocks() -> Vec<String> {
     }
     blocks
 }
+
+/// Gateway flags for two replicas sharing the store at `url`. Exactness is what such tests check,
+/// not the store's deadline: a debug build answering a burst on a shared 2-core runner can take
+/// longer than the 50 ms default to poll a reply, so the deadline is 1 s.
+pub fn shared_store_flags(url: &str) -> [&str; 6] {
+    [
+        "--limits-store",
+        url,
+        "--replicas",
+        "2",
+        "--store-timeout",
+        "1s",
+    ]
+}
