@@ -113,13 +113,17 @@ impl Reader<'_> {
         // `<<` merges: the mapping's own keys win, then earlier merged mappings over later ones.
         let mut merged: Vec<Mapping> = Vec::new();
         loop {
-            let key = match self.next()? {
+            let (key, merge) = match self.next()? {
                 Event::MappingEnd => break,
-                event => self.node(event, depth + 1)?,
+                // Only a plain `<<` merges; a quoted one is an ordinary key.
+                event => {
+                    let merge = matches!(&event, Event::Scalar(t, TScalarStyle::Plain, _, None) if t == "<<");
+                    (self.node(event, depth + 1)?, merge)
+                }
             };
             let event = self.next()?;
             let value = self.node(event, depth + 1)?;
-            if key.as_str() == Some("<<") {
+            if merge {
                 match value {
                     Value::Mapping(m) => merged.push(m),
                     Value::Sequence(items) => {
@@ -383,6 +387,15 @@ mod tests {
         assert_eq!(
             serde_json::to_value(&docs[2]).unwrap(),
             serde_json::json!({"last": null})
+        );
+    }
+
+    #[test]
+    fn only_a_plain_merge_key_merges() {
+        assert_eq!(json("\"<<\": [a]\n"), serde_json::json!({"<<": ["a"]}));
+        assert_eq!(
+            json("<<: {a: 1}\nb: 2\n"),
+            serde_json::json!({"a": 1, "b": 2})
         );
     }
 

@@ -102,7 +102,21 @@ fn key_text(out: &mut String, key: &str) {
     if plain_is_safe(key) {
         out.push_str(key);
     } else {
-        let _ = write!(out, "{}", Value::String(key.to_string()));
+        double_quoted(out, key);
+    }
+}
+
+/// JSON's string escapes are YAML's; YAML also breaks lines at NEL, U+2028 and U+2029, which
+/// JSON leaves raw, and a byte-order mark may not stand inside: those are escaped as `\u`.
+fn double_quoted(out: &mut String, s: &str) {
+    let json = Value::String(s.to_string()).to_string();
+    for c in json.chars() {
+        match c {
+            '\u{85}' | '\u{2028}' | '\u{2029}' | '\u{feff}' => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
     }
 }
 
@@ -121,17 +135,18 @@ fn text(out: &mut String, s: &str, level: usize) {
             }
         }
     } else {
-        // serde_json escapes exactly what a double-quoted YAML scalar needs escaped.
-        let _ = write!(out, "{}", Value::String(s.to_string()));
+        double_quoted(out, s);
     }
 }
 
 /// The lines of a string a literal block (`|`, `|-`) reproduces exactly, if it is one.
 fn literal_block(s: &str) -> Option<&str> {
     let body = s.strip_suffix('\n').unwrap_or(s);
-    let printable = body
-        .chars()
-        .all(|c| c == '\n' || c == '\t' || (!c.is_control() && c != '\u{feff}'));
+    let printable = body.chars().all(|c| {
+        c == '\n'
+            || c == '\t'
+            || !(c.is_control() || matches!(c, '\u{85}' | '\u{2028}' | '\u{2029}' | '\u{feff}'))
+    });
     let ok = body.contains('\n')
         && printable
         && !body.ends_with('\n')
