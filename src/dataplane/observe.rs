@@ -87,12 +87,15 @@ pub fn note(f: impl FnOnce(&mut CallInfo)) {
     let _ = CALL.try_with(|c| f(&mut c.borrow_mut()));
 }
 
+/// The consumer label of anonymous calls, made once: an anonymous call allocates none.
+static ANONYMOUS: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(""));
+
 /// The caller's identity, or "" for anonymous calls (a bounded label: identities come from configuration).
 pub fn consumer() -> Arc<str> {
     CALL.try_with(|c| c.borrow().consumer.clone())
         .ok()
         .flatten()
-        .unwrap_or_else(|| Arc::from(""))
+        .unwrap_or_else(|| Arc::clone(&ANONYMOUS))
 }
 
 /// Takes the caller's bearer credential out of the call, so it is held no longer than needed.
