@@ -5,6 +5,7 @@
 
 pub mod access;
 pub mod api;
+pub mod cache;
 pub mod controller;
 pub mod cost;
 pub mod dataplane;

@@ -71,6 +71,9 @@ pub struct Charge {
     /// What the call counts against Team USD budgets, when it differs from the Route's (a Team
     /// is charged at no less than the cluster-wide price); `None`: the same.
     pub team: Option<TeamCharge>,
+    /// Counted against calls limits only: a call answered from the response cache uses no
+    /// tokens and costs nothing, so no token or USD budget may refuse it.
+    pub calls_only: bool,
 }
 
 /// A call's USD charge against Team budgets: the fields of `Charge` of the same names.
@@ -1171,6 +1174,9 @@ fn push_counters(
             ),
         ] {
             let Some(max) = max else { continue };
+            if charge.calls_only && kind != Kind::Calls {
+                continue;
+            }
             let amount = amount.min(max);
             let alert = limit.action == Some(crate::api::LimitAction::Alert);
             let truncate = !alert

@@ -114,6 +114,14 @@ pub struct DataPlaneArgs {
     /// they are refused (401). Unset: they belong to no Team.
     #[arg(long, env = "PORTCULLIS_ANONYMOUS_TEAM")]
     pub anonymous_team: Option<String>,
+    /// The store of the response cache (Routes with `spec.cache`), as `--limits-store` is
+    /// written; default: the limits store. Without either, each replica caches in its memory.
+    #[arg(long, env = "PORTCULLIS_CACHE_STORE")]
+    pub cache_store: Option<String>,
+    /// Bytes of answers one replica caches in its memory when there is no shared store (least
+    /// recently used out first).
+    #[arg(long, env = "PORTCULLIS_CACHE_MEMORY_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub cache_memory_bytes: usize,
     #[command(flatten)]
     pub listener: ListenerArgs,
 }
@@ -268,14 +276,27 @@ impl DataPlane {
         let http = dataplane::http_client(settings.upstream_timeout, &settings.egress)
             .map_err(|e| StartError::Config(e.to_string()))?;
         let metrics = Arc::new(Metrics::new());
+        let mut limits_store = None;
         let limits = Arc::new(match &args.store.limits_store {
             Some(url) => {
                 let store = crate::store::Store::open(&args.store, url)
                     .map_err(|e| StartError::Config(e.to_string()))?;
+                limits_store = Some(store.clone());
                 Limiter::shared(metrics.clone(), args.replicas, store)
             }
             None => Limiter::local(metrics.clone(), args.replicas),
         });
+        let cache_store = match (&args.cache_store, limits_store) {
+            (Some(url), _) => crate::cache::CacheStore::Shared(
+                crate::store::Store::open(&args.store, url)
+                    .map_err(|e| StartError::Config(e.to_string()))?,
+            ),
+            (None, Some(store)) => crate::cache::CacheStore::Shared(store),
+            (None, None) => crate::cache::CacheStore::Local(crate::cache::LocalStore::new(
+                args.cache_memory_bytes,
+            )),
+        };
+        let cache = Arc::new(crate::cache::Cache::new(cache_store, metrics.clone()));
         let api_keys = SharedApiKeys::default();
         let auth = Arc::new(Authenticator::with_policy(
             api_keys.clone(),
@@ -299,6 +320,7 @@ impl DataPlane {
             upstream_limits: settings.upstream_limits,
             via,
             anonymous_team: args.anonymous_team.as_deref().map(Arc::from),
+            cache,
         });
         let listener = tokio::net::TcpListener::bind(listen)
             .await
@@ -320,6 +342,7 @@ impl DataPlane {
             default_access = ?args.default_access,
             token_audience = %args.token_audience,
             limits_store = if args.store.limits_store.is_some() { "redis" } else { "local" },
+            cache_store = state.cache.store_name(),
             store_timeout_ms = args.store.store_timeout.as_millis() as u64,
             replicas = args.replicas,
             workers = settings.workers,

@@ -50,6 +50,7 @@ fn route() -> RouteEntry {
         route_type: RouteType::Chat,
         provider: Provider::Openai,
         model: "m".into(),
+        cache: None,
         limits: vec![
             limit(Some(u64::MAX / 4), None, LimitKey::Route),
             limit(Some(u64::MAX / 4), Some(u64::MAX / 4), LimitKey::Consumer),

@@ -95,6 +95,41 @@ pub struct RouteSpec {
     /// Prices of this route's calls, over the built-in catalog (a backend's own `pricing` wins).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pricing: Option<Pricing>,
+    /// Answer repeated identical calls from the response cache (off when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheSpec>,
+}
+
+/// The response cache of a Route: identical calls (same messages, tools and sampling parameters)
+/// are answered from a stored answer without a provider call, free of tokens and USD.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheSpec {
+    /// How long an answer is served after it was stored (default `1h`, at most `720h`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32), regex(pattern = r"^([0-9]{1,6}(ms|s|m|h))+$"))]
+    pub ttl: Option<String>,
+    /// Who may be served an entry: `consumer` (default) only the caller that stored it, `team`
+    /// the members of the caller's Teams, `route` every caller of the Route.
+    #[serde(default)]
+    pub scope: CacheScope,
+    /// Largest answer stored, in bytes before compression (default 1048576 = 1 MiB, at most 64 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 67108864))]
+    pub max_entry_bytes: Option<u64>,
+}
+
+/// Whose calls share cache entries.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheScope {
+    /// Each caller separately (anonymous callers share one scope).
+    #[default]
+    Consumer,
+    /// The members of the caller's Teams; a caller in no Team is its own scope.
+    Team,
+    /// Every caller of the Route.
+    Route,
 }
 
 /// USD per million tokens; each figure given replaces the catalog's (0 to 1000000, at most 6
@@ -350,6 +385,7 @@ impl RouteSpec {
             limits: Vec::new(),
             access: None,
             pricing: None,
+            cache: None,
         }
     }
 

@@ -187,6 +187,17 @@ pub fn reconcile_after(
             qualified.clone()
         };
         let (state, backends) = resolve(route, secrets, &health, policy, prices);
+        let (cache, state) =
+            match crate::cache::CachePolicy::compile(&served_as, &qualified, &route.spec) {
+                Ok(cache) => (cache, state),
+                Err(message) => (
+                    None,
+                    RouteState::NotReady {
+                        reason: Reason::InvalidSpec,
+                        message,
+                    },
+                ),
+            };
         let outcome = match &state {
             RouteState::Ready(_) => {
                 let failed = backends.iter().filter(|b| !b.resolved).count();
@@ -226,6 +237,7 @@ pub fn reconcile_after(
             model: primary.map_or("", |m| m.name.as_str()).into(),
             limits: route.spec.limits.clone(),
             access: route.spec.access.clone(),
+            cache,
             state,
         });
     }

@@ -200,27 +200,7 @@ pub async fn admit(
     calls: u64,
 ) -> Result<Admission, GatewayError> {
     let prompt_estimate = prompt_estimate(request);
-    let teams = match (caller, state.anonymous_team.as_deref()) {
-        (Some(c), _) => state.table.load().teams.of(c),
-        (None, None) => Vec::new(),
-        // `--anonymous-team`: callers without identity are that Team's members; while it does
-        // not exist they are refused, so its budget is never dodged by sending no credential.
-        (None, Some(name)) => match state.table.load().teams.named(name) {
-            Some(team) => vec![team],
-            None => return Err(GatewayError::Unauthenticated),
-        },
-    };
-    // A team that lists its routes holds its members to them.
-    if let Some(team) = teams.iter().find(|t| {
-        t.routes
-            .as_ref()
-            .is_some_and(|r| !r.contains(&entry.qualified))
-    }) {
-        return Err(GatewayError::NotInTeamRoutes {
-            team: team.name.clone(),
-            route: entry.qualified.clone(),
-        });
-    }
+    let teams = teams_of(state, entry, caller)?;
     let (price, team_price, max_output) = match &entry.state {
         RouteState::Ready(b) => (b.max_price, b.max_team_price, b.max_output),
         RouteState::NotReady { .. } => (None, None, crate::cost::DEFAULT_MAX_OUTPUT),
@@ -281,6 +261,7 @@ pub async fn admit(
         usd_floor: route_usd.usd_floor,
         usd_min: route_usd.usd_min,
         team: Some(team_usd),
+        calls_only: false,
     };
     let reservation = state
         .limits
@@ -292,6 +273,60 @@ pub async fn admit(
         prompt_estimate,
         token_estimate,
     })
+}
+
+/// The caller's Teams, refused when one of them does not list `entry` among its routes.
+pub fn teams_of(
+    state: &AppState,
+    entry: &RouteEntry,
+    caller: Option<&Identity>,
+) -> Result<Vec<Arc<crate::teams::TeamEntry>>, GatewayError> {
+    let teams = match (caller, state.anonymous_team.as_deref()) {
+        (Some(c), _) => state.table.load().teams.of(c),
+        (None, None) => Vec::new(),
+        // `--anonymous-team`: callers without identity are that Team's members; while it does
+        // not exist they are refused, so its budget is never dodged by sending no credential.
+        (None, Some(name)) => match state.table.load().teams.named(name) {
+            Some(team) => vec![team],
+            None => return Err(GatewayError::Unauthenticated),
+        },
+    };
+    // A team that lists its routes holds its members to them.
+    if let Some(team) = teams.iter().find(|t| {
+        t.routes
+            .as_ref()
+            .is_some_and(|r| !r.contains(&entry.qualified))
+    }) {
+        return Err(GatewayError::NotInTeamRoutes {
+            team: team.name.clone(),
+            route: entry.qualified.clone(),
+        });
+    }
+    Ok(teams)
+}
+
+/// Counts a call answered from the response cache, costing `calls` calls, against the calls
+/// limits of its route and Teams: it uses no tokens and costs nothing, so no budget refuses it.
+pub async fn admit_cached(
+    state: &AppState,
+    entry: &RouteEntry,
+    caller: Option<&Identity>,
+    teams: &[Arc<crate::teams::TeamEntry>],
+    calls: u64,
+) -> Result<(), GatewayError> {
+    let consumer = caller.map(Identity::name).unwrap_or_default();
+    let charge = Charge {
+        calls,
+        calls_only: true,
+        ..Charge::default()
+    };
+    // Calls limits only: nothing to settle afterwards.
+    let _ = state
+        .limits
+        .admit_with_teams(entry, teams, &consumer, charge)
+        .await
+        .map_err(|limited| GatewayError::RateLimited(Box::new(limited)))?;
+    Ok(())
 }
 
 /// Completion tokens reserved for a stream without `max_tokens` under a `truncate` budget (it is

@@ -70,6 +70,8 @@ pub struct AppState {
     pub via: via::Via,
     /// `--anonymous-team`: the Team callers without identity belong to.
     pub anonymous_team: Option<Arc<str>>,
+    /// The response cache of Routes with `spec.cache`.
+    pub cache: Arc<crate::cache::Cache>,
 }
 
 /// Bounds on what a provider may send back: nothing from outside is trusted to be small or quick.

@@ -35,6 +35,8 @@ pub const BACKEND_HEADER: HeaderName = HeaderName::from_static("x-portcullis-bac
 pub const ATTEMPTS_HEADER: HeaderName = HeaderName::from_static("x-portcullis-attempts");
 /// The USD cost of a non-streaming answer (`unknown` when its model has no price).
 pub const COST_HEADER: HeaderName = HeaderName::from_static("x-portcullis-cost-usd");
+/// What the response cache did: `hit`, `miss` or `bypass` (absent: the Route does not cache).
+pub const CACHE_HEADER: HeaderName = HeaderName::from_static("x-portcullis-cache");
 
 /// What an answered call cost.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,6 +78,10 @@ pub struct CallInfo {
     pub caller: Option<Result<Option<crate::access::Identity>, crate::access::AuthError>>,
     /// The request's share of the buffer budget (from the listener).
     pub intake: Option<Arc<super::intake::Intake>>,
+    /// The caller's `Cache-Control` and `x-portcullis-cache-ttl`.
+    pub cache_directive: crate::cache::Directive,
+    /// What the response cache did, and a hit's age in seconds.
+    pub cache: Option<(crate::cache::CacheStatus, Option<u64>)>,
 }
 
 tokio::task_local! {
@@ -122,6 +128,12 @@ pub fn charge(bytes: usize) -> Result<(), super::error::GatewayError> {
 /// The gateways this request already passed through, if any.
 pub fn caller_via() -> Option<HeaderValue> {
     CALL.try_with(|c| c.borrow().via.clone()).ok().flatten()
+}
+
+/// The caller's cache directive (`Cache-Control`, `x-portcullis-cache-ttl`).
+pub fn cache_directive() -> crate::cache::Directive {
+    CALL.try_with(|c| c.borrow().cache_directive)
+        .unwrap_or_default()
 }
 
 /// The caller's `traceparent`, if any.
@@ -186,6 +198,10 @@ pub async fn middleware(
         caller_traceparent: req.headers().get(TRACEPARENT).cloned(),
         via: req.headers().get(super::via::VIA).cloned(),
         intake: req.extensions_mut().remove::<Arc<super::intake::Intake>>(),
+        cache_directive: crate::cache::Directive::from_headers(
+            req.headers().get(http::header::CACHE_CONTROL),
+            req.headers().get(crate::cache::TTL_HEADER),
+        ),
         // `Authorization: Bearer` first; Anthropic's clients send `x-api-key` instead.
         bearer: req
             .headers()
@@ -229,6 +245,13 @@ pub async fn middleware(
     {
         response.headers_mut().insert(COST_HEADER, v);
     }
+    if let Some((status, age)) = call.cache {
+        let headers = response.headers_mut();
+        headers.insert(CACHE_HEADER, HeaderValue::from_static(status.as_str()));
+        if let Some(age) = age {
+            headers.insert(http::header::AGE, HeaderValue::from(age));
+        }
+    }
     response.headers_mut().insert(REQUEST_ID, id);
     // Logged from the header just set: no copy of the id.
     let request_id = response
@@ -261,6 +284,7 @@ pub async fn middleware(
         span.record("gen_ai.usage.input_tokens", usage.prompt_tokens);
         span.record("gen_ai.usage.output_tokens", usage.completion_tokens);
         span.record("portcullis.route", call.route.as_deref());
+        span.record("portcullis.cache", call.cache.map(|(s, _)| s.as_str()));
         if let Some(a) = &call.answered {
             span.record("portcullis.backend", &*a.backend);
             span.record("portcullis.attempts", a.attempts);
@@ -281,6 +305,7 @@ pub async fn middleware(
         prompt_tokens = usage.prompt_tokens,
         completion_tokens = usage.completion_tokens,
         cost_usd = call.cost.map(tracing::field::display),
+        cache = call.cache.map(|(s, _)| s.as_str()),
         "request"
     );
     response
@@ -316,6 +341,7 @@ fn request_span(req: &Request, surface: &'static str) -> Span {
         portcullis.route = Empty,
         portcullis.backend = Empty,
         portcullis.attempts = Empty,
+        portcullis.cache = Empty,
     );
     tracecontext::adopt_parent(&span, req.headers());
     span

@@ -130,6 +130,7 @@ pub struct Metrics {
     /// Replicas serving together as this one counts them (the 1/N of local limit shares).
     pub replicas: Gauge,
     pub budgets: BudgetMetrics,
+    pub cache: CacheMetrics,
 }
 
 /// One shared (not per-consumer) limit of a Route or Team.
@@ -374,11 +375,13 @@ impl Metrics {
             budgets.window_end.clone(),
         );
         let cost = CostMetrics::register(&mut registry);
+        let cache = CacheMetrics::register(&mut registry);
         Metrics {
             leader,
             replicas,
             budgets,
             cost,
+            cache,
             registry,
             requests,
             request_duration,
@@ -548,5 +551,104 @@ mod tests {
             "empty families print no samples"
         );
         assert!(text.contains("portcullis_routes{reason=\"Resolved\"} 1"));
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    pub route: Arc<str>,
+}
+
+/// The response cache (`cache` module): per Route, and of the store as a whole.
+pub struct CacheMetrics {
+    hits: Family<CacheLabels, Counter>,
+    misses: Family<CacheLabels, Counter>,
+    bypasses: Family<CacheLabels, Counter>,
+    saved_usd: Family<CacheLabels, UsdCounter>,
+    /// Bytes of entries written (compressed, as stored).
+    pub stored_bytes: Counter,
+    /// Entries the per-replica store dropped to stay within its bytes.
+    pub evictions: Counter,
+    /// Bytes the per-replica store holds now.
+    pub local_bytes: Gauge,
+    /// Reads and writes the shared store did not answer in time (each one a miss, never a failure).
+    pub store_errors: Counter,
+}
+
+/// One Route's cache counters, made once per route.
+pub struct CacheRouteMetrics {
+    pub hits: Counter,
+    pub misses: Counter,
+    pub bypasses: Counter,
+    pub saved_usd: UsdCounter,
+}
+
+impl CacheMetrics {
+    fn register(registry: &mut Registry) -> CacheMetrics {
+        let m = CacheMetrics {
+            hits: Family::default(),
+            misses: Family::default(),
+            bypasses: Family::default(),
+            saved_usd: Family::default(),
+            stored_bytes: Counter::default(),
+            evictions: Counter::default(),
+            local_bytes: Gauge::default(),
+            store_errors: Counter::default(),
+        };
+        registry.register(
+            "portcullis_cache_hits",
+            "Calls answered from the response cache",
+            m.hits.clone(),
+        );
+        registry.register(
+            "portcullis_cache_misses",
+            "Calls looked up in the response cache and answered by the provider",
+            m.misses.clone(),
+        );
+        registry.register(
+            "portcullis_cache_bypasses",
+            "Calls on a caching Route that skipped the lookup (no-cache, no-store, not cacheable)",
+            m.bypasses.clone(),
+        );
+        registry.register(
+            "portcullis_cache_saved_usd",
+            "USD the provider would have billed for the calls answered from the cache",
+            m.saved_usd.clone(),
+        );
+        registry.register_with_unit(
+            "portcullis_cache_stored",
+            "Bytes of cache entries written (as stored, compressed)",
+            Unit::Bytes,
+            m.stored_bytes.clone(),
+        );
+        registry.register(
+            "portcullis_cache_evictions",
+            "Entries the per-replica cache dropped to stay within its size",
+            m.evictions.clone(),
+        );
+        registry.register_with_unit(
+            "portcullis_cache_local",
+            "Bytes the per-replica cache holds",
+            Unit::Bytes,
+            m.local_bytes.clone(),
+        );
+        registry.register(
+            "portcullis_cache_store_errors",
+            "Cache reads and writes the shared store failed (each a miss, never a failed call)",
+            m.store_errors.clone(),
+        );
+        m
+    }
+
+    pub fn route(&self, route: &Arc<str>) -> CacheRouteMetrics {
+        let labels = CacheLabels {
+            route: Arc::clone(route),
+        };
+        CacheRouteMetrics {
+            hits: self.hits.get_or_create_owned(&labels),
+            misses: self.misses.get_or_create_owned(&labels),
+            bypasses: self.bypasses.get_or_create_owned(&labels),
+            saved_usd: self.saved_usd.get_or_create_owned(&labels),
+        }
     }
 }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
 
+use super::cached::{self, Cached, Recording};
 use super::metering::{
     Priced, StreamObserver, answer_chars, record_cost, record_error, record_usage,
 };
@@ -98,6 +99,10 @@ pub async fn invoke(
     request: &LlmRequest,
 ) -> Result<LlmResponse, GatewayError> {
     let calls = fan_out(route, request)?;
+    let ticket = match cached::lookup(state, route, request, calls).await? {
+        Cached::Hit(answer) => return Ok(answer),
+        Cached::Live(ticket) => ticket,
+    };
     let admission =
         admission::admit(state, &route.entry, route.caller.as_ref(), request, calls).await?;
     let started = Instant::now();
@@ -154,6 +159,9 @@ pub async fn invoke(
                 admission.refund();
             }
         }
+    }
+    if let (Ok(answer), Some(ticket)) = (&result, ticket) {
+        ticket.store(answer);
     }
     result
 }
@@ -252,6 +260,13 @@ pub async fn invoke_stream(
     ),
     GatewayError,
 > {
+    let ticket = match cached::lookup(state, route, request, 1).await? {
+        Cached::Hit(answer) => {
+            let (deltas, model) = cached::replayed(answer, route);
+            return Ok((futures::future::Either::Left(deltas), model));
+        }
+        Cached::Live(ticket) => ticket,
+    };
     let admission =
         admission::admit(state, &route.entry, route.caller.as_ref(), request, 1).await?;
     let started = Instant::now();
@@ -298,6 +313,7 @@ pub async fn invoke_stream(
     let deltas = futures::stream::once(futures::future::ready(Ok(opened.first)))
         .chain(opened.rest)
         .filter(|item| futures::future::ready(!matches!(item, Ok(d) if d.is_empty())));
-    let deltas = observer.watch(deltas);
-    Ok((deltas, backend.upstream.target.model.clone()))
+    let model = backend.upstream.target.model.clone();
+    let deltas = Recording::new(observer.watch(deltas), ticket, model.clone());
+    Ok((futures::future::Either::Right(deltas), model))
 }

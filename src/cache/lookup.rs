@@ -1,0 +1,222 @@
+//! One call's use of the cache: whose entries it may see (its scope), whether it looks up (the
+//! caller's directive), what it found, and the ticket that stores the live answer of a miss.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::control::Directive;
+use super::entry::Entry;
+use super::key::{CacheKey, cache_key};
+use super::policy::CachePolicy;
+use super::store::CacheStore;
+use crate::access::Identity;
+use crate::api::CacheScope;
+use crate::llm::{LlmRequest, LlmResponse};
+use crate::telemetry::metrics::Metrics;
+
+/// The cache of this replica: its store and where it counts.
+pub struct Cache {
+    store: CacheStore,
+    metrics: Arc<Metrics>,
+}
+
+/// What the cache did for a call: the `x-portcullis-cache` header and the log field.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheStatus {
+    Hit,
+    Miss,
+    /// The lookup was skipped: the caller said `no-cache` or `no-store`, or the call is not
+    /// cacheable.
+    Bypass,
+}
+
+impl CacheStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheStatus::Hit => "hit",
+            CacheStatus::Miss => "miss",
+            CacheStatus::Bypass => "bypass",
+        }
+    }
+}
+
+pub enum Lookup {
+    Hit(Hit),
+    /// Answer live; with a ticket, store the answer.
+    Live {
+        status: CacheStatus,
+        ticket: Option<Ticket>,
+    },
+}
+
+pub struct Hit {
+    pub entry: Entry,
+    pub age: Duration,
+}
+
+/// The right to store one call's answer under its key.
+pub struct Ticket {
+    cache: Arc<Cache>,
+    key: CacheKey,
+    ttl: Duration,
+    pub max_bytes: usize,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+impl Cache {
+    pub fn new(store: CacheStore, metrics: Arc<Metrics>) -> Cache {
+        Cache { store, metrics }
+    }
+
+    /// `local` or `redis`, for the start-up log line.
+    pub fn store_name(&self) -> &'static str {
+        self.store.name()
+    }
+
+    /// Looks `request` up for a caller of `scope`; a store that fails or does not answer in time
+    /// is a miss (the call goes to the provider), never an error.
+    pub async fn lookup(
+        self: &Arc<Self>,
+        policy: &CachePolicy,
+        scope: &str,
+        request: &LlmRequest,
+        directive: Directive,
+    ) -> Lookup {
+        let m = policy.metrics(&self.metrics);
+        let bypass = |ticket| {
+            m.bypasses.inc();
+            Lookup::Live {
+                status: CacheStatus::Bypass,
+                ticket,
+            }
+        };
+        let key = match cache_key(&policy.route_digest, scope, request) {
+            Some(key) if !directive.no_store => key,
+            _ => return bypass(None),
+        };
+        let ticket = Ticket {
+            cache: Arc::clone(self),
+            key,
+            ttl: directive.ttl(policy.ttl),
+            max_bytes: policy.max_entry_bytes,
+        };
+        if directive.no_cache {
+            return bypass(Some(ticket));
+        }
+        let found = match self.store.get(&ticket.key.0).await {
+            Ok(found) => found,
+            Err(e) => {
+                self.metrics.cache.store_errors.inc();
+                tracing::debug!(error = %e, "the cache store did not answer; a miss");
+                None
+            }
+        };
+        match found.map(|b| Entry::decode(&b, policy.max_entry_bytes)) {
+            Some(Ok(entry)) => {
+                m.hits.inc();
+                let age = Duration::from_millis(now_ms().saturating_sub(entry.stored_ms));
+                Lookup::Hit(Hit { entry, age })
+            }
+            // An entry this version cannot read is a miss; the live answer replaces it.
+            Some(Err(_)) | None => {
+                m.misses.inc();
+                Lookup::Live {
+                    status: CacheStatus::Miss,
+                    ticket: Some(ticket),
+                }
+            }
+        }
+    }
+}
+
+impl Ticket {
+    /// Stores a complete, successful answer in the background (the caller does not wait on the
+    /// store); one larger than the Route's `maxEntryBytes` is not stored.
+    pub fn store(self, answer: &LlmResponse) {
+        let Some(entry) = Entry::of(answer, now_ms()) else {
+            return;
+        };
+        let (bytes, size) = entry.encode();
+        if size > self.max_bytes {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            let m = &self.cache.metrics.cache;
+            let len = bytes.len() as u64;
+            match self.cache.store.put(&self.key.0, bytes, self.ttl).await {
+                Ok(written) => {
+                    m.stored_bytes.inc_by(len);
+                    m.evictions.inc_by(written.evicted);
+                    if let Some(held) = self.cache.store.held_bytes() {
+                        m.local_bytes.set(held as i64);
+                    }
+                }
+                Err(e) => {
+                    m.store_errors.inc();
+                    tracing::debug!(error = %e, "the cache store did not take an entry");
+                }
+            }
+        });
+    }
+}
+
+/// Whose entries a caller shares under `scope`: everyone's (`route`), its Teams' (`team`; a
+/// caller in no Team is its own scope), or its own (`consumer`; anonymous callers share one).
+/// Kinds are spelled out so that a Team and a consumer of the same name never meet.
+pub fn scope_of(scope: CacheScope, caller: Option<&Identity>, teams: &[&str]) -> String {
+    let consumer = || {
+        format!(
+            "consumer:{}",
+            caller.map(Identity::name).unwrap_or_default()
+        )
+    };
+    match scope {
+        CacheScope::Route => "route".to_string(),
+        CacheScope::Consumer => consumer(),
+        CacheScope::Team if teams.is_empty() => consumer(),
+        CacheScope::Team => {
+            let mut names = teams.to_vec();
+            names.sort_unstable();
+            format!("team:{}", names.join(","))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scopes_never_meet_across_their_boundary() {
+        let a = Identity::ServiceAccount {
+            namespace: "ns".into(),
+            name: "a".into(),
+        };
+        let b = Identity::Consumer {
+            namespace: "ns".into(),
+            name: "a".into(),
+        };
+        let c = CacheScope::Consumer;
+        assert_ne!(scope_of(c, Some(&a), &[]), scope_of(c, Some(&b), &[]));
+        assert_ne!(scope_of(c, Some(&a), &[]), scope_of(c, None, &[]));
+        let t = CacheScope::Team;
+        assert_eq!(
+            scope_of(t, Some(&a), &["x", "y"]),
+            scope_of(t, Some(&b), &["y", "x"])
+        );
+        assert_ne!(scope_of(t, Some(&a), &["x"]), scope_of(t, Some(&b), &[]));
+        assert_eq!(
+            scope_of(CacheScope::Route, Some(&a), &["x"]),
+            scope_of(CacheScope::Route, None, &[])
+        );
+    }
+}
