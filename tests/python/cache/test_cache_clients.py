@@ -50,7 +50,7 @@ def test_every_client_is_served_the_same_stored_answer(gateway_url, routes):
     assert m.type == "message" and m.role == "assistant"
     assert m.content[0].text == text
     assert m.usage.output_tokens == first.usage.completion_tokens
-    assert m.stop_reason == "max_tokens"
+    assert m.stop_reason == {"stop": "end_turn", "length": "max_tokens"}[first.choices[0].finish_reason]
 
     with an.messages.stream(model=route, max_tokens=20, messages=messages) as stream:
         streamed = "".join(stream.text_stream)
@@ -87,7 +87,7 @@ def test_an_anthropic_stream_stored_answers_openai_and_mlflow(gateway_url, route
     assert raw.headers["x-portcullis-cache"] == "hit"
     answer = raw.parse()
     assert answer.choices[0].message.content == text
-    assert answer.choices[0].finish_reason == "length"
+    assert answer.choices[0].finish_reason == {"end_turn": "stop", "max_tokens": "length"}[first.stop_reason]
     assert answer.usage.completion_tokens == first.usage.output_tokens
 
     answer = get_deploy_client(gateway_url).predict(
