@@ -6,7 +6,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: tools run run-standalone test unit-test e2e-test control-plane python-env redis crds chart-files lint fmt build bench bench-deps bench-quick bench-callgrind bench-store fuzz soak clean-cache \
+.PHONY: tools run run-standalone test unit-test e2e-test control-plane python-env redis crds chart-files lint fmt build bench bench-deps bench-quick bench-callgrind bench-store bench-cache fuzz soak clean-cache \
 	cluster-deps cluster-build cluster-images image cluster-up cluster-down cluster-test
 
 build:
@@ -84,6 +84,14 @@ bench-store: redis
 	$(CARGO) build --workspace
 	python3 bench/run.py --only store --bin-dir target/debug --out bench/results/store.md \
 	  --oha none --kubectl none --control-plane none
+
+# Only the response cache's rows (a hit against the provider and a live call, on the per-replica
+# store and on Redis; what a miss adds); no control plane. Timed, so the release build
+# (writes to bench/results/cache.md; `make bench` runs the same rows).
+bench-cache: redis
+	$(CARGO) build --workspace --release
+	ulimit -n "$$(ulimit -Hn)"; python3 bench/run.py --only cache --out bench/results/cache.md \
+	  --oha "$$(hack/tools.sh oha)" --kubectl none --control-plane none
 
 # Many more proptest cases of every request parser, provider-answer parser and stream decoder
 # (src/dataplane/fuzz.rs) than `make test` runs, stopped after FUZZ_SECONDS. Not part of CI.

@@ -518,6 +518,159 @@ def store_scenario(args, work, procs, row, quick):
     sim.stop()
 
 
+def sequential_us(url, bodies):
+    """Each body POSTed in turn on one kept-alive connection; the time of each call (µs)."""
+    import http.client
+    host, port = url.split("//", 1)[1].split("/", 1)[0].split(":")
+    path = "/" + url.split("//", 1)[1].split("/", 1)[1]
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    times = []
+    for body in bodies:
+        t0 = time.perf_counter()
+        conn.request("POST", path, body=body, headers={"content-type": "application/json"})
+        resp = conn.getresponse()
+        resp.read()
+        times.append((time.perf_counter() - t0) * 1e6)
+        if resp.status != 200:
+            raise RuntimeError(f"{url} answered {resp.status}")
+    conn.close()
+    return times
+
+
+def redis_rtt_us(port, n):
+    """The median time of one GET round trip to the store, from a raw socket (as little client as
+    Python allows: what a lookup's round trip costs, plus Python's share)."""
+    s = socket.create_connection(("127.0.0.1", port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        s.sendall(b"*2\r\n$3\r\nGET\r\n$21\r\nportcullis:cache:none\r\n")
+        s.recv(64)
+        times.append((time.perf_counter() - t0) * 1e6)
+    s.close()
+    return statistics.median(times)
+
+
+def metric_total(url, name):
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+def cache_scenario(args, work, procs, row, quick):
+    """The response cache (issue 24): a hit against the provider called directly and against a live
+    call through the gateway, on the per-replica store and on Redis, and what a miss adds over a
+    call on a Route that does not cache. Runs `portcullis serve` on files (no control plane)."""
+    log("scenario: the response cache")
+    bins = pathlib.Path(args.bin_dir)
+    sim_port = free_port()
+    sim = Process([str(bins / "portcullis-sim"), "--listen", f"127.0.0.1:{sim_port}", "--words", "20"],
+                  log_path=work / "sim-cache.log")
+    procs.append(sim)
+    wait_port(sim_port)
+    route = ("apiVersion: portcullis.dev/v1alpha1\nkind: Route\nmetadata:\n  name: {name}\nspec:\n"
+             "  routeType: llm/v1/chat\n  model:\n    provider: openai\n    name: gpt-4o-mini\n"
+             f"    apiBase: http://127.0.0.1:{sim_port}/openai/v1\n    secretRef:\n      name: bench-key\n"
+             "  pricing:\n    inputPerMillion: 1\n    outputPerMillion: 1\n{cache}")
+    routes = ("apiVersion: v1\nkind: Secret\nmetadata:\n  name: bench-key\nstringData:\n  apiKey: sk-bench-1\n---\n"
+              + route.format(name="live", cache="") + "---\n"
+              + route.format(name="cached", cache="  cache:\n    scope: route\n"))
+    (work / "cache-routes.yaml").write_text(routes)
+    env = {k: v for k, v in os.environ.items() if k != "RUST_LOG" and not k.startswith("PORTCULLIS_")}
+
+    def gateway(name, extra):
+        port, mport = free_port(), free_port()
+        p = Process([str(bins / "portcullis"), "serve", "--config", str(work / "cache-routes.yaml"),
+                     "--listen", f"127.0.0.1:{port}", "--metrics-listen", f"127.0.0.1:{mport}", *extra],
+                    env=env, log_path=work / f"{name}.log")
+        procs.append(p)
+        wait_http(f"http://127.0.0.1:{port}/readyz", timeout=60)
+        p.metrics_url = f"http://127.0.0.1:{mport}/metrics"
+        return p, f"http://127.0.0.1:{port}/v1/chat/completions"
+
+    local, local_url = gateway("gateway-cache-local", [])
+    chat = lambda model, text="Say hello to the benchmark": json.dumps(
+        {"model": model, "max_tokens": 20, "messages": [{"role": "user", "content": text}]})
+    direct_url = f"http://127.0.0.1:{sim_port}/openai/v1/chat/completions"
+    n_c1 = 300 if quick else 3000
+    dur = "3s" if quick else "10s"
+    for url, body in ((direct_url, chat("gpt-4o-mini")), (local_url, chat("live")), (local_url, chat("cached"))):
+        oha(args.oha, url, body, 4, n=500)
+    p50 = lambda r: r["latencyPercentiles"]["p50"] * 1e6
+    rps = lambda r: r["summary"]["requestsPerSec"]
+    hits_before = metric_total(local.metrics_url, "portcullis_cache_hits_total")
+    server_before = (metric_total(local.metrics_url, 'gen_ai_server_request_duration_seconds_sum{route="cached"'),
+                     metric_total(local.metrics_url, 'gen_ai_server_request_duration_seconds_count{route="cached"'))
+    pairs = paired(args.reps, lambda: oha(args.oha, direct_url, chat("gpt-4o-mini"), 1, n=n_c1),
+                   lambda: oha(args.oha, local_url, chat("cached"), 1, n=n_c1),
+                   lambda: oha(args.oha, local_url, chat("live"), 1, n=n_c1))
+    hit50 = median_of(pairs, 1, p50)
+    row("cache hit, c=1, per-replica store", "latency p50 (µs), client to client; gateway: hit (live call)",
+        f"{median_of(pairs, 0, p50):.0f}", f"{hit50:.0f} ({median_of(pairs, 2, p50):.0f})",
+        f"{median_diff(pairs, p50):+.0f}", "≤ 50", hit50 <= 50)
+    server = (metric_total(local.metrics_url, 'gen_ai_server_request_duration_seconds_sum{route="cached"') - server_before[0],
+              metric_total(local.metrics_url, 'gen_ai_server_request_duration_seconds_count{route="cached"') - server_before[1])
+    hits = metric_total(local.metrics_url, "portcullis_cache_hits_total") - hits_before
+    if server[1] > 0:
+        row("cache hit, c=1, per-replica store", f"time in the gateway per hit, mean (µs; {hits:.0f} hits)", "",
+            f"{server[0] / server[1] * 1e6:.1f}", "", "≤ 50", server[0] / server[1] * 1e6 <= 50)
+    pairs = paired(max(3, args.reps - 2), lambda: oha(args.oha, direct_url, chat("gpt-4o-mini"), 64, duration=dur),
+                   lambda: oha(args.oha, local_url, chat("cached"), 64, duration=dur),
+                   lambda: oha(args.oha, local_url, chat("live"), 64, duration=dur))
+    direct_rps, hit_rps, live_rps = (median_of(pairs, i, rps) for i in range(3))
+    row("cache hits, c=64, per-replica store", "throughput (req/s); gateway: hits (live calls)", f"{direct_rps:.0f}",
+        f"{hit_rps:.0f} ({live_rps:.0f})", f"{hit_rps / direct_rps:.2f}× of direct, {hit_rps / live_rps:.2f}× of live",
+        "reported")
+    local.stop()
+
+    if not shutil.which("redis-server"):
+        log("cache scenario on Redis skipped: redis-server not installed (make redis)")
+        sim.stop()
+        return
+    redis_port = free_port()
+    redis = Process(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                     "--appendonly", "no"], log_path=work / "redis-cache.log")
+    procs.append(redis)
+    wait_port(redis_port)
+    shared, shared_url = gateway("gateway-cache-redis", ["--cache-store", f"redis://127.0.0.1:{redis_port}",
+                                                         "--store-timeout", "1s"])
+    for body in (chat("live"), chat("cached")):
+        oha(args.oha, shared_url, body, 4, n=500)
+    pairs = paired(args.reps, lambda: oha(args.oha, direct_url, chat("gpt-4o-mini"), 1, n=n_c1),
+                   lambda: oha(args.oha, shared_url, chat("cached"), 1, n=n_c1))
+    row("cache hit, c=1, Redis", "latency p50 (µs), client to client", f"{median_of(pairs, 0, p50):.0f}",
+        f"{median_of(pairs, 1, p50):.0f}", f"{median_diff(pairs, p50):+.0f}", "reported")
+    pairs = paired(max(3, args.reps - 2), lambda: oha(args.oha, direct_url, chat("gpt-4o-mini"), 64, duration=dur),
+                   lambda: oha(args.oha, shared_url, chat("cached"), 64, duration=dur))
+    row("cache hits, c=64, Redis", "throughput (req/s)", f"{median_of(pairs, 0, rps):.0f}",
+        f"{median_of(pairs, 1, rps):.0f}", f"{median_of(pairs, 1, rps) / median_of(pairs, 0, rps):.2f}× of direct",
+        "reported")
+    # A miss: every prompt new, so each call looks up, misses, asks the provider and stores; against
+    # the same new prompts on the Route that does not cache.
+    n_miss = 100 if quick else 500
+    added, counter = [], [0]
+
+    def fresh(model):
+        counter[0] += 1
+        return [chat(model, f"miss {counter[0]} {i}") for i in range(n_miss)]
+
+    for _ in range(args.reps):
+        live = statistics.median(sequential_us(shared_url, fresh("live")))
+        miss = statistics.median(sequential_us(shared_url, fresh("cached")))
+        added.append(miss - live)
+    rtt = redis_rtt_us(redis_port, 2000)
+    miss_added = statistics.median(added)
+    row("cache miss, c=1, Redis", "latency p50 added over a Route that does not cache (µs); "
+        "one store round trip measured from Python", "", f"{miss_added:+.0f}", f"rtt {rtt:.0f}",
+        "≤ one round trip", miss_added <= rtt)
+    errors = metric_total(shared.metrics_url, "portcullis_cache_store_errors_total")
+    if errors:
+        log(f"cache scenario: {errors:.0f} store errors")
+    shared.stop()
+    redis.stop()
+    sim.stop()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--oha", required=True)
@@ -526,8 +679,8 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="small counts, to check the harness itself")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.md"))
-    ap.add_argument("--only", choices=["store", "callgrind"],
-                    help="run only this scenario: store (no control plane), callgrind (per-call counts)")
+    ap.add_argument("--only", choices=["store", "callgrind", "cache"],
+                    help="run only this scenario: store or cache (no control plane), callgrind (per-call counts)")
     ap.add_argument("--compare", nargs="*", default=[], metavar="LABEL=BINARY",
                     help="with --only callgrind: also count these gateway binaries (an earlier commit's)")
     ap.add_argument("--bin-dir", default=str(RELEASE),
@@ -553,6 +706,9 @@ def main():
     try:
         if args.only == "store":
             store_scenario(args, work, procs, row, quick)
+            raise StopIteration
+        if args.only == "cache":
+            cache_scenario(args, work, procs, row, quick)
             raise StopIteration
         subprocess.run([args.control_plane, "start", str(cp_dir), str(os.getpid())], check=True)
         kubeconfig = str(cp_dir / "kubeconfig")
@@ -1004,12 +1160,13 @@ def main():
         row("memory", f"RSS with {n_routes} Routes, steady (MiB)", "", f"{many_rss:.1f}", "", "≤ 64", many_rss <= 64)
         row("memory", f"peak RSS during the initial sync of {n_routes} Routes (MiB)", "", f"{many_peak:.1f}", "")
         store_scenario(args, work, procs, row, quick)
+        cache_scenario(args, work, procs, row, quick)
     except StopIteration:
         pass
     finally:
         for p in procs:
             p.stop()
-        if args.only != "store":
+        if args.only not in ("store", "cache"):
             subprocess.run([args.control_plane, "stop", str(cp_dir)])
 
     header = ["scenario", "figure", "direct", "floor", "peer", "gateway", "added", "vs floor", "target", "met"]
