@@ -45,6 +45,20 @@ fn route(ns: &str, name: &str, base: &str, model: &str, extra: &str) -> String {
     )
 }
 
+/// A namespace of its own holding the provider key and one Route on `sim` with `extra`; its name
+/// and the Route's.
+fn lone_route(sim: &SimProvider, prefix: &str, extra: &str) -> (String, String) {
+    let cp = ControlPlane::shared();
+    let ns = cp.namespace(&format!("cache-{prefix}"));
+    let name = unique(prefix);
+    cp.apply(&format!(
+        "{}---\n{}",
+        secret_manifest(&ns, "openai", "apiKey", "sk-cache"),
+        route(&ns, &name, &sim.openai_base(), "gpt-4o-mini", extra)
+    ));
+    (ns, name)
+}
+
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
@@ -178,24 +192,12 @@ fn settle() {
 }
 
 fn send(gw: &Gateway, body: &Value, headers: &[(&str, &str)]) -> Answer {
-    let mut req = client()
-        .post(gw.url("/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .body(body.to_string());
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let resp = req.send().expect("request");
-    let status = resp.status().as_u16();
-    let headers = resp
-        .headers()
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_string()))
-        .collect();
+    let (status, headers, body) =
+        http_full_with(&gw.url("/v1/chat/completions"), &body.to_string(), headers);
     Answer {
         status,
         headers,
-        body: resp.text().unwrap_or_default(),
+        body,
     }
 }
 
@@ -482,19 +484,7 @@ fn a_store_that_is_down_is_a_miss_and_calls_are_answered() {
     let cp = ControlPlane::shared();
     let sim = sim();
     let mut redis = Redis::start();
-    let ns = cp.namespace("cache-down");
-    let name = unique("down");
-    cp.apply(&format!(
-        "{}---\n{}",
-        secret_manifest(&ns, "openai", "apiKey", "sk-cache"),
-        route(
-            &ns,
-            &name,
-            &sim.openai_base(),
-            "gpt-4o-mini",
-            "  cache:\n    scope: route\n"
-        )
-    ));
+    let (ns, name) = lone_route(&sim, "down", "  cache:\n    scope: route\n");
     let url = redis.url();
     let gw = Gateway::start(
         cp,
@@ -531,19 +521,11 @@ fn without_a_store_each_replica_caches_in_memory() {
         answer_words: 400,
         ..Default::default()
     });
-    let ns = cp.namespace("cache-local");
-    let name = unique("local");
-    cp.apply(&format!(
-        "{}---\n{}",
-        secret_manifest(&ns, "openai", "apiKey", "sk-cache"),
-        route(
-            &ns,
-            &name,
-            &sim.openai_base(),
-            "gpt-4o-mini",
-            "  cache:\n    scope: route\n    maxEntryBytes: 2000\n"
-        )
-    ));
+    let (ns, name) = lone_route(
+        &sim,
+        "local",
+        "  cache:\n    scope: route\n    maxEntryBytes: 2000\n",
+    );
     // Room for about two 1 KiB answers.
     let gw = Gateway::start(cp, &["--namespace", &ns, "--cache-memory-bytes", "1500"]);
     cp.wait_ready(&ns, &name);

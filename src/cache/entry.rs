@@ -12,6 +12,8 @@ const COMPRESS_FROM: usize = 1024;
 /// The first byte of a stored entry: how the rest is written.
 const PLAIN: u8 = 0;
 const LZ4: u8 = 1;
+/// The unified finish reason of an answer a provider's content filter or guardrail blocked.
+const BLOCKED: &str = "content_filter";
 
 #[derive(Debug, thiserror::Error)]
 pub enum EntryError {
@@ -59,9 +61,17 @@ pub struct StoredChoice {
 }
 
 impl Entry {
-    /// The entry of an answer; `None` for a native answer (never cached).
+    /// The entry of an answer; `None` for one never cached: a native answer, or one a content
+    /// filter or guardrail blocked (a block is not an answer to replay; the next call asks again).
     pub fn of(answer: &LlmResponse, stored_ms: u64) -> Option<Entry> {
         let answer = match answer {
+            LlmResponse::Generation(g)
+                if g.choices
+                    .iter()
+                    .any(|c| c.finish_reason.as_deref() == Some(BLOCKED)) =>
+            {
+                return None;
+            }
             LlmResponse::Generation(g) => Answer::Generation {
                 id: g.id.clone(),
                 created: g.created,
@@ -211,6 +221,11 @@ mod tests {
             Entry::decode(&big, 100),
             Err(EntryError::TooLarge)
         ));
+        let LlmResponse::Generation(mut blocked) = generation("no") else {
+            unreachable!()
+        };
+        blocked.choices[0].finish_reason = Some(BLOCKED.into());
+        assert_eq!(Entry::of(&LlmResponse::Generation(blocked), 0), None);
         assert!(Entry::decode(b"", 100).is_err());
         assert!(Entry::decode(b"\x07abc", 100).is_err());
         assert!(Entry::decode(b"\x00{not json", 100).is_err());

@@ -595,21 +595,25 @@ impl CacheMetrics {
             local_bytes: Gauge::default(),
             store_errors: Counter::default(),
         };
-        registry.register(
-            "portcullis_cache_hits",
-            "Calls answered from the response cache",
-            m.hits.clone(),
-        );
-        registry.register(
-            "portcullis_cache_misses",
-            "Calls looked up in the response cache and answered by the provider",
-            m.misses.clone(),
-        );
-        registry.register(
-            "portcullis_cache_bypasses",
-            "Calls on a caching Route that skipped the lookup (no-cache, no-store, not cacheable)",
-            m.bypasses.clone(),
-        );
+        for (name, help, family) in [
+            (
+                "portcullis_cache_hits",
+                "Calls answered from the response cache",
+                &m.hits,
+            ),
+            (
+                "portcullis_cache_misses",
+                "Calls looked up in the response cache and answered by the provider",
+                &m.misses,
+            ),
+            (
+                "portcullis_cache_bypasses",
+                "Calls on a caching Route that skipped the lookup (no-cache, no-store, not cacheable)",
+                &m.bypasses,
+            ),
+        ] {
+            registry.register(name, help, family.clone());
+        }
         registry.register(
             "portcullis_cache_saved_usd",
             "USD the provider would have billed for the calls answered from the cache",

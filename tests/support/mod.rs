@@ -1012,12 +1012,23 @@ pub fn provider_route(
 
 /// Status, response headers (lower-case names) and body text.
 pub fn http_full(url: &str, body: &str) -> (u16, Vec<(String, String)>, String) {
-    let resp = client()
+    http_full_with(url, body, &[])
+}
+
+/// `http_full` with request headers.
+pub fn http_full_with(
+    url: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> (u16, Vec<(String, String)>, String) {
+    let mut req = client()
         .post(url)
         .header("content-type", "application/json")
-        .body(body.to_string())
-        .send()
-        .expect("request");
+        .body(body.to_string());
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = req.send().expect("request");
     let status = resp.status().as_u16();
     let headers = resp
         .headers()
