@@ -278,6 +278,18 @@ fn a_call_stored_through_one_replica_is_a_hit_on_the_other_plain_and_streamed() 
     let m = f.a.metrics();
     assert!(metric_sum(&m, "portcullis_cache_hits_total") >= 2.0, "{m}");
     assert!(
+        metric_sum(&m, "portcullis_cache_misses_total") >= 1.0,
+        "{m}"
+    );
+    assert!(
+        metric_sum(&f.b.metrics(), "portcullis_cache_stored_bytes_total") > 0.0,
+        "B stored the streamed answer"
+    );
+    // The request log line says what the cache did (and never the prompt).
+    let log = f.a.log();
+    assert!(log.contains(r#""cache":"hit""#), "{log}");
+    assert!(!log.contains(&prompt), "the prompt is not logged");
+    assert!(
         metric_sum(&m, "portcullis_cache_saved_usd_total") >= 0.04,
         "{m}"
     );
