@@ -24,7 +24,7 @@ redis:
 
 # The real MLflow 2.5, MLflow 3 and OpenAI SDK clients for tests/clients.rs (venvs under ~/.cache/portcullis).
 python-env:
-	hack/python-env.sh ensure mlflow25 mlflow3 >/dev/null
+	hack/python-env.sh ensure mlflow25 mlflow3 mcp >/dev/null
 
 run: control-plane
 	$(CARGO) build --workspace

@@ -1177,6 +1177,8 @@ fn push_counters(
     let name = crate::store::tag(&owner.name, tagged);
     let prefix = match owner.what {
         "team" => format!("portcullis:team:{name}"),
+        // MCP tools (`namespace/server/tool`) apart from routes: a route's name has no `mcp:`.
+        "tool" => format!("portcullis:mcp:{name}"),
         _ => format!("portcullis:{name}"),
     };
     let usd = match (owner.what, charge.team) {

@@ -1,0 +1,98 @@
+"""Two real MCP servers on the official Python SDK (FastMCP, Streamable HTTP) for tests/mcp.rs.
+
+    python servers.py jira PORT TOKEN   tools get_issue, search_issues, delete_issue, a prompt and a
+                                        resource; every request must carry `Authorization: Bearer TOKEN`
+    python servers.py slow PORT         tools echo, slow (progress notifications, cancellable) and
+                                        hang (never answers)
+
+Each prints `ready` once it listens. The gateway's headers are recorded (one JSON line per request
+on stderr) so tests can assert on what the gateway sent."""
+
+import asyncio
+import json
+import sys
+
+import uvicorn
+from mcp.server.fastmcp import Context, FastMCP
+from mcp.server.transport_security import TransportSecuritySettings
+
+KIND, PORT = sys.argv[1], int(sys.argv[2])
+TOKEN = sys.argv[3] if len(sys.argv) > 3 else None
+
+mcp = FastMCP(
+    KIND,
+    host="127.0.0.1",
+    port=PORT,
+    transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
+)
+
+if KIND == "jira":
+
+    @mcp.tool()
+    def get_issue(key: str) -> str:
+        """Read one issue."""
+        return f"issue {key}: the build is red (from jira)"
+
+    @mcp.tool()
+    def search_issues(query: str) -> list[str]:
+        """Search issues."""
+        return [f"JIRA-1 matches {query}", f"JIRA-2 matches {query}"]
+
+    @mcp.tool()
+    def delete_issue(key: str) -> str:
+        """Delete an issue."""
+        return f"deleted {key}"
+
+    @mcp.prompt()
+    def triage(key: str) -> str:
+        """Triage an issue."""
+        return f"Please triage {key}."
+
+    @mcp.resource("jira://projects")
+    def projects() -> str:
+        """The projects."""
+        return "PORT, CULL"
+
+else:
+
+    @mcp.tool()
+    def echo(text: str) -> str:
+        """Echo text back."""
+        return f"echo: {text}"
+
+    @mcp.tool()
+    async def slow(seconds: float, ctx: Context) -> str:
+        """Sleep, reporting progress every tenth of the time."""
+        for i in range(10):
+            await ctx.report_progress(i, 10, f"step {i}")
+            await asyncio.sleep(seconds / 10)
+        return f"slept {seconds}s"
+
+    @mcp.tool()
+    async def hang() -> str:
+        """Never answers."""
+        await asyncio.sleep(3600)
+        return "unreachable"
+
+
+app = mcp.streamable_http_app()
+
+
+async def guarded(scope, receive, send):
+    if scope["type"] == "http":
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        print(json.dumps({"method": scope["method"], "headers": headers}), file=sys.stderr, flush=True)
+        if TOKEN is not None and headers.get("authorization") != f"Bearer {TOKEN}":
+            await send({"type": "http.response.start", "status": 401, "headers": [(b"content-type", b"text/plain")]})
+            await send({"type": "http.response.body", "body": b"bad token"})
+            return
+    await app(scope, receive, send)
+
+
+class Ready(uvicorn.Server):
+    async def startup(self, sockets=None):
+        await super().startup(sockets)
+        print("ready", flush=True)
+
+
+Ready(uvicorn.Config(guarded, host="127.0.0.1", port=PORT, log_level="warning", lifespan="on")).run()
