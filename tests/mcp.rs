@@ -8,7 +8,9 @@ mod support;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
@@ -55,7 +57,7 @@ impl PyServer {
         let sink = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
+                sink.lock().push(line);
             }
         });
         let (tx, rx) = std::sync::mpsc::channel();
@@ -78,7 +80,6 @@ impl PyServer {
     fn requests(&self) -> Vec<Value> {
         self.log
             .lock()
-            .unwrap()
             .iter()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect()

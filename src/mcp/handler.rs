@@ -148,24 +148,48 @@ impl Admitted {
     }
 }
 
-async fn admit(
-    state: &AppState,
-    target: &Target,
-    headers: &HeaderMap,
-) -> Result<Admitted, Response> {
+/// Why a message is refused before it reaches any server: one variant, one HTTP answer.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error("authentication required: a ServiceAccount token or API key as a bearer token")]
+    Unauthenticated,
+    #[error("{0}")]
+    InvalidToken(String),
+    #[error("the caller's credential cannot be checked right now; retry")]
+    AuthUnavailable,
+    /// Missing, or not one the caller may use (answered alike).
+    #[error("no MCP server {0}")]
+    NoServer(String),
+    #[error("missing Mcp-Session-Id: send initialize first")]
+    MissingSession,
+    /// 404 tells the client to start a new session.
+    #[error("unknown MCP session: send initialize again")]
+    UnknownSession,
+}
+
+impl Refusal {
+    fn render(self, headers: &HeaderMap) -> Response {
+        let status = match self {
+            Refusal::Unauthenticated => return wellknown::unauthorized(headers, None),
+            Refusal::InvalidToken(why) => return wellknown::unauthorized(headers, Some(why)),
+            Refusal::AuthUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::NoServer(_) | Refusal::UnknownSession => StatusCode::NOT_FOUND,
+            Refusal::MissingSession => StatusCode::BAD_REQUEST,
+        };
+        let code = match self {
+            Refusal::AuthUnavailable => ErrorCode::INTERNAL_ERROR,
+            _ => ErrorCode::INVALID_REQUEST,
+        };
+        jsonrpc::error(status, None, code, self.to_string(), None)
+    }
+}
+
+async fn admit(state: &AppState, target: &Target) -> Result<Admitted, Refusal> {
     let caller = match admission::authenticate(state).await {
         Err(AuthError::Invalid(why)) if why.is_token() => {
-            return Err(wellknown::unauthorized(headers, Some(why.to_string())));
+            return Err(Refusal::InvalidToken(why.to_string()));
         }
-        Err(AuthError::Unavailable) => {
-            return Err(jsonrpc::error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                None,
-                ErrorCode::INTERNAL_ERROR,
-                "the caller's credential cannot be checked right now; retry",
-                None,
-            ));
-        }
+        Err(AuthError::Unavailable) => return Err(Refusal::AuthUnavailable),
         Ok(caller) => caller,
         Err(AuthError::Invalid(_)) => None,
     };
@@ -173,7 +197,7 @@ async fn admit(
         (Some(ns), _) => ns.clone(),
         (None, Some(Identity::ServiceAccount { namespace, .. }))
         | (None, Some(Identity::Consumer { namespace, .. })) => namespace.clone(),
-        (None, None) => return Err(wellknown::unauthorized(headers, None)),
+        (None, None) => return Err(Refusal::Unauthenticated),
     };
     let default = state.auth.default_access;
     let servers: Vec<Arc<ServerEntry>> = state
@@ -194,14 +218,8 @@ async fn admit(
     if servers.is_empty() {
         // A virtual server the caller may not use answers like a missing one.
         return Err(match caller {
-            None => wellknown::unauthorized(headers, None),
-            Some(_) => jsonrpc::error(
-                StatusCode::NOT_FOUND,
-                None,
-                ErrorCode::INVALID_REQUEST,
-                format!("no MCP server {namespace}/{}", target.name),
-                None,
-            ),
+            None => Refusal::Unauthenticated,
+            Some(_) => Refusal::NoServer(format!("{namespace}/{}", target.name)),
         });
     }
     let consumer = caller.as_ref().map(Identity::name).unwrap_or_default();
@@ -219,15 +237,9 @@ fn session_of(
     headers: &HeaderMap,
     admitted: &Admitted,
     target: &Target,
-) -> Result<CallerSession, Response> {
+) -> Result<CallerSession, Refusal> {
     let Some(id) = headers.get(SESSION_HEADER).and_then(|v| v.to_str().ok()) else {
-        return Err(jsonrpc::error(
-            StatusCode::BAD_REQUEST,
-            None,
-            ErrorCode::INVALID_REQUEST,
-            "missing Mcp-Session-Id: send initialize first",
-            None,
-        ));
+        return Err(Refusal::MissingSession);
     };
     match gateway.sessions.open(id) {
         Some(s)
@@ -235,21 +247,14 @@ fn session_of(
         {
             Ok(s)
         }
-        // 404 tells the client to start a new session.
-        _ => Err(jsonrpc::error(
-            StatusCode::NOT_FOUND,
-            None,
-            ErrorCode::INVALID_REQUEST,
-            "unknown MCP session: send initialize again",
-            None,
-        )),
+        _ => Err(Refusal::UnknownSession),
     }
 }
 
 async fn post(state: Arc<AppState>, target: Target, headers: HeaderMap, body: Body) -> Response {
-    let admitted = match admit(&state, &target, &headers).await {
+    let admitted = match admit(&state, &target).await {
         Ok(a) => a,
-        Err(response) => return response,
+        Err(refusal) => return refusal.render(&headers),
     };
     let gateway = &state.mcp;
     let bytes = match axum::body::to_bytes(body, gateway.max_request).await {
@@ -295,7 +300,7 @@ async fn post(state: Arc<AppState>, target: Target, headers: HeaderMap, body: Bo
     }
     let session = match session_of(gateway, &headers, &admitted, &target) {
         Ok(s) => s,
-        Err(response) => return response,
+        Err(refusal) => return refusal.render(&headers),
     };
     let Some(id) = id else {
         notification(&state, &admitted, &session, method, &message).await;
@@ -831,9 +836,9 @@ async fn forward(
 }
 
 async fn delete(state: Arc<AppState>, target: Target, headers: HeaderMap) -> Response {
-    let admitted = match admit(&state, &target, &headers).await {
+    let admitted = match admit(&state, &target).await {
         Ok(a) => a,
-        Err(response) => return response,
+        Err(refusal) => return refusal.render(&headers),
     };
     match session_of(&state.mcp, &headers, &admitted, &target) {
         Ok(session) => {
@@ -844,6 +849,6 @@ async fn delete(state: Arc<AppState>, target: Target, headers: HeaderMap) -> Res
                 .await;
             StatusCode::OK.into_response()
         }
-        Err(response) => response,
+        Err(refusal) => refusal.render(&headers),
     }
 }
