@@ -6,7 +6,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: tools run run-standalone test unit-test e2e-test control-plane python-env redis crds chart-files lint fmt build bench bench-deps bench-quick bench-store fuzz soak clean-cache \
+.PHONY: tools run run-standalone test unit-test e2e-test control-plane python-env node-env redis crds chart-files lint fmt build bench bench-deps bench-quick bench-store fuzz soak clean-cache \
 	cluster-deps cluster-build cluster-images image cluster-up cluster-down cluster-test
 
 build:
@@ -26,6 +26,9 @@ redis:
 python-env:
 	hack/python-env.sh ensure mlflow25 mlflow3 mcp >/dev/null
 
+node-env:
+	hack/node-env.sh ensure >/dev/null
+
 run: control-plane
 	$(CARGO) build --workspace
 	hack/run-local.sh
@@ -41,13 +44,13 @@ tools:
 	hack/tools.sh promtool >/dev/null
 	hack/tools.sh prometheus-operator-crds >/dev/null
 
-test: control-plane python-env redis tools lint
+test: control-plane python-env node-env redis tools lint
 	$(CARGO) test --workspace --no-fail-fast
 
 unit-test:
 	$(CARGO) test --workspace --lib --bins
 
-e2e-test: control-plane python-env redis tools
+e2e-test: control-plane python-env node-env redis tools
 	$(CARGO) test --workspace --tests
 
 # valgrind (callgrind) counts instructions and allocations per proxied call exactly; install it once (as root).

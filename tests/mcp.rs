@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 use support::{
-    ControlPlane, Gateway, Redis, api_key_secret, client, eventually, free_port, pytest,
+    ControlPlane, Gateway, Redis, api_key_secret, client, eventually, free_port, node_env, pytest,
     python_env, secret_with, shared_store_flags,
 };
 
@@ -297,6 +297,40 @@ fn python_sdk_client_lists_and_calls_tools_of_two_servers_through_one_virtual_se
     let setup = json!({"path": "/mcp/tools", "key": "sk-agent-key-1", "tools": ALL_TOOLS});
     let (passed, output) = pytest("mcp", "mcp", &gw.url(""), &setup);
     assert!(passed, "the MCP Python SDK client failed:\n{output}");
+
+    // The official TypeScript SDK's client, at /mcp/{namespace}/{name}.
+    let out = Command::new("node")
+        .arg(format!(
+            "{}/tests/node/mcp_client.cjs",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .arg(gw.url(&format!("/mcp/{ns}/tools")))
+        .arg("sk-agent-key-1")
+        .env("NODE_PATH", node_env())
+        .output()
+        .expect("node");
+    assert!(
+        out.status.success(),
+        "the MCP TypeScript SDK client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ts: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(ts["tools"], json!(ALL_TOOLS), "{ts}");
+    assert_eq!(ts["issue"], "issue TS-1: the build is red (from jira)");
+    assert_eq!(ts["slept"], "slept 0.3s");
+    assert_eq!(
+        ts["progress"],
+        json!([0, 1, 2, 3, 4, 5, 6, 7, 8, 9]),
+        "{ts}"
+    );
+    assert!(
+        ts["unknown"]
+            .as_str()
+            .unwrap()
+            .contains("Unknown tool: jira_missing"),
+        "{ts}"
+    );
+    assert_eq!(ts["sessionId"], "set");
 
     // The gateway sent the Secret's token to the server that wants it, and the caller's own
     // key to no server.

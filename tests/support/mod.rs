@@ -664,6 +664,21 @@ pub fn python_env(venv: &str) -> String {
     String::from_utf8_lossy(&ensured.stdout).trim().to_string()
 }
 
+/// The `node_modules` of `hack/node-env.sh` (tests/node/package-lock.json), installed on first use.
+pub fn node_env() -> String {
+    let repo = env!("CARGO_MANIFEST_DIR");
+    let out = Command::new(format!("{repo}/hack/node-env.sh"))
+        .arg("ensure")
+        .output()
+        .expect("run hack/node-env.sh");
+    assert!(
+        out.status.success(),
+        "node-env.sh ensure failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// The blocking HTTP client the tests call the gateway with.
 pub fn client() -> &'static reqwest::blocking::Client {
     static CLIENT: OnceLock<reqwest::blocking::Client> = OnceLock::new();
