@@ -30,11 +30,11 @@ struct PyServer {
 }
 
 impl PyServer {
-    fn start(kind: &str, token: Option<&str>) -> PyServer {
-        Self::start_on(kind, free_port(), token)
+    fn start(kind: &str, args: &[&str]) -> PyServer {
+        Self::start_on(kind, free_port(), args)
     }
 
-    fn start_on(kind: &str, port: u16, token: Option<&str>) -> PyServer {
+    fn start_on(kind: &str, port: u16, args: &[&str]) -> PyServer {
         let python = python_env("mcp");
         let mut cmd = Command::new(python);
         cmd.arg(format!(
@@ -42,10 +42,8 @@ impl PyServer {
             env!("CARGO_MANIFEST_DIR")
         ))
         .arg(kind)
-        .arg(port.to_string());
-        if let Some(t) = token {
-            cmd.arg(t);
-        }
+        .arg(port.to_string())
+        .args(args);
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -77,12 +75,24 @@ impl PyServer {
         format!("http://127.0.0.1:{}/mcp", self.port)
     }
 
+    /// The requests it received (method, path, headers).
     fn requests(&self) -> Vec<Value> {
+        self.logged()
+            .into_iter()
+            .filter(|v| v.get("headers").is_some())
+            .collect()
+    }
+
+    fn logged(&self) -> Vec<Value> {
         self.log
             .lock()
             .iter()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
+    }
+
+    fn events(&self, event: &str) -> usize {
+        self.logged().iter().filter(|v| v["event"] == event).count()
     }
 
     fn kill(&mut self) {
@@ -258,8 +268,8 @@ fn federation(
     slow_extra: &str,
 ) -> (String, PyServer, PyServer) {
     let ns = cp.namespace("mcp");
-    let jira = PyServer::start("jira", Some(JIRA_TOKEN));
-    let slow = PyServer::start("slow", None);
+    let jira = PyServer::start("jira", &[JIRA_TOKEN]);
+    let slow = PyServer::start("slow", &[]);
     cp.apply(&secret_with(&ns, "jira-token", &[("token", JIRA_TOKEN)]));
     cp.apply(&api_key_secret(&ns, "agent-key", "sk-agent-key-1"));
     cp.apply(&jira_yaml(
@@ -358,7 +368,7 @@ fn python_sdk_client_lists_and_calls_tools_of_two_servers_through_one_virtual_se
     );
     let port = jira.port;
     jira.kill();
-    let jira = PyServer::start_on("jira", port, Some(JIRA_TOKEN));
+    let jira = PyServer::start_on("jira", port, &[JIRA_TOKEN]);
     let answer = caller.call("jira_get_issue", json!({"key": "A-2"}));
     assert_eq!(
         text_of(&answer),
@@ -431,7 +441,7 @@ fn python_sdk_client_lists_and_calls_tools_of_two_servers_through_one_virtual_se
 fn a_caller_sees_and_calls_only_the_tools_its_rules_grant() {
     let cp = ControlPlane::shared();
     let ns = cp.namespace("mcp-access");
-    let jira = PyServer::start("jira", Some(JIRA_TOKEN));
+    let jira = PyServer::start("jira", &[JIRA_TOKEN]);
     cp.apply(&secret_with(&ns, "jira-token", &[("token", JIRA_TOKEN)]));
     cp.apply(&api_key_secret(&ns, "admin-key", "sk-admin-key-1"));
     cp.apply(&api_key_secret(&ns, "other-key", "sk-other-key-1"));
@@ -514,7 +524,7 @@ fn ten_calls_a_minute_per_tool_and_consumer_hold_across_two_replicas_and_session
     let redis = Redis::start();
     let url = redis.url();
     let ns = cp.namespace("mcp-limits");
-    let slow = PyServer::start("slow", None);
+    let slow = PyServer::start("slow", &[]);
     cp.apply(&api_key_secret(&ns, "agent-key", "sk-limited-1"));
     cp.apply(&api_key_secret(&ns, "second-key", "sk-limited-2"));
     cp.apply(&mcp_server_yaml(
@@ -648,4 +658,58 @@ fn an_upstream_that_hangs_or_dies_fails_only_its_own_tools_and_status_says_why()
         "the MCP server cannot be reached; serving the 3 tools listed before"
     );
     assert_eq!(last.3, 3);
+}
+
+#[test]
+fn oauth_client_credentials_tokens_are_replaced_before_they_expire_without_a_failed_call() {
+    const CLIENT_SECRET: &str = "oauth-client-secret-77d1";
+    let cp = ControlPlane::shared();
+    let ns = cp.namespace("mcp-oauth");
+    // Tokens live 4 s; the gateway replaces each a quarter of its life early.
+    let oauth = PyServer::start("oauth", &["portcullis-gw", CLIENT_SECRET, "4"]);
+    cp.apply(&secret_with(
+        &ns,
+        "oauth-client",
+        &[("secret", CLIENT_SECRET)],
+    ));
+    cp.apply(&api_key_secret(&ns, "agent-key", "sk-oauth-agent"));
+    cp.apply(&mcp_server_yaml(
+        &ns,
+        "vault",
+        &oauth.url(),
+        &format!(
+            "  credential:\n    oauth:\n      tokenUrl: http://127.0.0.1:{}/token\n      clientId: portcullis-gw\n      clientSecretRef:\n        name: oauth-client\n        key: secret\n",
+            oauth.port
+        ),
+    ));
+    let gw = Gateway::start(cp, &["--namespace", &ns]);
+    wait_mcp_ready(cp, &ns, "vault", 1);
+    let mut caller = Caller::new(&gw, "/mcp", Some("sk-oauth-agent"));
+    caller.initialize();
+    let until = Instant::now() + Duration::from_secs(10);
+    let mut calls = 0;
+    while Instant::now() < until {
+        let answer = caller.call("vault_whoami", json!({}));
+        assert_eq!(text_of(&answer), "token ok", "call {calls}: {answer}");
+        calls += 1;
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(calls >= 20);
+    // Over 10 s of 4 s tokens: at least three fetched, none ever presented expired or refused.
+    assert!(oauth.events("token_issued") >= 3, "{:?}", oauth.logged());
+    assert_eq!(
+        oauth.events("expired_or_unknown_token"),
+        0,
+        "{:?}",
+        oauth.logged()
+    );
+    assert_eq!(oauth.events("token_refused"), 0);
+    // Neither the client secret nor a token appears anywhere the gateway writes.
+    let status = cp.ok(&["get", "mcpserver", "-n", &ns, "-o", "yaml"]);
+    for place in [gw.log(), gw.metrics(), status] {
+        assert!(
+            !place.contains(CLIENT_SECRET) && !place.contains("tok-"),
+            "a credential leaked"
+        );
+    }
 }

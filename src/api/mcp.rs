@@ -87,16 +87,39 @@ pub struct McpServerSpec {
     pub timeout_seconds: Option<u32>,
 }
 
-/// A bearer token or a header of the server's choosing, from a Secret.
-#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+/// A bearer token or a header of the server's choosing from a Secret, or OAuth client credentials.
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.secretRef) != has(self.oauth)").message("set exactly one of secretRef and oauth"))]
 pub struct McpCredential {
-    pub secret_ref: super::SecretKeyRef,
+    /// The Secret key holding the token or header value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<super::SecretKeyRef>,
+    /// OAuth 2.0 client credentials: the gateway fetches tokens and replaces each before it expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oauth: Option<McpOAuth>,
     /// The header that carries it (default `Authorization`, sent as `Bearer <value>`); any other
     /// header carries the value as it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9-]+$"))]
     pub header: Option<String>,
+}
+
+/// The OAuth 2.0 client-credentials grant (client_secret_basic).
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct McpOAuth {
+    /// The token endpoint.
+    #[schemars(length(min = 1, max = 2048), regex(pattern = r"^https?://"))]
+    pub token_url: String,
+    #[schemars(length(min = 1, max = 256))]
+    pub client_id: String,
+    /// The Secret key holding the client secret.
+    pub client_secret_ref: super::SecretKeyRef,
+    /// Scopes asked for (none by default).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub scopes: Vec<String>,
 }
 
 /// Tool names or globs (`*` any run of characters, `?` one).

@@ -7,7 +7,8 @@ mod team;
 
 pub use conditions::{Outcome, Reason, condition, ready_condition};
 pub use mcp::{
-    McpAccessRule, McpCredential, McpLimit, McpServer, McpServerSpec, McpServerStatus, ToolFilter,
+    McpAccessRule, McpCredential, McpLimit, McpOAuth, McpServer, McpServerSpec, McpServerStatus,
+    ToolFilter,
 };
 pub use route::{
     AccessRule, BackendSpec, BackendStatus, DEFAULT_SECRET_KEY, Limit, LimitAction, LimitKey,

@@ -28,7 +28,8 @@ use crate::controller::policy::OperatorPolicy;
 
 use super::McpGateway;
 use super::glob;
-use super::table::{DEFAULT_VIRTUAL_SERVER, McpTable, ServerEntry};
+use super::oauth::{ClientCredentials, TokenSource};
+use super::table::{Credential, DEFAULT_VIRTUAL_SERVER, McpTable, ServerEntry};
 use super::upstream::{Discovery, UpstreamError};
 
 /// The status writer's field manager (the same as the Route controller's).
@@ -139,18 +140,16 @@ fn credential_header(
     Ok((name, v))
 }
 
-async fn read_credential(
+/// The value under `key` of Secret `namespace/name`, if the operator lets McpServers use it.
+async fn secret_value(
     client: &Client,
     policy: &OperatorPolicy,
-    server: &McpServer,
-) -> Result<Option<(HeaderName, HeaderValue)>, NotReady> {
-    let Some(cred) = &server.spec.credential else {
-        return Ok(None);
-    };
-    let ns = server.namespace().unwrap_or_default();
-    let name = &cred.secret_ref.name;
-    let api: Api<Secret> = Api::namespaced(client.clone(), &ns);
-    let secret = match tokio::time::timeout(API_CALL_TIMEOUT, api.get_opt(name)).await {
+    ns: &str,
+    secret: &crate::api::SecretKeyRef,
+) -> Result<Vec<u8>, NotReady> {
+    let name = &secret.name;
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let found = match tokio::time::timeout(API_CALL_TIMEOUT, api.get_opt(name)).await {
         Ok(Ok(Some(s))) => s,
         Ok(Ok(None)) => {
             return Err(not_ready(
@@ -165,29 +164,75 @@ async fn read_credential(
             ));
         }
     };
-    if !policy.secret_allowed(secret.labels()) {
+    if !policy.secret_allowed(found.labels()) {
         return Err(not_ready(
             "SecretNotAllowed",
             format!("Secret {ns}/{name} does not match the gateway's --secret-selector"),
         ));
     }
-    let key = &cred.secret_ref.key;
-    let value = secret
+    let key = &secret.key;
+    found
         .data
         .as_ref()
         .and_then(|d| d.get(key))
+        .map(|v| v.0.clone())
         .ok_or_else(|| {
             not_ready(
                 "SecretKeyMissing",
                 format!("Secret {ns}/{name} has no key {key:?}"),
             )
-        })?;
-    credential_header(cred.header.as_deref(), &value.0).map(Some)
+        })
+}
+
+/// The server's credential; an OAuth token source is kept from `previous` while its client
+/// credentials are the same, so its cached token survives the table rebuild.
+async fn read_credential(
+    client: &Client,
+    policy: &OperatorPolicy,
+    server: &McpServer,
+    previous: Option<&Credential>,
+) -> Result<Credential, NotReady> {
+    let Some(cred) = &server.spec.credential else {
+        return Ok(Credential::None);
+    };
+    let ns = server.namespace().unwrap_or_default();
+    if let Some(secret) = &cred.secret_ref {
+        let value = secret_value(client, policy, &ns, secret).await?;
+        let (name, value) = credential_header(cred.header.as_deref(), &value)?;
+        return Ok(Credential::Header(name, value));
+    }
+    let Some(oauth) = &cred.oauth else {
+        return Err(not_ready(
+            "InvalidSpec",
+            "credential needs secretRef or oauth",
+        ));
+    };
+    if let Some(refused) = policy.refuse_upstream(&oauth.token_url) {
+        return Err(not_ready(
+            "EgressDenied",
+            refused.message.replace("apiBase", "tokenUrl"),
+        ));
+    }
+    let secret = secret_value(client, policy, &ns, &oauth.client_secret_ref).await?;
+    let credentials = ClientCredentials {
+        token_url: oauth.token_url.clone(),
+        client_id: oauth.client_id.clone(),
+        client_secret: secret.trim_ascii().to_vec(),
+        scopes: oauth.scopes.clone(),
+    };
+    Ok(match previous {
+        Some(Credential::OAuth(t)) if t.credentials == credentials => {
+            Credential::OAuth(Arc::clone(t))
+        }
+        _ => Credential::OAuth(Arc::new(TokenSource::new(credentials))),
+    })
 }
 
 fn why(e: &UpstreamError) -> NotReady {
     match e {
-        UpstreamError::Unauthorized(_) => not_ready("Unauthorized", e.to_string()),
+        UpstreamError::Unauthorized(_) | UpstreamError::TokenRefused(_) => {
+            not_ready("Unauthorized", e.to_string())
+        }
         _ => not_ready("Unreachable", e.to_string()),
     }
 }
@@ -218,15 +263,16 @@ async fn reconcile_one(
             Err(not_ready(reason, refused.message.replace("apiBase", "url"))),
         );
     }
-    let credential = match read_credential(client, policy, server).await {
-        Ok(c) => c,
-        // A Secret that cannot be read right now: keep serving with the credential we had.
-        Err(e) if e.reason == "SecretUnavailable" => match previous {
-            Some(p) => return (Some(Arc::clone(p)), Err(e)),
-            None => return (None, Err(e)),
-        },
-        Err(e) => return (None, Err(e)),
-    };
+    let credential =
+        match read_credential(client, policy, server, previous.map(|p| &p.credential)).await {
+            Ok(c) => c,
+            // A Secret that cannot be read right now: keep serving with the credential we had.
+            Err(e) if e.reason == "SecretUnavailable" => match previous {
+                Some(p) => return (Some(Arc::clone(p)), Err(e)),
+                None => return (None, Err(e)),
+            },
+            Err(e) => return (None, Err(e)),
+        };
     let mut entry = ServerEntry {
         qualified: format!("{namespace}/{name}"),
         namespace,

@@ -11,6 +11,7 @@ pub mod controller;
 mod glob;
 mod handler;
 mod jsonrpc;
+pub mod oauth;
 pub mod session;
 pub mod table;
 pub mod upstream;

@@ -13,6 +13,7 @@ use crate::access::{Decision, DefaultAccess, Identity, decide};
 use crate::api::{Limit, LimitKey, McpAccessRule, McpLimit};
 
 use super::glob;
+use super::oauth::TokenSource;
 
 /// Between a server's name and its tool's in a virtual server: `github_create_issue`. Server
 /// names are DNS labels, which never contain `_`, so the first `_` always ends the server name.
@@ -21,6 +22,17 @@ pub const SEPARATOR: char = '_';
 /// The virtual server `/mcp` serves.
 pub const DEFAULT_VIRTUAL_SERVER: &str = "default";
 
+/// What the gateway presents to an upstream server; never printed.
+#[derive(Clone, Default)]
+pub enum Credential {
+    #[default]
+    None,
+    /// A header from a Secret, marked sensitive.
+    Header(HeaderName, HeaderValue),
+    /// OAuth client credentials, exchanged for tokens (shared across table rebuilds).
+    OAuth(Arc<TokenSource>),
+}
+
 /// One upstream server as the data plane uses it.
 pub struct ServerEntry {
     pub namespace: String,
@@ -28,8 +40,7 @@ pub struct ServerEntry {
     /// `namespace/name`: logs, metrics, limit keys.
     pub qualified: String,
     pub url: String,
-    /// The credential header, marked sensitive (never printed).
-    pub credential: Option<(HeaderName, HeaderValue)>,
+    pub credential: Credential,
     pub access: Option<Vec<McpAccessRule>>,
     pub limits: Vec<McpLimit>,
     pub timeout: Duration,
@@ -165,7 +176,7 @@ pub(crate) fn entry(name: &str, tools: &[&str], access: Option<Vec<McpAccessRule
         name: name.into(),
         qualified: format!("ns/{name}"),
         url: "http://127.0.0.1:1/mcp".into(),
-        credential: None,
+        credential: Credential::None,
         access,
         limits: Vec::new(),
         timeout: Duration::from_secs(5),

@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 
 use crate::providers::sse::{SseEvent, SseParser};
 
-use super::table::ServerEntry;
+use super::table::{Credential, ServerEntry};
 
 const SESSION_HEADER: &str = "mcp-session-id";
 const VERSION_HEADER: &str = "mcp-protocol-version";
@@ -45,6 +45,10 @@ pub enum UpstreamError {
     Closed,
     #[error("the MCP server answered initialize with an error: {0}")]
     Initialize(String),
+    #[error("the OAuth token endpoint refused the client credentials (HTTP {0})")]
+    TokenRefused(u16),
+    #[error("the OAuth token endpoint cannot be reached or answered badly")]
+    TokenUnavailable,
 }
 
 impl UpstreamError {
@@ -52,7 +56,9 @@ impl UpstreamError {
     pub fn outcome(&self) -> &'static str {
         match self {
             UpstreamError::Timeout => "timeout",
-            UpstreamError::Unauthorized(_) => "upstream_unauthorized",
+            UpstreamError::Unauthorized(_) | UpstreamError::TokenRefused(_) => {
+                "upstream_unauthorized"
+            }
             _ => "upstream_error",
         }
     }
@@ -317,9 +323,7 @@ impl Upstreams {
                 request = request.header(SESSION_HEADER, id.clone());
             }
         }
-        if let Some((name, value)) = &server.credential {
-            request = request.header(name.clone(), value.clone());
-        }
+        request = self.authorize(server, request).await?;
         let response = request.send().await.map_err(|e| {
             if e.is_timeout() {
                 UpstreamError::Timeout
@@ -330,6 +334,10 @@ impl Upstreams {
         match response.status() {
             s if s.is_success() => Ok(response),
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                if let Credential::OAuth(tokens) = &server.credential {
+                    // Revoked early, perhaps: the next call fetches a new token.
+                    tokens.forget().await;
+                }
                 Err(UpstreamError::Unauthorized(response.status().as_u16()))
             }
             s => Err(UpstreamError::Status(s.as_u16())),
@@ -363,11 +371,27 @@ impl Upstreams {
     }
 
     async fn delete(&self, server: &ServerEntry, id: HeaderValue) {
-        let mut request = self.http.delete(&server.url).header(SESSION_HEADER, id);
-        if let Some((name, value)) = &server.credential {
-            request = request.header(name.clone(), value.clone());
-        }
+        let request = self.http.delete(&server.url).header(SESSION_HEADER, id);
+        let Ok(request) = self.authorize(server, request).await else {
+            return;
+        };
         let _ = tokio::time::timeout(Duration::from_secs(5), request.send()).await;
+    }
+
+    /// The server's credential on `request`.
+    async fn authorize(
+        &self,
+        server: &ServerEntry,
+        request: reqwest::RequestBuilder,
+    ) -> Result<reqwest::RequestBuilder, UpstreamError> {
+        Ok(match &server.credential {
+            Credential::None => request,
+            Credential::Header(name, value) => request.header(name.clone(), value.clone()),
+            Credential::OAuth(tokens) => request.header(
+                http::header::AUTHORIZATION,
+                tokens.header(&self.http).await?,
+            ),
+        })
     }
 }
 

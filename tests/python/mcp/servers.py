@@ -4,6 +4,10 @@
                                         resource; every request must carry `Authorization: Bearer TOKEN`
     python servers.py slow PORT         tools echo, slow (progress notifications, cancellable) and
                                         hang (never answers)
+    python servers.py oauth PORT ID SECRET LIFETIME
+                                        a token endpoint at /token (client credentials, Basic auth)
+                                        issuing tokens that live LIFETIME seconds; tool whoami; every
+                                        MCP request needs a token that has not expired
 
 Each prints `ready` once it listens. The gateway's headers are recorded (one JSON line per request
 on stderr) so tests can assert on what the gateway sent."""
@@ -16,8 +20,14 @@ import uvicorn
 from mcp.server.fastmcp import Context, FastMCP
 from mcp.server.transport_security import TransportSecuritySettings
 
+import base64
+import time
+
 KIND, PORT = sys.argv[1], int(sys.argv[2])
-TOKEN = sys.argv[3] if len(sys.argv) > 3 else None
+TOKEN = sys.argv[3] if KIND == "jira" else None
+if KIND == "oauth":
+    CLIENT_ID, CLIENT_SECRET, LIFETIME = sys.argv[3], sys.argv[4], float(sys.argv[5])
+ISSUED = {}  # token -> expiry (monotonic)
 
 mcp = FastMCP(
     KIND,
@@ -53,6 +63,13 @@ if KIND == "jira":
         """The projects."""
         return "PORT, CULL"
 
+elif KIND == "oauth":
+
+    @mcp.tool()
+    def whoami() -> str:
+        """Answers only with a valid token."""
+        return "token ok"
+
 else:
 
     @mcp.tool()
@@ -78,10 +95,44 @@ else:
 app = mcp.streamable_http_app()
 
 
+async def respond(send, status, body, content_type=b"text/plain"):
+    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", content_type)]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def log(event):
+    print(json.dumps(event), file=sys.stderr, flush=True)
+
+
+async def token_endpoint(headers, receive, send):
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    expected = "Basic " + base64.b64encode(f"{CLIENT_ID}:{CLIENT_SECRET}".encode()).decode()
+    if headers.get("authorization") != expected or b"grant_type=client_credentials" not in body:
+        log({"event": "token_refused"})
+        return await respond(send, 401, b'{"error": "invalid_client"}', b"application/json")
+    token = f"tok-{len(ISSUED) + 1}-{time.monotonic()}"
+    ISSUED[token] = time.monotonic() + LIFETIME
+    log({"event": "token_issued"})
+    answer = {"access_token": token, "token_type": "Bearer", "expires_in": int(LIFETIME)}
+    await respond(send, 200, json.dumps(answer).encode(), b"application/json")
+
+
 async def guarded(scope, receive, send):
     if scope["type"] == "http":
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
-        print(json.dumps({"method": scope["method"], "headers": headers}), file=sys.stderr, flush=True)
+        log({"method": scope["method"], "path": scope["path"], "headers": headers})
+        if KIND == "oauth":
+            if scope["path"] == "/token":
+                return await token_endpoint(headers, receive, send)
+            token = headers.get("authorization", "").removeprefix("Bearer ")
+            if ISSUED.get(token, 0) <= time.monotonic():
+                log({"event": "expired_or_unknown_token"})
+                return await respond(send, 401, b"token expired")
         if TOKEN is not None and headers.get("authorization") != f"Bearer {TOKEN}":
             await send({"type": "http.response.start", "status": 401, "headers": [(b"content-type", b"text/plain")]})
             await send({"type": "http.response.body", "body": b"bad token"})
