@@ -377,6 +377,25 @@ fn python_sdk_client_lists_and_calls_tools_of_two_servers_through_one_virtual_se
     );
     drop(jira);
 
+    // Cancellation passes through: the server stops the hung tool and says so.
+    let mut hung = Caller::new(&gw, "/mcp/tools", Some("sk-agent-key-1"));
+    hung.session = caller.session.clone();
+    hung.next_id = 1000;
+    let started = Instant::now();
+    let call = std::thread::spawn(move || hung.call("slow_hang", json!({})));
+    std::thread::sleep(Duration::from_millis(700));
+    let (status, _, _) = caller.post(&json!({
+        "jsonrpc": "2.0", "method": "notifications/cancelled",
+        "params": {"requestId": 1001, "reason": "the user gave up"}
+    }));
+    assert_eq!(status, 202);
+    let cancelled = call.join().unwrap();
+    assert_eq!(
+        cancelled["error"]["message"], "Request cancelled",
+        "{cancelled}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+
     // Without a credential: 401 pointing at the protected-resource metadata, which is served.
     let anonymous = Caller::new(&gw, "/mcp", None);
     let (status, headers, _) =
