@@ -464,12 +464,18 @@ fn a_caller_sees_and_calls_only_the_tools_its_rules_grant() {
     cp.apply(&secret_with(&ns, "jira-token", &[("token", JIRA_TOKEN)]));
     cp.apply(&api_key_secret(&ns, "admin-key", "sk-admin-key-1"));
     cp.apply(&api_key_secret(&ns, "other-key", "sk-other-key-1"));
+    cp.apply(&api_key_secret(&ns, "oncall-key", "sk-oncall-key-1"));
+    // A Team (cluster-scoped) granted the delete tool through its membership.
+    let team = format!("oncall-{ns}");
+    cp.apply(&format!(
+        "apiVersion: portcullis.dev/v1alpha1\nkind: Team\nmetadata:\n  name: {team}\nspec:\n  members:\n  - consumer: {ns}/oncall-key\n"
+    ));
     let reader = cp.new_service_account_token(&ns, "reader");
     cp.apply(&jira_yaml(
         &ns,
         &jira,
         &format!(
-            "  access:\n  - serviceAccount: {ns}/reader\n    tools: [\"get_*\", \"search_*\"]\n  - consumer: {ns}/admin-key\n"
+            "  access:\n  - serviceAccount: {ns}/reader\n    tools: [\"get_*\", \"search_*\"]\n  - consumer: {ns}/admin-key\n  - team: {team}\n    tools: [delete_issue]\n"
         ),
     ));
     let gw = Gateway::start(cp, &["--namespace", &ns]);
@@ -512,6 +518,33 @@ fn a_caller_sees_and_calls_only_the_tools_its_rules_grant() {
     assert_eq!(
         text_of(&admin.call("jira_delete_issue", json!({"key": "R-1"}))),
         "deleted R-1"
+    );
+
+    // A Team member sees what its Team is granted.
+    let mut oncall = Caller::new(&gw, "/mcp", Some("sk-oncall-key-1"));
+    let mut listed = Vec::new();
+    let joined = eventually(Duration::from_secs(20), || {
+        if oncall.session.is_none() {
+            let (status, headers, _) = oncall
+                .post(&json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {}}));
+            if status != 200 {
+                return false;
+            }
+            oncall.session = headers
+                .get("mcp-session-id")
+                .map(|v| v.to_str().unwrap().to_string());
+        }
+        listed = oncall.tool_names();
+        !listed.is_empty()
+    });
+    assert!(
+        joined.is_ok(),
+        "the Team member never saw its tools: {listed:?}"
+    );
+    assert_eq!(listed, ["jira_delete_issue"]);
+    assert_eq!(
+        text_of(&oncall.call("jira_delete_issue", json!({"key": "T-1"}))),
+        "deleted T-1"
     );
 
     // A consumer granted nothing: the virtual server does not exist for it.

@@ -139,7 +139,7 @@ pub struct ToolFilter {
 /// One grant: a caller (as a Route's `access` rule) and the tools it may see and call.
 #[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("[has(self.serviceAccount), has(self.namespace), has(self.consumer)].filter(x, x).size() == 1").message("set exactly one of serviceAccount, namespace, consumer"))]
+#[x_kube(validation = Rule::new("[has(self.serviceAccount), has(self.namespace), has(self.consumer), has(self.team)].filter(x, x).size() == 1").message("set exactly one of serviceAccount, namespace, consumer, team"))]
 pub struct McpAccessRule {
     /// A Kubernetes ServiceAccount, as namespace/name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -153,6 +153,10 @@ pub struct McpAccessRule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 317), regex(pattern = r"^[a-z0-9-]+/[a-z0-9.-]+$"))]
     pub consumer: Option<String>,
+    /// Every member of a Team.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub team: Option<String>,
     /// The tools granted, by name or glob (default: all the server exposes). Resources and
     /// prompts are shown only to callers granted all tools.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -161,13 +165,14 @@ pub struct McpAccessRule {
 }
 
 impl McpAccessRule {
-    /// The caller part, as a Route's rule (so `access::decide` judges both alike).
-    pub fn caller(&self) -> AccessRule {
-        AccessRule {
+    /// The caller part, as a Route's rule (so `access::decide` judges both alike); `None` for a
+    /// Team rule, which Route rules do not have.
+    pub fn caller(&self) -> Option<AccessRule> {
+        self.team.is_none().then(|| AccessRule {
             service_account: self.service_account.clone(),
             namespace: self.namespace.clone(),
             consumer: self.consumer.clone(),
-        }
+        })
     }
 }
 

@@ -20,7 +20,7 @@ use crate::dataplane::admission;
 use super::audit::CallRecord;
 use super::jsonrpc::{self, RATE_LIMITED, UPSTREAM_FAILED};
 use super::session::{CallerSession, nonce};
-use super::table::{self, DEFAULT_VIRTUAL_SERVER, ServerEntry};
+use super::table::{self, Caller, DEFAULT_VIRTUAL_SERVER, ServerEntry};
 use super::upstream::{Reply, UpstreamError};
 use super::{McpGateway, wellknown};
 
@@ -123,12 +123,21 @@ pub async fn delete_qualified(
 /// The caller and the servers of the virtual server it may use.
 struct Admitted {
     caller: Option<Identity>,
+    /// The caller's Teams, for `team` access rules.
+    teams: Vec<String>,
     consumer: String,
     namespace: String,
     servers: Vec<Arc<ServerEntry>>,
 }
 
 impl Admitted {
+    fn who(&self) -> Caller<'_> {
+        Caller {
+            identity: self.caller.as_ref(),
+            teams: &self.teams,
+        }
+    }
+
     fn visible_tool(
         &self,
         state: &AppState,
@@ -136,15 +145,14 @@ impl Admitted {
     ) -> Option<(&Arc<ServerEntry>, String)> {
         let (server, tool) = table::split(prefixed)?;
         let entry = self.servers.iter().find(|s| s.name == server)?;
-        (entry.tool(tool).is_some()
-            && entry.grants(state.auth.default_access, self.caller.as_ref(), tool))
-        .then(|| (entry, tool.to_string()))
+        (entry.tool(tool).is_some() && entry.grants(state.auth.default_access, self.who(), tool))
+            .then(|| (entry, tool.to_string()))
     }
 
     fn whole_server(&self, state: &AppState, name: &str) -> Option<&Arc<ServerEntry>> {
-        self.servers.iter().find(|s| {
-            s.name == name && s.grants_all(state.auth.default_access, self.caller.as_ref())
-        })
+        self.servers
+            .iter()
+            .find(|s| s.name == name && s.grants_all(state.auth.default_access, self.who()))
     }
 }
 
@@ -200,6 +208,17 @@ async fn admit(state: &AppState, target: &Target) -> Result<Admitted, Refusal> {
         (None, None) => return Err(Refusal::Unauthenticated),
     };
     let default = state.auth.default_access;
+    let teams: Vec<String> = caller
+        .as_ref()
+        .map(|c| state.table.load().teams.of(c))
+        .unwrap_or_default()
+        .iter()
+        .map(|t| t.name.clone())
+        .collect();
+    let who = Caller {
+        identity: caller.as_ref(),
+        teams: &teams,
+    };
     let servers: Vec<Arc<ServerEntry>> = state
         .mcp
         .table
@@ -208,10 +227,7 @@ async fn admit(state: &AppState, target: &Target) -> Result<Admitted, Refusal> {
         .unwrap_or_default()
         .iter()
         .filter(|s| {
-            s.grants_all(default, caller.as_ref())
-                || s.tools
-                    .iter()
-                    .any(|t| s.grants(default, caller.as_ref(), &t.name))
+            s.grants_all(default, who) || s.tools.iter().any(|t| s.grants(default, who, &t.name))
         })
         .cloned()
         .collect();
@@ -225,6 +241,7 @@ async fn admit(state: &AppState, target: &Target) -> Result<Admitted, Refusal> {
     let consumer = caller.as_ref().map(Identity::name).unwrap_or_default();
     Ok(Admitted {
         caller,
+        teams,
         consumer,
         namespace,
         servers,
@@ -428,7 +445,7 @@ fn tools_list(state: &AppState, admitted: &Admitted, id: &Value) -> Response {
     let mut tools = Vec::new();
     for server in &admitted.servers {
         for tool in &server.tools {
-            if server.grants(default, admitted.caller.as_ref(), &tool.name) {
+            if server.grants(default, admitted.who(), &tool.name) {
                 let mut shown = tool.clone();
                 shown.name = table::prefixed(&server.name, &tool.name).into();
                 tools.push(shown);
@@ -698,7 +715,7 @@ async fn fan_out(
     let servers: Vec<_> = admitted
         .servers
         .iter()
-        .filter(|s| s.grants_all(default, admitted.caller.as_ref()))
+        .filter(|s| s.grants_all(default, admitted.who()))
         .collect();
     let request = json!({"jsonrpc": "2.0", "id": id, "method": method});
     let answers = futures::future::join_all(servers.iter().map(|server| {

@@ -58,42 +58,50 @@ impl std::fmt::Debug for ServerEntry {
     }
 }
 
+/// Who calls: the identity, and the Teams it belongs to (for `team` rules).
+#[derive(Clone, Copy)]
+pub struct Caller<'a> {
+    pub identity: Option<&'a Identity>,
+    pub teams: &'a [String],
+}
+
 impl ServerEntry {
     /// Whether `caller` may see and call `tool` (a name as the server knows it).
-    pub fn grants(&self, default: DefaultAccess, caller: Option<&Identity>, tool: &str) -> bool {
+    pub fn grants(&self, default: DefaultAccess, caller: Caller<'_>, tool: &str) -> bool {
         self.decision(default, caller, Some(tool)) == Decision::Allow
     }
 
     /// Whether `caller` may see this server's resources and prompts: granted all its tools.
-    pub fn grants_all(&self, default: DefaultAccess, caller: Option<&Identity>) -> bool {
+    pub fn grants_all(&self, default: DefaultAccess, caller: Caller<'_>) -> bool {
         self.decision(default, caller, None) == Decision::Allow
     }
 
-    fn decision(
-        &self,
-        default: DefaultAccess,
-        caller: Option<&Identity>,
-        tool: Option<&str>,
-    ) -> Decision {
+    fn decision(&self, default: DefaultAccess, caller: Caller<'_>, tool: Option<&str>) -> Decision {
         let Some(rules) = &self.access else {
-            return decide(None, default, caller);
+            return decide(None, default, caller.identity);
         };
-        let callers: Vec<_> = rules
+        let applying: Vec<&McpAccessRule> = rules
             .iter()
             .filter(|r| match (&r.tools, tool) {
                 (None, _) => true,
                 (Some(_), None) => false,
                 (Some(globs), Some(t)) => glob::any(globs, t),
             })
-            .map(McpAccessRule::caller)
             .collect();
+        let by_team = applying
+            .iter()
+            .any(|r| r.team.as_ref().is_some_and(|t| caller.teams.contains(t)));
+        if by_team && caller.identity.is_some() {
+            return Decision::Allow;
+        }
+        let callers: Vec<_> = applying.iter().filter_map(|r| r.caller()).collect();
         if callers.is_empty() {
-            return match caller {
+            return match caller.identity {
                 Some(_) => Decision::Forbidden,
                 None => Decision::Unauthenticated,
             };
         }
-        decide(Some(&callers), default, caller)
+        decide(Some(&callers), default, caller.identity)
     }
 
     /// The tool named so, if the server exposes it.
@@ -205,13 +213,22 @@ mod tests {
                 service_account: Some("ns/reader".into()),
                 namespace: None,
                 consumer: None,
+                team: None,
                 tools: Some(vec!["get_*".into(), "search".into()]),
             },
             McpAccessRule {
                 service_account: Some("ns/admin".into()),
                 namespace: None,
                 consumer: None,
+                team: None,
                 tools: None,
+            },
+            McpAccessRule {
+                service_account: None,
+                namespace: None,
+                consumer: None,
+                team: Some("sre".into()),
+                tools: Some(vec!["delete_*".into()]),
             },
         ];
         let e = entry(
@@ -221,22 +238,40 @@ mod tests {
         );
         let d = DefaultAccess::AllowAll;
         let reader = sa("reader");
-        assert!(e.grants(d, Some(&reader), "get_issue"));
-        assert!(e.grants(d, Some(&reader), "search"));
-        assert!(!e.grants(d, Some(&reader), "delete_issue"));
-        assert!(!e.grants_all(d, Some(&reader)));
-        assert!(e.grants(d, Some(&sa("admin")), "delete_issue"));
-        assert!(e.grants_all(d, Some(&sa("admin"))));
-        assert!(!e.grants(d, None, "get_issue"));
-        assert!(!e.grants(d, Some(&sa("other")), "get_issue"));
+        let admin = sa("admin");
+        let other = sa("other");
+        let who = |id| Caller {
+            identity: id,
+            teams: &[],
+        };
+        assert!(e.grants(d, who(Some(&reader)), "get_issue"));
+        assert!(e.grants(d, who(Some(&reader)), "search"));
+        assert!(!e.grants(d, who(Some(&reader)), "delete_issue"));
+        assert!(!e.grants_all(d, who(Some(&reader))));
+        assert!(e.grants(d, who(Some(&admin)), "delete_issue"));
+        assert!(e.grants_all(d, who(Some(&admin))));
+        assert!(!e.grants(d, who(None), "get_issue"));
+        assert!(!e.grants(d, who(Some(&other)), "get_issue"));
+        let sre = ["sre".to_string()];
+        let member = Caller {
+            identity: Some(&other),
+            teams: &sre,
+        };
+        assert!(e.grants(d, member, "delete_issue"));
+        assert!(!e.grants(d, member, "get_issue"));
     }
 
     #[test]
     fn without_rules_the_default_access_decides() {
         let e = entry("gh", &["x"], None);
-        assert!(e.grants(DefaultAccess::AllowAll, None, "x"));
-        assert!(!e.grants(DefaultAccess::Authenticated, None, "x"));
-        assert!(e.grants(DefaultAccess::Authenticated, Some(&sa("a")), "x"));
+        let a = sa("a");
+        let who = |id| Caller {
+            identity: id,
+            teams: &[],
+        };
+        assert!(e.grants(DefaultAccess::AllowAll, who(None), "x"));
+        assert!(!e.grants(DefaultAccess::Authenticated, who(None), "x"));
+        assert!(e.grants(DefaultAccess::Authenticated, who(Some(&a)), "x"));
     }
 
     #[test]
