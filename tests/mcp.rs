@@ -765,3 +765,44 @@ fn oauth_client_credentials_tokens_are_replaced_before_they_expire_without_a_fai
         );
     }
 }
+
+#[test]
+fn a_server_answering_plain_json_is_proxied_as_json() {
+    // The simulated provider's MCP endpoint (make bench's upstream) answers JSON, not SSE.
+    let cp = ControlPlane::shared();
+    let ns = cp.namespace("mcp-json");
+    let sim = support::sim();
+    cp.apply(&mcp_server_yaml(
+        &ns,
+        "sim",
+        &format!("http://{}/mcp", sim.addr),
+        "",
+    ));
+    let gw = Gateway::start(cp, &["--namespace", &ns]);
+    wait_mcp_ready(cp, &ns, "sim", 1);
+    let mut caller = Caller::new(&gw, &format!("/mcp/{ns}/default"), None);
+    let init = caller.initialize();
+    assert_eq!(init["result"]["protocolVersion"], "2025-06-18");
+    let (status, headers, messages) = caller.post(&json!({
+        "jsonrpc": "2.0", "id": "a", "method": "tools/call",
+        "params": {"name": "sim_echo", "arguments": {"text": "plain"}}
+    }));
+    assert_eq!(status, 200);
+    assert_eq!(headers["content-type"], "application/json");
+    assert_eq!(
+        messages,
+        [
+            json!({"jsonrpc": "2.0", "id": "a", "result": {"content": [{"type": "text", "text": "plain"}]}})
+        ]
+    );
+    // The upstream saw the tool's own name, and a session the gateway opened for this caller.
+    let calls: Vec<_> = sim
+        .requests()
+        .into_iter()
+        .filter(|r| r.path == "/mcp" && String::from_utf8_lossy(&r.body).contains("tools/call"))
+        .collect();
+    assert_eq!(calls.len(), 1);
+    let body = String::from_utf8_lossy(&calls[0].body);
+    assert!(body.contains("\"name\":\"echo\""), "{body}");
+    assert_eq!(calls[0].header("mcp-session-id"), Some("sim-session"));
+}
