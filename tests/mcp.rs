@@ -806,3 +806,40 @@ fn a_server_answering_plain_json_is_proxied_as_json() {
     assert!(body.contains("\"name\":\"echo\""), "{body}");
     assert_eq!(calls[0].header("mcp-session-id"), Some("sim-session"));
 }
+
+#[test]
+fn a_server_on_the_older_http_sse_transport_is_served_as_streamable_http() {
+    let cp = ControlPlane::shared();
+    let ns = cp.namespace("mcp-legacy");
+    let legacy = PyServer::start("legacy", &[]);
+    cp.apply(&mcp_server_yaml(
+        &ns,
+        "old",
+        &format!("http://127.0.0.1:{}/sse", legacy.port),
+        "  transport: sse\n",
+    ));
+    let gw = Gateway::start(cp, &["--namespace", &ns]);
+    wait_mcp_ready(cp, &ns, "old", 2);
+    let server = cp.json(&["get", "mcpserver", "-n", &ns, "old", "-o", "json"]);
+    assert_eq!(server["status"]["protocolVersion"], "2024-11-05");
+    let mut caller = Caller::new(&gw, &format!("/mcp/{ns}/default"), None);
+    caller.initialize();
+    assert_eq!(caller.tool_names(), ["old_count", "old_hello"]);
+    assert_eq!(
+        text_of(&caller.call("old_hello", json!({"name": "gateway"}))),
+        "hello gateway over HTTP+SSE"
+    );
+    // Progress notifications find their request by its token; the result ends the answer.
+    let (status, _, messages) = caller.post(&json!({
+        "jsonrpc": "2.0", "id": 9, "method": "tools/call",
+        "params": {"name": "old_count", "arguments": {"to": 5}, "_meta": {"progressToken": "p-1"}}
+    }));
+    assert_eq!(status, 200);
+    let progress: Vec<_> = messages
+        .iter()
+        .filter(|m| m["method"] == "notifications/progress")
+        .map(|m| m["params"]["progress"].as_f64().unwrap())
+        .collect();
+    assert_eq!(progress, [0.0, 1.0, 2.0, 3.0, 4.0], "{messages:?}");
+    assert_eq!(text_of(messages.last().unwrap()), "counted to 5");
+}

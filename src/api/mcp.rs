@@ -81,10 +81,23 @@ pub struct McpServerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 16))]
     pub virtual_servers: Option<Vec<String>>,
+    /// `streamable-http` (default) or `sse`, the older HTTP+SSE transport (a GET event stream
+    /// and a POST endpoint), for servers that have only that.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<McpTransport>,
     /// Deadline of one call to this server, in seconds (default 60).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 3600))]
     pub timeout_seconds: Option<u32>,
+}
+
+/// How the gateway talks to the server.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum McpTransport {
+    #[serde(rename = "streamable-http")]
+    StreamableHttp,
+    #[serde(rename = "sse")]
+    Sse,
 }
 
 /// A bearer token or a header of the server's choosing from a Secret, or OAuth client credentials.

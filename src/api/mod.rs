@@ -8,7 +8,7 @@ mod team;
 pub use conditions::{Outcome, Reason, condition, ready_condition};
 pub use mcp::{
     McpAccessRule, McpCredential, McpLimit, McpOAuth, McpServer, McpServerSpec, McpServerStatus,
-    ToolFilter,
+    McpTransport, ToolFilter,
 };
 pub use route::{
     AccessRule, BackendSpec, BackendStatus, DEFAULT_SECRET_KEY, Limit, LimitAction, LimitKey,

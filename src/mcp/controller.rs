@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::api::{McpServer, McpServerStatus, ToolFilter, condition};
+use crate::api::{McpServer, McpServerStatus, McpTransport, ToolFilter, condition};
 use crate::controller::policy::OperatorPolicy;
 
 use super::McpGateway;
@@ -279,6 +279,7 @@ async fn reconcile_one(
         name,
         url: spec.url.clone(),
         credential,
+        legacy_sse: spec.transport == Some(McpTransport::Sse),
         access: spec.access.clone(),
         limits: spec.limits.clone(),
         timeout: spec
@@ -438,6 +439,7 @@ mod tests {
                 limits: Vec::new(),
                 virtual_servers: None,
                 timeout_seconds: None,
+                transport: None,
             },
         );
         s.metadata.generation = Some(3);

@@ -11,6 +11,7 @@ pub mod controller;
 mod glob;
 mod handler;
 mod jsonrpc;
+mod legacy;
 pub mod oauth;
 pub mod session;
 pub mod table;

@@ -41,6 +41,8 @@ pub struct ServerEntry {
     pub qualified: String,
     pub url: String,
     pub credential: Credential,
+    /// The server speaks the older HTTP+SSE transport (`transport: sse`).
+    pub legacy_sse: bool,
     pub access: Option<Vec<McpAccessRule>>,
     pub limits: Vec<McpLimit>,
     pub timeout: Duration,
@@ -185,6 +187,7 @@ pub(crate) fn entry(name: &str, tools: &[&str], access: Option<Vec<McpAccessRule
         qualified: format!("ns/{name}"),
         url: "http://127.0.0.1:1/mcp".into(),
         credential: Credential::None,
+        legacy_sse: false,
         access,
         limits: Vec::new(),
         timeout: Duration::from_secs(5),

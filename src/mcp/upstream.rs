@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -19,6 +20,7 @@ use serde_json::{Value, json};
 
 use crate::providers::sse::{SseEvent, SseParser};
 
+use super::legacy::{self, LegacySession};
 use super::table::{Credential, ServerEntry};
 
 const SESSION_HEADER: &str = "mcp-session-id";
@@ -80,6 +82,8 @@ struct Opened {
     id: Option<HeaderValue>,
     version: HeaderValue,
     used: Instant,
+    /// The event stream of a server on the older HTTP+SSE transport.
+    legacy: Option<Arc<LegacySession>>,
 }
 
 /// What discovery learnt from a server.
@@ -121,6 +125,11 @@ impl Upstreams {
             o.clone()
         });
         let session = match known {
+            // An HTTP+SSE session whose stream closed is gone: open a new one.
+            Some(s) if s.legacy.as_ref().is_some_and(|l| !l.is_open()) => {
+                self.sessions.lock().remove(&key);
+                self.open(server, &key).await?
+            }
             Some(s) => s,
             None => self.open(server, &key).await?,
         };
@@ -190,6 +199,9 @@ impl Upstreams {
 
     /// initialize + notifications/initialized. Returns the session and the initialize result.
     async fn initialize(&self, server: &ServerEntry) -> Result<(Opened, Value), UpstreamError> {
+        if server.legacy_sse {
+            return self.initialize_legacy(server).await;
+        }
         let request = json!({
             "jsonrpc": "2.0",
             "id": 0,
@@ -220,7 +232,41 @@ impl Upstreams {
             id,
             version,
             used: Instant::now(),
+            legacy: None,
         };
+        let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+        self.send(server, Some(&opened), &initialized).await?;
+        Ok((opened, result))
+    }
+
+    async fn initialize_legacy(
+        &self,
+        server: &ServerEntry,
+    ) -> Result<(Opened, Value), UpstreamError> {
+        let get = self.authorize(server, self.http.get(&server.url)).await?;
+        let stream = LegacySession::open(server, get, self.max_body).await?;
+        let mut opened = Opened {
+            id: None,
+            version: HeaderValue::from_static("2024-11-05"),
+            used: Instant::now(),
+            legacy: Some(Arc::new(stream)),
+        };
+        let request = legacy::initialize_request();
+        let reply = self.send(server, Some(&opened), &request).await?;
+        let answer = self.answer(reply, &json!(0)).await?;
+        if let Some(error) = answer.get("error") {
+            let message = error["message"].as_str().unwrap_or("no message");
+            return Err(UpstreamError::Initialize(
+                message.chars().take(200).collect(),
+            ));
+        }
+        let result = answer.get("result").cloned().unwrap_or(Value::Null);
+        if let Some(v) = result["protocolVersion"]
+            .as_str()
+            .and_then(|v| HeaderValue::from_str(v).ok())
+        {
+            opened.version = v;
+        }
         let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
         self.send(server, Some(&opened), &initialized).await?;
         Ok((opened, result))
@@ -296,6 +342,15 @@ impl Upstreams {
         session: Option<&Opened>,
         message: &Value,
     ) -> Result<Reply, UpstreamError> {
+        if let Some(legacy) = session.and_then(|s| s.legacy.as_ref()) {
+            // Answers come on the event stream: register before posting, so none is missed.
+            let reply = legacy.expect(message);
+            if let Err(e) = self.post_to(server, legacy.endpoint(), None, message).await {
+                legacy.abandon(message);
+                return Err(e);
+            }
+            return Ok(reply.unwrap_or(Reply::Json(Value::Null)));
+        }
         let response = self.post(server, session, message).await?;
         if message.get("id").is_none() {
             // A notification: 202 and no body.
@@ -310,10 +365,20 @@ impl Upstreams {
         session: Option<&Opened>,
         message: &Value,
     ) -> Result<reqwest::Response, UpstreamError> {
+        self.post_to(server, &server.url, session, message).await
+    }
+
+    async fn post_to(
+        &self,
+        server: &ServerEntry,
+        url: &str,
+        session: Option<&Opened>,
+        message: &Value,
+    ) -> Result<reqwest::Response, UpstreamError> {
         let body = serde_json::to_vec(message).map_err(|_| UpstreamError::Malformed("body"))?;
         let mut request = self
             .http
-            .post(&server.url)
+            .post(url)
             .header(http::header::CONTENT_TYPE, "application/json")
             .header(http::header::ACCEPT, "application/json, text/event-stream")
             .body(body);

@@ -4,6 +4,8 @@
                                         resource; every request must carry `Authorization: Bearer TOKEN`
     python servers.py slow PORT         tools echo, slow (progress notifications, cancellable) and
                                         hang (never answers)
+    python servers.py legacy PORT       the older HTTP+SSE transport (GET /sse, POST /messages/):
+                                        tools hello and count (progress)
     python servers.py oauth PORT ID SECRET LIFETIME
                                         a token endpoint at /token (client credentials, Basic auth)
                                         issuing tokens that live LIFETIME seconds; tool whoami; every
@@ -63,6 +65,21 @@ if KIND == "jira":
         """The projects."""
         return "PORT, CULL"
 
+elif KIND == "legacy":
+
+    @mcp.tool()
+    def hello(name: str) -> str:
+        """Greets over the older HTTP+SSE transport."""
+        return f"hello {name} over HTTP+SSE"
+
+    @mcp.tool()
+    async def count(to: int, ctx: Context) -> str:
+        """Counts, reporting progress."""
+        for i in range(to):
+            await ctx.report_progress(i, to)
+            await asyncio.sleep(0.01)
+        return f"counted to {to}"
+
 elif KIND == "oauth":
 
     @mcp.tool()
@@ -92,7 +109,7 @@ else:
         return "unreachable"
 
 
-app = mcp.streamable_http_app()
+app = mcp.sse_app() if KIND == "legacy" else mcp.streamable_http_app()
 
 
 async def respond(send, status, body, content_type=b"text/plain"):
