@@ -6,7 +6,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: tools run run-standalone test unit-test e2e-test control-plane python-env node-env redis crds chart-files lint fmt build bench bench-deps bench-quick bench-callgrind bench-store fuzz soak clean-cache \
+.PHONY: tools run run-standalone test unit-test e2e-test control-plane python-env node-env redis crds chart-files lint fmt build bench bench-deps bench-quick bench-callgrind bench-mcp bench-store fuzz soak clean-cache \
 	cluster-deps cluster-build cluster-images image cluster-up cluster-down cluster-test
 
 build:
@@ -79,6 +79,13 @@ bench-callgrind: control-plane bench-deps
 	python3 bench/run.py --only callgrind --out bench/results/callgrind.md --compare $(COMPARE) \
 	  --oha "$$(hack/tools.sh oha)" --kubectl "$$(hack/control-plane.sh bin-dir)/kubectl" \
 	  --control-plane hack/control-plane.sh
+
+# Only the MCP row (what a proxied tools/call adds, against a proxied chat call's) and the chat rows it
+# is measured beside; writes bench/results/mcp.md.
+bench-mcp: control-plane bench-deps
+	$(CARGO) build --workspace --release
+	python3 bench/run.py --only mcp --out bench/results/mcp.md --oha "$$(hack/tools.sh oha)" \
+	  --kubectl "$$(hack/control-plane.sh bin-dir)/kubectl" --control-plane hack/control-plane.sh
 
 # Only the shared store's rows (round trips per call, store CPU per call, calls/s per Redis core);
 # no control plane, no oha. They count the store's work, not the gateway's, so the debug build

@@ -526,8 +526,9 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="small counts, to check the harness itself")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.md"))
-    ap.add_argument("--only", choices=["store", "callgrind"],
-                    help="run only this scenario: store (no control plane), callgrind (per-call counts)")
+    ap.add_argument("--only", choices=["store", "callgrind", "mcp"],
+                    help="run only this scenario: store (no control plane), callgrind (per-call counts), "
+                         "mcp (chat and MCP tools/call at concurrency 1: the MCP row and the chat row it divides by)")
     ap.add_argument("--compare", nargs="*", default=[], metavar="LABEL=BINARY",
                     help="with --only callgrind: also count these gateway binaries (an earlier commit's)")
     ap.add_argument("--bin-dir", default=str(RELEASE),
@@ -711,6 +712,8 @@ def main():
             f"{median_of(pairs, 0, p50):.0f}", f"{median_of(pairs, 1, p50):.0f}", f"{mcp_added:.0f}",
             "≤ 1.5× a chat call's added", mcp_added <= 1.5 * max(chat_added, 1.0),
             vs_floor=f"{mcp_added / max(chat_added, 1.0):.2f}× chat's (+{chat_added:.0f})")
+        if args.only == "mcp":
+            raise StopIteration
 
         # 2. Non-streaming chat, closed loop at concurrency 64.
         log("scenario 2: non-streaming chat, concurrency 64")
