@@ -11,6 +11,7 @@ pub mod dataplane;
 pub mod files;
 pub mod limits;
 pub mod llm;
+pub mod pools;
 pub mod providers;
 pub mod server;
 pub mod spend;

@@ -109,6 +109,10 @@ struct RunArgs {
     /// Take N from the ready endpoints of this Service (in the pod's namespace) instead of --replicas.
     #[arg(long, env = "PORTCULLIS_REPLICAS_SERVICE")]
     replicas_service: Option<String>,
+    /// Milliseconds between two reads of each self-hosted pool endpoint's model-server metrics
+    /// (50 to 200).
+    #[arg(long, env = "PORTCULLIS_POOL_SCRAPE_INTERVAL_MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(50..=200))]
+    pool_scrape_interval_ms: u64,
 }
 
 fn main() -> ExitCode {
@@ -293,6 +297,7 @@ async fn run(args: RunArgs) -> Result<(), StartError> {
         policy,
         pricing: (!args.pricing_configmap.is_empty())
             .then(|| (args.lease_namespace.clone(), args.pricing_configmap.clone())),
+        pool_scrape_interval: Duration::from_millis(args.pool_scrape_interval_ms),
     };
     let controller = tokio::spawn({
         let stop = stop_controller.clone();

@@ -316,6 +316,9 @@ mod tests {
                     api_base: None,
                     secret_ref: None,
                     config: Default::default(),
+                    inference_pool: None,
+                    service: None,
+                    saturation: None,
                 },
             ),
         );

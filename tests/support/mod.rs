@@ -1041,6 +1041,9 @@ pub fn model(
             key: portcullis::api::DEFAULT_SECRET_KEY.to_string(),
         }),
         config: Default::default(),
+        inference_pool: None,
+        service: None,
+        saturation: None,
     }
 }
 
