@@ -405,8 +405,9 @@ pub struct PoolBackend {
     pub adapter: Arc<str>,
 }
 
-/// Figures older than this are stale (several missed scrapes at the longest interval).
-const STALE_AFTER_MS: u64 = 1000;
+/// Figures older than this are stale: more than the longest scrape (1 s) plus the longest
+/// interval ago.
+const STALE_AFTER_MS: u64 = 1500;
 
 impl PoolBackend {
     /// The endpoint for the next try of a call whose prompt has these prefix `blocks`, among

@@ -43,8 +43,8 @@ const AFFINITY_KV_LIMIT: f64 = 0.9;
 /// Index into `candidates` of the endpoint for the call; `None` when every one is saturated
 /// (waiting above `saturation`), so the pool cannot take it. Lower score wins: queue (relative
 /// to the busiest) plus KV-cache usage, less the prefix share (doubled: reusing a long cached
-/// prefix is worth more than an empty queue) and a LoRA bonus; ties are broken at random so idle
-/// endpoints share the calls.
+/// prefix is worth more than an empty queue) and a LoRA bonus, both only while the endpoint is
+/// below the affinity limit; ties are broken at random so idle endpoints share the calls.
 pub fn choose(candidates: &[Candidate], saturation: Option<u32>, roll: u64) -> Option<usize> {
     let open = |c: &Candidate| saturation.is_none_or(|limit| c.figures.waiting <= limit);
     let busiest = candidates
@@ -56,12 +56,16 @@ pub fn choose(candidates: &[Candidate], saturation: Option<u32>, roll: u64) -> O
     let score = |c: &Candidate| {
         let f = &c.figures;
         let mut s = f64::from(f.load) / f64::from(busiest.max(1)) + f.kv_cache;
-        if f.waiting <= affinity_limit && f.kv_cache <= AFFINITY_KV_LIMIT {
+        let hot = f.waiting > affinity_limit || f.kv_cache > AFFINITY_KV_LIMIT;
+        if !hot {
             s -= 2.0 * c.prefix;
+            // Like the reference picker's LoRA filter: an endpoint with the adapter loaded wins
+            // over any load short of saturation (loading it elsewhere costs more).
+            if f.adapter_loaded {
+                s -= 2.0;
+            }
         }
-        if f.adapter_loaded {
-            s -= 1.0;
-        } else if f.adapter_room {
+        if !f.adapter_loaded && f.adapter_room {
             s -= 0.5;
         }
         s
@@ -216,9 +220,11 @@ mod tests {
 
     #[test]
     fn a_lora_call_prefers_the_endpoint_with_its_adapter() {
-        let mut list = [c(0, 1, 0.2), c(0, 2, 0.2)];
+        let mut list = [c(0, 0, 0.0), c(1, 3, 0.2)];
         list[1].figures.adapter_loaded = true;
         assert_eq!(choose(&list, None, 1), Some(1));
+        list[1].figures.waiting = AFFINITY_QUEUE_LIMIT + 1;
+        assert_eq!(choose(&list, None, 1), Some(0));
     }
 
     #[test]

@@ -18,6 +18,8 @@ pub const MIN_INTERVAL: Duration = Duration::from_millis(50);
 pub const MAX_INTERVAL: Duration = Duration::from_millis(200);
 /// The largest metrics page read (vLLM's is a few tens of KiB).
 const MAX_PAGE: usize = 1024 * 1024;
+/// The longest one scrape may take.
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Endpoints scraped at once.
 const CONCURRENCY: usize = 64;
 
@@ -128,9 +130,11 @@ fn label<'a>(labels: &'a str, key: &str) -> Option<&'a str> {
 /// Scrapes every endpoint of every pool each `interval` until `shutdown`.
 pub async fn run(pools: Arc<Pools>, interval: Duration, shutdown: CancellationToken) {
     let interval = interval.clamp(MIN_INTERVAL, MAX_INTERVAL);
+    // A slow answer delays the next round rather than failing: still one scrape per endpoint
+    // per interval at most, and a busy server's figures are still read.
     let client = match reqwest::Client::builder()
-        .timeout(interval)
-        .connect_timeout(interval)
+        .timeout(SCRAPE_TIMEOUT)
+        .connect_timeout(SCRAPE_TIMEOUT)
         .pool_max_idle_per_host(1)
         .no_proxy()
         .build()

@@ -10,6 +10,8 @@ mod databricks;
 mod gemini;
 mod mlflow;
 mod openai;
+mod vllm;
+pub use vllm::{ModelServer, ModelServerConfig};
 
 pub use bedrock::encode_frame;
 pub use gemini::thought_signature;
