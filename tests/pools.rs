@@ -93,8 +93,8 @@ fn configs(n: usize, config: ModelServerConfig) -> Vec<ModelServerConfig> {
 }
 
 /// A namespace with the CRD, a gateway, and a pool of `n` servers behind a Route `chat`.
-struct Fixture {
-    cp: &'static ControlPlane,
+struct Fixture<'a> {
+    cp: &'a ControlPlane,
     ns: String,
     gw: Gateway,
     pool: Pool,
@@ -104,8 +104,16 @@ fn fixture(
     prefix: &str,
     servers: Vec<ModelServerConfig>,
     spec: impl FnOnce(ModelSpec) -> RouteSpec,
-) -> Fixture {
-    let cp = ControlPlane::shared();
+) -> Fixture<'static> {
+    fixture_on(ControlPlane::shared(), prefix, servers, spec)
+}
+
+fn fixture_on<'a>(
+    cp: &'a ControlPlane,
+    prefix: &str,
+    servers: Vec<ModelServerConfig>,
+    spec: impl FnOnce(ModelSpec) -> RouteSpec,
+) -> Fixture<'a> {
     install_inference_pool_crd(cp);
     let ns = cp.namespace(prefix);
     let pool = start_servers(cp, &ns, Some("llama"), servers);
@@ -123,7 +131,7 @@ fn fixture(
     f
 }
 
-impl Fixture {
+impl Fixture<'_> {
     /// Waits for status.backends[0].readyEndpoints == n.
     fn wait_endpoints(&self, route: &str, n: usize) {
         let found = eventually(Duration::from_secs(15), || {
@@ -508,6 +516,38 @@ fn the_openai_and_anthropic_sdks_call_a_pool_backed_route() {
         "{:?}",
         f.pool.served()
     );
+}
+
+#[test]
+fn the_last_endpoints_serve_while_the_api_server_is_away() {
+    let cp = ControlPlane::start_private();
+    let f = fixture_on(&cp, "pool-away", configs(2, quick(10)), |m| {
+        RouteSpec::new(RouteType::Chat, m)
+    });
+    cp.stop_apiserver();
+    let mut seen = std::collections::HashSet::new();
+    for i in 0..20 {
+        let (status, endpoint, body) = f.chat(&format!("while away {i}"));
+        assert_eq!(status, 200, "{body}");
+        seen.insert(endpoint.unwrap());
+    }
+    assert_eq!(seen.len(), 2, "both endpoints kept serving: {seen:?}");
+    cp.start_apiserver();
+    // Changes made after it came back are followed again.
+    cp.ok(&[
+        "delete",
+        "pod",
+        "vllm-1",
+        "-n",
+        &f.ns,
+        "--grace-period=0",
+        "--force",
+    ]);
+    f.wait_endpoints("chat", 1);
+    for i in 0..5 {
+        let (status, endpoint, _) = f.chat(&format!("after {i}"));
+        assert_eq!((status, endpoint.as_deref()), (200, Some("vllm-0")));
+    }
 }
 
 #[test]
