@@ -1119,4 +1119,68 @@ mod tests {
         let out = reconcile(&[Arc::new(r)], &secrets(&[("a", "openai", "apiKey", "k")]));
         assert_eq!(out.outcomes[0].outcome.reason, Reason::InvalidSpec);
     }
+
+    #[test]
+    fn a_pool_backend_resolves_only_with_the_controllers_pools() {
+        let mut route = (*route("ns", "llama", 1, Provider::OpenaiCompatible)).clone();
+        let model = route.spec.model.as_mut().unwrap();
+        model.secret_ref = None;
+        model.inference_pool = Some(crate::api::PoolRef {
+            name: "llama".into(),
+            namespace: None,
+        });
+        model.saturation = Some(crate::api::Saturation { queue_depth: 4 });
+        let routes = [Arc::new(route.clone())];
+        // Without a cluster (`serve`): refused, naming why.
+        let r = reconcile(&routes, &secrets(&[]));
+        assert_eq!(outcome_of(&r, "ns").reason, Reason::InvalidSpec);
+        assert!(outcome_of(&r, "ns").message.contains("need the cluster"));
+
+        let metrics = Arc::new(crate::telemetry::metrics::Metrics::new());
+        let pools = crate::pools::Pools::new(metrics);
+        let key = PoolKey::of(route.spec.model.as_ref().unwrap(), "ns").unwrap();
+        let map = pools.want([key.clone()].into());
+        map[&key].set_endpoints(vec![crate::pools::EndpointAddr {
+            addr: "10.0.0.1:8000".parse().unwrap(),
+            name: "vllm-0".into(),
+        }]);
+        let r = reconcile_with(
+            &routes,
+            &secrets(&[]),
+            &RoutingTable::default(),
+            &OperatorPolicy::default(),
+            Prices::builtin(),
+            &map,
+        );
+        assert!(
+            outcome_of(&r, "ns").is_ready(),
+            "{:?}",
+            outcome_of(&r, "ns")
+        );
+        let status = &r.outcomes[0].backends[0];
+        assert_eq!(status.pool.as_deref(), Some("inferencepool/ns/llama"));
+        assert_eq!(status.ready_endpoints, Some(1));
+        let entry = r.table.get("llama").unwrap();
+        let RouteState::Ready(b) = &entry.state else {
+            panic!("not ready")
+        };
+        assert_eq!(&*b.list[0].id, "inferencepool/ns/llama");
+        assert_eq!(b.list[0].pool.as_ref().unwrap().saturation, Some(4));
+        assert_eq!(
+            b.policy.attempts, 2,
+            "a pool call gets a second try by default"
+        );
+
+        // Hosted-only providers cannot be a pool's dialect.
+        route.spec.model.as_mut().unwrap().provider = Provider::Anthropic;
+        let r = reconcile_with(
+            &[Arc::new(route)],
+            &secrets(&[]),
+            &RoutingTable::default(),
+            &OperatorPolicy::default(),
+            Prices::builtin(),
+            &map,
+        );
+        assert_eq!(outcome_of(&r, "ns").reason, Reason::ProviderUnsupported);
+    }
 }

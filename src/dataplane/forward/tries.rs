@@ -123,7 +123,7 @@ pub(super) struct Tries<'a> {
     /// The whole call's deadline: no try starts after it, none runs past it.
     deadline: Instant,
     tried: u32,
-    /// Pool backends that cannot take this call (saturated, or no endpoint left).
+    /// Pool backends that cannot take this call (saturated, or no untried endpoint left).
     unavailable: u32,
     /// Endpoints of pool backends tried already.
     tried_endpoints: Vec<SocketAddr>,
@@ -183,7 +183,8 @@ impl<'a> Tries<'a> {
                 .get_or_insert_with(|| crate::pools::pick::prefix_blocks(request));
             match pool.pick(blocks, &self.tried_endpoints, now) {
                 Some(endpoint) => {
-                    self.tried |= 1 << index;
+                    // The pool stays untried while it has an untried endpoint: a retry goes to
+                    // another of its endpoints first (a pod that just went away, say).
                     self.tried_endpoints.push(endpoint.addr);
                     break (backend, Some(endpoint.begin()));
                 }
