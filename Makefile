@@ -6,7 +6,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: tools run run-standalone test unit-test e2e-test control-plane python-env redis crds chart-files lint fmt build bench bench-deps bench-quick bench-store fuzz soak clean-cache \
+.PHONY: tools run run-standalone test unit-test e2e-test control-plane python-env redis crds chart-files lint fmt build bench bench-deps bench-quick bench-callgrind bench-store fuzz soak clean-cache \
 	cluster-deps cluster-build cluster-images image cluster-up cluster-down cluster-test
 
 build:
@@ -67,6 +67,15 @@ bench-quick: control-plane bench-deps
 	$(CARGO) build --workspace --release
 	ulimit -n "$$(ulimit -Hn)"; python3 bench/run.py --quick --reps 3 --out bench/results/quick.md --oha "$$(hack/tools.sh oha)" \
 	  --kubectl "$$(hack/control-plane.sh bin-dir)/kubectl" --control-plane hack/control-plane.sh
+
+# Only the per-call counts (callgrind: instructions and allocator calls per proxied chat call) of
+# this build and of COMPARE="label=path/to/portcullis ..." (earlier builds), side by side; writes
+# bench/results/callgrind.md.
+bench-callgrind: control-plane bench-deps
+	$(CARGO) build --workspace --release
+	python3 bench/run.py --only callgrind --out bench/results/callgrind.md --compare $(COMPARE) \
+	  --oha "$$(hack/tools.sh oha)" --kubectl "$$(hack/control-plane.sh bin-dir)/kubectl" \
+	  --control-plane hack/control-plane.sh
 
 # Only the shared store's rows (round trips per call, store CPU per call, calls/s per Redis core);
 # no control plane, no oha. They count the store's work, not the gateway's, so the debug build

@@ -246,14 +246,15 @@ def allocator_calls(path):
     return total
 
 
-def callgrind_counts(work, kubeconfig, oha_bin, body, n):
+def callgrind_counts(work, kubeconfig, oha_bin, body, n, binary=RELEASE / "portcullis"):
     """(allocator calls, instructions) of the gateway while it proxies `n` chat calls, counted by
     callgrind from the moment the counters are zeroed after a warm-up."""
+    work = pathlib.Path(tempfile.mkdtemp(prefix="callgrind-", dir=work))
     out = work / "callgrind.out"
     port, mport = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "RUST_LOG"}
     env["KUBECONFIG"] = kubeconfig
-    p = Process(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", str(RELEASE / "portcullis"), "run",
+    p = Process(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", str(binary), "run",
                  "--listen", f"127.0.0.1:{port}", "--metrics-listen", f"127.0.0.1:{mport}", "--namespace", "bench"],
                 env=env, log_path=work / "gateway-callgrind.log")
     try:
@@ -272,6 +273,27 @@ def callgrind_counts(work, kubeconfig, oha_bin, body, n):
     dump = sorted(work.glob("callgrind.out.*"))[0]
     instructions = next(int(l.split()[1]) for l in open(dump, errors="replace") if l.startswith(("summary:", "totals:")))
     return allocator_calls(dump), instructions
+
+
+def callgrind_scenario(args, work, procs, row, quick, kubectl, kubeconfig):
+    """Scenario 7 alone, for this build and each `--compare` binary: instructions and allocator
+    calls per proxied chat call, side by side (an A/B of a refactor)."""
+    sim_port = free_port()
+    procs.append(Process([str(RELEASE / "portcullis-sim"), "--listen", f"127.0.0.1:{sim_port}", "--words", "20"],
+                         log_path=work / "sim.log"))
+    wait_port(sim_port)
+    kubectl.run("apply", "-f", "-", stdin=secret_yaml("bench", "bench-key", "sk-bench-1") + "---\n"
+                + route_yaml("bench", "chat", "llm/v1/chat", f"http://127.0.0.1:{sim_port}/openai/v1"))
+    kubectl.run("wait", "-n", "bench", "--for=condition=Ready", "route.portcullis.dev/chat", "--timeout=30s")
+    body = json.dumps({"model": "chat", "messages": [{"role": "user", "content": "Say hello to the benchmark"}]})
+    n = 200 if quick else 1000
+    for label, binary in [("this build", RELEASE / "portcullis")] + [c.split("=", 1) for c in args.compare]:
+        log(f"callgrind: {label} ({binary})")
+        calls, instructions = callgrind_counts(work, kubeconfig, args.oha, body, n, binary)
+        row("per request", f"instructions per proxied chat call (callgrind), {label}", "",
+            f"{instructions / n / 1000:.1f}k", "", "reported")
+        row("per request", f"allocations (allocator calls) per proxied chat call, {label}", "",
+            f"{calls / n:.1f}", "", "reported")
 
 
 def fill_token_cache(url, body, n, workers=16):
@@ -504,7 +526,10 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="small counts, to check the harness itself")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.md"))
-    ap.add_argument("--only", choices=["store"], help="run only this scenario (no control plane)")
+    ap.add_argument("--only", choices=["store", "callgrind"],
+                    help="run only this scenario: store (no control plane), callgrind (per-call counts)")
+    ap.add_argument("--compare", nargs="*", default=[], metavar="LABEL=BINARY",
+                    help="with --only callgrind: also count these gateway binaries (an earlier commit's)")
     ap.add_argument("--bin-dir", default=str(RELEASE),
                     help="the gateway's binaries (the store rows count the store's work, not the gateway's)")
     args = ap.parse_args()
@@ -535,6 +560,9 @@ def main():
         kubectl.run("apply", "-f", str(ROOT / "crds"))
         kubectl.run("wait", "--for=condition=Established", "crd/routes.portcullis.dev", "--timeout=60s")
         kubectl.run("create", "namespace", "bench")
+        if args.only == "callgrind":
+            callgrind_scenario(args, work, procs, row, quick, kubectl, kubeconfig)
+            raise StopIteration
 
         sim_port = free_port()
         sim = Process([str(RELEASE / "portcullis-sim"), "--listen", f"127.0.0.1:{sim_port}", "--words", "20"],
@@ -981,7 +1009,7 @@ def main():
     finally:
         for p in procs:
             p.stop()
-        if args.only is None:
+        if args.only != "store":
             subprocess.run([args.control_plane, "stop", str(cp_dir)])
 
     header = ["scenario", "figure", "direct", "floor", "peer", "gateway", "added", "vs floor", "target", "met"]

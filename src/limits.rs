@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 use crate::api::Limit;
 use crate::api::{LimitKey, RenewalPeriod};
 use crate::cost::Usd;
-use crate::store::{Store, StoreError};
+use crate::store::{KeyPrefix, Store, StoreError};
 use crate::table::RouteEntry;
 use crate::teams::TeamEntry;
 use crate::telemetry::metrics::{LimitLabels, Metrics};
@@ -181,17 +181,31 @@ pub fn utc_text(secs: u64) -> String {
     )
 }
 
-/// Whose limits a counter belongs to, as refusals name it.
-#[derive(Clone, Debug)]
-struct Scope {
+/// Whose limits a counter belongs to, as refusals name it: borrowed from the Route's or Team's
+/// entry, so a call copies none of it.
+#[derive(Clone, Copy, Debug)]
+struct Scope<'a> {
     /// `route` or `team`.
     what: &'static str,
-    /// The route's served name or the team's name: rate-limit messages and store keys.
-    name: String,
+    /// The route's served name or the team's name: rate-limit messages.
+    name: &'a str,
     /// The route's `namespace/name` or the team's name: budget messages.
-    full: String,
+    full: &'a str,
     /// The Route's namespace (a Team has none): where its alert Events go.
-    namespace: Option<String>,
+    namespace: Option<&'a str>,
+    /// The start of its counters' keys.
+    keys: &'a KeyPrefix,
+}
+
+/// The start of a Route's counter keys, made when the Route is reconciled.
+pub fn route_keys(served_as: &str) -> KeyPrefix {
+    KeyPrefix::new("portcullis:", served_as)
+}
+
+/// The start of a Team's counter keys. They cannot collide with a Route's: a route's served name
+/// never contains ':'.
+pub fn team_keys(team: &str) -> KeyPrefix {
+    KeyPrefix::new("portcullis:team:", team)
 }
 
 /// A limit with `action: alert` crossed 80% or 100% of itself: told once per window.
@@ -744,7 +758,7 @@ impl Limiter {
     /// would make a series per caller.
     fn export_usage(
         &self,
-        scopes: &[(Scope, &[Limit])],
+        scopes: &[(Scope<'_>, &[Limit])],
         counters: &[Counter],
         used: &[u64],
         divisor: u64,
@@ -757,7 +771,7 @@ impl Limiter {
                 } else {
                     "Route"
                 },
-                name: owner.full.clone(),
+                name: owner.full.to_string(),
                 limit: c.kind.as_str(),
                 period: period_word(c.period),
             };
@@ -776,7 +790,7 @@ impl Limiter {
     /// across replicas (a marker set only if absent in the shared store, or in this process).
     fn check_alerts(
         self: &Arc<Self>,
-        scopes: &[(Scope, &[Limit])],
+        scopes: &[(Scope<'_>, &[Limit])],
         counters: &[Counter],
         counted: (&[u64], &[u64]),
         shared: bool,
@@ -806,7 +820,7 @@ impl Limiter {
                     } else {
                         "Route"
                     },
-                    namespace: owner.namespace.clone(),
+                    namespace: owner.namespace.map(str::to_string),
                     name: owner
                         .full
                         .rsplit('/')
@@ -911,9 +925,10 @@ impl Limiter {
         scopes.push((
             Scope {
                 what: "route",
-                name: route.name.to_string(),
-                full: route.qualified.clone(),
-                namespace: Some(route.namespace.clone()),
+                name: &route.name,
+                full: &route.qualified,
+                namespace: Some(&route.namespace),
+                keys: &route.counter_keys,
             },
             route.limits.as_slice(),
         ));
@@ -921,9 +936,10 @@ impl Limiter {
             scopes.push((
                 Scope {
                     what: "team",
-                    name: t.name.clone(),
-                    full: t.name.clone(),
+                    name: &t.name,
+                    full: &t.name,
                     namespace: None,
+                    keys: &t.counter_keys,
                 },
                 t.limits.as_slice(),
             ));
@@ -1104,7 +1120,7 @@ fn store_reply(reply: &[i64], counters: usize) -> Option<Counted> {
 /// The counters a call touches, in the order of the Route's limits.
 /// `tagged`: keys carry their Route's or Team's name as a Cluster hash tag.
 fn counters(
-    scopes: &[(Scope, &[Limit])],
+    scopes: &[(Scope<'_>, &[Limit])],
     consumer: &str,
     charge: Charge,
     now: u64,
@@ -1123,19 +1139,14 @@ fn counters(
 fn push_counters(
     out: &mut Vec<Counter>,
     scope: usize,
-    owner: &Scope,
+    owner: &Scope<'_>,
     limits: &[Limit],
     consumer: &str,
     charge: Charge,
     now: u64,
     tagged: bool,
 ) {
-    // Team keys cannot collide with route keys: a route's served name never contains ':'.
-    let name = crate::store::tag(&owner.name, tagged);
-    let prefix = match owner.what {
-        "team" => format!("portcullis:team:{name}"),
-        _ => format!("portcullis:{name}"),
-    };
+    let prefix = owner.keys.get(tagged);
     let usd = match (owner.what, charge.team) {
         ("team", Some(team)) => team,
         _ => TeamCharge {
@@ -1195,7 +1206,7 @@ fn push_counters(
 }
 
 /// `route ns/name: $1.00 per day`, `team t: 100 calls per hour per consumer`.
-fn limit_text(owner: &Scope, c: &Counter) -> String {
+fn limit_text(owner: &Scope<'_>, c: &Counter) -> String {
     let amount = match c.kind {
         Kind::Usd => format!("${}", Usd(c.limit.saturating_mul(1000)).format(2)),
         kind => format!("{} {}", c.limit, kind.as_str()),
@@ -1210,7 +1221,7 @@ fn limit_text(owner: &Scope, c: &Counter) -> String {
 }
 
 fn rejection(
-    owner: &Scope,
+    owner: &Scope<'_>,
     counters: &[Counter],
     used: &[u64],
     violated: usize,

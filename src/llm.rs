@@ -23,30 +23,389 @@ pub struct Params {
     pub n: Option<u32>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct ChatMessage {
-    pub role: String,
-    /// A string, or OpenAI's list of content parts; `null` for some assistant tool-call turns.
-    #[serde(default)]
-    pub content: Value,
-    #[serde(flatten)]
-    pub extra: Map<String, Value>,
+/// Who speaks a message. Exhaustive: a role the gateway does not know by name is `Other`, so each
+/// translation decides explicitly what it becomes instead of falling through a string match.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Role {
+    System,
+    /// OpenAI's newer name for system instructions; providers without it read it as `System`.
+    Developer,
+    User,
+    Assistant,
+    /// A tool's result, answering the assistant call named by `ChatMessage::tool_call_id`.
+    Tool,
+    /// Any other role the caller named (OpenAI's deprecated `function`, a role to come): passed on
+    /// by name to OpenAI-shaped providers, read as a user turn by the others.
+    Other(Box<str>),
 }
 
-impl ChatMessage {
-    /// The message's text: the string content, or its text parts joined.
-    /// Borrowed when the content is a plain string (the usual case): no copy per request.
-    pub fn text(&self) -> std::borrow::Cow<'_, str> {
-        match &self.content {
-            Value::String(s) => s.as_str().into(),
-            Value::Array(parts) => parts
+impl Role {
+    pub fn parse(name: &str) -> Role {
+        match name {
+            "system" => Role::System,
+            "developer" => Role::Developer,
+            "user" => Role::User,
+            "assistant" => Role::Assistant,
+            "tool" => Role::Tool,
+            other => Role::Other(other.into()),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            Role::System => "system",
+            Role::Developer => "developer",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+            Role::Tool => "tool",
+            Role::Other(name) => name,
+        }
+    }
+
+    /// System instructions, whichever name the caller used.
+    pub fn is_instructions(&self) -> bool {
+        matches!(self, Role::System | Role::Developer)
+    }
+}
+
+impl Serialize for Role {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Role {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Name;
+        impl serde::de::Visitor<'_> for Name {
+            type Value = Role;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a role name")
+            }
+            fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<Role, E> {
+                Ok(Role::parse(name))
+            }
+        }
+        d.deserialize_str(Name)
+    }
+}
+
+/// A message's content as OpenAI's chat API carries it.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub enum Content {
+    /// `null` or absent: an assistant turn that only calls tools.
+    #[default]
+    Empty,
+    Text(String),
+    /// OpenAI's content parts (`text`, `image_url`, ...), kept as sent: each provider reads the
+    /// kinds it supports (see `providers::features`).
+    Parts(Vec<Value>),
+}
+
+impl Content {
+    pub fn text(text: impl Into<String>) -> Content {
+        Content::Text(text.into())
+    }
+
+    /// The text: the string, or the text parts joined. Borrowed for a plain string (the usual
+    /// case): no copy per request.
+    pub fn as_text(&self) -> std::borrow::Cow<'_, str> {
+        match self {
+            Content::Text(s) => s.as_str().into(),
+            Content::Parts(parts) => parts
                 .iter()
                 .filter_map(|p| p.get("text").and_then(Value::as_str))
                 .collect::<Vec<_>>()
                 .join("")
                 .into(),
-            _ => "".into(),
+            Content::Empty => "".into(),
         }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        match self {
+            Content::Empty => true,
+            Content::Text(s) => s.is_empty(),
+            Content::Parts(p) => p.is_empty(),
+        }
+    }
+
+    /// The content from a JSON value; `None` for a value that is no content (a number, an object).
+    pub fn from_json(value: Value) -> Option<Content> {
+        match value {
+            Value::Null => Some(Content::Empty),
+            Value::String(s) => Some(Content::Text(s)),
+            Value::Array(parts) => Some(Content::Parts(parts)),
+            _ => None,
+        }
+    }
+}
+
+impl Serialize for Content {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Content::Empty => s.serialize_none(),
+            Content::Text(t) => s.serialize_str(t),
+            Content::Parts(p) => p.serialize(s),
+        }
+    }
+}
+
+/// Content compared with its JSON, for tests.
+#[cfg(test)]
+impl PartialEq<Value> for Content {
+    fn eq(&self, other: &Value) -> bool {
+        serde_json::to_value(self).is_ok_and(|v| v == *other)
+    }
+}
+
+/// What kind of tool a call is for; each has its own shape on OpenAI's wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ToolKind {
+    /// `{"type": "function", "function": {"name", "arguments"}}`: arguments are a JSON document.
+    #[default]
+    Function,
+    /// `{"type": "custom", "custom": {"name", "input"}}`: free-form input text.
+    Custom,
+}
+
+/// A tool call the assistant made: in an answer, or in the history of a conversation.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    /// The arguments as the model wrote them: a JSON document for functions (possibly malformed:
+    /// each provider decides what to make of that), free text for custom tools.
+    pub arguments: String,
+    pub kind: ToolKind,
+}
+
+impl ToolCall {
+    pub fn function(id: impl Into<String>, name: impl Into<String>, arguments: String) -> Self {
+        ToolCall {
+            id: id.into(),
+            name: name.into(),
+            arguments,
+            kind: ToolKind::Function,
+        }
+    }
+
+    /// The arguments as a JSON object, as providers that take structured input want them; `{}`
+    /// when they are no object.
+    pub fn arguments_object(&self) -> Value {
+        serde_json::from_str::<Value>(&self.arguments)
+            .ok()
+            .filter(Value::is_object)
+            .unwrap_or_else(|| Value::Object(Map::new()))
+    }
+
+    /// Calls written as OpenAI's JSON list, for tests.
+    #[cfg(test)]
+    pub fn openai_list(calls: Value) -> Vec<ToolCall> {
+        serde_json::from_value(calls).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A call in OpenAI's shape, or what is wrong with it.
+    pub fn from_openai(call: &Value) -> Result<ToolCall, &'static str> {
+        let id = call.get("id").and_then(Value::as_str).unwrap_or_default();
+        let (kind, body, text) = match call.get("type").and_then(Value::as_str) {
+            None | Some("function") => (ToolKind::Function, "function", "arguments"),
+            Some("custom") => (ToolKind::Custom, "custom", "input"),
+            Some(_) => return Err("type must be \"function\" or \"custom\""),
+        };
+        let body = call
+            .get(body)
+            .ok_or("needs its function (name and arguments)")?;
+        let name = body
+            .get("name")
+            .and_then(Value::as_str)
+            .ok_or("needs a string function name")?;
+        let arguments = match body.get(text) {
+            None | Some(Value::Null) => String::new(),
+            Some(Value::String(s)) => s.clone(),
+            // Some clients send the arguments as the object itself.
+            Some(v @ Value::Object(_)) => v.to_string(),
+            Some(_) => return Err("arguments must be a string"),
+        };
+        Ok(ToolCall {
+            id: id.to_string(),
+            name: name.to_string(),
+            arguments,
+            kind,
+        })
+    }
+}
+
+/// OpenAI's shape, the unified model's wire form.
+impl Serialize for ToolCall {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        #[derive(Serialize)]
+        struct Function<'a> {
+            name: &'a str,
+            arguments: &'a str,
+        }
+        #[derive(Serialize)]
+        struct Custom<'a> {
+            name: &'a str,
+            input: &'a str,
+        }
+        let mut map = s.serialize_map(Some(3))?;
+        map.serialize_entry("id", &self.id)?;
+        match self.kind {
+            ToolKind::Function => {
+                map.serialize_entry("type", "function")?;
+                map.serialize_entry(
+                    "function",
+                    &Function {
+                        name: &self.name,
+                        arguments: &self.arguments,
+                    },
+                )?;
+            }
+            ToolKind::Custom => {
+                map.serialize_entry("type", "custom")?;
+                map.serialize_entry(
+                    "custom",
+                    &Custom {
+                        name: &self.name,
+                        input: &self.arguments,
+                    },
+                )?;
+            }
+        }
+        map.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for ToolCall {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let value = Value::deserialize(d)?;
+        ToolCall::from_openai(&value).map_err(serde::de::Error::custom)
+    }
+}
+
+/// `tool_calls` that may be `null` on the wire.
+pub fn tool_calls_or_none<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<ToolCall>, D::Error> {
+    Ok(Option::<Vec<ToolCall>>::deserialize(d)?.unwrap_or_default())
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChatMessage {
+    pub role: Role,
+    pub content: Content,
+    /// An assistant message's calls.
+    pub tool_calls: Vec<ToolCall>,
+    /// A tool message's answer to the call with this id.
+    pub tool_call_id: Option<String>,
+    /// The caller's other fields (`name`, ...), unknown to the gateway, passed on as sent.
+    pub extra: Map<String, Value>,
+}
+
+impl ChatMessage {
+    pub fn new(role: Role, content: Content) -> Self {
+        ChatMessage {
+            role,
+            content,
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+            extra: Map::new(),
+        }
+    }
+
+    /// A message from its role's name and its content as JSON (anything but text or parts is no
+    /// content).
+    pub fn from_json(role: &str, content: Value) -> Self {
+        ChatMessage::new(
+            Role::parse(role),
+            Content::from_json(content).unwrap_or_default(),
+        )
+    }
+
+    /// A message in OpenAI's shape; the error says which field is wrong (`role must be ...`).
+    pub fn from_openai(mut m: Map<String, Value>) -> Result<Self, String> {
+        let role = match m.remove("role") {
+            Some(Value::String(r)) if !r.is_empty() => Role::parse(&r),
+            _ => return Err("role must be a non-empty string".into()),
+        };
+        let content = Content::from_json(m.remove("content").unwrap_or(Value::Null))
+            .ok_or("content must be a string or a list of content parts")?;
+        let tool_calls = match m.remove("tool_calls") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(calls)) => calls
+                .iter()
+                .enumerate()
+                .map(|(j, c)| ToolCall::from_openai(c).map_err(|e| format!("tool_calls[{j}] {e}")))
+                .collect::<Result<_, _>>()?,
+            Some(_) => return Err("tool_calls must be a list of tool calls".into()),
+        };
+        let tool_call_id = match m.remove("tool_call_id") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(id)) => Some(id),
+            Some(_) => return Err("tool_call_id must be a string".into()),
+        };
+        Ok(ChatMessage {
+            role,
+            content,
+            tool_calls,
+            tool_call_id,
+            extra: m,
+        })
+    }
+
+    /// A message written as OpenAI's JSON, for tests.
+    #[cfg(test)]
+    pub fn openai(message: Value) -> Self {
+        match message {
+            Value::Object(m) => Self::from_openai(m).unwrap_or_else(|e| panic!("{e}")),
+            other => panic!("not a message: {other}"),
+        }
+    }
+
+    /// A tool's result for the call `id`.
+    pub fn tool_result(id: impl Into<String>, text: impl Into<String>) -> Self {
+        ChatMessage {
+            tool_call_id: Some(id.into()),
+            ..ChatMessage::new(Role::Tool, Content::text(text))
+        }
+    }
+
+    /// The message's text: the string content, or its text parts joined.
+    pub fn text(&self) -> std::borrow::Cow<'_, str> {
+        self.content.as_text()
+    }
+}
+
+/// OpenAI's shape. The typed fields take their place among `extra`'s in key order, so the bytes
+/// are those of the caller's message re-serialised (keys sorted after `role` and `content`).
+impl Serialize for ChatMessage {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(None)?;
+        map.serialize_entry("role", &self.role)?;
+        map.serialize_entry("content", &self.content)?;
+        let mut id = self.tool_call_id.as_ref();
+        let mut calls = (!self.tool_calls.is_empty()).then_some(&self.tool_calls);
+        for (k, v) in &self.extra {
+            if let Some(i) = id.filter(|_| k.as_str() > "tool_call_id") {
+                map.serialize_entry("tool_call_id", i)?;
+                id = None;
+            }
+            if let Some(c) = calls.filter(|_| k.as_str() > "tool_calls") {
+                map.serialize_entry("tool_calls", c)?;
+                calls = None;
+            }
+            map.serialize_entry(k, v)?;
+        }
+        if let Some(i) = id {
+            map.serialize_entry("tool_call_id", i)?;
+        }
+        if let Some(c) = calls {
+            map.serialize_entry("tool_calls", c)?;
+        }
+        map.end()
     }
 }
 
@@ -183,7 +542,9 @@ pub struct Choice {
     pub text: String,
     /// Normalised: `stop`, `length`, `content_filter`, `tool_calls`, or the provider's own word.
     pub finish_reason: Option<String>,
-    /// Provider fields of the chat message beyond role/content (for example `tool_calls`).
+    /// The chat message's tool calls.
+    pub tool_calls: Vec<ToolCall>,
+    /// Provider fields of the chat message the gateway does not model (`refusal`, `annotations`).
     pub message_extra: Map<String, Value>,
 }
 
@@ -227,7 +588,7 @@ pub struct StreamDelta {
     pub model: Option<String>,
     pub created: Option<i64>,
     pub index: u32,
-    pub role: Option<String>,
+    pub role: Option<Role>,
     pub text: Option<String>,
     pub finish_reason: Option<String>,
     /// Present on the chunk that reports usage (often the last).

@@ -692,6 +692,27 @@ pub fn tag(name: &str, cluster: bool) -> String {
     }
 }
 
+/// The fixed start of one owner's keys (`portcullis:team:name`), made once per Route or Team
+/// rather than per call, in both spellings: plain, and with `name` as a Cluster hash tag.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeyPrefix {
+    plain: Box<str>,
+    tagged: Box<str>,
+}
+
+impl KeyPrefix {
+    pub fn new(start: &str, name: &str) -> KeyPrefix {
+        KeyPrefix {
+            plain: format!("{start}{}", tag(name, false)).into(),
+            tagged: format!("{start}{}", tag(name, true)).into(),
+        }
+    }
+
+    pub fn get(&self, cluster: bool) -> &str {
+        if cluster { &self.tagged } else { &self.plain }
+    }
+}
+
 /// The hash tag of a key (`{...}`, as Redis Cluster reads it), or the whole key.
 pub fn slot_of(key: &str) -> &str {
     if let Some(open) = key.find('{')

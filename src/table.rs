@@ -13,6 +13,7 @@ use http::HeaderValue;
 use crate::api::{AccessRule, Limit, LimitKey, Provider, Reason, RenewalPeriod, RouteType};
 use crate::cost::Price;
 use crate::providers::{ProviderAdapter, Target};
+use crate::store::KeyPrefix;
 use crate::telemetry::metrics::{BackendMetrics, Metrics, RouteLabels, RouteMetrics};
 use crate::traffic::{BackendHealth, Candidate, TrafficPolicy};
 
@@ -44,6 +45,8 @@ pub struct RouteEntry {
     pub provider: Provider,
     pub model: Arc<str>,
     pub limits: Vec<Limit>,
+    /// The start of its limits' counter keys (`limits::route_keys`).
+    pub counter_keys: KeyPrefix,
     /// Who may call; `None`: the gateway-wide default.
     pub access: Option<Vec<AccessRule>>,
     pub state: RouteState,
@@ -298,6 +301,7 @@ impl RouteEntry {
             provider: Provider::Openai,
             model: "m".into(),
             limits: vec![],
+            counter_keys: crate::limits::route_keys(name),
             access: None,
             state: RouteState::NotReady {
                 reason: Reason::SecretNotFound,

@@ -6,12 +6,15 @@ use std::sync::Arc;
 
 use crate::access::Identity;
 use crate::api::{AccessRule, Limit};
+use crate::store::KeyPrefix;
 
 /// One Team, ready to enforce.
 #[derive(Debug)]
 pub struct TeamEntry {
     pub name: String,
     pub limits: Vec<Limit>,
+    /// The start of its limits' counter keys (`limits::team_keys`).
+    pub counter_keys: KeyPrefix,
     /// `namespace/name` of the only routes members may call; `None`: any.
     pub routes: Option<HashSet<String>>,
 }
@@ -104,6 +107,7 @@ mod tests {
         TeamEntry {
             name: name.into(),
             limits: vec![],
+            counter_keys: crate::limits::team_keys(name),
             routes: None,
         }
     }

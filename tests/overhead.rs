@@ -44,6 +44,7 @@ fn route() -> RouteEntry {
     RouteEntry {
         metrics: Default::default(),
         name: "bench".into(),
+        counter_keys: portcullis::limits::route_keys("bench"),
         qualified: "team-a/bench".into(),
         namespace: "team-a".into(),
         route_type: RouteType::Chat,

@@ -750,6 +750,7 @@ async fn route_and_team_over_slots(url: &str) {
         route_type: portcullis::api::RouteType::Chat,
         provider: portcullis::api::Provider::Openai,
         model: "m".into(),
+        counter_keys: portcullis::limits::route_keys(&name),
         limits,
         access: None,
         state: portcullis::table::RouteState::NotReady {
@@ -759,8 +760,10 @@ async fn route_and_team_over_slots(url: &str) {
         metrics: Default::default(),
     };
     let route = entry(support::unique("slot-route"), vec![limit(5)]);
+    let team_name = support::unique("slot-team");
     let team = Arc::new(TeamEntry {
-        name: support::unique("slot-team"),
+        counter_keys: portcullis::limits::team_keys(&team_name),
+        name: team_name,
         limits: vec![limit(3)],
         routes: None,
     });

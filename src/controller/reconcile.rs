@@ -231,6 +231,7 @@ pub fn reconcile_with(
         let primary = route.spec.primary_model();
         entries.push(RouteEntry {
             metrics: Default::default(),
+            counter_keys: crate::limits::route_keys(&served_as),
             name: served_as.into(),
             qualified,
             namespace,

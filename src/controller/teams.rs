@@ -23,6 +23,7 @@ pub fn build(teams: &[Arc<Team>]) -> Teams {
     Teams::new(teams.iter().map(|t| {
         (
             TeamEntry {
+                counter_keys: crate::limits::team_keys(&t.name_any()),
                 name: t.name_any(),
                 limits: t.spec.limits.clone(),
                 routes: t

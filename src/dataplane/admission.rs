@@ -4,7 +4,7 @@
 use crate::access::{AuthError, Decision, DefaultAccess, Identity, decide};
 use crate::cost::{Price, Usd};
 use crate::limits::{Charge, Reservation, Spent, TeamCharge};
-use crate::llm::{LlmRequest, Usage};
+use crate::llm::{Content, LlmRequest, Usage};
 use crate::table::{RouteEntry, RouteState};
 use serde_json::Value;
 use std::sync::Arc;
@@ -318,7 +318,10 @@ fn prompt_estimate(request: &LlmRequest) -> u64 {
     let (chars, media) = match request {
         LlmRequest::Chat(c) => (
             c.messages.iter().map(|m| m.text().len()).sum(),
-            c.messages.iter().map(|m| media_tokens(&m.content)).sum(),
+            c.messages
+                .iter()
+                .map(|m| content_media_tokens(&m.content))
+                .sum(),
         ),
         LlmRequest::Completions(c) => (c.prompt.len(), 0),
         LlmRequest::Embeddings(e) => (e.input.iter().map(String::len).sum(), 0),
@@ -346,6 +349,13 @@ pub const DOCUMENT_TOKENS: u64 = 4_600;
 /// and per document, file or audio part one token per two characters of its inline (base64)
 /// data, at least `DOCUMENT_TOKENS`. Conservative estimates: the reservation is settled to the
 /// provider's reported usage once it arrives.
+fn content_media_tokens(content: &Content) -> u64 {
+    match content {
+        Content::Parts(parts) => parts.iter().map(media_tokens).fold(0, u64::saturating_add),
+        Content::Text(_) | Content::Empty => 0,
+    }
+}
+
 pub fn media_tokens(value: &Value) -> u64 {
     match value {
         Value::Array(items) => items.iter().map(media_tokens).fold(0, u64::saturating_add),
@@ -430,11 +440,7 @@ mod tests {
         assert_eq!(media_tokens(&by_reference), DOCUMENT_TOKENS);
         // A chat request's estimate includes them.
         let chat = LlmRequest::Chat(crate::llm::ChatRequest {
-            messages: vec![crate::llm::ChatMessage {
-                role: "user".into(),
-                content: image,
-                extra: Default::default(),
-            }],
+            messages: vec![crate::llm::ChatMessage::from_json("user", image)],
             params: Default::default(),
             stream: Default::default(),
             extra: Default::default(),

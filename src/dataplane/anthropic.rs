@@ -24,10 +24,11 @@ use super::reframe::{Reframer, push_named, reframe};
 use super::request::{require_string, take_bool, take_count, take_number};
 use crate::api::{Provider, RouteType};
 use crate::llm::{
-    ChatMessage, ChatRequest, Generation, LlmRequest, LlmResponse, NativeRequest, Params,
-    StreamDelta, StreamOptions, Usage,
+    ChatMessage, ChatRequest, Content, Generation, LlmRequest, LlmResponse, NativeRequest, Params,
+    Role, StreamDelta, StreamOptions, Usage,
 };
 use crate::providers;
+use crate::providers::anthropic_wire::{self as wire, Delta, Event, Message, block_type};
 
 type Fields = Map<String, Value>;
 type Result<T, E = AnthropicError> = std::result::Result<T, E>;
@@ -170,11 +171,16 @@ impl Reframer for Verbatim {
 }
 
 fn push_error(err: &GatewayError, out: &mut BytesMut) {
-    push_named(
+    push_event(
         out,
-        "error",
-        &json!({"type": "error", "error": {"type": anthropic_type(err.status()), "message": anthropic_message(err)}}),
+        &Event::Error {
+            error: json!({"type": anthropic_type(err.status()), "message": anthropic_message(err)}),
+        },
     );
+}
+
+fn push_event(out: &mut BytesMut, event: &Event) {
+    push_named(out, event.name(), event);
 }
 
 /// Anthropic's clients send `anthropic-version` on every call; the model listing answers them in
@@ -275,8 +281,8 @@ pub fn estimate_input(chat: &ChatRequest) -> u64 {
     let tool_calls: usize = chat
         .messages
         .iter()
-        .filter_map(|m| m.extra.get("tool_calls"))
-        .map(|c| c.to_string().len())
+        .filter(|m| !m.tool_calls.is_empty())
+        .map(|m| serde_json::to_string(&m.tool_calls).map_or(0, |c| c.len()))
         .sum();
     let tools = chat.extra.get("tools").map_or(0, |t| t.to_string().len());
     tokens_for_chars(text + tool_calls + tools).max(1)
@@ -299,7 +305,7 @@ pub fn parse(mut body: Fields, pass: PassOn, generate: bool) -> Result<ChatReque
     let mut messages = Vec::new();
     match body.remove("system") {
         None | Some(Value::Null) => {}
-        Some(Value::String(s)) => messages.push(message("system", json!(s))),
+        Some(Value::String(s)) => messages.push(ChatMessage::new(Role::System, Content::Text(s))),
         Some(Value::Array(blocks)) => {
             let parts = blocks
                 .into_iter()
@@ -309,7 +315,7 @@ pub fn parse(mut body: Fields, pass: PassOn, generate: bool) -> Result<ChatReque
                     _ => Err(bad(format!("system[{i}] must be a text block"))),
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            messages.push(message("system", Value::Array(parts)));
+            messages.push(ChatMessage::new(Role::System, Content::Parts(parts)));
         }
         Some(_) => return Err(bad("'system' must be a string or a list of text blocks")),
     }
@@ -360,7 +366,7 @@ pub fn parse(mut body: Fields, pass: PassOn, generate: bool) -> Result<ChatReque
         extra.insert("tools".into(), Value::Array(tools));
     }
     if let Some(choice) = body.remove("tool_choice").filter(|v| !v.is_null()) {
-        let (choice, parallel) = tool_choice(&choice)?;
+        let (choice, parallel) = wire::unified_tool_choice(&choice).map_err(bad)?;
         if has_tools {
             extra.insert("tool_choice".into(), choice);
             if !parallel {
@@ -384,18 +390,6 @@ pub fn parse(mut body: Fields, pass: PassOn, generate: bool) -> Result<ChatReque
     })
 }
 
-fn message(role: &str, content: Value) -> ChatMessage {
-    ChatMessage {
-        role: role.into(),
-        content,
-        extra: Map::new(),
-    }
-}
-
-fn block_type(block: &Value) -> Option<&str> {
-    block.get("type").and_then(Value::as_str)
-}
-
 /// A text block as a text part (its `cache_control` only Anthropic reads).
 fn text_part(block: &Value, at: &str) -> Result<Value, GatewayError> {
     let text = block
@@ -405,37 +399,9 @@ fn text_part(block: &Value, at: &str) -> Result<Value, GatewayError> {
     Ok(json!({"type": "text", "text": text}))
 }
 
-/// An Anthropic image block as an OpenAI `image_url` part (a `data:` URL for base64 sources).
+/// An Anthropic image block as an OpenAI `image_url` part.
 fn image_part(block: &Value, at: &str) -> Result<Value, GatewayError> {
-    let source = block
-        .get("source")
-        .ok_or_else(|| bad(format!("{at}.source is required")))?;
-    let url = match source.get("type").and_then(Value::as_str) {
-        Some("base64") => {
-            let media = source.get("media_type").and_then(Value::as_str);
-            let data = source.get("data").and_then(Value::as_str);
-            match (media, data) {
-                (Some(m), Some(d)) if m.starts_with("image/") && !d.is_empty() => {
-                    format!("data:{m};base64,{d}")
-                }
-                _ => {
-                    return Err(bad(format!(
-                        "{at}.source needs an image media_type and base64 data"
-                    )));
-                }
-            }
-        }
-        Some("url") => match source.get("url").and_then(Value::as_str) {
-            Some(u) if u.starts_with("https://") || u.starts_with("http://") => u.to_string(),
-            _ => return Err(bad(format!("{at}.source.url must be an http(s) URL"))),
-        },
-        other => {
-            return Err(bad(format!(
-                "{at}.source.type {other:?} is not supported; send base64 or url image sources"
-            )));
-        }
-    };
-    Ok(json!({"type": "image_url", "image_url": {"url": url}}))
+    wire::image_part(block).map_err(|e| bad(format!("{at}{e}")))
 }
 
 /// One Messages turn as unified messages: an assistant turn's `tool_use` blocks become its
@@ -449,12 +415,13 @@ fn push_turn(out: &mut Vec<ChatMessage>, turn: Value, i: usize) -> Result<(), Ga
         )));
     };
     let role = match turn.remove("role") {
-        Some(Value::String(r)) if r == "user" || r == "assistant" => r,
+        Some(Value::String(r)) if r == "user" => Role::User,
+        Some(Value::String(r)) if r == "assistant" => Role::Assistant,
         _ => return Err(bad(format!("{at}.role must be \"user\" or \"assistant\""))),
     };
     let blocks = match turn.remove("content") {
         Some(Value::String(s)) => {
-            out.push(message(&role, json!(s)));
+            out.push(ChatMessage::new(role, Content::Text(s)));
             return Ok(());
         }
         Some(Value::Array(blocks)) => blocks,
@@ -470,23 +437,19 @@ fn push_turn(out: &mut Vec<ChatMessage>, turn: Value, i: usize) -> Result<(), Ga
     let mut result_images = Vec::new();
     for (j, block) in blocks.iter().enumerate() {
         let at = format!("{at}.content[{j}]");
-        match (block_type(block), role.as_str()) {
+        match (block_type(block), &role) {
             (Some("text"), _) => parts.push(text_part(block, &at)?),
-            (Some("image"), "user") => parts.push(image_part(block, &at)?),
-            (Some("tool_use"), "assistant") => {
-                let id = block.get("id").and_then(Value::as_str);
-                let name = block.get("name").and_then(Value::as_str);
-                let (Some(id), Some(name)) = (id, name) else {
+            (Some("image"), Role::User) => parts.push(image_part(block, &at)?),
+            (Some("tool_use"), Role::Assistant) => {
+                let Some(call) = wire::tool_call(block) else {
                     return Err(bad(format!("{at} needs a string id and name")));
                 };
-                let input = block.get("input").cloned().unwrap_or(json!({}));
-                if !input.is_object() {
+                if block.get("input").is_some_and(|i| !i.is_object()) {
                     return Err(bad(format!("{at}.input must be an object")));
                 }
-                calls.push(json!({"id": id, "type": "function",
-                    "function": {"name": name, "arguments": input.to_string()}}));
+                calls.push(call);
             }
-            (Some("tool_result"), "user") => {
+            (Some("tool_result"), Role::User) => {
                 let Some(id) = block.get("tool_use_id").and_then(Value::as_str) else {
                     return Err(bad(format!("{at}.tool_use_id must be a string")));
                 };
@@ -521,16 +484,15 @@ fn push_turn(out: &mut Vec<ChatMessage>, turn: Value, i: usize) -> Result<(), Ga
                         )));
                     }
                 };
-                let mut m = message("tool", json!(text));
-                m.extra.insert("tool_call_id".into(), json!(id));
-                results.push(m);
+                results.push(ChatMessage::tool_result(id, text));
             }
             // Reasoning from an earlier turn: the providers behind a translated Route cannot
             // check its signature, so it is not sent back.
-            (Some("thinking" | "redacted_thinking"), "assistant") => {}
+            (Some("thinking" | "redacted_thinking"), Role::Assistant) => {}
             (Some(kind @ ("image" | "tool_use" | "tool_result")), _) => {
                 return Err(bad(format!(
-                    "{at}: a {kind} block cannot appear in a {role} message"
+                    "{at}: a {kind} block cannot appear in a {} message",
+                    role.as_str()
                 )));
             }
             (Some(kind), _) => {
@@ -543,24 +505,22 @@ fn push_turn(out: &mut Vec<ChatMessage>, turn: Value, i: usize) -> Result<(), Ga
     }
     out.extend(results);
     if !result_images.is_empty() {
-        out.push(message("user", Value::Array(result_images)));
+        out.push(ChatMessage::new(Role::User, Content::Parts(result_images)));
     }
-    if role == "assistant" {
+    if role == Role::Assistant {
         if parts.is_empty() && calls.is_empty() {
             return Ok(());
         }
         let content = if parts.is_empty() {
-            Value::Null
+            Content::Empty
         } else {
-            Value::Array(parts)
+            Content::Parts(parts)
         };
-        let mut m = message("assistant", content);
-        if !calls.is_empty() {
-            m.extra.insert("tool_calls".into(), Value::Array(calls));
-        }
+        let mut m = ChatMessage::new(Role::Assistant, content);
+        m.tool_calls = calls;
         out.push(m);
     } else if !parts.is_empty() {
-        out.push(message("user", Value::Array(parts)));
+        out.push(ChatMessage::new(Role::User, Content::Parts(parts)));
     }
     Ok(())
 }
@@ -575,61 +535,8 @@ fn take_tools(body: &mut Fields) -> Result<Vec<Value>, GatewayError> {
     tools
         .iter()
         .enumerate()
-        .map(|(i, t)| {
-            let at = format!("tools[{i}]");
-            match t.get("type").and_then(Value::as_str) {
-                None | Some("custom") => {}
-                Some(kind) => {
-                    return Err(bad(format!(
-                        "{at}: tool type {kind:?} is a tool Anthropic runs itself; the gateway passes only custom tools (name, description, input_schema)"
-                    )));
-                }
-            }
-            let name = t
-                .get("name")
-                .and_then(Value::as_str)
-                .filter(|n| !n.is_empty() && n.len() <= 128)
-                .ok_or_else(|| bad(format!("{at}.name must be a non-empty string")))?;
-            let schema = t
-                .get("input_schema")
-                .filter(|s| s.get("type").and_then(Value::as_str) == Some("object"))
-                .ok_or_else(|| {
-                    bad(format!(
-                        "{at}.input_schema must be a JSON Schema object with \"type\": \"object\""
-                    ))
-                })?;
-            let mut function = json!({"name": name, "parameters": schema});
-            match t.get("description") {
-                None | Some(Value::Null) => {}
-                Some(Value::String(d)) => function["description"] = json!(d),
-                Some(_) => return Err(bad(format!("{at}.description must be a string"))),
-            }
-            Ok(json!({"type": "function", "function": function}))
-        })
+        .map(|(i, t)| wire::function_tool(t).map_err(|e| bad(format!("tools[{i}]{e}"))))
         .collect()
-}
-
-/// Anthropic's `tool_choice` in OpenAI's shape, and whether parallel calls are allowed.
-fn tool_choice(choice: &Value) -> Result<(Value, bool), GatewayError> {
-    let parallel = !choice
-        .get("disable_parallel_tool_use")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
-    let mapped = match choice.get("type").and_then(Value::as_str) {
-        Some("auto") => json!("auto"),
-        Some("any") => json!("required"),
-        Some("none") => json!("none"),
-        Some("tool") => match choice.get("name").and_then(Value::as_str) {
-            Some(name) => json!({"type": "function", "function": {"name": name}}),
-            None => return Err(bad("tool_choice of type \"tool\" needs a 'name'")),
-        },
-        _ => {
-            return Err(bad(
-                "'tool_choice' must be an object with type auto, any, tool or none",
-            ));
-        }
-    };
-    Ok((mapped, parallel))
 }
 
 /// Anthropic's structured output (`output_config.format`, a JSON schema) as OpenAI's `response_format`.
@@ -654,20 +561,6 @@ fn output_format(config: Option<Value>) -> Result<Option<Value>, GatewayError> {
     }
 }
 
-/// A unified finish reason as Anthropic's `stop_reason`.
-pub fn stop_reason(finish: Option<&str>) -> &'static str {
-    match finish {
-        Some("length") => "max_tokens",
-        Some("tool_calls") => "tool_use",
-        Some("content_filter") => "refusal",
-        _ => "end_turn",
-    }
-}
-
-fn usage_json(u: &Usage) -> Value {
-    json!({"input_tokens": u.prompt_tokens.unwrap_or(0), "output_tokens": u.completion_tokens.unwrap_or(0)})
-}
-
 /// Anthropic's message ids start `msg_`; another provider's id keeps its text after that prefix.
 fn message_id(reported: Option<&str>) -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -690,35 +583,27 @@ fn tool_input(arguments: &str) -> Value {
 }
 
 /// A non-streaming answer as an Anthropic message.
-pub fn render(g: &Generation, configured_model: &str) -> Value {
+pub fn render(g: &Generation, configured_model: &str) -> Message {
     let choice = g.choices.first();
     let mut content = Vec::new();
     if let Some(c) = choice.filter(|c| !c.text.is_empty()) {
-        content.push(json!({"type": "text", "text": c.text}));
+        content.push(wire::text_block(&c.text));
     }
-    if let Some(Value::Array(calls)) = choice.and_then(|c| c.message_extra.get("tool_calls")) {
-        for call in calls {
-            let args = call
-                .pointer("/function/arguments")
-                .and_then(Value::as_str)
-                .unwrap_or_default();
-            content.push(json!({"type": "tool_use", "id": call.get("id").cloned().unwrap_or(json!("")),
-                "name": call.pointer("/function/name").cloned().unwrap_or(json!("")), "input": tool_input(args)}));
-        }
+    for call in choice.iter().flat_map(|c| &c.tool_calls) {
+        content.push(wire::tool_use_block(call, tool_input(&call.arguments)));
     }
     if content.is_empty() {
-        content.push(json!({"type": "text", "text": ""}));
+        content.push(wire::text_block(""));
     }
-    json!({
-        "id": message_id(Some(&g.id)),
-        "type": "message",
-        "role": "assistant",
-        "model": model_name(&g.model, configured_model),
-        "content": content,
-        "stop_reason": stop_reason(choice.and_then(|c| c.finish_reason.as_deref())),
-        "stop_sequence": null,
-        "usage": usage_json(&g.usage),
-    })
+    Message::assistant(
+        message_id(Some(&g.id)),
+        model_name(&g.model, configured_model),
+        content,
+        Some(wire::stop_reason(
+            choice.and_then(|c| c.finish_reason.as_deref()),
+        )),
+        wire::Usage::reported(&g.usage),
+    )
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -770,27 +655,24 @@ impl MessagesStream {
             .and_then(|d| d.model.as_deref())
             .filter(|m| !m.is_empty())
             .unwrap_or(&self.fallback_model);
-        let message = json!({
-            "id": message_id(d.and_then(|d| d.id.as_deref())),
-            "type": "message", "role": "assistant", "model": model, "content": [],
-            "stop_reason": null, "stop_sequence": null,
-            "usage": {"input_tokens": self.input_estimate, "output_tokens": 0},
-        });
-        push_named(
-            out,
-            "message_start",
-            &json!({"type": "message_start", "message": message}),
+        let message = Message::assistant(
+            message_id(d.and_then(|d| d.id.as_deref())),
+            model,
+            Vec::new(),
+            None,
+            wire::Usage {
+                input_tokens: Some(self.input_estimate),
+                output_tokens: Some(0),
+                ..Default::default()
+            },
         );
-        push_named(out, "ping", &json!({"type": "ping"}));
+        push_event(out, &Event::MessageStart { message });
+        push_event(out, &Event::Ping);
     }
 
     fn close(&mut self, out: &mut BytesMut) {
         if let Some(Block::Text(i) | Block::Tool(i)) = self.open.take() {
-            push_named(
-                out,
-                "content_block_stop",
-                &json!({"type": "content_block_stop", "index": i}),
-            );
+            push_event(out, &Event::ContentBlockStop { index: i.into() });
         }
     }
 
@@ -798,10 +680,12 @@ impl MessagesStream {
         self.close(out);
         let index = self.next_block;
         self.next_block += 1;
-        push_named(
+        push_event(
             out,
-            "content_block_start",
-            &json!({"type": "content_block_start", "index": index, "content_block": block}),
+            &Event::ContentBlockStart {
+                index: index.into(),
+                content_block: block,
+            },
         );
         index
     }
@@ -824,10 +708,12 @@ impl Reframer for MessagesStream {
                         i
                     }
                 };
-                push_named(
+                push_event(
                     out,
-                    "content_block_delta",
-                    &json!({"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": text}}),
+                    &Event::ContentBlockDelta {
+                        index: index.into(),
+                        delta: Delta::TextDelta { text: text.into() },
+                    },
                 );
             }
             for call in &d.tool_calls {
@@ -856,10 +742,14 @@ impl Reframer for MessagesStream {
                     }
                 };
                 if !call.arguments.is_empty() {
-                    push_named(
+                    push_event(
                         out,
-                        "content_block_delta",
-                        &json!({"type": "content_block_delta", "index": index, "delta": {"type": "input_json_delta", "partial_json": call.arguments}}),
+                        &Event::ContentBlockDelta {
+                            index: index.into(),
+                            delta: Delta::InputJsonDelta {
+                                partial_json: call.arguments.clone(),
+                            },
+                        },
                     );
                 }
             }
@@ -879,24 +769,27 @@ impl Reframer for MessagesStream {
     fn end(&mut self, out: &mut BytesMut) {
         self.start(None, out);
         self.close(out);
-        push_named(
+        push_event(
             out,
-            "message_delta",
-            &json!({"type": "message_delta",
-            "delta": {"stop_reason": stop_reason(self.finish.as_deref()), "stop_sequence": null},
-            "usage": usage_json(&Usage {
-                prompt_tokens: self.usage.prompt_tokens.or(Some(self.input_estimate)),
-                ..self.usage
-            })}),
+            &Event::MessageDelta {
+                delta: wire::MessageDelta {
+                    stop_reason: Some(wire::stop_reason(self.finish.as_deref()).into()),
+                    stop_sequence: None,
+                },
+                usage: Some(wire::Usage::reported(&Usage {
+                    prompt_tokens: self.usage.prompt_tokens.or(Some(self.input_estimate)),
+                    ..self.usage
+                })),
+            },
         );
-        push_named(out, "message_stop", &json!({"type": "message_stop"}));
+        push_event(out, &Event::MessageStop);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::llm::{Choice, ToolCallDelta};
+    use crate::llm::{Choice, ToolCall, ToolCallDelta};
     use crate::providers::ProviderError;
 
     fn body(v: Value) -> Fields {
@@ -942,7 +835,7 @@ mod tests {
             json!([{"type": "text", "text": "Be terse."}])
         );
         assert_eq!(
-            chat.messages[1].content[1],
+            json!(chat.messages[1].content)[1],
             json!({"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBOR"}})
         );
         assert_eq!(
@@ -950,11 +843,11 @@ mod tests {
             json!([{"type": "text", "text": "Checking."}])
         );
         assert_eq!(
-            chat.messages[2].extra["tool_calls"],
+            json!(chat.messages[2].tool_calls),
             json!([{"id": "toolu_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}])
         );
         assert_eq!(chat.messages[3].content, json!("Sunny"));
-        assert_eq!(chat.messages[3].extra["tool_call_id"], "toolu_1");
+        assert_eq!(chat.messages[3].tool_call_id.as_deref(), Some("toolu_1"));
         assert_eq!(chat.params.max_tokens, Some(64));
         assert_eq!(chat.params.stop, Some(vec!["END".to_string()]));
         assert_eq!(chat.extra["tools"][0]["function"]["name"], "get_weather");
@@ -1022,9 +915,7 @@ mod tests {
 
     #[test]
     fn answers_render_as_messages_with_tool_use() {
-        let mut extra = Map::new();
-        extra.insert(
-            "tool_calls".into(),
+        let calls = ToolCall::openai_list(
             json!([{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{\"a\":1}"}}]),
         );
         let g = Generation {
@@ -1035,11 +926,12 @@ mod tests {
                 index: 0,
                 text: String::new(),
                 finish_reason: Some("tool_calls".into()),
-                message_extra: extra,
+                tool_calls: calls,
+                message_extra: Map::new(),
             }],
             usage: Usage::new(Some(10), Some(3)),
         };
-        let m = render(&g, "gpt-4o-mini");
+        let m = json!(render(&g, "gpt-4o-mini"));
         assert_eq!(m["type"], "message");
         assert_eq!(m["model"], "gpt-4o-mini");
         assert_eq!(m["stop_reason"], "tool_use");
@@ -1048,8 +940,8 @@ mod tests {
             json!([{"type": "tool_use", "id": "call_1", "name": "f", "input": {"a": 1}}])
         );
         assert_eq!(m["usage"], json!({"input_tokens": 10, "output_tokens": 3}));
-        assert_eq!(stop_reason(Some("length")), "max_tokens");
-        assert_eq!(stop_reason(Some("stop")), "end_turn");
+        assert_eq!(wire::stop_reason(Some("length")), "max_tokens");
+        assert_eq!(wire::stop_reason(Some("stop")), "end_turn");
     }
 
     fn delta(text: Option<&str>, calls: Vec<ToolCallDelta>, finish: Option<&str>) -> StreamDelta {

@@ -261,6 +261,7 @@ mod tests {
                 index: 0,
                 text: "hi".into(),
                 finish_reason: Some("stop".into()),
+                tool_calls: Vec::new(),
                 message_extra: Map::new(),
             }],
             usage: Usage::new(Some(3), Some(1)),

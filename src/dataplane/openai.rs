@@ -24,7 +24,7 @@ use super::forward::{self, ServingRoute};
 use super::request::{OPENAI, parse_request, require_string};
 use crate::api::RouteType;
 use crate::llm::{
-    Choice, Embeddings, Generation, LlmRequest, LlmResponse, StreamDelta, StreamOptions,
+    Choice, Embeddings, Generation, LlmRequest, LlmResponse, StreamDelta, StreamOptions, ToolCall,
     ToolCallDelta, Usage, unix_now,
 };
 
@@ -188,9 +188,11 @@ enum ChoiceOut<'a> {
     },
 }
 
-/// An assistant message: role, content, then the provider's extra fields (role/content win).
+/// An assistant message: role, content, then the tool calls among the provider's extra fields in
+/// key order (role/content win).
 struct MessageOut<'a> {
     content: Option<&'a str>,
+    tool_calls: &'a [ToolCall],
     extra: &'a Map<String, Value>,
 }
 
@@ -200,10 +202,18 @@ impl Serialize for MessageOut<'_> {
         let mut map = s.serialize_map(None)?;
         map.serialize_entry("role", "assistant")?;
         map.serialize_entry("content", &self.content)?;
+        let mut calls = (!self.tool_calls.is_empty()).then_some(self.tool_calls);
         for (k, v) in self.extra {
-            if k != "role" && k != "content" {
+            if let Some(c) = calls.filter(|_| k.as_str() > "tool_calls") {
+                map.serialize_entry("tool_calls", c)?;
+                calls = None;
+            }
+            if !matches!(k.as_str(), "role" | "content" | "tool_calls") {
                 map.serialize_entry(k, v)?;
             }
+        }
+        if let Some(c) = calls {
+            map.serialize_entry("tool_calls", c)?;
         }
         map.end()
     }
@@ -212,7 +222,7 @@ impl Serialize for MessageOut<'_> {
 fn choice_out(c: &Choice, chat: bool) -> ChoiceOut<'_> {
     if chat {
         // As OpenAI answers: a message that only calls tools has no content.
-        let content = if c.text.is_empty() && c.message_extra.contains_key("tool_calls") {
+        let content = if c.text.is_empty() && !c.tool_calls.is_empty() {
             None
         } else {
             Some(c.text.as_str())
@@ -221,6 +231,7 @@ fn choice_out(c: &Choice, chat: bool) -> ChoiceOut<'_> {
             index: c.index,
             message: MessageOut {
                 content,
+                tool_calls: &c.tool_calls,
                 extra: &c.message_extra,
             },
             finish_reason: c.finish_reason.as_deref(),

@@ -3,7 +3,6 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::{Stream, StreamExt};
-use serde_json::Value;
 
 use super::error::GatewayError;
 use crate::llm::StreamDelta;
@@ -44,7 +43,7 @@ pub fn reframe<R: Reframer>(
 }
 
 /// A named SSE event: `event: <name>` and its JSON data.
-pub fn push_named(buf: &mut BytesMut, name: &str, value: &Value) {
+pub fn push_named<T: serde::Serialize + ?Sized>(buf: &mut BytesMut, name: &str, value: &T) {
     buf.put_slice(b"event: ");
     buf.put_slice(name.as_bytes());
     buf.put_slice(b"\ndata: ");
@@ -58,7 +57,7 @@ pub fn push_named(buf: &mut BytesMut, name: &str, value: &Value) {
 pub fn run<R: Reframer>(
     mut r: R,
     items: Vec<Result<Vec<StreamDelta>, GatewayError>>,
-) -> Vec<(String, Value)> {
+) -> Vec<(String, serde_json::Value)> {
     let mut buf = BytesMut::new();
     let mut ended = false;
     for item in items {
@@ -79,12 +78,12 @@ pub fn run<R: Reframer>(
         .filter(|e| !e.is_empty())
         .map(|e| {
             let mut name = String::new();
-            let mut data = Value::Null;
+            let mut data = serde_json::Value::Null;
             for line in e.lines() {
                 if let Some(n) = line.strip_prefix("event: ") {
                     name = n.to_string();
                 } else if let Some(d) = line.strip_prefix("data: ") {
-                    data = serde_json::from_str(d).unwrap_or(Value::Null);
+                    data = serde_json::from_str(d).unwrap_or_default();
                 }
             }
             (name, data)

@@ -292,33 +292,14 @@ pub fn take_messages(body: &mut Body) -> Result<Vec<ChatMessage>, GatewayError> 
         .into_iter()
         .enumerate()
         .map(|(i, item)| {
-            let Value::Object(mut m) = item else {
+            let Value::Object(m) = item else {
                 return Err(GatewayError::bad_param(
                     "messages",
                     format!("messages[{i}] must be an object with 'role' and 'content'"),
                 ));
             };
-            let role = match m.remove("role") {
-                Some(Value::String(r)) if !r.is_empty() => r,
-                _ => {
-                    return Err(GatewayError::bad_param(
-                        "messages",
-                        format!("messages[{i}].role must be a non-empty string"),
-                    ));
-                }
-            };
-            let content = m.remove("content").unwrap_or(Value::Null);
-            if !matches!(content, Value::String(_) | Value::Array(_) | Value::Null) {
-                return Err(GatewayError::bad_param(
-                    "messages",
-                    format!("messages[{i}].content must be a string or a list of content parts"),
-                ));
-            }
-            Ok(ChatMessage {
-                role,
-                content,
-                extra: m,
-            })
+            ChatMessage::from_openai(m)
+                .map_err(|e| GatewayError::bad_param("messages", format!("messages[{i}].{e}")))
         })
         .collect()
 }

@@ -24,8 +24,8 @@ use super::reframe::{Reframer, push_named, reframe};
 use super::request::{require_string, take_bool, take_count, take_number};
 use crate::api::RouteType;
 use crate::llm::{
-    ChatMessage, ChatRequest, Generation, LlmRequest, LlmResponse, Params, StreamDelta,
-    StreamOptions, Usage, unix_now,
+    ChatMessage, ChatRequest, Content, Generation, LlmRequest, LlmResponse, Params, Role,
+    StreamDelta, StreamOptions, ToolCall, Usage, unix_now,
 };
 
 type Fields = Map<String, Value>;
@@ -80,12 +80,12 @@ pub fn parse(mut body: Fields) -> Result<(ChatRequest, Echo), GatewayError> {
         None | Some(Value::Null) => {}
         Some(Value::String(s)) => {
             echo.insert("instructions".into(), json!(s));
-            messages.push(message("system", json!(s)));
+            messages.push(ChatMessage::new(Role::System, Content::Text(s)));
         }
         Some(_) => return Err(bad("instructions", "'instructions' must be a string")),
     }
     match body.remove("input") {
-        Some(Value::String(s)) => messages.push(message("user", json!(s))),
+        Some(Value::String(s)) => messages.push(ChatMessage::new(Role::User, Content::Text(s))),
         Some(Value::Array(items)) if !items.is_empty() => {
             for (i, item) in items.into_iter().enumerate() {
                 push_item(&mut messages, item, i)?;
@@ -95,7 +95,7 @@ pub fn parse(mut body: Fields) -> Result<(ChatRequest, Echo), GatewayError> {
         None | Some(Value::Null) => return Err(bad("input", "'input' is required")),
         Some(_) => return Err(bad("input", "'input' must be a string or a list of items")),
     }
-    if !messages.iter().any(|m| m.role != "system") {
+    if messages.iter().all(|m| m.role == Role::System) {
         return Err(bad("input", "'input' has no message to answer"));
     }
     let params = Params {
@@ -201,14 +201,6 @@ fn refuse_state(body: &mut Fields) -> Result<(), GatewayError> {
     Ok(())
 }
 
-fn message(role: &str, content: Value) -> ChatMessage {
-    ChatMessage {
-        role: role.into(),
-        content,
-        extra: Map::new(),
-    }
-}
-
 /// One input item as unified messages.
 fn push_item(out: &mut Vec<ChatMessage>, item: Value, i: usize) -> Result<(), GatewayError> {
     let Value::Object(item) = item else {
@@ -218,7 +210,10 @@ fn push_item(out: &mut Vec<ChatMessage>, item: Value, i: usize) -> Result<(), Ga
     match kind {
         None | Some("message") => {
             let role = match item.get("role").and_then(Value::as_str) {
-                Some(r @ ("user" | "assistant" | "system" | "developer")) => r,
+                Some("user") => Role::User,
+                Some("assistant") => Role::Assistant,
+                Some("system") => Role::System,
+                Some("developer") => Role::Developer,
                 _ => {
                     return Err(bad(
                         "input",
@@ -227,8 +222,8 @@ fn push_item(out: &mut Vec<ChatMessage>, item: Value, i: usize) -> Result<(), Ga
                 }
             };
             let content = match item.get("content") {
-                Some(Value::String(s)) => json!(s),
-                Some(Value::Array(parts)) => Value::Array(
+                Some(Value::String(s)) => Content::text(s.as_str()),
+                Some(Value::Array(parts)) => Content::Parts(
                     parts
                         .iter()
                         .enumerate()
@@ -242,7 +237,7 @@ fn push_item(out: &mut Vec<ChatMessage>, item: Value, i: usize) -> Result<(), Ga
                     ));
                 }
             };
-            out.push(message(role, content));
+            out.push(ChatMessage::new(role, content));
         }
         Some("function_call") => {
             let call_id = item.get("call_id").and_then(Value::as_str);
@@ -254,18 +249,13 @@ fn push_item(out: &mut Vec<ChatMessage>, item: Value, i: usize) -> Result<(), Ga
                     format!("input[{i}]: a function_call needs string call_id, name and arguments"),
                 ));
             };
-            let call = json!({"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}});
+            let call = ToolCall::function(call_id, name, arguments.to_string());
             // Calls of one turn join the assistant message before them (its text, its other calls).
             match out.last_mut() {
-                Some(last) if last.role == "assistant" => match last.extra.get_mut("tool_calls") {
-                    Some(Value::Array(calls)) => calls.push(call),
-                    _ => {
-                        last.extra.insert("tool_calls".into(), json!([call]));
-                    }
-                },
+                Some(last) if last.role == Role::Assistant => last.tool_calls.push(call),
                 _ => {
-                    let mut m = message("assistant", Value::Null);
-                    m.extra.insert("tool_calls".into(), json!([call]));
+                    let mut m = ChatMessage::new(Role::Assistant, Content::Empty);
+                    m.tool_calls.push(call);
                     out.push(m);
                 }
             }
@@ -288,9 +278,7 @@ fn push_item(out: &mut Vec<ChatMessage>, item: Value, i: usize) -> Result<(), Ga
                     return Err(bad("input", format!("input[{i}].output must be a string")));
                 }
             };
-            let mut m = message("tool", json!(output));
-            m.extra.insert("tool_call_id".into(), json!(call_id));
-            out.push(m);
+            out.push(ChatMessage::tool_result(call_id, output));
         }
         // Reasoning from an earlier turn is the provider's own; translated Routes cannot use it.
         Some("reasoning") => {}
@@ -521,17 +509,14 @@ pub fn render(g: &Generation, configured_model: &str, echo: &Echo) -> Value {
     if let Some(c) = choice.filter(|c| !c.text.is_empty()) {
         output.push(message_item(&next_id("msg"), &c.text, "completed"));
     }
-    if let Some(Value::Array(calls)) = choice.and_then(|c| c.message_extra.get("tool_calls")) {
-        for call in calls {
-            let s = |p: &str| call.pointer(p).and_then(Value::as_str).unwrap_or_default();
-            output.push(call_item(
-                &next_id("fc"),
-                s("/id"),
-                s("/function/name"),
-                s("/function/arguments"),
-                "completed",
-            ));
-        }
+    for call in choice.iter().flat_map(|c| &c.tool_calls) {
+        output.push(call_item(
+            &next_id("fc"),
+            &call.id,
+            &call.name,
+            &call.arguments,
+            "completed",
+        ));
     }
     response_object(
         &next_id("resp"),
@@ -807,16 +792,14 @@ mod tests {
         let roles: Vec<&str> = chat.messages.iter().map(|m| m.role.as_str()).collect();
         assert_eq!(roles, ["system", "user", "assistant", "tool", "tool"]);
         assert_eq!(
-            chat.messages[1].content[1],
+            json!(chat.messages[1].content)[1],
             json!({"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBOR", "detail": "low"}})
         );
         assert_eq!(
-            chat.messages[2].extra["tool_calls"]
-                .as_array()
-                .map(Vec::len),
+            json!(chat.messages[2].tool_calls).as_array().map(Vec::len),
             Some(2)
         );
-        assert_eq!(chat.messages[3].extra["tool_call_id"], "call_1");
+        assert_eq!(chat.messages[3].tool_call_id.as_deref(), Some("call_1"));
         assert_eq!(chat.params.max_tokens, Some(50));
         assert_eq!(
             chat.extra["tools"][0],
@@ -857,8 +840,9 @@ mod tests {
 
     #[test]
     fn answers_render_as_response_objects() {
-        let mut extra = Map::new();
-        extra.insert("tool_calls".into(), json!([{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]));
+        let calls = ToolCall::openai_list(
+            json!([{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]),
+        );
         let g = Generation {
             id: String::new(),
             created: 5,
@@ -867,7 +851,8 @@ mod tests {
                 index: 0,
                 text: "Hi".into(),
                 finish_reason: Some("tool_calls".into()),
-                message_extra: extra,
+                tool_calls: calls,
+                message_extra: Map::new(),
             }],
             usage: Usage::new(Some(3), Some(2)),
         };

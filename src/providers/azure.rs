@@ -113,11 +113,7 @@ mod tests {
 
     fn chat() -> LlmRequest {
         LlmRequest::Chat(ChatRequest {
-            messages: vec![ChatMessage {
-                role: "user".into(),
-                content: json!("hi"),
-                extra: Map::new(),
-            }],
+            messages: vec![ChatMessage::from_json("user", json!("hi"))],
             params: Params {
                 temperature: Some(0.1),
                 ..Default::default()

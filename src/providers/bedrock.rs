@@ -17,11 +17,12 @@ use super::info::{ACCESS_KEY_ID, SECRET_ACCESS_KEY, SESSION_TOKEN};
 use super::{
     ProviderAdapter, ProviderError, ProviderInfo, StreamDecoder, Target, UpstreamRequest,
     error_message, insert_secret, json_headers, malformed, normalize_finish_reason, path_segment,
-    present_fields, push_turn, reject_n, single_choice, tool_calls_extra, upstream_error,
+    present_fields, push_turn, reject_n, single_choice, upstream_error,
 };
 use crate::api::{Provider, RouteType};
 use crate::llm::{
-    ChatMessage, Embeddings, LlmRequest, LlmResponse, Params, StreamDelta, ToolCallDelta, Usage,
+    ChatMessage, Content, Embeddings, LlmRequest, LlmResponse, Params, Role, StreamDelta, ToolCall,
+    ToolCallDelta, Usage,
 };
 
 /// Used when the Route sets no `config.region`.
@@ -72,7 +73,11 @@ impl ProviderAdapter for Bedrock {
                 // Structured output through the forced tool: its input is the answer.
                 text.push_str(&t["input"].to_string());
             } else {
-                calls.push(json!({"id": t["toolUseId"], "type": "function", "function": {"name": t["name"], "arguments": t["input"].to_string()}}));
+                calls.push(ToolCall::function(
+                    t["toolUseId"].as_str().unwrap_or_default(),
+                    t["name"].as_str().unwrap_or_default(),
+                    t["input"].to_string(),
+                ));
             }
         }
         let structured = wire
@@ -85,13 +90,12 @@ impl ProviderAdapter for Bedrock {
             Some("tool_use") if structured && calls.is_empty() => Some("end_turn"),
             other => other,
         };
-        let message_extra = tool_calls_extra(calls);
         Ok(single_choice(
             String::new(),
             target.model.clone(),
             text,
             stop_reason,
-            message_extra,
+            calls,
             wire.usage.map(WireUsage::usage).unwrap_or_default(),
         ))
     }
@@ -172,11 +176,7 @@ pub(crate) fn build_request_at(
             } else {
                 "converse"
             };
-            let prompt = ChatMessage {
-                role: "user".into(),
-                content: json!(c.prompt),
-                extra: Map::new(),
-            };
+            let prompt = ChatMessage::from_json("user", json!(c.prompt));
             (op, converse_body(&[prompt], &c.params, &c.extra)?)
         }
         LlmRequest::Native(_) => return Err(super::native_unsupported(Provider::Bedrock)),
@@ -320,11 +320,11 @@ pub(crate) fn sign_with(
 
 /// A message's text and image parts as Converse content blocks. Converse takes image bytes
 /// only: an https image URL is refused, since the gateway never fetches a URL itself.
-fn content_blocks(content: &Value) -> Result<Vec<Value>, ProviderError> {
+fn content_blocks(content: &Content) -> Result<Vec<Value>, ProviderError> {
     let mut blocks = Vec::new();
     match content {
-        Value::String(s) => blocks.push(json!({"text": s})),
-        Value::Array(parts) => {
+        Content::Text(s) => blocks.push(json!({"text": s})),
+        Content::Parts(parts) => {
             for p in parts {
                 match features::image(p)? {
                     Some(Image::Inline { media_type, data }) => {
@@ -370,32 +370,30 @@ fn converse_body(
     let mut system = Vec::new();
     let mut turns: Vec<Value> = Vec::new();
     for m in messages {
-        let (role, blocks) = match m.role.as_str() {
-            "system" | "developer" => {
+        let (role, blocks) = match &m.role {
+            Role::System | Role::Developer => {
                 system.push(json!({"text": m.text()}));
                 continue;
             }
-            "tool" => (
+            Role::Tool => (
                 "user",
                 vec![json!({"toolResult": {
-                    "toolUseId": m.extra.get("tool_call_id").cloned().unwrap_or(Value::Null),
+                    "toolUseId": m.tool_call_id,
                     "content": [{"text": m.text()}],
                 }})],
             ),
-            "assistant" => {
+            Role::Assistant => {
                 let mut blocks = content_blocks(&m.content)?;
-                if let Some(Value::Array(calls)) = m.extra.get("tool_calls") {
-                    for call in calls {
-                        blocks.push(json!({"toolUse": {
-                            "toolUseId": call["id"],
-                            "name": call.pointer("/function/name").cloned().unwrap_or_default(),
-                            "input": features::call_arguments(call),
-                        }}));
-                    }
+                for call in &m.tool_calls {
+                    blocks.push(json!({"toolUse": {
+                        "toolUseId": call.id,
+                        "name": call.name,
+                        "input": call.arguments_object(),
+                    }}));
                 }
                 ("assistant", blocks)
             }
-            _ => ("user", content_blocks(&m.content)?),
+            Role::User | Role::Other(_) => ("user", content_blocks(&m.content)?),
         };
         push_turn(&mut turns, role, "content", blocks);
     }
@@ -615,7 +613,7 @@ impl ConverseStream {
             let payload: Value = serde_json::from_slice(&frame.payload).map_err(malformed)?;
             match frame.header(":event-type") {
                 Some("messageStart") => out.push(StreamDelta {
-                    role: payload["role"].as_str().map(str::to_string),
+                    role: payload["role"].as_str().map(Role::parse),
                     ..Default::default()
                 }),
                 Some("contentBlockStart") => {
@@ -792,11 +790,7 @@ mod tests {
     }
 
     fn chat(stream: bool) -> LlmRequest {
-        let m = |role: &str, text: &str| ChatMessage {
-            role: role.into(),
-            content: json!(text),
-            extra: Map::new(),
-        };
+        let m = |role: &str, text: &str| ChatMessage::from_json(role, json!(text));
         LlmRequest::Chat(ChatRequest {
             messages: vec![m("system", "Be terse."), m("user", "Name a prime.")],
             params: Params {
@@ -958,7 +952,7 @@ mod tests {
     fn converse_stream_is_decoded_event_by_event() {
         let out = decode_split(&Bedrock, RouteType::Chat, &converse_stream(), vec![])
             .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(out[0].role.as_deref(), Some("assistant"));
+        assert_eq!(out[0].role.as_ref().map(Role::as_str), Some("assistant"));
         assert_eq!(text(&out), "Hello");
         assert!(
             out.iter()
@@ -1057,15 +1051,13 @@ mod tests {
             build_request_at(&target("m", None), &req, UNIX_EPOCH)
                 .map(|r| serde_json::from_slice::<Value>(&r.body).unwrap_or_default())
         };
-        let msg = |role: &str, content: Value| ChatMessage {
-            role: role.into(),
-            content,
-            extra: Map::new(),
-        };
+        let msg = |role: &str, content: Value| ChatMessage::from_json(role, content);
         let mut call = msg("assistant", Value::Null);
-        call.extra.insert("tool_calls".into(), json!([{"id": "t1", "type": "function", "function": {"name": "f", "arguments": "{\"a\":1}"}}]));
+        call.tool_calls = ToolCall::openai_list(
+            json!([{"id": "t1", "type": "function", "function": {"name": "f", "arguments": "{\"a\":1}"}}]),
+        );
         let mut result = msg("tool", json!("42"));
-        result.extra.insert("tool_call_id".into(), json!("t1"));
+        result.tool_call_id = Some("t1".into());
         let image = msg(
             "user",
             json!([{"type": "text", "text": "see"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBO"}}]),
@@ -1089,12 +1081,11 @@ mod tests {
         );
         // The same conversation continued without tools still declares the one its call names.
         let mut call = msg("assistant", Value::Null);
-        call.extra.insert(
-            "tool_calls".into(),
+        call.tool_calls = ToolCall::openai_list(
             json!([{"id": "t1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]),
         );
         let mut result = msg("tool", json!("42"));
-        result.extra.insert("tool_call_id".into(), json!("t1"));
+        result.tool_call_id = Some("t1".into());
         let b = body_of(vec![msg("user", json!("go")), call, result], json!({}))
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(

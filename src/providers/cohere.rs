@@ -12,8 +12,9 @@ use super::{
 };
 use crate::api::{Provider, RouteType};
 use crate::llm::{
-    ChatMessage, ChatRequest, Choice, CompletionsRequest, Embeddings, EmbeddingsRequest,
-    Generation, LlmRequest, LlmResponse, Params, StreamDelta, ToolCallDelta, Usage, unix_now,
+    ChatMessage, ChatRequest, Choice, CompletionsRequest, Content, Embeddings, EmbeddingsRequest,
+    Generation, LlmRequest, LlmResponse, Params, Role, StreamDelta, ToolCall, ToolCallDelta, Usage,
+    unix_now,
 };
 
 /// v3+ embed models require an `input_type`; callers may pass one (or set `config.inputType`).
@@ -102,7 +103,7 @@ fn pass_through(body: &mut Map<String, Value>, extra: &Map<String, Value>, keys:
 /// A message's content for Cohere: its text, or text and image parts (v2's image parts are
 /// OpenAI's) when it holds images.
 fn content(m: &ChatMessage) -> Result<Value, ProviderError> {
-    let Value::Array(parts) = &m.content else {
+    let Content::Parts(parts) = &m.content else {
         return Ok(json!(m.text()));
     };
     if !features::has_images(std::slice::from_ref(m)) {
@@ -127,22 +128,22 @@ fn chat_body(target: &Target, chat: &ChatRequest) -> Result<Value, ProviderError
         .messages
         .iter()
         .map(|m| {
-            let role = if m.role == "developer" {
-                "system"
-            } else {
-                m.role.as_str()
+            let role = match &m.role {
+                Role::Developer => "system",
+                other => other.as_str(),
             };
             let mut out = Map::new();
             out.insert("role".into(), json!(role));
             let content = content(m)?;
             // An assistant turn that only calls tools has no content.
-            if !(content == "" && m.extra.contains_key("tool_calls")) {
+            if content != "" || m.tool_calls.is_empty() {
                 out.insert("content".into(), content);
             }
-            for key in ["tool_calls", "tool_call_id"] {
-                if let Some(v) = m.extra.get(key) {
-                    out.insert(key.into(), v.clone());
-                }
+            if !m.tool_calls.is_empty() {
+                out.insert("tool_calls".into(), json!(m.tool_calls));
+            }
+            if let Some(id) = &m.tool_call_id {
+                out.insert("tool_call_id".into(), json!(id));
             }
             Ok(Value::Object(out))
         })
@@ -271,7 +272,8 @@ struct WireChat {
 struct WireChatMessage {
     #[serde(default)]
     content: Vec<Value>,
-    tool_calls: Option<Value>,
+    #[serde(default, deserialize_with = "crate::llm::tool_calls_or_none")]
+    tool_calls: Vec<ToolCall>,
 }
 
 fn parse_chat(body: &[u8]) -> Result<LlmResponse, ProviderError> {
@@ -283,16 +285,12 @@ fn parse_chat(body: &[u8]) -> Result<LlmResponse, ProviderError> {
         .filter(|c| c["type"] == "text")
         .filter_map(|c| c["text"].as_str())
         .collect();
-    let mut message_extra = Map::new();
-    if let Some(calls) = wire.message.tool_calls.filter(|c| !c.is_null()) {
-        message_extra.insert("tool_calls".into(), calls);
-    }
     Ok(single_choice(
         wire.id,
         String::new(),
         text,
         wire.finish_reason.as_deref(),
-        message_extra,
+        wire.message.tool_calls,
         wire.usage.map(WireUsage::usage).unwrap_or_default(),
     ))
 }
@@ -332,6 +330,7 @@ fn parse_generate(body: &[u8]) -> Result<LlmResponse, ProviderError> {
                         .and_then(normalize_finish_reason)
                         .unwrap_or_else(|| "stop".into()),
                 ),
+                tool_calls: Vec::new(),
                 message_extra: Map::new(),
             })
             .collect(),
@@ -385,7 +384,7 @@ impl SseHandler for ChatStream {
                 self.id = v["id"].as_str().map(str::to_string);
                 out.push(StreamDelta {
                     id: self.id.clone(),
-                    role: Some("assistant".into()),
+                    role: Some(Role::Assistant),
                     ..base
                 });
             }
@@ -586,16 +585,11 @@ mod tests {
                 &target(),
                 &LlmRequest::Chat(ChatRequest {
                     messages: vec![
-                        ChatMessage {
-                            role: "system".into(),
-                            content: json!("Be terse."),
-                            extra: Map::new(),
-                        },
-                        ChatMessage {
-                            role: "user".into(),
-                            content: json!([{"type": "text", "text": "Name a prime."}]),
-                            extra: Map::new(),
-                        },
+                        ChatMessage::from_json("system", json!("Be terse.")),
+                        ChatMessage::from_json(
+                            "user",
+                            json!([{"type": "text", "text": "Name a prime."}]),
+                        ),
                     ],
                     params: Params {
                         temperature: Some(0.3),
@@ -810,11 +804,10 @@ mod tests {
             "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}},
         });
         let req = LlmRequest::Chat(ChatRequest {
-            messages: vec![ChatMessage {
-                role: "user".into(),
-                content: json!([{"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": "https://img.example/a.png"}}]),
-                extra: Map::new(),
-            }],
+            messages: vec![ChatMessage::from_json(
+                "user",
+                json!([{"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": "https://img.example/a.png"}}]),
+            )],
             params: Params::default(),
             stream: StreamOptions::default(),
             extra: extra.as_object().cloned().unwrap_or_default(),

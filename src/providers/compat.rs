@@ -177,11 +177,7 @@ mod tests {
 
     fn chat(n: Option<u32>, stream: bool, extra: Map<String, Value>) -> LlmRequest {
         LlmRequest::Chat(ChatRequest {
-            messages: vec![ChatMessage {
-                role: "user".into(),
-                content: json!("hi"),
-                extra: Map::new(),
-            }],
+            messages: vec![ChatMessage::from_json("user", json!("hi"))],
             params: Params {
                 max_tokens: Some(5),
                 n,

@@ -8,7 +8,7 @@ use serde_json::{Map, Value, json};
 
 use super::ProviderError;
 use crate::api::Provider;
-use crate::llm::ChatMessage;
+use crate::llm::{ChatMessage, Content};
 
 /// The tool that carries structured output on providers that only force a tool's input into a
 /// schema (Anthropic, Bedrock): its input comes back as the message text, never as a tool call.
@@ -53,9 +53,7 @@ pub fn image(part: &Value) -> Result<Option<Image<'_>>, ProviderError> {
 /// Whether any message holds an image part.
 pub fn has_images(messages: &[ChatMessage]) -> bool {
     messages.iter().any(|m| {
-        m.content
-            .as_array()
-            .is_some_and(|parts| parts.iter().any(|p| p["type"] == "image_url"))
+        matches!(&m.content, Content::Parts(parts) if parts.iter().any(|p| p["type"] == "image_url"))
     })
 }
 
@@ -208,42 +206,28 @@ pub fn refuse_output_format(
     Ok(())
 }
 
-/// A tool call's arguments (OpenAI sends a JSON string) as a JSON object.
-pub fn call_arguments(call: &Value) -> Value {
-    match call.pointer("/function/arguments") {
-        Some(Value::String(s)) => serde_json::from_str::<Value>(s)
-            .ok()
-            .filter(Value::is_object)
-            .unwrap_or_else(|| json!({})),
-        Some(v @ Value::Object(_)) => v.clone(),
-        _ => json!({}),
-    }
-}
-
-/// The function name of the assistant tool call `id` among `messages`: providers that key tool
-/// results by name (Gemini) need it, OpenAI's tool messages only carry the call's id.
 /// The tools the conversation's earlier calls name, sorted, each once: what a provider that
 /// refuses tool calls without tool definitions (Anthropic, Bedrock) must be told of when a
 /// conversation that used tools continues without them.
 pub fn called_tools(messages: &[ChatMessage]) -> Vec<&str> {
     let mut used: Vec<&str> = messages
         .iter()
-        .filter_map(|m| m.extra.get("tool_calls")?.as_array())
-        .flatten()
-        .filter_map(|c| c.pointer("/function/name")?.as_str())
+        .flat_map(|m| &m.tool_calls)
+        .map(|c| c.name.as_str())
         .collect();
     used.sort_unstable();
     used.dedup();
     used
 }
 
+/// The function name of the assistant tool call `id` among `messages`: providers that key tool
+/// results by name (Gemini) need it, OpenAI's tool messages only carry the call's id.
 pub fn tool_name_for<'a>(messages: &'a [ChatMessage], id: &str) -> Option<&'a str> {
     messages
         .iter()
-        .filter_map(|m| m.extra.get("tool_calls")?.as_array())
-        .flatten()
-        .find(|c| c.get("id").and_then(Value::as_str) == Some(id))
-        .and_then(|c| c.pointer("/function/name")?.as_str())
+        .flat_map(|m| &m.tool_calls)
+        .find(|c| c.id == id)
+        .map(|c| c.name.as_str())
 }
 
 fn bad(message: impl Into<String>) -> ProviderError {

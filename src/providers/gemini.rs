@@ -10,12 +10,12 @@ use super::sse::{SseDecoder, SseEvent, SseHandler, SseParser};
 use super::{
     API_KEY, ProviderAdapter, ProviderError, ProviderInfo, StreamDecoder, Target, UpstreamRequest,
     error_message, insert_secret, json_headers, malformed, normalize_finish_reason, path_segment,
-    post_json, present_fields, push_turn, tool_calls_extra, upstream_error,
+    post_json, present_fields, push_turn, upstream_error,
 };
 use crate::api::{Provider, RouteType};
 use crate::llm::{
-    ChatMessage, Choice, Embeddings, Generation, LlmRequest, LlmResponse, Params, StreamDelta,
-    ToolCallDelta, Usage, unix_now,
+    ChatMessage, Choice, Content, Embeddings, Generation, LlmRequest, LlmResponse, Params, Role,
+    StreamDelta, ToolCall, ToolCallDelta, Usage, unix_now,
 };
 
 pub struct Gemini;
@@ -47,11 +47,7 @@ impl ProviderAdapter for Gemini {
                 generate(&base, &c.messages, &c.params, c.stream.stream, &c.extra)?
             }
             LlmRequest::Completions(c) => {
-                let prompt = ChatMessage {
-                    role: "user".into(),
-                    content: json!(c.prompt),
-                    extra: Map::new(),
-                };
+                let prompt = ChatMessage::from_json("user", json!(c.prompt));
                 generate(&base, &[prompt], &c.params, c.stream.stream, &c.extra)?
             }
             LlmRequest::Native(_) => return Err(super::native_unsupported(Provider::Gemini)),
@@ -124,7 +120,8 @@ impl ProviderAdapter for Gemini {
                     index: c.index.unwrap_or(i as u32),
                     text,
                     finish_reason: finish_reason(c),
-                    message_extra: tool_calls_extra(calls),
+                    tool_calls: calls,
+                    message_extra: Map::new(),
                 }
             })
             .collect();
@@ -133,6 +130,7 @@ impl ProviderAdapter for Gemini {
                 index: 0,
                 text: String::new(),
                 finish_reason: Some("content_filter".into()),
+                tool_calls: Vec::new(),
                 message_extra: Map::new(),
             });
         }
@@ -165,11 +163,11 @@ impl ProviderAdapter for Gemini {
 }
 
 /// A message's text and image parts as Gemini parts.
-fn content_parts(content: &Value) -> Result<Vec<Value>, ProviderError> {
+fn content_parts(content: &Content) -> Result<Vec<Value>, ProviderError> {
     let mut parts = Vec::new();
     match content {
-        Value::String(s) => parts.push(json!({"text": s})),
-        Value::Array(items) => {
+        Content::Text(s) => parts.push(json!({"text": s})),
+        Content::Parts(items) => {
             for p in items {
                 match features::image(p)? {
                     Some(Image::Inline { media_type, data }) => {
@@ -263,11 +261,7 @@ fn openapi_subset(schema: &Value) -> bool {
 
 /// An OpenAI tool message as a `functionResponse` part: Gemini keys results by function name.
 fn function_response(m: &ChatMessage, messages: &[ChatMessage]) -> Value {
-    let id = m
-        .extra
-        .get("tool_call_id")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
+    let id = m.tool_call_id.as_deref().unwrap_or_default();
     let name = m
         .extra
         .get("name")
@@ -293,28 +287,25 @@ fn generate(
     let mut system = Vec::new();
     let mut contents: Vec<Value> = Vec::new();
     for m in messages {
-        let (role, parts) = match m.role.as_str() {
-            "system" | "developer" => {
+        let (role, parts) = match &m.role {
+            Role::System | Role::Developer => {
                 system.push(json!({"text": m.text()}));
                 continue;
             }
-            "tool" => ("user", vec![function_response(m, messages)]),
-            "assistant" => {
+            Role::Tool => ("user", vec![function_response(m, messages)]),
+            Role::Assistant => {
                 let mut parts = content_parts(&m.content)?;
                 parts.retain(|p| p.get("text").is_none_or(|t| t != ""));
-                if let Some(Value::Array(calls)) = m.extra.get("tool_calls") {
-                    for call in calls {
-                        let name = call.pointer("/function/name").cloned().unwrap_or_default();
-                        let mut part = json!({"functionCall": {"name": name, "args": features::call_arguments(call)}});
-                        if let Some(sig) = call["id"].as_str().and_then(signature_from_id) {
-                            part["thoughtSignature"] = json!(sig);
-                        }
-                        parts.push(part);
+                for call in &m.tool_calls {
+                    let mut part = json!({"functionCall": {"name": call.name, "args": call.arguments_object()}});
+                    if let Some(sig) = signature_from_id(&call.id) {
+                        part["thoughtSignature"] = json!(sig);
                     }
+                    parts.push(part);
                 }
                 ("model", parts)
             }
-            _ => ("user", content_parts(&m.content)?),
+            Role::User | Role::Other(_) => ("user", content_parts(&m.content)?),
         };
         push_turn(&mut contents, role, "parts", parts);
     }
@@ -458,7 +449,7 @@ struct WireValues {
 }
 
 /// A candidate's text (thought summaries skipped) and its function calls as OpenAI tool calls.
-fn candidate_parts(c: &WireCandidate) -> (String, Vec<Value>) {
+fn candidate_parts(c: &WireCandidate) -> (String, Vec<ToolCall>) {
     let mut text = String::new();
     let mut calls = Vec::new();
     for part in c.content.iter().flat_map(|c| &c.parts) {
@@ -469,11 +460,11 @@ fn candidate_parts(c: &WireCandidate) -> (String, Vec<Value>) {
             text.push_str(t);
         }
         if let Some(call) = part.get("functionCall") {
-            calls.push(json!({
-                "id": call_id(part, calls.len()),
-                "type": "function",
-                "function": {"name": call["name"], "arguments": call.get("args").cloned().unwrap_or(json!({})).to_string()},
-            }));
+            calls.push(ToolCall::function(
+                call_id(part, calls.len()),
+                call["name"].as_str().unwrap_or_default(),
+                call.get("args").cloned().unwrap_or(json!({})).to_string(),
+            ));
         }
     }
     (text, calls)
@@ -588,7 +579,7 @@ impl SseHandler for GeminiStream {
             let index = c.index.unwrap_or(i as u32);
             let role = (!self.started.contains(&index)).then(|| {
                 self.started.push(index);
-                "assistant".to_string()
+                Role::Assistant
             });
             let (text, _) = candidate_parts(c);
             let before = self
@@ -669,11 +660,7 @@ mod tests {
     }
 
     fn chat(stream: bool, n: Option<u32>) -> LlmRequest {
-        let m = |role: &str, text: &str| ChatMessage {
-            role: role.into(),
-            content: json!(text),
-            extra: Map::new(),
-        };
+        let m = |role: &str, text: &str| ChatMessage::from_json(role, json!(text));
         LlmRequest::Chat(ChatRequest {
             messages: vec![
                 m("system", "Be terse."),
@@ -772,10 +759,7 @@ mod tests {
         assert_eq!(g.choices[0].text, "7");
         assert_eq!(g.choices[0].finish_reason.as_deref(), Some("stop"));
         assert_eq!(g.choices[1].finish_reason.as_deref(), Some("tool_calls"));
-        assert_eq!(
-            g.choices[1].message_extra["tool_calls"][0]["function"]["arguments"],
-            "{\"a\":1}"
-        );
+        assert_eq!(g.choices[1].tool_calls[0].arguments, "{\"a\":1}");
         assert_eq!(
             g.choices[2].finish_reason.as_deref(),
             Some("content_filter")
@@ -819,7 +803,7 @@ mod tests {
         let out = decode_split(&Gemini, RouteType::Chat, STREAM.as_bytes(), vec![])
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(text(&out), "Hello");
-        assert_eq!(out[0].role.as_deref(), Some("assistant"));
+        assert_eq!(out[0].role.as_ref().map(Role::as_str), Some("assistant"));
         assert_eq!(out[1].finish_reason.as_deref(), Some("length"));
         assert_eq!(
             out.iter().filter_map(|d| d.usage).collect::<Vec<_>>(),
@@ -855,26 +839,16 @@ mod tests {
 
     #[test]
     fn tools_tool_turns_images_and_structured_output_are_translated() {
-        let mut call = ChatMessage {
-            role: "assistant".into(),
-            content: Value::Null,
-            extra: Map::new(),
-        };
-        call.extra.insert(
-            "tool_calls".into(),
+        let mut call = ChatMessage::from_json("assistant", Value::Null);
+        call.tool_calls = ToolCall::openai_list(
             json!([{"id": "call_0", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]),
         );
-        let mut result = ChatMessage {
-            role: "tool".into(),
-            content: json!("{\"temp\": 21}"),
-            extra: Map::new(),
-        };
-        result.extra.insert("tool_call_id".into(), json!("call_0"));
-        let user = ChatMessage {
-            role: "user".into(),
-            content: json!([{"type": "text", "text": "Weather here?"}, {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,/9j/4AAQ"}}, {"type": "image_url", "image_url": {"url": "https://img.example/map.png?x=1"}}]),
-            extra: Map::new(),
-        };
+        let mut result = ChatMessage::from_json("tool", json!("{\"temp\": 21}"));
+        result.tool_call_id = Some("call_0".into());
+        let user = ChatMessage::from_json(
+            "user",
+            json!([{"type": "text", "text": "Weather here?"}, {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,/9j/4AAQ"}}, {"type": "image_url", "image_url": {"url": "https://img.example/map.png?x=1"}}]),
+        );
         let extra = json!({
             "tools": [{"type": "function", "function": {"name": "get_weather", "description": "Weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}],
             "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
@@ -934,13 +908,8 @@ mod tests {
             id.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
         );
-        let mut call = ChatMessage {
-            role: "assistant".into(),
-            content: Value::Null,
-            extra: Map::new(),
-        };
-        call.extra.insert(
-            "tool_calls".into(),
+        let mut call = ChatMessage::from_json("assistant", Value::Null);
+        call.tool_calls = ToolCall::openai_list(
             json!([{"id": id, "type": "function", "function": {"name": "f", "arguments": "{\"a\":1}"}}]),
         );
         let req = LlmRequest::Chat(ChatRequest {

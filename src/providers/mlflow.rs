@@ -104,6 +104,7 @@ impl ProviderAdapter for MlflowModelServing {
                     index: i as u32,
                     text,
                     finish_reason: Some("stop".into()),
+                    tool_calls: Vec::new(),
                     message_extra: Map::new(),
                 })
             })
@@ -172,11 +173,7 @@ mod tests {
     fn chat(messages: usize, stream: bool) -> LlmRequest {
         LlmRequest::Chat(ChatRequest {
             messages: (0..messages)
-                .map(|_| ChatMessage {
-                    role: "user".into(),
-                    content: json!("hi"),
-                    extra: Map::new(),
-                })
+                .map(|_| ChatMessage::from_json("user", json!("hi")))
                 .collect(),
             params: Params {
                 temperature: Some(0.5),

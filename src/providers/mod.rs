@@ -4,6 +4,8 @@
 //! and hands the answer back to `parse_response`, `parse_error` or a `StreamDecoder`.
 
 mod anthropic;
+/// Anthropic's Messages wire format, read and written by the adapter and by the Messages surface.
+pub use anthropic::wire as anthropic_wire;
 mod azure;
 mod bedrock;
 mod cohere;
@@ -260,7 +262,7 @@ pub(crate) fn single_choice(
     model: String,
     text: String,
     finish_reason: Option<&str>,
-    message_extra: serde_json::Map<String, serde_json::Value>,
+    tool_calls: Vec<crate::llm::ToolCall>,
     usage: Usage,
 ) -> LlmResponse {
     LlmResponse::Generation(crate::llm::Generation {
@@ -271,21 +273,11 @@ pub(crate) fn single_choice(
             index: 0,
             text,
             finish_reason: finish_reason.and_then(normalize_finish_reason),
-            message_extra,
+            tool_calls,
+            message_extra: serde_json::Map::new(),
         }],
         usage,
     })
-}
-
-/// `message_extra` carrying OpenAI-shaped `tool_calls`, when there are any.
-pub(crate) fn tool_calls_extra(
-    calls: Vec<serde_json::Value>,
-) -> serde_json::Map<String, serde_json::Value> {
-    let mut extra = serde_json::Map::new();
-    if !calls.is_empty() {
-        extra.insert("tool_calls".into(), serde_json::Value::Array(calls));
-    }
-    extra
 }
 
 /// Appends a turn of `blocks` under `field`, merging with the previous turn of the same role:
@@ -544,11 +536,7 @@ mod tests {
     fn request(route_type: RouteType) -> LlmRequest {
         match route_type {
             RouteType::Chat => LlmRequest::Chat(ChatRequest {
-                messages: vec![ChatMessage {
-                    role: "user".into(),
-                    content: json!("hi"),
-                    extra: Map::new(),
-                }],
+                messages: vec![ChatMessage::from_json("user", json!("hi"))],
                 params: Params::default(),
                 stream: StreamOptions::default(),
                 extra: Map::new(),

@@ -14,7 +14,8 @@ use super::{
 use crate::api::{Provider, RouteType};
 use crate::llm::{
     ChatRequest, Choice, CompletionsRequest, Embeddings, EmbeddingsRequest, Generation, LlmRequest,
-    LlmResponse, Params, StreamDelta, StreamOptions, ToolCallDelta, Usage, unix_now,
+    LlmResponse, Params, Role, StreamDelta, StreamOptions, ToolCall, ToolCallDelta, Usage,
+    unix_now,
 };
 
 pub struct OpenAi;
@@ -301,9 +302,9 @@ impl<'de> Deserialize<'de> for Choices {
 
 impl WireChoice<'_> {
     fn into_choice(self) -> Choice {
-        let (text, message_extra) = match self.message {
-            Some(m) => (content_text(m.content), m.extra),
-            None => (self.text.unwrap_or_default(), Map::new()),
+        let (text, tool_calls, message_extra) = match self.message {
+            Some(m) => (content_text(m.content), m.tool_calls, m.extra),
+            None => (self.text.unwrap_or_default(), Vec::new(), Map::new()),
         };
         Choice {
             index: self.index,
@@ -312,6 +313,7 @@ impl WireChoice<'_> {
                 .finish_reason
                 .as_deref()
                 .and_then(normalize_finish_reason),
+            tool_calls,
             message_extra,
         }
     }
@@ -333,6 +335,7 @@ struct WireChoice<'a> {
 /// flattened rest: flattening buffers every field twice, and `role` need not be kept at all.
 struct WireMessage {
     content: Option<Value>,
+    tool_calls: Vec<ToolCall>,
     extra: Map<String, Value>,
 }
 
@@ -350,6 +353,7 @@ impl<'de> Deserialize<'de> for WireMessage {
             ) -> Result<WireMessage, A::Error> {
                 let mut message = WireMessage {
                     content: None,
+                    tool_calls: Vec::new(),
                     extra: Map::new(),
                 };
                 while let Some(key) = map.next_key::<MessageKey>()? {
@@ -358,6 +362,11 @@ impl<'de> Deserialize<'de> for WireMessage {
                             map.next_value::<serde::de::IgnoredAny>()?;
                         }
                         MessageKey::Content => message.content = map.next_value()?,
+                        MessageKey::ToolCalls => {
+                            message.tool_calls = map
+                                .next_value::<Option<Vec<ToolCall>>>()?
+                                .unwrap_or_default();
+                        }
                         MessageKey::Other(k) => {
                             message.extra.insert(k, map.next_value()?);
                         }
@@ -373,6 +382,7 @@ impl<'de> Deserialize<'de> for WireMessage {
 enum MessageKey {
     Role,
     Content,
+    ToolCalls,
     Other(String),
 }
 
@@ -388,6 +398,7 @@ impl<'de> Deserialize<'de> for MessageKey {
                 Ok(match k {
                     "role" => MessageKey::Role,
                     "content" => MessageKey::Content,
+                    "tool_calls" => MessageKey::ToolCalls,
                     other => MessageKey::Other(other.to_owned()),
                 })
             }
@@ -492,7 +503,7 @@ struct WireChunkChoice {
 
 #[derive(Deserialize)]
 struct WireDelta {
-    role: Option<String>,
+    role: Option<Role>,
     content: Option<Value>,
     #[serde(default)]
     tool_calls: Option<Vec<WireToolCallDelta>>,
@@ -658,11 +669,7 @@ mod tests {
         let mut extra = Map::new();
         extra.insert("user".into(), json!("u1"));
         LlmRequest::Chat(ChatRequest {
-            messages: vec![ChatMessage {
-                role: "user".into(),
-                content: json!("hi"),
-                extra: Map::new(),
-            }],
+            messages: vec![ChatMessage::from_json("user", json!("hi"))],
             params: Params {
                 temperature: Some(0.5),
                 max_tokens: Some(10),

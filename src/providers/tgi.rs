@@ -93,7 +93,7 @@ impl ProviderAdapter for Tgi {
             String::new(),
             wire.generated_text,
             details.finish_reason.as_deref(),
-            Map::new(),
+            Vec::new(),
             Usage::new(prompt, details.generated_tokens),
         ))
     }

@@ -3,21 +3,24 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::{HeaderValue, StatusCode};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::{Map, Value, json};
 
-use super::features::{self, Image, OUTPUT_TOOL, ToolChoice};
+pub mod wire;
+
+use super::features::{self, OUTPUT_TOOL};
 use super::sse::{SseDecoder, SseEvent, SseHandler};
 use super::{
     API_KEY, ProviderAdapter, ProviderError, ProviderInfo, StreamDecoder, Target, UpstreamRequest,
     insert_secret, json_headers, malformed, normalize_finish_reason, post_json, push_turn,
-    reject_n, single_choice, tool_calls_extra,
+    reject_n, single_choice,
 };
 use crate::api::{Provider, RouteType};
 use crate::llm::{
-    ChatMessage, ChatRequest, LlmRequest, LlmResponse, NativeAnswer, StreamDelta, ToolCallDelta,
-    Usage,
+    ChatMessage, ChatRequest, Content, LlmRequest, LlmResponse, NativeAnswer, Role, StreamDelta,
+    ToolCallDelta, Usage,
 };
+use wire::{Delta, Event, Message, block_type};
 
 pub const API_VERSION: &str = "2023-06-01";
 /// Anthropic requires `max_tokens`; this is used when neither the caller nor `config.maxTokens` sets it.
@@ -87,23 +90,19 @@ impl ProviderAdapter for Anthropic {
         _route_type: RouteType,
         body: &[u8],
     ) -> Result<LlmResponse, ProviderError> {
-        let wire: WireMessage = serde_json::from_slice(body).map_err(malformed)?;
+        let wire: Message = serde_json::from_slice(body).map_err(malformed)?;
         let mut text = String::new();
         let mut tool_calls = Vec::new();
         let mut structured = false;
         for block in &wire.content {
-            match block.get("type").and_then(Value::as_str) {
+            match block_type(block) {
                 Some("text") => text.push_str(block["text"].as_str().unwrap_or_default()),
                 // Structured output asked for through the output tool: its input is the answer.
                 Some("tool_use") if block["name"] == OUTPUT_TOOL => {
                     structured = true;
                     text.push_str(&block["input"].to_string());
                 }
-                Some("tool_use") => tool_calls.push(json!({
-                    "id": block["id"],
-                    "type": "function",
-                    "function": {"name": block["name"], "arguments": block["input"].to_string()},
-                })),
+                Some("tool_use") => tool_calls.extend(wire::tool_call(block)),
                 _ => {}
             }
         }
@@ -111,13 +110,12 @@ impl ProviderAdapter for Anthropic {
             Some("tool_use") if structured && tool_calls.is_empty() => Some("end_turn"),
             other => other,
         };
-        let message_extra = tool_calls_extra(tool_calls);
         Ok(single_choice(
             wire.id,
             wire.model,
             text,
             stop_reason,
-            message_extra,
+            tool_calls,
             wire.usage.map(|u| u.into_usage(None)).unwrap_or_default(),
         ))
     }
@@ -127,7 +125,7 @@ impl ProviderAdapter for Anthropic {
     }
 
     fn parse_native(&self, body: Bytes) -> Result<LlmResponse, ProviderError> {
-        let wire: WireMessage = serde_json::from_slice(&body).map_err(malformed)?;
+        let wire: Message = serde_json::from_slice(&body).map_err(malformed)?;
         let chars = wire
             .content
             .iter()
@@ -176,33 +174,31 @@ impl Serialize for Body<'_> {
     }
 }
 
-fn block_type(block: &Value) -> Option<&str> {
-    block.get("type").and_then(Value::as_str)
-}
-
 fn request_body(target: &Target, chat: &ChatRequest) -> Result<Value, ProviderError> {
     reject_n(Provider::Anthropic, &chat.params)?;
     let mut system_blocks = Vec::new();
     let mut system = Vec::new();
     let mut messages: Vec<Value> = Vec::new();
     for m in &chat.messages {
-        match m.role.as_str() {
-            "system" | "developer" => {
+        match &m.role {
+            Role::System | Role::Developer => {
                 system.push(m.text());
                 system_blocks.extend(content_blocks(&m.content)?);
             }
-            "tool" => push_turn(
+            Role::Tool => push_turn(
                 &mut messages,
                 "user",
                 "content",
                 vec![json!({
                     "type": "tool_result",
-                    "tool_use_id": m.extra.get("tool_call_id").cloned().unwrap_or(Value::Null),
+                    "tool_use_id": m.tool_call_id,
                     "content": m.text(),
                 })],
             ),
-            "assistant" => push_turn(&mut messages, "assistant", "content", assistant_blocks(m)?),
-            _ => push_turn(
+            Role::Assistant => {
+                push_turn(&mut messages, "assistant", "content", assistant_blocks(m)?)
+            }
+            Role::User | Role::Other(_) => push_turn(
                 &mut messages,
                 "user",
                 "content",
@@ -251,15 +247,11 @@ fn request_body(target: &Target, chat: &ChatRequest) -> Result<Value, ProviderEr
     }
     let mut tools: Vec<Value> = features::tools(&chat.extra)?
         .into_iter()
-        .map(|t| json!({"name": t.name, "description": t.description.unwrap_or_default(), "input_schema": t.parameters}))
+        .map(|t| wire::tool_definition(t.name, t.description.unwrap_or_default(), &t.parameters))
         .collect();
-    let mut choice = match features::tool_choice(&chat.extra)? {
-        None => None,
-        Some(ToolChoice::Auto) => Some(json!({"type": "auto"})),
-        Some(ToolChoice::None) => Some(json!({"type": "none"})),
-        Some(ToolChoice::Required) => Some(json!({"type": "any"})),
-        Some(ToolChoice::Function(name)) => Some(json!({"type": "tool", "name": name})),
-    };
+    let mut choice = features::tool_choice(&chat.extra)?
+        .as_ref()
+        .map(wire::tool_choice);
     if let Some(format) = features::output_format(&chat.extra)? {
         // Anthropic has no response format: a forced tool whose input schema is the format.
         if !tools.is_empty() {
@@ -267,7 +259,11 @@ fn request_body(target: &Target, chat: &ChatRequest) -> Result<Value, ProviderEr
                 "provider anthropic cannot combine tools with response_format".into(),
             ));
         }
-        tools.push(json!({"name": OUTPUT_TOOL, "description": "Give the answer as this tool's input.", "input_schema": format.schema()}));
+        tools.push(wire::tool_definition(
+            OUTPUT_TOOL,
+            "Give the answer as this tool's input.",
+            &format.schema(),
+        ));
         choice = Some(json!({"type": "tool", "name": OUTPUT_TOOL}));
     }
     if !tools.iter().any(|t| t["name"] != OUTPUT_TOOL) {
@@ -278,9 +274,11 @@ fn request_body(target: &Target, chat: &ChatRequest) -> Result<Value, ProviderEr
             // Declared only for the history: the caller offered no tools to call now.
             choice.get_or_insert_with(|| json!({"type": "none"}));
         }
-        tools.extend(used.into_iter().map(
-            |name| json!({"name": name, "description": "", "input_schema": {"type": "object"}}),
-        ));
+        let object = json!({"type": "object"});
+        tools.extend(
+            used.into_iter()
+                .map(|name| wire::tool_definition(name, "", &object)),
+        );
     }
     if chat.extra.get("parallel_tool_calls") == Some(&Value::Bool(false)) && !tools.is_empty() {
         let c = choice.get_or_insert_with(|| json!({"type": "auto"}));
@@ -296,17 +294,14 @@ fn request_body(target: &Target, chat: &ChatRequest) -> Result<Value, ProviderEr
     Ok(Value::Object(body))
 }
 
-fn content_blocks(content: &Value) -> Result<Vec<Value>, ProviderError> {
+fn content_blocks(content: &Content) -> Result<Vec<Value>, ProviderError> {
     let mut blocks = Vec::new();
     match content {
-        Value::String(s) => blocks.push(json!({"type": "text", "text": s})),
-        Value::Array(parts) => {
+        Content::Text(s) => blocks.push(wire::text_block(s)),
+        Content::Parts(parts) => {
             for p in parts {
                 if let Some(image) = features::image(p)? {
-                    blocks.push(match image {
-                        Image::Inline { media_type, data } => json!({"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}),
-                        Image::Url(url) => json!({"type": "image", "source": {"type": "url", "url": url}}),
-                    });
+                    blocks.push(wire::image_block(image));
                 } else if p["type"] == "text" {
                     let mut block = json!({"type": "text", "text": p["text"]});
                     // A cache breakpoint (the Messages surface keeps them for Anthropic Routes).
@@ -317,7 +312,7 @@ fn content_blocks(content: &Value) -> Result<Vec<Value>, ProviderError> {
                 }
             }
         }
-        _ => {}
+        Content::Empty => {}
     }
     // Anthropic refuses empty text blocks (an assistant turn that only calls tools often has one).
     blocks.retain(|b| b["type"] != "text" || b["text"].as_str().is_some_and(|t| !t.is_empty()));
@@ -326,49 +321,10 @@ fn content_blocks(content: &Value) -> Result<Vec<Value>, ProviderError> {
 
 fn assistant_blocks(m: &ChatMessage) -> Result<Vec<Value>, ProviderError> {
     let mut blocks = content_blocks(&m.content)?;
-    if let Some(Value::Array(calls)) = m.extra.get("tool_calls") {
-        for call in calls {
-            let input = features::call_arguments(call);
-            blocks.push(json!({"type": "tool_use", "id": call["id"], "name": call.pointer("/function/name"), "input": input}));
-        }
+    for call in &m.tool_calls {
+        blocks.push(wire::tool_use_block(call, call.arguments_object()));
     }
     Ok(blocks)
-}
-
-#[derive(Deserialize)]
-struct WireMessage {
-    #[serde(default)]
-    id: String,
-    #[serde(default)]
-    model: String,
-    content: Vec<Value>,
-    stop_reason: Option<String>,
-    usage: Option<WireUsage>,
-}
-
-#[derive(Deserialize, Default, Clone, Copy)]
-struct WireUsage {
-    #[serde(default, deserialize_with = "crate::llm::token_count")]
-    input_tokens: Option<u64>,
-    #[serde(default, deserialize_with = "crate::llm::token_count")]
-    output_tokens: Option<u64>,
-    #[serde(default, deserialize_with = "crate::llm::token_count")]
-    cache_creation_input_tokens: Option<u64>,
-    #[serde(default, deserialize_with = "crate::llm::token_count")]
-    cache_read_input_tokens: Option<u64>,
-}
-
-impl WireUsage {
-    /// Input counts cache writes and reads too; `input` overrides with an earlier report (streams).
-    fn into_usage(self, input: Option<u64>) -> Usage {
-        let prompt = input.or_else(|| {
-            self.input_tokens.map(|i| {
-                i.saturating_add(self.cache_creation_input_tokens.unwrap_or(0))
-                    .saturating_add(self.cache_read_input_tokens.unwrap_or(0))
-            })
-        });
-        Usage::new(prompt, self.output_tokens).with_cached(self.cache_read_input_tokens)
-    }
 }
 
 #[derive(Default)]
@@ -385,25 +341,6 @@ struct AnthropicStream {
     /// From `message_delta`; passed on only at `message_stop`, the stream's end marker, so a
     /// stream cut before it never looks finished.
     finish_reason: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct WireEvent {
-    #[serde(rename = "type")]
-    kind: String,
-    index: Option<u64>,
-    content_block: Option<Value>,
-    message: Option<WireStart>,
-    delta: Option<Value>,
-    usage: Option<WireUsage>,
-    error: Option<Value>,
-}
-
-#[derive(Deserialize)]
-struct WireStart {
-    id: Option<String>,
-    model: Option<String>,
-    usage: Option<WireUsage>,
 }
 
 impl AnthropicStream {
@@ -429,26 +366,26 @@ impl AnthropicStream {
 
 impl SseHandler for AnthropicStream {
     fn event(&mut self, event: SseEvent, out: &mut Vec<StreamDelta>) -> Result<(), ProviderError> {
-        let wire: WireEvent = serde_json::from_str(&event.data).map_err(malformed)?;
-        match event.event.as_deref().unwrap_or(&wire.kind) {
-            "message_start" => {
-                if let Some(m) = wire.message {
-                    self.id = m.id;
-                    self.model = m.model;
-                    if let Some(u) = m.usage {
-                        self.input_tokens = u.into_usage(None).prompt_tokens;
-                        self.output_tokens = u.output_tokens;
-                    }
+        let wire: Event = serde_json::from_str(&event.data).map_err(malformed)?;
+        match wire {
+            Event::MessageStart { message: m } => {
+                // An id or model left out is none, as the other providers' streams have it.
+                self.id = Some(m.id).filter(|id| !id.is_empty());
+                self.model = Some(m.model).filter(|model| !model.is_empty());
+                if let Some(u) = m.usage {
+                    self.input_tokens = u.into_usage(None).prompt_tokens;
+                    self.output_tokens = u.output_tokens;
                 }
                 out.push(StreamDelta {
-                    role: Some("assistant".into()),
+                    role: Some(Role::Assistant),
                     ..self.delta()
                 });
             }
-            "content_block_start" => {
-                let block = wire.content_block.unwrap_or_default();
+            Event::ContentBlockStart {
+                index,
+                content_block: block,
+            } => {
                 if block["type"] == "tool_use" {
-                    let index = wire.index.unwrap_or_default();
                     if block["name"] == OUTPUT_TOOL {
                         self.tool_blocks.push((index, None));
                     } else {
@@ -467,48 +404,38 @@ impl SseHandler for AnthropicStream {
                     }
                 }
             }
-            "content_block_delta" => {
-                let delta = wire.delta.unwrap_or_default();
-                match delta["type"].as_str() {
-                    Some("text_delta") => {
-                        if let Some(text) = delta["text"].as_str() {
-                            out.push(StreamDelta {
-                                text: Some(text.to_string()),
-                                ..self.delta()
-                            });
-                        }
-                    }
-                    Some("input_json_delta") => {
-                        let fragment = delta["partial_json"].as_str().unwrap_or_default();
-                        let index = wire.index.unwrap_or_default();
-                        match self.tool_blocks.iter().find(|(b, _)| *b == index) {
-                            Some((_, Some(call))) => out.push(StreamDelta {
-                                tool_calls: vec![ToolCallDelta {
-                                    index: *call,
-                                    arguments: fragment.to_string(),
-                                    ..Default::default()
-                                }],
-                                ..self.delta()
-                            }),
-                            Some((_, None)) if !fragment.is_empty() => out.push(StreamDelta {
-                                text: Some(fragment.to_string()),
-                                ..self.delta()
-                            }),
-                            _ => {}
-                        }
-                    }
+            Event::ContentBlockDelta { index, delta } => match delta {
+                Delta::TextDelta { text } => out.push(StreamDelta {
+                    text: Some(text),
+                    ..self.delta()
+                }),
+                Delta::InputJsonDelta {
+                    partial_json: fragment,
+                } => match self.tool_blocks.iter().find(|(b, _)| *b == index) {
+                    Some((_, Some(call))) => out.push(StreamDelta {
+                        tool_calls: vec![ToolCallDelta {
+                            index: *call,
+                            arguments: fragment,
+                            ..Default::default()
+                        }],
+                        ..self.delta()
+                    }),
+                    Some((_, None)) if !fragment.is_empty() => out.push(StreamDelta {
+                        text: Some(fragment),
+                        ..self.delta()
+                    }),
                     _ => {}
-                }
-            }
-            "message_delta" => {
+                },
+                Delta::Other => {}
+            },
+            Event::MessageDelta { delta, usage } => {
                 // Output usage here is cumulative: the last report wins.
-                if let Some(u) = wire.usage {
+                if let Some(u) = usage {
                     self.output_tokens = u.output_tokens.or(self.output_tokens);
                 }
-                if let Some(reason) = wire
-                    .delta
-                    .as_ref()
-                    .and_then(|d| d["stop_reason"].as_str())
+                if let Some(reason) = delta
+                    .stop_reason
+                    .as_deref()
                     .and_then(normalize_finish_reason)
                 {
                     // The structured-output tool's answer is the message, not a tool call.
@@ -520,15 +447,14 @@ impl SseHandler for AnthropicStream {
                     });
                 }
             }
-            "message_stop" => {
+            Event::MessageStop => {
                 out.push(StreamDelta {
                     finish_reason: Some(self.finish_reason.take().unwrap_or_else(|| "stop".into())),
                     ..self.delta()
                 });
                 self.send_usage(out);
             }
-            "error" => {
-                let err = wire.error.unwrap_or_default();
+            Event::Error { error: err } => {
                 let status = match err["type"].as_str() {
                     Some("overloaded_error") => {
                         StatusCode::from_u16(529).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
@@ -545,7 +471,7 @@ impl SseHandler for AnthropicStream {
                     retry_after: None,
                 });
             }
-            _ => {}
+            Event::ContentBlockStop { .. } | Event::Ping | Event::Other => {}
         }
         Ok(())
     }
@@ -634,7 +560,7 @@ fn merge_betas(route: Option<&str>, caller: Option<&str>) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::llm::{NativeRequest, Params, StreamOptions};
+    use crate::llm::{NativeRequest, Params, StreamOptions, ToolCall};
     use crate::providers::testing::decode_split;
     use crate::providers::{Credentials, SecretValue};
     use http::HeaderMap;
@@ -660,11 +586,7 @@ mod tests {
     }
 
     fn msg(role: &str, content: Value) -> ChatMessage {
-        ChatMessage {
-            role: role.into(),
-            content,
-            extra: Map::new(),
-        }
+        ChatMessage::from_json(role, content)
     }
 
     fn chat(params: Params, stream: bool) -> LlmRequest {
@@ -733,12 +655,11 @@ mod tests {
             ))
         );
         let mut call = msg("assistant", json!(""));
-        call.extra.insert(
-            "tool_calls".into(),
+        call.tool_calls = ToolCall::openai_list(
             json!([{"id":"t1","type":"function","function":{"name":"f","arguments":"{\"a\":1}"}}]),
         );
         let mut result = msg("tool", json!("42"));
-        result.extra.insert("tool_call_id".into(), json!("t1"));
+        result.tool_call_id = Some("t1".into());
         let req = LlmRequest::Chat(ChatRequest {
             messages: vec![msg("user", json!("go")), call, result],
             params: Params {
@@ -865,10 +786,7 @@ mod tests {
         assert_eq!(g.id, "msg_01X");
         assert_eq!(g.choices[0].text, "7");
         assert_eq!(g.choices[0].finish_reason.as_deref(), Some("tool_calls"));
-        assert_eq!(
-            g.choices[0].message_extra["tool_calls"][0]["function"]["arguments"],
-            "{\"x\":1}"
-        );
+        assert_eq!(g.choices[0].tool_calls[0].arguments, "{\"x\":1}");
         assert_eq!(g.usage, Usage::new(Some(15), Some(5)).with_cached(Some(1)));
         for (raw, want) in [
             ("end_turn", "stop"),
@@ -910,7 +828,7 @@ mod tests {
         let out = decode(STREAM.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
         let text: String = out.iter().filter_map(|d| d.text.clone()).collect();
         assert_eq!(text, "Héllo");
-        assert_eq!(out[0].role.as_deref(), Some("assistant"));
+        assert_eq!(out[0].role.as_ref().map(Role::as_str), Some("assistant"));
         assert_eq!(out[0].id.as_deref(), Some("msg_1"));
         assert!(
             out.iter()
