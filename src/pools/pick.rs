@@ -102,7 +102,7 @@ pub fn prefix_blocks(request: &LlmRequest) -> Vec<u64> {
                 if text.len() >= cap {
                     break;
                 }
-                text.push_str(&m.role);
+                text.push_str(m.role.as_str());
                 text.push('\n');
                 text.push_str(&m.text());
                 text.push('\n');
@@ -165,7 +165,7 @@ impl PrefixIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::llm::{ChatMessage, ChatRequest};
+    use crate::llm::{ChatMessage, ChatRequest, Content, Role};
 
     fn idle() -> Figures {
         Figures {
@@ -237,11 +237,7 @@ mod tests {
     }
 
     fn chat(system: &str, user: &str) -> LlmRequest {
-        let msg = |role: &str, text: &str| ChatMessage {
-            role: role.into(),
-            content: text.into(),
-            extra: Default::default(),
-        };
+        let msg = |role: &str, text: &str| ChatMessage::new(Role::parse(role), Content::text(text));
         LlmRequest::Chat(ChatRequest {
             messages: vec![msg("system", system), msg("user", user)],
             params: Default::default(),
