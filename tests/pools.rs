@@ -227,6 +227,19 @@ fn under_skewed_load_the_next_calls_go_to_the_least_loaded_endpoint() {
         );
     }
     assert_eq!(f.pool.servers[2].served() - before, 8);
+    // One scrape per endpoint per interval (50 ms here), however many calls there are.
+    let scrapes = f.pool.servers[2].scrapes();
+    let window = Instant::now();
+    for i in 0..20 {
+        assert_eq!(f.chat(&format!("more {i}")).0, 200);
+    }
+    let allowed = window.elapsed().as_millis() as usize / 50 + 2;
+    assert!(
+        f.pool.servers[2].scrapes() - scrapes <= allowed,
+        "{} scrapes in {:?}",
+        f.pool.servers[2].scrapes() - scrapes,
+        window.elapsed()
+    );
     let metrics = f.gw.metrics();
     assert!(
         metrics.contains("portcullis_pool_picks_total{pool=\"inferencepool/"),

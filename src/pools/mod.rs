@@ -443,3 +443,53 @@ impl PoolBackend {
         Some(chosen)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_figures_fall_back_to_the_gateways_own_calls_and_keep_the_endpoint() {
+        let load = Load::default();
+        let figures = scrape::Figures {
+            waiting: 3,
+            running: 2,
+            kv_cache: 0.5,
+            adapters: vec!["sql".into()],
+            max_adapters: 2,
+        };
+        load.record(&figures, 1000);
+        load.inflight.fetch_add(2, Ordering::Relaxed);
+        // Fresh: the report plus the two calls sent since.
+        let v = load.view(1100, STALE_AFTER_MS, Some("sql"));
+        assert_eq!((v.waiting, v.load, v.stale), (5, 7, false));
+        assert!(v.adapter_loaded && v.adapter_room);
+        // Stale (scrapes failing): only the calls in flight count; nothing says it is gone.
+        let v = load.view(1000 + STALE_AFTER_MS + 1, STALE_AFTER_MS, None);
+        assert_eq!((v.waiting, v.load, v.kv_cache, v.stale), (0, 2, 0.0, true));
+    }
+
+    #[test]
+    fn a_new_endpoint_set_keeps_known_endpoints_and_their_state() {
+        let pool = Pool::new(
+            PoolKey::Service {
+                namespace: "ns".into(),
+                name: "s".into(),
+                port: 80,
+            },
+            Arc::new(Metrics::new()),
+        );
+        let at = |ip: &str, name: &str| EndpointAddr {
+            addr: format!("{ip}:80").parse().unwrap(),
+            name: name.into(),
+        };
+        assert!(pool.set_endpoints(vec![at("10.0.0.1", "a"), at("10.0.0.2", "b")]));
+        let a = Arc::clone(&pool.endpoints().list[0]);
+        let _call = a.begin();
+        assert!(!pool.set_endpoints(vec![at("10.0.0.2", "b"), at("10.0.0.1", "a")]));
+        assert!(pool.set_endpoints(vec![at("10.0.0.1", "a")]));
+        assert!(Arc::ptr_eq(&pool.endpoints().list[0], &a));
+        assert_eq!(pool.ready_count(), 1);
+        assert_eq!(a.load.inflight.load(Ordering::Relaxed), 1);
+    }
+}
