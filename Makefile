@@ -35,11 +35,13 @@ run-standalone:
 	$(CARGO) build --workspace
 	hack/run-standalone.sh
 
-# helm, promtool and the Prometheus Operator CRDs for tests/helm.rs (built once into ~/.cache/portcullis).
+# helm, promtool and the Prometheus Operator CRDs for tests/helm.rs, the Inference Extension's
+# endpoint picker for tests/pools.rs (built once into ~/.cache/portcullis).
 tools:
 	hack/tools.sh helm >/dev/null
 	hack/tools.sh promtool >/dev/null
 	hack/tools.sh prometheus-operator-crds >/dev/null
+	hack/tools.sh lwepp >/dev/null
 
 test: control-plane python-env redis tools lint
 	$(CARGO) test --workspace --no-fail-fast

@@ -9,9 +9,13 @@ Writes one Markdown table to stdout and to bench/results/latest.md.
 """
 
 import argparse
+import concurrent.futures
+import http.client
 import json
+import math
 import os
 import pathlib
+import random
 import re
 import shutil
 import signal
@@ -299,7 +303,6 @@ def callgrind_scenario(args, work, procs, row, quick, kubectl, kubeconfig):
 def fill_token_cache(url, body, n, workers=16):
     """Calls `url` once with each of `n` distinct token-shaped bearers the API server rejects (each is
     reviewed once, then cached by the gateway; with the default access the call is anonymous)."""
-    import concurrent.futures
     import http.client
     import threading
     from urllib.parse import urlsplit
@@ -518,6 +521,101 @@ def store_scenario(args, work, procs, row, quick):
     sim.stop()
 
 
+def pool_scenario(args, work, procs, row, quick, kubectl, kubeconfig):
+    """A self-hosted pool: 4 simulated vLLM-like servers (a running batch of 4 each, 10 ms per output
+    token, output lengths log-normal with mean ~50 tokens, so one answer takes ~0.5 s) under Poisson
+    arrivals at 90% of the pool's capacity. The same arrival times and lengths go once round robin
+    straight to the servers (a round-robin Service's choice, without the gateway's hop) and once
+    through the gateway's own load-aware picker (a `service` backend); time to first token p50/p99."""
+    servers, batch, ms_per_token, mean_tokens = 4, 4, 10, 50
+    port = free_port()
+    ips = [f"127.0.0.{i}" for i in range(2, 2 + servers)]
+    sim_port = free_port()
+    procs.append(Process([str(RELEASE / "portcullis-sim"), "--listen", f"127.0.0.1:{sim_port}",
+                          "--model-servers", ",".join(f"{ip}:{port}" for ip in ips),
+                          "--max-running", str(batch), "--ms-per-token", str(ms_per_token)],
+                         log_path=work / "sim-pool.log"))
+    wait_port(sim_port)
+    slice_ = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+              "metadata": {"name": "llama-1", "namespace": "bench", "labels": {"kubernetes.io/service-name": "llama"}},
+              "addressType": "IPv4", "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+              "endpoints": [{"addresses": [ip], "conditions": {"ready": True},
+                             "targetRef": {"kind": "Pod", "name": f"vllm-{i}", "namespace": "bench"}}
+                            for i, ip in enumerate(ips)]}
+    route = ("apiVersion: portcullis.dev/v1alpha1\nkind: Route\nmetadata:\n  name: llama\n  namespace: bench\n"
+             f"spec:\n  routeType: llm/v1/chat\n  model:\n    provider: openai-compatible\n    name: llama\n"
+             f"    service: {{name: llama, port: {port}}}\n")
+    kubectl.run("apply", "-f", "-", stdin=json.dumps(slice_) + "\n---\n" + route)
+    kubectl.run("wait", "-n", "bench", "--for=condition=Ready", "route.portcullis.dev/llama", "--timeout=30s")
+    gw_port, gw_mport = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RUST_LOG" and not k.startswith("PORTCULLIS_")}
+    env["KUBECONFIG"] = kubeconfig
+    procs.append(Process([str(RELEASE / "portcullis"), "run", "--listen", f"127.0.0.1:{gw_port}",
+                          "--metrics-listen", f"127.0.0.1:{gw_mport}", "--namespace", "bench",
+                          "--pool-scrape-interval-ms", "50"], env=env, log_path=work / "gateway-pool.log"))
+    wait_http(f"http://127.0.0.1:{gw_port}/readyz", timeout=120)
+
+    # One answer takes mean_tokens * ms_per_token; the pool runs servers * batch at once.
+    capacity = servers * batch / (mean_tokens * ms_per_token / 1000)
+    rate = 0.9 * capacity
+    seconds = 20 if quick else 90
+    rng = random.Random(25)
+    sigma = 1.0  # heavy-ish tail: a few answers are 5-10x the mean, as chat answers are
+    mu = math.log(mean_tokens) - sigma * sigma / 2
+    arrivals, t = [], 0.0
+    while t < seconds:
+        t += rng.expovariate(rate)
+        arrivals.append((t, max(1, min(1000, round(rng.lognormvariate(mu, sigma))))))
+
+    def call(host, port_, path, model, tokens, i):
+        body = json.dumps({"model": model, "stream": True, "max_tokens": tokens,
+                           "messages": [{"role": "user", "content": f"question {i}: say something"}]})
+        conn = http.client.HTTPConnection(host, port_, timeout=120)
+        start = time.perf_counter()
+        conn.request("POST", path, body, {"content-type": "application/json"})
+        resp = conn.getresponse()
+        first = None
+        while True:
+            line = resp.readline()
+            if not line:
+                break
+            if first is None and line.startswith(b"data:"):
+                first = time.perf_counter() - start
+        conn.close()
+        return resp.status, first
+
+    def run(target):
+        """Sends every arrival at its time; `target(i)` is (host, port, path, model)."""
+        results = [None] * len(arrivals)
+        with concurrent.futures.ThreadPoolExecutor(256) as ex:
+            t0 = time.perf_counter()
+            futures = []
+            for i, (at, tokens) in enumerate(arrivals):
+                delay = t0 + at - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+                futures.append((i, ex.submit(call, *target(i), tokens, i)))
+            for i, f in futures:
+                results[i] = f.result()
+        ok = [first for status, first in results if status == 200 and first is not None]
+        failed = len(results) - len(ok)
+        ok.sort()
+        q = lambda p: ok[min(len(ok) - 1, int(p * len(ok)))] * 1000
+        return q(0.5), q(0.99), failed
+
+    log(f"pool: {len(arrivals)} calls at {rate:.1f}/s (90% of {capacity:.1f}/s) over {seconds} s, round robin")
+    rr = run(lambda i: (ips[i % servers], port, "/v1/chat/completions", "llama"))
+    time.sleep(2)
+    log("pool: the same calls through the gateway's load-aware picker")
+    aware = run(lambda i: ("127.0.0.1", gw_port, "/v1/chat/completions", "llama"))
+    what = f"{servers} servers x batch {batch}, Poisson at 90% load, {len(arrivals)} streamed calls"
+    for k, name in ((0, "p50"), (1, "p99")):
+        row("self-hosted pool", f"time to first token {name} (ms), {what}; direct = round robin, "
+            "gateway = load-aware", f"{rr[k]:.0f}", f"{aware[k]:.0f}", f"{aware[k] - rr[k]:+.0f}", "reported")
+    row("self-hosted pool", "failed calls (round robin / load-aware)", f"{rr[2]}", f"{aware[2]}", "", "0",
+        rr[2] == 0 and aware[2] == 0)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--oha", required=True)
@@ -526,8 +624,9 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="small counts, to check the harness itself")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.md"))
-    ap.add_argument("--only", choices=["store", "callgrind"],
-                    help="run only this scenario: store (no control plane), callgrind (per-call counts)")
+    ap.add_argument("--only", choices=["store", "callgrind", "pool"],
+                    help="run only this scenario: store (no control plane), callgrind (per-call counts), "
+                         "pool (load-aware picking vs round robin)")
     ap.add_argument("--compare", nargs="*", default=[], metavar="LABEL=BINARY",
                     help="with --only callgrind: also count these gateway binaries (an earlier commit's)")
     ap.add_argument("--bin-dir", default=str(RELEASE),
@@ -562,6 +661,9 @@ def main():
         kubectl.run("create", "namespace", "bench")
         if args.only == "callgrind":
             callgrind_scenario(args, work, procs, row, quick, kubectl, kubeconfig)
+            raise StopIteration
+        if args.only == "pool":
+            pool_scenario(args, work, procs, row, quick, kubectl, kubeconfig)
             raise StopIteration
 
         sim_port = free_port()
@@ -1003,6 +1105,7 @@ def main():
         row("memory", "RSS idle (MiB)", "", f"{idle_rss:.1f}", "", "≤ 20", idle_rss <= 20)
         row("memory", f"RSS with {n_routes} Routes, steady (MiB)", "", f"{many_rss:.1f}", "", "≤ 64", many_rss <= 64)
         row("memory", f"peak RSS during the initial sync of {n_routes} Routes (MiB)", "", f"{many_peak:.1f}", "")
+        pool_scenario(args, work, procs, row, quick, kubectl, kubeconfig)
         store_scenario(args, work, procs, row, quick)
     except StopIteration:
         pass

@@ -113,6 +113,10 @@ struct RunArgs {
     /// (50 to 200).
     #[arg(long, env = "PORTCULLIS_POOL_SCRAPE_INTERVAL_MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(50..=200))]
     pool_scrape_interval_ms: u64,
+    /// Speak plain HTTP/2 (h2c) to InferencePools' endpoint pickers instead of TLS, for pickers
+    /// run with `--secure-serving=false`.
+    #[arg(long, env = "PORTCULLIS_POOL_PICKER_PLAINTEXT")]
+    pool_picker_plaintext: bool,
 }
 
 fn main() -> ExitCode {
@@ -298,6 +302,7 @@ async fn run(args: RunArgs) -> Result<(), StartError> {
         pricing: (!args.pricing_configmap.is_empty())
             .then(|| (args.lease_namespace.clone(), args.pricing_configmap.clone())),
         pool_scrape_interval: Duration::from_millis(args.pool_scrape_interval_ms),
+        pool_picker_plaintext: args.pool_picker_plaintext,
     };
     let controller = tokio::spawn({
         let stop = stop_controller.clone();

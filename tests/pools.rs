@@ -563,6 +563,152 @@ fn the_last_endpoints_serve_while_the_api_server_is_away() {
     }
 }
 
+/// The Inference Extension's own endpoint picker process, killed on drop.
+struct Picker(std::process::Child);
+
+impl Drop for Picker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The Inference Extension's own endpoint picker (its module's `cmd/lwepp`, built by
+/// hack/tools.sh: round robin over the pool's Ready pods, over Envoy's ext_proc) picks the
+/// endpoints the gateway calls; when it is gone, `FailClose` sends the calls to the Route's next
+/// priority and `FailOpen` lets the gateway pick.
+#[test]
+fn the_inference_extensions_endpoint_picker_chooses_and_its_failure_mode_holds() {
+    let hosted = sim();
+    let cp = ControlPlane::shared();
+    install_inference_pool_crd(cp);
+    let ns = cp.namespace("pool-epp");
+    let pool = start_servers(cp, &ns, Some("llama"), configs(3, quick(10)));
+    let (grpc, health, metrics) = (free_port(), free_port(), free_port());
+    let log = std::fs::File::create(std::env::temp_dir().join(format!("lwepp-{ns}.log"))).unwrap();
+    let mut picker = Picker(
+        std::process::Command::new(tool("lwepp"))
+            .args([
+                "--pool-name=llama",
+                &format!("--pool-namespace={ns}"),
+                &format!("--grpc-port={grpc}"),
+                &format!("--grpc-health-port={health}"),
+                &format!("--metrics-port={metrics}"),
+            ])
+            .env("KUBECONFIG", cp.kubeconfig())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start lwepp"),
+    );
+    // As in a cluster: the picker is a Pod behind a Service the InferencePool names.
+    model_server_pod(cp, &ns, "epp", "127.0.0.1", &json!({"app": "epp"}));
+    cp.apply(
+        &json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "epp", "namespace": ns},
+                "spec": {"selector": {"app": "epp"}, "ports": [{"port": 9002, "targetPort": grpc}]}})
+        .to_string(),
+    );
+    let port = pool.port;
+    let pool_object = |mode: &str| {
+        json!({
+            "apiVersion": "inference.networking.k8s.io/v1", "kind": "InferencePool",
+            "metadata": {"name": "llama", "namespace": ns},
+            "spec": {"selector": {"matchLabels": {"app": "llama"}}, "targetPorts": [{"number": port}],
+                     "endpointPickerRef": {"name": "epp", "port": {"number": 9002}, "failureMode": mode}},
+        })
+        .to_string()
+    };
+    cp.apply(&pool_object("FailClose"));
+    cp.apply(&secret_manifest(&ns, "hosted-key", "apiKey", "sk-hosted"));
+    let gw = Gateway::start(cp, &["--namespace", &ns, "--pool-scrape-interval-ms", "50"]);
+    let mut spec = RouteSpec::new(RouteType::Chat, pool_model("llama", "llama"));
+    spec.backends = vec![
+        backend(spec.model.take().unwrap(), 1, 0),
+        backend(
+            model(
+                Provider::Openai,
+                "gpt-4o-mini",
+                &hosted.openai_base(),
+                "hosted-key",
+            ),
+            1,
+            1,
+        ),
+    ];
+    cp.apply(&route_yaml(&ns, "chat", spec));
+    cp.wait_ready(&ns, "chat");
+    let f = Fixture {
+        cp,
+        ns: ns.clone(),
+        gw,
+        pool,
+    };
+    f.wait_endpoints("chat", 3);
+    let system = "You are the support assistant of a large shop. Answer with care. ".repeat(30);
+    let call = |i: usize| {
+        let body = json!({"model": "chat", "stream": i % 2 == 1, "messages": [
+            {"role": "system", "content": system}, {"role": "user", "content": format!("question {i}")}]});
+        let (status, headers, text) = post_full(&f.gw.url("/v1/chat/completions"), &body);
+        assert_eq!(status, 200, "{text}");
+        (
+            header(&headers, "x-portcullis-backend")
+                .unwrap()
+                .to_string(),
+            header(&headers, "x-portcullis-endpoint").map(str::to_string),
+        )
+    };
+    // The picker answers once it has listed the pool's pods.
+    eventually(Duration::from_secs(30), || {
+        call(0).0.starts_with("inferencepool/")
+    })
+    .unwrap_or_else(|_| panic!("the picker never chose: {}", f.gw.log()));
+    let mut counts = std::collections::HashMap::new();
+    for i in 0..9 {
+        let (backend, endpoint) = call(i);
+        assert_eq!(backend, format!("inferencepool/{ns}/llama"));
+        *counts.entry(endpoint.unwrap()).or_insert(0) += 1;
+    }
+    // Round robin, whatever the shared prefix (the gateway's own choice would stick to one).
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    assert!(counts.values().all(|n| *n == 3), "{counts:?}");
+    let picker_status = || {
+        f.cp.json(&["get", "route", "chat", "-n", &f.ns, "-o", "json"])["status"]["backends"][0]["endpointPicker"]
+            .clone()
+    };
+    eventually(Duration::from_secs(10), || {
+        picker_status() == json!("Reachable")
+    })
+    .unwrap_or_else(|_| panic!("{}", picker_status()));
+    let metrics_text = f.gw.metrics();
+    assert!(
+        metrics_text.contains("portcullis_pool_epp_duration_seconds_count"),
+        "{metrics_text}"
+    );
+
+    // FailClose: the picker gone, the pool takes nothing; the hosted backend answers.
+    let _ = picker.0.kill();
+    let _ = picker.0.wait();
+    let served = f.pool.served();
+    for i in 0..4 {
+        assert_eq!(call(i).0, "openai/gpt-4o-mini");
+    }
+    assert_eq!(f.pool.served(), served);
+    eventually(Duration::from_secs(10), || {
+        picker_status() == json!("Unreachable")
+    })
+    .unwrap_or_else(|_| panic!("{}", picker_status()));
+    assert!(metric_sum(&f.gw.metrics(), "portcullis_pool_epp_errors_total") >= 1.0);
+
+    // FailOpen: the gateway picks; the shared prefix now sticks to one endpoint.
+    f.cp.apply(&pool_object("FailOpen"));
+    eventually(Duration::from_secs(15), || {
+        call(0).0.starts_with("inferencepool/")
+    })
+    .expect("FailOpen never let the pool answer");
+    let endpoints: std::collections::HashSet<_> = (0..6).map(|i| call(i).1.unwrap()).collect();
+    assert_eq!(endpoints.len(), 1, "{endpoints:?}");
+}
+
 #[test]
 fn bad_pool_backends_are_refused_by_the_api_server() {
     let cp = ControlPlane::shared();

@@ -670,6 +670,10 @@ pub struct BackendStatus {
     pub pool: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_endpoints: Option<u32>,
+    /// An InferencePool's endpoint picker: `Reachable` or `Unreachable` as its last exchange
+    /// went, `Unknown` before the first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_picker: Option<String>,
     /// Why not, when it did not resolve (a Ready reason such as SecretNotFound).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,

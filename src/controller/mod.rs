@@ -71,6 +71,8 @@ pub struct ControllerConfig {
     pub pricing: Option<(String, String)>,
     /// How often each self-hosted pool endpoint's metrics are read.
     pub pool_scrape_interval: Duration,
+    /// Speak h2c, not TLS, to InferencePools' endpoint pickers.
+    pub pool_picker_plaintext: bool,
 }
 
 /// The key of the pricing ConfigMap that holds the prices (the catalog's format).
@@ -249,14 +251,16 @@ pub async fn run(
         shutdown.clone(),
     ));
 
-    let pools = Arc::new(crate::pools::Pools::new(handles.metrics.clone()));
-    let (pool_nudge, pool_changes) = watch::channel(());
+    let pools = Arc::new(
+        crate::pools::Pools::new(handles.metrics.clone())
+            .with_plaintext_pickers(config.pool_picker_plaintext),
+    );
+    let pool_changes = pools.status_changes();
     let pool_watch = tokio::spawn(pools::run(
         client.clone(),
         config.namespace.clone(),
         pools.clone(),
         handles.metrics.clone(),
-        pool_nudge,
         config.max_backoff,
         shutdown.clone(),
     ));

@@ -12,14 +12,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, ListParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use serde::Deserialize;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -44,7 +44,69 @@ pub struct InferencePoolSpec {
     #[serde(default)]
     pub target_ports: Vec<TargetPort>,
     #[serde(default)]
-    pub endpoint_picker_ref: Option<serde_json::Value>,
+    pub endpoint_picker_ref: Option<PickerRef>,
+}
+
+/// `endpointPickerRef`: a Service (the only kind the API defines a port for) in the pool's
+/// namespace, and what to do when it does not answer.
+#[derive(Deserialize, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PickerRef {
+    #[serde(default)]
+    pub kind: Option<String>,
+    pub name: String,
+    #[serde(default)]
+    pub port: Option<TargetPort>,
+    /// `FailOpen` or `FailClose` (the API's default).
+    #[serde(default)]
+    pub failure_mode: Option<String>,
+}
+
+impl PickerRef {
+    pub fn fail_open(&self) -> bool {
+        self.failure_mode.as_deref() == Some("FailOpen")
+    }
+}
+
+/// The address of a pool's endpoint picker: the first Ready Pod its Service selects, on the
+/// Service port's target port (the API server's own addresses, as for the model servers).
+pub fn picker_address<'a>(
+    reference: &PickerRef,
+    namespace: &str,
+    services: impl IntoIterator<Item = &'a Service>,
+    pods: impl IntoIterator<Item = &'a Pod> + Clone,
+) -> Option<SocketAddr> {
+    if reference.kind.as_deref().is_some_and(|k| k != "Service") {
+        return None;
+    }
+    let port = reference.port.as_ref()?.number;
+    let service = services.into_iter().find(|s| {
+        s.metadata.namespace.as_deref() == Some(namespace) && s.name_any() == reference.name
+    })?;
+    let spec = service.spec.as_ref()?;
+    let selector = spec.selector.as_ref().filter(|s| !s.is_empty())?;
+    let target = spec
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.port == i32::from(port))
+        .and_then(|p| match &p.target_port {
+            Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
+            // A named port needs the container's ports, which this watch does not keep.
+            Some(IntOrString::String(_)) => None,
+            None => Some(port),
+        })?;
+    let mut ready: Vec<(String, IpAddr)> = pods
+        .into_iter()
+        .filter(|p| p.metadata.namespace.as_deref() == Some(namespace))
+        .filter(|p| {
+            let labels = p.labels();
+            selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+        })
+        .filter_map(|p| Some((p.name_any(), pod_ready(p)?)))
+        .collect();
+    ready.sort();
+    ready.first().map(|(_, ip)| SocketAddr::new(*ip, target))
 }
 
 #[derive(Deserialize, Debug, Default, PartialEq)]
@@ -161,14 +223,13 @@ pub fn service_endpoints<'a>(
     out
 }
 
-/// Watches what pools need and keeps every wanted pool's endpoints current; `nudge` is told
-/// when a pool's ready count changed (its Routes' status shows it).
+/// Watches what pools need and keeps every wanted pool's endpoints and endpoint picker current;
+/// a change of a ready count is told through `Pools::status_changed` (Routes' status shows it).
 pub async fn run(
     client: Client,
     namespace: Option<String>,
     pools: Arc<Pools>,
     metrics: Arc<Metrics>,
-    nudge: watch::Sender<()>,
     max_backoff: Duration,
     shutdown: CancellationToken,
 ) {
@@ -196,6 +257,23 @@ pub async fn run(
     let pool_store_reader = pool_writer.as_reader();
     let (pod_store, pod_writer) = reflector::store::<Pod>();
     let (slice_store, slice_writer) = reflector::store::<EndpointSlice>();
+    let service_api: Api<Service> = super::api(&client, namespace.as_deref());
+    let (service_store, service_writer) = reflector::store::<Service>();
+    // Services only name endpoint pickers: watched only when some InferencePool can name one.
+    let service_events = if pools_watched {
+        watcher(service_api, watcher::Config::default())
+            .backoff(backoff())
+            .modify(|s: &mut Service| {
+                s.managed_fields_mut().clear();
+                s.annotations_mut().clear();
+                s.status = None;
+            })
+            .reflect(service_writer)
+            .map(|e| ("services", e.map(|_| ())))
+            .boxed()
+    } else {
+        futures::stream::pending().boxed()
+    };
     let pool_events = if pools_watched {
         watcher(pool_api, watcher::Config::default())
             .backoff(backoff())
@@ -224,7 +302,7 @@ pub async fn run(
     .reflect(slice_writer)
     .map(|e| ("endpointslices", e.map(|_| ())));
     let mut events = futures::stream::select(
-        pool_events,
+        futures::stream::select(pool_events, service_events),
         futures::stream::select(pod_events, slice_events),
     )
     .boxed();
@@ -246,23 +324,33 @@ pub async fn run(
         // Gather a burst of events into one pass.
         tokio::time::sleep(Duration::from_millis(5)).await;
         while let Some(Some(_)) = futures::FutureExt::now_or_never(events.next()) {}
-        if refresh(&pools, &pool_store_reader, &pod_store, &slice_store) {
-            nudge.send_replace(());
+        let stores = Stores {
+            pools: &pool_store_reader,
+            pods: &pod_store,
+            slices: &slice_store,
+            services: &service_store,
+        };
+        if refresh(&pools, &stores) {
+            pools.status_changed();
         }
     }
 }
 
 /// Recomputes every wanted pool's endpoints from the stores; true when a ready count changed.
 /// A relist replaces a store whole when it completes, so it never shows a pool half-empty.
-fn refresh(
-    pools: &Pools,
-    pool_store: &Store<DynamicObject>,
-    pods: &Store<Pod>,
-    slices: &Store<EndpointSlice>,
-) -> bool {
+struct Stores<'a> {
+    pools: &'a Store<DynamicObject>,
+    pods: &'a Store<Pod>,
+    slices: &'a Store<EndpointSlice>,
+    services: &'a Store<Service>,
+}
+
+fn refresh(pools: &Pools, stores: &Stores<'_>) -> bool {
     let mut counts_changed = false;
-    let pod_list = pods.state();
-    let slice_list = slices.state();
+    let pod_list = stores.pods.state();
+    let slice_list = stores.slices.state();
+    let service_list = stores.services.state();
+    let pool_store = stores.pools;
     for pool in pools.all() {
         let before = pool.ready_count();
         let ready = match &pool.key {
@@ -280,10 +368,28 @@ fn refresh(
                             .cloned()
                             .and_then(|s| serde_json::from_value(s).ok())
                             .unwrap_or_default();
-                        pool.picker_ref.store(
-                            spec.endpoint_picker_ref.is_some(),
-                            std::sync::atomic::Ordering::Relaxed,
-                        );
+                        let picker = spec.endpoint_picker_ref.as_ref().map(|r| {
+                            let at = picker_address(
+                                r,
+                                namespace,
+                                service_list.iter().map(|s| s.as_ref()),
+                                pod_list.iter().map(|p| p.as_ref()),
+                            );
+                            (at, r.fail_open())
+                        });
+                        let changed = match picker {
+                            Some((at, fail_open)) => {
+                                if at.is_none() {
+                                    debug!(pool = %pool.id, "the endpoint picker has no ready address");
+                                }
+                                pool.set_picker(at, fail_open)
+                            }
+                            None => pool.set_picker(None, true),
+                        };
+                        if changed {
+                            info!(pool = %pool.id, picker = ?pool.picker().map(|p| p.client.addr), "endpoint picker");
+                            counts_changed = true;
+                        }
                         pool_endpoints(&spec, namespace, pod_list.iter().map(|p| p.as_ref()))
                     }
                 }

@@ -360,6 +360,10 @@ fn resolve(
             message: why.map(|o| o.message.clone()),
             pool: pool_key.as_ref().map(ToString::to_string),
             ready_endpoints: pool.as_ref().map(|p| p.ready_count()),
+            endpoint_picker: pool
+                .as_ref()
+                .and_then(|p| p.picker_state())
+                .map(str::to_string),
         };
         let resolved = match (&pool_key, &pool) {
             (Some(_), None) => Err(Outcome::not_ready(
@@ -496,10 +500,6 @@ const SPEAKS_OPENAI: [Provider; 5] = [
     Provider::Mistral,
 ];
 
-/// The base URL of a pool backend's upstream: the path model servers serve the OpenAI API under;
-/// each try's host and port are those of the endpoint picked (never resolved: `.invalid`).
-const POOL_API_BASE: &str = "http://pool.invalid/v1";
-
 fn resolve_model(
     declared: &Declared<'_>,
     route_type: RouteType,
@@ -546,7 +546,7 @@ fn resolve_model(
     }
     let api_base = model
         .is_pool()
-        .then_some(POOL_API_BASE)
+        .then_some(crate::pools::POOL_API_BASE)
         .or(model.api_base.as_deref())
         .or(adapter.info().default_api_base)
         .ok_or_else(|| {

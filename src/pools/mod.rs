@@ -7,6 +7,7 @@
 //! endpoint set is an atomic snapshot the data plane reads without locks, replaced whole by the
 //! watcher; figures and health live in atomics beside it.
 
+pub mod epp;
 pub mod pick;
 pub mod scrape;
 
@@ -21,6 +22,12 @@ use http::HeaderValue;
 use crate::api::{ModelSpec, PoolRef};
 use crate::telemetry::metrics::{EndpointLabels, Metrics, PoolLabels};
 use crate::traffic::BackendHealth;
+
+/// The origin of a pool backend's upstream URL: each try's host and port are those of the
+/// endpoint picked (never resolved: `.invalid`).
+pub const POOL_URL_ORIGIN: &str = "http://pool.invalid";
+/// The base URL of a pool backend's upstream: the path model servers serve the OpenAI API under.
+pub const POOL_API_BASE: &str = "http://pool.invalid/v1";
 
 /// Which pool a backend names; two Routes naming the same one share it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -244,16 +251,43 @@ pub struct Pool {
     pub header: HeaderValue,
     endpoints: ArcSwap<EndpointSet>,
     pub prefixes: pick::PrefixIndex,
-    /// Whether the pool's object (InferencePool) names an endpoint picker the gateway does not
-    /// call (it picks itself): shown in status.
-    pub picker_ref: std::sync::atomic::AtomicBool,
+    /// The InferencePool's endpoint picker, when it names one that resolves.
+    picker: ArcSwapOption<Picker>,
+    /// Whether the last exchange with the picker worked: 0 not tried yet, 1 yes, 2 no.
+    picker_reachable: std::sync::atomic::AtomicU8,
+    /// Told when something the Routes' status shows changed (the picker's reachability).
+    status_changed: Arc<tokio::sync::watch::Sender<()>>,
+    /// Speak h2c to the picker instead of TLS (`--pool-picker-plaintext`).
+    picker_plaintext: bool,
     metrics: Arc<Metrics>,
     ready_gauge: prometheus_client::metrics::gauge::Gauge,
     spillovers: prometheus_client::metrics::counter::Counter,
 }
 
+/// An InferencePool's endpoint picker and what to do when it does not answer.
+pub struct Picker {
+    pub client: epp::EndpointPicker,
+    /// `FailOpen`: the gateway picks itself; `FailClose` (the API's default): the pool takes no
+    /// call (the Route's next backend does).
+    pub fail_open: bool,
+}
+
 impl Pool {
     pub fn new(key: PoolKey, metrics: Arc<Metrics>) -> Pool {
+        Self::with_status(
+            key,
+            metrics,
+            Arc::new(tokio::sync::watch::channel(()).0),
+            false,
+        )
+    }
+
+    fn with_status(
+        key: PoolKey,
+        metrics: Arc<Metrics>,
+        status_changed: Arc<tokio::sync::watch::Sender<()>>,
+        picker_plaintext: bool,
+    ) -> Pool {
         let id: Arc<str> = key.to_string().into();
         let labels = PoolLabels {
             pool: Arc::clone(&id),
@@ -266,7 +300,10 @@ impl Pool {
             id,
             endpoints: ArcSwap::default(),
             prefixes: pick::PrefixIndex::default(),
-            picker_ref: Default::default(),
+            picker: ArcSwapOption::empty(),
+            picker_reachable: Default::default(),
+            status_changed,
+            picker_plaintext,
             metrics,
         }
     }
@@ -327,7 +364,71 @@ impl Pool {
     pub fn spilled(&self) {
         self.spillovers.inc();
     }
+
+    pub fn picker(&self) -> Option<Arc<Picker>> {
+        self.picker.load_full()
+    }
+
+    /// Sets the endpoint picker at `addr` (`None`: none, or it does not resolve); a picker at the
+    /// same address and mode is kept (its connection with it). True when it changed.
+    pub fn set_picker(&self, addr: Option<SocketAddr>, fail_open: bool) -> bool {
+        let current = self.picker.load();
+        let same = match (current.as_deref(), addr) {
+            (None, None) => true,
+            (Some(p), Some(a)) => p.client.addr == a && p.fail_open == fail_open,
+            _ => false,
+        };
+        if same {
+            return false;
+        }
+        let picker = addr
+            .and_then(|a| epp::EndpointPicker::new(a, EPP_TIMEOUT, self.picker_plaintext))
+            .map(|client| Arc::new(Picker { client, fail_open }));
+        self.picker.store(picker);
+        self.picker_reachable.store(0, Ordering::Relaxed);
+        true
+    }
+
+    /// What status says of the picker: `None` without one.
+    pub fn picker_state(&self) -> Option<&'static str> {
+        self.picker.load().as_ref()?;
+        Some(match self.picker_reachable.load(Ordering::Relaxed) {
+            1 => "Reachable",
+            2 => "Unreachable",
+            _ => "Unknown",
+        })
+    }
+
+    /// Records an exchange with the picker: its latency, its error, and a change of
+    /// reachability (which the Routes' status shows).
+    pub fn picker_answered(&self, took: std::time::Duration, error: Option<&epp::EppError>) {
+        let labels = PoolLabels {
+            pool: Arc::clone(&self.id),
+        };
+        self.metrics
+            .pools
+            .epp_duration
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
+        if let Some(e) = error {
+            self.metrics
+                .pools
+                .epp_errors
+                .get_or_create(&crate::telemetry::metrics::EppErrorLabels {
+                    pool: Arc::clone(&self.id),
+                    error: e.code(),
+                })
+                .inc();
+        }
+        let now = if error.is_some() { 2 } else { 1 };
+        if self.picker_reachable.swap(now, Ordering::Relaxed) != now {
+            self.status_changed.send_replace(());
+        }
+    }
 }
+
+/// The longest wait for the endpoint picker's choice.
+const EPP_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Every pool some Route names, shared by the route controller (which says which are wanted),
 /// the watcher (which fills their endpoints) and the scraper.
@@ -336,6 +437,9 @@ pub struct Pools {
     metrics: Arc<Metrics>,
     /// Bumped when the set of pools changes, so the watcher computes the new ones' endpoints.
     changed: tokio::sync::watch::Sender<u64>,
+    /// Told when something a Route's status shows changed (ready counts, picker reachability).
+    status_changed: Arc<tokio::sync::watch::Sender<()>>,
+    picker_plaintext: bool,
 }
 
 impl Pools {
@@ -344,7 +448,24 @@ impl Pools {
             map: Default::default(),
             metrics,
             changed: tokio::sync::watch::channel(0).0,
+            status_changed: Arc::new(tokio::sync::watch::channel(()).0),
+            picker_plaintext: false,
         }
+    }
+
+    /// Endpoint pickers are spoken to without TLS (pickers run with `--secure-serving=false`).
+    pub fn with_plaintext_pickers(mut self, plaintext: bool) -> Pools {
+        self.picker_plaintext = plaintext;
+        self
+    }
+
+    /// Fires when a pool's status (ready count, picker reachability) changed.
+    pub fn status_changes(&self) -> tokio::sync::watch::Receiver<()> {
+        self.status_changed.subscribe()
+    }
+
+    pub fn status_changed(&self) {
+        self.status_changed.send_replace(());
     }
 
     /// Keeps exactly the `wanted` pools (new ones start with no endpoints) and returns them.
@@ -356,7 +477,12 @@ impl Pools {
         for key in wanted {
             map.entry(key.clone()).or_insert_with(|| {
                 added = true;
-                Arc::new(Pool::new(key, Arc::clone(&self.metrics)))
+                Arc::new(Pool::with_status(
+                    key,
+                    Arc::clone(&self.metrics),
+                    Arc::clone(&self.status_changed),
+                    self.picker_plaintext,
+                ))
             });
         }
         if added || map.len() != before {

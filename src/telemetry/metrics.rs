@@ -146,6 +146,12 @@ pub struct EndpointLabels {
     pub endpoint: Arc<str>,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EppErrorLabels {
+    pub pool: Arc<str>,
+    pub error: &'static str,
+}
+
 /// Self-hosted model pools: what the picker saw and chose.
 pub struct PoolMetrics {
     pub endpoints: Family<PoolLabels, Gauge>,
@@ -154,6 +160,9 @@ pub struct PoolMetrics {
     pub queue: Family<EndpointLabels, Gauge>,
     pub kv_cache: Family<EndpointLabels, Gauge<f64, AtomicU64>>,
     pub scrape_errors: Family<EndpointLabels, Counter>,
+    /// Exchanges with an InferencePool's endpoint picker.
+    pub epp_duration: Family<PoolLabels, Histogram>,
+    pub epp_errors: Family<EppErrorLabels, Counter>,
 }
 
 impl PoolMetrics {
@@ -165,7 +174,20 @@ impl PoolMetrics {
             queue: Family::default(),
             kv_cache: Family::default(),
             scrape_errors: Family::default(),
+            epp_duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            epp_errors: Family::default(),
         };
+        registry.register_with_unit(
+            "portcullis_pool_epp_duration",
+            "Time the endpoint picker took to choose (or to fail)",
+            Unit::Seconds,
+            m.epp_duration.clone(),
+        );
+        registry.register(
+            "portcullis_pool_epp_errors",
+            "Exchanges with the endpoint picker that gave no usable choice, by kind",
+            m.epp_errors.clone(),
+        );
         registry.register(
             "portcullis_pool_endpoints",
             "Ready endpoints of a self-hosted model pool",

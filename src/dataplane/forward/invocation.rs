@@ -105,7 +105,7 @@ pub async fn invoke(
     let mut tries = Tries::new(state, &route.entry.name, &route.backends, request);
     let mut last = None;
     let result = loop {
-        let attempt = match tries.next() {
+        let attempt = match tries.next().await {
             Ok(next) => next,
             Err(e) => break Err(e),
         };
@@ -267,7 +267,7 @@ pub async fn invoke_stream(
     let started = Instant::now();
     let mut tries = Tries::new(state, &route.entry.name, &route.backends, request);
     let opened = loop {
-        let attempt = match tries.next() {
+        let attempt = match tries.next().await {
             Ok(next) => next,
             Err(e) => break Err(e),
         };

@@ -14,7 +14,7 @@ use crate::dataplane::AppState;
 use crate::dataplane::error::GatewayError;
 use crate::dataplane::observe;
 use crate::llm::LlmRequest;
-use crate::pools::InFlight;
+use crate::pools::{Endpoint, InFlight, Picker, PoolBackend};
 use crate::table::{Backend, Backends};
 use crate::telemetry::metrics::BackendErrorLabels;
 use crate::traffic::{self, BackendHealth, TrafficPolicy};
@@ -157,7 +157,7 @@ impl<'a> Tries<'a> {
     }
 
     /// The backend (and endpoint) for the next try and the time it may take.
-    pub(super) fn next(&mut self) -> Result<Try<'a>, GatewayError> {
+    pub(super) async fn next(&mut self) -> Result<Try<'a>, GatewayError> {
         let list = &self.backends.list;
         let now = traffic::now_ms();
         let (backend, endpoint) = loop {
@@ -177,11 +177,16 @@ impl<'a> Tries<'a> {
                 self.tried |= 1 << index;
                 break (backend, None);
             };
-            let request = self.request;
-            let blocks = self
-                .blocks
-                .get_or_insert_with(|| crate::pools::pick::prefix_blocks(request));
-            match pool.pick(blocks, &self.tried_endpoints, now) {
+            let chosen = match pool.pool.picker() {
+                Some(picker) => match self.ask_picker(backend, pool, &picker).await {
+                    Ok(endpoint) => Some(endpoint),
+                    // FailOpen: the gateway's own choice, as if there were no picker.
+                    Err(()) if picker.fail_open => self.own_pick(pool, now),
+                    Err(()) => None,
+                },
+                None => self.own_pick(pool, now),
+            };
+            match chosen {
                 Some(endpoint) => {
                     // The pool stays untried while it has an untried endpoint: a retry goes to
                     // another of its endpoints first (a pod that just went away, say).
@@ -212,6 +217,51 @@ impl<'a> Tries<'a> {
             endpoint,
             timeout,
         })
+    }
+
+    /// The gateway's own choice of an untried endpoint of `pool`.
+    fn own_pick(&mut self, pool: &PoolBackend, now: u64) -> Option<Arc<Endpoint>> {
+        let request = self.request;
+        let blocks = self
+            .blocks
+            .get_or_insert_with(|| crate::pools::pick::prefix_blocks(request));
+        pool.pick(blocks, &self.tried_endpoints, now)
+    }
+
+    /// The endpoint picker's choice: its first named endpoint that is a ready, untried one of
+    /// the pool (its fallbacks in order); `Err` when it did not answer with one.
+    async fn ask_picker(
+        &self,
+        backend: &Backend,
+        pool: &PoolBackend,
+        picker: &Picker,
+    ) -> Result<Arc<Endpoint>, ()> {
+        let upstream = &backend.upstream;
+        // What the model server will get, so the picker reads the same model and prompt.
+        let built = upstream
+            .adapter
+            .build_request(&upstream.target, self.request)
+            .map_err(|_| ())?;
+        let path = built
+            .url
+            .strip_prefix(crate::pools::POOL_URL_ORIGIN)
+            .unwrap_or("/v1/chat/completions");
+        let started = Instant::now();
+        let answer = picker
+            .client
+            .pick(path, &[("content-type", "application/json")], built.body)
+            .await;
+        pool.pool
+            .picker_answered(started.elapsed(), answer.as_ref().err());
+        let named = answer.map_err(|e| {
+            debug!(route = %self.route, pool = %pool.pool.id, error = %e, "endpoint picker gave no choice");
+        })?;
+        let set = pool.pool.endpoints();
+        named
+            .iter()
+            .filter(|a| !self.tried_endpoints.contains(a))
+            .find_map(|a| set.list.iter().find(|e| e.addr == *a).cloned())
+            .ok_or(())
     }
 
     /// Records how a try ended; `Continue` when the call is to be tried again.

@@ -35,6 +35,10 @@ pub struct ModelServerConfig {
     pub words: usize,
     /// KV-cache blocks (in tokens) the running requests' prompts fill.
     pub kv_capacity_tokens: u64,
+    /// A decode step per output token (make bench): when set, an answer has the request's
+    /// `max_tokens` words (at most 4,096) and takes this per word, instead of `words` in
+    /// `service_time`.
+    pub per_token: Option<Duration>,
 }
 
 impl Default for ModelServerConfig {
@@ -46,6 +50,7 @@ impl Default for ModelServerConfig {
             service_time: Duration::from_millis(50),
             words: 5,
             kv_capacity_tokens: 20_000,
+            per_token: None,
         }
     }
 }
@@ -193,11 +198,18 @@ async fn chat(State(state): State<Arc<ServerState>>, body: Bytes) -> Response {
         tokens: prompt_tokens,
         _permit: permit,
     };
-    let words: Vec<String> = (1..=config.words).map(|i| format!("word{i}")).collect();
+    let (n_words, service_time) = match config.per_token {
+        Some(step) => {
+            let n = request["max_tokens"].as_u64().unwrap_or(16).clamp(1, 4096) as u32;
+            (n as usize, step * n)
+        }
+        None => (config.words, config.service_time),
+    };
+    let words: Vec<String> = (1..=n_words).map(|i| format!("word{i}")).collect();
     let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": words.len(), "total_tokens": prompt_tokens + words.len() as u64});
     let id = format!("chatcmpl-{}", state.served.load(Ordering::Relaxed));
     if request["stream"].as_bool() != Some(true) {
-        tokio::time::sleep(config.service_time).await;
+        tokio::time::sleep(service_time).await;
         drop(running);
         return json_response(
             200,
@@ -209,7 +221,7 @@ async fn chat(State(state): State<Arc<ServerState>>, body: Bytes) -> Response {
         );
     }
     let include_usage = request["stream_options"]["include_usage"].as_bool() == Some(true);
-    let pause = config.service_time / (words.len() as u32 + 1);
+    let pause = service_time / (words.len() as u32 + 1);
     let chunk = |delta: Value, finish: Value| {
         json!({"id": id, "object": "chat.completion.chunk", "created": crate::unix_now(), "model": model,
                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
