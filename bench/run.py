@@ -528,10 +528,11 @@ def pool_scenario(args, work, procs, row, quick, kubectl, kubeconfig):
     straight to the servers (a round-robin Service's choice, without the gateway's hop) and once
     through the gateway's own load-aware picker (a `service` backend); time to first token p50/p99."""
     servers, batch, ms_per_token, mean_tokens = 4, 4, 10, 50
+    bins = pathlib.Path(args.bin_dir)
     port = free_port()
     ips = [f"127.0.0.{i}" for i in range(2, 2 + servers)]
     sim_port = free_port()
-    procs.append(Process([str(RELEASE / "portcullis-sim"), "--listen", f"127.0.0.1:{sim_port}",
+    procs.append(Process([str(bins / "portcullis-sim"), "--listen", f"127.0.0.1:{sim_port}",
                           "--model-servers", ",".join(f"{ip}:{port}" for ip in ips),
                           "--max-running", str(batch), "--ms-per-token", str(ms_per_token)],
                          log_path=work / "sim-pool.log"))
@@ -550,7 +551,7 @@ def pool_scenario(args, work, procs, row, quick, kubectl, kubeconfig):
     gw_port, gw_mport = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "RUST_LOG" and not k.startswith("PORTCULLIS_")}
     env["KUBECONFIG"] = kubeconfig
-    procs.append(Process([str(RELEASE / "portcullis"), "run", "--listen", f"127.0.0.1:{gw_port}",
+    procs.append(Process([str(bins / "portcullis"), "run", "--listen", f"127.0.0.1:{gw_port}",
                           "--metrics-listen", f"127.0.0.1:{gw_mport}", "--namespace", "bench",
                           "--pool-scrape-interval-ms", "50"], env=env, log_path=work / "gateway-pool.log"))
     wait_http(f"http://127.0.0.1:{gw_port}/readyz", timeout=120)
@@ -630,7 +631,7 @@ def main():
     ap.add_argument("--compare", nargs="*", default=[], metavar="LABEL=BINARY",
                     help="with --only callgrind: also count these gateway binaries (an earlier commit's)")
     ap.add_argument("--bin-dir", default=str(RELEASE),
-                    help="the gateway's binaries (the store rows count the store's work, not the gateway's)")
+                    help="the gateway's binaries for the store and pool scenarios (the store rows count the store's work, not the gateway's; the pool rows time queues of hundreds of ms)")
     args = ap.parse_args()
     quick = args.quick
     n_c1 = 300 if quick else 3000
