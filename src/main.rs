@@ -40,10 +40,12 @@ enum Command {
     Import(files::import::ImportArgs),
     /// Print what each USD budget has spent in its current window, read from the shared limits store.
     Spend(portcullis::spend::SpendArgs),
-    /// Print the Route CRD (or with `--team` the Team CRD) as YAML.
+    /// Print the Route CRD (or with `--team` the Team CRD, `--mcp` the McpServer CRD) as YAML.
     Crd {
         #[arg(long)]
         team: bool,
+        #[arg(long, conflicts_with = "team")]
+        mcp: bool,
     },
 }
 
@@ -122,8 +124,10 @@ struct RunArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Crd { team } => match if team {
+        Command::Crd { team, mcp } => match if team {
             portcullis::team_crd_yaml()
+        } else if mcp {
+            portcullis::mcp_crd_yaml()
         } else {
             portcullis::crd_yaml()
         } {
@@ -304,6 +308,18 @@ async fn run(args: RunArgs) -> Result<(), StartError> {
         pool_scrape_interval: Duration::from_millis(args.pool_scrape_interval_ms),
         pool_picker_plaintext: args.pool_picker_plaintext,
     };
+    let mcp_refresh = positive_secs(
+        args.dataplane.mcp.mcp_refresh_interval,
+        "mcp-refresh-interval",
+    )?;
+    tokio::spawn(portcullis::mcp::controller::run(
+        client.clone(),
+        config.namespace.clone(),
+        config.policy.clone(),
+        dataplane.mcp(),
+        mcp_refresh,
+        stop_controller.clone(),
+    ));
     let controller = tokio::spawn({
         let stop = stop_controller.clone();
         async move {

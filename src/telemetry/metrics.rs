@@ -131,6 +131,7 @@ pub struct Metrics {
     pub replicas: Gauge,
     pub budgets: BudgetMetrics,
     pub pools: PoolMetrics,
+    pub mcp: crate::mcp::audit::McpMetrics,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -465,8 +466,10 @@ impl Metrics {
         );
         let cost = CostMetrics::register(&mut registry);
         let pools = PoolMetrics::register(&mut registry);
+        let mcp = crate::mcp::audit::McpMetrics::register(&mut registry);
         Metrics {
             pools,
+            mcp,
             leader,
             replicas,
             budgets,
