@@ -377,17 +377,11 @@ fn refresh(pools: &Pools, stores: &Stores<'_>) -> bool {
                             );
                             (at, r.fail_open())
                         });
-                        let changed = match picker {
-                            Some((at, fail_open)) => {
-                                if at.is_none() {
-                                    debug!(pool = %pool.id, "the endpoint picker has no ready address");
-                                }
-                                pool.set_picker(at, fail_open)
-                            }
-                            None => pool.set_picker(None, true),
-                        };
-                        if changed {
-                            info!(pool = %pool.id, picker = ?pool.picker().map(|p| p.client.addr), "endpoint picker");
+                        if let Some((None, _)) = picker {
+                            debug!(pool = %pool.id, "the endpoint picker has no ready address");
+                        }
+                        if pool.set_picker(picker) {
+                            info!(pool = %pool.id, picker = ?pool.picker().map(|p| p.client.as_ref().map(|c| c.addr)), "endpoint picker");
                             counts_changed = true;
                         }
                         pool_endpoints(&spec, namespace, pod_list.iter().map(|p| p.as_ref()))

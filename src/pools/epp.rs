@@ -131,6 +131,8 @@ pub enum EppError {
     Refused,
     #[error("the endpoint picker named no endpoint")]
     NoEndpoint,
+    #[error("the endpoint picker's Service has no ready Pod")]
+    NoAddress,
 }
 
 impl EppError {
@@ -141,6 +143,7 @@ impl EppError {
             EppError::Grpc(_) => "grpc",
             EppError::Refused => "refused",
             EppError::NoEndpoint => "no_endpoint",
+            EppError::NoAddress => "no_address",
         }
     }
 }

@@ -266,7 +266,8 @@ pub struct Pool {
 
 /// An InferencePool's endpoint picker and what to do when it does not answer.
 pub struct Picker {
-    pub client: epp::EndpointPicker,
+    /// `None` while its Service has no ready Pod: every call is then a failure.
+    pub client: Option<epp::EndpointPicker>,
     /// `FailOpen`: the gateway picks itself; `FailClose` (the API's default): the pool takes no
     /// call (the Route's next backend does).
     pub fail_open: bool,
@@ -369,21 +370,26 @@ impl Pool {
         self.picker.load_full()
     }
 
-    /// Sets the endpoint picker at `addr` (`None`: none, or it does not resolve); a picker at the
-    /// same address and mode is kept (its connection with it). True when it changed.
-    pub fn set_picker(&self, addr: Option<SocketAddr>, fail_open: bool) -> bool {
+    /// Sets the endpoint picker: `None` when the pool names none, else its address (`None` while
+    /// it does not resolve) and whether it fails open; a picker at the same address and mode is
+    /// kept (its connection with it). True when it changed.
+    pub fn set_picker(&self, picker: Option<(Option<SocketAddr>, bool)>) -> bool {
         let current = self.picker.load();
-        let same = match (current.as_deref(), addr) {
+        let same = match (current.as_deref(), picker) {
             (None, None) => true,
-            (Some(p), Some(a)) => p.client.addr == a && p.fail_open == fail_open,
+            (Some(p), Some((addr, fail_open))) => {
+                p.client.as_ref().map(|c| c.addr) == addr && p.fail_open == fail_open
+            }
             _ => false,
         };
         if same {
             return false;
         }
-        let picker = addr
-            .and_then(|a| epp::EndpointPicker::new(a, EPP_TIMEOUT, self.picker_plaintext))
-            .map(|client| Arc::new(Picker { client, fail_open }));
+        let picker = picker.map(|(addr, fail_open)| {
+            let client =
+                addr.and_then(|a| epp::EndpointPicker::new(a, EPP_TIMEOUT, self.picker_plaintext));
+            Arc::new(Picker { client, fail_open })
+        });
         self.picker.store(picker);
         self.picker_reachable.store(0, Ordering::Relaxed);
         true
@@ -391,7 +397,9 @@ impl Pool {
 
     /// What status says of the picker: `None` without one.
     pub fn picker_state(&self) -> Option<&'static str> {
-        self.picker.load().as_ref()?;
+        if self.picker.load().as_ref()?.client.is_none() {
+            return Some("Unreachable");
+        }
         Some(match self.picker_reachable.load(Ordering::Relaxed) {
             1 => "Reachable",
             2 => "Unreachable",
@@ -573,6 +581,33 @@ impl PoolBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_picker_without_an_address_is_unreachable_and_an_unchanged_one_is_kept() {
+        let pool = Pool::new(
+            PoolKey::Service {
+                namespace: "ns".into(),
+                name: "vllm".into(),
+                port: 8000,
+            },
+            Arc::new(Metrics::new()),
+        );
+        assert_eq!(pool.picker_state(), None);
+        // Named, but its Service has no ready Pod: every call fails (FailClose holds).
+        assert!(pool.set_picker(Some((None, false))));
+        assert!(pool.picker().unwrap().client.is_none());
+        assert_eq!(pool.picker_state(), Some("Unreachable"));
+        let at: SocketAddr = "10.0.0.9:9002".parse().unwrap();
+        assert!(pool.set_picker(Some((Some(at), false))));
+        assert_eq!(pool.picker_state(), Some("Unknown"));
+        let kept = pool.picker().unwrap();
+        assert!(!pool.set_picker(Some((Some(at), false))));
+        assert!(Arc::ptr_eq(&kept, &pool.picker().unwrap()));
+        // A new failure mode is a new picker.
+        assert!(pool.set_picker(Some((Some(at), true))));
+        assert!(pool.set_picker(None));
+        assert_eq!(pool.picker_state(), None);
+    }
 
     #[test]
     fn stale_figures_fall_back_to_the_gateways_own_calls_and_keep_the_endpoint() {

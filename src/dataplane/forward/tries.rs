@@ -247,10 +247,14 @@ impl<'a> Tries<'a> {
             .strip_prefix(crate::pools::POOL_URL_ORIGIN)
             .unwrap_or("/v1/chat/completions");
         let started = Instant::now();
-        let answer = picker
-            .client
-            .pick(path, &[("content-type", "application/json")], built.body)
-            .await;
+        let answer = match &picker.client {
+            Some(client) => {
+                client
+                    .pick(path, &[("content-type", "application/json")], built.body)
+                    .await
+            }
+            None => Err(crate::pools::epp::EppError::NoAddress),
+        };
         pool.pool
             .picker_answered(started.elapsed(), answer.as_ref().err());
         let named = answer.map_err(|e| {
