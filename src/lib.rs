@@ -12,6 +12,7 @@ pub mod files;
 pub mod limits;
 pub mod llm;
 pub mod mcp;
+pub mod pools;
 pub mod providers;
 pub mod server;
 pub mod spend;
