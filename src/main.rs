@@ -40,10 +40,12 @@ enum Command {
     Import(files::import::ImportArgs),
     /// Print what each USD budget has spent in its current window, read from the shared limits store.
     Spend(portcullis::spend::SpendArgs),
-    /// Print the Route CRD (or with `--team` the Team CRD) as YAML.
+    /// Print the Route CRD (or with `--team` the Team CRD, `--mcp` the McpServer CRD) as YAML.
     Crd {
         #[arg(long)]
         team: bool,
+        #[arg(long, conflicts_with = "team")]
+        mcp: bool,
     },
 }
 
@@ -109,13 +111,23 @@ struct RunArgs {
     /// Take N from the ready endpoints of this Service (in the pod's namespace) instead of --replicas.
     #[arg(long, env = "PORTCULLIS_REPLICAS_SERVICE")]
     replicas_service: Option<String>,
+    /// Milliseconds between two reads of each self-hosted pool endpoint's model-server metrics
+    /// (50 to 200).
+    #[arg(long, env = "PORTCULLIS_POOL_SCRAPE_INTERVAL_MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(50..=200))]
+    pool_scrape_interval_ms: u64,
+    /// Speak plain HTTP/2 (h2c) to InferencePools' endpoint pickers instead of TLS, for pickers
+    /// run with `--secure-serving=false`.
+    #[arg(long, env = "PORTCULLIS_POOL_PICKER_PLAINTEXT")]
+    pool_picker_plaintext: bool,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Crd { team } => match if team {
+        Command::Crd { team, mcp } => match if team {
             portcullis::team_crd_yaml()
+        } else if mcp {
+            portcullis::mcp_crd_yaml()
         } else {
             portcullis::crd_yaml()
         } {
@@ -293,7 +305,21 @@ async fn run(args: RunArgs) -> Result<(), StartError> {
         policy,
         pricing: (!args.pricing_configmap.is_empty())
             .then(|| (args.lease_namespace.clone(), args.pricing_configmap.clone())),
+        pool_scrape_interval: Duration::from_millis(args.pool_scrape_interval_ms),
+        pool_picker_plaintext: args.pool_picker_plaintext,
     };
+    let mcp_refresh = positive_secs(
+        args.dataplane.mcp.mcp_refresh_interval,
+        "mcp-refresh-interval",
+    )?;
+    tokio::spawn(portcullis::mcp::controller::run(
+        client.clone(),
+        config.namespace.clone(),
+        config.policy.clone(),
+        dataplane.mcp(),
+        mcp_refresh,
+        stop_controller.clone(),
+    ));
     let controller = tokio::spawn({
         let stop = stop_controller.clone();
         async move {

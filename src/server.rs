@@ -124,6 +124,8 @@ pub struct DataPlaneArgs {
     pub cache_memory_bytes: usize,
     #[command(flatten)]
     pub listener: ListenerArgs,
+    #[command(flatten)]
+    pub mcp: crate::mcp::McpArgs,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -305,6 +307,7 @@ impl DataPlane {
             args.default_access,
             settings.token_policy.clone(),
         ));
+        let mcp = Arc::new(crate::mcp::McpGateway::new(&args.mcp, http.clone()));
         let state = Arc::new(AppState {
             table: RoutingTable::default().shared(),
             http,
@@ -321,6 +324,7 @@ impl DataPlane {
             via,
             anonymous_team: args.anonymous_team.as_deref().map(Arc::from),
             cache,
+            mcp,
         });
         let listener = tokio::net::TcpListener::bind(listen)
             .await
@@ -369,6 +373,11 @@ impl DataPlane {
             api_keys: self.api_keys.clone(),
             limits: self.state.limits.clone(),
         }
+    }
+
+    /// The MCP gateway, for its controller.
+    pub fn mcp(&self) -> Arc<crate::mcp::McpGateway> {
+        self.state.mcp.clone()
     }
 
     /// Serves until SIGTERM/SIGINT and the drain are over, or until `source` ends by itself (its

@@ -373,6 +373,10 @@ fn copies_match_their_sources() {
     for (copy, source) in [
         ("deploy/helm/portcullis/crds/route.yaml", "crds/route.yaml"),
         ("deploy/helm/portcullis/crds/team.yaml", "crds/team.yaml"),
+        (
+            "deploy/helm/portcullis/crds/mcpserver.yaml",
+            "crds/mcpserver.yaml",
+        ),
         ("deploy/helm/portcullis/files/portcullis.json", DASHBOARD),
         ("deploy/helm/portcullis/files/portcullis-rules.yaml", RULES),
     ] {
@@ -835,6 +839,7 @@ fn helm_install_upgrade_rollback_and_uninstall_leave_the_crds() {
         "--for=condition=Established",
         "crd/routes.portcullis.dev",
         "crd/teams.portcullis.dev",
+        "crd/mcpservers.portcullis.dev",
         "--timeout=60s",
     ]);
     assert_eq!(image(), "portcullis:0.1.0");

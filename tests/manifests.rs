@@ -56,6 +56,10 @@ fn checked_in_crds_read_by_kubectl_are_the_generated_schema() {
             "team",
             serde_json::to_value(portcullis::api::Team::crd()).unwrap(),
         ),
+        (
+            "mcpserver",
+            serde_json::to_value(portcullis::api::McpServer::crd()).unwrap(),
+        ),
     ];
     for (kind, generated) in generated {
         for file in [format!("crds/{kind}.yaml"), deploy_copy(kind)] {
@@ -128,6 +132,8 @@ fn server_accepts(cp: &ControlPlane, what: &str, manifests: &str) {
 #[test]
 fn every_manifest_a_user_is_shown_passes_the_api_server() {
     let cp = ControlPlane::shared();
+    // The README's InferencePool is the Inference Extension's resource.
+    install_inference_pool_crd(cp);
     let objects = readme_objects();
     assert!(
         objects.len() >= 5,

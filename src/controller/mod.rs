@@ -10,6 +10,7 @@ mod backoff;
 pub mod consumers;
 pub mod leader;
 pub mod policy;
+pub mod pools;
 pub mod reconcile;
 pub mod replicas;
 mod secrets;
@@ -37,7 +38,7 @@ use crate::api::{Route, Team};
 use crate::table::SharedTable;
 use crate::telemetry::metrics::{Metrics, ResourceLabels};
 use backoff::RetryBackoff;
-use reconcile::reconcile_after;
+use reconcile::reconcile_with;
 use secrets::SecretCache;
 
 /// Deadline of one API-server request the data plane's freshness waits on (a Secret read, a
@@ -68,6 +69,10 @@ pub struct ControllerConfig {
     pub policy: policy::OperatorPolicy,
     /// The ConfigMap (namespace, name) of cluster-wide price overrides; `None`: none.
     pub pricing: Option<(String, String)>,
+    /// How often each self-hosted pool endpoint's metrics are read.
+    pub pool_scrape_interval: Duration,
+    /// Speak h2c, not TLS, to InferencePools' endpoint pickers.
+    pub pool_picker_plaintext: bool,
 }
 
 /// The key of the pricing ConfigMap that holds the prices (the catalog's format).
@@ -246,7 +251,33 @@ pub async fn run(
         shutdown.clone(),
     ));
 
+    let pools = Arc::new(
+        crate::pools::Pools::new(handles.metrics.clone())
+            .with_plaintext_pickers(config.pool_picker_plaintext),
+    );
+    let pool_changes = pools.status_changes();
+    let pool_watch = tokio::spawn(pools::run(
+        client.clone(),
+        config.namespace.clone(),
+        pools.clone(),
+        handles.metrics.clone(),
+        config.max_backoff,
+        shutdown.clone(),
+    ));
+    let scraper = tokio::spawn(crate::pools::scrape::run(
+        pools.clone(),
+        config.pool_scrape_interval,
+        shutdown.clone(),
+    ));
+    // A pool's ready count is in its Routes' status: a change rebuilds (the data plane reads the
+    // endpoints from the pool itself, without waiting for this).
+    let pool_events = futures::stream::unfold(pool_changes, |mut rx| async move {
+        rx.changed().await.ok()?;
+        Some(((Source::Pools, Ok(Signal::Changed)), rx))
+    });
+
     let mut loop_state = Loop {
+        pools,
         client,
         route_store,
         secret_store,
@@ -269,7 +300,10 @@ pub async fn run(
         .run(
             futures::stream::select(
                 futures::stream::select(route_events, secret_events),
-                futures::stream::select(team_events, pricing_events),
+                futures::stream::select(
+                    futures::stream::select(team_events, pricing_events),
+                    pool_events,
+                ),
             ),
             config.debounce,
             shutdown,
@@ -282,6 +316,8 @@ pub async fn run(
     }
     let _ = alarms.await;
     let _ = api_keys.await;
+    let _ = pool_watch.await;
+    let _ = scraper.await;
     Ok(())
 }
 
@@ -291,6 +327,7 @@ enum Source {
     Secrets,
     Teams,
     Pricing,
+    Pools,
 }
 
 enum Signal {
@@ -326,6 +363,8 @@ impl<K> From<watcher::Event<K>> for Signal {
 
 struct Loop {
     client: Client,
+    /// The self-hosted model pools the Routes name.
+    pools: Arc<crate::pools::Pools>,
     route_store: Store<Route>,
     secret_store: Store<PartialObjectMeta<Secret>>,
     secret_cache: SecretCache,
@@ -394,6 +433,7 @@ impl Loop {
                                     Source::Secrets => secrets_synced = true,
                                     Source::Teams => teams_synced = true,
                                     Source::Pricing => pricing_synced = true,
+                                    Source::Pools => {}
                                 }
                                 true
                             }
@@ -412,7 +452,7 @@ impl Loop {
                     }
                     Some((source, Err(e))) => {
                         warn!(?source, error = %e, "watch failed; reconnecting with backoff and serving the last good table");
-                        let resource = match source { Source::Routes => "routes", Source::Secrets => "secrets", Source::Teams => "teams", Source::Pricing => "configmaps" };
+                        let resource = match source { Source::Routes => "routes", Source::Secrets => "secrets", Source::Teams => "teams", Source::Pricing => "configmaps", Source::Pools => "pools" };
                         self.handles.metrics.watch_restarts.get_or_create(&ResourceLabels { resource }).inc();
                     }
                 },
@@ -492,12 +532,25 @@ impl Loop {
             catalog: crate::cost::Catalog::builtin(),
             cluster: self.cluster_prices.as_ref(),
         };
-        let reconciled = reconcile_after(
+        let pools = self.pools.want(
+            routes
+                .iter()
+                .flat_map(|r| {
+                    let ns = r.namespace().unwrap_or_default();
+                    r.spec
+                        .models()
+                        .filter_map(|m| crate::pools::PoolKey::of(m, &ns))
+                        .collect::<Vec<_>>()
+                })
+                .collect(),
+        );
+        let reconciled = reconcile_with(
             &routes,
             &self.secret_cache,
             &self.handles.table.load(),
             &self.policy,
             prices,
+            &pools,
         );
         let (total, serving) = (
             reconciled.outcomes.len(),
@@ -560,6 +613,7 @@ mod tests {
         let config = kube::Config::new("http://127.0.0.1:1".parse().unwrap());
         let ready = Arc::new(AtomicBool::new(false));
         Loop {
+            pools: Arc::new(crate::pools::Pools::new(Arc::new(Metrics::new()))),
             client: Client::try_from(config).unwrap(),
             route_store: routes,
             secret_store: secrets,

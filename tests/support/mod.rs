@@ -155,6 +155,7 @@ impl ControlPlane {
                 "--for=condition=Established",
                 "crd/routes.portcullis.dev",
                 "crd/teams.portcullis.dev",
+                "crd/mcpservers.portcullis.dev",
                 "--timeout=60s",
             ]);
             last = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -637,18 +638,7 @@ impl Drop for Gateway {
 /// Returns whether it passed and its output.
 pub fn pytest(venv: &str, dir: &str, url: &str, routes: &Value) -> (bool, String) {
     let repo = env!("CARGO_MANIFEST_DIR");
-    let started = Instant::now();
-    let ensured = Command::new(format!("{repo}/hack/python-env.sh"))
-        .args(["ensure", venv])
-        .output()
-        .expect("run hack/python-env.sh");
-    assert!(
-        ensured.status.success(),
-        "python-env.sh ensure {venv} failed:\n{}",
-        String::from_utf8_lossy(&ensured.stderr)
-    );
-    let python = String::from_utf8_lossy(&ensured.stdout).trim().to_string();
-    eprintln!("venv {venv} ready after {:?}", started.elapsed());
+    let python = python_env(venv);
     let started = Instant::now();
     let out = Command::new(&python)
         .args(["-m", "pytest", "-v", &format!("tests/python/{dir}")])
@@ -673,6 +663,38 @@ pub fn pytest(venv: &str, dir: &str, url: &str, routes: &Value) -> (bool, String
         started.elapsed()
     );
     (out.status.success(), output)
+}
+
+/// The python of the venv `venv` of `hack/python-env.sh`, built on first use.
+pub fn python_env(venv: &str) -> String {
+    let repo = env!("CARGO_MANIFEST_DIR");
+    let started = Instant::now();
+    let ensured = Command::new(format!("{repo}/hack/python-env.sh"))
+        .args(["ensure", venv])
+        .output()
+        .expect("run hack/python-env.sh");
+    assert!(
+        ensured.status.success(),
+        "python-env.sh ensure {venv} failed:\n{}",
+        String::from_utf8_lossy(&ensured.stderr)
+    );
+    eprintln!("venv {venv} ready after {:?}", started.elapsed());
+    String::from_utf8_lossy(&ensured.stdout).trim().to_string()
+}
+
+/// The `node_modules` of `hack/node-env.sh` (tests/node/package-lock.json), installed on first use.
+pub fn node_env() -> String {
+    let repo = env!("CARGO_MANIFEST_DIR");
+    let out = Command::new(format!("{repo}/hack/node-env.sh"))
+        .arg("ensure")
+        .output()
+        .expect("run hack/node-env.sh");
+    assert!(
+        out.status.success(),
+        "node-env.sh ensure failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// The blocking HTTP client the tests call the gateway with.
@@ -1070,6 +1092,9 @@ pub fn model(
             key: portcullis::api::DEFAULT_SECRET_KEY.to_string(),
         }),
         config: Default::default(),
+        inference_pool: None,
+        service: None,
+        saturation: None,
     }
 }
 
@@ -1226,4 +1251,82 @@ pub fn shared_store_flags(url: &str) -> [&str; 6] {
         "--store-timeout",
         "1s",
     ]
+}
+
+/// Installs the Inference Extension's InferencePool CRD, as vendored under deploy/third_party.
+pub fn install_inference_pool_crd(cp: &ControlPlane) {
+    let file =
+        repo().join("deploy/third_party/gateway-api-inference-extension/inferencepools.yaml");
+    cp.ok(&["apply", "--server-side", "-f", path_str(&file)]);
+    cp.ok(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/inferencepools.inference.networking.k8s.io",
+        "--timeout=60s",
+    ]);
+}
+
+/// A Pod object for a model server at `ip` with `labels`. No kubelet runs here: its IP and
+/// readiness are written through the status subresource, as a kubelet would.
+pub fn model_server_pod(cp: &ControlPlane, ns: &str, name: &str, ip: &str, labels: &Value) {
+    let pod = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "labels": labels},
+        "spec": {"containers": [{"name": "vllm", "image": "vllm/vllm-openai:v0.11.0"}]},
+    });
+    cp.apply(&pod.to_string());
+    set_pod_ready(cp, ns, name, ip, true);
+}
+
+/// Sets a Pod's IP and Ready condition (status subresource).
+pub fn set_pod_ready(cp: &ControlPlane, ns: &str, name: &str, ip: &str, ready: bool) {
+    let status = if ready { "True" } else { "False" };
+    let patch = serde_json::json!({"status": {
+        "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+        "conditions": [{"type": "Ready", "status": status}],
+    }});
+    cp.ok(&[
+        "patch",
+        "pod",
+        name,
+        "-n",
+        ns,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &patch.to_string(),
+    ]);
+}
+
+/// An EndpointSlice of Service `service` on `port`: (address, pod name, ready) per endpoint.
+pub fn endpoint_slice(
+    ns: &str,
+    service: &str,
+    port: u16,
+    endpoints: &[(&str, &str, bool)],
+) -> String {
+    serde_json::json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("{service}-1"), "namespace": ns,
+                     "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+        "endpoints": endpoints.iter().map(|(ip, pod, ready)| serde_json::json!({
+            "addresses": [ip], "conditions": {"ready": ready},
+            "targetRef": {"kind": "Pod", "name": pod, "namespace": ns},
+        })).collect::<Vec<_>>(),
+    })
+    .to_string()
+}
+
+/// `n` loopback addresses of a /24 no other test uses (127.x.y.1..n), for servers that must
+/// share one port (a pool's target port), as pods do.
+pub fn loopback_ips(n: usize) -> Vec<std::net::Ipv4Addr> {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let seed = std::process::id().wrapping_mul(31).wrapping_add(k * 7919);
+    let (a, b) = (2 + (seed % 250) as u8, ((seed / 250) % 250) as u8);
+    (1..=n as u8)
+        .map(|i| std::net::Ipv4Addr::new(127, a, b, i))
+        .collect()
 }

@@ -8,8 +8,11 @@ mod bedrock;
 mod cohere;
 mod databricks;
 mod gemini;
+mod mcp;
 mod mlflow;
 mod openai;
+mod vllm;
+pub use vllm::{ModelServer, ModelServerConfig};
 
 pub use bedrock::encode_frame;
 pub use gemini::thought_signature;
@@ -330,6 +333,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .nest("/tgi", tgi::router())
         .nest("/databricks", databricks::router())
         .nest("/mlflow", mlflow::router())
+        .nest("/mcp", mcp::router())
         .layer(middleware::from_fn_with_state(
             shared.clone(),
             record_and_fault,
