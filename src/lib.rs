@@ -9,6 +9,7 @@ pub mod controller;
 pub mod cost;
 pub mod dataplane;
 pub mod files;
+pub mod guardrails;
 pub mod limits;
 pub mod llm;
 pub mod providers;
@@ -31,6 +32,12 @@ pub fn crd_yaml() -> Result<String, serde_json::Error> {
 pub fn team_crd_yaml() -> Result<String, serde_json::Error> {
     use kube::CustomResourceExt;
     yaml::to_string(&api::Team::crd())
+}
+
+/// The GuardrailPolicy CRD manifest (`crds/guardrailpolicy.yaml`).
+pub fn guardrail_crd_yaml() -> Result<String, serde_json::Error> {
+    use kube::CustomResourceExt;
+    yaml::to_string(&api::GuardrailPolicy::crd())
 }
 
 #[cfg(test)]
@@ -57,6 +64,22 @@ mod tests {
             (
                 "deploy/base/crd-team.yaml",
                 include_str!("../deploy/base/crd-team.yaml"),
+            ),
+        ] {
+            assert!(
+                generated == checked_in,
+                "{path} is stale: run `make crds` and commit the result"
+            );
+        }
+        let generated = super::guardrail_crd_yaml().unwrap();
+        for (path, checked_in) in [
+            (
+                "crds/guardrailpolicy.yaml",
+                include_str!("../crds/guardrailpolicy.yaml"),
+            ),
+            (
+                "deploy/base/crd-guardrailpolicy.yaml",
+                include_str!("../deploy/base/crd-guardrailpolicy.yaml"),
             ),
         ] {
             assert!(

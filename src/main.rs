@@ -40,10 +40,13 @@ enum Command {
     Import(files::import::ImportArgs),
     /// Print what each USD budget has spent in its current window, read from the shared limits store.
     Spend(portcullis::spend::SpendArgs),
-    /// Print the Route CRD (or with `--team` the Team CRD) as YAML.
+    /// Print the Route CRD (or with `--team` the Team CRD, with `--guardrail` the
+    /// GuardrailPolicy CRD) as YAML.
     Crd {
         #[arg(long)]
         team: bool,
+        #[arg(long, conflicts_with = "team")]
+        guardrail: bool,
     },
 }
 
@@ -114,8 +117,10 @@ struct RunArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Crd { team } => match if team {
+        Command::Crd { team, guardrail } => match if team {
             portcullis::team_crd_yaml()
+        } else if guardrail {
+            portcullis::guardrail_crd_yaml()
         } else {
             portcullis::crd_yaml()
         } {

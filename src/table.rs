@@ -50,6 +50,8 @@ pub struct RouteEntry {
     /// Who may call; `None`: the gateway-wide default.
     pub access: Option<Vec<AccessRule>>,
     pub state: RouteState,
+    /// The route's guardrail policies, compiled; `None`: it has none.
+    pub guard: Option<Arc<crate::guardrails::Guard>>,
     /// The route's metric handles, made on first use (like a backend's).
     pub metrics: OnceLock<RouteMetrics>,
 }
@@ -291,6 +293,7 @@ impl RouteEntry {
             limits: vec![],
             counter_keys: crate::limits::route_keys(name),
             access: None,
+            guard: None,
             state: RouteState::NotReady {
                 reason: Reason::SecretNotFound,
                 message: "x".into(),

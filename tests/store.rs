@@ -753,6 +753,7 @@ async fn route_and_team_over_slots(url: &str) {
         counter_keys: portcullis::limits::route_keys(&name),
         limits,
         access: None,
+        guard: None,
         state: portcullis::table::RouteState::NotReady {
             reason: portcullis::api::Reason::SecretNotFound,
             message: String::new(),

@@ -1,10 +1,15 @@
 //! The public contract of the control plane: the `Route` custom resource and its status conditions.
 
 mod conditions;
+mod guardrail;
 mod route;
 mod team;
 
 pub use conditions::{Outcome, Reason, condition, ready_condition};
+pub use guardrail::{
+    Builtin, Detector, FailureMode, GuardrailAction, GuardrailCheck, GuardrailPhase,
+    GuardrailPolicy, GuardrailPolicySpec, GuardrailPolicyStatus, JudgeDetector, WebhookDetector,
+};
 pub use route::{
     AccessRule, BackendSpec, BackendStatus, DEFAULT_SECRET_KEY, Limit, LimitAction, LimitKey,
     ModelSpec, OnExceed, OutlierDetection, Pricing, Provider, RenewalPeriod, RetryOn, RetryPolicy,

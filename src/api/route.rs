@@ -95,6 +95,11 @@ pub struct RouteSpec {
     /// Prices of this route's calls, over the built-in catalog (a backend's own `pricing` wins).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pricing: Option<Pricing>,
+    /// GuardrailPolicies (same namespace) whose checks every call of this route passes, in
+    /// order. A missing or invalid one keeps the route from serving.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub guardrails: Vec<String>,
 }
 
 /// USD per million tokens; each figure given replaces the catalog's (0 to 1000000, at most 6
@@ -350,6 +355,7 @@ impl RouteSpec {
             limits: Vec::new(),
             access: None,
             pricing: None,
+            guardrails: Vec::new(),
         }
     }
 

@@ -127,6 +127,26 @@ pub fn reconcile_after(
     policy: &OperatorPolicy,
     prices: Prices,
 ) -> Reconciled {
+    reconcile_guarded(
+        routes,
+        secrets,
+        previous,
+        policy,
+        prices,
+        &Default::default(),
+    )
+}
+
+/// Like `reconcile_after`, each Route holding the compiled GuardrailPolicies it names; a Route
+/// naming one that is missing or invalid does not serve.
+pub fn reconcile_guarded(
+    routes: &[Arc<Route>],
+    secrets: &impl SecretLookup,
+    previous: &RoutingTable,
+    policy: &OperatorPolicy,
+    prices: Prices,
+    guardrails: &crate::guardrails::Policies,
+) -> Reconciled {
     let health = previous.backend_health();
     let mut claimants: BTreeMap<&str, Vec<&Arc<Route>>> = BTreeMap::new();
     for route in routes {
@@ -186,7 +206,24 @@ pub fn reconcile_after(
         } else {
             qualified.clone()
         };
-        let (state, backends) = resolve(route, secrets, &health, policy, prices);
+        let (mut state, backends) = resolve(route, secrets, &health, policy, prices);
+        let guard = match crate::guardrails::route_guard(
+            &served_as,
+            &namespace,
+            &route.spec.guardrails,
+            guardrails,
+        ) {
+            Ok(g) => g,
+            Err(message) => {
+                if matches!(state, RouteState::Ready(_)) {
+                    state = RouteState::NotReady {
+                        reason: Reason::GuardrailNotReady,
+                        message,
+                    };
+                }
+                None
+            }
+        };
         let outcome = match &state {
             RouteState::Ready(_) => {
                 let failed = backends.iter().filter(|b| !b.resolved).count();
@@ -226,6 +263,7 @@ pub fn reconcile_after(
             model: primary.map_or("", |m| m.name.as_str()).into(),
             limits: route.spec.limits.clone(),
             access: route.spec.access.clone(),
+            guard,
             state,
         });
     }
@@ -671,6 +709,54 @@ mod tests {
             "https://api.openai.com/v1"
         );
         assert_eq!(up.list[0].upstream.target.model, "gpt-4o-mini");
+    }
+
+    #[test]
+    fn a_route_whose_guardrail_policy_is_missing_or_invalid_fails_closed() {
+        let policy = |name: &str, regex: &str| {
+            let mut p = crate::api::GuardrailPolicy::new(
+                name,
+                serde_json::from_value(serde_json::json!({"checks": [
+                    {"name": "t", "action": "mask", "detector": {"regex": regex}}
+                ]}))
+                .unwrap(),
+            );
+            p.metadata.namespace = Some("a".into());
+            Arc::new(p)
+        };
+        let compiled =
+            crate::guardrails::compile_all(&[policy("good", "TCK-[0-9]+"), policy("bad", "(")]);
+        let run = |names: &[&str]| {
+            let mut r = (*route("a", "chat", 1, Provider::Openai)).clone();
+            r.spec.guardrails = names.iter().map(|n| n.to_string()).collect();
+            reconcile_guarded(
+                &[Arc::new(r)],
+                &secrets(&[("a", "openai", "apiKey", "sk-1")]),
+                &RoutingTable::default(),
+                &OperatorPolicy::default(),
+                Prices::builtin(),
+                &compiled,
+            )
+        };
+        let r = run(&["good"]);
+        assert_eq!(outcome_of(&r, "a").reason, Reason::Resolved);
+        assert!(r.table.get("chat").unwrap().guard.is_some());
+        let r = run(&["good", "bad"]);
+        let o = outcome_of(&r, "a");
+        assert_eq!(o.reason, Reason::GuardrailNotReady);
+        assert!(
+            o.message.contains("a/bad") && o.message.contains("spec.checks[0] (t): invalid regex"),
+            "{}",
+            o.message
+        );
+        assert!(matches!(
+            r.table.get("chat").unwrap().state,
+            RouteState::NotReady { .. }
+        ));
+        let o = outcome_of(&run(&["nope"]), "a").clone();
+        assert_eq!(o.reason, Reason::GuardrailNotReady);
+        assert!(o.message.contains("a/nope does not exist"), "{}", o.message);
+        assert!(run(&[]).table.get("chat").unwrap().guard.is_none());
     }
 
     #[test]

@@ -76,6 +76,8 @@ pub struct CallInfo {
     pub caller: Option<Result<Option<crate::access::Identity>, crate::access::AuthError>>,
     /// The request's share of the buffer budget (from the listener).
     pub intake: Option<Arc<super::intake::Intake>>,
+    /// Guardrail checks that matched: `policy/check:action:phase`, comma-separated (names only).
+    pub guardrail: Option<String>,
 }
 
 tokio::task_local! {
@@ -281,6 +283,7 @@ pub async fn middleware(
         prompt_tokens = usage.prompt_tokens,
         completion_tokens = usage.completion_tokens,
         cost_usd = call.cost.map(tracing::field::display),
+        guardrail = call.guardrail.as_deref(),
         "request"
     );
     response

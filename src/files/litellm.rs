@@ -471,6 +471,7 @@ fn routes_per_model_name(
             limits,
             access: None,
             pricing: None,
+            guardrails: Vec::new(),
         };
         out.routes
             .push((paths.join(", "), route(&name, namespace, spec)));

@@ -171,6 +171,7 @@ fn traffic_routes(
                 limits: Vec::new(),
                 access: None,
                 pricing: None,
+                guardrails: Vec::new(),
             },
         );
         route.metadata.namespace = namespace.map(str::to_string);

@@ -130,6 +130,7 @@ pub struct Metrics {
     /// Replicas serving together as this one counts them (the 1/N of local limit shares).
     pub replicas: Gauge,
     pub budgets: BudgetMetrics,
+    pub guardrails: crate::guardrails::metrics::GuardrailMetrics,
 }
 
 /// One shared (not per-consumer) limit of a Route or Team.
@@ -374,7 +375,9 @@ impl Metrics {
             budgets.window_end.clone(),
         );
         let cost = CostMetrics::register(&mut registry);
+        let guardrails = crate::guardrails::metrics::GuardrailMetrics::register(&mut registry);
         Metrics {
+            guardrails,
             leader,
             replicas,
             budgets,

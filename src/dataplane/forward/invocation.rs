@@ -97,6 +97,7 @@ pub async fn invoke(
     route: &ServingRoute,
     request: &LlmRequest,
 ) -> Result<LlmResponse, GatewayError> {
+    let request = &*super::guarded::check_request(state, route, request)?;
     let calls = fan_out(route, request)?;
     let admission =
         admission::admit(state, &route.entry, route.caller.as_ref(), request, calls).await?;
@@ -155,7 +156,7 @@ pub async fn invoke(
             }
         }
     }
-    result
+    super::guarded::check_answer(state, route, result)
 }
 
 /// Most embeddings inputs one request may have when a backend takes few per call (Titan: one),
@@ -252,6 +253,7 @@ pub async fn invoke_stream(
     ),
     GatewayError,
 > {
+    let request = &*super::guarded::check_request(state, route, request)?;
     let admission =
         admission::admit(state, &route.entry, route.caller.as_ref(), request, 1).await?;
     let started = Instant::now();
@@ -298,6 +300,6 @@ pub async fn invoke_stream(
     let deltas = futures::stream::once(futures::future::ready(Ok(opened.first)))
         .chain(opened.rest)
         .filter(|item| futures::future::ready(!matches!(item, Ok(d) if d.is_empty())));
-    let deltas = observer.watch(deltas);
+    let deltas = super::guarded::check_stream(state, route, observer.watch(deltas));
     Ok((deltas, backend.upstream.target.model.clone()))
 }

@@ -1,8 +1,10 @@
 //! Forwarding a unified request to a route's backends and back: the only place that talks
 //! upstream. One room per job: `invocation` (find the route, admit the call, run it plain or
 //! streamed), `tries` (which backend next, and the pure retry verdict), `metering` (tokens, cost,
-//! errors, a stream's budget), `upstream` (the HTTP call, stream decoding, redaction).
+//! errors, a stream's budget), `upstream` (the HTTP call, stream decoding, redaction), `guarded`
+//! (the Route's guardrails on the request, the answer, the stream).
 
+mod guarded;
 mod invocation;
 mod metering;
 mod tries;

@@ -1,0 +1,120 @@
+//! GuardrailPolicy status: `Ready`, or `InvalidSpec` naming the bad check. The policies are
+//! compiled by the control loop (`guardrails::compile_all`, once per change); this writes what
+//! that found, while this replica leads.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::reflector::Store;
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::backoff::RetryBackoff;
+use super::status::FIELD_MANAGER;
+use crate::api::{GuardrailPolicy, GuardrailPolicyStatus, condition};
+use crate::guardrails::Policies;
+
+/// The Ready condition's (status, reason, message) for a policy as compiled.
+fn verdict(policy: &GuardrailPolicy, compiled: &Policies) -> (&'static str, &'static str, String) {
+    let key = (policy.namespace().unwrap_or_default(), policy.name_any());
+    match compiled.get(&key) {
+        Some(Ok(p)) => (
+            "True",
+            "Compiled",
+            format!("{} check(s) compiled", p.checks.len()),
+        ),
+        Some(Err(why)) => ("False", "InvalidSpec", why.clone()),
+        None => ("False", "Pending", "not compiled yet".into()),
+    }
+}
+
+fn desired(policy: &GuardrailPolicy, compiled: &Policies, now: Timestamp) -> GuardrailPolicyStatus {
+    let previous = policy
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"));
+    let generation = policy.metadata.generation;
+    GuardrailPolicyStatus {
+        observed_generation: generation,
+        conditions: vec![condition(
+            "Ready",
+            verdict(policy, compiled),
+            generation,
+            previous,
+            now,
+        )],
+    }
+}
+
+fn is_current(policy: &GuardrailPolicy, compiled: &Policies) -> bool {
+    let (status, reason, message) = verdict(policy, compiled);
+    policy.status.as_ref().is_some_and(|s| {
+        s.observed_generation == policy.metadata.generation
+            && s.conditions.iter().any(|c| {
+                c.type_ == "Ready"
+                    && c.status == status
+                    && c.reason == reason
+                    && c.message == message
+            })
+    })
+}
+
+/// Writes each policy's status when its verdict changed, while this replica leads.
+pub async fn run_writer(
+    client: Client,
+    policies: Store<GuardrailPolicy>,
+    mut compiled: watch::Receiver<Arc<Policies>>,
+    mut leader: watch::Receiver<bool>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = RetryBackoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    loop {
+        let current = Arc::clone(&compiled.borrow_and_update());
+        let leading = *leader.borrow_and_update();
+        let mut failures = 0;
+        if leading {
+            for policy in policies.state().iter().filter(|p| {
+                // Not compiled yet: the next rebuild will say.
+                current.contains_key(&(p.namespace().unwrap_or_default(), p.name_any()))
+                    && !is_current(p, &current)
+            }) {
+                let status = desired(policy, &current, Timestamp::now());
+                let patch = json!({"apiVersion": "portcullis.dev/v1alpha1", "kind": "GuardrailPolicy", "status": status});
+                let params = PatchParams::apply(FIELD_MANAGER).force();
+                let (ns, name) = (policy.namespace().unwrap_or_default(), policy.name_any());
+                let api: Api<GuardrailPolicy> = Api::namespaced(client.clone(), &ns);
+                let patch = Patch::Apply(&patch);
+                let write = api.patch_status(&name, &params, &patch);
+                match tokio::time::timeout(super::API_CALL_TIMEOUT, write).await {
+                    Ok(Ok(_)) => {
+                        debug!(namespace = %ns, policy = %name, "wrote GuardrailPolicy status")
+                    }
+                    Ok(Err(kube::Error::Api(s))) if s.code == 404 => {}
+                    outcome => {
+                        failures += 1;
+                        let error = match outcome {
+                            Ok(Err(e)) => e.to_string(),
+                            _ => "timed out".into(),
+                        };
+                        warn!(namespace = %ns, policy = %name, error, "writing GuardrailPolicy status failed");
+                    }
+                }
+            }
+        }
+        let wait = (failures > 0).then(|| backoff.next_delay());
+        if failures == 0 {
+            backoff.reset();
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            c = compiled.changed() => if c.is_err() { return },
+            c = leader.changed() => if c.is_err() { return },
+            _ = async { match wait { Some(d) => tokio::time::sleep(d).await, None => futures::future::pending().await } } => {}
+        }
+    }
+}
