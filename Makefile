@@ -6,7 +6,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: tools run run-standalone test unit-test e2e-test control-plane python-env redis crds chart-files lint fmt build bench bench-deps bench-quick bench-callgrind bench-store fuzz soak clean-cache \
+.PHONY: tools run run-standalone test unit-test e2e-test control-plane python-env redis crds chart-files lint fmt build bench bench-deps bench-quick bench-callgrind bench-guardrails bench-store fuzz soak clean-cache \
 	cluster-deps cluster-build cluster-images image cluster-up cluster-down cluster-test
 
 build:
@@ -74,6 +74,14 @@ bench-quick: control-plane bench-deps
 bench-callgrind: control-plane bench-deps
 	$(CARGO) build --workspace --release
 	python3 bench/run.py --only callgrind --out bench/results/callgrind.md --compare $(COMPARE) \
+	  --oha "$$(hack/tools.sh oha)" --kubectl "$$(hack/control-plane.sh bin-dir)/kubectl" \
+	  --control-plane hack/control-plane.sh
+
+# Only the guardrails' rows (built-in detectors' CPU on a 4 KiB prompt, a response policy's
+# effect on a stream's first byte); writes bench/results/guardrails.md.
+bench-guardrails: control-plane
+	$(CARGO) build --workspace --release
+	ulimit -n "$$(ulimit -Hn)"; python3 bench/run.py --only guardrails --out bench/results/guardrails.md \
 	  --oha "$$(hack/tools.sh oha)" --kubectl "$$(hack/control-plane.sh bin-dir)/kubectl" \
 	  --control-plane hack/control-plane.sh
 

@@ -381,6 +381,10 @@ fn copies_match_their_sources() {
     for (copy, source) in [
         ("deploy/helm/portcullis/crds/route.yaml", "crds/route.yaml"),
         ("deploy/helm/portcullis/crds/team.yaml", "crds/team.yaml"),
+        (
+            "deploy/helm/portcullis/crds/guardrailpolicy.yaml",
+            "crds/guardrailpolicy.yaml",
+        ),
         ("deploy/helm/portcullis/files/portcullis.json", DASHBOARD),
         ("deploy/helm/portcullis/files/portcullis-rules.yaml", RULES),
     ] {
@@ -817,6 +821,7 @@ fn helm_install_upgrade_rollback_and_uninstall_leave_the_crds() {
         "crd",
         "routes.portcullis.dev",
         "teams.portcullis.dev",
+        "guardrailpolicies.portcullis.dev",
         "--wait",
     ]);
     let chart = repo_path(CHART);
@@ -852,6 +857,7 @@ fn helm_install_upgrade_rollback_and_uninstall_leave_the_crds() {
         "--for=condition=Established",
         "crd/routes.portcullis.dev",
         "crd/teams.portcullis.dev",
+        "crd/guardrailpolicies.portcullis.dev",
         "--timeout=60s",
     ]);
     assert_eq!(image(), "portcullis:0.1.0");
@@ -891,6 +897,7 @@ fn helm_install_upgrade_rollback_and_uninstall_leave_the_crds() {
         "crd",
         "routes.portcullis.dev",
         "teams.portcullis.dev",
+        "guardrailpolicies.portcullis.dev",
     ]);
     cp.ok(&["get", "route.portcullis.dev", "-n", ns, "kept"]);
 }

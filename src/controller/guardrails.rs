@@ -26,7 +26,15 @@ fn verdict(policy: &GuardrailPolicy, compiled: &Policies) -> (&'static str, &'st
         Some(Ok(p)) => (
             "True",
             "Compiled",
-            format!("{} check(s) compiled", p.checks.len()),
+            if p.response.is_empty() {
+                format!("{} check(s) compiled", p.checks.len())
+            } else {
+                format!(
+                    "{} check(s) compiled; streamed answers are held back {} bytes",
+                    p.checks.len(),
+                    p.response.hold
+                )
+            },
         ),
         Some(Err(why)) => ("False", "InvalidSpec", why.clone()),
         None => ("False", "Pending", "not compiled yet".into()),

@@ -257,7 +257,7 @@ pub async fn run(
         leading.clone(),
         shutdown.clone(),
     ));
-    let (teams_tx, teams_rx) = watch::channel(());
+    let (teams_tx, teams_rx) = watch::channel(None);
     let team_status = tokio::spawn(teams::run_writer(
         client.clone(),
         team_store.clone(),
@@ -387,7 +387,9 @@ struct Loop {
     /// Whether Teams are watched (a rebuild then waits for their first sync too).
     teams_watched: bool,
     /// Nudges the Team status writer after a rebuild.
-    teams_changed: watch::Sender<()>,
+    /// Teams were rebuilt, with the policies they were checked against (for their status).
+    /// `None` until the first rebuild.
+    teams_changed: watch::Sender<Option<Arc<crate::guardrails::Policies>>>,
     pricing_store: Store<ConfigMap>,
     pricing_watched: bool,
     /// The resourceVersion of the pricing ConfigMap last applied.
@@ -594,8 +596,13 @@ impl Loop {
                 .count(),
         );
         let mut reconciled = reconciled;
-        reconciled.table.teams = Arc::new(teams::build(&self.team_store.state()));
-        self.teams_changed.send_replace(());
+        reconciled.table.teams = Arc::new(teams::build(
+            &self.team_store.state(),
+            &reconciled.table,
+            &self.guardrails,
+        ));
+        self.teams_changed
+            .send_replace(Some(Arc::clone(&self.guardrails)));
         let metrics = &self.handles.metrics;
         reconciled.record(metrics, started.elapsed());
         if !complete {
@@ -668,7 +675,7 @@ mod tests {
             policy: policy::OperatorPolicy::default(),
             team_store: reflector::store::<Team>().0,
             teams_watched: false,
-            teams_changed: watch::channel(()).0,
+            teams_changed: watch::channel(None).0,
             pricing_store: reflector::store::<ConfigMap>().0,
             pricing_watched: false,
             pricing_version: None,

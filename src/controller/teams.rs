@@ -1,6 +1,6 @@
 //! Teams: built into the routing table with the Routes, and their status (the limits in force).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,13 +16,31 @@ use tracing::{debug, warn};
 use super::backoff::RetryBackoff;
 use super::status::FIELD_MANAGER;
 use crate::api::{Team, TeamStatus, condition};
+use crate::guardrails::{Guard, Policies, team_policies};
+use crate::table::RoutingTable;
 use crate::teams::{TeamEntry, Teams};
 
-/// The data plane's view of every Team.
-pub fn build(teams: &[Arc<Team>]) -> Teams {
+/// The data plane's view of every Team, its GuardrailPolicies made into a guard for each route
+/// of `table` (so a call picks one, never builds one).
+pub fn build(teams: &[Arc<Team>], table: &RoutingTable, policies: &Policies) -> Teams {
     Teams::new(teams.iter().map(|t| {
+        let guards = if t.spec.guardrails.is_empty() {
+            Ok(HashMap::new())
+        } else {
+            team_policies(&t.spec.guardrails, policies).map(|list| {
+                table
+                    .routes()
+                    .iter()
+                    .filter_map(|r| {
+                        let guard = Guard::new(&r.name, list.clone())?;
+                        Some((r.qualified.clone(), Arc::new(guard)))
+                    })
+                    .collect()
+            })
+        };
         (
             TeamEntry {
+                guards,
                 counter_keys: crate::limits::team_keys(&t.name_any()),
                 name: t.name_any(),
                 limits: t.spec.limits.clone(),
@@ -37,7 +55,28 @@ pub fn build(teams: &[Arc<Team>]) -> Teams {
     }))
 }
 
-fn desired(team: &Team, now: Timestamp) -> TeamStatus {
+/// The Ready condition's (status, reason, message).
+fn verdict(team: &Team, policies: &Policies) -> (&'static str, &'static str, String) {
+    match team_policies(&team.spec.guardrails, policies) {
+        Err(why) => (
+            "False",
+            "GuardrailNotReady",
+            format!("{why}; members' calls are refused"),
+        ),
+        Ok(guards) => (
+            "True",
+            "Enforced",
+            format!(
+                "{} limit(s) and {} guardrail policy(ies) enforced across every route its {} member rule(s) call",
+                team.spec.limits.len(),
+                guards.len(),
+                team.spec.members.len()
+            ),
+        ),
+    }
+}
+
+fn desired(team: &Team, policies: &Policies, now: Timestamp) -> TeamStatus {
     let previous = team
         .status
         .as_ref()
@@ -49,15 +88,7 @@ fn desired(team: &Team, now: Timestamp) -> TeamStatus {
         routes: team.spec.routes.clone(),
         conditions: vec![condition(
             "Ready",
-            (
-                "True",
-                "Enforced",
-                format!(
-                    "{} limit(s) enforced across every route its {} member rule(s) call",
-                    team.spec.limits.len(),
-                    team.spec.members.len()
-                ),
-            ),
+            verdict(team, policies),
             generation,
             previous,
             now,
@@ -65,12 +96,18 @@ fn desired(team: &Team, now: Timestamp) -> TeamStatus {
     }
 }
 
-fn is_current(team: &Team) -> bool {
+fn is_current(team: &Team, policies: &Policies) -> bool {
+    let (status, reason, message) = verdict(team, policies);
     team.status.as_ref().is_some_and(|s| {
         s.observed_generation == team.metadata.generation
             && s.limits == team.spec.limits
             && s.routes == team.spec.routes
-            && s.conditions.iter().any(|c| c.type_ == "Ready")
+            && s.conditions.iter().any(|c| {
+                c.type_ == "Ready"
+                    && c.status == status
+                    && c.reason == reason
+                    && c.message == message
+            })
     })
 }
 
@@ -78,19 +115,20 @@ fn is_current(team: &Team) -> bool {
 pub async fn run_writer(
     client: Client,
     teams: Store<Team>,
-    mut changed: watch::Receiver<()>,
+    mut changed: watch::Receiver<Option<Arc<Policies>>>,
     mut leader: watch::Receiver<bool>,
     shutdown: CancellationToken,
 ) {
     let api: Api<Team> = Api::all(client);
     let mut backoff = RetryBackoff::new(Duration::from_millis(500), Duration::from_secs(30));
     loop {
-        changed.borrow_and_update();
+        // None: not built yet (a Team's policies are not known missing before the first build).
+        let policies = changed.borrow_and_update().clone();
         let leading = *leader.borrow_and_update();
         let mut failures = 0;
-        if leading {
-            for team in teams.state().iter().filter(|t| !is_current(t)) {
-                let status = desired(team, Timestamp::now());
+        if leading && let Some(policies) = policies {
+            for team in teams.state().iter().filter(|t| !is_current(t, &policies)) {
+                let status = desired(team, &policies, Timestamp::now());
                 let patch = json!({"apiVersion": "portcullis.dev/v1alpha1", "kind": "Team", "status": status});
                 let params = PatchParams::apply(FIELD_MANAGER).force();
                 let name = team.name_any();

@@ -48,7 +48,7 @@ impl PassOn {
         PassOn {
             top_k: route.providers().all(|p| providers::info(p).reads_top_k),
             anthropic: route.providers().all(|p| p == Provider::Anthropic)
-                && !route.entry.guard.as_ref().is_some_and(|g| g.response),
+                && !route.guards().any(|g| g.response),
         }
     }
 }

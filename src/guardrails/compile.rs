@@ -361,6 +361,32 @@ mod tests {
     }
 
     #[test]
+    fn each_builtins_hold_back_is_bounded_as_the_readme_says() {
+        // README "Guardrails": the hold-back of each built-in alone, at the default cap.
+        let mut got = Vec::new();
+        for b in ["email", "phone", "card", "iban", "ssn", "ip", "secret"] {
+            let p = policy(&format!(
+                "checks:\n- {{name: b, phase: response, action: mask, detector: {{builtin: {b}}}}}"
+            ))
+            .unwrap();
+            got.push((b, p.response.hold));
+        }
+        // email and secret (a PEM block) can be longer than the default cap: they hold the cap.
+        assert_eq!(
+            got,
+            [
+                ("email", 256),
+                ("phone", 55),
+                ("card", 36),
+                ("iban", 45),
+                ("ssn", 13),
+                ("ip", 46),
+                ("secret", 256)
+            ]
+        );
+    }
+
+    #[test]
     fn keywords_are_whole_words_in_any_case() {
         let p = policy(
             "checks:\n- {name: k, action: block, detector: {keywords: [bluebird, night jar]}}",

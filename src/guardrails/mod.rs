@@ -26,6 +26,17 @@ pub use compile::CompileError;
 pub type Policies =
     std::collections::HashMap<(String, String), Result<Arc<CompiledPolicy>, String>>;
 
+/// The compiled policy `namespace/name`, or why it cannot be applied.
+fn lookup(namespace: &str, name: &str, policies: &Policies) -> Result<Arc<CompiledPolicy>, String> {
+    match policies.get(&(namespace.to_string(), name.to_string())) {
+        Some(Ok(p)) => Ok(Arc::clone(p)),
+        Some(Err(why)) => Err(format!(
+            "GuardrailPolicy {namespace}/{name} is not ready: {why}"
+        )),
+        None => Err(format!("GuardrailPolicy {namespace}/{name} does not exist")),
+    }
+}
+
 /// The guard of a Route named `served_as` in `namespace` over the policies it names, or why it
 /// cannot serve (a policy missing or invalid).
 pub fn route_guard(
@@ -34,19 +45,26 @@ pub fn route_guard(
     names: &[String],
     policies: &Policies,
 ) -> Result<Option<Arc<Guard>>, String> {
-    let mut list = Vec::with_capacity(names.len());
-    for name in names {
-        match policies.get(&(namespace.to_string(), name.clone())) {
-            Some(Ok(p)) => list.push(Arc::clone(p)),
-            Some(Err(why)) => {
-                return Err(format!(
-                    "GuardrailPolicy {namespace}/{name} is not ready: {why}"
-                ));
-            }
-            None => return Err(format!("GuardrailPolicy {namespace}/{name} does not exist")),
-        }
-    }
+    let list = names
+        .iter()
+        .map(|name| lookup(namespace, name, policies))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(Guard::new(served_as, list).map(Arc::new))
+}
+
+/// The policies a Team names (`namespace/name` each), or why its members cannot call.
+pub fn team_policies(
+    refs: &[String],
+    policies: &Policies,
+) -> Result<Vec<Arc<CompiledPolicy>>, String> {
+    refs.iter()
+        .map(|r| match r.split_once('/') {
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() => lookup(ns, name, policies),
+            _ => Err(format!(
+                "guardrails entry {r:?} is not a namespace/name reference"
+            )),
+        })
+        .collect()
 }
 
 /// Compiles every policy; a bad one is kept as its error (its status, and its Routes' reason).

@@ -155,6 +155,7 @@ impl ControlPlane {
                 "--for=condition=Established",
                 "crd/routes.portcullis.dev",
                 "crd/teams.portcullis.dev",
+                "crd/guardrailpolicies.portcullis.dev",
                 "--timeout=60s",
             ]);
             last = String::from_utf8_lossy(&out.stderr).into_owned();

@@ -8,10 +8,54 @@ use std::time::Instant;
 use futures::{Stream, StreamExt};
 
 use super::invocation::ServingRoute;
+use crate::access::Identity;
+use crate::api::Reason;
 use crate::dataplane::AppState;
 use crate::dataplane::error::GatewayError;
 use crate::dataplane::observe;
-use crate::guardrails::{BlockReason, Phase, request, stream};
+use crate::guardrails::{BlockReason, Guard, Phase, request, stream};
+use crate::table::RouteEntry;
+
+/// The guards of the caller's Teams on `entry`; a Team whose policy is missing or invalid
+/// refuses its members' calls (fail closed).
+pub(super) fn team_guards(
+    state: &AppState,
+    entry: &RouteEntry,
+    caller: Option<&Identity>,
+) -> Result<Vec<Arc<Guard>>, GatewayError> {
+    let table = state.table.load();
+    let teams = &table.teams;
+    if !teams.guarded {
+        return Ok(Vec::new());
+    }
+    // The same Teams admission counts the call against (`admission::admit`).
+    let mine = match (caller, state.anonymous_team.as_deref()) {
+        (Some(c), _) => teams.of(c),
+        (None, Some(name)) => teams.named(name).into_iter().collect(),
+        (None, None) => Vec::new(),
+    };
+    let mut guards = Vec::new();
+    for team in &mine {
+        match &team.guards {
+            Ok(by_route) => guards.extend(by_route.get(&entry.qualified).cloned()),
+            Err(why) => {
+                return Err(GatewayError::RouteNotReady {
+                    route: entry.name.to_string(),
+                    reason: Reason::GuardrailNotReady,
+                    message: format!("Team {}: {why}", team.name),
+                });
+            }
+        }
+    }
+    Ok(guards)
+}
+
+impl ServingRoute {
+    /// Every guard of the call, the route's first.
+    pub fn guards(&self) -> impl Iterator<Item = &Arc<Guard>> {
+        self.entry.guard.iter().chain(&self.team_guards)
+    }
+}
 use crate::llm::{LlmRequest, LlmResponse, StreamDelta};
 
 /// The request as it may go upstream: as sent, or with its findings masked; a 400
@@ -21,20 +65,19 @@ pub fn check_request<'a>(
     route: &ServingRoute,
     request: &'a LlmRequest,
 ) -> Result<Cow<'a, LlmRequest>, GatewayError> {
-    let Some(guard) = route.entry.guard.as_ref().filter(|g| g.request) else {
-        return Ok(Cow::Borrowed(request));
-    };
-    let started = Instant::now();
-    let mut masked = request.clone();
-    let mut findings = Vec::new();
-    let verdict = request::check_request(guard, &mut masked, &mut findings);
-    note(guard.record(&state.metrics, Phase::Request, &findings, started.elapsed()));
-    verdict.map_err(|f| guard.blocked(f, Phase::Request, BlockReason::Matched))?;
-    Ok(if masked == *request {
-        Cow::Borrowed(request)
-    } else {
-        Cow::Owned(masked)
-    })
+    let mut out = Cow::Borrowed(request);
+    for guard in route.guards().filter(|g| g.request) {
+        let started = Instant::now();
+        let mut masked = out.as_ref().clone();
+        let mut findings = Vec::new();
+        let verdict = request::check_request(guard, &mut masked, &mut findings);
+        note(guard.record(&state.metrics, Phase::Request, &findings, started.elapsed()));
+        verdict.map_err(|f| guard.blocked(f, Phase::Request, BlockReason::Matched))?;
+        if masked != *out {
+            out = Cow::Owned(masked);
+        }
+    }
+    Ok(out)
 }
 
 /// A plain answer as the caller may see it; a block replaces it by the error (the call stays
@@ -44,12 +87,22 @@ pub fn check_answer(
     route: &ServingRoute,
     answer: Result<LlmResponse, GatewayError>,
 ) -> Result<LlmResponse, GatewayError> {
-    let Some(guard) = route.entry.guard.as_ref().filter(|g| g.response) else {
-        return answer;
-    };
+    route
+        .guards()
+        .filter(|g| g.response)
+        .try_fold(answer?, |answer, guard| {
+            check_answer_with(state, guard, answer)
+        })
+}
+
+fn check_answer_with(
+    state: &AppState,
+    guard: &Guard,
+    answer: LlmResponse,
+) -> Result<LlmResponse, GatewayError> {
     let started = Instant::now();
     let mut findings = Vec::new();
-    let verdict = match answer? {
+    let verdict = match answer {
         LlmResponse::Generation(mut g) => request::check_generation(guard, &mut g, &mut findings)
             .map(|()| LlmResponse::Generation(g))
             .map_err(|f| guard.blocked(f, Phase::Response, BlockReason::Matched)),
@@ -73,18 +126,19 @@ pub fn check_answer(
     verdict
 }
 
-/// The stream with the Route's response checks applied as it flows.
+/// The stream with the call's response checks applied as it flows (each guard's hold-back in
+/// turn: a Team's checks read what the route's released).
 pub fn check_stream(
     state: &AppState,
     route: &ServingRoute,
     deltas: impl Stream<Item = Result<Vec<StreamDelta>, GatewayError>> + Send + 'static,
 ) -> futures::stream::BoxStream<'static, Result<Vec<StreamDelta>, GatewayError>> {
-    match route.entry.guard.as_ref().filter(|g| g.response) {
-        Some(guard) => {
+    route
+        .guards()
+        .filter(|g| g.response)
+        .fold(deltas.boxed(), |deltas, guard| {
             stream::guard_stream(deltas, Arc::clone(guard), Arc::clone(&state.metrics)).boxed()
-        }
-        None => deltas.boxed(),
-    }
+        })
 }
 
 fn note(summary: Option<String>) {

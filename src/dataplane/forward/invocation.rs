@@ -31,6 +31,9 @@ pub struct ServingRoute {
     pub entry: Arc<RouteEntry>,
     pub(super) backends: Arc<Backends>,
     pub(super) caller: Option<Identity>,
+    /// The guards of the caller's Teams on this route, after the route's own (`entry.guard`);
+    /// empty (no allocation) unless some Team names GuardrailPolicies.
+    pub(super) team_guards: Vec<Arc<crate::guardrails::Guard>>,
 }
 
 impl ServingRoute {
@@ -80,6 +83,7 @@ pub(super) async fn resolve(
     match &entry.state {
         RouteState::Ready(backends) => Ok(ServingRoute {
             backends: Arc::clone(backends),
+            team_guards: super::guarded::team_guards(state, &entry, caller.as_ref())?,
             entry,
             caller,
         }),
