@@ -878,16 +878,9 @@ fn step8_uninstall_removes_the_gateway() {
     assert!(!out.status.success(), "{SYSTEM_NS} is still there");
 }
 
-/// `helm ARGS` against the cluster, from the repository root; its stdout.
+/// `helm ARGS` against the cluster that must succeed; its stdout.
 fn helm(args: &[&str]) -> String {
-    let (ok, out, err) = run_with_stdin(
-        &tool("helm"),
-        args,
-        &[("KUBECONFIG", cluster().kubeconfig().as_path())],
-        "",
-    );
-    assert!(ok, "helm {args:?} failed:\n{err}");
-    out
+    cluster().helm_ok(args)
 }
 
 fn gateway_images() -> Vec<String> {
@@ -905,7 +898,7 @@ fn gateway_images() -> Vec<String> {
 
 /// After step 8's `kubectl delete -k deploy/`: the chart installs the same gateway, serves a pod's
 /// call, upgrades to a new image and rolls back under load with no failed request, and its
-/// uninstall leaves the CRDs (Helm never deletes crds/).
+/// uninstall removes what it installed but leaves the CRDs (Helm never deletes crds/) and Routes.
 #[test]
 #[ignore = "needs the local cluster (make cluster-test)"]
 fn step9_helm_install_upgrade_rollback_and_uninstall() {
@@ -928,6 +921,11 @@ fn step9_helm_install_upgrade_rollback_and_uninstall() {
         "--create-namespace",
     ]);
     rollout_status(SYSTEM_NS);
+    let deployment = cluster().json(&["get", "deployment", "-n", SYSTEM_NS, "portcullis"]);
+    assert_eq!(
+        deployment["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "Helm"
+    );
     // The CRDs came from the chart's crds/: team-a's Route is back once re-applied.
     cluster().apply(&chat_route(TEAM_NS, "chat", &format!("{TEAM_NS}/notebook")));
     cluster().wait_ready(TEAM_NS, "chat");
@@ -938,14 +936,17 @@ fn step9_helm_install_upgrade_rollback_and_uninstall() {
         http_status(&last) == 200
     });
     assert!(served.is_ok(), "the Helm install did not serve:\n{last}");
+    assert_eq!(body(&last)["object"], "chat.completion", "{last}");
     settled();
     assert_eq!(gateway_images(), ["portcullis:0.1.0", "portcullis:0.1.0"]);
 
+    // The upgrade: a new image tag (the same bits, as in step 4), under load.
     cluster_script(&[
         "tag",
         GATEWAY_IMAGE,
         "docker.io/library/portcullis:0.1.0-next",
     ]);
+    let installed = ready_gateway_pods();
     let traffic = Traffic::start();
     helm(&[
         "upgrade",
@@ -965,7 +966,13 @@ fn step9_helm_install_upgrade_rollback_and_uninstall() {
         gateway_images(),
         ["portcullis:0.1.0-next", "portcullis:0.1.0-next"]
     );
+    let upgraded = ready_gateway_pods();
+    assert!(
+        upgraded.iter().all(|p| !installed.contains(p)),
+        "the upgrade did not replace the pods: {installed:?} -> {upgraded:?}"
+    );
 
+    // The rollback: revision 1's values (no image.tag) as a new revision, under load.
     let traffic = Traffic::start();
     helm(&["rollback", "portcullis", "1", "-n", SYSTEM_NS]);
     rollout_status(SYSTEM_NS);
@@ -973,13 +980,74 @@ fn step9_helm_install_upgrade_rollback_and_uninstall() {
     assert_no_failures("helm rollback", &statuses, &stream);
     settled();
     assert_eq!(gateway_images(), ["portcullis:0.1.0", "portcullis:0.1.0"]);
+    let rolled_back = ready_gateway_pods();
+    assert!(
+        rolled_back.iter().all(|p| !upgraded.contains(p)),
+        "the rollback did not replace the pods: {upgraded:?} -> {rolled_back:?}"
+    );
     let history = helm(&["history", "portcullis", "-n", SYSTEM_NS, "-o", "json"]);
     let revisions: Value = serde_json::from_str(&history).unwrap();
-    assert_eq!(revisions.as_array().unwrap().len(), 3, "{history}");
+    let summary: Vec<(i64, &str, &str)> = revisions
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["revision"].as_i64().unwrap_or(0),
+                r["status"].as_str().unwrap_or_default(),
+                r["description"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (1, "superseded", "Install complete"),
+            (2, "superseded", "Upgrade complete"),
+            (3, "deployed", "Rollback to 1"),
+        ],
+        "{history}"
+    );
+    let tag = |revision: &str| -> Value {
+        let values = helm(&[
+            "get",
+            "values",
+            "portcullis",
+            "-n",
+            SYSTEM_NS,
+            "--revision",
+            revision,
+            "-o",
+            "json",
+        ]);
+        serde_json::from_str::<Value>(&values).unwrap()["image"]["tag"].clone()
+    };
+    assert_eq!(tag("2"), "0.1.0-next");
+    assert_eq!(
+        tag("3"),
+        Value::Null,
+        "revision 3 is not revision 1's values"
+    );
 
     helm(&["uninstall", "portcullis", "-n", SYSTEM_NS, "--wait"]);
     let removed = eventually(Duration::from_secs(120), || gateway_pods().is_empty());
     assert!(removed.is_ok(), "gateway pods left after helm uninstall");
+    let (found, _, _) = cluster().helm(&["status", "portcullis", "-n", SYSTEM_NS]);
+    assert!(!found, "the release outlived helm uninstall");
+    for what in [
+        "deployment/portcullis",
+        "service/portcullis",
+        "serviceaccount/portcullis",
+        "configmap/portcullis-policy",
+        "poddisruptionbudget/portcullis",
+    ] {
+        let out = cluster().kubectl(&["get", "-n", SYSTEM_NS, what]);
+        assert!(!out.status.success(), "{what} outlived helm uninstall");
+    }
+    for what in ["clusterrole/portcullis", "clusterrolebinding/portcullis"] {
+        let out = cluster().kubectl(&["get", what]);
+        assert!(!out.status.success(), "{what} outlived helm uninstall");
+    }
     k(&[
         "get",
         "crd",

@@ -29,19 +29,11 @@ fn read(p: &str) -> String {
 
 /// `helm ARGS` with the test API server as its cluster; (success, stdout, stderr).
 fn helm(args: &[&str]) -> (bool, String, String) {
-    let cp = ControlPlane::shared();
-    run_with_stdin(
-        &tool("helm"),
-        args,
-        &[("KUBECONFIG", cp.kubeconfig().as_path())],
-        "",
-    )
+    ControlPlane::shared().helm(args)
 }
 
 fn helm_ok(args: &[&str]) -> String {
-    let (ok, out, err) = helm(args);
-    assert!(ok, "helm {args:?} failed:\n{err}");
-    out
+    ControlPlane::shared().helm_ok(args)
 }
 
 fn promtool(args: &[&str]) -> (bool, String) {
@@ -826,16 +818,7 @@ fn helm_install_upgrade_rollback_and_uninstall_leave_the_crds() {
     ]);
     let chart = repo_path(CHART);
     let chart = path_str(&chart);
-    let helm = |args: &[&str]| {
-        let (ok, out, err) = run_with_stdin(
-            &tool("helm"),
-            args,
-            &[("KUBECONFIG", cp.kubeconfig().as_path())],
-            "",
-        );
-        assert!(ok, "helm {args:?} failed:\n{err}");
-        out
-    };
+    let helm = |args: &[&str]| cp.helm_ok(args);
     let ns = "portcullis-system";
     let image = || {
         cp.json(&["get", "deployment", "-n", ns, "portcullis"])["spec"]["template"]["spec"]

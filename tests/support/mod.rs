@@ -233,6 +233,24 @@ impl ControlPlane {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// The pinned `helm` (hack/tools.sh) with this cluster as its own, run from the repository
+    /// root; (success, stdout, stderr).
+    pub fn helm(&self, args: &[&str]) -> (bool, String, String) {
+        run_with_stdin(
+            &tool("helm"),
+            args,
+            &[("KUBECONFIG", self.kubeconfig().as_path())],
+            "",
+        )
+    }
+
+    /// helm that must succeed; returns stdout.
+    pub fn helm_ok(&self, args: &[&str]) -> String {
+        let (ok, out, err) = self.helm(args);
+        assert!(ok, "helm {args:?} failed:\n{err}");
+        out
+    }
+
     pub fn json(&self, args: &[&str]) -> Value {
         let mut all: Vec<&str> = args.to_vec();
         all.extend(["-o", "json"]);
