@@ -137,28 +137,10 @@ fn received(sim: &SimProvider) -> Vec<String> {
 #[test]
 fn the_real_clients_see_blocks_masks_and_masked_streams() {
     let f = fixture();
-    let (passed, _) = pytest(
-        "mlflow3",
-        "guardrails",
-        &format!("http://{}", f.gw.addr),
-        &f.routes,
-    );
-    assert!(
-        passed,
-        "pytest guardrails failed; gateway log:\n{}",
-        f.gw.log()
-    );
-    let (passed, _) = pytest(
-        "mlflow25",
-        "guardrails25",
-        &format!("http://{}", f.gw.addr),
-        &f.routes,
-    );
-    assert!(
-        passed,
-        "pytest guardrails25 failed; gateway log:\n{}",
-        f.gw.log()
-    );
+    for (venv, dir) in [("mlflow3", "guardrails"), ("mlflow25", "guardrails25")] {
+        let (passed, _) = pytest(venv, dir, &format!("http://{}", f.gw.addr), &f.routes);
+        assert!(passed, "pytest {dir} failed; gateway log:\n{}", f.gw.log());
+    }
     let bodies = received(&f.sim);
     for blocked in [
         "block-gateway25",

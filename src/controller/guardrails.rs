@@ -6,16 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Patch, PatchParams};
 use kube::runtime::reflector::Store;
 use kube::{Api, Client, ResourceExt};
-use serde_json::json;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
 
 use super::backoff::RetryBackoff;
-use super::status::FIELD_MANAGER;
+use super::status::apply_status;
 use crate::api::{GuardrailPolicy, GuardrailPolicyStatus, condition};
 use crate::guardrails::Policies;
 
@@ -92,25 +89,10 @@ pub async fn run_writer(
                     && !is_current(p, &current)
             }) {
                 let status = desired(policy, &current, Timestamp::now());
-                let patch = json!({"apiVersion": "portcullis.dev/v1alpha1", "kind": "GuardrailPolicy", "status": status});
-                let params = PatchParams::apply(FIELD_MANAGER).force();
                 let (ns, name) = (policy.namespace().unwrap_or_default(), policy.name_any());
                 let api: Api<GuardrailPolicy> = Api::namespaced(client.clone(), &ns);
-                let patch = Patch::Apply(&patch);
-                let write = api.patch_status(&name, &params, &patch);
-                match tokio::time::timeout(super::API_CALL_TIMEOUT, write).await {
-                    Ok(Ok(_)) => {
-                        debug!(namespace = %ns, policy = %name, "wrote GuardrailPolicy status")
-                    }
-                    Ok(Err(kube::Error::Api(s))) if s.code == 404 => {}
-                    outcome => {
-                        failures += 1;
-                        let error = match outcome {
-                            Ok(Err(e)) => e.to_string(),
-                            _ => "timed out".into(),
-                        };
-                        warn!(namespace = %ns, policy = %name, error, "writing GuardrailPolicy status failed");
-                    }
+                if !apply_status(&api, "GuardrailPolicy", &ns, &name, &status).await {
+                    failures += 1;
                 }
             }
         }

@@ -23,6 +23,41 @@ use crate::api::{BackendStatus, Route, RouteStatus, condition, ready_condition};
 /// The field manager of every status write; never shared with kubectl or GitOps tools.
 pub const FIELD_MANAGER: &str = "portcullis-controller";
 
+/// Applies `status` to the `kind` object `namespace/name` (server-side, within the API call
+/// deadline); false, logged, when that failed (an object deleted meanwhile is not a failure).
+pub async fn apply_status<K>(
+    api: &Api<K>,
+    kind: &str,
+    namespace: &str,
+    name: &str,
+    status: &impl serde::Serialize,
+) -> bool
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let patch = json!({"apiVersion": "portcullis.dev/v1alpha1", "kind": kind, "status": status});
+    let (params, patch) = (
+        PatchParams::apply(FIELD_MANAGER).force(),
+        Patch::Apply(&patch),
+    );
+    let write = api.patch_status(name, &params, &patch);
+    match tokio::time::timeout(super::API_CALL_TIMEOUT, write).await {
+        Ok(Ok(_)) => {
+            debug!(kind, namespace, name, "wrote status");
+            true
+        }
+        Ok(Err(kube::Error::Api(s))) if s.code == 404 => true,
+        outcome => {
+            let error = match outcome {
+                Ok(Err(e)) => e.to_string(),
+                _ => "timed out".into(),
+            };
+            warn!(kind, namespace, name, error, "writing status failed");
+            false
+        }
+    }
+}
+
 /// The status `route` should have for its reconcile outcome.
 pub fn desired_status(route: &Route, outcome: &RouteOutcome, now: Timestamp) -> RouteStatus {
     let generation = route.metadata.generation;

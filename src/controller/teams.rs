@@ -5,16 +5,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Patch, PatchParams};
 use kube::runtime::reflector::Store;
 use kube::{Api, Client, ResourceExt};
-use serde_json::json;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
 
 use super::backoff::RetryBackoff;
-use super::status::FIELD_MANAGER;
+use super::status::apply_status;
 use crate::api::{Team, TeamStatus, condition};
 use crate::guardrails::{Guard, Policies, team_policies};
 use crate::table::RoutingTable;
@@ -129,22 +126,8 @@ pub async fn run_writer(
         if leading && let Some(policies) = policies {
             for team in teams.state().iter().filter(|t| !is_current(t, &policies)) {
                 let status = desired(team, &policies, Timestamp::now());
-                let patch = json!({"apiVersion": "portcullis.dev/v1alpha1", "kind": "Team", "status": status});
-                let params = PatchParams::apply(FIELD_MANAGER).force();
-                let name = team.name_any();
-                let patch = Patch::Apply(&patch);
-                let write = api.patch_status(&name, &params, &patch);
-                match tokio::time::timeout(super::API_CALL_TIMEOUT, write).await {
-                    Ok(Ok(_)) => debug!(team = %name, "wrote Team status"),
-                    Ok(Err(kube::Error::Api(s))) if s.code == 404 => {}
-                    outcome => {
-                        failures += 1;
-                        let error = match outcome {
-                            Ok(Err(e)) => e.to_string(),
-                            _ => "timed out".into(),
-                        };
-                        warn!(team = %name, error, "writing Team status failed");
-                    }
+                if !apply_status(&api, "Team", "", &team.name_any(), &status).await {
+                    failures += 1;
                 }
             }
         }
