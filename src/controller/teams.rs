@@ -64,9 +64,12 @@ fn verdict(team: &Team, policies: &Policies) -> (&'static str, &'static str, Str
             "True",
             "Enforced",
             format!(
-                "{} limit(s) and {} guardrail policy(ies) enforced across every route its {} member rule(s) call",
+                "{} limit(s){} enforced across every route its {} member rule(s) call",
                 team.spec.limits.len(),
-                guards.len(),
+                match guards.len() {
+                    0 => String::new(),
+                    n => format!(" and {n} guardrail policy(ies)"),
+                },
                 team.spec.members.len()
             ),
         ),
