@@ -1,3 +1,5 @@
+// The printcolumn(..) lists of the kube derive repeat keys by design.
+#![allow(clippy::duplicated_attributes)]
 //! The `GuardrailPolicy` resource: an ordered list of checks a Route (or a Team) applies to what
 //! callers send and what they receive. Compiled once by the controller (`guardrails::compile`).
 
