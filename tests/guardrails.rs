@@ -188,10 +188,35 @@ fn the_real_clients_see_blocks_masks_and_masked_streams() {
         "sk-pro",
         "TCK-12",
         "classified",
+        "bluebird",
+        "nightjar",
     ] {
-        assert!(!log.contains(secret), "the log shows {secret:?}");
+        let lower = secret.to_lowercase();
+        assert!(
+            !log.to_lowercase().contains(&lower),
+            "the log shows {secret:?}"
+        );
         assert!(!metrics.contains(secret), "the metrics show {secret:?}");
+        // Statuses and Events of the namespace: no Route's, no policy's status, no Event.
+        for kind in ["events", "routes.portcullis.dev"] {
+            let listed = f.cp.json(&["get", kind, "-n", &f.ns]);
+            let shown: Vec<String> = listed["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|o| {
+                    let part = if kind == "events" { o } else { &o["status"] };
+                    part.to_string().to_lowercase()
+                })
+                .collect();
+            assert!(
+                shown.iter().all(|t| !t.contains(&lower)),
+                "{kind} show {secret:?}"
+            );
+        }
     }
+    let policy = f.cp.json(&["get", "guardrailpolicy", "-n", &f.ns, "pii"]);
+    assert!(!policy["status"].to_string().contains("4111"), "{policy}");
 }
 
 /// A streamed chat request on `path` for `model`, as raw SSE text.
