@@ -301,6 +301,22 @@ fn a_block_mid_stream_ends_with_the_dialects_error_event() {
     }
 }
 
+/// The first condition (Ready) of the object `kubectl get ARGS` shows.
+fn ready_condition(cp: &ControlPlane, args: &[&str]) -> Value {
+    let args: Vec<&str> = ["get"].iter().chain(args).copied().collect();
+    cp.json(&args)
+        .pointer("/status/conditions/0")
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn wait_ready_reason(cp: &ControlPlane, args: &[&str], reason: &str) {
+    eventually(Duration::from_secs(30), || {
+        ready_condition(cp, args)["reason"] == reason
+    })
+    .unwrap_or_else(|_| panic!("never {reason}: {}", ready_condition(cp, args)));
+}
+
 #[test]
 fn an_invalid_policy_fails_its_routes_closed_and_changes_apply_to_the_next_call() {
     let f = fixture();
@@ -325,16 +341,8 @@ fn an_invalid_policy_fails_its_routes_closed_and_changes_apply_to_the_next_call(
     ));
     cp.wait_reason(ns, &name, "GuardrailNotReady");
     cp.wait_reason(ns, &missing, "GuardrailNotReady");
-    let status = || {
-        cp.json(&["get", "-n", ns, "guardrailpolicy", "strict"])
-            .pointer("/status/conditions/0")
-            .cloned()
-            .unwrap_or_default()
-    };
-    eventually(Duration::from_secs(30), || {
-        status()["reason"] == "InvalidSpec"
-    })
-    .unwrap_or_else(|_| panic!("never InvalidSpec: {}", status()));
+    let status = || ready_condition(cp, &["-n", ns, "guardrailpolicy", "strict"]);
+    wait_ready_reason(cp, &["-n", ns, "guardrailpolicy", "strict"], "InvalidSpec");
     assert!(
         status()["message"]
             .as_str()
@@ -356,8 +364,7 @@ fn an_invalid_policy_fails_its_routes_closed_and_changes_apply_to_the_next_call(
         .expect("the fixed policy never applied");
     let (_, body) = f.gw.chat(&name);
     assert_eq!(body["error"]["code"], "guardrail_blocked", "{body}");
-    eventually(Duration::from_secs(30), || status()["reason"] == "Compiled")
-        .unwrap_or_else(|_| panic!("never Compiled: {}", status()));
+    wait_ready_reason(cp, &["-n", ns, "guardrailpolicy", "strict"], "Compiled");
 
     // Changed again: the next call passes, with no restart.
     cp.apply(&policy(
@@ -454,16 +461,8 @@ fn a_teams_policies_hold_for_its_members_only_and_a_broken_one_refuses_them() {
         ),
         team_doc(&format!("{ns}/team-rules"))
     ));
-    let team_status = || {
-        cp.json(&["get", "team", &team])
-            .pointer("/status/conditions/0")
-            .cloned()
-            .unwrap_or_default()
-    };
-    eventually(Duration::from_secs(30), || {
-        team_status()["reason"] == "Enforced"
-    })
-    .unwrap_or_else(|_| panic!("never Enforced: {}", team_status()));
+    let team_status = || ready_condition(cp, &["team", &team]);
+    wait_ready_reason(cp, &["team", &team], "Enforced");
     let ask = |text: &str| json!({"model": route("guarded"), "messages": [{"role": "user", "content": text}]});
     // The Team's check holds for its member, after the route's own; not for anyone else.
     eventually(Duration::from_secs(10), || {
@@ -505,10 +504,7 @@ fn a_teams_policies_hold_for_its_members_only_and_a_broken_one_refuses_them() {
 
     // A policy it names is missing: the Team says so and its members are refused (fail closed).
     cp.apply(&team_doc(&format!("{ns}/team-rules, {ns}/no-such-policy")));
-    eventually(Duration::from_secs(30), || {
-        team_status()["reason"] == "GuardrailNotReady"
-    })
-    .unwrap_or_else(|_| panic!("never GuardrailNotReady: {}", team_status()));
+    wait_ready_reason(cp, &["team", &team], "GuardrailNotReady");
     assert!(
         team_status()["message"]
             .as_str()

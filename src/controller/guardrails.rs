@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::backoff::RetryBackoff;
-use super::status::apply_status;
+use super::status::{apply_status, shows_ready};
 use crate::api::{GuardrailPolicy, GuardrailPolicyStatus, condition};
 use crate::guardrails::Policies;
 
@@ -57,15 +57,9 @@ fn desired(policy: &GuardrailPolicy, compiled: &Policies, now: Timestamp) -> Gua
 }
 
 fn is_current(policy: &GuardrailPolicy, compiled: &Policies) -> bool {
-    let (status, reason, message) = verdict(policy, compiled);
     policy.status.as_ref().is_some_and(|s| {
         s.observed_generation == policy.metadata.generation
-            && s.conditions.iter().any(|c| {
-                c.type_ == "Ready"
-                    && c.status == status
-                    && c.reason == reason
-                    && c.message == message
-            })
+            && shows_ready(&s.conditions, verdict(policy, compiled))
     })
 }
 

@@ -23,6 +23,16 @@ use crate::api::{BackendStatus, Route, RouteStatus, condition, ready_condition};
 /// The field manager of every status write; never shared with kubectl or GitOps tools.
 pub const FIELD_MANAGER: &str = "portcullis-controller";
 
+/// Whether `conditions` hold a Ready condition with this (status, reason, message).
+pub fn shows_ready(
+    conditions: &[Condition],
+    (status, reason, message): (&str, &str, String),
+) -> bool {
+    conditions.iter().any(|c| {
+        c.type_ == "Ready" && c.status == status && c.reason == reason && c.message == message
+    })
+}
+
 /// Applies `status` to the `kind` object `namespace/name` (server-side, within the API call
 /// deadline); false, logged, when that failed (an object deleted meanwhile is not a failure).
 pub async fn apply_status<K>(

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::backoff::RetryBackoff;
-use super::status::apply_status;
+use super::status::{apply_status, shows_ready};
 use crate::api::{Team, TeamStatus, condition};
 use crate::guardrails::{Guard, Policies, team_policies};
 use crate::table::RoutingTable;
@@ -97,17 +97,11 @@ fn desired(team: &Team, policies: &Policies, now: Timestamp) -> TeamStatus {
 }
 
 fn is_current(team: &Team, policies: &Policies) -> bool {
-    let (status, reason, message) = verdict(team, policies);
     team.status.as_ref().is_some_and(|s| {
         s.observed_generation == team.metadata.generation
             && s.limits == team.spec.limits
             && s.routes == team.spec.routes
-            && s.conditions.iter().any(|c| {
-                c.type_ == "Ready"
-                    && c.status == status
-                    && c.reason == reason
-                    && c.message == message
-            })
+            && shows_ready(&s.conditions, verdict(team, policies))
     })
 }
 
