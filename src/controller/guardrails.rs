@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::backoff::RetryBackoff;
-use super::status::{apply_status, shows_ready};
+use super::status::{apply_status, next_pass, shows_ready};
 use crate::api::{GuardrailPolicy, GuardrailPolicyStatus, condition};
 use crate::guardrails::Policies;
 
@@ -90,15 +90,16 @@ pub async fn run_writer(
                 }
             }
         }
-        let wait = (failures > 0).then(|| backoff.next_delay());
-        if failures == 0 {
-            backoff.reset();
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            c = compiled.changed() => if c.is_err() { return },
-            c = leader.changed() => if c.is_err() { return },
-            _ = async { match wait { Some(d) => tokio::time::sleep(d).await, None => futures::future::pending().await } } => {}
+        if !next_pass(
+            &mut backoff,
+            failures,
+            &mut compiled,
+            &mut leader,
+            &shutdown,
+        )
+        .await
+        {
+            return;
         }
     }
 }

@@ -23,6 +23,33 @@ use crate::api::{BackendStatus, Route, RouteStatus, condition, ready_condition};
 /// The field manager of every status write; never shared with kubectl or GitOps tools.
 pub const FIELD_MANAGER: &str = "portcullis-controller";
 
+/// After one pass of a status writer with `failures`: waits for a change (of `changed` or of
+/// leadership), or for the retry's backoff when some write failed; false when shutting down.
+pub async fn next_pass<T>(
+    backoff: &mut RetryBackoff,
+    failures: usize,
+    changed: &mut watch::Receiver<T>,
+    leader: &mut watch::Receiver<bool>,
+    shutdown: &CancellationToken,
+) -> bool {
+    let wait = (failures > 0).then(|| backoff.next_delay());
+    if failures == 0 {
+        backoff.reset();
+    }
+    let retry = async {
+        match wait {
+            Some(d) => tokio::time::sleep(d).await,
+            None => futures::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = shutdown.cancelled() => false,
+        c = changed.changed() => c.is_ok(),
+        c = leader.changed() => c.is_ok(),
+        _ = retry => true,
+    }
+}
+
 /// Whether `conditions` hold a Ready condition with this (status, reason, message).
 pub fn shows_ready(
     conditions: &[Condition],

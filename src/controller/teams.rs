@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::backoff::RetryBackoff;
-use super::status::{apply_status, shows_ready};
+use super::status::{apply_status, next_pass, shows_ready};
 use crate::api::{Team, TeamStatus, condition};
 use crate::guardrails::{Guard, Policies, team_policies};
 use crate::table::RoutingTable;
@@ -128,15 +128,8 @@ pub async fn run_writer(
                 }
             }
         }
-        let wait = (failures > 0).then(|| backoff.next_delay());
-        if failures == 0 {
-            backoff.reset();
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            c = changed.changed() => if c.is_err() { return },
-            c = leader.changed() => if c.is_err() { return },
-            _ = async { match wait { Some(d) => tokio::time::sleep(d).await, None => futures::future::pending().await } } => {}
+        if !next_pass(&mut backoff, failures, &mut changed, &mut leader, &shutdown).await {
+            return;
         }
     }
 }
