@@ -277,6 +277,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_teams_references_are_namespace_slash_name_and_must_compile() {
+        let mut p = crate::api::GuardrailPolicy::new(
+            "pii",
+            serde_yaml::from_str("checks:\n- {name: c, action: mask, detector: {builtin: card}}")
+                .unwrap(),
+        );
+        p.metadata.namespace = Some("a".into());
+        let compiled = compile_all(&[Arc::new(p)]);
+        let refs = |r: &[&str]| r.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            team_policies(&refs(&["a/pii"]), &compiled).unwrap().len(),
+            1
+        );
+        let e = team_policies(&refs(&["a/pii", "b/pii"]), &compiled).unwrap_err();
+        assert!(e.contains("b/pii does not exist"), "{e}");
+        let e = team_policies(&refs(&["pii"]), &compiled).unwrap_err();
+        assert!(e.contains("not a namespace/name"), "{e}");
+    }
+
+    #[test]
     fn masks_blocks_and_audits_whole_texts() {
         let g = guard(
             "checks:\n- {name: cards, action: mask, detector: {builtin: card}}\n- {name: mail, action: audit, detector: {builtin: email}}\n- {name: code, phase: request, action: block, detector: {keywords: [bluebird]}}\n- {name: t, phase: response, action: mask, detector: {regex: 'TCK-[0-9]{6}', placeholder: '[TICKET]'}}",
