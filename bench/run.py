@@ -628,8 +628,9 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="small counts, to check the harness itself")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.md"))
-    ap.add_argument("--only", choices=["store", "callgrind", "guardrails"],
+    ap.add_argument("--only", choices=["store", "callgrind", "mcp", "guardrails"],
                     help="run only this scenario: store (no control plane), callgrind (per-call counts), "
+                         "mcp (chat and MCP tools/call at concurrency 1: the MCP row and the chat row it divides by), "
                          "guardrails (their CPU and stream hold-back)")
     ap.add_argument("--compare", nargs="*", default=[], metavar="LABEL=BINARY",
                     help="with --only callgrind: also count these gateway binaries (an earlier commit's)")
@@ -661,7 +662,8 @@ def main():
         kubeconfig = str(cp_dir / "kubeconfig")
         kubectl = Kubectl(args.kubectl, kubeconfig)
         kubectl.run("apply", "-f", str(ROOT / "crds"))
-        kubectl.run("wait", "--for=condition=Established", "crd/routes.portcullis.dev", "--timeout=60s")
+        kubectl.run("wait", "--for=condition=Established", "crd/routes.portcullis.dev",
+                    "crd/mcpservers.portcullis.dev", "--timeout=60s")
         kubectl.run("create", "namespace", "bench")
         if args.only == "callgrind":
             callgrind_scenario(args, work, procs, row, quick, kubectl, kubeconfig)
@@ -742,6 +744,8 @@ def main():
         manifests += "---\n" + pool_yaml("bench", "pool", base(sim_port))
         manifests += "---\n" + route_yaml("bench", "budget", "llm/v1/chat", base(sim_port)) + (
             "  limits:\n  - renewalPeriod: day\n    usd: 1000000\n")
+        manifests += ("---\napiVersion: portcullis.dev/v1alpha1\nkind: McpServer\nmetadata:\n  name: sim\n"
+                      f"  namespace: bench\nspec:\n  url: http://127.0.0.1:{sim_port}/mcp\n")
         kubectl.run("apply", "-f", "-", stdin=manifests)
         gw, gw_port = start_gateway("gateway", ["--namespace", "bench"])
         for r in ("chat", "embed", "stream", "slow", "pool", "budget"):
@@ -788,6 +792,35 @@ def main():
                 f"{median_of(pairs, 1, key):.0f}", f"{added:.0f}", target, met,
                 floor=f"{median_of(pairs, 2, key):.0f} (+{floor_added:.0f})", vs_floor=f"{ratio:.2f}×",
                 peer=peer_cell(pairs, key, peer_added))
+
+        # 1b. A proxied MCP tools/call against a proxied chat call, both at concurrency 1.
+        log("scenario 1b: MCP tools/call, concurrency 1")
+        kubectl.run("wait", "-n", "bench", "--for=condition=Ready", "mcpserver.portcullis.dev/sim", "--timeout=60s")
+        mcp_url = f"http://127.0.0.1:{gw_port}/mcp/bench/default"
+        init = urllib.request.Request(mcp_url, method="POST", data=json.dumps({
+            "jsonrpc": "2.0", "id": 0, "method": "initialize",
+            "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "bench", "version": "1"}},
+        }).encode(), headers={"content-type": "application/json", "accept": "application/json, text/event-stream"})
+        with urllib.request.urlopen(init, timeout=10) as r:
+            session = r.headers["mcp-session-id"]
+        call = lambda name: json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                                        "params": {"name": name, "arguments": {"text": "hello benchmark"}}})
+        direct_mcp = f"http://127.0.0.1:{sim_port}/mcp"
+        mcp_header = f"mcp-session-id: {session}"
+        oha(args.oha, mcp_url, call("sim_echo"), 4, n=500, header=mcp_header)
+        pairs = paired(args.reps,
+                       lambda: oha(args.oha, direct_mcp, call("echo"), 1, n=n_c1),
+                       lambda: oha(args.oha, mcp_url, call("sim_echo"), 1, n=n_c1, header=mcp_header),
+                       lambda: oha(args.oha, direct_chat, chat_body, 1, n=n_c1),
+                       lambda: oha(args.oha, gateway_chat, chat_body, 1, n=n_c1))
+        mcp_added = median_diff(pairs, p50)
+        chat_added = median_diff(pairs, p50, side=3, base=2)
+        row("MCP tools/call, c=1", "latency p50 (µs); added vs a proxied chat call's added",
+            f"{median_of(pairs, 0, p50):.0f}", f"{median_of(pairs, 1, p50):.0f}", f"{mcp_added:.0f}",
+            "≤ 1.5× a chat call's added", mcp_added <= 1.5 * max(chat_added, 1.0),
+            vs_floor=f"{mcp_added / max(chat_added, 1.0):.2f}× chat's (+{chat_added:.0f})")
+        if args.only == "mcp":
+            raise StopIteration
 
         # 2. Non-streaming chat, closed loop at concurrency 64.
         log("scenario 2: non-streaming chat, concurrency 64")

@@ -12,6 +12,7 @@ pub mod files;
 pub mod guardrails;
 pub mod limits;
 pub mod llm;
+pub mod mcp;
 pub mod providers;
 pub mod server;
 pub mod spend;
@@ -40,6 +41,12 @@ pub fn guardrail_crd_yaml() -> Result<String, serde_json::Error> {
     yaml::to_string(&api::GuardrailPolicy::crd())
 }
 
+/// The McpServer CRD manifest (`crds/mcpserver.yaml`).
+pub fn mcp_crd_yaml() -> Result<String, serde_json::Error> {
+    use kube::CustomResourceExt;
+    yaml::to_string(&api::McpServer::crd())
+}
+
 #[cfg(test)]
 mod tests {
     /// The checked-in CRD must match the Rust types; `make crds` regenerates it.
@@ -51,6 +58,22 @@ mod tests {
             (
                 "deploy/base/crd.yaml",
                 include_str!("../deploy/base/crd.yaml"),
+            ),
+        ] {
+            assert!(
+                generated == checked_in,
+                "{path} is stale: run `make crds` and commit the result"
+            );
+        }
+        let generated = super::mcp_crd_yaml().unwrap();
+        for (path, checked_in) in [
+            (
+                "crds/mcpserver.yaml",
+                include_str!("../crds/mcpserver.yaml"),
+            ),
+            (
+                "deploy/base/crd-mcpserver.yaml",
+                include_str!("../deploy/base/crd-mcpserver.yaml"),
             ),
         ] {
             assert!(

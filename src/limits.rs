@@ -918,9 +918,6 @@ impl Limiter {
         if route.limits.is_empty() && teams.iter().all(|t| t.limits.is_empty()) {
             return Ok(None);
         }
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
         let mut scopes = Vec::with_capacity(1 + teams.len());
         scopes.push((
             Scope {
@@ -944,8 +941,57 @@ impl Limiter {
                 t.limits.as_slice(),
             ));
         }
+        self.admit_scopes(&scopes, &route.name, consumer, charge)
+            .await
+    }
+
+    /// Counts one call of an MCP tool (`namespace/server/tool`) against `limits`, keyed apart
+    /// from routes (`portcullis:mcp:...`) in the same store and windows.
+    pub async fn admit_tool(
+        self: &Arc<Self>,
+        tool: &str,
+        limits: &[Limit],
+        consumer: &str,
+    ) -> Result<(), RateLimited> {
+        if limits.is_empty() {
+            return Ok(());
+        }
+        // Counter keys are split on ':'; MCP tool names may contain one.
+        let name = tool.replace(':', "_");
+        // Apart from routes: a route's served name never starts with `mcp:`.
+        let keys = KeyPrefix::new("portcullis:mcp:", &name);
+        let scopes = [(
+            Scope {
+                what: "tool",
+                name: &name,
+                full: &name,
+                namespace: tool.split('/').next(),
+                keys: &keys,
+            },
+            limits,
+        )];
+        let label = format!("mcp/{name}");
+        let charge = Charge {
+            calls: 1,
+            ..Charge::default()
+        };
+        self.admit_scopes(&scopes, &label, consumer, charge)
+            .await
+            .map(|_| ())
+    }
+
+    async fn admit_scopes(
+        self: &Arc<Self>,
+        scopes: &[(Scope<'_>, &[Limit])],
+        label: &str,
+        consumer: &str,
+        charge: Charge,
+    ) -> Result<Option<Reservation>, RateLimited> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
         let tagged = self.shared.as_ref().is_some_and(|s| s.store.is_cluster());
-        let counters = counters(&scopes, consumer, charge, now.as_secs(), tagged);
+        let counters = counters(scopes, consumer, charge, now.as_secs(), tagged);
         let (
             Counted {
                 violated,
@@ -964,7 +1010,7 @@ impl Limiter {
             self.metrics
                 .rate_limited
                 .get_or_create(&LimitLabels {
-                    route: route.name.to_string(),
+                    route: label.to_string(),
                     limit: match (c.scope, c.kind) {
                         (0, kind) => kind.as_str(),
                         (_, Kind::Calls) => "team-calls",
@@ -982,8 +1028,8 @@ impl Limiter {
                 now,
             ));
         }
-        self.check_alerts(&scopes, &counters, (&used, &charged), shared, now.as_secs());
-        self.export_usage(&scopes, &counters, &used, divisor);
+        self.check_alerts(scopes, &counters, (&used, &charged), shared, now.as_secs());
+        self.export_usage(scopes, &counters, &used, divisor);
         let allowance = counters
             .iter()
             .zip(&charged)

@@ -40,13 +40,15 @@ enum Command {
     Import(files::import::ImportArgs),
     /// Print what each USD budget has spent in its current window, read from the shared limits store.
     Spend(portcullis::spend::SpendArgs),
-    /// Print the Route CRD (or with `--team` the Team CRD, with `--guardrail` the
-    /// GuardrailPolicy CRD) as YAML.
+    /// Print the Route CRD (or with `--team` the Team CRD, `--guardrail` the GuardrailPolicy CRD,
+    /// `--mcp` the McpServer CRD) as YAML.
     Crd {
         #[arg(long)]
         team: bool,
         #[arg(long, conflicts_with = "team")]
         guardrail: bool,
+        #[arg(long, conflicts_with_all = ["team", "guardrail"])]
+        mcp: bool,
     },
 }
 
@@ -117,10 +119,16 @@ struct RunArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Crd { team, guardrail } => match if team {
+        Command::Crd {
+            team,
+            guardrail,
+            mcp,
+        } => match if team {
             portcullis::team_crd_yaml()
         } else if guardrail {
             portcullis::guardrail_crd_yaml()
+        } else if mcp {
+            portcullis::mcp_crd_yaml()
         } else {
             portcullis::crd_yaml()
         } {
@@ -299,6 +307,18 @@ async fn run(args: RunArgs) -> Result<(), StartError> {
         pricing: (!args.pricing_configmap.is_empty())
             .then(|| (args.lease_namespace.clone(), args.pricing_configmap.clone())),
     };
+    let mcp_refresh = positive_secs(
+        args.dataplane.mcp.mcp_refresh_interval,
+        "mcp-refresh-interval",
+    )?;
+    tokio::spawn(portcullis::mcp::controller::run(
+        client.clone(),
+        config.namespace.clone(),
+        config.policy.clone(),
+        dataplane.mcp(),
+        mcp_refresh,
+        stop_controller.clone(),
+    ));
     let controller = tokio::spawn({
         let stop = stop_controller.clone();
         async move {

@@ -116,6 +116,8 @@ pub struct DataPlaneArgs {
     pub anonymous_team: Option<String>,
     #[command(flatten)]
     pub listener: ListenerArgs,
+    #[command(flatten)]
+    pub mcp: crate::mcp::McpArgs,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -284,6 +286,7 @@ impl DataPlane {
             args.default_access,
             settings.token_policy.clone(),
         ));
+        let mcp = Arc::new(crate::mcp::McpGateway::new(&args.mcp, http.clone()));
         let state = Arc::new(AppState {
             table: RoutingTable::default().shared(),
             http,
@@ -299,6 +302,7 @@ impl DataPlane {
             upstream_limits: settings.upstream_limits,
             via,
             anonymous_team: args.anonymous_team.as_deref().map(Arc::from),
+            mcp,
         });
         let listener = tokio::net::TcpListener::bind(listen)
             .await
@@ -346,6 +350,11 @@ impl DataPlane {
             api_keys: self.api_keys.clone(),
             limits: self.state.limits.clone(),
         }
+    }
+
+    /// The MCP gateway, for its controller.
+    pub fn mcp(&self) -> Arc<crate::mcp::McpGateway> {
+        self.state.mcp.clone()
     }
 
     /// Serves until SIGTERM/SIGINT and the drain are over, or until `source` ends by itself (its

@@ -377,6 +377,10 @@ fn copies_match_their_sources() {
             "deploy/helm/portcullis/crds/guardrailpolicy.yaml",
             "crds/guardrailpolicy.yaml",
         ),
+        (
+            "deploy/helm/portcullis/crds/mcpserver.yaml",
+            "crds/mcpserver.yaml",
+        ),
         ("deploy/helm/portcullis/files/portcullis.json", DASHBOARD),
         ("deploy/helm/portcullis/files/portcullis-rules.yaml", RULES),
     ] {
@@ -841,6 +845,7 @@ fn helm_install_upgrade_rollback_and_uninstall_leave_the_crds() {
         "crd/routes.portcullis.dev",
         "crd/teams.portcullis.dev",
         "crd/guardrailpolicies.portcullis.dev",
+        "crd/mcpservers.portcullis.dev",
         "--timeout=60s",
     ]);
     assert_eq!(image(), "portcullis:0.1.0");

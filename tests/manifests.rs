@@ -60,6 +60,10 @@ fn checked_in_crds_read_by_kubectl_are_the_generated_schema() {
             "guardrailpolicy",
             serde_json::to_value(portcullis::api::GuardrailPolicy::crd()).unwrap(),
         ),
+        (
+            "mcpserver",
+            serde_json::to_value(portcullis::api::McpServer::crd()).unwrap(),
+        ),
     ];
     for (kind, generated) in generated {
         for file in [format!("crds/{kind}.yaml"), deploy_copy(kind)] {

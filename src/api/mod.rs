@@ -2,6 +2,7 @@
 
 mod conditions;
 mod guardrail;
+mod mcp;
 mod route;
 mod team;
 
@@ -9,6 +10,10 @@ pub use conditions::{Outcome, Reason, condition, ready_condition};
 pub use guardrail::{
     Builtin, Detector, FailureMode, GuardrailAction, GuardrailCheck, GuardrailPhase,
     GuardrailPolicy, GuardrailPolicySpec, GuardrailPolicyStatus, JudgeDetector, WebhookDetector,
+};
+pub use mcp::{
+    McpAccessRule, McpCredential, McpLimit, McpOAuth, McpServer, McpServerSpec, McpServerStatus,
+    McpTransport, ToolFilter,
 };
 pub use route::{
     AccessRule, BackendSpec, BackendStatus, DEFAULT_SECRET_KEY, Limit, LimitAction, LimitKey,

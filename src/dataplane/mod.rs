@@ -70,6 +70,8 @@ pub struct AppState {
     pub via: via::Via,
     /// `--anonymous-team`: the Team callers without identity belong to.
     pub anonymous_team: Option<Arc<str>>,
+    /// The MCP gateway (`/mcp`): its table, sessions and upstream sessions.
+    pub mcp: Arc<crate::mcp::McpGateway>,
 }
 
 /// Bounds on what a provider may send back: nothing from outside is trusted to be small or quick.
@@ -171,6 +173,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/health", get(health::health))
+        .merge(crate::mcp::routes())
         .method_not_allowed_fallback(|OriginalUri(uri): OriginalUri| async move {
             error::for_path(uri.path(), GatewayError::MethodNotAllowed)
         })

@@ -131,6 +131,7 @@ pub struct Metrics {
     pub replicas: Gauge,
     pub budgets: BudgetMetrics,
     pub guardrails: crate::guardrails::metrics::GuardrailMetrics,
+    pub mcp: crate::mcp::audit::McpMetrics,
 }
 
 /// One shared (not per-consumer) limit of a Route or Team.
@@ -376,8 +377,10 @@ impl Metrics {
         );
         let cost = CostMetrics::register(&mut registry);
         let guardrails = crate::guardrails::metrics::GuardrailMetrics::register(&mut registry);
+        let mcp = crate::mcp::audit::McpMetrics::register(&mut registry);
         Metrics {
             guardrails,
+            mcp,
             leader,
             replicas,
             budgets,

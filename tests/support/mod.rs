@@ -156,6 +156,7 @@ impl ControlPlane {
                 "crd/routes.portcullis.dev",
                 "crd/teams.portcullis.dev",
                 "crd/guardrailpolicies.portcullis.dev",
+                "crd/mcpservers.portcullis.dev",
                 "--timeout=60s",
             ]);
             last = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -638,18 +639,7 @@ impl Drop for Gateway {
 /// Returns whether it passed and its output.
 pub fn pytest(venv: &str, dir: &str, url: &str, routes: &Value) -> (bool, String) {
     let repo = env!("CARGO_MANIFEST_DIR");
-    let started = Instant::now();
-    let ensured = Command::new(format!("{repo}/hack/python-env.sh"))
-        .args(["ensure", venv])
-        .output()
-        .expect("run hack/python-env.sh");
-    assert!(
-        ensured.status.success(),
-        "python-env.sh ensure {venv} failed:\n{}",
-        String::from_utf8_lossy(&ensured.stderr)
-    );
-    let python = String::from_utf8_lossy(&ensured.stdout).trim().to_string();
-    eprintln!("venv {venv} ready after {:?}", started.elapsed());
+    let python = python_env(venv);
     let started = Instant::now();
     let out = Command::new(&python)
         .args(["-m", "pytest", "-v", &format!("tests/python/{dir}")])
@@ -674,6 +664,38 @@ pub fn pytest(venv: &str, dir: &str, url: &str, routes: &Value) -> (bool, String
         started.elapsed()
     );
     (out.status.success(), output)
+}
+
+/// The python of the venv `venv` of `hack/python-env.sh`, built on first use.
+pub fn python_env(venv: &str) -> String {
+    let repo = env!("CARGO_MANIFEST_DIR");
+    let started = Instant::now();
+    let ensured = Command::new(format!("{repo}/hack/python-env.sh"))
+        .args(["ensure", venv])
+        .output()
+        .expect("run hack/python-env.sh");
+    assert!(
+        ensured.status.success(),
+        "python-env.sh ensure {venv} failed:\n{}",
+        String::from_utf8_lossy(&ensured.stderr)
+    );
+    eprintln!("venv {venv} ready after {:?}", started.elapsed());
+    String::from_utf8_lossy(&ensured.stdout).trim().to_string()
+}
+
+/// The `node_modules` of `hack/node-env.sh` (tests/node/package-lock.json), installed on first use.
+pub fn node_env() -> String {
+    let repo = env!("CARGO_MANIFEST_DIR");
+    let out = Command::new(format!("{repo}/hack/node-env.sh"))
+        .arg("ensure")
+        .output()
+        .expect("run hack/node-env.sh");
+    assert!(
+        out.status.success(),
+        "node-env.sh ensure failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// The blocking HTTP client the tests call the gateway with.

@@ -8,6 +8,7 @@ mod bedrock;
 mod cohere;
 mod databricks;
 mod gemini;
+mod mcp;
 mod mlflow;
 mod openai;
 
@@ -334,6 +335,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .nest("/tgi", tgi::router())
         .nest("/databricks", databricks::router())
         .nest("/mlflow", mlflow::router())
+        .nest("/mcp", mcp::router())
         .layer(middleware::from_fn_with_state(
             shared.clone(),
             record_and_fault,
