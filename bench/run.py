@@ -348,13 +348,13 @@ def guardrails_scenario(args, work, procs, row, quick, kubectl, start_gateway):
         route_yaml("guard", "stream", "llm/v1/chat", base(stream_port)),
         guarded("stream-guarded", stream_port, "streamed"),
     ]))
+    gw, port = start_gateway("gateway-guard", ["--namespace", "guard"])
     for r in ("plain", "guarded", "stream", "stream-guarded"):
         kubectl.run("wait", "-n", "guard", "--for=condition=Ready", f"route.portcullis.dev/{r}", "--timeout=30s")
     kubectl.run("wait", "-n", "guard", "--for=condition=Ready", "guardrailpolicy/streamed", "--timeout=30s")
     message = kubectl.run("get", "-n", "guard", "guardrailpolicy/streamed", "-o",
                           "jsonpath={.status.conditions[?(@.type==\"Ready\")].message}")
     hold = int(re.search(r"held back (\d+) bytes", message).group(1))
-    gw, port = start_gateway("gateway-guard", ["--namespace", "guard"])
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     # 4 KiB of ordinary prose: nothing to mask, so every detector scans it all and finds nothing.
     words = ("the quarterly report shows revenue grew in every region while costs held steady "
