@@ -6,7 +6,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: tools run run-standalone test unit-test e2e-test control-plane python-env node-env redis crds chart-files lint fmt build bench bench-deps bench-quick bench-callgrind bench-mcp bench-guardrails bench-store fuzz soak clean-cache \
+.PHONY: tools run run-standalone test unit-test e2e-test control-plane python-env node-env redis crds chart-files lint fmt build bench bench-deps bench-quick bench-callgrind bench-mcp bench-guardrails bench-store bench-pool fuzz soak clean-cache \
 	cluster-deps cluster-build cluster-images image cluster-up cluster-down cluster-test
 
 build:
@@ -38,11 +38,13 @@ run-standalone:
 	$(CARGO) build --workspace
 	hack/run-standalone.sh
 
-# helm, promtool and the Prometheus Operator CRDs for tests/helm.rs (built once into ~/.cache/portcullis).
+# helm, promtool and the Prometheus Operator CRDs for tests/helm.rs, the Inference Extension's
+# endpoint picker for tests/pools.rs (built once into ~/.cache/portcullis).
 tools:
 	hack/tools.sh helm >/dev/null
 	hack/tools.sh promtool >/dev/null
 	hack/tools.sh prometheus-operator-crds >/dev/null
+	hack/tools.sh lwepp >/dev/null
 
 test: control-plane python-env node-env redis tools lint
 	$(CARGO) test --workspace --no-fail-fast
@@ -102,6 +104,13 @@ bench-store: redis
 	$(CARGO) build --workspace
 	python3 bench/run.py --only store --bin-dir target/debug --out bench/results/store.md \
 	  --oha none --kubectl none --control-plane none
+
+# Only the self-hosted pool simulation (load-aware picking vs round robin, time to first token) on
+# a debug build (the figures are queueing times of hundreds of ms); writes bench/results/pool.md.
+bench-pool: control-plane
+	$(CARGO) build --workspace
+	python3 bench/run.py --only pool --bin-dir target/debug --out bench/results/pool.md --oha none \
+	  --kubectl "$$(hack/control-plane.sh bin-dir)/kubectl" --control-plane hack/control-plane.sh
 
 # Many more proptest cases of every request parser, provider-answer parser and stream decoder
 # (src/dataplane/fuzz.rs) than `make test` runs, stopped after FUZZ_SECONDS. Not part of CI.

@@ -9,9 +9,13 @@ Writes one Markdown table to stdout and to bench/results/latest.md.
 """
 
 import argparse
+import concurrent.futures
+import http.client
 import json
+import math
 import os
 import pathlib
+import random
 import re
 import shutil
 import signal
@@ -401,7 +405,6 @@ def guardrails_scenario(args, work, procs, row, quick, kubectl, start_gateway):
 def fill_token_cache(url, body, n, workers=16):
     """Calls `url` once with each of `n` distinct token-shaped bearers the API server rejects (each is
     reviewed once, then cached by the gateway; with the default access the call is anonymous)."""
-    import concurrent.futures
     import http.client
     import threading
     from urllib.parse import urlsplit
@@ -620,6 +623,139 @@ def store_scenario(args, work, procs, row, quick):
     sim.stop()
 
 
+# The pool scenario's offered load, a fraction of the servers' nominal capacity (their real one is a
+# little lower: timer rounding per streamed chunk).
+LOAD = float(os.environ.get("POOL_LOAD", "0.8"))
+
+
+def pool_scenario(args, work, procs, row, quick, kubectl, kubeconfig):
+    """A self-hosted pool: 4 simulated vLLM-like servers (a running batch of 4 each, 20 ms per output
+    token, output lengths log-normal with mean ~50 tokens, so one answer takes ~1 s) under Poisson
+    arrivals at 80% (POOL_LOAD) of the pool's capacity. The same arrival times and lengths go once round robin
+    straight to the servers (a round-robin Service's choice, without the gateway's hop) and once
+    through the gateway's own load-aware picker (an InferencePool backend); time to first token p50/p99."""
+    servers, batch, ms_per_token, mean_tokens = 4, 4, 20, 50
+    bins = pathlib.Path(args.bin_dir)
+    port = free_port()
+    ips = [f"127.0.0.{i}" for i in range(2, 2 + servers)]
+    sim_port = free_port()
+    procs.append(Process([str(bins / "portcullis-sim"), "--listen", f"127.0.0.1:{sim_port}",
+                          "--model-servers", ",".join(f"{ip}:{port}" for ip in ips),
+                          "--max-running", str(batch), "--ms-per-token", str(ms_per_token)],
+                         log_path=work / "sim-pool.log"))
+    wait_port(sim_port)
+    # Pods (their IPs set through the status subresource: no kubelet here) of an InferencePool
+    # without an endpoint picker: the gateway's own picker. (EndpointSlices refuse loopback addresses.)
+    crd = ROOT / "deploy" / "third_party" / "gateway-api-inference-extension" / "inferencepools.yaml"
+    kubectl.run("apply", "--server-side", "-f", str(crd))
+    kubectl.run("wait", "--for=condition=Established", "crd/inferencepools.inference.networking.k8s.io",
+                "--timeout=60s")
+    for i, ip in enumerate(ips):
+        pod = {"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": f"vllm-{i}", "namespace": "bench", "labels": {"app": "llama"}},
+               "spec": {"containers": [{"name": "vllm", "image": "vllm/vllm-openai:v0.11.0"}]}}
+        kubectl.run("apply", "-f", "-", stdin=json.dumps(pod))
+        status = {"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+                             "conditions": [{"type": "Ready", "status": "True"}]}}
+        kubectl.run("patch", "pod", f"vllm-{i}", "-n", "bench", "--subresource=status", "--type=merge",
+                    "-p", json.dumps(status))
+    pool = {"apiVersion": "inference.networking.k8s.io/v1", "kind": "InferencePool",
+            "metadata": {"name": "llama", "namespace": "bench"},
+            "spec": {"selector": {"matchLabels": {"app": "llama"}}, "targetPorts": [{"number": port}]}}
+    route = ("apiVersion: portcullis.dev/v1alpha1\nkind: Route\nmetadata:\n  name: llama\n  namespace: bench\n"
+             "spec:\n  routeType: llm/v1/chat\n  model:\n    provider: openai-compatible\n    name: llama\n"
+             "    inferencePool: {name: llama}\n")
+    # The same servers as 4 equal backends of one Route: the gateway's hop without the picker
+    # (its weighted choice spreads calls at random), to tell the picker's effect from the hop's.
+    spread = ("apiVersion: portcullis.dev/v1alpha1\nkind: Route\nmetadata:\n  name: spread\n  namespace: bench\n"
+              "spec:\n  routeType: llm/v1/chat\n  backends:\n" + "".join(
+                  f"  - {{provider: openai-compatible, name: llama, apiBase: 'http://{ip}:{port}/v1'}}\n"
+                  for ip in ips))
+    kubectl.run("apply", "-f", "-", stdin=json.dumps(pool) + "\n---\n" + route + "---\n" + spread)
+    gw_port, gw_mport = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RUST_LOG" and not k.startswith("PORTCULLIS_")}
+    env["KUBECONFIG"] = kubeconfig
+    procs.append(Process([str(bins / "portcullis"), "run", "--listen", f"127.0.0.1:{gw_port}",
+                          "--metrics-listen", f"127.0.0.1:{gw_mport}", "--namespace", "bench",
+                          "--pool-scrape-interval-ms", "50"], env=env, log_path=work / "gateway-pool.log"))
+    wait_http(f"http://127.0.0.1:{gw_port}/readyz", timeout=120)
+    for r in ("llama", "spread"):
+        kubectl.run("wait", "-n", "bench", "--for=condition=Ready", f"route.portcullis.dev/{r}", "--timeout=30s")
+    deadline = time.monotonic() + 30
+    while kubectl.run("get", "route.portcullis.dev/llama", "-n", "bench", "-o",
+                      "jsonpath={.status.backends[0].readyEndpoints}").strip() != str(servers):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the pool's endpoints never showed in the Route's status")
+        time.sleep(0.2)
+
+    # One answer takes mean_tokens * ms_per_token; the pool runs servers * batch at once.
+    capacity = servers * batch / (mean_tokens * ms_per_token / 1000)
+    rate = LOAD * capacity
+    seconds = 20 if quick else 60
+    rng = random.Random(25)
+    sigma = 1.0  # heavy-ish tail: a few answers are 5-10x the mean, as chat answers are
+    mu = math.log(mean_tokens) - sigma * sigma / 2
+    arrivals, t = [], 0.0
+    while t < seconds:
+        t += rng.expovariate(rate)
+        arrivals.append((t, max(1, min(1000, round(rng.lognormvariate(mu, sigma))))))
+
+    def call(host, port_, path, model, tokens, i):
+        body = json.dumps({"model": model, "stream": True, "max_tokens": tokens,
+                           "messages": [{"role": "user", "content": f"question {i}: say something"}]})
+        conn = http.client.HTTPConnection(host, port_, timeout=120)
+        start = time.perf_counter()
+        conn.request("POST", path, body, {"content-type": "application/json"})
+        resp = conn.getresponse()
+        first = None
+        while True:
+            line = resp.readline()
+            if not line:
+                break
+            if first is None and line.startswith(b"data:"):
+                first = time.perf_counter() - start
+        conn.close()
+        return resp.status, first
+
+    def run(target):
+        """Sends every arrival at its time; `target(i)` is (host, port, path, model)."""
+        results = [None] * len(arrivals)
+        with concurrent.futures.ThreadPoolExecutor(256) as ex:
+            t0 = time.perf_counter()
+            futures = []
+            for i, (at, tokens) in enumerate(arrivals):
+                delay = t0 + at - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+                futures.append((i, ex.submit(call, *target(i), tokens, i)))
+            for i, f in futures:
+                results[i] = f.result()
+        ok = [first for status, first in results if status == 200 and first is not None]
+        failed = len(results) - len(ok)
+        ok.sort()
+        q = lambda p: ok[min(len(ok) - 1, int(p * len(ok)))] * 1000
+        return q(0.5), q(0.99), failed
+
+    log(f"pool: {len(arrivals)} calls at {rate:.1f}/s ({LOAD:.0%} of {capacity:.1f}/s) over {seconds} s, round robin")
+    rr = run(lambda i: (ips[i % servers], port, "/v1/chat/completions", "llama"))
+    time.sleep(2)
+    log("pool: the same calls through the gateway's load-aware picker")
+    aware = run(lambda i: ("127.0.0.1", gw_port, "/v1/chat/completions", "llama"))
+    time.sleep(2)
+    log("pool: the same calls through the gateway, 4 equal backends (random spread)")
+    spread = run(lambda i: ("127.0.0.1", gw_port, "/v1/chat/completions", "spread"))
+    what = f"{servers} servers x batch {batch}, Poisson at {LOAD:.0%} of capacity, {len(arrivals)} streamed calls"
+    for k, name in ((0, "p50"), (1, "p99")):
+        row("self-hosted pool", f"time to first token {name} (ms), {what}; direct = round robin to the servers, "
+            "gateway = load-aware pool (added: vs round robin)", f"{rr[k]:.0f}", f"{aware[k]:.0f}",
+            f"{aware[k] - rr[k]:+.0f}", "reported")
+        row("self-hosted pool", f"time to first token {name} (ms), same calls; direct = through the gateway to "
+            "4 equal backends (random spread), gateway = load-aware pool (added: vs that)", f"{spread[k]:.0f}",
+            f"{aware[k]:.0f}", f"{aware[k] - spread[k]:+.0f}", "reported")
+    row("self-hosted pool", "failed calls (round robin / random spread + load-aware)", f"{rr[2]}",
+        f"{spread[2] + aware[2]}", "", "0", rr[2] + spread[2] + aware[2] == 0)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--oha", required=True)
@@ -628,14 +764,14 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="small counts, to check the harness itself")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.md"))
-    ap.add_argument("--only", choices=["store", "callgrind", "mcp", "guardrails"],
+    ap.add_argument("--only", choices=["store", "callgrind", "mcp", "pool", "guardrails"],
                     help="run only this scenario: store (no control plane), callgrind (per-call counts), "
                          "mcp (chat and MCP tools/call at concurrency 1: the MCP row and the chat row it divides by), "
-                         "guardrails (their CPU and stream hold-back)")
+                         "pool (load-aware picking vs round robin), guardrails (their CPU and stream hold-back)")
     ap.add_argument("--compare", nargs="*", default=[], metavar="LABEL=BINARY",
                     help="with --only callgrind: also count these gateway binaries (an earlier commit's)")
     ap.add_argument("--bin-dir", default=str(RELEASE),
-                    help="the gateway's binaries (the store rows count the store's work, not the gateway's)")
+                    help="the gateway's binaries for the store and pool scenarios (the store rows count the store's work, not the gateway's; the pool rows time queues of hundreds of ms)")
     args = ap.parse_args()
     quick = args.quick
     n_c1 = 300 if quick else 3000
@@ -667,6 +803,9 @@ def main():
         kubectl.run("create", "namespace", "bench")
         if args.only == "callgrind":
             callgrind_scenario(args, work, procs, row, quick, kubectl, kubeconfig)
+            raise StopIteration
+        if args.only == "pool":
+            pool_scenario(args, work, procs, row, quick, kubectl, kubeconfig)
             raise StopIteration
 
         sim_port = free_port()
@@ -1146,6 +1285,7 @@ def main():
         row("memory", "RSS idle (MiB)", "", f"{idle_rss:.1f}", "", "≤ 20", idle_rss <= 20)
         row("memory", f"RSS with {n_routes} Routes, steady (MiB)", "", f"{many_rss:.1f}", "", "≤ 64", many_rss <= 64)
         row("memory", f"peak RSS during the initial sync of {n_routes} Routes (MiB)", "", f"{many_peak:.1f}", "")
+        pool_scenario(args, work, procs, row, quick, kubectl, kubeconfig)
         store_scenario(args, work, procs, row, quick)
     except StopIteration:
         pass
@@ -1168,6 +1308,9 @@ def main():
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
     ]
+    if args.only == "pool":
+        lines[1:5] = [f"The self-hosted pool scenario alone ({args.bin_dir}): one run each of the same Poisson arrivals "
+                      "and answer lengths, round robin, random spread and load-aware.", ""]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     table = "\n".join(lines) + "\n"
     print(table)

@@ -5,6 +5,7 @@
 #   hack/tools.sh promtool                   Prometheus' promtool (dashboard queries, alert rules)
 #   hack/tools.sh prometheus-operator-crds   folder of the monitoring.coreos.com CRDs (ServiceMonitor,
 #                                            PrometheusRule) for `kubectl apply --dry-run=server`
+#   hack/tools.sh lwepp                      the Inference Extension's endpoint picker (tests/pools.rs)
 # The Go tools are built from the Go module proxy like hack/control-plane.sh builds kube-apiserver,
 # keyed by tool and Go version, so a fresh clone on the same machine reuses them.
 set -euo pipefail
@@ -15,6 +16,8 @@ HELM_VERSION=4.3.2
 PROMETHEUS_VERSION=3.16.0
 PROMETHEUS_MODULE_VERSION=0.316.0
 PROMETHEUS_OPERATOR_VERSION=0.85.0
+# The version of deploy/third_party/gateway-api-inference-extension.
+INFERENCE_EXTENSION_VERSION=1.6.2
 
 say() { printf '[tools] %s\n' "$*" >&2; }
 
@@ -80,5 +83,12 @@ case "${1:-}" in
     fi
     echo "$dir"
     ;;
-  *) echo "usage: hack/tools.sh oha|helm|promtool|prometheus-operator-crds" >&2; exit 2 ;;
+  lwepp)
+    # The module's own endpoint picker (cmd/lwepp: Envoy ext_proc, round robin over the pool's
+    # Ready pods); about 10 minutes cold on 2 cores, most of it downloading and compiling
+    # controller-runtime and client-go.
+    go_env lwepp
+    go_tool lwepp "sigs.k8s.io/gateway-api-inference-extension/cmd/lwepp@v$INFERENCE_EXTENSION_VERSION" ""
+    ;;
+  *) echo "usage: hack/tools.sh oha|helm|promtool|prometheus-operator-crds|lwepp" >&2; exit 2 ;;
 esac

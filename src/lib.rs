@@ -13,6 +13,7 @@ pub mod guardrails;
 pub mod limits;
 pub mod llm;
 pub mod mcp;
+pub mod pools;
 pub mod providers;
 pub mod server;
 pub mod spend;

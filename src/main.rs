@@ -114,6 +114,14 @@ struct RunArgs {
     /// Take N from the ready endpoints of this Service (in the pod's namespace) instead of --replicas.
     #[arg(long, env = "PORTCULLIS_REPLICAS_SERVICE")]
     replicas_service: Option<String>,
+    /// Milliseconds between two reads of each self-hosted pool endpoint's model-server metrics
+    /// (50 to 200).
+    #[arg(long, env = "PORTCULLIS_POOL_SCRAPE_INTERVAL_MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(50..=200))]
+    pool_scrape_interval_ms: u64,
+    /// Speak plain HTTP/2 (h2c) to InferencePools' endpoint pickers instead of TLS, for pickers
+    /// run with `--secure-serving=false`.
+    #[arg(long, env = "PORTCULLIS_POOL_PICKER_PLAINTEXT")]
+    pool_picker_plaintext: bool,
 }
 
 fn main() -> ExitCode {
@@ -306,6 +314,8 @@ async fn run(args: RunArgs) -> Result<(), StartError> {
         policy,
         pricing: (!args.pricing_configmap.is_empty())
             .then(|| (args.lease_namespace.clone(), args.pricing_configmap.clone())),
+        pool_scrape_interval: Duration::from_millis(args.pool_scrape_interval_ms),
+        pool_picker_plaintext: args.pool_picker_plaintext,
     };
     let mcp_refresh = positive_secs(
         args.dataplane.mcp.mcp_refresh_interval,

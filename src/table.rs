@@ -163,6 +163,9 @@ pub struct Backend {
     pub team_price: Option<Price>,
     /// The most output tokens the model may write (catalog `maxOutput`, or the default).
     pub max_output: u64,
+    /// Model servers in the cluster: each try goes to the endpoint picked from this pool (the
+    /// upstream's URL then names the path only).
+    pub pool: Option<crate::pools::PoolBackend>,
     metrics: OnceLock<BackendMetrics>,
 }
 
@@ -186,8 +189,17 @@ impl Backend {
             price: None,
             team_price: None,
             max_output: crate::cost::DEFAULT_MAX_OUTPUT,
+            pool: None,
             metrics: OnceLock::new(),
         }
+    }
+
+    /// Names the backend after its pool (`x-portcullis-backend`, metric label, log field).
+    pub fn with_pool(mut self, pool: crate::pools::PoolBackend) -> Backend {
+        self.id = Arc::clone(&pool.pool.id);
+        self.header = pool.pool.header.clone();
+        self.pool = Some(pool);
+        self
     }
 
     /// This backend's metric handles, made on first use and then shared by every call.

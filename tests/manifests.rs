@@ -136,6 +136,8 @@ fn server_accepts(cp: &ControlPlane, what: &str, manifests: &str) {
 #[test]
 fn every_manifest_a_user_is_shown_passes_the_api_server() {
     let cp = ControlPlane::shared();
+    // The README's InferencePool is the Inference Extension's resource.
+    install_inference_pool_crd(cp);
     let objects = readme_objects();
     assert!(
         objects.len() >= 5,

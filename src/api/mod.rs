@@ -17,7 +17,8 @@ pub use mcp::{
 };
 pub use route::{
     AccessRule, BackendSpec, BackendStatus, DEFAULT_SECRET_KEY, Limit, LimitAction, LimitKey,
-    ModelSpec, OnExceed, OutlierDetection, Pricing, Provider, RenewalPeriod, RetryOn, RetryPolicy,
-    Route, RouteSpec, RouteStatus, RouteType, SecretKeyRef, parse_duration,
+    ModelSpec, OnExceed, OutlierDetection, PoolRef, Pricing, Provider, RenewalPeriod, RetryOn,
+    RetryPolicy, Route, RouteSpec, RouteStatus, RouteType, Saturation, SecretKeyRef, ServiceRef,
+    parse_duration,
 };
 pub use team::{Team, TeamSpec, TeamStatus};

@@ -157,9 +157,15 @@ impl std::fmt::Display for RouteType {
     }
 }
 
-/// The provider model a route forwards to.
+const ONE_DESTINATION: &str = "set at most one of apiBase, inferencePool and service";
+const SATURATION_NEEDS_POOL: &str = "saturation applies to inferencePool and service backends";
+
+/// The provider model a route forwards to: a provider's API (`apiBase`, or the provider's
+/// default), or model servers in the cluster (`inferencePool` or `service`).
 #[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("[has(self.apiBase), has(self.inferencePool), has(self.service)].filter(x, x).size() <= 1").message(ONE_DESTINATION))]
+#[x_kube(validation = Rule::new("!has(self.saturation) || has(self.inferencePool) || has(self.service)").message(SATURATION_NEEDS_POOL))]
 pub struct ModelSpec {
     /// The LLM provider that serves the model.
     pub provider: Provider,
@@ -179,6 +185,57 @@ pub struct ModelSpec {
     /// Provider-specific, non-secret settings (for example region or api-version).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub config: BTreeMap<String, String>,
+    /// Self-hosted model servers: the pods of this InferencePool (Gateway API Inference
+    /// Extension, `inference.networking.k8s.io/v1`), each call sent to the one the gateway picks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inference_pool: Option<PoolRef>,
+    /// Self-hosted model servers behind a plain Service: its ready endpoints (EndpointSlices),
+    /// each call sent to the one the gateway picks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceRef>,
+    /// Pool backends only: when every endpoint is above this load, the pool is skipped for the
+    /// call and the Route's next priority takes it. Absent: the pool takes every call it can.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saturation: Option<Saturation>,
+}
+
+impl ModelSpec {
+    /// Whether this backend is model servers in the cluster rather than a provider's URL.
+    pub fn is_pool(&self) -> bool {
+        self.inference_pool.is_some() || self.service.is_some()
+    }
+}
+
+/// An InferencePool, in the Route's namespace unless `namespace` is given.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub namespace: Option<String>,
+}
+
+/// A Service in the Route's namespace and the port its model servers listen on (the Service's
+/// target port, as its EndpointSlices list it).
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceRef {
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: u16,
+}
+
+/// When a pool counts as saturated.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "camelCase")]
+pub struct Saturation {
+    /// Requests waiting in an endpoint's queue (its model server's `num_requests_waiting`, plus
+    /// the calls the gateway sent since it last read it) above which that endpoint is saturated.
+    #[schemars(range(max = 100000))]
+    pub queue_depth: u32,
 }
 
 /// One backend of a Route: a provider model (every field of `model`) with its share of the traffic.
@@ -613,6 +670,16 @@ pub struct BackendStatus {
     pub provider: Provider,
     pub model: String,
     pub resolved: bool,
+    /// Pool backends: the pool (`inferencepool/NAMESPACE/NAME` or `service/NAMESPACE/NAME:PORT`)
+    /// and how many of its endpoints are ready now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_endpoints: Option<u32>,
+    /// An InferencePool's endpoint picker: `Reachable` or `Unreachable` as its last exchange
+    /// went, `Unknown` before the first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_picker: Option<String>,
     /// Why not, when it did not resolve (a Ready reason such as SecretNotFound).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,

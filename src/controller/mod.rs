@@ -11,6 +11,7 @@ pub mod consumers;
 pub mod guardrails;
 pub mod leader;
 pub mod policy;
+pub mod pools;
 pub mod reconcile;
 pub mod replicas;
 mod secrets;
@@ -38,7 +39,7 @@ use crate::api::{GuardrailPolicy, Route, Team};
 use crate::table::SharedTable;
 use crate::telemetry::metrics::{Metrics, ResourceLabels};
 use backoff::RetryBackoff;
-use reconcile::reconcile_guarded;
+use reconcile::reconcile_with;
 use secrets::SecretCache;
 
 /// Deadline of one API-server request the data plane's freshness waits on (a Secret read, a
@@ -69,6 +70,10 @@ pub struct ControllerConfig {
     pub policy: policy::OperatorPolicy,
     /// The ConfigMap (namespace, name) of cluster-wide price overrides; `None`: none.
     pub pricing: Option<(String, String)>,
+    /// How often each self-hosted pool endpoint's metrics are read.
+    pub pool_scrape_interval: Duration,
+    /// Speak h2c, not TLS, to InferencePools' endpoint pickers.
+    pub pool_picker_plaintext: bool,
 }
 
 /// The key of the pricing ConfigMap that holds the prices (the catalog's format).
@@ -283,7 +288,33 @@ pub async fn run(
         shutdown.clone(),
     ));
 
+    let pools = Arc::new(
+        crate::pools::Pools::new(handles.metrics.clone())
+            .with_plaintext_pickers(config.pool_picker_plaintext),
+    );
+    let pool_changes = pools.status_changes();
+    let pool_watch = tokio::spawn(pools::run(
+        client.clone(),
+        config.namespace.clone(),
+        pools.clone(),
+        handles.metrics.clone(),
+        config.max_backoff,
+        shutdown.clone(),
+    ));
+    let scraper = tokio::spawn(crate::pools::scrape::run(
+        pools.clone(),
+        config.pool_scrape_interval,
+        shutdown.clone(),
+    ));
+    // A pool's ready count is in its Routes' status: a change rebuilds (the data plane reads the
+    // endpoints from the pool itself, without waiting for this).
+    let pool_events = futures::stream::unfold(pool_changes, |mut rx| async move {
+        rx.changed().await.ok()?;
+        Some(((Source::Pools, Ok(Signal::Changed)), rx))
+    });
+
     let mut loop_state = Loop {
+        pools,
         client,
         route_store,
         secret_store,
@@ -313,7 +344,7 @@ pub async fn run(
                 futures::stream::select(route_events, secret_events),
                 futures::stream::select(
                     futures::stream::select(team_events, pricing_events),
-                    guardrail_events,
+                    futures::stream::select(guardrail_events, pool_events),
                 ),
             ),
             config.debounce,
@@ -328,6 +359,8 @@ pub async fn run(
     }
     let _ = alarms.await;
     let _ = api_keys.await;
+    let _ = pool_watch.await;
+    let _ = scraper.await;
     Ok(())
 }
 
@@ -338,6 +371,7 @@ enum Source {
     Teams,
     Pricing,
     Guardrails,
+    Pools,
 }
 
 enum Signal {
@@ -373,6 +407,8 @@ impl<K> From<watcher::Event<K>> for Signal {
 
 struct Loop {
     client: Client,
+    /// The self-hosted model pools the Routes name.
+    pools: Arc<crate::pools::Pools>,
     route_store: Store<Route>,
     secret_store: Store<PartialObjectMeta<Secret>>,
     secret_cache: SecretCache,
@@ -454,6 +490,7 @@ impl Loop {
                                     Source::Teams => teams_synced = true,
                                     Source::Pricing => pricing_synced = true,
                                     Source::Guardrails => guardrails_synced = true,
+                                    Source::Pools => {}
                                 }
                                 true
                             }
@@ -472,7 +509,7 @@ impl Loop {
                     }
                     Some((source, Err(e))) => {
                         warn!(?source, error = %e, "watch failed; reconnecting with backoff and serving the last good table");
-                        let resource = match source { Source::Routes => "routes", Source::Secrets => "secrets", Source::Teams => "teams", Source::Pricing => "configmaps", Source::Guardrails => "guardrailpolicies" };
+                        let resource = match source { Source::Routes => "routes", Source::Secrets => "secrets", Source::Teams => "teams", Source::Pricing => "configmaps", Source::Guardrails => "guardrailpolicies", Source::Pools => "pools" };
                         self.handles.metrics.watch_restarts.get_or_create(&ResourceLabels { resource }).inc();
                     }
                 },
@@ -579,12 +616,25 @@ impl Loop {
             catalog: crate::cost::Catalog::builtin(),
             cluster: self.cluster_prices.as_ref(),
         };
-        let reconciled = reconcile_guarded(
+        let pools = self.pools.want(
+            routes
+                .iter()
+                .flat_map(|r| {
+                    let ns = r.namespace().unwrap_or_default();
+                    r.spec
+                        .models()
+                        .filter_map(|m| crate::pools::PoolKey::of(m, &ns))
+                        .collect::<Vec<_>>()
+                })
+                .collect(),
+        );
+        let reconciled = reconcile_with(
             &routes,
             &self.secret_cache,
             &self.handles.table.load(),
             &self.policy,
             prices,
+            &pools,
             &self.guardrails,
         );
         let (total, serving) = (
@@ -653,6 +703,7 @@ mod tests {
         let config = kube::Config::new("http://127.0.0.1:1".parse().unwrap());
         let ready = Arc::new(AtomicBool::new(false));
         Loop {
+            pools: Arc::new(crate::pools::Pools::new(Arc::new(Metrics::new()))),
             client: Client::try_from(config).unwrap(),
             route_store: routes,
             secret_store: secrets,

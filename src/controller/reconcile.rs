@@ -13,6 +13,7 @@ use crate::api::{
     BackendStatus, ModelSpec, Outcome, Provider, Reason, Route, RouteSpec, RouteType,
 };
 use crate::cost::Prices;
+use crate::pools::{NoPools, PoolBackend, PoolKey, PoolLookup};
 use crate::providers::{API_KEY, CredentialKeys, Credentials, SecretValue, Target, adapter_for};
 use crate::table::{Backend, Backends, RouteEntry, RouteState, RoutingTable, Upstream};
 use crate::traffic::{BackendHealth, MAX_BACKENDS, TrafficPolicy};
@@ -127,24 +128,27 @@ pub fn reconcile_after(
     policy: &OperatorPolicy,
     prices: Prices,
 ) -> Reconciled {
-    reconcile_guarded(
+    reconcile_with(
         routes,
         secrets,
         previous,
         policy,
         prices,
+        &NoPools,
         &Default::default(),
     )
 }
 
-/// Like `reconcile_after`, each Route holding the compiled GuardrailPolicies it names; a Route
-/// naming one that is missing or invalid does not serve.
-pub fn reconcile_guarded(
+/// Like `reconcile_after`, with the self-hosted model `pools` the Routes' pool backends name
+/// (the controller's; without them such backends do not resolve), and each Route holding the
+/// compiled GuardrailPolicies it names (a Route naming one missing or invalid does not serve).
+pub fn reconcile_with(
     routes: &[Arc<Route>],
     secrets: &impl SecretLookup,
     previous: &RoutingTable,
     policy: &OperatorPolicy,
     prices: Prices,
+    pools: &dyn PoolLookup,
     guardrails: &crate::guardrails::Policies,
 ) -> Reconciled {
     let health = previous.backend_health();
@@ -206,7 +210,7 @@ pub fn reconcile_guarded(
         } else {
             qualified.clone()
         };
-        let (mut state, backends) = resolve(route, secrets, &health, policy, prices);
+        let (mut state, backends) = resolve(route, secrets, &health, policy, prices, pools);
         let guard = match crate::guardrails::route_guard(
             &served_as,
             &namespace,
@@ -322,6 +326,7 @@ fn resolve(
     health: &HashMap<&str, &Arc<BackendHealth>>,
     policy: &OperatorPolicy,
     prices: Prices,
+    pools: &dyn PoolLookup,
 ) -> (RouteState, Vec<BackendStatus>) {
     let not_ready = |o: Outcome| {
         (
@@ -354,10 +359,13 @@ fn resolve(
     let mut priorities: Vec<u32> = declared.iter().map(|d| d.priority).collect();
     priorities.sort_unstable();
     priorities.dedup();
+    // A pool's call gets, by default, one more try: on another endpoint of the pool (a pod that
+    // went away between the watch and the call is then invisible to the caller).
+    let pool_tries = usize::from(declared.iter().any(|d| d.model.is_pool()));
     let traffic = match TrafficPolicy::from_spec(
         spec.retry.as_ref(),
         spec.outlier_detection.as_ref(),
-        priorities.len(),
+        priorities.len() + pool_tries,
     ) {
         Ok(p) => p,
         Err(message) => return not_ready(Outcome::not_ready(Reason::InvalidSpec, message)),
@@ -370,14 +378,32 @@ fn resolve(
     let mut failures = Vec::new();
     let mut keys: HashMap<u64, usize> = HashMap::new();
     for d in &declared {
+        let pool_key = PoolKey::of(d.model, &namespace);
+        let pool = pool_key.as_ref().and_then(|k| pools.pool(k));
         let status = |resolved: bool, why: Option<&Outcome>| BackendStatus {
             provider: d.model.provider,
             model: d.model.name.clone(),
             resolved,
             reason: why.map(|o| o.reason.as_str().to_string()),
             message: why.map(|o| o.message.clone()),
+            pool: pool_key.as_ref().map(ToString::to_string),
+            ready_endpoints: pool.as_ref().map(|p| p.ready_count()),
+            endpoint_picker: pool
+                .as_ref()
+                .and_then(|p| p.picker_state())
+                .map(str::to_string),
         };
-        match resolve_model(d, spec.route_type, &namespace, secrets, policy) {
+        let resolved = match (&pool_key, &pool) {
+            (Some(_), None) => Err(Outcome::not_ready(
+                Reason::InvalidSpec,
+                format!(
+                    "{}: inferencePool and service backends need the cluster (portcullis run)",
+                    d.field
+                ),
+            )),
+            _ => resolve_model(d, spec.route_type, &namespace, secrets, policy),
+        };
+        match resolved {
             Ok(upstream) => {
                 // Identical backends are told apart by their order among themselves. A digest of
                 // the spec keeps the key short (it lives in every table).
@@ -393,6 +419,13 @@ fn resolve(
                 *seen += 1;
                 let key = format!("{namespace}/{name}#{seen}#{content:016x}");
                 let mut backend = Backend::new(upstream, d.weight, d.priority, key);
+                if let Some(pool) = &pool {
+                    backend = backend.with_pool(PoolBackend {
+                        pool: Arc::clone(pool),
+                        saturation: d.model.saturation.as_ref().map(|s| s.queue_depth),
+                        adapter: d.model.name.as_str().into(),
+                    });
+                }
                 let cluster = prices
                     .cluster
                     .and_then(|c| c.get(d.model.provider, &d.model.name));
@@ -485,6 +518,16 @@ fn resolve(
     )
 }
 
+/// Providers whose adapter is the OpenAI-compatible one (`providers/compat.rs`): the quirks a
+/// pool backend may name; the first is the plain one.
+const SPEAKS_OPENAI: [Provider; 5] = [
+    Provider::OpenaiCompatible,
+    Provider::Ollama,
+    Provider::Together,
+    Provider::Deepseek,
+    Provider::Mistral,
+];
+
 fn resolve_model(
     declared: &Declared<'_>,
     route_type: RouteType,
@@ -516,9 +559,23 @@ fn resolve_model(
             ),
         ));
     }
+    if model.is_pool() && !SPEAKS_OPENAI.contains(&provider) {
+        return Err(Outcome::not_ready(
+            Reason::ProviderUnsupported,
+            format!(
+                "{field}: a pool backend's model servers speak the OpenAI-compatible API; set provider to openai-compatible (or {})",
+                SPEAKS_OPENAI[1..]
+                    .iter()
+                    .map(|p| p.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ));
+    }
     let api_base = model
-        .api_base
-        .as_deref()
+        .is_pool()
+        .then_some(crate::pools::POOL_API_BASE)
+        .or(model.api_base.as_deref())
         .or(adapter.info().default_api_base)
         .ok_or_else(|| {
             Outcome::not_ready(
@@ -534,7 +591,11 @@ fn resolve_model(
         .config
         .get("region")
         .map_or(crate::providers::BEDROCK_DEFAULT_REGION, String::as_str);
-    if let Some(refused) = policy.refuse_upstream(&api_base.replace("{region}", region)) {
+    // A pool's endpoints are the cluster's own Pods, listed by the API server, not a URL a
+    // Route author wrote: the egress policy is about the latter.
+    if !model.is_pool()
+        && let Some(refused) = policy.refuse_upstream(&api_base.replace("{region}", region))
+    {
         let message = format!("{field}: {}", refused.message);
         return Err(Outcome::not_ready(refused.reason, message));
     }
@@ -664,6 +725,9 @@ mod tests {
                         key: "apiKey".into(),
                     }),
                     config: Default::default(),
+                    inference_pool: None,
+                    service: None,
+                    saturation: None,
                 },
             ),
         );
@@ -729,12 +793,13 @@ mod tests {
         let run = |names: &[&str]| {
             let mut r = (*route("a", "chat", 1, Provider::Openai)).clone();
             r.spec.guardrails = names.iter().map(|n| n.to_string()).collect();
-            reconcile_guarded(
+            reconcile_with(
                 &[Arc::new(r)],
                 &secrets(&[("a", "openai", "apiKey", "sk-1")]),
                 &RoutingTable::default(),
                 &OperatorPolicy::default(),
                 Prices::builtin(),
+                &NoPools,
                 &compiled,
             )
         };
@@ -934,6 +999,9 @@ mod tests {
                     key: "apiKey".into(),
                 }),
                 config: Default::default(),
+                inference_pool: None,
+                service: None,
+                saturation: None,
             },
             weight: None,
             priority: None,
@@ -1128,5 +1196,71 @@ mod tests {
         r.spec.backends = vec![backend(Provider::Openai, "m", "openai")];
         let out = reconcile(&[Arc::new(r)], &secrets(&[("a", "openai", "apiKey", "k")]));
         assert_eq!(out.outcomes[0].outcome.reason, Reason::InvalidSpec);
+    }
+
+    #[test]
+    fn a_pool_backend_resolves_only_with_the_controllers_pools() {
+        let mut route = (*route("ns", "llama", 1, Provider::OpenaiCompatible)).clone();
+        let model = route.spec.model.as_mut().unwrap();
+        model.secret_ref = None;
+        model.inference_pool = Some(crate::api::PoolRef {
+            name: "llama".into(),
+            namespace: None,
+        });
+        model.saturation = Some(crate::api::Saturation { queue_depth: 4 });
+        let routes = [Arc::new(route.clone())];
+        // Without a cluster (`serve`): refused, naming why.
+        let r = reconcile(&routes, &secrets(&[]));
+        assert_eq!(outcome_of(&r, "ns").reason, Reason::InvalidSpec);
+        assert!(outcome_of(&r, "ns").message.contains("need the cluster"));
+
+        let metrics = Arc::new(crate::telemetry::metrics::Metrics::new());
+        let pools = crate::pools::Pools::new(metrics);
+        let key = PoolKey::of(route.spec.model.as_ref().unwrap(), "ns").unwrap();
+        let map = pools.want([key.clone()].into());
+        map[&key].set_endpoints(vec![crate::pools::EndpointAddr {
+            addr: "10.0.0.1:8000".parse().unwrap(),
+            name: "vllm-0".into(),
+        }]);
+        let r = reconcile_with(
+            &routes,
+            &secrets(&[]),
+            &RoutingTable::default(),
+            &OperatorPolicy::default(),
+            Prices::builtin(),
+            &map,
+            &Default::default(),
+        );
+        assert!(
+            outcome_of(&r, "ns").is_ready(),
+            "{:?}",
+            outcome_of(&r, "ns")
+        );
+        let status = &r.outcomes[0].backends[0];
+        assert_eq!(status.pool.as_deref(), Some("inferencepool/ns/llama"));
+        assert_eq!(status.ready_endpoints, Some(1));
+        let entry = r.table.get("llama").unwrap();
+        let RouteState::Ready(b) = &entry.state else {
+            panic!("not ready")
+        };
+        assert_eq!(&*b.list[0].id, "inferencepool/ns/llama");
+        assert_eq!(b.list[0].pool.as_ref().unwrap().saturation, Some(4));
+        assert_eq!(
+            b.policy.attempts, 2,
+            "a pool call gets a second try by default"
+        );
+
+        // Hosted-only providers cannot be a pool's dialect.
+        route.spec.model.as_mut().unwrap().provider = Provider::Anthropic;
+        let r = reconcile_with(
+            &[Arc::new(route)],
+            &secrets(&[]),
+            &RoutingTable::default(),
+            &OperatorPolicy::default(),
+            Prices::builtin(),
+            &map,
+            &Default::default(),
+        );
+        assert_eq!(outcome_of(&r, "ns").reason, Reason::ProviderUnsupported);
     }
 }

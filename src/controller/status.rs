@@ -133,7 +133,8 @@ pub fn desired_status(route: &Route, outcome: &RouteOutcome, now: Timestamp) -> 
         } else {
             Vec::new()
         },
-        backends: if several {
+        // A pool's ready endpoint count is news even for a single `model`.
+        backends: if several || outcome.backends.iter().any(|b| b.pool.is_some()) {
             outcome.backends.clone()
         } else {
             Vec::new()
@@ -388,6 +389,9 @@ mod tests {
                     api_base: None,
                     secret_ref: None,
                     config: Default::default(),
+                    inference_pool: None,
+                    service: None,
+                    saturation: None,
                 },
             ),
         );

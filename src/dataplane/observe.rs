@@ -29,9 +29,13 @@ pub struct Answered {
     pub backend: Arc<str>,
     pub header: HeaderValue,
     pub attempts: u32,
+    /// A pool backend's endpoint (its pod's name).
+    pub endpoint: Option<HeaderValue>,
 }
 
 pub const BACKEND_HEADER: HeaderName = HeaderName::from_static("x-portcullis-backend");
+/// The pod of a pool backend that answered.
+pub const ENDPOINT_HEADER: HeaderName = HeaderName::from_static("x-portcullis-endpoint");
 pub const ATTEMPTS_HEADER: HeaderName = HeaderName::from_static("x-portcullis-attempts");
 /// The USD cost of a non-streaming answer (`unknown` when its model has no price).
 pub const COST_HEADER: HeaderName = HeaderName::from_static("x-portcullis-cost-usd");
@@ -225,6 +229,9 @@ pub async fn middleware(
         let headers = response.headers_mut();
         headers.insert(BACKEND_HEADER, a.header.clone());
         headers.insert(ATTEMPTS_HEADER, attempts_header(a.attempts));
+        if let Some(endpoint) = &a.endpoint {
+            headers.insert(ENDPOINT_HEADER, endpoint.clone());
+        }
     }
     if let Some(cost) = call.cost
         && let Ok(v) = HeaderValue::try_from(cost.to_string())

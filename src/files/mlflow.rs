@@ -481,6 +481,9 @@ fn model_spec(mut model: Fields, route: &str, out: &mut Converted) -> Option<Mod
         api_base,
         secret_ref,
         config,
+        inference_pool: None,
+        service: None,
+        saturation: None,
     })
 }
 

@@ -131,7 +131,97 @@ pub struct Metrics {
     pub replicas: Gauge,
     pub budgets: BudgetMetrics,
     pub guardrails: crate::guardrails::metrics::GuardrailMetrics,
+    pub pools: PoolMetrics,
     pub mcp: crate::mcp::audit::McpMetrics,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabels {
+    /// `inferencepool/NAMESPACE/NAME` or `service/NAMESPACE/NAME:PORT`.
+    pub pool: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub pool: Arc<str>,
+    /// The pod's name (or `ip:port` for an endpoint without one).
+    pub endpoint: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EppErrorLabels {
+    pub pool: Arc<str>,
+    pub error: &'static str,
+}
+
+/// Self-hosted model pools: what the picker saw and chose.
+pub struct PoolMetrics {
+    pub endpoints: Family<PoolLabels, Gauge>,
+    pub spillovers: Family<PoolLabels, Counter>,
+    pub picks: Family<EndpointLabels, Counter>,
+    pub queue: Family<EndpointLabels, Gauge>,
+    pub kv_cache: Family<EndpointLabels, Gauge<f64, AtomicU64>>,
+    pub scrape_errors: Family<EndpointLabels, Counter>,
+    /// Exchanges with an InferencePool's endpoint picker.
+    pub epp_duration: Family<PoolLabels, Histogram>,
+    pub epp_errors: Family<EppErrorLabels, Counter>,
+}
+
+impl PoolMetrics {
+    fn register(registry: &mut Registry) -> PoolMetrics {
+        let m = PoolMetrics {
+            endpoints: Family::default(),
+            spillovers: Family::default(),
+            picks: Family::default(),
+            queue: Family::default(),
+            kv_cache: Family::default(),
+            scrape_errors: Family::default(),
+            epp_duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            epp_errors: Family::default(),
+        };
+        registry.register_with_unit(
+            "portcullis_pool_epp_duration",
+            "Time the endpoint picker took to choose (or to fail)",
+            Unit::Seconds,
+            m.epp_duration.clone(),
+        );
+        registry.register(
+            "portcullis_pool_epp_errors",
+            "Exchanges with the endpoint picker that gave no usable choice, by kind",
+            m.epp_errors.clone(),
+        );
+        registry.register(
+            "portcullis_pool_endpoints",
+            "Ready endpoints of a self-hosted model pool",
+            m.endpoints.clone(),
+        );
+        registry.register(
+            "portcullis_pool_spillovers",
+            "Calls a pool did not take because every endpoint was saturated, ejected or gone (the Route's next priority took them)",
+            m.spillovers.clone(),
+        );
+        registry.register(
+            "portcullis_pool_picks",
+            "Tries sent to each endpoint of a pool",
+            m.picks.clone(),
+        );
+        registry.register(
+            "portcullis_pool_queue",
+            "Requests waiting at an endpoint, as its model server last reported",
+            m.queue.clone(),
+        );
+        registry.register(
+            "portcullis_pool_kv_cache_usage",
+            "KV-cache usage (0 to 1) of an endpoint, as its model server last reported",
+            m.kv_cache.clone(),
+        );
+        registry.register(
+            "portcullis_pool_scrape_errors",
+            "Failed reads of an endpoint's model-server metrics (its figures are then stale)",
+            m.scrape_errors.clone(),
+        );
+        m
+    }
 }
 
 /// One shared (not per-consumer) limit of a Route or Team.
@@ -377,9 +467,11 @@ impl Metrics {
         );
         let cost = CostMetrics::register(&mut registry);
         let guardrails = crate::guardrails::metrics::GuardrailMetrics::register(&mut registry);
+        let pools = PoolMetrics::register(&mut registry);
         let mcp = crate::mcp::audit::McpMetrics::register(&mut registry);
         Metrics {
             guardrails,
+            pools,
             mcp,
             leader,
             replicas,

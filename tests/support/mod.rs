@@ -1082,6 +1082,9 @@ pub fn model(
             key: portcullis::api::DEFAULT_SECRET_KEY.to_string(),
         }),
         config: Default::default(),
+        inference_pool: None,
+        service: None,
+        saturation: None,
     }
 }
 
@@ -1238,4 +1241,82 @@ pub fn shared_store_flags(url: &str) -> [&str; 6] {
         "--store-timeout",
         "1s",
     ]
+}
+
+/// Installs the Inference Extension's InferencePool CRD, as vendored under deploy/third_party.
+pub fn install_inference_pool_crd(cp: &ControlPlane) {
+    let file =
+        repo().join("deploy/third_party/gateway-api-inference-extension/inferencepools.yaml");
+    cp.ok(&["apply", "--server-side", "-f", path_str(&file)]);
+    cp.ok(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/inferencepools.inference.networking.k8s.io",
+        "--timeout=60s",
+    ]);
+}
+
+/// A Pod object for a model server at `ip` with `labels`. No kubelet runs here: its IP and
+/// readiness are written through the status subresource, as a kubelet would.
+pub fn model_server_pod(cp: &ControlPlane, ns: &str, name: &str, ip: &str, labels: &Value) {
+    let pod = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "labels": labels},
+        "spec": {"containers": [{"name": "vllm", "image": "vllm/vllm-openai:v0.11.0"}]},
+    });
+    cp.apply(&pod.to_string());
+    set_pod_ready(cp, ns, name, ip, true);
+}
+
+/// Sets a Pod's IP and Ready condition (status subresource).
+pub fn set_pod_ready(cp: &ControlPlane, ns: &str, name: &str, ip: &str, ready: bool) {
+    let status = if ready { "True" } else { "False" };
+    let patch = serde_json::json!({"status": {
+        "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+        "conditions": [{"type": "Ready", "status": status}],
+    }});
+    cp.ok(&[
+        "patch",
+        "pod",
+        name,
+        "-n",
+        ns,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &patch.to_string(),
+    ]);
+}
+
+/// An EndpointSlice of Service `service` on `port`: (address, pod name, ready) per endpoint.
+pub fn endpoint_slice(
+    ns: &str,
+    service: &str,
+    port: u16,
+    endpoints: &[(&str, &str, bool)],
+) -> String {
+    serde_json::json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("{service}-1"), "namespace": ns,
+                     "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+        "endpoints": endpoints.iter().map(|(ip, pod, ready)| serde_json::json!({
+            "addresses": [ip], "conditions": {"ready": ready},
+            "targetRef": {"kind": "Pod", "name": pod, "namespace": ns},
+        })).collect::<Vec<_>>(),
+    })
+    .to_string()
+}
+
+/// `n` loopback addresses of a /24 no other test uses (127.x.y.1..n), for servers that must
+/// share one port (a pool's target port), as pods do.
+pub fn loopback_ips(n: usize) -> Vec<std::net::Ipv4Addr> {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let seed = std::process::id().wrapping_mul(31).wrapping_add(k * 7919);
+    let (a, b) = (2 + (seed % 250) as u8, ((seed / 250) % 250) as u8);
+    (1..=n as u8)
+        .map(|i| std::net::Ipv4Addr::new(127, a, b, i))
+        .collect()
 }

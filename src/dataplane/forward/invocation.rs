@@ -1,6 +1,7 @@
 //! Serving one call: the route looked up for its caller, the call admitted against its limits,
 //! then tried on the route's backends, plain (`invoke`) or streamed (`invoke_stream`).
 
+use std::net::SocketAddr;
 use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -106,16 +107,24 @@ pub async fn invoke(
     let admission =
         admission::admit(state, &route.entry, route.caller.as_ref(), request, calls).await?;
     let started = Instant::now();
-    let mut tries = Tries::new(state, &route.entry.name, &route.backends);
+    let mut tries = Tries::new(state, &route.entry.name, &route.backends, request);
     let mut last = None;
     let result = loop {
-        let (backend, timeout) = match tries.next() {
+        let attempt = match tries.next().await {
             Ok(next) => next,
             Err(e) => break Err(e),
         };
-        last = Some(backend);
-        let answer = call_backend(state, route.entry.route_type, backend, request, timeout).await;
-        if let ControlFlow::Break(result) = tries.settle(backend, answer) {
+        last = Some(attempt.backend);
+        let answer = call_backend(
+            state,
+            route.entry.route_type,
+            attempt.backend,
+            attempt.to(),
+            request,
+            attempt.timeout,
+        )
+        .await;
+        if let ControlFlow::Break(result) = tries.settle(&attempt, answer) {
             break result;
         }
     };
@@ -206,6 +215,7 @@ pub(super) async fn call_backend(
     state: &AppState,
     route_type: RouteType,
     backend: &Backend,
+    to: Option<SocketAddr>,
     request: &LlmRequest,
     timeout: Duration,
 ) -> Result<LlmResponse, GatewayError> {
@@ -220,12 +230,12 @@ pub(super) async fn call_backend(
             for batch in parts.chunks(FAN_OUT_CONCURRENCY) {
                 let calls = batch
                     .iter()
-                    .map(|p| call_once(state, route_type, upstream, p, timeout));
+                    .map(|p| call_once(state, route_type, upstream, to, p, timeout));
                 answers.extend(futures::future::try_join_all(calls).await?);
             }
             join_embeddings(answers).map_err(|e| provider_error(upstream, e))?
         }
-        None => call_once(state, route_type, upstream, request, timeout).await?,
+        None => call_once(state, route_type, upstream, to, request, timeout).await?,
     };
     // Answers that do not name their model are named after the backend's.
     let model = match &mut answer {
@@ -261,26 +271,33 @@ pub async fn invoke_stream(
     let admission =
         admission::admit(state, &route.entry, route.caller.as_ref(), request, 1).await?;
     let started = Instant::now();
-    let mut tries = Tries::new(state, &route.entry.name, &route.backends);
+    let mut tries = Tries::new(state, &route.entry.name, &route.backends, request);
     let opened = loop {
-        let (backend, timeout) = match tries.next() {
+        let attempt = match tries.next().await {
             Ok(next) => next,
             Err(e) => break Err(e),
         };
+        let timeout = attempt.timeout;
         let opened = match tokio::time::timeout(
             timeout,
-            open_stream(state, route.entry.route_type, backend, request),
+            open_stream(
+                state,
+                route.entry.route_type,
+                attempt.backend,
+                attempt.to(),
+                request,
+            ),
         )
         .await
         {
             Ok(result) => result,
             Err(_) => Err(GatewayError::UpstreamTimeout(timeout.as_secs().max(1))),
         };
-        if let ControlFlow::Break(result) = tries.settle(backend, opened) {
-            break result.map(|o| (o, backend));
+        if let ControlFlow::Break(result) = tries.settle(&attempt, opened) {
+            break result.map(|o| (o, attempt));
         }
     };
-    let (opened, backend) = match opened {
+    let (opened, attempt) = match opened {
         Ok(o) => o,
         Err(e) => {
             record_error(&state.metrics, &route.entry, &e);
@@ -293,6 +310,9 @@ pub async fn invoke_stream(
             return Err(e);
         }
     };
+    let backend = attempt.backend;
+    // The endpoint counts the call in flight until the stream ends or is dropped.
+    let in_flight = attempt.endpoint;
     let observer = StreamObserver::new(
         state,
         &route.entry,
@@ -304,6 +324,10 @@ pub async fn invoke_stream(
     let deltas = futures::stream::once(futures::future::ready(Ok(opened.first)))
         .chain(opened.rest)
         .filter(|item| futures::future::ready(!matches!(item, Ok(d) if d.is_empty())));
-    let deltas = super::guarded::check_stream(state, route, observer.watch(deltas));
+    let deltas = observer.watch(deltas).map(move |item| {
+        let _held = &in_flight;
+        item
+    });
+    let deltas = super::guarded::check_stream(state, route, deltas);
     Ok((deltas, backend.upstream.target.model.clone()))
 }

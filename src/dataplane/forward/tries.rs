@@ -2,6 +2,7 @@
 //! and, after each try, the verdict (a pure function of the outcome, the policy, the tries made
 //! and the clock) applied together with the backend's health and metrics.
 
+use std::net::SocketAddr;
 use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,9 +13,11 @@ use crate::api::RetryOn;
 use crate::dataplane::AppState;
 use crate::dataplane::error::GatewayError;
 use crate::dataplane::observe;
+use crate::llm::LlmRequest;
+use crate::pools::{Endpoint, InFlight, Picker, PoolBackend};
 use crate::table::{Backend, Backends};
 use crate::telemetry::metrics::BackendErrorLabels;
-use crate::traffic::{self, TrafficPolicy};
+use crate::traffic::{self, BackendHealth, TrafficPolicy};
 
 /// The failure class of an upstream error, for retries and outlier detection; `None` for errors
 /// that say nothing about the backend's health (a 400, a content policy refusal).
@@ -87,6 +90,28 @@ pub(super) fn verdict(
     }
 }
 
+/// One try: the backend, for a pool backend the endpoint (counted in flight while this lives),
+/// and the time the try may take.
+pub(super) struct Try<'a> {
+    pub(super) backend: &'a Backend,
+    pub(super) endpoint: Option<InFlight>,
+    pub(super) timeout: Duration,
+}
+
+impl Try<'_> {
+    /// Where a pool backend's call goes instead of its URL's host.
+    pub(super) fn to(&self) -> Option<SocketAddr> {
+        self.endpoint.as_ref().map(|e| e.endpoint().addr)
+    }
+
+    fn health(&self) -> &BackendHealth {
+        match &self.endpoint {
+            Some(e) => &e.endpoint().health,
+            None => &self.backend.health,
+        }
+    }
+}
+
 /// The tries of one call across a route's backends: which backend next, with how much time, and
 /// whether a failure is retried. Health and per-backend metrics are updated as tries end.
 pub(super) struct Tries<'a> {
@@ -94,40 +119,88 @@ pub(super) struct Tries<'a> {
     /// The route's served name, for metrics and logs.
     route: &'a Arc<str>,
     backends: &'a Backends,
+    request: &'a LlmRequest,
     /// The whole call's deadline: no try starts after it, none runs past it.
     deadline: Instant,
     tried: u32,
+    /// Pool backends that cannot take this call (saturated, or no untried endpoint left).
+    unavailable: u32,
+    /// Endpoints of pool backends tried already.
+    tried_endpoints: Vec<SocketAddr>,
+    /// The prompt's prefix blocks, hashed on the first pick of a pool backend.
+    blocks: Option<Vec<u64>>,
     count: u32,
     /// A failed try may have been billed (see `may_have_billed`).
     pub(super) billed: bool,
 }
 
 impl<'a> Tries<'a> {
-    pub(super) fn new(state: &'a AppState, route: &'a Arc<str>, backends: &'a Backends) -> Self {
+    pub(super) fn new(
+        state: &'a AppState,
+        route: &'a Arc<str>,
+        backends: &'a Backends,
+        request: &'a LlmRequest,
+    ) -> Self {
         Tries {
             state,
             route,
             backends,
+            request,
             deadline: Instant::now() + state.upstream_timeout,
             tried: 0,
+            unavailable: 0,
+            tried_endpoints: Vec::new(),
+            blocks: None,
             count: 0,
             billed: false,
         }
     }
 
-    /// The backend for the next try and the time it may take.
-    pub(super) fn next(&mut self) -> Result<(&'a Backend, Duration), GatewayError> {
+    /// The backend (and endpoint) for the next try and the time it may take.
+    pub(super) async fn next(&mut self) -> Result<Try<'a>, GatewayError> {
         let list = &self.backends.list;
-        // Reconcile publishes a route as ready only with a backend of positive weight.
-        let Some((index, backend)) = traffic::pick(list, self.tried, traffic::now_ms())
-            .and_then(|i| Some((i, list.get(i)?)))
-        else {
-            return Err(GatewayError::UpstreamUnreachable(format!(
-                "route {:?} has no backend that can take calls",
-                self.route
-            )));
+        let now = traffic::now_ms();
+        let (backend, endpoint) = loop {
+            let open = |i: &usize| self.unavailable & (1 << i) == 0;
+            // Untried backends first; then any that can still take the call (a retry).
+            let index = traffic::pick(list, self.tried | self.unavailable, now)
+                .filter(open)
+                .or_else(|| traffic::pick(list, self.unavailable, now).filter(open));
+            // Reconcile publishes a route as ready only with a backend of positive weight.
+            let Some((index, backend)) = index.and_then(|i| Some((i, list.get(i)?))) else {
+                return Err(GatewayError::UpstreamUnreachable(format!(
+                    "route {:?} has no backend that can take calls",
+                    self.route
+                )));
+            };
+            let Some(pool) = &backend.pool else {
+                self.tried |= 1 << index;
+                break (backend, None);
+            };
+            let chosen = match pool.pool.picker() {
+                Some(picker) => match self.ask_picker(backend, pool, &picker).await {
+                    Ok(endpoint) => Some(endpoint),
+                    // FailOpen: the gateway's own choice, as if there were no picker.
+                    Err(()) if picker.fail_open => self.own_pick(pool, now),
+                    Err(()) => None,
+                },
+                None => self.own_pick(pool, now),
+            };
+            match chosen {
+                Some(endpoint) => {
+                    // The pool stays untried while it has an untried endpoint: a retry goes to
+                    // another of its endpoints first (a pod that just went away, say).
+                    self.tried_endpoints.push(endpoint.addr);
+                    break (backend, Some(endpoint.begin()));
+                }
+                None => {
+                    // Saturated or empty: the next priority takes the call, unnoticed.
+                    pool.pool.spilled();
+                    debug!(route = %self.route, pool = %pool.pool.id, "pool cannot take the call; trying the next backend");
+                    self.unavailable |= 1 << index;
+                }
+            }
         };
-        self.tried |= 1 << index;
         self.count += 1;
         backend
             .metrics(self.route, &self.state.metrics)
@@ -139,22 +212,77 @@ impl<'a> Tries<'a> {
             .policy
             .per_try_timeout
             .map_or(remaining, |t| t.min(remaining));
-        Ok((backend, timeout))
+        Ok(Try {
+            backend,
+            endpoint,
+            timeout,
+        })
+    }
+
+    /// The gateway's own choice of an untried endpoint of `pool`.
+    fn own_pick(&mut self, pool: &PoolBackend, now: u64) -> Option<Arc<Endpoint>> {
+        let request = self.request;
+        let blocks = self
+            .blocks
+            .get_or_insert_with(|| crate::pools::pick::prefix_blocks(request));
+        pool.pick(blocks, &self.tried_endpoints, now)
+    }
+
+    /// The endpoint picker's choice: its first named endpoint that is a ready, untried one of
+    /// the pool (its fallbacks in order); `Err` when it did not answer with one.
+    async fn ask_picker(
+        &self,
+        backend: &Backend,
+        pool: &PoolBackend,
+        picker: &Picker,
+    ) -> Result<Arc<Endpoint>, ()> {
+        let upstream = &backend.upstream;
+        // What the model server will get, so the picker reads the same model and prompt.
+        let built = upstream
+            .adapter
+            .build_request(&upstream.target, self.request)
+            .map_err(|_| ())?;
+        let path = built
+            .url
+            .strip_prefix(crate::pools::POOL_URL_ORIGIN)
+            .unwrap_or("/v1/chat/completions");
+        let started = Instant::now();
+        let answer = match &picker.client {
+            Some(client) => {
+                client
+                    .pick(path, &[("content-type", "application/json")], built.body)
+                    .await
+            }
+            None => Err(crate::pools::epp::EppError::NoAddress),
+        };
+        pool.pool
+            .picker_answered(started.elapsed(), answer.as_ref().err());
+        let named = answer.map_err(|e| {
+            debug!(route = %self.route, pool = %pool.pool.id, error = %e, "endpoint picker gave no choice");
+        })?;
+        let set = pool.pool.endpoints();
+        named
+            .iter()
+            .filter(|a| !self.tried_endpoints.contains(a))
+            .find_map(|a| set.list.iter().find(|e| e.addr == *a).cloned())
+            .ok_or(())
     }
 
     /// Records how a try ended; `Continue` when the call is to be tried again.
     pub(super) fn settle<T>(
         &mut self,
-        backend: &Backend,
+        attempt: &Try<'_>,
         result: Result<T, GatewayError>,
     ) -> ControlFlow<Result<T, GatewayError>> {
+        let backend = attempt.backend;
+        let health = attempt.health();
         let metrics = backend.metrics(self.route, &self.state.metrics);
         let err = match result {
             Ok(answer) => {
-                if backend.health.succeeded(traffic::now_ms()) {
+                if health.succeeded(traffic::now_ms()) {
                     metrics.ejected.set(0);
                 }
-                self.note_answered(backend);
+                self.note_answered(attempt);
                 return ControlFlow::Break(Ok(answer));
             }
             Err(e) => e,
@@ -182,7 +310,7 @@ impl<'a> Tries<'a> {
         );
         let class = match decision {
             Verdict::Answer => {
-                self.note_answered(backend);
+                self.note_answered(attempt);
                 return ControlFlow::Break(Err(err));
             }
             Verdict::Retry(class) | Verdict::GiveUp(class) => class,
@@ -196,18 +324,25 @@ impl<'a> Tries<'a> {
                 ..
             }
         );
+        // A pool's endpoint is ejected alone: the pool's other endpoints go on serving.
         if !scoped
-            && let Some(hold) =
-                backend
-                    .health
-                    .failed(&policy.outlier, retry_after, traffic::now_ms())
+            && let Some(hold) = health.failed(&policy.outlier, retry_after, traffic::now_ms())
         {
             metrics.ejections.inc();
-            metrics.ejected.set(1);
-            warn!(route = %self.route, backend = %backend.id, ejected_ms = hold.as_millis() as u64, error = err.code(), "backend ejected");
+            if attempt.endpoint.is_none() {
+                metrics.ejected.set(1);
+            }
+            match &attempt.endpoint {
+                Some(e) => {
+                    warn!(route = %self.route, backend = %backend.id, endpoint = %e.endpoint().name, ejected_ms = hold.as_millis() as u64, error = err.code(), "pool endpoint ejected")
+                }
+                None => {
+                    warn!(route = %self.route, backend = %backend.id, ejected_ms = hold.as_millis() as u64, error = err.code(), "backend ejected")
+                }
+            }
         }
         if !matches!(decision, Verdict::Retry(_)) {
-            self.note_answered(backend);
+            self.note_answered(attempt);
             return ControlFlow::Break(Err(err));
         }
         metrics.retries.inc();
@@ -216,11 +351,16 @@ impl<'a> Tries<'a> {
     }
 
     /// The backend that gave the call's answer, for the response header, log line and metrics.
-    pub(super) fn note_answered(&self, backend: &Backend) {
+    pub(super) fn note_answered(&self, attempt: &Try<'_>) {
+        let backend = attempt.backend;
         let answered = observe::Answered {
             backend: Arc::clone(&backend.id),
             header: backend.header.clone(),
             attempts: self.count,
+            endpoint: attempt
+                .endpoint
+                .as_ref()
+                .map(|e| e.endpoint().header.clone()),
         };
         let provider = backend.upstream.adapter.info().provider.as_str();
         observe::note(|c| {

@@ -2,6 +2,7 @@
 //! within their caps, streams decoded as they arrive, and every error redacted of the route's
 //! credentials before it goes anywhere.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,10 +24,11 @@ pub(super) async fn call_once(
     state: &AppState,
     route_type: RouteType,
     upstream: &Upstream,
+    to: Option<SocketAddr>,
     request: &LlmRequest,
     timeout: Duration,
 ) -> Result<LlmResponse, GatewayError> {
-    let response = send(state, upstream, request, Some(timeout)).await?;
+    let response = send(state, upstream, to, request, Some(timeout)).await?;
     let body = read_capped(response, state.upstream_limits.max_body)
         .await
         .map_err(|e| e.into_gateway(upstream, timeout))?;
@@ -63,6 +65,7 @@ pub(super) async fn open_stream(
     state: &AppState,
     route_type: RouteType,
     backend: &Backend,
+    to: Option<SocketAddr>,
     request: &LlmRequest,
 ) -> Result<Opened, GatewayError> {
     let upstream = Arc::clone(&backend.upstream);
@@ -74,7 +77,7 @@ pub(super) async fn open_stream(
         })?,
         _ => upstream.adapter.stream_decoder(route_type),
     };
-    let response = send(state, &upstream, request, None).await?;
+    let response = send(state, &upstream, to, request, None).await?;
     decoder.set_max_frame(state.upstream_limits.max_stream_event);
     let timeout = state.upstream_timeout;
     let idle = state.upstream_limits.stream_idle;
@@ -166,9 +169,11 @@ pub(super) fn finish(
     decoder.finish(out)
 }
 
+/// Sends the adapter's request; `to` (a pool's endpoint) replaces the URL's host and port.
 pub(super) async fn send(
     state: &AppState,
     upstream: &Upstream,
+    to: Option<SocketAddr>,
     request: &LlmRequest,
     timeout: Option<Duration>,
 ) -> Result<reqwest::Response, GatewayError> {
@@ -182,9 +187,15 @@ pub(super) async fn send(
         crate::dataplane::via::VIA,
         state.via.upstream_value(observe::caller_via().as_ref()),
     );
-    let call = match upstream.url(&built.url) {
-        Some(url) => state.http.request(built.method, url),
-        None => state.http.request(built.method, built.url),
+    let call = match (upstream.url(&built.url), to) {
+        (Some(mut url), Some(to)) => {
+            // A pool upstream's URL is `http://pool.invalid/...`: always has a host to replace.
+            let _ = url.set_ip_host(to.ip());
+            let _ = url.set_port(Some(to.port()));
+            state.http.request(built.method, url)
+        }
+        (Some(url), None) => state.http.request(built.method, url),
+        (None, _) => state.http.request(built.method, built.url),
     };
     let mut call = call.headers(built.headers).body(built.body);
     if let Some(t) = timeout {

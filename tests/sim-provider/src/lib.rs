@@ -11,6 +11,8 @@ mod gemini;
 mod mcp;
 mod mlflow;
 mod openai;
+mod vllm;
+pub use vllm::{ModelServer, ModelServerConfig};
 
 pub use bedrock::encode_frame;
 pub use gemini::thought_signature;
