@@ -301,6 +301,108 @@ def callgrind_scenario(args, work, procs, row, quick, kubectl, kubeconfig):
             f"{calls / n:.1f}", "", "reported")
 
 
+def content_times(host, port, path, body):
+    """(seconds, answer bytes so far) at each read of a chat stream that carried answer text."""
+    payload = body.encode()
+    auth = f"{DIRECT_AUTH}\r\n" if path.startswith("/openai/") else ""
+    request = (f"POST {path} HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: application/json\r\n{auth}"
+               f"connection: close\r\ncontent-length: {len(payload)}\r\n\r\n").encode() + payload
+    s = socket.create_connection((host, port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    start = time.perf_counter()
+    s.sendall(request)
+    seen, total = [], 0
+    with s:
+        while data := s.recv(65536):
+            texts = re.findall(rb'"content":("(?:[^"\\]|\\.)*")', data)
+            got = sum(len(json.loads(t)) for t in texts)
+            if got:
+                total += got
+                seen.append((time.perf_counter() - start, total))
+    return seen
+
+
+def guardrails_scenario(args, work, procs, row, quick, kubectl, start_gateway):
+    """Scenario 8: what guardrails cost. CPU per call of the seven built-in detectors on a 4 KiB
+    prompt (masking, both phases) against the same Route without a policy; and a response policy's
+    effect on a stream's time to first byte, against the time the provider takes to send the
+    policy's hold-back (a stream's text is released only once no match can still start in it)."""
+    kubectl.run("wait", "--for=condition=Established", "crd/guardrailpolicies.portcullis.dev", "--timeout=60s")
+    sim_port, stream_port = free_port(), free_port()
+    procs.append(Process([str(RELEASE / "portcullis-sim"), "--listen", f"127.0.0.1:{sim_port}", "--words", "20"],
+                         log_path=work / "sim-guard.log"))
+    procs.append(Process([str(RELEASE / "portcullis-sim"), "--listen", f"127.0.0.1:{stream_port}", "--words", "60",
+                          "--chunk-delay-ms", "2"], log_path=work / "sim-guard-stream.log"))
+    wait_port(sim_port)
+    wait_port(stream_port)
+    base = lambda port: f"http://127.0.0.1:{port}/openai/v1"
+    checks = "".join(f"  - {{name: {b}, action: mask, detector: {{builtin: {b}}}}}\n"
+                     for b in ("email", "phone", "card", "iban", "ssn", "ip", "secret"))
+    policy = lambda name, body: (f"apiVersion: portcullis.dev/v1alpha1\nkind: GuardrailPolicy\nmetadata:\n"
+                                 f"  name: {name}\n  namespace: guard\nspec:\n  checks:\n{body}")
+    streamed = ("  - {name: cards, phase: response, action: mask, detector: {builtin: card}}\n"
+                "  - {name: mail, phase: response, action: mask, detector: {builtin: email}}\n"
+                "  - {name: tickets, phase: response, action: mask, detector: {regex: 'TCK-[0-9]{6}'}}\n")
+    guarded = lambda name, port, pol: route_yaml("guard", name, "llm/v1/chat", base(port)) + f"  guardrails: [{pol}]\n"
+    kubectl.run("create", "namespace", "guard")
+    kubectl.run("apply", "-f", "-", stdin="---\n".join([
+        secret_yaml("guard", "bench-key", "sk-bench-1"),
+        policy("builtins", checks), policy("streamed", streamed),
+        route_yaml("guard", "plain", "llm/v1/chat", base(sim_port)),
+        guarded("guarded", sim_port, "builtins"),
+        route_yaml("guard", "stream", "llm/v1/chat", base(stream_port)),
+        guarded("stream-guarded", stream_port, "streamed"),
+    ]))
+    gw, port = start_gateway("gateway-guard", ["--namespace", "guard"])
+    for r in ("plain", "guarded", "stream", "stream-guarded"):
+        kubectl.run("wait", "-n", "guard", "--for=condition=Ready", f"route.portcullis.dev/{r}", "--timeout=30s")
+    kubectl.run("wait", "-n", "guard", "--for=condition=Ready", "guardrailpolicy/streamed", "--timeout=30s")
+    message = kubectl.run("get", "-n", "guard", "guardrailpolicy/streamed", "-o",
+                          "jsonpath={.status.conditions[?(@.type==\"Ready\")].message}")
+    hold = int(re.search(r"held back (\d+) bytes", message).group(1))
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    # 4 KiB of ordinary prose: nothing to mask, so every detector scans it all and finds nothing.
+    words = ("the quarterly report shows revenue grew in every region while costs held steady "
+             "and the team plans to hire two engineers for the platform group next spring ").split()
+    prompt = " ".join(words[i % len(words)] for i in range(4096 // 5))[:4096]
+    body = lambda model: json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}]})
+    for model in ("plain", "guarded"):
+        oha(args.oha, url, body(model), 4, n=300)
+
+    def cpu_c64(model):
+        before = gw.cpu_seconds()
+        r = oha(args.oha, url, body(model), 64, duration="3s" if quick else "10s")
+        return {"cpu": (gw.cpu_seconds() - before) / max(oha_ok(r), 1) * 1e6}
+
+    pairs = paired(max(3, args.reps - 2), lambda: cpu_c64("plain"), lambda: cpu_c64("guarded"))
+    cpu_key = lambda r: r["cpu"]
+    added = median_diff(pairs, cpu_key)
+    row("guardrails, 4 KiB prompt, c=64", "gateway CPU per request (µs), no policy → 7 built-in detectors",
+        f"{median_of(pairs, 0, cpu_key):.1f}", f"{median_of(pairs, 1, cpu_key):.1f}", f"{added:+.1f}",
+        "≤ +15", added <= 15)
+
+    stream_body = lambda model: json.dumps({"model": model, "stream": True,
+                                            "messages": [{"role": "user", "content": "hi"}]})
+    n = 20 if quick else 100
+    plain, guarded_ttfb, to_hold = [], [], []
+    for _ in range(n):
+        p = content_times("127.0.0.1", port, "/v1/chat/completions", stream_body("stream"))
+        g = content_times("127.0.0.1", port, "/v1/chat/completions", stream_body("stream-guarded"))
+        if not p or not g:
+            raise RuntimeError("a stream delivered no text")
+        plain.append(p[0][0])
+        guarded_ttfb.append(g[0][0])
+        # When the unguarded stream had delivered more than the hold-back: the earliest the guarded
+        # one can release its first byte.
+        to_hold.append(next((t for t, total in p if total > hold), p[-1][0]) - p[0][0])
+    ttfb_added = statistics.median(g - p for p, g in zip(plain, guarded_ttfb)) * 1e6
+    allowed = statistics.median(to_hold) * 1e6
+    row("guardrails stream, c=1", f"time to first text (µs), no policy → a response policy holding back {hold} bytes",
+        f"{statistics.median(plain) * 1e6:.0f}", f"{statistics.median(guarded_ttfb) * 1e6:.0f}",
+        f"{ttfb_added:+.0f}", f"≤ its hold-back's arrival ({allowed:.0f}) + 500", ttfb_added <= allowed + 500)
+    gw.stop()
+
+
 def fill_token_cache(url, body, n, workers=16):
     """Calls `url` once with each of `n` distinct token-shaped bearers the API server rejects (each is
     reviewed once, then cached by the gateway; with the default access the call is anonymous)."""
@@ -815,10 +917,10 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="small counts, to check the harness itself")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.md"))
-    ap.add_argument("--only", choices=["store", "callgrind", "cache", "mcp", "pool"],
+    ap.add_argument("--only", choices=["store", "callgrind", "cache", "mcp", "pool", "guardrails"],
                     help="run only this scenario: store or cache (no control plane), callgrind (per-call counts), "
                          "mcp (chat and MCP tools/call at concurrency 1: the MCP row and the chat row it divides by), "
-                         "pool (load-aware picking vs round robin)")
+                         "pool (load-aware picking vs round robin), guardrails (their CPU and stream hold-back)")
     ap.add_argument("--compare", nargs="*", default=[], metavar="LABEL=BINARY",
                     help="with --only callgrind: also count these gateway binaries (an earlier commit's)")
     ap.add_argument("--bin-dir", default=str(RELEASE),
@@ -917,6 +1019,10 @@ def main():
             procs.append(p)
             wait_http(f"http://127.0.0.1:{port}/readyz", timeout=120)
             return p, port
+
+        if args.only == "guardrails":
+            guardrails_scenario(args, work, procs, row, quick, kubectl, start_gateway)
+            raise StopIteration
 
         # Idle footprint: a gateway with no routes at all.
         idle_gw, _ = start_gateway("gateway-idle")
@@ -1170,6 +1276,9 @@ def main():
         row("embeddings, c=1", "latency p99 (µs)", f"{median_of(pairs, 0, p99):.0f}", f"{median_of(pairs, 1, p99):.0f}",
             f"{median_diff(pairs, p99):.0f}")
         gw.stop()
+
+        log("scenario 8: guardrails")
+        guardrails_scenario(args, work, procs, row, quick, kubectl, start_gateway)
 
         # 5. Many open streams at once (each ~1 s long), on a fresh process so its peak RSS is this scenario's.
         log(f"scenario 5: {n_streams} concurrent open streams")

@@ -10,6 +10,7 @@ pub mod controller;
 pub mod cost;
 pub mod dataplane;
 pub mod files;
+pub mod guardrails;
 pub mod limits;
 pub mod llm;
 pub mod mcp;
@@ -34,6 +35,12 @@ pub fn crd_yaml() -> Result<String, serde_json::Error> {
 pub fn team_crd_yaml() -> Result<String, serde_json::Error> {
     use kube::CustomResourceExt;
     yaml::to_string(&api::Team::crd())
+}
+
+/// The GuardrailPolicy CRD manifest (`crds/guardrailpolicy.yaml`).
+pub fn guardrail_crd_yaml() -> Result<String, serde_json::Error> {
+    use kube::CustomResourceExt;
+    yaml::to_string(&api::GuardrailPolicy::crd())
 }
 
 /// The McpServer CRD manifest (`crds/mcpserver.yaml`).
@@ -82,6 +89,22 @@ mod tests {
             (
                 "deploy/base/crd-team.yaml",
                 include_str!("../deploy/base/crd-team.yaml"),
+            ),
+        ] {
+            assert!(
+                generated == checked_in,
+                "{path} is stale: run `make crds` and commit the result"
+            );
+        }
+        let generated = super::guardrail_crd_yaml().unwrap();
+        for (path, checked_in) in [
+            (
+                "crds/guardrailpolicy.yaml",
+                include_str!("../crds/guardrailpolicy.yaml"),
+            ),
+            (
+                "deploy/base/crd-guardrailpolicy.yaml",
+                include_str!("../deploy/base/crd-guardrailpolicy.yaml"),
             ),
         ] {
             assert!(

@@ -40,11 +40,14 @@ enum Command {
     Import(files::import::ImportArgs),
     /// Print what each USD budget has spent in its current window, read from the shared limits store.
     Spend(portcullis::spend::SpendArgs),
-    /// Print the Route CRD (or with `--team` the Team CRD, `--mcp` the McpServer CRD) as YAML.
+    /// Print the Route CRD (or with `--team` the Team CRD, `--guardrail` the GuardrailPolicy CRD,
+    /// `--mcp` the McpServer CRD) as YAML.
     Crd {
         #[arg(long)]
         team: bool,
         #[arg(long, conflicts_with = "team")]
+        guardrail: bool,
+        #[arg(long, conflicts_with_all = ["team", "guardrail"])]
         mcp: bool,
     },
 }
@@ -124,8 +127,14 @@ struct RunArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Crd { team, mcp } => match if team {
+        Command::Crd {
+            team,
+            guardrail,
+            mcp,
+        } => match if team {
             portcullis::team_crd_yaml()
+        } else if guardrail {
+            portcullis::guardrail_crd_yaml()
         } else if mcp {
             portcullis::mcp_crd_yaml()
         } else {

@@ -52,6 +52,8 @@ pub struct RouteEntry {
     pub state: RouteState,
     /// `spec.cache`, compiled; `None`: calls are never cached.
     pub cache: Option<crate::cache::CachePolicy>,
+    /// The route's guardrail policies, compiled; `None`: it has none.
+    pub guard: Option<Arc<crate::guardrails::Guard>>,
     /// The route's metric handles, made on first use (like a backend's).
     pub metrics: OnceLock<RouteMetrics>,
 }
@@ -306,6 +308,7 @@ impl RouteEntry {
             counter_keys: crate::limits::route_keys(name),
             access: None,
             cache: None,
+            guard: None,
             state: RouteState::NotReady {
                 reason: Reason::SecretNotFound,
                 message: "x".into(),

@@ -17,6 +17,16 @@ pub struct TeamEntry {
     pub counter_keys: KeyPrefix,
     /// `namespace/name` of the only routes members may call; `None`: any.
     pub routes: Option<HashSet<String>>,
+    /// Its GuardrailPolicies as each route applies them (by the route's `namespace/name`, after
+    /// the route's own), or why members cannot call (a policy missing or invalid: fail closed).
+    pub guards: Result<HashMap<String, Arc<crate::guardrails::Guard>>, String>,
+}
+
+impl TeamEntry {
+    /// Whether it names GuardrailPolicies (a broken one included).
+    pub fn guarded(&self) -> bool {
+        !matches!(&self.guards, Ok(g) if g.is_empty())
+    }
 }
 
 /// Every Team, indexed by member.
@@ -25,6 +35,9 @@ pub struct Teams {
     list: Vec<Arc<TeamEntry>>,
     /// `sa:ns/name`, `ns:ns`, `key:ns/name` -> indexes into `list`.
     by_member: HashMap<String, Vec<usize>>,
+    /// Some Team names GuardrailPolicies: only then does a call look up its caller's teams
+    /// before admission.
+    pub guarded: bool,
 }
 
 impl Teams {
@@ -44,6 +57,7 @@ impl Teams {
                     }
                 }
             }
+            out.guarded |= entry.guarded();
             out.list.push(Arc::new(entry));
         }
         out
@@ -109,6 +123,7 @@ mod tests {
             limits: vec![],
             counter_keys: crate::limits::team_keys(name),
             routes: None,
+            guards: Ok(HashMap::new()),
         }
     }
 

@@ -374,6 +374,10 @@ fn copies_match_their_sources() {
         ("deploy/helm/portcullis/crds/route.yaml", "crds/route.yaml"),
         ("deploy/helm/portcullis/crds/team.yaml", "crds/team.yaml"),
         (
+            "deploy/helm/portcullis/crds/guardrailpolicy.yaml",
+            "crds/guardrailpolicy.yaml",
+        ),
+        (
             "deploy/helm/portcullis/crds/mcpserver.yaml",
             "crds/mcpserver.yaml",
         ),
@@ -813,6 +817,7 @@ fn helm_install_upgrade_rollback_and_uninstall_leave_the_crds() {
         "crd",
         "routes.portcullis.dev",
         "teams.portcullis.dev",
+        "guardrailpolicies.portcullis.dev",
         "--wait",
     ]);
     let chart = repo_path(CHART);
@@ -839,6 +844,7 @@ fn helm_install_upgrade_rollback_and_uninstall_leave_the_crds() {
         "--for=condition=Established",
         "crd/routes.portcullis.dev",
         "crd/teams.portcullis.dev",
+        "crd/guardrailpolicies.portcullis.dev",
         "crd/mcpservers.portcullis.dev",
         "--timeout=60s",
     ]);
@@ -879,6 +885,7 @@ fn helm_install_upgrade_rollback_and_uninstall_leave_the_crds() {
         "crd",
         "routes.portcullis.dev",
         "teams.portcullis.dev",
+        "guardrailpolicies.portcullis.dev",
     ]);
     cp.ok(&["get", "route.portcullis.dev", "-n", ns, "kept"]);
 }

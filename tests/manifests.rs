@@ -57,6 +57,10 @@ fn checked_in_crds_read_by_kubectl_are_the_generated_schema() {
             serde_json::to_value(portcullis::api::Team::crd()).unwrap(),
         ),
         (
+            "guardrailpolicy",
+            serde_json::to_value(portcullis::api::GuardrailPolicy::crd()).unwrap(),
+        ),
+        (
             "mcpserver",
             serde_json::to_value(portcullis::api::McpServer::crd()).unwrap(),
         ),

@@ -69,6 +69,7 @@ fn route() -> RouteEntry {
                 }])
                 .collect(),
         ),
+        guard: None,
         state: RouteState::NotReady {
             reason: Reason::SecretNotFound,
             message: String::new(),

@@ -754,6 +754,7 @@ async fn route_and_team_over_slots(url: &str) {
         limits,
         access: None,
         cache: None,
+        guard: None,
         state: portcullis::table::RouteState::NotReady {
             reason: portcullis::api::Reason::SecretNotFound,
             message: String::new(),
@@ -767,6 +768,7 @@ async fn route_and_team_over_slots(url: &str) {
         name: team_name,
         limits: vec![limit(3)],
         routes: None,
+        guards: Ok(Default::default()),
     });
     let other = entry(support::unique("slot-other"), vec![limit(100)]);
     let charge = portcullis::limits::Charge {

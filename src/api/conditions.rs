@@ -15,6 +15,9 @@ pub enum Reason {
     SecretNotAllowed,
     /// An `apiBase` outside the gateway's allowed upstream hosts.
     EgressDenied,
+    /// A GuardrailPolicy the Route names is missing or invalid: the Route does not serve
+    /// unchecked (fail closed).
+    GuardrailNotReady,
 }
 
 impl Reason {
@@ -27,10 +30,11 @@ impl Reason {
             Reason::ProviderUnsupported => "ProviderUnsupported",
             Reason::SecretNotAllowed => "SecretNotAllowed",
             Reason::EgressDenied => "EgressDenied",
+            Reason::GuardrailNotReady => "GuardrailNotReady",
         }
     }
 
-    pub const ALL: [Reason; 7] = [
+    pub const ALL: [Reason; 8] = [
         Reason::Resolved,
         Reason::SecretNotFound,
         Reason::SecretKeyMissing,
@@ -38,6 +42,7 @@ impl Reason {
         Reason::ProviderUnsupported,
         Reason::SecretNotAllowed,
         Reason::EgressDenied,
+        Reason::GuardrailNotReady,
     ];
 }
 

@@ -1,11 +1,16 @@
 //! The public contract of the control plane: the `Route` custom resource and its status conditions.
 
 mod conditions;
+mod guardrail;
 mod mcp;
 mod route;
 mod team;
 
 pub use conditions::{Outcome, Reason, condition, ready_condition};
+pub use guardrail::{
+    Builtin, Detector, FailureMode, GuardrailAction, GuardrailCheck, GuardrailPhase,
+    GuardrailPolicy, GuardrailPolicySpec, GuardrailPolicyStatus, JudgeDetector, WebhookDetector,
+};
 pub use mcp::{
     McpAccessRule, McpCredential, McpLimit, McpOAuth, McpServer, McpServerSpec, McpServerStatus,
     McpTransport, ToolFilter,

@@ -98,6 +98,11 @@ pub struct RouteSpec {
     /// Answer repeated identical calls from the response cache (off when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<CacheSpec>,
+    /// GuardrailPolicies (same namespace) whose checks every call of this route passes, in
+    /// order. A missing or invalid one keeps the route from serving.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub guardrails: Vec<String>,
 }
 
 /// The response cache of a Route: identical calls (same messages, tools and sampling parameters)
@@ -443,6 +448,7 @@ impl RouteSpec {
             access: None,
             pricing: None,
             cache: None,
+            guardrails: Vec::new(),
         }
     }
 

@@ -46,6 +46,11 @@ pub struct TeamSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 256))]
     pub routes: Option<Vec<String>>,
+    /// GuardrailPolicies (`namespace/name`) whose checks every call of a member passes, after
+    /// the route's own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub guardrails: Vec<String>,
 }
 
 /// What the gateway enforces for a Team (no live counters: see `portcullis spend`).

@@ -8,6 +8,7 @@
 pub mod alarms;
 mod backoff;
 pub mod consumers;
+pub mod guardrails;
 pub mod leader;
 pub mod policy;
 pub mod pools;
@@ -34,7 +35,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::api::{Route, Team};
+use crate::api::{GuardrailPolicy, Route, Team};
 use crate::table::SharedTable;
 use crate::telemetry::metrics::{Metrics, ResourceLabels};
 use backoff::RetryBackoff;
@@ -194,6 +195,33 @@ pub async fn run(
         .boxed(),
         _ => futures::stream::pending().boxed(),
     };
+    // GuardrailPolicies are optional like Teams: without their CRD no Route may name one (a Route
+    // that does is not Ready: its policy is missing).
+    let guardrail_api: Api<GuardrailPolicy> = api(&client, config.namespace.as_deref());
+    let guardrails_watched = match guardrail_api.list(&ListParams::default().limit(1)).await {
+        Err(kube::Error::Api(s)) if matches!(s.code, 403 | 404) => {
+            warn!(
+                code = s.code,
+                "GuardrailPolicies cannot be listed (guardrailpolicies.portcullis.dev not installed, or not allowed); Routes that name one do not serve"
+            );
+            false
+        }
+        _ => true,
+    };
+    let (guardrail_store, guardrail_writer) = reflector::store::<GuardrailPolicy>();
+    let guardrail_events = if guardrails_watched {
+        watcher(guardrail_api, watcher::Config::default())
+            .backoff(RetryBackoff::new(
+                Duration::from_millis(250),
+                config.max_backoff,
+            ))
+            .modify(|p: &mut GuardrailPolicy| p.managed_fields_mut().clear())
+            .reflect(guardrail_writer)
+            .map(|e| (Source::Guardrails, e.map(Signal::from)))
+            .boxed()
+    } else {
+        futures::stream::pending().boxed()
+    };
     let (route_store, route_writer) = reflector::store::<Route>();
     let (secret_store, secret_writer) = reflector::store();
     let watch_backoff = || RetryBackoff::new(Duration::from_millis(250), config.max_backoff);
@@ -234,11 +262,20 @@ pub async fn run(
         leading.clone(),
         shutdown.clone(),
     ));
-    let (teams_tx, teams_rx) = watch::channel(());
+    let (teams_tx, teams_rx) = watch::channel(None);
     let team_status = tokio::spawn(teams::run_writer(
         client.clone(),
         team_store.clone(),
         teams_rx,
+        leading.clone(),
+        shutdown.clone(),
+    ));
+    let (guardrails_tx, guardrails_rx) =
+        watch::channel(Arc::new(crate::guardrails::Policies::new()));
+    let guardrail_status = tokio::spawn(guardrails::run_writer(
+        client.clone(),
+        guardrail_store.clone(),
+        guardrails_rx,
         leading.clone(),
         shutdown.clone(),
     ));
@@ -295,6 +332,11 @@ pub async fn run(
         pricing_watched: pricing_watched.is_some(),
         pricing_version: None,
         cluster_prices: None,
+        guardrail_store,
+        guardrails_watched,
+        guardrail_version: None,
+        guardrails: Arc::default(),
+        guardrails_changed: guardrails_tx,
     };
     loop_state
         .run(
@@ -302,7 +344,7 @@ pub async fn run(
                 futures::stream::select(route_events, secret_events),
                 futures::stream::select(
                     futures::stream::select(team_events, pricing_events),
-                    pool_events,
+                    futures::stream::select(guardrail_events, pool_events),
                 ),
             ),
             config.debounce,
@@ -311,6 +353,7 @@ pub async fn run(
         .await;
     let _ = writer.await;
     let _ = team_status.await;
+    let _ = guardrail_status.await;
     if let Some(task) = limit_alerts {
         let _ = task.await;
     }
@@ -327,6 +370,7 @@ enum Source {
     Secrets,
     Teams,
     Pricing,
+    Guardrails,
     Pools,
 }
 
@@ -379,13 +423,24 @@ struct Loop {
     /// Whether Teams are watched (a rebuild then waits for their first sync too).
     teams_watched: bool,
     /// Nudges the Team status writer after a rebuild.
-    teams_changed: watch::Sender<()>,
+    /// Teams were rebuilt, with the policies they were checked against (for their status).
+    /// `None` until the first rebuild.
+    teams_changed: watch::Sender<Option<Arc<crate::guardrails::Policies>>>,
     pricing_store: Store<ConfigMap>,
     pricing_watched: bool,
     /// The resourceVersion of the pricing ConfigMap last applied.
     pricing_version: Option<String>,
     /// The pricing ConfigMap's last good prices.
     cluster_prices: Option<crate::cost::Catalog>,
+    guardrail_store: Store<GuardrailPolicy>,
+    /// Whether GuardrailPolicies are watched (a rebuild then waits for their first sync too).
+    guardrails_watched: bool,
+    /// The uid and generation of each policy compiled: a rebuild for another reason (a status
+    /// write included) compiles nothing again.
+    guardrail_version: Option<Vec<(String, String)>>,
+    guardrails: Arc<crate::guardrails::Policies>,
+    /// The compiled policies, for their status writer.
+    guardrails_changed: watch::Sender<Arc<crate::guardrails::Policies>>,
 }
 
 use reconcile::RouteOutcome;
@@ -418,6 +473,7 @@ impl Loop {
         let (mut routes_synced, mut secrets_synced) = (false, false);
         let mut teams_synced = !self.teams_watched;
         let mut pricing_synced = !self.pricing_watched;
+        let mut guardrails_synced = !self.guardrails_watched;
         let mut rebuild_at: Option<Instant> = None;
         loop {
             tokio::select! {
@@ -433,6 +489,7 @@ impl Loop {
                                     Source::Secrets => secrets_synced = true,
                                     Source::Teams => teams_synced = true,
                                     Source::Pricing => pricing_synced = true,
+                                    Source::Guardrails => guardrails_synced = true,
                                     Source::Pools => {}
                                 }
                                 true
@@ -452,11 +509,11 @@ impl Loop {
                     }
                     Some((source, Err(e))) => {
                         warn!(?source, error = %e, "watch failed; reconnecting with backoff and serving the last good table");
-                        let resource = match source { Source::Routes => "routes", Source::Secrets => "secrets", Source::Teams => "teams", Source::Pricing => "configmaps", Source::Pools => "pools" };
+                        let resource = match source { Source::Routes => "routes", Source::Secrets => "secrets", Source::Teams => "teams", Source::Pricing => "configmaps", Source::Guardrails => "guardrailpolicies", Source::Pools => "pools" };
                         self.handles.metrics.watch_restarts.get_or_create(&ResourceLabels { resource }).inc();
                     }
                 },
-                _ = sleep_until(rebuild_at), if rebuild_at.is_some() && routes_synced && secrets_synced && teams_synced && pricing_synced => {
+                _ = sleep_until(rebuild_at), if rebuild_at.is_some() && routes_synced && secrets_synced && teams_synced && pricing_synced && guardrails_synced => {
                     rebuild_at = None;
                     if !self.rebuild().await {
                         rebuild_at = Some(Instant::now() + self.retry.next_delay());
@@ -509,10 +566,37 @@ impl Loop {
         }
     }
 
+    /// Compiles the GuardrailPolicies when any changed (once per change, never per call).
+    fn refresh_guardrails(&mut self) {
+        let policies = self.guardrail_store.state();
+        let mut version: Vec<(String, String)> = policies
+            .iter()
+            .map(|p| {
+                (
+                    format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()),
+                    format!(
+                        "{}#{}",
+                        p.uid().unwrap_or_default(),
+                        p.metadata.generation.unwrap_or_default()
+                    ),
+                )
+            })
+            .collect();
+        version.sort_unstable();
+        if self.guardrail_version.as_ref() == Some(&version) {
+            return;
+        }
+        self.guardrail_version = Some(version);
+        self.guardrails = Arc::new(crate::guardrails::compile_all(&policies));
+        self.guardrails_changed
+            .send_replace(Arc::clone(&self.guardrails));
+    }
+
     /// Rebuilds and publishes the table; false if a Secret read failed and a retry is due.
     async fn rebuild(&mut self) -> bool {
         let started = std::time::Instant::now();
         self.refresh_prices();
+        self.refresh_guardrails();
         let routes = self.route_store.state();
         let wanted: HashSet<(String, String)> = routes
             .iter()
@@ -551,6 +635,7 @@ impl Loop {
             &self.policy,
             prices,
             &pools,
+            &self.guardrails,
         );
         let (total, serving) = (
             reconciled.outcomes.len(),
@@ -561,8 +646,13 @@ impl Loop {
                 .count(),
         );
         let mut reconciled = reconciled;
-        reconciled.table.teams = Arc::new(teams::build(&self.team_store.state()));
-        self.teams_changed.send_replace(());
+        reconciled.table.teams = Arc::new(teams::build(
+            &self.team_store.state(),
+            &reconciled.table,
+            &self.guardrails,
+        ));
+        self.teams_changed
+            .send_replace(Some(Arc::clone(&self.guardrails)));
         let metrics = &self.handles.metrics;
         reconciled.record(metrics, started.elapsed());
         if !complete {
@@ -636,11 +726,16 @@ mod tests {
             policy: policy::OperatorPolicy::default(),
             team_store: reflector::store::<Team>().0,
             teams_watched: false,
-            teams_changed: watch::channel(()).0,
+            teams_changed: watch::channel(None).0,
             pricing_store: reflector::store::<ConfigMap>().0,
             pricing_watched: false,
             pricing_version: None,
             cluster_prices: None,
+            guardrail_store: reflector::store::<GuardrailPolicy>().0,
+            guardrails_watched: false,
+            guardrail_version: None,
+            guardrails: Arc::default(),
+            guardrails_changed: watch::channel(Arc::default()).0,
         }
     }
 

@@ -128,11 +128,20 @@ pub fn reconcile_after(
     policy: &OperatorPolicy,
     prices: Prices,
 ) -> Reconciled {
-    reconcile_with(routes, secrets, previous, policy, prices, &NoPools)
+    reconcile_with(
+        routes,
+        secrets,
+        previous,
+        policy,
+        prices,
+        &NoPools,
+        &Default::default(),
+    )
 }
 
 /// Like `reconcile_after`, with the self-hosted model `pools` the Routes' pool backends name
-/// (the controller's; without them such backends do not resolve).
+/// (the controller's; without them such backends do not resolve), and each Route holding the
+/// compiled GuardrailPolicies it names (a Route naming one missing or invalid does not serve).
 pub fn reconcile_with(
     routes: &[Arc<Route>],
     secrets: &impl SecretLookup,
@@ -140,6 +149,7 @@ pub fn reconcile_with(
     policy: &OperatorPolicy,
     prices: Prices,
     pools: &dyn PoolLookup,
+    guardrails: &crate::guardrails::Policies,
 ) -> Reconciled {
     let health = previous.backend_health();
     let mut claimants: BTreeMap<&str, Vec<&Arc<Route>>> = BTreeMap::new();
@@ -200,7 +210,24 @@ pub fn reconcile_with(
         } else {
             qualified.clone()
         };
-        let (state, backends) = resolve(route, secrets, &health, policy, prices, pools);
+        let (mut state, backends) = resolve(route, secrets, &health, policy, prices, pools);
+        let guard = match crate::guardrails::route_guard(
+            &served_as,
+            &namespace,
+            &route.spec.guardrails,
+            guardrails,
+        ) {
+            Ok(g) => g,
+            Err(message) => {
+                if matches!(state, RouteState::Ready(_)) {
+                    state = RouteState::NotReady {
+                        reason: Reason::GuardrailNotReady,
+                        message,
+                    };
+                }
+                None
+            }
+        };
         let (cache, state) =
             match crate::cache::CachePolicy::compile(&served_as, &qualified, &route.spec) {
                 Ok(cache) => (cache, state),
@@ -252,6 +279,7 @@ pub fn reconcile_with(
             limits: route.spec.limits.clone(),
             access: route.spec.access.clone(),
             cache,
+            guard,
             state,
         });
     }
@@ -760,6 +788,55 @@ mod tests {
     }
 
     #[test]
+    fn a_route_whose_guardrail_policy_is_missing_or_invalid_fails_closed() {
+        let policy = |name: &str, regex: &str| {
+            let mut p = crate::api::GuardrailPolicy::new(
+                name,
+                serde_json::from_value(serde_json::json!({"checks": [
+                    {"name": "t", "action": "mask", "detector": {"regex": regex}}
+                ]}))
+                .unwrap(),
+            );
+            p.metadata.namespace = Some("a".into());
+            Arc::new(p)
+        };
+        let compiled =
+            crate::guardrails::compile_all(&[policy("good", "TCK-[0-9]+"), policy("bad", "(")]);
+        let run = |names: &[&str]| {
+            let mut r = (*route("a", "chat", 1, Provider::Openai)).clone();
+            r.spec.guardrails = names.iter().map(|n| n.to_string()).collect();
+            reconcile_with(
+                &[Arc::new(r)],
+                &secrets(&[("a", "openai", "apiKey", "sk-1")]),
+                &RoutingTable::default(),
+                &OperatorPolicy::default(),
+                Prices::builtin(),
+                &NoPools,
+                &compiled,
+            )
+        };
+        let r = run(&["good"]);
+        assert_eq!(outcome_of(&r, "a").reason, Reason::Resolved);
+        assert!(r.table.get("chat").unwrap().guard.is_some());
+        let r = run(&["good", "bad"]);
+        let o = outcome_of(&r, "a");
+        assert_eq!(o.reason, Reason::GuardrailNotReady);
+        assert!(
+            o.message.contains("a/bad") && o.message.contains("spec.checks[0] (t): invalid regex"),
+            "{}",
+            o.message
+        );
+        assert!(matches!(
+            r.table.get("chat").unwrap().state,
+            RouteState::NotReady { .. }
+        ));
+        let o = outcome_of(&run(&["nope"]), "a").clone();
+        assert_eq!(o.reason, Reason::GuardrailNotReady);
+        assert!(o.message.contains("a/nope does not exist"), "{}", o.message);
+        assert!(run(&[]).table.get("chat").unwrap().guard.is_none());
+    }
+
+    #[test]
     fn missing_secret_and_missing_key() {
         let r = reconcile(&[route("a", "chat", 1, Provider::Openai)], &secrets(&[]));
         assert_eq!(outcome_of(&r, "a").reason, Reason::SecretNotFound);
@@ -1164,6 +1241,7 @@ mod tests {
             &OperatorPolicy::default(),
             Prices::builtin(),
             &map,
+            &Default::default(),
         );
         assert!(
             outcome_of(&r, "ns").is_ready(),
@@ -1193,6 +1271,7 @@ mod tests {
             &OperatorPolicy::default(),
             Prices::builtin(),
             &map,
+            &Default::default(),
         );
         assert_eq!(outcome_of(&r, "ns").reason, Reason::ProviderUnsupported);
     }

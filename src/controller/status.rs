@@ -23,6 +23,78 @@ use crate::api::{BackendStatus, Route, RouteStatus, condition, ready_condition};
 /// The field manager of every status write; never shared with kubectl or GitOps tools.
 pub const FIELD_MANAGER: &str = "portcullis-controller";
 
+/// After one pass of a status writer with `failures`: waits for a change (of `changed` or of
+/// leadership), or for the retry's backoff when some write failed; false when shutting down.
+pub async fn next_pass<T>(
+    backoff: &mut RetryBackoff,
+    failures: usize,
+    changed: &mut watch::Receiver<T>,
+    leader: &mut watch::Receiver<bool>,
+    shutdown: &CancellationToken,
+) -> bool {
+    let wait = (failures > 0).then(|| backoff.next_delay());
+    if failures == 0 {
+        backoff.reset();
+    }
+    let retry = async {
+        match wait {
+            Some(d) => tokio::time::sleep(d).await,
+            None => futures::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = shutdown.cancelled() => false,
+        c = changed.changed() => c.is_ok(),
+        c = leader.changed() => c.is_ok(),
+        _ = retry => true,
+    }
+}
+
+/// Whether `conditions` hold a Ready condition with this (status, reason, message).
+pub fn shows_ready(
+    conditions: &[Condition],
+    (status, reason, message): (&str, &str, String),
+) -> bool {
+    conditions.iter().any(|c| {
+        c.type_ == "Ready" && c.status == status && c.reason == reason && c.message == message
+    })
+}
+
+/// Applies `status` to the `kind` object `namespace/name` (server-side, within the API call
+/// deadline); false, logged, when that failed (an object deleted meanwhile is not a failure).
+pub async fn apply_status<K>(
+    api: &Api<K>,
+    kind: &str,
+    namespace: &str,
+    name: &str,
+    status: &impl serde::Serialize,
+) -> bool
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let patch = json!({"apiVersion": "portcullis.dev/v1alpha1", "kind": kind, "status": status});
+    let (params, patch) = (
+        PatchParams::apply(FIELD_MANAGER).force(),
+        Patch::Apply(&patch),
+    );
+    let write = api.patch_status(name, &params, &patch);
+    match tokio::time::timeout(super::API_CALL_TIMEOUT, write).await {
+        Ok(Ok(_)) => {
+            debug!(kind, namespace, name, "wrote status");
+            true
+        }
+        Ok(Err(kube::Error::Api(s))) if s.code == 404 => true,
+        outcome => {
+            let error = match outcome {
+                Ok(Err(e)) => e.to_string(),
+                _ => "timed out".into(),
+            };
+            warn!(kind, namespace, name, error, "writing status failed");
+            false
+        }
+    }
+}
+
 /// The status `route` should have for its reconcile outcome.
 pub fn desired_status(route: &Route, outcome: &RouteOutcome, now: Timestamp) -> RouteStatus {
     let generation = route.metadata.generation;

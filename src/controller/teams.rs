@@ -1,28 +1,43 @@
 //! Teams: built into the routing table with the Routes, and their status (the limits in force).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Patch, PatchParams};
 use kube::runtime::reflector::Store;
 use kube::{Api, Client, ResourceExt};
-use serde_json::json;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
 
 use super::backoff::RetryBackoff;
-use super::status::FIELD_MANAGER;
+use super::status::{apply_status, next_pass, shows_ready};
 use crate::api::{Team, TeamStatus, condition};
+use crate::guardrails::{Guard, Policies, team_policies};
+use crate::table::RoutingTable;
 use crate::teams::{TeamEntry, Teams};
 
-/// The data plane's view of every Team.
-pub fn build(teams: &[Arc<Team>]) -> Teams {
+/// The data plane's view of every Team, its GuardrailPolicies made into a guard for each route
+/// of `table` (so a call picks one, never builds one).
+pub fn build(teams: &[Arc<Team>], table: &RoutingTable, policies: &Policies) -> Teams {
     Teams::new(teams.iter().map(|t| {
+        let guards = if t.spec.guardrails.is_empty() {
+            Ok(HashMap::new())
+        } else {
+            team_policies(&t.spec.guardrails, policies).map(|list| {
+                table
+                    .routes()
+                    .iter()
+                    .filter_map(|r| {
+                        let guard = Guard::new(&r.name, list.clone())?;
+                        Some((r.qualified.clone(), Arc::new(guard)))
+                    })
+                    .collect()
+            })
+        };
         (
             TeamEntry {
+                guards,
                 counter_keys: crate::limits::team_keys(&t.name_any()),
                 name: t.name_any(),
                 limits: t.spec.limits.clone(),
@@ -37,7 +52,31 @@ pub fn build(teams: &[Arc<Team>]) -> Teams {
     }))
 }
 
-fn desired(team: &Team, now: Timestamp) -> TeamStatus {
+/// The Ready condition's (status, reason, message).
+fn verdict(team: &Team, policies: &Policies) -> (&'static str, &'static str, String) {
+    match team_policies(&team.spec.guardrails, policies) {
+        Err(why) => (
+            "False",
+            "GuardrailNotReady",
+            format!("{why}; members' calls are refused"),
+        ),
+        Ok(guards) => (
+            "True",
+            "Enforced",
+            format!(
+                "{} limit(s){} enforced across every route its {} member rule(s) call",
+                team.spec.limits.len(),
+                match guards.len() {
+                    0 => String::new(),
+                    n => format!(" and {n} guardrail policy(ies)"),
+                },
+                team.spec.members.len()
+            ),
+        ),
+    }
+}
+
+fn desired(team: &Team, policies: &Policies, now: Timestamp) -> TeamStatus {
     let previous = team
         .status
         .as_ref()
@@ -49,15 +88,7 @@ fn desired(team: &Team, now: Timestamp) -> TeamStatus {
         routes: team.spec.routes.clone(),
         conditions: vec![condition(
             "Ready",
-            (
-                "True",
-                "Enforced",
-                format!(
-                    "{} limit(s) enforced across every route its {} member rule(s) call",
-                    team.spec.limits.len(),
-                    team.spec.members.len()
-                ),
-            ),
+            verdict(team, policies),
             generation,
             previous,
             now,
@@ -65,12 +96,12 @@ fn desired(team: &Team, now: Timestamp) -> TeamStatus {
     }
 }
 
-fn is_current(team: &Team) -> bool {
+fn is_current(team: &Team, policies: &Policies) -> bool {
     team.status.as_ref().is_some_and(|s| {
         s.observed_generation == team.metadata.generation
             && s.limits == team.spec.limits
             && s.routes == team.spec.routes
-            && s.conditions.iter().any(|c| c.type_ == "Ready")
+            && shows_ready(&s.conditions, verdict(team, policies))
     })
 }
 
@@ -78,47 +109,27 @@ fn is_current(team: &Team) -> bool {
 pub async fn run_writer(
     client: Client,
     teams: Store<Team>,
-    mut changed: watch::Receiver<()>,
+    mut changed: watch::Receiver<Option<Arc<Policies>>>,
     mut leader: watch::Receiver<bool>,
     shutdown: CancellationToken,
 ) {
     let api: Api<Team> = Api::all(client);
     let mut backoff = RetryBackoff::new(Duration::from_millis(500), Duration::from_secs(30));
     loop {
-        changed.borrow_and_update();
+        // None: not built yet (a Team's policies are not known missing before the first build).
+        let policies = changed.borrow_and_update().clone();
         let leading = *leader.borrow_and_update();
         let mut failures = 0;
-        if leading {
-            for team in teams.state().iter().filter(|t| !is_current(t)) {
-                let status = desired(team, Timestamp::now());
-                let patch = json!({"apiVersion": "portcullis.dev/v1alpha1", "kind": "Team", "status": status});
-                let params = PatchParams::apply(FIELD_MANAGER).force();
-                let name = team.name_any();
-                let patch = Patch::Apply(&patch);
-                let write = api.patch_status(&name, &params, &patch);
-                match tokio::time::timeout(super::API_CALL_TIMEOUT, write).await {
-                    Ok(Ok(_)) => debug!(team = %name, "wrote Team status"),
-                    Ok(Err(kube::Error::Api(s))) if s.code == 404 => {}
-                    outcome => {
-                        failures += 1;
-                        let error = match outcome {
-                            Ok(Err(e)) => e.to_string(),
-                            _ => "timed out".into(),
-                        };
-                        warn!(team = %name, error, "writing Team status failed");
-                    }
+        if leading && let Some(policies) = policies {
+            for team in teams.state().iter().filter(|t| !is_current(t, &policies)) {
+                let status = desired(team, &policies, Timestamp::now());
+                if !apply_status(&api, "Team", "", &team.name_any(), &status).await {
+                    failures += 1;
                 }
             }
         }
-        let wait = (failures > 0).then(|| backoff.next_delay());
-        if failures == 0 {
-            backoff.reset();
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            c = changed.changed() => if c.is_err() { return },
-            c = leader.changed() => if c.is_err() { return },
-            _ = async { match wait { Some(d) => tokio::time::sleep(d).await, None => futures::future::pending().await } } => {}
+        if !next_pass(&mut backoff, failures, &mut changed, &mut leader, &shutdown).await {
+            return;
         }
     }
 }

@@ -39,6 +39,7 @@ pub struct PassOn {
     /// Every backend reads `top_k`.
     pub top_k: bool,
     /// Every backend is Anthropic: the whole request passes through (see `native`), untranslated.
+    /// Not when the Route checks answers: the gateway reads and masks only its own stream model.
     pub anthropic: bool,
 }
 
@@ -46,7 +47,8 @@ impl PassOn {
     fn for_route(route: &ServingRoute) -> PassOn {
         PassOn {
             top_k: route.providers().all(|p| providers::info(p).reads_top_k),
-            anthropic: route.providers().all(|p| p == Provider::Anthropic),
+            anthropic: route.providers().all(|p| p == Provider::Anthropic)
+                && !route.guards().any(|g| g.response),
         }
     }
 }

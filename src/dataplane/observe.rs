@@ -86,6 +86,8 @@ pub struct CallInfo {
     pub cache_directive: crate::cache::Directive,
     /// What the response cache did, and a hit's age in seconds.
     pub cache: Option<(crate::cache::CacheStatus, Option<u64>)>,
+    /// Guardrail checks that matched: `policy/check:action:phase`, comma-separated (names only).
+    pub guardrail: Option<String>,
 }
 
 tokio::task_local! {
@@ -313,6 +315,7 @@ pub async fn middleware(
         completion_tokens = usage.completion_tokens,
         cost_usd = call.cost.map(tracing::field::display),
         cache = call.cache.map(|(s, _)| s.as_str()),
+        guardrail = call.guardrail.as_deref(),
         "request"
     );
     response

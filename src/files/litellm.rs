@@ -475,6 +475,7 @@ fn routes_per_model_name(
             access: None,
             pricing: None,
             cache: None,
+            guardrails: Vec::new(),
         };
         out.routes
             .push((paths.join(", "), route(&name, namespace, spec)));

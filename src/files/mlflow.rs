@@ -172,6 +172,7 @@ fn traffic_routes(
                 access: None,
                 pricing: None,
                 cache: None,
+                guardrails: Vec::new(),
             },
         );
         route.metadata.namespace = namespace.map(str::to_string);

@@ -131,6 +131,7 @@ pub struct Metrics {
     pub replicas: Gauge,
     pub budgets: BudgetMetrics,
     pub cache: CacheMetrics,
+    pub guardrails: crate::guardrails::metrics::GuardrailMetrics,
     pub pools: PoolMetrics,
     pub mcp: crate::mcp::audit::McpMetrics,
 }
@@ -467,9 +468,11 @@ impl Metrics {
         );
         let cost = CostMetrics::register(&mut registry);
         let cache = CacheMetrics::register(&mut registry);
+        let guardrails = crate::guardrails::metrics::GuardrailMetrics::register(&mut registry);
         let pools = PoolMetrics::register(&mut registry);
         let mcp = crate::mcp::audit::McpMetrics::register(&mut registry);
         Metrics {
+            guardrails,
             pools,
             mcp,
             leader,

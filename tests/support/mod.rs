@@ -155,6 +155,7 @@ impl ControlPlane {
                 "--for=condition=Established",
                 "crd/routes.portcullis.dev",
                 "crd/teams.portcullis.dev",
+                "crd/guardrailpolicies.portcullis.dev",
                 "crd/mcpservers.portcullis.dev",
                 "--timeout=60s",
             ]);

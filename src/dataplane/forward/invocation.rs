@@ -33,6 +33,9 @@ pub struct ServingRoute {
     pub entry: Arc<RouteEntry>,
     pub(super) backends: Arc<Backends>,
     pub(super) caller: Option<Identity>,
+    /// The guards of the caller's Teams on this route, after the route's own (`entry.guard`);
+    /// empty (no allocation) unless some Team names GuardrailPolicies.
+    pub(super) team_guards: Vec<Arc<crate::guardrails::Guard>>,
 }
 
 impl ServingRoute {
@@ -82,6 +85,7 @@ pub(super) async fn resolve(
     match &entry.state {
         RouteState::Ready(backends) => Ok(ServingRoute {
             backends: Arc::clone(backends),
+            team_guards: super::guarded::team_guards(state, &entry, caller.as_ref())?,
             entry,
             caller,
         }),
@@ -99,9 +103,10 @@ pub async fn invoke(
     route: &ServingRoute,
     request: &LlmRequest,
 ) -> Result<LlmResponse, GatewayError> {
+    let request = &*super::guarded::check_request(state, route, request)?;
     let calls = fan_out(route, request)?;
     let ticket = match cached::lookup(state, route, request, calls).await? {
-        Cached::Hit(answer) => return Ok(answer),
+        Cached::Hit(answer) => return super::guarded::check_answer(state, route, Ok(answer)),
         Cached::Live(ticket) => ticket,
     };
     let admission =
@@ -169,6 +174,8 @@ pub async fn invoke(
             }
         }
     }
+    // What the caller receives is what is stored: masked, and never a blocked answer.
+    let result = super::guarded::check_answer(state, route, result);
     if let (Ok(answer), Some(ticket)) = (&result, ticket) {
         ticket.store(answer);
     }
@@ -270,9 +277,12 @@ pub async fn invoke_stream(
     ),
     GatewayError,
 > {
+    let request = &*super::guarded::check_request(state, route, request)?;
     let ticket = match cached::lookup(state, route, request, 1).await? {
         Cached::Hit(answer) => {
+            // A hit is checked like a live answer: this caller's policies may differ.
             let (deltas, model) = cached::replayed(answer, route);
+            let deltas = super::guarded::check_stream(state, route, deltas);
             return Ok((futures::future::Either::Left(deltas), model));
         }
         Cached::Live(ticket) => ticket,
@@ -338,6 +348,7 @@ pub async fn invoke_stream(
         let _held = &in_flight;
         item
     });
+    let deltas = super::guarded::check_stream(state, route, deltas);
     let deltas = Recording::new(deltas, ticket, model.clone());
     Ok((futures::future::Either::Right(deltas), model))
 }

@@ -90,6 +90,9 @@ pub struct Behaviour {
     pub chunk_delay: Duration,
     /// Words in a streamed or plain answer (each streamed word is one chunk).
     pub answer_words: usize,
+    /// OpenAI: answer with exactly this text instead, streamed one piece per chunk (so a test
+    /// decides where a value is split); a plain answer is the pieces joined.
+    pub script: Option<Vec<String>>,
 }
 
 impl Default for Behaviour {
@@ -98,6 +101,7 @@ impl Default for Behaviour {
             fault: Fault::None,
             chunk_delay: Duration::ZERO,
             answer_words: 20,
+            script: None,
         }
     }
 }

@@ -127,6 +127,9 @@ fn check(flavor: Flavor, headers: &HeaderMap, body: &Bytes) -> Result<Value, Res
 
 /// The answer's words, cut at `max_tokens` (then finish_reason is "length").
 fn answer(shared: &Shared, req: &Value) -> (Vec<String>, &'static str) {
+    if let Some(script) = shared.behaviour.lock().script.clone() {
+        return (script, "stop");
+    }
     let mut words = answer_text(shared.behaviour.lock().answer_words);
     match req.get("max_tokens").and_then(Value::as_u64) {
         Some(max) if (max as usize) < words.len() => {
@@ -213,7 +216,8 @@ pub async fn generate(
             &shared, id, created, model, words, finish, prompt, chat, usage_mode,
         );
     }
-    let text = words.join(" ");
+    let scripted = shared.behaviour.lock().script.is_some();
+    let text = words.join(if scripted { "" } else { " " });
     let choices: Vec<Value> = (0..n)
         .map(|i| {
             if chat {
@@ -366,7 +370,9 @@ fn stream(
     if chat {
         frames.push(chunk(json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}), 0));
     }
-    for (i, text) in pieces(&words).into_iter().enumerate() {
+    let scripted = shared.behaviour.lock().script.is_some();
+    let parts = if scripted { words } else { pieces(&words) };
+    for (i, text) in parts.into_iter().enumerate() {
         frames.push(if chat {
             chunk(json!({"index": 0, "delta": {"content": text}, "logprobs": null, "finish_reason": null}), i as u64 + 1)
         } else {

@@ -1,0 +1,323 @@
+//! Guardrails: the checks of GuardrailPolicies run on what callers send and receive. One room per
+//! job: `detectors` (the built-in patterns and validators), `compile` (a policy made ready to run,
+//! once per change), `mask` (acting on hits), `request` (the texts of a unified request),
+//! `stream` (hold-back on streamed answers), `metrics` (counters by route, policy, check).
+//!
+//! A Route's `Guard` is built with the routing table and held by its entry: a call never compiles
+//! anything, and a policy change reaches the next call with the next table.
+
+pub mod compile;
+pub mod detectors;
+pub mod mask;
+pub mod metrics;
+pub mod request;
+pub mod stream;
+
+use std::sync::Arc;
+
+use crate::api::GuardrailAction;
+use crate::dataplane::error::GatewayError;
+use compile::CompiledPolicy;
+use mask::{Finding, Hits};
+
+pub use compile::CompileError;
+
+/// Every GuardrailPolicy by `(namespace, name)`: compiled, or why it is not.
+pub type Policies =
+    std::collections::HashMap<(String, String), Result<Arc<CompiledPolicy>, String>>;
+
+/// The compiled policy `namespace/name`, or why it cannot be applied.
+fn lookup(namespace: &str, name: &str, policies: &Policies) -> Result<Arc<CompiledPolicy>, String> {
+    match policies.get(&(namespace.to_string(), name.to_string())) {
+        Some(Ok(p)) => Ok(Arc::clone(p)),
+        Some(Err(why)) => Err(format!(
+            "GuardrailPolicy {namespace}/{name} is not ready: {why}"
+        )),
+        None => Err(format!("GuardrailPolicy {namespace}/{name} does not exist")),
+    }
+}
+
+/// The guard of a Route named `served_as` in `namespace` over the policies it names, or why it
+/// cannot serve (a policy missing or invalid).
+pub fn route_guard(
+    served_as: &str,
+    namespace: &str,
+    names: &[String],
+    policies: &Policies,
+) -> Result<Option<Arc<Guard>>, String> {
+    let list = names
+        .iter()
+        .map(|name| lookup(namespace, name, policies))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Guard::new(served_as, list).map(Arc::new))
+}
+
+/// The policies a Team names (`namespace/name` each), or why its members cannot call.
+pub fn team_policies(
+    refs: &[String],
+    policies: &Policies,
+) -> Result<Vec<Arc<CompiledPolicy>>, String> {
+    refs.iter()
+        .map(|r| match r.split_once('/') {
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() => lookup(ns, name, policies),
+            _ => Err(format!(
+                "guardrails entry {r:?} is not a namespace/name reference"
+            )),
+        })
+        .collect()
+}
+
+/// Compiles every policy; a bad one is kept as its error (its status, and its Routes' reason).
+pub fn compile_all(policies: &[Arc<crate::api::GuardrailPolicy>]) -> Policies {
+    use kube::ResourceExt;
+    policies
+        .iter()
+        .map(|p| {
+            let (ns, name) = (p.namespace().unwrap_or_default(), p.name_any());
+            let compiled = CompiledPolicy::compile(&format!("{ns}/{name}"), &p.spec)
+                .map(Arc::new)
+                .map_err(|e| e.to_string());
+            ((ns, name), compiled)
+        })
+        .collect()
+}
+
+/// Which side of a call a text is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Request,
+    Response,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Request => "request",
+            Phase::Response => "response",
+        }
+    }
+}
+
+/// The policies a Route applies, in order, with their metric handles.
+pub struct Guard {
+    pub policies: Vec<Arc<CompiledPolicy>>,
+    /// Some policy checks requests / answers.
+    pub request: bool,
+    pub response: bool,
+    /// Streams: bytes held back (the longest response match any policy can make, up to its cap)
+    /// and the most an unfinished match may hold before the stream is ended.
+    pub hold: usize,
+    pub cap: usize,
+    pub metrics: metrics::GuardMetrics,
+}
+
+impl std::fmt::Debug for Guard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Guard")
+            .field(
+                "policies",
+                &self.policies.iter().map(|p| &p.key).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl Guard {
+    /// The guard of Route `route` over `policies`; `None` when there are none.
+    pub fn new(route: &str, policies: Vec<Arc<CompiledPolicy>>) -> Option<Guard> {
+        if policies.is_empty() {
+            return None;
+        }
+        let request = policies.iter().any(|p| !p.request.is_empty());
+        let response = policies.iter().any(|p| !p.response.is_empty());
+        let hold = policies
+            .iter()
+            .filter(|p| !p.response.is_empty())
+            .map(|p| p.response.hold)
+            .max()
+            .unwrap_or(0);
+        let cap = policies.iter().map(|p| p.cap).max().unwrap_or(0).max(hold);
+        Some(Guard {
+            metrics: metrics::GuardMetrics::new(route, &policies),
+            policies,
+            request,
+            response,
+            hold,
+            cap,
+        })
+    }
+
+    fn scan(&self, phase: Phase, text: &str, from: usize, hits: &mut Hits) {
+        let mut one = Vec::new();
+        for (i, p) in self.policies.iter().enumerate() {
+            let scanner = match phase {
+                Phase::Request => &p.request,
+                Phase::Response => &p.response,
+            };
+            if scanner.is_empty() {
+                continue;
+            }
+            one.clear();
+            scanner.scan(text, from, &mut one);
+            hits.extend(one.iter().map(|h| (i, *h)));
+        }
+    }
+
+    /// Checks a whole text, masking it in place; the blocking finding, if any.
+    pub fn check_text(
+        &self,
+        phase: Phase,
+        text: &mut String,
+        findings: &mut Vec<Finding>,
+    ) -> Result<(), Finding> {
+        let mut hits = Vec::new();
+        self.scan(phase, text, 0, &mut hits);
+        if hits.iter().all(|(_, h)| !h.valid) {
+            return Ok(());
+        }
+        let mut out = String::with_capacity(text.len());
+        mask::apply(self, &mut hits, text, 0, text.len(), &mut out, findings)?;
+        if out != *text {
+            *text = out;
+        }
+        Ok(())
+    }
+
+    /// The error a blocking finding gives the caller: names, never the matched text.
+    pub fn blocked(&self, finding: Finding, phase: Phase, why: BlockReason) -> GatewayError {
+        let policy = &self.policies[finding.policy];
+        GatewayError::GuardrailBlocked {
+            policy: policy.key.to_string(),
+            check: policy.checks[finding.check].name.to_string(),
+            phase: phase.as_str(),
+            why,
+        }
+    }
+
+    /// Counts `findings` (once each per call) and logs them; the summary for the request log
+    /// line (`policy/check:action:phase`, comma-separated: names, never the matched text).
+    pub fn record(
+        &self,
+        metrics: &crate::telemetry::metrics::Metrics,
+        phase: Phase,
+        findings: &[Finding],
+        elapsed: std::time::Duration,
+    ) -> Option<String> {
+        let handles = self.metrics.handles(metrics);
+        handles.latency(phase).observe(elapsed.as_secs_f64());
+        if findings.is_empty() {
+            return None;
+        }
+        let mut summary = String::new();
+        for f in findings {
+            handles.action(f.policy, f.check, phase).inc();
+            let p = &self.policies[f.policy];
+            let c = &p.checks[f.check];
+            if !summary.is_empty() {
+                summary.push(',');
+            }
+            summary.push_str(&format!(
+                "{}/{}:{}:{}",
+                p.key,
+                c.name,
+                c.action.as_str(),
+                phase.as_str()
+            ));
+        }
+        tracing::info!(guardrail = %summary, "guardrail matched");
+        Some(summary)
+    }
+
+    /// The action of a finding's check.
+    pub fn action(&self, f: Finding) -> GuardrailAction {
+        self.policies[f.policy].checks[f.check].action
+    }
+}
+
+/// Why a guardrail ended a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockReason {
+    /// A `block` check matched.
+    Matched,
+    /// A match in a streamed answer grew past what the policy may hold back, so it could not be
+    /// masked whole.
+    HoldBackExceeded,
+    /// A stream the gateway cannot read (a provider's own events) met a response check.
+    Unreadable,
+}
+
+impl BlockReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BlockReason::Matched => "matched",
+            BlockReason::HoldBackExceeded => {
+                "matched text longer than the stream may hold back (spec.maxHoldBack)"
+            }
+            BlockReason::Unreadable => "the answer cannot be checked",
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// A guard over one policy written as YAML.
+    pub fn guard(yaml: &str) -> Guard {
+        let spec: crate::api::GuardrailPolicySpec =
+            serde_yaml::from_str(yaml).unwrap_or_else(|e| panic!("{e}"));
+        let p = CompiledPolicy::compile("ns/p", &spec).unwrap_or_else(|e| panic!("{e}"));
+        Guard::new("r", vec![Arc::new(p)]).unwrap_or_else(|| panic!("no guard"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::guard;
+    use super::*;
+
+    #[test]
+    fn a_teams_references_are_namespace_slash_name_and_must_compile() {
+        let mut p = crate::api::GuardrailPolicy::new(
+            "pii",
+            serde_yaml::from_str("checks:\n- {name: c, action: mask, detector: {builtin: card}}")
+                .unwrap(),
+        );
+        p.metadata.namespace = Some("a".into());
+        let compiled = compile_all(&[Arc::new(p)]);
+        let refs = |r: &[&str]| r.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            team_policies(&refs(&["a/pii"]), &compiled).unwrap().len(),
+            1
+        );
+        let e = team_policies(&refs(&["a/pii", "b/pii"]), &compiled).unwrap_err();
+        assert!(e.contains("b/pii does not exist"), "{e}");
+        let e = team_policies(&refs(&["pii"]), &compiled).unwrap_err();
+        assert!(e.contains("not a namespace/name"), "{e}");
+    }
+
+    #[test]
+    fn masks_blocks_and_audits_whole_texts() {
+        let g = guard(
+            "checks:\n- {name: cards, action: mask, detector: {builtin: card}}\n- {name: mail, action: audit, detector: {builtin: email}}\n- {name: code, phase: request, action: block, detector: {keywords: [bluebird]}}\n- {name: t, phase: response, action: mask, detector: {regex: 'TCK-[0-9]{6}', placeholder: '[TICKET]'}}",
+        );
+        let mut f = Vec::new();
+        let mut t = "pay 4111 1111 1111 1111 to a@b.com re TCK-123456".to_string();
+        g.check_text(Phase::Request, &mut t, &mut f).unwrap();
+        assert_eq!(t, "pay [CARD] to a@b.com re TCK-123456");
+        assert_eq!(f.len(), 2);
+        let mut t = "re TCK-123456 and 4111111111111111".to_string();
+        g.check_text(Phase::Response, &mut t, &mut Vec::new())
+            .unwrap();
+        assert_eq!(t, "re [TICKET] and [CARD]");
+        let mut t = "about Bluebird".to_string();
+        let blocked = g.check_text(Phase::Request, &mut t, &mut f).unwrap_err();
+        assert_eq!(g.action(blocked), GuardrailAction::Block);
+        let e = g.blocked(blocked, Phase::Request, BlockReason::Matched);
+        assert_eq!(e.code(), "guardrail_blocked");
+        assert!(!e.to_string().to_lowercase().contains("bluebird"), "{e}");
+        let mut t = "about Bluebird".to_string();
+        g.check_text(Phase::Response, &mut t, &mut Vec::new())
+            .unwrap();
+    }
+}

@@ -1,0 +1,522 @@
+//! Guardrails end to end: a GuardrailPolicy applied with kubectl, Routes that name it, the real
+//! OpenAI, Anthropic and MLflow clients (tests/python/guardrails), and what the simulated provider
+//! received. Blocked requests never reach the provider; masked ones reach it masked; streamed
+//! answers are masked however they are split, and a block mid-stream ends with the dialect's
+//! error event; an invalid policy fails its Routes closed, and a changed one applies to the next call.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // helpers of tests: failing loudly is the point
+
+mod support;
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use portcullis_sim::Behaviour;
+use serde_json::{Value, json};
+use support::*;
+
+const KEY: &str = "sk-proj-abcdefghijklmnopqrstuvwxyz0123";
+const MASKED: &str = "The key is [SECRET] and [TICKET] ok";
+
+fn policy(ns: &str, name: &str, checks: &str) -> String {
+    format!(
+        "apiVersion: portcullis.dev/v1alpha1\nkind: GuardrailPolicy\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  checks:\n{checks}"
+    )
+}
+
+const PII: &str = "  - {name: cards, phase: both, action: mask, detector: {builtin: card}}
+  - {name: codenames, phase: request, action: block, detector: {keywords: [bluebird, nightjar]}}
+  - {name: keys, phase: response, action: mask, detector: {builtin: secret}}
+  - {name: tickets, phase: response, action: mask, detector: {regex: 'TCK-[0-9]{6}', placeholder: '[TICKET]'}}
+  - {name: leaks, phase: response, action: block, detector: {keywords: [classified]}}
+  - {name: mail, phase: request, action: audit, detector: {builtin: email}}
+";
+
+fn guarded_route(ns: &str, name: &str, route_type: &str, api_base: &str, policies: &str) -> String {
+    format!(
+        "apiVersion: portcullis.dev/v1alpha1\nkind: Route\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  routeType: {route_type}\n  model:\n    provider: openai\n    name: gpt-4o-mini\n    apiBase: {api_base}\n    secretRef:\n      name: openai\n  guardrails: [{policies}]\n"
+    )
+}
+
+/// A simulated provider that answers `pieces`, one per stream chunk.
+fn scripted(pieces: &[&str]) -> SimProvider {
+    let sim = sim();
+    sim.set_behaviour(Behaviour {
+        script: Some(pieces.iter().map(|p| p.to_string()).collect()),
+        ..Default::default()
+    });
+    sim
+}
+
+struct Fixture {
+    cp: &'static ControlPlane,
+    gw: Gateway,
+    ns: String,
+    sim: SimProvider,
+    _leaky: SimProvider,
+    _blocky: SimProvider,
+    routes: Value,
+}
+
+fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let cp = ControlPlane::shared();
+        let ns = cp.namespace("guard");
+        let gw = Gateway::start(cp, &["--namespace", &ns]);
+        let sim = sim();
+        // The key and the ticket cut mid-value; the blocked word cut in two.
+        let leaky = scripted(&[
+            "The key is sk-pro",
+            "j-abcdefghij",
+            "klmnopqrstuvwxyz0123",
+            " and TCK-12",
+            "3456 ok",
+        ]);
+        let blocky = scripted(&["all is ", "classi", "fied here", " end"]);
+        let token = cp.new_service_account_token(&ns, "caller");
+        let names = ["guarded", "completions", "embeddings", "leaky", "blocky"].map(unique);
+        let docs = [
+            secret_manifest(&ns, "openai", "apiKey", "sk-guard"),
+            policy(&ns, "pii", PII),
+            guarded_route(&ns, &names[0], "llm/v1/chat", &sim.openai_base(), "pii"),
+            guarded_route(
+                &ns,
+                &names[1],
+                "llm/v1/completions",
+                &sim.openai_base(),
+                "pii",
+            ),
+            guarded_route(
+                &ns,
+                &names[2],
+                "llm/v1/embeddings",
+                &sim.openai_base(),
+                "pii",
+            ),
+            guarded_route(&ns, &names[3], "llm/v1/chat", &leaky.openai_base(), "pii"),
+            guarded_route(&ns, &names[4], "llm/v1/chat", &blocky.openai_base(), "pii"),
+        ];
+        cp.apply(&docs.join("---\n"));
+        for r in &names {
+            cp.wait_ready(&ns, r);
+        }
+        eventually(Duration::from_secs(10), || {
+            gw.get("/v1/models").1["data"]
+                .as_array()
+                .is_some_and(|d| d.len() == names.len())
+        })
+        .expect("the gateway never served every route");
+        let routes = json!({
+            "guarded": names[0], "completions": names[1], "embeddings": names[2],
+            "leaky": names[3], "blocky": names[4], "token": token,
+        });
+        Fixture {
+            cp,
+            gw,
+            ns,
+            sim,
+            _leaky: leaky,
+            _blocky: blocky,
+            routes,
+        }
+    })
+}
+
+fn route(name: &str) -> String {
+    fixture().routes[name].as_str().unwrap().to_string()
+}
+
+/// What the provider received, as JSON text, one per request.
+fn received(sim: &SimProvider) -> Vec<String> {
+    sim.requests()
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+        .collect()
+}
+
+#[test]
+fn the_real_clients_see_blocks_masks_and_masked_streams() {
+    let f = fixture();
+    for (venv, dir) in [("mlflow3", "guardrails"), ("mlflow25", "guardrails25")] {
+        let (passed, _) = pytest(venv, dir, &format!("http://{}", f.gw.addr), &f.routes);
+        assert!(passed, "pytest {dir} failed; gateway log:\n{}", f.gw.log());
+    }
+    let bodies = received(&f.sim);
+    for blocked in [
+        "block-gateway25",
+        "block-chat",
+        "block-completions",
+        "block-responses",
+        "block-anthropic",
+        "block-mlflow",
+    ] {
+        assert!(
+            !bodies.iter().any(|b| b.contains(blocked)),
+            "a blocked request reached the provider: {blocked}"
+        );
+    }
+    for masked in [
+        "mask-chat",
+        "mask-emb",
+        "mask-anthropic",
+        "mask-mlflow",
+        "mask-gateway25",
+    ] {
+        let body = bodies
+            .iter()
+            .find(|b| b.contains(masked))
+            .unwrap_or_else(|| panic!("{masked} never reached the provider"));
+        assert!(body.contains("[CARD]") && !body.contains("4111"), "{body}");
+    }
+    let metrics = f.gw.metrics();
+    let line = format!(
+        "portcullis_guardrail_actions_total{{route=\"{}\",policy=\"{}/pii\",check=\"cards\",action=\"mask\",phase=\"request\"}}",
+        route("guarded"),
+        f.ns
+    );
+    assert!(metrics.contains(&line), "no {line} in\n{metrics}");
+    assert!(metrics.contains("portcullis_guardrail_check_duration_seconds_bucket"));
+    let log = f.gw.log();
+    assert!(
+        log.contains(&format!("{}/pii/cards:mask:request", f.ns)),
+        "{log}"
+    );
+    for secret in [
+        "4111 1111",
+        "4111111111111111",
+        KEY,
+        "sk-pro",
+        "TCK-12",
+        "classified",
+        "bluebird",
+        "nightjar",
+    ] {
+        let lower = secret.to_lowercase();
+        assert!(
+            !log.to_lowercase().contains(&lower),
+            "the log shows {secret:?}"
+        );
+        assert!(!metrics.contains(secret), "the metrics show {secret:?}");
+        // Statuses and Events of the namespace: no Route's, no policy's status, no Event.
+        for kind in ["events", "routes.portcullis.dev"] {
+            let listed = f.cp.json(&["get", kind, "-n", &f.ns]);
+            let shown: Vec<String> = listed["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|o| {
+                    let part = if kind == "events" { o } else { &o["status"] };
+                    part.to_string().to_lowercase()
+                })
+                .collect();
+            assert!(
+                shown.iter().all(|t| !t.contains(&lower)),
+                "{kind} show {secret:?}"
+            );
+        }
+    }
+    let policy = f.cp.json(&["get", "guardrailpolicy", "-n", &f.ns, "pii"]);
+    assert!(!policy["status"].to_string().contains("4111"), "{policy}");
+}
+
+/// A streamed chat request on `path` for `model`, as raw SSE text.
+fn stream(path: &str, body: Value) -> String {
+    let (status, _, text) = http_full(&fixture().gw.url(path), &body.to_string());
+    assert_eq!(status, 200, "{text}");
+    text
+}
+
+fn requests(model: &str) -> [(&'static str, Value); 4] {
+    let messages = json!([{"role": "user", "content": "stream"}]);
+    [
+        (
+            "/v1/chat/completions",
+            json!({"model": model, "messages": messages, "stream": true}),
+        ),
+        (
+            "/v1/messages",
+            json!({"model": model, "messages": messages, "max_tokens": 100, "stream": true}),
+        ),
+        (
+            "/v1/responses",
+            json!({"model": model, "input": "stream", "stream": true}),
+        ),
+        (
+            "/endpoints/ROUTE/invocations",
+            json!({"messages": messages, "stream": true}),
+        ),
+    ]
+}
+
+/// The text of an OpenAI chat stream, joined.
+fn chat_text(sse: &str) -> String {
+    sse_chunks(sse)
+        .iter()
+        .filter_map(|c| c.pointer("/choices/0/delta/content")?.as_str())
+        .collect()
+}
+
+fn path_for(path: &str, model: &str) -> String {
+    path.replace("ROUTE", model)
+}
+
+#[test]
+fn streamed_keys_split_across_chunks_are_masked_on_every_surface() {
+    let leaky = route("leaky");
+    for (path, body) in requests(&leaky) {
+        let text = stream(&path_for(path, &leaky), body);
+        for secret in ["sk-", "TCK-"] {
+            assert!(!text.contains(secret), "{path} leaked {secret}:\n{text}");
+        }
+        assert!(
+            text.contains("[SECRET]") && text.contains("[TICKET]"),
+            "{path}:\n{text}"
+        );
+    }
+    // The OpenAI stream's text, joined, is the answer masked.
+    let chat = stream("/v1/chat/completions", requests(&leaky)[0].1.clone());
+    assert_eq!(chat_text(&chat), MASKED);
+}
+
+#[test]
+fn a_block_mid_stream_ends_with_the_dialects_error_event() {
+    let blocky = route("blocky");
+    for (path, body) in requests(&blocky) {
+        let path = path_for(path, &blocky);
+        let text = stream(&path, body);
+        assert!(text.contains("guardrail_blocked"), "{path}:\n{text}");
+        assert!(
+            !text.contains("classi"),
+            "{path} released the blocked word:\n{text}"
+        );
+        for end in ["[DONE]", "message_stop", "response.completed"] {
+            assert!(
+                !text.contains(end),
+                "{path} ended normally ({end}):\n{text}"
+            );
+        }
+        if path == "/v1/messages" {
+            assert!(text.contains("event: error"), "{text}");
+        }
+    }
+}
+
+/// The first condition (Ready) of the object `kubectl get ARGS` shows.
+fn ready_condition(cp: &ControlPlane, args: &[&str]) -> Value {
+    let args: Vec<&str> = ["get"].iter().chain(args).copied().collect();
+    cp.json(&args)
+        .pointer("/status/conditions/0")
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn wait_ready_reason(cp: &ControlPlane, args: &[&str], reason: &str) {
+    eventually(Duration::from_secs(30), || {
+        ready_condition(cp, args)["reason"] == reason
+    })
+    .unwrap_or_else(|_| panic!("never {reason}: {}", ready_condition(cp, args)));
+}
+
+#[test]
+fn an_invalid_policy_fails_its_routes_closed_and_changes_apply_to_the_next_call() {
+    let f = fixture();
+    let (cp, ns) = (f.cp, &f.ns);
+    let name = unique("strict");
+    let missing = unique("orphan");
+    cp.apply(&format!(
+        "{}---\n{}---\n{}",
+        policy(
+            ns,
+            "strict",
+            "  - {name: bad-pattern, action: block, detector: {regex: 'a(b'}}\n"
+        ),
+        guarded_route(ns, &name, "llm/v1/chat", &f.sim.openai_base(), "strict"),
+        guarded_route(
+            ns,
+            &missing,
+            "llm/v1/chat",
+            &f.sim.openai_base(),
+            "no-such-policy"
+        ),
+    ));
+    cp.wait_reason(ns, &name, "GuardrailNotReady");
+    cp.wait_reason(ns, &missing, "GuardrailNotReady");
+    let status = || ready_condition(cp, &["-n", ns, "guardrailpolicy", "strict"]);
+    wait_ready_reason(cp, &["-n", ns, "guardrailpolicy", "strict"], "InvalidSpec");
+    assert!(
+        status()["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("spec.checks[0] (bad-pattern): invalid regex")),
+        "{}",
+        status()
+    );
+    let (code, body) = f.gw.chat(&name);
+    assert_eq!(code, 503, "{body}");
+
+    // Fixed: the Route serves, and the policy's check holds on the next call.
+    cp.apply(&policy(
+        ns,
+        "strict",
+        "  - {name: no-greetings, action: block, detector: {keywords: [hello]}}\n",
+    ));
+    cp.wait_ready(ns, &name);
+    eventually(Duration::from_secs(10), || f.gw.chat(&name).0 == 400)
+        .expect("the fixed policy never applied");
+    let (_, body) = f.gw.chat(&name);
+    assert_eq!(body["error"]["code"], "guardrail_blocked", "{body}");
+    wait_ready_reason(cp, &["-n", ns, "guardrailpolicy", "strict"], "Compiled");
+
+    // Changed again: the next call passes, with no restart.
+    cp.apply(&policy(
+        ns,
+        "strict",
+        "  - {name: no-greetings, action: block, detector: {keywords: [goodbye]}}\n",
+    ));
+    eventually(Duration::from_secs(10), || f.gw.chat(&name).0 == 200)
+        .expect("the changed policy never applied");
+}
+
+#[test]
+fn kubectl_explain_documents_every_field_of_the_spec() {
+    let cp = ControlPlane::shared();
+    let explained = cp.ok(&["explain", "guardrailpolicy.spec", "--recursive"]);
+    for field in [
+        "checks",
+        "name",
+        "phase",
+        "action",
+        "detector",
+        "builtin",
+        "keywords",
+        "regex",
+        "placeholder",
+        "maxMatch",
+        "webhook",
+        "url",
+        "timeout",
+        "failureMode",
+        "judge",
+        "route",
+        "maxHoldBack",
+    ] {
+        assert!(explained.contains(field), "{field} missing:\n{explained}");
+    }
+    // Every property of the schema has a description.
+    fn undocumented(path: &str, schema: &Value, out: &mut Vec<String>) {
+        if let Some(props) = schema.get("properties").and_then(Value::as_object) {
+            for (k, v) in props {
+                let p = format!("{path}.{k}");
+                if v.get("description")
+                    .and_then(Value::as_str)
+                    .is_none_or(str::is_empty)
+                {
+                    out.push(p.clone());
+                }
+                undocumented(&p, v, out);
+            }
+        }
+        if let Some(items) = schema.get("items") {
+            undocumented(path, items, out);
+        }
+    }
+    use kube::CustomResourceExt;
+    let crd = serde_json::to_value(portcullis::api::GuardrailPolicy::crd()).unwrap();
+    let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+    let mut out = Vec::new();
+    undocumented("spec", spec, &mut out);
+    assert!(out.is_empty(), "undocumented: {out:?}");
+}
+
+/// A chat call as `bearer` on `path`; status and body text.
+fn call_as(bearer: &str, path: &str, body: &Value) -> (u16, String) {
+    let resp = client()
+        .post(fixture().gw.url(path))
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {bearer}"))
+        .body(body.to_string())
+        .send()
+        .expect("request");
+    let code = resp.status().as_u16();
+    (code, resp.text().unwrap_or_default())
+}
+
+#[test]
+fn a_teams_policies_hold_for_its_members_only_and_a_broken_one_refuses_them() {
+    let f = fixture();
+    let (cp, ns) = (f.cp, &f.ns);
+    let team = unique("careful");
+    let member = cp.new_service_account_token(ns, "member");
+    let outsider = f.routes["token"].as_str().unwrap();
+    let team_doc = |guardrails: &str| {
+        format!(
+            "apiVersion: portcullis.dev/v1alpha1\nkind: Team\nmetadata:\n  name: {team}\nspec:\n  members:\n    - serviceAccount: {ns}/member\n  guardrails: [{guardrails}]\n"
+        )
+    };
+    cp.apply(&format!(
+        "{}---\n{}",
+        policy(
+            ns,
+            "team-rules",
+            "  - {name: zeppelins, phase: request, action: block, detector: {keywords: [zeppelin]}}\n  - {name: acks, phase: response, action: mask, detector: {keywords: [ok]}}\n"
+        ),
+        team_doc(&format!("{ns}/team-rules"))
+    ));
+    let team_status = || ready_condition(cp, &["team", &team]);
+    wait_ready_reason(cp, &["team", &team], "Enforced");
+    let ask = |text: &str| json!({"model": route("guarded"), "messages": [{"role": "user", "content": text}]});
+    // The Team's check holds for its member, after the route's own; not for anyone else.
+    eventually(Duration::from_secs(10), || {
+        call_as(&member, "/v1/chat/completions", &ask("a zeppelin")).0 == 400
+    })
+    .expect("the Team's policy never applied to its member");
+    let (_, text) = call_as(&member, "/v1/chat/completions", &ask("a zeppelin"));
+    let body: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(body["error"]["code"], "guardrail_blocked", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("{ns}/team-rules")) && message.contains("zeppelins"),
+        "{message}"
+    );
+    assert!(!message.contains("zeppelin "), "{message}");
+    let (_, text) = call_as(
+        &member,
+        "/v1/chat/completions",
+        &ask("bluebird and zeppelin"),
+    );
+    assert!(
+        text.contains("codenames"),
+        "the route's check first: {text}"
+    );
+    let (code, text) = call_as(outsider, "/v1/chat/completions", &ask("a zeppelin"));
+    assert_eq!(code, 200, "{text}");
+
+    // Its response checks run on streams after the route's: the member's stream is masked by both.
+    let leaky = route("leaky");
+    let (path, body) = requests(&leaky)[0].clone();
+    let (code, text) = call_as(&member, path, &body);
+    assert_eq!(code, 200, "{text}");
+    assert_eq!(
+        chat_text(&text),
+        "The key is [SECRET] and [TICKET] [REDACTED]"
+    );
+    let (_, text) = call_as(outsider, path, &body);
+    assert_eq!(chat_text(&text), MASKED);
+
+    // A policy it names is missing: the Team says so and its members are refused (fail closed).
+    cp.apply(&team_doc(&format!("{ns}/team-rules, {ns}/no-such-policy")));
+    wait_ready_reason(cp, &["team", &team], "GuardrailNotReady");
+    assert!(
+        team_status()["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&format!("{ns}/no-such-policy does not exist"))),
+        "{}",
+        team_status()
+    );
+    eventually(Duration::from_secs(10), || {
+        call_as(&member, "/v1/chat/completions", &ask("hello")).0 == 503
+    })
+    .expect("the member was served under a broken Team policy");
+    let (code, text) = call_as(outsider, "/v1/chat/completions", &ask("hello"));
+    assert_eq!(code, 200, "{text}");
+    cp.ok(&["delete", "team", &team, "--wait=false"]);
+}
