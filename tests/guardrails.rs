@@ -520,3 +520,64 @@ fn a_teams_policies_hold_for_its_members_only_and_a_broken_one_refuses_them() {
     assert_eq!(code, 200, "{text}");
     cp.ok(&["delete", "team", &team, "--wait=false"]);
 }
+
+/// A guarded Route that caches: what is stored is what callers receive (masked), a hit is masked
+/// like a live answer, streamed or not, and a blocked request is neither served nor stored.
+#[test]
+fn a_cached_answer_is_the_masked_one_and_blocked_requests_never_touch_the_cache() {
+    let f = fixture();
+    let leaky = scripted(&[
+        "The key is sk-pro",
+        "j-abcdefghij",
+        "klmnopqrstuvwxyz0123",
+        " and TCK-12",
+        "3456 ok",
+    ]);
+    let name = unique("cached");
+    let doc = guarded_route(&f.ns, &name, "llm/v1/chat", &leaky.openai_base(), "pii")
+        + "  cache:\n    scope: route\n";
+    f.cp.apply(&doc);
+    f.cp.wait_ready(&f.ns, &name);
+    let url = f.gw.url("/v1/chat/completions");
+    let plain = json!({"model": name, "messages": [{"role": "user", "content": "the key?"}]});
+    eventually(Duration::from_secs(10), || {
+        http_full_with(&url, &plain.to_string(), &[("cache-control", "no-store")]).0 == 200
+    })
+    .expect("the gateway never served the cached Route");
+    let before = leaky.requests().len();
+
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let (status, headers, text) = http_full(&url, &plain.to_string());
+        assert_eq!(status, 200, "{text}");
+        let answer: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(answer["choices"][0]["message"]["content"], MASKED, "{text}");
+        seen.push(
+            header(&headers, "x-portcullis-cache")
+                .unwrap_or_default()
+                .to_string(),
+        );
+    }
+    assert_eq!(seen, ["miss", "hit"]);
+    // The streamed call is answered from the plain call's entry, masked chunk by chunk.
+    let streamed = json!({"model": name, "messages": plain["messages"], "stream": true});
+    let (status, headers, sse) = http_full(&url, &streamed.to_string());
+    assert_eq!(status, 200, "{sse}");
+    assert_eq!(header(&headers, "x-portcullis-cache"), Some("hit"), "{sse}");
+    assert_eq!(chat_text(&sse), MASKED);
+    assert!(!sse.contains("sk-") && !sse.contains("TCK-"), "{sse}");
+    assert_eq!(
+        leaky.requests().len(),
+        before + 1,
+        "only the miss reached the provider"
+    );
+
+    // A blocked request is refused before the lookup, every time: nothing to store, nothing served.
+    let blocked = json!({"model": name, "messages": [{"role": "user", "content": "bluebird?"}]});
+    for _ in 0..2 {
+        let (status, _, text) = http_full(&url, &blocked.to_string());
+        assert_eq!(status, 400, "{text}");
+        assert!(text.contains("guardrail_blocked"), "{text}");
+    }
+    assert_eq!(leaky.requests().len(), before + 1);
+}
