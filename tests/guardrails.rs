@@ -16,6 +16,15 @@ use support::*;
 
 const KEY: &str = "sk-proj-abcdefghijklmnopqrstuvwxyz0123";
 const MASKED: &str = "The key is [SECRET] and [TICKET] ok";
+/// An answer carrying a key and a ticket, each cut mid-value across stream chunks; masked, it is
+/// `MASKED`.
+const LEAKY: [&str; 5] = [
+    "The key is sk-pro",
+    "j-abcdefghij",
+    "klmnopqrstuvwxyz0123",
+    " and TCK-12",
+    "3456 ok",
+];
 
 fn policy(ns: &str, name: &str, checks: &str) -> String {
     format!(
@@ -64,14 +73,8 @@ fn fixture() -> &'static Fixture {
         let ns = cp.namespace("guard");
         let gw = Gateway::start(cp, &["--namespace", &ns]);
         let sim = sim();
-        // The key and the ticket cut mid-value; the blocked word cut in two.
-        let leaky = scripted(&[
-            "The key is sk-pro",
-            "j-abcdefghij",
-            "klmnopqrstuvwxyz0123",
-            " and TCK-12",
-            "3456 ok",
-        ]);
+        let leaky = scripted(&LEAKY);
+        // The blocked word cut in two.
         let blocky = scripted(&["all is ", "classi", "fied here", " end"]);
         let token = cp.new_service_account_token(&ns, "caller");
         let names = ["guarded", "completions", "embeddings", "leaky", "blocky"].map(unique);
@@ -526,13 +529,7 @@ fn a_teams_policies_hold_for_its_members_only_and_a_broken_one_refuses_them() {
 #[test]
 fn a_cached_answer_is_the_masked_one_and_blocked_requests_never_touch_the_cache() {
     let f = fixture();
-    let leaky = scripted(&[
-        "The key is sk-pro",
-        "j-abcdefghij",
-        "klmnopqrstuvwxyz0123",
-        " and TCK-12",
-        "3456 ok",
-    ]);
+    let leaky = scripted(&LEAKY);
     let name = unique("cached");
     let doc = guarded_route(&f.ns, &name, "llm/v1/chat", &leaky.openai_base(), "pii")
         + "  cache:\n    scope: route\n";
