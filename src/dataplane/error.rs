@@ -116,13 +116,8 @@ pub enum GatewayError {
     #[error("the request body's JSON is nested deeper than {0} levels")]
     BodyTooDeep(usize),
     /// A guardrail check blocked the call; names the policy and check, never the matched text.
-    #[error("guardrail_blocked: check {check:?} of guardrail policy {policy} blocked the {phase}{}", match why { crate::guardrails::BlockReason::Matched => String::new(), other => format!(" ({})", other.as_str()) })]
-    GuardrailBlocked {
-        policy: String,
-        check: String,
-        phase: &'static str,
-        why: crate::guardrails::BlockReason,
-    },
+    #[error(transparent)]
+    GuardrailBlocked(#[from] crate::guardrails::Blocked),
 }
 
 impl GatewayError {
@@ -161,7 +156,7 @@ impl GatewayError {
             GatewayError::PayloadTooLarge { .. } | GatewayError::BodyTooComplex { .. } => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
-            GatewayError::BodyTooDeep(_) | GatewayError::GuardrailBlocked { .. } => {
+            GatewayError::BodyTooDeep(_) | GatewayError::GuardrailBlocked(_) => {
                 StatusCode::BAD_REQUEST
             }
             GatewayError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -205,7 +200,7 @@ impl GatewayError {
                 "payload_too_large"
             }
             GatewayError::BodyTooDeep(_) => "invalid_request",
-            GatewayError::GuardrailBlocked { .. } => "guardrail_blocked",
+            GatewayError::GuardrailBlocked(_) => "guardrail_blocked",
             GatewayError::UnsupportedMediaType(_) => "unsupported_media_type",
             GatewayError::RouteNotReady { .. } => "route_not_ready",
             GatewayError::Upstream { .. } => "upstream_error",

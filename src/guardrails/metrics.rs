@@ -29,6 +29,7 @@ pub struct LatencyLabels {
 }
 
 /// The families, registered once with the gateway's others.
+#[derive(Clone)]
 pub struct GuardrailMetrics {
     pub actions: Family<ActionLabels, Counter>,
     pub latency: Family<LatencyLabels, Histogram>,
@@ -103,9 +104,8 @@ impl GuardMetrics {
         }
     }
 
-    pub fn handles(&self, metrics: &crate::telemetry::metrics::Metrics) -> &Handles {
+    pub fn handles(&self, m: &GuardrailMetrics) -> &Handles {
         self.handles.get_or_init(|| {
-            let m = &metrics.guardrails;
             let phases = [Phase::Request, Phase::Response];
             Handles {
                 actions: self

@@ -14,10 +14,9 @@ use std::time::{Duration, Instant};
 use futures::{Stream, StreamExt};
 
 use super::mask::{self, Finding, Hits};
-use super::{BlockReason, Guard, Phase};
-use crate::dataplane::error::GatewayError;
+use super::metrics::GuardrailMetrics;
+use super::{BlockReason, Blocked, Guard, Phase};
 use crate::llm::{StreamDelta, ToolCallDelta};
-use crate::telemetry::metrics::Metrics;
 
 /// Bytes of released text kept as context: word boundaries and validators look back this far.
 const CONTEXT: usize = 32;
@@ -54,7 +53,7 @@ impl StreamGuard {
     }
 
     /// Appends `fragment` to the channel and returns what may be released of it, masked.
-    fn release(&mut self, key: Key, fragment: &str, last: bool) -> Result<String, GatewayError> {
+    fn release(&mut self, key: Key, fragment: &str, last: bool) -> Result<String, Blocked> {
         let guard = Arc::clone(&self.guard);
         let ch = self.channels.entry(key).or_default();
         ch.text.push_str(fragment);
@@ -116,14 +115,14 @@ impl StreamGuard {
     }
 
     /// The deltas of one upstream read with their texts held back, checked and masked.
-    pub fn deltas(&mut self, deltas: Vec<StreamDelta>) -> Result<Vec<StreamDelta>, GatewayError> {
+    pub fn deltas(&mut self, deltas: Vec<StreamDelta>) -> Result<Vec<StreamDelta>, Blocked> {
         let started = Instant::now();
         let out = self.deltas_inner(deltas);
         self.busy += started.elapsed();
         out
     }
 
-    fn deltas_inner(&mut self, deltas: Vec<StreamDelta>) -> Result<Vec<StreamDelta>, GatewayError> {
+    fn deltas_inner(&mut self, deltas: Vec<StreamDelta>) -> Result<Vec<StreamDelta>, Blocked> {
         let mut out = Vec::with_capacity(deltas.len());
         for mut d in deltas {
             if d.raw.is_some() {
@@ -163,7 +162,7 @@ impl StreamGuard {
     }
 
     /// Everything held for `d`'s choice, checked whole, into `d`.
-    fn flush_choice(&mut self, d: &mut StreamDelta) -> Result<(), GatewayError> {
+    fn flush_choice(&mut self, d: &mut StreamDelta) -> Result<(), Blocked> {
         let mut keys: Vec<Key> = self
             .channels
             .keys()
@@ -193,7 +192,7 @@ impl StreamGuard {
     }
 
     /// At the end of the stream: what is still held, as deltas.
-    pub fn finish(&mut self) -> Result<Vec<StreamDelta>, GatewayError> {
+    pub fn finish(&mut self) -> Result<Vec<StreamDelta>, Blocked> {
         let mut choices: Vec<u32> = self.channels.keys().map(|(i, _)| *i).collect();
         choices.sort_unstable();
         choices.dedup();
@@ -211,7 +210,7 @@ impl StreamGuard {
         Ok(out)
     }
 
-    fn record(&self, metrics: &Metrics) {
+    fn record(&self, metrics: &GuardrailMetrics) {
         self.guard
             .record(metrics, Phase::Response, &self.findings, self.busy);
         // The request's log line was written when the stream began: the findings have their own.
@@ -220,23 +219,23 @@ impl StreamGuard {
 
 /// `deltas` with `guard`'s response checks applied as they flow; a block ends the stream with
 /// its error item (the surface writes its dialect's error event, never its normal end).
-pub fn guard_stream(
-    deltas: impl Stream<Item = Result<Vec<StreamDelta>, GatewayError>> + Send + 'static,
+pub fn guard_stream<E: From<Blocked> + Send + 'static>(
+    deltas: impl Stream<Item = Result<Vec<StreamDelta>, E>> + Send + 'static,
     guard: Arc<Guard>,
-    metrics: Arc<Metrics>,
-) -> impl Stream<Item = Result<Vec<StreamDelta>, GatewayError>> + Send + 'static {
+    metrics: GuardrailMetrics,
+) -> impl Stream<Item = Result<Vec<StreamDelta>, E>> + Send + 'static {
     let state = Some((deltas.boxed(), StreamGuard::new(guard), metrics));
     futures::stream::unfold(state, |st| async move {
         let (mut deltas, mut g, metrics) = st?;
         loop {
             let item = match deltas.next().await {
-                Some(Ok(d)) => g.deltas(d),
+                Some(Ok(d)) => g.deltas(d).map_err(E::from),
                 Some(Err(e)) => {
                     g.record(&metrics);
                     return Some((Err(e), None));
                 }
                 None => {
-                    let rest = g.finish();
+                    let rest = g.finish().map_err(E::from);
                     g.record(&metrics);
                     return match rest {
                         Ok(d) if d.is_empty() => None,
@@ -311,7 +310,7 @@ mod tests {
     }
 
     /// What the caller sees: text and arguments of every delta joined, or the error.
-    fn run(g: &Arc<Guard>, items: Vec<StreamDelta>) -> Result<(String, String), GatewayError> {
+    fn run(g: &Arc<Guard>, items: Vec<StreamDelta>) -> Result<(String, String), Blocked> {
         let mut s = StreamGuard::new(Arc::clone(g));
         let (mut text, mut arguments) = (String::new(), String::new());
         let mut seen = |ds: Vec<StreamDelta>| {
@@ -364,7 +363,7 @@ mod tests {
     fn a_block_mid_stream_is_an_error_and_choices_are_apart() {
         let g = Arc::new(guard(POLICY));
         let e = run(&g, vec![text(0, "a night"), text(0, "jar flies")]).unwrap_err();
-        assert_eq!(e.code(), "guardrail_blocked");
+        assert_eq!(e.why, BlockReason::Matched, "{e}");
         // Two choices each holding half a key: neither is a key.
         let (t, _) = run(
             &g,

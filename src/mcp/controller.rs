@@ -29,8 +29,9 @@ use crate::controller::policy::OperatorPolicy;
 use super::McpGateway;
 use super::glob;
 use super::oauth::{ClientCredentials, TokenSource};
+use super::reply::UpstreamError;
 use super::table::{Credential, DEFAULT_VIRTUAL_SERVER, McpTable, ServerEntry};
-use super::upstream::{Discovery, UpstreamError};
+use super::upstream::Discovery;
 
 /// The status writer's field manager (the same as the Route controller's).
 const FIELD_MANAGER: &str = "portcullis-controller";

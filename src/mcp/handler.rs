@@ -19,9 +19,9 @@ use crate::dataplane::admission;
 
 use super::audit::CallRecord;
 use super::jsonrpc::{self, RATE_LIMITED, UPSTREAM_FAILED};
+use super::reply::{Reply, UpstreamError};
 use super::session::{CallerSession, nonce};
 use super::table::{self, Caller, DEFAULT_VIRTUAL_SERVER, ServerEntry};
-use super::upstream::{Reply, UpstreamError};
 use super::{McpGateway, wellknown};
 
 const SESSION_HEADER: &str = "mcp-session-id";
@@ -632,7 +632,7 @@ impl Drop for StreamAudit {
 /// The upstream's SSE answer passed on event by event until the response to `id`; a deadline
 /// or a broken stream ends it with a JSON-RPC error event instead.
 fn sse_response(
-    stream: super::upstream::MessageStream,
+    stream: super::reply::MessageStream,
     id: Value,
     deadline: tokio::time::Instant,
     audit: StreamAudit,

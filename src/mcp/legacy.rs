@@ -15,8 +15,8 @@ use tokio::sync::mpsc;
 
 use crate::providers::sse::SseParser;
 
+use super::reply::{Reply, UpstreamError};
 use super::table::ServerEntry;
-use super::upstream::{Reply, UpstreamError};
 
 /// Messages queued for one waiting request before the reader waits for it.
 const QUEUE: usize = 64;

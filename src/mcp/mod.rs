@@ -13,6 +13,7 @@ mod handler;
 mod jsonrpc;
 mod legacy;
 pub mod oauth;
+pub mod reply;
 pub mod session;
 pub mod table;
 pub mod upstream;

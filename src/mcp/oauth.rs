@@ -10,7 +10,7 @@ use base64::engine::general_purpose::STANDARD;
 use http::HeaderValue;
 use serde::Deserialize;
 
-use super::upstream::UpstreamError;
+use super::reply::UpstreamError;
 
 /// Longest token-endpoint answer read.
 const MAX_TOKEN_RESPONSE: usize = 64 * 1024;

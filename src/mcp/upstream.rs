@@ -7,7 +7,6 @@
 //! recently used session is closed to make room.
 
 use std::collections::HashMap;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,6 +20,7 @@ use serde_json::{Value, json};
 use crate::providers::sse::{SseEvent, SseParser};
 
 use super::legacy::{self, LegacySession};
+use super::reply::{MessageStream, Reply, UpstreamError};
 use super::table::{Credential, ServerEntry};
 
 const SESSION_HEADER: &str = "mcp-session-id";
@@ -28,54 +28,6 @@ const VERSION_HEADER: &str = "mcp-protocol-version";
 /// Pages of `tools/list` read at discovery, and tools kept: a server cannot make the table huge.
 const MAX_PAGES: usize = 20;
 pub const MAX_TOOLS: usize = 1000;
-
-#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
-pub enum UpstreamError {
-    #[error("the MCP server did not answer in time")]
-    Timeout,
-    #[error("the MCP server cannot be reached")]
-    Unreachable,
-    #[error("the MCP server refused the gateway's credential (HTTP {0})")]
-    Unauthorized(u16),
-    #[error("the MCP server answered HTTP {0}")]
-    Status(u16),
-    #[error("the MCP server's answer is larger than {0} bytes")]
-    TooLarge(usize),
-    #[error("the MCP server's answer is not valid MCP: {0}")]
-    Malformed(&'static str),
-    #[error("the MCP server closed the stream before answering")]
-    Closed,
-    #[error("the MCP server answered initialize with an error: {0}")]
-    Initialize(String),
-    #[error("the OAuth token endpoint refused the client credentials (HTTP {0})")]
-    TokenRefused(u16),
-    #[error("the OAuth token endpoint cannot be reached or answered badly")]
-    TokenUnavailable,
-}
-
-impl UpstreamError {
-    /// The metric and audit word.
-    pub fn outcome(&self) -> &'static str {
-        match self {
-            UpstreamError::Timeout => "timeout",
-            UpstreamError::Unauthorized(_) | UpstreamError::TokenRefused(_) => {
-                "upstream_unauthorized"
-            }
-            _ => "upstream_error",
-        }
-    }
-}
-
-/// JSON-RPC messages from an SSE answer, one by one.
-pub type MessageStream = Pin<Box<dyn Stream<Item = Result<Value, UpstreamError>> + Send>>;
-
-/// An upstream's answer to a request.
-pub enum Reply {
-    /// A plain JSON answer: the response (or error) message.
-    Json(Value),
-    /// An SSE answer: notifications (progress) and then the response.
-    Stream(MessageStream),
-}
 
 #[derive(Clone)]
 struct Opened {

@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 
 use futures::{Stream, StreamExt};
 
-use super::invocation::ServingRoute;
+use super::serving::ServingRoute;
 use crate::cache::{CacheStatus, Lookup, Recorder, Ticket, scope_of};
 use crate::cost::{Tokens, Usd};
 use crate::dataplane::AppState;

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use futures::{Stream, StreamExt};
 
-use super::invocation::ServingRoute;
+use super::serving::ServingRoute;
 use crate::access::Identity;
 use crate::api::Reason;
 use crate::dataplane::AppState;
@@ -71,7 +71,12 @@ pub fn check_request<'a>(
         let mut masked = out.as_ref().clone();
         let mut findings = Vec::new();
         let verdict = request::check_request(guard, &mut masked, &mut findings);
-        note(guard.record(&state.metrics, Phase::Request, &findings, started.elapsed()));
+        note(guard.record(
+            &state.metrics.guardrails,
+            Phase::Request,
+            &findings,
+            started.elapsed(),
+        ));
         verdict.map_err(|f| guard.blocked(f, Phase::Request, BlockReason::Matched))?;
         if masked != *out {
             out = Cow::Owned(masked);
@@ -118,12 +123,12 @@ fn check_answer_with(
         )),
     };
     note(guard.record(
-        &state.metrics,
+        &state.metrics.guardrails,
         Phase::Response,
         &findings,
         started.elapsed(),
     ));
-    verdict
+    Ok(verdict?)
 }
 
 /// The stream with the call's response checks applied as it flows (each guard's hold-back in
@@ -137,7 +142,8 @@ pub fn check_stream(
         .guards()
         .filter(|g| g.response)
         .fold(deltas.boxed(), |deltas, guard| {
-            stream::guard_stream(deltas, Arc::clone(guard), Arc::clone(&state.metrics)).boxed()
+            stream::guard_stream(deltas, Arc::clone(guard), state.metrics.guardrails.clone())
+                .boxed()
         })
 }
 

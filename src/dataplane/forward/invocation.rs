@@ -12,9 +12,9 @@ use super::cached::{self, Cached, Recording};
 use super::metering::{
     Priced, StreamObserver, answer_chars, record_cost, record_error, record_usage,
 };
+use super::serving::ServingRoute;
 use super::tries::Tries;
 use super::upstream::{call_once, open_stream, provider_error};
-use crate::access::Identity;
 use crate::api::RouteType;
 use crate::cost::Tokens;
 use crate::dataplane::AppState;
@@ -26,28 +26,7 @@ use crate::llm::{
     NativeAnswer, StreamDelta,
 };
 use crate::providers::{join_embeddings, split_inputs};
-use crate::table::{Backend, Backends, RouteEntry, RouteState};
-
-/// A route looked up for serving: the entry is held by `Arc`, so a table swap during the call is harmless.
-pub struct ServingRoute {
-    pub entry: Arc<RouteEntry>,
-    pub(super) backends: Arc<Backends>,
-    pub(super) caller: Option<Identity>,
-    /// The guards of the caller's Teams on this route, after the route's own (`entry.guard`);
-    /// empty (no allocation) unless some Team names GuardrailPolicies.
-    pub(super) team_guards: Vec<Arc<crate::guardrails::Guard>>,
-}
-
-impl ServingRoute {
-    /// The providers of the route's backends (a surface passes provider-only fields through only
-    /// when every backend understands them).
-    pub fn providers(&self) -> impl Iterator<Item = crate::api::Provider> + '_ {
-        self.backends
-            .list
-            .iter()
-            .map(|b| b.upstream.adapter.info().provider)
-    }
-}
+use crate::table::{Backend, RouteState};
 
 /// Finds `name` for its caller (see `admission::authorize`) and checks it can serve `route_type`.
 pub async fn lookup(
