@@ -95,16 +95,16 @@ pub(super) fn replayed(
 /// or a cut: those end the recording).
 pub(super) struct Recording<S> {
     inner: S,
-    recording: Option<(Ticket, Recorder)>,
-    model: String,
+    /// The ticket, what was seen, and the model a stored answer is named after when its chunks
+    /// do not name one; `None` when the call is not stored (nothing copied).
+    recording: Option<(Ticket, Recorder, String)>,
 }
 
 impl<S> Recording<S> {
-    pub(super) fn new(inner: S, ticket: Option<Ticket>, model: String) -> Self {
+    pub(super) fn new(inner: S, ticket: Option<Ticket>, model: &str) -> Self {
         Recording {
             inner,
-            recording: ticket.map(|t| (t, Recorder::default())),
-            model,
+            recording: ticket.map(|t| (t, Recorder::default(), model.to_string())),
         }
     }
 }
@@ -119,14 +119,14 @@ where
         let item = futures::ready!(self.inner.poll_next_unpin(cx));
         match &item {
             Some(Ok(deltas)) => {
-                if let Some((ticket, recorder)) = &mut self.recording {
+                if let Some((ticket, recorder, _)) = &mut self.recording {
                     recorder.see(deltas, ticket.max_bytes);
                 }
             }
             Some(Err(_)) => self.recording = None,
             None => {
-                if let Some((ticket, recorder)) = self.recording.take()
-                    && let Some(answer) = recorder.finish(&self.model)
+                if let Some((ticket, recorder, model)) = self.recording.take()
+                    && let Some(answer) = recorder.finish(&model)
                 {
                     ticket.store(&answer);
                 }

@@ -132,19 +132,20 @@ fn check_answer_with(
 }
 
 /// The stream with the call's response checks applied as it flows (each guard's hold-back in
-/// turn: a Team's checks read what the route's released).
+/// turn: a Team's checks read what the route's released); passed on as it is, unboxed, when the
+/// call has none.
 pub fn check_stream(
     state: &AppState,
     route: &ServingRoute,
     deltas: impl Stream<Item = Result<Vec<StreamDelta>, GatewayError>> + Send + 'static,
-) -> futures::stream::BoxStream<'static, Result<Vec<StreamDelta>, GatewayError>> {
-    route
-        .guards()
-        .filter(|g| g.response)
-        .fold(deltas.boxed(), |deltas, guard| {
-            stream::guard_stream(deltas, Arc::clone(guard), state.metrics.guardrails.clone())
-                .boxed()
-        })
+) -> impl Stream<Item = Result<Vec<StreamDelta>, GatewayError>> + Send + 'static {
+    let mut guards = route.guards().filter(|g| g.response).peekable();
+    if guards.peek().is_none() {
+        return futures::future::Either::Left(deltas);
+    }
+    futures::future::Either::Right(guards.fold(deltas.boxed(), |deltas, guard| {
+        stream::guard_stream(deltas, Arc::clone(guard), state.metrics.guardrails.clone()).boxed()
+    }))
 }
 
 fn note(summary: Option<String>) {

@@ -328,6 +328,6 @@ pub async fn invoke_stream(
         item
     });
     let deltas = super::guarded::check_stream(state, route, deltas);
-    let deltas = Recording::new(deltas, ticket, model.clone());
+    let deltas = Recording::new(deltas, ticket, &model);
     Ok((futures::future::Either::Right(deltas), model))
 }
