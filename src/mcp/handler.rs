@@ -477,10 +477,7 @@ async fn tools_call(
     request_bytes: usize,
 ) -> Response {
     let started = Instant::now();
-    let name = message["params"]["name"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let name = param(&message, "name");
     // A tool the caller may not call is exactly as unknown as a missing one.
     let Some((server, tool)) = admitted.visible_tool(state, &name) else {
         return unknown(&id, "tool", &name);
@@ -782,10 +779,7 @@ async fn prompts_get(
     id: Value,
     mut message: Value,
 ) -> Response {
-    let name = message["params"]["name"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let name = param(&message, "name");
     let found = table::split(&name).and_then(|(s, p)| Some((admitted.whole_server(state, s)?, p)));
     let Some((server, prompt)) = found else {
         return unknown(&id, "prompt", &name);
@@ -801,10 +795,7 @@ async fn resources_read(
     id: Value,
     mut message: Value,
 ) -> Response {
-    let uri = message["params"]["uri"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let uri = param(&message, "uri");
     let found = uri
         .split_once('+')
         .and_then(|(s, u)| Some((admitted.whole_server(state, s)?, u)));
@@ -868,4 +859,13 @@ async fn delete(state: Arc<AppState>, target: Target, headers: HeaderMap) -> Res
         }
         Err(refusal) => refusal.render(&headers),
     }
+}
+
+/// A string parameter of a request (empty when absent or not a string), owned: the message is
+/// rewritten after it is read.
+fn param(message: &Value, field: &str) -> String {
+    message["params"][field]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
 }
