@@ -254,6 +254,7 @@ pub struct SourceHandles {
 /// A bound, not yet serving data plane.
 pub struct DataPlane {
     state: Arc<AppState>,
+    mcp: Arc<crate::mcp::McpGateway>,
     api_keys: SharedApiKeys,
     listener: tokio::net::TcpListener,
     metrics_listener: tokio::net::TcpListener,
@@ -324,7 +325,6 @@ impl DataPlane {
             via,
             anonymous_team: args.anonymous_team.as_deref().map(Arc::from),
             cache,
-            mcp,
         });
         let listener = tokio::net::TcpListener::bind(listen)
             .await
@@ -355,6 +355,7 @@ impl DataPlane {
         );
         Ok(DataPlane {
             state,
+            mcp,
             api_keys,
             listener,
             metrics_listener,
@@ -377,7 +378,7 @@ impl DataPlane {
 
     /// The MCP gateway, for its controller.
     pub fn mcp(&self) -> Arc<crate::mcp::McpGateway> {
-        self.state.mcp.clone()
+        self.mcp.clone()
     }
 
     /// Serves until SIGTERM/SIGINT and the drain are over, or until `source` ends by itself (its
@@ -390,6 +391,7 @@ impl DataPlane {
     ) -> Result<(), StartError> {
         let DataPlane {
             state,
+            mcp,
             listener,
             metrics_listener,
             settings,
@@ -418,8 +420,17 @@ impl DataPlane {
             }
         });
 
+        // MCP beside the LLM routes, sharing the (per-worker) state: the data plane never names MCP.
+        let router = move |app: Arc<AppState>| {
+            let gateway = mcp.clone();
+            let mcp = crate::mcp::routes(crate::mcp::McpState {
+                app: app.clone(),
+                gateway,
+            });
+            dataplane::router(app, mcp)
+        };
         let placement = match settings.workers {
-            0 => Placement::Here(dataplane::router(state)),
+            0 => Placement::Here(router(state)),
             n => {
                 let (base, timeout) = ((*state).clone(), settings.upstream_timeout);
                 let egress = settings.egress.clone();
@@ -427,7 +438,7 @@ impl DataPlane {
                     // A pool per worker keeps each upstream connection on the thread that uses it.
                     let http = dataplane::http_client(timeout, &egress)
                         .unwrap_or_else(|_| base.http.clone());
-                    dataplane::router(Arc::new(AppState {
+                    router(Arc::new(AppState {
                         http,
                         ..base.clone()
                     }))

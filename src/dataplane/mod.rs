@@ -72,8 +72,6 @@ pub struct AppState {
     pub anonymous_team: Option<Arc<str>>,
     /// The response cache of Routes with `spec.cache`.
     pub cache: Arc<crate::cache::Cache>,
-    /// The MCP gateway (`/mcp`): its table, sessions and upstream sessions.
-    pub mcp: Arc<crate::mcp::McpGateway>,
 }
 
 /// Bounds on what a provider may send back: nothing from outside is trusted to be small or quick.
@@ -128,7 +126,9 @@ pub fn http_client(
         .build()
 }
 
-pub fn router(state: Arc<AppState>) -> Router {
+/// The data plane's routes, with `beside` (routes of other gateways, such as MCP's) under the same
+/// fallbacks and middleware.
+pub fn router(state: Arc<AppState>, beside: Router<Arc<AppState>>) -> Router {
     Router::new()
         .route("/api/2.0/gateway/routes/", get(listing::list::<Routes>))
         .route("/api/2.0/gateway/routes", get(listing::list::<Routes>))
@@ -175,7 +175,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/health", get(health::health))
-        .merge(crate::mcp::routes())
+        .merge(beside)
         .method_not_allowed_fallback(|OriginalUri(uri): OriginalUri| async move {
             error::for_path(uri.path(), GatewayError::MethodNotAllowed)
         })

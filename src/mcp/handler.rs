@@ -13,8 +13,8 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 use rmcp::model::{ErrorCode, ProtocolVersion};
 use serde_json::{Value, json};
 
+use super::McpState;
 use crate::access::{AuthError, Identity};
-use crate::dataplane::AppState;
 use crate::dataplane::admission;
 
 use super::audit::CallRecord;
@@ -42,7 +42,7 @@ pub struct Target {
 }
 
 pub async fn post_default(
-    State(state): State<Arc<AppState>>,
+    State(state): State<McpState>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -54,7 +54,7 @@ pub async fn post_default(
 }
 
 pub async fn post_named(
-    State(state): State<Arc<AppState>>,
+    State(state): State<McpState>,
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Body,
@@ -67,7 +67,7 @@ pub async fn post_named(
 }
 
 pub async fn post_qualified(
-    State(state): State<Arc<AppState>>,
+    State(state): State<McpState>,
     Path((namespace, name)): Path<(String, String)>,
     headers: HeaderMap,
     body: Body,
@@ -88,7 +88,7 @@ pub async fn get() -> Response {
         .into_response()
 }
 
-pub async fn delete_default(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+pub async fn delete_default(State(state): State<McpState>, headers: HeaderMap) -> Response {
     let target = Target {
         namespace: None,
         name: DEFAULT_VIRTUAL_SERVER.into(),
@@ -97,7 +97,7 @@ pub async fn delete_default(State(state): State<Arc<AppState>>, headers: HeaderM
 }
 
 pub async fn delete_named(
-    State(state): State<Arc<AppState>>,
+    State(state): State<McpState>,
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Response {
@@ -109,7 +109,7 @@ pub async fn delete_named(
 }
 
 pub async fn delete_qualified(
-    State(state): State<Arc<AppState>>,
+    State(state): State<McpState>,
     Path((namespace, name)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
@@ -140,19 +140,20 @@ impl Admitted {
 
     fn visible_tool(
         &self,
-        state: &AppState,
+        state: &McpState,
         prefixed: &str,
     ) -> Option<(&Arc<ServerEntry>, String)> {
         let (server, tool) = table::split(prefixed)?;
         let entry = self.servers.iter().find(|s| s.name == server)?;
-        (entry.tool(tool).is_some() && entry.grants(state.auth.default_access, self.who(), tool))
-            .then(|| (entry, tool.to_string()))
+        (entry.tool(tool).is_some()
+            && entry.grants(state.app.auth.default_access, self.who(), tool))
+        .then(|| (entry, tool.to_string()))
     }
 
-    fn whole_server(&self, state: &AppState, name: &str) -> Option<&Arc<ServerEntry>> {
+    fn whole_server(&self, state: &McpState, name: &str) -> Option<&Arc<ServerEntry>> {
         self.servers
             .iter()
-            .find(|s| s.name == name && s.grants_all(state.auth.default_access, self.who()))
+            .find(|s| s.name == name && s.grants_all(state.app.auth.default_access, self.who()))
     }
 }
 
@@ -192,8 +193,8 @@ impl Refusal {
     }
 }
 
-async fn admit(state: &AppState, target: &Target) -> Result<Admitted, Refusal> {
-    let caller = match admission::authenticate(state).await {
+async fn admit(state: &McpState, target: &Target) -> Result<Admitted, Refusal> {
+    let caller = match admission::authenticate(&state.app).await {
         Err(AuthError::Invalid(why)) if why.is_token() => {
             return Err(Refusal::InvalidToken(why.to_string()));
         }
@@ -207,10 +208,10 @@ async fn admit(state: &AppState, target: &Target) -> Result<Admitted, Refusal> {
         | (None, Some(Identity::Consumer { namespace, .. })) => namespace.clone(),
         (None, None) => return Err(Refusal::Unauthenticated),
     };
-    let default = state.auth.default_access;
+    let default = state.app.auth.default_access;
     let teams: Vec<String> = caller
         .as_ref()
-        .map(|c| state.table.load().teams.of(c))
+        .map(|c| state.app.table.load().teams.of(c))
         .unwrap_or_default()
         .iter()
         .map(|t| t.name.clone())
@@ -220,7 +221,7 @@ async fn admit(state: &AppState, target: &Target) -> Result<Admitted, Refusal> {
         teams: &teams,
     };
     let servers: Vec<Arc<ServerEntry>> = state
-        .mcp
+        .gateway
         .table
         .load()
         .virtual_server(&namespace, &target.name)
@@ -268,12 +269,12 @@ fn session_of(
     }
 }
 
-async fn post(state: Arc<AppState>, target: Target, headers: HeaderMap, body: Body) -> Response {
+async fn post(state: McpState, target: Target, headers: HeaderMap, body: Body) -> Response {
     let admitted = match admit(&state, &target).await {
         Ok(a) => a,
         Err(refusal) => return refusal.render(&headers),
     };
-    let gateway = &state.mcp;
+    let gateway = &state.gateway;
     let bytes = match axum::body::to_bytes(body, gateway.max_request).await {
         Ok(b) => b,
         Err(_) => {
@@ -423,7 +424,7 @@ fn initialize(
 }
 
 async fn notification(
-    state: &AppState,
+    state: &McpState,
     admitted: &Admitted,
     session: &CallerSession,
     method: &str,
@@ -435,13 +436,13 @@ async fn notification(
         let calls = admitted
             .servers
             .iter()
-            .map(|s| state.mcp.upstreams.notify(s, &session.n, message));
+            .map(|s| state.gateway.upstreams.notify(s, &session.n, message));
         futures::future::join_all(calls).await;
     }
 }
 
-fn tools_list(state: &AppState, admitted: &Admitted, id: &Value) -> Response {
-    let default = state.auth.default_access;
+fn tools_list(state: &McpState, admitted: &Admitted, id: &Value) -> Response {
+    let default = state.app.auth.default_access;
     let mut tools = Vec::new();
     for server in &admitted.servers {
         for tool in &server.tools {
@@ -469,7 +470,7 @@ fn unknown(id: &Value, what: &str, name: &str) -> Response {
 }
 
 async fn tools_call(
-    state: &AppState,
+    state: &McpState,
     admitted: &Admitted,
     session: &CallerSession,
     id: Value,
@@ -498,6 +499,7 @@ async fn tools_call(
     };
     let qualified_tool = format!("{}/{tool}", server.qualified);
     if let Err(limited) = state
+        .app
         .limits
         .admit_tool(
             &qualified_tool,
@@ -506,7 +508,7 @@ async fn tools_call(
         )
         .await
     {
-        record("rate_limited", 0).log(&state.metrics.mcp);
+        record("rate_limited", 0).log(&state.app.metrics.mcp);
         let reset = crate::limits::utc_text(
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -523,26 +525,29 @@ async fn tools_call(
         );
     }
     message["params"]["name"] = Value::String(tool.clone());
-    if state.mcp.log_payloads {
+    if state.gateway.log_payloads {
         tracing::info!(server = %server.qualified, tool = %tool, arguments = %message["params"]["arguments"], "mcp tools/call arguments");
     }
     let deadline = tokio::time::Instant::now() + server.timeout;
     let reply = tokio::time::timeout_at(
         deadline,
-        state.mcp.upstreams.request(&server, &session.n, &message),
+        state
+            .gateway
+            .upstreams
+            .request(&server, &session.n, &message),
     )
     .await
     .unwrap_or(Err(UpstreamError::Timeout));
     match reply {
         Err(e) => {
-            record(e.outcome(), 0).log(&state.metrics.mcp);
-            state.mcp.nudge.notify_one();
+            record(e.outcome(), 0).log(&state.app.metrics.mcp);
+            state.gateway.nudge.notify_one();
             upstream_failed(&id, &server, &e)
         }
         Ok(Reply::Json(answer)) => {
             let bytes = serde_json::to_vec(&answer).unwrap_or_default();
-            record(outcome_of(&answer), bytes.len()).log(&state.metrics.mcp);
-            if state.mcp.log_payloads {
+            record(outcome_of(&answer), bytes.len()).log(&state.app.metrics.mcp);
+            if state.gateway.log_payloads {
                 tracing::info!(server = %server.qualified, tool = %tool, result = %answer, "mcp tools/call result");
             }
             (
@@ -557,7 +562,7 @@ async fn tools_call(
         }
         Ok(Reply::Stream(stream)) => {
             let audit = StreamAudit {
-                metrics: state.metrics.clone(),
+                metrics: state.app.metrics.clone(),
                 caller: if admitted.consumer.is_empty() {
                     "anonymous".into()
                 } else {
@@ -569,7 +574,7 @@ async fn tools_call(
                 request_bytes,
                 response_bytes: 0,
                 outcome: None,
-                log_payloads: state.mcp.log_payloads,
+                log_payloads: state.gateway.log_payloads,
             };
             sse_response(stream, id, deadline, audit)
         }
@@ -701,14 +706,14 @@ fn error_message(id: &Value, server: &ServerEntry, e: &UpstreamError) -> Value {
 /// A list method asked of every server the caller may use whole, names (or URIs) prefixed by
 /// their server. A server that fails is left out (and logged), not the whole answer.
 async fn fan_out(
-    state: &AppState,
+    state: &McpState,
     admitted: &Admitted,
     session: &CallerSession,
     id: &Value,
     method: &str,
     key: &str,
 ) -> Response {
-    let default = state.auth.default_access;
+    let default = state.app.auth.default_access;
     let servers: Vec<_> = admitted
         .servers
         .iter()
@@ -720,11 +725,11 @@ async fn fan_out(
         async move {
             let call = async {
                 let reply = state
-                    .mcp
+                    .gateway
                     .upstreams
                     .request(server, &session.n, request)
                     .await?;
-                state.mcp.upstreams.answer(reply, id).await
+                state.gateway.upstreams.answer(reply, id).await
             };
             let answer = tokio::time::timeout(server.timeout, call)
                 .await
@@ -773,7 +778,7 @@ fn rename(item: &mut Value, server: &str) {
 }
 
 async fn prompts_get(
-    state: &AppState,
+    state: &McpState,
     admitted: &Admitted,
     session: &CallerSession,
     id: Value,
@@ -789,7 +794,7 @@ async fn prompts_get(
 }
 
 async fn resources_read(
-    state: &AppState,
+    state: &McpState,
     admitted: &Admitted,
     session: &CallerSession,
     id: Value,
@@ -816,7 +821,7 @@ async fn resources_read(
 
 /// One request to one server, its answer (adjusted by `fix`) returned as JSON.
 async fn forward(
-    state: &AppState,
+    state: &McpState,
     server: &Arc<ServerEntry>,
     session: &CallerSession,
     id: Value,
@@ -825,11 +830,11 @@ async fn forward(
 ) -> Response {
     let call = async {
         let reply = state
-            .mcp
+            .gateway
             .upstreams
             .request(server, &session.n, &message)
             .await?;
-        state.mcp.upstreams.answer(reply, &id).await
+        state.gateway.upstreams.answer(reply, &id).await
     };
     match tokio::time::timeout(server.timeout, call)
         .await
@@ -843,15 +848,15 @@ async fn forward(
     }
 }
 
-async fn delete(state: Arc<AppState>, target: Target, headers: HeaderMap) -> Response {
+async fn delete(state: McpState, target: Target, headers: HeaderMap) -> Response {
     let admitted = match admit(&state, &target).await {
         Ok(a) => a,
         Err(refusal) => return refusal.render(&headers),
     };
-    match session_of(&state.mcp, &headers, &admitted, &target) {
+    match session_of(&state.gateway, &headers, &admitted, &target) {
         Ok(session) => {
             state
-                .mcp
+                .gateway
                 .upstreams
                 .close(&admitted.servers, &session.n)
                 .await;

@@ -26,7 +26,15 @@ use axum::routing::{get, post};
 
 use crate::dataplane::AppState;
 
-/// The MCP side of the data plane's shared state.
+/// What the MCP handlers read: the data plane's identities, table and metrics, and the gateway.
+/// Its own state (not a field of `AppState`) keeps the data plane unaware of MCP.
+#[derive(Clone)]
+pub struct McpState {
+    pub app: Arc<AppState>,
+    pub gateway: Arc<McpGateway>,
+}
+
+/// The MCP gateway: its table, sessions and upstream sessions.
 pub struct McpGateway {
     pub table: table::SharedMcpTable,
     pub sessions: session::Sealer,
@@ -87,8 +95,8 @@ impl McpGateway {
     }
 }
 
-/// The MCP routes of the data plane.
-pub fn routes() -> Router<Arc<AppState>> {
+/// The MCP routes, served beside the data plane's (see `dataplane::router`).
+pub fn routes<S>(state: McpState) -> Router<S> {
     Router::new()
         .route(
             "/mcp",
@@ -113,4 +121,5 @@ pub fn routes() -> Router<Arc<AppState>> {
             "/.well-known/oauth-protected-resource/{*resource}",
             get(wellknown::metadata),
         )
+        .with_state(state)
 }

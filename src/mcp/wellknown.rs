@@ -2,15 +2,13 @@
 //! OAuth protected-resource metadata (RFC 9728), which is served here, so standard MCP clients
 //! know the gateway wants a bearer token and where to get one.
 
-use std::sync::Arc;
-
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use rmcp::model::ErrorCode;
 use serde_json::json;
 
-use crate::dataplane::AppState;
+use super::McpState;
 
 pub const METADATA_PATH: &str = "/.well-known/oauth-protected-resource";
 
@@ -57,14 +55,14 @@ pub fn unauthorized(headers: &HeaderMap, why: Option<String>) -> Response {
 }
 
 /// The protected-resource metadata document.
-pub async fn metadata(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+pub async fn metadata(State(state): State<McpState>, headers: HeaderMap) -> Response {
     let mut doc = json!({
         "resource": format!("{}/mcp", origin(&headers)),
         "bearer_methods_supported": ["header"],
         "resource_name": "Portcullis MCP gateway",
     });
-    if !state.mcp.authorization_servers.is_empty() {
-        doc["authorization_servers"] = json!(state.mcp.authorization_servers);
+    if !state.gateway.authorization_servers.is_empty() {
+        doc["authorization_servers"] = json!(state.gateway.authorization_servers);
     }
     (
         [(

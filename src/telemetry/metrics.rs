@@ -133,7 +133,7 @@ pub struct Metrics {
     pub cache: CacheMetrics,
     pub guardrails: crate::guardrails::metrics::GuardrailMetrics,
     pub pools: PoolMetrics,
-    pub mcp: crate::mcp::audit::McpMetrics,
+    pub mcp: super::mcp::McpMetrics,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -470,7 +470,7 @@ impl Metrics {
         let cache = CacheMetrics::register(&mut registry);
         let guardrails = crate::guardrails::metrics::GuardrailMetrics::register(&mut registry);
         let pools = PoolMetrics::register(&mut registry);
-        let mcp = crate::mcp::audit::McpMetrics::register(&mut registry);
+        let mcp = super::mcp::McpMetrics::register(&mut registry);
         Metrics {
             guardrails,
             pools,

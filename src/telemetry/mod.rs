@@ -2,6 +2,7 @@
 //! exist inside `SecretValue`, whose `Debug`/`Display` print a redaction, and no prompt is recorded.
 
 mod batch;
+pub mod mcp;
 pub mod metrics;
 pub mod tracecontext;
 
