@@ -102,6 +102,22 @@ impl Intake {
     }
 }
 
+tokio::task_local! {
+    /// The request the listener is taking in, for the middleware that hands it to the surface:
+    /// a task-local around the router's call costs no allocation, a request extension two.
+    static CURRENT: Arc<Intake>;
+}
+
+/// Runs `f` (the router's handling of one request) with `intake` as the current request's.
+pub fn scope<F: Future>(intake: Arc<Intake>, f: F) -> impl Future<Output = F::Output> {
+    CURRENT.scope(intake, f)
+}
+
+/// The current request's intake, when served through the listener.
+pub fn current() -> Option<Arc<Intake>> {
+    CURRENT.try_with(Arc::clone).ok()
+}
+
 impl Drop for Intake {
     fn drop(&mut self) {
         self.release();

@@ -355,7 +355,7 @@ fn is_probe(path: &str) -> bool {
 impl ConnectionService {
     fn call(
         &self,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
     ) -> impl Future<Output = Result<Response<Body>, Infallible>> + Send + use<> {
         let intake = Arc::new(Intake::new(self.budget.clone()));
         let guard = self.activity.begin(intake.clone());
@@ -370,9 +370,8 @@ impl ConnectionService {
             ended: false,
             inner: None,
         };
-        req.extensions_mut().insert(intake);
         let router = self.router.clone();
-        async move {
+        super::intake::scope(intake, async move {
             let req = req.map(|b| {
                 Body::new(Inbound {
                     inner: Some(b),
@@ -389,7 +388,7 @@ impl ConnectionService {
                     _guard: guard,
                 })
             }))
-        }
+        })
     }
 }
 

@@ -12,12 +12,13 @@ use axum::middleware::Next;
 use axum::response::Response;
 use http::{HeaderName, HeaderValue};
 use tracing::field::Empty;
-use tracing::{Instrument, Span, debug, info};
+use tracing::{Instrument, Span, debug};
 
 use super::AppState;
 use crate::access::Bearer;
 use crate::llm::Usage;
 use crate::telemetry::metrics::RequestLabels;
+use crate::telemetry::requestlog::{self, RequestLine};
 use crate::telemetry::tracecontext::{self, TRACEPARENT};
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -187,11 +188,7 @@ fn request_id(req: &Request) -> HeaderValue {
         })
 }
 
-pub async fn middleware(
-    State(state): State<Arc<AppState>>,
-    mut req: Request,
-    next: Next,
-) -> Response {
+pub async fn middleware(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let started = Instant::now();
     let id = request_id(&req);
     let surface = surface(req.uri().path());
@@ -203,7 +200,7 @@ pub async fn middleware(
     let call = CallInfo {
         caller_traceparent: req.headers().get(TRACEPARENT).cloned(),
         via: req.headers().get(super::via::VIA).cloned(),
-        intake: req.extensions_mut().remove::<Arc<super::intake::Intake>>(),
+        intake: super::intake::current(),
         cache_directive: crate::cache::Directive::from_headers(
             req.headers().get(http::header::CACHE_CONTROL),
             req.headers().get(crate::cache::TTL_HEADER),
@@ -299,25 +296,25 @@ pub async fn middleware(
             span.record("portcullis.attempts", a.attempts);
         }
     }
-    info!(
+    let cost = call.cost.as_ref().map(|c| c as &dyn std::fmt::Display);
+    requestlog::log(&RequestLine {
         request_id,
-        %method,
+        method: method.as_str(),
         path,
         surface,
-        route = call.route.as_deref().unwrap_or_default(),
-        provider = call.provider.unwrap_or_default(),
-        consumer = call.consumer.as_deref().unwrap_or_default(),
-        backend = call.answered.as_ref().map(|a| &*a.backend),
-        attempts = call.answered.as_ref().map(|a| a.attempts),
+        route: call.route.as_deref().unwrap_or_default(),
+        provider: call.provider.unwrap_or_default(),
+        consumer: call.consumer.as_deref().unwrap_or_default(),
+        backend: call.answered.as_ref().map(|a| &*a.backend),
+        attempts: call.answered.as_ref().map(|a| a.attempts),
         status,
-        latency_ms = elapsed.as_secs_f64() * 1000.0,
-        prompt_tokens = usage.prompt_tokens,
-        completion_tokens = usage.completion_tokens,
-        cost_usd = call.cost.map(tracing::field::display),
-        cache = call.cache.map(|(s, _)| s.as_str()),
-        guardrail = call.guardrail.as_deref(),
-        "request"
-    );
+        latency_ms: elapsed.as_secs_f64() * 1000.0,
+        prompt_tokens: usage.prompt_tokens,
+        completion_tokens: usage.completion_tokens,
+        cost_usd: cost,
+        cache: call.cache.map(|(s, _)| s.as_str()),
+        guardrail: call.guardrail.as_deref(),
+    });
     response
 }
 

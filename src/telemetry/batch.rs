@@ -112,6 +112,13 @@ impl Write for &Shared {
     }
 }
 
+impl BatchWriter {
+    /// Appends one whole line (the request log's own formatter writes here).
+    pub fn write_line(&self, line: &[u8]) {
+        let _ = (&*self.0).write(line);
+    }
+}
+
 impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for BatchWriter {
     type Writer = &'a Shared;
 

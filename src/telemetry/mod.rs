@@ -4,6 +4,7 @@
 mod batch;
 pub mod mcp;
 pub mod metrics;
+pub mod requestlog;
 pub mod tracecontext;
 
 use std::io::IsTerminal;
@@ -53,6 +54,7 @@ pub fn init(
         .map_err(|e| TelemetryError(format!("cannot start the log writer: {e}")))?;
     // Colours only for a terminal: a pod's log is a file, where escape codes are noise, and
     // painting every field costs a tenth of a proxied call's instructions.
+    requestlog::install(format == LogFormat::Json, writer.clone());
     let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(writer);
