@@ -1,21 +1,53 @@
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+
+use http::HeaderValue;
 
 /// A credential value. Its `Debug` and `Display` print a redaction, so it cannot leak through logs.
-#[derive(Clone, PartialEq, Eq)]
-pub struct SecretValue(Arc<str>);
+#[derive(Clone)]
+pub struct SecretValue(Arc<Secret>);
+
+struct Secret {
+    value: Box<str>,
+    /// `Bearer <value>` as a sensitive header value, made on first use and shared by every call
+    /// after it (the OpenAI family sends it on each request).
+    bearer: OnceLock<Option<HeaderValue>>,
+}
 
 impl SecretValue {
-    pub fn new(value: impl Into<Arc<str>>) -> Self {
-        SecretValue(value.into())
+    pub fn new(value: impl AsRef<str>) -> Self {
+        SecretValue(Arc::new(Secret {
+            value: value.as_ref().into(),
+            bearer: OnceLock::new(),
+        }))
     }
 
     /// The raw value, for the outgoing request only.
     pub fn expose(&self) -> &str {
-        &self.0
+        &self.0.value
+    }
+
+    /// `Authorization: Bearer <value>`; `None` when the value holds characters a header cannot.
+    pub fn bearer(&self) -> Option<HeaderValue> {
+        self.0
+            .bearer
+            .get_or_init(|| {
+                let mut v = HeaderValue::try_from(format!("Bearer {}", self.0.value)).ok()?;
+                v.set_sensitive(true);
+                Some(v)
+            })
+            .clone()
     }
 }
+
+impl PartialEq for SecretValue {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.value == other.0.value
+    }
+}
+
+impl Eq for SecretValue {}
 
 impl fmt::Debug for SecretValue {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -40,6 +72,10 @@ impl Credentials {
 
     pub fn get(&self, key: &str) -> Option<&str> {
         self.0.get(key).map(SecretValue::expose)
+    }
+
+    pub fn secret(&self, key: &str) -> Option<&SecretValue> {
+        self.0.get(key)
     }
 
     /// Replaces every credential value (and any long fragment of one) in `text` with a redaction.

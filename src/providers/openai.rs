@@ -77,17 +77,12 @@ impl ProviderAdapter for OpenAi {
 /// JSON headers plus `Authorization: Bearer <key>` when the route has a key.
 pub(super) fn bearer_headers(target: &Target) -> Result<HeaderMap, ProviderError> {
     let mut headers = json_headers();
-    if let Some(key) = target.credentials.get(API_KEY) {
-        // Built in one buffer the header value takes over: no formatted copy of the key.
-        let mut value = bytes::BytesMut::with_capacity(7 + key.len());
-        value.extend_from_slice(b"Bearer ");
-        value.extend_from_slice(key.as_bytes());
-        let mut value = HeaderValue::from_maybe_shared(value.freeze()).map_err(|_| {
+    if let Some(key) = target.credentials.secret(API_KEY) {
+        let value = key.bearer().ok_or_else(|| {
             ProviderError::Unsupported(
                 "the credential holds characters not allowed in a header".into(),
             )
         })?;
-        value.set_sensitive(true);
         headers.insert(header::AUTHORIZATION, value);
     }
     Ok(headers)

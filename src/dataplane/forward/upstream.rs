@@ -187,22 +187,30 @@ pub(super) async fn send(
         crate::dataplane::via::VIA,
         state.via.upstream_value(observe::caller_via().as_ref()),
     );
-    let call = match (upstream.url(&built.url), to) {
+    let url = match (upstream.url(&built.url), to) {
         (Some(mut url), Some(to)) => {
             // A pool upstream's URL is `http://pool.invalid/...`: always has a host to replace.
             let _ = url.set_ip_host(to.ip());
             let _ = url.set_port(Some(to.port()));
-            state.http.request(built.method, url)
+            url
         }
-        (Some(url), None) => state.http.request(built.method, url),
-        (None, _) => state.http.request(built.method, built.url),
+        (Some(url), None) => url,
+        (None, _) => {
+            let provider = upstream.adapter.info().provider;
+            return Err(GatewayError::UpstreamUnreachable(format!(
+                "the request to the {provider} provider failed"
+            )));
+        }
     };
-    let mut call = call.headers(built.headers).body(built.body);
-    if let Some(t) = timeout {
-        call = call.timeout(t);
-    }
-    let response = call
-        .send()
+    // Built as a whole, not through the builder: the adapter's header map becomes the request's
+    // instead of being copied into a second one.
+    let mut call = reqwest::Request::new(built.method, url);
+    *call.headers_mut() = built.headers;
+    *call.body_mut() = Some(built.body.into());
+    *call.timeout_mut() = timeout;
+    let response = state
+        .http
+        .execute(call)
         .instrument(span)
         .await
         .map_err(|e| transport_error(upstream, state.upstream_timeout, &e))?;
