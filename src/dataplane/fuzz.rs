@@ -141,7 +141,7 @@ fn stream_bytes() -> impl Strategy<Value = Vec<u8>> {
 fn target(adapter: &dyn ProviderAdapter) -> Target {
     let mut credentials = Credentials::default();
     for key in ["apiKey", "awsAccessKeyId", "awsSecretAccessKey"] {
-        credentials.insert(key, SecretValue::new("k".to_string()));
+        credentials.insert(key, SecretValue::new("k"));
     }
     Target {
         model: "m".into(),

@@ -596,7 +596,7 @@ mod tests {
     fn target_for(adapter: &dyn ProviderAdapter, model: &str) -> Target {
         let mut credentials = Credentials::default();
         for key in [API_KEY, "awsAccessKeyId", "awsSecretAccessKey"] {
-            credentials.insert(key, SecretValue::new("k".to_string()));
+            credentials.insert(key, SecretValue::new("k"));
         }
         Target {
             model: model.into(),
