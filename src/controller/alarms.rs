@@ -1,5 +1,6 @@
 //! Runtime trouble the data plane sees but only the operator can fix, told as Events on the
-//! Route: today, a provider refusing a Route's own credential again and again.
+//! Route: a provider refusing a Route's own credential again and again; and guardrail audits and
+//! blocks (`guardrails::audit`), at most one Event per check a minute.
 //!
 //! The data plane only counts (atomics in the table's backend health); this task reads the
 //! published table every few seconds, so nothing flows back from the data plane to the controller.
@@ -121,6 +122,50 @@ pub async fn run_limit_alerts(
             };
             if let Err(e) = recorder.publish(&event, &reference).await {
                 debug!(name = %alert.name, error = %e, "publishing a limit alert Event failed");
+            }
+        }
+    }
+}
+
+/// Publishes the guardrail audit and block Events the data plane noted (`guardrails::audit`,
+/// already rate-limited). Every replica publishes its own calls' Events, leader or not.
+pub async fn run_guardrail_events(
+    metrics: std::sync::Arc<crate::telemetry::metrics::Metrics>,
+    recorder: Recorder,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+        for audit in metrics.guardrails.audits.take() {
+            let (namespace, name) = audit.route.split_once('/').unwrap_or_default();
+            let reference = ObjectReference {
+                api_version: Some("portcullis.dev/v1alpha1".into()),
+                kind: Some("Route".into()),
+                name: Some(name.to_string()),
+                namespace: Some(namespace.to_string()),
+                ..Default::default()
+            };
+            let blocked = audit.action == crate::api::GuardrailAction::Block;
+            let event = Event {
+                type_: if blocked {
+                    EventType::Warning
+                } else {
+                    EventType::Normal
+                },
+                reason: if blocked {
+                    "GuardrailBlocked".into()
+                } else {
+                    "GuardrailAudit".into()
+                },
+                note: Some(audit.note()),
+                action: "Check".into(),
+                secondary: None,
+            };
+            if let Err(e) = recorder.publish(&event, &reference).await {
+                debug!(route = %audit.route, error = %e, "publishing a guardrail Event failed");
             }
         }
     }

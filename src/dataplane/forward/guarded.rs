@@ -56,11 +56,12 @@ impl ServingRoute {
         self.entry.guard.iter().chain(&self.team_guards)
     }
 }
-use crate::llm::{LlmRequest, LlmResponse, StreamDelta};
+use crate::guardrails::external::{self, Context, Services};
+use crate::llm::{ChatMessage, ChatRequest, Content, LlmRequest, LlmResponse, Role, StreamDelta};
 
 /// The request as it may go upstream: as sent, or with its findings masked; a 400
 /// `guardrail_blocked` when a check blocks it (then nothing is admitted, charged or sent).
-pub fn check_request<'a>(
+pub async fn check_request<'a>(
     state: &AppState,
     route: &ServingRoute,
     request: &'a LlmRequest,
@@ -70,14 +71,18 @@ pub fn check_request<'a>(
         let started = Instant::now();
         let mut masked = out.as_ref().clone();
         let mut findings = Vec::new();
-        let verdict = request::check_request(guard, &mut masked, &mut findings);
+        let mut verdict = request::check_request(guard, &mut masked, &mut findings)
+            .map_err(|f| guard.blocked(f, Phase::Request, BlockReason::Matched));
+        if verdict.is_ok() && guard.externals(Phase::Request).next().is_some() {
+            verdict = external_request(state, guard, &mut masked, &mut findings).await;
+        }
         note(guard.record(
             &state.metrics.guardrails,
             Phase::Request,
             &findings,
             started.elapsed(),
         ));
-        verdict.map_err(|f| guard.blocked(f, Phase::Request, BlockReason::Matched))?;
+        verdict?;
         if masked != *out {
             out = Cow::Owned(masked);
         }
@@ -85,22 +90,55 @@ pub fn check_request<'a>(
     Ok(out)
 }
 
+/// The webhook and judge checks of a request: its texts collected, checked, written back masked.
+async fn external_request(
+    state: &AppState,
+    guard: &Guard,
+    request: &mut LlmRequest,
+    findings: &mut Vec<crate::guardrails::mask::Finding>,
+) -> Result<(), crate::guardrails::Blocked> {
+    let mut texts = Vec::new();
+    let _ = request::visit_request(request, &mut |t: &mut String| {
+        texts.push(t.clone());
+        Ok::<(), ()>(())
+    });
+    let before = texts.clone();
+    external::check(
+        guard,
+        Phase::Request,
+        None,
+        &mut texts,
+        &context(state),
+        findings,
+    )
+    .await?;
+    if texts != before {
+        let mut masked = texts.into_iter();
+        let _ = request::visit_request(request, &mut |t: &mut String| {
+            if let Some(m) = masked.next() {
+                *t = m;
+            }
+            Ok::<(), ()>(())
+        });
+    }
+    Ok(())
+}
+
 /// A plain answer as the caller may see it; a block replaces it by the error (the call stays
 /// charged what the provider billed).
-pub fn check_answer(
+pub async fn check_answer(
     state: &AppState,
     route: &ServingRoute,
     answer: Result<LlmResponse, GatewayError>,
 ) -> Result<LlmResponse, GatewayError> {
-    route
-        .guards()
-        .filter(|g| g.response)
-        .try_fold(answer?, |answer, guard| {
-            check_answer_with(state, guard, answer)
-        })
+    let mut answer = answer?;
+    for guard in route.guards().filter(|g| g.response) {
+        answer = check_answer_with(state, guard, answer).await?;
+    }
+    Ok(answer)
 }
 
-fn check_answer_with(
+async fn check_answer_with(
     state: &AppState,
     guard: &Guard,
     answer: LlmResponse,
@@ -108,9 +146,15 @@ fn check_answer_with(
     let started = Instant::now();
     let mut findings = Vec::new();
     let verdict = match answer {
-        LlmResponse::Generation(mut g) => request::check_generation(guard, &mut g, &mut findings)
-            .map(|()| LlmResponse::Generation(g))
-            .map_err(|f| guard.blocked(f, Phase::Response, BlockReason::Matched)),
+        LlmResponse::Generation(mut g) => {
+            let mut verdict = request::check_generation(guard, &mut g, &mut findings)
+                .map_err(|f| guard.blocked(f, Phase::Response, BlockReason::Matched));
+            if verdict.is_ok() && guard.externals(Phase::Response).next().is_some() {
+                // A plain answer is held anyway: `after` checks run before it is sent too.
+                verdict = external_answer(state, guard, &mut g, &mut findings).await;
+            }
+            verdict.map(|()| LlmResponse::Generation(g))
+        }
         embeddings @ LlmResponse::Embeddings(_) => Ok(embeddings),
         // Routes with response checks are not served natively (see `anthropic::PassOn`).
         LlmResponse::Native(_) => Err(guard.blocked(
@@ -131,9 +175,42 @@ fn check_answer_with(
     Ok(verdict?)
 }
 
+async fn external_answer(
+    state: &AppState,
+    guard: &Guard,
+    g: &mut crate::llm::Generation,
+    findings: &mut Vec<crate::guardrails::mask::Finding>,
+) -> Result<(), crate::guardrails::Blocked> {
+    let mut texts = Vec::new();
+    let _ = request::visit_generation(g, &mut |t: &mut String| {
+        texts.push(t.clone());
+        Ok::<(), ()>(())
+    });
+    let before = texts.clone();
+    external::check(
+        guard,
+        Phase::Response,
+        None,
+        &mut texts,
+        &context(state),
+        findings,
+    )
+    .await?;
+    if texts != before {
+        let mut masked = texts.into_iter();
+        let _ = request::visit_generation(g, &mut |t: &mut String| {
+            if let Some(m) = masked.next() {
+                *t = m;
+            }
+            Ok::<(), ()>(())
+        });
+    }
+    Ok(())
+}
+
 /// The stream with the call's response checks applied as it flows (each guard's hold-back in
-/// turn: a Team's checks read what the route's released); passed on as it is, unboxed, when the
-/// call has none.
+/// turn: a Team's checks read what the route's released; then its webhook and judge checks in
+/// their `mode`); passed on as it is, unboxed, when the call has none.
 pub fn check_stream(
     state: &AppState,
     route: &ServingRoute,
@@ -143,9 +220,68 @@ pub fn check_stream(
     if guards.peek().is_none() {
         return futures::future::Either::Left(deltas);
     }
-    futures::future::Either::Right(guards.fold(deltas.boxed(), |deltas, guard| {
-        stream::guard_stream(deltas, Arc::clone(guard), state.metrics.guardrails.clone()).boxed()
+    let mut ctx = None;
+    futures::future::Either::Right(guards.fold(deltas.boxed(), |mut deltas, guard| {
+        if guard.scanned_response {
+            deltas =
+                stream::guard_stream(deltas, Arc::clone(guard), state.metrics.guardrails.clone())
+                    .boxed();
+        }
+        if guard.externals(Phase::Response).next().is_some() {
+            let ctx = ctx.get_or_insert_with(|| Arc::new(context(state)));
+            deltas = crate::guardrails::buffer::external_stream(
+                deltas,
+                Arc::clone(guard),
+                Arc::clone(ctx),
+            );
+        }
+        deltas
     }))
+}
+
+/// What a call's webhook and judge checks need: the gateway's client, its Routes (for judges),
+/// and who is calling.
+fn context(state: &AppState) -> Context {
+    Context {
+        services: Arc::new(Gateway(state.clone())),
+        metrics: state.metrics.guardrails.clone(),
+        consumer: observe::consumer(),
+    }
+}
+
+struct Gateway(AppState);
+
+impl Services for Gateway {
+    fn http(&self) -> &reqwest::Client {
+        &self.0.http
+    }
+
+    fn ask(
+        &self,
+        route: Arc<str>,
+        consumer: Arc<str>,
+        prompt: String,
+    ) -> futures::future::BoxFuture<'static, Result<String, String>> {
+        let state = self.0.clone();
+        Box::pin(async move {
+            let request = LlmRequest::Chat(ChatRequest {
+                messages: vec![ChatMessage::new(Role::User, Content::text(prompt))],
+                params: Default::default(),
+                stream: Default::default(),
+                extra: Default::default(),
+            });
+            match super::invocation::invoke_as(&state, &route, consumer, request).await {
+                Ok(LlmResponse::Generation(g)) => g
+                    .choices
+                    .into_iter()
+                    .next()
+                    .map(|c| c.text)
+                    .ok_or_else(|| format!("judge Route {route} gave no answer")),
+                Ok(_) => Err(format!("judge Route {route} is not a chat Route")),
+                Err(e) => Err(format!("judge Route {route}: {}", e.code())),
+            }
+        })
+    }
 }
 
 fn note(summary: Option<String>) {
