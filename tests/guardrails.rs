@@ -585,13 +585,16 @@ fn a_cached_answer_is_the_masked_one_and_blocked_requests_never_touch_the_cache(
 /// "crash"; `scrub` masks every `ACCT-<digits>` by its character span.
 struct Webhook {
     url: String,
-    seen: std::sync::Arc<std::sync::Mutex<Vec<(Option<String>, Value)>>>,
+    seen: Seen,
 }
+
+/// What a webhook received: the Authorization header and the body, per call.
+type Seen = std::sync::Arc<parking_lot::Mutex<Vec<(Option<String>, Value)>>>;
 
 impl Webhook {
     fn start() -> Webhook {
         use axum::http::{HeaderMap, StatusCode};
-        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = Seen::default();
         let rt = runtime();
         let listener = rt
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
@@ -607,7 +610,7 @@ impl Webhook {
                         .get("authorization")
                         .and_then(|v| v.to_str().ok())
                         .map(str::to_string);
-                    record.lock().unwrap().push((auth, body.0.clone()));
+                    record.lock().push((auth, body.0.clone()));
                     let texts: Vec<String> =
                         serde_json::from_value(body["texts"].clone()).unwrap_or_default();
                     let all = texts.join(" ");
@@ -654,7 +657,6 @@ impl Webhook {
     fn seen(&self, check: &str) -> Vec<(Option<String>, Value)> {
         self.seen
             .lock()
-            .unwrap()
             .iter()
             .filter(|(_, b)| b["check"] == check)
             .cloned()

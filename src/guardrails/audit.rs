@@ -4,8 +4,10 @@
 //! memory is bounded however many routes and checks match.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 use super::Phase;
 use crate::api::GuardrailAction;
@@ -77,9 +79,7 @@ impl AuditEvents {
         phase: Phase,
         now: Instant,
     ) {
-        let Ok(mut inner) = self.inner.lock() else {
-            return;
-        };
+        let mut inner = self.inner.lock();
         let key = (Arc::clone(route), Arc::clone(policy), Arc::clone(check));
         if inner
             .last
@@ -110,10 +110,7 @@ impl AuditEvents {
 
     /// The Events noted since the last call.
     pub fn take(&self) -> Vec<AuditEvent> {
-        self.inner
-            .lock()
-            .map(|mut i| std::mem::take(&mut i.pending))
-            .unwrap_or_default()
+        std::mem::take(&mut self.inner.lock().pending)
     }
 }
 
@@ -144,6 +141,6 @@ mod tests {
             events.note_at(&r, &p, &c, GuardrailAction::Audit, Phase::Request, later);
         }
         assert_eq!(events.take().len(), MAX_PENDING);
-        assert!(events.inner.lock().unwrap().last.len() <= MAX_KEYS);
+        assert!(events.inner.lock().last.len() <= MAX_KEYS);
     }
 }
