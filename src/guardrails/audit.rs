@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use super::Phase;
 use crate::api::GuardrailAction;
 
 /// At most one Event per route, policy and check in this long.
@@ -58,29 +57,19 @@ pub struct AuditEvents {
 }
 
 impl AuditEvents {
-    /// Notes a match; an Event is queued unless its key had one within the window.
-    pub fn note(
-        &self,
-        route: &Arc<str>,
-        policy: &Arc<str>,
-        check: &Arc<str>,
-        action: GuardrailAction,
-        phase: Phase,
-    ) {
-        self.note_at(route, policy, check, action, phase, Instant::now());
+    /// Notes a match; an Event is queued unless its route, policy and check had one within the
+    /// window.
+    pub fn note(&self, event: AuditEvent) {
+        self.note_at(event, Instant::now());
     }
 
-    fn note_at(
-        &self,
-        route: &Arc<str>,
-        policy: &Arc<str>,
-        check: &Arc<str>,
-        action: GuardrailAction,
-        phase: Phase,
-        now: Instant,
-    ) {
+    fn note_at(&self, event: AuditEvent, now: Instant) {
         let mut inner = self.inner.lock();
-        let key = (Arc::clone(route), Arc::clone(policy), Arc::clone(check));
+        let key = (
+            Arc::clone(&event.route),
+            Arc::clone(&event.policy),
+            Arc::clone(&event.check),
+        );
         if inner
             .last
             .get(&key)
@@ -98,13 +87,7 @@ impl AuditEvents {
         }
         inner.last.insert(key, now);
         if inner.pending.len() < MAX_PENDING {
-            inner.pending.push(AuditEvent {
-                route: Arc::clone(route),
-                policy: Arc::clone(policy),
-                check: Arc::clone(check),
-                action,
-                phase: phase.as_str(),
-            });
+            inner.pending.push(event);
         }
     }
 
@@ -121,24 +104,28 @@ mod tests {
     #[test]
     fn one_event_per_check_a_minute_and_bounded() {
         let events = AuditEvents::default();
-        let (r, p, c): (Arc<str>, Arc<str>, Arc<str>) = ("ns/r".into(), "ns/p".into(), "c".into());
+        let event = |check: &str, action| AuditEvent {
+            route: "ns/r".into(),
+            policy: "ns/p".into(),
+            check: check.into(),
+            action,
+            phase: "request",
+        };
         let t0 = Instant::now();
         for i in 0..5 {
             let at = t0 + Duration::from_secs(i);
-            events.note_at(&r, &p, &c, GuardrailAction::Audit, Phase::Request, at);
+            events.note_at(event("c", GuardrailAction::Audit), at);
         }
-        let other: Arc<str> = "d".into();
-        events.note_at(&r, &p, &other, GuardrailAction::Block, Phase::Response, t0);
+        events.note_at(event("d", GuardrailAction::Block), t0);
         assert_eq!(events.take().len(), 2);
         assert!(events.take().is_empty());
         let later = t0 + EVENT_WINDOW + Duration::from_secs(1);
-        events.note_at(&r, &p, &c, GuardrailAction::Audit, Phase::Request, later);
+        events.note_at(event("c", GuardrailAction::Audit), later);
         let again = events.take();
         assert_eq!(again.len(), 1);
         assert!(again[0].note().contains("check c of GuardrailPolicy ns/p"));
         for i in 0..(MAX_KEYS + 10) {
-            let c: Arc<str> = format!("c{i}").into();
-            events.note_at(&r, &p, &c, GuardrailAction::Audit, Phase::Request, later);
+            events.note_at(event(&format!("c{i}"), GuardrailAction::Audit), later);
         }
         assert_eq!(events.take().len(), MAX_PENDING);
         assert!(events.inner.lock().last.len() <= MAX_KEYS);

@@ -141,20 +141,8 @@ fn buffered<E: From<Blocked> + Send + 'static>(
                 Err(e) => return vec![Err(e)],
             }
         }
-        let started = Instant::now();
         let mut masked = texts.texts.clone();
-        let mut findings = Vec::new();
-        let verdict = external::check(
-            &guard,
-            Phase::Response,
-            Some(StreamMode::Buffer),
-            &mut masked,
-            &ctx,
-            &mut findings,
-        )
-        .await;
-        guard.record(&ctx.metrics, Phase::Response, &findings, started.elapsed());
-        match verdict {
+        match check(&guard, &ctx, StreamMode::Buffer, &mut masked).await {
             Err(blocked) => vec![Err(E::from(blocked))],
             Ok(()) => {
                 if masked != texts.texts {
@@ -191,24 +179,35 @@ fn after<E: Send + 'static>(
             None => {
                 // A copy past the bound is checked as far as it goes.
                 tokio::spawn(async move {
-                    let started = Instant::now();
                     let mut copy = texts.texts;
-                    let mut findings = Vec::new();
-                    let _ = external::check(
-                        &guard,
-                        Phase::Response,
-                        Some(StreamMode::After),
-                        &mut copy,
-                        &ctx,
-                        &mut findings,
-                    )
-                    .await;
-                    guard.record(&ctx.metrics, Phase::Response, &findings, started.elapsed());
+                    let _ = check(&guard, &ctx, StreamMode::After, &mut copy).await;
                 });
                 None
             }
         }
     })
+}
+
+/// The checks of `mode` on an answer's texts, counted and timed.
+async fn check(
+    guard: &Guard,
+    ctx: &Context,
+    mode: StreamMode,
+    texts: &mut [String],
+) -> Result<(), Blocked> {
+    let started = Instant::now();
+    let mut findings = Vec::new();
+    let verdict = external::check(
+        guard,
+        Phase::Response,
+        Some(mode),
+        texts,
+        ctx,
+        &mut findings,
+    )
+    .await;
+    guard.record(&ctx.metrics, Phase::Response, &findings, started.elapsed());
+    verdict
 }
 
 #[cfg(test)]

@@ -305,9 +305,13 @@ impl Guard {
             let p = &self.policies[f.policy];
             let c = &p.checks[f.check];
             if c.action != GuardrailAction::Mask {
-                metrics
-                    .audits
-                    .note(&self.qualified, &p.key, &c.name, c.action, phase);
+                metrics.audits.note(audit::AuditEvent {
+                    route: Arc::clone(&self.qualified),
+                    policy: Arc::clone(&p.key),
+                    check: Arc::clone(&c.name),
+                    action: c.action,
+                    phase: phase.as_str(),
+                });
             }
             if !summary.is_empty() {
                 summary.push(',');

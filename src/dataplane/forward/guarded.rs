@@ -74,7 +74,16 @@ pub async fn check_request<'a>(
         let mut verdict = request::check_request(guard, &mut masked, &mut findings)
             .map_err(|f| guard.blocked(f, Phase::Request, BlockReason::Matched));
         if verdict.is_ok() && guard.externals(Phase::Request).next().is_some() {
-            verdict = external_request(state, guard, &mut masked, &mut findings).await;
+            let visit: Visit<LlmRequest> = |r, f| request::visit_request(r, &mut { f });
+            verdict = external_texts(
+                state,
+                guard,
+                Phase::Request,
+                &mut masked,
+                visit,
+                &mut findings,
+            )
+            .await;
         }
         note(guard.record(
             &state.metrics.guardrails,
@@ -90,35 +99,33 @@ pub async fn check_request<'a>(
     Ok(out)
 }
 
-/// The webhook and judge checks of a request: its texts collected, checked, written back masked.
-async fn external_request(
+/// Calls `f` on each text of a request or an answer (`request::visit_request`, `visit_generation`).
+type Visit<T> = fn(&mut T, &mut dyn FnMut(&mut String) -> Result<(), ()>) -> Result<(), ()>;
+
+/// The webhook and judge checks of `phase` on `target`: its texts collected, checked, written back
+/// masked.
+async fn external_texts<T>(
     state: &AppState,
     guard: &Guard,
-    request: &mut LlmRequest,
+    phase: Phase,
+    target: &mut T,
+    visit: Visit<T>,
     findings: &mut Vec<crate::guardrails::mask::Finding>,
 ) -> Result<(), crate::guardrails::Blocked> {
     let mut texts = Vec::new();
-    let _ = request::visit_request(request, &mut |t: &mut String| {
+    let _ = visit(target, &mut |t: &mut String| {
         texts.push(t.clone());
-        Ok::<(), ()>(())
+        Ok(())
     });
     let before = texts.clone();
-    external::check(
-        guard,
-        Phase::Request,
-        None,
-        &mut texts,
-        &context(state),
-        findings,
-    )
-    .await?;
+    external::check(guard, phase, None, &mut texts, &context(state), findings).await?;
     if texts != before {
         let mut masked = texts.into_iter();
-        let _ = request::visit_request(request, &mut |t: &mut String| {
+        let _ = visit(target, &mut |t: &mut String| {
             if let Some(m) = masked.next() {
                 *t = m;
             }
-            Ok::<(), ()>(())
+            Ok(())
         });
     }
     Ok(())
@@ -151,7 +158,11 @@ async fn check_answer_with(
                 .map_err(|f| guard.blocked(f, Phase::Response, BlockReason::Matched));
             if verdict.is_ok() && guard.externals(Phase::Response).next().is_some() {
                 // A plain answer is held anyway: `after` checks run before it is sent too.
-                verdict = external_answer(state, guard, &mut g, &mut findings).await;
+                let visit: Visit<crate::llm::Generation> =
+                    |g, f| request::visit_generation(g, &mut { f });
+                verdict =
+                    external_texts(state, guard, Phase::Response, &mut g, visit, &mut findings)
+                        .await;
             }
             verdict.map(|()| LlmResponse::Generation(g))
         }
@@ -173,39 +184,6 @@ async fn check_answer_with(
         started.elapsed(),
     ));
     Ok(verdict?)
-}
-
-async fn external_answer(
-    state: &AppState,
-    guard: &Guard,
-    g: &mut crate::llm::Generation,
-    findings: &mut Vec<crate::guardrails::mask::Finding>,
-) -> Result<(), crate::guardrails::Blocked> {
-    let mut texts = Vec::new();
-    let _ = request::visit_generation(g, &mut |t: &mut String| {
-        texts.push(t.clone());
-        Ok::<(), ()>(())
-    });
-    let before = texts.clone();
-    external::check(
-        guard,
-        Phase::Response,
-        None,
-        &mut texts,
-        &context(state),
-        findings,
-    )
-    .await?;
-    if texts != before {
-        let mut masked = texts.into_iter();
-        let _ = request::visit_generation(g, &mut |t: &mut String| {
-            if let Some(m) = masked.next() {
-                *t = m;
-            }
-            Ok::<(), ()>(())
-        });
-    }
-    Ok(())
 }
 
 /// The stream with the call's response checks applied as it flows (each guard's hold-back in
