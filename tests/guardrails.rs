@@ -398,8 +398,11 @@ fn kubectl_explain_documents_every_field_of_the_spec() {
         "url",
         "timeout",
         "failureMode",
+        "secretRef",
+        "key",
         "judge",
         "route",
+        "mode",
         "maxHoldBack",
     ] {
         assert!(explained.contains(field), "{field} missing:\n{explained}");
