@@ -876,6 +876,28 @@ fn webhooks_allow_block_mask_time_out_and_fail_open_or_closed_on_requests_and_st
     );
     eventually(Duration::from_secs(10), || f.gw.metrics().contains(&line))
         .unwrap_or_else(|_| panic!("no {line}"));
+
+    // Neither the texts the webhook judged nor its credential show in logs, metrics or Events.
+    no_leaks(
+        f,
+        &[
+            "ACCT-12345",
+            "ACCT-98765",
+            "forbidden question",
+            "hook-token",
+        ],
+    );
+}
+
+/// None of `texts` appears in the gateway's log, its metrics or the namespace's Events.
+fn no_leaks(f: &Fixture, texts: &[&str]) {
+    let (log, metrics) = (f.gw.log(), f.gw.metrics());
+    let events = f.cp.json(&["get", "events", "-n", &f.ns]).to_string();
+    for t in texts {
+        assert!(!log.contains(t), "the log shows {t:?}");
+        assert!(!metrics.contains(t), "the metrics show {t:?}");
+        assert!(!events.contains(t), "an Event shows {t:?}");
+    }
 }
 
 #[test]
@@ -989,6 +1011,7 @@ fn a_judge_route_blocks_unsafe_requests_and_its_calls_are_limited_and_charged_li
             .any(|l| l.contains(&format!("route=\"{judge_yes}\"")) && l.contains(&consumer)),
         "no judge call charged to {consumer}:\n{metrics}"
     );
+    no_leaks(f, &["pick a lock"]);
 }
 
 #[test]

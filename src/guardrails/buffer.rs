@@ -95,16 +95,11 @@ pub fn external_stream<E: From<Blocked> + Send + 'static>(
     guard: Arc<Guard>,
     ctx: Arc<Context>,
 ) -> BoxStream<'static, Result<Vec<StreamDelta>, E>> {
-    let has = |mode| {
-        guard
-            .externals(Phase::Response)
-            .any(|(_, e)| e.mode == mode)
-    };
     let mut out = deltas;
-    if has(StreamMode::Buffer) {
+    if guard.buffered {
         out = buffered(out, Arc::clone(&guard), Arc::clone(&ctx)).boxed();
     }
-    if has(StreamMode::After) {
+    if guard.after {
         out = after(out, guard, ctx).boxed();
     }
     out
@@ -178,14 +173,18 @@ fn after<E: Send + 'static>(
             Some(Err(e)) => Some((Err(e), None)),
             None => {
                 // A copy past the bound is checked as far as it goes.
-                tokio::spawn(async move {
-                    let mut copy = texts.texts;
-                    let _ = check(&guard, &ctx, StreamMode::After, &mut copy).await;
-                });
+                check_after(guard, ctx, texts.texts);
                 None
             }
         }
     })
+}
+
+/// The `mode: after` checks of a complete answer's texts, in the background (they only audit).
+pub fn check_after(guard: Arc<Guard>, ctx: Arc<Context>, mut texts: Vec<String>) {
+    tokio::spawn(async move {
+        let _ = check(&guard, &ctx, StreamMode::After, &mut texts).await;
+    });
 }
 
 /// The checks of `mode` on an answer's texts, counted and timed.

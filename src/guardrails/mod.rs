@@ -20,7 +20,7 @@ pub mod stream;
 
 use std::sync::Arc;
 
-use crate::api::{GuardrailAction, SecretKeyRef};
+use crate::api::{GuardrailAction, SecretKeyRef, StreamMode};
 use crate::providers::SecretValue;
 use compile::{CompiledPolicy, External, ExternalKind};
 use mask::{Finding, Hits};
@@ -170,6 +170,10 @@ pub struct Guard {
     pub response: bool,
     /// Some policy's built-in detectors read answers (the stream's hold-back runs).
     pub scanned_response: bool,
+    /// Some webhook or judge check reads requests; answers in `mode: buffer`; in `mode: after`.
+    pub external_request: bool,
+    pub buffered: bool,
+    pub after: bool,
     /// The Route it guards, `namespace/name`: its audit Events are recorded there.
     pub qualified: Arc<str>,
     /// Streams: bytes held back (the longest response match any policy can make, up to its cap)
@@ -198,13 +202,13 @@ impl Guard {
             return None;
         }
         let scanned_response = policies.iter().any(|p| !p.response.is_empty());
-        let request = policies
-            .iter()
-            .any(|p| !p.request.is_empty() || p.external.iter().any(|e| e.request));
-        let response = scanned_response
-            || policies
-                .iter()
-                .any(|p| p.external.iter().any(|e| e.response));
+        let external =
+            |f: &dyn Fn(&External) -> bool| policies.iter().any(|p| p.external.iter().any(f));
+        let external_request = external(&|e| e.request);
+        let buffered = external(&|e| e.response && e.mode == StreamMode::Buffer);
+        let after = external(&|e| e.response && e.mode == StreamMode::After);
+        let request = external_request || policies.iter().any(|p| !p.request.is_empty());
+        let response = scanned_response || buffered || after;
         let hold = policies
             .iter()
             .filter(|p| !p.response.is_empty())
@@ -218,6 +222,9 @@ impl Guard {
             request,
             response,
             scanned_response,
+            external_request,
+            buffered,
+            after,
             qualified: qualified.into(),
             hold,
             cap,
@@ -415,6 +422,92 @@ mod tests {
         assert!(e.contains("b/pii does not exist"), "{e}");
         let e = team_policies(&refs(&["pii"]), &compiled).unwrap_err();
         assert!(e.contains("not a namespace/name"), "{e}");
+    }
+
+    struct Env;
+
+    impl Environment for Env {
+        fn secret(&self, namespace: &str, r: &SecretKeyRef) -> Result<SecretValue, String> {
+            match (namespace, r.name.as_str()) {
+                ("a", "hook") => Ok(SecretValue::new("t0ken")),
+                _ => Err(format!("Secret {namespace}/{} not found", r.name)),
+            }
+        }
+        fn refuse(&self, url: &str) -> Option<String> {
+            url.contains("169.254")
+                .then(|| "cloud metadata".to_string())
+        }
+        fn judge(&self, namespace: &str, name: &str) -> Result<(), String> {
+            (name == "guard")
+                .then_some(())
+                .ok_or_else(|| format!("Route {namespace}/{name} does not exist"))
+        }
+    }
+
+    #[test]
+    fn external_checks_are_resolved_against_the_cluster_or_fail_the_policy() {
+        let policy = |name: &str, check: &str| {
+            let mut p = crate::api::GuardrailPolicy::new(
+                name,
+                serde_yaml::from_str(&format!("checks:\n- {check}")).unwrap(),
+            );
+            p.metadata.namespace = Some("a".into());
+            Arc::new(p)
+        };
+        let compiled = compile_all(&[
+            policy(
+                "plain",
+                "{name: c, action: mask, detector: {builtin: card}}",
+            ),
+            policy(
+                "hooked",
+                "{name: w, action: block, detector: {webhook: {url: 'http://h', secretRef: {name: hook, key: k}}}}",
+            ),
+            policy(
+                "keyless",
+                "{name: w, action: block, detector: {webhook: {url: 'http://h', secretRef: {name: gone, key: k}}}}",
+            ),
+            policy(
+                "metadata",
+                "{name: w, action: block, detector: {webhook: {url: 'http://169.254.169.254/'}}}",
+            ),
+            policy(
+                "judged",
+                "{name: j, action: block, detector: {judge: {route: guard}}}",
+            ),
+            policy(
+                "orphan",
+                "{name: j, action: block, detector: {judge: {route: nobody}}}",
+            ),
+        ]);
+        let resolved = resolve_all(&compiled, &Env);
+        let get = |n: &str| resolved[&("a".to_string(), n.to_string())].clone();
+        let plain = |n: &str| compiled[&("a".to_string(), n.to_string())].clone();
+        // Without external checks the compiled policy is shared, not copied.
+        assert!(Arc::ptr_eq(
+            &get("plain").unwrap(),
+            &plain("plain").unwrap()
+        ));
+        let hooked = get("hooked").unwrap();
+        let ExternalKind::Webhook { bearer, .. } = &hooked.external[0].kind else {
+            panic!("not a webhook");
+        };
+        assert_eq!(bearer.as_ref().map(SecretValue::expose), Some("t0ken"));
+        assert!(get("judged").is_ok());
+        for (name, says) in [
+            ("keyless", "check w: Secret a/gone not found"),
+            ("metadata", "check w: webhook: cloud metadata"),
+            ("orphan", "check j: judge: Route a/nobody does not exist"),
+        ] {
+            assert_eq!(get(name).unwrap_err(), says);
+        }
+        let guard = route_guard("r", "a/r", &["hooked".into()], &resolved)
+            .unwrap()
+            .unwrap();
+        assert!(guard.request && guard.external_request && guard.buffered && !guard.after);
+        assert!(!guard.scanned_response);
+        let e = route_guard("r", "a/r", &["orphan".into()], &resolved).unwrap_err();
+        assert!(e.contains("does not exist"), "{e}");
     }
 
     #[test]

@@ -56,6 +56,8 @@ impl ServingRoute {
         self.entry.guard.iter().chain(&self.team_guards)
     }
 }
+use crate::api::StreamMode;
+use crate::guardrails::buffer;
 use crate::guardrails::external::{self, Context, Services};
 use crate::llm::{ChatMessage, ChatRequest, Content, LlmRequest, LlmResponse, Role, StreamDelta};
 
@@ -73,12 +75,13 @@ pub async fn check_request<'a>(
         let mut findings = Vec::new();
         let mut verdict = request::check_request(guard, &mut masked, &mut findings)
             .map_err(|f| guard.blocked(f, Phase::Request, BlockReason::Matched));
-        if verdict.is_ok() && guard.externals(Phase::Request).next().is_some() {
+        if verdict.is_ok() && guard.external_request {
             let visit: Visit<LlmRequest> = |r, f| request::visit_request(r, &mut { f });
             verdict = external_texts(
                 state,
                 guard,
                 Phase::Request,
+                None,
                 &mut masked,
                 visit,
                 &mut findings,
@@ -108,6 +111,7 @@ async fn external_texts<T>(
     state: &AppState,
     guard: &Guard,
     phase: Phase,
+    mode: Option<StreamMode>,
     target: &mut T,
     visit: Visit<T>,
     findings: &mut Vec<crate::guardrails::mask::Finding>,
@@ -118,7 +122,7 @@ async fn external_texts<T>(
         Ok(())
     });
     let before = texts.clone();
-    external::check(guard, phase, None, &mut texts, &context(state), findings).await?;
+    external::check(guard, phase, mode, &mut texts, &context(state), findings).await?;
     if texts != before {
         let mut masked = texts.into_iter();
         let _ = visit(target, &mut |t: &mut String| {
@@ -147,7 +151,7 @@ pub async fn check_answer(
 
 async fn check_answer_with(
     state: &AppState,
-    guard: &Guard,
+    guard: &Arc<Guard>,
     answer: LlmResponse,
 ) -> Result<LlmResponse, GatewayError> {
     let started = Instant::now();
@@ -156,13 +160,28 @@ async fn check_answer_with(
         LlmResponse::Generation(mut g) => {
             let mut verdict = request::check_generation(guard, &mut g, &mut findings)
                 .map_err(|f| guard.blocked(f, Phase::Response, BlockReason::Matched));
-            if verdict.is_ok() && guard.externals(Phase::Response).next().is_some() {
-                // A plain answer is held anyway: `after` checks run before it is sent too.
-                let visit: Visit<crate::llm::Generation> =
-                    |g, f| request::visit_generation(g, &mut { f });
-                verdict =
-                    external_texts(state, guard, Phase::Response, &mut g, visit, &mut findings)
-                        .await;
+            let visit: Visit<crate::llm::Generation> =
+                |g, f| request::visit_generation(g, &mut { f });
+            if verdict.is_ok() && guard.buffered {
+                verdict = external_texts(
+                    state,
+                    guard,
+                    Phase::Response,
+                    Some(StreamMode::Buffer),
+                    &mut g,
+                    visit,
+                    &mut findings,
+                )
+                .await;
+            }
+            if verdict.is_ok() && guard.after {
+                // Audit only: checked in the background, as a stream's would be.
+                let mut texts = Vec::new();
+                let _ = visit(&mut g, &mut |t: &mut String| {
+                    texts.push(t.clone());
+                    Ok(())
+                });
+                buffer::check_after(Arc::clone(guard), Arc::new(context(state)), texts);
             }
             verdict.map(|()| LlmResponse::Generation(g))
         }
@@ -205,13 +224,9 @@ pub fn check_stream(
                 stream::guard_stream(deltas, Arc::clone(guard), state.metrics.guardrails.clone())
                     .boxed();
         }
-        if guard.externals(Phase::Response).next().is_some() {
+        if guard.buffered || guard.after {
             let ctx = ctx.get_or_insert_with(|| Arc::new(context(state)));
-            deltas = crate::guardrails::buffer::external_stream(
-                deltas,
-                Arc::clone(guard),
-                Arc::clone(ctx),
-            );
+            deltas = buffer::external_stream(deltas, Arc::clone(guard), Arc::clone(ctx));
         }
         deltas
     }))
