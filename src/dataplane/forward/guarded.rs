@@ -242,6 +242,9 @@ fn context(state: &AppState) -> Context {
     }
 }
 
+/// Output tokens a judge may spend on its verdict.
+const JUDGE_MAX_TOKENS: u32 = 32;
+
 struct Gateway(AppState);
 
 impl Services for Gateway {
@@ -259,7 +262,12 @@ impl Services for Gateway {
         Box::pin(async move {
             let request = LlmRequest::Chat(ChatRequest {
                 messages: vec![ChatMessage::new(Role::User, Content::text(prompt))],
-                params: Default::default(),
+                // A verdict is two short lines: the judge's answer (and its cost) stays small.
+                params: crate::llm::Params {
+                    max_tokens: Some(JUDGE_MAX_TOKENS),
+                    temperature: Some(0.0),
+                    ..Default::default()
+                },
                 stream: Default::default(),
                 extra: Default::default(),
             });
