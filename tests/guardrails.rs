@@ -398,8 +398,11 @@ fn kubectl_explain_documents_every_field_of_the_spec() {
         "url",
         "timeout",
         "failureMode",
+        "secretRef",
+        "key",
         "judge",
         "route",
+        "mode",
         "maxHoldBack",
     ] {
         assert!(explained.contains(field), "{field} missing:\n{explained}");
@@ -577,4 +580,502 @@ fn a_cached_answer_is_the_masked_one_and_blocked_requests_never_touch_the_cache(
         assert!(text.contains("guardrail_blocked"), "{text}");
     }
     assert_eq!(leaky.requests().len(), before + 1);
+}
+
+/// A webhook of the platform team's, as a real HTTP server: records what it receives (the
+/// `Authorization` header and the JSON body) and answers by the asking check's name and the texts:
+/// `gate`-like checks block texts with "forbidden" (with a reason), wait out "slow", fail (500) on
+/// "crash"; `scrub` masks every `ACCT-<digits>` by its character span.
+struct Webhook {
+    url: String,
+    seen: Seen,
+}
+
+/// What a webhook received: the Authorization header and the body, per call.
+type Seen = std::sync::Arc<parking_lot::Mutex<Vec<(Option<String>, Value)>>>;
+
+impl Webhook {
+    fn start() -> Webhook {
+        use axum::http::{HeaderMap, StatusCode};
+        let seen = Seen::default();
+        let rt = runtime();
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let url = format!("http://{}/check", listener.local_addr().unwrap());
+        let record = std::sync::Arc::clone(&seen);
+        let app = axum::Router::new().route(
+            "/check",
+            axum::routing::post(move |headers: HeaderMap, body: axum::Json<Value>| {
+                let record = std::sync::Arc::clone(&record);
+                async move {
+                    let auth = headers
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string);
+                    record.lock().push((auth, body.0.clone()));
+                    let texts: Vec<String> =
+                        serde_json::from_value(body["texts"].clone()).unwrap_or_default();
+                    let all = texts.join(" ");
+                    let answer = match body["check"].as_str().unwrap_or_default() {
+                        "scrub" => {
+                            let mut spans = Vec::new();
+                            for (i, t) in texts.iter().enumerate() {
+                                for (at, _) in t.match_indices("ACCT-") {
+                                    let digits = t[at + 5..]
+                                        .bytes()
+                                        .take_while(u8::is_ascii_digit)
+                                        .count();
+                                    let chars = |b: usize| t[..b].chars().count();
+                                    spans.push(json!({"text": i, "start": chars(at), "end": chars(at + 5 + digits)}));
+                                }
+                            }
+                            if spans.is_empty() {
+                                json!({"action": "allow"})
+                            } else {
+                                json!({"action": "mask", "spans": spans})
+                            }
+                        }
+                        _ if all.contains("forbidden") => {
+                            json!({"action": "block", "reason": "topic not allowed"})
+                        }
+                        _ if all.contains("slow") => {
+                            tokio::time::sleep(Duration::from_secs(2)).await;
+                            json!({"action": "allow"})
+                        }
+                        _ if all.contains("crash") => {
+                            return (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(json!({})));
+                        }
+                        _ => json!({"action": "allow"}),
+                    };
+                    (StatusCode::OK, axum::Json(answer))
+                }
+            }),
+        );
+        rt.spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Webhook { url, seen }
+    }
+
+    /// What it received for `check`: the Authorization header and the body.
+    fn seen(&self, check: &str) -> Vec<(Option<String>, Value)> {
+        self.seen
+            .lock()
+            .iter()
+            .filter(|(_, b)| b["check"] == check)
+            .cloned()
+            .collect()
+    }
+}
+
+fn chat_as(model: &str, text: &str) -> (u16, String) {
+    let token = fixture().routes["token"].as_str().unwrap();
+    call_as(
+        token,
+        "/v1/chat/completions",
+        &json!({"model": model, "messages": [{"role": "user", "content": text}]}),
+    )
+}
+
+fn stream_as(model: &str) -> String {
+    let token = fixture().routes["token"].as_str().unwrap();
+    let (code, text) = call_as(
+        token,
+        "/v1/chat/completions",
+        &json!({"model": model, "messages": [{"role": "user", "content": "stream"}], "stream": true}),
+    );
+    assert_eq!(code, 200, "{text}");
+    text
+}
+
+/// Applies `docs` and waits until every Route of `routes` is Ready and served.
+fn apply_ready(f: &Fixture, docs: &[String], routes: &[&str]) {
+    f.cp.apply(&docs.join("---\n"));
+    for r in routes {
+        f.cp.wait_ready(&f.ns, r);
+    }
+    eventually(Duration::from_secs(10), || {
+        routes.iter().all(|r| chat_as(r, "ready?").0 != 404)
+    })
+    .expect("the gateway never served the routes");
+}
+
+#[test]
+fn webhooks_allow_block_mask_time_out_and_fail_open_or_closed_on_requests_and_streams() {
+    let f = fixture();
+    let ns = &f.ns;
+    let hook = Webhook::start();
+    let url = &hook.url;
+    let closed = format!("http://127.0.0.1:{}/check", free_port());
+    let answers = scripted(&["Your acc", "ount is ACCT-", "98765, a forb", "idden one"]);
+    let [strict, open, down, streamed, blocked, later] = [
+        "hooked",
+        "hook-open",
+        "hook-down",
+        "hook-stream",
+        "hook-block",
+        "hook-later",
+    ]
+    .map(unique);
+    let gate = |name: &str, phase: &str, extra: &str| {
+        format!(
+            "  - {{name: {name}, phase: {phase}, action: block, detector: {{webhook: {{url: '{url}', timeout: 300ms{extra}}}}}}}\n"
+        )
+    };
+    let auth = ", secretRef: {name: hook, key: token}";
+    let docs = [
+        secret_with(ns, "hook", &[("token", "hook-token")]),
+        policy(
+            ns,
+            "hooked",
+            &(gate("gate", "request", auth)
+                + &format!(
+                    "  - {{name: scrub, phase: both, action: mask, detector: {{webhook: {{url: '{url}'{auth}}}}}}}\n"
+                )),
+        ),
+        policy(
+            ns,
+            "hook-open",
+            &gate("gate", "request", ", failureMode: open"),
+        ),
+        policy(ns, "hook-answers", &gate("gate", "response", "")),
+        policy(
+            ns,
+            "hook-down",
+            &format!(
+                "  - {{name: down, phase: request, action: block, detector: {{webhook: {{url: '{closed}'}}}}}}\n"
+            ),
+        ),
+        policy(
+            ns,
+            "hook-later",
+            &format!(
+                "  - {{name: later, phase: response, action: audit, mode: after, detector: {{webhook: {{url: '{url}'}}}}}}\n"
+            ),
+        ),
+        guarded_route(ns, &strict, "llm/v1/chat", &f.sim.openai_base(), "hooked"),
+        guarded_route(ns, &open, "llm/v1/chat", &f.sim.openai_base(), "hook-open"),
+        guarded_route(ns, &down, "llm/v1/chat", &f.sim.openai_base(), "hook-down"),
+        guarded_route(
+            ns,
+            &streamed,
+            "llm/v1/chat",
+            &answers.openai_base(),
+            "hooked",
+        ),
+        guarded_route(
+            ns,
+            &blocked,
+            "llm/v1/chat",
+            &answers.openai_base(),
+            "hook-answers",
+        ),
+        guarded_route(
+            ns,
+            &later,
+            "llm/v1/chat",
+            &answers.openai_base(),
+            "hook-later",
+        ),
+    ];
+    apply_ready(
+        f,
+        &docs,
+        &[&strict, &open, &down, &streamed, &blocked, &later],
+    );
+
+    // Allowed: what the webhook received is documented, with its own bearer and no other credential.
+    let (code, text) = chat_as(&strict, "hello there");
+    assert_eq!(code, 200, "{text}");
+    let (auth, body) = hook
+        .seen("gate")
+        .into_iter()
+        .find(|(_, b)| b["texts"].to_string().contains("hello there"))
+        .expect("the webhook never saw the request");
+    assert_eq!(auth.as_deref(), Some("Bearer hook-token"));
+    assert_eq!(body["phase"], "request");
+    assert_eq!(body["route"], format!("{ns}/{strict}"));
+    assert_eq!(body["policy"], format!("{ns}/hooked"));
+    assert!(
+        body["consumer"].as_str().unwrap().contains("caller"),
+        "{body}"
+    );
+    assert!(!body.to_string().contains("sk-guard"), "{body}");
+
+    // Blocked with the webhook's reason; the provider never sees it.
+    let (code, text) = chat_as(&strict, "a forbidden question");
+    assert_eq!(code, 400, "{text}");
+    assert!(
+        text.contains("guardrail_blocked") && text.contains("topic not allowed"),
+        "{text}"
+    );
+    // Masked by spans before it goes upstream.
+    let (code, text) = chat_as(&strict, "pay ACCT-12345 now");
+    assert_eq!(code, 200, "{text}");
+    let bodies = received(&f.sim);
+    assert!(!bodies.iter().any(|b| b.contains("forbidden question")));
+    assert!(
+        bodies.iter().any(|b| b.contains("pay [REDACTED] now"))
+            && !bodies.iter().any(|b| b.contains("ACCT-12345")),
+        "{bodies:?}"
+    );
+    // Late or failing: closed blocks, open lets through; an unreachable one fails closed.
+    for t in ["slow down", "crash it"] {
+        let (code, text) = chat_as(&strict, t);
+        assert_eq!(code, 400, "{t}: {text}");
+        assert!(text.contains("could not be made"), "{text}");
+        let (code, text) = chat_as(&open, t);
+        assert_eq!(code, 200, "{t}: {text}");
+    }
+    let (code, text) = chat_as(&down, "anything");
+    assert_eq!(code, 400, "{text}");
+    let metrics = f.gw.metrics();
+    for (policy, check, outcome) in [
+        ("hooked", "gate", "failed_closed"),
+        ("hook-open", "gate", "failed_open"),
+        ("hook-down", "down", "failed_closed"),
+    ] {
+        let line = format!(
+            "portcullis_guardrail_external_errors_total{{policy=\"{ns}/{policy}\",check=\"{check}\",kind=\"webhook\",outcome=\"{outcome}\"}}"
+        );
+        assert!(metrics.contains(&line), "no {line} in\n{metrics}");
+    }
+
+    // A streamed answer is held whole in buffer mode: blocked with the dialect's error event,
+    // nothing of it released first, or masked by the webhook's spans.
+    let sse = stream_as(&blocked);
+    assert!(
+        sse.contains("guardrail_blocked") && !sse.contains("forb") && !sse.contains("ACCT-"),
+        "{sse}"
+    );
+    assert!(!sse.contains("[DONE]"), "{sse}");
+    let sse = stream_as(&streamed);
+    assert_eq!(
+        chat_text(&sse),
+        "Your account is [REDACTED], a forbidden one"
+    );
+    assert!(!sse.contains("ACCT-"), "{sse}");
+    let (_, body) = hook
+        .seen("scrub")
+        .into_iter()
+        .rfind(|(_, b)| b["phase"] == "response")
+        .expect("the webhook never saw the answer");
+    assert_eq!(
+        body["texts"],
+        json!(["Your account is ACCT-98765, a forbidden one"])
+    );
+
+    // After mode: the stream passes untouched; the check runs once it is complete, and audits.
+    let sse = stream_as(&later);
+    assert!(
+        chat_text(&sse).contains("ACCT-98765, a forbidden one"),
+        "{sse}"
+    );
+    assert!(sse.contains("[DONE]"), "{sse}");
+    let line = format!(
+        "portcullis_guardrail_actions_total{{route=\"{later}\",policy=\"{ns}/hook-later\",check=\"later\",action=\"audit\",phase=\"response\"}}"
+    );
+    eventually(Duration::from_secs(10), || f.gw.metrics().contains(&line))
+        .unwrap_or_else(|_| panic!("no {line}"));
+
+    // Neither the texts the webhook judged nor its credential show in logs, metrics or Events.
+    no_leaks(
+        f,
+        &[
+            "ACCT-12345",
+            "ACCT-98765",
+            "forbidden question",
+            "hook-token",
+        ],
+    );
+}
+
+/// None of `texts` appears in the gateway's log, its metrics or the namespace's Events.
+fn no_leaks(f: &Fixture, texts: &[&str]) {
+    let (log, metrics) = (f.gw.log(), f.gw.metrics());
+    let events = f.cp.json(&["get", "events", "-n", &f.ns]).to_string();
+    for t in texts {
+        assert!(!log.contains(t), "the log shows {t:?}");
+        assert!(!metrics.contains(t), "the metrics show {t:?}");
+        assert!(!events.contains(t), "an Event shows {t:?}");
+    }
+}
+
+#[test]
+fn a_judge_route_blocks_unsafe_requests_and_its_calls_are_limited_and_charged_like_any() {
+    let f = fixture();
+    let ns = &f.ns;
+    let unsafe_judge = scripted(&["unsafe\nS1"]);
+    let safe_judge = scripted(&["safe"]);
+    let [guard_no, guard_yes, judge_no, judge_yes, orphan] = [
+        "judged",
+        "judged-ok",
+        "judge-unsafe",
+        "judge-safe",
+        "judged-orphan",
+    ]
+    .map(unique);
+    let judge = |name: &str, route: &str| {
+        policy(
+            ns,
+            name,
+            &format!(
+                "  - {{name: llama, phase: request, action: block, detector: {{judge: {{route: {route}}}}}}}\n"
+            ),
+        )
+    };
+    let limited = guarded_route(ns, &judge_yes, "llm/v1/chat", &safe_judge.openai_base(), "")
+        .replace(
+            "  guardrails: []\n",
+            "  limits:\n  - renewalPeriod: minute\n    calls: 3\n",
+        );
+    let docs = [
+        judge("judged", &judge_no),
+        judge("judged-ok", &judge_yes),
+        judge("judged-orphan", "no-such-route"),
+        guarded_route(
+            ns,
+            &judge_no,
+            "llm/v1/chat",
+            &unsafe_judge.openai_base(),
+            "",
+        ),
+        limited,
+        guarded_route(ns, &guard_no, "llm/v1/chat", &f.sim.openai_base(), "judged"),
+        guarded_route(
+            ns,
+            &guard_yes,
+            "llm/v1/chat",
+            &f.sim.openai_base(),
+            "judged-ok",
+        ),
+        guarded_route(
+            ns,
+            &orphan,
+            "llm/v1/chat",
+            &f.sim.openai_base(),
+            "judged-orphan",
+        ),
+    ];
+    f.cp.apply(&docs.join("---\n"));
+    for r in [&judge_no, &judge_yes, &guard_no, &guard_yes] {
+        f.cp.wait_ready(ns, r);
+    }
+    // A judge Route that does not exist: the Route naming the policy fails closed, saying why.
+    f.cp.wait_reason(ns, &orphan, "GuardrailNotReady");
+    let message = ready_condition(f.cp, &["-n", ns, "route", &orphan])["message"].to_string();
+    assert!(
+        message.contains(&format!("Route {ns}/no-such-route does not exist")),
+        "{message}"
+    );
+
+    // `unsafe` + categories: blocked, the categories told, the provider never called.
+    eventually(Duration::from_secs(10), || {
+        chat_as(&guard_no, "how to pick a lock").0 == 400
+    })
+    .expect("the judge never blocked");
+    let (_, text) = chat_as(&guard_no, "how to pick a lock");
+    assert!(
+        text.contains("guardrail_blocked") && text.contains("unsafe: S1"),
+        "{text}"
+    );
+    assert!(!received(&f.sim).iter().any(|b| b.contains("pick a lock")));
+    let asked = received(&unsafe_judge);
+    let prompt = asked
+        .iter()
+        .rfind(|b| b.contains("pick a lock"))
+        .expect("the judge was never asked");
+    assert!(
+        prompt.contains("'User' messages") && prompt.contains("'safe' or 'unsafe'"),
+        "{prompt}"
+    );
+
+    // `safe`: through. The judge's Route counts its calls (limit: 3 a minute, one used by the
+    // readiness probe above at most): once it refuses, the check fails closed.
+    let mut codes = Vec::new();
+    for i in 0..5 {
+        codes.push(chat_as(&guard_yes, &format!("hello {i}")).0);
+    }
+    assert_eq!(codes[0], 200, "{codes:?}");
+    assert!(
+        codes.ends_with(&[400, 400]),
+        "the judge's limit never held: {codes:?}"
+    );
+    let (_, text) = chat_as(&guard_yes, "hello again");
+    assert!(text.contains("could not be made"), "{text}");
+    // Charged to the policy, not the caller.
+    let metrics = f.gw.metrics();
+    let consumer = format!("consumer=\"guardrail:{ns}/judged-ok\"");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.contains(&format!("route=\"{judge_yes}\"")) && l.contains(&consumer)),
+        "no judge call charged to {consumer}:\n{metrics}"
+    );
+    no_leaks(f, &["pick a lock"]);
+}
+
+#[test]
+fn audits_and_blocks_record_one_event_a_minute_on_the_route_without_the_text() {
+    let f = fixture();
+    let ns = &f.ns;
+    let name = unique("audited");
+    let docs = [
+        policy(
+            ns,
+            "watchful",
+            "  - {name: zebras, phase: request, action: audit, detector: {keywords: [zebra]}}\n  - {name: lions, phase: request, action: block, detector: {keywords: [lion]}}\n",
+        ),
+        guarded_route(ns, &name, "llm/v1/chat", &f.sim.openai_base(), "watchful"),
+    ];
+    apply_ready(f, &docs, &[&name]);
+    for _ in 0..3 {
+        assert_eq!(chat_as(&name, "a zebra crossing").0, 200);
+        assert_eq!(chat_as(&name, "a lion sleeps").0, 400);
+    }
+    let events = || -> Vec<Value> {
+        f.cp.json(&["get", "events", "-n", ns])["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["involvedObject"]["name"] == name.as_str())
+            .filter(|e| {
+                e["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.starts_with("Guardrail"))
+            })
+            .cloned()
+            .collect()
+    };
+    eventually(Duration::from_secs(15), || events().len() >= 2).expect("no guardrail Events");
+    std::thread::sleep(Duration::from_secs(2));
+    let seen = events();
+    let reasons: Vec<&str> = seen.iter().filter_map(|e| e["reason"].as_str()).collect();
+    assert_eq!(
+        reasons.iter().filter(|r| **r == "GuardrailAudit").count(),
+        1,
+        "{seen:?}"
+    );
+    assert_eq!(
+        reasons.iter().filter(|r| **r == "GuardrailBlocked").count(),
+        1,
+        "{seen:?}"
+    );
+    for e in &seen {
+        let text = e.to_string().to_lowercase();
+        assert!(
+            !text.contains("zebra crossing") && !text.contains("lion sleeps"),
+            "{e}"
+        );
+        assert!(e["count"].as_u64().unwrap_or(1) <= 1, "{e}");
+    }
+    let audit = seen
+        .iter()
+        .find(|e| e["reason"] == "GuardrailAudit")
+        .unwrap();
+    assert!(
+        audit["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&format!("check zebras of GuardrailPolicy {ns}/watchful"))),
+        "{audit}"
+    );
 }

@@ -66,6 +66,20 @@ pub struct GuardrailCheck {
     pub action: GuardrailAction,
     /// What it looks for.
     pub detector: Detector,
+    /// Streamed answers, `webhook` and `judge` only: `buffer` (default) holds the whole answer
+    /// and checks it before the caller sees any of it; `after` passes the stream on untouched
+    /// and checks it once complete, so it can only `audit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<StreamMode>,
+}
+
+/// How an external check reads a streamed answer.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamMode {
+    #[default]
+    Buffer,
+    After,
 }
 
 /// Which side of a call a check reads.
@@ -135,12 +149,12 @@ pub struct Detector {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 4096))]
     pub max_match: Option<u32>,
-    /// An HTTP endpoint that judges the text (not served by this version: the policy is
-    /// `InvalidSpec`).
+    /// An HTTP endpoint of the platform team's that judges the texts (allow, block, or mask
+    /// spans); see the README's Guardrails section for its request and answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook: Option<WebhookDetector>,
-    /// Another chat Route asked for a verdict (not served by this version: the policy is
-    /// `InvalidSpec`).
+    /// Another chat Route of the gateway asked for a `safe` / `unsafe` verdict (the Llama Guard
+    /// convention); `unsafe` is a match. Not with `action: mask`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub judge: Option<JudgeDetector>,
 }
@@ -176,19 +190,23 @@ impl Builtin {
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct WebhookDetector {
-    /// Where to POST the texts.
+    /// Where to POST the texts; the operator's upstream host rules apply as to providers.
     #[schemars(
         length(min = 1, max = 2048),
         regex(pattern = r"^https?://[^\s/?#]+[^\s?#]*$")
     )]
     pub url: String,
-    /// How long to wait for the verdict (default 500ms).
+    /// How long to wait for the verdict (default 500ms), e.g. `250ms`, `2s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 16))]
+    #[schemars(length(max = 16), regex(pattern = r"^([0-9]{1,6}(ms|s|m|h))+$"))]
     pub timeout: Option<String>,
     /// What a failed or late call means: `closed` (default) blocks, `open` lets the text through.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure_mode: Option<FailureMode>,
+    /// The webhook's own credential, sent as `Authorization: Bearer`: a key of a Secret in the
+    /// policy's namespace (never the caller's or the provider's credential).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<crate::api::SecretKeyRef>,
 }
 
 /// What a failing external check decides.
@@ -203,9 +221,18 @@ pub enum FailureMode {
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct JudgeDetector {
-    /// The Route (same namespace) that judges.
+    /// The chat Route (same namespace) that judges; its limits and prices apply to the judge's
+    /// calls, whose consumer is `guardrail:<namespace>/<policy>`.
     #[schemars(length(min = 1, max = 253))]
     pub route: String,
+    /// How long to wait for the verdict (default 10s), e.g. `500ms`, `5s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16), regex(pattern = r"^([0-9]{1,6}(ms|s|m|h))+$"))]
+    pub timeout: Option<String>,
+    /// What a failed or late verdict means: `closed` (default) blocks, `open` lets the text
+    /// through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_mode: Option<FailureMode>,
 }
 
 /// Whether the policy compiled.

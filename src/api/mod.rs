@@ -9,7 +9,8 @@ mod team;
 pub use conditions::{Outcome, Reason, condition, ready_condition};
 pub use guardrail::{
     Builtin, Detector, FailureMode, GuardrailAction, GuardrailCheck, GuardrailPhase,
-    GuardrailPolicy, GuardrailPolicySpec, GuardrailPolicyStatus, JudgeDetector, WebhookDetector,
+    GuardrailPolicy, GuardrailPolicySpec, GuardrailPolicyStatus, JudgeDetector, StreamMode,
+    WebhookDetector,
 };
 pub use mcp::{
     McpAccessRule, McpCredential, McpLimit, McpOAuth, McpServer, McpServerSpec, McpServerStatus,

@@ -1,5 +1,6 @@
 //! Runtime trouble the data plane sees but only the operator can fix, told as Events on the
-//! Route: today, a provider refusing a Route's own credential again and again.
+//! Route: a provider refusing a Route's own credential again and again; and guardrail audits and
+//! blocks (`guardrails::audit`), at most one Event per check a minute.
 //!
 //! The data plane only counts (atomics in the table's backend health); this task reads the
 //! published table every few seconds, so nothing flows back from the data plane to the controller.
@@ -18,6 +19,17 @@ use crate::table::{RouteState, SharedTable};
 /// Refusals in a row after which the Route's owner is told.
 pub const REJECTIONS_BEFORE_EVENT: u32 = 3;
 const SCAN_EVERY: Duration = Duration::from_secs(2);
+
+/// The Route `namespace/name`, as an Event's subject.
+fn route_reference(namespace: &str, name: &str) -> ObjectReference {
+    ObjectReference {
+        api_version: Some("portcullis.dev/v1alpha1".into()),
+        kind: Some("Route".into()),
+        name: Some(name.to_string()),
+        namespace: Some(namespace.to_string()),
+        ..Default::default()
+    }
+}
 
 pub async fn run(
     table: SharedTable,
@@ -61,13 +73,7 @@ pub async fn run(
         for (namespace, qualified, backend, key) in failing {
             let name = qualified.rsplit('/').next().unwrap_or_default().to_string();
             warn!(route = %qualified, %backend, "the provider keeps rejecting this route's credential");
-            let reference = ObjectReference {
-                api_version: Some("portcullis.dev/v1alpha1".into()),
-                kind: Some("Route".into()),
-                name: Some(name),
-                namespace: Some(namespace),
-                ..Default::default()
-            };
+            let reference = route_reference(&namespace, &name);
             let event = Event {
                 type_: EventType::Warning,
                 reason: "CredentialRejected".into(),
@@ -95,32 +101,93 @@ pub async fn run_limit_alerts(
     recorder: Recorder,
     shutdown: CancellationToken,
 ) {
+    publish_pending(recorder, shutdown, || {
+        limiter
+            .take_alerts()
+            .into_iter()
+            .map(|alert| {
+                let reference = ObjectReference {
+                    api_version: Some("portcullis.dev/v1alpha1".into()),
+                    kind: Some(alert.kind.into()),
+                    name: Some(alert.name.clone()),
+                    namespace: alert.namespace.clone(),
+                    ..Default::default()
+                };
+                let event = Event {
+                    type_: EventType::Warning,
+                    reason: if alert.percent >= 100 {
+                        "LimitReached".into()
+                    } else {
+                        "LimitNearlyReached".into()
+                    },
+                    note: Some(alert.message),
+                    action: "Admit".into(),
+                    secondary: None,
+                };
+                (reference, event)
+            })
+            .collect()
+    })
+    .await
+}
+
+/// Publishes the guardrail audit and block Events the data plane noted (`guardrails::audit`,
+/// already rate-limited). Every replica publishes its own calls' Events, leader or not.
+pub async fn run_guardrail_events(
+    metrics: std::sync::Arc<crate::telemetry::metrics::Metrics>,
+    recorder: Recorder,
+    shutdown: CancellationToken,
+) {
+    publish_pending(recorder, shutdown, || {
+        metrics
+            .guardrails
+            .audits
+            .take()
+            .into_iter()
+            .map(|audit| {
+                let (namespace, name) = audit.route.split_once('/').unwrap_or_default();
+                let blocked = audit.action == crate::api::GuardrailAction::Block;
+                let event = Event {
+                    type_: if blocked {
+                        EventType::Warning
+                    } else {
+                        EventType::Normal
+                    },
+                    reason: if blocked {
+                        "GuardrailBlocked".into()
+                    } else {
+                        "GuardrailAudit".into()
+                    },
+                    note: Some(audit.note()),
+                    action: "Check".into(),
+                    secondary: None,
+                };
+                (route_reference(namespace, name), event)
+            })
+            .collect()
+    })
+    .await
+}
+
+/// Every half second until shutdown: publishes the Events `pending` gives, with their subjects.
+async fn publish_pending(
+    recorder: Recorder,
+    shutdown: CancellationToken,
+    mut pending: impl FnMut() -> Vec<(ObjectReference, Event)>,
+) {
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
-        for alert in limiter.take_alerts() {
-            let reference = ObjectReference {
-                api_version: Some("portcullis.dev/v1alpha1".into()),
-                kind: Some(alert.kind.into()),
-                name: Some(alert.name.clone()),
-                namespace: alert.namespace.clone(),
-                ..Default::default()
-            };
-            let event = Event {
-                type_: EventType::Warning,
-                reason: if alert.percent >= 100 {
-                    "LimitReached".into()
-                } else {
-                    "LimitNearlyReached".into()
-                },
-                note: Some(alert.message.clone()),
-                action: "Admit".into(),
-                secondary: None,
-            };
+        for (reference, event) in pending() {
             if let Err(e) = recorder.publish(&event, &reference).await {
-                debug!(name = %alert.name, error = %e, "publishing a limit alert Event failed");
+                debug!(
+                    name = reference.name.as_deref().unwrap_or_default(),
+                    reason = %event.reason,
+                    error = %e,
+                    "publishing an Event failed"
+                );
             }
         }
     }

@@ -249,6 +249,11 @@ pub async fn run(
     );
     let leading = leader::elect(client.clone(), config.leader.clone(), shutdown.clone()).await;
     tokio::spawn(leader::export(leading.clone(), handles.metrics.clone()));
+    let audit_events = tokio::spawn(alarms::run_guardrail_events(
+        handles.metrics.clone(),
+        recorder.clone(),
+        shutdown.clone(),
+    ));
     let limit_alerts = handles.limits.clone().map(|limiter| {
         tokio::spawn(alarms::run_limit_alerts(
             limiter,
@@ -358,6 +363,7 @@ pub async fn run(
         let _ = task.await;
     }
     let _ = alarms.await;
+    let _ = audit_events.await;
     let _ = api_keys.await;
     let _ = pool_watch.await;
     let _ = scraper.await;
@@ -444,6 +450,20 @@ struct Loop {
 }
 
 use reconcile::RouteOutcome;
+
+/// The Secrets GuardrailPolicies' webhooks name, `(namespace, name)`.
+fn webhook_secrets(policies: &[Arc<GuardrailPolicy>]) -> Vec<(String, String)> {
+    policies
+        .iter()
+        .flat_map(|p| {
+            let ns = p.namespace().unwrap_or_default();
+            p.spec.checks.iter().filter_map(move |c| {
+                let r = c.detector.webhook.as_ref()?.secret_ref.as_ref()?;
+                Some((ns.clone(), r.name.clone()))
+            })
+        })
+        .collect()
+}
 
 /// Readiness waits for the routing table and the API keys both, so a new replica never turns away
 /// a valid key it has not loaded yet.
@@ -606,6 +626,7 @@ impl Loop {
                     .models()
                     .filter_map(move |m| Some((ns.clone()?, m.secret_ref.as_ref()?.name.clone())))
             })
+            .chain(webhook_secrets(&self.guardrail_store.state()))
             .collect();
         self.referenced.clone_from(&wanted);
         let complete = self
@@ -628,6 +649,15 @@ impl Loop {
                 })
                 .collect(),
         );
+        // Webhooks' credentials and judges' Routes, read with this build's Secrets and Routes.
+        let guardrails = Arc::new(crate::guardrails::resolve_all(
+            &self.guardrails,
+            &reconcile::GuardrailEnv {
+                secrets: &self.secret_cache,
+                policy: &self.policy,
+                routes: &routes,
+            },
+        ));
         let reconciled = reconcile_with(
             &routes,
             &self.secret_cache,
@@ -635,7 +665,7 @@ impl Loop {
             &self.policy,
             prices,
             &pools,
-            &self.guardrails,
+            &guardrails,
         );
         let (total, serving) = (
             reconciled.outcomes.len(),
@@ -649,10 +679,9 @@ impl Loop {
         reconciled.table.teams = Arc::new(teams::build(
             &self.team_store.state(),
             &reconciled.table,
-            &self.guardrails,
+            &guardrails,
         ));
-        self.teams_changed
-            .send_replace(Some(Arc::clone(&self.guardrails)));
+        self.teams_changed.send_replace(Some(guardrails));
         let metrics = &self.handles.metrics;
         reconciled.record(metrics, started.elapsed());
         if !complete {

@@ -34,6 +34,64 @@ pub trait SecretLookup {
     }
 }
 
+/// What GuardrailPolicies' webhooks and judges need of this build: Secrets, the operator's
+/// egress rules, the Routes.
+pub struct GuardrailEnv<'a, S> {
+    pub secrets: &'a S,
+    pub policy: &'a OperatorPolicy,
+    pub routes: &'a [Arc<Route>],
+}
+
+impl<S: SecretLookup> crate::guardrails::Environment for GuardrailEnv<'_, S> {
+    fn secret(&self, namespace: &str, r: &crate::api::SecretKeyRef) -> Result<SecretValue, String> {
+        if self.secrets.denied(namespace, &r.name) {
+            return Err(format!(
+                "Secret {namespace}/{} does not match the gateway's --secret-selector",
+                r.name
+            ));
+        }
+        let data = self
+            .secrets
+            .secret(namespace, &r.name)
+            .ok_or_else(|| format!("Secret {namespace}/{} not found", r.name))?;
+        match data
+            .get(&r.key)
+            .map(|v| std::str::from_utf8(&v.0).map(str::trim))
+        {
+            Some(Ok(v)) if !v.is_empty() => Ok(SecretValue::new(v)),
+            Some(_) => Err(format!(
+                "key {:?} of Secret {namespace}/{} is empty or not UTF-8 text",
+                r.key, r.name
+            )),
+            None => Err(format!(
+                "Secret {namespace}/{} has no key {:?}",
+                r.name, r.key
+            )),
+        }
+    }
+
+    fn refuse(&self, url: &str) -> Option<String> {
+        self.policy.refuse_upstream(url).map(|o| o.message)
+    }
+
+    fn judge(&self, namespace: &str, name: &str) -> Result<(), String> {
+        let route = self
+            .routes
+            .iter()
+            .find(|r| {
+                r.metadata.name.as_deref() == Some(name)
+                    && r.metadata.namespace.as_deref() == Some(namespace)
+            })
+            .ok_or_else(|| format!("Route {namespace}/{name} does not exist"))?;
+        if route.spec.route_type != crate::api::RouteType::Chat {
+            return Err(format!(
+                "Route {namespace}/{name} is not an llm/v1/chat Route"
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl SecretLookup for HashMap<(String, String), Arc<SecretData>> {
     fn secret(&self, namespace: &str, name: &str) -> Option<&SecretData> {
         self.get(&(namespace.to_string(), name.to_string()))
@@ -213,7 +271,7 @@ pub fn reconcile_with(
         let (mut state, backends) = resolve(route, secrets, &health, policy, prices, pools);
         let guard = match crate::guardrails::route_guard(
             &served_as,
-            &namespace,
+            &qualified,
             &route.spec.guardrails,
             guardrails,
         ) {

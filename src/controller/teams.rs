@@ -29,7 +29,7 @@ pub fn build(teams: &[Arc<Team>], table: &RoutingTable, policies: &Policies) -> 
                     .routes()
                     .iter()
                     .filter_map(|r| {
-                        let guard = Guard::new(&r.name, list.clone())?;
+                        let guard = Guard::new(&r.name, &r.qualified, list.clone())?;
                         Some((r.qualified.clone(), Arc::new(guard)))
                     })
                     .collect()

@@ -100,6 +100,17 @@ pub fn note(f: impl FnOnce(&mut CallInfo)) {
     let _ = CALL.try_with(|c| f(&mut c.borrow_mut()));
 }
 
+/// Runs `f` as a call of its own by `consumer`, e.g. a guardrail judge's call made inside a
+/// caller's: what it notes stays out of the caller's log line.
+pub async fn scoped<F: std::future::Future>(consumer: Arc<str>, f: F) -> F::Output {
+    let info = CallInfo {
+        consumer: Some(consumer),
+        caller: Some(Ok(None)),
+        ..Default::default()
+    };
+    CALL.scope(RefCell::new(info), f).await
+}
+
 /// The consumer label of anonymous calls, made once: an anonymous call allocates none.
 static ANONYMOUS: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(""));
 

@@ -3,12 +3,17 @@
 //! keyword, so a text is read once per policy however many checks it has.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
 use regex::{Regex, RegexBuilder, RegexSet, RegexSetBuilder};
 
 use super::detectors::{self, Validator, is_word_byte};
-use crate::api::{GuardrailAction, GuardrailPolicySpec};
+use crate::api::{
+    Detector, FailureMode, GuardrailAction, GuardrailCheck, GuardrailPolicySpec, SecretKeyRef,
+    StreamMode,
+};
+use crate::providers::SecretValue;
 
 /// Compiled automata of one pattern may take this much memory (the user's regexes included).
 const REGEX_SIZE_LIMIT: usize = 1 << 20;
@@ -20,9 +25,12 @@ const DEFAULT_MAX_MATCH: usize = 64;
 const LOOKAHEAD: usize = 2;
 /// Keywords longer than this are refused (they would only lengthen every stream's hold-back).
 const MAX_KEYWORD_BYTES: usize = 256;
+/// How long a webhook / a judge is waited for when the check does not say.
+const DEFAULT_WEBHOOK_TIMEOUT: Duration = Duration::from_millis(500);
+const DEFAULT_JUDGE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One check of a compiled policy.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Check {
     pub name: Arc<str>,
     pub action: GuardrailAction,
@@ -38,8 +46,9 @@ pub struct CompileError {
     pub message: String,
 }
 
-/// A policy ready to run.
-#[derive(Debug)]
+/// A policy ready to run (cloned only to fill in its external checks' credentials: the
+/// automata inside are shared).
+#[derive(Clone, Debug)]
 pub struct CompiledPolicy {
     /// `namespace/name`: the label of its metrics and the name in its errors.
     pub key: Arc<str>,
@@ -48,6 +57,42 @@ pub struct CompiledPolicy {
     pub response: Scanner,
     /// Streams: the most bytes held back for an unfinished match.
     pub cap: usize,
+    /// Its webhook and judge checks, in order.
+    pub external: Vec<External>,
+}
+
+/// A check answered outside the gateway's own detectors.
+#[derive(Clone, Debug)]
+pub struct External {
+    /// Its index in `checks`.
+    pub check: usize,
+    pub request: bool,
+    pub response: bool,
+    pub mode: StreamMode,
+    pub timeout: Duration,
+    pub fail_open: bool,
+    pub kind: ExternalKind,
+}
+
+#[derive(Clone, Debug)]
+pub enum ExternalKind {
+    /// `bearer` is filled in from `secret_ref` at reconcile (`guardrails::resolve_all`).
+    Webhook {
+        url: Arc<str>,
+        secret_ref: Option<SecretKeyRef>,
+        bearer: Option<SecretValue>,
+    },
+    /// The judge Route, `namespace/name`.
+    Judge { route: Arc<str> },
+}
+
+impl ExternalKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ExternalKind::Webhook { .. } => "webhook",
+            ExternalKind::Judge { .. } => "judge",
+        }
+    }
 }
 
 /// A pattern match: of check `check`, at `start..end`; `valid` once its validator agreed (an
@@ -61,7 +106,7 @@ pub struct Hit {
 }
 
 /// The detectors of one phase.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Scanner {
     set: Option<RegexSet>,
     regexes: Vec<(Regex, usize, Validator)>,
@@ -146,6 +191,8 @@ impl CompiledPolicy {
             .clamp(16, 4096);
         let (mut request, mut response) = (Parts::default(), Parts::default());
         let mut checks = Vec::with_capacity(spec.checks.len());
+        let mut external = Vec::new();
+        let namespace = key.split_once('/').map_or("", |(ns, _)| ns);
         for (index, c) in spec.checks.iter().enumerate() {
             let err = |message: String| CompileError {
                 index,
@@ -202,15 +249,16 @@ impl CompiledPolicy {
                 longest = longest.max(bound);
                 patterns.push((re.clone(), always));
                 "[REDACTED]"
-            } else if d.webhook.is_some() {
-                return Err(err(
-                    "webhook detectors are not served by this gateway version".into(),
-                ));
             } else {
-                return Err(err(
-                    "judge detectors are not served by this gateway version".into(),
-                ));
+                external.push(compile_external(index, c, namespace).map_err(err)?);
+                "[REDACTED]"
             };
+            if c.mode.is_some() && d.webhook.is_none() && d.judge.is_none() {
+                return Err(err(
+                    "mode applies to webhook and judge checks only (built-in detectors hold back)"
+                        .into(),
+                ));
+            }
             for (phase, on) in [
                 (&mut request, c.phase.request()),
                 (&mut response, c.phase.response()),
@@ -286,8 +334,66 @@ impl CompiledPolicy {
             request: build(request).map_err(whole)?,
             response: build(response).map_err(whole)?,
             cap,
+            external,
         })
     }
+}
+
+/// A webhook or judge check as it will run (its webhook credential still to be read).
+fn compile_external(index: usize, c: &GuardrailCheck, namespace: &str) -> Result<External, String> {
+    let Detector { webhook, judge, .. } = &c.detector;
+    let mode = c.mode.unwrap_or_default();
+    if mode == StreamMode::After && c.action != GuardrailAction::Audit {
+        return Err(
+            "mode after checks a stream once the caller has all of it: only action audit".into(),
+        );
+    }
+    let timeout = |t: &Option<String>, default| match t {
+        None => Ok(default),
+        Some(t) => crate::api::parse_duration(t)
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| format!("timeout {t:?} is not a duration such as 500ms or 2s")),
+    };
+    let (timeout, failure_mode, kind) = match (webhook, judge) {
+        (Some(w), _) => (
+            timeout(&w.timeout, DEFAULT_WEBHOOK_TIMEOUT)?,
+            w.failure_mode,
+            ExternalKind::Webhook {
+                url: w.url.as_str().into(),
+                secret_ref: w.secret_ref.clone(),
+                bearer: None,
+            },
+        ),
+        (None, Some(j)) => {
+            if c.action == GuardrailAction::Mask {
+                return Err(
+                    "a judge's verdict has no spans to mask: use action block or audit".into(),
+                );
+            }
+            if j.route.contains('/') {
+                return Err("judge.route names a Route of the policy's namespace".into());
+            }
+            (
+                timeout(&j.timeout, DEFAULT_JUDGE_TIMEOUT)?,
+                j.failure_mode,
+                ExternalKind::Judge {
+                    route: format!("{namespace}/{}", j.route).into(),
+                },
+            )
+        }
+        (None, None) => {
+            return Err("set exactly one of builtin, keywords, regex, webhook, judge".into());
+        }
+    };
+    Ok(External {
+        check: index,
+        request: c.phase.request(),
+        response: c.phase.response(),
+        mode,
+        timeout,
+        fail_open: failure_mode == Some(FailureMode::Open),
+        kind,
+    })
 }
 
 /// The most bytes a match of `pattern` can span, when bounded.
@@ -332,11 +438,41 @@ mod tests {
     }
 
     #[test]
-    fn unserved_detectors_and_duplicates_are_invalid() {
-        let e =
-            policy("checks:\n- {name: w, action: block, detector: {webhook: {url: 'http://x'}}}")
-                .unwrap_err();
-        assert!(e.message.contains("webhook"));
+    fn external_checks_compile_and_their_misuses_are_invalid() {
+        let p = policy("checks:\n- {name: w, action: mask, detector: {webhook: {url: 'http://x', timeout: 250ms, failureMode: open}}}\n- {name: j, phase: response, action: audit, mode: after, detector: {judge: {route: guard}}}").unwrap();
+        assert_eq!(p.external.len(), 2);
+        assert_eq!(p.external[0].timeout, Duration::from_millis(250));
+        assert!(p.external[0].fail_open && !p.external[1].fail_open);
+        assert!(!p.external[1].request && p.external[1].response);
+        assert!(
+            matches!(&p.external[1].kind, ExternalKind::Judge { route } if &**route == "ns/guard")
+        );
+        assert!(p.request.is_empty() && p.response.is_empty());
+        for (bad, says) in [
+            (
+                "{name: j, action: mask, detector: {judge: {route: g}}}",
+                "no spans",
+            ),
+            (
+                "{name: j, action: block, mode: after, detector: {judge: {route: g}}}",
+                "only action audit",
+            ),
+            (
+                "{name: w, action: block, detector: {webhook: {url: 'http://x', timeout: soon}}}",
+                "not a duration",
+            ),
+            (
+                "{name: k, action: block, mode: buffer, detector: {keywords: [x]}}",
+                "webhook and judge checks only",
+            ),
+        ] {
+            let e = policy(&format!("checks:\n- {bad}")).unwrap_err();
+            assert!(e.message.contains(says), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn duplicates_are_invalid() {
         let e = policy("checks:\n- {name: a, action: block, detector: {builtin: ip}}\n- {name: a, action: mask, detector: {builtin: ssn}}").unwrap_err();
         assert_eq!(e.index, 1);
         let e = policy("checks:\n- {name: a, action: block, detector: {}}").unwrap_err();

@@ -28,11 +28,24 @@ pub struct LatencyLabels {
     pub phase: &'static str,
 }
 
-/// The families, registered once with the gateway's others.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ExternalLabels {
+    pub policy: Arc<str>,
+    pub check: Arc<str>,
+    /// `webhook` or `judge`.
+    pub kind: &'static str,
+    /// `failed_open` (the text went through) or `failed_closed` (the call was blocked).
+    pub outcome: &'static str,
+}
+
+/// The families, registered once with the gateway's others, and the audit Events waiting for
+/// the controller.
 #[derive(Clone)]
 pub struct GuardrailMetrics {
     pub actions: Family<ActionLabels, Counter>,
     pub latency: Family<LatencyLabels, Histogram>,
+    pub external_errors: Family<ExternalLabels, Counter>,
+    pub audits: Arc<super::audit::AuditEvents>,
 }
 
 fn check_histogram() -> Histogram {
@@ -52,11 +65,22 @@ impl GuardrailMetrics {
         );
         registry.register_with_unit(
             "portcullis_guardrail_check_duration",
-            "CPU time of a call's guardrail checks, by route and phase (a stream's summed over its chunks)",
+            "Time of a call's guardrail checks, by route and phase: the built-in detectors' CPU time (a stream's summed over its chunks) plus the wait for webhooks and judges",
             Unit::Seconds,
             latency.clone(),
         );
-        GuardrailMetrics { actions, latency }
+        let external_errors = Family::default();
+        registry.register(
+            "portcullis_guardrail_external_errors",
+            "Webhook and judge checks that failed or were late, by policy, check, kind and outcome (failed_open: the text went through; failed_closed: the call was blocked)",
+            external_errors.clone(),
+        );
+        GuardrailMetrics {
+            actions,
+            latency,
+            external_errors,
+            audits: Default::default(),
+        }
     }
 }
 

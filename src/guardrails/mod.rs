@@ -1,13 +1,18 @@
 //! Guardrails: the checks of GuardrailPolicies run on what callers send and receive. One room per
 //! job: `detectors` (the built-in patterns and validators), `compile` (a policy made ready to run,
 //! once per change), `mask` (acting on hits), `request` (the texts of a unified request),
-//! `stream` (hold-back on streamed answers), `metrics` (counters by route, policy, check).
+//! `stream` (hold-back on streamed answers), `external` (webhook and judge checks), `buffer`
+//! (external checks on streamed answers), `audit` (rate-limited Events of audits and blocks),
+//! `metrics` (counters by route, policy, check).
 //!
 //! A Route's `Guard` is built with the routing table and held by its entry: a call never compiles
 //! anything, and a policy change reaches the next call with the next table.
 
+pub mod audit;
+pub mod buffer;
 pub mod compile;
 pub mod detectors;
+pub mod external;
 pub mod mask;
 pub mod metrics;
 pub mod request;
@@ -15,8 +20,9 @@ pub mod stream;
 
 use std::sync::Arc;
 
-use crate::api::GuardrailAction;
-use compile::CompiledPolicy;
+use crate::api::{GuardrailAction, SecretKeyRef, StreamMode};
+use crate::providers::SecretValue;
+use compile::{CompiledPolicy, External, ExternalKind};
 use mask::{Finding, Hits};
 
 pub use compile::CompileError;
@@ -36,19 +42,78 @@ fn lookup(namespace: &str, name: &str, policies: &Policies) -> Result<Arc<Compil
     }
 }
 
-/// The guard of a Route named `served_as` in `namespace` over the policies it names, or why it
-/// cannot serve (a policy missing or invalid).
+/// The guard of a Route named `served_as` (`qualified`: `namespace/name`) over the policies it
+/// names, or why it cannot serve (a policy missing or invalid).
 pub fn route_guard(
     served_as: &str,
-    namespace: &str,
+    qualified: &str,
     names: &[String],
     policies: &Policies,
 ) -> Result<Option<Arc<Guard>>, String> {
+    let namespace = qualified.split_once('/').map_or("", |(ns, _)| ns);
     let list = names
         .iter()
         .map(|name| lookup(namespace, name, policies))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Guard::new(served_as, list).map(Arc::new))
+    Ok(Guard::new(served_as, qualified, list).map(Arc::new))
+}
+
+/// What the external checks of policies need from the cluster, read at reconcile.
+pub trait Environment {
+    /// The value of a key of a Secret in `namespace`, or why it cannot be used.
+    fn secret(&self, namespace: &str, secret: &SecretKeyRef) -> Result<SecretValue, String>;
+    /// Why the gateway may not call `url` (the operator's upstream host rules), if it may not.
+    fn refuse(&self, url: &str) -> Option<String>;
+    /// Why `namespace/name` cannot judge (no such Route, not a chat Route), if it cannot.
+    fn judge(&self, namespace: &str, name: &str) -> Result<(), String>;
+}
+
+/// The policies with their webhooks' credentials read and their webhooks and judges checked
+/// against the cluster, once per table build; a policy whose external check cannot run is kept as
+/// why (its Routes and Teams fail closed). Policies without external checks are shared as they are.
+pub fn resolve_all(policies: &Policies, env: &dyn Environment) -> Policies {
+    policies
+        .iter()
+        .map(|(key, compiled)| {
+            let resolved = match compiled {
+                Ok(p) if !p.external.is_empty() => resolve(&key.0, p, env).map(Arc::new),
+                other => other.clone(),
+            };
+            (key.clone(), resolved)
+        })
+        .collect()
+}
+
+fn resolve(
+    namespace: &str,
+    policy: &CompiledPolicy,
+    env: &dyn Environment,
+) -> Result<CompiledPolicy, String> {
+    let mut out = policy.clone();
+    for e in &mut out.external {
+        let check = &policy.checks[e.check].name;
+        let why = |message: String| format!("check {check}: {message}");
+        match &mut e.kind {
+            ExternalKind::Webhook {
+                url,
+                secret_ref,
+                bearer,
+            } => {
+                if let Some(refused) = env.refuse(url) {
+                    return Err(why(format!("webhook: {refused}")));
+                }
+                if let Some(r) = secret_ref {
+                    *bearer = Some(env.secret(namespace, r).map_err(why)?);
+                }
+            }
+            ExternalKind::Judge { route } => {
+                let name = route.rsplit('/').next().unwrap_or_default();
+                env.judge(namespace, name)
+                    .map_err(|m| why(format!("judge: {m}")))?;
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The policies a Team names (`namespace/name` each), or why its members cannot call.
@@ -103,6 +168,14 @@ pub struct Guard {
     /// Some policy checks requests / answers.
     pub request: bool,
     pub response: bool,
+    /// Some policy's built-in detectors read answers (the stream's hold-back runs).
+    pub scanned_response: bool,
+    /// Some webhook or judge check reads requests; answers in `mode: buffer`; in `mode: after`.
+    pub external_request: bool,
+    pub buffered: bool,
+    pub after: bool,
+    /// The Route it guards, `namespace/name`: its audit Events are recorded there.
+    pub qualified: Arc<str>,
     /// Streams: bytes held back (the longest response match any policy can make, up to its cap)
     /// and the most an unfinished match may hold before the stream is ended.
     pub hold: usize,
@@ -122,13 +195,20 @@ impl std::fmt::Debug for Guard {
 }
 
 impl Guard {
-    /// The guard of Route `route` over `policies`; `None` when there are none.
-    pub fn new(route: &str, policies: Vec<Arc<CompiledPolicy>>) -> Option<Guard> {
+    /// The guard of Route `route` (`qualified`: `namespace/name`) over `policies`; `None` when
+    /// there are none.
+    pub fn new(route: &str, qualified: &str, policies: Vec<Arc<CompiledPolicy>>) -> Option<Guard> {
         if policies.is_empty() {
             return None;
         }
-        let request = policies.iter().any(|p| !p.request.is_empty());
-        let response = policies.iter().any(|p| !p.response.is_empty());
+        let scanned_response = policies.iter().any(|p| !p.response.is_empty());
+        let external =
+            |f: &dyn Fn(&External) -> bool| policies.iter().any(|p| p.external.iter().any(f));
+        let external_request = external(&|e| e.request);
+        let buffered = external(&|e| e.response && e.mode == StreamMode::Buffer);
+        let after = external(&|e| e.response && e.mode == StreamMode::After);
+        let request = external_request || policies.iter().any(|p| !p.request.is_empty());
+        let response = scanned_response || buffered || after;
         let hold = policies
             .iter()
             .filter(|p| !p.response.is_empty())
@@ -141,8 +221,26 @@ impl Guard {
             policies,
             request,
             response,
+            scanned_response,
+            external_request,
+            buffered,
+            after,
+            qualified: qualified.into(),
             hold,
             cap,
+        })
+    }
+
+    /// The external checks of `phase`, in order, with their policy's index.
+    pub fn externals(&self, phase: Phase) -> impl Iterator<Item = (usize, &External)> {
+        self.policies.iter().enumerate().flat_map(move |(i, p)| {
+            p.external
+                .iter()
+                .filter(move |e| match phase {
+                    Phase::Request => e.request,
+                    Phase::Response => e.response,
+                })
+                .map(move |e| (i, e))
         })
     }
 
@@ -190,6 +288,7 @@ impl Guard {
             check: policy.checks[finding.check].name.to_string(),
             phase: phase.as_str(),
             why,
+            reason: None,
         }
     }
 
@@ -212,6 +311,15 @@ impl Guard {
             handles.action(f.policy, f.check, phase).inc();
             let p = &self.policies[f.policy];
             let c = &p.checks[f.check];
+            if c.action != GuardrailAction::Mask {
+                metrics.audits.note(audit::AuditEvent {
+                    route: Arc::clone(&self.qualified),
+                    policy: Arc::clone(&p.key),
+                    check: Arc::clone(&c.name),
+                    action: c.action,
+                    phase: phase.as_str(),
+                });
+            }
             if !summary.is_empty() {
                 summary.push(',');
             }
@@ -236,12 +344,14 @@ impl Guard {
 /// A guardrail ended the call: the policy and check by name, never the matched text. The data
 /// plane wraps it in its error (`GatewayError::GuardrailBlocked`); this module needs none of it.
 #[derive(Clone, Debug, thiserror::Error)]
-#[error("guardrail_blocked: check {check:?} of guardrail policy {policy} blocked the {phase}{}", match why { BlockReason::Matched => String::new(), other => format!(" ({})", other.as_str()) })]
+#[error("guardrail_blocked: check {check:?} of guardrail policy {policy} blocked the {phase}{}{}", match why { BlockReason::Matched => String::new(), other => format!(" ({})", other.as_str()) }, reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default())]
 pub struct Blocked {
     pub policy: String,
     pub check: String,
     pub phase: &'static str,
     pub why: BlockReason,
+    /// What an external check said (a webhook's `reason`, a judge's categories); bounded.
+    pub reason: Option<String>,
 }
 
 /// Why a guardrail ended a call.
@@ -254,6 +364,10 @@ pub enum BlockReason {
     HoldBackExceeded,
     /// A stream the gateway cannot read (a provider's own events) met a response check.
     Unreadable,
+    /// A webhook or judge failed or was late, and its check fails closed.
+    CheckFailed,
+    /// A streamed answer outgrew what a buffered webhook or judge check may hold.
+    BufferExceeded,
 }
 
 impl BlockReason {
@@ -264,6 +378,10 @@ impl BlockReason {
                 "matched text longer than the stream may hold back (spec.maxHoldBack)"
             }
             BlockReason::Unreadable => "the answer cannot be checked",
+            BlockReason::CheckFailed => "the check could not be made and fails closed",
+            BlockReason::BufferExceeded => {
+                "the streamed answer is longer than a buffered check may hold"
+            }
         }
     }
 }
@@ -277,7 +395,7 @@ pub(crate) mod testing {
         let spec: crate::api::GuardrailPolicySpec =
             serde_yaml::from_str(yaml).unwrap_or_else(|e| panic!("{e}"));
         let p = CompiledPolicy::compile("ns/p", &spec).unwrap_or_else(|e| panic!("{e}"));
-        Guard::new("r", vec![Arc::new(p)]).unwrap_or_else(|| panic!("no guard"))
+        Guard::new("r", "ns/r", vec![Arc::new(p)]).unwrap_or_else(|| panic!("no guard"))
     }
 }
 
@@ -304,6 +422,92 @@ mod tests {
         assert!(e.contains("b/pii does not exist"), "{e}");
         let e = team_policies(&refs(&["pii"]), &compiled).unwrap_err();
         assert!(e.contains("not a namespace/name"), "{e}");
+    }
+
+    struct Env;
+
+    impl Environment for Env {
+        fn secret(&self, namespace: &str, r: &SecretKeyRef) -> Result<SecretValue, String> {
+            match (namespace, r.name.as_str()) {
+                ("a", "hook") => Ok(SecretValue::new("t0ken")),
+                _ => Err(format!("Secret {namespace}/{} not found", r.name)),
+            }
+        }
+        fn refuse(&self, url: &str) -> Option<String> {
+            url.contains("169.254")
+                .then(|| "cloud metadata".to_string())
+        }
+        fn judge(&self, namespace: &str, name: &str) -> Result<(), String> {
+            (name == "guard")
+                .then_some(())
+                .ok_or_else(|| format!("Route {namespace}/{name} does not exist"))
+        }
+    }
+
+    #[test]
+    fn external_checks_are_resolved_against_the_cluster_or_fail_the_policy() {
+        let policy = |name: &str, check: &str| {
+            let mut p = crate::api::GuardrailPolicy::new(
+                name,
+                serde_yaml::from_str(&format!("checks:\n- {check}")).unwrap(),
+            );
+            p.metadata.namespace = Some("a".into());
+            Arc::new(p)
+        };
+        let compiled = compile_all(&[
+            policy(
+                "plain",
+                "{name: c, action: mask, detector: {builtin: card}}",
+            ),
+            policy(
+                "hooked",
+                "{name: w, action: block, detector: {webhook: {url: 'http://h', secretRef: {name: hook, key: k}}}}",
+            ),
+            policy(
+                "keyless",
+                "{name: w, action: block, detector: {webhook: {url: 'http://h', secretRef: {name: gone, key: k}}}}",
+            ),
+            policy(
+                "metadata",
+                "{name: w, action: block, detector: {webhook: {url: 'http://169.254.169.254/'}}}",
+            ),
+            policy(
+                "judged",
+                "{name: j, action: block, detector: {judge: {route: guard}}}",
+            ),
+            policy(
+                "orphan",
+                "{name: j, action: block, detector: {judge: {route: nobody}}}",
+            ),
+        ]);
+        let resolved = resolve_all(&compiled, &Env);
+        let get = |n: &str| resolved[&("a".to_string(), n.to_string())].clone();
+        let plain = |n: &str| compiled[&("a".to_string(), n.to_string())].clone();
+        // Without external checks the compiled policy is shared, not copied.
+        assert!(Arc::ptr_eq(
+            &get("plain").unwrap(),
+            &plain("plain").unwrap()
+        ));
+        let hooked = get("hooked").unwrap();
+        let ExternalKind::Webhook { bearer, .. } = &hooked.external[0].kind else {
+            panic!("not a webhook");
+        };
+        assert_eq!(bearer.as_ref().map(SecretValue::expose), Some("t0ken"));
+        assert!(get("judged").is_ok());
+        for (name, says) in [
+            ("keyless", "check w: Secret a/gone not found"),
+            ("metadata", "check w: webhook: cloud metadata"),
+            ("orphan", "check j: judge: Route a/nobody does not exist"),
+        ] {
+            assert_eq!(get(name).unwrap_err(), says);
+        }
+        let guard = route_guard("r", "a/r", &["hooked".into()], &resolved)
+            .unwrap()
+            .unwrap();
+        assert!(guard.request && guard.external_request && guard.buffered && !guard.after);
+        assert!(!guard.scanned_response);
+        let e = route_guard("r", "a/r", &["orphan".into()], &resolved).unwrap_err();
+        assert!(e.contains("does not exist"), "{e}");
     }
 
     #[test]

@@ -15,7 +15,17 @@ pub fn check_request(
     request: &mut LlmRequest,
     findings: &mut Vec<Finding>,
 ) -> Result<(), Finding> {
-    let mut check = |t: &mut String| guard.check_text(Phase::Request, t, findings);
+    visit_request(request, &mut |t: &mut String| {
+        guard.check_text(Phase::Request, t, findings)
+    })
+}
+
+/// Calls `check` on every text of `request` the caller sent, in order (the same order each time:
+/// the external checks collect the texts once and write them back masked).
+pub fn visit_request<E>(
+    request: &mut LlmRequest,
+    check: &mut impl FnMut(&mut String) -> Result<(), E>,
+) -> Result<(), E> {
     match request {
         LlmRequest::Chat(chat) => {
             for m in &mut chat.messages {
@@ -44,7 +54,7 @@ pub fn check_request(
         LlmRequest::Native(n) => {
             for key in ["system", "messages"] {
                 if let Some(v) = n.body.get_mut(key) {
-                    native_texts(v, &mut check)?;
+                    native_texts(v, check)?;
                 }
             }
         }
@@ -54,10 +64,10 @@ pub fn check_request(
 
 /// The caller's texts in a Messages body: string contents, `text` blocks, tool inputs and tool
 /// results; not opaque fields (base64 `data`, `signature`s, ids, types).
-fn native_texts(
+fn native_texts<E>(
     value: &mut Value,
-    check: &mut impl FnMut(&mut String) -> Result<(), Finding>,
-) -> Result<(), Finding> {
+    check: &mut impl FnMut(&mut String) -> Result<(), E>,
+) -> Result<(), E> {
     match value {
         Value::String(s) => check(s),
         Value::Array(items) => items.iter_mut().try_for_each(|v| native_texts(v, check)),
@@ -91,10 +101,21 @@ pub fn check_generation(
     g: &mut Generation,
     findings: &mut Vec<Finding>,
 ) -> Result<(), Finding> {
+    visit_generation(g, &mut |t: &mut String| {
+        guard.check_text(Phase::Response, t, findings)
+    })
+}
+
+/// Calls `check` on every text of a plain answer: each choice's text, then its tool calls'
+/// arguments.
+pub fn visit_generation<E>(
+    g: &mut Generation,
+    check: &mut impl FnMut(&mut String) -> Result<(), E>,
+) -> Result<(), E> {
     for c in &mut g.choices {
-        guard.check_text(Phase::Response, &mut c.text, findings)?;
+        check(&mut c.text)?;
         for call in &mut c.tool_calls {
-            guard.check_text(Phase::Response, &mut call.arguments, findings)?;
+            check(&mut call.arguments)?;
         }
     }
     Ok(())

@@ -56,11 +56,14 @@ impl ServingRoute {
         self.entry.guard.iter().chain(&self.team_guards)
     }
 }
-use crate::llm::{LlmRequest, LlmResponse, StreamDelta};
+use crate::api::StreamMode;
+use crate::guardrails::buffer;
+use crate::guardrails::external::{self, Context, Services};
+use crate::llm::{ChatMessage, ChatRequest, Content, LlmRequest, LlmResponse, Role, StreamDelta};
 
 /// The request as it may go upstream: as sent, or with its findings masked; a 400
 /// `guardrail_blocked` when a check blocks it (then nothing is admitted, charged or sent).
-pub fn check_request<'a>(
+pub async fn check_request<'a>(
     state: &AppState,
     route: &ServingRoute,
     request: &'a LlmRequest,
@@ -70,14 +73,28 @@ pub fn check_request<'a>(
         let started = Instant::now();
         let mut masked = out.as_ref().clone();
         let mut findings = Vec::new();
-        let verdict = request::check_request(guard, &mut masked, &mut findings);
+        let mut verdict = request::check_request(guard, &mut masked, &mut findings)
+            .map_err(|f| guard.blocked(f, Phase::Request, BlockReason::Matched));
+        if verdict.is_ok() && guard.external_request {
+            let visit: Visit<LlmRequest> = |r, f| request::visit_request(r, &mut { f });
+            verdict = external_texts(
+                state,
+                guard,
+                Phase::Request,
+                None,
+                &mut masked,
+                visit,
+                &mut findings,
+            )
+            .await;
+        }
         note(guard.record(
             &state.metrics.guardrails,
             Phase::Request,
             &findings,
             started.elapsed(),
         ));
-        verdict.map_err(|f| guard.blocked(f, Phase::Request, BlockReason::Matched))?;
+        verdict?;
         if masked != *out {
             out = Cow::Owned(masked);
         }
@@ -85,32 +102,89 @@ pub fn check_request<'a>(
     Ok(out)
 }
 
+/// Calls `f` on each text of a request or an answer (`request::visit_request`, `visit_generation`).
+type Visit<T> = fn(&mut T, &mut dyn FnMut(&mut String) -> Result<(), ()>) -> Result<(), ()>;
+
+/// The webhook and judge checks of `phase` on `target`: its texts collected, checked, written back
+/// masked.
+async fn external_texts<T>(
+    state: &AppState,
+    guard: &Guard,
+    phase: Phase,
+    mode: Option<StreamMode>,
+    target: &mut T,
+    visit: Visit<T>,
+    findings: &mut Vec<crate::guardrails::mask::Finding>,
+) -> Result<(), crate::guardrails::Blocked> {
+    let mut texts = Vec::new();
+    let _ = visit(target, &mut |t: &mut String| {
+        texts.push(t.clone());
+        Ok(())
+    });
+    let before = texts.clone();
+    external::check(guard, phase, mode, &mut texts, &context(state), findings).await?;
+    if texts != before {
+        let mut masked = texts.into_iter();
+        let _ = visit(target, &mut |t: &mut String| {
+            if let Some(m) = masked.next() {
+                *t = m;
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
 /// A plain answer as the caller may see it; a block replaces it by the error (the call stays
 /// charged what the provider billed).
-pub fn check_answer(
+pub async fn check_answer(
     state: &AppState,
     route: &ServingRoute,
     answer: Result<LlmResponse, GatewayError>,
 ) -> Result<LlmResponse, GatewayError> {
-    route
-        .guards()
-        .filter(|g| g.response)
-        .try_fold(answer?, |answer, guard| {
-            check_answer_with(state, guard, answer)
-        })
+    let mut answer = answer?;
+    for guard in route.guards().filter(|g| g.response) {
+        answer = check_answer_with(state, guard, answer).await?;
+    }
+    Ok(answer)
 }
 
-fn check_answer_with(
+async fn check_answer_with(
     state: &AppState,
-    guard: &Guard,
+    guard: &Arc<Guard>,
     answer: LlmResponse,
 ) -> Result<LlmResponse, GatewayError> {
     let started = Instant::now();
     let mut findings = Vec::new();
     let verdict = match answer {
-        LlmResponse::Generation(mut g) => request::check_generation(guard, &mut g, &mut findings)
-            .map(|()| LlmResponse::Generation(g))
-            .map_err(|f| guard.blocked(f, Phase::Response, BlockReason::Matched)),
+        LlmResponse::Generation(mut g) => {
+            let mut verdict = request::check_generation(guard, &mut g, &mut findings)
+                .map_err(|f| guard.blocked(f, Phase::Response, BlockReason::Matched));
+            let visit: Visit<crate::llm::Generation> =
+                |g, f| request::visit_generation(g, &mut { f });
+            if verdict.is_ok() && guard.buffered {
+                verdict = external_texts(
+                    state,
+                    guard,
+                    Phase::Response,
+                    Some(StreamMode::Buffer),
+                    &mut g,
+                    visit,
+                    &mut findings,
+                )
+                .await;
+            }
+            if verdict.is_ok() && guard.after {
+                // Audit only: checked in the background, as a stream's would be.
+                let mut texts = Vec::new();
+                let _ = visit(&mut g, &mut |t: &mut String| {
+                    texts.push(t.clone());
+                    Ok(())
+                });
+                buffer::check_after(Arc::clone(guard), Arc::new(context(state)), texts);
+            }
+            verdict.map(|()| LlmResponse::Generation(g))
+        }
         embeddings @ LlmResponse::Embeddings(_) => Ok(embeddings),
         // Routes with response checks are not served natively (see `anthropic::PassOn`).
         LlmResponse::Native(_) => Err(guard.blocked(
@@ -132,8 +206,8 @@ fn check_answer_with(
 }
 
 /// The stream with the call's response checks applied as it flows (each guard's hold-back in
-/// turn: a Team's checks read what the route's released); passed on as it is, unboxed, when the
-/// call has none.
+/// turn: a Team's checks read what the route's released; then its webhook and judge checks in
+/// their `mode`); passed on as it is, unboxed, when the call has none.
 pub fn check_stream(
     state: &AppState,
     route: &ServingRoute,
@@ -143,9 +217,72 @@ pub fn check_stream(
     if guards.peek().is_none() {
         return futures::future::Either::Left(deltas);
     }
-    futures::future::Either::Right(guards.fold(deltas.boxed(), |deltas, guard| {
-        stream::guard_stream(deltas, Arc::clone(guard), state.metrics.guardrails.clone()).boxed()
+    let mut ctx = None;
+    futures::future::Either::Right(guards.fold(deltas.boxed(), |mut deltas, guard| {
+        if guard.scanned_response {
+            deltas =
+                stream::guard_stream(deltas, Arc::clone(guard), state.metrics.guardrails.clone())
+                    .boxed();
+        }
+        if guard.buffered || guard.after {
+            let ctx = ctx.get_or_insert_with(|| Arc::new(context(state)));
+            deltas = buffer::external_stream(deltas, Arc::clone(guard), Arc::clone(ctx));
+        }
+        deltas
     }))
+}
+
+/// What a call's webhook and judge checks need: the gateway's client, its Routes (for judges),
+/// and who is calling.
+fn context(state: &AppState) -> Context {
+    Context {
+        services: Arc::new(Gateway(state.clone())),
+        metrics: state.metrics.guardrails.clone(),
+        consumer: observe::consumer(),
+    }
+}
+
+/// Output tokens a judge may spend on its verdict.
+const JUDGE_MAX_TOKENS: u32 = 32;
+
+struct Gateway(AppState);
+
+impl Services for Gateway {
+    fn http(&self) -> &reqwest::Client {
+        &self.0.http
+    }
+
+    fn ask(
+        &self,
+        route: Arc<str>,
+        consumer: Arc<str>,
+        prompt: String,
+    ) -> futures::future::BoxFuture<'static, Result<String, String>> {
+        let state = self.0.clone();
+        Box::pin(async move {
+            let request = LlmRequest::Chat(ChatRequest {
+                messages: vec![ChatMessage::new(Role::User, Content::text(prompt))],
+                // A verdict is two short lines: the judge's answer (and its cost) stays small.
+                params: crate::llm::Params {
+                    max_tokens: Some(JUDGE_MAX_TOKENS),
+                    temperature: Some(0.0),
+                    ..Default::default()
+                },
+                stream: Default::default(),
+                extra: Default::default(),
+            });
+            match super::invocation::invoke_as(&state, &route, consumer, request).await {
+                Ok(LlmResponse::Generation(g)) => g
+                    .choices
+                    .into_iter()
+                    .next()
+                    .map(|c| c.text)
+                    .ok_or_else(|| format!("judge Route {route} gave no answer")),
+                Ok(_) => Err(format!("judge Route {route} is not a chat Route")),
+                Err(e) => Err(format!("judge Route {route}: {}", e.code())),
+            }
+        })
+    }
 }
 
 fn note(summary: Option<String>) {

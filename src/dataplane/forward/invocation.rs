@@ -76,16 +76,53 @@ pub(super) async fn resolve(
     }
 }
 
+/// A guardrail judge's call: the Route `qualified` asked by `consumer` (`guardrail:ns/policy`),
+/// admitted, limited, priced and guarded like any call, in a call context of its own (the
+/// caller's log line and labels keep theirs). The Route's access rules are not asked: a policy
+/// names only Routes of its own namespace.
+pub(super) async fn invoke_as(
+    state: &AppState,
+    qualified: &str,
+    consumer: Arc<str>,
+    request: LlmRequest,
+) -> Result<LlmResponse, GatewayError> {
+    let entry = state
+        .table
+        .load()
+        .get(qualified)
+        .cloned()
+        .ok_or_else(|| GatewayError::UnknownRoute(qualified.to_string()))?;
+    let backends = match &entry.state {
+        RouteState::Ready(backends) => Arc::clone(backends),
+        RouteState::NotReady { reason, message } => {
+            return Err(GatewayError::RouteNotReady {
+                route: qualified.to_string(),
+                reason: *reason,
+                message: message.clone(),
+            });
+        }
+    };
+    let route = ServingRoute {
+        entry,
+        backends,
+        caller: None,
+        team_guards: Vec::new(),
+    };
+    observe::scoped(consumer, async { invoke(state, &route, &request).await }).await
+}
+
 /// Non-streaming call: one parsed answer, from the first backend that gives one.
 pub async fn invoke(
     state: &AppState,
     route: &ServingRoute,
     request: &LlmRequest,
 ) -> Result<LlmResponse, GatewayError> {
-    let request = &*super::guarded::check_request(state, route, request)?;
+    let request = &*super::guarded::check_request(state, route, request).await?;
     let calls = fan_out(route, request)?;
     let ticket = match cached::lookup(state, route, request, calls).await? {
-        Cached::Hit(answer) => return super::guarded::check_answer(state, route, Ok(answer)),
+        Cached::Hit(answer) => {
+            return super::guarded::check_answer(state, route, Ok(answer)).await;
+        }
         Cached::Live(ticket) => ticket,
     };
     let admission =
@@ -154,7 +191,7 @@ pub async fn invoke(
         }
     }
     // What the caller receives is what is stored: masked, and never a blocked answer.
-    let result = super::guarded::check_answer(state, route, result);
+    let result = super::guarded::check_answer(state, route, result).await;
     if let (Ok(answer), Some(ticket)) = (&result, ticket) {
         ticket.store(answer);
     }
@@ -256,7 +293,7 @@ pub async fn invoke_stream(
     ),
     GatewayError,
 > {
-    let request = &*super::guarded::check_request(state, route, request)?;
+    let request = &*super::guarded::check_request(state, route, request).await?;
     let ticket = match cached::lookup(state, route, request, 1).await? {
         Cached::Hit(answer) => {
             // A hit is checked like a live answer: this caller's policies may differ.
