@@ -9,11 +9,13 @@ use futures::{Stream, StreamExt};
 
 use super::serving::ServingRoute;
 use crate::access::Identity;
-use crate::api::Reason;
+use crate::api::{Reason, StreamMode};
 use crate::dataplane::AppState;
 use crate::dataplane::error::GatewayError;
 use crate::dataplane::observe;
-use crate::guardrails::{BlockReason, Guard, Phase, request, stream};
+use crate::guardrails::external::{self, Context, Services};
+use crate::guardrails::{BlockReason, Guard, Phase, buffer, request, stream};
+use crate::llm::{LlmRequest, LlmResponse, StreamDelta};
 use crate::table::RouteEntry;
 
 /// The guards of the caller's Teams on `entry`; a Team whose policy is missing or invalid
@@ -56,15 +58,12 @@ impl ServingRoute {
         self.entry.guard.iter().chain(&self.team_guards)
     }
 }
-use crate::api::StreamMode;
-use crate::guardrails::buffer;
-use crate::guardrails::external::{self, Context, Services};
-use crate::llm::{ChatMessage, ChatRequest, Content, LlmRequest, LlmResponse, Role, StreamDelta};
 
 /// The request as it may go upstream: as sent, or with its findings masked; a 400
 /// `guardrail_blocked` when a check blocks it (then nothing is admitted, charged or sent).
 pub async fn check_request<'a>(
     state: &AppState,
+    judge: Judge,
     route: &ServingRoute,
     request: &'a LlmRequest,
 ) -> Result<Cow<'a, LlmRequest>, GatewayError> {
@@ -78,7 +77,7 @@ pub async fn check_request<'a>(
         if verdict.is_ok() && guard.external_request {
             let visit: Visit<LlmRequest> = |r, f| request::visit_request(r, &mut { f });
             verdict = external_texts(
-                state,
+                &context(state, judge),
                 guard,
                 Phase::Request,
                 None,
@@ -108,7 +107,7 @@ type Visit<T> = fn(&mut T, &mut dyn FnMut(&mut String) -> Result<(), ()>) -> Res
 /// The webhook and judge checks of `phase` on `target`: its texts collected, checked, written back
 /// masked.
 async fn external_texts<T>(
-    state: &AppState,
+    ctx: &Context,
     guard: &Guard,
     phase: Phase,
     mode: Option<StreamMode>,
@@ -122,7 +121,7 @@ async fn external_texts<T>(
         Ok(())
     });
     let before = texts.clone();
-    external::check(guard, phase, mode, &mut texts, &context(state), findings).await?;
+    external::check(guard, phase, mode, &mut texts, ctx, findings).await?;
     if texts != before {
         let mut masked = texts.into_iter();
         let _ = visit(target, &mut |t: &mut String| {
@@ -139,18 +138,20 @@ async fn external_texts<T>(
 /// charged what the provider billed).
 pub async fn check_answer(
     state: &AppState,
+    judge: Judge,
     route: &ServingRoute,
     answer: Result<LlmResponse, GatewayError>,
 ) -> Result<LlmResponse, GatewayError> {
     let mut answer = answer?;
     for guard in route.guards().filter(|g| g.response) {
-        answer = check_answer_with(state, guard, answer).await?;
+        answer = check_answer_with(state, judge, guard, answer).await?;
     }
     Ok(answer)
 }
 
 async fn check_answer_with(
     state: &AppState,
+    judge: Judge,
     guard: &Arc<Guard>,
     answer: LlmResponse,
 ) -> Result<LlmResponse, GatewayError> {
@@ -164,7 +165,7 @@ async fn check_answer_with(
                 |g, f| request::visit_generation(g, &mut { f });
             if verdict.is_ok() && guard.buffered {
                 verdict = external_texts(
-                    state,
+                    &context(state, judge),
                     guard,
                     Phase::Response,
                     Some(StreamMode::Buffer),
@@ -181,7 +182,7 @@ async fn check_answer_with(
                     texts.push(t.clone());
                     Ok(())
                 });
-                buffer::check_after(Arc::clone(guard), Arc::new(context(state)), texts);
+                buffer::check_after(Arc::clone(guard), Arc::new(context(state, judge)), texts);
             }
             verdict.map(|()| LlmResponse::Generation(g))
         }
@@ -210,6 +211,7 @@ async fn check_answer_with(
 /// their `mode`); passed on as it is, unboxed, when the call has none.
 pub fn check_stream(
     state: &AppState,
+    judge: Judge,
     route: &ServingRoute,
     deltas: impl Stream<Item = Result<Vec<StreamDelta>, GatewayError>> + Send + 'static,
 ) -> impl Stream<Item = Result<Vec<StreamDelta>, GatewayError>> + Send + 'static {
@@ -225,63 +227,24 @@ pub fn check_stream(
                     .boxed();
         }
         if guard.buffered || guard.after {
-            let ctx = ctx.get_or_insert_with(|| Arc::new(context(state)));
+            let ctx = ctx.get_or_insert_with(|| Arc::new(context(state, judge)));
             deltas = buffer::external_stream(deltas, Arc::clone(guard), Arc::clone(ctx));
         }
         deltas
     }))
 }
 
+/// Makes the services of a call's webhook and judge checks. Given by `invocation`, which owns
+/// the forward path a judge is asked through (this room does not call back into it).
+pub type Judge = fn(&AppState) -> Arc<dyn Services>;
+
 /// What a call's webhook and judge checks need: the gateway's client, its Routes (for judges),
 /// and who is calling.
-fn context(state: &AppState) -> Context {
+fn context(state: &AppState, judge: Judge) -> Context {
     Context {
-        services: Arc::new(Gateway(state.clone())),
+        services: judge(state),
         metrics: state.metrics.guardrails.clone(),
         consumer: observe::consumer(),
-    }
-}
-
-/// Output tokens a judge may spend on its verdict.
-const JUDGE_MAX_TOKENS: u32 = 32;
-
-struct Gateway(AppState);
-
-impl Services for Gateway {
-    fn http(&self) -> &reqwest::Client {
-        &self.0.http
-    }
-
-    fn ask(
-        &self,
-        route: Arc<str>,
-        consumer: Arc<str>,
-        prompt: String,
-    ) -> futures::future::BoxFuture<'static, Result<String, String>> {
-        let state = self.0.clone();
-        Box::pin(async move {
-            let request = LlmRequest::Chat(ChatRequest {
-                messages: vec![ChatMessage::new(Role::User, Content::text(prompt))],
-                // A verdict is two short lines: the judge's answer (and its cost) stays small.
-                params: crate::llm::Params {
-                    max_tokens: Some(JUDGE_MAX_TOKENS),
-                    temperature: Some(0.0),
-                    ..Default::default()
-                },
-                stream: Default::default(),
-                extra: Default::default(),
-            });
-            match super::invocation::invoke_as(&state, &route, consumer, request).await {
-                Ok(LlmResponse::Generation(g)) => g
-                    .choices
-                    .into_iter()
-                    .next()
-                    .map(|c| c.text)
-                    .ok_or_else(|| format!("judge Route {route} gave no answer")),
-                Ok(_) => Err(format!("judge Route {route} is not a chat Route")),
-                Err(e) => Err(format!("judge Route {route}: {}", e.code())),
-            }
-        })
     }
 }
 

@@ -21,9 +21,10 @@ use crate::dataplane::AppState;
 use crate::dataplane::admission;
 use crate::dataplane::error::GatewayError;
 use crate::dataplane::observe;
+use crate::guardrails::external::Services;
 use crate::llm::{
-    Embeddings as LlmEmbeddings, Generation as LlmGeneration, LlmRequest, LlmResponse,
-    NativeAnswer, StreamDelta,
+    ChatMessage, ChatRequest, Content, Embeddings as LlmEmbeddings, Generation as LlmGeneration,
+    LlmRequest, LlmResponse, NativeAnswer, Role, StreamDelta,
 };
 use crate::providers::{join_embeddings, split_inputs};
 use crate::table::{Backend, RouteState};
@@ -117,11 +118,11 @@ pub async fn invoke(
     route: &ServingRoute,
     request: &LlmRequest,
 ) -> Result<LlmResponse, GatewayError> {
-    let request = &*super::guarded::check_request(state, route, request).await?;
+    let request = &*super::guarded::check_request(state, judge, route, request).await?;
     let calls = fan_out(route, request)?;
     let ticket = match cached::lookup(state, route, request, calls).await? {
         Cached::Hit(answer) => {
-            return super::guarded::check_answer(state, route, Ok(answer)).await;
+            return super::guarded::check_answer(state, judge, route, Ok(answer)).await;
         }
         Cached::Live(ticket) => ticket,
     };
@@ -191,7 +192,7 @@ pub async fn invoke(
         }
     }
     // What the caller receives is what is stored: masked, and never a blocked answer.
-    let result = super::guarded::check_answer(state, route, result).await;
+    let result = super::guarded::check_answer(state, judge, route, result).await;
     if let (Ok(answer), Some(ticket)) = (&result, ticket) {
         ticket.store(answer);
     }
@@ -293,12 +294,12 @@ pub async fn invoke_stream(
     ),
     GatewayError,
 > {
-    let request = &*super::guarded::check_request(state, route, request).await?;
+    let request = &*super::guarded::check_request(state, judge, route, request).await?;
     let ticket = match cached::lookup(state, route, request, 1).await? {
         Cached::Hit(answer) => {
             // A hit is checked like a live answer: this caller's policies may differ.
             let (deltas, model) = cached::replayed(answer, route);
-            let deltas = super::guarded::check_stream(state, route, deltas);
+            let deltas = super::guarded::check_stream(state, judge, route, deltas);
             return Ok((futures::future::Either::Left(deltas), model));
         }
         Cached::Live(ticket) => ticket,
@@ -364,7 +365,56 @@ pub async fn invoke_stream(
         let _held = &in_flight;
         item
     });
-    let deltas = super::guarded::check_stream(state, route, deltas);
+    let deltas = super::guarded::check_stream(state, judge, route, deltas);
     let deltas = Recording::new(deltas, ticket, &model);
     Ok((futures::future::Either::Right(deltas), model))
+}
+
+/// Output tokens a judge may spend on its verdict.
+const JUDGE_MAX_TOKENS: u32 = 32;
+
+/// The judge's way back into the gateway: a chat call to another Route, as the policy.
+struct Gateway(AppState);
+
+/// `guarded::Judge`: the services of a call's webhook and judge checks.
+fn judge(state: &AppState) -> Arc<dyn Services> {
+    Arc::new(Gateway(state.clone()))
+}
+
+impl Services for Gateway {
+    fn http(&self) -> &reqwest::Client {
+        &self.0.http
+    }
+
+    fn ask(
+        &self,
+        route: Arc<str>,
+        consumer: Arc<str>,
+        prompt: String,
+    ) -> futures::future::BoxFuture<'static, Result<String, String>> {
+        let state = self.0.clone();
+        Box::pin(async move {
+            let request = LlmRequest::Chat(ChatRequest {
+                messages: vec![ChatMessage::new(Role::User, Content::text(prompt))],
+                // A verdict is two short lines: the judge's answer (and its cost) stays small.
+                params: crate::llm::Params {
+                    max_tokens: Some(JUDGE_MAX_TOKENS),
+                    temperature: Some(0.0),
+                    ..Default::default()
+                },
+                stream: Default::default(),
+                extra: Default::default(),
+            });
+            match invoke_as(&state, &route, consumer, request).await {
+                Ok(LlmResponse::Generation(g)) => g
+                    .choices
+                    .into_iter()
+                    .next()
+                    .map(|c| c.text)
+                    .ok_or_else(|| format!("judge Route {route} gave no answer")),
+                Ok(_) => Err(format!("judge Route {route} is not a chat Route")),
+                Err(e) => Err(format!("judge Route {route}: {}", e.code())),
+            }
+        })
+    }
 }
