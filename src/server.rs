@@ -114,6 +114,11 @@ pub struct DataPlaneArgs {
     /// they are refused (401). Unset: they belong to no Team.
     #[arg(long, env = "PORTCULLIS_ANONYMOUS_TEAM")]
     pub anonymous_team: Option<String>,
+    /// Translate every call, even when the caller and every backend speak the same API (OpenAI
+    /// chat to OpenAI, Anthropic Messages to Anthropic): by default those pass through with only
+    /// `model` changed.
+    #[arg(long, env = "PORTCULLIS_NO_PASS_THROUGH")]
+    pub no_pass_through: bool,
     /// The store of the response cache (Routes with `spec.cache`), as `--limits-store` is
     /// written; default: the limits store. Without either, each replica caches in its memory.
     #[arg(long, env = "PORTCULLIS_CACHE_STORE")]
@@ -324,6 +329,7 @@ impl DataPlane {
             upstream_limits: settings.upstream_limits,
             via,
             anonymous_team: args.anonymous_team.as_deref().map(Arc::from),
+            pass_through: !args.no_pass_through,
             cache,
         });
         let listener = tokio::net::TcpListener::bind(listen)

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use serde_json::json;
+use serde_json::{Value, json};
 use support::*;
 
 #[test]
@@ -560,4 +560,94 @@ fn credentials_never_leak_into_logs_status_events_or_responses() {
         "part of the credential leaked"
     );
     assert!(responses[1].contains("[REDACTED]"));
+}
+
+/// OpenAI chat to an OpenAI Route passes through: the caller's body goes upstream as sent but for
+/// `model` (a parameter OpenAI adds works the day it ships) and OpenAI's answer comes back as sent,
+/// fields the gateway does not model included. `--no-pass-through` translates the same call; the
+/// two answers agree on everything the translating path keeps.
+#[test]
+fn same_dialect_calls_pass_through_and_agree_with_the_translating_path() {
+    let cp = ControlPlane::shared();
+    let sim = sim();
+    let ns = cp.namespace("passthrough");
+    let route = unique("chat");
+    let direct = Gateway::start(cp, &["--namespace", &ns]);
+    let translating = Gateway::start(cp, &["--namespace", &ns, "--no-pass-through"]);
+    cp.apply(&openai_manifests(&ns, &route, "openai", "sk-pt", &sim));
+    cp.wait_ready(&ns, &route);
+    for gw in [&direct, &translating] {
+        eventually(Duration::from_secs(10), || gw.chat(&route).0 == 200).expect("never served");
+    }
+    let body = json!({
+        "model": route,
+        "messages": [{"role": "user", "content": "hello there"}],
+        "max_completion_tokens": 30,
+        "a_parameter_of_tomorrow": {"x": [1, 2]},
+    });
+    let mut answers = Vec::new();
+    for gw in [&direct, &translating] {
+        let (status, headers, text) = http_full(&gw.url("/v1/chat/completions"), &body.to_string());
+        assert_eq!(status, 200, "{text}");
+        assert!(headers.iter().any(|(k, _)| k == "x-portcullis-cost-usd"));
+        let sent = sim
+            .last_request()
+            .expect("the provider got the call")
+            .json();
+        assert_eq!(sent["model"], "gpt-4o-mini");
+        assert_eq!(sent["a_parameter_of_tomorrow"], json!({"x": [1, 2]}));
+        assert_eq!(sent["max_completion_tokens"], 30);
+        answers.push(serde_json::from_str::<Value>(&text).expect("JSON"));
+    }
+    let [passed, translated] = [&answers[0], &answers[1]];
+    assert_eq!(
+        passed["system_fingerprint"], "fp_sim",
+        "passed on as OpenAI sent it"
+    );
+    for field in ["object", "model", "choices", "usage"] {
+        assert_eq!(passed[field], translated[field], "{field}");
+    }
+
+    // Streams: the same text, the usage chunk (priced) only for a caller that asks for it.
+    let events = |gw: &Gateway, usage: bool| {
+        let mut b = body.clone();
+        b["stream"] = json!(true);
+        if usage {
+            b["stream_options"] = json!({"include_usage": true});
+        }
+        let (status, text) = gw.post_raw("/v1/chat/completions", &b.to_string());
+        assert_eq!(status, 200, "{text}");
+        let sent = sim
+            .last_request()
+            .expect("the provider got the call")
+            .json();
+        assert_eq!(
+            sent["stream_options"]["include_usage"], true,
+            "the gateway counts usage"
+        );
+        text.lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .map(|d| serde_json::from_str(d).unwrap_or(Value::String(d.into())))
+            .collect::<Vec<Value>>()
+    };
+    for usage in [false, true] {
+        let (passed, translated) = (events(&direct, usage), events(&translating, usage));
+        let text = |events: &[Value]| -> String {
+            events
+                .iter()
+                .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+                .collect()
+        };
+        assert_eq!(text(&passed), text(&translated));
+        assert_eq!(passed.last(), Some(&json!("[DONE]")));
+        let usage_chunks = |events: &[Value]| -> Vec<Value> {
+            events
+                .iter()
+                .filter(|e| e.get("usage").is_some_and(|u| !u.is_null()))
+                .map(|e| json!([e["usage"], e["x_portcullis_cost_usd"]]))
+                .collect()
+        };
+        assert_eq!(usage_chunks(&passed), usage_chunks(&translated));
+        assert_eq!(usage_chunks(&passed).len(), usize::from(usage));
+    }
 }

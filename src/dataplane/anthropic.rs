@@ -44,10 +44,11 @@ pub struct PassOn {
 }
 
 impl PassOn {
-    fn for_route(route: &ServingRoute) -> PassOn {
+    fn for_route(state: &AppState, route: &ServingRoute) -> PassOn {
         PassOn {
             top_k: route.providers().all(|p| providers::info(p).reads_top_k),
-            anthropic: route.providers().all(|p| p == Provider::Anthropic)
+            anthropic: state.pass_through
+                && route.providers().all(|p| p == Provider::Anthropic)
                 && !route.guards().any(|g| g.response),
         }
     }
@@ -250,7 +251,7 @@ async fn read_and_look_up(
     let mut body = read_json_object(state, headers, body).await?;
     let model = require_string(&mut body, "model")?;
     let route = forward::lookup(state, &model, RouteType::Chat).await?;
-    let pass = PassOn::for_route(&route);
+    let pass = PassOn::for_route(state, &route);
     Ok((body, route, pass))
 }
 

@@ -72,6 +72,8 @@ pub struct AppState {
     pub anonymous_team: Option<Arc<str>>,
     /// The response cache of Routes with `spec.cache`.
     pub cache: Arc<crate::cache::Cache>,
+    /// Same-dialect calls pass through untranslated (`--no-pass-through` turns it off).
+    pub pass_through: bool,
 }
 
 /// Bounds on what a provider may send back: nothing from outside is trusted to be small or quick.

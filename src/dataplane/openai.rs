@@ -21,11 +21,12 @@ use super::admission::Visibility;
 use super::body::read_json_object;
 use super::error::{GatewayError, OpenAiError};
 use super::forward::{self, ServingRoute};
-use super::request::{OPENAI, parse_request, require_string};
-use crate::api::RouteType;
+use super::reframe::{Reframer, reframe};
+use super::request::{OPENAI, parse_request, require_string, take_count, take_params, take_stream};
+use crate::api::{Provider, RouteType};
 use crate::llm::{
-    Choice, Embeddings, Generation, LlmRequest, LlmResponse, StreamDelta, StreamOptions, ToolCall,
-    ToolCallDelta, Usage, unix_now,
+    Choice, Embeddings, Generation, LlmRequest, LlmResponse, NativeRequest, StreamDelta,
+    StreamOptions, ToolCall, ToolCallDelta, Usage, unix_now,
 };
 
 type Result<T, E = OpenAiError> = std::result::Result<T, E>;
@@ -50,8 +51,194 @@ async fn handle(state: &AppState, req: Request, route_type: RouteType) -> Result
     let (parts, body) = req.into_parts();
     let mut body = read_json_object(state, &parts.headers, body).await?;
     let route = forward::lookup(state, &require_string(&mut body, "model")?, route_type).await?;
+    if route_type == RouteType::Chat && passes_through(state, &route, &body) {
+        let (request, include_usage) = native_request(body)?;
+        return Ok(native(state, &route, request, include_usage).await?);
+    }
     let request = parse_request(route_type, body, &OPENAI)?;
     Ok(respond(state, &route, request, true).await?)
+}
+
+/// Same dialect on both sides, and nothing of the call needs the parsed body: every backend is
+/// OpenAI, the Route has no guardrails and no cache, one candidate is asked for. Anything else
+/// takes the translating path, for that call only.
+fn passes_through(state: &AppState, route: &ServingRoute, body: &Map<String, Value>) -> bool {
+    state.pass_through
+        && route.providers().all(|p| p == Provider::Openai)
+        && route.guards().next().is_none()
+        && route.entry.cache.is_none()
+        && body
+            .get("n")
+            .is_none_or(|n| n.is_null() || n.as_u64() == Some(1))
+}
+
+/// The caller's body (without `model`) for a pass-through call: only what the gateway itself reads
+/// is checked (`stream`, the token caps, `messages` for the up-front estimate); OpenAI judges the
+/// rest, so a parameter OpenAI adds works the day it ships. Also whether the caller asked for
+/// the stream's usage chunk.
+fn native_request(mut body: Map<String, Value>) -> Result<(NativeRequest, bool), GatewayError> {
+    // The sampling fields are checked by the translating path's own code, then put back as sent.
+    let mut sampling: Map<String, Value> = ["temperature", "top_p", "max_tokens", "stop", "n"]
+        .into_iter()
+        .filter_map(|k| Some((k.to_string(), body.remove(k)?)))
+        .collect();
+    let kept = sampling.clone();
+    let params = take_params(&mut sampling, &OPENAI)?;
+    body.extend(kept);
+    let max_completion_tokens = take_count(&mut body, "max_completion_tokens", 1, u32::MAX as u64)?;
+    if let Some(n) = max_completion_tokens {
+        body.insert("max_completion_tokens".into(), Value::from(n));
+    }
+    let options = body.get("stream_options").cloned();
+    let StreamOptions {
+        stream,
+        include_usage,
+    } = take_stream(&mut body)?;
+    if stream {
+        body.insert("stream".into(), Value::Bool(true));
+    }
+    if let Some(options) = options {
+        body.insert("stream_options".into(), options);
+    }
+    let prompt_chars = check_messages(body.get("messages"))?;
+    let request = NativeRequest {
+        body,
+        stream,
+        max_tokens: max_completion_tokens.or(params.max_tokens),
+        prompt_chars,
+        headers: Vec::new(),
+    };
+    Ok((request, include_usage))
+}
+
+/// `messages` as the translating path would take them (a non-empty list of objects with a role
+/// and a string or list content), read in place; their characters, for the up-front estimate.
+fn check_messages(messages: Option<&Value>) -> Result<usize, GatewayError> {
+    let bad = |m: String| GatewayError::bad_param("messages", m);
+    let items = match messages {
+        Some(Value::Array(items)) if !items.is_empty() => items,
+        Some(Value::Array(_)) => {
+            return Err(bad("'messages' must contain at least one message".into()));
+        }
+        None | Some(Value::Null) => return Err(bad("'messages' is required".into())),
+        Some(_) => return Err(bad("'messages' must be a list of messages".into())),
+    };
+    for (i, m) in items.iter().enumerate() {
+        let Value::Object(m) = m else {
+            return Err(bad(format!(
+                "messages[{i}] must be an object with 'role' and 'content'"
+            )));
+        };
+        if m.get("role")
+            .and_then(Value::as_str)
+            .is_none_or(str::is_empty)
+        {
+            return Err(bad(format!(
+                "messages[{i}].role must be a non-empty string"
+            )));
+        }
+        if !matches!(
+            m.get("content"),
+            None | Some(Value::Null | Value::String(_) | Value::Array(_))
+        ) {
+            return Err(bad(format!(
+                "messages[{i}].content must be a string or a list of content parts"
+            )));
+        }
+    }
+    Ok(items.iter().map(prompt_chars).sum())
+}
+
+/// Characters of a message's text, counted as the translating path counts them (`Content::as_text`):
+/// a string content, or its parts' `text`; media are counted apart (`admission::media_tokens`).
+fn prompt_chars(message: &Value) -> usize {
+    match message.get("content") {
+        Some(Value::String(s)) => s.len(),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .map(str::len)
+            .sum(),
+        _ => 0,
+    }
+}
+
+/// A pass-through call: the caller's body goes upstream but for `model`, and OpenAI's answer or
+/// stream comes back as it was sent. The gateway reads only what it meters: usage, and a stream's
+/// text as it passes (for budgets and a cut stream's charge).
+async fn native(
+    state: &AppState,
+    route: &ServingRoute,
+    request: NativeRequest,
+    include_usage: bool,
+) -> Result<Response, GatewayError> {
+    let stream = request.stream;
+    let request = LlmRequest::Native(request);
+    if stream {
+        let (deltas, _) = forward::invoke_stream(state, route, &request).await?;
+        return Ok(sse_response(reframe(deltas, Verbatim { include_usage })));
+    }
+    let LlmResponse::Native(answer) = forward::invoke(state, route, &request).await? else {
+        return Err(GatewayError::UpstreamMalformed(
+            "expected a native answer".into(),
+        ));
+    };
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        answer.body,
+    )
+        .into_response())
+}
+
+/// A pass-through stream: OpenAI's events as they came. The usage chunk gets the call's cost (as
+/// on the translating path), or is left out when the caller did not ask for usage (the gateway
+/// always asks, to count tokens). A stream that breaks ends with an error event, never `[DONE]`.
+struct Verbatim {
+    include_usage: bool,
+}
+
+impl Reframer for Verbatim {
+    fn deltas(&mut self, deltas: Vec<StreamDelta>, out: &mut BytesMut) {
+        for d in deltas {
+            let Some(raw) = &d.raw else { continue };
+            let usage_only = d.usage.is_some()
+                && d.text.is_none()
+                && d.finish_reason.is_none()
+                && d.tool_calls.is_empty();
+            match (usage_only, &d.cost_usd) {
+                (true, _) if !self.include_usage => {}
+                (true, Some(cost)) => push_with_cost(out, raw, cost),
+                _ => out.extend_from_slice(raw),
+            }
+        }
+    }
+
+    fn failed(&mut self, err: &GatewayError, out: &mut BytesMut) {
+        push_event(out, &error_event(err));
+    }
+
+    fn end(&mut self, _out: &mut BytesMut) {}
+}
+
+/// `raw` (`data: {...}` and a blank line) with `x_portcullis_cost_usd` as its object's last field.
+fn push_with_cost(out: &mut BytesMut, raw: &Bytes, cost: &str) {
+    match raw.iter().rposition(|b| *b == b'}') {
+        Some(end) => {
+            out.extend_from_slice(&raw[..end]);
+            out.extend_from_slice(b",\"x_portcullis_cost_usd\":");
+            let _ = serde_json::to_writer((&mut *out).writer(), cost);
+            out.extend_from_slice(&raw[end..]);
+        }
+        None => out.extend_from_slice(raw),
+    }
+}
+
+/// The error event that ends a broken stream, on both paths.
+fn error_event(e: &GatewayError) -> Value {
+    json!({"error": {"message": e.to_string(), "type": "api_error", "param": null, "code": e.code()}})
 }
 
 pub async fn list_models(State(state): State<Arc<AppState>>) -> Result<Json<Value>> {
@@ -425,7 +612,7 @@ fn openai_stream(
             }
             Err(e) => {
                 failed.store(true, Ordering::Relaxed);
-                push_event(&mut buf, &json!({"error": {"message": e.to_string(), "type": "api_error", "param": null, "code": e.code()}}));
+                push_event(&mut buf, &error_event(&e));
             }
         }
         buf.freeze()
@@ -496,5 +683,92 @@ mod tests {
         );
         assert_eq!(out[3]["choices"][0]["finish_reason"], "tool_calls");
         assert_eq!(out[4], Value::String("[DONE]".into()));
+    }
+
+    fn verbatim(include_usage: bool, items: Vec<Result<Vec<StreamDelta>, GatewayError>>) -> String {
+        let stream = reframe(futures::stream::iter(items), Verbatim { include_usage });
+        let bytes: Vec<Bytes> = futures::executor::block_on(stream.collect());
+        String::from_utf8_lossy(&bytes.concat()).into_owned()
+    }
+
+    fn raw(text: &str) -> Option<Bytes> {
+        Some(Bytes::from(format!("data: {text}\n\n")))
+    }
+
+    #[test]
+    fn a_pass_through_stream_is_as_sent_with_the_cost_on_its_usage_chunk_when_asked() {
+        let deltas = || {
+            vec![
+                StreamDelta {
+                    raw: raw(r#"{"choices":[{"index":0,"delta":{"content":"Hi"}}],"x":1}"#),
+                    text: Some("Hi".into()),
+                    ..Default::default()
+                },
+                StreamDelta {
+                    raw: raw(r#"{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1}}"#),
+                    usage: Some(Usage::default()),
+                    cost_usd: Some("0.0001".into()),
+                    ..Default::default()
+                },
+                StreamDelta {
+                    raw: raw("[DONE]"),
+                    ..Default::default()
+                },
+            ]
+        };
+        assert_eq!(
+            verbatim(true, vec![Ok(deltas())]),
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}],\"x\":1}\n\n\
+             data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":1},\"x_portcullis_cost_usd\":\"0.0001\"}\n\n\
+             data: [DONE]\n\n"
+        );
+        // The gateway asked for usage for itself: a caller that did not gets no usage chunk.
+        assert_eq!(
+            verbatim(false, vec![Ok(deltas())]),
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}],\"x\":1}\n\n\
+             data: [DONE]\n\n"
+        );
+        // A break ends with the error event, never [DONE].
+        let broken = verbatim(
+            true,
+            vec![
+                Ok(deltas()[..1].to_vec()),
+                Err(GatewayError::UpstreamConnectionLost("cut".into())),
+            ],
+        );
+        assert!(broken.contains("\"error\""), "{broken}");
+        assert!(!broken.contains("[DONE]"), "{broken}");
+    }
+
+    #[test]
+    fn a_pass_through_request_keeps_the_body_and_checks_what_the_gateway_reads() {
+        let body = |v: Value| v.as_object().cloned().unwrap_or_default();
+        let (native, include_usage) = native_request(body(json!({
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "hello"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}],
+            "stream": true,
+            "stream_options": {"include_usage": true},
+            "max_completion_tokens": 50,
+            "web_search_options": {},
+        })))
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(native.stream && include_usage);
+        assert_eq!(native.max_tokens, Some(50));
+        assert_eq!(native.prompt_chars, "hello".len());
+        assert!(native.body.contains_key("web_search_options"));
+        let err = |v: Value| {
+            native_request(body(v))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        assert!(err(json!({"messages": []})).contains("at least one message"));
+        assert!(
+            err(json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}))
+                .contains("max_tokens")
+        );
+        assert!(
+            err(json!({"messages": [{"role": "user", "content": "x"}], "stream": "yes"}))
+                .contains("stream")
+        );
     }
 }

@@ -2,6 +2,7 @@
 
 use std::borrow::Cow;
 
+use bytes::{BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
@@ -14,8 +15,8 @@ use super::{
 use crate::api::{Provider, RouteType};
 use crate::llm::{
     ChatRequest, Choice, CompletionsRequest, Embeddings, EmbeddingsRequest, Generation, LlmRequest,
-    LlmResponse, Params, Role, StreamDelta, StreamOptions, ToolCall, ToolCallDelta, Usage,
-    unix_now,
+    LlmResponse, NativeAnswer, NativeRequest, Params, Role, StreamDelta, StreamOptions, ToolCall,
+    ToolCallDelta, Usage, unix_now,
 };
 
 pub struct OpenAi;
@@ -30,15 +31,10 @@ impl ProviderAdapter for OpenAi {
         target: &Target,
         request: &LlmRequest,
     ) -> Result<UpstreamRequest, ProviderError> {
-        let body = WireRequest {
-            model: &target.model,
-            request,
-        };
         let path = match request {
-            LlmRequest::Chat(_) => "/chat/completions",
+            LlmRequest::Chat(_) | LlmRequest::Native(_) => "/chat/completions",
             LlmRequest::Completions(_) => "/completions",
             LlmRequest::Embeddings(_) => "/embeddings",
-            LlmRequest::Native(_) => return Err(super::native_unsupported(Provider::Openai)),
         };
         let mut headers = bearer_headers(target)?;
         for (config_key, header_name) in [
@@ -53,11 +49,12 @@ impl ProviderAdapter for OpenAi {
                 headers.insert(header_name, v);
             }
         }
-        Ok(post_json(
-            [target.api_base.as_str(), path].concat(),
-            headers,
-            &body,
-        ))
+        let url = [target.api_base.as_str(), path].concat();
+        let model = &target.model;
+        Ok(match request {
+            LlmRequest::Native(request) => post_json(url, headers, &NativeBody { model, request }),
+            request => post_json(url, headers, &WireRequest { model, request }),
+        })
     }
 
     fn parse_response(
@@ -71,6 +68,168 @@ impl ProviderAdapter for OpenAi {
 
     fn stream_decoder(&self, route_type: RouteType) -> Box<dyn StreamDecoder> {
         stream_decoder(route_type)
+    }
+
+    fn parse_native(&self, body: Bytes) -> Result<LlmResponse, ProviderError> {
+        let wire: NativeCounts = serde_json::from_slice(&body).map_err(malformed)?;
+        let chars = wire
+            .choices
+            .iter()
+            .filter_map(|c| c.message.as_ref())
+            .map(|m| {
+                m.content.as_deref().map_or(0, str::len)
+                    + m.tool_calls
+                        .iter()
+                        .map(|t| t.function.arguments.as_deref().map_or(0, str::len))
+                        .sum::<usize>()
+            })
+            .sum();
+        Ok(LlmResponse::Native(NativeAnswer {
+            usage: wire.usage.map(Usage::from).unwrap_or_default(),
+            chars,
+            body,
+        }))
+    }
+
+    fn native_stream_decoder(&self) -> Option<Box<dyn StreamDecoder>> {
+        Some(SseDecoder::boxed(NativeStream {
+            counted: OpenAiStream {
+                route_type: RouteType::Chat,
+                usage: None,
+                finished: false,
+                calls: Vec::new(),
+            },
+        }))
+    }
+}
+
+/// The caller's chat body as it came, but for the backend's `model`; a stream also asks for
+/// usage (the gateway counts tokens from it), keeping the caller's other stream options.
+struct NativeBody<'a> {
+    model: &'a str,
+    request: &'a NativeRequest,
+}
+
+impl Serialize for NativeBody<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let stream = self.request.stream;
+        let mut map = s.serialize_map(None)?;
+        for (k, v) in &self.request.body {
+            if k != "model" && !(stream && k == "stream_options") {
+                map.serialize_entry(k, v)?;
+            }
+        }
+        map.serialize_entry("model", self.model)?;
+        if stream {
+            let caller = self.request.body.get("stream_options");
+            map.serialize_entry(
+                "stream_options",
+                &WithUsage(caller.and_then(Value::as_object)),
+            )?;
+        }
+        map.end()
+    }
+}
+
+/// The caller's `stream_options` with `include_usage: true`.
+struct WithUsage<'a>(Option<&'a Map<String, Value>>);
+
+impl Serialize for WithUsage<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(None)?;
+        for (k, v) in self.0.into_iter().flatten() {
+            if k != "include_usage" {
+                map.serialize_entry(k, v)?;
+            }
+        }
+        map.serialize_entry("include_usage", &true)?;
+        map.end()
+    }
+}
+
+/// What the gateway reads of a native answer: usage, and the generated text's length for when
+/// usage is missing. Everything else is skipped, not built.
+#[derive(Deserialize)]
+struct NativeCounts<'a> {
+    usage: Option<WireUsage>,
+    #[serde(default, borrow)]
+    choices: Vec<NativeChoice<'a>>,
+}
+
+#[derive(Deserialize)]
+struct NativeChoice<'a> {
+    #[serde(borrow)]
+    message: Option<NativeMessage<'a>>,
+}
+
+#[derive(Deserialize)]
+struct NativeMessage<'a> {
+    #[serde(borrow)]
+    content: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    tool_calls: Vec<NativeToolCall<'a>>,
+}
+
+#[derive(Deserialize)]
+struct NativeToolCall<'a> {
+    #[serde(borrow)]
+    function: NativeFunction<'a>,
+}
+
+#[derive(Deserialize)]
+struct NativeFunction<'a> {
+    #[serde(borrow)]
+    arguments: Option<Cow<'a, str>>,
+}
+
+/// A native stream: every event goes on as the provider sent it, in a delta that also carries
+/// what the gateway counts, read by the translating decoder. A usage-only chunk (`choices: []`)
+/// keeps its usage on its own delta, so the surface can price it, or drop it for a caller that
+/// did not ask for usage.
+struct NativeStream {
+    counted: OpenAiStream,
+}
+
+impl SseHandler for NativeStream {
+    fn event(&mut self, event: SseEvent, out: &mut Vec<StreamDelta>) -> Result<(), ProviderError> {
+        let mut raw = BytesMut::with_capacity(event.data.len() + 8);
+        if let Some(name) = &event.event {
+            raw.put_slice(b"event: ");
+            raw.put_slice(name.as_bytes());
+            raw.put_slice(b"\n");
+        }
+        for line in event.data.split('\n') {
+            raw.put_slice(b"data: ");
+            raw.put_slice(line.as_bytes());
+            raw.put_slice(b"\n");
+        }
+        raw.put_slice(b"\n");
+        let mut parsed = Vec::new();
+        self.counted.event(event, &mut parsed)?;
+        let mut merged = StreamDelta {
+            raw: Some(raw.freeze()),
+            ..Default::default()
+        };
+        if parsed.is_empty() {
+            merged.usage = self.counted.usage.take();
+        }
+        for d in parsed {
+            if let Some(text) = d.text {
+                merged.text.get_or_insert_default().push_str(&text);
+            }
+            merged.tool_calls.extend(d.tool_calls);
+            merged.usage = d.usage.or(merged.usage);
+            merged.finish_reason = d.finish_reason.or(merged.finish_reason);
+        }
+        out.push(merged);
+        Ok(())
+    }
+
+    fn end(&mut self, out: &mut Vec<StreamDelta>) -> Result<(), ProviderError> {
+        // Usage of a stream cut before its end: counted, nothing for the caller.
+        self.counted.end(out)
     }
 }
 
@@ -867,5 +1026,93 @@ mod tests {
             Some("stop")
         );
         assert_eq!(finish(&decode(text)), None);
+    }
+
+    fn native(stream: bool, extra: Value) -> LlmRequest {
+        let Value::Object(mut body) = json!({
+            "messages": [{"role": "user", "content": "hi"}],
+            "stream": stream,
+            "reasoning_effort": "low",
+            "a_parameter_of_tomorrow": {"x": [1, 2]},
+        }) else {
+            unreachable!()
+        };
+        if let Value::Object(more) = extra {
+            body.extend(more);
+        }
+        LlmRequest::Native(NativeRequest {
+            body,
+            stream,
+            max_tokens: None,
+            prompt_chars: 2,
+            headers: Vec::new(),
+        })
+    }
+
+    #[test]
+    fn a_native_body_is_the_callers_but_for_model_and_a_streams_usage_request() {
+        let plain = OpenAi
+            .build_request(&target(), &native(false, json!({})))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(plain.url.ends_with("/chat/completions"));
+        let sent: Value = serde_json::from_slice(&plain.body).unwrap_or_default();
+        assert_eq!(sent["model"], "gpt-4o-mini");
+        assert_eq!(sent["a_parameter_of_tomorrow"], json!({"x": [1, 2]}));
+        assert_eq!(sent["reasoning_effort"], "low");
+        assert!(sent.get("stream_options").is_none());
+        assert_eq!(plain.headers["authorization"], "Bearer sk-test");
+
+        let streamed = OpenAi
+            .build_request(
+                &target(),
+                &native(
+                    true,
+                    json!({"stream_options": {"include_obfuscation": false}}),
+                ),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        let sent: Value = serde_json::from_slice(&streamed.body).unwrap_or_default();
+        assert_eq!(
+            sent["stream_options"],
+            json!({"include_obfuscation": false, "include_usage": true})
+        );
+    }
+
+    #[test]
+    fn a_native_answer_is_kept_as_sent_and_its_usage_read() {
+        let body = Bytes::from_static(br#"{"id":"chatcmpl-1","object":"chat.completion","system_fingerprint":"fp","choices":[{"index":0,"message":{"role":"assistant","content":"Hello","refusal":null,"tool_calls":[{"id":"c","type":"function","function":{"name":"f","arguments":"{}"}}]},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#);
+        let Ok(LlmResponse::Native(answer)) = OpenAi.parse_native(body.clone()) else {
+            panic!("not a native answer")
+        };
+        assert_eq!(answer.body, body);
+        assert_eq!(answer.usage.completion_tokens, Some(4));
+        assert_eq!(answer.chars, "Hello".len() + "{}".len());
+    }
+
+    #[test]
+    fn a_native_stream_passes_every_event_and_keeps_usage_on_its_own_chunk() {
+        let wire: &[u8] = b"data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"He\"}}]}\n\ndata: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"llo\"},\"finish_reason\":\"stop\"}]}\n\ndata: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":2,\"completion_tokens\":2,\"total_tokens\":4}}\n\ndata: [DONE]\n\n";
+        // However the bytes are cut, the events come out as they went in.
+        for cut in [1, 5, 64, wire.len()] {
+            let mut d = OpenAi
+                .native_stream_decoder()
+                .unwrap_or_else(|| panic!("no native decoder"));
+            let mut out = Vec::new();
+            for piece in wire.chunks(cut) {
+                d.feed(piece, &mut out).unwrap_or_else(|e| panic!("{e}"));
+            }
+            d.finish(&mut out).unwrap_or_else(|e| panic!("{e}"));
+            let raw: Vec<u8> = out.iter().filter_map(|d| d.raw.clone()).flatten().collect();
+            assert_eq!(raw, wire);
+            let text: String = out.iter().filter_map(|d| d.text.clone()).collect();
+            assert_eq!(text, "Hello");
+            let with_usage: Vec<_> = out.iter().filter(|d| d.usage.is_some()).collect();
+            assert_eq!(with_usage.len(), 1);
+            assert!(with_usage[0].text.is_none() && with_usage[0].finish_reason.is_none());
+            assert_eq!(
+                with_usage[0].usage.and_then(|u| u.completion_tokens),
+                Some(2)
+            );
+        }
     }
 }
