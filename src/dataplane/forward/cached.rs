@@ -1,20 +1,26 @@
 //! The response cache on the forward path: a call on a caching Route is looked up before it is
 //! admitted; a hit is counted as a call (no tokens, no USD) and answered from the entry, plain
 //! or replayed as a stream; a miss's live answer is stored once complete (a stream as it passes).
+//! On a Route that matches semantically, an exact miss embeds the prompt through the embeddings
+//! Route (a call of the cache's own) and may be answered for the nearest stored prompt.
 
+use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures::{Stream, StreamExt};
 
 use super::serving::ServingRoute;
-use crate::cache::{CacheStatus, Lookup, Recorder, Ticket, scope_of};
+use crate::api::RouteType;
+use crate::cache::{CachePolicy, CacheStatus, Lookup, Recorder, SemanticPolicy, Ticket, scope_of};
 use crate::cost::{Tokens, Usd};
 use crate::dataplane::AppState;
 use crate::dataplane::admission;
 use crate::dataplane::error::GatewayError;
 use crate::dataplane::observe::{self, CallCost};
-use crate::llm::{LlmRequest, LlmResponse, StreamDelta};
+use crate::llm::{EmbeddingsRequest, LlmRequest, LlmResponse, StreamDelta};
+use crate::table::RouteState;
 
 /// What the cache gave a call.
 pub(super) enum Cached {
@@ -34,36 +40,103 @@ pub(super) async fn lookup(
     let Some(policy) = &route.entry.cache else {
         return Ok(Cached::Live(None));
     };
+    // The gateway's own calls (embedding a prompt) are not cached: an exact miss needs them.
+    if route.on_behalf_of.is_some() {
+        return Ok(Cached::Live(None));
+    }
     let caller = route.caller.as_ref();
     let teams = admission::teams_of(state, &route.entry, caller)?;
     let names: Vec<&str> = teams.iter().map(|t| t.name.as_str()).collect();
     let scope = scope_of(policy.scope, caller, &names);
     let directive = observe::cache_directive();
-    match state.cache.lookup(policy, &scope, request, directive).await {
+    let hit = match state.cache.lookup(policy, &scope, request, directive).await {
+        Lookup::Hit(hit) => hit,
+        Lookup::Live {
+            status: CacheStatus::Miss,
+            ticket: Some(mut ticket),
+        } if policy.semantic.is_some() => {
+            let probe = state.cache.probe(policy, &scope, request);
+            let embedding = match (&probe, &policy.semantic) {
+                (Some(probe), Some(semantic)) => embed(state, policy, semantic, &probe.text).await,
+                _ => None,
+            };
+            let found = state
+                .cache
+                .semantic_lookup(policy, probe, embedding.as_deref(), &mut ticket)
+                .await;
+            match found {
+                Some(hit) => hit,
+                None => {
+                    observe::note(|c| c.cache = Some((CacheStatus::Miss, None)));
+                    return Ok(Cached::Live(Some(ticket)));
+                }
+            }
+        }
         Lookup::Live { status, ticket } => {
             observe::note(|c| c.cache = Some((status, None)));
-            Ok(Cached::Live(ticket))
+            return Ok(Cached::Live(ticket));
         }
-        Lookup::Hit(hit) => {
-            admission::admit_cached(state, &route.entry, caller, &teams, calls).await?;
-            let usage = hit.entry.usage();
-            // What the provider would have billed, at the price of the Route's first backend.
-            if let (Some(price), Some(tokens)) = (
-                route.backends.list.first().and_then(|b| b.price),
-                Tokens::from_usage(&usage),
-            ) {
-                policy
-                    .metrics(&state.metrics)
-                    .saved_usd
-                    .add(price.cost(tokens));
-            }
-            observe::note(|c| {
-                c.cache = Some((CacheStatus::Hit, Some(hit.age.as_secs())));
-                c.cost = Some(CallCost::Known(Usd::ZERO));
-            });
-            Ok(Cached::Hit(hit.entry.into_response()))
-        }
+    };
+    admission::admit_cached(state, &route.entry, caller, &teams, calls).await?;
+    let usage = hit.entry.usage();
+    // What the provider would have billed, at the price of the Route's first backend.
+    if let (Some(price), Some(tokens)) = (
+        route.backends.list.first().and_then(|b| b.price),
+        Tokens::from_usage(&usage),
+    ) {
+        policy
+            .metrics(&state.metrics)
+            .saved_usd
+            .add(price.cost(tokens));
     }
+    observe::note(|c| {
+        c.cache = Some((CacheStatus::Hit, Some(hit.age.as_secs())));
+        c.cache_semantic = hit.semantic;
+        c.cost = Some(CallCost::Known(Usd::ZERO));
+    });
+    Ok(Cached::Hit(hit.entry.into_response()))
+}
+
+/// The embedding of `text` through the semantic policy's embeddings Route, by the forward path
+/// like any call (the Route's limits, guardrails and cost apply), as a call of its own under the
+/// consumer `cache/<namespace>/<route>`. `None` when it fails: the call is then a plain miss.
+fn embed<'a>(
+    state: &'a AppState,
+    policy: &'a CachePolicy,
+    semantic: &'a SemanticPolicy,
+    text: &'a str,
+) -> Pin<Box<dyn Future<Output = Option<Vec<f64>>> + Send + 'a>> {
+    // Boxed, as a `Send` future by name: `invoke` looks the cache up, which calls here.
+    Box::pin(async move {
+        let entry = Arc::clone(state.table.load().get(&semantic.embeddings_route)?);
+        let RouteState::Ready(backends) = &entry.state else {
+            return None;
+        };
+        if entry.route_type != RouteType::Embeddings {
+            return None;
+        }
+        let consumer: Arc<str> = format!("cache/{}", policy.qualified).into();
+        let route = ServingRoute {
+            backends: Arc::clone(backends),
+            entry,
+            caller: None,
+            team_guards: Vec::new(),
+            on_behalf_of: Some(Arc::clone(&consumer)),
+        };
+        let request = LlmRequest::Embeddings(EmbeddingsRequest {
+            input: vec![text.to_string()],
+            extra: serde_json::Map::new(),
+        });
+        let call = super::invocation::invoke(state, &route, &request);
+        match observe::detached(consumer, call).await {
+            Ok(LlmResponse::Embeddings(mut e)) if e.data.len() == 1 => e.data.pop(),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::debug!(error = %e, "embedding a prompt for the cache failed; a plain miss");
+                None
+            }
+        }
+    })
 }
 
 /// A hit as a stream of deltas in chunks, and its model.

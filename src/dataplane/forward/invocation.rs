@@ -67,6 +67,7 @@ pub(super) async fn resolve(
             team_guards: super::guarded::team_guards(state, &entry, caller.as_ref())?,
             entry,
             caller,
+            on_behalf_of: None,
         }),
         RouteState::NotReady { reason, message } => Err(GatewayError::RouteNotReady {
             route: name.to_string(),
@@ -88,8 +89,7 @@ pub async fn invoke(
         Cached::Hit(answer) => return super::guarded::check_answer(state, route, Ok(answer)),
         Cached::Live(ticket) => ticket,
     };
-    let admission =
-        admission::admit(state, &route.entry, route.caller.as_ref(), request, calls).await?;
+    let admission = route.admit(state, request, calls).await?;
     let started = Instant::now();
     let mut tries = Tries::new(state, &route.entry.name, &route.backends, request);
     let mut last = None;
@@ -266,8 +266,7 @@ pub async fn invoke_stream(
         }
         Cached::Live(ticket) => ticket,
     };
-    let admission =
-        admission::admit(state, &route.entry, route.caller.as_ref(), request, 1).await?;
+    let admission = route.admit(state, request, 1).await?;
     let started = Instant::now();
     let mut tries = Tries::new(state, &route.entry.name, &route.backends, request);
     let opened = loop {
