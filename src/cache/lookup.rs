@@ -77,8 +77,11 @@ pub struct Ticket {
     ttl: Duration,
     pub max_bytes: usize,
     /// The prompt's embedding, added to the semantic index once the answer is stored.
-    remember: Option<(Arc<RwLock<Index>>, [u8; 32], Box<[f32]>)>,
+    remember: Option<Remember>,
 }
+
+/// Where a stored prompt joins its Route's index: the index, the prompt's shape, its embedding.
+type Remember = (Arc<RwLock<Index>>, [u8; 32], Box<[f32]>);
 
 fn now_ms() -> u64 {
     SystemTime::now()
