@@ -216,4 +216,45 @@ mod tests {
         assert!(CachePolicy::compile("r", "ns/r", &spec(Some(bad), "m")).is_err());
         let _ = Provider::Openai;
     }
+
+    #[test]
+    fn semantic_defaults_bounds_and_its_embeddings_route() {
+        let semantic = |threshold, max_entries| CacheSpec {
+            semantic: Some(crate::api::SemanticSpec {
+                embeddings_route: "emb".into(),
+                threshold,
+                max_entries,
+            }),
+            ..Default::default()
+        };
+        let compile = |c| CachePolicy::compile("r", "ns/r", &spec(Some(c), "m"));
+        let mut p = compile(semantic(None, None)).unwrap().unwrap();
+        assert_eq!(
+            p.semantic,
+            Some(SemanticPolicy {
+                embeddings_route: "ns/emb".into(),
+                threshold: DEFAULT_THRESHOLD,
+                max_entries: DEFAULT_MAX_PROMPTS,
+            })
+        );
+        for bad in [
+            semantic(Some(0.0), None),
+            semantic(Some(1.01), None),
+            semantic(None, Some(10_001)),
+        ] {
+            assert!(compile(bad).is_err());
+        }
+        assert!(compile(semantic(Some(1.0), Some(1))).is_ok());
+        assert_eq!(p.check_semantic(Some(RouteType::Embeddings)), Ok(()));
+        assert!(p.semantic.is_some());
+        let why = p.check_semantic(Some(RouteType::Chat)).unwrap_err();
+        assert!(why.contains("ns/emb is a llm/v1/chat Route"), "{why}");
+        assert!(p.semantic.is_none(), "exact matching only");
+        let mut q = compile(semantic(None, None)).unwrap().unwrap();
+        assert!(
+            q.check_semantic(None)
+                .unwrap_err()
+                .contains("does not exist")
+        );
+    }
 }
