@@ -599,13 +599,17 @@ fn embeddings_route(ns: &str, name: &str, base: &str) -> String {
 
 #[test]
 fn semantic_matching_serves_a_paraphrase_within_its_scope_and_threshold_never_with_tools() {
+    // Also: a chat Route named as embeddings Route turns matching off (said in its status), and
+    // embeddings that fail are plain misses.
     let f = fixture();
     let cp = ControlPlane::shared();
-    let (emb, close, strict, off) = (
+    let (emb, close, strict, off, dead, blind) = (
         unique("emb"),
         unique("close"),
         unique("strict"),
         unique("semoff"),
+        unique("dead"),
+        unique("blind"),
     );
     let semantic = |threshold: &str, embeddings: &str| {
         format!(
@@ -632,14 +636,17 @@ fn semantic_matching_serves_a_paraphrase_within_its_scope_and_threshold_never_wi
                 "gpt-4o-mini",
                 &semantic("0.9", &f.shared),
             ),
+            // Embeddings that always fail (nothing listens there): plain misses.
+            embeddings_route(&f.ns, &dead, "http://127.0.0.1:9/v1"),
+            route(&f.ns, &blind, &base, "gpt-4o-mini", &semantic("0.9", &dead)),
         ]
         .join("---\n"),
     );
-    for r in [&close, &strict] {
+    for r in [&close, &strict, &blind] {
         cp.wait_reason(&f.ns, r, "Resolved");
     }
     cp.wait_reason(&f.ns, &off, "SemanticMatchingOff");
-    for r in [&close, &strict, &off] {
+    for r in [&close, &strict, &off, &blind] {
         wait_served(&f.a, r);
     }
     let marker = unique("sem");
@@ -720,6 +727,19 @@ fn semantic_matching_serves_a_paraphrase_within_its_scope_and_threshold_never_wi
     settle();
     assert_eq!(as_(&alice, &off, &paraphrase).cache(), "miss");
     assert_eq!(as_(&alice, &off, &original).cache(), "hit");
+
+    // The embedding fails: a plain miss, the call answered; identical calls still hit.
+    for prompt in [&original, &paraphrase] {
+        let blind_miss = as_(&alice, &blind, prompt);
+        assert_eq!(
+            (blind_miss.status, blind_miss.cache()),
+            (200, "miss"),
+            "{}",
+            blind_miss.body
+        );
+        settle();
+    }
+    assert_eq!(as_(&alice, &blind, &original).cache(), "hit");
 
     let m = f.a.metrics();
     assert!(

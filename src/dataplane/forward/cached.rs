@@ -8,6 +8,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 
@@ -97,6 +98,10 @@ pub(super) async fn lookup(
     Ok(Cached::Hit(hit.entry.into_response()))
 }
 
+/// The longest a miss waits for its prompt's embedding: a slow embeddings provider costs each
+/// miss at most this much, then the call goes on as a plain miss.
+const EMBEDDING_DEADLINE: Duration = Duration::from_secs(2);
+
 /// The embedding of `text` through the semantic policy's embeddings Route, by the forward path
 /// like any call (the Route's limits, guardrails and cost apply), as a call of its own under the
 /// consumer `cache/<namespace>/<route>`. `None` when it fails: the call is then a plain miss.
@@ -127,11 +132,15 @@ fn embed<'a>(
             input: vec![text.to_string()],
             extra: serde_json::Map::new(),
         });
-        let call = super::invocation::invoke(state, &route, &request);
-        match observe::detached(consumer, call).await {
-            Ok(LlmResponse::Embeddings(mut e)) if e.data.len() == 1 => e.data.pop(),
-            Ok(_) => None,
-            Err(e) => {
+        let call = observe::detached(consumer, super::invocation::invoke(state, &route, &request));
+        match tokio::time::timeout(EMBEDDING_DEADLINE, call).await {
+            Ok(Ok(LlmResponse::Embeddings(mut e))) if e.data.len() == 1 => e.data.pop(),
+            Ok(Ok(_)) => None,
+            Err(_) => {
+                tracing::debug!("embedding a prompt for the cache took too long; a plain miss");
+                None
+            }
+            Ok(Err(e)) => {
                 tracing::debug!(error = %e, "embedding a prompt for the cache failed; a plain miss");
                 None
             }
