@@ -193,8 +193,12 @@ impl Cache {
                 });
             Arc::clone(index)
         };
-        {
-            // A new generation of the Route (its backends changed) starts empty; a new bound applies.
+        // A new generation of the Route (its backends changed) starts empty; a new bound applies.
+        let current = {
+            let i = index.read();
+            i.digest == policy.route_digest && i.max() == semantic.max_entries
+        };
+        if !current {
             let mut i = index.write();
             if i.digest != policy.route_digest {
                 *i = Index::new(policy.route_digest, semantic.max_entries);

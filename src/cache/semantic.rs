@@ -102,6 +102,10 @@ impl Index {
         self.items.len()
     }
 
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
     /// A new bound, keeping the newest prompts.
     pub fn set_max(&mut self, max: usize) {
         self.max = max.max(1);
