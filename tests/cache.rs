@@ -642,6 +642,27 @@ fn semantic_matching_serves_a_paraphrase_within_its_scope_and_threshold_never_wi
         ]
         .join("---\n"),
     );
+    // The API server refuses what the CRD bounds, and explains the fields.
+    for (bad, why) in [
+        (semantic("0", &emb), "threshold must be above 0"),
+        (semantic("1.5", &emb), "spec.cache.semantic.threshold"),
+        (
+            semantic("0.9", &emb).replace("maxEntries: 100", "maxEntries: 10001"),
+            "spec.cache.semantic.maxEntries",
+        ),
+    ] {
+        let out = cp.kubectl_stdin(
+            &["apply", "--dry-run=server", "-f", "-"],
+            &route(&f.ns, &unique("bad"), &base, "gpt-4o-mini", &bad),
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(why), "{bad}: {err}");
+    }
+    let explained = cp.ok(&["explain", "route.spec.cache.semantic"]);
+    assert!(
+        explained.contains("embeddingsRoute") && explained.contains("maxEntries"),
+        "{explained}"
+    );
     for r in [&close, &strict, &blind] {
         cp.wait_reason(&f.ns, r, "Resolved");
     }
