@@ -705,6 +705,23 @@ fn semantic_matching_serves_a_paraphrase_within_its_scope_and_threshold_never_wi
         1,
         "the provider answered one chat call"
     );
+    // Streamed: replayed from the close prompt's entry.
+    let (_, streamed) = ask(
+        &f.a,
+        &close,
+        &paraphrase.replace(" so ", " well "),
+        true,
+        &[("authorization", &alice)],
+    );
+    assert_eq!(streamed.cache(), "hit", "{}", streamed.body);
+    assert_eq!(
+        header(&streamed.headers, "x-portcullis-cache-match"),
+        Some("semantic")
+    );
+    assert_eq!(
+        streamed.streamed_text().0,
+        miss.json()["choices"][0]["message"]["content"]
+    );
     // An identical call is an exact hit, not a semantic one.
     let exact = as_(&alice, &close, &original);
     assert_eq!(exact.cache(), "hit");
