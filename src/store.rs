@@ -217,6 +217,12 @@ impl Store {
         Store::with_target(self.inner.target.clone())
     }
 
+    /// Whether both handles share one connection.
+    #[cfg(test)]
+    pub fn same_connection(&self, other: &Store) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     fn with_target(target: Target) -> Store {
         let inner = Arc::new(Inner {
             slot: Mutex::new(Slot {

@@ -184,6 +184,44 @@ mod tests {
     use super::*;
 
     #[test]
+    fn each_single_threaded_runtime_has_its_own_connection_and_keeps_it() {
+        let main = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        // Nothing listens on port 1: no connection comes up, none is needed to tell them apart.
+        let args = crate::store::StoreArgs::default();
+        let (a, b) = main.block_on(async {
+            let store = Store::open(&args, "redis://127.0.0.1:1").unwrap();
+            (CacheStore::shared(store.clone()), CacheStore::shared(store))
+        });
+        let (CacheStore::Shared(a), CacheStore::Shared(b)) = (a, b) else {
+            panic!()
+        };
+        assert!(main.block_on(async { a.here().same_connection(&a.store) }));
+        let worker = || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let (first, again) = (a.here(), a.here());
+                assert!(first.same_connection(&again), "kept for the thread");
+                assert!(!first.same_connection(&a.store), "not the start-up one");
+                assert!(!first.same_connection(&b.here()), "one per cache store");
+                first
+            })
+        };
+        let (one, two) = std::thread::scope(|s| {
+            let one = s.spawn(worker);
+            let two = s.spawn(worker);
+            (one.join().unwrap(), two.join().unwrap())
+        });
+        assert!(!one.same_connection(&two), "one per worker");
+    }
+
+    #[test]
     fn the_local_store_expires_and_evicts_the_least_recently_used_by_bytes() {
         let store = LocalStore::new(3 * (1 + 100 + ENTRY_OVERHEAD));
         let now = Instant::now();
