@@ -744,8 +744,9 @@ def cache_scenario(args, work, procs, row, quick):
         oha(args.oha, shared_url, body, 4, n=500)
     pairs = paired(args.reps, lambda: oha(args.oha, direct_url, chat("gpt-4o-mini"), 1, n=n_c1),
                    lambda: oha(args.oha, shared_url, chat("cached"), 1, n=n_c1))
+    redis_hit50 = median_of(pairs, 1, p50)
     row("cache hit, c=1, Redis", "latency p50 (µs), client to client", f"{median_of(pairs, 0, p50):.0f}",
-        f"{median_of(pairs, 1, p50):.0f}", f"{median_diff(pairs, p50):+.0f}", "reported")
+        f"{redis_hit50:.0f}", f"{median_diff(pairs, p50):+.0f}", "reported")
     pairs = paired(max(3, args.reps - 2), lambda: oha(args.oha, direct_url, chat("gpt-4o-mini"), 64, duration=dur),
                    lambda: oha(args.oha, shared_url, chat("cached"), 64, duration=dur))
     row("cache hits, c=64, Redis", "throughput (req/s)", f"{median_of(pairs, 0, rps):.0f}",
@@ -767,8 +768,11 @@ def cache_scenario(args, work, procs, row, quick):
         added.append(sides["cached"] - sides["live"])
     rtt = redis_rtt_us(redis_port, 2000)
     miss_added = statistics.median(added)
+    # The store's round trip two ways: from a bare Python socket, and as the gateway pays it (a
+    # hit on Redis against a hit on the per-replica store: the lookup's GET is all they differ by).
     row("cache miss, c=1, Redis", "latency p50 added over a Route that does not cache (µs); "
-        "one store round trip measured from Python", "", f"{miss_added:+.0f}", f"rtt {rtt:.0f}",
+        "one store round trip measured from Python, and as the gateway pays it (Redis hit − local hit)",
+        "", f"{miss_added:+.0f}", f"rtt {rtt:.0f}; gateway GET {redis_hit50 - hit50:.0f}",
         "≤ one round trip", miss_added <= rtt)
     errors = metric_total(shared.metrics_url, "portcullis_cache_store_errors_total")
     if errors:

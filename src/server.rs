@@ -295,11 +295,11 @@ impl DataPlane {
             None => Limiter::local(metrics.clone(), args.replicas),
         });
         let cache_store = match (&args.cache_store, limits_store) {
-            (Some(url), _) => crate::cache::CacheStore::Shared(
+            (Some(url), _) => crate::cache::CacheStore::shared(
                 crate::store::Store::open(&args.store, url)
                     .map_err(|e| StartError::Config(e.to_string()))?,
             ),
-            (None, Some(store)) => crate::cache::CacheStore::Shared(store),
+            (None, Some(store)) => crate::cache::CacheStore::shared(store),
             (None, None) => crate::cache::CacheStore::Local(crate::cache::LocalStore::new(
                 args.cache_memory_bytes,
             )),

@@ -207,6 +207,23 @@ impl Store {
                 "the --limits-store URL carries a password, readable by anyone who can read the Deployment; mount it from a Secret and give --store-password-file"
             );
         }
+        Ok(Store::with_target(target))
+    }
+
+    /// The same store through a connection of its own, made on the current runtime (its
+    /// connection task runs there): for a single-threaded worker, a round trip without hopping to
+    /// another thread's connection task and back.
+    pub fn reopen(&self) -> Store {
+        Store::with_target(self.inner.target.clone())
+    }
+
+    /// Whether both handles share one connection.
+    #[cfg(test)]
+    pub fn same_connection(&self, other: &Store) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
+    fn with_target(target: Target) -> Store {
         let inner = Arc::new(Inner {
             slot: Mutex::new(Slot {
                 generation: 0,
@@ -220,7 +237,7 @@ impl Store {
         {
             runtime.spawn(watch_password(Arc::downgrade(&inner), path));
         }
-        Ok(Store { inner })
+        Store { inner }
     }
 
     pub fn timeout(&self) -> Duration {

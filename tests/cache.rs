@@ -1,7 +1,8 @@
 //! The response cache end to end: two gateway replicas on one Redis against the real API server,
 //! the simulated provider counting the calls that reached it. Hits across replicas and surfaces
 //! (and the real OpenAI, Anthropic and MLflow clients), scope isolation, the caller's controls,
-//! TTLs, invalidation by a model change, what is never stored, a store that is down, budgets.
+//! TTLs, invalidation by a model change, what is never stored, a store that is down, budgets,
+//! semantic matching (a paraphrase served, an unrelated prompt, the threshold, scope, tools).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // helpers of tests: failing loudly is the point
 
 mod support;
@@ -575,5 +576,227 @@ fn openai_anthropic_and_mlflow_clients_get_identical_answers_from_each_other() {
         provider_calls(&f.sim, &marker),
         2,
         "one call per question reached the provider"
+    );
+}
+
+/// Calls of the provider's chat endpoint whose body mentions `marker` (embeddings calls of the
+/// semantic cache mention it too).
+fn provider_chat_calls(sim: &SimProvider, marker: &str) -> usize {
+    sim.requests()
+        .iter()
+        .filter(|r| r.path.ends_with("/chat/completions"))
+        .filter(|r| String::from_utf8_lossy(&r.body).contains(marker))
+        .count()
+}
+
+/// An embeddings Route on `base` whose model the simulated provider embeds as a bag of words
+/// (`sim-bow-*`): prompts sharing most words are close, others far.
+fn embeddings_route(ns: &str, name: &str, base: &str) -> String {
+    format!(
+        "apiVersion: portcullis.dev/v1alpha1\nkind: Route\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  routeType: llm/v1/embeddings\n  model:\n    provider: openai\n    name: sim-bow-embed\n    apiBase: {base}\n    secretRef:\n      name: openai\n  pricing:\n    inputPerMillion: 1000\n"
+    )
+}
+
+#[test]
+fn semantic_matching_serves_a_paraphrase_within_its_scope_and_threshold_never_with_tools() {
+    // Also: a chat Route named as embeddings Route turns matching off (said in its status), and
+    // embeddings that fail are plain misses.
+    let f = fixture();
+    let cp = ControlPlane::shared();
+    let (emb, close, strict, off, dead, blind) = (
+        unique("emb"),
+        unique("close"),
+        unique("strict"),
+        unique("semoff"),
+        unique("dead"),
+        unique("blind"),
+    );
+    let semantic = |threshold: &str, embeddings: &str| {
+        format!(
+            "  cache:\n    semantic:\n      embeddingsRoute: {embeddings}\n      threshold: {threshold}\n      maxEntries: 100\n"
+        )
+    };
+    let base = f.sim.openai_base();
+    cp.apply(
+        &[
+            embeddings_route(&f.ns, &emb, &base),
+            route(&f.ns, &close, &base, "gpt-4o-mini", &semantic("0.9", &emb)),
+            route(
+                &f.ns,
+                &strict,
+                &base,
+                "gpt-4o-mini",
+                &semantic("0.999", &emb),
+            ),
+            // A chat Route is no embeddings Route: identical calls only, and said so.
+            route(
+                &f.ns,
+                &off,
+                &base,
+                "gpt-4o-mini",
+                &semantic("0.9", &f.shared),
+            ),
+            // Embeddings that always fail (nothing listens there): plain misses.
+            embeddings_route(&f.ns, &dead, "http://127.0.0.1:9/v1"),
+            route(&f.ns, &blind, &base, "gpt-4o-mini", &semantic("0.9", &dead)),
+        ]
+        .join("---\n"),
+    );
+    // The API server refuses what the CRD bounds, and explains the fields.
+    for (bad, why) in [
+        (semantic("0", &emb), "threshold must be above 0"),
+        (semantic("1.5", &emb), "spec.cache.semantic.threshold"),
+        (
+            semantic("0.9", &emb).replace("maxEntries: 100", "maxEntries: 10001"),
+            "spec.cache.semantic.maxEntries",
+        ),
+    ] {
+        let out = cp.kubectl_stdin(
+            &["apply", "--dry-run=server", "-f", "-"],
+            &route(&f.ns, &unique("bad"), &base, "gpt-4o-mini", &bad),
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(why), "{bad}: {err}");
+    }
+    let explained = cp.ok(&["explain", "route.spec.cache.semantic"]);
+    assert!(
+        explained.contains("embeddingsRoute") && explained.contains("maxEntries"),
+        "{explained}"
+    );
+    for r in [&close, &strict, &blind] {
+        cp.wait_reason(&f.ns, r, "Resolved");
+    }
+    cp.wait_reason(&f.ns, &off, "SemanticMatchingOff");
+    for r in [&close, &strict, &off, &blind] {
+        wait_served(&f.a, r);
+    }
+    let marker = unique("sem");
+    let original = format!(
+        "{marker} what is the capital city of france and why is it famous for its long history"
+    );
+    // Cosine 0.979 to the original as bags of words; the unrelated one 0.31.
+    let paraphrase = format!(
+        "{marker} so what is the capital city of france and why is it famous for its long history"
+    );
+    let unrelated = format!("{marker} list three prime numbers below twenty in ascending order");
+    let alice = format!("Bearer {}", f.alice);
+    let bob = format!("Bearer {}", f.bob);
+    let as_ = |who: &str, route: &str, prompt: &str| {
+        ask(&f.a, route, prompt, false, &[("authorization", who)]).1
+    };
+
+    let miss = as_(&alice, &close, &original);
+    assert_eq!((miss.status, miss.cache()), (200, "miss"), "{}", miss.body);
+    settle();
+    let hit = as_(&alice, &close, &paraphrase);
+    assert_eq!((hit.status, hit.cache()), (200, "hit"), "{}", hit.body);
+    assert_eq!(
+        header(&hit.headers, "x-portcullis-cache-match"),
+        Some("semantic")
+    );
+    assert_eq!(
+        hit.json(),
+        miss.json(),
+        "the stored answer of the close prompt"
+    );
+    assert_eq!(header(&hit.headers, "x-portcullis-cost-usd"), Some("0"));
+    assert_eq!(
+        provider_chat_calls(&f.sim, &marker),
+        1,
+        "the provider answered one chat call"
+    );
+    // Streamed: replayed from the close prompt's entry.
+    let (_, streamed) = ask(
+        &f.a,
+        &close,
+        &paraphrase.replace(" so ", " well "),
+        true,
+        &[("authorization", &alice)],
+    );
+    assert_eq!(streamed.cache(), "hit", "{}", streamed.body);
+    assert_eq!(
+        header(&streamed.headers, "x-portcullis-cache-match"),
+        Some("semantic")
+    );
+    assert_eq!(
+        streamed.streamed_text().0,
+        miss.json()["choices"][0]["message"]["content"]
+    );
+    // An identical call is an exact hit, not a semantic one.
+    let exact = as_(&alice, &close, &original);
+    assert_eq!(exact.cache(), "hit");
+    assert_eq!(header(&exact.headers, "x-portcullis-cache-match"), None);
+
+    assert_eq!(
+        as_(&alice, &close, &unrelated).cache(),
+        "miss",
+        "an unrelated prompt"
+    );
+    assert_eq!(
+        as_(&bob, &close, &paraphrase).cache(),
+        "miss",
+        "consumer scope: Bob never gets Alice's entry, however close"
+    );
+    // Tools, or a hot temperature: never matched semantically.
+    let mut with_tools = json!({"model": close, "max_tokens": 20,
+        "messages": [{"role": "user", "content": paraphrase.replace(" so ", " then ")}],
+        "tools": [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]});
+    let tools = send(&f.a, &with_tools, &[("authorization", &alice)]);
+    assert_eq!(
+        (tools.status, tools.cache()),
+        (200, "miss"),
+        "{}",
+        tools.body
+    );
+    with_tools.as_object_mut().unwrap().remove("tools");
+    with_tools["temperature"] = json!(0.9);
+    let hot = send(&f.a, &with_tools, &[("authorization", &alice)]);
+    assert_eq!((hot.status, hot.cache()), (200, "miss"), "{}", hot.body);
+
+    // The same pair under a threshold of 0.999: not close enough.
+    assert_eq!(as_(&alice, &strict, &original).cache(), "miss");
+    settle();
+    let far = as_(&alice, &strict, &paraphrase);
+    assert_eq!(far.cache(), "miss", "0.979 < 0.999");
+    assert_eq!(header(&far.headers, "x-portcullis-cache-match"), None);
+
+    // Semantic matching off: the Route serves, identical calls still hit.
+    assert_eq!(as_(&alice, &off, &original).cache(), "miss");
+    settle();
+    assert_eq!(as_(&alice, &off, &paraphrase).cache(), "miss");
+    assert_eq!(as_(&alice, &off, &original).cache(), "hit");
+
+    // The embedding fails: a plain miss, the call answered; identical calls still hit.
+    for prompt in [&original, &paraphrase] {
+        let blind_miss = as_(&alice, &blind, prompt);
+        assert_eq!(
+            (blind_miss.status, blind_miss.cache()),
+            (200, "miss"),
+            "{}",
+            blind_miss.body
+        );
+        settle();
+    }
+    assert_eq!(as_(&alice, &blind, &original).cache(), "hit");
+
+    let m = f.a.metrics();
+    assert!(
+        metric_sum(&m, "portcullis_cache_semantic_hits_total") >= 1.0,
+        "{m}"
+    );
+    // The embeddings are the cache's calls, on the embeddings Route: counted and priced there.
+    let cache_consumer = format!("consumer=\"cache/{}/{close}\"", f.ns);
+    assert!(
+        m.lines()
+            .any(|l| l.contains(&cache_consumer) && l.contains(&emb)),
+        "{m}"
+    );
+    assert!(
+        f.sim
+            .requests()
+            .iter()
+            .any(|r| r.path.ends_with("/embeddings")
+                && String::from_utf8_lossy(&r.body).contains(&paraphrase)),
+        "the prompt was embedded through the embeddings Route"
     );
 }

@@ -18,6 +18,9 @@ pub enum Reason {
     /// A GuardrailPolicy the Route names is missing or invalid: the Route does not serve
     /// unchecked (fail closed).
     GuardrailNotReady,
+    /// The Route serves, but its cache's `semantic.embeddingsRoute` is missing or not an
+    /// embeddings Route: the cache matches identical calls only.
+    SemanticMatchingOff,
 }
 
 impl Reason {
@@ -31,10 +34,11 @@ impl Reason {
             Reason::SecretNotAllowed => "SecretNotAllowed",
             Reason::EgressDenied => "EgressDenied",
             Reason::GuardrailNotReady => "GuardrailNotReady",
+            Reason::SemanticMatchingOff => "SemanticMatchingOff",
         }
     }
 
-    pub const ALL: [Reason; 8] = [
+    pub const ALL: [Reason; 9] = [
         Reason::Resolved,
         Reason::SecretNotFound,
         Reason::SecretKeyMissing,
@@ -43,6 +47,7 @@ impl Reason {
         Reason::SecretNotAllowed,
         Reason::EgressDenied,
         Reason::GuardrailNotReady,
+        Reason::SemanticMatchingOff,
     ];
 }
 
@@ -69,7 +74,7 @@ impl Outcome {
     }
 
     pub fn is_ready(&self) -> bool {
-        self.reason == Reason::Resolved
+        matches!(self.reason, Reason::Resolved | Reason::SemanticMatchingOff)
     }
 }
 

@@ -20,6 +20,6 @@ pub use route::{
     AccessRule, BackendSpec, BackendStatus, CacheScope, CacheSpec, DEFAULT_SECRET_KEY, Limit,
     LimitAction, LimitKey, ModelSpec, OnExceed, OutlierDetection, PoolRef, Pricing, Provider,
     RenewalPeriod, RetryOn, RetryPolicy, Route, RouteSpec, RouteStatus, RouteType, Saturation,
-    SecretKeyRef, ServiceRef, parse_duration,
+    SecretKeyRef, SemanticSpec, ServiceRef, parse_duration,
 };
 pub use team::{Team, TeamSpec, TeamStatus};

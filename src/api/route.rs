@@ -122,6 +122,38 @@ pub struct CacheSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 67108864))]
     pub max_entry_bytes: Option<u64>,
+    /// Also answer a chat call whose prompt is close in meaning to a stored one (off when absent):
+    /// on an exact miss the prompt is embedded through an embeddings Route and the nearest stored
+    /// prompt of the same scope answers when similar enough. Never for calls with tools or images,
+    /// nor with a temperature above 0.5. The index is per replica, in memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub semantic: Option<SemanticSpec>,
+}
+
+/// Semantic matching: the embeddings Route that embeds prompts, and how close is close enough.
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct SemanticSpec {
+    /// An `llm/v1/embeddings` Route of the same namespace. Its limits and cost apply to the
+    /// embeddings, counted under the consumer `cache/<namespace>/<this route>`. While it is
+    /// missing or not an embeddings Route, the cache matches identical calls only (Ready reason
+    /// `SemanticMatchingOff`).
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
+    pub embeddings_route: String,
+    /// Least cosine similarity of two prompts' embeddings for one to answer the other, above 0
+    /// and at most 1 (default 0.95).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 1.0))]
+    #[x_kube(validation = Rule::new("self > 0.0").message("threshold must be above 0"))]
+    pub threshold: Option<f64>,
+    /// Most prompts this replica remembers for the Route, oldest out first (default 1000, at
+    /// most 10000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub max_entries: Option<u32>,
 }
 
 /// Whose calls share cache entries.

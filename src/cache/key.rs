@@ -7,7 +7,7 @@ use std::io::Write;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-use crate::llm::LlmRequest;
+use crate::llm::{ChatRequest, LlmRequest};
 
 /// Request fields that never change an answer: how it is delivered, and who or what asked.
 const NOT_IN_KEY: &[&str] = &[
@@ -63,6 +63,20 @@ pub fn cache_key(route_digest: &[u8; 32], scope: &str, request: &LlmRequest) -> 
         hex.push(DIGITS[usize::from(b & 15)] as char);
     }
     Some(CacheKey(hex))
+}
+
+/// What a chat call is besides its messages (the Route, the scope, the sampling parameters and
+/// every other field in the key): semantic matching compares prompts of the same shape only.
+pub fn chat_shape(route_digest: &[u8; 32], scope: &str, chat: &ChatRequest) -> [u8; 32] {
+    let mut h = Hashed(Sha256::new());
+    h.0.update(VERSION);
+    h.0.update(route_digest);
+    h.0.update(scope.as_bytes());
+    h.0.update(b"\0chat-shape\0");
+    // Writing JSON into a hasher cannot fail.
+    let _ =
+        serde_json::to_writer(&mut h, &chat.params).and_then(|()| write_extra(&mut h, &chat.extra));
+    h.0.finalize().into()
 }
 
 /// The caller's other fields (tools, response format, seed, ...) in key order, less those that do

@@ -1,13 +1,17 @@
 //! One call's use of the cache: whose entries it may see (its scope), whether it looks up (the
 //! caller's directive), what it found, and the ticket that stores the live answer of a miss.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use parking_lot::{Mutex, RwLock};
+
 use super::control::Directive;
 use super::entry::Entry;
-use super::key::{CacheKey, cache_key};
+use super::key::{CacheKey, cache_key, chat_shape};
 use super::policy::CachePolicy;
+use super::semantic::{Index, normalized, prompt_text};
 use super::store::CacheStore;
 use crate::access::Identity;
 use crate::api::CacheScope;
@@ -18,6 +22,9 @@ use crate::telemetry::metrics::Metrics;
 pub struct Cache {
     store: CacheStore,
     metrics: Arc<Metrics>,
+    /// The semantic index of each Route that matches semantically, by `namespace/name` (kept
+    /// across routing table rebuilds; emptied when the Route's backends change).
+    indexes: Mutex<HashMap<Arc<str>, Arc<RwLock<Index>>>>,
 }
 
 /// What the cache did for a call: the `x-portcullis-cache` header and the log field.
@@ -52,6 +59,15 @@ pub enum Lookup {
 pub struct Hit {
     pub entry: Entry,
     pub age: Duration,
+    /// Answered for a prompt close in meaning, not for this one (`x-portcullis-cache-match`).
+    pub semantic: bool,
+}
+
+/// A miss that semantic matching may still answer: the prompt to embed, and where to look.
+pub struct Probe {
+    pub text: String,
+    shape: [u8; 32],
+    index: Arc<RwLock<Index>>,
 }
 
 /// The right to store one call's answer under its key.
@@ -60,7 +76,12 @@ pub struct Ticket {
     key: CacheKey,
     ttl: Duration,
     pub max_bytes: usize,
+    /// The prompt's embedding, added to the semantic index once the answer is stored.
+    remember: Option<Remember>,
 }
+
+/// Where a stored prompt joins its Route's index: the index, the prompt's shape, its embedding.
+type Remember = (Arc<RwLock<Index>>, [u8; 32], Box<[f32]>);
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -71,7 +92,11 @@ fn now_ms() -> u64 {
 
 impl Cache {
     pub fn new(store: CacheStore, metrics: Arc<Metrics>) -> Cache {
-        Cache { store, metrics }
+        Cache {
+            store,
+            metrics,
+            indexes: Mutex::new(HashMap::new()),
+        }
     }
 
     /// `local` or `redis`, for the start-up log line.
@@ -105,33 +130,131 @@ impl Cache {
             key,
             ttl: directive.ttl(policy.ttl),
             max_bytes: policy.max_entry_bytes,
+            remember: None,
         };
         if directive.no_cache {
             return bypass(Some(ticket));
         }
-        let found = match self.store.get(&ticket.key.0).await {
-            Ok(found) => found,
-            Err(e) => {
-                self.metrics.cache.store_errors.inc();
-                tracing::debug!(error = %e, "the cache store did not answer; a miss");
-                None
-            }
-        };
-        match found.map(|b| Entry::decode(&b, policy.max_entry_bytes)) {
-            Some(Ok(entry)) => {
+        match self.entry(policy, &ticket.key).await {
+            Some(hit) => {
                 m.hits.inc();
-                let age = Duration::from_millis(now_ms().saturating_sub(entry.stored_ms));
-                Lookup::Hit(Hit { entry, age })
+                Lookup::Hit(hit)
             }
-            // An entry this version cannot read is a miss; the live answer replaces it.
-            Some(Err(_)) | None => {
-                m.misses.inc();
+            None => {
+                // Counted once semantic matching has had its say (see `semantic_lookup`).
+                if policy.semantic.is_none() {
+                    m.misses.inc();
+                }
                 Lookup::Live {
                     status: CacheStatus::Miss,
                     ticket: Some(ticket),
                 }
             }
         }
+    }
+
+    /// The entry under `key`; a store that fails, and an entry this version cannot read, are
+    /// none (the live answer replaces it).
+    async fn entry(&self, policy: &CachePolicy, key: &CacheKey) -> Option<Hit> {
+        let found = match self.store.get(&key.0).await {
+            Ok(found) => found?,
+            Err(e) => {
+                self.metrics.cache.store_errors.inc();
+                tracing::debug!(error = %e, "the cache store did not answer; a miss");
+                return None;
+            }
+        };
+        let entry = Entry::decode(&found, policy.max_entry_bytes).ok()?;
+        let age = Duration::from_millis(now_ms().saturating_sub(entry.stored_ms));
+        Some(Hit {
+            entry,
+            age,
+            semantic: false,
+        })
+    }
+
+    /// What semantic matching needs to look an exact miss up: `None` when the Route does not
+    /// match semantically or the call is never matched so (see `semantic::prompt_text`).
+    pub fn probe(&self, policy: &CachePolicy, scope: &str, request: &LlmRequest) -> Option<Probe> {
+        let semantic = policy.semantic.as_ref()?;
+        let LlmRequest::Chat(chat) = request else {
+            return None;
+        };
+        let text = prompt_text(request)?;
+        let index = {
+            let mut indexes = self.indexes.lock();
+            let index = indexes
+                .entry(Arc::clone(&policy.qualified))
+                .or_insert_with(|| {
+                    Arc::new(RwLock::new(Index::new(
+                        policy.route_digest,
+                        semantic.max_entries,
+                    )))
+                });
+            Arc::clone(index)
+        };
+        // A new generation of the Route (its backends changed) starts empty; a new bound applies.
+        let current = {
+            let i = index.read();
+            i.digest == policy.route_digest && i.max() == semantic.max_entries
+        };
+        if !current {
+            let mut i = index.write();
+            if i.digest != policy.route_digest {
+                *i = Index::new(policy.route_digest, semantic.max_entries);
+            } else {
+                i.set_max(semantic.max_entries);
+            }
+        }
+        Some(Probe {
+            text,
+            shape: chat_shape(&policy.route_digest, scope, chat),
+            index,
+        })
+    }
+
+    /// After an exact miss on a Route that matches semantically: the stored answer of the
+    /// nearest prompt of the same shape when its similarity to `embedding` (the probe's text,
+    /// embedded; `None` when that failed or the call is not matched so) reaches the threshold.
+    /// The ticket keeps the embedding, so a live answer's prompt joins the index once stored.
+    pub async fn semantic_lookup(
+        &self,
+        policy: &CachePolicy,
+        probe: Option<Probe>,
+        embedding: Option<&[f64]>,
+        ticket: &mut Ticket,
+    ) -> Option<Hit> {
+        let m = policy.metrics(&self.metrics);
+        let found = async {
+            let semantic = policy.semantic.as_ref()?;
+            let probe = probe?;
+            let vector = normalized(embedding?)?;
+            let nearest = probe
+                .index
+                .read()
+                .nearest(&probe.shape, &vector, semantic.threshold);
+            ticket.remember = Some((Arc::clone(&probe.index), probe.shape, vector));
+            let key = nearest?;
+            match self.entry(policy, &key).await {
+                Some(hit) => Some(Hit {
+                    semantic: true,
+                    ..hit
+                }),
+                None => {
+                    // Expired or evicted from the store: forgotten here too.
+                    probe.index.write().remove(&key);
+                    None
+                }
+            }
+        }
+        .await;
+        if found.is_some() {
+            m.hits.inc();
+            self.metrics.cache.semantic_hits.inc();
+        } else {
+            m.misses.inc();
+        }
+        found
     }
 }
 
@@ -142,18 +265,23 @@ impl Ticket {
         let Some(entry) = Entry::of(answer, now_ms()) else {
             return;
         };
-        let (bytes, size) = entry.encode();
-        if size > self.max_bytes {
-            return;
-        }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        // Encoded (and compressed) in the task too: the caller waits for none of it.
         runtime.spawn(async move {
+            let (bytes, size) = entry.encode();
+            if size > self.max_bytes {
+                return;
+            }
             let m = &self.cache.metrics.cache;
             let len = bytes.len() as u64;
             match self.cache.store.put(&self.key.0, bytes, self.ttl).await {
                 Ok(written) => {
+                    if let Some((index, shape, vector)) = self.remember {
+                        let evicted = index.write().insert(shape, vector, self.key);
+                        m.semantic_evictions.inc_by(evicted);
+                    }
                     m.stored_bytes.inc_by(len);
                     m.evictions.inc_by(written.evicted);
                     if let Some(held) = self.cache.store.held_bytes() {

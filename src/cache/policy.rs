@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use crate::api::{CacheScope, RouteSpec, parse_duration};
+use crate::api::{CacheScope, RouteSpec, RouteType, parse_duration};
 use crate::telemetry::metrics::{CacheRouteMetrics, Metrics};
 
 /// How long an entry lives when the Route names no `ttl`.
@@ -17,6 +17,22 @@ pub const MAX_TTL: Duration = Duration::from_secs(720 * 3600);
 pub const DEFAULT_MAX_ENTRY_BYTES: usize = 1 << 20;
 /// The most `maxEntryBytes` may say (the CRD's bound; files are checked here).
 pub const MAX_ENTRY_BYTES: usize = 64 << 20;
+/// Semantic matching's least similarity when the Route names no `threshold`.
+pub const DEFAULT_THRESHOLD: f32 = 0.95;
+/// Prompts one replica remembers per Route when it names no `maxEntries`.
+pub const DEFAULT_MAX_PROMPTS: usize = 1000;
+/// The most `maxEntries` may say: each lookup compares the prompt with every remembered one of
+/// its scope, and each holds a vector (6 KiB at 1536 dimensions).
+pub const MAX_PROMPTS: usize = 10_000;
+
+/// `spec.cache.semantic`, compiled.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SemanticPolicy {
+    /// The embeddings Route's `namespace/name`.
+    pub embeddings_route: String,
+    pub threshold: f32,
+    pub max_entries: usize,
+}
 
 pub struct CachePolicy {
     pub ttl: Duration,
@@ -25,6 +41,10 @@ pub struct CachePolicy {
     /// The Route's identity and its backends' spec: a model (or any backend) change makes new
     /// keys, so entries of the old model are never served again (they expire).
     pub route_digest: [u8; 32],
+    /// Semantic matching, when on and its embeddings Route is one (see `check_semantic`).
+    pub semantic: Option<SemanticPolicy>,
+    /// The Route's `namespace/name`: where its semantic index is kept, and the cache's consumer.
+    pub qualified: Arc<str>,
     /// The Route's public name, the metric label.
     route: Arc<str>,
     metrics: OnceLock<CacheRouteMetrics>,
@@ -58,6 +78,33 @@ impl CachePolicy {
                     format!("spec.cache.maxEntryBytes {n} is not between 1 and {MAX_ENTRY_BYTES}")
                 })?,
         };
+        let namespace = qualified.split_once('/').map_or("", |(ns, _)| ns);
+        let semantic = match &cache.semantic {
+            None => None,
+            Some(s) => Some(SemanticPolicy {
+                embeddings_route: format!("{namespace}/{}", s.embeddings_route),
+                threshold: match s.threshold {
+                    None => DEFAULT_THRESHOLD,
+                    Some(t) if t > 0.0 && t <= 1.0 => t as f32,
+                    Some(t) => {
+                        return Err(format!(
+                            "spec.cache.semantic.threshold {t} is not above 0 and at most 1"
+                        ));
+                    }
+                },
+                max_entries: match s.max_entries {
+                    None => DEFAULT_MAX_PROMPTS,
+                    Some(n) => usize::try_from(n)
+                        .ok()
+                        .filter(|n| (1..=MAX_PROMPTS).contains(n))
+                        .ok_or_else(|| {
+                            format!(
+                                "spec.cache.semantic.maxEntries {n} is not between 1 and {MAX_PROMPTS}"
+                            )
+                        })?,
+                },
+            }),
+        };
         let mut h = Sha256::new();
         h.update(qualified.as_bytes());
         h.update([0]);
@@ -71,9 +118,35 @@ impl CachePolicy {
             scope: cache.scope,
             max_entry_bytes,
             route_digest: h.finalize().into(),
+            semantic,
+            qualified: qualified.into(),
             route: served_as.into(),
             metrics: OnceLock::new(),
         }))
+    }
+
+    /// Turns semantic matching off when its embeddings Route is missing (`None`) or of another
+    /// type; the error says why, for the Route's status.
+    pub fn check_semantic(&mut self, found: Option<RouteType>) -> Result<(), String> {
+        let Some(semantic) = &self.semantic else {
+            return Ok(());
+        };
+        let why = match found {
+            Some(RouteType::Embeddings) => return Ok(()),
+            Some(other) => format!(
+                "spec.cache.semantic.embeddingsRoute {} is a {} Route, not llm/v1/embeddings",
+                semantic.embeddings_route,
+                other.as_str()
+            ),
+            None => format!(
+                "spec.cache.semantic.embeddingsRoute {} does not exist",
+                semantic.embeddings_route
+            ),
+        };
+        self.semantic = None;
+        Err(format!(
+            "route is serving; {why}: the cache matches identical calls only"
+        ))
     }
 
     /// The Route's cache metric handles, made on first use and then shared by every call.
@@ -89,6 +162,7 @@ impl std::fmt::Debug for CachePolicy {
             .field("ttl", &self.ttl)
             .field("scope", &self.scope)
             .field("max_entry_bytes", &self.max_entry_bytes)
+            .field("semantic", &self.semantic)
             .finish()
     }
 }
@@ -141,5 +215,46 @@ mod tests {
         };
         assert!(CachePolicy::compile("r", "ns/r", &spec(Some(bad), "m")).is_err());
         let _ = Provider::Openai;
+    }
+
+    #[test]
+    fn semantic_defaults_bounds_and_its_embeddings_route() {
+        let semantic = |threshold, max_entries| CacheSpec {
+            semantic: Some(crate::api::SemanticSpec {
+                embeddings_route: "emb".into(),
+                threshold,
+                max_entries,
+            }),
+            ..Default::default()
+        };
+        let compile = |c| CachePolicy::compile("r", "ns/r", &spec(Some(c), "m"));
+        let mut p = compile(semantic(None, None)).unwrap().unwrap();
+        assert_eq!(
+            p.semantic,
+            Some(SemanticPolicy {
+                embeddings_route: "ns/emb".into(),
+                threshold: DEFAULT_THRESHOLD,
+                max_entries: DEFAULT_MAX_PROMPTS,
+            })
+        );
+        for bad in [
+            semantic(Some(0.0), None),
+            semantic(Some(1.01), None),
+            semantic(None, Some(10_001)),
+        ] {
+            assert!(compile(bad).is_err());
+        }
+        assert!(compile(semantic(Some(1.0), Some(1))).is_ok());
+        assert_eq!(p.check_semantic(Some(RouteType::Embeddings)), Ok(()));
+        assert!(p.semantic.is_some());
+        let why = p.check_semantic(Some(RouteType::Chat)).unwrap_err();
+        assert!(why.contains("ns/emb is a llm/v1/chat Route"), "{why}");
+        assert!(p.semantic.is_none(), "exact matching only");
+        let mut q = compile(semantic(None, None)).unwrap().unwrap();
+        assert!(
+            q.check_semantic(None)
+                .unwrap_err()
+                .contains("does not exist")
+        );
     }
 }

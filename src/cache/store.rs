@@ -1,11 +1,14 @@
 //! Where entries live: the shared store (Redis, every replica serves every entry) or, without
 //! one, this replica's memory, an LRU bounded in bytes.
 
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hashlink::LruCache;
 use parking_lot::Mutex;
+use tokio::runtime::RuntimeFlavor;
 
 use crate::store::{Store, StoreError};
 
@@ -15,7 +18,43 @@ const PREFIX: &str = "portcullis:cache:";
 
 pub enum CacheStore {
     Local(LocalStore),
-    Shared(Store),
+    Shared(SharedStore),
+}
+
+/// The shared store, reached from each data-plane worker through a connection of the worker's
+/// own. A connection's task runs on the runtime that made it: through the one made at start-up,
+/// every lookup of a worker (a single-threaded runtime) would wake the main runtime's thread and
+/// be woken back, two thread hops that cost more than the store's round trip itself.
+pub struct SharedStore {
+    store: Store,
+    /// Tells this store's per-worker connections from another's (tests run several).
+    id: u64,
+}
+
+thread_local! {
+    /// This thread's connections, by `SharedStore::id` (one, but for tests).
+    static HERE: RefCell<Vec<(u64, Store)>> = const { RefCell::new(Vec::new()) };
+}
+
+impl SharedStore {
+    /// The store to use on this thread: the worker's own connection on a single-threaded runtime
+    /// (made on first use), the start-up one elsewhere.
+    fn here(&self) -> Store {
+        let worker = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::CurrentThread);
+        if !worker {
+            return self.store.clone();
+        }
+        HERE.with(|here| {
+            let mut here = here.borrow_mut();
+            if let Some((_, store)) = here.iter().find(|(id, _)| *id == self.id) {
+                return store.clone();
+            }
+            let store = self.store.reopen();
+            here.push((self.id, store.clone()));
+            store
+        })
+    }
 }
 
 /// What a write did to the store, for the metrics.
@@ -26,6 +65,14 @@ pub struct Written {
 }
 
 impl CacheStore {
+    pub fn shared(store: Store) -> CacheStore {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        CacheStore::Shared(SharedStore {
+            store,
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
+        })
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             CacheStore::Local(_) => "local",
@@ -36,10 +83,10 @@ impl CacheStore {
     pub async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
         match self {
             CacheStore::Local(local) => Ok(local.get(key, Instant::now())),
-            CacheStore::Shared(store) => {
+            CacheStore::Shared(shared) => {
                 let mut cmd = redis::cmd("GET");
                 cmd.arg(format!("{PREFIX}{key}"));
-                let value: Option<Vec<u8>> = store.query(&cmd).await?;
+                let value: Option<Vec<u8>> = shared.here().query(&cmd).await?;
                 Ok(value.map(Bytes::from))
             }
         }
@@ -48,13 +95,13 @@ impl CacheStore {
     pub async fn put(&self, key: &str, value: Bytes, ttl: Duration) -> Result<Written, StoreError> {
         match self {
             CacheStore::Local(local) => Ok(local.put(key, value, ttl, Instant::now())),
-            CacheStore::Shared(store) => {
+            CacheStore::Shared(shared) => {
                 let mut cmd = redis::cmd("SET");
                 cmd.arg(format!("{PREFIX}{key}"))
                     .arg(value.as_ref())
                     .arg("PX")
                     .arg(ttl.as_millis().max(1) as u64);
-                store.query::<()>(&cmd).await?;
+                shared.here().query::<()>(&cmd).await?;
                 Ok(Written::default())
             }
         }
@@ -135,6 +182,44 @@ fn cost(key: &str, value: &Bytes) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_single_threaded_runtime_has_its_own_connection_and_keeps_it() {
+        let main = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        // Nothing listens on port 1: no connection comes up, none is needed to tell them apart.
+        let args = crate::store::StoreArgs::default();
+        let (a, b) = main.block_on(async {
+            let store = Store::open(&args, "redis://127.0.0.1:1").unwrap();
+            (CacheStore::shared(store.clone()), CacheStore::shared(store))
+        });
+        let (CacheStore::Shared(a), CacheStore::Shared(b)) = (a, b) else {
+            panic!()
+        };
+        assert!(main.block_on(async { a.here().same_connection(&a.store) }));
+        let worker = || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let (first, again) = (a.here(), a.here());
+                assert!(first.same_connection(&again), "kept for the thread");
+                assert!(!first.same_connection(&a.store), "not the start-up one");
+                assert!(!first.same_connection(&b.here()), "one per cache store");
+                first
+            })
+        };
+        let (one, two) = std::thread::scope(|s| {
+            let one = s.spawn(worker);
+            let two = s.spawn(worker);
+            (one.join().unwrap(), two.join().unwrap())
+        });
+        assert!(!one.same_connection(&two), "one per worker");
+    }
 
     #[test]
     fn the_local_store_expires_and_evicts_the_least_recently_used_by_bytes() {

@@ -286,9 +286,26 @@ pub fn reconcile_with(
                 None
             }
         };
+        let mut semantic_off = None;
         let (cache, state) =
             match crate::cache::CachePolicy::compile(&served_as, &qualified, &route.spec) {
-                Ok(cache) => (cache, state),
+                Ok(Some(mut cache)) => {
+                    let found = cache.semantic.as_ref().and_then(|s| {
+                        routes
+                            .iter()
+                            .find(|r| {
+                                format!(
+                                    "{}/{}",
+                                    r.namespace().unwrap_or_default(),
+                                    r.metadata.name.as_deref().unwrap_or_default()
+                                ) == s.embeddings_route
+                            })
+                            .map(|r| r.spec.route_type)
+                    });
+                    semantic_off = cache.check_semantic(found).err();
+                    (Some(cache), state)
+                }
+                Ok(None) => (None, state),
                 Err(message) => (
                     None,
                     RouteState::NotReady {
@@ -300,7 +317,12 @@ pub fn reconcile_with(
         let outcome = match &state {
             RouteState::Ready(_) => {
                 let failed = backends.iter().filter(|b| !b.resolved).count();
-                if failed == 0 {
+                if let Some(message) = semantic_off {
+                    Outcome {
+                        reason: Reason::SemanticMatchingOff,
+                        message,
+                    }
+                } else if failed == 0 {
                     Outcome::ready()
                 } else {
                     Outcome {

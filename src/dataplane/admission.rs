@@ -199,8 +199,22 @@ pub async fn admit(
     request: &LlmRequest,
     calls: u64,
 ) -> Result<Admission, GatewayError> {
-    let prompt_estimate = prompt_estimate(request);
     let teams = teams_of(state, entry, caller)?;
+    let consumer = caller.map(Identity::name).unwrap_or_default();
+    admit_as(state, entry, &consumer, &teams, request, calls).await
+}
+
+/// `admit` for `consumer` in `teams`; the gateway's own calls (the response cache embedding a
+/// prompt) are admitted so, under a consumer of their own and in no Team.
+pub async fn admit_as(
+    state: &AppState,
+    entry: &RouteEntry,
+    consumer: &str,
+    teams: &[Arc<crate::teams::TeamEntry>],
+    request: &LlmRequest,
+    calls: u64,
+) -> Result<Admission, GatewayError> {
+    let prompt_estimate = prompt_estimate(request);
     let (price, team_price, max_output) = match &entry.state {
         RouteState::Ready(b) => (b.max_price, b.max_team_price, b.max_output),
         RouteState::NotReady { .. } => (None, None, crate::cost::DEFAULT_MAX_OUTPUT),
@@ -223,7 +237,6 @@ pub async fn admit(
             token_estimate: 0,
         });
     }
-    let consumer = caller.map(Identity::name).unwrap_or_default();
     let bounded = has_max_tokens(request);
     let completion = completion_estimate(request, max_output);
     let token_estimate = prompt_estimate.saturating_add(completion);
@@ -265,7 +278,7 @@ pub async fn admit(
     };
     let reservation = state
         .limits
-        .admit_with_teams(entry, &teams, &consumer, charge)
+        .admit_with_teams(entry, teams, consumer, charge)
         .await
         .map_err(|limited| GatewayError::RateLimited(Box::new(limited)))?;
     Ok(Admission {

@@ -42,6 +42,8 @@ pub const ATTEMPTS_HEADER: HeaderName = HeaderName::from_static("x-portcullis-at
 pub const COST_HEADER: HeaderName = HeaderName::from_static("x-portcullis-cost-usd");
 /// What the response cache did: `hit`, `miss` or `bypass` (absent: the Route does not cache).
 pub const CACHE_HEADER: HeaderName = HeaderName::from_static("x-portcullis-cache");
+/// How a hit matched: `semantic` for a prompt close in meaning (absent: an identical call).
+pub const CACHE_MATCH_HEADER: HeaderName = HeaderName::from_static("x-portcullis-cache-match");
 
 /// What an answered call cost.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,6 +89,8 @@ pub struct CallInfo {
     pub cache_directive: crate::cache::Directive,
     /// What the response cache did, and a hit's age in seconds.
     pub cache: Option<(crate::cache::CacheStatus, Option<u64>)>,
+    /// A hit answered for a prompt close in meaning, not an identical one.
+    pub cache_semantic: bool,
     /// Guardrail checks that matched: `policy/check:action:phase`, comma-separated (names only).
     pub guardrail: Option<String>,
 }
@@ -100,15 +104,16 @@ pub fn note(f: impl FnOnce(&mut CallInfo)) {
     let _ = CALL.try_with(|c| f(&mut c.borrow_mut()));
 }
 
-/// Runs `f` as a call of its own by `consumer`, e.g. a guardrail judge's call made inside a
-/// caller's: what it notes stays out of the caller's log line.
-pub async fn scoped<F: std::future::Future>(consumer: Arc<str>, f: F) -> F::Output {
+/// Runs `call` as a call of its own that the gateway makes inside a caller's (a guardrail judge's
+/// verdict, the response cache embedding a prompt), under `consumer` and no caller identity: what
+/// it notes (route, backend, cost) stays out of the outer call's log line and headers.
+pub async fn scoped<F: std::future::Future>(consumer: Arc<str>, call: F) -> F::Output {
     let info = CallInfo {
         consumer: Some(consumer),
         caller: Some(Ok(None)),
         ..Default::default()
     };
-    CALL.scope(RefCell::new(info), f).await
+    CALL.scope(RefCell::new(info), call).await
 }
 
 /// The consumer label of anonymous calls, made once: an anonymous call allocates none.
@@ -267,6 +272,9 @@ pub async fn middleware(State(state): State<Arc<AppState>>, req: Request, next: 
         headers.insert(CACHE_HEADER, HeaderValue::from_static(status.as_str()));
         if let Some(age) = age {
             headers.insert(http::header::AGE, HeaderValue::from(age));
+        }
+        if call.cache_semantic {
+            headers.insert(CACHE_MATCH_HEADER, HeaderValue::from_static("semantic"));
         }
     }
     response.headers_mut().insert(REQUEST_ID, id);

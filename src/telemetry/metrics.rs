@@ -671,6 +671,10 @@ pub struct CacheMetrics {
     pub local_bytes: Gauge,
     /// Reads and writes the shared store did not answer in time (each one a miss, never a failure).
     pub store_errors: Counter,
+    /// Hits answered for a prompt close in meaning (semantic matching), also counted as hits.
+    pub semantic_hits: Counter,
+    /// Prompts a semantic index dropped to stay within its Route's `maxEntries`.
+    pub semantic_evictions: Counter,
 }
 
 /// One Route's cache counters, made once per route.
@@ -692,6 +696,8 @@ impl CacheMetrics {
             evictions: Counter::default(),
             local_bytes: Gauge::default(),
             store_errors: Counter::default(),
+            semantic_hits: Counter::default(),
+            semantic_evictions: Counter::default(),
         };
         for (name, help, family) in [
             (
@@ -738,6 +744,16 @@ impl CacheMetrics {
             "portcullis_cache_store_errors",
             "Cache reads and writes the shared store failed (each a miss, never a failed call)",
             m.store_errors.clone(),
+        );
+        registry.register(
+            "portcullis_cache_semantic_hits",
+            "Calls answered from the entry of a prompt close in meaning (also counted as hits)",
+            m.semantic_hits.clone(),
+        );
+        registry.register(
+            "portcullis_cache_semantic_evictions",
+            "Prompts a per-replica semantic index dropped to stay within its Route's maxEntries",
+            m.semantic_evictions.clone(),
         );
         m
     }

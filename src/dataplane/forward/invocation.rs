@@ -1,8 +1,10 @@
 //! Serving one call: the route looked up for its caller, the call admitted against its limits,
 //! then tried on the route's backends, plain (`invoke`) or streamed (`invoke_stream`).
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::ops::ControlFlow;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -68,6 +70,7 @@ pub(super) async fn resolve(
             team_guards: super::guarded::team_guards(state, &entry, caller.as_ref())?,
             entry,
             caller,
+            on_behalf_of: None,
         }),
         RouteState::NotReady { reason, message } => Err(GatewayError::RouteNotReady {
             route: name.to_string(),
@@ -108,8 +111,19 @@ pub(super) async fn invoke_as(
         backends,
         caller: None,
         team_guards: Vec::new(),
+        on_behalf_of: Some(Arc::clone(&consumer)),
     };
     observe::scoped(consumer, async { invoke(state, &route, &request).await }).await
+}
+
+/// `cached::OwnCall`: `invoke_as`, boxed (an embedding call looks the cache up in turn).
+fn own_call<'a>(
+    state: &'a AppState,
+    qualified: &'a str,
+    consumer: Arc<str>,
+    request: LlmRequest,
+) -> Pin<Box<dyn Future<Output = Result<LlmResponse, GatewayError>> + Send + 'a>> {
+    Box::pin(invoke_as(state, qualified, consumer, request))
 }
 
 /// Non-streaming call: one parsed answer, from the first backend that gives one.
@@ -120,14 +134,13 @@ pub async fn invoke(
 ) -> Result<LlmResponse, GatewayError> {
     let request = &*super::guarded::check_request(state, judge, route, request).await?;
     let calls = fan_out(route, request)?;
-    let ticket = match cached::lookup(state, route, request, calls).await? {
+    let ticket = match cached::lookup(state, route, request, calls, own_call).await? {
         Cached::Hit(answer) => {
             return super::guarded::check_answer(state, judge, route, Ok(answer)).await;
         }
         Cached::Live(ticket) => ticket,
     };
-    let admission =
-        admission::admit(state, &route.entry, route.caller.as_ref(), request, calls).await?;
+    let admission = route.admit(state, request, calls).await?;
     let started = Instant::now();
     let mut tries = Tries::new(state, &route.entry.name, &route.backends, request);
     let mut last = None;
@@ -295,7 +308,7 @@ pub async fn invoke_stream(
     GatewayError,
 > {
     let request = &*super::guarded::check_request(state, judge, route, request).await?;
-    let ticket = match cached::lookup(state, route, request, 1).await? {
+    let ticket = match cached::lookup(state, route, request, 1, own_call).await? {
         Cached::Hit(answer) => {
             // A hit is checked like a live answer: this caller's policies may differ.
             let (deltas, model) = cached::replayed(answer, route);
@@ -304,8 +317,7 @@ pub async fn invoke_stream(
         }
         Cached::Live(ticket) => ticket,
     };
-    let admission =
-        admission::admit(state, &route.entry, route.caller.as_ref(), request, 1).await?;
+    let admission = route.admit(state, request, 1).await?;
     let started = Instant::now();
     let mut tries = Tries::new(state, &route.entry.name, &route.backends, request);
     let opened = loop {

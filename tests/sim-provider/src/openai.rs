@@ -425,7 +425,7 @@ pub async fn embeddings(
     let data: Vec<Value> = inputs
         .iter()
         .enumerate()
-        .map(|(i, text)| json!({"object": "embedding", "index": i, "embedding": embed(text)}))
+        .map(|(i, text)| json!({"object": "embedding", "index": i, "embedding": embed_for(&req["model"], text)}))
         .collect();
     let tokens: u64 = inputs.iter().map(|t| count_tokens(t)).sum();
     axum::Json(json!({"object": "list", "data": data, "model": req["model"], "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}))
@@ -436,4 +436,33 @@ pub async fn embeddings(
 pub fn embed(text: &str) -> Vec<f64> {
     let len = text.len() as f64;
     (0..8).map(|i| ((len + i as f64) * 0.125).fract()).collect()
+}
+
+/// Models named so get `bag_of_words` vectors from this endpoint; any other model gets `embed`'s.
+pub const BAG_OF_WORDS_PREFIX: &str = "sim-bow";
+
+/// The vector `model` embeds `text` as.
+pub fn embed_for(model: &Value, text: &str) -> Vec<f64> {
+    match model.as_str() {
+        Some(m) if m.starts_with(BAG_OF_WORDS_PREFIX) => bag_of_words(text),
+        _ => embed(text),
+    }
+}
+
+/// A deterministic 256-dimensional bag of words: each lower-cased alphanumeric word adds 1 to the
+/// dimension its FNV-1a hash picks. Texts sharing most words are close (cosine near 1), texts
+/// sharing few are far: enough for tests of semantic matching, with nothing learned.
+pub fn bag_of_words(text: &str) -> Vec<f64> {
+    let mut v = vec![0.0; 256];
+    for word in text
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+    {
+        let mut h: u32 = 0x811c_9dc5;
+        for b in word.to_lowercase().bytes() {
+            h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+        }
+        v[(h % 256) as usize] += 1.0;
+    }
+    v
 }
