@@ -332,6 +332,7 @@ pub async fn middleware(State(state): State<Arc<AppState>>, req: Request, next: 
         completion_tokens: usage.completion_tokens,
         cost_usd: cost,
         cache: call.cache.map(|(s, _)| s.as_str()),
+        cache_match: call.cache_semantic.then_some("semantic"),
         guardrail: call.guardrail.as_deref(),
     });
     response

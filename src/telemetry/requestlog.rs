@@ -35,6 +35,8 @@ pub struct RequestLine<'a> {
     pub completion_tokens: Option<u64>,
     pub cost_usd: Option<&'a dyn Display>,
     pub cache: Option<&'a str>,
+    /// `semantic` for a hit on a similar prompt's entry.
+    pub cache_match: Option<&'a str>,
     pub guardrail: Option<&'a str>,
 }
 
@@ -80,7 +82,7 @@ enum Value<'a> {
     F64(f64),
 }
 
-fn fields<'a>(l: &'a RequestLine<'a>) -> [(&'static str, Option<Value<'a>>); 16] {
+fn fields<'a>(l: &'a RequestLine<'a>) -> [(&'static str, Option<Value<'a>>); 17] {
     use Value::*;
     [
         ("request_id", Some(Str(l.request_id))),
@@ -98,6 +100,7 @@ fn fields<'a>(l: &'a RequestLine<'a>) -> [(&'static str, Option<Value<'a>>); 16]
         ("completion_tokens", l.completion_tokens.map(U64)),
         ("cost_usd", l.cost_usd.map(Display)),
         ("cache", l.cache.map(Str)),
+        ("cache_match", l.cache_match.map(Str)),
         ("guardrail", l.guardrail.map(Str)),
     ]
 }
@@ -200,6 +203,7 @@ mod tests {
                 completion_tokens = l.completion_tokens,
                 cost_usd = l.cost_usd.map(tracing::field::display),
                 cache = l.cache,
+                cache_match = l.cache_match,
                 guardrail = l.guardrail,
                 "request"
             );
@@ -262,6 +266,7 @@ mod tests {
             completion_tokens: Some(20),
             cost_usd: cost,
             cache: Some("hit"),
+            cache_match: Some("semantic"),
             guardrail: Some(&s[5]),
         }
     }
@@ -295,6 +300,7 @@ mod tests {
             completion_tokens: None,
             cost_usd: None,
             cache: None,
+            cache_match: None,
             guardrail: None,
         });
     }
