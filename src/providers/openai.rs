@@ -2,12 +2,12 @@
 
 use std::borrow::Cow;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
-use super::sse::{SseDecoder, SseEvent, SseHandler};
+use super::sse::{SseDecoder, SseEvent, SseHandler, merged};
 use super::{
     API_KEY, ProviderAdapter, ProviderError, ProviderInfo, StreamDecoder, Target, UpstreamRequest,
     json_headers, malformed, normalize_finish_reason, post_json,
@@ -194,35 +194,17 @@ struct NativeStream {
 
 impl SseHandler for NativeStream {
     fn event(&mut self, event: SseEvent, out: &mut Vec<StreamDelta>) -> Result<(), ProviderError> {
-        let mut raw = BytesMut::with_capacity(event.data.len() + 8);
-        if let Some(name) = &event.event {
-            raw.put_slice(b"event: ");
-            raw.put_slice(name.as_bytes());
-            raw.put_slice(b"\n");
-        }
-        for line in event.data.split('\n') {
-            raw.put_slice(b"data: ");
-            raw.put_slice(line.as_bytes());
-            raw.put_slice(b"\n");
-        }
-        raw.put_slice(b"\n");
+        let raw = event.raw();
         let mut parsed = Vec::new();
         self.counted.event(event, &mut parsed)?;
-        let mut merged = StreamDelta {
-            raw: Some(raw.freeze()),
-            ..Default::default()
+        // A usage-only chunk (`choices: []`) keeps its usage on its own delta.
+        let usage = if parsed.is_empty() {
+            self.counted.usage.take()
+        } else {
+            None
         };
-        if parsed.is_empty() {
-            merged.usage = self.counted.usage.take();
-        }
-        for d in parsed {
-            if let Some(text) = d.text {
-                merged.text.get_or_insert_default().push_str(&text);
-            }
-            merged.tool_calls.extend(d.tool_calls);
-            merged.usage = d.usage.or(merged.usage);
-            merged.finish_reason = d.finish_reason.or(merged.finish_reason);
-        }
+        let mut merged = merged(parsed, Some(raw));
+        merged.usage = merged.usage.or(usage);
         out.push(merged);
         Ok(())
     }

@@ -27,6 +27,43 @@ pub struct SseEvent {
     pub data: String,
 }
 
+impl SseEvent {
+    /// The event as it was framed on the wire, for native streams that pass it on as is.
+    pub fn raw(&self) -> bytes::Bytes {
+        let mut raw = bytes::BytesMut::with_capacity(self.data.len() + 16);
+        if let Some(name) = &self.event {
+            raw.extend_from_slice(b"event: ");
+            raw.extend_from_slice(name.as_bytes());
+            raw.extend_from_slice(b"\n");
+        }
+        for line in self.data.split('\n') {
+            raw.extend_from_slice(b"data: ");
+            raw.extend_from_slice(line.as_bytes());
+            raw.extend_from_slice(b"\n");
+        }
+        raw.extend_from_slice(b"\n");
+        raw.freeze()
+    }
+}
+
+/// One native event's delta: its `raw` bytes with what the translating decoder counted from it
+/// (text, tool calls, usage, the end), for the gateway's metering.
+pub fn merged(parsed: Vec<StreamDelta>, raw: Option<bytes::Bytes>) -> StreamDelta {
+    let mut merged = StreamDelta {
+        raw,
+        ..Default::default()
+    };
+    for d in parsed {
+        if let Some(text) = d.text {
+            merged.text.get_or_insert_default().push_str(&text);
+        }
+        merged.tool_calls.extend(d.tool_calls);
+        merged.usage = d.usage.or(merged.usage);
+        merged.finish_reason = d.finish_reason.or(merged.finish_reason);
+    }
+    merged
+}
+
 #[derive(Debug)]
 pub struct SseParser {
     /// The current line so far, without its terminator.

@@ -1,7 +1,7 @@
 //! Anthropic's Messages API: top-level `system`, required `max_tokens`, content blocks, and
 //! named SSE events (`message_start` ... `message_stop`).
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
 use serde::Serialize;
 use serde_json::{Map, Value, json};
@@ -9,7 +9,7 @@ use serde_json::{Map, Value, json};
 pub mod wire;
 
 use super::features::{self, OUTPUT_TOOL};
-use super::sse::{SseDecoder, SseEvent, SseHandler};
+use super::sse::{SseDecoder, SseEvent, SseHandler, merged};
 use super::{
     API_KEY, ProviderAdapter, ProviderError, ProviderInfo, StreamDecoder, Target, UpstreamRequest,
     insert_secret, json_headers, malformed, normalize_finish_reason, post_json, push_turn,
@@ -489,42 +489,13 @@ struct NativeStream {
     counted: AnthropicStream,
 }
 
-impl NativeStream {
-    fn merged(parsed: Vec<StreamDelta>, raw: Option<Bytes>) -> StreamDelta {
-        let mut merged = StreamDelta {
-            raw,
-            ..Default::default()
-        };
-        for d in parsed {
-            if let Some(text) = d.text {
-                merged.text.get_or_insert_default().push_str(&text);
-            }
-            merged.tool_calls.extend(d.tool_calls);
-            merged.usage = d.usage.or(merged.usage);
-            merged.finish_reason = d.finish_reason.or(merged.finish_reason);
-        }
-        merged
-    }
-}
-
 impl SseHandler for NativeStream {
     fn event(&mut self, event: SseEvent, out: &mut Vec<StreamDelta>) -> Result<(), ProviderError> {
-        let mut raw = BytesMut::new();
-        if let Some(name) = &event.event {
-            raw.put_slice(b"event: ");
-            raw.put_slice(name.as_bytes());
-            raw.put_slice(b"\n");
-        }
-        for line in event.data.split('\n') {
-            raw.put_slice(b"data: ");
-            raw.put_slice(line.as_bytes());
-            raw.put_slice(b"\n");
-        }
-        raw.put_slice(b"\n");
+        let raw = event.raw();
         let mut parsed = Vec::new();
         // An `error` event fails the stream here: the surface writes the one error event.
         self.counted.event(event, &mut parsed)?;
-        out.push(Self::merged(parsed, Some(raw.freeze())));
+        out.push(merged(parsed, Some(raw)));
         Ok(())
     }
 
@@ -533,7 +504,7 @@ impl SseHandler for NativeStream {
         let mut parsed = Vec::new();
         self.counted.end(&mut parsed)?;
         if !parsed.is_empty() {
-            out.push(Self::merged(parsed, None));
+            out.push(merged(parsed, None));
         }
         Ok(())
     }
