@@ -258,8 +258,11 @@ def callgrind_counts(work, kubeconfig, oha_bin, body, n, binary=RELEASE / "portc
     port, mport = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "RUST_LOG"}
     env["KUBECONFIG"] = kubeconfig
-    p = Process(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", str(binary), "run",
-                 "--listen", f"127.0.0.1:{port}", "--metrics-listen", f"127.0.0.1:{mport}", "--namespace", "bench"],
+    # `binary` may carry flags after it ("path --no-pass-through"), to count one build two ways.
+    binary, *flags = str(binary).split()
+    p = Process(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", binary, "run",
+                 "--listen", f"127.0.0.1:{port}", "--metrics-listen", f"127.0.0.1:{mport}", "--namespace", "bench",
+                 *flags],
                 env=env, log_path=work / "gateway-callgrind.log")
     try:
         wait_http(f"http://127.0.0.1:{port}/readyz", timeout=300)
@@ -292,7 +295,10 @@ def callgrind_scenario(args, work, procs, row, quick, kubectl, kubeconfig):
     # waits for the initial sync that puts the Route in its table.
     body = json.dumps({"model": "chat", "messages": [{"role": "user", "content": "Say hello to the benchmark"}]})
     n = 200 if quick else 1000
-    for label, binary in [("this build", RELEASE / "portcullis")] + [c.split("=", 1) for c in args.compare]:
+    this = RELEASE / "portcullis"
+    builds = [("this build, pass-through", this), ("this build, translating (--no-pass-through)",
+                                                    f"{this} --no-pass-through")]
+    for label, binary in builds + [c.split("=", 1) for c in args.compare]:
         log(f"callgrind: {label} ({binary})")
         calls, instructions = callgrind_counts(work, kubeconfig, args.oha, body, n, binary)
         row("per request", f"instructions per proxied chat call (callgrind), {label}", "",
@@ -926,7 +932,8 @@ def main():
                          "mcp (chat and MCP tools/call at concurrency 1: the MCP row and the chat row it divides by), "
                          "pool (load-aware picking vs round robin), guardrails (their CPU and stream hold-back)")
     ap.add_argument("--compare", nargs="*", default=[], metavar="LABEL=BINARY",
-                    help="with --only callgrind: also count these gateway binaries (an earlier commit's)")
+                    help="with --only callgrind: also count these gateway binaries (an earlier commit's), "
+                         "each optionally followed by its flags (\"full=target/release/portcullis --no-pass-through\")")
     ap.add_argument("--bin-dir", default=str(RELEASE),
                     help="the gateway's binaries for the store and pool scenarios (the store rows count the store's work, not the gateway's; the pool rows time queues of hundreds of ms)")
     args = ap.parse_args()
@@ -1437,11 +1444,17 @@ def main():
         if shutil.which("valgrind") and shutil.which("callgrind_control"):
             log("scenario 7: instructions and allocations per proxied request (callgrind)")
             n_cg = 200 if quick else 1000
-            calls, instructions = callgrind_counts(work, kubeconfig, args.oha, chat_body, n_cg)
-            row("per request", "instructions executed by the gateway, per proxied chat call (callgrind)", "",
-                f"{instructions / n_cg / 1000:.0f}k", "", "reported")
-            row("per request", "allocations (allocator calls) per proxied chat call", "",
-                f"{calls / n_cg:.0f}", "", "half of 217 (2026-11-30)", calls / n_cg <= 108.5)
+            this = RELEASE / "portcullis"
+            for path, binary, target in (("pass-through", this, (90, 50)),
+                                         ("translating", f"{this} --no-pass-through", None)):
+                calls, instructions = callgrind_counts(work, kubeconfig, args.oha, chat_body, n_cg, binary)
+                ins, allocs = instructions / n_cg / 1000, calls / n_cg
+                row("per request", f"instructions per proxied chat call (callgrind), {path}", "",
+                    f"{ins:.0f}k", "", f"≤ {target[0]}k" if target else "≤ 151.6k (before the refactor)",
+                    ins <= (target[0] if target else 151.6))
+                row("per request", f"allocations (allocator calls) per proxied chat call, {path}", "",
+                    f"{allocs:.0f}", "", f"≤ {target[1]}" if target else "< 108.5 (before the refactor)",
+                    allocs <= target[1] if target else allocs < 108.5)
         row("memory", "RSS idle (MiB)", "", f"{idle_rss:.1f}", "", "≤ 20", idle_rss <= 20)
         row("memory", f"RSS with {n_routes} Routes, steady (MiB)", "", f"{many_rss:.1f}", "", "≤ 64", many_rss <= 64)
         row("memory", f"peak RSS during the initial sync of {n_routes} Routes (MiB)", "", f"{many_peak:.1f}", "")
