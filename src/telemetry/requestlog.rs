@@ -108,18 +108,39 @@ fn fields<'a>(l: &'a RequestLine<'a>) -> [(&'static str, Option<Value<'a>>); 17]
 /// `tracing_subscriber`'s full text format without colours: strings are `Debug`-quoted.
 fn text(buf: &mut Vec<u8>, l: &RequestLine<'_>) -> io::Result<()> {
     timestamp(buf)?;
-    write!(buf, "  INFO {TARGET}: request")?;
+    buf.extend_from_slice(b"  INFO ");
+    buf.extend_from_slice(TARGET.as_bytes());
+    buf.extend_from_slice(b": request");
     for (name, value) in fields(l) {
+        let Some(value) = value else { continue };
+        buf.push(b' ');
+        buf.extend_from_slice(name.as_bytes());
+        buf.push(b'=');
         match value {
-            None => {}
-            Some(Value::Str(s)) => write!(buf, " {name}={s:?}")?,
-            Some(Value::Display(d)) => write!(buf, " {name}={d}")?,
-            Some(Value::U64(n)) => write!(buf, " {name}={n}")?,
-            Some(Value::F64(x)) => write!(buf, " {name}={x:?}")?,
+            Value::Str(s) => debug_str(buf, s)?,
+            Value::Display(d) => write!(buf, "{d}")?,
+            Value::U64(n) => write!(buf, "{n}")?,
+            Value::F64(x) => write!(buf, "{x:?}")?,
         }
     }
     buf.push(b'\n');
     Ok(())
+}
+
+/// `{:?}` of a string: quoted, escaped as Rust escapes it. Names, paths and ids are nearly always
+/// printable ASCII without quotes or backslashes, which `Debug` writes as they are: copied here
+/// without the formatter's character-by-character escaping.
+fn debug_str(buf: &mut Vec<u8>, s: &str) -> io::Result<()> {
+    if s.bytes()
+        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        buf.push(b'"');
+        buf.extend_from_slice(s.as_bytes());
+        buf.push(b'"');
+        Ok(())
+    } else {
+        write!(buf, "{s:?}")
+    }
 }
 
 /// `tracing_subscriber`'s JSON format with the event's fields flattened: serde_json's own
@@ -130,7 +151,9 @@ fn json(buf: &mut Vec<u8>, l: &RequestLine<'_>) -> io::Result<()> {
     buf.extend_from_slice(b"\",\"level\":\"INFO\",\"message\":\"request\"");
     for (name, value) in fields(l) {
         let Some(value) = value else { continue };
-        write!(buf, ",\"{name}\":")?;
+        buf.extend_from_slice(b",\"");
+        buf.extend_from_slice(name.as_bytes());
+        buf.extend_from_slice(b"\":");
         match value {
             Value::Str(s) => serde_json::to_writer(&mut *buf, s)?,
             Value::Display(d) => serde_json::to_writer(&mut *buf, &format_args!("{d}"))?,
@@ -319,6 +342,14 @@ mod tests {
             l.latency_ms = latency;
             l.completion_tokens = Some(tokens);
             same(&l);
+        }
+
+        /// Printable ASCII, quotes and backslashes included (the copied fast path and its edges).
+        #[test]
+        fn ascii_names_and_paths_are_written_as_tracing_writes_them(
+            s in proptest::array::uniform6("[ -~]{0,24}"),
+        ) {
+            same(&line(&s, None));
         }
     }
 }
