@@ -71,24 +71,15 @@ impl ProviderAdapter for OpenAi {
     }
 
     fn parse_native(&self, body: Bytes) -> Result<LlmResponse, ProviderError> {
-        let wire: NativeCounts = serde_json::from_slice(&body).map_err(malformed)?;
-        let chars = wire
-            .choices
-            .iter()
-            .filter_map(|c| c.message.as_ref())
-            .map(|m| {
-                m.content.as_deref().map_or(0, str::len)
-                    + m.tool_calls
-                        .iter()
-                        .map(|t| t.function.arguments.as_deref().map_or(0, str::len))
-                        .sum::<usize>()
-            })
-            .sum();
-        Ok(LlmResponse::Native(NativeAnswer {
-            usage: wire.usage.map(Usage::from).unwrap_or_default(),
-            chars,
-            body,
-        }))
+        // Usage alone first: serde skips the rest without building it. The text is measured only
+        // when the answer does not say what it generated (the cost then falls back to it).
+        let wire: NativeUsage = serde_json::from_slice(&body).map_err(malformed)?;
+        let usage = wire.usage.map(Usage::from).unwrap_or_default();
+        let chars = match usage.completion_tokens {
+            Some(_) => 0,
+            None => native_chars(&body)?,
+        };
+        Ok(LlmResponse::Native(NativeAnswer { usage, chars, body }))
     }
 
     fn native_stream_decoder(&self) -> Option<Box<dyn StreamDecoder>> {
@@ -149,11 +140,31 @@ impl Serialize for WithUsage<'_> {
     }
 }
 
-/// What the gateway reads of a native answer: usage, and the generated text's length for when
-/// usage is missing. Everything else is skipped, not built.
+/// What the gateway reads of a native answer: its usage. Everything else is skipped, not built.
 #[derive(Deserialize)]
-struct NativeCounts<'a> {
+struct NativeUsage {
     usage: Option<WireUsage>,
+}
+
+/// The generated text's length, for an answer without usage.
+fn native_chars(body: &[u8]) -> Result<usize, ProviderError> {
+    let wire: NativeText = serde_json::from_slice(body).map_err(malformed)?;
+    Ok(wire
+        .choices
+        .iter()
+        .filter_map(|c| c.message.as_ref())
+        .map(|m| {
+            m.content.as_deref().map_or(0, str::len)
+                + m.tool_calls
+                    .iter()
+                    .map(|t| t.function.arguments.as_deref().map_or(0, str::len))
+                    .sum::<usize>()
+        })
+        .sum())
+}
+
+#[derive(Deserialize)]
+struct NativeText<'a> {
     #[serde(default, borrow)]
     choices: Vec<NativeChoice<'a>>,
 }
@@ -1068,6 +1079,11 @@ mod tests {
         };
         assert_eq!(answer.body, body);
         assert_eq!(answer.usage.completion_tokens, Some(4));
+        // Without usage, the text is what the call is charged for.
+        let bare = Bytes::from_static(br#"{"choices":[{"message":{"content":"Hello","tool_calls":[{"function":{"name":"f","arguments":"{}"}}]}}]}"#);
+        let Ok(LlmResponse::Native(answer)) = OpenAi.parse_native(bare) else {
+            panic!("not a native answer")
+        };
         assert_eq!(answer.chars, "Hello".len() + "{}".len());
     }
 
