@@ -806,3 +806,73 @@ fn a_service_account_and_an_api_key_of_the_same_name_are_two_consumers() {
             .unwrap_or_else(|_| panic!("{consumer} not logged"));
     }
 }
+
+/// An answer given before the request's body was read (an unknown route on a per-route path) says
+/// `connection: close` when the gateway will not keep the connection: a pooling client (MLflow's,
+/// `requests`) then opens a new one instead of sending its next call into a closed socket. A body
+/// that had fully arrived keeps the connection.
+#[test]
+fn an_answer_before_the_body_closes_the_connection_only_when_it_says_so() {
+    let cp = ControlPlane::shared();
+    let ns = cp.namespace("early");
+    let gw = Gateway::start(cp, &["--namespace", &ns]);
+    let body = br#"{"prompt": "x"}"#;
+    let head = |path: &str| {
+        format!(
+            "POST {path} HTTP/1.1\r\nhost: gateway\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        )
+    };
+    for pause in [Duration::ZERO, Duration::from_millis(200)] {
+        let (first, second) = runtime().block_on(async {
+            let mut tcp = TcpStream::connect(&gw.addr).await.expect("connect");
+            // Head and body in two writes, as Python's http.client sends them.
+            tcp.write_all(head("/gateway/no-such-route/invocations").as_bytes())
+                .await
+                .expect("head");
+            tokio::time::sleep(pause).await;
+            let _ = tcp.write_all(body).await;
+            let first = read_answer(&mut tcp).await;
+            let _ = tcp
+                .write_all(b"GET /healthz HTTP/1.1\r\nhost: gateway\r\n\r\n")
+                .await;
+            let second = read_answer(&mut tcp).await;
+            (first, second)
+        });
+        assert!(first.starts_with("HTTP/1.1 404"), "{pause:?}: {first:?}");
+        let closes = first.to_ascii_lowercase().contains("connection: close");
+        // Kept: the next request is answered. Not kept: the answer said so.
+        assert!(
+            closes || second.starts_with("HTTP/1.1 200"),
+            "{pause:?}: the connection closed without saying so: {first:?} then {second:?}"
+        );
+    }
+}
+
+/// One HTTP/1.1 answer's head and small body (or what arrived before the peer closed).
+async fn read_answer(tcp: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(2), tcp.read(&mut buf)).await {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&out);
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(str::to_string)
+                })
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            if out.len() >= end + 4 + length {
+                break;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}

@@ -5,7 +5,7 @@
 //! they arrive; the surface adds what parsing the JSON will cost before it parses. The bytes are
 //! given back when the handler returns, the slot when the answer's last byte is sent.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use prometheus_client::metrics::gauge::Gauge;
@@ -61,6 +61,8 @@ pub struct Intake {
     budget: Arc<Budget>,
     charged: AtomicUsize,
     slot: OnceLock<OwnedSemaphorePermit>,
+    /// The body was read to its end.
+    read: AtomicBool,
 }
 
 impl Intake {
@@ -69,6 +71,7 @@ impl Intake {
             budget,
             charged: AtomicUsize::new(0),
             slot: OnceLock::new(),
+            read: AtomicBool::new(false),
         }
     }
 
@@ -99,6 +102,16 @@ impl Intake {
 
     pub fn holds_slot(&self) -> bool {
         self.slot.get().is_some()
+    }
+
+    /// The body reached its end (the listener's reader says so).
+    pub fn mark_read(&self) {
+        self.read.store(true, Ordering::Release);
+    }
+
+    /// Whether the body was read to its end: if not, the connection cannot carry another request.
+    pub fn was_read(&self) -> bool {
+        self.read.load(Ordering::Acquire)
     }
 }
 

@@ -359,6 +359,11 @@ impl ConnectionService {
     ) -> impl Future<Output = Result<Response<Body>, Infallible>> + Send + use<> {
         let intake = Arc::new(Intake::new(self.budget.clone()));
         let guard = self.activity.begin(intake.clone());
+        // An HTTP/1 request whose body is not read to its end leaves its connection unusable:
+        // hyper closes it after the answer, which must then say so (see `closing`).
+        let unread = (req.version() < http::Version::HTTP_2
+            && !hyper::body::Body::is_end_stream(req.body()))
+        .then(|| intake.clone());
         let inbound = Inbound {
             pause_limit: self.limits.body_read_timeout,
             deadline: Instant::now() + self.limits.body_timeout,
@@ -382,14 +387,28 @@ impl ConnectionService {
                 Ok(r) => r,
                 Err(never) => match never {},
             };
-            Ok(response.map(|b| {
+            let mut response = response.map(|b| {
                 Body::new(Guarded {
                     inner: b,
                     _guard: guard,
                 })
-            }))
+            });
+            if unread.is_some_and(|intake| !intake.was_read()) {
+                closing(&mut response);
+            }
+            Ok(response)
         })
     }
+}
+
+/// Marks an answer given before its request's body was read (an unknown route, a refused caller):
+/// a pooling client then opens a new connection for its next call instead of writing it into the
+/// one hyper is about to close.
+fn closing(response: &mut Response<Body>) {
+    response.headers_mut().insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("close"),
+    );
 }
 
 async fn tower_oneshot(router: Router, req: Request<Body>) -> Result<Response<Body>, Infallible> {
@@ -465,6 +484,7 @@ impl Inbound {
     /// The body is complete: take the request's in-flight slot, or refuse it.
     fn admit(&mut self) -> Option<BodyError> {
         self.ended = true;
+        self.intake.mark_read();
         let sem = self.in_flight.as_ref()?;
         match sem.clone().try_acquire_owned() {
             Ok(slot) => {
