@@ -72,10 +72,10 @@ fn passes_through(state: &AppState, route: &ServingRoute, body: &Map<String, Val
             .is_none_or(|n| n.is_null() || n.as_u64() == Some(1))
 }
 
-/// The caller's body (without `model`) for a pass-through call: only what the gateway itself reads
-/// is checked (`stream`, the token caps, `messages` for the up-front estimate); OpenAI judges the
-/// rest, so a parameter OpenAI adds works the day it ships. Also whether the caller asked for
-/// the stream's usage chunk.
+/// The caller's body (without `model`) for a pass-through call. What the translating path checks
+/// of the fields it models (`messages`' shape, `stream`, `stream_options`, sampling, token caps)
+/// is checked alike, with the same 400s; OpenAI judges the rest, so a parameter OpenAI adds works
+/// the day it ships. Also whether the caller asked for the stream's usage chunk.
 fn native_request(mut body: Map<String, Value>) -> Result<(NativeRequest, bool), GatewayError> {
     // The sampling fields are checked by the translating path's own code, then put back as sent.
     let mut sampling: Map<String, Value> = ["temperature", "top_p", "max_tokens", "stop", "n"]
