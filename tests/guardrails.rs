@@ -967,6 +967,15 @@ fn a_judge_route_blocks_unsafe_requests_and_its_calls_are_limited_and_charged_li
         message.contains(&format!("Route {ns}/no-such-route does not exist")),
         "{message}"
     );
+    // ... and the policy itself is InvalidSpec, naming its check.
+    wait_ready_reason(
+        f.cp,
+        &["-n", ns, "guardrailpolicy", "judged-orphan"],
+        "InvalidSpec",
+    );
+    let message = ready_condition(f.cp, &["-n", ns, "guardrailpolicy", "judged-orphan"])["message"]
+        .to_string();
+    assert!(message.contains("judge"), "{message}");
 
     // `unsafe` + categories: blocked, the categories told, the provider never called.
     eventually(Duration::from_secs(10), || {

@@ -1,6 +1,7 @@
 //! GuardrailPolicy status: `Ready`, or `InvalidSpec` naming the bad check. The policies are
-//! compiled by the control loop (`guardrails::compile_all`, once per change); this writes what
-//! that found, while this replica leads.
+//! compiled by the control loop (`guardrails::compile_all`, once per change) and their webhooks
+//! and judges resolved with each table build (`guardrails::resolve_all`); this writes what that
+//! found, while this replica leads.
 
 use std::sync::Arc;
 use std::time::Duration;

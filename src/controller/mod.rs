@@ -608,8 +608,6 @@ impl Loop {
         }
         self.guardrail_version = Some(version);
         self.guardrails = Arc::new(crate::guardrails::compile_all(&policies));
-        self.guardrails_changed
-            .send_replace(Arc::clone(&self.guardrails));
     }
 
     /// Rebuilds and publishes the table; false if a Secret read failed and a retry is due.
@@ -658,6 +656,10 @@ impl Loop {
                 routes: &routes,
             },
         ));
+        // Their status says what this build found: a judge Route or webhook Secret that is
+        // missing makes the policy InvalidSpec, naming the check, as an invalid regex does.
+        self.guardrails_changed
+            .send_replace(Arc::clone(&guardrails));
         let reconciled = reconcile_with(
             &routes,
             &self.secret_cache,
