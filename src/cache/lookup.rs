@@ -25,11 +25,6 @@ pub struct Cache {
     /// The semantic index of each Route that matches semantically, by `namespace/name` (kept
     /// across routing table rebuilds; emptied when the Route's backends change).
     indexes: Mutex<HashMap<Arc<str>, Arc<RwLock<Index>>>>,
-    /// Where entries are encoded and written: the runtime the cache was made on (the gateway's
-    /// main one), not the data-plane worker that served the call. On the worker, the write would
-    /// take its thread from the next call and hold its store connection, the next lookup queued
-    /// behind the `SET`.
-    writer: Option<tokio::runtime::Handle>,
 }
 
 /// What the cache did for a call: the `x-portcullis-cache` header and the log field.
@@ -101,7 +96,6 @@ impl Cache {
             store,
             metrics,
             indexes: Mutex::new(HashMap::new()),
-            writer: tokio::runtime::Handle::try_current().ok(),
         }
     }
 
@@ -271,9 +265,7 @@ impl Ticket {
         let Some(entry) = Entry::of(answer, now_ms()) else {
             return;
         };
-        let Some(runtime) =
-            (self.cache.writer.clone()).or_else(|| tokio::runtime::Handle::try_current().ok())
-        else {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
         // Encoded (and compressed) in the task too: the caller waits for none of it.
