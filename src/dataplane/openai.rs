@@ -22,7 +22,7 @@ use super::body::read_json_object;
 use super::error::{GatewayError, OpenAiError};
 use super::forward::{self, ServingRoute};
 use super::reframe::{Reframer, reframe};
-use super::request::{OPENAI, parse_request, require_string, take_count, take_params, take_stream};
+use super::request::{OPENAI, check_params, count, parse_request, require_string, stream_options};
 use crate::api::{Provider, RouteType};
 use crate::llm::{
     Choice, Embeddings, Generation, LlmRequest, LlmResponse, NativeRequest, StreamDelta,
@@ -76,35 +76,23 @@ fn passes_through(state: &AppState, route: &ServingRoute, body: &Map<String, Val
 /// of the fields it models (`messages`' shape, `stream`, `stream_options`, sampling, token caps)
 /// is checked alike, with the same 400s; OpenAI judges the rest, so a parameter OpenAI adds works
 /// the day it ships. Also whether the caller asked for the stream's usage chunk.
-fn native_request(mut body: Map<String, Value>) -> Result<(NativeRequest, bool), GatewayError> {
-    // The sampling fields are checked by the translating path's own code, then put back as sent.
-    let mut sampling: Map<String, Value> = ["temperature", "top_p", "max_tokens", "stop", "n"]
-        .into_iter()
-        .filter_map(|k| Some((k.to_string(), body.remove(k)?)))
-        .collect();
-    let kept = sampling.clone();
-    let params = take_params(&mut sampling, &OPENAI)?;
-    body.extend(kept);
-    let max_completion_tokens = take_count(&mut body, "max_completion_tokens", 1, u32::MAX as u64)?;
-    if let Some(n) = max_completion_tokens {
-        body.insert("max_completion_tokens".into(), Value::from(n));
-    }
-    let options = body.get("stream_options").cloned();
+fn native_request(body: Map<String, Value>) -> Result<(NativeRequest, bool), GatewayError> {
+    let max_tokens = check_params(&body, &OPENAI)?;
+    let max_completion_tokens = count(
+        "max_completion_tokens",
+        body.get("max_completion_tokens"),
+        1,
+        u32::MAX as u64,
+    )?;
     let StreamOptions {
         stream,
         include_usage,
-    } = take_stream(&mut body)?;
-    if stream {
-        body.insert("stream".into(), Value::Bool(true));
-    }
-    if let Some(options) = options {
-        body.insert("stream_options".into(), options);
-    }
+    } = stream_options(&body)?;
     let prompt_chars = check_messages(body.get("messages"))?;
     let request = NativeRequest {
         body,
         stream,
-        max_tokens: max_completion_tokens.or(params.max_tokens),
+        max_tokens: max_completion_tokens.or(max_tokens),
         prompt_chars,
         headers: Vec::new(),
     };

@@ -100,7 +100,16 @@ pub fn take_number(
     min: f64,
     max: f64,
 ) -> Result<Option<f64>, GatewayError> {
-    match body.remove(field) {
+    number(field, body.remove(field).as_ref(), min, max)
+}
+
+fn number(
+    field: &'static str,
+    value: Option<&Value>,
+    min: f64,
+    max: f64,
+) -> Result<Option<f64>, GatewayError> {
+    match value {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => {
             let v = n.as_f64().unwrap_or(f64::NAN);
@@ -113,7 +122,7 @@ pub fn take_number(
                 ))
             }
         }
-        Some(other) => Err(wrong_type(field, "a number", &other)),
+        Some(other) => Err(wrong_type(field, "a number", other)),
     }
 }
 
@@ -123,7 +132,16 @@ pub fn take_count(
     min: u64,
     max: u64,
 ) -> Result<Option<u32>, GatewayError> {
-    match body.remove(field) {
+    count(field, body.remove(field).as_ref(), min, max)
+}
+
+pub fn count(
+    field: &'static str,
+    value: Option<&Value>,
+    min: u64,
+    max: u64,
+) -> Result<Option<u32>, GatewayError> {
+    match value {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => match n.as_u64() {
             Some(v) if (min..=max).contains(&v) => Ok(Some(v as u32)),
@@ -132,24 +150,38 @@ pub fn take_count(
                 format!("'{field}' must be an integer from {min} to {max}, got {n}"),
             )),
         },
-        Some(other) => Err(wrong_type(field, "an integer", &other)),
+        Some(other) => Err(wrong_type(field, "an integer", other)),
     }
 }
 
 /// `stop`: a string or a list of strings.
 pub fn take_stop(body: &mut Body) -> Result<Option<Vec<String>>, GatewayError> {
-    match body.remove("stop") {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(vec![s])),
-        Some(Value::Array(items)) => items
-            .into_iter()
-            .map(|v| match v {
-                Value::String(s) => Ok(s),
-                other => Err(wrong_type("stop", "a string or a list of strings", &other)),
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map(Some),
-        Some(other) => Err(wrong_type("stop", "a string or a list of strings", &other)),
+    let stop = body.remove("stop");
+    check_stop(stop.as_ref())?;
+    Ok(match stop {
+        Some(Value::String(s)) => Some(vec![s]),
+        Some(Value::Array(items)) => Some(
+            items
+                .into_iter()
+                .filter_map(|v| match v {
+                    Value::String(s) => Some(s),
+                    _ => None,
+                })
+                .collect(),
+        ),
+        _ => None,
+    })
+}
+
+fn check_stop(stop: Option<&Value>) -> Result<(), GatewayError> {
+    let wrong = |other: &Value| wrong_type("stop", "a string or a list of strings", other);
+    match stop {
+        None | Some(Value::Null | Value::String(_)) => Ok(()),
+        Some(Value::Array(items)) => match items.iter().find(|v| !v.is_string()) {
+            Some(other) => Err(wrong(other)),
+            None => Ok(()),
+        },
+        Some(other) => Err(wrong(other)),
     }
 }
 
@@ -162,6 +194,22 @@ pub fn take_params(body: &mut Body, dialect: &Dialect) -> Result<Params, Gateway
         stop: take_stop(body)?,
         n: take_count(body, dialect.n_field, 1, dialect.n_max)?,
     })
+}
+
+/// `take_params`' checks, in its order and with its errors, on a body left as it is (a
+/// pass-through call sends it on); its `max_tokens`.
+pub fn check_params(body: &Body, dialect: &Dialect) -> Result<Option<u32>, GatewayError> {
+    number(
+        "temperature",
+        body.get("temperature"),
+        0.0,
+        dialect.temperature_max,
+    )?;
+    number("top_p", body.get("top_p"), 0.0, 1.0)?;
+    let max_tokens = count("max_tokens", body.get("max_tokens"), 1, u32::MAX as u64)?;
+    check_stop(body.get("stop"))?;
+    count(dialect.n_field, body.get(dialect.n_field), 1, dialect.n_max)?;
+    Ok(max_tokens)
 }
 
 /// `prompt`: a string (or OpenAI's list holding one string).
@@ -248,8 +296,20 @@ pub fn check_body_kind(
 }
 
 pub fn take_stream(body: &mut Body) -> Result<StreamOptions, GatewayError> {
-    let stream = take_bool(body, "stream")?.unwrap_or(false);
-    let include_usage = match body.remove("stream_options") {
+    let options = stream_options(body)?;
+    body.remove("stream");
+    body.remove("stream_options");
+    Ok(options)
+}
+
+/// `stream` and `stream_options.include_usage`, read without taking them.
+pub fn stream_options(body: &Body) -> Result<StreamOptions, GatewayError> {
+    let stream = match body.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(other) => return Err(wrong_type("stream", "a boolean", other)),
+    };
+    let include_usage = match body.get("stream_options") {
         None | Some(Value::Null) => false,
         Some(Value::Object(opts)) => match opts.get("include_usage") {
             None | Some(Value::Null) => false,
@@ -262,7 +322,7 @@ pub fn take_stream(body: &mut Body) -> Result<StreamOptions, GatewayError> {
                 ));
             }
         },
-        Some(other) => return Err(wrong_type("stream_options", "an object", &other)),
+        Some(other) => return Err(wrong_type("stream_options", "an object", other)),
     };
     Ok(StreamOptions {
         stream,
