@@ -204,8 +204,8 @@ pub async fn admit(
     admit_as(state, entry, &consumer, &teams, request, calls).await
 }
 
-/// `admit` for `consumer` in `teams`; the gateway's own calls (the response cache embedding a
-/// prompt) are admitted so, under a consumer of their own and in no Team.
+/// `admit` for `consumer` in `teams`; the gateway's own calls (a judge's verdict, the cache's
+/// embedding) are admitted so, under a consumer of their own and in no Team.
 pub async fn admit_as(
     state: &AppState,
     entry: &RouteEntry,

@@ -300,7 +300,7 @@ impl Serialize for WireRequest<'_> {
             LlmRequest::Chat(r) => (&r.extra, Some(&r.params), r.stream.stream),
             LlmRequest::Completions(r) => (&r.extra, Some(&r.params), r.stream.stream),
             LlmRequest::Embeddings(r) => (&r.extra, None, false),
-            // Refused by `build_request`; its body would be the caller's, as is.
+            // Sent as `NativeBody` by `build_request`, never through here.
             LlmRequest::Native(r) => (&r.body, None, false),
         };
         let ours = |k: &str| {

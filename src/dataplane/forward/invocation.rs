@@ -80,10 +80,11 @@ pub(super) async fn resolve(
     }
 }
 
-/// A guardrail judge's call: the Route `qualified` asked by `consumer` (`guardrail:ns/policy`),
-/// admitted, limited, priced and guarded like any call, in a call context of its own (the
-/// caller's log line and labels keep theirs). The Route's access rules are not asked: a policy
-/// names only Routes of its own namespace.
+/// A call the gateway makes itself (a guardrail judge's verdict as `guardrail:ns/policy`, the
+/// response cache's embedding as `cache/ns/route`): the Route `qualified` asked by `consumer`,
+/// admitted, limited, priced and guarded like any call but in no Team and past no cache, in a
+/// call context of its own (the caller's log line and labels keep theirs). The Route's access
+/// rules are not asked: a policy or a cache names only Routes of its own namespace.
 pub(super) async fn invoke_as(
     state: &AppState,
     qualified: &str,

@@ -19,8 +19,8 @@ pub struct ServingRoute {
     /// The guards of the caller's Teams on this route, after the route's own (`entry.guard`);
     /// empty (no allocation) unless some Team names GuardrailPolicies.
     pub(super) team_guards: Vec<Arc<crate::guardrails::Guard>>,
-    /// Set for a call the gateway makes itself (the response cache embedding a prompt): counted
-    /// under this consumer and in no Team, and not looked up in this Route's own cache.
+    /// Set for a call the gateway makes itself (`invocation::invoke_as`): counted under this
+    /// consumer and in no Team, and not looked up in this Route's own cache.
     pub(super) on_behalf_of: Option<Arc<str>>,
 }
 
