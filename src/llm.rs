@@ -442,6 +442,8 @@ pub struct EmbeddingsRequest {
 /// provider's API and every backend of the Route is that provider): nothing is lost in translation.
 #[derive(Clone, Debug, PartialEq)]
 pub struct NativeRequest {
+    /// Chat for Anthropic Messages; OpenAI's chat, completions or embeddings.
+    pub route_type: RouteType,
     /// The caller's body without `model`.
     pub body: Map<String, Value>,
     pub stream: bool,
@@ -463,7 +465,8 @@ pub enum LlmRequest {
 impl LlmRequest {
     pub fn route_type(&self) -> RouteType {
         match self {
-            LlmRequest::Chat(_) | LlmRequest::Native(_) => RouteType::Chat,
+            LlmRequest::Chat(_) => RouteType::Chat,
+            LlmRequest::Native(r) => r.route_type,
             LlmRequest::Completions(_) => RouteType::Completions,
             LlmRequest::Embeddings(_) => RouteType::Embeddings,
         }

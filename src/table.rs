@@ -144,6 +144,8 @@ pub struct Backends {
     /// The most output tokens any backend's model may write: what a call without `max_tokens`
     /// reserves against budgets.
     pub max_output: u64,
+    /// The API every backend's wire speaks, if they share one: calls in it pass through.
+    pub wire: Option<crate::providers::Wire>,
 }
 
 /// One resolved backend, with everything the hot path needs computed once.

@@ -598,6 +598,11 @@ fn resolve(
     let max_price = dearest(|b| b.price);
     let max_team_price = dearest(|b| b.team_price);
     let max_output = list.iter().map(|b| b.max_output).max().unwrap_or_default();
+    let wire = list
+        .iter()
+        .map(|b| b.upstream.adapter.info().wire)
+        .reduce(|a, b| if a == b { a } else { None })
+        .flatten();
     (
         RouteState::Ready(Arc::new(Backends {
             list,
@@ -605,6 +610,7 @@ fn resolve(
             max_price,
             max_team_price,
             max_output,
+            wire,
         })),
         statuses,
     )

@@ -22,7 +22,7 @@ use super::forward::{self, ServingRoute};
 use super::openai::{model_name, sse_response};
 use super::reframe::{Reframer, push_named, reframe};
 use super::request::{require_string, take_bool, take_count, take_number};
-use crate::api::{Provider, RouteType};
+use crate::api::RouteType;
 use crate::llm::{
     ChatMessage, ChatRequest, Content, Generation, LlmRequest, LlmResponse, NativeRequest, Params,
     Role, StreamDelta, StreamOptions, Usage,
@@ -48,7 +48,7 @@ impl PassOn {
         PassOn {
             top_k: route.providers().all(|p| providers::info(p).reads_top_k),
             anthropic: state.pass_through
-                && route.providers().all(|p| p == Provider::Anthropic)
+                && route.wire() == Some(providers::Wire::Anthropic)
                 && !route.guards().any(|g| g.response),
         }
     }
@@ -133,6 +133,7 @@ pub fn native_request(
         .into_iter()
         .collect();
     Ok(NativeRequest {
+        route_type: RouteType::Chat,
         body,
         stream: stream.unwrap_or(false),
         max_tokens: Some(max_tokens),
@@ -1121,7 +1122,9 @@ mod tests {
             Verbatim,
             vec![
                 Ok(vec![raw("event: ping\ndata: {\"type\":\"ping\"}\n\n")]),
-                Err(GatewayError::UpstreamTruncated(Provider::Anthropic)),
+                Err(GatewayError::UpstreamTruncated(
+                    crate::api::Provider::Anthropic,
+                )),
             ],
         );
         let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
@@ -1135,7 +1138,9 @@ mod tests {
             MessagesStream::new("m".into()),
             vec![
                 Ok(vec![delta(Some("Hel"), vec![], None)]),
-                Err(GatewayError::UpstreamTruncated(Provider::Openai)),
+                Err(GatewayError::UpstreamTruncated(
+                    crate::api::Provider::Openai,
+                )),
             ],
         );
         let (name, last) = events.last().cloned().unwrap_or_default();

@@ -22,12 +22,16 @@ use super::body::read_json_object;
 use super::error::{GatewayError, OpenAiError};
 use super::forward::{self, ServingRoute};
 use super::reframe::{Reframer, reframe};
-use super::request::{OPENAI, check_params, count, parse_request, require_string, stream_options};
-use crate::api::{Provider, RouteType};
+use super::request::{
+    OPENAI, check_input, check_params, check_prompt, count, parse_request, require_string,
+    stream_options, string_or_null,
+};
+use crate::api::RouteType;
 use crate::llm::{
     Choice, Embeddings, Generation, LlmRequest, LlmResponse, NativeRequest, StreamDelta,
     StreamOptions, ToolCall, ToolCallDelta, Usage, unix_now,
 };
+use crate::providers::Wire;
 
 type Result<T, E = OpenAiError> = std::result::Result<T, E>;
 
@@ -51,20 +55,20 @@ async fn handle(state: &AppState, req: Request, route_type: RouteType) -> Result
     let (parts, body) = req.into_parts();
     let mut body = read_json_object(state, &parts.headers, body).await?;
     let route = forward::lookup(state, &require_string(&mut body, "model")?, route_type).await?;
-    if route_type == RouteType::Chat && passes_through(state, &route, &body) {
-        let (request, include_usage) = native_request(body)?;
+    if passes_through(state, &route, &body) {
+        let (request, include_usage) = native_request(route_type, body)?;
         return Ok(native(state, &route, request, include_usage).await?);
     }
     let request = parse_request(route_type, body, &OPENAI)?;
     Ok(respond(state, &route, request, true).await?)
 }
 
-/// Same dialect on both sides, and nothing of the call needs the parsed body: every backend is
-/// OpenAI, the Route has no guardrails and no cache, one candidate is asked for. Anything else
-/// takes the translating path, for that call only.
+/// Same dialect on both sides, and nothing of the call needs the parsed body: every backend
+/// speaks OpenAI's API, the Route has no guardrails and no cache, one candidate is asked for.
+/// Anything else takes the translating path, for that call only.
 fn passes_through(state: &AppState, route: &ServingRoute, body: &Map<String, Value>) -> bool {
     state.pass_through
-        && route.providers().all(|p| p == Provider::Openai)
+        && route.wire() == Some(Wire::OpenAi)
         && route.guards().next().is_none()
         && route.entry.cache.is_none()
         && body
@@ -73,30 +77,47 @@ fn passes_through(state: &AppState, route: &ServingRoute, body: &Map<String, Val
 }
 
 /// The caller's body (without `model`) for a pass-through call. What the translating path checks
-/// of the fields it models (`messages`' shape, `stream`, `stream_options`, sampling, token caps)
-/// is checked alike, with the same 400s; OpenAI judges the rest, so a parameter OpenAI adds works
-/// the day it ships. Also whether the caller asked for the stream's usage chunk.
-fn native_request(body: Map<String, Value>) -> Result<(NativeRequest, bool), GatewayError> {
-    let max_tokens = check_params(&body, &OPENAI)?;
-    let max_completion_tokens = count(
-        "max_completion_tokens",
-        body.get("max_completion_tokens"),
-        1,
-        u32::MAX as u64,
-    )?;
-    let StreamOptions {
-        stream,
-        include_usage,
-    } = stream_options(&body)?;
-    let prompt_chars = check_messages(body.get("messages"))?;
+/// of the fields it models (`messages`, `prompt` or `input`, `stream`, `stream_options`,
+/// sampling, token caps) is checked alike, with the same 400s; the provider judges the rest, so
+/// a parameter OpenAI adds works the day it ships. Also whether the caller asked for the
+/// stream's usage chunk.
+fn native_request(
+    route_type: RouteType,
+    body: Map<String, Value>,
+) -> Result<(NativeRequest, bool), GatewayError> {
+    let (prompt_chars, max_tokens, stream) = match route_type {
+        RouteType::Chat => {
+            let max_tokens = check_params(&body, &OPENAI)?;
+            let max_completion_tokens = count(
+                "max_completion_tokens",
+                body.get("max_completion_tokens"),
+                1,
+                u32::MAX as u64,
+            )?;
+            let stream = stream_options(&body)?;
+            let chars = check_messages(body.get("messages"))?;
+            (chars, max_completion_tokens.or(max_tokens), stream)
+        }
+        RouteType::Completions => {
+            let chars = check_prompt(&body)?;
+            let max_tokens = check_params(&body, &OPENAI)?;
+            (chars, max_tokens, stream_options(&body)?)
+        }
+        RouteType::Embeddings => {
+            let chars = check_input(&body, OPENAI.input_field)?;
+            string_or_null(&body, "encoding_format")?;
+            (chars, None, StreamOptions::default())
+        }
+    };
     let request = NativeRequest {
+        route_type,
         body,
-        stream,
-        max_tokens: max_completion_tokens.or(max_tokens),
+        stream: stream.stream,
+        max_tokens,
         prompt_chars,
         headers: Vec::new(),
     };
-    Ok((request, include_usage))
+    Ok((request, stream.include_usage))
 }
 
 /// `messages` as the translating path would take them (a non-empty list of objects with a role
@@ -731,7 +752,7 @@ mod tests {
     #[test]
     fn a_pass_through_request_keeps_the_body_and_checks_what_the_gateway_reads() {
         let body = |v: Value| v.as_object().cloned().unwrap_or_default();
-        let (native, include_usage) = native_request(body(json!({
+        let (native, include_usage) = native_request(RouteType::Chat, body(json!({
             "messages": [{"role": "user", "content": [{"type": "text", "text": "hello"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}],
             "stream": true,
             "stream_options": {"include_usage": true},
@@ -744,7 +765,7 @@ mod tests {
         assert_eq!(native.prompt_chars, "hello".len());
         assert!(native.body.contains_key("web_search_options"));
         let err = |v: Value| {
-            native_request(body(v))
+            native_request(RouteType::Chat, body(v))
                 .err()
                 .map(|e| e.to_string())
                 .unwrap_or_default()
@@ -758,5 +779,52 @@ mod tests {
             err(json!({"messages": [{"role": "user", "content": "x"}], "stream": "yes"}))
                 .contains("stream")
         );
+    }
+
+    #[test]
+    fn completions_and_embeddings_pass_through_with_the_translating_paths_checks() {
+        let body = |v: Value| v.as_object().cloned().unwrap_or_default();
+        let both = |route_type, v: Value| {
+            let native = native_request(route_type, body(v.clone())).map(|(n, _)| n);
+            let parsed = parse_request(route_type, body(v), &OPENAI);
+            (native, parsed)
+        };
+        let (native, parsed) = both(
+            RouteType::Completions,
+            json!({"prompt": ["once upon"], "max_tokens": 7, "stream": true, "suffix": "end"}),
+        );
+        let native = native.unwrap_or_else(|e| panic!("{e}"));
+        assert!(parsed.is_ok());
+        assert_eq!(native.route_type, RouteType::Completions);
+        assert_eq!((native.prompt_chars, native.max_tokens), (9, Some(7)));
+        assert!(native.stream && native.body.contains_key("suffix"));
+        let (native, _) = both(
+            RouteType::Embeddings,
+            json!({"input": ["ab", "cde"], "encoding_format": "base64", "dimensions": 8}),
+        );
+        let native = native.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((native.prompt_chars, native.stream), (5, false));
+        assert_eq!(native.body["encoding_format"], "base64");
+        // Refused alike, with the same message.
+        for (route_type, bad) in [
+            (RouteType::Completions, json!({})),
+            (RouteType::Completions, json!({"prompt": 3})),
+            (
+                RouteType::Completions,
+                json!({"prompt": "x", "temperature": "hot"}),
+            ),
+            (RouteType::Embeddings, json!({"input": []})),
+            (RouteType::Embeddings, json!({"input": ["a", 1]})),
+            (
+                RouteType::Embeddings,
+                json!({"input": "a", "encoding_format": 1}),
+            ),
+        ] {
+            let (native, parsed) = both(route_type, bad.clone());
+            let (Err(native), Err(parsed)) = (native, parsed) else {
+                panic!("{bad} accepted");
+            };
+            assert_eq!(native.to_string(), parsed.to_string(), "{bad}");
+        }
     }
 }

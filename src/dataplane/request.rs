@@ -81,6 +81,14 @@ pub fn take_string(body: &mut Body, field: &'static str) -> Result<Option<String
     }
 }
 
+/// `field` checked as `take_string` takes it, in place.
+pub fn string_or_null(body: &Body, field: &'static str) -> Result<(), GatewayError> {
+    match body.get(field) {
+        None | Some(Value::Null | Value::String(_)) => Ok(()),
+        Some(other) => Err(wrong_type(field, "a string", other)),
+    }
+}
+
 pub fn require_string(body: &mut Body, field: &'static str) -> Result<String, GatewayError> {
     take_string(body, field)?
         .ok_or_else(|| GatewayError::bad_param(field, format!("'{field}' is required")))
@@ -214,40 +222,63 @@ pub fn check_params(body: &Body, dialect: &Dialect) -> Result<Option<u32>, Gatew
 
 /// `prompt`: a string (or OpenAI's list holding one string).
 pub fn take_prompt(body: &mut Body) -> Result<String, GatewayError> {
-    match body.remove("prompt") {
-        Some(Value::String(s)) => Ok(s),
-        Some(Value::Array(mut items)) if items.len() == 1 && items[0].is_string() => {
-            match items.pop() {
-                Some(Value::String(s)) => Ok(s),
-                _ => Ok(String::new()),
-            }
+    check_prompt(body)?;
+    Ok(match body.remove("prompt") {
+        Some(Value::String(s)) => s,
+        Some(Value::Array(mut items)) => match items.pop() {
+            Some(Value::String(s)) => s,
+            _ => String::new(),
+        },
+        _ => String::new(),
+    })
+}
+
+/// `prompt` checked as `take_prompt` takes it, in place; its length.
+pub fn check_prompt(body: &Body) -> Result<usize, GatewayError> {
+    match body.get("prompt") {
+        Some(Value::String(s)) => Ok(s.len()),
+        Some(Value::Array(items)) if items.len() == 1 && items[0].is_string() => {
+            Ok(items[0].as_str().map_or(0, str::len))
         }
         None | Some(Value::Null) => Err(GatewayError::bad_param("prompt", "'prompt' is required")),
-        Some(other) => Err(wrong_type("prompt", "a string", &other)),
+        Some(other) => Err(wrong_type("prompt", "a string", other)),
     }
 }
 
 /// Embeddings input from `field`: a string or a non-empty list of strings.
 pub fn take_input(body: &mut Body, field: &'static str) -> Result<Vec<String>, GatewayError> {
+    check_input(body, field)?;
+    Ok(match body.remove(field) {
+        Some(Value::String(s)) => vec![s],
+        Some(Value::Array(items)) => items
+            .into_iter()
+            .filter_map(|v| match v {
+                Value::String(s) => Some(s),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    })
+}
+
+/// Embeddings input checked as `take_input` takes it, in place; its length.
+pub fn check_input(body: &Body, field: &'static str) -> Result<usize, GatewayError> {
     let expected = "a string or a list of strings";
-    match body.remove(field) {
-        Some(Value::String(s)) => Ok(vec![s]),
+    match body.get(field) {
+        Some(Value::String(s)) => Ok(s.len()),
         Some(Value::Array(items)) if items.is_empty() => Err(GatewayError::bad_param(
             field,
             format!("'{field}' must not be empty"),
         )),
-        Some(Value::Array(items)) => items
-            .into_iter()
-            .map(|v| match v {
-                Value::String(s) => Ok(s),
-                other => Err(wrong_type(field, expected, &other)),
-            })
-            .collect(),
+        Some(Value::Array(items)) => items.iter().try_fold(0, |n, v| match v {
+            Value::String(s) => Ok(n + s.len()),
+            other => Err(wrong_type(field, expected, other)),
+        }),
         None | Some(Value::Null) => Err(GatewayError::bad_param(
             field,
             format!("'{field}' is required"),
         )),
-        Some(other) => Err(wrong_type(field, expected, &other)),
+        Some(other) => Err(wrong_type(field, expected, other)),
     }
 }
 

@@ -169,6 +169,7 @@ mod tests {
             {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": {"k": key}}]}
         ]});
         let mut r = LlmRequest::Native(NativeRequest {
+            route_type: crate::api::RouteType::Chat,
             body: body.as_object().unwrap().clone(),
             stream: false,
             max_tokens: Some(1),

@@ -1,6 +1,7 @@
 //! Azure OpenAI: OpenAI's bodies on deployment-scoped URLs with a dated `api-version`, and an
 //! `api-key` header (or a Microsoft Entra ID bearer token).
 
+use bytes::Bytes;
 use http::header;
 use serde_json::Value;
 
@@ -27,19 +28,17 @@ impl ProviderAdapter for AzureOpenAi {
         target: &Target,
         request: &LlmRequest,
     ) -> Result<UpstreamRequest, ProviderError> {
-        let (path, mut body) = openai::request_body(&target.model, request)?;
+        let path = openai::path(request.route_type());
         let version = target
             .config
             .get("apiVersion")
             .map(String::as_str)
             .unwrap_or(DEFAULT_API_VERSION);
         // The v1 API takes the deployment as the body's `model`; dated versions take it in the path.
-        let url = if version == "v1" {
+        let v1 = version == "v1";
+        let url = if v1 {
             format!("{}/openai/v1{path}", target.api_base)
         } else {
-            if let Value::Object(fields) = &mut body {
-                fields.remove("model");
-            }
             format!(
                 "{}/openai/deployments/{}{path}?api-version={}",
                 target.api_base,
@@ -69,6 +68,18 @@ impl ProviderAdapter for AzureOpenAi {
             (None, Some(key)) => insert_secret(&mut headers, "api-key", key)?,
             (None, None) => {}
         }
+        if let LlmRequest::Native(request) = request {
+            let model = v1.then_some(target.model.as_str());
+            return Ok(post_json(
+                url,
+                headers,
+                &openai::NativeBody::plain(model, request),
+            ));
+        }
+        let (_, mut body) = openai::request_body(&target.model, request)?;
+        if !v1 && let Value::Object(fields) = &mut body {
+            fields.remove("model");
+        }
         Ok(post_json(url, headers, &body))
     }
 
@@ -83,6 +94,18 @@ impl ProviderAdapter for AzureOpenAi {
 
     fn stream_decoder(&self, route_type: RouteType) -> Box<dyn StreamDecoder> {
         openai::stream_decoder(route_type)
+    }
+
+    fn parse_native(
+        &self,
+        route_type: RouteType,
+        body: Bytes,
+    ) -> Result<LlmResponse, ProviderError> {
+        openai::parse_native(route_type, body)
+    }
+
+    fn native_stream_decoder(&self, route_type: RouteType) -> Option<Box<dyn StreamDecoder>> {
+        Some(openai::native_stream_decoder(route_type))
     }
 }
 
@@ -207,5 +230,42 @@ mod tests {
         assert!(
             matches!(err, ProviderError::Upstream { retry_after: Some(6), ref message, .. } if message.starts_with("Requests to the"))
         );
+    }
+
+    #[test]
+    fn native_bodies_name_the_deployment_in_the_path_or_the_body() {
+        let native = LlmRequest::Native(crate::llm::NativeRequest {
+            route_type: RouteType::Embeddings,
+            body: json!({"input": "hi", "dimensions": 8})
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
+            stream: false,
+            max_tokens: None,
+            prompt_chars: 2,
+            headers: Vec::new(),
+        });
+        for (version, url, model) in [
+            (
+                None,
+                "https://res.openai.azure.com/openai/deployments/gpt4o-prod/embeddings?api-version=2024-10-21",
+                None,
+            ),
+            (
+                Some("v1"),
+                "https://res.openai.azure.com/openai/v1/embeddings",
+                Some("gpt4o-prod"),
+            ),
+        ] {
+            let config: Vec<_> = version.map(|v| ("apiVersion", v)).into_iter().collect();
+            let req = AzureOpenAi
+                .build_request(&target(&[(API_KEY, "az-key")], &config), &native)
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(req.url, url);
+            assert_eq!(req.headers["api-key"], "az-key");
+            let sent: Value = serde_json::from_slice(&req.body).unwrap_or_default();
+            assert_eq!(sent["dimensions"], 8);
+            assert_eq!(sent.get("model").and_then(Value::as_str), model);
+        }
     }
 }

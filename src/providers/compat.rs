@@ -1,6 +1,7 @@
 //! The OpenAI-compatible family: servers that speak OpenAI's API, each with a few documented quirks.
 //! One adapter serves them all; a provider is a row of `Quirks`, not a copy of the OpenAI code.
 
+use bytes::Bytes;
 use http::StatusCode;
 use serde_json::Value;
 
@@ -93,7 +94,26 @@ impl ProviderAdapter for OpenAiCompatible {
         {
             reject_n(self.info.provider, params)?;
         }
-        let (path, mut body) = openai::request_body(&target.model, request)?;
+        let url = if self.serving_endpoint {
+            format!(
+                "{}/serving-endpoints/{}/invocations",
+                target.api_base,
+                path_segment(&target.model)?
+            )
+        } else {
+            [target.api_base.as_str(), openai::path(request.route_type())].concat()
+        };
+        let headers = openai::bearer_headers(target)?;
+        if let LlmRequest::Native(request) = request {
+            let body = openai::NativeBody {
+                model: (!self.serving_endpoint).then_some(target.model.as_str()),
+                request,
+                stream_options: self.stream_options,
+                renames: self.renames,
+            };
+            return Ok(post_json(url, headers, &body));
+        }
+        let (_, mut body) = openai::request_body(&target.model, request)?;
         if let Value::Object(fields) = &mut body {
             if !self.stream_options {
                 fields.remove("stream_options");
@@ -103,20 +123,11 @@ impl ProviderAdapter for OpenAiCompatible {
                     fields.insert((*to).to_string(), v);
                 }
             }
-        }
-        let url = if self.serving_endpoint {
-            if let Value::Object(fields) = &mut body {
+            if self.serving_endpoint {
                 fields.remove("model");
             }
-            format!(
-                "{}/serving-endpoints/{}/invocations",
-                target.api_base,
-                path_segment(&target.model)?
-            )
-        } else {
-            format!("{}{}", target.api_base, path)
-        };
-        Ok(post_json(url, openai::bearer_headers(target)?, &body))
+        }
+        Ok(post_json(url, headers, &body))
     }
 
     fn parse_response(
@@ -126,11 +137,43 @@ impl ProviderAdapter for OpenAiCompatible {
         body: &[u8],
     ) -> Result<LlmResponse, ProviderError> {
         let answer = openai::parse_response(route_type, body)?;
-        // DeepSeek's "the server ran out of capacity mid-answer" is a retryable failure, not an answer.
-        if let LlmResponse::Generation(g) = &answer
+        self.refuse_capacity_failure(&answer)?;
+        Ok(answer)
+    }
+
+    fn stream_decoder(&self, route_type: RouteType) -> Box<dyn StreamDecoder> {
+        openai::stream_decoder(route_type)
+    }
+
+    fn parse_native(
+        &self,
+        route_type: RouteType,
+        body: Bytes,
+    ) -> Result<LlmResponse, ProviderError> {
+        // Read whole only when it may be the capacity failure: the usual answer is not parsed twice.
+        if body
+            .windows(CAPACITY_FAILURE.len())
+            .any(|w| w == CAPACITY_FAILURE.as_bytes())
+        {
+            self.refuse_capacity_failure(&openai::parse_response(route_type, &body)?)?;
+        }
+        openai::parse_native(route_type, body)
+    }
+
+    fn native_stream_decoder(&self, route_type: RouteType) -> Option<Box<dyn StreamDecoder>> {
+        Some(openai::native_stream_decoder(route_type))
+    }
+}
+
+/// DeepSeek's "the server ran out of capacity mid-answer": a retryable failure, not an answer.
+const CAPACITY_FAILURE: &str = "insufficient_system_resource";
+
+impl OpenAiCompatible {
+    fn refuse_capacity_failure(&self, answer: &LlmResponse) -> Result<(), ProviderError> {
+        if let LlmResponse::Generation(g) = answer
             && g.choices
                 .iter()
-                .any(|c| c.finish_reason.as_deref() == Some("insufficient_system_resource"))
+                .any(|c| c.finish_reason.as_deref() == Some(CAPACITY_FAILURE))
         {
             return Err(ProviderError::Upstream {
                 status: StatusCode::SERVICE_UNAVAILABLE,
@@ -141,11 +184,7 @@ impl ProviderAdapter for OpenAiCompatible {
                 retry_after: None,
             });
         }
-        Ok(answer)
-    }
-
-    fn stream_decoder(&self, route_type: RouteType) -> Box<dyn StreamDecoder> {
-        openai::stream_decoder(route_type)
+        Ok(())
     }
 }
 
@@ -397,5 +436,81 @@ mod tests {
             adapter_for(Provider::OpenaiCompatible).map(|a| a.info().default_api_base),
             Some(None)
         );
+    }
+
+    fn native(route_type: RouteType, stream: bool, body: Value) -> LlmRequest {
+        LlmRequest::Native(crate::llm::NativeRequest {
+            route_type,
+            body: body.as_object().cloned().unwrap_or_default(),
+            stream,
+            max_tokens: None,
+            prompt_chars: 2,
+            headers: Vec::new(),
+        })
+    }
+
+    #[test]
+    fn native_bodies_keep_the_callers_fields_through_each_members_quirks() {
+        let chat = json!({
+            "messages": [{"role": "user", "content": "hi"}],
+            "seed": 7,
+            "stream_options": {"include_obfuscation": false},
+            "a_parameter_of_tomorrow": 1,
+        });
+        let sent = |p: &OpenAiCompatible, stream| {
+            let req = p
+                .build_request(
+                    &target(Some("k")),
+                    &native(RouteType::Chat, stream, chat.clone()),
+                )
+                .unwrap_or_else(|e| panic!("{e}"));
+            (req.url.clone(), body(&req))
+        };
+        let (url, together) = sent(&TOGETHER, true);
+        assert_eq!(url, "http://sim/base/chat/completions");
+        assert_eq!(together["model"], "m1");
+        assert_eq!(together["a_parameter_of_tomorrow"], 1);
+        assert_eq!(
+            together["stream_options"],
+            json!({"include_obfuscation": false, "include_usage": true})
+        );
+        // Mistral: `seed` spelled its way, and no stream options at all.
+        let (_, mistral) = sent(&MISTRAL, true);
+        assert_eq!(
+            (mistral["random_seed"].clone(), mistral.get("seed")),
+            (json!(7), None)
+        );
+        assert!(mistral.get("stream_options").is_none());
+        // Databricks: the endpoint names the model.
+        let (url, databricks) = sent(&DATABRICKS, false);
+        assert_eq!(url, "http://sim/base/serving-endpoints/m1/invocations");
+        assert!(databricks.get("model").is_none() && databricks.get("stream_options").is_none());
+        let embeddings = OLLAMA
+            .build_request(
+                &target(None),
+                &native(RouteType::Embeddings, false, json!({"input": "hi"})),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(embeddings.url, "http://sim/base/embeddings");
+    }
+
+    #[test]
+    fn a_native_answer_out_of_capacity_is_a_retryable_failure() {
+        let answer = |reason: &str| {
+            bytes::Bytes::from(format!(
+                r#"{{"choices":[{{"index":0,"message":{{"role":"assistant","content":"par"}},"finish_reason":"{reason}"}}],"usage":{{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}}}"#
+            ))
+        };
+        match DEEPSEEK.parse_native(RouteType::Chat, answer("insufficient_system_resource")) {
+            Err(ProviderError::Upstream { status, .. }) => {
+                assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE)
+            }
+            other => panic!("{other:?}"),
+        }
+        let Ok(LlmResponse::Native(n)) = DEEPSEEK.parse_native(RouteType::Chat, answer("stop"))
+        else {
+            panic!("not a native answer")
+        };
+        assert_eq!(n.usage.completion_tokens, Some(1));
     }
 }

@@ -6,6 +6,15 @@
 use super::{ALL_ROUTE_TYPES, CredentialKeys};
 use crate::api::{Provider, RouteType};
 
+/// An API spoken both by surfaces and by providers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wire {
+    /// OpenAI's chat completions, completions and embeddings.
+    OpenAi,
+    /// Anthropic Messages.
+    Anthropic,
+}
+
 pub struct ProviderInfo {
     pub provider: Provider,
     /// Route types this provider can serve.
@@ -16,6 +25,9 @@ pub struct ProviderInfo {
     /// The adapter sends the unified request's `top_k` (the Messages surface passes a caller's
     /// `top_k` on only when every backend of the Route does).
     pub reads_top_k: bool,
+    /// The API the provider's own wire speaks, when a surface speaks it too: a call on that
+    /// surface to a Route whose backends all speak it passes through untranslated.
+    pub wire: Option<Wire>,
     /// MLflow 2.5 took `temperature` on 0-1 and multiplied it by this before sending it.
     pub mlflow25_temperature_scale: f64,
     /// The name MLflow 2.5's listing shows: its client knew four providers and refuses any other
@@ -42,6 +54,7 @@ const DEFAULTS: ProviderInfo = ProviderInfo {
     credential_keys: CredentialKeys::ApiKey { required: true },
     default_api_base: None,
     reads_top_k: false,
+    wire: Some(Wire::OpenAi),
     mlflow25_temperature_scale: 2.0,
     mlflow25_listed_as: "openai",
 };
@@ -64,6 +77,7 @@ pub static AZURE_OPENAI: ProviderInfo = ProviderInfo {
 
 pub static ANTHROPIC: ProviderInfo = ProviderInfo {
     provider: Provider::Anthropic,
+    wire: Some(Wire::Anthropic),
     route_types: CHAT,
     default_api_base: Some("https://api.anthropic.com"),
     reads_top_k: true,
@@ -74,6 +88,7 @@ pub static ANTHROPIC: ProviderInfo = ProviderInfo {
 
 pub static COHERE: ProviderInfo = ProviderInfo {
     provider: Provider::Cohere,
+    wire: None,
     default_api_base: Some("https://api.cohere.com"),
     mlflow25_temperature_scale: 5.0,
     mlflow25_listed_as: "cohere",
@@ -82,6 +97,7 @@ pub static COHERE: ProviderInfo = ProviderInfo {
 
 pub static GEMINI: ProviderInfo = ProviderInfo {
     provider: Provider::Gemini,
+    wire: None,
     default_api_base: Some("https://generativelanguage.googleapis.com"),
     reads_top_k: true,
     ..DEFAULTS
@@ -89,6 +105,7 @@ pub static GEMINI: ProviderInfo = ProviderInfo {
 
 pub static BEDROCK: ProviderInfo = ProviderInfo {
     provider: Provider::Bedrock,
+    wire: None,
     credential_keys: CredentialKeys::Named {
         required: &[ACCESS_KEY_ID, SECRET_ACCESS_KEY],
         optional: &[SESSION_TOKEN],
@@ -101,6 +118,7 @@ pub static BEDROCK: ProviderInfo = ProviderInfo {
 
 pub static HUGGINGFACE_TGI: ProviderInfo = ProviderInfo {
     provider: Provider::HuggingfaceTgi,
+    wire: None,
     route_types: &[RouteType::Completions],
     credential_keys: CredentialKeys::ApiKey { required: false },
     // TGI runs wherever it was deployed.
@@ -118,6 +136,7 @@ pub static DATABRICKS_MODEL_SERVING: ProviderInfo = ProviderInfo {
 
 pub static MLFLOW_MODEL_SERVING: ProviderInfo = ProviderInfo {
     provider: Provider::MlflowModelServing,
+    wire: None,
     // A model server usually runs without auth; a key, when given, is sent as a bearer token.
     credential_keys: CredentialKeys::ApiKey { required: false },
     mlflow25_temperature_scale: 1.0,

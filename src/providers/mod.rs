@@ -27,7 +27,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 
 pub use credentials::{Credentials, SecretValue};
-pub use info::{ProviderInfo, info};
+pub use info::{ProviderInfo, Wire, info};
 
 use crate::api::{Provider, RouteType};
 use crate::llm::{
@@ -118,14 +118,18 @@ pub trait ProviderAdapter: Send + Sync + 'static {
     fn max_inputs_per_call(&self, _target: &Target, _route_type: RouteType) -> Option<usize> {
         None
     }
-    /// The answer to a `NativeRequest`, kept as is; only providers that take native requests
-    /// (Anthropic) read it, for its usage.
-    fn parse_native(&self, _body: Bytes) -> Result<LlmResponse, ProviderError> {
+    /// The answer to a `NativeRequest`, kept as is; only providers whose `info().wire` is set
+    /// take native requests, and read the answer for its usage.
+    fn parse_native(
+        &self,
+        _route_type: RouteType,
+        _body: Bytes,
+    ) -> Result<LlmResponse, ProviderError> {
         Err(native_unsupported(self.info().provider))
     }
     /// A decoder for a native stream: each provider event as a delta whose `raw` holds it, with
     /// the text and usage the gateway counts.
-    fn native_stream_decoder(&self) -> Option<Box<dyn StreamDecoder>> {
+    fn native_stream_decoder(&self, _route_type: RouteType) -> Option<Box<dyn StreamDecoder>> {
         None
     }
 }

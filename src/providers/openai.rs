@@ -31,11 +31,7 @@ impl ProviderAdapter for OpenAi {
         target: &Target,
         request: &LlmRequest,
     ) -> Result<UpstreamRequest, ProviderError> {
-        let path = match request {
-            LlmRequest::Chat(_) | LlmRequest::Native(_) => "/chat/completions",
-            LlmRequest::Completions(_) => "/completions",
-            LlmRequest::Embeddings(_) => "/embeddings",
-        };
+        let path = path(request.route_type());
         let mut headers = bearer_headers(target)?;
         for (config_key, header_name) in [
             ("organization", "openai-organization"),
@@ -52,7 +48,9 @@ impl ProviderAdapter for OpenAi {
         let url = [target.api_base.as_str(), path].concat();
         let model = &target.model;
         Ok(match request {
-            LlmRequest::Native(request) => post_json(url, headers, &NativeBody { model, request }),
+            LlmRequest::Native(request) => {
+                post_json(url, headers, &NativeBody::plain(Some(model), request))
+            }
             request => post_json(url, headers, &WireRequest { model, request }),
         })
     }
@@ -70,35 +68,81 @@ impl ProviderAdapter for OpenAi {
         stream_decoder(route_type)
     }
 
-    fn parse_native(&self, body: Bytes) -> Result<LlmResponse, ProviderError> {
-        // Usage alone first: serde skips the rest without building it. The text is measured only
-        // when the answer does not say what it generated (the cost then falls back to it).
-        let wire: NativeUsage = serde_json::from_slice(&body).map_err(malformed)?;
-        let usage = wire.usage.map(Usage::from).unwrap_or_default();
-        let chars = match usage.completion_tokens {
-            Some(_) => 0,
-            None => native_chars(&body)?,
-        };
-        Ok(LlmResponse::Native(NativeAnswer { usage, chars, body }))
+    fn parse_native(
+        &self,
+        route_type: RouteType,
+        body: Bytes,
+    ) -> Result<LlmResponse, ProviderError> {
+        parse_native(route_type, body)
     }
 
-    fn native_stream_decoder(&self) -> Option<Box<dyn StreamDecoder>> {
-        Some(SseDecoder::boxed(NativeStream {
-            counted: OpenAiStream {
-                route_type: RouteType::Chat,
-                usage: None,
-                finished: false,
-                calls: Vec::new(),
-            },
-        }))
+    fn native_stream_decoder(&self, route_type: RouteType) -> Option<Box<dyn StreamDecoder>> {
+        Some(native_stream_decoder(route_type))
     }
 }
 
-/// The caller's chat body as it came, but for the backend's `model`; a stream also asks for
-/// usage (the gateway counts tokens from it), keeping the caller's other stream options.
-struct NativeBody<'a> {
-    model: &'a str,
-    request: &'a NativeRequest,
+/// The API path of a route type's calls; shared with Azure and OpenAI-compatible servers.
+pub(super) fn path(route_type: RouteType) -> &'static str {
+    match route_type {
+        RouteType::Chat => "/chat/completions",
+        RouteType::Completions => "/completions",
+        RouteType::Embeddings => "/embeddings",
+    }
+}
+
+/// A native answer, kept as sent, with its usage read. Serde skips the rest without building it.
+/// Shared with Azure and OpenAI-compatible servers.
+pub(super) fn parse_native(
+    route_type: RouteType,
+    body: Bytes,
+) -> Result<LlmResponse, ProviderError> {
+    let wire: NativeUsage = serde_json::from_slice(&body).map_err(malformed)?;
+    let usage = wire.usage.map(Usage::from).unwrap_or_default();
+    // The text is measured only when the answer does not say what it generated (the cost then
+    // falls back to it); embeddings generate none.
+    let chars = match (route_type, usage.completion_tokens) {
+        (RouteType::Embeddings, _) | (_, Some(_)) => 0,
+        _ => native_chars(&body)?,
+    };
+    Ok(LlmResponse::Native(NativeAnswer { usage, chars, body }))
+}
+
+/// A decoder for a native stream; shared with Azure and OpenAI-compatible servers.
+pub(super) fn native_stream_decoder(route_type: RouteType) -> Box<dyn StreamDecoder> {
+    SseDecoder::boxed(NativeStream {
+        counted: OpenAiStream {
+            route_type,
+            usage: None,
+            finished: false,
+            calls: Vec::new(),
+        },
+    })
+}
+
+/// The caller's body as it came, but for the backend's `model` and a provider's quirks; a
+/// stream also asks for usage (the gateway counts tokens from it), keeping the caller's other
+/// stream options.
+pub(super) struct NativeBody<'a> {
+    /// `None` where the URL names the model (Azure deployments, Databricks serving endpoints).
+    pub model: Option<&'a str>,
+    pub request: &'a NativeRequest,
+    /// Whether the server takes `stream_options`; when not, the caller's are left out too, as
+    /// on the translating path (such servers report a stream's usage unasked).
+    pub stream_options: bool,
+    /// Fields the server spells differently: (OpenAI name, server name).
+    pub renames: &'static [(&'static str, &'static str)],
+}
+
+impl<'a> NativeBody<'a> {
+    /// OpenAI's own body: no quirks.
+    pub fn plain(model: Option<&'a str>, request: &'a NativeRequest) -> Self {
+        NativeBody {
+            model,
+            request,
+            stream_options: true,
+            renames: &[],
+        }
+    }
 }
 
 impl Serialize for NativeBody<'_> {
@@ -107,12 +151,20 @@ impl Serialize for NativeBody<'_> {
         let stream = self.request.stream;
         let mut map = s.serialize_map(None)?;
         for (k, v) in &self.request.body {
-            if k != "model" && !(stream && k == "stream_options") {
-                map.serialize_entry(k, v)?;
+            if k == "model" || (k == "stream_options" && (stream || !self.stream_options)) {
+                continue;
             }
+            let k = self
+                .renames
+                .iter()
+                .find(|(from, _)| from == k)
+                .map_or(k.as_str(), |(_, to)| to);
+            map.serialize_entry(k, v)?;
         }
-        map.serialize_entry("model", self.model)?;
-        if stream {
+        if let Some(model) = self.model {
+            map.serialize_entry("model", model)?;
+        }
+        if stream && self.stream_options {
             let caller = self.request.body.get("stream_options");
             map.serialize_entry(
                 "stream_options",
@@ -152,13 +204,15 @@ fn native_chars(body: &[u8]) -> Result<usize, ProviderError> {
     Ok(wire
         .choices
         .iter()
-        .filter_map(|c| c.message.as_ref())
-        .map(|m| {
-            m.content.as_deref().map_or(0, str::len)
-                + m.tool_calls
-                    .iter()
-                    .map(|t| t.function.arguments.as_deref().map_or(0, str::len))
-                    .sum::<usize>()
+        .map(|c| {
+            c.text.as_deref().map_or(0, str::len)
+                + c.message.as_ref().map_or(0, |m| {
+                    m.content.as_deref().map_or(0, str::len)
+                        + m.tool_calls
+                            .iter()
+                            .map(|t| t.function.arguments.as_deref().map_or(0, str::len))
+                            .sum::<usize>()
+                })
         })
         .sum())
 }
@@ -173,6 +227,9 @@ struct NativeText<'a> {
 struct NativeChoice<'a> {
     #[serde(borrow)]
     message: Option<NativeMessage<'a>>,
+    /// Completions' text.
+    #[serde(borrow)]
+    text: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
@@ -1034,6 +1091,7 @@ mod tests {
             body.extend(more);
         }
         LlmRequest::Native(NativeRequest {
+            route_type: RouteType::Chat,
             body,
             stream,
             max_tokens: None,
@@ -1074,14 +1132,15 @@ mod tests {
     #[test]
     fn a_native_answer_is_kept_as_sent_and_its_usage_read() {
         let body = Bytes::from_static(br#"{"id":"chatcmpl-1","object":"chat.completion","system_fingerprint":"fp","choices":[{"index":0,"message":{"role":"assistant","content":"Hello","refusal":null,"tool_calls":[{"id":"c","type":"function","function":{"name":"f","arguments":"{}"}}]},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#);
-        let Ok(LlmResponse::Native(answer)) = OpenAi.parse_native(body.clone()) else {
+        let Ok(LlmResponse::Native(answer)) = OpenAi.parse_native(RouteType::Chat, body.clone())
+        else {
             panic!("not a native answer")
         };
         assert_eq!(answer.body, body);
         assert_eq!(answer.usage.completion_tokens, Some(4));
         // Without usage, the text is what the call is charged for.
         let bare = Bytes::from_static(br#"{"choices":[{"message":{"content":"Hello","tool_calls":[{"function":{"name":"f","arguments":"{}"}}]}}]}"#);
-        let Ok(LlmResponse::Native(answer)) = OpenAi.parse_native(bare) else {
+        let Ok(LlmResponse::Native(answer)) = OpenAi.parse_native(RouteType::Chat, bare) else {
             panic!("not a native answer")
         };
         assert_eq!(answer.chars, "Hello".len() + "{}".len());
@@ -1093,7 +1152,7 @@ mod tests {
         // However the bytes are cut, the events come out as they went in.
         for cut in [1, 5, 64, wire.len()] {
             let mut d = OpenAi
-                .native_stream_decoder()
+                .native_stream_decoder(RouteType::Chat)
                 .unwrap_or_else(|| panic!("no native decoder"));
             let mut out = Vec::new();
             for piece in wire.chunks(cut) {

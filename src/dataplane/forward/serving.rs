@@ -43,6 +43,11 @@ impl ServingRoute {
         }
     }
 
+    /// The API all the route's backends speak, if they share one.
+    pub fn wire(&self) -> Option<crate::providers::Wire> {
+        self.backends.wire
+    }
+
     /// The providers of the route's backends (a surface passes provider-only fields through only
     /// when every backend understands them).
     pub fn providers(&self) -> impl Iterator<Item = crate::api::Provider> + '_ {

@@ -33,7 +33,7 @@ pub(super) async fn call_once(
         .await
         .map_err(|e| e.into_gateway(upstream, timeout))?;
     let answer = match request {
-        LlmRequest::Native(_) => upstream.adapter.parse_native(body),
+        LlmRequest::Native(_) => upstream.adapter.parse_native(route_type, body),
         _ => upstream
             .adapter
             .parse_response(&upstream.target, route_type, &body),
@@ -70,11 +70,14 @@ pub(super) async fn open_stream(
 ) -> Result<Opened, GatewayError> {
     let upstream = Arc::clone(&backend.upstream);
     let mut decoder = match request {
-        LlmRequest::Native(_) => upstream.adapter.native_stream_decoder().ok_or_else(|| {
-            GatewayError::from_provider(crate::providers::native_unsupported(
-                upstream.adapter.info().provider,
-            ))
-        })?,
+        LlmRequest::Native(_) => upstream
+            .adapter
+            .native_stream_decoder(route_type)
+            .ok_or_else(|| {
+                GatewayError::from_provider(crate::providers::native_unsupported(
+                    upstream.adapter.info().provider,
+                ))
+            })?,
         _ => upstream.adapter.stream_decoder(route_type),
     };
     let response = send(state, &upstream, to, request, None).await?;

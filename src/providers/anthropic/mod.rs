@@ -124,7 +124,11 @@ impl ProviderAdapter for Anthropic {
         SseDecoder::boxed(AnthropicStream::default())
     }
 
-    fn parse_native(&self, body: Bytes) -> Result<LlmResponse, ProviderError> {
+    fn parse_native(
+        &self,
+        _route_type: RouteType,
+        body: Bytes,
+    ) -> Result<LlmResponse, ProviderError> {
         let wire: Message = serde_json::from_slice(&body).map_err(malformed)?;
         let chars = wire
             .content
@@ -142,7 +146,7 @@ impl ProviderAdapter for Anthropic {
         }))
     }
 
-    fn native_stream_decoder(&self) -> Option<Box<dyn StreamDecoder>> {
+    fn native_stream_decoder(&self, _route_type: RouteType) -> Option<Box<dyn StreamDecoder>> {
         Some(SseDecoder::boxed(NativeStream::default()))
     }
 }
@@ -737,6 +741,7 @@ mod tests {
             "context-1m-2025-08-07,files-api-2025-04-14"
         );
         let native = LlmRequest::Native(NativeRequest {
+            route_type: RouteType::Chat,
             body: Map::new(),
             stream: false,
             max_tokens: Some(16),
@@ -952,6 +957,7 @@ mod tests {
             panic!("an object");
         };
         let req = LlmRequest::Native(NativeRequest {
+            route_type: RouteType::Chat,
             body: fields,
             stream: false,
             max_tokens: Some(2048),
@@ -975,7 +981,8 @@ mod tests {
         let body = Bytes::from_static(
             br#"{"id":"msg_1","type":"message","model":"m","content":[{"type":"thinking","thinking":"hmm","signature":"s"},{"type":"text","text":"Hi","citations":[]}],"stop_reason":"end_turn","usage":{"input_tokens":10,"cache_read_input_tokens":5,"output_tokens":3,"service_tier":"standard"}}"#,
         );
-        let Ok(LlmResponse::Native(answer)) = Anthropic.parse_native(body.clone()) else {
+        let Ok(LlmResponse::Native(answer)) = Anthropic.parse_native(RouteType::Chat, body.clone())
+        else {
             panic!("a native answer");
         };
         assert_eq!(answer.body, body);
@@ -984,12 +991,16 @@ mod tests {
             Usage::new(Some(15), Some(3)).with_cached(Some(5))
         );
         assert_eq!(answer.chars, 5);
-        assert!(Anthropic.parse_native(Bytes::from_static(b"[1]")).is_err());
+        assert!(
+            Anthropic
+                .parse_native(RouteType::Chat, Bytes::from_static(b"[1]"))
+                .is_err()
+        );
     }
 
     fn decode_native(bytes: &[u8], cut: usize) -> Result<Vec<StreamDelta>, ProviderError> {
         let mut decoder = Anthropic
-            .native_stream_decoder()
+            .native_stream_decoder(RouteType::Chat)
             .unwrap_or_else(|| panic!("a native decoder"));
         let mut out = Vec::new();
         let cut = cut.min(bytes.len());
