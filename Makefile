@@ -50,7 +50,7 @@ tools:
 # second time on the translating path (`--no-pass-through`, read from the environment).
 test: control-plane python-env node-env redis tools lint
 	$(CARGO) test --workspace --no-fail-fast
-	PORTCULLIS_NO_PASS_THROUGH=true $(CARGO) test --no-fail-fast --test clients --test richchat --test cost
+	PORTCULLIS_NO_PASS_THROUGH=true $(CARGO) test --no-fail-fast --test clients --test richchat --test cost --test providers
 
 unit-test:
 	$(CARGO) test --workspace --lib --bins

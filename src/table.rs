@@ -14,7 +14,9 @@ use crate::api::{AccessRule, Limit, LimitKey, Provider, Reason, RenewalPeriod, R
 use crate::cost::Price;
 use crate::providers::{ProviderAdapter, Target};
 use crate::store::KeyPrefix;
-use crate::telemetry::metrics::{BackendMetrics, Metrics, RouteLabels, RouteMetrics};
+use crate::telemetry::metrics::{
+    BackendMetrics, ConsumerCost, Metrics, PerConsumer, RouteLabels, RouteMetrics,
+};
 use crate::traffic::{BackendHealth, Candidate, TrafficPolicy};
 
 /// The table shared by the controller (writer) and the data plane (readers).
@@ -171,6 +173,8 @@ pub struct Backend {
     /// upstream's URL then names the path only).
     pub pool: Option<crate::pools::PoolBackend>,
     metrics: OnceLock<BackendMetrics>,
+    /// Cost counters by consumer (shared with the calls it answers, which may outlive a table).
+    pub cost: Arc<PerConsumer<ConsumerCost>>,
 }
 
 impl Backend {
@@ -195,6 +199,7 @@ impl Backend {
             max_output: crate::cost::DEFAULT_MAX_OUTPUT,
             pool: None,
             metrics: OnceLock::new(),
+            cost: Arc::default(),
         }
     }
 

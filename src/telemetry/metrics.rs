@@ -88,6 +88,49 @@ pub struct BackendMetrics {
 pub struct RouteMetrics {
     pub upstream_duration: Histogram,
     pub time_to_first_token: Histogram,
+    /// Token counters by consumer.
+    pub tokens: PerConsumer<ConsumerTokens>,
+}
+
+/// A Route's token counters of one consumer.
+#[derive(Clone)]
+pub struct ConsumerTokens {
+    pub input: Counter,
+    pub output: Counter,
+}
+
+/// What one backend's answers to one consumer cost: USD when the backend has a price, else a count.
+#[derive(Clone)]
+pub enum ConsumerCost {
+    Usd(UsdCounter),
+    Unknown(Counter),
+}
+
+/// Handles by consumer, made on a consumer's first call and reused by the next: a call finds its
+/// counters by one short key instead of hashing every label in the family. Bounded; past
+/// `MAX_CONSUMERS` a call is counted through the family, as if not cached.
+pub struct PerConsumer<V>(parking_lot::RwLock<std::collections::HashMap<Arc<str>, V>>);
+
+const MAX_CONSUMERS: usize = 1024;
+
+impl<V> Default for PerConsumer<V> {
+    fn default() -> Self {
+        PerConsumer(Default::default())
+    }
+}
+
+impl<V: Clone> PerConsumer<V> {
+    pub fn get(&self, consumer: &Arc<str>, make: impl FnOnce() -> V) -> V {
+        if let Some(v) = self.0.read().get(consumer) {
+            return v.clone();
+        }
+        let v = make();
+        let mut map = self.0.write();
+        if map.len() < MAX_CONSUMERS {
+            map.insert(Arc::clone(consumer), v.clone());
+        }
+        v
+    }
 }
 
 pub struct Metrics {
@@ -529,6 +572,7 @@ impl Metrics {
         RouteMetrics {
             upstream_duration: self.upstream_duration.get_or_create_owned(labels),
             time_to_first_token: self.time_to_first_token.get_or_create_owned(labels),
+            tokens: PerConsumer::default(),
         }
     }
 

@@ -15,7 +15,9 @@ use crate::dataplane::{AppState, UpstreamLimits};
 use crate::limits::Spent;
 use crate::llm::{LlmResponse, StreamDelta, Usage};
 use crate::table::{Backend, RouteEntry};
-use crate::telemetry::metrics::{CostLabels, ErrorLabels, Metrics, TokenLabels};
+use crate::telemetry::metrics::{
+    ConsumerCost, ConsumerTokens, CostLabels, ErrorLabels, Metrics, PerConsumer, TokenLabels,
+};
 
 /// Characters of generated text in an answer (what a call without a usage report is charged for).
 pub(super) fn answer_chars(answer: &LlmResponse) -> usize {
@@ -33,6 +35,7 @@ pub(super) struct Priced {
     pub(super) team_price: Option<Price>,
     pub(super) provider: &'static str,
     pub(super) model: Arc<str>,
+    cost: Arc<PerConsumer<ConsumerCost>>,
 }
 
 impl Priced {
@@ -42,6 +45,7 @@ impl Priced {
             team_price: backend.team_price,
             provider: backend.upstream.adapter.info().provider.as_str(),
             model: Arc::clone(&backend.model),
+            cost: Arc::clone(&backend.cost),
         }
     }
 
@@ -63,20 +67,28 @@ pub(super) fn record_cost(
     backend: &Priced,
     tokens: Tokens,
 ) -> CallCost {
-    let labels = || CostLabels {
-        route: entry.name.clone(),
-        gen_ai_provider_name: backend.provider,
-        gen_ai_request_model: backend.model.clone(),
-        consumer: Arc::clone(consumer),
-    };
-    match backend.price {
-        Some(price) => {
-            let usd = price.cost(tokens);
-            metrics.cost.usd.get_or_create(&labels()).add(usd);
-            CallCost::Known(usd)
+    let counter = backend.cost.get(consumer, || {
+        let labels = CostLabels {
+            route: entry.name.clone(),
+            gen_ai_provider_name: backend.provider,
+            gen_ai_request_model: backend.model.clone(),
+            consumer: Arc::clone(consumer),
+        };
+        match backend.price {
+            Some(_) => ConsumerCost::Usd(metrics.cost.usd.get_or_create_owned(&labels)),
+            None => ConsumerCost::Unknown(metrics.cost.unknown.get_or_create_owned(&labels)),
         }
-        None => {
-            metrics.cost.unknown.get_or_create(&labels()).inc();
+    });
+    match (backend.price, counter) {
+        (Some(price), ConsumerCost::Usd(usd)) => {
+            let usd_spent = price.cost(tokens);
+            usd.add(usd_spent);
+            CallCost::Known(usd_spent)
+        }
+        (_, counter) => {
+            if let ConsumerCost::Unknown(n) = counter {
+                n.inc();
+            }
             CallCost::Unknown
         }
     }
@@ -89,19 +101,29 @@ pub(super) fn record_usage(
     consumer: &Arc<str>,
     usage: &Usage,
 ) {
-    for (kind, count) in [
-        ("input", usage.prompt_tokens),
-        ("output", usage.completion_tokens),
-    ] {
-        if let Some(n) = count {
-            let labels = TokenLabels {
-                route: entry.name.clone(),
-                gen_ai_provider_name: entry.provider.as_str(),
-                gen_ai_request_model: entry.model.clone(),
-                consumer: Arc::clone(consumer),
-                gen_ai_token_type: kind,
+    if usage.prompt_tokens.is_some() || usage.completion_tokens.is_some() {
+        let counters = entry.metrics(metrics).tokens.get(consumer, || {
+            let counter = |kind| {
+                metrics.tokens.get_or_create_owned(&TokenLabels {
+                    route: entry.name.clone(),
+                    gen_ai_provider_name: entry.provider.as_str(),
+                    gen_ai_request_model: entry.model.clone(),
+                    consumer: Arc::clone(consumer),
+                    gen_ai_token_type: kind,
+                })
             };
-            metrics.tokens.get_or_create(&labels).inc_by(n);
+            ConsumerTokens {
+                input: counter("input"),
+                output: counter("output"),
+            }
+        });
+        for (counter, count) in [
+            (&counters.input, usage.prompt_tokens),
+            (&counters.output, usage.completion_tokens),
+        ] {
+            if let Some(n) = count {
+                counter.inc_by(n);
+            }
         }
     }
     let usage = *usage;
