@@ -105,7 +105,7 @@ pub enum StoreConfigError {
 }
 
 /// Why an operation did not get an answer it can use.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("timed out")]
     Timeout,

@@ -878,3 +878,67 @@ fn the_redis_tls_overlay_mounts_the_password_and_ca_from_a_secret() {
         "a subPath mount never sees a rotation"
     );
 }
+
+/// A data-plane worker's cache writes wait to go with its next lookup, in one pipeline: a miss
+/// costs the store one read, not two. A write no lookup takes goes out on its own within
+/// milliseconds, and either way its sender learns that it landed.
+#[test]
+fn cache_writes_ride_with_the_workers_next_lookup() {
+    use bytes::Bytes;
+    use portcullis::cache::CacheStore;
+    use portcullis::store::{Store, StoreArgs};
+    let redis = Redis::start();
+    let url = format!("redis://127.0.0.1:{}", redis.port);
+    let reads = || -> u64 {
+        redis
+            .cli(&["INFO", "stats"])
+            .lines()
+            .find_map(|l| l.strip_prefix("total_reads_processed:"))
+            .and_then(|n| n.trim().parse().ok())
+            .expect("INFO stats has total_reads_processed")
+    };
+    // A worker is a single-threaded runtime.
+    let worker = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    worker.block_on(async {
+        let args = StoreArgs {
+            store_timeout: Duration::from_secs(2),
+            ..Default::default()
+        };
+        let cache = CacheStore::shared(Store::open(&args, &url).unwrap());
+        // The worker's own connection comes up on its first lookup.
+        assert_eq!(cache.get("warm-up").await.unwrap(), None);
+        let entry = Bytes::from_static(b"an entry");
+        // What asking costs: redis-cli's command and its closing are reads too.
+        let asking = {
+            let first = reads();
+            reads() - first
+        };
+        let before = reads();
+        let (written, found) = tokio::join!(
+            cache.put("a", entry.clone(), Duration::from_secs(60)),
+            async {
+                tokio::task::yield_now().await;
+                cache.get("b").await
+            }
+        );
+        written.unwrap();
+        assert_eq!(found.unwrap(), None);
+        assert_eq!(
+            reads() - before,
+            1 + asking,
+            "the write went with the lookup"
+        );
+        assert_eq!(cache.get("a").await.unwrap(), Some(entry.clone()));
+
+        let alone = Instant::now();
+        cache
+            .put("c", entry.clone(), Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert!(alone.elapsed() < Duration::from_millis(500));
+        assert_eq!(redis.cli(&["GET", "portcullis:cache:c"]).trim(), "an entry");
+    });
+}

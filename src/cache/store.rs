@@ -9,6 +9,7 @@ use bytes::Bytes;
 use hashlink::LruCache;
 use parking_lot::Mutex;
 use tokio::runtime::RuntimeFlavor;
+use tokio::sync::oneshot;
 
 use crate::store::{Store, StoreError};
 
@@ -25,35 +26,143 @@ pub enum CacheStore {
 /// own. A connection's task runs on the runtime that made it: through the one made at start-up,
 /// every lookup of a worker (a single-threaded runtime) would wake the main runtime's thread and
 /// be woken back, two thread hops that cost more than the store's round trip itself.
+///
+/// A worker's writes wait (at most `WRITE_DELAY`) to go with its next lookup, in one pipeline:
+/// a miss then costs the store one round trip, not two. Written apart, the `SET` after each
+/// answer woke the store, the worker and the next caller's lookup an extra time, and at
+/// concurrency 1 on two cores that cost more than the lookup itself (README, Response cache).
 pub struct SharedStore {
     store: Store,
     /// Tells this store's per-worker connections from another's (tests run several).
     id: u64,
 }
 
+/// The longest a worker's write waits for a lookup to go with: another replica may miss an
+/// entry this much longer than it would otherwise.
+const WRITE_DELAY: Duration = Duration::from_millis(2);
+/// Writes waiting past this many go out at once.
+const MAX_WAITING: usize = 64;
+
+/// A write waiting for the worker's next command; told how it went.
+struct Waiting {
+    key: String,
+    value: Bytes,
+    ttl_ms: u64,
+    done: oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// One worker's connection to a shared store and its waiting writes.
+struct Lane {
+    id: u64,
+    store: Store,
+    waiting: Vec<Waiting>,
+}
+
 thread_local! {
     /// This thread's connections, by `SharedStore::id` (one, but for tests).
-    static HERE: RefCell<Vec<(u64, Store)>> = const { RefCell::new(Vec::new()) };
+    static HERE: RefCell<Vec<Lane>> = const { RefCell::new(Vec::new()) };
 }
 
 impl SharedStore {
+    /// Whether this thread is a data-plane worker (a single-threaded runtime).
+    fn on_worker() -> bool {
+        tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::CurrentThread)
+    }
+
     /// The store to use on this thread: the worker's own connection on a single-threaded runtime
-    /// (made on first use), the start-up one elsewhere.
-    fn here(&self) -> Store {
-        let worker = tokio::runtime::Handle::try_current()
-            .is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::CurrentThread);
-        if !worker {
-            return self.store.clone();
+    /// (made on first use), the start-up one elsewhere; and the worker's waiting writes, taken.
+    fn here(&self) -> (Store, Vec<Waiting>) {
+        if !Self::on_worker() {
+            return (self.store.clone(), Vec::new());
         }
+        self.with_lane(|lane| (lane.store.clone(), std::mem::take(&mut lane.waiting)))
+    }
+
+    fn with_lane<T>(&self, f: impl FnOnce(&mut Lane) -> T) -> T {
         HERE.with(|here| {
             let mut here = here.borrow_mut();
-            if let Some((_, store)) = here.iter().find(|(id, _)| *id == self.id) {
-                return store.clone();
-            }
-            let store = self.store.reopen();
-            here.push((self.id, store.clone()));
-            store
+            let at = match here.iter().position(|lane| lane.id == self.id) {
+                Some(at) => at,
+                None => {
+                    here.push(Lane {
+                        id: self.id,
+                        store: self.store.reopen(),
+                        waiting: Vec::new(),
+                    });
+                    here.len() - 1
+                }
+            };
+            f(&mut here[at])
         })
+    }
+
+    /// Sends `waiting` (and `then`, a lookup, last) in one pipeline; tells each write how it went.
+    async fn send(
+        store: &Store,
+        waiting: Vec<Waiting>,
+        then: Option<&str>,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        if waiting.is_empty() {
+            let Some(key) = then else { return Ok(None) };
+            return store.query(redis::cmd("GET").arg(key)).await;
+        }
+        let mut pipe = redis::pipe();
+        for w in &waiting {
+            pipe.cmd("SET")
+                .arg(&w.key)
+                .arg(w.value.as_ref())
+                .arg("PX")
+                .arg(w.ttl_ms)
+                .ignore();
+        }
+        let result = match then {
+            Some(key) => {
+                pipe.cmd("GET").arg(key);
+                store
+                    .pipeline::<(Option<Vec<u8>>,)>(&pipe)
+                    .await
+                    .map(|(v,)| v)
+            }
+            None => store.pipeline::<()>(&pipe).await.map(|()| None),
+        };
+        let outcome = result.as_ref().map(|_| ()).map_err(Clone::clone);
+        for w in waiting {
+            let _ = w.done.send(outcome.clone());
+        }
+        result
+    }
+
+    /// Queues a write for the worker's next command; the first one waiting sends them all after
+    /// `WRITE_DELAY` if no lookup took them before.
+    fn queue(&self, write: Waiting) {
+        let (first, full) = self.with_lane(|lane| {
+            lane.waiting.push(write);
+            (lane.waiting.len() == 1, lane.waiting.len() >= MAX_WAITING)
+        });
+        if !(first || full) {
+            return;
+        }
+        let id = self.id;
+        let flush = async move {
+            let taken = HERE.with(|here| {
+                here.borrow_mut()
+                    .iter_mut()
+                    .find(|lane| lane.id == id)
+                    .map(|lane| (lane.store.clone(), std::mem::take(&mut lane.waiting)))
+            });
+            if let Some((lane, waiting)) = taken {
+                let _ = SharedStore::send(&lane, waiting, None).await;
+            }
+        };
+        if full {
+            tokio::spawn(flush);
+        } else {
+            tokio::spawn(async move {
+                tokio::time::sleep(WRITE_DELAY).await;
+                flush.await;
+            });
+        }
     }
 }
 
@@ -84,9 +193,9 @@ impl CacheStore {
         match self {
             CacheStore::Local(local) => Ok(local.get(key, Instant::now())),
             CacheStore::Shared(shared) => {
-                let mut cmd = redis::cmd("GET");
-                cmd.arg(format!("{PREFIX}{key}"));
-                let value: Option<Vec<u8>> = shared.here().query(&cmd).await?;
+                let (store, waiting) = shared.here();
+                let key = format!("{PREFIX}{key}");
+                let value = SharedStore::send(&store, waiting, Some(&key)).await?;
                 Ok(value.map(Bytes::from))
             }
         }
@@ -96,12 +205,24 @@ impl CacheStore {
         match self {
             CacheStore::Local(local) => Ok(local.put(key, value, ttl, Instant::now())),
             CacheStore::Shared(shared) => {
-                let mut cmd = redis::cmd("SET");
-                cmd.arg(format!("{PREFIX}{key}"))
-                    .arg(value.as_ref())
-                    .arg("PX")
-                    .arg(ttl.as_millis().max(1) as u64);
-                shared.here().query::<()>(&cmd).await?;
+                let key = format!("{PREFIX}{key}");
+                let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+                if !SharedStore::on_worker() || shared.store.is_cluster() {
+                    // A Cluster's pipeline would cross slots; elsewhere nothing waits to go along.
+                    let mut cmd = redis::cmd("SET");
+                    cmd.arg(key).arg(value.as_ref()).arg("PX").arg(ttl_ms);
+                    shared.store.query::<()>(&cmd).await?;
+                    return Ok(Written::default());
+                }
+                let (done, sent) = oneshot::channel();
+                shared.queue(Waiting {
+                    key,
+                    value,
+                    ttl_ms,
+                    done,
+                });
+                // The deadline runs from the send; a write that never went is a timeout.
+                sent.await.unwrap_or(Err(StoreError::Timeout))?;
                 Ok(Written::default())
             }
         }
@@ -199,17 +320,17 @@ mod tests {
         let (CacheStore::Shared(a), CacheStore::Shared(b)) = (a, b) else {
             panic!()
         };
-        assert!(main.block_on(async { a.here().same_connection(&a.store) }));
+        assert!(main.block_on(async { a.here().0.same_connection(&a.store) }));
         let worker = || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
             rt.block_on(async {
-                let (first, again) = (a.here(), a.here());
+                let (first, again) = (a.here().0, a.here().0);
                 assert!(first.same_connection(&again), "kept for the thread");
                 assert!(!first.same_connection(&a.store), "not the start-up one");
-                assert!(!first.same_connection(&b.here()), "one per cache store");
+                assert!(!first.same_connection(&b.here().0), "one per cache store");
                 first
             })
         };
