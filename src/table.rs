@@ -148,6 +148,8 @@ pub struct Backends {
     pub max_output: u64,
     /// The API every backend's wire speaks, if they share one: calls in it pass through.
     pub wire: Option<crate::providers::Wire>,
+    /// Streams pass through too: every backend ends a stream with a usage chunk when asked.
+    pub wire_streams: bool,
 }
 
 /// One resolved backend, with everything the hot path needs computed once.

@@ -603,6 +603,9 @@ fn resolve(
         .map(|b| b.upstream.adapter.info().wire)
         .reduce(|a, b| if a == b { a } else { None })
         .flatten();
+    let wire_streams = list
+        .iter()
+        .all(|b| b.upstream.adapter.info().stream_options);
     (
         RouteState::Ready(Arc::new(Backends {
             list,
@@ -611,6 +614,7 @@ fn resolve(
             max_team_price,
             max_output,
             wire,
+            wire_streams,
         })),
         statuses,
     )

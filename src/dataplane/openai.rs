@@ -64,11 +64,13 @@ async fn handle(state: &AppState, req: Request, route_type: RouteType) -> Result
 }
 
 /// Same dialect on both sides, and nothing of the call needs the parsed body: every backend
-/// speaks OpenAI's API, the Route has no guardrails and no cache, one candidate is asked for.
-/// Anything else takes the translating path, for that call only.
+/// speaks OpenAI's API (a stream's usage chunk included, for a stream), the Route has no
+/// guardrails and no cache, one candidate is asked for. Anything else takes the translating
+/// path, for that call only.
 fn passes_through(state: &AppState, route: &ServingRoute, body: &Map<String, Value>) -> bool {
     state.pass_through
         && route.wire() == Some(Wire::OpenAi)
+        && (route.wire_streams() || body.get("stream") != Some(&Value::Bool(true)))
         && route.guards().next().is_none()
         && route.entry.cache.is_none()
         && body

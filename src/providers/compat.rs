@@ -15,8 +15,6 @@ use crate::llm::{ChatRequest, CompletionsRequest, LlmRequest, LlmResponse};
 /// How one OpenAI-compatible server departs from OpenAI.
 pub struct OpenAiCompatible {
     info: &'static ProviderInfo,
-    /// Whether `stream_options.include_usage` may be sent; servers that reject it report usage anyway.
-    stream_options: bool,
     /// Whether `n > 1` is refused upstream (then the gateway refuses it first, with a clear message).
     n_must_be_one: bool,
     /// Fields the server spells differently: (OpenAI name, server name).
@@ -27,7 +25,6 @@ pub struct OpenAiCompatible {
 
 const DEFAULTS: OpenAiCompatible = OpenAiCompatible {
     info: &info::OPENAI_COMPATIBLE,
-    stream_options: true,
     n_must_be_one: false,
     renames: &[],
     serving_endpoint: false,
@@ -61,7 +58,6 @@ pub static OLLAMA: OpenAiCompatible = OpenAiCompatible {
 
 pub static MISTRAL: OpenAiCompatible = OpenAiCompatible {
     info: &info::MISTRAL,
-    stream_options: false,
     renames: &[("seed", "random_seed")],
     ..DEFAULTS
 };
@@ -73,7 +69,6 @@ pub static AI21: OpenAiCompatible = OpenAiCompatible {
 
 pub static DATABRICKS: OpenAiCompatible = OpenAiCompatible {
     info: &info::DATABRICKS_MODEL_SERVING,
-    stream_options: false,
     serving_endpoint: true,
     ..DEFAULTS
 };
@@ -108,14 +103,14 @@ impl ProviderAdapter for OpenAiCompatible {
             let body = openai::NativeBody {
                 model: (!self.serving_endpoint).then_some(target.model.as_str()),
                 request,
-                stream_options: self.stream_options,
+                stream_options: self.info.stream_options,
                 renames: self.renames,
             };
             return Ok(post_json(url, headers, &body));
         }
         let (_, mut body) = openai::request_body(&target.model, request)?;
         if let Value::Object(fields) = &mut body {
-            if !self.stream_options {
+            if !self.info.stream_options {
                 fields.remove("stream_options");
             }
             for (from, to) in self.renames {

@@ -28,6 +28,10 @@ pub struct ProviderInfo {
     /// The API the provider's own wire speaks, when a surface speaks it too: a call on that
     /// surface to a Route whose backends all speak it passes through untranslated.
     pub wire: Option<Wire>,
+    /// The provider takes OpenAI's `stream_options` and, asked, ends a stream with a usage chunk
+    /// of its own; those that reject it report usage their own way, so their streams are
+    /// translated into OpenAI's shape rather than passed through.
+    pub stream_options: bool,
     /// MLflow 2.5 took `temperature` on 0-1 and multiplied it by this before sending it.
     pub mlflow25_temperature_scale: f64,
     /// The name MLflow 2.5's listing shows: its client knew four providers and refuses any other
@@ -55,6 +59,7 @@ const DEFAULTS: ProviderInfo = ProviderInfo {
     default_api_base: None,
     reads_top_k: false,
     wire: Some(Wire::OpenAi),
+    stream_options: true,
     mlflow25_temperature_scale: 2.0,
     mlflow25_listed_as: "openai",
 };
@@ -130,6 +135,7 @@ pub static HUGGINGFACE_TGI: ProviderInfo = ProviderInfo {
 
 pub static DATABRICKS_MODEL_SERVING: ProviderInfo = ProviderInfo {
     provider: Provider::DatabricksModelServing,
+    stream_options: false,
     mlflow25_listed_as: "databricks-model-serving",
     ..DEFAULTS
 };
@@ -146,6 +152,7 @@ pub static MLFLOW_MODEL_SERVING: ProviderInfo = ProviderInfo {
 pub static MISTRAL: ProviderInfo = ProviderInfo {
     provider: Provider::Mistral,
     route_types: CHAT_EMBEDDINGS,
+    stream_options: false,
     default_api_base: Some("https://api.mistral.ai/v1"),
     mlflow25_temperature_scale: 1.0,
     ..DEFAULTS

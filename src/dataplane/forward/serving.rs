@@ -48,6 +48,11 @@ impl ServingRoute {
         self.backends.wire
     }
 
+    /// Whether the route's streams in that API pass through (see `Backends::wire_streams`).
+    pub fn wire_streams(&self) -> bool {
+        self.backends.wire_streams
+    }
+
     /// The providers of the route's backends (a surface passes provider-only fields through only
     /// when every backend understands them).
     pub fn providers(&self) -> impl Iterator<Item = crate::api::Provider> + '_ {
