@@ -1,7 +1,6 @@
 //! Azure OpenAI: OpenAI's bodies on deployment-scoped URLs with a dated `api-version`, and an
 //! `api-key` header (or a Microsoft Entra ID bearer token).
 
-use bytes::Bytes;
 use http::header;
 use serde_json::Value;
 
@@ -94,18 +93,6 @@ impl ProviderAdapter for AzureOpenAi {
 
     fn stream_decoder(&self, route_type: RouteType) -> Box<dyn StreamDecoder> {
         openai::stream_decoder(route_type)
-    }
-
-    fn parse_native(
-        &self,
-        route_type: RouteType,
-        body: Bytes,
-    ) -> Result<LlmResponse, ProviderError> {
-        openai::parse_native(route_type, body)
-    }
-
-    fn native_stream_decoder(&self, route_type: RouteType) -> Option<Box<dyn StreamDecoder>> {
-        Some(openai::native_stream_decoder(route_type))
     }
 }
 

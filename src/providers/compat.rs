@@ -154,10 +154,6 @@ impl ProviderAdapter for OpenAiCompatible {
         }
         openai::parse_native(route_type, body)
     }
-
-    fn native_stream_decoder(&self, route_type: RouteType) -> Option<Box<dyn StreamDecoder>> {
-        Some(openai::native_stream_decoder(route_type))
-    }
 }
 
 /// DeepSeek's "the server ran out of capacity mid-answer": a retryable failure, not an answer.

@@ -119,18 +119,24 @@ pub trait ProviderAdapter: Send + Sync + 'static {
         None
     }
     /// The answer to a `NativeRequest`, kept as is; only providers whose `info().wire` is set
-    /// take native requests, and read the answer for its usage.
+    /// take native requests, and read the answer for its usage (OpenAI's by default).
     fn parse_native(
         &self,
-        _route_type: RouteType,
-        _body: Bytes,
+        route_type: RouteType,
+        body: Bytes,
     ) -> Result<LlmResponse, ProviderError> {
-        Err(native_unsupported(self.info().provider))
+        match self.info().wire {
+            Some(Wire::OpenAi) => openai::parse_native(route_type, body),
+            _ => Err(native_unsupported(self.info().provider)),
+        }
     }
     /// A decoder for a native stream: each provider event as a delta whose `raw` holds it, with
-    /// the text and usage the gateway counts.
-    fn native_stream_decoder(&self, _route_type: RouteType) -> Option<Box<dyn StreamDecoder>> {
-        None
+    /// the text and usage the gateway counts (OpenAI's by default).
+    fn native_stream_decoder(&self, route_type: RouteType) -> Option<Box<dyn StreamDecoder>> {
+        match self.info().wire {
+            Some(Wire::OpenAi) => Some(openai::native_stream_decoder(route_type)),
+            _ => None,
+        }
     }
 }
 

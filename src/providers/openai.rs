@@ -67,18 +67,6 @@ impl ProviderAdapter for OpenAi {
     fn stream_decoder(&self, route_type: RouteType) -> Box<dyn StreamDecoder> {
         stream_decoder(route_type)
     }
-
-    fn parse_native(
-        &self,
-        route_type: RouteType,
-        body: Bytes,
-    ) -> Result<LlmResponse, ProviderError> {
-        parse_native(route_type, body)
-    }
-
-    fn native_stream_decoder(&self, route_type: RouteType) -> Option<Box<dyn StreamDecoder>> {
-        Some(native_stream_decoder(route_type))
-    }
 }
 
 /// The API path of a route type's calls; shared with Azure and OpenAI-compatible servers.
