@@ -146,7 +146,8 @@ pub struct Backends {
     /// The most output tokens any backend's model may write: what a call without `max_tokens`
     /// reserves against budgets.
     pub max_output: u64,
-    /// The API every backend's wire speaks, if they share one: calls in it pass through.
+    /// The API every backend's wire speaks, if they share one and none is a pool: calls in it
+    /// pass through.
     pub wire: Option<crate::providers::Wire>,
     /// Streams pass through too: every backend ends a stream with a usage chunk when asked.
     pub wire_streams: bool,

@@ -598,9 +598,16 @@ fn resolve(
     let max_price = dearest(|b| b.price);
     let max_team_price = dearest(|b| b.team_price);
     let max_output = list.iter().map(|b| b.max_output).max().unwrap_or_default();
+    // A pool picks its endpoint by the parsed prompt (prefix affinity, LoRA adapters, the
+    // endpoint picker): a Route with a pool backend translates.
     let wire = list
         .iter()
-        .map(|b| b.upstream.adapter.info().wire)
+        .map(|b| {
+            b.pool
+                .is_none()
+                .then(|| b.upstream.adapter.info().wire)
+                .flatten()
+        })
         .reduce(|a, b| if a == b { a } else { None })
         .flatten();
     let wire_streams = list
