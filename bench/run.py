@@ -428,9 +428,11 @@ def fill_token_cache(url, body, n, workers=16):
         r.read()
         return r.status
 
+    # Since the second hardening pass a credential that fails review is a 401 (never anonymous);
+    # the review is cached all the same.
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         for status in pool.map(call, range(n)):
-            if status != 200:
+            if status not in (200, 401):
                 raise RuntimeError(f"a token-cache filling call answered {status}")
 
 
@@ -954,6 +956,7 @@ def main():
         verdict = "" if met is None else ("yes" if met else "**no**")
         rows.append((scenario, figure, direct, floor, peer, gateway, added, vs_floor, target, verdict))
 
+    stopped = None
     try:
         if args.only == "store":
             store_scenario(args, work, procs, row, quick)
@@ -1463,6 +1466,10 @@ def main():
         cache_scenario(args, work, procs, row, quick)
     except StopIteration:
         pass
+    except Exception as e:  # the rows measured so far are still written, with why the run stopped
+        import traceback
+        traceback.print_exc()
+        stopped = f"{type(e).__name__}: {e}"
     finally:
         for p in procs:
             p.stop()
@@ -1478,6 +1485,7 @@ def main():
         (f"The peer is {peer_name}, configured as an OpenAI proxy to the same simulated provider "
          "(bench/peer), measured in the same rotations." if peer_name else
          "No peer column: its binary is not in ~/.cache/portcullis/peers (bench/peer/build.sh builds it)."),
+        *([f"The run stopped early ({stopped}); the rows below are what it measured."] if stopped else []),
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
