@@ -40,8 +40,9 @@ pub struct SharedStore {
 /// The longest a worker's write waits for a lookup to go with: another replica may miss an
 /// entry this much longer than it would otherwise.
 const WRITE_DELAY: Duration = Duration::from_millis(2);
-/// Writes waiting past this many go out at once.
+/// Writes waiting past this many, or this many bytes, go out at once.
 const MAX_WAITING: usize = 64;
+const MAX_WAITING_BYTES: usize = 1 << 20;
 
 /// A write waiting for the worker's next command; told how it went.
 struct Waiting {
@@ -138,7 +139,11 @@ impl SharedStore {
     fn queue(&self, write: Waiting) {
         let (first, full) = self.with_lane(|lane| {
             lane.waiting.push(write);
-            (lane.waiting.len() == 1, lane.waiting.len() >= MAX_WAITING)
+            let bytes: usize = lane.waiting.iter().map(|w| w.value.len()).sum();
+            (
+                lane.waiting.len() == 1,
+                lane.waiting.len() >= MAX_WAITING || bytes >= MAX_WAITING_BYTES,
+            )
         });
         if !(first || full) {
             return;
