@@ -602,12 +602,7 @@ fn resolve(
     // endpoint picker): a Route with a pool backend translates.
     let wire = list
         .iter()
-        .map(|b| {
-            b.pool
-                .is_none()
-                .then(|| b.upstream.adapter.info().wire)
-                .flatten()
-        })
+        .map(|b| b.upstream.adapter.info().wire.filter(|_| b.pool.is_none()))
         .reduce(|a, b| if a == b { a } else { None })
         .flatten();
     let wire_streams = list

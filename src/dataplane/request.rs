@@ -166,19 +166,22 @@ pub fn count(
 pub fn take_stop(body: &mut Body) -> Result<Option<Vec<String>>, GatewayError> {
     let stop = body.remove("stop");
     check_stop(stop.as_ref())?;
-    Ok(match stop {
-        Some(Value::String(s)) => Some(vec![s]),
-        Some(Value::Array(items)) => Some(
-            items
-                .into_iter()
-                .filter_map(|v| match v {
-                    Value::String(s) => Some(s),
-                    _ => None,
-                })
-                .collect(),
-        ),
-        _ => None,
-    })
+    Ok(stop.filter(|v| !v.is_null()).map(into_strings))
+}
+
+/// A checked string or list of strings, as a list.
+fn into_strings(value: Value) -> Vec<String> {
+    match value {
+        Value::String(s) => vec![s],
+        Value::Array(items) => items
+            .into_iter()
+            .filter_map(|v| match v {
+                Value::String(s) => Some(s),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
 }
 
 fn check_stop(stop: Option<&Value>) -> Result<(), GatewayError> {
@@ -248,17 +251,7 @@ pub fn check_prompt(body: &Body) -> Result<usize, GatewayError> {
 /// Embeddings input from `field`: a string or a non-empty list of strings.
 pub fn take_input(body: &mut Body, field: &'static str) -> Result<Vec<String>, GatewayError> {
     check_input(body, field)?;
-    Ok(match body.remove(field) {
-        Some(Value::String(s)) => vec![s],
-        Some(Value::Array(items)) => items
-            .into_iter()
-            .filter_map(|v| match v {
-                Value::String(s) => Some(s),
-                _ => None,
-            })
-            .collect(),
-        _ => Vec::new(),
-    })
+    Ok(body.remove(field).map(into_strings).unwrap_or_default())
 }
 
 /// Embeddings input checked as `take_input` takes it, in place; its length.

@@ -75,7 +75,7 @@ impl ProviderAdapter for AzureOpenAi {
                 &openai::NativeBody::plain(model, request),
             ));
         }
-        let (_, mut body) = openai::request_body(&target.model, request)?;
+        let mut body = openai::request_body(&target.model, request)?;
         if !v1 && let Value::Object(fields) = &mut body {
             fields.remove("model");
         }

@@ -108,7 +108,7 @@ impl ProviderAdapter for OpenAiCompatible {
             };
             return Ok(post_json(url, headers, &body));
         }
-        let (_, mut body) = openai::request_body(&target.model, request)?;
+        let mut body = openai::request_body(&target.model, request)?;
         if let Value::Object(fields) = &mut body {
             if !self.info.stream_options {
                 fields.remove("stream_options");

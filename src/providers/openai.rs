@@ -295,11 +295,9 @@ pub(super) fn stream_decoder(route_type: RouteType) -> Box<dyn StreamDecoder> {
     })
 }
 
-/// The OpenAI request body for `request` and the path it goes to; shared with OpenAI-compatible servers.
-pub(super) fn request_body(
-    model: &str,
-    request: &LlmRequest,
-) -> Result<(&'static str, Value), ProviderError> {
+/// The OpenAI request body for `request` (its path is `path`); shared with Azure and
+/// OpenAI-compatible servers.
+pub(super) fn request_body(model: &str, request: &LlmRequest) -> Result<Value, ProviderError> {
     Ok(match request {
         LlmRequest::Chat(ChatRequest {
             messages,
@@ -309,7 +307,7 @@ pub(super) fn request_body(
         }) => {
             let mut body = base_body(model, extra, params, stream);
             body.insert("messages".into(), json!(messages));
-            ("/chat/completions", Value::Object(body))
+            Value::Object(body)
         }
         LlmRequest::Completions(CompletionsRequest {
             prompt,
@@ -319,13 +317,13 @@ pub(super) fn request_body(
         }) => {
             let mut body = base_body(model, extra, params, stream);
             body.insert("prompt".into(), json!(prompt));
-            ("/completions", Value::Object(body))
+            Value::Object(body)
         }
         LlmRequest::Embeddings(EmbeddingsRequest { input, extra }) => {
             let mut body = extra.clone();
             body.insert("model".into(), json!(model));
             body.insert("input".into(), json!(input));
-            ("/embeddings", Value::Object(body))
+            Value::Object(body)
         }
         LlmRequest::Native(_) => return Err(super::native_unsupported(Provider::Openai)),
     })

@@ -79,18 +79,18 @@ pub(super) fn record_cost(
             None => ConsumerCost::Unknown(metrics.cost.unknown.get_or_create_owned(&labels)),
         }
     });
-    match (backend.price, counter) {
-        (Some(price), ConsumerCost::Usd(usd)) => {
-            let usd_spent = price.cost(tokens);
-            usd.add(usd_spent);
-            CallCost::Known(usd_spent)
+    match (counter, backend.price) {
+        (ConsumerCost::Usd(usd), Some(price)) => {
+            let spent = price.cost(tokens);
+            usd.add(spent);
+            CallCost::Known(spent)
         }
-        (_, counter) => {
-            if let ConsumerCost::Unknown(n) = counter {
-                n.inc();
-            }
+        (ConsumerCost::Unknown(n), _) => {
+            n.inc();
             CallCost::Unknown
         }
+        // Not made: a backend's counter follows its price.
+        (ConsumerCost::Usd(_), None) => CallCost::Unknown,
     }
 }
 
