@@ -523,7 +523,10 @@ fn a_store_that_is_down_is_a_miss_and_calls_are_answered() {
     }
     let (_, streamed) = ask(&gw, &name, &prompt, true, &[]);
     assert_eq!((streamed.status, streamed.cache()), (200, "miss"));
-    assert!(metric_sum(&gw.metrics(), "portcullis_cache_store_errors_total") >= 3.0);
+    let metrics = gw.metrics();
+    assert!(metric_sum(&metrics, "portcullis_cache_store_errors_total") >= 3.0);
+    // Every lookup is timed, the ones the store never answered too.
+    assert!(metric_sum(&metrics, "portcullis_cache_lookup_duration_seconds_count") >= 6.0);
 }
 
 #[test]

@@ -139,15 +139,17 @@ impl Entry {
 
     /// The stored bytes, and the entry's size before compression (what `maxEntryBytes` bounds).
     pub fn encode(&self) -> (Bytes, usize) {
-        let json = serde_json::to_vec(self).unwrap_or_default();
-        let size = json.len();
-        let mut out = Vec::with_capacity(1 + size.min(COMPRESS_FROM));
+        // Written after its kind byte, so a small entry is stored without a copy.
+        let mut out = Vec::with_capacity(COMPRESS_FROM / 2);
+        out.push(PLAIN);
+        if serde_json::to_writer(&mut out, self).is_err() {
+            out.truncate(1);
+        }
+        let size = out.len() - 1;
         if size >= COMPRESS_FROM {
-            out.push(LZ4);
-            out.extend_from_slice(&lz4_flex::compress_prepend_size(&json));
-        } else {
-            out.push(PLAIN);
-            out.extend_from_slice(&json);
+            let mut packed = vec![LZ4];
+            packed.extend_from_slice(&lz4_flex::compress_prepend_size(&out[1..]));
+            out = packed;
         }
         (out.into(), size)
     }

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::{Mutex, RwLock};
 
@@ -121,9 +121,11 @@ impl Cache {
                 ticket,
             }
         };
-        let key = match cache_key(&policy.route_digest, scope, request) {
-            Some(key) if !directive.no_store => key,
-            _ => return bypass(None),
+        if directive.no_store {
+            return bypass(None);
+        }
+        let Some(key) = cache_key(&policy.route_digest, scope, request) else {
+            return bypass(None);
         };
         let ticket = Ticket {
             cache: Arc::clone(self),
@@ -156,7 +158,13 @@ impl Cache {
     /// The entry under `key`; a store that fails, and an entry this version cannot read, are
     /// none (the live answer replaces it).
     async fn entry(&self, policy: &CachePolicy, key: &CacheKey) -> Option<Hit> {
-        let found = match self.store.get(&key.0).await {
+        let started = Instant::now();
+        let found = self.store.get(&key.0).await;
+        self.metrics
+            .cache
+            .lookup_duration
+            .observe(started.elapsed().as_secs_f64());
+        let found = match found {
             Ok(found) => found?,
             Err(e) => {
                 self.metrics.cache.store_errors.inc();
