@@ -261,8 +261,9 @@ KERNEL_HALT_POLL_NS = 200000
 def set_halt_poll(keep):
     """On a KVM guest whose idle driver is haltpoll, a CPU going idle polls for up to
     guest_halt_poll_ns before it halts; a halted vCPU is woken by the host tens of microseconds
-    later. Some VM images boot with the window at 0 (this bench's machine does), which doubles every
-    figure here that crosses a process boundary, the floor's and the peer's too. Like pyperf's
+    later. Some VM images boot with the window at 0 (this bench's machine does), which inflates every
+    figure here that crosses a process boundary, the floor's and the peer's too (two to four times
+    in the cache rows). Like pyperf's
     `system tune`, the run uses the kernel's default window and restores the VM's after; `keep`
     measures as the machine is. Returns (the note for the results, how to restore)."""
     try:

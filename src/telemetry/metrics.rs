@@ -717,7 +717,8 @@ pub struct CacheMetrics {
     pub store_errors: Counter,
     /// Hits answered for a prompt close in meaning (semantic matching), also counted as hits.
     pub semantic_hits: Counter,
-    /// How long each lookup took the store to answer (a miss's added time is mostly this).
+    /// How long each lookup took the store to answer: what a call waits for before it is answered
+    /// from the cache or sent to the provider.
     pub lookup_duration: Histogram,
     /// Prompts a semantic index dropped to stay within its Route's `maxEntries`.
     pub semantic_evictions: Counter,
@@ -743,7 +744,7 @@ impl CacheMetrics {
             local_bytes: Gauge::default(),
             store_errors: Counter::default(),
             semantic_hits: Counter::default(),
-            // 10 µs .. ~1 s: a local store's lookup at the low end, a store timing out at the top.
+            // 10 µs .. 0.6 s: a local store's lookup at the low end, a store timing out at the top.
             lookup_duration: Histogram::new(exponential_buckets(0.00001, 2.5, 13)),
             semantic_evictions: Counter::default(),
         };
@@ -800,7 +801,7 @@ impl CacheMetrics {
         );
         registry.register_with_unit(
             "portcullis_cache_lookup_duration",
-            "Time the cache store took to answer a lookup (a miss adds about this)",
+            "Time the cache store took to answer each lookup",
             Unit::Seconds,
             m.lookup_duration.clone(),
         );
