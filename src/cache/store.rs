@@ -31,6 +31,7 @@ pub enum CacheStore {
 /// a miss then costs the store one round trip, not two. Written apart, the `SET` after each
 /// answer woke the store, the worker and the next caller's lookup an extra time, and at
 /// concurrency 1 on two cores that cost more than the lookup itself (README, Response cache).
+#[derive(Clone)]
 pub struct SharedStore {
     store: Store,
     /// Tells this store's per-worker connections from another's (tests run several).
@@ -148,17 +149,11 @@ impl SharedStore {
         if !(first || full) {
             return;
         }
-        let id = self.id;
+        // Spawned on this worker, so it finds this worker's lane (empty if a lookup took it).
+        let shared = self.clone();
         let flush = async move {
-            let taken = HERE.with(|here| {
-                here.borrow_mut()
-                    .iter_mut()
-                    .find(|lane| lane.id == id)
-                    .map(|lane| (lane.store.clone(), std::mem::take(&mut lane.waiting)))
-            });
-            if let Some((lane, waiting)) = taken {
-                let _ = SharedStore::send(&lane, waiting, None).await;
-            }
+            let (store, waiting) = shared.here();
+            let _ = SharedStore::send(&store, waiting, None).await;
         };
         if full {
             tokio::spawn(flush);
@@ -213,10 +208,13 @@ impl CacheStore {
                 let key = format!("{PREFIX}{key}");
                 let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
                 if !SharedStore::on_worker() || shared.store.is_cluster() {
-                    // A Cluster's pipeline would cross slots; elsewhere nothing waits to go along.
+                    // Written at once, on this thread's connection: a Cluster's pipeline would
+                    // cross slots, and off a worker no lookup comes along. Nothing waits on
+                    // either, so the taken list is empty.
+                    let (store, _) = shared.here();
                     let mut cmd = redis::cmd("SET");
                     cmd.arg(key).arg(value.as_ref()).arg("PX").arg(ttl_ms);
-                    shared.store.query::<()>(&cmd).await?;
+                    store.query::<()>(&cmd).await?;
                     return Ok(Written::default());
                 }
                 let (done, sent) = oneshot::channel();
