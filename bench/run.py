@@ -11,11 +11,13 @@ Writes one Markdown table to stdout and to bench/results/latest.md.
 import argparse
 import base64
 import concurrent.futures
+import ctypes
 import http.client
 import json
 import math
 import os
 import pathlib
+import queue
 import random
 import re
 import shutil
@@ -25,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 
@@ -699,6 +702,87 @@ def redis_rtt_us(port, n):
     return statistics.median(times)
 
 
+# How much further away the far rows move the store (and, for the control, the provider): far
+# enough that this VM's slower wake-ups after a long idle stay small beside it.
+FAR = 2e-3
+
+
+class DelayProxy:
+    """A TCP proxy to 127.0.0.1:`port` that holds each read from its client `delay` seconds before
+    passing it on (answers pass at once): the store that far away, for every command, pipelined or
+    not. Threads, not asyncio: its timers have millisecond resolution."""
+
+    def __init__(self, port, delay):
+        self.delay, self.target = delay, port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.socks = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @staticmethod
+    def _precise_timers():
+        # The kernel's default timer slack (50 µs) would add to every hold.
+        try:
+            ctypes.CDLL(None).prctl(29, 1, 0, 0, 0)  # PR_SET_TIMERSLACK, 1 ns
+        except (OSError, AttributeError):
+            pass
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            for s in (client, upstream):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.socks += [client, upstream]
+            held = queue.Queue()
+            threading.Thread(target=self._read, args=(client, held), daemon=True).start()
+            threading.Thread(target=self._hold, args=(held, upstream), daemon=True).start()
+            threading.Thread(target=self._copy, args=(upstream, client), daemon=True).start()
+
+    def _read(self, src, held):
+        while data := self._recv(src):
+            held.put((time.perf_counter() + self.delay, data))
+        held.put((0, b""))
+
+    def _hold(self, held, dst):
+        self._precise_timers()
+        while (item := held.get())[1]:
+            due, data = item
+            if (wait := due - time.perf_counter()) > 0:
+                time.sleep(wait)
+            if not self._send(dst, data):
+                break
+        dst.close()
+
+    def _copy(self, src, dst):
+        while (data := self._recv(src)) and self._send(dst, data):
+            pass
+        dst.close()
+
+    @staticmethod
+    def _recv(s):
+        try:
+            return s.recv(65536)
+        except OSError:
+            return b""
+
+    @staticmethod
+    def _send(s, data):
+        try:
+            s.sendall(data)
+            return True
+        except OSError:
+            return False
+
+    def stop(self):
+        self.listener.close()
+        for s in self.socks:
+            s.close()
+
+
 def metric_total(url, name):
     text = urllib.request.urlopen(url, timeout=10).read().decode()
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
@@ -707,7 +791,8 @@ def metric_total(url, name):
 def cache_scenario(args, work, procs, row, quick):
     """The response cache (issue 24): a hit against the provider called directly and against a live
     call through the gateway, on the per-replica store and on Redis, and what a miss adds over a
-    call on a Route that does not cache. Runs `portcullis serve` on files (no control plane)."""
+    call on a Route that does not cache, with the store nearby and FAR further away (how many
+    round trips it waits for). Runs `portcullis serve` on files (no control plane)."""
     log("scenario: the response cache")
     bins = pathlib.Path(args.bin_dir)
     sim_port = free_port()
@@ -715,13 +800,16 @@ def cache_scenario(args, work, procs, row, quick):
                   log_path=work / "sim-cache.log")
     procs.append(sim)
     wait_port(sim_port)
+    # The control of the far rows: the provider FAR further away, for a Route that does not cache.
+    far_sim = DelayProxy(sim_port, FAR)
     route = ("apiVersion: portcullis.dev/v1alpha1\nkind: Route\nmetadata:\n  name: {name}\nspec:\n"
              "  routeType: llm/v1/chat\n  model:\n    provider: openai\n    name: gpt-4o-mini\n"
-             f"    apiBase: http://127.0.0.1:{sim_port}/openai/v1\n    secretRef:\n      name: bench-key\n"
+             "    apiBase: http://127.0.0.1:{port}/openai/v1\n    secretRef:\n      name: bench-key\n"
              "  pricing:\n    inputPerMillion: 1\n    outputPerMillion: 1\n{cache}")
     routes = ("apiVersion: v1\nkind: Secret\nmetadata:\n  name: bench-key\nstringData:\n  apiKey: sk-bench-1\n---\n"
-              + route.format(name="live", cache="") + "---\n"
-              + route.format(name="cached", cache="  cache:\n    scope: route\n"))
+              + route.format(name="live", port=sim_port, cache="") + "---\n"
+              + route.format(name="live-far", port=far_sim.port, cache="") + "---\n"
+              + route.format(name="cached", port=sim_port, cache="  cache:\n    scope: route\n"))
     (work / "cache-routes.yaml").write_text(routes)
     env = {k: v for k, v in os.environ.items() if k != "RUST_LOG" and not k.startswith("PORTCULLIS_")}
 
@@ -772,6 +860,7 @@ def cache_scenario(args, work, procs, row, quick):
 
     if not shutil.which("redis-server"):
         log("cache scenario on Redis skipped: redis-server not installed (make redis)")
+        far_sim.stop()
         sim.stop()
         return
     redis_port = free_port()
@@ -794,40 +883,78 @@ def cache_scenario(args, work, procs, row, quick):
         f"{median_of(pairs, 1, rps):.0f}", f"{median_of(pairs, 1, rps) / median_of(pairs, 0, rps):.2f}× of direct",
         "reported")
     # A miss: every prompt new, so each call looks up, misses, asks the provider and stores; against
-    # the same new prompts on the Route that does not cache.
+    # the same new prompts on the Route that does not cache (which never touches the store).
     n_miss = 100 if quick else 500
-    added, counter = [], [0]
+    counter = [0]
 
     def fresh(model):
         counter[0] += 1
         return [chat(model, f"miss {counter[0]} {i}") for i in range(n_miss)]
 
-    lookups = lambda: (metric_total(shared.metrics_url, "portcullis_cache_lookup_duration_seconds_sum"),
-                       metric_total(shared.metrics_url, "portcullis_cache_lookup_duration_seconds_count"))
-    lookups_before = lookups()
-    for i in range(args.reps):
-        sides = {"live": None, "cached": None}
-        for model in (("live", "cached") if i % 2 == 0 else ("cached", "live")):
-            sides[model] = statistics.median(sequential_us(shared_url, fresh(model)))
-        added.append(sides["cached"] - sides["live"])
-    lookups_after = lookups()
-    lookup_us = ((lookups_after[0] - lookups_before[0]) / max(lookups_after[1] - lookups_before[1], 1) * 1e6)
+    def mean_us(gw, histogram, labels=""):
+        """A reader of the histogram's (sum, count); `between` turns two readings into a mean (µs)."""
+        return lambda: tuple(metric_total(gw.metrics_url, f"{histogram}_{part}{labels}") for part in ("sum", "count"))
+
+    between = lambda before, after: (after[0] - before[0]) / max(after[1] - before[1], 1) * 1e6
+
+    def added(gw, url, model, waits):
+        """What a call on `model` adds over the same new prompts on the live Route, at p50 and in the
+        mean (medians of paired runs), and the mean of what `waits` (a `mean_us`) totals over its
+        calls (µs). Means go with means: a call's mean is its wait's mean plus the rest's."""
+        before, p50s, means = waits(), [], []
+        for i in range(args.reps):
+            sides = {}
+            for m in (("live", model) if i % 2 == 0 else (model, "live")):
+                sides[m] = sequential_us(url, fresh(m))
+            p50s.append(statistics.median(sides[model]) - statistics.median(sides["live"]))
+            means.append(statistics.mean(sides[model]) - statistics.mean(sides["live"]))
+        return statistics.median(p50s), statistics.median(means), between(before, waits())
+
+    lookup = "portcullis_cache_lookup_duration_seconds"
+    miss_added, miss_mean, lookup_us = added(shared, shared_url, "cached", mean_us(shared, lookup))
     rtt = redis_rtt_us(redis_port, 2000)
-    miss_added = statistics.median(added)
-    # The store's round trip three ways: the misses' own lookups as the gateway timed them (the
-    # round trip a miss pays, on this machine at this moment: what the target is judged against),
-    # from a bare Python socket in a tight loop (two processes that never sleep), and a hit on
-    # Redis against a hit on the per-replica store (the lookup's GET is all they differ by).
+    # The store's round trip three ways: the misses' own lookups as the gateway timed them, from a
+    # bare Python socket in a tight loop, and a hit on Redis against a hit on the per-replica store
+    # (the lookup's GET is all they differ by). On loopback the round trip is smaller than the
+    # miss's fixed work (key, entry, translating path, one more wake-up): reported, not judged.
     row("cache miss, c=1, Redis", "latency p50 added over a Route that does not cache (µs); "
         "one store round trip: the misses' lookups as the gateway timed them (mean), from Python, "
         "and Redis hit − local hit",
         "", f"{miss_added:+.0f}", f"lookup {lookup_us:.0f}; Python {rtt:.0f}; hits {redis_hit50 - hit50:.0f}",
-        "≤ one round trip", miss_added <= lookup_us)
+        "reported")
+    # How many round trips a miss waits for: the same misses with the store FAR further away (a
+    # proxy holds each command that long). What a miss adds grows by its lookups' growth once per
+    # round trip it waits for; its fixed work does not grow.
+    proxy = DelayProxy(redis_port, FAR)
+    far, far_url = gateway("gateway-cache-redis-far", ["--cache-store", f"redis://127.0.0.1:{proxy.port}",
+                                                       "--store-timeout", "1s"])
+    far_added, far_mean, far_lookup_us = added(far, far_url, "cached", mean_us(far, lookup))
+    far.stop()
+    proxy.stop()
+    trips = (far_mean - miss_mean) / max(far_lookup_us - lookup_us, 1)
+    far_ms = f"{FAR * 1e3:g} ms"
+    row(f"cache miss, c=1, Redis {far_ms} further away",
+        "latency p50 added (µs); store round trips a miss waits for: the growth of its mean added "
+        "over the row above's / the lookups' growth (mean)", "", f"{far_added:+.0f}",
+        f"lookup {far_lookup_us:.0f}; {trips:.2f} round trips", "≤ one round trip", trips < 1.5)
+    # The control: a live call whose provider is FAR further away grows by its wait the same way
+    # (this VM runs a process slower after a long idle), with no cache in the call.
+    upstream = "gen_ai_client_operation_duration_seconds"
+    near_up = mean_us(shared, upstream, '{route="live"')
+    before = near_up()
+    far_live, far_live_mean, far_up_us = added(shared, shared_url, "live-far",
+                                               mean_us(shared, upstream, '{route="live-far"'))
+    near_up_us = between(before, near_up())
+    row(f"live call, c=1, provider {far_ms} further away (control)",
+        "latency p50 added over the provider nearby (µs); its mean added / the provider calls' growth "
+        "(mean)", "", f"{far_live:+.0f}", f"{far_live_mean / max(far_up_us - near_up_us, 1):.2f}× the wait",
+        "reported")
     errors = metric_total(shared.metrics_url, "portcullis_cache_store_errors_total")
     if errors:
         log(f"cache scenario: {errors:.0f} store errors")
     shared.stop()
     redis.stop()
+    far_sim.stop()
     sim.stop()
 # The pool scenario's offered load, a fraction of the servers' nominal capacity (their real one is a
 # little lower: timer rounding per streamed chunk).
