@@ -109,7 +109,8 @@ bench-store: redis
 	  --oha none --kubectl none --control-plane none
 
 # Only the response cache's rows (a hit against the provider and a live call, on the per-replica
-# store and on Redis; what a miss adds); no control plane. Timed, so the release build
+# store and on Redis; what a miss adds, and how many store round trips it waits for with the
+# store moved 2 ms away); no control plane. Timed, so the release build
 # (writes to bench/results/cache.md; `make bench` runs the same rows).
 bench-cache: redis
 	$(CARGO) build --workspace --release
