@@ -849,6 +849,7 @@ impl Redis {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server (make redis installs it)");
+        stop_with_this_process(child.id());
         let redis = Redis { child, port, args };
         eventually(Duration::from_secs(10), || {
             redis.cli(&["PING"]).trim() == "PONG"
@@ -887,6 +888,22 @@ impl Drop for Redis {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A fixture kept in a `static` is never dropped, and a test binary exits without running its
+/// destructors: a watcher stops the process `pid` once this test process is gone (and itself
+/// goes as soon as `pid` does, so a recycled pid is never hit).
+fn stop_with_this_process(pid: u32) {
+    let owner = std::process::id();
+    let script = format!(
+        "while kill -0 {owner} 2>/dev/null; do kill -0 {pid} 2>/dev/null || exit 0; sleep 1; done; kill {pid}"
+    );
+    let _ = Command::new("sh")
+        .args(["-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
 }
 
 /// A Redis Cluster of three primaries (no replicas) on loopback, all slots assigned.
