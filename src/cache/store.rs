@@ -73,7 +73,15 @@ impl SharedStore {
     }
 
     /// The store to use on this thread: the worker's own connection on a single-threaded runtime
-    /// (made on first use), the start-up one elsewhere; and the worker's waiting writes, taken.
+    /// (made on first use), the start-up one elsewhere.
+    fn connection(&self) -> Store {
+        if !Self::on_worker() {
+            return self.store.clone();
+        }
+        self.with_lane(|lane| lane.store.clone())
+    }
+
+    /// This thread's connection, and the worker's waiting writes, taken to go with a command.
     fn here(&self) -> (Store, Vec<Waiting>) {
         if !Self::on_worker() {
             return (self.store.clone(), Vec::new());
@@ -209,12 +217,10 @@ impl CacheStore {
                 let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
                 if !SharedStore::on_worker() || shared.store.is_cluster() {
                     // Written at once, on this thread's connection: a Cluster's pipeline would
-                    // cross slots, and off a worker no lookup comes along. Nothing waits on
-                    // either, so the taken list is empty.
-                    let (store, _) = shared.here();
+                    // cross slots, and off a worker no lookup comes along.
                     let mut cmd = redis::cmd("SET");
                     cmd.arg(key).arg(value.as_ref()).arg("PX").arg(ttl_ms);
-                    store.query::<()>(&cmd).await?;
+                    shared.connection().query::<()>(&cmd).await?;
                     return Ok(Written::default());
                 }
                 let (done, sent) = oneshot::channel();
@@ -323,17 +329,20 @@ mod tests {
         let (CacheStore::Shared(a), CacheStore::Shared(b)) = (a, b) else {
             panic!()
         };
-        assert!(main.block_on(async { a.here().0.same_connection(&a.store) }));
+        assert!(main.block_on(async { a.connection().same_connection(&a.store) }));
         let worker = || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
             rt.block_on(async {
-                let (first, again) = (a.here().0, a.here().0);
+                let (first, again) = (a.connection(), a.connection());
                 assert!(first.same_connection(&again), "kept for the thread");
                 assert!(!first.same_connection(&a.store), "not the start-up one");
-                assert!(!first.same_connection(&b.here().0), "one per cache store");
+                assert!(
+                    !first.same_connection(&b.connection()),
+                    "one per cache store"
+                );
                 first
             })
         };
